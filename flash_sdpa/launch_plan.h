@@ -1,0 +1,69 @@
+// A launch plan: everything a backend needs to encode the dispatches of one op call, as plain data.
+//
+// The planners (pure C++) fill it from validated tensors; a backend executes it in order on one stream:
+//   metal_launch.mm                 Metal, on PyTorch's MPS stream (Mac only, kept small and generic)
+//   tests/metal_cpu/launch_cpu.cpp  the Metal-on-CPU emulator (the emulated build that CI runs)
+// A backend knows nothing about attention: it binds, sets bytes and constants, and dispatches.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace flash_sdpa {
+
+// A tensor bound at [[buffer(index)]]; the backend binds it at storage_offset() * element_size().
+struct BufferArg {
+  uint32_t index;
+  at::Tensor tensor;
+};
+
+// setBytes at [[buffer(index)]]: a parameter struct from a params header, copied by value.
+struct BytesArg {
+  uint32_t index;
+  std::vector<uint8_t> data;
+};
+
+// A function-constant value; the pipeline cache key is (kernel, constants).
+struct FunctionConstant {
+  enum Type : uint32_t { kBool = 0, kInt = 1, kUInt = 2, kFloat = 3 };
+  uint32_t index;
+  Type type;
+  uint32_t bits;  // the value's bit pattern
+};
+
+// [[threadgroup(index)]] length in bytes.
+struct ThreadgroupMemory {
+  uint32_t index;
+  uint32_t length;
+};
+
+struct Dispatch {
+  std::string kernel;  // [[host_name]] of the kernel
+  std::vector<FunctionConstant> constants;
+  std::vector<BufferArg> buffers;
+  std::vector<BytesArg> bytes;
+  std::vector<ThreadgroupMemory> threadgroup_memory;
+  std::array<uint32_t, 3> threadgroups{1, 1, 1};  // dispatchThreadgroups: threadgroups per grid
+  std::array<uint32_t, 3> threads_per_threadgroup{1, 1, 1};
+
+  template <typename Params>
+  void set_bytes(uint32_t index, const Params& params) {
+    BytesArg arg{index, std::vector<uint8_t>(sizeof(Params))};
+    std::memcpy(arg.data.data(), &params, sizeof(Params));
+    bytes.push_back(std::move(arg));
+  }
+};
+
+struct LaunchPlan {
+  std::vector<Dispatch> dispatches;
+};
+
+// Encodes the plan's dispatches, in order, on the current stream. Implemented once per backend.
+void run_launch_plan(const LaunchPlan& plan);
+
+}  // namespace flash_sdpa
