@@ -1,0 +1,17 @@
+// Instantiates paged_decode_attention (dtype x head dim) and paged_decode_combine (dtype) from the
+// supported-configuration lists in paged_params.h. Bodies: paged_decode_attention.h.
+#include "paged_decode_attention.h"
+
+#define FLASH_SDPA_INSTANTIATE_DECODE(D, T, TN)                                                        \
+  template [[host_name(FLASH_SDPA_PAGED_DECODE_NAME(TN, D))]] [[kernel]] decltype(paged_decode_attention<T, D>) \
+      paged_decode_attention<T, D>;
+
+#define FLASH_SDPA_INSTANTIATE_COMBINE(T, TN)                                                   \
+  template [[host_name(FLASH_SDPA_PAGED_COMBINE_NAME(TN))]] [[kernel]] decltype(paged_decode_combine<T>) \
+      paged_decode_combine<T>;
+
+#define FLASH_SDPA_INSTANTIATE_DTYPE(T, TN) \
+  FLASH_SDPA_INSTANTIATE_COMBINE(T, TN)     \
+  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_INSTANTIATE_DECODE, T, TN)
+
+FLASH_SDPA_PAGED_DTYPES(FLASH_SDPA_INSTANTIATE_DTYPE)
