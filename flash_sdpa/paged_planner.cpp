@@ -1,0 +1,269 @@
+#include "paged_planner.h"
+
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "paged_params.h"
+
+namespace flash_sdpa {
+
+namespace {
+
+const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    default:
+      return nullptr;
+  }
+}
+
+uint32_t to_u32(int64_t x, const char* what) {
+  TORCH_CHECK(x >= 0 && x <= std::numeric_limits<uint32_t>::max(), what, " = ", x, " does not fit a grid dimension");
+  return static_cast<uint32_t>(x);
+}
+
+int32_t to_i32(int64_t x, const char* what) {
+  TORCH_CHECK(x >= std::numeric_limits<int32_t>::min() && x <= std::numeric_limits<int32_t>::max(), what, " = ", x,
+              " does not fit int32");
+  return static_cast<int32_t>(x);
+}
+
+int32_t clamp_window(int64_t w) {
+  return w < 0 ? -1 : static_cast<int32_t>(std::min<int64_t>(w, std::numeric_limits<int32_t>::max()));
+}
+
+FunctionConstant bool_constant(uint32_t index, bool value) {
+  return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Heuristic inputs: an M-series GPU has ~10 (base) to ~40 (Max) cores, ~80 on Ultra; a decode threadgroup of
+// 128 threads with ~9 KB of threadgroup memory lets several stay resident per core. Aim at ~40 x 4 threadgroups.
+constexpr int64_t kTargetThreadgroups = 160;
+constexpr int64_t kMinKeysPerSplit = 256;  // 2 tiles of 32 keys per simdgroup: below this the combine costs more
+
+}  // namespace
+
+std::string paged_write_kernel_name(at::ScalarType dtype) {
+  const char* name = dtype_name(dtype);
+  TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
+  return std::string("kv_paged_write_") + name;
+}
+
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim) {
+  const char* name = dtype_name(dtype);
+  TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
+  return std::string("paged_decode_") + name + "_d" + std::to_string(head_dim);
+}
+
+std::string paged_combine_kernel_name(at::ScalarType dtype) {
+  const char* name = dtype_name(dtype);
+  TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
+  return std::string("paged_decode_combine_") + name;
+}
+
+const std::vector<int64_t>& paged_head_dims() {
+#define FLASH_SDPA_PAGED_HEAD_DIM_ENTRY(D, ...) D,
+  static const std::vector<int64_t> dims{FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_PAGED_HEAD_DIM_ENTRY, _)};
+#undef FLASH_SDPA_PAGED_HEAD_DIM_ENTRY
+  return dims;
+}
+
+bool paged_supports(at::ScalarType dtype, int64_t head_dim) {
+  const auto& dims = paged_head_dims();
+  return dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
+}
+
+int64_t paged_rows_per_threadgroup(int64_t head_dim) {
+  return FLASH_SDPA_PAGED_ROWS(head_dim);
+}
+
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k) {
+  if (work_threadgroups <= 0 || work_threadgroups * 2 >= kTargetThreadgroups) {
+    return 1;  // already >= 2 threadgroups per core
+  }
+  int64_t splits = ceil_div(kTargetThreadgroups, work_threadgroups);
+  splits = std::min(splits, std::max<int64_t>(1, max_seqlen_k / kMinKeysPerSplit));
+  return std::clamp<int64_t>(splits, 1, paged::kMaxSplits);
+}
+
+LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
+  using namespace paged;
+  const at::Tensor& q = call.q;
+  const int64_t batch = q.size(0);
+  const int64_t seqlen_q = q.size(1);
+  const int64_t heads = q.size(2);
+  const int64_t head_dim = q.size(3);
+  const int64_t num_blocks = call.k_cache.size(0);
+  const int64_t block_size = call.k_cache.size(1);
+  const int64_t kv_heads = call.k_cache.size(2);
+  const int64_t max_blocks = call.block_table.size(1);
+  const bool has_new = call.k_new.has_value() && call.k_new->size(1) > 0;
+  const int64_t seqlen_new = has_new ? call.k_new->size(1) : 0;
+  const at::ScalarType dtype = q.scalar_type();
+
+  LaunchPlan plan;
+  if (batch <= 0 || heads <= 0 || seqlen_q <= 0) {
+    return plan;
+  }
+  TORCH_CHECK(paged_supports(dtype, head_dim), "flash_attn_with_kvcache: no kernel for dtype ", dtype, " head_dim ",
+              head_dim);
+  TORCH_CHECK(max_blocks * block_size <= std::numeric_limits<int32_t>::max(),
+              "flash_attn_with_kvcache: block_table capacity ", max_blocks, " x block_size ", block_size,
+              " exceeds int32");
+
+  // 1. Append the new tokens' K/V in place.
+  if (has_new) {
+    KVPagedWriteParams wp{};
+    wp.new_stride_b = call.k_new->stride(0);
+    wp.new_stride_s = call.k_new->stride(1);
+    wp.new_stride_h = call.k_new->stride(2);
+    wp.cache_stride_block = call.k_cache.stride(0);
+    wp.cache_stride_slot = call.k_cache.stride(1);
+    wp.cache_stride_h = call.k_cache.stride(2);
+    wp.block_table_stride_b = call.block_table.stride(0);
+    wp.batch = to_i32(batch, "batch");
+    wp.seqlen_new = to_i32(seqlen_new, "seqlen_new");
+    wp.num_kv_heads = to_i32(kv_heads, "num_kv_heads");
+    wp.head_dim = to_i32(head_dim, "head_dim");
+    wp.block_size = to_i32(block_size, "block_size");
+    wp.num_blocks = to_i32(num_blocks, "num_blocks");
+    wp.max_blocks_per_seq = to_i32(max_blocks, "max_blocks_per_seq");
+
+    Dispatch d;
+    d.kernel = paged_write_kernel_name(dtype);
+    d.buffers = {
+        {FLASH_SDPA_WRITE_BUF_K_NEW, *call.k_new},
+        {FLASH_SDPA_WRITE_BUF_V_NEW, *call.v_new},
+        {FLASH_SDPA_WRITE_BUF_K_CACHE, call.k_cache},
+        {FLASH_SDPA_WRITE_BUF_V_CACHE, call.v_cache},
+        {FLASH_SDPA_WRITE_BUF_BLOCK_TABLE, call.block_table},
+        {FLASH_SDPA_WRITE_BUF_CACHE_SEQLENS, call.cache_seqlens},
+    };
+    d.set_bytes(FLASH_SDPA_WRITE_BUF_PARAMS, wp);
+    d.threadgroups = {to_u32(ceil_div(kv_heads * head_dim, kWriteThreads), "write threadgroups"),
+                      to_u32(seqlen_new, "seqlen_new"), to_u32(batch, "batch")};
+    d.threads_per_threadgroup = {static_cast<uint32_t>(kWriteThreads), 1, 1};
+    plan.dispatches.push_back(std::move(d));
+  }
+
+  // 2. Attention: one threadgroup per (split, KV head x row block, request).
+  const int64_t group = heads / kv_heads;
+  const int64_t rows = paged_rows_per_threadgroup(head_dim);
+  const int64_t row_blocks = ceil_div(group * seqlen_q, rows);
+  const int64_t work = batch * kv_heads * row_blocks;
+  const int64_t capacity = max_blocks * block_size;
+  const int64_t max_keys = std::min(capacity, call.max_seqlen_k > 0 ? call.max_seqlen_k : capacity);
+  int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
+                                       : paged_pick_num_splits(work, max_keys);
+  splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), kKeysPerTile)));
+  const bool split = splits > 1;
+
+  PagedDecodeParams ap{};
+  ap.q_stride_b = q.stride(0);
+  ap.q_stride_s = q.stride(1);
+  ap.q_stride_h = q.stride(2);
+  ap.k_stride_block = call.k_cache.stride(0);
+  ap.k_stride_slot = call.k_cache.stride(1);
+  ap.k_stride_h = call.k_cache.stride(2);
+  ap.v_stride_block = call.v_cache.stride(0);
+  ap.v_stride_slot = call.v_cache.stride(1);
+  ap.v_stride_h = call.v_cache.stride(2);
+  ap.block_table_stride_b = call.block_table.stride(0);
+  ap.batch = to_i32(batch, "batch");
+  ap.seqlen_q = to_i32(seqlen_q, "seqlen_q");
+  ap.num_heads = to_i32(heads, "num_heads");
+  ap.num_kv_heads = to_i32(kv_heads, "num_kv_heads");
+  ap.head_dim = to_i32(head_dim, "head_dim");
+  ap.row_blocks = to_i32(row_blocks, "row_blocks");
+  ap.block_size = to_i32(block_size, "block_size");
+  ap.num_blocks = to_i32(num_blocks, "num_blocks");
+  ap.max_blocks_per_seq = to_i32(max_blocks, "max_blocks_per_seq");
+  ap.seqlen_new = to_i32(seqlen_new, "seqlen_new");
+  ap.num_splits = to_i32(splits, "num_splits");
+  ap.window_left = clamp_window(call.window_left);
+  ap.window_right = clamp_window(call.window_right);
+  ap.alibi_stride_b =
+      call.alibi_slopes.has_value() && call.alibi_slopes->dim() == 2 ? to_i32(heads, "alibi batch stride") : 0;
+  ap.scale = static_cast<float>(call.scale);
+  ap.softcap = static_cast<float>(call.softcap);
+
+  at::Tensor o_partial, ml_partial;
+  if (split) {
+    const auto f32 = q.options().dtype(at::kFloat);
+    o_partial = at::empty({splits, batch, heads, seqlen_q, head_dim}, f32);
+    ml_partial = at::empty({splits, batch, heads, seqlen_q, 2}, f32);
+  }
+  // Optional buffers that are off get cache_seqlens as a placeholder: function constants keep the kernel off them.
+  const at::Tensor& none = call.cache_seqlens;
+
+  Dispatch a;
+  a.kernel = paged_decode_kernel_name(dtype, head_dim);
+  a.constants = {
+      bool_constant(FLASH_SDPA_FC_DECODE_SPLIT, split),
+      bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, !split && call.lse.has_value()),
+      bool_constant(FLASH_SDPA_FC_DECODE_ALIBI, call.alibi_slopes.has_value()),
+      bool_constant(FLASH_SDPA_FC_DECODE_SINKS, !split && call.sinks.has_value()),
+      bool_constant(FLASH_SDPA_FC_DECODE_SOFTCAP, call.softcap > 0.0),
+  };
+  a.buffers = {
+      {FLASH_SDPA_DECODE_BUF_Q, q},
+      {FLASH_SDPA_DECODE_BUF_K_CACHE, call.k_cache},
+      {FLASH_SDPA_DECODE_BUF_V_CACHE, call.v_cache},
+      {FLASH_SDPA_DECODE_BUF_BLOCK_TABLE, call.block_table},
+      {FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS, call.cache_seqlens},
+      {FLASH_SDPA_DECODE_BUF_OUT, split ? none : call.out},
+      {FLASH_SDPA_DECODE_BUF_LSE, split || !call.lse.has_value() ? none : *call.lse},
+      {FLASH_SDPA_DECODE_BUF_ALIBI, call.alibi_slopes.value_or(none)},
+      {FLASH_SDPA_DECODE_BUF_SINKS, split || !call.sinks.has_value() ? none : *call.sinks},
+      {FLASH_SDPA_DECODE_BUF_O_PARTIAL, split ? o_partial : none},
+      {FLASH_SDPA_DECODE_BUF_ML_PARTIAL, split ? ml_partial : none},
+  };
+  a.set_bytes(FLASH_SDPA_DECODE_BUF_PARAMS, ap);
+  a.threadgroups = {to_u32(splits, "num_splits"), to_u32(kv_heads * row_blocks, "kv_heads x row_blocks"),
+                    to_u32(batch, "batch")};
+  a.threads_per_threadgroup = {static_cast<uint32_t>(kDecodeThreads), 1, 1};
+  plan.dispatches.push_back(std::move(a));
+
+  // 3. Combine the split-K partials.
+  if (split) {
+    PagedCombineParams cp{};
+    cp.batch = ap.batch;
+    cp.seqlen_q = ap.seqlen_q;
+    cp.num_heads = ap.num_heads;
+    cp.head_dim = ap.head_dim;
+    cp.num_splits = ap.num_splits;
+
+    Dispatch c;
+    c.kernel = paged_combine_kernel_name(dtype);
+    c.constants = {
+        bool_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE, call.lse.has_value()),
+        bool_constant(FLASH_SDPA_FC_COMBINE_SINKS, call.sinks.has_value()),
+    };
+    c.buffers = {
+        {FLASH_SDPA_COMBINE_BUF_O_PARTIAL, o_partial},
+        {FLASH_SDPA_COMBINE_BUF_ML_PARTIAL, ml_partial},
+        {FLASH_SDPA_COMBINE_BUF_SINKS, call.sinks.value_or(none)},
+        {FLASH_SDPA_COMBINE_BUF_OUT, call.out},
+        {FLASH_SDPA_COMBINE_BUF_LSE, call.lse.value_or(none)},
+    };
+    c.set_bytes(FLASH_SDPA_COMBINE_BUF_PARAMS, cp);
+    c.threadgroups = {to_u32(ceil_div(batch * heads * seqlen_q, kCombineSimdgroups), "combine threadgroups"), 1, 1};
+    c.threads_per_threadgroup = {static_cast<uint32_t>(kCombineThreads), 1, 1};
+    plan.dispatches.push_back(std::move(c));
+  }
+  return plan;
+}
+
+}  // namespace flash_sdpa

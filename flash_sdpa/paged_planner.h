@@ -1,0 +1,59 @@
+// Launch planning of flash_attn_with_kvcache on a paged cache: pure C++, no Metal.
+//
+// Callers validate first (torch-ext/torch_binding.cpp); the planner turns validated tensors into a LaunchPlan of
+// at most three dispatches, in order: kv_paged_write (when new k/v are given), paged_decode_attention,
+// paged_decode_combine (when split-K is used). No host sync: nothing here reads tensor data.
+// A contiguous cache [B_cache, S, Hkv, D] is the paged case with block_size = S and block_table[b] = {batch index}.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "launch_plan.h"
+
+namespace flash_sdpa {
+
+struct PagedKVCacheAttention {
+  at::Tensor q;              // [B, sq, H, D], last dim contiguous, 1 <= sq <= 16
+  at::Tensor k_cache;        // [num_blocks, block_size, Hkv, D], last dim contiguous (a view; bound at its offset)
+  at::Tensor v_cache;        // like k_cache, same shape and strides
+  at::Tensor block_table;    // int32 [B, max_blocks_per_seq], last dim contiguous
+  at::Tensor cache_seqlens;  // int32 [B], contiguous: lengths before the new tokens (< 0: padding row)
+  std::optional<at::Tensor> k_new, v_new;  // [B, sk_new, Hkv, D], same strides, last dim contiguous
+  at::Tensor out;                          // [B, sq, H, D] contiguous
+  std::optional<at::Tensor> lse;           // float [B, H, sq] contiguous
+  std::optional<at::Tensor> alibi_slopes;  // float, [H] or [B, H], contiguous
+  std::optional<at::Tensor> sinks;         // float [H], contiguous
+  double scale = 1.0;
+  double softcap = 0.0;       // 0 = off
+  int64_t window_left = -1;   // -1 = unbounded
+  int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
+  int64_t num_splits = 0;     // 0: the planner picks; 1: no split; n > 1: n splits (at most paged::kMaxSplits)
+  // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
+  // value when cache_seqlens is a Python int, else the block table's capacity.
+  int64_t max_seqlen_k = 0;
+};
+
+// "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>", "paged_decode_combine_<dtype>".
+std::string paged_write_kernel_name(at::ScalarType dtype);
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim);
+std::string paged_combine_kernel_name(at::ScalarType dtype);
+
+// The head dims the paged kernels are instantiated for (paged_params.h), ascending.
+const std::vector<int64_t>& paged_head_dims();
+bool paged_supports(at::ScalarType dtype, int64_t head_dim);
+
+// Rows (query head of a KV group x query token) one attention threadgroup holds for this head dim.
+int64_t paged_rows_per_threadgroup(int64_t head_dim);
+
+// Split count: 1 when batch x kv_heads x row_blocks threadgroups already fill the GPU, else enough splits to give
+// ~160 threadgroups (about 40 GPU cores x 4 resident threadgroups) while keeping >= 256 keys per split.
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k);
+
+LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);
+
+}  // namespace flash_sdpa
