@@ -1,0 +1,122 @@
+// Parameters of the varlen / dense flash-attention kernel (attention_varlen.metal), shared by MSL and host C++.
+//
+// One definition, compiled as both languages: `__METAL_VERSION__` picks the scalar spellings, the static_asserts
+// at the bottom pin the layout on both sides. The host fills VarlenParams once per call and sends it with one
+// setBytes at kVarlenBufferParams.
+#pragma once
+
+#ifdef __METAL_VERSION__
+#include <metal_stdlib>
+typedef long fsdpa_i64;  // MSL long is 64-bit
+typedef int fsdpa_i32;
+typedef uint fsdpa_u32;
+#ifndef FSDPA_CONSTANT
+#define FSDPA_CONSTANT constant constexpr  // program-scope values live in the constant address space
+#endif
+#else
+#include <cstddef>
+#include <cstdint>
+typedef int64_t fsdpa_i64;
+typedef int32_t fsdpa_i32;
+typedef uint32_t fsdpa_u32;
+#ifndef FSDPA_CONSTANT
+#define FSDPA_CONSTANT constexpr
+#endif
+#endif
+
+namespace flash_sdpa {
+
+// [[buffer(i)]] of the varlen kernel. Optional inputs are gated by the function constants below; when a feature is
+// off the host binds a placeholder that the kernel never touches.
+enum VarlenBufferIndex {
+  kVarlenBufferQ = 0,           // T, (batch, row, head, d = 1) through the q_* strides
+  kVarlenBufferK = 1,           // T, (batch, row, kv head, d = 1) through the k_* strides
+  kVarlenBufferV = 2,           // T, (batch, row, kv head, d = 1) through the v_* strides
+  kVarlenBufferOut = 3,         // T, (batch, row, head, d = 1) through the o_* strides
+  kVarlenBufferLse = 4,         // float, (batch, head, row = 1) through the lse_* strides
+  kVarlenBufferCuSeqlensQ = 5,  // int32 [batch + 1], prefix sums of query lengths (varlen only)
+  kVarlenBufferCuSeqlensK = 6,  // int32 [batch + 1], prefix sums of key lengths (varlen only)
+  kVarlenBufferAlibi = 7,       // float, slope of (batch, head) at b * alibi_batch_stride + h
+  kVarlenBufferSinks = 8,       // float [heads], one extra logit per head in the softmax denominator
+  kVarlenBufferParams = 9,      // VarlenParams (setBytes)
+};
+
+// [[function_constant(i)]] of the varlen kernel (all bool); they key the pipeline cache next to the kernel name.
+enum VarlenFunctionConstant {
+  kVarlenFcIsVarlen = 0,   // sequences from cu_seqlens_q/k; else every batch has seqlen_q / seqlen_k rows
+  kVarlenFcHasSoftcap = 1,  // s = softcap * tanh(s / softcap)
+  kVarlenFcHasAlibi = 2,   // s -= slope * |i + sk - sq - j|
+  kVarlenFcHasSinks = 3,   // sinks[h] joins the softmax denominator
+};
+
+// Tile shape. Every threadgroup has 4 simdgroups of 32 threads; simdgroup s owns query rows [8s, 8s + 8) of a
+// 32-row query tile. The key tile is the largest of 32/16/8 rows whose float K and V tiles, the 8-row score
+// strips and the 8x8 diagonal scratch of every simdgroup fit in 32 KB of threadgroup memory.
+FSDPA_CONSTANT fsdpa_i32 kVarlenSimdgroups = 4;
+FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = 32 * kVarlenSimdgroups;  // 128
+FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;     // 32 query rows per threadgroup
+FSDPA_CONSTANT fsdpa_i32 kVarlenMaxThreadgroupBytes = 32768;
+
+constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k) {
+  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64);
+}
+
+constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim) {
+  return varlen_threadgroup_bytes(head_dim, 32) <= kVarlenMaxThreadgroupBytes   ? 32
+         : varlen_threadgroup_bytes(head_dim, 16) <= kVarlenMaxThreadgroupBytes ? 16
+                                                                                : 8;
+}
+
+// The supported configurations: one list drives the MSL instantiations, the host check and the test grid.
+//   X(msl type, dtype name): float32 / float16 / bfloat16, the names the kernel names and torch use.
+//   Y(a, b, head dim): head dims are multiples of 8 (simdgroup_matrix tiles); a, b are passed through.
+#define FLASH_SDPA_VARLEN_DTYPES(X) X(float, float32) X(half, float16) X(bfloat, bfloat16)
+#define FLASH_SDPA_VARLEN_HEAD_DIMS(Y, a, b) \
+  Y(a, b, 32) Y(a, b, 64) Y(a, b, 72) Y(a, b, 80) Y(a, b, 96) Y(a, b, 128) Y(a, b, 192) Y(a, b, 256)
+
+#define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                         \
+  static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                   \
+  static_assert(varlen_threadgroup_bytes((D), varlen_block_k(D)) <= kVarlenMaxThreadgroupBytes,   \
+                "the tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");
+FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_HEAD_DIM, _, _)
+#undef FLASH_SDPA_CHECK_HEAD_DIM
+
+// Element (i, d) of head h of sequence b lives at
+//   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)
+// where start_x(b) = cu_seqlens_x[b] in varlen mode (batch strides 0) and 0 in dense mode.
+// LSE (natural log, float) of (b, h, i) lives at b * lse_batch_stride + h * lse_head_stride + start_q(b) + i.
+struct VarlenParams {
+  fsdpa_i64 q_batch_stride;  // elements
+  fsdpa_i64 q_row_stride;
+  fsdpa_i64 q_head_stride;
+  fsdpa_i64 k_batch_stride;
+  fsdpa_i64 k_row_stride;
+  fsdpa_i64 k_head_stride;
+  fsdpa_i64 v_batch_stride;
+  fsdpa_i64 v_row_stride;
+  fsdpa_i64 v_head_stride;
+  fsdpa_i64 o_batch_stride;
+  fsdpa_i64 o_row_stride;
+  fsdpa_i64 o_head_stride;
+  fsdpa_i64 lse_batch_stride;  // floats
+  fsdpa_i64 lse_head_stride;
+  fsdpa_i32 batch;         // number of sequences (grid z)
+  fsdpa_i32 num_heads;     // H (grid y)
+  fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
+  fsdpa_i32 q_rows;        // rows of the q/out tensors along the row axis: every row index is clamped below it
+  fsdpa_i32 k_rows;        // rows of the k/v tensors along the row axis
+  fsdpa_i32 seqlen_q;      // dense mode: queries per sequence (varlen: unused)
+  fsdpa_i32 seqlen_k;      // dense mode: keys per sequence (varlen: unused)
+  fsdpa_i32 window_left;   // keys j >= i + sk - sq - window_left are visible; -1 = unbounded
+  fsdpa_i32 window_right;  // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
+  fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
+  float scale;             // multiplies q . k before softcap and ALiBi
+  float softcap;           // > 0 when kVarlenFcHasSoftcap
+};
+
+static_assert(sizeof(VarlenParams) == 14 * 8 + 12 * 4, "VarlenParams: no padding, same size in MSL and C++");
+static_assert(__builtin_offsetof(VarlenParams, lse_head_stride) == 13 * 8, "64-bit strides first");
+static_assert(__builtin_offsetof(VarlenParams, batch) == 14 * 8, "32-bit fields after the strides");
+static_assert(__builtin_offsetof(VarlenParams, scale) == 14 * 8 + 10 * 4, "floats last");
+
+}  // namespace flash_sdpa

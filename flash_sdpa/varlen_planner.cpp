@@ -1,0 +1,136 @@
+#include "varlen_planner.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "varlen_params.h"
+
+namespace flash_sdpa {
+
+namespace {
+
+const char* dtype_name(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    default:
+      return nullptr;
+  }
+}
+
+uint32_t to_u32(int64_t x, const char* what) {
+  TORCH_CHECK(x >= 0 && x <= std::numeric_limits<uint32_t>::max(), what, " = ", x, " does not fit a grid dimension");
+  return static_cast<uint32_t>(x);
+}
+
+int32_t to_i32(int64_t x, const char* what) {
+  TORCH_CHECK(x >= std::numeric_limits<int32_t>::min() && x <= std::numeric_limits<int32_t>::max(), what, " = ", x,
+              " does not fit int32");
+  return static_cast<int32_t>(x);
+}
+
+FunctionConstant bool_constant(uint32_t index, bool value) {
+  return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
+}
+
+}  // namespace
+
+std::string varlen_kernel_name(at::ScalarType dtype, int64_t head_dim) {
+  const char* name = dtype_name(dtype);
+  TORCH_CHECK(name != nullptr, "flash_attn_varlen: unsupported dtype ", dtype);
+  return std::string("flash_attn_varlen_") + name + "_d" + std::to_string(head_dim);
+}
+
+const std::vector<int64_t>& varlen_head_dims() {
+#define FLASH_SDPA_HEAD_DIM_ENTRY(a, b, D) D,
+  static const std::vector<int64_t> dims{FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_HEAD_DIM_ENTRY, _, _)};
+#undef FLASH_SDPA_HEAD_DIM_ENTRY
+  return dims;
+}
+
+bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
+  const auto& dims = varlen_head_dims();
+  return dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
+}
+
+LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
+  const bool varlen = call.cu_seqlens_q.has_value();
+  // Row axis of q/k/v/out: dim 0 in varlen mode, dim 1 (after batch) in dense mode.
+  const int64_t row_dim = varlen ? 0 : 1;
+  const int64_t batch = varlen ? call.cu_seqlens_q->size(0) - 1 : call.q.size(0);
+  const int64_t heads = call.q.size(row_dim + 1);
+  const int64_t head_dim = call.q.size(row_dim + 2);
+  const int64_t rows_q = call.q.size(row_dim);
+  const int64_t max_seqlen_q = varlen ? call.max_seqlen_q : rows_q;
+
+  LaunchPlan plan;
+  if (batch <= 0 || heads <= 0 || max_seqlen_q <= 0 || call.q.numel() == 0) {
+    return plan;
+  }
+
+  VarlenParams params{};
+  params.q_batch_stride = varlen ? 0 : call.q.stride(0);
+  params.q_row_stride = call.q.stride(row_dim);
+  params.q_head_stride = call.q.stride(row_dim + 1);
+  params.k_batch_stride = varlen ? 0 : call.k.stride(0);
+  params.k_row_stride = call.k.stride(row_dim);
+  params.k_head_stride = call.k.stride(row_dim + 1);
+  params.v_batch_stride = varlen ? 0 : call.v.stride(0);
+  params.v_row_stride = call.v.stride(row_dim);
+  params.v_head_stride = call.v.stride(row_dim + 1);
+  params.o_batch_stride = varlen ? 0 : call.out.stride(0);
+  params.o_row_stride = call.out.stride(row_dim);
+  params.o_head_stride = call.out.stride(row_dim + 1);
+  // lse: varlen [H, total_q], dense [B, H, Sq].
+  params.lse_batch_stride = varlen ? 0 : call.lse.stride(0);
+  params.lse_head_stride = call.lse.stride(varlen ? 0 : 1);
+  params.batch = to_i32(batch, "batch");
+  params.num_heads = to_i32(heads, "num_heads");
+  params.num_kv_heads = to_i32(call.k.size(row_dim + 1), "num_kv_heads");
+  params.q_rows = to_i32(rows_q, "query rows");
+  params.k_rows = to_i32(call.k.size(row_dim), "key rows");
+  params.seqlen_q = varlen ? 0 : params.q_rows;
+  params.seqlen_k = varlen ? 0 : params.k_rows;
+  params.window_left = to_i32(std::min<int64_t>(call.window_left, std::numeric_limits<int32_t>::max()), "window_left");
+  params.window_right =
+      to_i32(std::min<int64_t>(call.window_right, std::numeric_limits<int32_t>::max()), "window_right");
+  params.alibi_batch_stride =
+      call.alibi_slopes.has_value() && call.alibi_slopes->dim() == 2 ? to_i32(heads, "alibi batch stride") : 0;
+  params.scale = static_cast<float>(call.scale);
+  params.softcap = static_cast<float>(call.softcap);
+
+  Dispatch d;
+  d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
+  d.constants = {
+      bool_constant(kVarlenFcIsVarlen, varlen),
+      bool_constant(kVarlenFcHasSoftcap, call.softcap > 0.0),
+      bool_constant(kVarlenFcHasAlibi, call.alibi_slopes.has_value()),
+      bool_constant(kVarlenFcHasSinks, call.sinks.has_value()),
+  };
+  // Optional inputs that are off get q as a placeholder: the kernel never reads them (function constants).
+  d.buffers = {
+      {kVarlenBufferQ, call.q},
+      {kVarlenBufferK, call.k},
+      {kVarlenBufferV, call.v},
+      {kVarlenBufferOut, call.out},
+      {kVarlenBufferLse, call.lse},
+      {kVarlenBufferCuSeqlensQ, varlen ? *call.cu_seqlens_q : call.q},
+      {kVarlenBufferCuSeqlensK, varlen ? *call.cu_seqlens_k : call.q},
+      {kVarlenBufferAlibi, call.alibi_slopes.value_or(call.q)},
+      {kVarlenBufferSinks, call.sinks.value_or(call.q)},
+  };
+  d.set_bytes(kVarlenBufferParams, params);
+  d.threadgroups = {to_u32((max_seqlen_q + kVarlenBlockQ - 1) / kVarlenBlockQ, "query tiles"),
+                    to_u32(heads, "num_heads"), to_u32(batch, "batch")};
+  d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
+  plan.dispatches.push_back(std::move(d));
+  return plan;
+}
+
+}  // namespace flash_sdpa

@@ -1,0 +1,42 @@
+// Launch planning of the varlen / dense flash-attention kernel: pure C++, no Metal.
+//
+// Callers validate first (torch-ext/torch_binding.cpp); the planner turns validated tensors into a LaunchPlan.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "launch_plan.h"
+
+namespace flash_sdpa {
+
+// One attention call. Varlen: q [total_q, H, D], k/v [total_k, Hkv, D], out like q, lse [H, total_q] float,
+// cu_seqlens_q/k int32 [B + 1]. Dense: q [B, Sq, H, D], k/v [B, Sk, Hkv, D], out like q, lse [B, H, Sq] float.
+// Last dims contiguous; every other stride is free.
+struct VarlenAttention {
+  at::Tensor q, k, v, out, lse;
+  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set: varlen; both empty: dense
+  std::optional<at::Tensor> alibi_slopes;                // float [H] or [B, H]
+  std::optional<at::Tensor> sinks;                       // float [H]
+  int64_t max_seqlen_q = 0;  // varlen: sizes the grid (longest query sequence); dense: ignored
+  double scale = 1.0;
+  double softcap = 0.0;      // 0 = off
+  int64_t window_left = -1;  // -1 = unbounded
+  int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
+};
+
+// "flash_attn_varlen_<float32|float16|bfloat16>_d<head_dim>".
+std::string varlen_kernel_name(at::ScalarType dtype, int64_t head_dim);
+
+// The head dims the kernel is instantiated for (varlen_params.h), ascending.
+const std::vector<int64_t>& varlen_head_dims();
+bool varlen_supports(at::ScalarType dtype, int64_t head_dim);
+
+// One dispatch; an empty plan when there is nothing to compute.
+LaunchPlan plan_varlen_attention(const VarlenAttention& call);
+
+}  // namespace flash_sdpa

@@ -1,0 +1,266 @@
+// Op schemas, argument validation and registration of metal-flash-sdpa.
+//
+// Every op validates all of its arguments with TORCH_CHECK before planning: nothing past validation may throw
+// (on the Mac, encoding runs inside dispatch_sync, where an exception kills the process). The ops are registered
+// for MPS; the emulated Linux build (METAL_FLASH_SDPA_EMULATED) registers them for CPU, where the launch plan runs
+// on the Metal-on-CPU emulator (tests/metal_cpu/launch_cpu.cpp).
+#include "torch_binding.h"
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "registration.h"
+#include "varlen_planner.h"
+
+namespace {
+
+#ifdef METAL_FLASH_SDPA_EMULATED
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kDeviceType = c10::DeviceType::MPS;
+#endif
+
+void check_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(t.device().type() == kDeviceType, name, " must be on ", c10::DeviceTypeName(kDeviceType, true),
+              ", got ", t.device());
+  TORCH_CHECK(t.device() == q.device(), name, " must be on the same device as q (", q.device(), "), got ",
+              t.device());
+}
+
+void check_qkv_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(), "), got ",
+              k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (", q.scalar_type(), "), got ",
+              v.scalar_type());
+}
+
+void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension, got strides ",
+              t.strides());
+}
+
+// Bytes [first, last) of the storage a view can reach.
+std::pair<int64_t, int64_t> byte_range(const at::Tensor& t) {
+  int64_t extent = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    extent += (t.size(d) - 1) * t.stride(d);
+  }
+  const int64_t first = t.storage_offset() * static_cast<int64_t>(t.element_size());
+  return {first, first + extent * static_cast<int64_t>(t.element_size())};
+}
+
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) {
+    return false;
+  }
+  const auto ra = byte_range(a);
+  const auto rb = byte_range(b);
+  return ra.first < rb.second && rb.first < ra.second;
+}
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  check_device(cu, name, q);
+  TORCH_CHECK(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got shape ", cu.sizes());
+  TORCH_CHECK(cu.is_contiguous(), name, " must be contiguous");
+}
+
+void check_window(int64_t window_left, int64_t window_right) {
+  TORCH_CHECK(window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ", window_left);
+  TORCH_CHECK(window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ", window_right);
+}
+
+void check_scale(double scale, double softcap) {
+  TORCH_CHECK(std::isfinite(scale), "softmax_scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
+}
+
+// alibi_slopes: float32 [H] or [batch, H]; s_aux: float32 [H].
+void check_extras(const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux,
+                  const at::Tensor& q, int64_t batch, int64_t heads) {
+  if (alibi_slopes.has_value()) {
+    const at::Tensor& a = *alibi_slopes;
+    check_device(a, "alibi_slopes", q);
+    TORCH_CHECK(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
+                "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
+    TORCH_CHECK(a.is_contiguous(), "alibi_slopes must be contiguous");
+  }
+  if (s_aux.has_value()) {
+    const at::Tensor& s = *s_aux;
+    check_device(s, "s_aux", q);
+    TORCH_CHECK(s.scalar_type() == at::kFloat, "s_aux must be float32, got ", s.scalar_type());
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == heads, "s_aux must have shape [", heads, "], got ", s.sizes());
+    TORCH_CHECK(s.is_contiguous(), "s_aux must be contiguous");
+  }
+}
+
+// q [.., H, D] and k/v [.., Hkv, D] with the row axis at `row_dim`: shapes, strides, head dim, GQA.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* q_shape,
+               const char* kv_shape) {
+  check_device(q, "q", q);
+  check_device(k, "k", q);
+  check_device(v, "v", q);
+  check_qkv_dtype(q, k, v);
+  TORCH_CHECK(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
+  TORCH_CHECK(k.dim() == rank, "k must have shape ", kv_shape, ", got ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
+  const int64_t head_dim = q.size(-1);
+  TORCH_CHECK(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
+  TORCH_CHECK(flash_sdpa::varlen_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
+              " is not supported (q.shape[-1]); supported: ", flash_sdpa::varlen_head_dims());
+  const int64_t heads = q.size(-2), kv_heads = k.size(-2);
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
+              ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+}
+
+void check_out(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+               const char* name) {
+  check_device(out, name, q);
+  TORCH_CHECK(out.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(), "), got ",
+              out.scalar_type());
+  TORCH_CHECK(out.sizes() == q.sizes(), name, " must have the shape of q (", q.sizes(), "), got ", out.sizes());
+  check_last_dim_contiguous(out, name);
+  TORCH_CHECK(!overlaps(out, q) && !overlaps(out, k) && !overlaps(out, v), name,
+              " must not overlap q, k or v (attention reads them while it writes ", name, ")");
+}
+
+// FlashAttention-2: causal is window (left, 0).
+int64_t canonical_window_right(bool causal, int64_t window_right) { return causal ? 0 : window_right; }
+
+// Validates the varlen arguments; returns the batch size.
+int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[total_k, num_kv_heads, head_dim]");
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+              cu_seqlens_q.size(0), " and ", cu_seqlens_k.size(0));
+  TORCH_CHECK(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
+  return cu_seqlens_q.size(0) - 1;
+}
+
+void run_varlen(const flash_sdpa::VarlenAttention& call) { flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_attention(call)); }
+
+}  // namespace
+
+void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                            int64_t max_seqlen_k, bool do_causal, double scale, double softcapping) {
+  check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_out(out, query, key, value, "out");
+  // softcapping = 1.0 is the package's historical "off".
+  const double softcap = softcapping == 1.0 ? 0.0 : softcapping;
+  check_scale(scale, softcap);
+
+  flash_sdpa::VarlenAttention call;
+  call.q = query;
+  call.k = key;
+  call.v = value;
+  call.out = out;
+  call.lse = at::empty({query.size(1), query.size(0)}, query.options().dtype(at::kFloat));
+  call.cu_seqlens_q = cu_seqlens_q;
+  call.cu_seqlens_k = cu_seqlens_k;
+  call.max_seqlen_q = max_seqlen_q;
+  call.scale = scale;
+  call.softcap = softcap;
+  call.window_right = canonical_window_right(do_causal, -1);
+  run_varlen(call);
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                              int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+                                              bool causal, int64_t window_left, int64_t window_right, double softcap,
+                                              const std::optional<at::Tensor>& alibi_slopes,
+                                              const std::optional<at::Tensor>& s_aux) {
+  const int64_t batch = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_window(window_left, window_right);
+  check_scale(softmax_scale, softcap);
+  check_extras(alibi_slopes, s_aux, q, batch, q.size(1));
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  flash_sdpa::VarlenAttention call;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.out = out;
+  call.lse = lse;
+  call.cu_seqlens_q = cu_seqlens_q;
+  call.cu_seqlens_k = cu_seqlens_k;
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = s_aux;
+  call.max_seqlen_q = max_seqlen_q;
+  call.scale = softmax_scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = canonical_window_right(causal, window_right);
+  run_varlen(call);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                                       double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                                       const std::optional<at::Tensor>& s_aux) {
+  check_qkv(q, k, v, 4, "[batch, seqlen_q, num_heads, head_dim]", "[batch, seqlen_k, num_kv_heads, head_dim]");
+  TORCH_CHECK(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got ", k.size(0));
+  check_window(window_left, window_right);
+  check_scale(softmax_scale, softcap);
+  check_extras(alibi_slopes, s_aux, q, q.size(0), q.size(2));
+
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  flash_sdpa::VarlenAttention call;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.out = out;
+  call.lse = lse;
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = s_aux;
+  call.scale = softmax_scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = canonical_window_right(causal, window_right);
+  run_varlen(call);
+  return {out, lse};
+}
+
+std::vector<int64_t> varlen_head_dims() { return flash_sdpa::varlen_head_dims(); }
+
+TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
+  ops.def(
+      "flash_attention_varlen(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool do_causal, float scale, float softcapping) -> ()");
+  ops.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
+      "Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor, Tensor)");
+  ops.def(
+      "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right, "
+      "float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor, Tensor)");
+  ops.def("varlen_head_dims() -> int[]", &varlen_head_dims);
+
+#ifdef METAL_FLASH_SDPA_EMULATED
+  constexpr auto kDispatchKey = c10::DispatchKey::CPU;
+#else
+  constexpr auto kDispatchKey = c10::DispatchKey::MPS;
+#endif
+  ops.impl("flash_attention_varlen", kDispatchKey, &flash_attention_varlen);
+  ops.impl("varlen_fwd", kDispatchKey, &varlen_fwd);
+  ops.impl("fwd", kDispatchKey, &fwd);
+
+  // Paged decode (flash_attn_with_kvcache) registers here.
+}
+
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)
