@@ -1,0 +1,678 @@
+// The Metal Shading Language standard library on the CPU: included (-include) before every pre-passed .metal file.
+//
+// half is _Float16 and bfloat is __bf16, compiled with excess precision off so every operation rounds as on the
+// GPU; vectors are clang ext_vector_type (swizzles work); simd collectives and simdgroup_matrix operations go
+// through the runtime's lane exchange (mcpu_simd_exchange), so lanes really meet as on the GPU.
+// With MCPU_ADDRESS_SPACES defined (a -fsyntax-only compile) device/constant/threadgroup are distinct clang address
+// spaces, so code that mixes them fails to compile as it does in Metal.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "../runtime/mcpu_abi.h"
+
+#define MCPU_INLINE inline __attribute__((always_inline))
+#define MCPU_NOSAN __attribute__((noinline, no_sanitize("coverage")))
+
+#ifdef MCPU_ADDRESS_SPACES
+#define device __attribute__((address_space(1)))
+#define constant __attribute__((address_space(2)))
+#define threadgroup __attribute__((address_space(3)))
+#else
+#define device
+#define constant
+#define threadgroup
+#endif
+#define thread
+#define kernel
+
+typedef unsigned char uchar;
+typedef unsigned short ushort;
+typedef unsigned int uint;
+typedef unsigned long ulong;
+typedef _Float16 half;
+typedef __bf16 bfloat;
+
+#define MCPU_VECTORS(T)                                     \
+  typedef T T##2 __attribute__((ext_vector_type(2)));       \
+  typedef T T##3 __attribute__((ext_vector_type(3)));       \
+  typedef T T##4 __attribute__((ext_vector_type(4)));
+MCPU_VECTORS(float)
+MCPU_VECTORS(half)
+MCPU_VECTORS(bfloat)
+MCPU_VECTORS(int)
+MCPU_VECTORS(uint)
+MCPU_VECTORS(short)
+MCPU_VECTORS(ushort)
+MCPU_VECTORS(char)
+MCPU_VECTORS(uchar)
+MCPU_VECTORS(long)
+MCPU_VECTORS(ulong)
+MCPU_VECTORS(bool)
+#undef MCPU_VECTORS
+
+#define INFINITY __builtin_inff()
+#define HUGE_VALF __builtin_huge_valf()
+#define NAN __builtin_nanf("")
+#define FLT_MAX __FLT_MAX__
+#define FLT_MIN __FLT_MIN__
+#define FLT_EPSILON __FLT_EPSILON__
+#define HALF_MAX ((half)65504.0f)
+#define HALF_MIN ((half)6.103515625e-05f)
+#define M_PI_F 3.14159265358979323846f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LOG10E_F 0.434294481903251827651f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LN10_F 2.30258509299404568402f
+#define M_SQRT2_F 1.41421356237309504880f
+#define M_SQRT1_2_F 0.707106781186547524401f
+
+namespace metal {
+
+// ---- type traits over scalars and ext vectors -------------------------------------------------------------------
+template <typename T>
+struct mcpu_vec_traits {
+  static constexpr int n = 1;
+  using elem = T;
+};
+template <typename T, int N>
+struct mcpu_vec_traits<T __attribute__((ext_vector_type(N)))> {
+  static constexpr int n = N;
+  using elem = T;
+};
+template <typename T>
+using mcpu_elem_t = typename mcpu_vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::elem;
+template <typename T>
+constexpr int mcpu_width = mcpu_vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::n;
+template <typename T, int N>
+using vec = T __attribute__((ext_vector_type(N)));
+
+// Scalar conversion as MSL does it (half <-> bfloat through float, which is exact for the widening step).
+template <typename To, typename From>
+MCPU_INLINE To mcpu_convert(From x) {
+  if constexpr (std::is_same_v<To, From>) {
+    return x;
+  } else if constexpr (std::is_same_v<To, bool>) {
+    return (float)x != 0.0f;
+  } else if constexpr ((std::is_same_v<To, half> || std::is_same_v<To, bfloat>) &&
+                       (std::is_same_v<From, half> || std::is_same_v<From, bfloat>)) {
+    return (To)(float)x;
+  } else {
+    return (To)x;
+  }
+}
+
+// MSL vector constructors: the pre-pass rewrites float4(a, b.xy, ...) to mcpu_make<float4>(a, b.xy, ...).
+template <typename V, typename A>
+MCPU_INLINE void mcpu_put(V& r, int& i, const A& a) {
+  using E = mcpu_elem_t<V>;
+  if constexpr (mcpu_width<A> == 1) {
+    r[i++] = mcpu_convert<E>(a);
+  } else {
+    for (int k = 0; k < mcpu_width<A>; ++k) r[i++] = mcpu_convert<E>(a[k]);
+  }
+}
+template <typename V, typename... A>
+MCPU_INLINE V mcpu_make(const A&... a) {
+  constexpr int n = mcpu_width<V>;
+  V r{};
+  if constexpr (sizeof...(A) == 0) {
+    return r;
+  } else if constexpr (sizeof...(A) == 1 && ((mcpu_width<A> == 1) && ...)) {
+    for (int k = 0; k < n; ++k) r[k] = mcpu_convert<mcpu_elem_t<V>>(a...);  // splat
+    return r;
+  } else {
+    static_assert((mcpu_width<A> + ...) == n, "vector constructor: the arguments' components do not add up");
+    int i = 0;
+    (mcpu_put(r, i, a), ...);
+    return r;
+  }
+}
+
+template <typename To, typename From>
+MCPU_INLINE To as_type(From x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type: sizes differ");
+  return __builtin_bit_cast(To, x);
+}
+
+// ---- numeric_limits ---------------------------------------------------------------------------------------------
+template <typename T>
+struct numeric_limits;
+#define MCPU_LIMITS(T, MAX, MIN, LOWEST, INF, EPS)                  \
+  template <>                                                       \
+  struct numeric_limits<T> {                                        \
+    static constexpr bool is_specialized = true;                    \
+    static constexpr T max() { return MAX; }                        \
+    static constexpr T min() { return MIN; }                        \
+    static constexpr T lowest() { return LOWEST; }                  \
+    static constexpr T infinity() { return INF; }                   \
+    static constexpr T epsilon() { return EPS; }                    \
+  };
+MCPU_LIMITS(float, __FLT_MAX__, __FLT_MIN__, -__FLT_MAX__, __builtin_inff(), __FLT_EPSILON__)
+MCPU_LIMITS(half, (half)65504.0f, (half)6.103515625e-05f, (half)-65504.0f, (half)__builtin_inff(), (half)0.0009765625f)
+MCPU_LIMITS(bfloat, (bfloat)3.3895313892515355e38f, (bfloat)1.1754943508222875e-38f, (bfloat)-3.3895313892515355e38f,
+            (bfloat)__builtin_inff(), (bfloat)0.0078125f)
+MCPU_LIMITS(int, 2147483647, (-2147483647 - 1), (-2147483647 - 1), 0, 0)
+MCPU_LIMITS(uint, 4294967295u, 0u, 0u, 0u, 0u)
+MCPU_LIMITS(short, (short)32767, (short)-32768, (short)-32768, (short)0, (short)0)
+MCPU_LIMITS(ushort, (ushort)65535, (ushort)0, (ushort)0, (ushort)0, (ushort)0)
+MCPU_LIMITS(long, 9223372036854775807l, (-9223372036854775807l - 1), (-9223372036854775807l - 1), 0l, 0l)
+MCPU_LIMITS(ulong, 18446744073709551615ul, 0ul, 0ul, 0ul, 0ul)
+#undef MCPU_LIMITS
+
+// ---- math -------------------------------------------------------------------------------------------------------
+// Float functions: computed in float and rounded once to half/bfloat; vectors elementwise.
+#define MCPU_FLOAT_SCALARS(X) X(float) X(half) X(bfloat)
+#define MCPU_FLOAT_VECTORS(X) \
+  X(float2) X(float3) X(float4) X(half2) X(half3) X(half4) X(bfloat2) X(bfloat3) X(bfloat4)
+#define MCPU_INT_SCALARS(X) X(int) X(uint) X(short) X(ushort) X(char) X(uchar) X(long) X(ulong)
+#define MCPU_INT_VECTORS(X)                                                                            \
+  X(int2) X(int3) X(int4) X(uint2) X(uint3) X(uint4) X(short2) X(short3) X(short4) X(ushort2) X(ushort3) \
+      X(ushort4) X(char2) X(char3) X(char4) X(uchar2) X(uchar3) X(uchar4) X(long2) X(long3) X(long4)    \
+          X(ulong2) X(ulong3) X(ulong4)
+
+#define MCPU_UNARY(name, expr)                                                    \
+  MCPU_INLINE float name(float x) { return expr; }                                \
+  MCPU_INLINE half name(half x) { return (half)name((float)x); }                  \
+  MCPU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }            \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>           \
+  MCPU_INLINE V name(V x) {                                                       \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]);    \
+    return x;                                                                     \
+  }
+MCPU_UNARY(exp, __builtin_expf(x))
+MCPU_UNARY(exp2, __builtin_exp2f(x))
+MCPU_UNARY(exp10, __builtin_expf(x * M_LN10_F))
+MCPU_UNARY(log, __builtin_logf(x))
+MCPU_UNARY(log2, __builtin_log2f(x))
+MCPU_UNARY(log10, __builtin_log10f(x))
+MCPU_UNARY(tanh, __builtin_tanhf(x))
+MCPU_UNARY(sqrt, __builtin_sqrtf(x))
+MCPU_UNARY(rsqrt, 1.0f / __builtin_sqrtf(x))
+MCPU_UNARY(floor, __builtin_floorf(x))
+MCPU_UNARY(ceil, __builtin_ceilf(x))
+MCPU_UNARY(round, __builtin_roundf(x))
+MCPU_UNARY(rint, __builtin_rintf(x))
+MCPU_UNARY(trunc, __builtin_truncf(x))
+MCPU_UNARY(fabs, __builtin_fabsf(x))
+MCPU_UNARY(sin, __builtin_sinf(x))
+MCPU_UNARY(cos, __builtin_cosf(x))
+MCPU_UNARY(tan, __builtin_tanf(x))
+MCPU_UNARY(fract, x - __builtin_floorf(x))
+MCPU_UNARY(sign, x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : 0.0f)
+MCPU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
+#undef MCPU_UNARY
+
+#define MCPU_BINARY_FLOAT(name, expr)                                                    \
+  MCPU_INLINE float name(float x, float y) { return expr; }                              \
+  MCPU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }       \
+  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); } \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                  \
+  MCPU_INLINE V name(V x, V y) {                                                         \
+    for (int i = 0; i < mcpu_width<V>; ++i)                                              \
+      x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);                           \
+    return x;                                                                            \
+  }
+MCPU_BINARY_FLOAT(pow, __builtin_powf(x, y))
+MCPU_BINARY_FLOAT(powr, __builtin_powf(x, y))
+MCPU_BINARY_FLOAT(atan2, __builtin_atan2f(x, y))
+MCPU_BINARY_FLOAT(fmod, __builtin_fmodf(x, y))
+MCPU_BINARY_FLOAT(fmax, __builtin_fmaxf(x, y))
+MCPU_BINARY_FLOAT(fmin, __builtin_fminf(x, y))
+MCPU_BINARY_FLOAT(step, y < x ? 0.0f : 1.0f)
+#undef MCPU_BINARY_FLOAT
+
+// max / min / abs / clamp for every scalar type (half and bfloat compare exactly, no rounding needed).
+#define MCPU_MINMAX(T)                                                   \
+  MCPU_INLINE T max(T x, T y) { return x > y ? x : y; }                  \
+  MCPU_INLINE T min(T x, T y) { return x < y ? x : y; }                  \
+  MCPU_INLINE T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+MCPU_FLOAT_SCALARS(MCPU_MINMAX)
+MCPU_INT_SCALARS(MCPU_MINMAX)
+#undef MCPU_MINMAX
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCPU_INLINE V max(V x, V y) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = max((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
+  return x;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCPU_INLINE V min(V x, V y) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = min((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
+  return x;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCPU_INLINE V clamp(V x, V lo, V hi) {
+  return min(max(x, lo), hi);
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCPU_INLINE V clamp(V x, mcpu_elem_t<V> lo, mcpu_elem_t<V> hi) {
+  return min(max(x, mcpu_make<V>(lo)), mcpu_make<V>(hi));
+}
+MCPU_INLINE float abs(float x) { return __builtin_fabsf(x); }
+MCPU_INLINE half abs(half x) { return x < (half)0.0f ? (half)-x : x; }
+MCPU_INLINE bfloat abs(bfloat x) { return (bfloat)__builtin_fabsf((float)x); }
+MCPU_INLINE int abs(int x) { return x < 0 ? -x : x; }
+MCPU_INLINE short abs(short x) { return x < 0 ? (short)-x : x; }
+MCPU_INLINE long abs(long x) { return x < 0 ? -x : x; }
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCPU_INLINE V abs(V x) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = abs((mcpu_elem_t<V>)x[i]);
+  return x;
+}
+
+MCPU_INLINE float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+MCPU_INLINE half fma(half a, half b, half c) { return (half)__builtin_fmaf((float)a, (float)b, (float)c); }
+MCPU_INLINE bfloat fma(bfloat a, bfloat b, bfloat c) { return (bfloat)__builtin_fmaf((float)a, (float)b, (float)c); }
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCPU_INLINE V fma(V a, V b, V c) {
+  for (int i = 0; i < mcpu_width<V>; ++i)
+    a[i] = fma((mcpu_elem_t<V>)a[i], (mcpu_elem_t<V>)b[i], (mcpu_elem_t<V>)c[i]);
+  return a;
+}
+template <typename T>
+MCPU_INLINE T mix(T x, T y, T a) {
+  return x + (y - x) * a;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCPU_INLINE V mix(V x, V y, mcpu_elem_t<V> a) {
+  return x + (y - x) * a;
+}
+
+// select(a, b, c): c ? b : a, elementwise for vectors (c: bool, bool vector or a comparison's integer mask).
+template <typename T>
+MCPU_INLINE T select(T a, T b, bool c) {
+  return c ? b : a;
+}
+template <typename V, typename C, std::enable_if_t<(mcpu_width<V> > 1 && mcpu_width<C> == mcpu_width<V>), int> = 0>
+MCPU_INLINE V select(V a, V b, C c) {
+  for (int i = 0; i < mcpu_width<V>; ++i)
+    if (c[i]) a[i] = b[i];
+  return a;
+}
+template <typename C>
+MCPU_INLINE bool all(C c) {
+  for (int i = 0; i < mcpu_width<C>; ++i)
+    if (!c[i]) return false;
+  return true;
+}
+template <typename C>
+MCPU_INLINE bool any(C c) {
+  for (int i = 0; i < mcpu_width<C>; ++i)
+    if (c[i]) return true;
+  return false;
+}
+template <typename V>
+MCPU_INLINE mcpu_elem_t<V> dot(V a, V b) {
+  mcpu_elem_t<V> s = a[0] * b[0];
+  for (int i = 1; i < mcpu_width<V>; ++i) s += a[i] * b[i];
+  return s;
+}
+MCPU_INLINE bool isnan(float x) { return __builtin_isnan(x); }
+MCPU_INLINE bool isnan(half x) { return __builtin_isnan((float)x); }
+MCPU_INLINE bool isnan(bfloat x) { return __builtin_isnan((float)x); }
+MCPU_INLINE bool isinf(float x) { return __builtin_isinf(x); }
+MCPU_INLINE bool isinf(half x) { return __builtin_isinf((float)x); }
+MCPU_INLINE bool isinf(bfloat x) { return __builtin_isinf((float)x); }
+MCPU_INLINE bool isfinite(float x) { return __builtin_isfinite(x); }
+MCPU_INLINE uint popcount(uint x) { return (uint)__builtin_popcount(x); }
+MCPU_INLINE uint ctz(uint x) { return x ? (uint)__builtin_ctz(x) : 32u; }
+MCPU_INLINE uint clz(uint x) { return x ? (uint)__builtin_clz(x) : 32u; }
+template <typename T>
+MCPU_INLINE T mulhi(T x, T y) {
+  return (T)(((unsigned __int128)x * y) >> (8 * sizeof(T)));
+}
+
+// fast:: and precise:: name the same functions here (the emulator cannot switch fast math per call).
+#define MCPU_MATH_NAMES(X)                                                                                    \
+  X(exp) X(exp2) X(exp10) X(log) X(log2) X(log10) X(tanh) X(sqrt) X(rsqrt) X(floor) X(ceil) X(round) X(rint) \
+      X(trunc) X(fabs) X(sin) X(cos) X(tan) X(fract) X(sign) X(saturate) X(pow) X(powr) X(atan2) X(fmod)       \
+          X(fmax) X(fmin) X(step) X(max) X(min) X(clamp) X(abs) X(fma) X(mix) X(dot) X(isnan) X(isinf)
+#define MCPU_USING(name) using metal::name;
+namespace fast {
+MCPU_MATH_NAMES(MCPU_USING)
+}
+namespace precise {
+MCPU_MATH_NAMES(MCPU_USING)
+}
+#undef MCPU_USING
+
+// ---- barriers ---------------------------------------------------------------------------------------------------
+enum class mem_flags : uint {
+  mem_none = MCPU_MEM_NONE,
+  mem_device = MCPU_MEM_DEVICE,
+  mem_threadgroup = MCPU_MEM_THREADGROUP,
+  mem_texture = MCPU_MEM_TEXTURE,
+  mem_threadgroup_imageblock = 8,
+  mem_object_data = 16,
+};
+constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags((uint)a | (uint)b); }
+MCPU_INLINE void threadgroup_barrier(mem_flags flags) { mcpu_threadgroup_barrier((uint)flags); }
+MCPU_INLINE void simdgroup_barrier(mem_flags flags) { mcpu_simdgroup_barrier((uint)flags); }
+
+// ---- simd collectives -------------------------------------------------------------------------------------------
+// Every collective is one exchange among the active lanes: each lane then computes the result itself, in lane
+// order, so all lanes agree bit for bit. Reading a lane that is not active returns a poison bit pattern.
+template <typename T>
+struct mcpu_lanes {
+  T v[32];
+  uint mask;
+};
+template <typename T>
+MCPU_INLINE mcpu_lanes<T> mcpu_exchange(T x) {
+  mcpu_lanes<T> l;
+  l.mask = mcpu_simd_exchange(&x, sizeof(T), l.v);
+  return l;
+}
+template <typename T>
+MCPU_INLINE T mcpu_lane_value(const mcpu_lanes<T>& l, uint lane) {
+  if (lane < 32 && (l.mask >> lane & 1u)) return l.v[lane];
+  T poison;
+  __builtin_memset(&poison, 0xff, sizeof poison);
+  return poison;
+}
+
+template <typename T>
+MCPU_INLINE T simd_sum(T x) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  T s = T(0);
+  for (uint i = 0; i < 32; ++i)
+    if (l.mask >> i & 1u) s = T(s + l.v[i]);
+  return s;
+}
+template <typename T>
+MCPU_INLINE T simd_product(T x) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  T s = T(1);
+  for (uint i = 0; i < 32; ++i)
+    if (l.mask >> i & 1u) s = T(s * l.v[i]);
+  return s;
+}
+template <typename T>
+MCPU_INLINE T simd_max(T x) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  T s = x;
+  for (uint i = 0; i < 32; ++i)
+    if (l.mask >> i & 1u) s = max(s, l.v[i]);
+  return s;
+}
+template <typename T>
+MCPU_INLINE T simd_min(T x) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  T s = x;
+  for (uint i = 0; i < 32; ++i)
+    if (l.mask >> i & 1u) s = min(s, l.v[i]);
+  return s;
+}
+template <typename T>
+MCPU_INLINE T simd_prefix_inclusive_sum(T x) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  const uint me = mcpu_lane_id();
+  T s = T(0);
+  for (uint i = 0; i <= me; ++i)
+    if (l.mask >> i & 1u) s = T(s + l.v[i]);
+  return s;
+}
+template <typename T>
+MCPU_INLINE T simd_prefix_exclusive_sum(T x) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  const uint me = mcpu_lane_id();
+  T s = T(0);
+  for (uint i = 0; i < me; ++i)
+    if (l.mask >> i & 1u) s = T(s + l.v[i]);
+  return s;
+}
+template <typename T>
+MCPU_INLINE T simd_shuffle(T x, ushort lane) {
+  return mcpu_lane_value(mcpu_exchange(x), lane);
+}
+template <typename T>
+MCPU_INLINE T simd_broadcast(T x, ushort lane) {
+  return mcpu_lane_value(mcpu_exchange(x), lane);
+}
+template <typename T>
+MCPU_INLINE T simd_shuffle_xor(T x, ushort mask) {
+  return mcpu_lane_value(mcpu_exchange(x), mcpu_lane_id() ^ mask);
+}
+// Lanes whose source lies outside the simdgroup keep their own value (Metal: "the upper delta lanes are unchanged").
+template <typename T>
+MCPU_INLINE T simd_shuffle_down(T x, ushort delta) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  const uint src = mcpu_lane_id() + delta;
+  return src < 32 ? mcpu_lane_value(l, src) : x;
+}
+template <typename T>
+MCPU_INLINE T simd_shuffle_up(T x, ushort delta) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  const uint me = mcpu_lane_id();
+  return me >= delta ? mcpu_lane_value(l, me - delta) : x;
+}
+template <typename T>
+MCPU_INLINE T simd_broadcast_first(T x) {
+  mcpu_lanes<T> l = mcpu_exchange(x);
+  return l.v[__builtin_ctz(l.mask)];
+}
+MCPU_INLINE bool simd_all(bool x) {
+  mcpu_lanes<bool> l = mcpu_exchange(x);
+  for (uint i = 0; i < 32; ++i)
+    if ((l.mask >> i & 1u) && !l.v[i]) return false;
+  return true;
+}
+MCPU_INLINE bool simd_any(bool x) {
+  mcpu_lanes<bool> l = mcpu_exchange(x);
+  for (uint i = 0; i < 32; ++i)
+    if ((l.mask >> i & 1u) && l.v[i]) return true;
+  return false;
+}
+MCPU_INLINE bool simd_is_first() {
+  mcpu_lanes<bool> l = mcpu_exchange(true);
+  return mcpu_lane_id() == (uint)__builtin_ctz(l.mask);
+}
+
+// ---- simdgroup_matrix -------------------------------------------------------------------------------------------
+// Each lane holds the whole matrix (replicated). Loads, stores and products are split over the 32 lanes, two
+// elements each, and completed with one exchange, so memory traffic and races are those of real lanes. Apple does
+// not document which lane holds which element, so thread_elements() is not offered.
+template <typename T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "simdgroup_matrix: only 8x8 is supported");
+  T e[64];  // row-major
+  simdgroup_matrix() : e{} {}
+  explicit simdgroup_matrix(T diagonal) : e{} {
+    for (int i = 0; i < 8; ++i) e[i * 9] = diagonal;
+  }
+  template <typename U = T>
+  void thread_elements() const {
+    static_assert(sizeof(U) == 0, "thread_elements() is not supported: the lane layout is undocumented");
+  }
+};
+template <typename T>
+using simdgroup_matrix8x8 = simdgroup_matrix<T, 8, 8>;
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+template <typename T, int C, int R>
+MCPU_INLINE simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, C, R> m;
+  for (int i = 0; i < 64; ++i) m.e[i] = value;
+  return m;
+}
+
+// Gathers elements (2*lane, 2*lane+1) from every lane into a full matrix; all 32 lanes must take part.
+template <typename T>
+MCPU_INLINE void mcpu_gather_matrix(T (&e)[64], T a, T b) {
+  struct Two {
+    T v[2];
+  } mine{{a, b}};
+  mcpu_lanes<Two> l = mcpu_exchange(mine);
+  if (l.mask != 0xffffffffu) mcpu_fatal("simdgroup_matrix operation with inactive lanes (divergent control flow?)");
+  for (int i = 0; i < 32; ++i) e[2 * i] = l.v[i].v[0], e[2 * i + 1] = l.v[i].v[1];
+}
+
+template <typename T, typename P>
+MCPU_INLINE void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
+                                ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  const uint lane = mcpu_lane_id();
+  T v[2];
+  for (int k = 0; k < 2; ++k) {
+    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
+    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
+    v[k] = src[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col];
+  }
+  mcpu_gather_matrix(d.e, v[0], v[1]);
+}
+
+template <typename T, typename P>
+MCPU_INLINE void simdgroup_store(thread const simdgroup_matrix<T, 8, 8>& a, P dst, ulong elements_per_row = 8,
+                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  const uint lane = mcpu_lane_id();
+  for (int k = 0; k < 2; ++k) {
+    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
+    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
+    dst[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col] = a.e[idx];
+  }
+  // The store is a simdgroup operation: every lane must take part.
+  mcpu_lanes<uint> l = mcpu_exchange(lane);
+  if (l.mask != 0xffffffffu) mcpu_fatal("simdgroup_store with inactive lanes (divergent control flow?)");
+}
+
+// d = a * b + c, each element a float dot product rounded once to the destination type.
+template <typename TD, typename TA, typename TB, typename TC>
+MCPU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d,
+                                               thread const simdgroup_matrix<TA, 8, 8>& a,
+                                               thread const simdgroup_matrix<TB, 8, 8>& b,
+                                               thread const simdgroup_matrix<TC, 8, 8>& c) {
+  const uint lane = mcpu_lane_id();
+  TD v[2];
+  for (int k = 0; k < 2; ++k) {
+    const uint idx = 2 * lane + k, r = idx / 8, col = idx % 8;
+    float s = (float)c.e[idx];
+    for (int i = 0; i < 8; ++i) s += (float)a.e[r * 8 + i] * (float)b.e[i * 8 + col];
+    v[k] = (TD)s;
+  }
+  mcpu_gather_matrix(d.e, v[0], v[1]);
+}
+template <typename TD, typename TA, typename TB>
+MCPU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread const simdgroup_matrix<TA, 8, 8>& a,
+                                    thread const simdgroup_matrix<TB, 8, 8>& b) {
+  simdgroup_matrix<TD, 8, 8> zero = make_filled_simdgroup_matrix<TD, 8, 8>(TD(0));
+  simdgroup_multiply_accumulate(d, a, b, zero);
+}
+
+// ---- atomics ----------------------------------------------------------------------------------------------------
+// Run by one CPU thread at a time, so plain operations; the runtime checks bounds and counts traffic, and the
+// accesses themselves are not instrumented (atomics do not race).
+template <typename T>
+struct _atomic {
+  T __value;
+};
+typedef _atomic<int> atomic_int;
+typedef _atomic<uint> atomic_uint;
+typedef _atomic<float> atomic_float;
+typedef _atomic<bool> atomic_bool;
+enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
+
+#define MCPU_ATOMIC_RMW(name, op)                                                              \
+  template <typename A, typename T>                                                            \
+  MCPU_NOSAN auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) {             \
+    using V = decltype(obj->__value + 0);                                                      \
+    (void)sizeof(V);                                                                           \
+    auto* p = const_cast<A*>(obj);                                                             \
+    mcpu_atomic_access((void*)p, sizeof(p->__value), 1);                                       \
+    auto old = p->__value;                                                                     \
+    auto v = (decltype(old))arg;                                                               \
+    p->__value = op;                                                                           \
+    return old;                                                                                \
+  }                                                                                            \
+  template <typename A, typename T>                                                            \
+  MCPU_INLINE auto atomic_##name##_explicit(A* obj, T arg, memory_order o) {                   \
+    return atomic_##name##_explicit((volatile A*)obj, arg, o);                                 \
+  }
+MCPU_ATOMIC_RMW(fetch_add, old + v)
+MCPU_ATOMIC_RMW(fetch_sub, old - v)
+MCPU_ATOMIC_RMW(fetch_max, old > v ? old : v)
+MCPU_ATOMIC_RMW(fetch_min, old < v ? old : v)
+MCPU_ATOMIC_RMW(fetch_and, old & v)
+MCPU_ATOMIC_RMW(fetch_or, old | v)
+MCPU_ATOMIC_RMW(fetch_xor, old ^ v)
+MCPU_ATOMIC_RMW(exchange, v)
+#undef MCPU_ATOMIC_RMW
+
+template <typename A>
+MCPU_NOSAN auto atomic_load_explicit(volatile A* obj, memory_order) {
+  auto* p = const_cast<A*>(obj);
+  mcpu_atomic_access((void*)p, sizeof(p->__value), 0);
+  return p->__value;
+}
+template <typename A>
+MCPU_INLINE auto atomic_load_explicit(A* obj, memory_order o) {
+  return atomic_load_explicit((volatile A*)obj, o);
+}
+template <typename A, typename T>
+MCPU_NOSAN void atomic_store_explicit(volatile A* obj, T v, memory_order) {
+  auto* p = const_cast<A*>(obj);
+  mcpu_atomic_access((void*)p, sizeof(p->__value), 1);
+  p->__value = (decltype(p->__value))v;
+}
+template <typename A, typename T>
+MCPU_INLINE void atomic_store_explicit(A* obj, T v, memory_order o) {
+  atomic_store_explicit((volatile A*)obj, v, o);
+}
+template <typename A, typename T>
+MCPU_NOSAN bool atomic_compare_exchange_weak_explicit(volatile A* obj, T* expected, T desired, memory_order,
+                                                      memory_order) {
+  auto* p = const_cast<A*>(obj);
+  mcpu_atomic_access((void*)p, sizeof(p->__value), 1);
+  if (p->__value == *expected) {
+    p->__value = desired;
+    return true;
+  }
+  *expected = p->__value;
+  return false;
+}
+template <typename A, typename T>
+MCPU_INLINE bool atomic_compare_exchange_weak_explicit(A* obj, T* expected, T desired, memory_order s, memory_order f) {
+  return atomic_compare_exchange_weak_explicit((volatile A*)obj, expected, desired, s, f);
+}
+
+}  // namespace metal
+
+// ---- what generated entry points use ----------------------------------------------------------------------------
+template <size_t I, typename F>
+struct mcpu_param;
+template <size_t I, typename R, typename First, typename... Rest>
+struct mcpu_param<I, R(First, Rest...)> : mcpu_param<I - 1, R(Rest...)> {};
+template <typename R, typename First, typename... Rest>
+struct mcpu_param<0, R(First, Rest...)> {
+  using type = First;
+};
+template <size_t I, typename F>
+using mcpu_param_t = typename mcpu_param<I, F>::type;
+
+// A buffer or threadgroup argument: a pointer, or a reference (constant Params& p [[buffer(3)]]).
+template <typename P>
+MCPU_INLINE P mcpu_bind(void* p) {
+  if constexpr (std::is_reference_v<P>)
+    return *reinterpret_cast<std::remove_reference_t<P>*>(p);
+  else
+    return reinterpret_cast<P>(p);
+}
+// A position builtin: uint/ushort scalar (x) or 2/3-vector.
+template <typename P>
+MCPU_INLINE P mcpu_builtin(const uint32_t (&v)[3]) {
+  using T = std::remove_cv_t<P>;
+  if constexpr (metal::mcpu_width<T> == 1) {
+    return (T)v[0];
+  } else {
+    T r{};
+    for (int i = 0; i < metal::mcpu_width<T>; ++i) r[i] = (metal::mcpu_elem_t<T>)v[i];
+    return r;
+  }
+}
+template <typename P>
+MCPU_INLINE P mcpu_builtin(uint32_t v) {
+  return (std::remove_cv_t<P>)v;
+}
