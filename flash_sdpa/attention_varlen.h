@@ -13,10 +13,10 @@
 
 using namespace metal;
 
-constant bool varlen_is_varlen [[function_constant(flash_sdpa::kVarlenFcIsVarlen)]];
-constant bool varlen_has_softcap [[function_constant(flash_sdpa::kVarlenFcHasSoftcap)]];
-constant bool varlen_has_alibi [[function_constant(flash_sdpa::kVarlenFcHasAlibi)]];
-constant bool varlen_has_sinks [[function_constant(flash_sdpa::kVarlenFcHasSinks)]];
+constant bool varlen_is_varlen [[function_constant(FLASH_SDPA_VARLEN_FC_IS_VARLEN)]];
+constant bool varlen_has_softcap [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP)]];
+constant bool varlen_has_alibi [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI)]];
+constant bool varlen_has_sinks [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS)]];
 
 constant constexpr float kVarlenMasked = -1.0e30f;  // log2-domain score of an invisible key
 constant constexpr float kVarlenLog2e = 1.4426950408889634f;
@@ -33,17 +33,17 @@ inline void varlen_write_diagonal(threadgroup float* diag, float x, uint lane) {
 }
 
 template <typename T, int D>
-[[kernel, max_total_threads_per_threadgroup(flash_sdpa::kVarlenThreads)]] void flash_attn_varlen(
-    const device T* q [[buffer(flash_sdpa::kVarlenBufferQ)]],
-    const device T* k [[buffer(flash_sdpa::kVarlenBufferK)]],
-    const device T* v [[buffer(flash_sdpa::kVarlenBufferV)]],
-    device T* out [[buffer(flash_sdpa::kVarlenBufferOut)]],
-    device float* lse [[buffer(flash_sdpa::kVarlenBufferLse)]],
-    const device int* cu_seqlens_q [[buffer(flash_sdpa::kVarlenBufferCuSeqlensQ)]],
-    const device int* cu_seqlens_k [[buffer(flash_sdpa::kVarlenBufferCuSeqlensK)]],
-    const device float* alibi_slopes [[buffer(flash_sdpa::kVarlenBufferAlibi)]],
-    const device float* sinks [[buffer(flash_sdpa::kVarlenBufferSinks)]],
-    constant flash_sdpa::VarlenParams& p [[buffer(flash_sdpa::kVarlenBufferParams)]],
+[[kernel]] [[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] void flash_attn_varlen(
+    const device T* q [[buffer(FLASH_SDPA_VARLEN_BUFFER_Q)]],
+    const device T* k [[buffer(FLASH_SDPA_VARLEN_BUFFER_K)]],
+    const device T* v [[buffer(FLASH_SDPA_VARLEN_BUFFER_V)]],
+    device T* out [[buffer(FLASH_SDPA_VARLEN_BUFFER_OUT)]],
+    device float* lse [[buffer(FLASH_SDPA_VARLEN_BUFFER_LSE)]],
+    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q)]],
+    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K)]],
+    const device float* alibi_slopes [[buffer(FLASH_SDPA_VARLEN_BUFFER_ALIBI)]],
+    const device float* sinks [[buffer(FLASH_SDPA_VARLEN_BUFFER_SINKS)]],
+    constant flash_sdpa::VarlenParams& p [[buffer(FLASH_SDPA_VARLEN_BUFFER_PARAMS)]],
     uint3 tg_pos [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],

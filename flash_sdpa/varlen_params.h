@@ -2,7 +2,7 @@
 //
 // One definition, compiled as both languages: `__METAL_VERSION__` picks the scalar spellings, the static_asserts
 // at the bottom pin the layout on both sides. The host fills VarlenParams once per call and sends it with one
-// setBytes at kVarlenBufferParams.
+// setBytes at FLASH_SDPA_VARLEN_BUFFER_PARAMS.
 #pragma once
 
 #ifdef __METAL_VERSION__
@@ -27,35 +27,36 @@ typedef uint32_t fsdpa_u32;
 namespace flash_sdpa {
 
 // [[buffer(i)]] of the varlen kernel. Optional inputs are gated by the function constants below; when a feature is
-// off the host binds a placeholder that the kernel never touches.
-enum VarlenBufferIndex {
-  kVarlenBufferQ = 0,           // T, (batch, row, head, d = 1) through the q_* strides
-  kVarlenBufferK = 1,           // T, (batch, row, kv head, d = 1) through the k_* strides
-  kVarlenBufferV = 2,           // T, (batch, row, kv head, d = 1) through the v_* strides
-  kVarlenBufferOut = 3,         // T, (batch, row, head, d = 1) through the o_* strides
-  kVarlenBufferLse = 4,         // float, (batch, head, row = 1) through the lse_* strides
-  kVarlenBufferCuSeqlensQ = 5,  // int32 [batch + 1], prefix sums of query lengths (varlen only)
-  kVarlenBufferCuSeqlensK = 6,  // int32 [batch + 1], prefix sums of key lengths (varlen only)
-  kVarlenBufferAlibi = 7,       // float, slope of (batch, head) at b * alibi_batch_stride + h
-  kVarlenBufferSinks = 8,       // float [heads], one extra logit per head in the softmax denominator
-  kVarlenBufferParams = 9,      // VarlenParams (setBytes)
-};
+// off the host binds a placeholder that the kernel never touches. Macros, not enums: attribute arguments must be
+// integer literals after preprocessing for the Metal-on-CPU front end.
+#define FLASH_SDPA_VARLEN_BUFFER_Q 0             // T, (batch, row, head, d = 1) through the q_* strides
+#define FLASH_SDPA_VARLEN_BUFFER_K 1             // T, (batch, row, kv head, d = 1) through the k_* strides
+#define FLASH_SDPA_VARLEN_BUFFER_V 2             // T, (batch, row, kv head, d = 1) through the v_* strides
+#define FLASH_SDPA_VARLEN_BUFFER_OUT 3           // T, (batch, row, head, d = 1) through the o_* strides
+#define FLASH_SDPA_VARLEN_BUFFER_LSE 4           // float, (batch, head, row = 1) through the lse_* strides
+#define FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q 5  // int32 [batch + 1], prefix sums of query lengths (varlen only)
+#define FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K 6  // int32 [batch + 1], prefix sums of key lengths (varlen only)
+#define FLASH_SDPA_VARLEN_BUFFER_ALIBI 7         // float, slope of (batch, head) at b * alibi_batch_stride + h
+#define FLASH_SDPA_VARLEN_BUFFER_SINKS 8         // float [heads], one extra logit per head in the denominator
+#define FLASH_SDPA_VARLEN_BUFFER_PARAMS 9        // VarlenParams (setBytes)
 
 // [[function_constant(i)]] of the varlen kernel (all bool); they key the pipeline cache next to the kernel name.
-enum VarlenFunctionConstant {
-  kVarlenFcIsVarlen = 0,   // sequences from cu_seqlens_q/k; else every batch has seqlen_q / seqlen_k rows
-  kVarlenFcHasSoftcap = 1,  // s = softcap * tanh(s / softcap)
-  kVarlenFcHasAlibi = 2,   // s -= slope * |i + sk - sq - j|
-  kVarlenFcHasSinks = 3,   // sinks[h] joins the softmax denominator
-};
+#define FLASH_SDPA_VARLEN_FC_IS_VARLEN 0   // sequences from cu_seqlens_q/k; else every batch has seqlen_q/k rows
+#define FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP 1  // s = softcap * tanh(s / softcap)
+#define FLASH_SDPA_VARLEN_FC_HAS_ALIBI 2   // s -= slope * |i + sk - sq - j|
+#define FLASH_SDPA_VARLEN_FC_HAS_SINKS 3   // sinks[h] joins the softmax denominator
+
+// Threads per threadgroup, a literal for [[max_total_threads_per_threadgroup]].
+#define FLASH_SDPA_VARLEN_THREADS 128
 
 // Tile shape. Every threadgroup has 4 simdgroups of 32 threads; simdgroup s owns query rows [8s, 8s + 8) of a
 // 32-row query tile. The key tile is the largest of 32/16/8 rows whose float K and V tiles, the 8-row score
 // strips and the 8x8 diagonal scratch of every simdgroup fit in 32 KB of threadgroup memory.
 FSDPA_CONSTANT fsdpa_i32 kVarlenSimdgroups = 4;
-FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = 32 * kVarlenSimdgroups;  // 128
+FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = FLASH_SDPA_VARLEN_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;     // 32 query rows per threadgroup
 FSDPA_CONSTANT fsdpa_i32 kVarlenMaxThreadgroupBytes = 32768;
+static_assert(kVarlenThreads == 32 * kVarlenSimdgroups, "one simdgroup per 8 query rows");
 
 constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k) {
   return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64);
@@ -111,7 +112,7 @@ struct VarlenParams {
   fsdpa_i32 window_right;  // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
   fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
   float scale;             // multiplies q . k before softcap and ALiBi
-  float softcap;           // > 0 when kVarlenFcHasSoftcap
+  float softcap;           // > 0 when FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP
 };
 
 static_assert(sizeof(VarlenParams) == 14 * 8 + 12 * 4, "VarlenParams: no padding, same size in MSL and C++");

@@ -108,24 +108,24 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
   d.constants = {
-      bool_constant(kVarlenFcIsVarlen, varlen),
-      bool_constant(kVarlenFcHasSoftcap, call.softcap > 0.0),
-      bool_constant(kVarlenFcHasAlibi, call.alibi_slopes.has_value()),
-      bool_constant(kVarlenFcHasSinks, call.sinks.has_value()),
+      bool_constant(FLASH_SDPA_VARLEN_FC_IS_VARLEN, varlen),
+      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP, call.softcap > 0.0),
+      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI, call.alibi_slopes.has_value()),
+      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS, call.sinks.has_value()),
   };
   // Optional inputs that are off get q as a placeholder: the kernel never reads them (function constants).
   d.buffers = {
-      {kVarlenBufferQ, call.q},
-      {kVarlenBufferK, call.k},
-      {kVarlenBufferV, call.v},
-      {kVarlenBufferOut, call.out},
-      {kVarlenBufferLse, call.lse},
-      {kVarlenBufferCuSeqlensQ, varlen ? *call.cu_seqlens_q : call.q},
-      {kVarlenBufferCuSeqlensK, varlen ? *call.cu_seqlens_k : call.q},
-      {kVarlenBufferAlibi, call.alibi_slopes.value_or(call.q)},
-      {kVarlenBufferSinks, call.sinks.value_or(call.q)},
+      {FLASH_SDPA_VARLEN_BUFFER_Q, call.q},
+      {FLASH_SDPA_VARLEN_BUFFER_K, call.k},
+      {FLASH_SDPA_VARLEN_BUFFER_V, call.v},
+      {FLASH_SDPA_VARLEN_BUFFER_OUT, call.out},
+      {FLASH_SDPA_VARLEN_BUFFER_LSE, call.lse},
+      {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : call.q},
+      {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : call.q},
+      {FLASH_SDPA_VARLEN_BUFFER_ALIBI, call.alibi_slopes.value_or(call.q)},
+      {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.sinks.value_or(call.q)},
   };
-  d.set_bytes(kVarlenBufferParams, params);
+  d.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
   d.threadgroups = {to_u32((max_seqlen_q + kVarlenBlockQ - 1) / kVarlenBlockQ, "query tiles"),
                     to_u32(heads, "num_heads"), to_u32(batch, "batch")};
   d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
