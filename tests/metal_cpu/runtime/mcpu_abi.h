@@ -54,11 +54,14 @@ typedef struct {
 
 // Services of the runtime that the shim calls (not instrumented).
 void* mcpu_threadgroup_alloc(uint32_t size, uint32_t align, uint32_t decl_id);
-void mcpu_threadgroup_barrier(uint32_t mem_flags);
-void mcpu_simdgroup_barrier(uint32_t mem_flags);
+// Barriers and collectives name their call site in the .metal source (file, line, column): threads meet where
+// the source says they meet, whatever the compiler duplicated.
+void mcpu_threadgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column);
+void mcpu_simdgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column);
 // A simd collective: each calling lane deposits `size` bytes; on return `all` holds 32 slots of `size` bytes
 // (the deposits of the lanes that took part, in lane order) and the result is the mask of those lanes.
-uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* all);
+uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* all, const char* file, uint32_t line,
+                            uint32_t column);
 uint32_t mcpu_lane_id(void);
 // Atomics are executed by the runtime (one thread at a time, so plain operations), with bounds checks and
 // traffic counted, and no race report (atomics do not race).

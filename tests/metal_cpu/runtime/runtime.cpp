@@ -42,14 +42,25 @@ constexpr uint32_t kSimdWidth = 32;
 constexpr size_t kStackSize = 256 * 1024;
 constexpr size_t kThreadgroupMemoryLimit = 32 * 1024;
 constexpr uint64_t kSpinLimit = 1ull << 26;  // accesses by one thread without reaching any sync point
-constexpr size_t kGuard = 64 * 1024;         // unmapped-by-convention gap around every buffer copy
+constexpr size_t kGuard = 64 * 1024;
+constexpr uint32_t kSimdgroupBarrier = 1u << 16;  // Fiber::flags: this collective is a simdgroup_barrier         // unmapped-by-convention gap around every buffer copy
 
 enum class State { kRunnable, kBarrier, kSimd, kDone };
+
+struct Site {  // a barrier or collective's place in the .metal source
+  const char* file = nullptr;
+  uint32_t line = 0, column = 0;
+  bool operator==(const Site& o) const {
+    return line == o.line && column == o.column && (file == o.file || (file && o.file && !strcmp(file, o.file)));
+  }
+  bool operator!=(const Site& o) const { return !(*this == o); }
+  std::string str() const { return std::string(file ? file : "?") + ":" + std::to_string(line); }
+};
 
 struct Fiber {
   void* sp = nullptr;
   State state = State::kRunnable;
-  void* wait_pc = nullptr;   // call site of the barrier / collective it waits at
+  Site site;                 // the barrier / collective it waits at
   uint32_t flags = 0;        // barrier mem_flags
   mcpu_thread_args args;
   // simd exchange
@@ -329,10 +340,10 @@ void fiber_main() {
   __builtin_unreachable();
 }
 
-void block(State state, void* pc) {
+void block(State state, Site site) {
   Fiber* f = g.current;
   f->state = state;
-  f->wait_pc = pc;
+  f->site = site;
   f->accesses = 0;
   mcpu_switch(&f->sp, g.scheduler_sp);
 }
@@ -380,9 +391,9 @@ bool complete_collectives() {
       uint32_t mask = 0;
       for (uint32_t u = t; u < last; ++u) {
         Fiber& o = g.fibers[u];
-        if (o.state == State::kSimd && o.wait_pc == lead.wait_pc) {
+        if (o.state == State::kSimd && o.site == lead.site) {
           if (o.value_size != lead.value_size) {
-            fail(format("simd collective at %s: lanes pass values of different sizes", locate(lead.wait_pc).c_str()));
+            fail(format("simd collective at %s: lanes pass values of different sizes", lead.site.str().c_str()));
             return false;
           }
           mask |= 1u << (u - first);
@@ -398,6 +409,8 @@ bool complete_collectives() {
         o.state = State::kRunnable;
         done[u - first] = true;
       }
+      // A simdgroup_barrier over threadgroup memory orders the accesses of its lanes before and after it.
+      if ((lead.flags & kSimdgroupBarrier) && (lead.flags & MCPU_MEM_THREADGROUP)) ++g.simd_epoch[sg];
       progress = true;
     }
   }
@@ -410,10 +423,10 @@ bool release_barrier() {
   Fiber* exited = nullptr;
   for (Fiber& f : g.fibers) {
     if (f.state == State::kBarrier) {
-      if (waiting && waiting->wait_pc != f.wait_pc) {
+      if (waiting && waiting->site != f.site) {
         fail(format("divergent barrier: %s waits at the barrier at %s while %s waits at the barrier at %s",
-                    thread_name(waiting).c_str(), locate(waiting->wait_pc).c_str(), thread_name(&f).c_str(),
-                    locate(f.wait_pc).c_str()));
+                    thread_name(waiting).c_str(), waiting->site.str().c_str(), thread_name(&f).c_str(),
+                    f.site.str().c_str()));
         return false;
       }
       waiting = &f;
@@ -424,7 +437,7 @@ bool release_barrier() {
   if (!waiting) return false;
   if (exited) {
     fail(format("barrier skipped: %s waits at the barrier at %s but %s exited without reaching it",
-                thread_name(waiting).c_str(), locate(waiting->wait_pc).c_str(), thread_name(exited).c_str()));
+                thread_name(waiting).c_str(), waiting->site.str().c_str(), thread_name(exited).c_str()));
     return false;
   }
   if (waiting->flags & MCPU_MEM_THREADGROUP) ++g.epoch;  // only a threadgroup-memory barrier orders that memory
@@ -689,30 +702,30 @@ extern "C" void* mcpu_threadgroup_alloc(uint32_t size, uint32_t align, uint32_t 
   return g.tg_mem + offset;
 }
 
-extern "C" void mcpu_threadgroup_barrier(uint32_t mem_flags) {
+extern "C" void mcpu_threadgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column) {
   g.current->flags = mem_flags;
-  block(State::kBarrier, __builtin_return_address(0));
+  block(State::kBarrier, Site{file, line, column});
 }
 
-extern "C" uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* all) {
+extern "C" uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* all, const char* file, uint32_t line,
+                                       uint32_t column) {
   Fiber* f = g.current;
   f->value = value;
   f->value_size = size;
   f->all = all;
-  block(State::kSimd, __builtin_return_address(0));
+  f->flags = 0;
+  block(State::kSimd, Site{file, line, column});
   return f->result_mask;
 }
 
-extern "C" void mcpu_simdgroup_barrier(uint32_t mem_flags) {
+extern "C" void mcpu_simdgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column) {
   Fiber* f = g.current;
   uint32_t dummy = 0, all[kSimdWidth];
   f->value = &dummy;
   f->value_size = 4;
   f->all = all;
-  block(State::kSimd, __builtin_return_address(0));
-  // The last lane of the collective to resume advances the simdgroup's epoch once for all of them.
-  if ((mem_flags & MCPU_MEM_THREADGROUP) && f->args.thread_index_in_simdgroup == (uint32_t)(31 - __builtin_clz(f->result_mask)))
-    ++g.simd_epoch[f->args.simdgroup_index_in_threadgroup];
+  f->flags = mem_flags | kSimdgroupBarrier;
+  block(State::kSimd, Site{file, line, column});
 }
 
 extern "C" uint32_t mcpu_lane_id(void) { return g.current->args.thread_index_in_simdgroup; }
@@ -720,6 +733,10 @@ extern "C" uint32_t mcpu_lane_id(void) { return g.current->args.thread_index_in_
 extern "C" void mcpu_atomic_access(void* addr, uint32_t size, int is_store) {
   uintptr_t a = (uintptr_t)addr;
   void* pc = __builtin_return_address(0);
+  if (++g.current->accesses > kSpinLimit)
+    fail_on_fiber(format("deadlock: %s made %llu memory accesses without reaching a barrier or simd collective "
+                         "(spinning on an atomic no other thread can change?), at %s",
+                         thread_name(g.current).c_str(), (unsigned long long)kSpinLimit, locate(pc).c_str()));
   if (a - (uintptr_t)g.tg_mem < kThreadgroupMemoryLimit + kGuard) {
     uintptr_t off = a - (uintptr_t)g.tg_mem;
     if (off + size > g.tg_used)

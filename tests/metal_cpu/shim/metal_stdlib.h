@@ -16,6 +16,10 @@
 
 #define MCPU_INLINE inline __attribute__((always_inline))
 #define MCPU_NOSAN __attribute__((noinline, no_sanitize("coverage")))
+// Trailing parameters of every barrier and collective: the call site in the .metal source.
+#define MCPU_SITE \
+  const char *mcpu_file = __builtin_FILE(), unsigned mcpu_line = __builtin_LINE(), unsigned mcpu_col = __builtin_COLUMN()
+#define MCPU_SITE_ARGS mcpu_file, mcpu_line, mcpu_col
 
 #ifdef MCPU_ADDRESS_SPACES
 #define device __attribute__((address_space(1)))
@@ -349,8 +353,10 @@ enum class mem_flags : uint {
   mem_object_data = 16,
 };
 constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags((uint)a | (uint)b); }
-MCPU_INLINE void threadgroup_barrier(mem_flags flags) { mcpu_threadgroup_barrier((uint)flags); }
-MCPU_INLINE void simdgroup_barrier(mem_flags flags) { mcpu_simdgroup_barrier((uint)flags); }
+MCPU_INLINE void threadgroup_barrier(mem_flags flags, MCPU_SITE) {
+  mcpu_threadgroup_barrier((uint)flags, MCPU_SITE_ARGS);
+}
+MCPU_INLINE void simdgroup_barrier(mem_flags flags, MCPU_SITE) { mcpu_simdgroup_barrier((uint)flags, MCPU_SITE_ARGS); }
 
 // ---- simd collectives -------------------------------------------------------------------------------------------
 // Every collective is one exchange among the active lanes: each lane then computes the result itself, in lane
@@ -361,9 +367,9 @@ struct mcpu_lanes {
   uint mask;
 };
 template <typename T>
-MCPU_INLINE mcpu_lanes<T> mcpu_exchange(T x) {
+MCPU_INLINE mcpu_lanes<T> mcpu_exchange(T x, MCPU_SITE) {
   mcpu_lanes<T> l;
-  l.mask = mcpu_simd_exchange(&x, sizeof(T), l.v);
+  l.mask = mcpu_simd_exchange(&x, sizeof(T), l.v, MCPU_SITE_ARGS);
   return l;
 }
 template <typename T>
@@ -375,40 +381,40 @@ MCPU_INLINE T mcpu_lane_value(const mcpu_lanes<T>& l, uint lane) {
 }
 
 template <typename T>
-MCPU_INLINE T simd_sum(T x) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_sum(T x, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   T s = T(0);
   for (uint i = 0; i < 32; ++i)
     if (l.mask >> i & 1u) s = T(s + l.v[i]);
   return s;
 }
 template <typename T>
-MCPU_INLINE T simd_product(T x) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_product(T x, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   T s = T(1);
   for (uint i = 0; i < 32; ++i)
     if (l.mask >> i & 1u) s = T(s * l.v[i]);
   return s;
 }
 template <typename T>
-MCPU_INLINE T simd_max(T x) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_max(T x, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   T s = x;
   for (uint i = 0; i < 32; ++i)
     if (l.mask >> i & 1u) s = max(s, l.v[i]);
   return s;
 }
 template <typename T>
-MCPU_INLINE T simd_min(T x) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_min(T x, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   T s = x;
   for (uint i = 0; i < 32; ++i)
     if (l.mask >> i & 1u) s = min(s, l.v[i]);
   return s;
 }
 template <typename T>
-MCPU_INLINE T simd_prefix_inclusive_sum(T x) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_prefix_inclusive_sum(T x, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   const uint me = mcpu_lane_id();
   T s = T(0);
   for (uint i = 0; i <= me; ++i)
@@ -416,8 +422,8 @@ MCPU_INLINE T simd_prefix_inclusive_sum(T x) {
   return s;
 }
 template <typename T>
-MCPU_INLINE T simd_prefix_exclusive_sum(T x) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_prefix_exclusive_sum(T x, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   const uint me = mcpu_lane_id();
   T s = T(0);
   for (uint i = 0; i < me; ++i)
@@ -425,49 +431,49 @@ MCPU_INLINE T simd_prefix_exclusive_sum(T x) {
   return s;
 }
 template <typename T>
-MCPU_INLINE T simd_shuffle(T x, ushort lane) {
-  return mcpu_lane_value(mcpu_exchange(x), lane);
+MCPU_INLINE T simd_shuffle(T x, ushort lane, MCPU_SITE) {
+  return mcpu_lane_value(mcpu_exchange(x, MCPU_SITE_ARGS), lane);
 }
 template <typename T>
-MCPU_INLINE T simd_broadcast(T x, ushort lane) {
-  return mcpu_lane_value(mcpu_exchange(x), lane);
+MCPU_INLINE T simd_broadcast(T x, ushort lane, MCPU_SITE) {
+  return mcpu_lane_value(mcpu_exchange(x, MCPU_SITE_ARGS), lane);
 }
 template <typename T>
-MCPU_INLINE T simd_shuffle_xor(T x, ushort mask) {
-  return mcpu_lane_value(mcpu_exchange(x), mcpu_lane_id() ^ mask);
+MCPU_INLINE T simd_shuffle_xor(T x, ushort mask, MCPU_SITE) {
+  return mcpu_lane_value(mcpu_exchange(x, MCPU_SITE_ARGS), mcpu_lane_id() ^ mask);
 }
 // Lanes whose source lies outside the simdgroup keep their own value (Metal: "the upper delta lanes are unchanged").
 template <typename T>
-MCPU_INLINE T simd_shuffle_down(T x, ushort delta) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_shuffle_down(T x, ushort delta, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   const uint src = mcpu_lane_id() + delta;
   return src < 32 ? mcpu_lane_value(l, src) : x;
 }
 template <typename T>
-MCPU_INLINE T simd_shuffle_up(T x, ushort delta) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_shuffle_up(T x, ushort delta, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   const uint me = mcpu_lane_id();
   return me >= delta ? mcpu_lane_value(l, me - delta) : x;
 }
 template <typename T>
-MCPU_INLINE T simd_broadcast_first(T x) {
-  mcpu_lanes<T> l = mcpu_exchange(x);
+MCPU_INLINE T simd_broadcast_first(T x, MCPU_SITE) {
+  mcpu_lanes<T> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   return l.v[__builtin_ctz(l.mask)];
 }
-MCPU_INLINE bool simd_all(bool x) {
-  mcpu_lanes<bool> l = mcpu_exchange(x);
+MCPU_INLINE bool simd_all(bool x, MCPU_SITE) {
+  mcpu_lanes<bool> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   for (uint i = 0; i < 32; ++i)
     if ((l.mask >> i & 1u) && !l.v[i]) return false;
   return true;
 }
-MCPU_INLINE bool simd_any(bool x) {
-  mcpu_lanes<bool> l = mcpu_exchange(x);
+MCPU_INLINE bool simd_any(bool x, MCPU_SITE) {
+  mcpu_lanes<bool> l = mcpu_exchange(x, MCPU_SITE_ARGS);
   for (uint i = 0; i < 32; ++i)
     if ((l.mask >> i & 1u) && l.v[i]) return true;
   return false;
 }
-MCPU_INLINE bool simd_is_first() {
-  mcpu_lanes<bool> l = mcpu_exchange(true);
+MCPU_INLINE bool simd_is_first(MCPU_SITE) {
+  mcpu_lanes<bool> l = mcpu_exchange(true, MCPU_SITE_ARGS);
   return mcpu_lane_id() == (uint)__builtin_ctz(l.mask);
 }
 
@@ -503,18 +509,18 @@ MCPU_INLINE simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
 
 // Gathers elements (2*lane, 2*lane+1) from every lane into a full matrix; all 32 lanes must take part.
 template <typename T>
-MCPU_INLINE void mcpu_gather_matrix(T (&e)[64], T a, T b) {
+MCPU_INLINE void mcpu_gather_matrix(T (&e)[64], T a, T b, MCPU_SITE) {
   struct Two {
     T v[2];
   } mine{{a, b}};
-  mcpu_lanes<Two> l = mcpu_exchange(mine);
+  mcpu_lanes<Two> l = mcpu_exchange(mine, MCPU_SITE_ARGS);
   if (l.mask != 0xffffffffu) mcpu_fatal("simdgroup_matrix operation with inactive lanes (divergent control flow?)");
   for (int i = 0; i < 32; ++i) e[2 * i] = l.v[i].v[0], e[2 * i + 1] = l.v[i].v[1];
 }
 
 template <typename T, typename P>
 MCPU_INLINE void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
-                                ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+                                ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false, MCPU_SITE) {
   const uint lane = mcpu_lane_id();
   T v[2];
   for (int k = 0; k < 2; ++k) {
@@ -522,12 +528,12 @@ MCPU_INLINE void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P src, ulon
     const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
     v[k] = src[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col];
   }
-  mcpu_gather_matrix(d.e, v[0], v[1]);
+  mcpu_gather_matrix(d.e, v[0], v[1], MCPU_SITE_ARGS);
 }
 
 template <typename T, typename P>
 MCPU_INLINE void simdgroup_store(thread const simdgroup_matrix<T, 8, 8>& a, P dst, ulong elements_per_row = 8,
-                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false, MCPU_SITE) {
   const uint lane = mcpu_lane_id();
   for (int k = 0; k < 2; ++k) {
     const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
@@ -535,7 +541,7 @@ MCPU_INLINE void simdgroup_store(thread const simdgroup_matrix<T, 8, 8>& a, P ds
     dst[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col] = a.e[idx];
   }
   // The store is a simdgroup operation: every lane must take part.
-  mcpu_lanes<uint> l = mcpu_exchange(lane);
+  mcpu_lanes<uint> l = mcpu_exchange(lane, MCPU_SITE_ARGS);
   if (l.mask != 0xffffffffu) mcpu_fatal("simdgroup_store with inactive lanes (divergent control flow?)");
 }
 
@@ -544,7 +550,7 @@ template <typename TD, typename TA, typename TB, typename TC>
 MCPU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d,
                                                thread const simdgroup_matrix<TA, 8, 8>& a,
                                                thread const simdgroup_matrix<TB, 8, 8>& b,
-                                               thread const simdgroup_matrix<TC, 8, 8>& c) {
+                                               thread const simdgroup_matrix<TC, 8, 8>& c, MCPU_SITE) {
   const uint lane = mcpu_lane_id();
   TD v[2];
   for (int k = 0; k < 2; ++k) {
@@ -553,13 +559,13 @@ MCPU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>
     for (int i = 0; i < 8; ++i) s += (float)a.e[r * 8 + i] * (float)b.e[i * 8 + col];
     v[k] = (TD)s;
   }
-  mcpu_gather_matrix(d.e, v[0], v[1]);
+  mcpu_gather_matrix(d.e, v[0], v[1], MCPU_SITE_ARGS);
 }
 template <typename TD, typename TA, typename TB>
 MCPU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread const simdgroup_matrix<TA, 8, 8>& a,
-                                    thread const simdgroup_matrix<TB, 8, 8>& b) {
+                                    thread const simdgroup_matrix<TB, 8, 8>& b, MCPU_SITE) {
   simdgroup_matrix<TD, 8, 8> zero = make_filled_simdgroup_matrix<TD, 8, 8>(TD(0));
-  simdgroup_multiply_accumulate(d, a, b, zero);
+  simdgroup_multiply_accumulate(d, a, b, zero, MCPU_SITE_ARGS);
 }
 
 // ---- atomics ----------------------------------------------------------------------------------------------------

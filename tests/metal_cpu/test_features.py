@@ -1,0 +1,188 @@
+"""Each MSL feature the emulator supports, run on the CPU and checked against numpy / torch."""
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import metal_cpu
+
+KERNELS = Path(__file__).parent / "kernels"
+SCHEDULES = [dict(schedule="forward"), dict(schedule="reverse"), dict(schedule="random", seed=7)]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["precise", "fastmath"])
+def lib(request):
+    return metal_cpu.compile(KERNELS / "features.metal", fast_math=request.param)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_builtins(lib, sched):
+    grid, tpt = (3, 2, 2), (8, 4, 2)
+    threads = int(np.prod(tpt))
+    out = torch.zeros(int(np.prod(grid)) * threads * 16, dtype=torch.int32)
+    lib.dispatch("builtins", grid, tpt, buffers={0: out}, **sched)
+    got = out.view(-1, 16).numpy()
+    rows = []
+    for gz in range(grid[2]):
+        for gy in range(grid[1]):
+            for gx in range(grid[0]):
+                for t in range(threads):
+                    lx, ly, lz = t % tpt[0], t // tpt[0] % tpt[1], t // tpt[0] // tpt[1]
+                    rows.append([gx * tpt[0] + lx, gy * tpt[1] + ly, gz * tpt[2] + lz, lx, ly, lz, gx, gy, gz,
+                                 grid[0] * tpt[0], grid[1] * tpt[1], t, t // 32, t % 32, 32, (threads + 31) // 32])
+    np.testing.assert_array_equal(got, np.array(rows))
+
+
+def test_vectors(lib):
+    x = torch.randn(8, 4)
+    out, out_half, bits = torch.zeros(32, 4), torch.zeros(8, 4, dtype=torch.float16), torch.zeros(8, dtype=torch.int32)
+    lib.dispatch("vectors", (1, 1, 1), (8, 1, 1), buffers={0: x, 1: out, 2: out_half, 3: bits})
+    o = out.view(8, 4, 4)
+    torch.testing.assert_close(o[:, 0], x.flip(1), rtol=0, atol=0)
+    torch.testing.assert_close(o[:, 1], torch.stack([x[:, 0], x[:, 1], torch.full((8,), 7.0), x[:, 2]], 1), rtol=0, atol=0)
+    assert torch.all(o[:, 2] == 2.5)
+    w = torch.stack([x[:, 0], x[:, 0], -x[:, 3], x[:, 3]], 1) + torch.tensor([1.0, 2, 3, 4])
+    torch.testing.assert_close(o[:, 3], w, rtol=0, atol=0)
+    torch.testing.assert_close(out_half, x.half(), rtol=0, atol=0)
+    assert torch.equal(bits, x[:, 0].contiguous().view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype,kernel", [(torch.float16, "half_ops"), (torch.bfloat16, "bfloat_ops")])
+def test_per_operation_rounding(lib, dtype, kernel):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, generator=g).to(dtype), torch.randn(256, generator=g).to(dtype)
+    out = torch.zeros(256, dtype=dtype)
+    lib.dispatch(kernel, (1, 1, 1), (256, 1, 1), buffers={0: a, 1: b, 2: out})
+    # torch rounds every op to the dtype on CPU too: the result must match bit for bit.
+    x = a * b
+    x = x + a
+    x = x * torch.tensor(0.5, dtype=dtype) + torch.tensor(1.0, dtype=dtype)
+    assert torch.equal(out, x)
+    # and differ from doing it all in float then rounding once, for some element (rounding is really per op)
+    once = ((a.float() * b.float() + a.float()) * 0.5 + 1.0).to(dtype)
+    assert not torch.equal(out, once)
+
+
+def test_math(lib):
+    x = torch.linspace(-3, 3, 64)
+    out = torch.zeros(64 * 12)
+    lib.dispatch("math", (2, 1, 1), (32, 1, 1), buffers={0: x, 1: out})
+    o = out.view(64, 12)
+    expect = [torch.exp(x), torch.exp2(x), torch.log(x.abs() + 1), torch.tanh(x), x * 2 + 1, x.clamp(min=0.25),
+              x.clamp(max=0.25), x.clamp(-0.5, 0.5), x.abs(), torch.exp(x), torch.exp(x)]
+    for k, e in enumerate(expect):
+        torch.testing.assert_close(o[:, k], e, rtol=2e-6, atol=1e-6, msg=f"column {k}")
+    torch.testing.assert_close(o[:, 11], torch.exp(x.half()).float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_simd(lib, sched):
+    x = torch.randn(64)
+    out = torch.zeros(64 * 11)
+    lib.dispatch("simd_ops", (1, 1, 1), (64, 1, 1), buffers={0: x, 1: out}, **sched)
+    o, xs = out.view(2, 32, 11), x.view(2, 32)
+    lanes = torch.arange(32)
+    for s in range(2):
+        v = xs[s]
+        torch.testing.assert_close(o[s, :, 0], v.sum().expand(32), rtol=1e-6, atol=1e-6)
+        assert torch.all(o[s, :, 1] == v.max()) and torch.all(o[s, :, 2] == v.min())
+        assert torch.equal(o[s, :, 3], v[(lanes + 3) % 32])
+        assert torch.equal(o[s, :, 4], v[lanes ^ 5])
+        assert torch.equal(o[s, :, 5], torch.where(lanes + 4 < 32, v[(lanes + 4).clamp(max=31)], v))
+        assert torch.equal(o[s, :, 6], torch.where(lanes >= 4, v[(lanes - 4).clamp(min=0)], v))
+        assert torch.all(o[s, :, 7] == v[7])
+        torch.testing.assert_close(o[s, :, 8], v.cumsum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o[s, :, 9], v.cumsum(0) - v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o[s, :8, 10], v[:8].sum().expand(8), rtol=1e-6, atol=1e-6)
+        assert torch.all(o[s, 8:, 10] == 0)
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+@pytest.mark.parametrize("threads", [32, 96, 256, 1024])
+def test_threadgroup_reduce(lib, sched, threads):
+    x = torch.randn(3 * threads)
+    out = torch.zeros(3)
+    lib.dispatch("reduce", (3, 1, 1), (threads, 1, 1), buffers={0: x, 1: out}, threadgroup_memory={0: 32 * 4}, **sched)
+    torch.testing.assert_close(out, x.view(3, threads).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_simdgroup_barrier_orders_lanes(lib):
+    x, out = torch.randn(32), torch.zeros(32)
+    lib.dispatch("simd_exchange_tg", (1, 1, 1), (32, 1, 1), buffers={0: x, 1: out})
+    assert torch.equal(out, x[torch.arange(32) ^ 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transpose", [0, 1])
+def test_simdgroup_matrix(lib, dtype, transpose):
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(8, 8, generator=g).to(dtype) for _ in range(3))
+    out = c.clone()
+    name = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}[dtype]
+    stats = lib.dispatch(f"matmul8_{name}", (1, 1, 1), (32, 1, 1),
+                         buffers={0: a, 1: b, 2: out}, bytes={3: np.uint32(transpose)})
+    aa = a.double().T if transpose else a.double()
+    ref = (aa @ b.double() + c.double()).to(dtype)
+    tol = 0 if dtype == torch.float32 else 1
+    assert (out.double() - ref.double()).abs().max() <= tol * ref.double().abs().max() * 2 ** -7 + 1e-5
+    # Each element of A and C is read once by one lane (not 32 times), as on the GPU.
+    assert stats.loaded[0] == 64 * a.element_size()
+    assert stats.stored[2] == 64 * a.element_size()
+
+
+def test_simdgroup_matrix_origin(lib):
+    a, b = torch.randn(16, 16), torch.randn(16, 16)
+    c = torch.zeros(16, 16)
+    lib.dispatch("matmul_origin", (1, 1, 1), (32, 1, 1), buffers={0: a, 1: b, 2: c})
+    torch.testing.assert_close(c[8:, 8:], a[8:, :] @ b[:, 8:], rtol=1e-5, atol=1e-5)
+    assert torch.all(c[:8] == 0) and torch.all(c[:, :8] == 0)
+
+
+def test_function_constants(lib):
+    out = torch.zeros(8)
+    lib.dispatch("function_constants", (1, 1, 1), (8, 1, 1), buffers={0: out},
+                 constants={0: True, 1: 2.5, 2: ("int", -3)})
+    torch.testing.assert_close(out, torch.arange(8.0) * 2.5 - 3)
+    lib.dispatch("function_constants", (1, 1, 1), (8, 1, 1), buffers={0: out}, constants={0: False})
+    torch.testing.assert_close(out, torch.arange(8.0))
+
+
+def test_atomics(lib):
+    counter, fsum, per_tg = torch.zeros(1, dtype=torch.int32), torch.zeros(1), torch.zeros(4, dtype=torch.int32)
+    lib.dispatch("atomics", (4, 1, 1), (64, 1, 1), buffers={0: counter, 1: fsum, 2: per_tg})
+    assert counter.item() == 256 and fsum.item() == 128.0
+    assert torch.all(per_tg == 63)
+
+
+def test_limits(lib):
+    out = torch.zeros(4)
+    lib.dispatch("limits", (1, 1, 1), (1, 1, 1), buffers={0: out})
+    assert out[0] == torch.finfo(torch.float32).max and out[1] == -torch.finfo(torch.float32).max
+    assert out[2] == 65504.0
+    if "fastmath" not in str(lib.path):  # under fast math infinity is not a value to rely on (as in Metal)
+        assert torch.isinf(out[3])
+
+
+def test_templates_and_threadgroup_memory():
+    lib = metal_cpu.compile(KERNELS / "smoke.metal")
+    for name, dtype in [("tg_reverse_float", torch.float32), ("tg_reverse_half", torch.float16)]:
+        x = torch.randn(256).to(dtype)
+        y = torch.zeros_like(x)
+        lib.dispatch(name, (2, 1, 1), (128, 1, 1), buffers={0: x, 1: y}, schedule="reverse")
+        assert torch.equal(y.view(2, 128), x.view(2, 128).flip(1))
+
+
+class AddParams(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_uint32), ("scale", ctypes.c_float)]
+
+
+def test_set_bytes_and_offsets():
+    lib = metal_cpu.compile(KERNELS / "smoke.metal")
+    a, out = torch.arange(12, dtype=torch.float32), torch.zeros(12)
+    stats = lib.dispatch("add_scaled", (1, 1, 1), (32, 1, 1), buffers={0: (a, 8), 1: out}, bytes={2: AddParams(10, 2.0)})
+    torch.testing.assert_close(out[:10], a[2:12] * 2 + 1)
+    assert torch.all(out[10:] == 0)
+    assert stats.loaded[0] == 40 and stats.stored[1] == 40 and stats.threadgroups == 1
