@@ -300,11 +300,11 @@ void check_device_access(uintptr_t a, uint32_t n, bool store, void* pc) {
   const Slot* after = lo < slots.size() ? &slots[lo] : nullptr;
   std::string what;
   if (before && a < before->hi + kGuard) {
-    what = format("%lu bytes past the end of buffer %u (%lu bytes long)", (unsigned long)(a + n - before->hi),
-                  before->index, (unsigned long)(before->hi - before->lo));
+    what = format("byte offset %ld of buffer %u (%lu bytes long)", (long)(a - before->lo), before->index,
+                  (unsigned long)(before->hi - before->lo));
   } else if (after && a + kGuard >= after->lo) {
-    what = format("%lu bytes before the start of buffer %u (%lu bytes long)", (unsigned long)(after->lo - a),
-                  after->index, (unsigned long)(after->hi - after->lo));
+    what = format("byte offset -%lu of buffer %u (%lu bytes long)", (unsigned long)(after->lo - a), after->index,
+                  (unsigned long)(after->hi - after->lo));
   } else {
     what = "an address outside every bound buffer";
   }

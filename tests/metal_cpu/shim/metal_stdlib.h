@@ -23,11 +23,11 @@
 
 #ifdef MCPU_ADDRESS_SPACES
 #define device __attribute__((address_space(1)))
-#define constant __attribute__((address_space(2)))
+#define constant const __attribute__((address_space(2)))
 #define threadgroup __attribute__((address_space(3)))
 #else
 #define device
-#define constant
+#define constant const
 #define threadgroup
 #endif
 #define thread

@@ -1,0 +1,130 @@
+// Kernels with one planted bug each (and a correct twin where useful): the emulator must report every bug, with
+// the .metal line. tests/metal_cpu/test_bug_detection.py relies on the line numbers marked BUG.
+#include <metal_stdlib>
+using namespace metal;
+
+kernel void missing_barrier(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                            uint tid [[thread_index_in_threadgroup]], uint n [[threads_per_threadgroup]]) {
+  threadgroup float tile[256];
+  tile[tid] = in[tid];
+  out[tid] = tile[n - 1 - tid];  // BUG: missing_barrier
+}
+
+kernel void barrier_ok(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                       uint tid [[thread_index_in_threadgroup]], uint n [[threads_per_threadgroup]]) {
+  threadgroup float tile[256];
+  tile[tid] = in[tid];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tile[n - 1 - tid];
+}
+
+// A barrier without mem_threadgroup does not order threadgroup memory.
+kernel void barrier_without_memory_flag(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                                        uint tid [[thread_index_in_threadgroup]], uint n [[threads_per_threadgroup]]) {
+  threadgroup float tile[256];
+  tile[tid] = in[tid];
+  threadgroup_barrier(mem_flags::mem_none);
+  out[tid] = tile[n - 1 - tid];  // BUG: barrier_without_memory_flag
+}
+
+// Write-after-read: the tile is overwritten while other threads may still read it.
+kernel void missing_second_barrier(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                                   uint tid [[thread_index_in_threadgroup]], uint n [[threads_per_threadgroup]]) {
+  threadgroup float tile[256];
+  float acc = 0.0f;
+  for (uint step = 0; step < 2; ++step) {
+    tile[tid] = in[step * n + tid];  // BUG: missing_second_barrier
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    acc += tile[(tid + 1) % n];
+  }
+  out[tid] = acc;
+}
+
+kernel void simd_lanes_race(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                            uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float buf[32];
+  buf[lane] = in[lane];
+  out[lane] = buf[lane ^ 1];  // BUG: simd_lanes_race
+}
+
+kernel void uninitialised_read(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float tile[64];
+  if (tid < 32) tile[tid] = 1.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tile[63 - tid];  // BUG: uninitialised_read
+}
+
+kernel void overrun_read(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                         uint gid [[thread_position_in_grid]]) {
+  out[gid] = in[gid + 1];  // BUG: overrun_read
+}
+
+kernel void overrun_write(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                          uint gid [[thread_position_in_grid]]) {
+  out[gid + 3] = in[gid];  // BUG: overrun_write
+}
+
+kernel void underrun_read(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                          uint gid [[thread_position_in_grid]]) {
+  out[gid] = in[int(gid) - 2];  // BUG: underrun_read
+}
+
+// An index taken from the data (like a garbage block id) that lands far outside every buffer.
+kernel void wild_index(device const int* index [[buffer(0)]], device const float* in [[buffer(1)]],
+                       device float* out [[buffer(2)]], uint gid [[thread_position_in_grid]]) {
+  out[gid] = in[index[gid] * 1000003];  // BUG: wild_index
+}
+
+kernel void barrier_skipped(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float tile[64];
+  if (tid >= 48) return;  // BUG: barrier_skipped (these threads never reach the barrier below)
+  tile[tid] = 1.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tile[tid];
+}
+
+kernel void divergent_barrier(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float tile[64];
+  tile[tid] = float(tid);
+  if (tid % 2 == 0) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // BUG: divergent_barrier
+    out[tid] = tile[tid ^ 1];
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    out[tid] = tile[tid ^ 1];
+  }
+}
+
+kernel void deadlock(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup atomic_int flag;
+  if (tid == 0) atomic_store_explicit(&flag, 0, memory_order_relaxed);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    while (atomic_load_explicit(&flag, memory_order_relaxed) == 0) {  // BUG: deadlock (set after a barrier)
+    }
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 1) atomic_store_explicit(&flag, 1, memory_order_relaxed);
+  out[tid] = 1.0f;
+}
+
+kernel void too_much_threadgroup_memory(device float* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float big[6000];
+  threadgroup float more[4000];  // BUG: too_much_threadgroup_memory (40 KB > 32 KB)
+  big[tid] = 1.0f;
+  more[tid] = 2.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = big[tid] + more[tid];
+}
+
+[[max_total_threads_per_threadgroup(64)]] kernel void limited_threads(device float* out [[buffer(0)]],
+                                                                        uint tid [[thread_index_in_threadgroup]]) {
+  out[tid] = 1.0f;
+}
+
+kernel void divergent_matrix(device const float* a [[buffer(0)]], device float* c [[buffer(1)]],
+                             uint lane [[thread_index_in_simdgroup]]) {
+  simdgroup_float8x8 m;
+  if (lane < 16) simdgroup_load(m, a);  // BUG: divergent_matrix
+  simdgroup_store(m, c);
+}

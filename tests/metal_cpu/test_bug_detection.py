@@ -1,0 +1,172 @@
+"""Planted bugs: the emulator must report each one with the .metal file and line, in every schedule."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import metal_cpu
+
+KERNELS = Path(__file__).parent / "kernels"
+SOURCE = KERNELS / "planted_bugs.metal"
+SCHEDULES = [dict(schedule="forward"), dict(schedule="reverse"), dict(schedule="random", seed=3)]
+
+
+def bug_line(tag: str) -> int:
+    for i, line in enumerate(SOURCE.read_text().splitlines(), 1):
+        if f"BUG: {tag}" in line:
+            return i
+    raise KeyError(tag)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return metal_cpu.compile(SOURCE)
+
+
+def expect_error(lib, kernel, pattern, tag=None, **kw):
+    with pytest.raises(metal_cpu.MetalCPUError) as e:
+        lib.dispatch(kernel, **kw)
+    msg = str(e.value)
+    assert re.search(pattern, msg), msg
+    if tag:
+        assert f"planted_bugs.metal:{bug_line(tag)}" in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_missing_barrier_is_a_race(lib, sched):
+    x, y = torch.randn(64), torch.zeros(64)
+    # Depending on the schedule the reader comes before the writer (uninitialised) or after it (race).
+    expect_error(lib, "missing_barrier", r"threadgroup memory race \(read after write|uninitialised threadgroup",
+                 "missing_barrier", threadgroups=(1, 1, 1), threads_per_threadgroup=(64, 1, 1),
+                 buffers={0: x, 1: y}, **sched)
+    assert torch.all(y == 0), "a failed dispatch leaves its buffers as they were"
+    lib.dispatch("barrier_ok", (1, 1, 1), (64, 1, 1), buffers={0: x, 1: y}, **sched)
+    assert torch.equal(y, x.flip(0))
+
+
+def test_races_are_not_checked_when_disabled(lib):
+    # Poisoned threadgroup memory still shows the bug as garbage when the detector is off.
+    x, y = torch.randn(64), torch.zeros(64)
+    lib.dispatch("missing_barrier", (1, 1, 1), (64, 1, 1), buffers={0: x, 1: y}, check_races=False)
+    assert torch.isnan(y).any()
+
+
+def test_barrier_without_threadgroup_flag(lib):
+    x, y = torch.randn(64), torch.zeros(64)
+    expect_error(lib, "barrier_without_memory_flag", r"race", "barrier_without_memory_flag",
+                 threadgroups=(1, 1, 1), threads_per_threadgroup=(64, 1, 1), buffers={0: x, 1: y})
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_write_after_read(lib, sched):
+    x, y = torch.randn(128), torch.zeros(64)
+    msg = expect_error(lib, "missing_second_barrier", r"threadgroup memory race \((write after read|read after write)",
+                       threadgroups=(1, 1, 1), threads_per_threadgroup=(64, 1, 1), buffers={0: x, 1: y}, **sched)
+    line = bug_line("missing_second_barrier")
+    assert f"planted_bugs.metal:{line}" in msg or f"planted_bugs.metal:{line + 2}" in msg, msg
+
+
+def test_simd_lanes_need_simdgroup_barrier(lib):
+    x, y = torch.randn(32), torch.zeros(32)
+    expect_error(lib, "simd_lanes_race", r"race", "simd_lanes_race", threadgroups=(1, 1, 1),
+                 threads_per_threadgroup=(32, 1, 1), buffers={0: x, 1: y})
+
+
+def test_uninitialised_threadgroup_read(lib):
+    expect_error(lib, "uninitialised_read", r"uninitialised threadgroup memory", "uninitialised_read",
+                 threadgroups=(1, 1, 1), threads_per_threadgroup=(64, 1, 1), buffers={0: torch.zeros(64)})
+
+
+@pytest.mark.parametrize("kernel,pattern", [
+    ("overrun_read", r"device memory overrun: read of 4 bytes at byte offset 256 of buffer 0 \(256 bytes long\)"),
+    ("overrun_write", r"device memory overrun: write of 4 bytes at byte offset 2(56|60|64) of buffer 1"),
+    ("underrun_read", r"device memory overrun: read of 4 bytes at byte offset -(8|4) of buffer 0"),
+])
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_device_overrun(lib, kernel, pattern, sched):
+    x, y = torch.randn(64), torch.zeros(64)
+    msg = expect_error(lib, kernel, pattern, kernel, threadgroups=(2, 1, 1), threads_per_threadgroup=(32, 1, 1),
+                       buffers={0: x, 1: y}, **sched)
+    assert re.search(r"by thread \d+ \(simdgroup \d+, lane \d+\) of threadgroup \(\d,0,0\)", msg), msg
+    assert torch.all(y == 0)
+
+
+def test_wild_index(lib):
+    idx = torch.tensor([0, 5000, 1, 2], dtype=torch.int32)
+    expect_error(lib, "wild_index", r"outside every bound buffer|past the end", "wild_index",
+                 threadgroups=(1, 1, 1), threads_per_threadgroup=(4, 1, 1),
+                 buffers={0: idx, 1: torch.zeros(16), 2: torch.zeros(4)})
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_barrier_skipped(lib, sched):
+    msg = expect_error(lib, "barrier_skipped", r"barrier skipped", threadgroups=(1, 1, 1),
+                       threads_per_threadgroup=(64, 1, 1), buffers={0: torch.zeros(64)}, **sched)
+    assert "planted_bugs.metal" in msg
+
+
+def test_divergent_barrier(lib):
+    msg = expect_error(lib, "divergent_barrier", r"divergent barrier", threadgroups=(1, 1, 1),
+                       threads_per_threadgroup=(64, 1, 1), buffers={0: torch.zeros(64)})
+    assert f"planted_bugs.metal:{bug_line('divergent_barrier')}" in msg
+    assert f"planted_bugs.metal:{bug_line('divergent_barrier') + 3}" in msg
+
+
+def test_deadlock(lib):
+    expect_error(lib, "deadlock", r"deadlock", threadgroups=(1, 1, 1), threads_per_threadgroup=(32, 1, 1),
+                 buffers={0: torch.zeros(32)})
+
+
+def test_threadgroup_memory_limit(lib):
+    expect_error(lib, "too_much_threadgroup_memory", r"limit 32 KB", "too_much_threadgroup_memory",
+                 threadgroups=(1, 1, 1), threads_per_threadgroup=(32, 1, 1), buffers={0: torch.zeros(32)})
+
+
+def test_max_total_threads(lib):
+    expect_error(lib, "limited_threads", r"exceed the kernel's max_total_threads_per_threadgroup\(64\)",
+                 threadgroups=(1, 1, 1), threads_per_threadgroup=(128, 1, 1), buffers={0: torch.zeros(128)})
+    lib.dispatch("limited_threads", (2, 1, 1), (64, 1, 1), buffers={0: torch.zeros(128)})
+
+
+def test_divergent_simdgroup_matrix(lib):
+    expect_error(lib, "divergent_matrix", r"simdgroup_matrix operation with inactive lanes", "divergent_matrix",
+                 threadgroups=(1, 1, 1), threads_per_threadgroup=(32, 1, 1),
+                 buffers={0: torch.zeros(64), 1: torch.zeros(64)})
+
+
+def test_missing_binding(lib):
+    expect_error(lib, "overrun_read", r"nothing bound at buffer\(1\) \(parameter 'out'\)", threadgroups=(1, 1, 1),
+                 threads_per_threadgroup=(1, 1, 1), buffers={0: torch.zeros(4)})
+
+
+# ---- what the compiler rejects, as Metal would (or where clang's meaning would differ from MSL's) ----------------
+BAD_SOURCES = {
+    "address_space_mix": ("""
+inline float first(threadgroup const float* p) { return p[0]; }
+kernel void k(device const float* in [[buffer(0)]], device float* out [[buffer(1)]]) { out[0] = first(in); }
+""", r"address-space check .* failed"),
+    "write_through_constant": ("""
+kernel void k(constant float* p [[buffer(0)]], device float* out [[buffer(1)]]) { p[0] = 1.0f; out[0] = p[1]; }
+""", r"address-space check .* failed"),
+    "c_style_vector_cast": ("""
+kernel void k(device const half4* in [[buffer(0)]], device float4* out [[buffer(1)]]) { out[0] = (float4)in[0]; }
+""", r"C-style cast to float4"),
+    "thread_elements": ("""
+kernel void k(device float* out [[buffer(0)]]) { simdgroup_float8x8 m; out[0] = m.thread_elements()[0]; }
+""", r"thread_elements\(\) is not supported"),
+    "unbound_parameter": ("""
+kernel void k(device float* out) { out[0] = 1.0f; }
+""", r"kernel parameter 'out' has no supported attribute"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SOURCES))
+def test_compile_rejects(tmp_path, name):
+    body, pattern = BAD_SOURCES[name]
+    src = tmp_path / f"{name}.metal"
+    src.write_text("#include <metal_stdlib>\nusing namespace metal;\n" + body)
+    with pytest.raises(metal_cpu.MetalCompileError, match=pattern):
+        metal_cpu.compile(src)
