@@ -79,7 +79,7 @@ KEEP_ATTRIBUTES = {"maybe_unused", "likely", "unlikely", "fallthrough", "nodisca
 class Param:
     name: str
     kind: str  # "buffer" | "threadgroup" | builtin name
-    index: int = 0
+    index: str = "0"  # a C++ constant expression: a literal or a named constant from a params header
 
 
 @dataclass
@@ -170,11 +170,11 @@ def _parse_params(plist: str, where: str) -> List[Param]:
         kind = None
         for a in attrs:
             a = a.strip()
-            mb = re.fullmatch(r"(buffer|threadgroup)\s*\(\s*(\d+)\s*\)", a)
+            mb = re.fullmatch(r"(buffer|threadgroup)\s*\((.+)\)", a, re.S)
             if mb:
-                kind, index = mb.group(1), int(mb.group(2))
+                kind, index = mb.group(1), " ".join(mb.group(2).split())
             elif a in BUILTINS:
-                kind, index = a, 0
+                kind, index = a, "0"
         if kind is None:
             raise MetalCompileError(f"{where}: kernel parameter '{name}' has no supported attribute "
                                     f"([[buffer(i)]], [[threadgroup(i)]] or a position builtin)")
@@ -200,8 +200,8 @@ def prepass(text: str) -> Prepassed:
 
     # Function constants.
     fcs = []
-    for m in re.finditer(r"\bconstant\s+(\w+)\s+(\w+)\s*\[\[\s*function_constant\s*\(\s*(\d+)\s*\)\s*\]\]\s*;", text):
-        ty, name, idx = m.group(1), m.group(2), int(m.group(3))
+    for m in re.finditer(r"\bconstant\s+(\w+)\s+(\w+)\s*\[\[\s*function_constant\s*\((.+?)\)\s*\]\]\s*;", text):
+        ty, name, idx = m.group(1), m.group(2), " ".join(m.group(3).split())
         if ty not in FC_TYPES:
             raise MetalCompileError(f"{src.where(m.start())}: function constant type {ty} not supported")
         fcs.append((ty, name, idx))
@@ -309,7 +309,7 @@ def prepass(text: str) -> Prepassed:
                 args.append(f"mcpu_builtin<{ptype}>(a->{BUILTINS[p.kind]})")
         gen.append(f"static void mcpu_entry_{i}(const mcpu_thread_args* a) {{ {callee}({', '.join(args)}); }}")
         pinfo = ", ".join(
-            f'{{{0 if p.kind == "buffer" else 1 if p.kind == "threadgroup" else 2}, {p.index}, "{p.name}"}}'
+            f'{{{0 if p.kind == "buffer" else 1 if p.kind == "threadgroup" else 2}, (uint32_t)({p.index}), "{p.name}"}}'
             for p in kd.params)
         pinfo = pinfo or '{2, 0, ""}'
         gen.append(f"static const mcpu_param_info mcpu_params_{i}[] = {{ {pinfo} }};")
@@ -319,7 +319,7 @@ def prepass(text: str) -> Prepassed:
     cases = []
     for ty, name, idx in fcs:
         cast = {"bool": "bits != 0", "int": "(int)bits", "uint": "bits", "float": "__builtin_bit_cast(float, bits)"}[ty]
-        cases.append(f"if (index == {idx}) {{ if (type != {FC_TYPES[ty]}) return -2; {name} = {cast}; "
+        cases.append(f"if (index == (uint32_t)({idx})) {{ if (type != {FC_TYPES[ty]}) return -2; {name} = {cast}; "
                      f"mcpu_fc_defined_{name} = true; return 0; }}")
     resets = " ".join(f"{name} = {ty}(); mcpu_fc_defined_{name} = false;" for ty, name, _ in fcs)
     gen.append("static int mcpu_set_fc(uint32_t index, uint32_t type, uint32_t bits) {"

@@ -151,11 +151,13 @@ kernel void matmul_origin(device const float* a [[buffer(0)]], device const floa
   simdgroup_store(acc, c, 16, ulong2(8, 8));
 }
 
-// Function constants, read at run time.
-constant bool use_scale [[function_constant(0)]];
+// Function constants, read at run time; indices may be named constants (as in a shared params header).
+enum FeatureConstant : uint { kUseScale = 0 };
+constant bool use_scale [[function_constant(kUseScale)]];
 constant float scale_value [[function_constant(1)]];
 constant int offset_value [[function_constant(2)]];
-kernel void function_constants(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+constexpr constant uint kOutBuffer = 0;
+kernel void function_constants(device float* out [[buffer(kOutBuffer)]], uint i [[thread_position_in_grid]]) {
   float v = float(i);
   if (use_scale) v *= scale_value;
   if (is_function_constant_defined(offset_value)) v += float(offset_value);
