@@ -1,0 +1,89 @@
+"""Test setup: the kernel is loaded the way users load it, kernels.get_kernel, from this checkout's build/.
+
+On a Mac the tests run the kernel-builder build on MPS; on Linux they run the emulated build (scripts/setup.sh
+builds it) whose .metal kernels execute on the CPU through tests/metal_cpu.
+
+Options: `--full` (or METAL_FLASH_SDPA_FULL=1) runs the whole test matrix; by default a subset runs, and
+`-m kernels_ci` selects the cheap CI subset only.
+"""
+
+import ctypes
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO_ID = "kernels-community/metal-flash-sdpa"
+KERNEL_VERSION = 2  # build.toml [general] version
+
+# Before huggingface_hub is imported: HF_HUB_OFFLINE is read once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("LOCAL_KERNELS", f"{REPO_ID}={ROOT}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False, help="run the full test matrix (slow)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernels_ci: the cheap subset CI runs (under a minute)")
+    config.addinivalue_line("markers", "full: part of the full matrix only (--full or METAL_FLASH_SDPA_FULL=1)")
+
+
+def full_matrix(config) -> bool:
+    return config.getoption("--full") or os.environ.get("METAL_FLASH_SDPA_FULL", "0") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if full_matrix(config):
+        return
+    # Deselected rather than skipped: 16k skips would drown the report.
+    kept = [item for item in items if "full" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "full" in item.keywords])
+        items[:] = kept
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    import kernels
+
+    try:
+        return kernels.get_kernel(REPO_ID, version=KERNEL_VERSION)
+    except FileNotFoundError as e:
+        pytest.exit(f"no build of {REPO_ID} for this system in {ROOT / 'build'}: run `bash scripts/setup.sh`\n{e}", 2)
+
+
+class _Options(ctypes.Structure):
+    _fields_ = [("schedule", ctypes.c_uint32), ("seed", ctypes.c_uint64), ("check_races", ctypes.c_uint32)]
+
+
+@pytest.fixture
+def emulator(kernel):
+    """Sets the Metal-on-CPU runtime options of the loaded emulated build: emulator(schedule=..., check_races=...),
+    restored after the test. Skips on a Mac (real Metal)."""
+    if torch.backends.mps.is_available():
+        pytest.skip("real Metal: no emulator")
+    lib_path = Path(kernel.__file__).parent / "libmetal_cpu.so"
+    lib = ctypes.CDLL(str(lib_path))  # the instance the extension already loaded (same soname)
+    lib.mcpu_get_options.argtypes = [ctypes.POINTER(_Options)]
+    lib.mcpu_set_options.argtypes = [ctypes.POINTER(_Options)]
+    saved = _Options()
+    lib.mcpu_get_options(ctypes.byref(saved))
+    schedules = {"forward": 0, "reverse": 1, "random": 2}
+
+    def set_options(schedule="forward", seed=0, check_races=False):
+        lib.mcpu_set_options(ctypes.byref(_Options(schedules[schedule], seed, int(check_races))))
+
+    yield set_options
+    lib.mcpu_set_options(ctypes.byref(saved))
