@@ -13,7 +13,7 @@ using namespace metal;
 using namespace flash_sdpa::paged;
 
 template <typename T>
-[[kernel, max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_WRITE_THREADS)]] void kv_paged_write(
+[[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_WRITE_THREADS)]] kernel void kv_paged_write(
     device const T* k_new [[buffer(FLASH_SDPA_WRITE_BUF_K_NEW)]],
     device const T* v_new [[buffer(FLASH_SDPA_WRITE_BUF_V_NEW)]],
     device T* k_cache [[buffer(FLASH_SDPA_WRITE_BUF_K_CACHE)]],

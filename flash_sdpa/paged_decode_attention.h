@@ -25,9 +25,9 @@ namespace paged {
 #define FLASH_SDPA_NEG_BIG (-1.0e30f)
 #define FLASH_SDPA_NEG_HALF (-0.5e30f)
 
-inline float neg_inf_bits() {
-  return as_type<float>(0xff800000u);  // -inf stored, never computed with
-}
+// The LSE buffers are bound as uint: -inf is stored as its bit pattern, so no inf value ever exists in the kernel
+// (fast math may assume none does and fold it away).
+#define FLASH_SDPA_NEG_INF_BITS 0xff800000u
 
 // softcap * tanh(s / softcap), with the tanh argument clamped so that a fast-math tanh cannot produce inf / inf.
 inline float apply_softcap(float s, float softcap) {
@@ -46,14 +46,14 @@ constant bool fc_combine_write_lse [[function_constant(FLASH_SDPA_FC_COMBINE_WRI
 constant bool fc_combine_sinks [[function_constant(FLASH_SDPA_FC_COMBINE_SINKS)]];
 
 template <typename T, int D>
-[[kernel, max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_DECODE_THREADS)]] void paged_decode_attention(
+[[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_DECODE_THREADS)]] kernel void paged_decode_attention(
     device const T* q [[buffer(FLASH_SDPA_DECODE_BUF_Q)]],
     device const T* k_cache [[buffer(FLASH_SDPA_DECODE_BUF_K_CACHE)]],
     device const T* v_cache [[buffer(FLASH_SDPA_DECODE_BUF_V_CACHE)]],
     device const int* block_table [[buffer(FLASH_SDPA_DECODE_BUF_BLOCK_TABLE)]],
     device const int* cache_seqlens [[buffer(FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS)]],
     device T* out [[buffer(FLASH_SDPA_DECODE_BUF_OUT)]],
-    device float* lse [[buffer(FLASH_SDPA_DECODE_BUF_LSE)]],
+    device uint* lse [[buffer(FLASH_SDPA_DECODE_BUF_LSE)]],  // float bits
     device const float* alibi [[buffer(FLASH_SDPA_DECODE_BUF_ALIBI)]],
     device const float* sinks [[buffer(FLASH_SDPA_DECODE_BUF_SINKS)]],
     device float* o_partial [[buffer(FLASH_SDPA_DECODE_BUF_O_PARTIAL)]],
@@ -303,7 +303,7 @@ template <typename T, int D>
       // out (B, sq, H, D = 1), contiguous
       out[((long(b) * sq + i) * p.num_heads + h) * D + d] = seen ? T(acc_tg[idx] * scale_o / sum) : T(0.0f);
       if (fc_decode_write_lse && d == 0) {
-        lse[row] = seen ? mx + log(sum) : neg_inf_bits();
+        lse[row] = seen ? as_type<uint>(mx + log(sum)) : FLASH_SDPA_NEG_INF_BITS;
       }
     }
   }
@@ -311,12 +311,12 @@ template <typename T, int D>
 
 // Combines split-K partials: one simdgroup per output row (b, h, i), lanes over D.
 template <typename T>
-[[kernel, max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_COMBINE_THREADS)]] void paged_decode_combine(
+[[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_COMBINE_THREADS)]] kernel void paged_decode_combine(
     device const float* o_partial [[buffer(FLASH_SDPA_COMBINE_BUF_O_PARTIAL)]],
     device const float* ml_partial [[buffer(FLASH_SDPA_COMBINE_BUF_ML_PARTIAL)]],
     device const float* sinks [[buffer(FLASH_SDPA_COMBINE_BUF_SINKS)]],
     device T* out [[buffer(FLASH_SDPA_COMBINE_BUF_OUT)]],
-    device float* lse [[buffer(FLASH_SDPA_COMBINE_BUF_LSE)]],
+    device uint* lse [[buffer(FLASH_SDPA_COMBINE_BUF_LSE)]],  // float bits
     constant flash_sdpa::paged::PagedCombineParams& p [[buffer(FLASH_SDPA_COMBINE_BUF_PARAMS)]],
     uint tgid [[threadgroup_position_in_grid]],
     uint sg [[simdgroup_index_in_threadgroup]],
@@ -365,6 +365,6 @@ template <typename T>
     out[((b * p.seqlen_q + i) * p.num_heads + h) * D + d] = seen ? T(acc * scale_o / sum) : T(0.0f);
   }
   if (fc_combine_write_lse && lane == 0) {
-    lse[row] = seen ? mx + log(sum) : neg_inf_bits();
+    lse[row] = seen ? as_type<uint>(mx + log(sum)) : FLASH_SDPA_NEG_INF_BITS;
   }
 }

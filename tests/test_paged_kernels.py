@@ -1,0 +1,476 @@
+"""The paged KV-cache kernels (kv_paged_write, paged_decode_attention, paged_decode_combine), driven directly
+through the Metal-on-CPU emulator against a float64 reference.
+
+Parameters are packed by a ctypes mirror of flash_sdpa/paged_params.h (sizes checked against its static_asserts);
+the supported dtypes / head dims come from the header's lists. The package-level API is tested in test_kvcache.py.
+"""
+
+import ctypes
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import metal_cpu  # noqa: E402
+
+ROOT = TESTS.parent
+FS = ROOT / "flash_sdpa"
+HEADER = (FS / "paged_params.h").read_text()
+FULL = os.environ.get("METAL_FLASH_SDPA_FULL_GRID", "0") == "1"
+
+
+# ---- the header: supported configurations, indices, layout -------------------------------------------------------
+
+
+def _macro_body(name):
+    m = re.search(r"#define " + name + r"\([^)]*\)((?:[^\n]*\\\n)*[^\n]*)", HEADER)
+    assert m, name
+    return m.group(1)
+
+
+def _define(name):
+    m = re.search(r"#define " + name + r"\s+(\d+)", HEADER)
+    assert m, name
+    return int(m.group(1))
+
+
+def _enum(name):
+    m = re.search(r"\b" + name + r"\s*=\s*(\w+)", HEADER)
+    assert m, name
+    v = m.group(1)
+    return int(v) if v.isdigit() else _define(v)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = [n for _, n in re.findall(r"X\((\w+), (\w+)\)", _macro_body("FLASH_SDPA_PAGED_DTYPES"))]
+HEAD_DIMS = [int(d) for d in re.findall(r"X\((\d+),", _macro_body("FLASH_SDPA_PAGED_HEAD_DIMS"))]
+_rows = re.search(r"#define FLASH_SDPA_PAGED_ROWS\(D\) \(\(D\) <= (\d+) \? (\d+) : (\d+)\)", HEADER)
+WRITE_THREADS = _define("FLASH_SDPA_PAGED_WRITE_THREADS")
+DECODE_THREADS = _define("FLASH_SDPA_PAGED_DECODE_THREADS")
+COMBINE_THREADS = _define("FLASH_SDPA_PAGED_COMBINE_THREADS")
+COMBINE_SIMDGROUPS = _enum("kCombineSimdgroups")
+MAX_SPLITS = _enum("kMaxSplits")
+B = {k: _define(k) for k in re.findall(r"#define (FLASH_SDPA_(?:WRITE|DECODE|COMBINE)_BUF_\w+)", HEADER)}
+FC = {k: _define(k) for k in re.findall(r"#define (FLASH_SDPA_FC_\w+)", HEADER)}
+
+
+def rows_per_threadgroup(d):
+    return int(_rows.group(2)) if d <= int(_rows.group(1)) else int(_rows.group(3))
+
+
+i64, i32, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_float
+
+
+class KVPagedWriteParams(ctypes.Structure):
+    _fields_ = [(n, i64) for n in ("new_stride_b", "new_stride_s", "new_stride_h", "cache_stride_block",
+                                   "cache_stride_slot", "cache_stride_h", "block_table_stride_b")] + \
+               [(n, i32) for n in ("batch", "seqlen_new", "num_kv_heads", "head_dim", "block_size", "num_blocks",
+                                   "max_blocks_per_seq", "pad0")]
+
+
+class PagedDecodeParams(ctypes.Structure):
+    _fields_ = [(n, i64) for n in ("q_stride_b", "q_stride_s", "q_stride_h", "k_stride_block", "k_stride_slot",
+                                   "k_stride_h", "v_stride_block", "v_stride_slot", "v_stride_h",
+                                   "block_table_stride_b")] + \
+               [(n, i32) for n in ("batch", "seqlen_q", "num_heads", "num_kv_heads", "head_dim", "row_blocks",
+                                   "block_size", "num_blocks", "max_blocks_per_seq", "seqlen_new", "num_splits",
+                                   "window_left", "window_right", "alibi_stride_b")] + \
+               [("scale", f32), ("softcap", f32)]
+
+
+class PagedCombineParams(ctypes.Structure):
+    _fields_ = [(n, i32) for n in ("batch", "seqlen_q", "num_heads", "head_dim", "num_splits", "pad0")]
+
+
+def test_param_layout_matches_header():
+    for cls in (KVPagedWriteParams, PagedDecodeParams, PagedCombineParams):
+        m = re.search(r"sizeof\(" + cls.__name__ + r"\) == (\d+)", HEADER)
+        assert ctypes.sizeof(cls) == int(m.group(1)), cls.__name__
+    for cls, field in ((KVPagedWriteParams, "batch"), (KVPagedWriteParams, "max_blocks_per_seq"),
+                       (PagedDecodeParams, "batch"), (PagedDecodeParams, "scale")):
+        m = re.search(r"__builtin_offsetof\(" + cls.__name__ + ", " + field + r"\) == (\d+)", HEADER)
+        assert getattr(cls, field).offset == int(m.group(1)), (cls.__name__, field)
+
+
+def test_supported_lists():
+    assert DTYPES == ["float32", "float16", "bfloat16"]
+    assert HEAD_DIMS == [32, 64, 72, 80, 96, 128, 192, 256]
+
+
+# ---- running the kernels ---------------------------------------------------------------------------------------
+
+_LIBS = {}
+
+
+def lib(name):
+    if name not in _LIBS:
+        _LIBS[name] = metal_cpu.compile(str(FS / f"{name}.metal"), include_dirs=[str(FS)], fast_math=True)
+    return _LIBS[name]
+
+
+def dtype_name(dtype):
+    return {v: k for k, v in TORCH_DTYPES.items()}[dtype]
+
+
+def run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, k_new=None, v_new=None, *, scale, window=(-1, -1),
+                softcap=0.0, alibi=None, sinks=None, num_splits=1, return_lse=True, **dispatch_kw):
+    """Mirrors paged_planner.cpp (with an explicit split count): returns (out, lse, [DispatchStats])."""
+    Bsz, sq, H, D = q.shape
+    num_blocks, bs, Hkv, _ = k_cache.shape
+    max_blocks = block_table.shape[1]
+    name = dtype_name(q.dtype)
+    stats = []
+    sk_new = 0 if k_new is None else k_new.shape[1]
+    if sk_new:
+        wp = KVPagedWriteParams(*k_new.stride()[:3], *k_cache.stride()[:3], block_table.stride(0), Bsz, sk_new, Hkv,
+                                D, bs, num_blocks, max_blocks, 0)
+        stats.append(lib("kv_paged_write").dispatch(
+            f"kv_paged_write_{name}", threadgroups=(math.ceil(Hkv * D / WRITE_THREADS), sk_new, Bsz),
+            threads_per_threadgroup=(WRITE_THREADS, 1, 1),
+            buffers={B["FLASH_SDPA_WRITE_BUF_K_NEW"]: k_new, B["FLASH_SDPA_WRITE_BUF_V_NEW"]: v_new,
+                     B["FLASH_SDPA_WRITE_BUF_K_CACHE"]: k_cache, B["FLASH_SDPA_WRITE_BUF_V_CACHE"]: v_cache,
+                     B["FLASH_SDPA_WRITE_BUF_BLOCK_TABLE"]: block_table,
+                     B["FLASH_SDPA_WRITE_BUF_CACHE_SEQLENS"]: cache_seqlens},
+            bytes={B["FLASH_SDPA_WRITE_BUF_PARAMS"]: wp}, **dispatch_kw))
+
+    group = H // Hkv
+    row_blocks = math.ceil(group * sq / rows_per_threadgroup(D))
+    split = num_splits > 1
+    out = torch.full((Bsz, sq, H, D), float("nan"), dtype=q.dtype)
+    lse = torch.full((Bsz, H, sq), float("nan"), dtype=torch.float32)
+    o_part = torch.full((num_splits, Bsz, H, sq, D), float("nan"))
+    ml_part = torch.full((num_splits, Bsz, H, sq, 2), float("nan"))
+    none = cache_seqlens
+    ap = PagedDecodeParams(*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
+                           Bsz, sq, H, Hkv, D, row_blocks, bs, num_blocks, max_blocks, sk_new, num_splits,
+                           window[0], window[1], H if alibi is not None and alibi.dim() == 2 else 0, scale, softcap)
+    stats.append(lib("paged_decode_attention").dispatch(
+        f"paged_decode_{name}_d{D}", threadgroups=(num_splits, Hkv * row_blocks, Bsz),
+        threads_per_threadgroup=(DECODE_THREADS, 1, 1),
+        buffers={B["FLASH_SDPA_DECODE_BUF_Q"]: q, B["FLASH_SDPA_DECODE_BUF_K_CACHE"]: k_cache,
+                 B["FLASH_SDPA_DECODE_BUF_V_CACHE"]: v_cache, B["FLASH_SDPA_DECODE_BUF_BLOCK_TABLE"]: block_table,
+                 B["FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS"]: cache_seqlens,
+                 B["FLASH_SDPA_DECODE_BUF_OUT"]: none if split else out,
+                 B["FLASH_SDPA_DECODE_BUF_LSE"]: lse if return_lse and not split else none,
+                 B["FLASH_SDPA_DECODE_BUF_ALIBI"]: none if alibi is None else alibi,
+                 B["FLASH_SDPA_DECODE_BUF_SINKS"]: none if sinks is None or split else sinks,
+                 B["FLASH_SDPA_DECODE_BUF_O_PARTIAL"]: o_part if split else none,
+                 B["FLASH_SDPA_DECODE_BUF_ML_PARTIAL"]: ml_part if split else none},
+        bytes={B["FLASH_SDPA_DECODE_BUF_PARAMS"]: ap},
+        constants={FC["FLASH_SDPA_FC_DECODE_SPLIT"]: split,
+                   FC["FLASH_SDPA_FC_DECODE_WRITE_LSE"]: return_lse and not split,
+                   FC["FLASH_SDPA_FC_DECODE_ALIBI"]: alibi is not None,
+                   FC["FLASH_SDPA_FC_DECODE_SINKS"]: sinks is not None and not split,
+                   FC["FLASH_SDPA_FC_DECODE_SOFTCAP"]: softcap > 0},
+        **dispatch_kw))
+    if split:
+        cp = PagedCombineParams(Bsz, sq, H, D, num_splits, 0)
+        stats.append(lib("paged_decode_attention").dispatch(
+            f"paged_decode_combine_{name}", threadgroups=(math.ceil(Bsz * H * sq / COMBINE_SIMDGROUPS), 1, 1),
+            threads_per_threadgroup=(COMBINE_THREADS, 1, 1),
+            buffers={B["FLASH_SDPA_COMBINE_BUF_O_PARTIAL"]: o_part, B["FLASH_SDPA_COMBINE_BUF_ML_PARTIAL"]: ml_part,
+                     B["FLASH_SDPA_COMBINE_BUF_SINKS"]: none if sinks is None else sinks,
+                     B["FLASH_SDPA_COMBINE_BUF_OUT"]: out,
+                     B["FLASH_SDPA_COMBINE_BUF_LSE"]: lse if return_lse else none},
+            bytes={B["FLASH_SDPA_COMBINE_BUF_PARAMS"]: cp},
+            constants={FC["FLASH_SDPA_FC_COMBINE_WRITE_LSE"]: return_lse,
+                       FC["FLASH_SDPA_FC_COMBINE_SINKS"]: sinks is not None},
+            **dispatch_kw))
+    return out, lse, stats
+
+
+# ---- reference -------------------------------------------------------------------------------------------------
+
+
+def reference_write(k_cache, v_cache, block_table, cache_seqlens, k_new, v_new):
+    """The cache after kv_paged_write (same skip rules), on copies."""
+    kc, vc = k_cache.clone(), v_cache.clone()
+    if k_new is None:
+        return kc, vc
+    bs, max_blocks = kc.shape[1], block_table.shape[1]
+    for b in range(block_table.shape[0]):
+        L = int(cache_seqlens[b])
+        for i in range(k_new.shape[1]):
+            t = L + i
+            if L < 0 or t >= max_blocks * bs:
+                continue
+            blk = int(block_table[b, t // bs])
+            if 0 <= blk < kc.shape[0]:
+                kc[blk, t % bs] = k_new[b, i]
+                vc[blk, t % bs] = v_new[b, i]
+    return kc, vc
+
+
+def reference_attention(q, kc, vc, block_table, cache_seqlens, sk_new, *, scale, window=(-1, -1), softcap=0.0,
+                        alibi=None, sinks=None, dtype=torch.float64):
+    """Attention over the (already written) cache, computed in `dtype`: out [B, sq, H, D], lse float64 [B, H, sq].
+    Rows with no visible key output 0 and LSE -inf; sinks join the denominator (and the LSE)."""
+    Bsz, sq, H, D = q.shape
+    bs, Hkv = kc.shape[1], kc.shape[2]
+    G = H // Hkv
+    out = torch.zeros(Bsz, sq, H, D, dtype=dtype)
+    lse = torch.full((Bsz, H, sq), -math.inf, dtype=torch.float64)
+    for b in range(Bsz):
+        L = int(cache_seqlens[b])
+        if L < 0:
+            continue
+        sk = L + sk_new
+        if sk == 0:
+            continue
+        t = torch.arange(sk)
+        blocks = block_table[b, t // bs].long()
+        K = kc[blocks, t % bs].to(dtype).repeat_interleave(G, dim=1)  # [sk, H, D]
+        V = vc[blocks, t % bs].to(dtype).repeat_interleave(G, dim=1)
+        s = torch.einsum("ihd,jhd->hij", q[b].to(dtype), K) * scale  # [H, sq, sk]
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        pos = (torch.arange(sq) + sk - sq)[:, None]
+        j = torch.arange(sk)[None, :]
+        if alibi is not None:
+            slopes = (alibi[b] if alibi.dim() == 2 else alibi).to(dtype)
+            s = s - slopes[:, None, None] * (pos - j).abs().to(dtype)[None]
+        visible = torch.ones(sq, sk, dtype=torch.bool)
+        if window[0] >= 0:
+            visible &= j >= pos - window[0]
+        if window[1] >= 0:
+            visible &= j <= pos + window[1]
+        s = s.masked_fill(~visible[None], -math.inf)
+        if sinks is not None:
+            s = torch.cat([s, sinks.to(dtype)[:, None, None].expand(H, sq, 1)], dim=-1)
+        p = torch.softmax(s, dim=-1)
+        rl = torch.logsumexp(s.double(), dim=-1)
+        if sinks is not None:
+            p = p[..., :-1]
+        o = torch.einsum("hij,jhd->ihd", p, V)
+        seen = visible.any(dim=1)  # [sq]
+        o[~seen] = 0
+        rl[:, ~seen] = -math.inf
+        out[b] = o
+        lse[b] = rl
+    return out, lse
+
+
+def bits(t):
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def check_fa2(out, ref, ref_same):
+    """FlashAttention's rule: max|out - ref| <= 3 max|torch_same_dtype - ref| + 1e-5."""
+    err = (out.double() - ref.double()).abs().max().item()
+    base = (ref_same.double() - ref.double()).abs().max().item()
+    assert err <= 3 * base + 1e-5, f"max err {err:.3g} > 3 x {base:.3g} + 1e-5"
+    return err, base
+
+
+# ---- scenarios -------------------------------------------------------------------------------------------------
+
+
+def make_case(*, Bsz=3, H=8, Hkv=2, D=64, sq=1, sk_new=1, block_size=16, dtype=torch.float16, seqlens=None,
+              layout="halves", spare=3, seed=0, max_len=40):
+    """A paged cache with a randomly permuted block table, spare blocks, NaN in every slot not yet written, and
+    unused table entries -1. layout: "interleaved" (k/v pages alternate in one buffer, v one page after k),
+    "halves" (k then v), "separate"."""
+    g = torch.Generator().manual_seed(seed)
+    if seqlens is None:
+        seqlens = [int(x) for x in torch.randint(0, max_len, (Bsz,), generator=g)]
+        if Bsz >= 3:
+            seqlens[1] = -1
+            seqlens[2] = 0
+    lens = [L + sk_new if L >= 0 else 0 for L in seqlens]
+    need = [math.ceil(n / block_size) for n in lens]
+    max_blocks = max(need + [1]) + 1
+    num_blocks = sum(need) + spare
+    perm = torch.randperm(num_blocks, generator=g)
+    block_table = torch.full((Bsz, max_blocks), -1, dtype=torch.int32)
+    k = 0
+    for b in range(Bsz):
+        for c in range(need[b]):
+            block_table[b, c] = int(perm[k])
+            k += 1
+    shape = (num_blocks, block_size, Hkv, D)
+    nan = float("nan")
+    if layout == "interleaved":
+        storage = torch.full((2 * num_blocks,) + shape[1:], nan, dtype=dtype)
+        k_cache, v_cache = storage[0::2], storage[1::2]
+    elif layout == "halves":
+        storage = torch.full((2 * num_blocks,) + shape[1:], nan, dtype=dtype)
+        k_cache, v_cache = storage[:num_blocks], storage[num_blocks:]
+    else:
+        storage = None
+        k_cache, v_cache = torch.full(shape, nan, dtype=dtype), torch.full(shape, nan, dtype=dtype)
+    for b in range(Bsz):
+        for t in range(max(seqlens[b], 0)):
+            blk = int(block_table[b, t // block_size])
+            k_cache[blk, t % block_size] = torch.randn(Hkv, D, generator=g).to(dtype)
+            v_cache[blk, t % block_size] = torch.randn(Hkv, D, generator=g).to(dtype)
+    q = torch.randn(Bsz, sq, H, D, generator=g).to(dtype)
+    k_new = torch.randn(Bsz, sk_new, Hkv, D, generator=g).to(dtype) if sk_new else None
+    v_new = torch.randn(Bsz, sk_new, Hkv, D, generator=g).to(dtype) if sk_new else None
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, storage=storage, block_table=block_table,
+                cache_seqlens=torch.tensor(seqlens, dtype=torch.int32), k_new=k_new, v_new=v_new, gen=g)
+
+
+def check_case(c, *, window=(-1, -1), softcap=0.0, use_alibi=False, use_sinks=False, num_splits=1, scale=None,
+               **dispatch_kw):
+    q, k_cache, v_cache = c["q"], c["k_cache"], c["v_cache"]
+    Bsz, sq, H, D = q.shape
+    g = c["gen"]
+    scale = scale if scale is not None else D ** -0.5
+    alibi = torch.rand(H, generator=g) * 0.3 if use_alibi else None
+    sinks = torch.randn(H, generator=g) if use_sinks else None
+    kc_ref, vc_ref = reference_write(k_cache, v_cache, c["block_table"], c["cache_seqlens"], c["k_new"], c["v_new"])
+    storage_before = None if c["storage"] is None else c["storage"].clone()
+    out, lse, stats = run_kvcache(q, k_cache, v_cache, c["block_table"], c["cache_seqlens"], c["k_new"], c["v_new"],
+                                  scale=scale, window=window, softcap=softcap, alibi=alibi, sinks=sinks,
+                                  num_splits=num_splits, **dispatch_kw)
+    # The cache: bit for bit (NaN slots included), and nothing outside the views' written slots changed.
+    assert torch.equal(bits(k_cache), bits(kc_ref)) and torch.equal(bits(v_cache), bits(vc_ref))
+    if storage_before is not None:
+        changed = (bits(c["storage"]) != bits(storage_before)).flatten(1).any(dim=1)
+        n_written = sum(1 for b in range(Bsz) if int(c["cache_seqlens"][b]) >= 0) * (
+            0 if c["k_new"] is None else c["k_new"].shape[1])
+        assert int(changed.sum()) <= 2 * n_written
+    sk_new = 0 if c["k_new"] is None else c["k_new"].shape[1]
+    kw = dict(scale=scale, window=window, softcap=softcap, alibi=alibi, sinks=sinks)
+    ref, ref_lse = reference_attention(q, kc_ref, vc_ref, c["block_table"], c["cache_seqlens"], sk_new, **kw)
+    same, _ = reference_attention(q, kc_ref, vc_ref, c["block_table"], c["cache_seqlens"], sk_new,
+                                  dtype=q.dtype if q.dtype != torch.float32 else torch.float32, **kw)
+    assert not torch.isnan(out).any()
+    err, base = check_fa2(out, ref, same)
+    # LSE: -inf exactly where the reference has it, close elsewhere.
+    inf = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse) & (lse < 0), inf)
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    assert (lse[~inf].double() - ref_lse[~inf]).abs().max().item() <= tol if (~inf).any() else True
+    return err, base, stats
+
+
+# ---- tests -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_dtypes_head_dims(dtype, D):
+    c = make_case(D=D, dtype=TORCH_DTYPES[dtype], H=8, Hkv=2, seed=D)
+    check_case(c, num_splits=1 if D % 64 else 3)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("sq", [1, 2, 16])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_gqa_sq_splits(group, sq, num_splits):
+    c = make_case(H=2 * group, Hkv=2, sq=sq, sk_new=min(sq, 3), D=64, seed=group * 100 + sq, max_len=90)
+    check_case(c, window=(-1, 0), num_splits=num_splits)
+
+
+FEATURES = {
+    "causal": dict(window=(-1, 0)),
+    "window": dict(window=(7, 0)),
+    "window_lr": dict(window=(5, 3)),
+    "softcap": dict(softcap=2.0, scale=1.0),
+    "sinks": dict(use_sinks=True, window=(-1, 0)),
+    "alibi": dict(use_alibi=True, window=(-1, 0)),
+    "alibi_noncausal": dict(use_alibi=True),
+    "all": dict(use_alibi=True, use_sinks=True, softcap=5.0, window=(20, 0)),
+}
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("sq", [1, 4])
+def test_features(feature, num_splits, sq):
+    c = make_case(H=8, Hkv=2, sq=sq, sk_new=1, D=32, seed=len(feature) + sq, max_len=70)
+    check_case(c, num_splits=num_splits, **FEATURES[feature])
+
+
+# The emulator copies a bound buffer back whole when any byte changed, so two bound views whose extents overlap
+# (interleaved k/v pages) lose one view's writes: reported to the emulator's owner. Reads through them are exact.
+EMULATOR_ALIASED_WRITES = pytest.mark.xfail(reason="emulator: overlapping bound buffers are copied back whole",
+                                            strict=False)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16, 32, 256])
+@pytest.mark.parametrize("layout,sk_new", [("halves", 2), ("separate", 2), ("interleaved", 0),
+                                           pytest.param("interleaved", 2, marks=EMULATOR_ALIASED_WRITES)])
+def test_block_sizes_and_layouts(block_size, layout, sk_new):
+    c = make_case(block_size=block_size, layout=layout, sk_new=sk_new, sq=2, seed=block_size, max_len=60)
+    check_case(c, window=(-1, 0), num_splits=2)
+
+
+@pytest.mark.kernels_ci
+def test_no_new_tokens():
+    c = make_case(sk_new=0, seed=5)
+    check_case(c, num_splits=1)
+
+
+@pytest.mark.kernels_ci
+def test_fully_masked_rows_and_huge_scores():
+    # window (0, -1) with sq > 1: early queries see only themselves; q * 100 gives scores ~1e3 in fp32.
+    c = make_case(dtype=torch.float32, sq=3, sk_new=1, seed=9)
+    c["q"] *= 100
+    check_case(c, window=(0, 0), num_splits=2)
+
+
+@pytest.mark.kernels_ci
+def test_strided_q_and_new_kv():
+    c = make_case(sq=2, sk_new=2, seed=11)
+    big = torch.randn(3, 2, 8, 128).to(torch.float16)
+    c["q"] = big[..., :64]  # strided view, last dim contiguous
+    bigk = torch.randn(3, 2, 2, 2, 64).to(torch.float16)
+    c["k_new"], c["v_new"] = bigk[:, :, :, 0], bigk[:, :, :, 1]
+    check_case(c, window=(-1, 0))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random"])
+def test_schedules_and_races(schedule):
+    c = make_case(H=8, Hkv=1, sq=2, D=64, seed=3, max_len=100)
+    check_case(c, window=(-1, 0), num_splits=3, use_sinks=True, schedule=schedule, seed=7, check_races=True)
+
+
+@pytest.mark.parametrize("seed", range(12 if FULL else 4))
+def test_fuzz_garbage_tables_never_overrun(seed):
+    """Garbage block ids, negative lengths, lengths beyond the table: every dispatch completes with no overrun."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    Bsz, H, Hkv, D, bs = 4, 4, 2, 32, [1, 3, 16][seed % 3]
+    num_blocks, max_blocks = 6, 5
+    k_cache = torch.randn(num_blocks, bs, Hkv, D).half()
+    v_cache = torch.randn(num_blocks, bs, Hkv, D).half()
+    block_table = torch.randint(-5, 12, (Bsz, max_blocks), generator=g, dtype=torch.int32)
+    block_table[0, 0] = 2 ** 31 - 1
+    cache_seqlens = torch.randint(-3, max_blocks * bs + 10, (Bsz,), generator=g, dtype=torch.int32)
+    cache_seqlens[-1] = 2 ** 31 - 2
+    q = torch.randn(Bsz, 2, H, D).half()
+    kn, vn = torch.randn(Bsz, 2, Hkv, D).half(), torch.randn(Bsz, 2, Hkv, D).half()
+    for splits in (1, 3):
+        out, lse, _ = run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, kn, vn, scale=0.2,
+                                  window=(-1, 0), num_splits=splits, check_races=True)
+        assert torch.isfinite(out).all()
+
+
+def test_traffic_gqa8_s2048():
+    """GQA group 8, S = 2048: K/V bytes loaded <= 1.1 x the valid cache bytes; <= 3 dispatches."""
+    D, Hkv, bs, S = 128, 1, 16, 2048
+    c = make_case(Bsz=1, H=8 * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
+                  layout="separate", spare=4)
+    for splits in (1, 8):
+        err, base, stats = check_case(c if splits == 1 else make_case(
+            Bsz=1, H=8 * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
+            layout="separate", spare=4), window=(-1, 0), num_splits=splits)
+        assert len(stats) <= 3
+        attn = stats[1]
+        kv_loaded = attn.loaded.get(B["FLASH_SDPA_DECODE_BUF_K_CACHE"], 0) + attn.loaded.get(
+            B["FLASH_SDPA_DECODE_BUF_V_CACHE"], 0)
+        valid = 2 * S * Hkv * D * 2
+        ratio = kv_loaded / valid
+        print(f"splits={splits}: K/V loaded {kv_loaded} B, valid {valid} B, ratio {ratio:.4f}, "
+              f"dispatches {len(stats)}, max err {err:.3g} (torch fp16 {base:.3g})")
+        assert ratio <= 1.1
