@@ -1,0 +1,154 @@
+// run_launch_plan on the Mac: encodes a flash_sdpa::LaunchPlan on PyTorch's MPS stream.
+//
+// Generic: it knows nothing about attention. Pipelines are built (and every check runs) before dispatch_sync,
+// because an exception inside the stream's queue kills the process. Encoding reuses PyTorch's compute encoder
+// (no endEncoding, no commit, no synchronize). Built without ARC: objects cached for the process are retained once.
+#import <Foundation/Foundation.h>
+#import <Metal/Metal.h>
+
+#include <ATen/mps/MPSStream.h>
+#include <c10/util/Exception.h>
+
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "launch_plan.h"
+
+#ifdef EMBEDDED_METALLIB_HEADER
+#include EMBEDDED_METALLIB_HEADER
+#else
+#error "metal_launch.mm loads the metallib kernel-builder embeds (EMBEDDED_METALLIB_HEADER)"
+#endif
+
+namespace flash_sdpa {
+
+namespace {
+
+id<MTLBuffer> buffer_of(const at::Tensor& t) { return __builtin_bit_cast(id<MTLBuffer>, t.storage().data()); }
+
+id<MTLLibrary> library(id<MTLDevice> device) {
+  static std::once_flag once;
+  static id<MTLLibrary> lib = nil;
+  static std::string error;
+  std::call_once(once, [device] {
+    NSError* err = nil;
+    lib = EMBEDDED_METALLIB_NAMESPACE::createLibrary(device, &err);
+    if (lib == nil) {
+      error = err != nil ? err.localizedDescription.UTF8String : "unknown error";
+    } else {
+      [lib retain];
+    }
+  });
+  TORCH_CHECK(lib != nil, "metal-flash-sdpa: cannot load the embedded metallib: ", error);
+  return lib;
+}
+
+// Cache key: the kernel name and every function constant (index, type, bits).
+std::string pipeline_key(const Dispatch& d) {
+  std::string key = d.kernel;
+  for (const FunctionConstant& c : d.constants) {
+    key += "|" + std::to_string(c.index) + ":" + std::to_string(c.type) + ":" + std::to_string(c.bits);
+  }
+  return key;
+}
+
+id<MTLComputePipelineState> pipeline(id<MTLDevice> device, const Dispatch& d) {
+  static std::mutex mutex;
+  static std::unordered_map<std::string, id<MTLComputePipelineState>> cache;
+  const std::string key = pipeline_key(d);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    return it->second;
+  }
+
+  id<MTLLibrary> lib = library(device);
+  MTLFunctionConstantValues* values = [[MTLFunctionConstantValues alloc] init];
+  for (const FunctionConstant& c : d.constants) {
+    switch (c.type) {
+      case FunctionConstant::kBool: {
+        const bool b = c.bits != 0;
+        [values setConstantValue:&b type:MTLDataTypeBool atIndex:c.index];
+        break;
+      }
+      case FunctionConstant::kInt:
+        [values setConstantValue:&c.bits type:MTLDataTypeInt atIndex:c.index];
+        break;
+      case FunctionConstant::kUInt:
+        [values setConstantValue:&c.bits type:MTLDataTypeUInt atIndex:c.index];
+        break;
+      case FunctionConstant::kFloat:
+        [values setConstantValue:&c.bits type:MTLDataTypeFloat atIndex:c.index];
+        break;
+    }
+  }
+  NSError* err = nil;
+  id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:d.kernel.c_str()]
+                                 constantValues:values
+                                          error:&err];
+  [values release];
+  TORCH_CHECK(fn != nil, "metal-flash-sdpa: no kernel ", d.kernel, " in the metallib: ",
+              err != nil ? err.localizedDescription.UTF8String : "");
+  id<MTLComputePipelineState> pso = [device newComputePipelineStateWithFunction:fn error:&err];
+  [fn release];
+  TORCH_CHECK(pso != nil, "metal-flash-sdpa: cannot build the pipeline of ", d.kernel, ": ",
+              err != nil ? err.localizedDescription.UTF8String : "");
+  cache.emplace(key, pso);  // owned by the cache for the process
+  return pso;
+}
+
+}  // namespace
+
+void run_launch_plan(const LaunchPlan& plan) {
+  if (plan.dispatches.empty()) {
+    return;
+  }
+  at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
+  TORCH_CHECK(stream != nullptr, "metal-flash-sdpa: no current MPS stream");
+  id<MTLDevice> device = stream->device();
+
+  // Everything that can fail, before dispatch_sync.
+  std::vector<id<MTLComputePipelineState>> psos;
+  for (const Dispatch& d : plan.dispatches) {
+    id<MTLComputePipelineState> pso = pipeline(device, d);
+    const uint64_t threads = uint64_t(d.threads_per_threadgroup[0]) * d.threads_per_threadgroup[1] *
+                             d.threads_per_threadgroup[2];
+    // A launch above the pipeline's limit silently writes nothing.
+    TORCH_CHECK(threads <= pso.maxTotalThreadsPerThreadgroup, "metal-flash-sdpa: ", d.kernel, " needs ", threads,
+                " threads per threadgroup, the pipeline allows ", pso.maxTotalThreadsPerThreadgroup);
+    for (const BufferArg& b : d.buffers) {
+      TORCH_CHECK(b.tensor.numel() == 0 || b.tensor.device().is_mps(), "metal-flash-sdpa: buffer ", b.index,
+                  " of ", d.kernel, " is not an MPS tensor");
+    }
+    psos.push_back(pso);
+  }
+
+  const LaunchPlan* p = &plan;
+  const std::vector<id<MTLComputePipelineState>>* pipelines = &psos;
+  dispatch_sync(stream->queue(), ^() {
+    id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
+    for (size_t n = 0; n < p->dispatches.size(); ++n) {
+      const Dispatch& d = p->dispatches[n];
+      [encoder setComputePipelineState:(*pipelines)[n]];
+      for (const BufferArg& b : d.buffers) {
+        [encoder setBuffer:buffer_of(b.tensor)
+                    offset:b.tensor.storage_offset() * b.tensor.element_size()
+                   atIndex:b.index];
+      }
+      for (const BytesArg& b : d.bytes) {
+        [encoder setBytes:b.data.data() length:b.data.size() atIndex:b.index];
+      }
+      for (const ThreadgroupMemory& m : d.threadgroup_memory) {
+        [encoder setThreadgroupMemoryLength:m.length atIndex:m.index];
+      }
+      [encoder dispatchThreadgroups:MTLSizeMake(d.threadgroups[0], d.threadgroups[1], d.threadgroups[2])
+              threadsPerThreadgroup:MTLSizeMake(d.threads_per_threadgroup[0], d.threads_per_threadgroup[1],
+                                                d.threads_per_threadgroup[2])];
+    }
+  });
+}
+
+}  // namespace flash_sdpa
