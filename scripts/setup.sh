@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up a Linux development machine and builds the emulated variant into build/ (the tests load it through
+# kernels.get_kernel). Idempotent: installs only what is missing. On a Mac, build with kernel-builder instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "$(uname -s)" == "Darwin" ]]; then
+  echo "On a Mac, build the Metal variant with kernel-builder (see README.md, Development)." >&2
+  exit 1
+fi
+
+# clang-19 + compiler-rt: the Metal-on-CPU emulator compiles .metal sources with them.
+if ! command -v clang-19 >/dev/null || ! ls /usr/lib/llvm-19/lib/clang/19/lib/linux/libclang_rt.builtins-*.a >/dev/null 2>&1; then
+  SUDO=""; [[ "$(id -u)" != "0" ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq clang-19 libclang-rt-19-dev
+fi
+
+PY="${PYTHON:-python3}"
+"$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0" numpy pytest "kernels==0.17.2"
+
+"$PY" scripts/build_emulated.py
