@@ -114,7 +114,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const at::ScalarType dtype = q.scalar_type();
 
   LaunchPlan plan;
-  if (batch <= 0 || heads <= 0 || seqlen_q <= 0) {
+  if (batch <= 0) {
     return plan;
   }
   TORCH_CHECK(paged_supports(dtype, head_dim), "flash_attn_with_kvcache: no kernel for dtype ", dtype, " head_dim ",
@@ -156,6 +156,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
                       to_u32(seqlen_new, "seqlen_new"), to_u32(batch, "batch")};
     d.threads_per_threadgroup = {static_cast<uint32_t>(kWriteThreads), 1, 1};
     plan.dispatches.push_back(std::move(d));
+  }
+
+  if (heads <= 0 || seqlen_q <= 0) {
+    return plan;  // nothing to attend; the new tokens are still written
   }
 
   // 2. Attention: one threadgroup per (split, KV head x row block, request).

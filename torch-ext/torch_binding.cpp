@@ -11,6 +11,7 @@
 
 #include <cmath>
 
+#include "paged_planner.h"
 #include "registration.h"
 #include "varlen_planner.h"
 
@@ -238,6 +239,141 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 
 std::vector<int64_t> varlen_head_dims() { return flash_sdpa::varlen_head_dims(); }
 
+// ---- kvcache (flash_attn_with_kvcache): begin ----
+namespace {
+
+void check_int32_vector(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t batch) {
+  check_device(t, name, q);
+  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, name, " must have shape [", batch, "] (batch of q), got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                               const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                                               const at::Tensor& cache_seqlens,
+                                               const std::optional<at::Tensor>& block_table,
+                                               const std::optional<at::Tensor>& cache_batch_idx, double softmax_scale,
+                                               bool causal, int64_t window_left, int64_t window_right, double softcap,
+                                               const std::optional<at::Tensor>& alibi_slopes,
+                                               const std::optional<at::Tensor>& s_aux, int64_t num_splits,
+                                               bool return_lse, int64_t max_seqlen_k) {
+  // 1. Devices, dtypes, ranks.
+  const bool paged = block_table.has_value();
+  check_device(q, "q", q);
+  check_device(k_cache, "k_cache", q);
+  check_device(v_cache, "v_cache", q);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "k_cache must have the dtype of q (", q.scalar_type(),
+              "), got ", k_cache.scalar_type());
+  TORCH_CHECK(v_cache.scalar_type() == q.scalar_type(), "v_cache must have the dtype of q (", q.scalar_type(),
+              "), got ", v_cache.scalar_type());
+  TORCH_CHECK(q.dim() == 4, "q must have shape [batch, seqlen_q, num_heads, head_dim], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache must have shape ",
+              paged ? "[num_blocks, block_size, num_kv_heads, head_dim]" : "[batch_cache, seqlen_cache, num_kv_heads, head_dim]",
+              ", got ", k_cache.sizes());
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache (", k_cache.sizes(), "), got ",
+              v_cache.sizes());
+
+  // 2. Shapes.
+  const int64_t batch = q.size(0), heads = q.size(2), head_dim = q.size(3), kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache must have the head dim of q (", head_dim, "), got ",
+              k_cache.size(3));
+  TORCH_CHECK(flash_sdpa::paged_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
+              " is not supported (q.shape[-1]); supported: ", flash_sdpa::paged_head_dims());
+  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
+              ") must be a multiple of the number of heads of k_cache/v_cache (", kv_heads, ")");
+  TORCH_CHECK(k_cache.size(1) >= 1, paged ? "block_size (k_cache.shape[1])" : "seqlen_cache (k_cache.shape[1])",
+              " must be >= 1, got ", k_cache.size(1));
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k_cache, "k_cache");
+  check_last_dim_contiguous(v_cache, "v_cache");
+  check_int32_vector(cache_seqlens, "cache_seqlens", q, batch);
+
+  // 3. Block table: given (paged), or one block per request (contiguous cache, optionally cache_batch_idx).
+  at::Tensor table;
+  if (paged) {
+    table = *block_table;
+    TORCH_CHECK(!cache_batch_idx.has_value(), "cache_batch_idx cannot be combined with block_table");
+    check_device(table, "block_table", q);
+    TORCH_CHECK(table.scalar_type() == at::kInt, "block_table must be int32, got ", table.scalar_type());
+    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1,
+                "block_table must have shape [", batch, ", max_blocks_per_seq >= 1], got ", table.sizes());
+    check_last_dim_contiguous(table, "block_table");
+  } else if (cache_batch_idx.has_value()) {
+    check_int32_vector(*cache_batch_idx, "cache_batch_idx", q, batch);
+    table = cache_batch_idx->view({batch, 1});
+  } else {
+    TORCH_CHECK(k_cache.size(0) >= batch, "k_cache has ", k_cache.size(0), " rows, fewer than the batch of q (",
+                batch, "): pass cache_batch_idx");
+    table = at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+  }
+
+  // 4. New tokens.
+  TORCH_CHECK(k.has_value() == v.has_value(), "k and v must be given together (got ", k.has_value() ? "k" : "v",
+              " only)");
+  if (k.has_value()) {
+    check_device(*k, "k", q);
+    check_device(*v, "v", q);
+    TORCH_CHECK(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
+                "k and v must have the dtype of q (", q.scalar_type(), "), got ", k->scalar_type(), " and ",
+                v->scalar_type());
+    TORCH_CHECK(k->dim() == 4 && k->size(0) == batch && k->size(2) == kv_heads && k->size(3) == head_dim,
+                "k must have shape [", batch, ", seqlen_new, ", kv_heads, ", ", head_dim, "], got ", k->sizes());
+    TORCH_CHECK(v->sizes() == k->sizes(), "v must have the shape of k (", k->sizes(), "), got ", v->sizes());
+    TORCH_CHECK(v->strides() == k->strides(), "k and v must have the same strides, got ", k->strides(), " and ",
+                v->strides());
+    TORCH_CHECK(v_cache.strides() == k_cache.strides(),
+                "k_cache and v_cache must have the same strides when k/v are appended, got ", k_cache.strides(),
+                " and ", v_cache.strides());
+    check_last_dim_contiguous(*k, "k");
+    TORCH_CHECK(!overlaps(*k, k_cache) && !overlaps(*k, v_cache) && !overlaps(*v, k_cache) && !overlaps(*v, v_cache),
+                "k and v must not overlap k_cache or v_cache");
+  }
+  TORCH_CHECK(!overlaps(q, k_cache) && !overlaps(q, v_cache), "q must not overlap k_cache or v_cache");
+
+  // 5. Options.
+  check_window(window_left, window_right);
+  check_scale(softmax_scale, softcap);
+  check_extras(alibi_slopes, s_aux, q, batch, heads);
+  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = automatic), got ", num_splits);
+  TORCH_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0 (0 = unknown), got ", max_seqlen_k);
+
+  // 6. Plan (may still reject sizes that overflow int32) and run.
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty(return_lse ? at::IntArrayRef{batch, heads, q.size(1)} : at::IntArrayRef{0},
+                             q.options().dtype(at::kFloat));
+  flash_sdpa::PagedKVCacheAttention call;
+  call.q = q;
+  call.k_cache = k_cache;
+  call.v_cache = v_cache;
+  call.block_table = table;
+  call.cache_seqlens = cache_seqlens;
+  call.k_new = k;
+  call.v_new = v;
+  call.out = out;
+  if (return_lse) {
+    call.lse = lse;
+  }
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = s_aux;
+  call.scale = softmax_scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = canonical_window_right(causal, window_right);
+  call.num_splits = num_splits;
+  call.max_seqlen_k = max_seqlen_k;
+  flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
+  return {out, lse};
+}
+
+std::vector<int64_t> kvcache_head_dims() { return flash_sdpa::paged_head_dims(); }
+// ---- kvcache: end ----
+
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "flash_attention_varlen(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
@@ -260,7 +396,15 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("varlen_fwd", kDispatchKey, &varlen_fwd);
   ops.impl("fwd", kDispatchKey, &fwd);
 
-  // Paged decode (flash_attn_with_kvcache) registers here.
+  // ---- kvcache (flash_attn_with_kvcache): begin ----
+  ops.def(
+      "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
+      "Tensor? block_table, Tensor? cache_batch_idx, float softmax_scale, bool causal, int window_left, "
+      "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux, int num_splits, bool return_lse, "
+      "int max_seqlen_k) -> (Tensor, Tensor)");
+  ops.def("kvcache_head_dims() -> int[]", &kvcache_head_dims);
+  ops.impl("kvcache_fwd", kDispatchKey, &kvcache_fwd);
+  // ---- kvcache: end ----
 }
 
 REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

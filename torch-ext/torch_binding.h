@@ -31,4 +31,23 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 // The head dims the varlen/dense kernel supports (one list, flash_sdpa/varlen_params.h).
 std::vector<int64_t> varlen_head_dims();
 
-// flash_attn_with_kvcache (paged decode) is declared here by its own change.
+// ---- kvcache (flash_attn_with_kvcache): begin ----
+// FlashAttention-2 flash_attn_with_kvcache forward. q [B, sq, H, D]. Paged cache (block_table int32
+// [B, max_blocks]): k_cache/v_cache [num_blocks, block_size, Hkv, D]; contiguous cache (no block_table):
+// [B_cache, S, Hkv, D], row b at cache_batch_idx[b] (default b). cache_seqlens int32 [B]: lengths before the new
+// tokens, < 0 marks a padding row. k/v [B, sk_new, Hkv, D] are written into the cache in place first.
+// max_seqlen_k: an upper bound on keys per request for the split heuristic (0 = the cache capacity).
+// Returns (out [B, sq, H, D] contiguous, lse float [B, H, sq] when return_lse, else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                               const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                                               const at::Tensor& cache_seqlens,
+                                               const std::optional<at::Tensor>& block_table,
+                                               const std::optional<at::Tensor>& cache_batch_idx, double softmax_scale,
+                                               bool causal, int64_t window_left, int64_t window_right, double softcap,
+                                               const std::optional<at::Tensor>& alibi_slopes,
+                                               const std::optional<at::Tensor>& s_aux, int64_t num_splits,
+                                               bool return_lse, int64_t max_seqlen_k);
+
+// The head dims the paged kernels support (one list, flash_sdpa/paged_params.h).
+std::vector<int64_t> kvcache_head_dims();
+// ---- kvcache: end ----

@@ -10,8 +10,9 @@ sq queries and sk keys sees keys j <= i + sk - sq. For sq = 2, sk = 5 (1 = visib
 A query row that sees no key (e.g. the first rows when sq > sk and causal) outputs 0 and has LSE = -inf.
 """
 
+import os
 import sys
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -21,6 +22,7 @@ __all__ = [
     "flash_attention_varlen",
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "supported_head_dims",
 ]
 
@@ -205,3 +207,201 @@ def flash_attn_func(
         _as_float32(s_aux),
     )
     return (out, lse, None) if return_attn_probs else out
+
+
+# ---- kvcache (flash_attn_with_kvcache): begin ----
+
+_STRICT_ENV = "METAL_FLASH_SDPA_STRICT"
+
+
+def _strict() -> bool:
+    return os.environ.get(_STRICT_ENV, "0") not in ("", "0")
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotates the first rotary_dim = 2 * cos.shape[-1] channels of x [B, s, h, D] by per-position cos/sin
+    [B, s, rotary_dim / 2] (FlashAttention's apply_rotary_emb, computed in float32)."""
+    rd = 2 * cos.shape[-1]
+    xf = x[..., :rd].float()
+    c, s = cos[:, :, None, :].float(), sin[:, :, None, :].float()
+    if interleaved:  # pairs (0, 1), (2, 3), ...
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:  # GPT-NeoX: halves
+        x1, x2 = xf[..., : rd // 2], xf[..., rd // 2 :]
+        rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, seqlen_new) -> None:
+    """METAL_FLASH_SDPA_STRICT=1: host-side validation of the indices (synchronises with the device)."""
+    lens = cache_seqlens.cpu().long()
+    if (lens < -1).any():
+        raise ValueError(f"cache_seqlens must be >= -1 (-1 = padding row), got {lens.tolist()}")
+    valid = lens >= 0
+    if block_table is not None:
+        table = block_table.cpu().long()
+        num_blocks, block_size = k_cache.shape[0], k_cache.shape[1]
+        capacity = table.shape[1] * block_size
+        need = lens + seqlen_new
+        over = valid & (need > capacity)
+        if over.any():
+            b = int(over.nonzero()[0])
+            raise ValueError(
+                f"cache_seqlens[{b}] + seqlen_new = {int(need[b])} exceeds the block table capacity "
+                f"{table.shape[1]} x block_size {block_size} = {capacity}"
+            )
+        for b in valid.nonzero().flatten().tolist():
+            used = table[b, : (int(need[b]) + block_size - 1) // block_size]
+            bad = (used < 0) | (used >= num_blocks)
+            if bad.any():
+                j = int(bad.nonzero()[0])
+                raise ValueError(
+                    f"block_table[{b}, {j}] = {int(used[j])} is not a block of k_cache (0..{num_blocks - 1}) "
+                    f"but request {b} needs it for {int(need[b])} keys"
+                )
+    else:
+        over = valid & (lens + seqlen_new > k_cache.shape[1])
+        if over.any():
+            b = int(over.nonzero()[0])
+            raise ValueError(
+                f"cache_seqlens[{b}] + seqlen_new = {int(lens[b]) + seqlen_new} exceeds the cache length "
+                f"{k_cache.shape[1]}"
+            )
+        if cache_batch_idx is not None:
+            idx = cache_batch_idx.cpu().long()
+            if ((idx < 0) | (idx >= k_cache.shape[0])).any():
+                raise ValueError(f"cache_batch_idx must index k_cache rows 0..{k_cache.shape[0] - 1}, got {idx.tolist()}")
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+):
+    """FlashAttention-2 `flash_attn_with_kvcache` (forward): decode straight from a KV cache.
+
+    If k and v are given, they are first written into the cache in place at positions cache_seqlens[b] + i, then
+    attention runs over cache_seqlens[b] + seqlen_new keys. K/V are read through block_table (no gather, no copy).
+
+    Args:
+        q: [B, sq, H, D] (any sq; one pass over K/V serves up to 16 rows per KV head, see README).
+        k_cache, v_cache: paged [num_blocks, block_size, Hkv, D] with block_table (any block_size >= 1), or
+            contiguous [B_cache, S, Hkv, D] without. They may be views of one buffer (each is bound at its own
+            storage offset; nothing outside the views is touched). Last dim contiguous.
+        k, v: [B, seqlen_new, Hkv, D] new tokens, or None.
+        rotary_cos, rotary_sin: [seqlen_ro, rotary_dim / 2]: rotate k at positions cache_seqlens + i, and q at
+            cache_seqlens + i if causal or local (else at cache_seqlens), as FlashAttention does.
+        cache_seqlens: int or int32 [B]: cache lengths before the new tokens; -1 marks a padding row (nothing
+            written, output 0). None: the whole cache (paged: the block table's capacity).
+        cache_batch_idx: int32 [B], rows of a contiguous cache (default 0..B-1).
+        cache_leftpad: not supported (NotImplementedError).
+        block_table: int32 [B, max_blocks_per_seq], block ids into k_cache (unused entries may hold anything).
+        softmax_scale: defaults to D ** -0.5.
+        causal: bottom-right aligned: query i sees keys j <= i + sk - sq (sk = cache_seqlens + seqlen_new).
+        window_size: (left, right), -1 = unbounded.
+        softcap: s = softcap * tanh(s / softcap); 0 = off.
+        rotary_interleaved: rotary on pairs (0, 1), (2, 3)... (True) or on halves (False, GPT-NeoX).
+        alibi_slopes: [H] or [B, H]; adds -slope * |i + sk - sq - j|.
+        num_splits: split-K count; 0 = automatic, 1 = no split.
+        return_softmax_lse: also return the LSE.
+        s_aux: [H] attention sinks (one logit per head in the softmax denominator).
+
+    Returns:
+        out [B, sq, H, D] (contiguous); with return_softmax_lse, (out, lse float32 [B, H, sq]); LSE is -inf for rows
+        with no visible key. Invalid indices (block ids outside k_cache, lengths beyond the table) never cause an
+        out-of-bounds access: such keys are skipped. Set METAL_FLASH_SDPA_STRICT=1 to raise instead.
+    """
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported by metal-flash-sdpa's flash_attn_with_kvcache")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    window_left, window_right = _check_common(0.0, window_size)
+    _check_devices(
+        q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table, cache_batch_idx=cache_batch_idx,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
+    )
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape [batch, seqlen_q, num_heads, head_dim], got {tuple(q.shape)}")
+    if int(num_splits) < 0:
+        raise ValueError(f"num_splits must be >= 0 (0 = automatic), got {num_splits}")
+    batch = q.shape[0]
+    seqlen_new = 0 if k is None else k.shape[1]
+    paged = block_table is not None
+
+    # cache_seqlens: int32 [B]; an int also gives the split heuristic its exact key count.
+    max_seqlen_k = 0
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required when k and v are appended")
+        full = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+        cache_seqlens = torch.full((batch,), full, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, int):
+        max_seqlen_k = max(cache_seqlens, 0) + seqlen_new
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    else:
+        _check_devices(q, cache_seqlens=cache_seqlens)
+        if cache_seqlens.dtype != torch.int32:
+            cache_seqlens = cache_seqlens.to(torch.int32)
+        cache_seqlens = cache_seqlens.contiguous()
+    if cache_batch_idx is not None and cache_batch_idx.dtype != torch.int32:
+        cache_batch_idx = cache_batch_idx.to(torch.int32)
+
+    if _strict():
+        _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, seqlen_new)
+
+    if rotary_cos is not None:
+        pos0 = cache_seqlens.clamp(min=0).long()[:, None]  # padding rows: any valid position
+        limit = rotary_cos.shape[0] - 1
+        if k is not None:
+            pos = (pos0 + torch.arange(seqlen_new, device=q.device)).clamp(max=limit)
+            k = _apply_rotary(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)
+        local = causal or window_left >= 0 or window_right >= 0
+        steps = torch.arange(q.shape[1], device=q.device) if local else torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
+        pos = (pos0 + steps).clamp(max=limit)
+        q = _apply_rotary(q, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)
+
+    out, lse = ops.kvcache_fwd(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        cache_seqlens,
+        block_table,
+        cache_batch_idx,
+        _default_scale(q, softmax_scale),
+        bool(causal),
+        window_left,
+        window_right,
+        float(softcap),
+        _as_float32(alibi_slopes),
+        _as_float32(s_aux),
+        int(num_splits),
+        bool(return_softmax_lse),
+        int(max_seqlen_k),
+    )
+    return (out, lse) if return_softmax_lse else out
+
+
+# ---- kvcache: end ----
