@@ -209,7 +209,9 @@ def main() -> None:
     tree_hash = content_hash([p for p in tree if p.is_file()])
     namespace = f"_metal_flash_sdpa_{tree_hash[:10]}"
 
-    out = ROOT / "build" / variant_name()
+    # Built beside the variant and swapped in at the end: a process loading build/ never sees half a variant.
+    final = ROOT / "build" / variant_name()
+    out = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -218,7 +220,12 @@ def main() -> None:
     build_extension(out, namespace, args.jobs)
     write_python(out, namespace)
     write_metadata(out, namespace)
-    print(f"built {out.relative_to(ROOT)} (ops namespace {namespace})")
+    old = final.with_name(f".{final.name}.{os.getpid()}.old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(out, final)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"built {final.relative_to(ROOT)} (ops namespace {namespace})")
 
 
 if __name__ == "__main__":

@@ -349,3 +349,14 @@ def test_schedules_and_races(kernel, device, emulator, schedule):
 def test_full_matrix(kernel, device, dtype, head_dim, heads, causal, window, softcap, sinks, alibi, layout):
     run_varlen_case(kernel, device, dtype, head_dim, heads, layout, causal=causal, window=window, softcap=softcap,
                     sinks=sinks, alibi=alibi)
+
+
+@pytest.mark.kernels_ci
+def test_garbage_cu_seqlens_stay_in_bounds(kernel, device):
+    # Decreasing, negative and out-of-range prefix sums: the kernel clamps them to the tensors (the emulator
+    # reports any out-of-bounds access as an error). The output of such a call is unspecified.
+    q, k, v, _, _ = make_inputs([10], [12], 2, 1, 64, torch.float16, device)
+    cu_q = torch.tensor([0, 50, 3, -5, 10], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([-7, 4, 100, 2, 12], dtype=torch.int32, device=device)
+    out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 64, 64, causal=True)
+    assert out.shape == q.shape
