@@ -360,3 +360,16 @@ def test_garbage_cu_seqlens_stay_in_bounds(kernel, device):
     cu_k = torch.tensor([-7, 4, 100, 2, 12], dtype=torch.int32, device=device)
     out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 64, 64, causal=True)
     assert out.shape == q.shape
+
+
+@pytest.mark.kernels_ci
+def test_varlen_decode_left_padding(kernel, device):
+    # transformers generate() with left padding: one query per sequence, cu_seqlens_q = arange(B + 1).
+    lk = [17, 1, 40, 9]
+    q, k, v, cu_q, cu_k = make_inputs([1] * 4, lk, 8, 2, 128, torch.float16, device)
+    assert torch.equal(cu_q.cpu(), torch.arange(5, dtype=torch.int32))
+    out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lk), causal=True, softmax_scale=128**-0.5)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    o_ref, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, scale=128**-0.5, causal=True)
+    o_pt, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, scale=128**-0.5, causal=True, dtype=q.dtype)
+    ref.check_close(out.cpu(), o_ref, o_pt)
