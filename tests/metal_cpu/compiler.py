@@ -182,7 +182,11 @@ def _parse_params(plist: str, where: str) -> List[Param]:
     return params
 
 
-def prepass(text: str) -> Prepassed:
+def prepass(text: str, target: str = "cpu") -> Prepassed:
+    """target "cpu": the emulator's source (entry points included). target "cuda" (tests/metal_cuda): function
+    constants become __constant__ globals and kernel-scope threadgroup arrays __shared__ ones; no entry points."""
+    if target not in ("cpu", "cuda"):
+        raise ValueError(f"prepass target must be 'cpu' or 'cuda', got {target!r}")
     src = _Src(text)
     out = text
 
@@ -205,8 +209,9 @@ def prepass(text: str) -> Prepassed:
         if ty not in FC_TYPES:
             raise MetalCompileError(f"{src.where(m.start())}: function constant type {ty} not supported")
         fcs.append((ty, name, idx))
-        edits.append((m.start(), m.end(), f"static {ty} {name} = {ty}(); static bool mcpu_fc_defined_{name} = false;"
-                      + _blank(m.group(0))[:-1]))
+        storage = "__constant__" if target == "cuda" else "static"
+        edits.append((m.start(), m.end(), f"{storage} {ty} {name} = {ty}(); "
+                      f"{storage} bool mcpu_fc_defined_{name} = false;" + _blank(m.group(0))[:-1]))
 
     # Explicit instantiations: template [[host_name("x")]] [[kernel]] <decl>;
     instances: List[Instance] = []
@@ -257,6 +262,8 @@ def prepass(text: str) -> Prepassed:
         decl_id += 1
         rep = (f"{m.group(1)}threadgroup {ty} (&{name}){dims} = *(threadgroup {ty} (*){dims})"
                f"mcpu_threadgroup_alloc(sizeof({ty}{dims}), alignof({ty}), {decl_id});")
+        if target == "cuda":
+            rep = f"{m.group(1)}__shared__ {ty} {name}{dims};"
         edits.append((m.start(), m.end(), rep))
 
     # Attributes clang does not know: drop them (their meaning was recorded above).
@@ -293,6 +300,8 @@ def prepass(text: str) -> Prepassed:
     for kd in defs.values():
         if not kd.is_template:
             kernels.append((kd.name, kd.name, kd))
+    if target == "cuda":
+        return Prepassed(source=out, check_source=out, kernels=kernels)
 
     gen = ['\n#line 1 "<mcpu-generated>"']
     for i, (host, callee, kd) in enumerate(kernels):

@@ -1,0 +1,793 @@
+// The Metal Shading Language standard library on NVPTX: included (-include) before every pre-passed .metal file
+// that tests/metal_cuda compiles to PTX with clang-19 (-x cuda --cuda-device-only -nocudainc -nocudalib).
+//
+// Mapping: a simdgroup is a warp (32 lanes), threadgroup memory is __shared__, threadgroup_barrier is bar.sync,
+// simdgroup_barrier is bar.warp.sync. Simd collectives use the active mask, so in divergent code only the active
+// lanes take part (as in Metal). half is _Float16, bfloat is __bf16. Math never calls libdevice: fast:: uses the
+// PTX approximate instructions, precise:: range-reduced versions of them (documented error bounds below); the plain
+// names are fast:: when MCU_FAST_MATH is defined (Metal's default), else precise::. simdgroup_matrix<T, 8, 8> is
+// distributed two elements per lane and multiplied with warp shuffles: right, not fast.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#define __device__ __attribute__((__device__))
+#define __global__ __attribute__((__global__))
+#define __host__ __attribute__((__host__))
+#define __shared__ __attribute__((__shared__))
+#define __constant__ __attribute__((__constant__))
+
+// Every function from here on (the shim, the .metal source) is __host__ __device__; the device compile emits the
+// ones the generated __global__ entry points reach.
+#pragma clang force_cuda_host_device begin
+
+#define MCU_INLINE inline __attribute__((always_inline))
+
+#define device
+#define constant const
+#define threadgroup
+#define thread
+#define kernel
+
+typedef unsigned char uchar;
+typedef unsigned short ushort;
+typedef unsigned int uint;
+typedef unsigned long ulong;
+typedef _Float16 half;
+typedef __bf16 bfloat;
+
+#define MCU_VECTORS(T)                                \
+  typedef T T##2 __attribute__((ext_vector_type(2))); \
+  typedef T T##3 __attribute__((ext_vector_type(3))); \
+  typedef T T##4 __attribute__((ext_vector_type(4)));
+MCU_VECTORS(float)
+MCU_VECTORS(half)
+MCU_VECTORS(bfloat)
+MCU_VECTORS(int)
+MCU_VECTORS(uint)
+MCU_VECTORS(short)
+MCU_VECTORS(ushort)
+MCU_VECTORS(char)
+MCU_VECTORS(uchar)
+MCU_VECTORS(long)
+MCU_VECTORS(ulong)
+MCU_VECTORS(bool)
+#undef MCU_VECTORS
+
+#define INFINITY __builtin_inff()
+#define HUGE_VALF __builtin_huge_valf()
+#define NAN __builtin_nanf("")
+#define FLT_MAX __FLT_MAX__
+#define FLT_MIN __FLT_MIN__
+#define FLT_EPSILON __FLT_EPSILON__
+#define HALF_MAX ((half)65504.0f)
+#define HALF_MIN ((half)6.103515625e-05f)
+#define M_PI_F 3.14159265358979323846f
+#define M_LOG2E_F 1.44269504088896340736f
+#define M_LOG10E_F 0.434294481903251827651f
+#define M_LN2_F 0.693147180559945309417f
+#define M_LN10_F 2.30258509299404568402f
+#define M_SQRT2_F 1.41421356237309504880f
+#define M_SQRT1_2_F 0.707106781186547524401f
+
+// ---- PTX special registers and instructions -----------------------------------------------------------------------
+MCU_INLINE uint mcu_lane_id() { return __nvvm_read_ptx_sreg_laneid(); }
+MCU_INLINE uint mcu_active_mask() {
+  uint m;
+  asm volatile("activemask.b32 %0;" : "=r"(m));
+  return m;
+}
+MCU_INLINE float mcu_ex2_approx(float x) { return __nvvm_ex2_approx_f(x); }  // 2^x, rel. error ~2^-22
+MCU_INLINE float mcu_lg2_approx(float x) { return __nvvm_lg2_approx_f(x); }  // log2 x, abs. error ~2^-22
+MCU_INLINE float mcu_sin_approx(float x) { return __nvvm_sin_approx_f(x); }
+MCU_INLINE float mcu_cos_approx(float x) { return __nvvm_cos_approx_f(x); }
+
+namespace metal {
+
+// ---- type traits over scalars and ext vectors -------------------------------------------------------------------
+template <typename T>
+struct mcpu_vec_traits {
+  static constexpr int n = 1;
+  using elem = T;
+};
+template <typename T, int N>
+struct mcpu_vec_traits<T __attribute__((ext_vector_type(N)))> {
+  static constexpr int n = N;
+  using elem = T;
+};
+template <typename T>
+using mcpu_elem_t = typename mcpu_vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::elem;
+template <typename T>
+constexpr int mcpu_width = mcpu_vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::n;
+template <typename T, int N>
+using vec = T __attribute__((ext_vector_type(N)));
+
+// Scalar conversion as MSL does it (half <-> bfloat through float).
+template <typename To, typename From>
+MCU_INLINE To mcpu_convert(From x) {
+  if constexpr (std::is_same_v<To, From>) {
+    return x;
+  } else if constexpr (std::is_same_v<To, bool>) {
+    return (float)x != 0.0f;
+  } else if constexpr ((std::is_same_v<To, half> || std::is_same_v<To, bfloat>) &&
+                       (std::is_same_v<From, half> || std::is_same_v<From, bfloat>)) {
+    return (To)(float)x;
+  } else {
+    return (To)x;
+  }
+}
+
+// MSL vector constructors: the pre-pass rewrites float4(a, b.xy, ...) to mcpu_make<float4>(a, b.xy, ...).
+template <typename V, typename A>
+MCU_INLINE void mcpu_put(V& r, int& i, const A& a) {
+  using E = mcpu_elem_t<V>;
+  if constexpr (mcpu_width<A> == 1) {
+    r[i++] = mcpu_convert<E>(a);
+  } else {
+    for (int k = 0; k < mcpu_width<A>; ++k) r[i++] = mcpu_convert<E>(a[k]);
+  }
+}
+template <typename V, typename... A>
+MCU_INLINE V mcpu_make(const A&... a) {
+  constexpr int n = mcpu_width<V>;
+  V r{};
+  if constexpr (sizeof...(A) == 0) {
+    return r;
+  } else if constexpr (sizeof...(A) == 1 && ((mcpu_width<A> == 1) && ...)) {
+    for (int k = 0; k < n; ++k) r[k] = mcpu_convert<mcpu_elem_t<V>>(a...);  // splat
+    return r;
+  } else {
+    static_assert((mcpu_width<A> + ...) == n, "vector constructor: the arguments' components do not add up");
+    int i = 0;
+    (mcpu_put(r, i, a), ...);
+    return r;
+  }
+}
+
+template <typename To, typename From>
+MCU_INLINE To as_type(From x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type: sizes differ");
+  return __builtin_bit_cast(To, x);
+}
+
+// ---- numeric_limits ---------------------------------------------------------------------------------------------
+template <typename T>
+struct numeric_limits;
+#define MCU_LIMITS(T, MAX, MIN, LOWEST, INF, EPS)  \
+  template <>                                      \
+  struct numeric_limits<T> {                       \
+    static constexpr bool is_specialized = true;   \
+    static constexpr T max() { return MAX; }       \
+    static constexpr T min() { return MIN; }       \
+    static constexpr T lowest() { return LOWEST; } \
+    static constexpr T infinity() { return INF; }  \
+    static constexpr T epsilon() { return EPS; }   \
+  };
+MCU_LIMITS(float, __FLT_MAX__, __FLT_MIN__, -__FLT_MAX__, __builtin_inff(), __FLT_EPSILON__)
+MCU_LIMITS(half, (half)65504.0f, (half)6.103515625e-05f, (half)-65504.0f, (half)__builtin_inff(), (half)0.0009765625f)
+MCU_LIMITS(bfloat, (bfloat)3.3895313892515355e38f, (bfloat)1.1754943508222875e-38f, (bfloat)-3.3895313892515355e38f,
+           (bfloat)__builtin_inff(), (bfloat)0.0078125f)
+MCU_LIMITS(int, 2147483647, (-2147483647 - 1), (-2147483647 - 1), 0, 0)
+MCU_LIMITS(uint, 4294967295u, 0u, 0u, 0u, 0u)
+MCU_LIMITS(short, (short)32767, (short)-32768, (short)-32768, (short)0, (short)0)
+MCU_LIMITS(ushort, (ushort)65535, (ushort)0, (ushort)0, (ushort)0, (ushort)0)
+MCU_LIMITS(long, 9223372036854775807l, (-9223372036854775807l - 1), (-9223372036854775807l - 1), 0l, 0l)
+MCU_LIMITS(ulong, 18446744073709551615ul, 0ul, 0ul, 0ul, 0ul)
+#undef MCU_LIMITS
+
+// ---- float kernels of the math functions --------------------------------------------------------------------------
+// 2^n for integer n in [-252, 254] without overflow of the exponent field: two factors.
+MCU_INLINE float mcu_pow2i(int n) {
+  n = n < -252 ? -252 : n > 254 ? 254 : n;
+  const int a = n / 2, b = n - a;
+  return __builtin_bit_cast(float, (a + 127) << 23) * __builtin_bit_cast(float, (b + 127) << 23);
+}
+// fast: one ex2.approx. precise: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, then 2^n * ex2(r log2e):
+// ~2 ulp over the whole range (the fast version loses ~|x| * 2^-24 relative).
+MCU_INLINE float mcu_exp_fast(float x) { return mcu_ex2_approx(x * M_LOG2E_F); }
+MCU_INLINE float mcu_exp_precise(float x) {
+  if (x > 88.8f) return __builtin_inff();
+  if (x < -103.9f) return 0.0f;
+  const float n = __builtin_rintf(x * M_LOG2E_F);
+  float r = __builtin_fmaf(-n, 0.693145751953125f, x);  // ln2 high part (exact product)
+  r = __builtin_fmaf(-n, 1.428606765330187e-06f, r);     // ln2 low part
+  return mcu_ex2_approx(r * M_LOG2E_F) * mcu_pow2i((int)n);
+}
+MCU_INLINE float mcu_exp2_precise(float x) {
+  if (x >= 128.0f) return __builtin_inff();
+  if (x < -150.0f) return 0.0f;
+  const float n = __builtin_rintf(x);
+  return mcu_ex2_approx(x - n) * mcu_pow2i((int)n);
+}
+// precise log: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log m = 2 atanh(f / (2 + f)), f = m - 1 (series to s^9).
+MCU_INLINE float mcu_log_precise(float x) {
+  if (!(x > 0.0f)) return x == 0.0f ? -__builtin_inff() : __builtin_nanf("");
+  if (x == __builtin_inff()) return x;
+  int e = 0;
+  if (x < 1.17549435e-38f) {  // subnormal: scale up first
+    x *= 16777216.0f;
+    e = -24;
+  }
+  const uint bits = __builtin_bit_cast(uint, x);
+  e += (int)((bits >> 23) & 0xff) - 127;
+  float m = __builtin_bit_cast(float, (bits & 0x007fffffu) | 0x3f800000u);
+  if (m > M_SQRT2_F) {
+    m *= 0.5f;
+    e += 1;
+  }
+  const float f = m - 1.0f, s = f / (2.0f + f), s2 = s * s;
+  const float poly = s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9))));
+  const float lm = 2.0f * s + 2.0f * s * poly;
+  return __builtin_fmaf((float)e, 0.693145751953125f, __builtin_fmaf((float)e, 1.428606765330187e-06f, lm));
+}
+MCU_INLINE float mcu_log_fast(float x) { return mcu_lg2_approx(x) * M_LN2_F; }
+// tanh: 1 - 2 / (e^{2|x|} + 1) (absolute error ~1e-7 with the fast exp); precise: odd series below |x| < 0.125.
+MCU_INLINE float mcu_tanh_fast(float x) {
+  const float ax = __builtin_fabsf(x);
+  const float t = ax > 15.0f ? 1.0f : 1.0f - 2.0f / (mcu_exp_fast(2.0f * ax) + 1.0f);
+  return __builtin_copysignf(t, x);
+}
+MCU_INLINE float mcu_tanh_precise(float x) {
+  const float ax = __builtin_fabsf(x);
+  if (ax < 0.125f) {
+    const float x2 = x * x;
+    return x + x * x2 * (-1.0f / 3 + x2 * (2.0f / 15 + x2 * (-17.0f / 315 + x2 * (62.0f / 2835))));
+  }
+  const float t = ax > 15.0f ? 1.0f : 1.0f - 2.0f / (mcu_exp_precise(2.0f * ax) + 1.0f);
+  return __builtin_copysignf(t, x);
+}
+// sin / cos: reduction by 2 pi in three parts, then the approximate instruction (abs. error ~2^-20.9 on [-pi, pi]).
+MCU_INLINE float mcu_reduce_2pi(float x) {
+  const float n = __builtin_rintf(x * 0.15915494309189535f);
+  x = __builtin_fmaf(-n, 6.28125f, x);
+  x = __builtin_fmaf(-n, 1.9353071795864769e-3f, x);
+  return x;
+}
+
+// ---- math -------------------------------------------------------------------------------------------------------
+// Float functions: computed in float and rounded once to half/bfloat; vectors elementwise.
+#define MCU_UNARY_IN(ns, name, expr)                                       \
+  namespace ns {                                                           \
+  MCU_INLINE float name(float x) { return expr; }                          \
+  MCU_INLINE half name(half x) { return (half)name((float)x); }            \
+  MCU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }      \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>    \
+  MCU_INLINE V name(V x) {                                                 \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]); \
+    return x;                                                              \
+  }                                                                        \
+  }
+#define MCU_UNARY2(name, fast_expr, precise_expr) \
+  MCU_UNARY_IN(fast, name, fast_expr)             \
+  MCU_UNARY_IN(precise, name, precise_expr)
+#define MCU_UNARY(name, expr) MCU_UNARY2(name, expr, expr)
+
+MCU_UNARY2(exp, mcu_exp_fast(x), mcu_exp_precise(x))
+MCU_UNARY2(exp2, mcu_ex2_approx(x), mcu_exp2_precise(x))
+MCU_UNARY2(exp10, mcu_ex2_approx(x * 3.3219280948873623f), mcu_exp_precise(x * M_LN10_F))
+MCU_UNARY2(log, mcu_log_fast(x), mcu_log_precise(x))
+MCU_UNARY2(log2, mcu_lg2_approx(x), mcu_log_precise(x) * M_LOG2E_F)
+MCU_UNARY2(log10, mcu_lg2_approx(x) * 0.30102999566398120f, mcu_log_precise(x) * M_LOG10E_F)
+MCU_UNARY2(tanh, mcu_tanh_fast(x), mcu_tanh_precise(x))
+MCU_UNARY2(sqrt, __nvvm_sqrt_approx_f(x), __nvvm_sqrt_rn_f(x))
+MCU_UNARY2(rsqrt, __nvvm_rsqrt_approx_f(x), 1.0f / __nvvm_sqrt_rn_f(x))
+MCU_UNARY2(sin, mcu_sin_approx(x), mcu_sin_approx(mcu_reduce_2pi(x)))
+MCU_UNARY2(cos, mcu_cos_approx(x), mcu_cos_approx(mcu_reduce_2pi(x)))
+MCU_UNARY2(tan, mcu_sin_approx(x) / mcu_cos_approx(x),
+           mcu_sin_approx(mcu_reduce_2pi(x)) / mcu_cos_approx(mcu_reduce_2pi(x)))
+MCU_UNARY(floor, __builtin_floorf(x))
+MCU_UNARY(ceil, __builtin_ceilf(x))
+MCU_UNARY(round, __builtin_truncf(x + __builtin_copysignf(0.5f, x)))
+MCU_UNARY(rint, __builtin_rintf(x))
+MCU_UNARY(trunc, __builtin_truncf(x))
+MCU_UNARY(fabs, __builtin_fabsf(x))
+MCU_UNARY(fract, x - __builtin_floorf(x))
+MCU_UNARY(sign, x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : 0.0f)
+MCU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
+#undef MCU_UNARY
+#undef MCU_UNARY2
+#undef MCU_UNARY_IN
+
+#define MCU_BINARY_IN(ns, name, expr)                                                     \
+  namespace ns {                                                                          \
+  MCU_INLINE float name(float x, float y) { return expr; }                                \
+  MCU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }         \
+  MCU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); } \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                   \
+  MCU_INLINE V name(V x, V y) {                                                           \
+    for (int i = 0; i < mcpu_width<V>; ++i)                                               \
+      x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);                            \
+    return x;                                                                             \
+  }                                                                                       \
+  }
+#define MCU_BINARY2(name, fast_expr, precise_expr) \
+  MCU_BINARY_IN(fast, name, fast_expr)             \
+  MCU_BINARY_IN(precise, name, precise_expr)
+#define MCU_BINARY(name, expr) MCU_BINARY2(name, expr, expr)
+MCU_BINARY2(pow, mcu_ex2_approx(y * mcu_lg2_approx(x)), mcu_exp2_precise(y * mcu_log_precise(x) * M_LOG2E_F))
+MCU_BINARY2(powr, mcu_ex2_approx(y * mcu_lg2_approx(x)), mcu_exp2_precise(y * mcu_log_precise(x) * M_LOG2E_F))
+MCU_BINARY(fmod, x - __builtin_truncf(x / y) * y)
+MCU_BINARY(fmax, __builtin_fmaxf(x, y))
+MCU_BINARY(fmin, __builtin_fminf(x, y))
+MCU_BINARY(step, y < x ? 0.0f : 1.0f)
+#undef MCU_BINARY
+#undef MCU_BINARY2
+#undef MCU_BINARY_IN
+
+// The unqualified names: Metal compiles with fast math unless told otherwise.
+#ifdef MCU_FAST_MATH
+#define MCU_DEFAULT_MATH fast
+#else
+#define MCU_DEFAULT_MATH precise
+#endif
+#define MCU_USING(name) using MCU_DEFAULT_MATH::name;
+MCU_USING(exp)
+MCU_USING(exp2)
+MCU_USING(exp10)
+MCU_USING(log)
+MCU_USING(log2)
+MCU_USING(log10)
+MCU_USING(tanh)
+MCU_USING(sqrt)
+MCU_USING(rsqrt)
+MCU_USING(sin)
+MCU_USING(cos)
+MCU_USING(tan)
+MCU_USING(floor)
+MCU_USING(ceil)
+MCU_USING(round)
+MCU_USING(rint)
+MCU_USING(trunc)
+MCU_USING(fabs)
+MCU_USING(fract)
+MCU_USING(sign)
+MCU_USING(saturate)
+MCU_USING(pow)
+MCU_USING(powr)
+MCU_USING(fmod)
+MCU_USING(fmax)
+MCU_USING(fmin)
+MCU_USING(step)
+#undef MCU_USING
+
+// max / min / abs / clamp for every scalar type.
+#define MCU_MINMAX(T)                                                 \
+  MCU_INLINE T max(T x, T y) { return x > y ? x : y; }                \
+  MCU_INLINE T min(T x, T y) { return x < y ? x : y; }                \
+  MCU_INLINE T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+MCU_MINMAX(float)
+MCU_MINMAX(half)
+MCU_MINMAX(bfloat)
+MCU_MINMAX(int)
+MCU_MINMAX(uint)
+MCU_MINMAX(short)
+MCU_MINMAX(ushort)
+MCU_MINMAX(char)
+MCU_MINMAX(uchar)
+MCU_MINMAX(long)
+MCU_MINMAX(ulong)
+#undef MCU_MINMAX
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCU_INLINE V max(V x, V y) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = max((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
+  return x;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCU_INLINE V min(V x, V y) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = min((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
+  return x;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCU_INLINE V clamp(V x, V lo, V hi) {
+  return min(max(x, lo), hi);
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCU_INLINE V clamp(V x, mcpu_elem_t<V> lo, mcpu_elem_t<V> hi) {
+  return min(max(x, mcpu_make<V>(lo)), mcpu_make<V>(hi));
+}
+MCU_INLINE float abs(float x) { return __builtin_fabsf(x); }
+MCU_INLINE half abs(half x) { return x < (half)0.0f ? (half)-x : x; }
+MCU_INLINE bfloat abs(bfloat x) { return (bfloat)__builtin_fabsf((float)x); }
+MCU_INLINE int abs(int x) { return x < 0 ? -x : x; }
+MCU_INLINE short abs(short x) { return x < 0 ? (short)-x : x; }
+MCU_INLINE long abs(long x) { return x < 0 ? -x : x; }
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCU_INLINE V abs(V x) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = abs((mcpu_elem_t<V>)x[i]);
+  return x;
+}
+
+MCU_INLINE float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+MCU_INLINE half fma(half a, half b, half c) { return (half)__builtin_fmaf((float)a, (float)b, (float)c); }
+MCU_INLINE bfloat fma(bfloat a, bfloat b, bfloat c) { return (bfloat)__builtin_fmaf((float)a, (float)b, (float)c); }
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCU_INLINE V fma(V a, V b, V c) {
+  for (int i = 0; i < mcpu_width<V>; ++i)
+    a[i] = fma((mcpu_elem_t<V>)a[i], (mcpu_elem_t<V>)b[i], (mcpu_elem_t<V>)c[i]);
+  return a;
+}
+template <typename T>
+MCU_INLINE T mix(T x, T y, T a) {
+  return x + (y - x) * a;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MCU_INLINE V mix(V x, V y, mcpu_elem_t<V> a) {
+  return x + (y - x) * a;
+}
+
+template <typename T>
+MCU_INLINE T select(T a, T b, bool c) {
+  return c ? b : a;
+}
+template <typename V, typename C, std::enable_if_t<(mcpu_width<V> > 1 && mcpu_width<C> == mcpu_width<V>), int> = 0>
+MCU_INLINE V select(V a, V b, C c) {
+  for (int i = 0; i < mcpu_width<V>; ++i)
+    if (c[i]) a[i] = b[i];
+  return a;
+}
+template <typename C>
+MCU_INLINE bool all(C c) {
+  for (int i = 0; i < mcpu_width<C>; ++i)
+    if (!c[i]) return false;
+  return true;
+}
+template <typename C>
+MCU_INLINE bool any(C c) {
+  for (int i = 0; i < mcpu_width<C>; ++i)
+    if (c[i]) return true;
+  return false;
+}
+template <typename V>
+MCU_INLINE mcpu_elem_t<V> dot(V a, V b) {
+  mcpu_elem_t<V> s = a[0] * b[0];
+  for (int i = 1; i < mcpu_width<V>; ++i) s += a[i] * b[i];
+  return s;
+}
+MCU_INLINE bool isnan(float x) { return __builtin_isnan(x); }
+MCU_INLINE bool isnan(half x) { return __builtin_isnan((float)x); }
+MCU_INLINE bool isnan(bfloat x) { return __builtin_isnan((float)x); }
+MCU_INLINE bool isinf(float x) { return __builtin_isinf(x); }
+MCU_INLINE bool isinf(half x) { return __builtin_isinf((float)x); }
+MCU_INLINE bool isinf(bfloat x) { return __builtin_isinf((float)x); }
+MCU_INLINE bool isfinite(float x) { return __builtin_isfinite(x); }
+MCU_INLINE uint popcount(uint x) { return (uint)__builtin_popcount(x); }
+MCU_INLINE uint ctz(uint x) { return x ? (uint)__builtin_ctz(x) : 32u; }
+MCU_INLINE uint clz(uint x) { return x ? (uint)__builtin_clz(x) : 32u; }
+
+// fast:: and precise:: also name the functions that have one version.
+#define MCU_SHARED_NAMES(X) X(max) X(min) X(clamp) X(abs) X(fma) X(mix) X(dot) X(isnan) X(isinf) X(select)
+#define MCU_USING(name) using metal::name;
+namespace fast {
+MCU_SHARED_NAMES(MCU_USING)
+}
+namespace precise {
+MCU_SHARED_NAMES(MCU_USING)
+}
+#undef MCU_USING
+#undef MCU_SHARED_NAMES
+
+// ---- barriers ---------------------------------------------------------------------------------------------------
+enum class mem_flags : uint {
+  mem_none = 0,
+  mem_device = 1,
+  mem_threadgroup = 2,
+  mem_texture = 4,
+  mem_threadgroup_imageblock = 8,
+  mem_object_data = 16,
+};
+constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags((uint)a | (uint)b); }
+// bar.sync orders shared and global memory among the threads of the block; bar.warp.sync among the given lanes.
+MCU_INLINE void threadgroup_barrier(mem_flags) { __syncthreads(); }
+MCU_INLINE void simdgroup_barrier(mem_flags) { __nvvm_bar_warp_sync(mcu_active_mask()); }
+
+// ---- simd collectives -------------------------------------------------------------------------------------------
+// Values of any size move as 32-bit words. mode: 0 idx, 1 bfly, 2 down, 3 up.
+template <int Mode, typename T>
+MCU_INLINE T mcu_shfl(uint mask, T x, uint arg) {
+  constexpr int W = (sizeof(T) + 3) / 4;
+  uint w[W] = {};
+  __builtin_memcpy(w, &x, sizeof(T));
+  for (int i = 0; i < W; ++i) {
+    if constexpr (Mode == 0) w[i] = (uint)__nvvm_shfl_sync_idx_i32(mask, (int)w[i], (int)arg, 0x1f);
+    if constexpr (Mode == 1) w[i] = (uint)__nvvm_shfl_sync_bfly_i32(mask, (int)w[i], (int)arg, 0x1f);
+    if constexpr (Mode == 2) w[i] = (uint)__nvvm_shfl_sync_down_i32(mask, (int)w[i], (int)arg, 0x1f);
+    if constexpr (Mode == 3) w[i] = (uint)__nvvm_shfl_sync_up_i32(mask, (int)w[i], (int)arg, 0);
+  }
+  T r;
+  __builtin_memcpy(&r, w, sizeof(T));
+  return r;
+}
+
+// Reductions: a butterfly when the whole warp is active (all lanes get the same bits, the operation being
+// commutative), else the active lanes in lane order (out of line: keeps the common path small enough to unroll).
+template <typename T, typename Op>
+__attribute__((noinline)) T mcu_reduce_partial(T x, uint mask, Op op) {
+  T s = x;
+  bool first = true;
+  for (uint l = 0; l < 32; ++l) {
+    if (mask >> l & 1u) {
+      const T v = mcu_shfl<0>(mask, x, l);
+      s = first ? v : op(s, v);
+      first = false;
+    }
+  }
+  return s;
+}
+template <typename T, typename Op>
+MCU_INLINE T mcu_reduce(T x, Op op) {
+  const uint mask = mcu_active_mask();
+  if (mask != 0xffffffffu) return mcu_reduce_partial(x, mask, op);
+  for (uint d = 1; d < 32; d <<= 1) x = op(x, mcu_shfl<1>(mask, x, d));
+  return x;
+}
+template <typename T>
+MCU_INLINE T simd_sum(T x) {
+  return mcu_reduce(x, [](T a, T b) { return T(a + b); });
+}
+template <typename T>
+MCU_INLINE T simd_product(T x) {
+  return mcu_reduce(x, [](T a, T b) { return T(a * b); });
+}
+template <typename T>
+MCU_INLINE T simd_max(T x) {
+  return mcu_reduce(x, [](T a, T b) { return max(a, b); });
+}
+template <typename T>
+MCU_INLINE T simd_min(T x) {
+  return mcu_reduce(x, [](T a, T b) { return min(a, b); });
+}
+template <typename T>
+MCU_INLINE T simd_prefix_inclusive_sum(T x) {
+  const uint mask = mcu_active_mask(), me = mcu_lane_id();
+  if (mask == 0xffffffffu) {
+    for (uint d = 1; d < 32; d <<= 1) {
+      const T y = mcu_shfl<3>(mask, x, d);
+      if (me >= d) x = T(x + y);
+    }
+    return x;
+  }
+  T s = T(0);
+  for (uint l = 0; l < 32; ++l) {
+    if (mask >> l & 1u) {
+      const T v = mcu_shfl<0>(mask, x, l);
+      if (l <= me) s = T(s + v);
+    }
+  }
+  return s;
+}
+template <typename T>
+MCU_INLINE T simd_prefix_exclusive_sum(T x) {
+  return T(simd_prefix_inclusive_sum(x) - x);
+}
+// Reading a lane that is not active is undefined, as in Metal.
+template <typename T>
+MCU_INLINE T simd_shuffle(T x, ushort lane) {
+  return mcu_shfl<0>(mcu_active_mask(), x, lane);
+}
+template <typename T>
+MCU_INLINE T simd_broadcast(T x, ushort lane) {
+  return mcu_shfl<0>(mcu_active_mask(), x, lane);
+}
+template <typename T>
+MCU_INLINE T simd_shuffle_xor(T x, ushort mask) {
+  return mcu_shfl<1>(mcu_active_mask(), x, mask);
+}
+// Lanes whose source lies outside the simdgroup keep their own value (Metal: "the upper delta lanes are unchanged").
+template <typename T>
+MCU_INLINE T simd_shuffle_down(T x, ushort delta) {
+  return mcu_shfl<2>(mcu_active_mask(), x, delta);
+}
+template <typename T>
+MCU_INLINE T simd_shuffle_up(T x, ushort delta) {
+  return mcu_shfl<3>(mcu_active_mask(), x, delta);
+}
+template <typename T>
+MCU_INLINE T simd_broadcast_first(T x) {
+  const uint mask = mcu_active_mask();
+  return mcu_shfl<0>(mask, x, (uint)__builtin_ctz(mask));
+}
+MCU_INLINE bool simd_all(bool x) { return __nvvm_vote_all_sync(mcu_active_mask(), x); }
+MCU_INLINE bool simd_any(bool x) { return __nvvm_vote_any_sync(mcu_active_mask(), x); }
+MCU_INLINE bool simd_is_first() { return mcu_lane_id() == (uint)__builtin_ctz(mcu_active_mask()); }
+
+// ---- simdgroup_matrix -------------------------------------------------------------------------------------------
+// Lane l holds elements 2l and 2l + 1 of the row-major 8x8 matrix: row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1.
+// The layout is ours, not Apple's (undocumented), so thread_elements() is not offered. Every operation needs all 32
+// lanes: a divergent call traps.
+template <typename T, int Cols, int Rows>
+struct simdgroup_matrix {
+  static_assert(Cols == 8 && Rows == 8, "simdgroup_matrix: only 8x8 is supported");
+  T e[2];
+  simdgroup_matrix() : e{T(0), T(0)} {}
+  explicit simdgroup_matrix(T diagonal) {
+    const uint lane = mcu_lane_id();
+    for (int k = 0; k < 2; ++k) e[k] = (2 * lane + k) % 9 == 0 ? diagonal : T(0);
+  }
+  template <typename U = T>
+  void thread_elements() const {
+    static_assert(sizeof(U) == 0, "thread_elements() is not supported: the lane layout is undocumented");
+  }
+};
+template <typename T>
+using simdgroup_matrix8x8 = simdgroup_matrix<T, 8, 8>;
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+MCU_INLINE void mcu_require_full_warp() {
+  if (mcu_active_mask() != 0xffffffffu) __builtin_trap();
+}
+
+template <typename T, int C, int R>
+MCU_INLINE simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, C, R> m;
+  m.e[0] = m.e[1] = value;
+  return m;
+}
+
+template <typename T, typename P>
+MCU_INLINE void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
+                               ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  mcu_require_full_warp();
+  const uint lane = mcu_lane_id();
+  for (int k = 0; k < 2; ++k) {
+    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
+    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
+    d.e[k] = T(src[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col]);
+  }
+}
+
+template <typename T, typename P>
+MCU_INLINE void simdgroup_store(thread const simdgroup_matrix<T, 8, 8>& a, P dst, ulong elements_per_row = 8,
+                                ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
+  mcu_require_full_warp();
+  const uint lane = mcu_lane_id();
+  for (int k = 0; k < 2; ++k) {
+    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
+    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
+    dst[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col] = a.e[k];
+  }
+}
+
+// d = a * b + c, each element a float dot product (in k order, from c) rounded once to the destination type.
+template <typename TD, typename TA, typename TB, typename TC>
+MCU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d,
+                                              thread const simdgroup_matrix<TA, 8, 8>& a,
+                                              thread const simdgroup_matrix<TB, 8, 8>& b,
+                                              thread const simdgroup_matrix<TC, 8, 8>& c) {
+  mcu_require_full_warp();
+  const uint lane = mcu_lane_id(), quad = lane & ~3u, col2 = lane & 3u;
+  const uint full = 0xffffffffu;
+  float s0 = (float)c.e[0], s1 = (float)c.e[1];
+  for (uint j = 0; j < 4; ++j) {
+    // a(r, 2j), a(r, 2j + 1) from lane 4r + j; b(i, c0), b(i, c0 + 1) from lane 4i + c0 / 2, for i = 2j, 2j + 1.
+    const float a0 = (float)mcu_shfl<0>(full, a.e[0], quad + j), a1 = (float)mcu_shfl<0>(full, a.e[1], quad + j);
+    const float b00 = (float)mcu_shfl<0>(full, b.e[0], 8 * j + col2);
+    const float b01 = (float)mcu_shfl<0>(full, b.e[1], 8 * j + col2);
+    const float b10 = (float)mcu_shfl<0>(full, b.e[0], 8 * j + 4 + col2);
+    const float b11 = (float)mcu_shfl<0>(full, b.e[1], 8 * j + 4 + col2);
+    s0 += a0 * b00;
+    s1 += a0 * b01;
+    s0 += a1 * b10;
+    s1 += a1 * b11;
+  }
+  d.e[0] = (TD)s0;
+  d.e[1] = (TD)s1;
+}
+template <typename TD, typename TA, typename TB>
+MCU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread const simdgroup_matrix<TA, 8, 8>& a,
+                                   thread const simdgroup_matrix<TB, 8, 8>& b) {
+  const simdgroup_matrix<TD, 8, 8> zero = make_filled_simdgroup_matrix<TD, 8, 8>(TD(0));
+  simdgroup_multiply_accumulate(d, a, b, zero);
+}
+
+// ---- atomics ----------------------------------------------------------------------------------------------------
+template <typename T>
+struct _atomic {
+  T __value;
+};
+typedef _atomic<int> atomic_int;
+typedef _atomic<uint> atomic_uint;
+typedef _atomic<float> atomic_float;
+typedef _atomic<bool> atomic_bool;
+enum memory_order {
+  memory_order_relaxed,
+  memory_order_acquire,
+  memory_order_release,
+  memory_order_acq_rel,
+  memory_order_seq_cst
+};
+
+#define MCU_ATOMIC_RMW(name, builtin)                                                                       \
+  template <typename A, typename T>                                                                         \
+  MCU_INLINE auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) {                          \
+    auto* p = const_cast<A*>(obj);                                                                          \
+    return builtin(&p->__value, (decltype(p->__value))arg, __ATOMIC_RELAXED);                               \
+  }                                                                                                         \
+  template <typename A, typename T>                                                                         \
+  MCU_INLINE auto atomic_##name##_explicit(A* obj, T arg, memory_order o) {                                 \
+    return atomic_##name##_explicit((volatile A*)obj, arg, o);                                              \
+  }
+MCU_ATOMIC_RMW(fetch_add, __atomic_fetch_add)
+MCU_ATOMIC_RMW(fetch_sub, __atomic_fetch_sub)
+MCU_ATOMIC_RMW(fetch_max, __atomic_fetch_max)
+MCU_ATOMIC_RMW(fetch_min, __atomic_fetch_min)
+MCU_ATOMIC_RMW(fetch_and, __atomic_fetch_and)
+MCU_ATOMIC_RMW(fetch_or, __atomic_fetch_or)
+MCU_ATOMIC_RMW(fetch_xor, __atomic_fetch_xor)
+MCU_ATOMIC_RMW(exchange, __atomic_exchange_n)
+#undef MCU_ATOMIC_RMW
+
+template <typename A>
+MCU_INLINE auto atomic_load_explicit(volatile A* obj, memory_order) {
+  return __atomic_load_n(&const_cast<A*>(obj)->__value, __ATOMIC_RELAXED);
+}
+template <typename A>
+MCU_INLINE auto atomic_load_explicit(A* obj, memory_order o) {
+  return atomic_load_explicit((volatile A*)obj, o);
+}
+template <typename A, typename T>
+MCU_INLINE void atomic_store_explicit(volatile A* obj, T v, memory_order) {
+  auto* p = const_cast<A*>(obj);
+  __atomic_store_n(&p->__value, (decltype(p->__value))v, __ATOMIC_RELAXED);
+}
+template <typename A, typename T>
+MCU_INLINE void atomic_store_explicit(A* obj, T v, memory_order o) {
+  atomic_store_explicit((volatile A*)obj, v, o);
+}
+template <typename A, typename T>
+MCU_INLINE bool atomic_compare_exchange_weak_explicit(volatile A* obj, T* expected, T desired, memory_order,
+                                                      memory_order) {
+  auto* p = const_cast<A*>(obj);
+  return __atomic_compare_exchange_n(&p->__value, expected, desired, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
+template <typename A, typename T>
+MCU_INLINE bool atomic_compare_exchange_weak_explicit(A* obj, T* expected, T desired, memory_order s, memory_order f) {
+  return atomic_compare_exchange_weak_explicit((volatile A*)obj, expected, desired, s, f);
+}
+
+}  // namespace metal
+
+// ---- what generated entry points use ----------------------------------------------------------------------------
+template <size_t I, typename F>
+struct mcpu_param;
+template <size_t I, typename R, typename First, typename... Rest>
+struct mcpu_param<I, R(First, Rest...)> : mcpu_param<I - 1, R(Rest...)> {};
+template <typename R, typename First, typename... Rest>
+struct mcpu_param<0, R(First, Rest...)> {
+  using type = First;
+};
+template <size_t I, typename F>
+using mcpu_param_t = typename mcpu_param<I, F>::type;
+
+// The kernel argument block: buffer pointers by [[buffer(i)]] (setBytes data is uploaded by the launcher and bound
+// like a buffer), and byte offsets of [[threadgroup(i)]] arguments in the dynamic shared memory.
+#define MCU_MAX_BUFFERS 31
+struct mcu_args {
+  void* buffers[MCU_MAX_BUFFERS];
+  uint32_t threadgroup_offsets[MCU_MAX_BUFFERS];
+};
+extern __shared__ __attribute__((aligned(16))) unsigned char mcu_dynamic_threadgroup_memory[];
+
+template <typename P>
+MCU_INLINE P mcu_bind(void* p) {
+  if constexpr (std::is_reference_v<P>)
+    return *reinterpret_cast<std::remove_reference_t<P>*>(p);
+  else
+    return reinterpret_cast<P>(p);
+}
+template <typename P>
+MCU_INLINE P mcu_builtin(uint32_t x, uint32_t y, uint32_t z) {
+  using T = std::remove_cv_t<P>;
+  if constexpr (metal::mcpu_width<T> == 1) {
+    return (T)x;
+  } else {
+    const uint32_t v[3] = {x, y, z};
+    T r{};
+    for (int i = 0; i < metal::mcpu_width<T>; ++i) r[i] = (metal::mcpu_elem_t<T>)v[i];
+    return r;
+  }
+}
