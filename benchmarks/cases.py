@@ -55,13 +55,14 @@ DECODE_CASES = {
 }
 PREFILL_CASES = {"prefill_gqa8_s2k": PrefillCase("prefill_gqa8_s2k", 2, 32, 8, 128, 2048)}
 
-# The same cases scaled for the Metal-on-CPU emulator (Linux report): it runs every GPU thread as a fiber, ~0.15 s
-# per MB of K/V. Traffic per valid K/V byte does not depend on S; dispatch counts do not depend on the shape.
+# The same cases scaled for the Metal-on-CPU emulator (Linux report), which runs every GPU thread as a fiber: the
+# paged kernel takes ~0.15 s per MB of K/V, the varlen kernel (simdgroup-matrix tiles) ~10x that. Decode traffic per
+# valid K/V byte hardly depends on S or B; the split-K choice (and so the dispatch count) can.
 EMULATED = {
     "b4_h16_s50": DECODE_CASES["b4_h16_s50"],
-    "b1_gqa8_s16k": replace(DECODE_CASES["b1_gqa8_s16k"], S=1024),
-    "b32_h16_s2k": replace(DECODE_CASES["b32_h16_s2k"], B=4, S=128),
-    "prefill_gqa8_s2k": replace(PREFILL_CASES["prefill_gqa8_s2k"], B=1, S=128),
+    "b1_gqa8_s16k": replace(DECODE_CASES["b1_gqa8_s16k"], S=256),
+    "b32_h16_s2k": replace(DECODE_CASES["b32_h16_s2k"], B=2, S=64),
+    "prefill_gqa8_s2k": replace(PREFILL_CASES["prefill_gqa8_s2k"], B=1, S=64),
 }
 
 # Context lengths of the time-vs-context plot (B=1, GQA 8).

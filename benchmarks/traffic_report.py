@@ -99,14 +99,17 @@ def _measure(rt, fn) -> tuple:
     return loaded, stored, kv_loaded, len(stats), tgs, [s.kernel for s in stats]
 
 
-def decode_rows(kernel, rt, c: cases.DecodeCase, dtype=torch.float16) -> List[Row]:
+MEASURED_DECODE_PATHS = ("paged flash_attn_with_kvcache", "varlen kernel (K/V pre-packed)")
+
+
+def decode_rows(kernel, rt, c: cases.DecodeCase, dtype=torch.float16, paths=MEASURED_DECODE_PATHS) -> List[Row]:
     t = cases.make_decode(c, "cpu", dtype)
     ideal = cases.kv_bytes(c, dtype)
     es = cases.element_size(dtype)
     q_bytes = c.B * c.H * c.D * es
     new_bytes = 2 * c.B * c.Hkv * c.D * es
     rows = []
-    for path in ("paged flash_attn_with_kvcache", "varlen kernel (K/V pre-packed)"):
+    for path in paths:
         out = None
 
         def call():
@@ -140,14 +143,18 @@ def prefill_rows(kernel, rt, c: cases.PrefillCase, dtype=torch.float16) -> List[
     ]
 
 
-def collect(names=None) -> List[Row]:
+def collect(names=None, paths=MEASURED_DECODE_PATHS) -> List[Row]:
+    """Rows of the EMULATED cases (all, or those in `names`); `paths`: the measured decode paths to run."""
     kernel = cases.load_kernel()
     rt = _runtime(kernel)
     rows = []
     for name, c in cases.EMULATED.items():
         if names is not None and name not in names:
             continue
-        rows += decode_rows(kernel, rt, c) if isinstance(c, cases.DecodeCase) else prefill_rows(kernel, rt, c)
+        if isinstance(c, cases.DecodeCase):
+            rows += decode_rows(kernel, rt, c, paths=paths)
+        else:
+            rows += prefill_rows(kernel, rt, c)
     return rows
 
 
@@ -173,9 +180,11 @@ def legend() -> str:
     return (f"* MODELED, not measured: (loaded + stored) / bandwidth + dispatches x {DISPATCH_US:g} us; bandwidths "
             + ", ".join(f"{c} {g:g} GB/s" for c, g in CHIPS.items())
             + ". Measured = counted by the Metal-on-CPU emulator running the real kernels (setBytes params excluded);"
+            " every thread's access counts, so small tables many threads read (block table, seqlens) are counted"
+            " each time, where a GPU's caches serve them: the K/V column is the DRAM-relevant one;"
             " analytic = torch ops, assuming SDPA reads each K/V byte once. Ideal = each valid K/V byte once"
-            " (S cached + 1 new token). Shapes scaled down from the Mac benchmark (see benchmarks/cases.py EMULATED);"
-            " ratios and dispatch counts do not depend on S. Prefill is compute-bound: its modeled time is only the"
+            " (S cached + 1 new token). Shapes scaled down from the Mac benchmark (benchmarks/cases.py EMULATED);"
+            " decode bytes per valid K/V byte hardly depend on S, the split-K choice can. Prefill is compute-bound: its modeled time is only the"
             " bandwidth floor.")
 
 
