@@ -33,7 +33,7 @@ inline void varlen_write_diagonal(threadgroup float* diag, float x, uint lane) {
 }
 
 template <typename T, int D>
-[[kernel]] [[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] void flash_attn_varlen(
+[[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] kernel void flash_attn_varlen(
     const device T* q [[buffer(FLASH_SDPA_VARLEN_BUFFER_Q)]],
     const device T* k [[buffer(FLASH_SDPA_VARLEN_BUFFER_K)]],
     const device T* v [[buffer(FLASH_SDPA_VARLEN_BUFFER_V)]],
