@@ -25,7 +25,7 @@ import tiny_models as tm  # noqa: E402
 
 tm.kernel_environment()  # no-op under conftest.py, which already set LOCAL_KERNELS / HF_HUB_OFFLINE
 
-REFERENCE_IMPL = {"llama-gqa": "sdpa", "gemma2": "eager", "gpt-oss": "eager", "gpt-oss-full": "eager"}
+REFERENCE_IMPL = {"llama-gqa": "sdpa", "gemma2": "eager", "gemma2-global": "eager", "gpt-oss": "eager", "gpt-oss-full": "eager"}
 GENERATE_PROMPT_LENGTHS = [6, 13, 9]
 NEW_TOKENS = 12
 # Continuous batching: prompt lengths that, with NEW_TOKENS, cross page boundaries at page sizes 16 and 32.
@@ -163,6 +163,7 @@ def _require_kvcache():
         pytest.param("llama-gqa", 32),
         pytest.param("gpt-oss-full", 16),  # sinks (s_aux) through flash_attn_with_kvcache
         pytest.param("gpt-oss-full", 32, marks=pytest.mark.full),
+        pytest.param("gemma2-global", 16),  # softcap through flash_attn_with_kvcache
     ],
 )
 def test_generate_batch_decode_fast_path(name, page_size):

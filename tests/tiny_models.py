@@ -51,13 +51,13 @@ def _llama():
     return LlamaForCausalLM(LlamaConfig(**_common()))
 
 
-def _gemma2():
+def _gemma2(layer_types=("sliding_attention", "full_attention")):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    # Layer 0 slides over 8 keys, layer 1 is global; a small attention softcap so tanh actually bends the scores.
+    # Sliding layers see 8 keys; a small attention softcap so tanh actually bends the scores.
     config = Gemma2Config(
         **_common(),
-        layer_types=["sliding_attention", "full_attention"],
+        layer_types=list(layer_types),
         sliding_window=8,
         attn_logit_softcapping=2.0,
         final_logit_softcapping=None,
@@ -88,6 +88,8 @@ def _gpt_oss(layer_types=("sliding_attention", "full_attention")):
 BUILDERS: Dict[str, Callable] = {
     "llama-gqa": _llama,
     "gemma2": _gemma2,
+    # Gemma-2 attention (softcap) on full-attention layers only, for the block-table path (see gpt-oss-full).
+    "gemma2-global": functools.partial(_gemma2, layer_types=("full_attention", "full_attention")),
     "gpt-oss": _gpt_oss,
     # gpt-oss attention (sinks) on full-attention layers only: the only kind continuous batching gives a block table.
     "gpt-oss-full": functools.partial(_gpt_oss, layer_types=("full_attention", "full_attention")),
