@@ -194,9 +194,49 @@ TARGETS = {
 }
 
 
+def _sources_hash(path: Path, include_dirs) -> str:
+    """The raw text of a target's .metal file, the headers beside it and the CUDA target itself."""
+    h = hashlib.sha256()
+    files = [path] + sorted(f for d in [path.parent, *include_dirs] for f in Path(d).glob("*") if f.suffix in
+                            (".h", ".metal"))
+    for f in files + [SHIM, Path(__file__), HERE.parent / "metal_cpu" / "compiler.py"]:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build_all(jobs: int = 2, fast_math: bool = True) -> Dict[str, Path]:
-    return {name: build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs)
-            for name, (path, inc) in TARGETS.items()}
+    """Builds every target and records them in <cache>/index.json, so that a machine without clang-19 (the GPU
+    machine) can use the PTX built here: load_all() there."""
+    built = {name: build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs)
+             for name, (path, inc) in TARGETS.items()}
+    index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math}
+             for name, (path, inc) in TARGETS.items()}
+    (cache_dir() / "index.json").write_text(json.dumps(index, indent=1))
+    return built
+
+
+def load_all() -> Dict[str, Path]:
+    """The PTX folders of index.json when they match the sources (the GPU machine has no clang-19: carry
+    .cache/metal_cuda), else build_all()."""
+    index_path = cache_dir() / "index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        out = {name: cache_dir() / index[name]["path"] for name in TARGETS if name in index and
+               index[name]["sources"] == _sources_hash(*TARGETS[name]) and
+               (cache_dir() / index[name]["path"] / "manifest.json").exists()}
+        if len(out) == len(TARGETS):
+            return out
+    try:
+        clang()
+    except MetalCompileError as e:
+        if not index_path.exists():
+            raise MetalCompileError(f"no prebuilt PTX in {index_path}, and {e}") from None
+        # Sources edited after the PTX was built (a shared working tree): run it, but say so loudly.
+        index = json.loads(index_path.read_text())
+        print(f"WARNING: metal_cuda: prebuilt PTX is STALE for "
+              f"{[n for n in TARGETS if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
+        return {name: cache_dir() / index[name]["path"] for name in TARGETS}
+    return build_all()
 
 
 if __name__ == "__main__":

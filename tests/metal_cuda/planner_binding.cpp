@@ -1,0 +1,92 @@
+// The project's C++ launch planners (flash_sdpa/paged_planner.cpp, varlen_planner.cpp) exposed to Python, so the
+// CUDA launcher (launch.py) executes exactly the dispatches a Mac would encode. Built by planner_ext.py with
+// torch.utils.cpp_extension; plans hold CUDA tensors when the inputs are CUDA tensors.
+#include <torch/extension.h>
+
+#include "paged_planner.h"
+#include "varlen_planner.h"
+
+namespace {
+
+namespace py = pybind11;
+using flash_sdpa::LaunchPlan;
+
+py::list to_python(const LaunchPlan& plan) {
+  py::list out;
+  for (const auto& d : plan.dispatches) {
+    py::dict e;
+    e["kernel"] = d.kernel;
+    py::list constants, buffers, bytes, tgmem;
+    for (const auto& c : d.constants) constants.append(py::make_tuple(c.index, static_cast<uint32_t>(c.type), c.bits));
+    for (const auto& b : d.buffers) buffers.append(py::make_tuple(b.index, b.tensor));
+    for (const auto& b : d.bytes) {
+      bytes.append(py::make_tuple(b.index, py::bytes(reinterpret_cast<const char*>(b.data.data()), b.data.size())));
+    }
+    for (const auto& m : d.threadgroup_memory) tgmem.append(py::make_tuple(m.index, m.length));
+    e["constants"] = constants;
+    e["buffers"] = buffers;
+    e["bytes"] = bytes;
+    e["threadgroup_memory"] = tgmem;
+    e["threadgroups"] = py::make_tuple(d.threadgroups[0], d.threadgroups[1], d.threadgroups[2]);
+    e["threads_per_threadgroup"] =
+        py::make_tuple(d.threads_per_threadgroup[0], d.threads_per_threadgroup[1], d.threads_per_threadgroup[2]);
+    out.append(e);
+  }
+  return out;
+}
+
+py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
+                    at::Tensor cache_seqlens, std::optional<at::Tensor> k_new, std::optional<at::Tensor> v_new,
+                    at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
+                    std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
+                    int64_t window_right, int64_t num_splits, int64_t max_seqlen_k) {
+  flash_sdpa::PagedKVCacheAttention call;
+  call.q = q;
+  call.k_cache = k_cache;
+  call.v_cache = v_cache;
+  call.block_table = block_table;
+  call.cache_seqlens = cache_seqlens;
+  call.k_new = k_new;
+  call.v_new = v_new;
+  call.out = out;
+  call.lse = lse;
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = sinks;
+  call.scale = scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = window_right;
+  call.num_splits = num_splits;
+  call.max_seqlen_k = max_seqlen_k;
+  return to_python(flash_sdpa::plan_paged_kvcache(call));
+}
+
+py::list plan_varlen(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor lse,
+                     std::optional<at::Tensor> cu_seqlens_q, std::optional<at::Tensor> cu_seqlens_k,
+                     std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, int64_t max_seqlen_q,
+                     double scale, double softcap, int64_t window_left, int64_t window_right) {
+  flash_sdpa::VarlenAttention call;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.out = out;
+  call.lse = lse;
+  call.cu_seqlens_q = cu_seqlens_q;
+  call.cu_seqlens_k = cu_seqlens_k;
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = sinks;
+  call.max_seqlen_q = max_seqlen_q;
+  call.scale = scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = window_right;
+  return to_python(flash_sdpa::plan_varlen_attention(call));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("plan_paged", &plan_paged, "flash_sdpa::plan_paged_kvcache -> list of dispatch dicts");
+  m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts");
+  m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits);
+}

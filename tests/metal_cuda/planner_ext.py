@@ -1,0 +1,28 @@
+"""Builds the project's C++ planners into a small torch extension (plan_paged / plan_varlen -> dispatch dicts).
+
+Needs a host C++ compiler and torch's headers; no CUDA (the planners only allocate through ATen, on the inputs'
+device). Cached by torch.utils.cpp_extension under METAL_CUDA_EXT_DIR (default .cache/metal_cuda_ext).
+"""
+
+import os
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+FS = ROOT / "flash_sdpa"
+_EXT = None
+
+
+def load(verbose: bool = False):
+    global _EXT
+    if _EXT is None:
+        from torch.utils import cpp_extension
+
+        build_dir = Path(os.environ.get("METAL_CUDA_EXT_DIR", ROOT / ".cache" / "metal_cuda_ext"))
+        build_dir.mkdir(parents=True, exist_ok=True)
+        _EXT = cpp_extension.load(
+            name="metal_cuda_planner",
+            sources=[str(HERE / "planner_binding.cpp"), str(FS / "paged_planner.cpp"), str(FS / "varlen_planner.cpp")],
+            extra_include_paths=[str(FS)], extra_cflags=["-O1", "-std=c++17"], build_directory=str(build_dir),
+            verbose=verbose)
+    return _EXT
