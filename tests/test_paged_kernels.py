@@ -107,8 +107,11 @@ _LIBS = {}
 
 
 def _runtime():
-    """The emulator runtime already in this process (e.g. the package build's, loaded by test_kvcache.py), else the
-    tests' own: two runtime copies in one process do not mix (kernel objects bind to the first one's symbols)."""
+    """The emulator runtime kernel objects will bind to: the tests' own if it is loaded already, else one already in
+    this process (the package build's, loaded by test_kvcache.py), else the tests' own. Two runtime copies in one
+    process do not mix (a kernel object binds to the first copy in the global scope)."""
+    if getattr(metal_cpu, "_default_runtime", None) is not None:
+        return metal_cpu.runtime()
     for line in Path("/proc/self/maps").read_text().splitlines():
         path = line.split()[-1]
         if "libmetal_cpu" in path and path.endswith(".so"):
