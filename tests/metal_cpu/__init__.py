@@ -76,7 +76,7 @@ class Runtime:
 
     def __init__(self, path):
         self.path = str(path)
-        self.lib = ctypes.CDLL(self.path, mode=os.RTLD_NOW | ctypes.RTLD_GLOBAL)
+        self.lib = ctypes.CDLL(self.path)
         L = self.lib
         L.mcpu_open.restype = ctypes.c_void_p
         L.mcpu_open.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]

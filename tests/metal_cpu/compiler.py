@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "shim" / "metal_stdlib.h"
@@ -87,7 +87,7 @@ class KernelDef:
     name: str
     params: List[Param]
     is_template: bool
-    max_threads: int = 0
+    max_threads: Union[int, str] = 0  # max_total_threads_per_threadgroup: a number, or a C++ constant expression
 
 
 @dataclass
@@ -236,7 +236,8 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
 
     # Kernel definitions: [[kernel]] / kernel before `void name(`.
     defs: Dict[str, KernelDef] = {}
-    for m in re.finditer(r"(\[\[\s*kernel\s*\]\]|\bkernel\b)((?:\s*\[\[.*?\]\])*)\s*void\s+(\w+)\s*\(", text, re.S):
+    kernel_attr = r"\[\[(?:[^\[\]]*?,\s*)?kernel\s*(?:,[^\[\]]*?)?\]\]"  # [[kernel]], [[kernel, max_total...(N)]]
+    for m in re.finditer(r"(" + kernel_attr + r"|\bkernel\b)((?:\s*\[\[.*?\]\])*)\s*void\s+(\w+)\s*\(", text, re.S):
         if any(s <= m.start() < e for s, e, _ in edits):
             continue  # inside an instantiation
         name = m.group(3)
@@ -245,8 +246,10 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
         plist = text[open_paren + 1:close - 1]
         before = text[max(0, m.start() - 400):m.start()]
         is_template = re.search(r"template\s*<[^;{}]*>\s*(\[\[[^;{}]*\]\]\s*)*$", before) is not None
-        mt = re.search(r"max_total_threads_per_threadgroup\s*\(\s*(\d+)\s*\)", m.group(0) + before[-200:])
-        kd = KernelDef(name, _parse_params(plist, src.where(m.start())), is_template, int(mt.group(1)) if mt else 0)
+        mt = re.search(r"max_total_threads_per_threadgroup\s*\((.+?)\)\s*(?:\]\]|,)", before[-200:] + m.group(0), re.S)
+        limit = " ".join(mt.group(1).split()) if mt else "0"
+        kd = KernelDef(name, _parse_params(plist, src.where(m.start())), is_template,
+                       int(limit) if limit.isdigit() else limit)
         defs[name] = kd
         edits.append((m.start(), m.start() + len(m.group(1)), " " * len(m.group(1))))
 
@@ -322,7 +325,7 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
             for p in kd.params)
         pinfo = pinfo or '{2, 0, ""}'
         gen.append(f"static const mcpu_param_info mcpu_params_{i}[] = {{ {pinfo} }};")
-    table = ", ".join(f'{{"{host}", mcpu_entry_{i}, {kd.max_threads}, {len(kd.params)}, mcpu_params_{i}}}'
+    table = ", ".join(f'{{"{host}", mcpu_entry_{i}, (uint32_t)({kd.max_threads}), {len(kd.params)}, mcpu_params_{i}}}'
                       for i, (host, _, kd) in enumerate(kernels))
     gen.append(f"static const mcpu_kernel_info mcpu_kernel_table[] = {{ {table or '{nullptr, nullptr, 0, 0, nullptr}'} }};")
     cases = []
@@ -331,10 +334,10 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
         cases.append(f"if (index == (uint32_t)({idx})) {{ if (type != {FC_TYPES[ty]}) return -2; {name} = {cast}; "
                      f"mcpu_fc_defined_{name} = true; return 0; }}")
     resets = " ".join(f"{name} = {ty}(); mcpu_fc_defined_{name} = false;" for ty, name, _ in fcs)
-    gen.append("static int mcpu_set_fc(uint32_t index, uint32_t type, uint32_t bits) {"
+    gen.append("static MCPU_TRAMPOLINE int mcpu_set_fc(uint32_t index, uint32_t type, uint32_t bits) {"
                f" (void)type; (void)bits; if (index == UINT32_MAX) {{ {resets} return 0; }} {' '.join(cases)} return -1; }}")
     gen.append('extern "C" __attribute__((visibility("default"))) const mcpu_library_info mcpu_library = '
-               f'{{ MCPU_ABI_VERSION, {len(kernels)}, mcpu_kernel_table, mcpu_set_fc, MCPU_SOURCE_PATH }};')
+               f'{{ MCPU_ABI_VERSION, {len(kernels)}, mcpu_kernel_table, mcpu_set_fc, mcpu_bind_runtime, MCPU_SOURCE_PATH }};')
     return Prepassed(source=out + "\n".join(gen) + "\n", check_source=out, kernels=kernels)
 
 

@@ -186,3 +186,17 @@ def test_set_bytes_and_offsets():
     torch.testing.assert_close(out[:10], a[2:12] * 2 + 1)
     assert torch.all(out[10:] == 0)
     assert stats.loaded[0] == 40 and stats.stored[1] == 40 and stats.threadgroups == 1
+
+
+def test_overlapping_views_keep_every_write(lib):
+    buf = torch.zeros(8)
+    lib.dispatch("overlapping_views", (1, 1, 1), (2, 1, 1), buffers={0: buf[2:6], 1: buf[0:6]})
+    assert buf.tolist() == [0, 0, 1, 2, 0, 0, 0, 0]
+
+
+def test_combined_kernel_attribute(lib):
+    out = torch.zeros(64)
+    lib.dispatch("combined_attribute", (1, 1, 1), (64, 1, 1), buffers={0: out})
+    assert torch.all(out == 3)
+    with pytest.raises(metal_cpu.MetalCPUError, match=r"max_total_threads_per_threadgroup\(64\)"):
+        lib.dispatch("combined_attribute", (1, 1, 1), (128, 1, 1), buffers={0: torch.zeros(128)})

@@ -185,3 +185,17 @@ kernel void limits(device float* out [[buffer(0)]]) {
   out[2] = float(numeric_limits<half>::max());
   out[3] = numeric_limits<float>::infinity();
 }
+
+// Two views of one buffer, as transformers passes k_cache and v_cache: writes through both must land.
+kernel void overlapping_views(device float* a [[buffer(0)]], device float* b [[buffer(1)]],
+                              uint i [[thread_position_in_grid]]) {
+  if (i == 0) a[0] = 1.0f;  // inside the overlap
+  if (i == 1) b[3] = 2.0f;  // inside the overlap too, another element
+}
+
+// MLX's attribute form, with a named thread limit.
+constant constexpr uint kCombinedLimit = 64;
+[[kernel, max_total_threads_per_threadgroup(kCombinedLimit)]] void combined_attribute(device float* out [[buffer(0)]],
+                                                                                      uint i [[thread_position_in_grid]]) {
+  out[i] = 3.0f;
+}

@@ -7,7 +7,7 @@
 extern "C" {
 #endif
 
-#define MCPU_ABI_VERSION 1
+#define MCPU_ABI_VERSION 2
 
 // What the runtime passes a GPU thread: on the thread's own stack, so reading it is not a device access.
 typedef struct {
@@ -41,6 +41,27 @@ typedef struct {
   const mcpu_param_info* params;
 } mcpu_kernel_info;
 
+// The runtime's services, handed to each library when it is opened: a library calls the runtime that opened it
+// (never a symbol resolved globally, so two runtimes in one process cannot capture each other's kernels).
+// `pc` is a return address in the kernel code, for error reports.
+typedef struct {
+  void (*access)(void* addr, uint32_t size, int is_store, void* pc);  // every instrumented load / store
+  void* (*threadgroup_alloc)(uint32_t size, uint32_t align, uint32_t decl_id, void* pc);
+  // Barriers and collectives name their call site in the .metal source (file, line, column): threads meet where
+  // the source says they meet, whatever the compiler duplicated.
+  void (*threadgroup_barrier)(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column);
+  void (*simdgroup_barrier)(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column);
+  // A simd collective: each calling lane deposits `size` bytes; on return `all` holds 32 slots of `size` bytes
+  // (the deposits of the lanes that took part, in lane order) and the result is the mask of those lanes.
+  uint32_t (*simd_exchange)(const void* value, uint32_t size, void* all, const char* file, uint32_t line,
+                            uint32_t column);
+  uint32_t (*lane_id)(void);
+  // Atomics are executed by the library (one thread at a time, so plain operations) after this check: bounds
+  // and traffic as for any access, no race report (atomics do not race).
+  void (*atomic_access)(void* addr, uint32_t size, int is_store, void* pc);
+  void (*fatal)(const char* message, void* pc);
+} mcpu_runtime_api;
+
 // Exported by every compiled library.
 typedef struct {
   uint32_t abi_version;
@@ -49,24 +70,9 @@ typedef struct {
   // Resets every function constant to "undefined" when index == UINT32_MAX; else defines constant `index`.
   // Returns 0, or -1 when the library declares no such constant, -2 when `type` differs from its declared type.
   int (*set_function_constant)(uint32_t index, uint32_t type, uint32_t bits);
+  void (*bind_runtime)(const mcpu_runtime_api* runtime);
   const char* source_path;
 } mcpu_library_info;
-
-// Services of the runtime that the shim calls (not instrumented).
-void* mcpu_threadgroup_alloc(uint32_t size, uint32_t align, uint32_t decl_id);
-// Barriers and collectives name their call site in the .metal source (file, line, column): threads meet where
-// the source says they meet, whatever the compiler duplicated.
-void mcpu_threadgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column);
-void mcpu_simdgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column);
-// A simd collective: each calling lane deposits `size` bytes; on return `all` holds 32 slots of `size` bytes
-// (the deposits of the lanes that took part, in lane order) and the result is the mask of those lanes.
-uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* all, const char* file, uint32_t line,
-                            uint32_t column);
-uint32_t mcpu_lane_id(void);
-// Atomics are executed by the runtime (one thread at a time, so plain operations), with bounds checks and
-// traffic counted, and no race report (atomics do not race).
-void mcpu_atomic_access(void* addr, uint32_t size, int is_store);
-void mcpu_fatal(const char* message);
 
 #define MCPU_MEM_NONE 0u
 #define MCPU_MEM_DEVICE 1u

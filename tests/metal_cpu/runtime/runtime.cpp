@@ -571,11 +571,13 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   char* arena = (char*)map(arena_size);
   if (!arena) return error("cannot map the buffer arena");
   size_t at = kGuard;
+  std::vector<std::vector<char>> snapshots;  // what each buffer held before the dispatch
   for (const Pending& p : pending) {
     // The copy ends exactly where its guard gap starts (rounded to 16 bytes for alignment), so an overrun by
     // even one element leaves the slot.
     size_t start = at + round_up(p.len, 4096) - round_up(p.len, 16);
     if (p.len) memcpy(arena + start, p.src, p.len);
+    snapshots.emplace_back((const char*)p.src, (const char*)p.src + (p.is_bytes ? 0 : p.len));
     slots.push_back({(uintptr_t)(arena + start), (uintptr_t)(arena + start + p.len), p.index, p.is_bytes, p.host});
     at += round_up(p.len, 4096) + kGuard;
   }
@@ -661,9 +663,15 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
                                                            : format("random schedule, seed %llu", (unsigned long long)g.options.seed).c_str(),
                       g.error.c_str()));
   } else {
-    for (const Slot& s : g.slots) {
-      size_t len = s.hi - s.lo;
-      if (!s.is_bytes && len && memcmp(s.host, (void*)s.lo, len) != 0) memcpy(s.host, (void*)s.lo, len);
+    // Copy back only the bytes the kernel changed: two bound views of one buffer (k_cache and v_cache one page
+    // apart) must not undo each other's writes.
+    for (size_t i = 0; i < g.slots.size(); ++i) {
+      const Slot& s = g.slots[i];
+      const char* now = (const char*)s.lo;
+      const char* before = snapshots[i].data();
+      char* host = (char*)s.host;
+      for (size_t k = 0, len = s.hi - s.lo; !s.is_bytes && k < len; ++k)
+        if (now[k] != before[k]) host[k] = now[k];
     }
     g.log[g.log_count % MCPU_STATS_LOG] = g.stats;
     ++g.log_count;
@@ -674,41 +682,29 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   return rc;
 }
 
-}  // namespace
-
 // ---------------------------------------------------------------------------------------------------------------
-// SanitizerCoverage hooks: every load and store of the kernel libraries.
-#define MCPU_HOOKS(N, T)                                                                               \
-  extern "C" void __sanitizer_cov_load##N(T* p) { on_access((void*)p, N, false, __builtin_return_address(0)); } \
-  extern "C" void __sanitizer_cov_store##N(T* p) { on_access((void*)p, N, true, __builtin_return_address(0)); }
-MCPU_HOOKS(1, uint8_t)
-MCPU_HOOKS(2, uint16_t)
-MCPU_HOOKS(4, uint32_t)
-MCPU_HOOKS(8, uint64_t)
-MCPU_HOOKS(16, __int128)
-#undef MCPU_HOOKS
+// Services for the libraries (mcpu_runtime_api).
+void service_access(void* addr, uint32_t size, int is_store, void* pc) { on_access(addr, size, is_store != 0, pc); }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Services for the shim.
-extern "C" void* mcpu_threadgroup_alloc(uint32_t size, uint32_t align, uint32_t decl_id) {
+void* service_threadgroup_alloc(uint32_t size, uint32_t align, uint32_t decl_id, void* pc) {
   for (auto& d : g.tg_decls)
     if (d.first == decl_id) return g.tg_mem + d.second;
   uint32_t offset = (uint32_t)round_up(g.tg_used, std::max<uint32_t>(align, 16));
   if (offset + size > kThreadgroupMemoryLimit)
     fail_on_fiber(format("threadgroup memory: %u bytes requested, %u already used, limit 32 KB, at %s", size, offset,
-                         locate(__builtin_return_address(0)).c_str()));
+                         locate(pc).c_str()));
   g.tg_used = offset + size;
   g.tg_decls.push_back({decl_id, offset});
   return g.tg_mem + offset;
 }
 
-extern "C" void mcpu_threadgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column) {
+void service_threadgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column) {
   g.current->flags = mem_flags;
   block(State::kBarrier, Site{file, line, column});
 }
 
-extern "C" uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* all, const char* file, uint32_t line,
-                                       uint32_t column) {
+uint32_t service_simd_exchange(const void* value, uint32_t size, void* all, const char* file, uint32_t line,
+                               uint32_t column) {
   Fiber* f = g.current;
   f->value = value;
   f->value_size = size;
@@ -718,7 +714,7 @@ extern "C" uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* a
   return f->result_mask;
 }
 
-extern "C" void mcpu_simdgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column) {
+void service_simdgroup_barrier(uint32_t mem_flags, const char* file, uint32_t line, uint32_t column) {
   Fiber* f = g.current;
   uint32_t dummy = 0, all[kSimdWidth];
   f->value = &dummy;
@@ -728,11 +724,10 @@ extern "C" void mcpu_simdgroup_barrier(uint32_t mem_flags, const char* file, uin
   block(State::kSimd, Site{file, line, column});
 }
 
-extern "C" uint32_t mcpu_lane_id(void) { return g.current->args.thread_index_in_simdgroup; }
+uint32_t service_lane_id() { return g.current->args.thread_index_in_simdgroup; }
 
-extern "C" void mcpu_atomic_access(void* addr, uint32_t size, int is_store) {
+void service_atomic_access(void* addr, uint32_t size, int is_store, void* pc) {
   uintptr_t a = (uintptr_t)addr;
-  void* pc = __builtin_return_address(0);
   if (++g.current->accesses > kSpinLimit)
     fail_on_fiber(format("deadlock: %s made %llu memory accesses without reaching a barrier or simd collective "
                          "(spinning on an atomic no other thread can change?), at %s",
@@ -748,19 +743,21 @@ extern "C" void mcpu_atomic_access(void* addr, uint32_t size, int is_store) {
   check_device_access(a, size, is_store != 0, pc);
 }
 
-extern "C" void mcpu_fatal(const char* message) {
-  fail_on_fiber(format("%s, by %s, at %s", message, thread_name(g.current).c_str(),
-                       locate(__builtin_return_address(0)).c_str()));
+void service_fatal(const char* message, void* pc) {
+  fail_on_fiber(format("%s, by %s, at %s", message, thread_name(g.current).c_str(), locate(pc).c_str()));
 }
+
+const mcpu_runtime_api kRuntimeApi = {service_access,         service_threadgroup_alloc, service_threadgroup_barrier,
+                                      service_simdgroup_barrier, service_simd_exchange,  service_lane_id,
+                                      service_atomic_access,  service_fatal};
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
 // Public API.
 struct mcpu_library : Library {};
 
 extern "C" mcpu_library* mcpu_open(const char* path, char* err, size_t err_len) {
-  // Kernel libraries resolve the hooks and services against this runtime: make its symbols global first.
-  Dl_info self;
-  if (dladdr((void*)&mcpu_open, &self) && self.dli_fname) dlopen(self.dli_fname, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD);
   void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!h) {
     snprintf(err, err_len, "cannot load %s: %s", path, dlerror());
@@ -772,6 +769,7 @@ extern "C" mcpu_library* mcpu_open(const char* path, char* err, size_t err_len) 
     dlclose(h);
     return nullptr;
   }
+  info->bind_runtime(&kRuntimeApi);
   auto* lib = new mcpu_library();
   lib->handle = h;
   lib->info = info;
@@ -801,6 +799,7 @@ extern "C" mcpu_library* mcpu_open(const char* path, char* err, size_t err_len) 
 extern "C" int mcpu_dispatch(mcpu_library* lib, const mcpu_dispatch_desc* desc, char* err, size_t err_len) {
   std::lock_guard<std::mutex> guard(g.lock);
   load_default_options();
+  lib->info->bind_runtime(&kRuntimeApi);  // a library opened by two runtimes calls the one dispatching it
   return dispatch_locked(lib, desc, err, err_len);
 }
 

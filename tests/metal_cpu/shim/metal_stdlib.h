@@ -74,6 +74,43 @@ MCPU_VECTORS(bool)
 #define M_SQRT2_F 1.41421356237309504880f
 #define M_SQRT1_2_F 0.707106781186547524401f
 
+// ---- the runtime that opened this library (see mcpu_runtime_api) -------------------------------------------------
+// Trampolines are not instrumented and not inlined: their return address is the kernel code that called them.
+#define MCPU_TRAMPOLINE __attribute__((noinline, no_sanitize("coverage")))
+static const mcpu_runtime_api* mcpu_runtime;
+static MCPU_TRAMPOLINE void mcpu_bind_runtime(const mcpu_runtime_api* runtime) { mcpu_runtime = runtime; }
+#define MCPU_HOOKS(N)                                                                      \
+  extern "C" MCPU_TRAMPOLINE void __sanitizer_cov_load##N(void* p) {                       \
+    mcpu_runtime->access(p, N, 0, __builtin_return_address(0));                            \
+  }                                                                                        \
+  extern "C" MCPU_TRAMPOLINE void __sanitizer_cov_store##N(void* p) {                      \
+    mcpu_runtime->access(p, N, 1, __builtin_return_address(0));                            \
+  }
+MCPU_HOOKS(1)
+MCPU_HOOKS(2)
+MCPU_HOOKS(4)
+MCPU_HOOKS(8)
+MCPU_HOOKS(16)
+#undef MCPU_HOOKS
+static MCPU_TRAMPOLINE void* mcpu_threadgroup_alloc(uint32_t size, uint32_t align, uint32_t decl_id) {
+  return mcpu_runtime->threadgroup_alloc(size, align, decl_id, __builtin_return_address(0));
+}
+static MCPU_TRAMPOLINE void mcpu_threadgroup_barrier(uint32_t flags, const char* file, uint32_t line, uint32_t col) {
+  mcpu_runtime->threadgroup_barrier(flags, file, line, col);
+}
+static MCPU_TRAMPOLINE void mcpu_simdgroup_barrier(uint32_t flags, const char* file, uint32_t line, uint32_t col) {
+  mcpu_runtime->simdgroup_barrier(flags, file, line, col);
+}
+static MCPU_TRAMPOLINE uint32_t mcpu_simd_exchange(const void* value, uint32_t size, void* all, const char* file,
+                                                   uint32_t line, uint32_t col) {
+  return mcpu_runtime->simd_exchange(value, size, all, file, line, col);
+}
+static MCPU_TRAMPOLINE uint32_t mcpu_lane_id() { return mcpu_runtime->lane_id(); }
+static MCPU_TRAMPOLINE void mcpu_atomic_access(void* addr, uint32_t size, int is_store) {
+  mcpu_runtime->atomic_access(addr, size, is_store, __builtin_return_address(0));
+}
+static MCPU_TRAMPOLINE void mcpu_fatal(const char* message) { mcpu_runtime->fatal(message, __builtin_return_address(0)); }
+
 namespace metal {
 
 // ---- type traits over scalars and ext vectors -------------------------------------------------------------------
