@@ -128,7 +128,8 @@ def cache_dir() -> Path:
 
 
 def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-          fast_math: bool = True, out_dir=None, kernels: Optional[Sequence[str]] = None, jobs: int = 2) -> Path:
+          fast_math: bool = True, out_dir=None, kernels: Optional[Sequence[str]] = None, jobs: int = 2,
+          extra_flags: Sequence[str] = ()) -> Path:
     """Compiles every kernel of `metal_path` (or those named in `kernels`) to PTX; returns the folder holding
     manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target."""
     metal_path = Path(metal_path)
@@ -141,7 +142,7 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         raise MetalCompileError(f"{metal_path.name}: no kernel named {sorted(missing)}")
 
     h = hashlib.sha256()
-    for part in (text, repr((fast_math, sorted((defines or {}).items()), [k[0] for k in selected])),
+    for part in (text, repr((fast_math, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags))),
                  SHIM.read_text(), Path(__file__).read_text(), (HERE.parent / "metal_cpu" / "compiler.py").read_text()):
         h.update(part.encode())
     out = Path(out_dir) if out_dir else cache_dir() / f"{metal_path.stem}-{h.hexdigest()[:16]}"
@@ -150,6 +151,7 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
     out.mkdir(parents=True, exist_ok=True)
 
     flags = CUDA_FLAGS + ["-include", str(SHIM)] + (["-ffast-math", "-DMCU_FAST_MATH"] if fast_math else [])
+    flags += list(extra_flags)
     body = pre.check_source + "\n#line 1 \"<mcu-generated>\"\n" + _fc_globals(fcs)
 
     def one(kernel):

@@ -75,11 +75,8 @@ MCU_VECTORS(bool)
 
 // ---- PTX special registers and instructions -----------------------------------------------------------------------
 MCU_INLINE uint mcu_lane_id() { return __nvvm_read_ptx_sreg_laneid(); }
-MCU_INLINE uint mcu_active_mask() {
-  uint m;
-  asm volatile("activemask.b32 %0;" : "=r"(m));
-  return m;
-}
+// The builtin, not inline asm: asm would count as a memory access and pin every load in the kernels' loops.
+MCU_INLINE uint mcu_active_mask() { return __nvvm_activemask(); }
 MCU_INLINE float mcu_ex2_approx(float x) { return __nvvm_ex2_approx_f(x); }  // 2^x, rel. error ~2^-22
 MCU_INLINE float mcu_lg2_approx(float x) { return __nvvm_lg2_approx_f(x); }  // log2 x, abs. error ~2^-22
 MCU_INLINE float mcu_sin_approx(float x) { return __nvvm_sin_approx_f(x); }
