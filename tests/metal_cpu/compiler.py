@@ -409,7 +409,9 @@ def compile_cached(metal_path, include_dirs: Sequence[str] = (), defines: Option
 
 
 def build_runtime(out_dir=None) -> Path:
-    """Builds libmetal_cpu.so (not instrumented) into `out_dir`, or into the cache keyed by its sources."""
+    """Builds libmetal_cpu.so (not instrumented) into `out_dir`, or into the cache keyed by its sources. The soname is
+    the file name: the tests' cached runtime and a package build's libmetal_cpu.so stay two runtimes in one process
+    (the dynamic linker would otherwise hand the package the first one loaded)."""
     if out_dir is None:
         out = cache_dir() / f"libmetal_cpu-{_file_hash(RUNTIME_SOURCES)}.so"
         if out.exists():
@@ -419,7 +421,7 @@ def build_runtime(out_dir=None) -> Path:
         out = Path(out_dir) / "libmetal_cpu.so"
     tmp = str(out) + f".{os.getpid()}.tmp"
     _run([clang(), "-x", "c++", "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wextra",
-          "-Wl,-soname,libmetal_cpu.so", str(HERE / "runtime" / "runtime.cpp"), "-o", tmp, "-ldl", "-lstdc++"],
+          f"-Wl,-soname,{out.name}", str(HERE / "runtime" / "runtime.cpp"), "-o", tmp, "-ldl", "-lstdc++"],
          "building the metal_cpu runtime")
     os.replace(tmp, out)
     return out
