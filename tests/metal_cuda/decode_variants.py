@@ -23,6 +23,26 @@ VARIANTS = {
     "precise math": dict(fast_math=False),
 }
 INDEX = compiler.cache_dir() / "variants.json"
+# Experiment on a copy (flash_sdpa/ untouched): register rows per threadgroup matched to the benchmark's GQA group x
+# sq = 4, instead of FLASH_SDPA_PAGED_ROWS(128) = 16. Valid only where group x sq <= 4 (the planner still computes
+# row_blocks with 16: one row block either way).
+ROWS4 = {"rows=4 (copy of the kernel)": dict(), "rows=4, unroll-threshold 30000": dict(
+    extra_flags=["-mllvm", "-unroll-threshold=30000"])}
+
+
+def _rows4_copy() -> Path:
+    import shutil
+
+    src_dir = compiler.FLASH_SDPA
+    dst = compiler.cache_dir() / "rows4_src"
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("paged_decode_attention.metal", "paged_decode_attention.h"):
+        shutil.copy(src_dir / name, dst / name)
+    params = (src_dir / "paged_params.h").read_text()
+    old = "#define FLASH_SDPA_PAGED_ROWS(D) ((D) <= 128 ? 16 : 8)"
+    assert old in params, "FLASH_SDPA_PAGED_ROWS changed: update the experiment"
+    (dst / "paged_params.h").write_text(params.replace(old, "#define FLASH_SDPA_PAGED_ROWS(D) ((D) <= 128 ? 4 : 8)"))
+    return dst
 
 
 def build():
@@ -33,6 +53,11 @@ def build():
         if "extra_flags" in kw:  # later flags win over CUDA_FLAGS' threshold
             kw["extra_flags"] = list(kw["extra_flags"])
         path = compiler.build(src, [str(d) for d in inc], kernels=KERNELS, **kw)
+        index[name] = path.name
+        print(name, "->", path.name)
+    copy = _rows4_copy()
+    for name, kw in ROWS4.items():
+        path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS, **kw)
         index[name] = path.name
         print(name, "->", path.name)
     INDEX.write_text(json.dumps(index, indent=1))
@@ -67,6 +92,11 @@ def once():
 
     import bench
     import gpu_common as gc
+    from metal_cuda import launch
+
+    if len(sys.argv) > 2:
+        folder = json.loads(INDEX.read_text())[sys.argv[2]]
+        gc._LIBS = dict(gc.libraries(), paged_decode_attention=launch.Library(compiler.cache_dir() / folder))
 
     case = gc.make_paged_case(1, 16384, 32, 8, 128, torch.float16, 16, sk_new=0, full_length=True,
                               padded_rows=False, seed=1)
