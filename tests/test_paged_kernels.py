@@ -403,15 +403,9 @@ def test_features(feature, num_splits, sq):
     check_case(c, num_splits=num_splits, **FEATURES[feature])
 
 
-# The emulator copies a bound buffer back whole when any byte changed, so two bound views whose extents overlap
-# (interleaved k/v pages) lose one view's writes: reported to the emulator's owner. Reads through them are exact.
-EMULATOR_ALIASED_WRITES = pytest.mark.xfail(reason="emulator: overlapping bound buffers are copied back whole",
-                                            strict=False)
-
-
 @pytest.mark.parametrize("block_size", [1, 5, 16, 32, 256])
 @pytest.mark.parametrize("layout,sk_new", [("halves", 2), ("separate", 2), ("interleaved", 0),
-                                           pytest.param("interleaved", 2, marks=EMULATOR_ALIASED_WRITES)])
+                                           ("interleaved", 2)])
 def test_block_sizes_and_layouts(block_size, layout, sk_new):
     c = make_case(block_size=block_size, layout=layout, sk_new=sk_new, sq=2, seed=block_size, max_len=60)
     check_case(c, window=(-1, 0), num_splits=2)
