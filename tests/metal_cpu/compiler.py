@@ -350,7 +350,7 @@ def _builtins_lib() -> Optional[str]:
     return p if r.returncode == 0 and p and os.path.exists(p) else None
 
 
-COMMON_FLAGS = ["-x", "c++", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-Wall", "-Wextra",
+COMMON_FLAGS = ["-x", "c++", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-Wall", "-Wextra", "-Werror",
                 "-Wno-unused-parameter", "-Wno-unused-variable", "-Wno-unused-function", "-Wno-unknown-attributes",
                 "-Wno-unused-but-set-variable", "-Xclang", "-ffloat16-excess-precision=none",
                 "-Xclang", "-fbfloat16-excess-precision=none"]

@@ -170,3 +170,13 @@ def test_compile_rejects(tmp_path, name):
     src.write_text("#include <metal_stdlib>\nusing namespace metal;\n" + body)
     with pytest.raises(metal_cpu.MetalCompileError, match=pattern):
         metal_cpu.compile(src)
+
+
+def test_fast_math_rejects_infinity(tmp_path):
+    # Metal compiles with fast math: a kernel that relies on inf (e.g. masking with -INFINITY) is undefined there.
+    src = tmp_path / "inf_mask.metal"
+    src.write_text("#include <metal_stdlib>\nusing namespace metal;\n"
+                   "kernel void k(device float* out [[buffer(0)]]) { out[0] = -INFINITY; }\n")
+    metal_cpu.compile(src, fast_math=False)
+    with pytest.raises(metal_cpu.MetalCompileError, match=r"use of infinity is undefined behavior"):
+        metal_cpu.compile(src, fast_math=True)

@@ -178,13 +178,16 @@ kernel void atomics(device atomic_int* counter [[buffer(0)]], device atomic_floa
   if (tid == 0) per_tg[tg] = atomic_load_explicit(&local, memory_order_relaxed);
 }
 
-// A numeric_limits / select idiom used by attention kernels (finite masking under fast math).
+// numeric_limits. infinity() is undefined under fast math: clang says so (an error with -Werror), here silenced.
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wnan-infinity-disabled"
 kernel void limits(device float* out [[buffer(0)]]) {
   out[0] = numeric_limits<float>::max();
   out[1] = numeric_limits<float>::lowest();
   out[2] = float(numeric_limits<half>::max());
   out[3] = numeric_limits<float>::infinity();
 }
+#pragma clang diagnostic pop
 
 // Two views of one buffer, as transformers passes k_cache and v_cache: writes through both must land.
 kernel void overlapping_views(device float* a [[buffer(0)]], device float* b [[buffer(1)]],

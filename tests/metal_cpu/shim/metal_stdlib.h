@@ -351,6 +351,10 @@ MCPU_INLINE mcpu_elem_t<V> dot(V a, V b) {
   for (int i = 1; i < mcpu_width<V>; ++i) s += a[i] * b[i];
   return s;
 }
+// Under fast math clang warns at every inf/NaN use in kernel code (as it should: Metal's fast math makes them
+// undefined); the definitions here are not such uses.
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wnan-infinity-disabled"
 MCPU_INLINE bool isnan(float x) { return __builtin_isnan(x); }
 MCPU_INLINE bool isnan(half x) { return __builtin_isnan((float)x); }
 MCPU_INLINE bool isnan(bfloat x) { return __builtin_isnan((float)x); }
@@ -358,6 +362,7 @@ MCPU_INLINE bool isinf(float x) { return __builtin_isinf(x); }
 MCPU_INLINE bool isinf(half x) { return __builtin_isinf((float)x); }
 MCPU_INLINE bool isinf(bfloat x) { return __builtin_isinf((float)x); }
 MCPU_INLINE bool isfinite(float x) { return __builtin_isfinite(x); }
+#pragma clang diagnostic pop
 MCPU_INLINE uint popcount(uint x) { return (uint)__builtin_popcount(x); }
 MCPU_INLINE uint ctz(uint x) { return x ? (uint)__builtin_ctz(x) : 32u; }
 MCPU_INLINE uint clz(uint x) { return x ? (uint)__builtin_clz(x) : 32u; }
