@@ -120,7 +120,8 @@ def main():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
         results[impl] = (out[:, width:].cpu(), time.perf_counter() - start)
     tokens, seconds = results[KERNEL]
-    print(f"\ngenerate(): {len(prompts)} prompts (lengths {[len(p) for p in prompts]}), {args.new_tokens} new tokens each")
+    lengths = [len(p) for p in prompts]
+    print(f"\ngenerate(): {len(prompts)} prompts (lengths {lengths}), {args.new_tokens} new tokens each")
     for row in tokens.tolist():
         print("  ", row)
     print(f"  {tokens.numel() / seconds:.1f} tokens/s; same tokens as sdpa: {torch.equal(tokens, results['sdpa'][0])}")

@@ -25,7 +25,13 @@ import tiny_models as tm  # noqa: E402
 
 tm.kernel_environment()  # no-op under conftest.py, which already set LOCAL_KERNELS / HF_HUB_OFFLINE
 
-REFERENCE_IMPL = {"llama-gqa": "sdpa", "gemma2": "eager", "gemma2-global": "eager", "gpt-oss": "eager", "gpt-oss-full": "eager"}
+REFERENCE_IMPL = {
+    "llama-gqa": "sdpa",
+    "gemma2": "eager",
+    "gemma2-global": "eager",
+    "gpt-oss": "eager",
+    "gpt-oss-full": "eager",
+}
 GENERATE_PROMPT_LENGTHS = [6, 13, 9]
 NEW_TOKENS = 12
 # Continuous batching: prompt lengths that, with NEW_TOKENS, cross page boundaries at page sizes 16 and 32.

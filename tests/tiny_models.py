@@ -115,7 +115,7 @@ def random_prompts(lengths: List[int], seed: int = 1) -> List[List[int]]:
 
 
 def left_padded(prompts: List[List[int]]):
-    """(input_ids, attention_mask) [B, max_len] on model_device(), padded on the left as decoder-only generate() wants."""
+    """(input_ids, attention_mask) [B, max_len] on model_device(), left-padded as decoder-only generate() wants."""
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros_like(ids)
