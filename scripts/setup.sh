@@ -17,6 +17,7 @@ if ! command -v clang-19 >/dev/null || ! ls /usr/lib/llvm-19/lib/clang/19/lib/li
 fi
 
 PY="${PYTHON:-python3}"
-"$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0" numpy pytest "kernels==0.17.2"
+"$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0" "numpy==2.4.6" "pytest==9.0.3" "kernels==0.17.2" \
+  "transformers==5.22.2"
 
 "$PY" scripts/build_emulated.py
