@@ -401,7 +401,7 @@ def compile_cached(metal_path, include_dirs: Sequence[str] = (), defines: Option
     h = hashlib.sha256()
     h.update(text.encode())
     h.update(repr((fast_math, sorted((defines or {}).items()))).encode())
-    h.update(_file_hash([SHIM, Path(__file__), HERE / "runtime" / "mcpu_abi.h"]).encode())
+    h.update(_file_hash([*sorted((HERE / "shim").glob("*.h")), Path(__file__), HERE / "runtime" / "mcpu_abi.h"]).encode())
     out = cache_dir() / f"{metal_path.stem}{'-fastmath' if fast_math else ''}-{h.hexdigest()[:16]}.so"
     if not out.exists():
         compile_to(metal_path, out, include_dirs, defines, fast_math)

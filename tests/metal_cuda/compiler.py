@@ -28,6 +28,7 @@ from metal_cpu.compiler import (FC_TYPES, BUILTINS, MetalCompileError, _preproce
                                 prepass)
 
 SHIM = HERE / "shim" / "metal_stdlib.h"
+SHIM_CORE = HERE.parent / "metal_cpu" / "shim" / "msl_types.h"  # the part shared with the CPU shim
 ARCH = "sm_90"
 CUDA_FLAGS = ["-x", "cuda", "--cuda-device-only", f"--cuda-gpu-arch={ARCH}", "-nocudainc", "-nocudalib",
               "-std=c++17", "-O3", "-S", "-Wall", "-Wno-unused-parameter", "-Wno-unused-variable",
@@ -143,7 +144,8 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
 
     h = hashlib.sha256()
     for part in (text, repr((fast_math, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags))),
-                 SHIM.read_text(), Path(__file__).read_text(), (HERE.parent / "metal_cpu" / "compiler.py").read_text()):
+                 SHIM.read_text(), SHIM_CORE.read_text(), Path(__file__).read_text(),
+                 (HERE.parent / "metal_cpu" / "compiler.py").read_text()):
         h.update(part.encode())
     out = Path(out_dir) if out_dir else cache_dir() / f"{metal_path.stem}-{h.hexdigest()[:16]}"
     if (out / "manifest.json").exists():
@@ -201,7 +203,7 @@ def _sources_hash(path: Path, include_dirs) -> str:
     h = hashlib.sha256()
     files = [path] + sorted(f for d in [path.parent, *include_dirs] for f in Path(d).glob("*") if f.suffix in
                             (".h", ".metal"))
-    for f in files + [SHIM, Path(__file__), HERE.parent / "metal_cpu" / "compiler.py"]:
+    for f in files + [SHIM, SHIM_CORE, Path(__file__), HERE.parent / "metal_cpu" / "compiler.py"]:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 

@@ -32,46 +32,8 @@
 #define thread
 #define kernel
 
-typedef unsigned char uchar;
-typedef unsigned short ushort;
-typedef unsigned int uint;
-typedef unsigned long ulong;
-typedef _Float16 half;
-typedef __bf16 bfloat;
-
-#define MCU_VECTORS(T)                                \
-  typedef T T##2 __attribute__((ext_vector_type(2))); \
-  typedef T T##3 __attribute__((ext_vector_type(3))); \
-  typedef T T##4 __attribute__((ext_vector_type(4)));
-MCU_VECTORS(float)
-MCU_VECTORS(half)
-MCU_VECTORS(bfloat)
-MCU_VECTORS(int)
-MCU_VECTORS(uint)
-MCU_VECTORS(short)
-MCU_VECTORS(ushort)
-MCU_VECTORS(char)
-MCU_VECTORS(uchar)
-MCU_VECTORS(long)
-MCU_VECTORS(ulong)
-MCU_VECTORS(bool)
-#undef MCU_VECTORS
-
-#define INFINITY __builtin_inff()
-#define HUGE_VALF __builtin_huge_valf()
-#define NAN __builtin_nanf("")
-#define FLT_MAX __FLT_MAX__
-#define FLT_MIN __FLT_MIN__
-#define FLT_EPSILON __FLT_EPSILON__
-#define HALF_MAX ((half)65504.0f)
-#define HALF_MIN ((half)6.103515625e-05f)
-#define M_PI_F 3.14159265358979323846f
-#define M_LOG2E_F 1.44269504088896340736f
-#define M_LOG10E_F 0.434294481903251827651f
-#define M_LN2_F 0.693147180559945309417f
-#define M_LN10_F 2.30258509299404568402f
-#define M_SQRT2_F 1.41421356237309504880f
-#define M_SQRT1_2_F 0.707106781186547524401f
+#define MSL_INLINE MCU_INLINE
+#include "../../metal_cpu/shim/msl_types.h"
 
 // ---- PTX special registers and instructions -----------------------------------------------------------------------
 MCU_INLINE uint mcu_lane_id() { return __nvvm_read_ptx_sreg_laneid(); }
@@ -83,97 +45,6 @@ MCU_INLINE float mcu_sin_approx(float x) { return __nvvm_sin_approx_f(x); }
 MCU_INLINE float mcu_cos_approx(float x) { return __nvvm_cos_approx_f(x); }
 
 namespace metal {
-
-// ---- type traits over scalars and ext vectors -------------------------------------------------------------------
-template <typename T>
-struct mcpu_vec_traits {
-  static constexpr int n = 1;
-  using elem = T;
-};
-template <typename T, int N>
-struct mcpu_vec_traits<T __attribute__((ext_vector_type(N)))> {
-  static constexpr int n = N;
-  using elem = T;
-};
-template <typename T>
-using mcpu_elem_t = typename mcpu_vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::elem;
-template <typename T>
-constexpr int mcpu_width = mcpu_vec_traits<std::remove_cv_t<std::remove_reference_t<T>>>::n;
-template <typename T, int N>
-using vec = T __attribute__((ext_vector_type(N)));
-
-// Scalar conversion as MSL does it (half <-> bfloat through float).
-template <typename To, typename From>
-MCU_INLINE To mcpu_convert(From x) {
-  if constexpr (std::is_same_v<To, From>) {
-    return x;
-  } else if constexpr (std::is_same_v<To, bool>) {
-    return (float)x != 0.0f;
-  } else if constexpr ((std::is_same_v<To, half> || std::is_same_v<To, bfloat>) &&
-                       (std::is_same_v<From, half> || std::is_same_v<From, bfloat>)) {
-    return (To)(float)x;
-  } else {
-    return (To)x;
-  }
-}
-
-// MSL vector constructors: the pre-pass rewrites float4(a, b.xy, ...) to mcpu_make<float4>(a, b.xy, ...).
-template <typename V, typename A>
-MCU_INLINE void mcpu_put(V& r, int& i, const A& a) {
-  using E = mcpu_elem_t<V>;
-  if constexpr (mcpu_width<A> == 1) {
-    r[i++] = mcpu_convert<E>(a);
-  } else {
-    for (int k = 0; k < mcpu_width<A>; ++k) r[i++] = mcpu_convert<E>(a[k]);
-  }
-}
-template <typename V, typename... A>
-MCU_INLINE V mcpu_make(const A&... a) {
-  constexpr int n = mcpu_width<V>;
-  V r{};
-  if constexpr (sizeof...(A) == 0) {
-    return r;
-  } else if constexpr (sizeof...(A) == 1 && ((mcpu_width<A> == 1) && ...)) {
-    for (int k = 0; k < n; ++k) r[k] = mcpu_convert<mcpu_elem_t<V>>(a...);  // splat
-    return r;
-  } else {
-    static_assert((mcpu_width<A> + ...) == n, "vector constructor: the arguments' components do not add up");
-    int i = 0;
-    (mcpu_put(r, i, a), ...);
-    return r;
-  }
-}
-
-template <typename To, typename From>
-MCU_INLINE To as_type(From x) {
-  static_assert(sizeof(To) == sizeof(From), "as_type: sizes differ");
-  return __builtin_bit_cast(To, x);
-}
-
-// ---- numeric_limits ---------------------------------------------------------------------------------------------
-template <typename T>
-struct numeric_limits;
-#define MCU_LIMITS(T, MAX, MIN, LOWEST, INF, EPS)  \
-  template <>                                      \
-  struct numeric_limits<T> {                       \
-    static constexpr bool is_specialized = true;   \
-    static constexpr T max() { return MAX; }       \
-    static constexpr T min() { return MIN; }       \
-    static constexpr T lowest() { return LOWEST; } \
-    static constexpr T infinity() { return INF; }  \
-    static constexpr T epsilon() { return EPS; }   \
-  };
-MCU_LIMITS(float, __FLT_MAX__, __FLT_MIN__, -__FLT_MAX__, __builtin_inff(), __FLT_EPSILON__)
-MCU_LIMITS(half, (half)65504.0f, (half)6.103515625e-05f, (half)-65504.0f, (half)__builtin_inff(), (half)0.0009765625f)
-MCU_LIMITS(bfloat, (bfloat)3.3895313892515355e38f, (bfloat)1.1754943508222875e-38f, (bfloat)-3.3895313892515355e38f,
-           (bfloat)__builtin_inff(), (bfloat)0.0078125f)
-MCU_LIMITS(int, 2147483647, (-2147483647 - 1), (-2147483647 - 1), 0, 0)
-MCU_LIMITS(uint, 4294967295u, 0u, 0u, 0u, 0u)
-MCU_LIMITS(short, (short)32767, (short)-32768, (short)-32768, (short)0, (short)0)
-MCU_LIMITS(ushort, (ushort)65535, (ushort)0, (ushort)0, (ushort)0, (ushort)0)
-MCU_LIMITS(long, 9223372036854775807l, (-9223372036854775807l - 1), (-9223372036854775807l - 1), 0l, 0l)
-MCU_LIMITS(ulong, 18446744073709551615ul, 0ul, 0ul, 0ul, 0ul)
-#undef MCU_LIMITS
 
 // ---- float kernels of the math functions --------------------------------------------------------------------------
 // 2^n for integer n in [-252, 254] without overflow of the exponent field: two factors.
@@ -749,17 +620,6 @@ MCU_INLINE bool atomic_compare_exchange_weak_explicit(A* obj, T* expected, T des
 }  // namespace metal
 
 // ---- what generated entry points use ----------------------------------------------------------------------------
-template <size_t I, typename F>
-struct mcpu_param;
-template <size_t I, typename R, typename First, typename... Rest>
-struct mcpu_param<I, R(First, Rest...)> : mcpu_param<I - 1, R(Rest...)> {};
-template <typename R, typename First, typename... Rest>
-struct mcpu_param<0, R(First, Rest...)> {
-  using type = First;
-};
-template <size_t I, typename F>
-using mcpu_param_t = typename mcpu_param<I, F>::type;
-
 // The kernel argument block: buffer pointers by [[buffer(i)]] (setBytes data is uploaded by the launcher and bound
 // like a buffer), and byte offsets of [[threadgroup(i)]] arguments in the dynamic shared memory.
 #define MCU_MAX_BUFFERS 31
