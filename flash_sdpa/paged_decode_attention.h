@@ -1,12 +1,15 @@
 // paged_decode_attention + paged_decode_combine: flash-decoding straight from a paged KV cache.
 //
 // One threadgroup per (split, KV head x row block, request). A row is one (query head of the KV group, query token)
-// pair; the threadgroup holds up to ROWS rows, so one pass over the KV head's keys serves the whole GQA group and
-// all sq tokens (each K/V byte is loaded once per row block; one row block up to ROWS rows).
+// pair; the threadgroup holds R rows (a template parameter: the planner picks the smallest R >= group x sq, extra row
+// blocks past the largest), so one pass over the KV head's keys serves the whole GQA group and all sq tokens.
 // Each of the 4 simdgroups owns every 4th tile of 32 keys in the split's key range:
-//   scores: lane j computes q.k for key (tile + j) for every row (q rows staged in threadgroup memory, fp32);
-//   online softmax per row in fp32 (simd_max / simd_sum over the 32 keys);
-//   P.V: lanes split D (d = lane + 32 i), p broadcast with simd_shuffle, each V row read once per simdgroup.
+//   stage: the tile's K rows go to threadgroup memory in chunks of 128 bytes per key, lanes across D, 16-byte
+//          loads (8 lanes read 128 contiguous bytes of one key);
+//   scores: lane j computes q.k of key j for the R rows (q rows in threadgroup memory, fp32, read as float4);
+//   online softmax per row in fp32, one max / rescale per tile (simd_max / simd_sum over the 32 keys);
+//   P.V: lanes across D (D / 32 contiguous dims per lane, vector loads), 4 V rows in flight, p read from
+//        threadgroup memory as float4 (4 keys per read instead of a shuffle per key and row).
 // At the end the simdgroups' (max, sum, acc) are merged through threadgroup memory.
 // Keys are read through block_table[b, t / block_size]: no gather, no copy.
 #pragma once
@@ -42,10 +45,11 @@ constant bool fc_decode_write_lse [[function_constant(FLASH_SDPA_FC_DECODE_WRITE
 constant bool fc_decode_alibi [[function_constant(FLASH_SDPA_FC_DECODE_ALIBI)]];
 constant bool fc_decode_sinks [[function_constant(FLASH_SDPA_FC_DECODE_SINKS)]];
 constant bool fc_decode_softcap [[function_constant(FLASH_SDPA_FC_DECODE_SOFTCAP)]];
+constant bool fc_decode_kv_aligned [[function_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED)]];
 constant bool fc_combine_write_lse [[function_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE)]];
 constant bool fc_combine_sinks [[function_constant(FLASH_SDPA_FC_COMBINE_SINKS)]];
 
-template <typename T, int D>
+template <typename T, int D, int R>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_DECODE_THREADS)]] kernel void paged_decode_attention(
     device const T* q [[buffer(FLASH_SDPA_DECODE_BUF_Q)]],
     device const T* k_cache [[buffer(FLASH_SDPA_DECODE_BUF_K_CACHE)]],
@@ -64,25 +68,42 @@ template <typename T, int D>
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   using namespace flash_sdpa::paged;
-  constexpr int ROWS = FLASH_SDPA_PAGED_ROWS(D);
-  constexpr int DPL = (D + kSimdWidth - 1) / kSimdWidth;  // P.V dims per lane
   constexpr int NSG = kDecodeSimdgroups;
-  static_assert(ROWS * D * 4 + 2 * NSG * ROWS * 4 <= 32768, "threadgroup memory over 32 KB");
+  constexpr int KT = kKeysPerTile;           // keys per tile: one per lane in the score pass
+  constexpr int VK = 16 / int(sizeof(T));    // K elements per lane per staging load: 16 bytes
+  constexpr int KC = 8 * VK;                 // dims per staged chunk: 8 lanes x 16 B = 128 contiguous bytes of a key
+  constexpr int LPK = KC / VK;               // lanes per key row while staging
+  constexpr int KPI = KT / LPK;              // key rows per staging step
+  constexpr int NIT = KT / KPI;              // staging steps per chunk
+  constexpr int KP = KC + VK;                // tile pitch (elements): rows stay 16-byte aligned, banks shift per row
+  constexpr int NCH = (D + KC - 1) / KC;     // chunks per key row
+  constexpr bool CONTIG = D % KT == 0;       // P.V: D / 32 contiguous dims per lane (vector loads), else strided
+  constexpr int EPL = (D + KT - 1) / KT;     // P.V dims per lane
+  constexpr int VV = CONTIG ? (EPL % 4 == 0 ? 4 : (EPL % 2 == 0 ? 2 : 1)) : 1;  // P.V vector width
+  constexpr int VVT = VV > 1 ? VV : 2;       // the vector type's width (unused when VV == 1)
+  constexpr int KTILE_BYTES = KT * KP * int(sizeof(T));
+  constexpr int SCR = (KTILE_BYTES > R * KT * 4 ? KTILE_BYTES : R * KT * 4) / 16;  // float4 per simdgroup scratch
+  static_assert(D % 8 == 0, "head dims are multiples of 8: 16-byte K loads, float4 q reads");
+  static_assert(KT % LPK == 0 && KTILE_BYTES % 16 == 0, "staging layout");
+  static_assert(R * D * 4 + NSG * SCR * 16 + NSG * KT * 8 + 2 * NSG * R * 4 <= 32768, "threadgroup memory over 32 KB");
 
-  threadgroup float acc_tg[ROWS * D];     // scaled q rows (fp32); after the key loop, the merged accumulator
-  threadgroup float m_tg[NSG * ROWS];     // per simdgroup running max
-  threadgroup float l_tg[NSG * ROWS];     // per simdgroup sum of exp
+  threadgroup float4 q_tg[R * D / 4];        // scaled q rows (fp32); after the key loop, the merged accumulator
+  threadgroup float4 scratch_tg[NSG * SCR];  // per simdgroup: the staged K chunk (T), then the tile's p (fp32 [R][32])
+  threadgroup int2 loc_tg[NSG * KT];         // per simdgroup: (block id, slot) of the tile's keys; block -1: skip
+  threadgroup float m_tg[NSG * R];           // per simdgroup running max
+  threadgroup float l_tg[NSG * R];           // per simdgroup sum of exp
+  threadgroup float* acc_tg = reinterpret_cast<threadgroup float*>(q_tg);
 
   const int split = int(tgid.x);
   const int hkv = int(tgid.y) / p.row_blocks;
-  const int row0 = (int(tgid.y) % p.row_blocks) * ROWS;
+  const int row0 = (int(tgid.y) % p.row_blocks) * R;
   const int b = int(tgid.z);
   if (b >= p.batch || hkv >= p.num_kv_heads || split >= p.num_splits) {
     return;  // whole threadgroup: grid larger than the problem
   }
   const int sq = p.seqlen_q;
   const int group = p.num_heads / p.num_kv_heads;
-  const int nrows = min(ROWS, group * sq - row0);
+  const int nrows = min(R, group * sq - row0);
 
   // Keys of request b: sk = cache_seqlens[b] + seqlen_new, clamped to the block table's capacity; padding rows
   // (cache_seqlens < 0) have none and output zeros.
@@ -108,7 +129,7 @@ template <typename T, int D>
   const int end = min(hi, begin + per_split);
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
-  for (int idx = int(tid); idx < ROWS * D; idx += kDecodeThreads) {
+  for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
     const int r = idx / D;
     const int d = idx - r * D;
     float v = 0.0f;
@@ -123,57 +144,104 @@ template <typename T, int D>
   }
 
   // Per-row constants: query position (visible keys: [pos - left, pos + right]), ALiBi slope.
-  int row_pos[ROWS];
-  float row_slope[ROWS];
-  for (int r = 0; r < ROWS; ++r) {
+  int row_pos[R];
+  float row_slope[R];
+  for (int r = 0; r < R; ++r) {
     const int g = row0 + min(r, nrows - 1);
     const int h = hkv * group + g / sq;
-    const int pos = g % sq + diag;
-    row_pos[r] = pos;
+    row_pos[r] = g % sq + diag;
     row_slope[r] = fc_decode_alibi ? alibi[long(b) * p.alibi_stride_b + h] : 0.0f;
   }
 
-  float m[ROWS];
-  float l[ROWS];
-  float o[ROWS][DPL];
-  for (int r = 0; r < ROWS; ++r) {
+  float m[R];
+  float l[R];
+  float o[R][EPL];
+  for (int r = 0; r < R; ++r) {
     m[r] = FLASH_SDPA_NEG_BIG;
     l[r] = 0.0f;
-    for (int c = 0; c < DPL; ++c) {
+    for (int c = 0; c < EPL; ++c) {
       o[r][c] = 0.0f;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  for (int t0 = begin + int(sg) * kKeysPerTile; t0 < end; t0 += NSG * kKeysPerTile) {
-    // Scores: this lane's key against every row.
+  threadgroup T* kt = reinterpret_cast<threadgroup T*>(scratch_tg + sg * SCR);
+  threadgroup float* pt = reinterpret_cast<threadgroup float*>(scratch_tg + sg * SCR);
+  threadgroup int2* loc = loc_tg + sg * KT;
+  const long k_head = long(hkv) * p.k_stride_h;
+  const long v_head = long(hkv) * p.v_stride_h;
+  const int ld_key = int(lane) / LPK;  // staging: key row within a step and first element of this lane
+  const int ld_e = (int(lane) % LPK) * VK;
+
+  for (int t0 = begin + int(sg) * KT; t0 < end; t0 += NSG * KT) {
+    // Where lane j's key lives: one block-table read per key.
     const int key = t0 + int(lane);
     int block = -1;
+    int slot = 0;
     if (key < end) {
-      const int id = block_table[long(b) * p.block_table_stride_b + key / p.block_size];
+      const int bi = key / p.block_size;
+      const int id = block_table[long(b) * p.block_table_stride_b + bi];
       block = (id >= 0 && id < p.num_blocks) ? id : -1;  // invalid ids: the key is masked
+      slot = key - bi * p.block_size;
     }
-    float s[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);  // the previous tile's P.V is done with loc and p
+    loc[lane] = int2(block, slot);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+
+    float s[R];
+    for (int r = 0; r < R; ++r) {
       s[r] = 0.0f;
     }
-    if (block >= 0) {
-      // k_cache (num_blocks, block_size, Hkv, D = 1)
-      device const T* krow = k_cache + long(block) * p.k_stride_block + long(key % p.block_size) * p.k_stride_slot +
-                             long(hkv) * p.k_stride_h;
-      for (int d = 0; d < D; ++d) {
-        const float kd = float(krow[d]);
-        for (int r = 0; r < ROWS; ++r) {
-          if (r < nrows) {
-            s[r] += acc_tg[r * D + d] * kd;
+    for (int ch = 0; ch < NCH; ++ch) {
+      const int c0 = ch * KC;
+      const int w = min(KC, D - c0);
+      // Stage: all loads first (up to NIT x 16 B in flight per lane), then the threadgroup stores.
+      if (ld_e < w) {
+        vec<T, 4> kreg[NIT][VK / 4];
+        for (int it = 0; it < NIT; ++it) {
+          const int2 lk = loc[it * KPI + ld_key];
+          // k_cache (num_blocks, block_size, Hkv, D = 1)
+          device const T* src =
+              k_cache + long(max(lk.x, 0)) * p.k_stride_block + long(lk.y) * p.k_stride_slot + k_head + c0 + ld_e;
+          for (int u = 0; u < VK / 4; ++u) {
+            vec<T, 4> v = vec<T, 4>(T(0.0f));
+            if (lk.x >= 0) {
+              if (fc_decode_kv_aligned) {
+                v = *reinterpret_cast<device const vec<T, 4>*>(src + 4 * u);
+              } else {
+                for (int e = 0; e < 4; ++e) {
+                  v[e] = src[4 * u + e];
+                }
+              }
+            }
+            kreg[it][u] = v;
+          }
+        }
+        for (int it = 0; it < NIT; ++it) {
+          threadgroup T* dst = kt + (it * KPI + ld_key) * KP + ld_e;
+          for (int u = 0; u < VK / 4; ++u) {
+            *reinterpret_cast<threadgroup vec<T, 4>*>(dst + 4 * u) = kreg[it][u];
           }
         }
       }
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      // Scores: lane j's key row against the R q rows (q read as float4, the same address on every lane).
+      threadgroup const T* krow = kt + int(lane) * KP;
+      for (int d = 0; d < KC; d += 4) {
+        if (d < w) {
+          const float4 k4 = float4(*reinterpret_cast<threadgroup const vec<T, 4>*>(krow + d));
+          for (int r = 0; r < R; ++r) {
+            s[r] += dot(q_tg[(r * D + c0 + d) / 4], k4);
+          }
+        }
+      }
+      simdgroup_barrier(mem_flags::mem_threadgroup);  // the chunk is consumed before the next one (or p) lands
     }
 
-    // Online softmax, one row at a time (branches on r < nrows and on tile_max are uniform per simdgroup).
-    float pr[ROWS];
-    for (int r = 0; r < ROWS; ++r) {
+    // Online softmax, one max / rescale per row and tile (branches on r < nrows and tile_max are uniform).
+    float pr[R];
+    bool seen_any = false;
+    for (int r = 0; r < R; ++r) {
       pr[r] = 0.0f;
       if (r < nrows) {
         float sc = s[r];
@@ -185,6 +253,7 @@ template <typename T, int D>
         }
         const bool visible = block >= 0 && (p.window_left < 0 || key >= row_pos[r] - p.window_left) &&
                              (p.window_right < 0 || key <= row_pos[r] + p.window_right);
+        seen_any = seen_any || visible;
         const float tile_max = simd_max(visible ? sc : FLASH_SDPA_NEG_BIG);
         if (tile_max > FLASH_SDPA_NEG_HALF) {
           const float m_new = max(m[r], tile_max);
@@ -192,42 +261,62 @@ template <typename T, int D>
           pr[r] = visible ? exp(sc - m_new) : 0.0f;
           l[r] = l[r] * corr + simd_sum(pr[r]);
           m[r] = m_new;
-          for (int c = 0; c < DPL; ++c) {
+          for (int c = 0; c < EPL; ++c) {
             o[r][c] *= corr;
           }
         }
       }
     }
+    // p as [R][32] fp32 over the consumed K chunk; keys no row sees are dropped from the P.V pass (no V load).
+    for (int r = 0; r < R; ++r) {
+      pt[r * KT + int(lane)] = pr[r];
+    }
+    loc[lane] = int2(seen_any ? block : -1, slot);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
 
-    // P.V: key by key, lanes over D.
-    const int tile_keys = min(int(kKeysPerTile), end - t0);
-    for (int j = 0; j < tile_keys; ++j) {
-      const int bj = simd_shuffle(block, ushort(j));
-      if (bj < 0) {
-        continue;
+    // P.V: lanes over D, 4 V rows in flight, p of 4 keys per float4 read.
+    const int tile_keys = min(int(KT), end - t0);
+    for (int j0 = 0; j0 < KT; j0 += 4) {
+      if (j0 >= tile_keys) {
+        break;
       }
-      float pj[ROWS];
-      bool any = false;
-      for (int r = 0; r < ROWS; ++r) {
-        pj[r] = 0.0f;
-        if (r < nrows) {
-          pj[r] = simd_shuffle(pr[r], ushort(j));
-          any = any || pj[r] > 0.0f;
+      float vv[4][EPL];
+      for (int u = 0; u < 4; ++u) {
+        const int2 lk = loc[j0 + u];
+        for (int c = 0; c < EPL; ++c) {
+          vv[u][c] = 0.0f;
+        }
+        if (lk.x >= 0) {
+          // v_cache (num_blocks, block_size, Hkv, D = 1)
+          device const T* vrow = v_cache + long(lk.x) * p.v_stride_block + long(lk.y) * p.v_stride_slot + v_head;
+          if (CONTIG) {
+            device const T* src = vrow + int(lane) * EPL;
+            if (VV > 1 && fc_decode_kv_aligned) {
+              for (int c = 0; c < EPL; c += VVT) {
+                const vec<T, VVT> x = *reinterpret_cast<device const vec<T, VVT>*>(src + c);
+                for (int e = 0; e < VVT; ++e) {
+                  vv[u][c + e] = float(x[e]);
+                }
+              }
+            } else {
+              for (int c = 0; c < EPL; ++c) {
+                vv[u][c] = float(src[c]);
+              }
+            }
+          } else {
+            for (int c = 0; c < EPL; ++c) {
+              const int d = int(lane) + c * KT;
+              if (d < D) {
+                vv[u][c] = float(vrow[d]);
+              }
+            }
+          }
         }
       }
-      if (!any) {
-        continue;  // masked for every row: do not load the V row
-      }
-      // v_cache (num_blocks, block_size, Hkv, D = 1)
-      device const T* vrow = v_cache + long(bj) * p.v_stride_block + long((t0 + j) % p.block_size) * p.v_stride_slot +
-                             long(hkv) * p.v_stride_h;
-      for (int c = 0; c < DPL; ++c) {
-        const int d = int(lane) + c * kSimdWidth;
-        if (d < D) {
-          const float vd = float(vrow[d]);
-          for (int r = 0; r < ROWS; ++r) {
-            o[r][c] += pj[r] * vd;
-          }
+      for (int r = 0; r < R; ++r) {
+        const float4 p4 = *reinterpret_cast<threadgroup const float4*>(pt + r * KT + j0);
+        for (int c = 0; c < EPL; ++c) {
+          o[r][c] += p4.x * vv[0][c] + p4.y * vv[1][c] + p4.z * vv[2][c] + p4.w * vv[3][c];
         }
       }
     }
@@ -235,26 +324,26 @@ template <typename T, int D>
 
   // Merge the simdgroups: global max per row, each simdgroup's share rescaled, summed in simdgroup order.
   if (lane == 0) {
-    for (int r = 0; r < ROWS; ++r) {
-      m_tg[sg * ROWS + r] = m[r];
-      l_tg[sg * ROWS + r] = l[r];
+    for (int r = 0; r < R; ++r) {
+      m_tg[sg * R + r] = m[r];
+      l_tg[sg * R + r] = l[r];
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  float share[ROWS];
-  for (int r = 0; r < ROWS; ++r) {
+  float share[R];
+  for (int r = 0; r < R; ++r) {
     float mx = FLASH_SDPA_NEG_BIG;
     for (int w = 0; w < NSG; ++w) {
-      mx = max(mx, m_tg[w * ROWS + r]);
+      mx = max(mx, m_tg[w * R + r]);
     }
     share[r] = m[r] > FLASH_SDPA_NEG_HALF ? exp(m[r] - mx) : 0.0f;
   }
   for (int w = 0; w < NSG; ++w) {
     if (int(sg) == w) {
-      for (int r = 0; r < ROWS; ++r) {
+      for (int r = 0; r < R; ++r) {
         if (r < nrows) {
-          for (int c = 0; c < DPL; ++c) {
-            const int d = int(lane) + c * kSimdWidth;
+          for (int c = 0; c < EPL; ++c) {
+            const int d = CONTIG ? int(lane) * EPL + c : int(lane) + c * KT;
             if (d < D) {
               const float prev = w == 0 ? 0.0f : acc_tg[r * D + d];
               acc_tg[r * D + d] = prev + o[r][c] * share[r];
@@ -275,12 +364,12 @@ template <typename T, int D>
     const int i = g % sq;
     float mx = FLASH_SDPA_NEG_BIG;
     for (int w = 0; w < NSG; ++w) {
-      mx = max(mx, m_tg[w * ROWS + r]);
+      mx = max(mx, m_tg[w * R + r]);
     }
     float sum = 0.0f;
     for (int w = 0; w < NSG; ++w) {
-      const float mw = m_tg[w * ROWS + r];
-      sum += mw > FLASH_SDPA_NEG_HALF ? l_tg[w * ROWS + r] * exp(mw - mx) : 0.0f;
+      const float mw = m_tg[w * R + r];
+      sum += mw > FLASH_SDPA_NEG_HALF ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
     }
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
     if (fc_decode_split) {

@@ -1,10 +1,13 @@
-// Instantiates paged_decode_attention (dtype x head dim) and paged_decode_combine (dtype) from the
+// Instantiates paged_decode_attention (dtype x head dim x row tile) and paged_decode_combine (dtype) from the
 // supported-configuration lists in paged_params.h. Bodies: paged_decode_attention.h.
 #include "paged_decode_attention.h"
 
-#define FLASH_SDPA_INSTANTIATE_DECODE(D, T, TN)                                                        \
-  template [[host_name(FLASH_SDPA_PAGED_DECODE_NAME(TN, D))]] [[kernel]] decltype(paged_decode_attention<T, D>) \
-      paged_decode_attention<T, D>;
+#define FLASH_SDPA_INSTANTIATE_DECODE_R(R, D, T, TN)                                                        \
+  template [[host_name(FLASH_SDPA_PAGED_DECODE_NAME(TN, D, R))]] [[kernel]] decltype(paged_decode_attention<T, D, R>) \
+      paged_decode_attention<T, D, R>;
+
+#define FLASH_SDPA_INSTANTIATE_DECODE(D, MAXR, T, TN) \
+  FLASH_SDPA_PAGED_ROWS_UPTO_##MAXR(FLASH_SDPA_INSTANTIATE_DECODE_R, D, T, TN)
 
 #define FLASH_SDPA_INSTANTIATE_COMBINE(T, TN)                                                   \
   template [[host_name(FLASH_SDPA_PAGED_COMBINE_NAME(TN))]] [[kernel]] decltype(paged_decode_combine<T>) \

@@ -28,17 +28,23 @@ typedef float f32;
 // The supported configurations: one list drives the MSL instantiations, the host checks and the test grid
 // (the tests parse these two macros). X(msl_type, dtype_name) and X(head_dim, extra...).
 #define FLASH_SDPA_PAGED_DTYPES(X) X(float, float32) X(half, float16) X(bfloat, bfloat16)
+// X(head_dim, max_rows, extra...): max_rows is the largest decode row tile for that head dim (R x D / 32 fp32 P.V
+// accumulators per lane: <= 64).
 #define FLASH_SDPA_PAGED_HEAD_DIMS(X, ...) \
-  X(32, __VA_ARGS__) X(64, __VA_ARGS__) X(72, __VA_ARGS__) X(80, __VA_ARGS__) X(96, __VA_ARGS__) \
-  X(128, __VA_ARGS__) X(192, __VA_ARGS__) X(256, __VA_ARGS__)
+  X(32, 16, __VA_ARGS__) X(64, 16, __VA_ARGS__) X(72, 16, __VA_ARGS__) X(80, 16, __VA_ARGS__) \
+  X(96, 16, __VA_ARGS__) X(128, 16, __VA_ARGS__) X(192, 8, __VA_ARGS__) X(256, 8, __VA_ARGS__)
+// Decode row tiles R (rows = query head of the KV group x query token per threadgroup) up to a head dim's max_rows:
+// the planner takes the smallest R >= group x sq. X(R, extra...).
+#define FLASH_SDPA_PAGED_ROWS_UPTO_8(X, ...) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(4, __VA_ARGS__) X(8, __VA_ARGS__)
+#define FLASH_SDPA_PAGED_ROWS_UPTO_16(X, ...) FLASH_SDPA_PAGED_ROWS_UPTO_8(X, __VA_ARGS__) X(16, __VA_ARGS__)
 
-// Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>", "paged_decode_combine_<dtype>".
+// Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
 // The host builds the same strings in paged_planner.cpp (paged_*_kernel_name).
 // Each expands to one string literal (token paste, then stringify).
 #define FLASH_SDPA_PAGED_STR_(x) #x
 #define FLASH_SDPA_PAGED_STR(x) FLASH_SDPA_PAGED_STR_(x)
 #define FLASH_SDPA_PAGED_WRITE_NAME(TN) FLASH_SDPA_PAGED_STR(kv_paged_write_##TN)
-#define FLASH_SDPA_PAGED_DECODE_NAME(TN, D) FLASH_SDPA_PAGED_STR(paged_decode_##TN##_d##D)
+#define FLASH_SDPA_PAGED_DECODE_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_##TN##_d##D##_r##R)
 #define FLASH_SDPA_PAGED_COMBINE_NAME(TN) FLASH_SDPA_PAGED_STR(paged_decode_combine_##TN)
 
 // Threads per threadgroup, also used in [[max_total_threads_per_threadgroup(...)]] (macros: literal after cpp).
@@ -67,9 +73,6 @@ enum : i32 {
   kMaxSeqlenQ = 16,
 };
 
-// Rows (query head of the KV group x query token) one attention threadgroup keeps in registers: 16 up to D = 128,
-// 8 above (<= 64 fp32 accumulators per lane). Groups with more rows use several row blocks (K/V read once per block).
-#define FLASH_SDPA_PAGED_ROWS(D) ((D) <= 128 ? 16 : 8)
 
 }  // namespace paged
 }  // namespace flash_sdpa
@@ -113,6 +116,7 @@ enum : i32 {
 #define FLASH_SDPA_FC_DECODE_SOFTCAP 4    // s = softcap * tanh(s / softcap)
 #define FLASH_SDPA_FC_COMBINE_WRITE_LSE 5
 #define FLASH_SDPA_FC_COMBINE_SINKS 6
+#define FLASH_SDPA_FC_DECODE_KV_ALIGNED 7  // K/V strides and offsets are multiples of 16 bytes: vector loads
 
 namespace flash_sdpa {
 namespace paged {
@@ -138,7 +142,7 @@ struct KVPagedWriteParams {
   i32 pad0;
 };
 
-// paged_decode_attention: grid (num_splits, Hkv * row_blocks, B), kDecodeThreads threads.
+// paged_decode_attention<T, D, R>: grid (num_splits, Hkv * row_blocks, B), kDecodeThreads threads.
 // Request b has sk = cache_seqlens[b] + seqlen_new keys (clamped to the table capacity max_blocks_per_seq *
 // block_size); query i of head h sees key j when lo(i) <= j <= hi(i) with the window below. Keys whose block id is
 // outside [0, num_blocks) are treated as masked. A row with no visible key outputs 0 and LSE -inf.
@@ -158,7 +162,7 @@ struct PagedDecodeParams {
   i32 num_heads;         // H (query heads)
   i32 num_kv_heads;      // Hkv; H % Hkv == 0, query head h reads KV head h / (H / Hkv)
   i32 head_dim;          // D; equals the kernel's template D
-  i32 row_blocks;        // ceil(group * sq / FLASH_SDPA_PAGED_ROWS(D))
+  i32 row_blocks;        // ceil(group * sq / R), R the kernel's row tile
   i32 block_size;        // slots per block (>= 1)
   i32 num_blocks;        // blocks in each cache view
   i32 max_blocks_per_seq;  // block_table columns

@@ -61,10 +61,10 @@ std::string paged_write_kernel_name(at::ScalarType dtype) {
   return std::string("kv_paged_write_") + name;
 }
 
-std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim) {
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows) {
   const char* name = dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
-  return std::string("paged_decode_") + name + "_d" + std::to_string(head_dim);
+  return std::string("paged_decode_") + name + "_d" + std::to_string(head_dim) + "_r" + std::to_string(rows);
 }
 
 std::string paged_combine_kernel_name(at::ScalarType dtype) {
@@ -74,7 +74,7 @@ std::string paged_combine_kernel_name(at::ScalarType dtype) {
 }
 
 const std::vector<int64_t>& paged_head_dims() {
-#define FLASH_SDPA_PAGED_HEAD_DIM_ENTRY(D, ...) D,
+#define FLASH_SDPA_PAGED_HEAD_DIM_ENTRY(D, MAXR, ...) D,
   static const std::vector<int64_t> dims{FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_PAGED_HEAD_DIM_ENTRY, _)};
 #undef FLASH_SDPA_PAGED_HEAD_DIM_ENTRY
   return dims;
@@ -85,15 +85,32 @@ bool paged_supports(at::ScalarType dtype, int64_t head_dim) {
   return dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
-int64_t paged_rows_per_threadgroup(int64_t head_dim) {
-  return FLASH_SDPA_PAGED_ROWS(head_dim);
+int64_t paged_max_rows(int64_t head_dim) {
+#define FLASH_SDPA_PAGED_MAX_ROWS_ENTRY(D, MAXR, ...) \
+  if (head_dim == D) {                               \
+    return MAXR;                                     \
+  }
+  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_PAGED_MAX_ROWS_ENTRY, _)
+#undef FLASH_SDPA_PAGED_MAX_ROWS_ENTRY
+  TORCH_CHECK(false, "flash_attn_with_kvcache: no kernel for head_dim ", head_dim);
+  return 0;
 }
 
-int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k) {
-  if (work_threadgroups <= 0 || work_threadgroups * 2 >= kTargetThreadgroups) {
+int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
+  const int64_t max_rows = paged_max_rows(head_dim);
+  int64_t rows = 1;  // the row tiles are the powers of two up to max_rows (FLASH_SDPA_PAGED_ROWS_UPTO_*)
+  while (rows < rows_needed && rows < max_rows) {
+    rows *= 2;
+  }
+  return rows;
+}
+
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target_threadgroups) {
+  const int64_t target = target_threadgroups > 0 ? target_threadgroups : kTargetThreadgroups;
+  if (work_threadgroups <= 0 || work_threadgroups * 2 >= target) {
     return 1;  // already >= 2 threadgroups per core
   }
-  int64_t splits = ceil_div(kTargetThreadgroups, work_threadgroups);
+  int64_t splits = ceil_div(target, work_threadgroups);
   splits = std::min(splits, std::max<int64_t>(1, max_seqlen_k / kMinKeysPerSplit));
   return std::clamp<int64_t>(splits, 1, paged::kMaxSplits);
 }
@@ -164,13 +181,13 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
 
   // 2. Attention: one threadgroup per (split, KV head x row block, request).
   const int64_t group = heads / kv_heads;
-  const int64_t rows = paged_rows_per_threadgroup(head_dim);
+  const int64_t rows = paged_rows_per_threadgroup(head_dim, group * seqlen_q);
   const int64_t row_blocks = ceil_div(group * seqlen_q, rows);
   const int64_t work = batch * kv_heads * row_blocks;
   const int64_t capacity = max_blocks * block_size;
   const int64_t max_keys = std::min(capacity, call.max_seqlen_k > 0 ? call.max_seqlen_k : capacity);
   int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
-                                       : paged_pick_num_splits(work, max_keys);
+                                       : paged_pick_num_splits(work, max_keys, call.target_threadgroups);
   splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), kKeysPerTile)));
   const bool split = splits > 1;
 
@@ -212,14 +229,24 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   // Optional buffers that are off get cache_seqlens as a placeholder: function constants keep the kernel off them.
   const at::Tensor& none = call.cache_seqlens;
 
+  // 16-byte vector loads of K/V rows need every row start 16-byte aligned: strides and view offsets (the buffers
+  // themselves are allocation-aligned).
+  const int64_t vec_elems = 16 / static_cast<int64_t>(q.element_size());
+  auto rows_aligned = [vec_elems](const at::Tensor& t) {
+    return t.storage_offset() % vec_elems == 0 && t.stride(0) % vec_elems == 0 && t.stride(1) % vec_elems == 0 &&
+           t.stride(2) % vec_elems == 0;
+  };
+  const bool kv_aligned = rows_aligned(call.k_cache) && rows_aligned(call.v_cache);
+
   Dispatch a;
-  a.kernel = paged_decode_kernel_name(dtype, head_dim);
+  a.kernel = paged_decode_kernel_name(dtype, head_dim, rows);
   a.constants = {
       bool_constant(FLASH_SDPA_FC_DECODE_SPLIT, split),
       bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, !split && call.lse.has_value()),
       bool_constant(FLASH_SDPA_FC_DECODE_ALIBI, call.alibi_slopes.has_value()),
       bool_constant(FLASH_SDPA_FC_DECODE_SINKS, !split && call.sinks.has_value()),
       bool_constant(FLASH_SDPA_FC_DECODE_SOFTCAP, call.softcap > 0.0),
+      bool_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED, kv_aligned),
   };
   a.buffers = {
       {FLASH_SDPA_DECODE_BUF_Q, q},

@@ -36,23 +36,29 @@ struct PagedKVCacheAttention {
   // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
   // value when cache_seqlens is a Python int, else the block table's capacity.
   int64_t max_seqlen_k = 0;
+  // Threadgroups the split heuristic aims at; 0: the default for Apple GPUs (paged_pick_num_splits). A device with
+  // more cores (or the NVIDIA proxy in tests/metal_cuda) may pass its own.
+  int64_t target_threadgroups = 0;
 };
 
-// "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>", "paged_decode_combine_<dtype>".
+// "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
 std::string paged_write_kernel_name(at::ScalarType dtype);
-std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim);
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows);
 std::string paged_combine_kernel_name(at::ScalarType dtype);
 
 // The head dims the paged kernels are instantiated for (paged_params.h), ascending.
 const std::vector<int64_t>& paged_head_dims();
 bool paged_supports(at::ScalarType dtype, int64_t head_dim);
 
-// Rows (query head of a KV group x query token) one attention threadgroup holds for this head dim.
-int64_t paged_rows_per_threadgroup(int64_t head_dim);
+// Row tile R of the attention kernel (rows = query head of a KV group x query token per threadgroup): the smallest
+// instantiated R >= rows_needed, capped at the head dim's largest (paged_params.h); more rows take several row blocks.
+int64_t paged_max_rows(int64_t head_dim);
+int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed);
 
 // Split count: 1 when batch x kv_heads x row_blocks threadgroups already fill the GPU, else enough splits to give
-// ~160 threadgroups (about 40 GPU cores x 4 resident threadgroups) while keeping >= 256 keys per split.
-int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k);
+// target_threadgroups (0: 160, about 40 Apple GPU cores x 4 resident threadgroups) while keeping >= 256 keys per
+// split.
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target_threadgroups = 0);
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);
 

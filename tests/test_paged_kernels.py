@@ -48,7 +48,7 @@ def _enum(name):
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = [n for _, n in re.findall(r"X\((\w+), (\w+)\)", _macro_body("FLASH_SDPA_PAGED_DTYPES"))]
 HEAD_DIMS = [int(d) for d in re.findall(r"X\((\d+),", _macro_body("FLASH_SDPA_PAGED_HEAD_DIMS"))]
-_rows = re.search(r"#define FLASH_SDPA_PAGED_ROWS\(D\) \(\(D\) <= (\d+) \? (\d+) : (\d+)\)", HEADER)
+MAX_ROWS = {int(d): int(r) for d, r in re.findall(r"X\((\d+), (\d+),", _macro_body("FLASH_SDPA_PAGED_HEAD_DIMS"))}
 WRITE_THREADS = _define("FLASH_SDPA_PAGED_WRITE_THREADS")
 DECODE_THREADS = _define("FLASH_SDPA_PAGED_DECODE_THREADS")
 COMBINE_THREADS = _define("FLASH_SDPA_PAGED_COMBINE_THREADS")
@@ -58,8 +58,18 @@ B = {k: _define(k) for k in re.findall(r"#define (FLASH_SDPA_(?:WRITE|DECODE|COM
 FC = {k: _define(k) for k in re.findall(r"#define (FLASH_SDPA_FC_\w+)", HEADER)}
 
 
-def rows_per_threadgroup(d):
-    return int(_rows.group(2)) if d <= int(_rows.group(1)) else int(_rows.group(3))
+def rows_per_threadgroup(d, rows_needed):
+    """The planner's row tile: the smallest power of two >= rows_needed, capped at the head dim's max_rows."""
+    r = 1
+    while r < rows_needed and r < MAX_ROWS[d]:
+        r *= 2
+    return r
+
+
+def kv_rows_aligned(t):
+    """Mirrors the planner's FLASH_SDPA_FC_DECODE_KV_ALIGNED: 16-byte aligned K/V rows."""
+    n = 16 // t.element_size()
+    return t.storage_offset() % n == 0 and all(st % n == 0 for st in t.stride()[:3])
 
 
 i64, i32, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -152,7 +162,8 @@ def run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, k_new=None, v_n
             bytes={B["FLASH_SDPA_WRITE_BUF_PARAMS"]: wp}, **dispatch_kw))
 
     group = H // Hkv
-    row_blocks = math.ceil(group * sq / rows_per_threadgroup(D))
+    rows = rows_per_threadgroup(D, group * sq)
+    row_blocks = math.ceil(group * sq / rows)
     split = num_splits > 1
     out = torch.full((Bsz, sq, H, D), float("nan"), dtype=q.dtype)
     lse = torch.full((Bsz, H, sq), float("nan"), dtype=torch.float32)
@@ -163,7 +174,7 @@ def run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, k_new=None, v_n
                            Bsz, sq, H, Hkv, D, row_blocks, bs, num_blocks, max_blocks, sk_new, num_splits,
                            window[0], window[1], H if alibi is not None and alibi.dim() == 2 else 0, scale, softcap)
     stats.append(lib("paged_decode_attention").dispatch(
-        f"paged_decode_{name}_d{D}", threadgroups=(num_splits, Hkv * row_blocks, Bsz),
+        f"paged_decode_{name}_d{D}_r{rows}", threadgroups=(num_splits, Hkv * row_blocks, Bsz),
         threads_per_threadgroup=(DECODE_THREADS, 1, 1),
         buffers={B["FLASH_SDPA_DECODE_BUF_Q"]: q, B["FLASH_SDPA_DECODE_BUF_K_CACHE"]: k_cache,
                  B["FLASH_SDPA_DECODE_BUF_V_CACHE"]: v_cache, B["FLASH_SDPA_DECODE_BUF_BLOCK_TABLE"]: block_table,
@@ -179,7 +190,8 @@ def run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, k_new=None, v_n
                    FC["FLASH_SDPA_FC_DECODE_WRITE_LSE"]: return_lse and not split,
                    FC["FLASH_SDPA_FC_DECODE_ALIBI"]: alibi is not None,
                    FC["FLASH_SDPA_FC_DECODE_SINKS"]: sinks is not None and not split,
-                   FC["FLASH_SDPA_FC_DECODE_SOFTCAP"]: softcap > 0},
+                   FC["FLASH_SDPA_FC_DECODE_SOFTCAP"]: softcap > 0,
+                   FC["FLASH_SDPA_FC_DECODE_KV_ALIGNED"]: kv_rows_aligned(k_cache) and kv_rows_aligned(v_cache)},
         **dispatch_kw))
     if split:
         cp = PagedCombineParams(Bsz, sq, H, D, num_splits, 0)

@@ -291,7 +291,8 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
     out = re.sub(r"\bis_function_constant_defined\s*\(\s*(\w+)\s*\)", r"(mcpu_fc_defined_\1)", out)
     out = re.sub(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH]\b", r"((half)\1f)", out)
     out = re.sub(r"(?<![\w.])(\d+)[hH]\b", r"((half)\1)", out)
-    out = re.sub(r"(?<![\w.])(" + VECTOR_TYPES + r")\s*\(", r"metal::mcpu_make<\1>(", out)
+    # Not a declarator such as `float4 (&x)[N]` (threadgroup arrays of vectors) or `float4 (*)[N]`.
+    out = re.sub(r"(?<![\w.])(" + VECTOR_TYPES + r")\s*\((?!&\s*\w+\s*\)|\*\s*\))", r"metal::mcpu_make<\1>(", out)
 
     # Kernels to export: instantiated templates, and non-template kernels under their own name.
     kernels = []

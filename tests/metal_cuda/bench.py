@@ -63,9 +63,9 @@ def copy_ceiling() -> float:
     return 2 * x.numel() / us / 1e3  # GB/s, read + write
 
 
-def paged_callable(case, out, splits=0, with_new=False):
+def paged_callable(case, out, splits=0, with_new=False, target=0):
     plan = gc.plan_paged(case, out, None, scale=case.q.shape[-1] ** -0.5, window=(-1, 0), num_splits=splits,
-                         with_new=with_new)
+                         with_new=with_new, target_threadgroups=target)
     prepared = launch.prepare_plan(gc.libraries(), plan)
 
     def fn():
@@ -121,7 +121,12 @@ def bench_shape(name, B, H, Hkv, D, S, bs, dtype=torch.float16, sweep=False):
     out_new = torch.empty_like(case_new.q)
     ours_new, _ = paged_callable(case_new, out_new, with_new=True)
 
+    # The planner's split target for this GPU instead of the Apple default (160 threadgroups): 4 per SM.
+    target = 4 * torch.cuda.get_device_properties(0).multi_processor_count
+    ours_dev, attn_dev = paged_callable(case, torch.empty_like(case.q), target=target)
+
     t_ours = time_us(ours)
+    t_ours_dev = time_us(ours_dev)
     t_ours_new = time_us(ours_new)
     t_sdpa_gqa = time_us(sdpa_gqa)
     t_sdpa_exp = time_us(sdpa_expanded)
@@ -130,11 +135,12 @@ def bench_shape(name, B, H, Hkv, D, S, bs, dtype=torch.float16, sweep=False):
     gbs = lambda us: kv_bytes / us / 1e3  # noqa: E731
     shape = f"B={B} H={H}/{Hkv} D={D} S={S} bs={bs}"
     splits, tgs = attn.grid[0], attn.grid[0] * attn.grid[1] * attn.grid[2]
-    for label, us in (("paged decode (planner)", t_ours), ("paged append+decode", t_ours_new),
+    dev_label = f"paged decode (target {target} TGs: {attn_dev.grid[0]} splits)"
+    for label, us in (("paged decode (planner)", t_ours), (dev_label, t_ours_dev), ("paged append+decode", t_ours_new),
                       ("torch SDPA contiguous (gqa)", t_sdpa_gqa), ("torch SDPA contiguous (expanded)", t_sdpa_exp),
                       ("gather-then-SDPA", t_gather)):
         rows.append((shape, label, us, gbs(us), t_sdpa / us))
-    print(f"{shape}: splits {splits}, threadgroups {tgs}, decode kernel regs {attn.pipeline.num_regs}, local "
+    print(f"{shape}: {attn.pipeline.kernel}, splits {splits}, threadgroups {tgs}, decode kernel regs {attn.pipeline.num_regs}, local "
           f"{attn.pipeline.local_bytes} B, shared {attn.pipeline.shared_bytes} B; valid K/V {kv_bytes / 1e6:.1f} MB")
     if sweep:
         for s in (1, 4, 8, 16, 32, 48, 64):

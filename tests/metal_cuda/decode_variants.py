@@ -15,7 +15,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from metal_cuda import compiler  # noqa: E402
 
-KERNELS = ["paged_decode_float16_d128", "paged_decode_combine_float16"]
+KERNELS = ["paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
 VARIANTS = {
     "default (unroll-threshold 5000)": dict(),
     "clang default unrolling": dict(extra_flags=["-mllvm", "-unroll-threshold=300"]),
@@ -23,25 +23,24 @@ VARIANTS = {
     "precise math": dict(fast_math=False),
 }
 INDEX = compiler.cache_dir() / "variants.json"
-# Experiment on a copy (flash_sdpa/ untouched): register rows per threadgroup matched to the benchmark's GQA group x
-# sq = 4, instead of FLASH_SDPA_PAGED_ROWS(128) = 16. Valid only where group x sq <= 4 (the planner still computes
-# row_blocks with 16: one row block either way).
-ROWS4 = {"rows=4 (copy of the kernel)": dict(), "rows=4, unroll-threshold 30000": dict(
-    extra_flags=["-mllvm", "-unroll-threshold=30000"])}
+# Experiments on a copy (flash_sdpa/ untouched): the kernel source with one text edit each.
+SOURCE_VARIANTS = {
+    "P.V without the early break": ("      if (j0 >= tile_keys) {\n        break;\n      }\n", ""),
+}
 
 
-def _rows4_copy() -> Path:
+def _patched_copy(name, old, new) -> Path:
+    import hashlib
     import shutil
 
     src_dir = compiler.FLASH_SDPA
-    dst = compiler.cache_dir() / "rows4_src"
+    dst = compiler.cache_dir() / ("src_" + hashlib.sha1(name.encode()).hexdigest()[:8])
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("paged_decode_attention.metal", "paged_decode_attention.h"):
-        shutil.copy(src_dir / name, dst / name)
-    params = (src_dir / "paged_params.h").read_text()
-    old = "#define FLASH_SDPA_PAGED_ROWS(D) ((D) <= 128 ? 16 : 8)"
-    assert old in params, "FLASH_SDPA_PAGED_ROWS changed: update the experiment"
-    (dst / "paged_params.h").write_text(params.replace(old, "#define FLASH_SDPA_PAGED_ROWS(D) ((D) <= 128 ? 4 : 8)"))
+    for f in ("paged_decode_attention.metal", "paged_params.h"):
+        shutil.copy(src_dir / f, dst / f)
+    text = (src_dir / "paged_decode_attention.h").read_text()
+    assert old in text, f"{name}: the kernel changed, update the experiment"
+    (dst / "paged_decode_attention.h").write_text(text.replace(old, new))
     return dst
 
 
@@ -55,9 +54,9 @@ def build():
         path = compiler.build(src, [str(d) for d in inc], kernels=KERNELS, **kw)
         index[name] = path.name
         print(name, "->", path.name)
-    copy = _rows4_copy()
-    for name, kw in ROWS4.items():
-        path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS, **kw)
+    for name, (old, new) in SOURCE_VARIANTS.items():
+        copy = _patched_copy(name, old, new)
+        path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS)
         index[name] = path.name
         print(name, "->", path.name)
     INDEX.write_text(json.dumps(index, indent=1))

@@ -96,10 +96,11 @@ def make_paged_case(B, S, H, Hkv, D, dtype, block_size, *, sq=1, sk_new=1, layou
 
 
 def plan_paged(case: PagedCase, out, lse=None, *, scale, window=(-1, 0), softcap=0.0, alibi=None, sinks=None,
-               num_splits=0, with_new=True):
+               num_splits=0, with_new=True, target_threadgroups=0):
     return planner().plan_paged(case.q, case.k_cache, case.v_cache, case.block_table, case.cache_seqlens,
                                 case.k_new if with_new else None, case.v_new if with_new else None, out, lse, alibi,
-                                sinks, scale, softcap, window[0], window[1], num_splits, case.max_seqlen_k)
+                                sinks, scale, softcap, window[0], window[1], num_splits, case.max_seqlen_k,
+                                target_threadgroups)
 
 
 def reference_write(case: PagedCase) -> torch.Tensor:

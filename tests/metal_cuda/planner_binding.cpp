@@ -39,7 +39,8 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
                     at::Tensor cache_seqlens, std::optional<at::Tensor> k_new, std::optional<at::Tensor> v_new,
                     at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
                     std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
-                    int64_t window_right, int64_t num_splits, int64_t max_seqlen_k) {
+                    int64_t window_right, int64_t num_splits, int64_t max_seqlen_k,
+                    int64_t target_threadgroups) {
   flash_sdpa::PagedKVCacheAttention call;
   call.q = q;
   call.k_cache = k_cache;
@@ -58,6 +59,7 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
   call.window_right = window_right;
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
+  call.target_threadgroups = target_threadgroups;  // 0: the planner's Apple default
   return to_python(flash_sdpa::plan_paged_kvcache(call));
 }
 
@@ -86,7 +88,12 @@ py::list plan_varlen(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, a
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("plan_paged", &plan_paged, "flash_sdpa::plan_paged_kvcache -> list of dispatch dicts");
+  m.def("plan_paged", &plan_paged, "flash_sdpa::plan_paged_kvcache -> list of dispatch dicts", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("cache_seqlens"), py::arg("k_new"),
+        py::arg("v_new"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"),
+        py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"),
+        py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0);
   m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts");
-  m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits);
+  m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),
+        py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0);
 }
