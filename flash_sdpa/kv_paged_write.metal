@@ -42,11 +42,11 @@ template <typename T>
   const int h = e / p.head_dim;
   const int d = e - h * p.head_dim;
   // cache (num_blocks, block_size, Hkv, D = 1); new (B, sk_new, Hkv, D = 1)
-  const long dst = long(block) * p.cache_stride_block + long(t % p.block_size) * p.cache_stride_slot +
-                   long(h) * p.cache_stride_h + d;
-  const long src = long(b) * p.new_stride_b + long(i) * p.new_stride_s + long(h) * p.new_stride_h + d;
-  k_cache[dst] = k_new[src];
-  v_cache[dst] = v_new[src];
+  const long slot = long(t % p.block_size);
+  k_cache[long(block) * p.k_cache_stride_block + slot * p.k_cache_stride_slot + long(h) * p.k_cache_stride_h + d] =
+      k_new[long(b) * p.k_new_stride_b + long(i) * p.k_new_stride_s + long(h) * p.k_new_stride_h + d];
+  v_cache[long(block) * p.v_cache_stride_block + slot * p.v_cache_stride_slot + long(h) * p.v_cache_stride_h + d] =
+      v_new[long(b) * p.v_new_stride_b + long(i) * p.v_new_stride_s + long(h) * p.v_new_stride_h + d];
 }
 
 #define FLASH_SDPA_INSTANTIATE_WRITE(T, TN) \

@@ -125,12 +125,18 @@ namespace paged {
 // New token i of request b lands at slot t = cache_seqlens[b] + i: block block_table[b, t / block_size], row
 // t % block_size. Rows with cache_seqlens < 0, slots past the table and block ids outside [0, num_blocks) are skipped.
 struct KVPagedWriteParams {
-  i64 new_stride_b;     // k/v_new strides (B, sk_new, Hkv, D = 1), elements (both must share them)
-  i64 new_stride_s;
-  i64 new_stride_h;
-  i64 cache_stride_block;  // k/v_cache strides (num_blocks, block_size, Hkv, D = 1), elements (shared)
-  i64 cache_stride_slot;
-  i64 cache_stride_h;
+  i64 k_new_stride_b;  // k_new strides (B, sk_new, Hkv, D = 1), elements
+  i64 k_new_stride_s;
+  i64 k_new_stride_h;
+  i64 v_new_stride_b;  // v_new strides, elements (transformers may pass k and v with different layouts)
+  i64 v_new_stride_s;
+  i64 v_new_stride_h;
+  i64 k_cache_stride_block;  // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements
+  i64 k_cache_stride_slot;
+  i64 k_cache_stride_h;
+  i64 v_cache_stride_block;  // v_cache strides, elements
+  i64 v_cache_stride_slot;
+  i64 v_cache_stride_h;
   i64 block_table_stride_b;  // block_table row stride, elements (int32)
   i32 batch;               // B: rows of block_table / cache_seqlens / k_new
   i32 seqlen_new;          // sk_new: new tokens per request
@@ -186,9 +192,9 @@ struct PagedCombineParams {
 };
 
 // Layout pins: the host, the MSL compiler and the ctypes mirror in the tests must agree byte for byte.
-static_assert(sizeof(KVPagedWriteParams) == 88, "KVPagedWriteParams layout changed: update the ctypes mirror");
-static_assert(__builtin_offsetof(KVPagedWriteParams, batch) == 56, "int64 strides first, then int32 counts");
-static_assert(__builtin_offsetof(KVPagedWriteParams, max_blocks_per_seq) == 80, "write params: count offsets");
+static_assert(sizeof(KVPagedWriteParams) == 136, "KVPagedWriteParams layout changed: update the ctypes mirror");
+static_assert(__builtin_offsetof(KVPagedWriteParams, batch) == 104, "int64 strides first, then int32 counts");
+static_assert(__builtin_offsetof(KVPagedWriteParams, max_blocks_per_seq) == 128, "write params: count offsets");
 static_assert(sizeof(PagedDecodeParams) == 144, "PagedDecodeParams layout changed: update the ctypes mirror");
 static_assert(__builtin_offsetof(PagedDecodeParams, batch) == 80, "int64 strides first, then int32 counts");
 static_assert(__builtin_offsetof(PagedDecodeParams, scale) == 136, "decode params: float tail offset");

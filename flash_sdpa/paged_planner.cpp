@@ -143,12 +143,18 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   // 1. Append the new tokens' K/V in place.
   if (has_new) {
     KVPagedWriteParams wp{};
-    wp.new_stride_b = call.k_new->stride(0);
-    wp.new_stride_s = call.k_new->stride(1);
-    wp.new_stride_h = call.k_new->stride(2);
-    wp.cache_stride_block = call.k_cache.stride(0);
-    wp.cache_stride_slot = call.k_cache.stride(1);
-    wp.cache_stride_h = call.k_cache.stride(2);
+    wp.k_new_stride_b = call.k_new->stride(0);
+    wp.k_new_stride_s = call.k_new->stride(1);
+    wp.k_new_stride_h = call.k_new->stride(2);
+    wp.v_new_stride_b = call.v_new->stride(0);
+    wp.v_new_stride_s = call.v_new->stride(1);
+    wp.v_new_stride_h = call.v_new->stride(2);
+    wp.k_cache_stride_block = call.k_cache.stride(0);
+    wp.k_cache_stride_slot = call.k_cache.stride(1);
+    wp.k_cache_stride_h = call.k_cache.stride(2);
+    wp.v_cache_stride_block = call.v_cache.stride(0);
+    wp.v_cache_stride_slot = call.v_cache.stride(1);
+    wp.v_cache_stride_h = call.v_cache.stride(2);
     wp.block_table_stride_b = call.block_table.stride(0);
     wp.batch = to_i32(batch, "batch");
     wp.seqlen_new = to_i32(seqlen_new, "seqlen_new");

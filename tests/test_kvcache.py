@@ -416,3 +416,28 @@ def test_dispatches_and_traffic(kernel, device, num_splits):
     print(f"dispatches {names}, K/V loaded / valid = {ratio:.4f}")
     assert ratio <= 1.1
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.kernels_ci
+def test_new_kv_with_different_layouts(kernel, device):
+    """gpt-oss in transformers' continuous batching passes new k and v with different strides (k a transposed
+    reshape, v contiguous), and the two cache views may differ too: each is read and written with its own strides."""
+    g = torch.Generator().manual_seed(5)
+    N, H, Hkv, D, page = 4, 4, 2, 32, 16
+    q = torch.randn(N, 1, H, D, generator=g)
+    k = torch.randn(1, Hkv, N, D, generator=g).transpose(1, 2).reshape(N, 1, Hkv, D)  # strides (32, 64, ...)-like
+    v = torch.randn(N, 1, Hkv, D, generator=g)
+    assert k.stride() != v.stride()
+    k_cache = torch.randn(8, page, Hkv, D, generator=g)
+    v_cache = torch.randn(8, Hkv, page, D, generator=g).transpose(1, 2)  # another layout of the same shape
+    table = torch.arange(8, dtype=torch.int32).view(N, 2)
+    lens = torch.tensor([0, 3, 5, 15], dtype=torch.int32)
+    kc_ref, vc_ref = reference_write(k_cache, v_cache, table, lens, k, v)
+    ref, _ = reference_attention(q, kc_ref, vc_ref, table, lens, 1, scale=D ** -0.5, window=(-1, 0))
+    same, _ = reference_attention(q, kc_ref, vc_ref, table, lens, 1, scale=D ** -0.5, window=(-1, 0),
+                                  dtype=torch.float32)
+    dk, dv = k_cache.clone().to(device), v_cache.clone().to(device)
+    out = kernel.flash_attn_with_kvcache(q.to(device), dk, dv, k.to(device), v.to(device),
+                                         cache_seqlens=lens.to(device), block_table=table.to(device), causal=True)
+    check_fa2(out.cpu(), ref, same)
+    assert torch.equal(dk.cpu(), kc_ref) and torch.equal(dv.cpu(), vc_ref)

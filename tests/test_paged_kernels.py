@@ -76,8 +76,10 @@ i64, i32, f32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
 class KVPagedWriteParams(ctypes.Structure):
-    _fields_ = [(n, i64) for n in ("new_stride_b", "new_stride_s", "new_stride_h", "cache_stride_block",
-                                   "cache_stride_slot", "cache_stride_h", "block_table_stride_b")] + \
+    _fields_ = [(n, i64) for n in ("k_new_stride_b", "k_new_stride_s", "k_new_stride_h", "v_new_stride_b",
+                                   "v_new_stride_s", "v_new_stride_h", "k_cache_stride_block", "k_cache_stride_slot",
+                                   "k_cache_stride_h", "v_cache_stride_block", "v_cache_stride_slot",
+                                   "v_cache_stride_h", "block_table_stride_b")] + \
                [(n, i32) for n in ("batch", "seqlen_new", "num_kv_heads", "head_dim", "block_size", "num_blocks",
                                    "max_blocks_per_seq", "pad0")]
 
@@ -150,8 +152,8 @@ def run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, k_new=None, v_n
     stats = []
     sk_new = 0 if k_new is None else k_new.shape[1]
     if sk_new:
-        wp = KVPagedWriteParams(*k_new.stride()[:3], *k_cache.stride()[:3], block_table.stride(0), Bsz, sk_new, Hkv,
-                                D, bs, num_blocks, max_blocks, 0)
+        wp = KVPagedWriteParams(*k_new.stride()[:3], *v_new.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+                                block_table.stride(0), Bsz, sk_new, Hkv, D, bs, num_blocks, max_blocks, 0)
         stats.append(lib("kv_paged_write").dispatch(
             f"kv_paged_write_{name}", threadgroups=(math.ceil(Hkv * D / WRITE_THREADS), sk_new, Bsz),
             threads_per_threadgroup=(WRITE_THREADS, 1, 1),

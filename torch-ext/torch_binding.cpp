@@ -325,12 +325,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
     TORCH_CHECK(k->dim() == 4 && k->size(0) == batch && k->size(2) == kv_heads && k->size(3) == head_dim,
                 "k must have shape [", batch, ", seqlen_new, ", kv_heads, ", ", head_dim, "], got ", k->sizes());
     TORCH_CHECK(v->sizes() == k->sizes(), "v must have the shape of k (", k->sizes(), "), got ", v->sizes());
-    TORCH_CHECK(v->strides() == k->strides(), "k and v must have the same strides, got ", k->strides(), " and ",
-                v->strides());
-    TORCH_CHECK(v_cache.strides() == k_cache.strides(),
-                "k_cache and v_cache must have the same strides when k/v are appended, got ", k_cache.strides(),
-                " and ", v_cache.strides());
     check_last_dim_contiguous(*k, "k");
+    check_last_dim_contiguous(*v, "v");
     TORCH_CHECK(!overlaps(*k, k_cache) && !overlaps(*k, v_cache) && !overlaps(*v, k_cache) && !overlaps(*v, v_cache),
                 "k and v must not overlap k_cache or v_cache");
   }
