@@ -6,42 +6,15 @@
 #include <algorithm>
 #include <limits>
 
+#include "planner_common.h"
 #include "paged_params.h"
 
 namespace flash_sdpa {
 
 namespace {
 
-const char* dtype_name(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return "float32";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    default:
-      return nullptr;
-  }
-}
-
-uint32_t to_u32(int64_t x, const char* what) {
-  TORCH_CHECK(x >= 0 && x <= std::numeric_limits<uint32_t>::max(), what, " = ", x, " does not fit a grid dimension");
-  return static_cast<uint32_t>(x);
-}
-
-int32_t to_i32(int64_t x, const char* what) {
-  TORCH_CHECK(x >= std::numeric_limits<int32_t>::min() && x <= std::numeric_limits<int32_t>::max(), what, " = ", x,
-              " does not fit int32");
-  return static_cast<int32_t>(x);
-}
-
 int32_t clamp_window(int64_t w) {
   return w < 0 ? -1 : static_cast<int32_t>(std::min<int64_t>(w, std::numeric_limits<int32_t>::max()));
-}
-
-FunctionConstant bool_constant(uint32_t index, bool value) {
-  return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
 }
 
 int64_t ceil_div(int64_t a, int64_t b) {
@@ -56,19 +29,19 @@ constexpr int64_t kMinKeysPerSplit = 256;  // 2 tiles of 32 keys per simdgroup: 
 }  // namespace
 
 std::string paged_write_kernel_name(at::ScalarType dtype) {
-  const char* name = dtype_name(dtype);
+  const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
   return std::string("kv_paged_write_") + name;
 }
 
 std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows) {
-  const char* name = dtype_name(dtype);
+  const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
   return std::string("paged_decode_") + name + "_d" + std::to_string(head_dim) + "_r" + std::to_string(rows);
 }
 
 std::string paged_combine_kernel_name(at::ScalarType dtype) {
-  const char* name = dtype_name(dtype);
+  const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
   return std::string("paged_decode_combine_") + name;
 }
@@ -82,7 +55,7 @@ const std::vector<int64_t>& paged_head_dims() {
 
 bool paged_supports(at::ScalarType dtype, int64_t head_dim) {
   const auto& dims = paged_head_dims();
-  return dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
+  return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
 int64_t paged_max_rows(int64_t head_dim) {

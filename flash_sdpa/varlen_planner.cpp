@@ -5,44 +5,13 @@
 #include <algorithm>
 #include <limits>
 
+#include "planner_common.h"
 #include "varlen_params.h"
 
 namespace flash_sdpa {
 
-namespace {
-
-const char* dtype_name(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return "float32";
-    case at::kHalf:
-      return "float16";
-    case at::kBFloat16:
-      return "bfloat16";
-    default:
-      return nullptr;
-  }
-}
-
-uint32_t to_u32(int64_t x, const char* what) {
-  TORCH_CHECK(x >= 0 && x <= std::numeric_limits<uint32_t>::max(), what, " = ", x, " does not fit a grid dimension");
-  return static_cast<uint32_t>(x);
-}
-
-int32_t to_i32(int64_t x, const char* what) {
-  TORCH_CHECK(x >= std::numeric_limits<int32_t>::min() && x <= std::numeric_limits<int32_t>::max(), what, " = ", x,
-              " does not fit int32");
-  return static_cast<int32_t>(x);
-}
-
-FunctionConstant bool_constant(uint32_t index, bool value) {
-  return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
-}
-
-}  // namespace
-
 std::string varlen_kernel_name(at::ScalarType dtype, int64_t head_dim) {
-  const char* name = dtype_name(dtype);
+  const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_varlen: unsupported dtype ", dtype);
   return std::string("flash_attn_varlen_") + name + "_d" + std::to_string(head_dim);
 }
@@ -56,7 +25,7 @@ const std::vector<int64_t>& varlen_head_dims() {
 
 bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
   const auto& dims = varlen_head_dims();
-  return dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
+  return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
 LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
