@@ -87,8 +87,13 @@ template <typename T, int D, int R>
   static_assert(KT % LPK == 0 && KTILE_BYTES % 16 == 0, "staging layout");
   static_assert(R * D * 4 + NSG * SCR * 16 + NSG * KT * 8 + 2 * NSG * R * 4 <= 32768, "threadgroup memory over 32 KB");
 
-  threadgroup float4 q_tg[R * D / 4];        // scaled q rows (fp32); after the key loop, the merged accumulator
-  threadgroup float4 scratch_tg[NSG * SCR];  // per simdgroup: the staged K chunk (T), then the tile's p (fp32 [R][32])
+  // One array: the scaled q rows (fp32; after the key loop, the merged accumulator), then per simdgroup the staged
+  // K chunk (T) / the tile's p (fp32 [R][32]). q and the scratch share one array on purpose: the compiler then cannot
+  // prove that the K stores leave q unchanged, so it re-reads q every tile instead of hoisting all R x D values of q
+  // out of the key loop into registers (which would need R x D registers per lane and spill).
+  threadgroup float4 qs_tg[R * D / 4 + NSG * SCR];
+  threadgroup float4* q_tg = qs_tg;
+  threadgroup float4* scratch_tg = qs_tg + R * D / 4;
   threadgroup int2 loc_tg[NSG * KT];         // per simdgroup: (block id, slot) of the tile's keys; block -1: skip
   threadgroup float m_tg[NSG * R];           // per simdgroup running max
   threadgroup float l_tg[NSG * R];           // per simdgroup sum of exp
@@ -276,10 +281,7 @@ template <typename T, int D, int R>
 
     // P.V: lanes over D, 4 V rows in flight, p of 4 keys per float4 read.
     const int tile_keys = min(int(KT), end - t0);
-    for (int j0 = 0; j0 < KT; j0 += 4) {
-      if (j0 >= tile_keys) {
-        break;
-      }
+    for (int j0 = 0; j0 < tile_keys; j0 += 4) {  // run-time trip count: a rolled loop, 4 V rows per iteration
       float vv[4][EPL];
       for (int u = 0; u < 4; ++u) {
         const int2 lk = loc[j0 + u];

@@ -125,7 +125,25 @@ def bench_shape(name, B, H, Hkv, D, S, bs, dtype=torch.float16, sweep=False):
     target = 4 * torch.cuda.get_device_properties(0).multi_processor_count
     ours_dev, attn_dev = paged_callable(case, torch.empty_like(case.q), target=target)
 
+    # flash_attn_func's decode today: the package's varlen kernel on dense q [B, 1, H, D] and k/v [B, S, Hkv, D]
+    # views with transformers' transposed strides [S*Hkv*D, D, S*D, 1], read in place (no copy).
+    k_t = k_c.transpose(1, 2)  # [B, S, Hkv, D] over the [B, Hkv, S, D] storage
+    v_t = v_c.transpose(1, 2)
+    out_vl = torch.empty_like(case.q)
+    lse_vl = torch.empty(B, H, 1, device="cuda", dtype=torch.float32)
+    plan_vl = gc.planner().plan_varlen(case.q, k_t, v_t, out_vl, lse_vl, None, None, None, None, 1,
+                                       D ** -0.5, 0.0, -1, 0)
+    prepared_vl = launch.prepare_plan(gc.libraries(), plan_vl)
+
+    def varlen_decode():
+        for p in prepared_vl:
+            p.launch()
+    varlen_decode()
+    torch.cuda.synchronize()
+    check(out_vl, ref, f"{name}: varlen kernel (flash_attn_func decode)")
+
     t_ours = time_us(ours)
+    t_varlen = time_us(varlen_decode)
     t_ours_dev = time_us(ours_dev)
     t_ours_new = time_us(ours_new)
     t_sdpa_gqa = time_us(sdpa_gqa)
@@ -138,7 +156,7 @@ def bench_shape(name, B, H, Hkv, D, S, bs, dtype=torch.float16, sweep=False):
     dev_label = f"paged decode (target {target} TGs: {attn_dev.grid[0]} splits)"
     for label, us in (("paged decode (planner)", t_ours), (dev_label, t_ours_dev), ("paged append+decode", t_ours_new),
                       ("torch SDPA contiguous (gqa)", t_sdpa_gqa), ("torch SDPA contiguous (expanded)", t_sdpa_exp),
-                      ("gather-then-SDPA", t_gather)):
+                      ("gather-then-SDPA", t_gather), ("varlen kernel as flash_attn_func decode", t_varlen)):
         rows.append((shape, label, us, gbs(us), t_sdpa / us))
     print(f"{shape}: {attn.pipeline.kernel}, splits {splits}, threadgroups {tgs}, decode kernel regs {attn.pipeline.num_regs}, local "
           f"{attn.pipeline.local_bytes} B, shared {attn.pipeline.shared_bytes} B; valid K/V {kv_bytes / 1e6:.1f} MB")

@@ -87,7 +87,9 @@ def _entry(host: str, callee: str, kd, fcs) -> str:
             f"  {regs};\n"
             f"  (void)t_x; (void)t_y; (void)t_z; (void)n_x; (void)n_y; (void)n_z; (void)c_x; (void)c_y; (void)c_z;"
             f" (void)g_x; (void)g_y; (void)g_z;\n"
-            f"  {callee}({', '.join(args)});\n}}\n"
+            # The kernel body inlined into the entry: a call through the ABI would pass the per-lane state on the
+            # stack (ptxas spilled kilobytes per thread on the decode kernel that way).
+            f"  [[clang::always_inline]] {callee}({', '.join(args)});\n}}\n"
             f'extern "C" __device__ unsigned mcu_meta_{sym}[] = {{{", ".join(meta)}}};\n')
 
 
@@ -130,7 +132,7 @@ def cache_dir() -> Path:
 
 def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
           fast_math: bool = True, out_dir=None, kernels: Optional[Sequence[str]] = None, jobs: int = 2,
-          extra_flags: Sequence[str] = ()) -> Path:
+          extra_flags: Sequence[str] = (), kernel_flags=None) -> Path:
     """Compiles every kernel of `metal_path` (or those named in `kernels`) to PTX; returns the folder holding
     manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target."""
     metal_path = Path(metal_path)
@@ -143,7 +145,8 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         raise MetalCompileError(f"{metal_path.name}: no kernel named {sorted(missing)}")
 
     h = hashlib.sha256()
-    for part in (text, repr((fast_math, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags))),
+    for part in (text, repr((fast_math, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags),
+                       [list(kernel_flags(k[0])) for k in selected] if kernel_flags else None)),
                  SHIM.read_text(), SHIM_CORE.read_text(), Path(__file__).read_text(),
                  (HERE.parent / "metal_cpu" / "compiler.py").read_text()):
         h.update(part.encode())
@@ -163,7 +166,9 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
             src = Path(tmp) / f"{sym}.cu"
             src.write_text(body + _entry(host, callee, kd, fcs))
             ptx = Path(tmp) / f"{sym}.ptx"
-            _run([clang(), *flags, str(src), "-o", str(ptx)], f"compiling {metal_path.name}:{host} to PTX")
+            per_kernel = list(kernel_flags(host)) if kernel_flags else []
+            _run([clang(), *flags, *per_kernel, str(src), "-o", str(ptx)],
+                 f"compiling {metal_path.name}:{host} to PTX")
             text_ptx = ptx.read_text()
         meta = _ptx_u32_array(text_ptx, f"mcu_meta_{sym}")
         params = [{"name": p.name, "kind": ("buffer", "threadgroup", p.kind)[meta[1 + 2 * i]],
@@ -188,6 +193,21 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
     return out
 
 
+# Per-target unroll settings (later flags win over CUDA_FLAGS). The paged decode fully unrolled at threshold 5000
+# made ptxas spill kilobytes per thread (3 KB stack at R = 4, D = 128, with 48 registers; 2 KB even with 255) although
+# the PTX keeps every array in registers. At 2000, with the run-time / partial unrolling of the key loop off, ptxas
+# keeps the benchmark's instances (R = 1 and 4 at D = 128, all dtypes) in registers without spilling (ptxas -v, here).
+DECODE_UNROLL = ["-mllvm", "-unroll-threshold=2000", "-mllvm", "-unroll-runtime=false",
+                 "-mllvm", "-unroll-allow-partial=false"]
+# R = 16 stays at 5000: at 2000 its row loops stay rolled and o[16][D/32] goes to local memory.
+
+
+def decode_kernel_flags(host: str) -> List[str]:
+    return ["-mllvm", "-unroll-threshold=5000"] if host.endswith("_r16") else DECODE_UNROLL
+
+
+TARGET_KERNEL_FLAGS = {"paged_decode_attention": decode_kernel_flags}
+
 # The project's kernels and the emulator's feature kernels, as the GPU suite and the CI check build them.
 FLASH_SDPA = ROOT / "flash_sdpa"
 TARGETS = {
@@ -211,7 +231,8 @@ def _sources_hash(path: Path, include_dirs) -> str:
 def build_all(jobs: int = 2, fast_math: bool = True) -> Dict[str, Path]:
     """Builds every target and records them in <cache>/index.json, so that a machine without clang-19 (the GPU
     machine) can use the PTX built here: load_all() there."""
-    built = {name: build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs)
+    built = {name: build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs,
+                         kernel_flags=TARGET_KERNEL_FLAGS.get(name))
              for name, (path, inc) in TARGETS.items()}
     index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math}
              for name, (path, inc) in TARGETS.items()}

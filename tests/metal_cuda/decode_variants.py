@@ -16,17 +16,16 @@ sys.path.insert(0, str(HERE.parent))
 from metal_cuda import compiler  # noqa: E402
 
 KERNELS = ["paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
+_NORUN = ["-mllvm", "-unroll-runtime=false", "-mllvm", "-unroll-allow-partial=false"]
 VARIANTS = {
-    "default (unroll-threshold 5000)": dict(),
+    "proxy default (threshold 2000, no run-time unroll)": dict(extra_flags=compiler.DECODE_UNROLL),
+    "threshold 5000 (the earlier default)": dict(extra_flags=["-mllvm", "-unroll-threshold=5000"]),
     "clang default unrolling": dict(extra_flags=["-mllvm", "-unroll-threshold=300"]),
-    "unroll-threshold 30000": dict(extra_flags=["-mllvm", "-unroll-threshold=30000"]),
-    "precise math": dict(fast_math=False),
+    "threshold 1000, no run-time unroll": dict(extra_flags=["-mllvm", "-unroll-threshold=1000"] + _NORUN),
 }
 INDEX = compiler.cache_dir() / "variants.json"
 # Experiments on a copy (flash_sdpa/ untouched): the kernel source with one text edit each.
-SOURCE_VARIANTS = {
-    "P.V without the early break": ("      if (j0 >= tile_keys) {\n        break;\n      }\n", ""),
-}
+SOURCE_VARIANTS = {}
 
 
 def _patched_copy(name, old, new) -> Path:
@@ -49,14 +48,13 @@ def build():
     index = {}
     for name, kw in VARIANTS.items():
         kw = dict(kw)
-        if "extra_flags" in kw:  # later flags win over CUDA_FLAGS' threshold
-            kw["extra_flags"] = list(kw["extra_flags"])
         path = compiler.build(src, [str(d) for d in inc], kernels=KERNELS, **kw)
         index[name] = path.name
         print(name, "->", path.name)
     for name, (old, new) in SOURCE_VARIANTS.items():
         copy = _patched_copy(name, old, new)
-        path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS)
+        path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS,
+                              extra_flags=compiler.DECODE_UNROLL)
         index[name] = path.name
         print(name, "->", path.name)
     INDEX.write_text(json.dumps(index, indent=1))

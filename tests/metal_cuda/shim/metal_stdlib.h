@@ -370,17 +370,19 @@ MCU_INLINE T mcu_shfl(uint mask, T x, uint arg) {
 }
 
 // Reductions: a butterfly when the whole warp is active (all lanes get the same bits, the operation being
-// commutative), else the active lanes in lane order (out of line: keeps the common path small enough to unroll).
+// commutative), else the active lanes in lane order. The partial path is inlined (a call would make ptxas save the
+// caller's live registers on the stack at every reduction) but loops over the mask's set bits, a loop of run-time
+// trip count that the unroller leaves rolled: small code, so loops around a reduction still unroll.
 template <typename T, typename Op>
-__attribute__((noinline)) T mcu_reduce_partial(T x, uint mask, Op op) {
-  T s = x;
-  bool first = true;
-  for (uint l = 0; l < 32; ++l) {
-    if (mask >> l & 1u) {
-      const T v = mcu_shfl<0>(mask, x, l);
-      s = first ? v : op(s, v);
-      first = false;
-    }
+MCU_INLINE T mcu_reduce_partial(T x, uint mask, Op op) {
+  uint rest = mask;
+  const uint first = (uint)__builtin_ctz(rest);
+  T s = mcu_shfl<0>(mask, x, first);
+  rest &= rest - 1u;
+  while (rest != 0u) {
+    const uint l = (uint)__builtin_ctz(rest);
+    s = op(s, mcu_shfl<0>(mask, x, l));
+    rest &= rest - 1u;
   }
   return s;
 }
