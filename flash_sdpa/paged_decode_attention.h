@@ -88,9 +88,9 @@ template <typename T, int D, int R>
   static_assert(R * D * 4 + NSG * SCR * 16 + NSG * KT * 8 + 2 * NSG * R * 4 <= 32768, "threadgroup memory over 32 KB");
 
   // One array: the scaled q rows (fp32; after the key loop, the merged accumulator), then per simdgroup the staged
-  // K chunk (T) / the tile's p (fp32 [R][32]). q and the scratch share one array on purpose: the compiler then cannot
-  // prove that the K stores leave q unchanged, so it re-reads q every tile instead of hoisting all R x D values of q
-  // out of the key loop into registers (which would need R x D registers per lane and spill).
+  // K chunk (T) / the tile's p (fp32 [R][32]). Shared so that a compiler cannot easily hoist all R x D q values out
+  // of the key loop into registers (the K stores may alias them). On the proxy this alone did not change ptxas's
+  // registers or spills; the proxy's unroll settings did (tests/metal_cuda/RESULTS.md).
   threadgroup float4 qs_tg[R * D / 4 + NSG * SCR];
   threadgroup float4* q_tg = qs_tg;
   threadgroup float4* scratch_tg = qs_tg + R * D / 4;
