@@ -224,6 +224,39 @@ def test_flash_attn_func_decode_transposed_cache(kernel, device, dtype):
     ref.check_lse(lse.cpu(), l_ref)
 
 
+# flash_attn_func with up to 16 query rows runs on the decode kernel (K/V as a contiguous cache): every feature,
+# GQA/MQA, row tiles up to 16 (group x sq) and beyond (several row blocks), sq > sk, splits for a longer context.
+DECODE_CASES = [  # (sq, sk, heads, hkv, head_dim, dtype, features)
+    (1, 37, 8, 2, 64, torch.float16, dict(causal=True)),
+    (1, 300, 32, 4, 128, torch.bfloat16, dict(causal=True, softcap=5.0)),
+    (2, 50, 4, 4, 32, torch.float32, dict(causal=True, window=(7, 0), alibi=True)),
+    (3, 29, 16, 1, 96, torch.float16, dict(causal=False, sinks=True)),
+    (16, 40, 8, 2, 256, torch.bfloat16, dict(causal=True, window=(5, 3), sinks=True, alibi=True)),
+    (9, 4, 6, 3, 72, torch.float32, dict(causal=True)),
+    (1, 1100, 8, 8, 80, torch.float16, dict(causal=True, window=(-1, -1), sinks=True)),
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"sq{c[0]}_sk{c[1]}_h{c[2]}_{c[3]}_d{c[4]}")
+def test_flash_attn_func_decode_kernel(kernel, device, case):
+    sq, sk, h, hkv, d, dtype, f = case
+    g = torch.Generator().manual_seed(sq * 1000 + sk)
+    q = torch.randn(2, sq, h, d, generator=g).to(dtype).to(device)
+    k = torch.randn(2, sk, hkv, d, generator=g).to(dtype).to(device)
+    v = torch.randn(2, sk, hkv, d, generator=g).to(dtype).to(device)
+    slopes, s_aux = extras(h, f.get("alibi", False), f.get("sinks", False), device, batch=2)
+    kw = dict(causal=f["causal"], window=f.get("window", (-1, -1)), softcap=f.get("softcap", 0.0))
+    out, lse, _ = kernel.flash_attn_func(q, k, v, causal=kw["causal"], window_size=kw["window"], softcap=kw["softcap"],
+                                         alibi_slopes=slopes, return_attn_probs=True, s_aux=s_aux)
+    assert out.shape == q.shape and out.is_contiguous() and lse.shape == (2, h, sq)
+    extra = dict(alibi_slopes=None if slopes is None else slopes.cpu(), sinks=None if s_aux is None else s_aux.cpu())
+    o_ref, l_ref = ref.attention_dense(q.cpu(), k.cpu(), v.cpu(), scale=d**-0.5, **kw, **extra)
+    o_pt, _ = ref.attention_dense(q.cpu(), k.cpu(), v.cpu(), scale=d**-0.5, dtype=dtype, **kw, **extra)
+    ref.check_close(out.cpu(), o_ref, o_pt)
+    ref.check_lse(lse.cpu(), l_ref)
+
+
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("sq,sk", [(19, 19), (40, 23), (5, 50)])
 def test_flash_attn_func_prefill(kernel, device, sq, sk):

@@ -11,6 +11,7 @@
 
 #include <cmath>
 
+#include "paged_params.h"
 #include "paged_planner.h"
 #include "registration.h"
 #include "varlen_planner.h"
@@ -221,6 +222,31 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (q.size(1) <= flash_sdpa::paged::kMaxSeqlenQ && k.size(1) >= 1 &&
+      flash_sdpa::paged_supports(q.scalar_type(), q.size(3))) {
+    // Decode-shaped calls (transformers' generate() steps: a few query rows over the whole K/V) take the decode
+    // kernel, with K/V as a contiguous cache of one block per batch row: each K/V byte is read once per KV head
+    // for the whole GQA group, and long contexts are split across threadgroups. The varlen kernel would give
+    // every query head its own pass over K/V in 32-row tiles (50x to 1000x slower on the NVIDIA proxy).
+    const int64_t batch = q.size(0), seqlen_k = k.size(1);
+    flash_sdpa::PagedKVCacheAttention call;
+    call.q = q;
+    call.k_cache = k;
+    call.v_cache = v;
+    call.block_table = at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+    call.cache_seqlens = at::full({batch}, seqlen_k, q.options().dtype(at::kInt));
+    call.out = out;
+    call.lse = lse;
+    call.alibi_slopes = alibi_slopes;
+    call.sinks = s_aux;
+    call.scale = softmax_scale;
+    call.softcap = softcap;
+    call.window_left = window_left;
+    call.window_right = canonical_window_right(causal, window_right);
+    call.max_seqlen_k = seqlen_k;
+    flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
+    return {out, lse};
+  }
   flash_sdpa::VarlenAttention call;
   call.q = q;
   call.k = k;
