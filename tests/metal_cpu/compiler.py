@@ -188,15 +188,14 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
     if target not in ("cpu", "cuda"):
         raise ValueError(f"prepass target must be 'cpu' or 'cuda', got {target!r}")
     src = _Src(text)
-    out = text
 
     # C-style casts to vector types: clang reinterprets bits where MSL converts values. Reject them.
-    for m in re.finditer(r"(\w*)\s*\(\s*(?:const\s+)?(" + VECTOR_TYPES + r")\s*\)\s*(?=[\w(\-+!~.])", out):
+    for m in re.finditer(r"(\w*)\s*\(\s*(?:const\s+)?(" + VECTOR_TYPES + r")\s*\)\s*(?=[\w(\-+!~.])", text):
         if m.group(1) in ("", "return", "case"):
             raise MetalCompileError(f"{src.where(m.start())}: C-style cast to {m.group(2)}: clang would reinterpret "
                                     f"the bits where MSL converts; write {m.group(2)}(x)")
-    if re.search(r"\.thread_elements\s*\(", out):
-        m = re.search(r"\.thread_elements\s*\(", out)
+    m = re.search(r"\.thread_elements\s*\(", text)
+    if m:
         raise MetalCompileError(f"{src.where(m.start())}: thread_elements() is not supported: Apple does not "
                                 f"document which lane holds which element; stage through threadgroup memory")
 
