@@ -103,7 +103,6 @@ struct Global {
   std::mutex lock;
   mcpu_options options{};
   // current dispatch
-  bool active = false;
   const Library* lib = nullptr;
   const mcpu_kernel_info* kernel = nullptr;
   std::vector<Fiber> fibers;
@@ -115,8 +114,6 @@ struct Global {
   char* stacks = nullptr;
   size_t stacks_size = 0;
   uintptr_t stack_lo = 0, stack_hi = 0;
-  char* arena = nullptr;
-  size_t arena_size = 0;
   std::vector<Slot> slots;
   char* tg_mem = nullptr;      // threadgroup memory (declared + [[threadgroup(i)]] arguments)
   uint32_t tg_used = 0;
@@ -596,8 +593,6 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   g.lib = lib;
   g.kernel = kernel;
   g.slots = slots;
-  g.arena = arena;
-  g.arena_size = arena_size;
   g.num_threads = (uint32_t)threads;
   g.fibers.assign(threads, Fiber());
   g.failed = false;
@@ -618,15 +613,17 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   void* buffer_ptrs[31] = {nullptr};
   for (const Slot& s : g.slots) buffer_ptrs[s.index] = (void*)s.lo;
   const uint32_t gx = d->threadgroups[0], gy = d->threadgroups[1];
+  size_t dirty = kThreadgroupMemoryLimit;  // threadgroup-memory bytes to reset before the next threadgroup
   for (uint64_t tgi : tg_order) {
     const uint32_t bx = (uint32_t)(tgi % gx), by = (uint32_t)(tgi / gx % gy), bz = (uint32_t)(tgi / gx / gy);
     g.threadgroup_id[0] = bx, g.threadgroup_id[1] = by, g.threadgroup_id[2] = bz;
-    // Fresh threadgroup memory: poisoned (NaN for float/half), nothing initialised, nothing allocated.
-    memset(g.tg_mem, 0xff, kThreadgroupMemoryLimit);
+    // Fresh threadgroup memory: poisoned (NaN for float/half), nothing initialised, nothing allocated. Only the
+    // bytes the previous threadgroup used need resetting.
+    memset(g.tg_mem, 0xff, dirty);
+    for (size_t i = 0; i < dirty; ++i) g.shadow[i].init = 0;
     g.tg_used = tg_args_total;
     g.tg_decls.clear();
     g.epoch += 2;
-    for (Shadow& s : g.shadow) s.init = 0;
     std::fill(g.simd_epoch.begin(), g.simd_epoch.end(), 0);
     for (uint32_t t = 0; t < threads; ++t) {
       mcpu_thread_args& a = g.fibers[t].args;
@@ -648,9 +645,8 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
       a.thread_index_in_simdgroup = t % kSimdWidth;
       a.simdgroups_per_threadgroup = (uint32_t)((threads + kSimdWidth - 1) / kSimdWidth);
     }
-    g.active = true;
     run_threadgroup(rng);
-    g.active = false;
+    dirty = g.tg_used;
     if (g.failed) break;
   }
   g.current = nullptr;
