@@ -77,15 +77,6 @@ namespace metal {
 
 // ---- math -------------------------------------------------------------------------------------------------------
 // Float functions: computed in float and rounded once to half/bfloat; vectors elementwise.
-#define MCPU_FLOAT_SCALARS(X) X(float) X(half) X(bfloat)
-#define MCPU_FLOAT_VECTORS(X) \
-  X(float2) X(float3) X(float4) X(half2) X(half3) X(half4) X(bfloat2) X(bfloat3) X(bfloat4)
-#define MCPU_INT_SCALARS(X) X(int) X(uint) X(short) X(ushort) X(char) X(uchar) X(long) X(ulong)
-#define MCPU_INT_VECTORS(X)                                                                            \
-  X(int2) X(int3) X(int4) X(uint2) X(uint3) X(uint4) X(short2) X(short3) X(short4) X(ushort2) X(ushort3) \
-      X(ushort4) X(char2) X(char3) X(char4) X(uchar2) X(uchar3) X(uchar4) X(long2) X(long3) X(long4)    \
-          X(ulong2) X(ulong3) X(ulong4)
-
 #define MCPU_UNARY(name, expr)                                                    \
   MCPU_INLINE float name(float x) { return expr; }                                \
   MCPU_INLINE half name(half x) { return (half)name((float)x); }                  \
@@ -137,91 +128,6 @@ MCPU_BINARY_FLOAT(fmin, __builtin_fminf(x, y))
 MCPU_BINARY_FLOAT(step, y < x ? 0.0f : 1.0f)
 #undef MCPU_BINARY_FLOAT
 
-// max / min / abs / clamp for every scalar type (half and bfloat compare exactly, no rounding needed).
-#define MCPU_MINMAX(T)                                                   \
-  MCPU_INLINE T max(T x, T y) { return x > y ? x : y; }                  \
-  MCPU_INLINE T min(T x, T y) { return x < y ? x : y; }                  \
-  MCPU_INLINE T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
-MCPU_FLOAT_SCALARS(MCPU_MINMAX)
-MCPU_INT_SCALARS(MCPU_MINMAX)
-#undef MCPU_MINMAX
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MCPU_INLINE V max(V x, V y) {
-  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = max((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
-  return x;
-}
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MCPU_INLINE V min(V x, V y) {
-  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = min((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
-  return x;
-}
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MCPU_INLINE V clamp(V x, V lo, V hi) {
-  return min(max(x, lo), hi);
-}
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MCPU_INLINE V clamp(V x, mcpu_elem_t<V> lo, mcpu_elem_t<V> hi) {
-  return min(max(x, mcpu_make<V>(lo)), mcpu_make<V>(hi));
-}
-MCPU_INLINE float abs(float x) { return __builtin_fabsf(x); }
-MCPU_INLINE half abs(half x) { return x < (half)0.0f ? (half)-x : x; }
-MCPU_INLINE bfloat abs(bfloat x) { return (bfloat)__builtin_fabsf((float)x); }
-MCPU_INLINE int abs(int x) { return x < 0 ? -x : x; }
-MCPU_INLINE short abs(short x) { return x < 0 ? (short)-x : x; }
-MCPU_INLINE long abs(long x) { return x < 0 ? -x : x; }
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MCPU_INLINE V abs(V x) {
-  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = abs((mcpu_elem_t<V>)x[i]);
-  return x;
-}
-
-MCPU_INLINE float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
-MCPU_INLINE half fma(half a, half b, half c) { return (half)__builtin_fmaf((float)a, (float)b, (float)c); }
-MCPU_INLINE bfloat fma(bfloat a, bfloat b, bfloat c) { return (bfloat)__builtin_fmaf((float)a, (float)b, (float)c); }
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MCPU_INLINE V fma(V a, V b, V c) {
-  for (int i = 0; i < mcpu_width<V>; ++i)
-    a[i] = fma((mcpu_elem_t<V>)a[i], (mcpu_elem_t<V>)b[i], (mcpu_elem_t<V>)c[i]);
-  return a;
-}
-template <typename T>
-MCPU_INLINE T mix(T x, T y, T a) {
-  return x + (y - x) * a;
-}
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MCPU_INLINE V mix(V x, V y, mcpu_elem_t<V> a) {
-  return x + (y - x) * a;
-}
-
-// select(a, b, c): c ? b : a, elementwise for vectors (c: bool, bool vector or a comparison's integer mask).
-template <typename T>
-MCPU_INLINE T select(T a, T b, bool c) {
-  return c ? b : a;
-}
-template <typename V, typename C, std::enable_if_t<(mcpu_width<V> > 1 && mcpu_width<C> == mcpu_width<V>), int> = 0>
-MCPU_INLINE V select(V a, V b, C c) {
-  for (int i = 0; i < mcpu_width<V>; ++i)
-    if (c[i]) a[i] = b[i];
-  return a;
-}
-template <typename C>
-MCPU_INLINE bool all(C c) {
-  for (int i = 0; i < mcpu_width<C>; ++i)
-    if (!c[i]) return false;
-  return true;
-}
-template <typename C>
-MCPU_INLINE bool any(C c) {
-  for (int i = 0; i < mcpu_width<C>; ++i)
-    if (c[i]) return true;
-  return false;
-}
-template <typename V>
-MCPU_INLINE mcpu_elem_t<V> dot(V a, V b) {
-  mcpu_elem_t<V> s = a[0] * b[0];
-  for (int i = 1; i < mcpu_width<V>; ++i) s += a[i] * b[i];
-  return s;
-}
 // Under fast math clang warns at every inf/NaN use in kernel code (as it should: Metal's fast math makes them
 // undefined); the definitions here are not such uses.
 #pragma clang diagnostic push

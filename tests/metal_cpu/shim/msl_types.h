@@ -1,7 +1,7 @@
 // The target-independent part of the MSL standard library for the emulator's targets (the CPU shim
 // tests/metal_cpu/shim/metal_stdlib.h and the NVPTX shim tests/metal_cuda/shim/metal_stdlib.h include it): scalar
-// and vector types, constants, vector constructors and conversions, as_type, numeric_limits, and the parameter
-// type helper of the generated entry points. The including shim defines the address spaces first.
+// and vector types, constants, vector constructors and conversions, as_type, numeric_limits, min/max/clamp/abs/fma/
+// mix/select/all/any/dot, and the parameter type helper of the generated entry points. The including shim defines the address spaces first.
 #pragma once
 
 #include <stddef.h>
@@ -146,6 +146,94 @@ MSL_LIMITS(ushort, (ushort)65535, (ushort)0, (ushort)0, (ushort)0, (ushort)0)
 MSL_LIMITS(long, 9223372036854775807l, (-9223372036854775807l - 1), (-9223372036854775807l - 1), 0l, 0l)
 MSL_LIMITS(ulong, 18446744073709551615ul, 0ul, 0ul, 0ul, 0ul)
 #undef MSL_LIMITS
+
+// ---- integer, comparison and vector functions (no target-specific math) -------------------------------
+// max / min / abs / clamp for every scalar type (half and bfloat compare exactly, no rounding needed).
+#define MSL_MINMAX(T)                                                   \
+  MSL_INLINE T max(T x, T y) { return x > y ? x : y; }                  \
+  MSL_INLINE T min(T x, T y) { return x < y ? x : y; }                  \
+  MSL_INLINE T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+MSL_MINMAX(float) MSL_MINMAX(half) MSL_MINMAX(bfloat)
+MSL_MINMAX(int) MSL_MINMAX(uint) MSL_MINMAX(short) MSL_MINMAX(ushort)
+MSL_MINMAX(char) MSL_MINMAX(uchar) MSL_MINMAX(long) MSL_MINMAX(ulong)
+#undef MSL_MINMAX
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V max(V x, V y) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = max((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
+  return x;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V min(V x, V y) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = min((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
+  return x;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V clamp(V x, V lo, V hi) {
+  return min(max(x, lo), hi);
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V clamp(V x, mcpu_elem_t<V> lo, mcpu_elem_t<V> hi) {
+  return min(max(x, mcpu_make<V>(lo)), mcpu_make<V>(hi));
+}
+MSL_INLINE float abs(float x) { return __builtin_fabsf(x); }
+MSL_INLINE half abs(half x) { return x < (half)0.0f ? (half)-x : x; }
+MSL_INLINE bfloat abs(bfloat x) { return (bfloat)__builtin_fabsf((float)x); }
+MSL_INLINE int abs(int x) { return x < 0 ? -x : x; }
+MSL_INLINE short abs(short x) { return x < 0 ? (short)-x : x; }
+MSL_INLINE long abs(long x) { return x < 0 ? -x : x; }
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V abs(V x) {
+  for (int i = 0; i < mcpu_width<V>; ++i) x[i] = abs((mcpu_elem_t<V>)x[i]);
+  return x;
+}
+
+MSL_INLINE float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
+MSL_INLINE half fma(half a, half b, half c) { return (half)__builtin_fmaf((float)a, (float)b, (float)c); }
+MSL_INLINE bfloat fma(bfloat a, bfloat b, bfloat c) { return (bfloat)__builtin_fmaf((float)a, (float)b, (float)c); }
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V fma(V a, V b, V c) {
+  for (int i = 0; i < mcpu_width<V>; ++i)
+    a[i] = fma((mcpu_elem_t<V>)a[i], (mcpu_elem_t<V>)b[i], (mcpu_elem_t<V>)c[i]);
+  return a;
+}
+template <typename T>
+MSL_INLINE T mix(T x, T y, T a) {
+  return x + (y - x) * a;
+}
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V mix(V x, V y, mcpu_elem_t<V> a) {
+  return x + (y - x) * a;
+}
+
+// select(a, b, c): c ? b : a, elementwise for vectors (c: bool, bool vector or a comparison's integer mask).
+template <typename T>
+MSL_INLINE T select(T a, T b, bool c) {
+  return c ? b : a;
+}
+template <typename V, typename C, std::enable_if_t<(mcpu_width<V> > 1 && mcpu_width<C> == mcpu_width<V>), int> = 0>
+MSL_INLINE V select(V a, V b, C c) {
+  for (int i = 0; i < mcpu_width<V>; ++i)
+    if (c[i]) a[i] = b[i];
+  return a;
+}
+template <typename C>
+MSL_INLINE bool all(C c) {
+  for (int i = 0; i < mcpu_width<C>; ++i)
+    if (!c[i]) return false;
+  return true;
+}
+template <typename C>
+MSL_INLINE bool any(C c) {
+  for (int i = 0; i < mcpu_width<C>; ++i)
+    if (c[i]) return true;
+  return false;
+}
+template <typename V>
+MSL_INLINE mcpu_elem_t<V> dot(V a, V b) {
+  mcpu_elem_t<V> s = a[0] * b[0];
+  for (int i = 1; i < mcpu_width<V>; ++i) s += a[i] * b[i];
+  return s;
+}
 
 }  // namespace metal
 
