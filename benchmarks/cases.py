@@ -164,7 +164,7 @@ def contiguous_sdpa_decode(kernel, c: DecodeCase, t) -> torch.Tensor:
 
 DECODE_PATHS = {
     "paged flash_attn_with_kvcache": paged_decode,
-    "varlen kernel (K/V pre-packed)": varlen_decode,
+    "flash_attn_varlen_func (K/V pre-packed)": varlen_decode,
     "gather + torch SDPA": gather_sdpa_decode,
     "contiguous cache + torch SDPA": contiguous_sdpa_decode,
 }

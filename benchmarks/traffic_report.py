@@ -99,7 +99,7 @@ def _measure(rt, fn) -> tuple:
     return loaded, stored, kv_loaded, len(stats), tgs, [s.kernel for s in stats]
 
 
-MEASURED_DECODE_PATHS = ("paged flash_attn_with_kvcache", "varlen kernel (K/V pre-packed)")
+MEASURED_DECODE_PATHS = ("paged flash_attn_with_kvcache", "flash_attn_varlen_func (K/V pre-packed)")
 
 
 def decode_rows(kernel, rt, c: cases.DecodeCase, dtype=torch.float16, paths=MEASURED_DECODE_PATHS) -> List[Row]:

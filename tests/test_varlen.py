@@ -393,6 +393,9 @@ def test_garbage_cu_seqlens_stay_in_bounds(kernel, device):
     cu_k = torch.tensor([-7, 4, 100, 2, 12], dtype=torch.int32, device=device)
     out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 64, 64, causal=True)
     assert out.shape == q.shape
+    # max_seqlen_q = 1 takes the decode kernel: its block table is built from the same garbage.
+    out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, 64, causal=True)
+    assert out.shape == q.shape
 
 
 @pytest.mark.kernels_ci
@@ -406,3 +409,36 @@ def test_varlen_decode_left_padding(kernel, device):
     o_ref, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, scale=128**-0.5, causal=True)
     o_pt, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, scale=128**-0.5, causal=True, dtype=q.dtype)
     ref.check_close(out.cpu(), o_ref, o_pt)
+
+
+# max_seqlen_q = 1 runs on the decode kernel (packed K/V as one-token pages): sequences with no query, sequences
+# with no key, padded q rows, every feature, GQA/MQA, and the LSE in the varlen layout.
+VARLEN_DECODE_CASES = [  # (seqlens_q, seqlens_k, pad_q, heads, dtype, head_dim, features)
+    ([1, 1, 1], [17, 1, 40], 0, (8, 2), torch.float32, 64, dict(causal=True)),
+    ([1, 0, 1, 1], [5, 9, 0, 33], 3, (4, 4), torch.float16, 128, dict(causal=True, window=(6, 0), softcap=3.0)),
+    ([0, 1], [12, 300], 1, (6, 1), torch.bfloat16, 96, dict(causal=False, alibi=True, sinks=True)),
+    ([1, 1], [64, 7], 0, (16, 2), torch.float16, 256, dict(causal=True, sinks=True)),
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("case", VARLEN_DECODE_CASES, ids=lambda c: f"q{len(c[0])}_d{c[5]}_{str(c[4])[6:]}")
+def test_varlen_decode_kernel(kernel, device, case):
+    lq, lk, pad, (h, hkv), dtype, d, f = case
+    q, k, v, cu_q, cu_k = make_inputs(lq, lk, h, hkv, d, dtype, device, pad, seed=len(lk))
+    slopes, s_aux = extras(h, f.get("alibi", False), f.get("sinks", False), device)
+    kw = dict(causal=f["causal"], window=f.get("window", (-1, -1)), softcap=f.get("softcap", 0.0))
+    inputs = [t.clone() for t in (q, k, v, cu_q, cu_k)]
+    out, lse, _ = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, max(lk), softmax_scale=d**-0.5,
+                                                causal=kw["causal"], window_size=kw["window"], softcap=kw["softcap"],
+                                                alibi_slopes=slopes, return_attn_probs=True, s_aux=s_aux)
+    for before, after in zip(inputs, (q, k, v, cu_q, cu_k)):
+        assert torch.equal(before, after), "an input was modified"
+    assert out.shape == q.shape and lse.shape == (h, q.shape[0]) and lse.is_contiguous()
+    extra = dict(alibi_slopes=None if slopes is None else slopes.cpu(), sinks=None if s_aux is None else s_aux.cpu())
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    o_ref, l_ref = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, scale=d**-0.5, **kw, **extra)
+    o_pt, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, scale=d**-0.5, dtype=dtype, **kw, **extra)
+    n = cq[-1]
+    ref.check_close(out[:n].cpu(), o_ref[:n], o_pt[:n])
+    ref.check_lse(lse[:, :n].cpu(), l_ref[:, :n])

@@ -178,6 +178,58 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   run_varlen(call);
 }
 
+namespace {
+
+// One query per sequence (transformers' generate() decode with left padding: cu_seqlens_q = arange(B + 1)) runs on
+// the decode kernel: packed K/V become a paged cache of one-token blocks [total_k, 1, Hkv, D] (a view, no copy)
+// whose block table row b is cu_seqlens_k[b] + (0 .. max_seqlen_k - 1), so each K/V byte is read once per KV head
+// for the whole GQA group. A few small tensor ops on the device build the table and move q/out rows; nothing is read
+// on the host. A sequence with no query (cu_seqlens_q[b] == cu_seqlens_q[b + 1]) is a padding row whose output goes
+// to a scratch row. Block ids past total_k (garbage cu_seqlens) are masked by the kernel.
+std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                 int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                                 int64_t window_left, int64_t window_right, double softcap,
+                                                 const std::optional<at::Tensor>& alibi_slopes,
+                                                 const std::optional<at::Tensor>& s_aux) {
+  const int64_t batch = cu_seqlens_q.size(0) - 1, total_q = q.size(0), heads = q.size(1);
+  const auto starts_q = cu_seqlens_q.slice(0, 0, batch);
+  const auto has_query = cu_seqlens_q.slice(0, 1) > starts_q;
+  const auto starts_k = cu_seqlens_k.slice(0, 0, batch);
+  // Rows of q (clamped so a padding row's gather stays in bounds); padding rows write to the scratch row total_q.
+  const auto q_rows = starts_q.clamp(0, std::max<int64_t>(total_q - 1, 0)).to(at::kLong);
+  const auto out_rows = at::where(has_query, q_rows, total_q);
+
+  flash_sdpa::PagedKVCacheAttention call;
+  call.q = q.index_select(0, q_rows).unsqueeze(1);  // [B, 1, H, D]
+  call.k_cache = k.unsqueeze(1);                    // [total_k, 1, Hkv, D]
+  call.v_cache = v.unsqueeze(1);
+  call.block_table = (starts_k.unsqueeze(1) + at::arange(max_seqlen_k, cu_seqlens_k.options()).unsqueeze(0))
+                         .to(at::kInt)
+                         .contiguous();
+  call.cache_seqlens =
+      at::where(has_query, cu_seqlens_k.slice(0, 1) - starts_k, -1).to(at::kInt).contiguous();  // -1: skipped
+  call.out = at::empty({batch, 1, heads, q.size(2)}, q.options());
+  call.lse = at::empty({batch, heads, 1}, q.options().dtype(at::kFloat));
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = s_aux;
+  call.scale = softmax_scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = canonical_window_right(causal, window_right);
+  call.max_seqlen_k = max_seqlen_k;
+  flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
+
+  // Scatter back: out [total_q, H, D], lse [H, total_q] (one scratch row / column for padding rows).
+  at::Tensor out = at::empty({total_q + 1, heads, q.size(2)}, q.options());
+  out.index_copy_(0, out_rows, call.out.squeeze(1));
+  at::Tensor lse = at::empty({heads, total_q + 1}, q.options().dtype(at::kFloat));
+  lse.index_copy_(1, out_rows, call.lse->squeeze(2).t());
+  return {out.slice(0, 0, total_q), lse.slice(1, 0, total_q).contiguous()};
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
@@ -189,6 +241,10 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   check_scale(softmax_scale, softcap);
   check_extras(alibi_slopes, s_aux, q, batch, q.size(1));
 
+  if (max_seqlen_q == 1 && max_seqlen_k >= 1 && batch >= 1 && flash_sdpa::paged_supports(q.scalar_type(), q.size(2))) {
+    return varlen_decode(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_left,
+                         window_right, softcap, alibi_slopes, s_aux);
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   flash_sdpa::VarlenAttention call;
