@@ -137,6 +137,19 @@ void check_out(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
 // FlashAttention-2: causal is window (left, 0).
 int64_t canonical_window_right(bool causal, int64_t window_right) { return causal ? 0 : window_right; }
 
+// The options every attention call takes (VarlenAttention and PagedKVCacheAttention name them alike).
+template <typename Call>
+void set_attention_options(Call& call, double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
+                           double softcap, const std::optional<at::Tensor>& alibi_slopes,
+                           const std::optional<at::Tensor>& s_aux) {
+  call.scale = softmax_scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = canonical_window_right(causal, window_right);
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = s_aux;
+}
+
 // Validates the varlen arguments; returns the batch size.
 int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                      const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
@@ -211,12 +224,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::
       at::where(has_query, cu_seqlens_k.slice(0, 1) - starts_k, -1).to(at::kInt).contiguous();  // -1: skipped
   call.out = at::empty({batch, 1, heads, q.size(2)}, q.options());
   call.lse = at::empty({batch, heads, 1}, q.options().dtype(at::kFloat));
-  call.alibi_slopes = alibi_slopes;
-  call.sinks = s_aux;
-  call.scale = softmax_scale;
-  call.softcap = softcap;
-  call.window_left = window_left;
-  call.window_right = canonical_window_right(causal, window_right);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   call.max_seqlen_k = max_seqlen_k;
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
 
@@ -255,13 +263,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.lse = lse;
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
-  call.alibi_slopes = alibi_slopes;
-  call.sinks = s_aux;
   call.max_seqlen_q = max_seqlen_q;
-  call.scale = softmax_scale;
-  call.softcap = softcap;
-  call.window_left = window_left;
-  call.window_right = canonical_window_right(causal, window_right);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   run_varlen(call);
   return {out, lse};
 }
@@ -293,12 +296,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     call.cache_seqlens = at::full({batch}, seqlen_k, q.options().dtype(at::kInt));
     call.out = out;
     call.lse = lse;
-    call.alibi_slopes = alibi_slopes;
-    call.sinks = s_aux;
-    call.scale = softmax_scale;
-    call.softcap = softcap;
-    call.window_left = window_left;
-    call.window_right = canonical_window_right(causal, window_right);
+    set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
     call.max_seqlen_k = seqlen_k;
     flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
     return {out, lse};
@@ -309,12 +307,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   call.v = v;
   call.out = out;
   call.lse = lse;
-  call.alibi_slopes = alibi_slopes;
-  call.sinks = s_aux;
-  call.scale = softmax_scale;
-  call.softcap = softcap;
-  call.window_left = window_left;
-  call.window_right = canonical_window_right(causal, window_right);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   run_varlen(call);
   return {out, lse};
 }
@@ -437,12 +430,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   if (return_lse) {
     call.lse = lse;
   }
-  call.alibi_slopes = alibi_slopes;
-  call.sinks = s_aux;
-  call.scale = softmax_scale;
-  call.softcap = softcap;
-  call.window_left = window_left;
-  call.window_right = canonical_window_right(causal, window_right);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
