@@ -25,9 +25,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # metal_cpu, for the Linux report
 
-import torch  # noqa: E402
-
 import cases  # noqa: E402
+import torch  # noqa: E402
 
 # Memory bandwidth by chip name (GB/s). M3 Max: 300 with the 30-core GPU, 400 with the 40-core one.
 BANDWIDTH = {"M1 Max": 400, "M2 Max": 400, "M3 Max": 400, "M4 Max": 546, "M1 Ultra": 800, "M2 Ultra": 800,
@@ -99,7 +98,8 @@ def run_mac(args) -> None:
             us = time_us(lambda: fn(kernel, c, t), args.warmup)
             gbps = cases.kv_bytes(c, dtype) / (us * 1e3)
             frac = f"{gbps / bandwidth:8.0%}" if bandwidth else f"{'-':>8}"
-            print(f"{c.label():<40} {path:<32} {us:9.1f} {gbps:8.1f} {frac}" + (f"  (max err {err:.1e})" if err > 2e-2 else ""))
+            note = f"  (max err {err:.1e})" if err > 2e-2 else ""
+            print(f"{c.label():<40} {path:<32} {us:9.1f} {gbps:8.1f} {frac}" + note)
     for c in cases.PREFILL_CASES.values():
         t = cases.make_prefill(c, "mps", dtype)
         for path, fn in cases.PREFILL_PATHS.items():

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from kernels.benchmark import Benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

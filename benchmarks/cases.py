@@ -6,7 +6,6 @@ B batch, H query heads, Hkv KV heads, D head dim, S tokens already cached (the s
 """
 
 import os
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict

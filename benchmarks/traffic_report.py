@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
 import cases
+import torch
 
 DISPATCH_US = 5.0  # assumed cost of one compute dispatch on an Apple GPU (encode + launch gap), microseconds
 CHIPS = {"M2 Max": 400.0, "M3 Max 30c": 300.0, "M4 Max": 546.0, "M2 Ultra": 800.0}  # GB/s
@@ -184,8 +183,8 @@ def legend() -> str:
             " each time, where a GPU's caches serve them: the K/V column is the DRAM-relevant one;"
             " analytic = torch ops, assuming SDPA reads each K/V byte once. Ideal = each valid K/V byte once"
             " (S cached + 1 new token). Shapes scaled down from the Mac benchmark (benchmarks/cases.py EMULATED);"
-            " decode bytes per valid K/V byte hardly depend on S, the split-K choice can. Prefill is compute-bound: its modeled time is only the"
-            " bandwidth floor.")
+            " decode bytes per valid K/V byte hardly depend on S, the split-K choice can. Prefill is compute-bound:"
+            " its modeled time is only the bandwidth floor.")
 
 
 def report(names=None) -> str:

@@ -127,7 +127,8 @@ def attention_dense(
     """q [B, Sq, H, D], k/v [B, Sk, Hkv, D]. Returns (out [B, Sq, H, D], lse [B, H, Sq])."""
     outs, lses = [], []
     for b in range(q.shape[0]):
-        o, l = attention_one(q[b], k[b], v[b], scale=scale, alibi_slopes=_slopes_for(alibi_slopes, b), dtype=dtype, **kw)
+        slopes = _slopes_for(alibi_slopes, b)
+        o, l = attention_one(q[b], k[b], v[b], scale=scale, alibi_slopes=slopes, dtype=dtype, **kw)
         outs.append(o)
         lses.append(l)
     return torch.stack(outs), torch.stack(lses)

@@ -9,13 +9,11 @@ traffic) are in test_paged_kernels.py; its scenario builder and reference are re
 import ctypes
 import inspect
 import itertools
-import math
 import random
 from pathlib import Path
 
 import pytest
 import torch
-
 from test_paged_kernels import bits, check_fa2, make_case, reference_attention, reference_write
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

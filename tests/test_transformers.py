@@ -20,8 +20,8 @@ import pytest
 
 pytest.importorskip("transformers", reason="transformers is not installed: pip install transformers==5.22.2")
 
-import torch  # noqa: E402
 import tiny_models as tm  # noqa: E402
+import torch  # noqa: E402
 
 tm.kernel_environment()  # no-op under conftest.py, which already set LOCAL_KERNELS / HF_HUB_OFFLINE
 

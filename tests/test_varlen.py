@@ -7,9 +7,8 @@ reference math run by torch in the input dtype (tests/reference.py). LSE is fp32
 import itertools
 
 import pytest
-import torch
-
 import reference as ref
+import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [32, 64, 72, 80, 96, 128, 192, 256]  # the kernel's list; test_supported_head_dims checks they agree

@@ -1,10 +1,9 @@
 """Metal on the CPU: run real .metal kernels on CPU tensors (see README.md in this folder)."""
 
 import ctypes
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 from .compiler import MetalCompileError, build_runtime, compile_cached, compile_to
 

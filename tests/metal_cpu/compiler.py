@@ -27,7 +27,8 @@ class MetalCompileError(Exception):
 def clang() -> str:
     exe = os.environ.get("METAL_CPU_CLANG") or shutil.which("clang-19") or shutil.which("clang")
     if not exe:
-        raise MetalCompileError("clang-19 not found: run scripts/setup.sh (apt-get install clang-19 libclang-rt-19-dev)")
+        raise MetalCompileError("clang-19 not found: run scripts/setup.sh "
+                                "(apt-get install clang-19 libclang-rt-19-dev)")
     return exe
 
 
@@ -298,7 +299,8 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
     for inst in instances:
         kd = defs.get(inst.template_name.split("::")[-1])
         if kd is None:
-            raise MetalCompileError(f"host_name(\"{inst.host_name}\"): no [[kernel]] template named {inst.template_name}")
+            raise MetalCompileError(f"host_name(\"{inst.host_name}\"): no [[kernel]] template named "
+                                    f"{inst.template_name}")
         kernels.append((inst.host_name, inst.callee, kd))
     for kd in defs.values():
         if not kd.is_template:
@@ -327,7 +329,8 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
         gen.append(f"static const mcpu_param_info mcpu_params_{i}[] = {{ {pinfo} }};")
     table = ", ".join(f'{{"{host}", mcpu_entry_{i}, (uint32_t)({kd.max_threads}), {len(kd.params)}, mcpu_params_{i}}}'
                       for i, (host, _, kd) in enumerate(kernels))
-    gen.append(f"static const mcpu_kernel_info mcpu_kernel_table[] = {{ {table or '{nullptr, nullptr, 0, 0, nullptr}'} }};")
+    table = table or "{nullptr, nullptr, 0, 0, nullptr}"
+    gen.append(f"static const mcpu_kernel_info mcpu_kernel_table[] = {{ {table} }};")
     cases = []
     for ty, name, idx in fcs:
         cast = {"bool": "bits != 0", "int": "(int)bits", "uint": "bits", "float": "__builtin_bit_cast(float, bits)"}[ty]
@@ -335,9 +338,11 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
                      f"mcpu_fc_defined_{name} = true; return 0; }}")
     resets = " ".join(f"{name} = {ty}(); mcpu_fc_defined_{name} = false;" for ty, name, _ in fcs)
     gen.append("static MCPU_TRAMPOLINE int mcpu_set_fc(uint32_t index, uint32_t type, uint32_t bits) {"
-               f" (void)type; (void)bits; if (index == UINT32_MAX) {{ {resets} return 0; }} {' '.join(cases)} return -1; }}")
+               f" (void)type; (void)bits; if (index == UINT32_MAX) {{ {resets} return 0; }} {' '.join(cases)}"
+               " return -1; }")
     gen.append('extern "C" __attribute__((visibility("default"))) const mcpu_library_info mcpu_library = '
-               f'{{ MCPU_ABI_VERSION, {len(kernels)}, mcpu_kernel_table, mcpu_set_fc, mcpu_bind_runtime, MCPU_SOURCE_PATH }};')
+               f'{{ MCPU_ABI_VERSION, {len(kernels)}, mcpu_kernel_table, mcpu_set_fc, mcpu_bind_runtime, '
+               'MCPU_SOURCE_PATH };')
     return Prepassed(source=out + "\n".join(gen) + "\n", check_source=out, kernels=kernels)
 
 
@@ -401,7 +406,8 @@ def compile_cached(metal_path, include_dirs: Sequence[str] = (), defines: Option
     h = hashlib.sha256()
     h.update(text.encode())
     h.update(repr((fast_math, sorted((defines or {}).items()))).encode())
-    h.update(_file_hash([*sorted((HERE / "shim").glob("*.h")), Path(__file__), HERE / "runtime" / "mcpu_abi.h"]).encode())
+    emulator = [*sorted((HERE / "shim").glob("*.h")), Path(__file__), HERE / "runtime" / "mcpu_abi.h"]
+    h.update(_file_hash(emulator).encode())
     out = cache_dir() / f"{metal_path.stem}{'-fastmath' if fast_math else ''}-{h.hexdigest()[:16]}.so"
     if not out.exists():
         compile_to(metal_path, out, include_dirs, defines, fast_math)

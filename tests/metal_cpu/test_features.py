@@ -42,7 +42,8 @@ def test_vectors(lib):
     lib.dispatch("vectors", (1, 1, 1), (8, 1, 1), buffers={0: x, 1: out, 2: out_half, 3: bits})
     o = out.view(8, 4, 4)
     torch.testing.assert_close(o[:, 0], x.flip(1), rtol=0, atol=0)
-    torch.testing.assert_close(o[:, 1], torch.stack([x[:, 0], x[:, 1], torch.full((8,), 7.0), x[:, 2]], 1), rtol=0, atol=0)
+    expected = torch.stack([x[:, 0], x[:, 1], torch.full((8,), 7.0), x[:, 2]], 1)
+    torch.testing.assert_close(o[:, 1], expected, rtol=0, atol=0)
     assert torch.all(o[:, 2] == 2.5)
     w = torch.stack([x[:, 0], x[:, 0], -x[:, 3], x[:, 3]], 1) + torch.tensor([1.0, 2, 3, 4])
     torch.testing.assert_close(o[:, 3], w, rtol=0, atol=0)
@@ -182,7 +183,8 @@ class AddParams(ctypes.Structure):
 def test_set_bytes_and_offsets():
     lib = metal_cpu.compile(KERNELS / "smoke.metal")
     a, out = torch.arange(12, dtype=torch.float32), torch.zeros(12)
-    stats = lib.dispatch("add_scaled", (1, 1, 1), (32, 1, 1), buffers={0: (a, 8), 1: out}, bytes={2: AddParams(10, 2.0)})
+    stats = lib.dispatch("add_scaled", (1, 1, 1), (32, 1, 1), buffers={0: (a, 8), 1: out},
+                         bytes={2: AddParams(10, 2.0)})
     torch.testing.assert_close(out[:10], a[2:12] * 2 + 1)
     assert torch.all(out[10:] == 0)
     assert stats.loaded[0] == 40 and stats.stored[1] == 40 and stats.threadgroups == 1

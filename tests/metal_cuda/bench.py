@@ -20,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_common as gc  # noqa: E402
+
 from metal_cuda import launch  # noqa: E402
 
 CALLS, REPEATS = 20, 15
@@ -158,8 +159,9 @@ def bench_shape(name, B, H, Hkv, D, S, bs, dtype=torch.float16, sweep=False):
                       ("torch SDPA contiguous (gqa)", t_sdpa_gqa), ("torch SDPA contiguous (expanded)", t_sdpa_exp),
                       ("gather-then-SDPA", t_gather), ("varlen kernel as flash_attn_func decode", t_varlen)):
         rows.append((shape, label, us, gbs(us), t_sdpa / us))
-    print(f"{shape}: {attn.pipeline.kernel}, splits {splits}, threadgroups {tgs}, decode kernel regs {attn.pipeline.num_regs}, local "
-          f"{attn.pipeline.local_bytes} B, shared {attn.pipeline.shared_bytes} B; valid K/V {kv_bytes / 1e6:.1f} MB")
+    print(f"{shape}: {attn.pipeline.kernel}, splits {splits}, threadgroups {tgs}, "
+          f"decode kernel regs {attn.pipeline.num_regs}, local {attn.pipeline.local_bytes} B, "
+          f"shared {attn.pipeline.shared_bytes} B; valid K/V {kv_bytes / 1e6:.1f} MB")
     if sweep:
         for s in (1, 4, 8, 16, 32, 48, 64):
             fn, a = paged_callable(case, torch.empty_like(case.q), splits=s)

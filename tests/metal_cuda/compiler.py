@@ -24,8 +24,7 @@ from typing import Dict, List, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
-from metal_cpu.compiler import (FC_TYPES, BUILTINS, MetalCompileError, _preprocess, clang,  # noqa: E402
-                                prepass)
+from metal_cpu.compiler import BUILTINS, FC_TYPES, MetalCompileError, _preprocess, clang, prepass  # noqa: E402
 
 SHIM = HERE / "shim" / "metal_stdlib.h"
 SHIM_CORE = HERE.parent / "metal_cpu" / "shim" / "msl_types.h"  # the part shared with the CPU shim

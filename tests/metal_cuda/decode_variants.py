@@ -61,10 +61,10 @@ def build():
 
 
 def time_variants():
-    import torch
-
     import bench
     import gpu_common as gc
+    import torch
+
     from metal_cuda import launch
 
     index = json.loads(INDEX.read_text())
@@ -85,10 +85,10 @@ def time_variants():
 
 
 def once():
-    import torch
-
     import bench
     import gpu_common as gc
+    import torch
+
     from metal_cuda import launch
 
     if len(sys.argv) > 2:

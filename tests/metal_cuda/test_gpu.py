@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.gpu,
 
 if torch.cuda.is_available():
     import gpu_common as gc  # noqa: E402  (tests/metal_cuda is on sys.path through conftest.py)
+
     from metal_cuda import launch  # noqa: E402
 
 REL_L2 = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -127,7 +128,8 @@ def test_features(libs):
     assert torch.all(c[:8] == 0) and torch.all(c[:, :8] == 0)
     # function constants (two pipelines of one kernel), atomics, limits
     r = torch.zeros(8, device=dev)
-    lib.dispatch("function_constants", (1, 1, 1), (8, 1, 1), buffers={0: r}, constants={0: True, 1: 2.5, 2: ("int", -3)})
+    lib.dispatch("function_constants", (1, 1, 1), (8, 1, 1), buffers={0: r},
+                 constants={0: True, 1: 2.5, 2: ("int", -3)})
     torch.testing.assert_close(r, torch.arange(8.0, device=dev) * 2.5 - 3)
     lib.dispatch("function_constants", (1, 1, 1), (8, 1, 1), buffers={0: r}, constants={0: False})
     torch.testing.assert_close(r, torch.arange(8.0, device=dev))

@@ -10,8 +10,9 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from metal_cuda import compiler  # noqa: E402
 from metal_cpu.compiler import _preprocess, prepass  # noqa: E402
+
+from metal_cuda import compiler  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,8 @@ def common_flags(gen: Path) -> List[str]:
 def objc_flags() -> List[str]:
     # Objective-C++ as on the Mac: Apple's runtime, blocks, no ARC (kernel-builder builds .mm files without it).
     return ["-x", "objective-c++", "-fobjc-runtime=macosx-14.0", "-fblocks", "-fno-objc-arc",
-            f"-DEMBEDDED_METALLIB_HEADER=\"{METALLIB_NAMESPACE}.h\"", f"-DEMBEDDED_METALLIB_NAMESPACE={METALLIB_NAMESPACE}"]
+            f"-DEMBEDDED_METALLIB_HEADER=\"{METALLIB_NAMESPACE}.h\"",
+            f"-DEMBEDDED_METALLIB_NAMESPACE={METALLIB_NAMESPACE}"]
 
 
 def write_generated(gen: Path) -> None:

@@ -6,7 +6,6 @@ selector) only warns about and then fails at run time with "unrecognized selecto
 
 import importlib.util
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -42,8 +41,8 @@ PLANTED = {
     "tensor_as_offset": (r"offset:b\.tensor\.storage_offset\(\) \* b\.tensor\.element_size\(\)", "offset:b.tensor",
                          "NSUInteger"),
     # wrong object type: function-constant values where an id<MTLFunction> is expected
-    "wrong_protocol_argument": (r"newComputePipelineStateWithFunction:fn ", "newComputePipelineStateWithFunction:values ",
-                                "MTLFunction"),
+    "wrong_protocol_argument": (r"newComputePipelineStateWithFunction:fn ",
+                                "newComputePipelineStateWithFunction:values ", "MTLFunction"),
 }
 
 

@@ -271,7 +271,8 @@ def _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, 
         if cache_batch_idx is not None:
             idx = cache_batch_idx.cpu().long()
             if ((idx < 0) | (idx >= k_cache.shape[0])).any():
-                raise ValueError(f"cache_batch_idx must index k_cache rows 0..{k_cache.shape[0] - 1}, got {idx.tolist()}")
+                raise ValueError(
+                    f"cache_batch_idx must index k_cache rows 0..{k_cache.shape[0] - 1}, got {idx.tolist()}")
 
 
 def flash_attn_with_kvcache(
@@ -377,7 +378,10 @@ def flash_attn_with_kvcache(
             pos = (pos0 + torch.arange(seqlen_new, device=q.device)).clamp(max=limit)
             k = _apply_rotary(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)
         local = causal or window_left >= 0 or window_right >= 0
-        steps = torch.arange(q.shape[1], device=q.device) if local else torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
+        if local:
+            steps = torch.arange(q.shape[1], device=q.device)
+        else:
+            steps = torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
         pos = (pos0 + steps).clamp(max=limit)
         q = _apply_rotary(q, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)
 
