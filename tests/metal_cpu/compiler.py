@@ -183,6 +183,11 @@ def _parse_params(plist: str, where: str) -> List[Param]:
     return params
 
 
+def _qualify_vec(t: str) -> str:
+    """`vec<T, N>` / `metal::vec<T, N>` -> `metal::vec<T, N>` (a vector type name such as float4 unchanged)."""
+    return re.sub(r"^(?:metal\s*::\s*)?vec\b", "metal::vec", t.strip())
+
+
 def prepass(text: str, target: str = "cpu") -> Prepassed:
     """target "cpu": the emulator's source (entry points included). target "cuda" (tests/metal_cuda): function
     constants become __constant__ globals and kernel-scope threadgroup arrays __shared__ ones; no entry points."""
@@ -291,8 +296,18 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
     out = re.sub(r"\bis_function_constant_defined\s*\(\s*(\w+)\s*\)", r"(mcpu_fc_defined_\1)", out)
     out = re.sub(r"(?<![\w.])((?:\d+\.\d*|\.\d+)(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+)[hH]\b", r"((half)\1f)", out)
     out = re.sub(r"(?<![\w.])(\d+)[hH]\b", r"((half)\1)", out)
-    # Not a declarator such as `float4 (&x)[N]` (threadgroup arrays of vectors) or `float4 (*)[N]`.
-    out = re.sub(r"(?<![\w.])(" + VECTOR_TYPES + r")\s*\((?!&\s*\w+\s*\)|\*\s*\))", r"metal::mcpu_make<\1>(", out)
+    # Every spelling of a vector conversion converts values as MSL does (clang would reject static_cast between
+    # vectors and reinterpret bits in vec<float, 4>(int4)): float4(...), metal::float4(...), static_cast<float4>(...),
+    # vec<T, N>(...), static_cast<vec<T, N>>(...). Not a declarator such as `float4 (&x)[N]` (threadgroup arrays of
+    # vectors) or `float4 (*)[N]`.
+    vec_type = r"(?:metal\s*::\s*)?vec\s*<[^<>;(){}]*>"
+    not_declarator = r"(?!&\s*\w+\s*\)|\*\s*\))"
+    out = re.sub(r"(?<![\w.:])static_cast\s*<\s*(?:metal\s*::\s*)?(" + VECTOR_TYPES + "|" + vec_type + r")\s*>\s*\(",
+                 lambda m: f"metal::mcpu_make<{_qualify_vec(m.group(1))}>(", out)
+    out = re.sub(r"(?<![\w.:])(" + vec_type + r")\s*\(" + not_declarator,
+                 lambda m: f"metal::mcpu_make<{_qualify_vec(m.group(1))}>(", out)
+    out = re.sub(r"(?<![\w.:])(?:metal\s*::\s*)?(" + VECTOR_TYPES + r")\s*\(" + not_declarator,
+                 r"metal::mcpu_make<\1>(", out)
 
     # Kernels to export: instantiated templates, and non-template kernels under their own name.
     kernels = []

@@ -202,3 +202,61 @@ def test_combined_kernel_attribute(lib):
     assert torch.all(out == 3)
     with pytest.raises(metal_cpu.MetalCPUError, match=r"max_total_threads_per_threadgroup\(64\)"):
         lib.dispatch("combined_attribute", (1, 1, 1), (128, 1, 1), buffers={0: torch.zeros(128)})
+
+
+class ConvParams(ctypes.Structure):
+    _fields_ = [("i", ctypes.c_int32 * 4), ("f", ctypes.c_float * 4)]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_vector_conversions_every_address_space(lib, sched):
+    # Constructors and conversions whose arguments are read from device, constant, threadgroup and thread memory
+    # (directly, through pointers and through references) convert values as MSL does.
+    n = 64
+    g = torch.Generator().manual_seed(3)
+    di = torch.randint(-1000, 1000, (n, 4), generator=g, dtype=torch.int32)
+    di[::3, 1] = 0
+    df = torch.randn(n, 4, generator=g) * 300
+    df[::4, 2] = 0
+    df[1::5, 0] = -0.0
+    cf = torch.randn(n, 4, generator=g) * 10
+    cf[::2, 3] = 0
+    cp = ConvParams((7, 0, -3, 2 ** 20 + 1), (1.0009765625, -2.5, 3.25, -1e-3))
+    of, oh = torch.zeros(n, 16, 4), torch.zeros(n, 2, 4, dtype=torch.float16)
+    ob, oi = torch.zeros(n, 2, 4, dtype=torch.bfloat16), torch.zeros(n, 2, 4, dtype=torch.int32)
+    ou32 = torch.zeros(n, 2, 4, dtype=torch.int32)  # uint4 bits
+    lib.dispatch("conversions", (2, 1, 1), (32, 1, 1),
+                 buffers={0: di, 1: df, 2: cf, 4: of, 5: oh, 6: ob, 7: ou32, 8: oi}, bytes={3: cp}, **sched)
+    ou = ou32.numpy().view(np.uint32)
+    cpi, cpf = torch.tensor(list(cp.i), dtype=torch.int32), torch.tensor(list(cp.f))
+    fi, nz = di.float(), lambda t: (t != 0).float()
+    half, bf = lambda t: t.half().float(), lambda t: t.bfloat16().float()
+    expect = [
+        fi * 0.5,
+        torch.cat([cf[:, :2], df[:, 2:]], 1),
+        df[:, :1].expand(n, 4),
+        fi,
+        fi,
+        cpi.float().expand(n, 4),
+        torch.stack([cf[:, 0], cf[:, 1], fi[:, 1], fi[:, 0]], 1),
+        half(df),
+        bf(df),
+        nz(di),
+        torch.cat([cpf[3].expand(n, 1), cf[:, [2, 1, 0]]], 1),
+        fi,
+        fi,
+        nz(df),
+        torch.cat([half(cpf[:2]).expand(n, 2), bf(df[:, 2:])], 1),
+        df.trunc(),
+    ]
+    for k, e in enumerate(expect):
+        assert torch.equal(of[:, k], e), f"row {k}: {of[:, k][:3]} != {e[:3]}"
+    assert torch.equal(oh[:, 0], df.half())
+    assert torch.equal(oh[:, 1], df.bfloat16().float().half())
+    assert torch.equal(ob[:, 0], cf.bfloat16())
+    assert torch.equal(ob[:, 1], di.float().bfloat16())
+    np.testing.assert_array_equal(ou[:, 0], di.numpy().astype(np.uint32))
+    np.testing.assert_array_equal(ou[:, 1], np.concatenate(
+        [np.broadcast_to((cpi[:2] != 0).numpy(), (n, 2)), (df[:, :2] != 0).numpy()], 1).astype(np.uint32))
+    assert torch.equal(oi[:, 0], df.trunc().int())
+    assert torch.equal(oi[:, 1], (cf != 0).int())

@@ -202,3 +202,60 @@ constant constexpr uint kCombinedLimit = 64;
                                                                                       uint i [[thread_position_in_grid]]) {
   out[i] = 3.0f;
 }
+
+// Vector constructors and conversions over every address space: arguments read from device, constant (pointer and
+// setBytes reference), threadgroup and thread memory, directly, through pointers and through references. MSL
+// converts values (to integers rounding toward zero, bool true -> 1); clang's C-style vector casts would not.
+struct ConvParams {
+  int4 i;
+  float4 f;
+};
+kernel void conversions(device const int4* di [[buffer(0)]], device const float4* df [[buffer(1)]],
+                        constant float4* cf [[buffer(2)]], constant ConvParams& cp [[buffer(3)]],
+                        device float4* of [[buffer(4)]], device half4* oh [[buffer(5)]],
+                        device bfloat4* ob [[buffer(6)]], device uint4* ou [[buffer(7)]],
+                        device int4* oi [[buffer(8)]], uint i [[thread_position_in_grid]],
+                        uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float4 tf[32];
+  threadgroup int4 ti[32];
+  tf[tid] = df[i];
+  ti[tid] = di[i];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  device const float4& rd = df[i];
+  constant float4& rc = cf[i];
+  threadgroup const float4& rt = tf[tid];
+  threadgroup const int4* pt = &ti[tid];
+  device const int4* pd = di + i;
+  constant float4* pc = cf + i;
+  thread int4 li = di[i];
+  thread float4 lf = df[i];
+  thread const int4* pl = &li;
+  thread const float4& rl = lf;
+
+  device float4* o = of + 16 * i;
+  o[0] = float4(di[i]) * 0.5f;                 // the issue's form: int4 read from device memory
+  o[1] = float4(cf[i].xy, rd.zw);              // swizzles of constant and device values
+  o[2] = float4(rt.x);                         // scalar splat from threadgroup memory
+  o[3] = float4(ti[tid]);                      // threadgroup int4
+  o[4] = float4(*pl);                          // thread int4 through a pointer
+  o[5] = float4(cp.i);                         // constant reference (setBytes) int4
+  o[6] = float4(float2(rc.xy), float2(pt->yx));  // nested, constant reference and threadgroup pointer
+  o[7] = float4(half4(rd));                    // rounded to half
+  o[8] = float4(bfloat4(rt));                  // rounded to bfloat
+  o[9] = float4(bool4(*pd));                   // int -> bool -> float: 0 or 1
+  o[10] = float4(cp.f.w, float3(pc->zyx));     // scalar and 3-vector from constant memory
+  o[11] = static_cast<float4>(li);             // static_cast converts in MSL
+  o[12] = vec<float, 4>(*pd);                  // vec<T, N> spelling
+  o[13] = float4(uint4(bool4(rl)));            // float -> bool (nonzero) -> uint
+  o[14] = float4(half2(cp.f.xy), bfloat2(rl.zw));
+  o[15] = float4(int4(rl));                    // float -> int rounds toward zero
+
+  oh[2 * i] = half4(rd);
+  oh[2 * i + 1] = half4(bfloat4(tf[tid]));     // bfloat -> half
+  ob[2 * i] = bfloat4(cf[i]);
+  ob[2 * i + 1] = bfloat4(ti[tid]);            // int -> bfloat
+  ou[2 * i] = uint4(ti[tid]);                  // int -> uint: modulo 2^32
+  ou[2 * i + 1] = uint4(bool2(cp.i.xy), bool2(rt.xy));
+  oi[2 * i] = int4(rd);
+  oi[2 * i + 1] = int4(uint4(bool4(rc)));
+}

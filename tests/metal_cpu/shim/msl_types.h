@@ -90,8 +90,10 @@ MSL_INLINE To mcpu_convert(From x) {
 }
 
 // MSL vector constructors: the pre-pass rewrites float4(a, b.xy, ...) to mcpu_make<float4>(a, b.xy, ...).
+// Arguments are taken by value: that drops the address space of a value read from device / constant / threadgroup
+// memory (a reference would keep it, and neither the vector traits nor a temporary swizzle would match).
 template <typename V, typename A>
-MSL_INLINE void mcpu_put(V& r, int& i, const A& a) {
+MSL_INLINE void mcpu_put(V& r, int& i, A a) {
   using E = mcpu_elem_t<V>;
   if constexpr (mcpu_width<A> == 1) {
     r[i++] = mcpu_convert<E>(a);
@@ -100,7 +102,7 @@ MSL_INLINE void mcpu_put(V& r, int& i, const A& a) {
   }
 }
 template <typename V, typename... A>
-MSL_INLINE V mcpu_make(const A&... a) {
+MSL_INLINE V mcpu_make(A... a) {
   constexpr int n = mcpu_width<V>;
   V r{};
   if constexpr (sizeof...(A) == 0) {
