@@ -4,11 +4,14 @@
 // simdgroups own 8 query rows each; Q (pre-scaled) and the output accumulator O live in 8x8 float
 // simdgroup_matrix registers, K/V tiles are staged through threadgroup memory as float, softmax runs online in
 // the log2 domain with fp32 statistics held by 4 lanes per row. Masking uses a finite large negative score
-// (fast math: no inf arithmetic); a row with no visible key is written as 0 with LSE = -inf.
+// (fast math: no inf arithmetic); a row with no visible key is written as 0 with LSE = -inf. A visible score that is
+// NaN or inf makes its row NaN (FlashAttention-2's result) without entering the shared 8x8 tiles, where 0 x NaN
+// would carry it into the other rows of the block.
 #pragma once
 
 #include <metal_stdlib>
 
+#include "attention_device.h"
 #include "varlen_params.h"
 
 using namespace metal;
@@ -18,7 +21,7 @@ constant bool varlen_has_softcap [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SO
 constant bool varlen_has_alibi [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI)]];
 constant bool varlen_has_sinks [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS)]];
 
-constant constexpr float kVarlenMasked = -1.0e30f;  // log2-domain score of an invisible key
+constant constexpr float kVarlenMasked = flash_sdpa::kMaskedScore;  // log2-domain score of an invisible key
 constant constexpr float kVarlenLog2e = 1.4426950408889634f;
 constant constexpr float kVarlenLn2 = 0.6931471805599453f;
 
@@ -38,7 +41,7 @@ template <typename T, int D>
     const device T* k [[buffer(FLASH_SDPA_VARLEN_BUFFER_K)]],
     const device T* v [[buffer(FLASH_SDPA_VARLEN_BUFFER_V)]],
     device T* out [[buffer(FLASH_SDPA_VARLEN_BUFFER_OUT)]],
-    device float* lse [[buffer(FLASH_SDPA_VARLEN_BUFFER_LSE)]],
+    device uint* lse [[buffer(FLASH_SDPA_VARLEN_BUFFER_LSE)]],  // float bits
     const device int* cu_seqlens_q [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q)]],
     const device int* cu_seqlens_k [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K)]],
     const device float* alibi_slopes [[buffer(FLASH_SDPA_VARLEN_BUFFER_ALIBI)]],
@@ -63,6 +66,7 @@ template <typename T, int D>
   threadgroup float kv_tile[KV_FLOATS];  // K rows [0, BK) then V rows [BK, 2 BK), D floats each
   threadgroup float score_tile[BQ * BK];  // simdgroup s: rows [8s, 8s + 8) x BK probabilities
   threadgroup float diag_tile[flash_sdpa::kVarlenSimdgroups * 64];  // simdgroup s: an 8x8 diagonal
+  threadgroup uint bad_tile[BQ];  // row r of the tile saw a non-finite visible score
 
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
@@ -88,13 +92,13 @@ template <typename T, int D>
   const device T* k_seq = k + long(b) * p.k_batch_stride + long(start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
   const device T* v_seq = v + long(b) * p.v_batch_stride + long(start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
   device T* o_seq = out + long(b) * p.o_batch_stride + long(start_q) * p.o_row_stride + long(h) * p.o_head_stride;
-  device float* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + start_q;
+  device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + start_q;
 
   // Keys any row of this tile can see (bottom-right aligned: row i sits at key position i + sk - sq).
   const int offset = sk - sq;
   const int last_row = min(q0 + BQ, sq) - 1;
-  const int kv_begin = p.window_left >= 0 ? max(0, q0 + offset - p.window_left) : 0;
-  const int kv_end = p.window_right >= 0 ? min(sk, last_row + offset + p.window_right + 1) : sk;
+  const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, sk).x;
+  const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, sk).y + 1;
 
   threadgroup float* k_tile = kv_tile;
   threadgroup float* v_tile = kv_tile + BK * D;
@@ -125,8 +129,10 @@ template <typename T, int D>
   const int row = int(lane) / 4;
   const int sub = int(lane) % 4;
   const int i = q0 + int(sg) * 8 + row;
-  const int lo_i = p.window_left >= 0 ? i + offset - p.window_left : 0;
-  const int hi_i = i >= sq ? -1 : (p.window_right >= 0 ? min(sk - 1, i + offset + p.window_right) : sk - 1);
+  const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
+  const int lo_i = keys_i.x;
+  const int hi_i = i >= sq ? -1 : keys_i.y;
+  bool bad = false;  // this lane saw a visible score that is NaN or inf
   const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
   float m = kVarlenMasked;  // running max, log2 domain
   float l = 0.0f;           // running sum of exp2(s - m)
@@ -161,13 +167,18 @@ template <typename T, int D>
       const int c = sub + 4 * t;
       const int j = k0 + c;
       float s = s_strip[row * BK + c];
+      bool visible = j >= lo_i && j <= hi_i;
+      if (visible && flash_sdpa::is_nonfinite(s)) {  // before the softcap clamp could hide a NaN
+        bad = true;
+        visible = false;
+      }
       if (varlen_has_softcap) {
-        s = p.softcap * tanh(s / p.softcap);
+        s = flash_sdpa::apply_softcap(s, p.softcap);
       }
       if (varlen_has_alibi) {
         s -= slope * abs(float(i + offset - j));
       }
-      s = (j >= lo_i && j <= hi_i) ? s * kVarlenLog2e : kVarlenMasked;
+      s = visible ? s * kVarlenLog2e : kVarlenMasked;
       sv[t] = s;
       tile_max = max(tile_max, s);
     }
@@ -217,6 +228,11 @@ template <typename T, int D>
     denom = l * factor + exp2(sink - m_final);
   }
   const bool empty = !(l > 0.0f);
+  bad = bad || simd_shuffle_xor(uint(bad), ushort(1)) != 0;
+  bad = bad || simd_shuffle_xor(uint(bad), ushort(2)) != 0;
+  if (sub == 0) {
+    bad_tile[int(sg) * 8 + row] = bad ? 1u : 0u;
+  }
   varlen_write_diagonal(diag, empty ? 0.0f : factor / denom, lane);
   simdgroup_barrier(mem_flags::mem_threadgroup);
   simdgroup_matrix<float, 8, 8> normalise;
@@ -232,13 +248,16 @@ template <typename T, int D>
     for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
       const int r = idx / CHUNK, c = idx % CHUNK;
       if (q0 + r < sq) {
-        o_seq[long(q0 + r) * p.o_row_stride + c0 + c] = T(kv_tile[idx]);
+        const float o = bad_tile[r] != 0 ? as_type<float>(flash_sdpa::kNanBits) : kv_tile[idx];
+        o_seq[long(q0 + r) * p.o_row_stride + c0 + c] = T(o);
       }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
   if (sub == 0 && i < sq) {
-    lse_seq[i] = empty ? as_type<float>(0xff800000u) : (m_final + log2(denom)) * kVarlenLn2;
+    lse_seq[i] = bad     ? flash_sdpa::kNanBits
+                 : empty ? flash_sdpa::kNegInfBits
+                         : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
   }
 }

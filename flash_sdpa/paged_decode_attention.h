@@ -16,29 +16,10 @@
 
 #include <metal_stdlib>
 
+#include "attention_device.h"
 #include "paged_params.h"
 
 using namespace metal;
-
-namespace flash_sdpa {
-namespace paged {
-
-// Fast math: never rely on inf arithmetic. Masked scores use a finite "minus infinity"; rows that saw no visible
-// key are recognised by max <= kNegHalf and handled explicitly.
-#define FLASH_SDPA_NEG_BIG (-1.0e30f)
-#define FLASH_SDPA_NEG_HALF (-0.5e30f)
-
-// The LSE buffers are bound as uint: -inf is stored as its bit pattern, so no inf value ever exists in the kernel
-// (fast math may assume none does and fold it away).
-#define FLASH_SDPA_NEG_INF_BITS 0xff800000u
-
-// softcap * tanh(s / softcap), with the tanh argument clamped so that a fast-math tanh cannot produce inf / inf.
-inline float apply_softcap(float s, float softcap) {
-  return softcap * tanh(clamp(s / softcap, -15.0f, 15.0f));
-}
-
-}  // namespace paged
-}  // namespace flash_sdpa
 
 constant bool fc_decode_split [[function_constant(FLASH_SDPA_FC_DECODE_SPLIT)]];
 constant bool fc_decode_write_lse [[function_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE)]];
@@ -67,6 +48,7 @@ template <typename T, int D, int R>
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
+  using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
   constexpr int NSG = kDecodeSimdgroups;
   constexpr int KT = kKeysPerTile;           // keys per tile: one per lane in the score pass
@@ -97,6 +79,7 @@ template <typename T, int D, int R>
   threadgroup int2 loc_tg[NSG * KT];         // per simdgroup: (block id, slot) of the tile's keys; block -1: skip
   threadgroup float m_tg[NSG * R];           // per simdgroup running max
   threadgroup float l_tg[NSG * R];           // per simdgroup sum of exp
+  threadgroup uint bad_tg[NSG];              // per simdgroup rows with a non-finite visible score (bit r)
   threadgroup float* acc_tg = reinterpret_cast<threadgroup float*>(q_tg);
 
   const int split = int(tgid.x);
@@ -114,18 +97,12 @@ template <typename T, int D, int R>
   // (cache_seqlens < 0) have none and output zeros.
   const int capacity = p.max_blocks_per_seq * p.block_size;
   const int seqlen = cache_seqlens[b];
-  const int sk = seqlen < 0 ? 0 : min(min(seqlen, capacity) + p.seqlen_new, capacity);
+  const int sk = seqlen < 0 ? 0 : int(min(long(seqlen) + p.seqlen_new, long(capacity)));
   const int diag = sk - sq;  // query i sits at key position i + diag (bottom-right alignment)
 
-  // Keys any row of this request can see: [lo, hi).
-  int lo = 0;
-  int hi = sk;
-  if (p.window_left >= 0) {
-    lo = max(0, diag - p.window_left);
-  }
-  if (p.window_right >= 0) {
-    hi = min(sk, sq - 1 + diag + p.window_right + 1);
-  }
+  // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
+  const int lo = visible_keys(diag, p.window_left, p.window_right, sk).x;
+  const int hi = visible_keys(sq - 1 + diag, p.window_left, p.window_right, sk).y + 1;
   // This split's share, in whole tiles of 32 keys.
   const int span = max(hi - lo, 0);
   const int per_split =
@@ -148,21 +125,26 @@ template <typename T, int D, int R>
     acc_tg[idx] = v;
   }
 
-  // Per-row constants: query position (visible keys: [pos - left, pos + right]), ALiBi slope.
+  // Per-row constants: query position, visible keys [first, last], ALiBi slope.
   int row_pos[R];
+  int2 row_keys[R];
   float row_slope[R];
   for (int r = 0; r < R; ++r) {
     const int g = row0 + min(r, nrows - 1);
     const int h = hkv * group + g / sq;
     row_pos[r] = g % sq + diag;
+    row_keys[r] = visible_keys(row_pos[r], p.window_left, p.window_right, sk);
     row_slope[r] = fc_decode_alibi ? alibi[long(b) * p.alibi_stride_b + h] : 0.0f;
   }
+  // Bit r: this lane saw a visible key whose score is NaN or inf (the row's output becomes NaN, as in
+  // FlashAttention-2; the score itself is dropped so that nothing non-finite reaches the accumulators).
+  uint bad_rows = 0;
 
   float m[R];
   float l[R];
   float o[R][EPL];
   for (int r = 0; r < R; ++r) {
-    m[r] = FLASH_SDPA_NEG_BIG;
+    m[r] = kMaskedScore;
     l[r] = 0.0f;
     for (int c = 0; c < EPL; ++c) {
       o[r][c] = 0.0f;
@@ -250,19 +232,22 @@ template <typename T, int D, int R>
       pr[r] = 0.0f;
       if (r < nrows) {
         float sc = s[r];
+        bool visible = block >= 0 && key >= row_keys[r].x && key <= row_keys[r].y;
+        seen_any = seen_any || visible;
+        if (visible && is_nonfinite(sc)) {  // before the softcap clamp could hide a NaN
+          bad_rows |= 1u << r;
+          visible = false;
+        }
         if (fc_decode_softcap) {
           sc = apply_softcap(sc, p.softcap);
         }
         if (fc_decode_alibi) {
           sc -= row_slope[r] * float(abs(row_pos[r] - key));
         }
-        const bool visible = block >= 0 && (p.window_left < 0 || key >= row_pos[r] - p.window_left) &&
-                             (p.window_right < 0 || key <= row_pos[r] + p.window_right);
-        seen_any = seen_any || visible;
-        const float tile_max = simd_max(visible ? sc : FLASH_SDPA_NEG_BIG);
-        if (tile_max > FLASH_SDPA_NEG_HALF) {
+        const float tile_max = simd_max(visible ? sc : kMaskedScore);
+        if (tile_max > kNegHalf) {
           const float m_new = max(m[r], tile_max);
-          const float corr = m[r] > FLASH_SDPA_NEG_HALF ? exp(m[r] - m_new) : 0.0f;
+          const float corr = m[r] > kNegHalf ? exp(m[r] - m_new) : 0.0f;
           pr[r] = visible ? exp(sc - m_new) : 0.0f;
           l[r] = l[r] * corr + simd_sum(pr[r]);
           m[r] = m_new;
@@ -325,20 +310,26 @@ template <typename T, int D, int R>
   }
 
   // Merge the simdgroups: global max per row, each simdgroup's share rescaled, summed in simdgroup order.
+  for (int r = 0; r < R; ++r) {
+    if (simd_any(((bad_rows >> r) & 1u) != 0)) {
+      bad_rows |= 1u << r;
+    }
+  }
   if (lane == 0) {
     for (int r = 0; r < R; ++r) {
       m_tg[sg * R + r] = m[r];
       l_tg[sg * R + r] = l[r];
     }
+    bad_tg[sg] = bad_rows;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   float share[R];
   for (int r = 0; r < R; ++r) {
-    float mx = FLASH_SDPA_NEG_BIG;
+    float mx = kMaskedScore;
     for (int w = 0; w < NSG; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
-    share[r] = m[r] > FLASH_SDPA_NEG_HALF ? exp(m[r] - mx) : 0.0f;
+    share[r] = m[r] > kNegHalf ? exp(m[r] - mx) : 0.0f;
   }
   for (int w = 0; w < NSG; ++w) {
     if (int(sg) == w) {
@@ -364,25 +355,32 @@ template <typename T, int D, int R>
     const int g = row0 + r;
     const int h = hkv * group + g / sq;
     const int i = g % sq;
-    float mx = FLASH_SDPA_NEG_BIG;
+    float mx = kMaskedScore;
     for (int w = 0; w < NSG; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
     float sum = 0.0f;
+    bool bad = false;
     for (int w = 0; w < NSG; ++w) {
       const float mw = m_tg[w * R + r];
-      sum += mw > FLASH_SDPA_NEG_HALF ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
+      sum += mw > kNegHalf ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
+      bad = bad || ((bad_tg[w] >> r) & 1u) != 0;
     }
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
     if (fc_decode_split) {
       const long prow = long(split) * p.batch * p.num_heads * sq + row;  // (splits, B, H, sq)
       o_partial[prow * D + d] = acc_tg[idx];
       if (d == 0) {
-        ml_partial[prow * 2] = mx;
+        ml_partial[prow * 2] = bad ? as_type<float>(kNanBits) : mx;  // the combine tests the bits
         ml_partial[prow * 2 + 1] = sum;
       }
+    } else if (bad) {
+      out[((long(b) * sq + i) * p.num_heads + h) * D + d] = T(as_type<float>(kNanBits));
+      if (fc_decode_write_lse && d == 0) {
+        lse[row] = kNanBits;
+      }
     } else {
-      const bool seen = mx > FLASH_SDPA_NEG_HALF;
+      const bool seen = mx > kNegHalf;
       float scale_o = 1.0f;
       if (fc_decode_sinks && seen) {
         const float sink = sinks[h];
@@ -394,7 +392,7 @@ template <typename T, int D, int R>
       // out (B, sq, H, D = 1), contiguous
       out[((long(b) * sq + i) * p.num_heads + h) * D + d] = seen ? T(acc_tg[idx] * scale_o / sum) : T(0.0f);
       if (fc_decode_write_lse && d == 0) {
-        lse[row] = seen ? as_type<uint>(mx + log(sum)) : FLASH_SDPA_NEG_INF_BITS;
+        lse[row] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
       }
     }
   }
@@ -412,6 +410,7 @@ template <typename T>
     uint tgid [[threadgroup_position_in_grid]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
+  using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
   const long rows = long(p.batch) * p.num_heads * p.seqlen_q;
   const long row = long(tgid) * kCombineSimdgroups + sg;  // (B, H, sq)
@@ -419,17 +418,32 @@ template <typename T>
     return;  // no barriers below
   }
   const int splits = min(p.num_splits, int(kMaxSplits));
-  float mx = FLASH_SDPA_NEG_BIG;
+  const long b = row / (long(p.num_heads) * p.seqlen_q);
+  const long i = row % p.seqlen_q;
+  const int h = int((row / p.seqlen_q) % p.num_heads);
+  const int D = p.head_dim;
+  float mx = kMaskedScore;
+  bool bad = false;  // a split saw a non-finite visible score (its max is NaN bits): the row is NaN
   for (int s = 0; s < splits; ++s) {
-    mx = max(mx, ml_partial[(s * rows + row) * 2]);
+    const float ms = ml_partial[(s * rows + row) * 2];
+    bad = bad || is_nonfinite(ms);
+    mx = max(mx, bad ? kMaskedScore : ms);
+  }
+  if (bad) {
+    for (int d = int(lane); d < D; d += kSimdWidth) {
+      out[((b * p.seqlen_q + i) * p.num_heads + h) * D + d] = T(as_type<float>(kNanBits));
+    }
+    if (fc_combine_write_lse && lane == 0) {
+      lse[row] = kNanBits;
+    }
+    return;
   }
   float sum = 0.0f;
   for (int s = 0; s < splits; ++s) {
     const float ms = ml_partial[(s * rows + row) * 2];
-    sum += ms > FLASH_SDPA_NEG_HALF ? ml_partial[(s * rows + row) * 2 + 1] * exp(ms - mx) : 0.0f;
+    sum += ms > kNegHalf ? ml_partial[(s * rows + row) * 2 + 1] * exp(ms - mx) : 0.0f;
   }
-  const bool seen = mx > FLASH_SDPA_NEG_HALF;
-  const int h = int((row / p.seqlen_q) % p.num_heads);
+  const bool seen = mx > kNegHalf;
   const float m_splits = mx;  // the partials are rescaled to this max
   float scale_o = 1.0f;
   if (fc_combine_sinks && seen) {
@@ -439,15 +453,12 @@ template <typename T>
     sum = sum * scale_o + exp(sink - mn);
     mx = mn;
   }
-  const long b = row / (long(p.num_heads) * p.seqlen_q);
-  const long i = row % p.seqlen_q;
-  const int D = p.head_dim;
   for (int d = int(lane); d < D; d += kSimdWidth) {
     float acc = 0.0f;
     if (seen) {
       for (int s = 0; s < splits; ++s) {
         const float ms = ml_partial[(s * rows + row) * 2];
-        if (ms > FLASH_SDPA_NEG_HALF) {
+        if (ms > kNegHalf) {
           acc += o_partial[(s * rows + row) * D + d] * exp(ms - m_splits);
         }
       }
@@ -456,6 +467,6 @@ template <typename T>
     out[((b * p.seqlen_q + i) * p.num_heads + h) * D + d] = seen ? T(acc * scale_o / sum) : T(0.0f);
   }
   if (fc_combine_write_lse && lane == 0) {
-    lse[row] = seen ? as_type<uint>(mx + log(sum)) : FLASH_SDPA_NEG_INF_BITS;
+    lse[row] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
   }
 }

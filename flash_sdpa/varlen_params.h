@@ -51,7 +51,7 @@ namespace flash_sdpa {
 
 // Tile shape. Every threadgroup has 4 simdgroups of 32 threads; simdgroup s owns query rows [8s, 8s + 8) of a
 // 32-row query tile. The key tile is the largest of 32/16/8 rows whose float K and V tiles, the 8-row score
-// strips and the 8x8 diagonal scratch of every simdgroup fit in 32 KB of threadgroup memory.
+// strips, the 8x8 diagonal scratch of every simdgroup and a flag per query row fit in 32 KB of threadgroup memory.
 FSDPA_CONSTANT fsdpa_i32 kVarlenSimdgroups = 4;
 FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = FLASH_SDPA_VARLEN_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;     // 32 query rows per threadgroup
@@ -59,7 +59,7 @@ FSDPA_CONSTANT fsdpa_i32 kVarlenMaxThreadgroupBytes = 32768;
 static_assert(kVarlenThreads == 32 * kVarlenSimdgroups, "one simdgroup per 8 query rows");
 
 constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k) {
-  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64);
+  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64 + kVarlenBlockQ);
 }
 
 constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim) {

@@ -1,0 +1,39 @@
+// Device helpers every attention kernel shares (varlen and paged decode), so that the score transform, the masking
+// value and the LSE store cannot drift apart between kernels. MSL only.
+//
+// Metal compiles with fast math: inf/NaN arithmetic is undefined, so masked scores use a finite large negative,
+// empty rows are recognised explicitly, and checks on values are integer bit tests.
+#pragma once
+
+#include <metal_stdlib>
+
+namespace flash_sdpa {
+
+// A masked score (natural-log or log2 domain alike); any running max above kNegHalf has seen a visible key.
+constant constexpr float kMaskedScore = -1.0e30f;
+constant constexpr float kNegHalf = -0.5e30f;
+
+// LSE buffers are bound as uint: -inf and NaN are stored as bit patterns, so no inf value exists in a kernel.
+constant constexpr uint kNegInfBits = 0xff800000u;
+constant constexpr uint kNanBits = 0x7fc00000u;
+
+// softcap * tanh(s / softcap). Apple's fast tanh goes through exp and returns NaN once e^2x overflows (|x| > ~44);
+// tanh(15) is 1 in fp32, so clamping the argument changes no result and keeps fast math finite.
+inline float apply_softcap(float s, float softcap) {
+  return softcap * metal::tanh(metal::clamp(s / softcap, -15.0f, 15.0f));
+}
+
+// True when x is NaN or +-inf. An integer test on the bits: fast math may fold isnan/isinf to false.
+inline bool is_nonfinite(float x) {
+  return (metal::as_type<uint>(x) & 0x7f800000u) == 0x7f800000u;
+}
+
+// Keys [lo, hi] that a query at key position `pos` sees, for a window (left, right) (-1 = unbounded) over sk keys,
+// clamped to [0, sk - 1] (hi < lo: none). 64-bit intermediates: no int32 overflow whatever the window holds.
+inline int2 visible_keys(int pos, int window_left, int window_right, int sk) {
+  const long lo = window_left < 0 ? 0 : metal::max(long(pos) - long(window_left), 0l);
+  const long hi = window_right < 0 ? long(sk) - 1 : metal::min(long(pos) + long(window_right), long(sk) - 1);
+  return int2(int(lo), int(metal::max(hi, -1l)));
+}
+
+}  // namespace flash_sdpa
