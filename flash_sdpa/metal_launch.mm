@@ -66,36 +66,48 @@ id<MTLComputePipelineState> pipeline(id<MTLDevice> device, const Dispatch& d) {
   }
 
   id<MTLLibrary> lib = library(device);
-  MTLFunctionConstantValues* values = [[MTLFunctionConstantValues alloc] init];
-  for (const FunctionConstant& c : d.constants) {
-    switch (c.type) {
-      case FunctionConstant::kBool: {
-        const bool b = c.bits != 0;
-        [values setConstantValue:&b type:MTLDataTypeBool atIndex:c.index];
-        break;
+  id<MTLComputePipelineState> pso = nil;
+  std::string error;
+  // Metal hands back autoreleased objects (errors, descriptions): drain them here, on whatever thread calls us.
+  // Nothing throws inside the pool; the checks run after it.
+  @autoreleasepool {
+    MTLFunctionConstantValues* values = [[MTLFunctionConstantValues alloc] init];
+    for (const FunctionConstant& c : d.constants) {
+      switch (c.type) {
+        case FunctionConstant::kBool: {
+          const bool b = c.bits != 0;
+          [values setConstantValue:&b type:MTLDataTypeBool atIndex:c.index];
+          break;
+        }
+        case FunctionConstant::kInt:
+          [values setConstantValue:&c.bits type:MTLDataTypeInt atIndex:c.index];
+          break;
+        case FunctionConstant::kUInt:
+          [values setConstantValue:&c.bits type:MTLDataTypeUInt atIndex:c.index];
+          break;
+        case FunctionConstant::kFloat:
+          [values setConstantValue:&c.bits type:MTLDataTypeFloat atIndex:c.index];
+          break;
       }
-      case FunctionConstant::kInt:
-        [values setConstantValue:&c.bits type:MTLDataTypeInt atIndex:c.index];
-        break;
-      case FunctionConstant::kUInt:
-        [values setConstantValue:&c.bits type:MTLDataTypeUInt atIndex:c.index];
-        break;
-      case FunctionConstant::kFloat:
-        [values setConstantValue:&c.bits type:MTLDataTypeFloat atIndex:c.index];
-        break;
+    }
+    NSError* err = nil;
+    id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:d.kernel.c_str()]
+                                   constantValues:values
+                                            error:&err];
+    [values release];
+    if (fn == nil) {
+      error = std::string("no kernel ") + d.kernel + " in the metallib: " +
+              (err != nil ? err.localizedDescription.UTF8String : "");
+    } else {
+      pso = [device newComputePipelineStateWithFunction:fn error:&err];
+      [fn release];
+      if (pso == nil) {
+        error = std::string("cannot build the pipeline of ") + d.kernel + ": " +
+                (err != nil ? err.localizedDescription.UTF8String : "");
+      }
     }
   }
-  NSError* err = nil;
-  id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:d.kernel.c_str()]
-                                 constantValues:values
-                                          error:&err];
-  [values release];
-  TORCH_CHECK(fn != nil, "metal-flash-sdpa: no kernel ", d.kernel, " in the metallib: ",
-              err != nil ? err.localizedDescription.UTF8String : "");
-  id<MTLComputePipelineState> pso = [device newComputePipelineStateWithFunction:fn error:&err];
-  [fn release];
-  TORCH_CHECK(pso != nil, "metal-flash-sdpa: cannot build the pipeline of ", d.kernel, ": ",
-              err != nil ? err.localizedDescription.UTF8String : "");
+  TORCH_CHECK(pso != nil, "metal-flash-sdpa: ", error);
   cache.emplace(key, pso);  // owned by the cache for the process
   return pso;
 }
@@ -129,24 +141,26 @@ void run_launch_plan(const LaunchPlan& plan) {
   const LaunchPlan* p = &plan;
   const std::vector<id<MTLComputePipelineState>>* pipelines = &psos;
   dispatch_sync(stream->queue(), ^() {
-    id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
-    for (size_t n = 0; n < p->dispatches.size(); ++n) {
-      const Dispatch& d = p->dispatches[n];
-      [encoder setComputePipelineState:(*pipelines)[n]];
-      for (const BufferArg& b : d.buffers) {
-        [encoder setBuffer:buffer_of(b.tensor)
-                    offset:b.tensor.storage_offset() * b.tensor.element_size()
-                   atIndex:b.index];
+    @autoreleasepool {  // commandEncoder() may hand back an autoreleased encoder
+      id<MTLComputeCommandEncoder> encoder = stream->commandEncoder();
+      for (size_t n = 0; n < p->dispatches.size(); ++n) {
+        const Dispatch& d = p->dispatches[n];
+        [encoder setComputePipelineState:(*pipelines)[n]];
+        for (const BufferArg& b : d.buffers) {
+          [encoder setBuffer:buffer_of(b.tensor)
+                      offset:b.tensor.storage_offset() * b.tensor.element_size()
+                     atIndex:b.index];
+        }
+        for (const BytesArg& b : d.bytes) {
+          [encoder setBytes:b.data.data() length:b.data.size() atIndex:b.index];
+        }
+        for (const ThreadgroupMemory& m : d.threadgroup_memory) {
+          [encoder setThreadgroupMemoryLength:m.length atIndex:m.index];
+        }
+        [encoder dispatchThreadgroups:MTLSizeMake(d.threadgroups[0], d.threadgroups[1], d.threadgroups[2])
+                threadsPerThreadgroup:MTLSizeMake(d.threads_per_threadgroup[0], d.threads_per_threadgroup[1],
+                                                  d.threads_per_threadgroup[2])];
       }
-      for (const BytesArg& b : d.bytes) {
-        [encoder setBytes:b.data.data() length:b.data.size() atIndex:b.index];
-      }
-      for (const ThreadgroupMemory& m : d.threadgroup_memory) {
-        [encoder setThreadgroupMemoryLength:m.length atIndex:m.index];
-      }
-      [encoder dispatchThreadgroups:MTLSizeMake(d.threadgroups[0], d.threadgroups[1], d.threadgroups[2])
-              threadsPerThreadgroup:MTLSizeMake(d.threads_per_threadgroup[0], d.threads_per_threadgroup[1],
-                                                d.threads_per_threadgroup[2])];
     }
   });
 }

@@ -113,7 +113,7 @@ def build_extension(out: Path, namespace: str, jobs: int) -> None:
     registration_header(gen)
     torch_lib = Path(torch.__file__).parent / "lib"
     flags = [
-        "-std=c++17",
+        "-std=c++20",  # what kernel-builder builds host code with for torch >= 2.12
         "-O2",
         "-fPIC",
         "-fvisibility=hidden",

@@ -89,7 +89,7 @@ def common_flags(gen: Path) -> List[str]:
 
     return [
         "-fsyntax-only",
-        "-std=c++17",
+        "-std=c++20",  # what kernel-builder builds host code (.cpp and .mm) with for torch >= 2.12
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
         "-Wall",
         "-Wextra",
