@@ -336,7 +336,8 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
                 args.append(f"({ptype})32")
             else:
                 args.append(f"mcpu_builtin<{ptype}>(a->{BUILTINS[p.kind]})")
-        gen.append(f"static void mcpu_entry_{i}(const mcpu_thread_args* a) {{ {callee}({', '.join(args)}); }}")
+        gen.append(f"static void mcpu_entry_{i}(const mcpu_thread_args* a) {{ metal::mcpu_thread_fp_mode(); "
+                   f"{callee}({', '.join(args)}); }}")
         pinfo = ", ".join(
             f'{{{0 if p.kind == "buffer" else 1 if p.kind == "threadgroup" else 2}, (uint32_t)({p.index}), "{p.name}"}}'
             for p in kd.params)
@@ -388,23 +389,29 @@ def _preprocess(metal_path: Path, include_dirs: Sequence[str], defines: Dict[str
 
 
 def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-               fast_math: bool = False, opt: str = "-O2") -> Path:
-    """Compiles one .metal file to a kernel library at `out_path` (uncached)."""
+               fast_math: bool = True, opt: str = "-O2") -> Path:
+    """Compiles one .metal file to a kernel library at `out_path` (uncached). fast_math (Metal's default) selects the
+    fast:: math functions for the plain names, runs the threads with denormals flushed and computes divisions as
+    x * (1 / y) (see shim/metal_stdlib.h, README "Fast math")."""
     metal_path, out_path = Path(metal_path), Path(out_path)
     pre = prepass(_preprocess(metal_path, include_dirs, defines or {}))
+    math = ["-ffast-math", "-DMCPU_FAST_MATH"] if fast_math else []
     with tempfile.TemporaryDirectory() as tmp:
         check = Path(tmp) / "check.cpp"
         check.write_text(pre.check_source)
-        _run([clang(), "-fsyntax-only", *COMMON_FLAGS, "-DMCPU_ADDRESS_SPACES", "-include", str(SHIM), str(check)],
-             f"address-space check of {metal_path}")
+        _run([clang(), "-fsyntax-only", *COMMON_FLAGS, *math, "-DMCPU_ADDRESS_SPACES", "-include", str(SHIM),
+              str(check)], f"address-space check of {metal_path}")
         src = Path(tmp) / (metal_path.stem + ".mcpu.cpp")
         src.write_text(pre.source)
-        cmd = [clang(), *COMMON_FLAGS, opt, "-gline-tables-only", "-fPIC", "-shared",
-               "-fsanitize-coverage=func,trace-loads,trace-stores", "-fvisibility=hidden",
-               f'-DMCPU_SOURCE_PATH="{metal_path.resolve()}"', "-include", str(SHIM)]
-        if fast_math:
-            cmd.append("-ffast-math")
-        cmd += [str(src), "-o", str(out_path) + ".tmp"]
+        # Front end only (no optimisation yet, so every division is still one), then the division model, then the
+        # optimiser, SanitizerCoverage load/store hooks and code generation on the rewritten IR.
+        ir = Path(tmp) / (metal_path.stem + ".ll")
+        coverage = "-fsanitize-coverage=func,trace-loads,trace-stores"
+        _run([clang(), *COMMON_FLAGS, *math, opt, "-gline-tables-only", "-fPIC", coverage, "-fvisibility=hidden",
+              f'-DMCPU_SOURCE_PATH="{metal_path.resolve()}"', "-include", str(SHIM), "-S", "-emit-llvm",
+              "-Xclang", "-disable-llvm-passes", str(src), "-o", str(ir)], f"compiling {metal_path}")
+        ir.write_text(reciprocal_divisions(ir.read_text()))
+        cmd = [clang(), *math[:1], opt, "-fPIC", "-shared", coverage, "-x", "ir", str(ir), "-o", str(out_path) + ".tmp"]
         lib = _builtins_lib()
         if lib:
             cmd += ["-x", "none", lib]  # compiler-rt: the bfloat conversions
@@ -413,8 +420,51 @@ def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: 
     return out_path
 
 
+_FDIV = re.compile(r"^(\s*)(%[-\w.$]+|%\"[^\"]*\") = fdiv ((?:(?:fast|reassoc|nnan|ninf|nsz|arcp|contract|afn) )*)"
+                   r"(float|<(\d+) x float>) (.*)$", re.M)
+
+
+def _split_operands(s: str) -> List[str]:
+    out, depth, cur = [], 0, []
+    for c in s:
+        if c in "<([{":
+            depth += 1
+        elif c in ">)]}":
+            depth -= 1
+        if c == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+    out.append("".join(cur).strip())
+    return out
+
+
+def reciprocal_divisions(ir: str) -> str:
+    """Fast math's division: every fp32 `fdiv` the compiler may turn into a reciprocal multiply (flag arcp, which fast
+    math sets) becomes x * (1 / y), the reciprocal a correctly rounded IEEE division of its own. With denormals
+    flushed, x / y is then 0 for |y| > 2^126 whatever x is, and inf for a denormal y, as on a GPU that divides this
+    way. The new instructions carry no fast-math flags, so the optimiser cannot fold them back into one division."""
+    counter = [0]
+
+    def one(m: "re.Match[str]") -> str:
+        indent, name, flags, ty, lanes, rest = m.groups()
+        if "arcp" not in flags.split() and "fast" not in flags.split():
+            return m.group(0)
+        parts = _split_operands(rest)
+        if len(parts) < 2 or parts[0].startswith("!") or parts[1].startswith("!"):
+            return m.group(0)
+        x, y, tail = parts[0], parts[1], "".join(", " + p for p in parts[2:])
+        one_ = "1.000000e+00" if lanes is None else "<" + ", ".join(["float 1.000000e+00"] * int(lanes)) + ">"
+        counter[0] += 1
+        rcp = f"%mcpu.rcp.{counter[0]}"
+        return f"{indent}{rcp} = fdiv {ty} {one_}, {y}{tail}\n{indent}{name} = fmul {ty} {x}, {rcp}{tail}"
+
+    return _FDIV.sub(one, ir)
+
+
 def compile_cached(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-                   fast_math: bool = False) -> Path:
+                   fast_math: bool = True) -> Path:
     """Compiles (or reuses) a kernel library keyed by the preprocessed source, the flags and the emulator itself."""
     metal_path = Path(metal_path)
     text = _preprocess(metal_path, include_dirs, defines or {})

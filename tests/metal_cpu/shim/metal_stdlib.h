@@ -76,7 +76,142 @@ static MCPU_TRAMPOLINE void mcpu_fatal(const char* message) { mcpu_runtime->fata
 namespace metal {
 
 // ---- math -------------------------------------------------------------------------------------------------------
-// Float functions: computed in float and rounded once to half/bfloat; vectors elementwise.
+// Metal has two variants of the single-precision math functions: metal::fast:: and metal::precise::; the plain
+// names are the fast ones unless the library is compiled without fast math (compile(..., fast_math=False)).
+//   precise::f  libm's result (computed with denormals kept, also in a fast-math compile).
+//   fast::f     the fast-math model: inputs and results flushed to zero when denormal; exp/exp10/log/log10/pow go
+//               through exp2/log2 in fp32 (exp(x) = exp2(x * log2 e): overflows to inf, underflows to 0);
+//               tanh(x) = (e^2x - 1) / (e^2x + 1) with the fast exp, so NaN (inf / inf) once e^2x overflows
+//               (x > ~44.4), as Apple's fast tanh does; rsqrt(x) = 1 / sqrt(x); divide(x, y) = x * (1 / y).
+// half and bfloat have one variant (Metal defines fast/precise for float only): computed in float by precise::,
+// rounded once. A fast-math compile also runs every GPU thread with the CPU's flush-to-zero and denormals-are-zero
+// modes on (mcpu_thread_fp_mode, called by the generated entry points), so float arithmetic flushes denormals, and
+// compiler.py computes every division the compiler may turn into a reciprocal multiply (fast math) as x * (1 / y).
+#ifdef MCPU_FAST_MATH
+MCPU_INLINE void mcpu_thread_fp_mode() { __builtin_ia32_ldmxcsr(__builtin_ia32_stmxcsr() | 0x8040u); }  // FTZ | DAZ
+// Denormals kept while a precise:: function runs (the MXCSR restored after).
+struct mcpu_ieee_scope {
+  unsigned saved;
+  MCPU_INLINE mcpu_ieee_scope() : saved(__builtin_ia32_stmxcsr()) { __builtin_ia32_ldmxcsr(saved & ~0x8040u); }
+  MCPU_INLINE ~mcpu_ieee_scope() { __builtin_ia32_ldmxcsr(saved); }
+};
+// Keeps the computation between the two MXCSR writes (they have side effects, the empty asm too; the value flows
+// through it).
+MCPU_INLINE void mcpu_pin(float& v) { __asm__ volatile("" : "+x"(v)); }
+#else
+MCPU_INLINE void mcpu_thread_fp_mode() {}
+struct mcpu_ieee_scope {};
+MCPU_INLINE void mcpu_pin(float&) {}
+#endif
+
+// The models below are compiled without fast-math flags, so clang computes exactly what they say.
+#pragma float_control(push)
+#pragma float_control(precise, on)
+MCPU_INLINE float mcpu_ftz(float x) { return __builtin_fabsf(x) < __FLT_MIN__ ? __builtin_copysignf(0.0f, x) : x; }
+template <float (*F)(float)>
+MCPU_INLINE float mcpu_exact1(float x) {
+  mcpu_ieee_scope scope;
+  mcpu_pin(x);
+  float r = F(x);
+  mcpu_pin(r);
+  return r;
+}
+template <float (*F)(float, float)>
+MCPU_INLINE float mcpu_exact2(float x, float y) {
+  mcpu_ieee_scope scope;
+  mcpu_pin(x);
+  mcpu_pin(y);
+  float r = F(x, y);
+  mcpu_pin(r);
+  return r;
+}
+#define MCPU_LIBM1(name, expr) \
+  MCPU_INLINE float mcpu_libm_##name(float x) { return expr; }
+#define MCPU_LIBM2(name, expr) \
+  MCPU_INLINE float mcpu_libm_##name(float x, float y) { return expr; }
+MCPU_LIBM1(exp, __builtin_expf(x))
+MCPU_LIBM1(exp2, __builtin_exp2f(x))
+MCPU_LIBM1(exp10, __builtin_exp10f(x))
+MCPU_LIBM1(log, __builtin_logf(x))
+MCPU_LIBM1(log2, __builtin_log2f(x))
+MCPU_LIBM1(log10, __builtin_log10f(x))
+MCPU_LIBM1(tanh, __builtin_tanhf(x))
+MCPU_LIBM1(sqrt, __builtin_sqrtf(x))
+MCPU_LIBM1(rsqrt, 1.0f / __builtin_sqrtf(x))
+MCPU_LIBM1(sin, __builtin_sinf(x))
+MCPU_LIBM1(cos, __builtin_cosf(x))
+MCPU_LIBM1(tan, __builtin_tanf(x))
+MCPU_LIBM2(pow, __builtin_powf(x, y))
+MCPU_LIBM2(powr, __builtin_powf(x, y))
+MCPU_LIBM2(divide, x / y)
+#undef MCPU_LIBM1
+#undef MCPU_LIBM2
+
+// The fast model's building blocks (arguments already flushed).
+MCPU_INLINE float mcpu_fast_exp2(float x) { return mcpu_ftz(__builtin_exp2f(mcpu_ftz(x))); }
+MCPU_INLINE float mcpu_fast_log2(float x) { return __builtin_log2f(mcpu_ftz(x)); }
+MCPU_INLINE float mcpu_fast_exp(float x) { return mcpu_fast_exp2(mcpu_ftz(x) * M_LOG2E_F); }
+MCPU_INLINE float mcpu_fast_tanh(float x) {
+  const float e = mcpu_fast_exp(2.0f * mcpu_ftz(x));
+  return mcpu_ftz((e - 1.0f) / (e + 1.0f));
+}
+MCPU_INLINE float mcpu_fast_pow(float x, float y) { return mcpu_fast_exp2(mcpu_ftz(y) * mcpu_fast_log2(x)); }
+MCPU_INLINE float mcpu_fast_divide(float x, float y) {
+  return mcpu_ftz(mcpu_ftz(x) * mcpu_ftz(1.0f / mcpu_ftz(y)));
+}
+#pragma float_control(pop)
+
+// One function in both namespaces: float per variant; half, bfloat through precise float; vectors elementwise.
+#define MCPU_UNARY_IN(ns, name, float_expr)                                     \
+  namespace ns {                                                                \
+  MCPU_INLINE float name(float x) { return float_expr; }                        \
+  MCPU_INLINE half name(half x) { return (half)precise::name((float)x); }       \
+  MCPU_INLINE bfloat name(bfloat x) { return (bfloat)precise::name((float)x); } \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>         \
+  MCPU_INLINE V name(V x) {                                                     \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]);  \
+    return x;                                                                   \
+  }                                                                             \
+  }
+#define MCPU_UNARY2(name, fast_expr)                             \
+  MCPU_UNARY_IN(precise, name, mcpu_exact1<mcpu_libm_##name>(x))     \
+  MCPU_UNARY_IN(fast, name, fast_expr)
+MCPU_UNARY2(exp, mcpu_fast_exp(x))
+MCPU_UNARY2(exp2, mcpu_fast_exp2(x))
+MCPU_UNARY2(exp10, mcpu_fast_exp2(mcpu_ftz(x) * 3.32192809488736234787f))
+MCPU_UNARY2(log, mcpu_fast_log2(x) * M_LN2_F)
+MCPU_UNARY2(log2, mcpu_fast_log2(x))
+MCPU_UNARY2(log10, mcpu_fast_log2(x) * 0.301029995663981195214f)
+MCPU_UNARY2(tanh, mcpu_fast_tanh(x))
+MCPU_UNARY2(sqrt, mcpu_ftz(__builtin_sqrtf(mcpu_ftz(x))))
+MCPU_UNARY2(rsqrt, mcpu_ftz(1.0f / __builtin_sqrtf(mcpu_ftz(x))))
+MCPU_UNARY2(sin, mcpu_ftz(__builtin_sinf(mcpu_ftz(x))))
+MCPU_UNARY2(cos, mcpu_ftz(__builtin_cosf(mcpu_ftz(x))))
+MCPU_UNARY2(tan, mcpu_ftz(__builtin_tanf(mcpu_ftz(x))))
+#undef MCPU_UNARY2
+#undef MCPU_UNARY_IN
+
+#define MCPU_BINARY_IN(ns, name, float_expr)                                                              \
+  namespace ns {                                                                                          \
+  MCPU_INLINE float name(float x, float y) { return float_expr; }                                         \
+  MCPU_INLINE half name(half x, half y) { return (half)precise::name((float)x, (float)y); }               \
+  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)precise::name((float)x, (float)y); }       \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                                   \
+  MCPU_INLINE V name(V x, V y) {                                                                          \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);      \
+    return x;                                                                                             \
+  }                                                                                                       \
+  }
+#define MCPU_BINARY2(name, fast_expr)                                \
+  MCPU_BINARY_IN(precise, name, mcpu_exact2<mcpu_libm_##name>(x, y))    \
+  MCPU_BINARY_IN(fast, name, fast_expr)
+MCPU_BINARY2(pow, mcpu_fast_pow(x, y))
+MCPU_BINARY2(powr, mcpu_fast_pow(x, y))
+MCPU_BINARY2(divide, mcpu_fast_divide(x, y))
+#undef MCPU_BINARY2
+#undef MCPU_BINARY_IN
+
+// Functions with one variant (exact in both modes).
 #define MCPU_UNARY(name, expr)                                                    \
   MCPU_INLINE float name(float x) { return expr; }                                \
   MCPU_INLINE half name(half x) { return (half)name((float)x); }                  \
@@ -86,24 +221,12 @@ namespace metal {
     for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]);    \
     return x;                                                                     \
   }
-MCPU_UNARY(exp, __builtin_expf(x))
-MCPU_UNARY(exp2, __builtin_exp2f(x))
-MCPU_UNARY(exp10, __builtin_expf(x * M_LN10_F))
-MCPU_UNARY(log, __builtin_logf(x))
-MCPU_UNARY(log2, __builtin_log2f(x))
-MCPU_UNARY(log10, __builtin_log10f(x))
-MCPU_UNARY(tanh, __builtin_tanhf(x))
-MCPU_UNARY(sqrt, __builtin_sqrtf(x))
-MCPU_UNARY(rsqrt, 1.0f / __builtin_sqrtf(x))
 MCPU_UNARY(floor, __builtin_floorf(x))
 MCPU_UNARY(ceil, __builtin_ceilf(x))
 MCPU_UNARY(round, __builtin_roundf(x))
 MCPU_UNARY(rint, __builtin_rintf(x))
 MCPU_UNARY(trunc, __builtin_truncf(x))
 MCPU_UNARY(fabs, __builtin_fabsf(x))
-MCPU_UNARY(sin, __builtin_sinf(x))
-MCPU_UNARY(cos, __builtin_cosf(x))
-MCPU_UNARY(tan, __builtin_tanf(x))
 MCPU_UNARY(fract, x - __builtin_floorf(x))
 MCPU_UNARY(sign, x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : 0.0f)
 MCPU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
@@ -119,8 +242,6 @@ MCPU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
       x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);                           \
     return x;                                                                            \
   }
-MCPU_BINARY_FLOAT(pow, __builtin_powf(x, y))
-MCPU_BINARY_FLOAT(powr, __builtin_powf(x, y))
 MCPU_BINARY_FLOAT(atan2, __builtin_atan2f(x, y))
 MCPU_BINARY_FLOAT(fmod, __builtin_fmodf(x, y))
 MCPU_BINARY_FLOAT(fmax, __builtin_fmaxf(x, y))
@@ -148,19 +269,33 @@ MCPU_INLINE T mulhi(T x, T y) {
   return (T)(((unsigned __int128)x * y) >> (8 * sizeof(T)));
 }
 
-// fast:: and precise:: name the same functions here (the emulator cannot switch fast math per call).
-#define MCPU_MATH_NAMES(X)                                                                                    \
-  X(exp) X(exp2) X(exp10) X(log) X(log2) X(log10) X(tanh) X(sqrt) X(rsqrt) X(floor) X(ceil) X(round) X(rint) \
-      X(trunc) X(fabs) X(sin) X(cos) X(tan) X(fract) X(sign) X(saturate) X(pow) X(powr) X(atan2) X(fmod)       \
-          X(fmax) X(fmin) X(step) X(max) X(min) X(clamp) X(abs) X(fma) X(mix) X(dot) X(isnan) X(isinf)
+// The plain names: Metal compiles with fast math unless told otherwise.
+#ifdef MCPU_FAST_MATH
+#define MCPU_DEFAULT_MATH fast
+#else
+#define MCPU_DEFAULT_MATH precise
+#endif
+#define MCPU_TWO_VARIANTS(X) \
+  X(exp) X(exp2) X(exp10) X(log) X(log2) X(log10) X(tanh) X(sqrt) X(rsqrt) X(sin) X(cos) X(tan) X(pow) X(powr) X(divide)
+#define MCPU_USING_DEFAULT(name) using MCPU_DEFAULT_MATH::name;
+MCPU_TWO_VARIANTS(MCPU_USING_DEFAULT)
+#undef MCPU_USING_DEFAULT
+#undef MCPU_TWO_VARIANTS
+#undef MCPU_DEFAULT_MATH
+
+// fast:: and precise:: also name the functions that have one variant.
+#define MCPU_ONE_VARIANT(X)                                                                                       \
+  X(floor) X(ceil) X(round) X(rint) X(trunc) X(fabs) X(fract) X(sign) X(saturate) X(atan2) X(fmod) X(fmax) X(fmin) \
+      X(step) X(max) X(min) X(clamp) X(abs) X(fma) X(mix) X(dot) X(select) X(isnan) X(isinf) X(isfinite)
 #define MCPU_USING(name) using metal::name;
 namespace fast {
-MCPU_MATH_NAMES(MCPU_USING)
+MCPU_ONE_VARIANT(MCPU_USING)
 }
 namespace precise {
-MCPU_MATH_NAMES(MCPU_USING)
+MCPU_ONE_VARIANT(MCPU_USING)
 }
 #undef MCPU_USING
+#undef MCPU_ONE_VARIANT
 
 // ---- barriers ---------------------------------------------------------------------------------------------------
 enum class mem_flags : uint {
