@@ -1,6 +1,6 @@
 // Varlen / dense flash-attention forward: the kernel body, instantiated by attention_varlen.metal.
 //
-// One threadgroup per (32-row query tile, head, sequence): grid = (ceil(max_seqlen_q / 32), H, B). Its 4
+// Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles x, x + grid.x, ... of its (head, sequence). Its 4
 // simdgroups own 8 query rows each; Q (pre-scaled) and the output accumulator O live in 8x8 float
 // simdgroup_matrix registers, K/V tiles are staged through threadgroup memory as float, softmax runs online in
 // the log2 domain with fp32 statistics held by 4 lanes per row. Masking uses a finite large negative score
@@ -48,6 +48,7 @@ template <typename T, int D>
     const device float* sinks [[buffer(FLASH_SDPA_VARLEN_BUFFER_SINKS)]],
     constant flash_sdpa::VarlenParams& p [[buffer(FLASH_SDPA_VARLEN_BUFFER_PARAMS)]],
     uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
@@ -70,7 +71,6 @@ template <typename T, int D>
 
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
-  const int q0 = int(tg_pos.x) * BQ;
 
   // Sequence extents, clamped to the tensors whatever cu_seqlens holds.
   int start_q = 0, start_k = 0, sq, sk;
@@ -83,9 +83,6 @@ template <typename T, int D>
     sq = min(p.seqlen_q, p.q_rows);
     sk = min(p.seqlen_k, p.k_rows);
   }
-  if (q0 >= sq) {
-    return;  // the whole threadgroup leaves, before any barrier
-  }
 
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const device T* q_seq = q + long(b) * p.q_batch_stride + long(start_q) * p.q_row_stride + long(h) * p.q_head_stride;
@@ -94,170 +91,174 @@ template <typename T, int D>
   device T* o_seq = out + long(b) * p.o_batch_stride + long(start_q) * p.o_row_stride + long(h) * p.o_head_stride;
   device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + start_q;
 
-  // Keys any row of this tile can see (bottom-right aligned: row i sits at key position i + sk - sq).
-  const int offset = sk - sq;
-  const int last_row = min(q0 + BQ, sq) - 1;
-  const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, sk).x;
-  const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, sk).y + 1;
+  // Query tiles q0, q0 + grid x 32, ...: every row of every sequence is computed whatever max_seqlen_q (which only
+  // sizes the grid) says. The loop bounds are uniform across the threadgroup, so every thread meets every barrier.
+  for (int q0 = int(tg_pos.x) * BQ; q0 < sq; q0 += int(tg_count.x) * BQ) {
+    // Keys any row of this tile can see (bottom-right aligned: row i sits at key position i + sk - sq).
+    const int offset = sk - sq;
+    const int last_row = min(q0 + BQ, sq) - 1;
+    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, sk).x;
+    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, sk).y + 1;
 
-  threadgroup float* k_tile = kv_tile;
-  threadgroup float* v_tile = kv_tile + BK * D;
-  threadgroup float* s_strip = score_tile + sg * 8 * BK;
-  threadgroup float* diag = diag_tile + sg * 64;
+    threadgroup float* k_tile = kv_tile;
+    threadgroup float* v_tile = kv_tile + BK * D;
+    threadgroup float* s_strip = score_tile + sg * 8 * BK;
+    threadgroup float* diag = diag_tile + sg * 64;
 
-  // Q rows of this simdgroup, times scale, as DB 8x8 blocks.
-  simdgroup_matrix<float, 8, 8> q_frag[DB];
-  for (int c0 = 0; c0 < D; c0 += CHUNK) {
-    for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
-      const int r = idx / CHUNK, c = idx % CHUNK;
-      const int i = q0 + r;
-      kv_tile[idx] = i < sq ? float(q_seq[long(i) * p.q_row_stride + c0 + c]) * p.scale : 0.0f;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int cb = 0; cb < CHUNK / 8; ++cb) {
-      simdgroup_load(q_frag[c0 / 8 + cb], kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
-
-  simdgroup_matrix<float, 8, 8> o_frag[DB];
-  for (int db = 0; db < DB; ++db) {
-    o_frag[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-  }
-
-  // Softmax state of row `row` of this simdgroup, replicated in its 4 lanes.
-  const int row = int(lane) / 4;
-  const int sub = int(lane) % 4;
-  const int i = q0 + int(sg) * 8 + row;
-  const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
-  const int lo_i = keys_i.x;
-  const int hi_i = i >= sq ? -1 : keys_i.y;
-  bool bad = false;  // this lane saw a visible score that is NaN or inf
-  const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
-  float m = kVarlenMasked;  // running max, log2 domain
-  float l = 0.0f;           // running sum of exp2(s - m)
-
-  for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-    // Stage keys [k0, k0 + BK) as float; rows at or past kv_end are zeros.
-    for (int idx = int(tid); idx < BK * D; idx += NT) {
-      const int r = idx / D, c = idx % D;
-      const int j = k0 + r;
-      const bool in = j < kv_end;
-      k_tile[idx] = in ? float(k_seq[long(j) * p.k_row_stride + c]) : 0.0f;
-      v_tile[idx] = in ? float(v_seq[long(j) * p.v_row_stride + c]) : 0.0f;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-
-    // S (8 x BK) = Q K^T: K blocks loaded transposed.
-    for (int kb = 0; kb < KB; ++kb) {
-      simdgroup_matrix<float, 8, 8> s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-      for (int db = 0; db < DB; ++db) {
-        simdgroup_matrix<float, 8, 8> kt;
-        simdgroup_load(kt, k_tile + kb * 8 * D + db * 8, D, ulong2(0, 0), true);
-        simdgroup_multiply_accumulate(s, q_frag[db], kt, s);
+    // Q rows of this simdgroup, times scale, as DB 8x8 blocks.
+    simdgroup_matrix<float, 8, 8> q_frag[DB];
+    for (int c0 = 0; c0 < D; c0 += CHUNK) {
+      for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
+        const int r = idx / CHUNK, c = idx % CHUNK;
+        const int i = q0 + r;
+        kv_tile[idx] = i < sq ? float(q_seq[long(i) * p.q_row_stride + c0 + c]) * p.scale : 0.0f;
       }
-      simdgroup_store(s, s_strip + kb * 8, BK);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int cb = 0; cb < CHUNK / 8; ++cb) {
+        simdgroup_load(q_frag[c0 / 8 + cb], kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
     }
-    simdgroup_barrier(mem_flags::mem_threadgroup);
 
-    // Online softmax over this lane's columns sub, sub + 4, ...
-    float sv[BK / 4];
-    float tile_max = kVarlenMasked;
-    for (int t = 0; t < BK / 4; ++t) {
-      const int c = sub + 4 * t;
-      const int j = k0 + c;
-      float s = s_strip[row * BK + c];
-      bool visible = j >= lo_i && j <= hi_i;
-      if (visible && flash_sdpa::is_nonfinite(s)) {  // before the softcap clamp could hide a NaN
-        bad = true;
-        visible = false;
-      }
-      if (varlen_has_softcap) {
-        s = flash_sdpa::apply_softcap(s, p.softcap);
-      }
-      if (varlen_has_alibi) {
-        s -= slope * abs(float(i + offset - j));
-      }
-      s = visible ? s * kVarlenLog2e : kVarlenMasked;
-      sv[t] = s;
-      tile_max = max(tile_max, s);
-    }
-    tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
-    tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(2)));
-    const float m_new = max(m, tile_max);
-    const float alpha = exp2(m - m_new);
-    float row_sum = 0.0f;
-    for (int t = 0; t < BK / 4; ++t) {
-      const float pr = sv[t] > kVarlenMasked ? exp2(sv[t] - m_new) : 0.0f;
-      s_strip[row * BK + sub + 4 * t] = pr;
-      row_sum += pr;
-    }
-    row_sum += simd_shuffle_xor(row_sum, ushort(1));
-    row_sum += simd_shuffle_xor(row_sum, ushort(2));
-    l = l * alpha + row_sum;
-    m = m_new;
-    varlen_write_diagonal(diag, alpha, lane);
-    simdgroup_barrier(mem_flags::mem_threadgroup);
-
-    // O = diag(alpha) O + P V.
-    simdgroup_matrix<float, 8, 8> rescale;
-    simdgroup_load(rescale, diag, 8);
-    simdgroup_matrix<float, 8, 8> p_frag[KB];
-    for (int kb = 0; kb < KB; ++kb) {
-      simdgroup_load(p_frag[kb], s_strip + kb * 8, BK);
-    }
+    simdgroup_matrix<float, 8, 8> o_frag[DB];
     for (int db = 0; db < DB; ++db) {
-      simdgroup_matrix<float, 8, 8> acc;
-      simdgroup_multiply(acc, rescale, o_frag[db]);
+      o_frag[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+
+    // Softmax state of row `row` of this simdgroup, replicated in its 4 lanes.
+    const int row = int(lane) / 4;
+    const int sub = int(lane) % 4;
+    const int i = q0 + int(sg) * 8 + row;
+    const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
+    const int lo_i = keys_i.x;
+    const int hi_i = i >= sq ? -1 : keys_i.y;
+    bool bad = false;  // this lane saw a visible score that is NaN or inf
+    const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+    float m = kVarlenMasked;  // running max, log2 domain
+    float l = 0.0f;           // running sum of exp2(s - m)
+
+    for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
+      // Stage keys [k0, k0 + BK) as float; rows at or past kv_end are zeros.
+      for (int idx = int(tid); idx < BK * D; idx += NT) {
+        const int r = idx / D, c = idx % D;
+        const int j = k0 + r;
+        const bool in = j < kv_end;
+        k_tile[idx] = in ? float(k_seq[long(j) * p.k_row_stride + c]) : 0.0f;
+        v_tile[idx] = in ? float(v_seq[long(j) * p.v_row_stride + c]) : 0.0f;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+
+      // S (8 x BK) = Q K^T: K blocks loaded transposed.
       for (int kb = 0; kb < KB; ++kb) {
-        simdgroup_matrix<float, 8, 8> vb;
-        simdgroup_load(vb, v_tile + kb * 8 * D + db * 8, D);
-        simdgroup_multiply_accumulate(acc, p_frag[kb], vb, acc);
+        simdgroup_matrix<float, 8, 8> s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        for (int db = 0; db < DB; ++db) {
+          simdgroup_matrix<float, 8, 8> kt;
+          simdgroup_load(kt, k_tile + kb * 8 * D + db * 8, D, ulong2(0, 0), true);
+          simdgroup_multiply_accumulate(s, q_frag[db], kt, s);
+        }
+        simdgroup_store(s, s_strip + kb * 8, BK);
       }
-      o_frag[db] = acc;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
+      simdgroup_barrier(mem_flags::mem_threadgroup);
 
-  // Normalise: sinks join the denominator only; a row with no visible key gets 0 and LSE = -inf.
-  float m_final = m, factor = 1.0f, denom = l;
-  if (varlen_has_sinks) {
-    const float sink = sinks[h] * kVarlenLog2e;
-    m_final = max(m, sink);
-    factor = exp2(m - m_final);
-    denom = l * factor + exp2(sink - m_final);
-  }
-  const bool empty = !(l > 0.0f);
-  bad = bad || simd_shuffle_xor(uint(bad), ushort(1)) != 0;
-  bad = bad || simd_shuffle_xor(uint(bad), ushort(2)) != 0;
-  if (sub == 0) {
-    bad_tile[int(sg) * 8 + row] = bad ? 1u : 0u;
-  }
-  varlen_write_diagonal(diag, empty ? 0.0f : factor / denom, lane);
-  simdgroup_barrier(mem_flags::mem_threadgroup);
-  simdgroup_matrix<float, 8, 8> normalise;
-  simdgroup_load(normalise, diag, 8);
-
-  for (int c0 = 0; c0 < D; c0 += CHUNK) {
-    for (int cb = 0; cb < CHUNK / 8; ++cb) {
-      simdgroup_matrix<float, 8, 8> ob;
-      simdgroup_multiply(ob, normalise, o_frag[c0 / 8 + cb]);
-      simdgroup_store(ob, kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
-      const int r = idx / CHUNK, c = idx % CHUNK;
-      if (q0 + r < sq) {
-        const float o = bad_tile[r] != 0 ? as_type<float>(flash_sdpa::kNanBits) : kv_tile[idx];
-        o_seq[long(q0 + r) * p.o_row_stride + c0 + c] = T(o);
+      // Online softmax over this lane's columns sub, sub + 4, ...
+      float sv[BK / 4];
+      float tile_max = kVarlenMasked;
+      for (int t = 0; t < BK / 4; ++t) {
+        const int c = sub + 4 * t;
+        const int j = k0 + c;
+        float s = s_strip[row * BK + c];
+        bool visible = j >= lo_i && j <= hi_i;
+        if (visible && flash_sdpa::is_nonfinite(s)) {  // before the softcap clamp could hide a NaN
+          bad = true;
+          visible = false;
+        }
+        if (varlen_has_softcap) {
+          s = flash_sdpa::apply_softcap(s, p.softcap);
+        }
+        if (varlen_has_alibi) {
+          s -= slope * abs(float(i + offset - j));
+        }
+        s = visible ? s * kVarlenLog2e : kVarlenMasked;
+        sv[t] = s;
+        tile_max = max(tile_max, s);
       }
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-  }
+      tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
+      tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(2)));
+      const float m_new = max(m, tile_max);
+      const float alpha = exp2(m - m_new);
+      float row_sum = 0.0f;
+      for (int t = 0; t < BK / 4; ++t) {
+        const float pr = sv[t] > kVarlenMasked ? exp2(sv[t] - m_new) : 0.0f;
+        s_strip[row * BK + sub + 4 * t] = pr;
+        row_sum += pr;
+      }
+      row_sum += simd_shuffle_xor(row_sum, ushort(1));
+      row_sum += simd_shuffle_xor(row_sum, ushort(2));
+      l = l * alpha + row_sum;
+      m = m_new;
+      varlen_write_diagonal(diag, alpha, lane);
+      simdgroup_barrier(mem_flags::mem_threadgroup);
 
-  if (sub == 0 && i < sq) {
-    lse_seq[i] = bad     ? flash_sdpa::kNanBits
-                 : empty ? flash_sdpa::kNegInfBits
-                         : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
+      // O = diag(alpha) O + P V.
+      simdgroup_matrix<float, 8, 8> rescale;
+      simdgroup_load(rescale, diag, 8);
+      simdgroup_matrix<float, 8, 8> p_frag[KB];
+      for (int kb = 0; kb < KB; ++kb) {
+        simdgroup_load(p_frag[kb], s_strip + kb * 8, BK);
+      }
+      for (int db = 0; db < DB; ++db) {
+        simdgroup_matrix<float, 8, 8> acc;
+        simdgroup_multiply(acc, rescale, o_frag[db]);
+        for (int kb = 0; kb < KB; ++kb) {
+          simdgroup_matrix<float, 8, 8> vb;
+          simdgroup_load(vb, v_tile + kb * 8 * D + db * 8, D);
+          simdgroup_multiply_accumulate(acc, p_frag[kb], vb, acc);
+        }
+        o_frag[db] = acc;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+
+    // Normalise: sinks join the denominator only; a row with no visible key gets 0 and LSE = -inf.
+    float m_final = m, factor = 1.0f, denom = l;
+    if (varlen_has_sinks) {
+      const float sink = sinks[h] * kVarlenLog2e;
+      m_final = max(m, sink);
+      factor = exp2(m - m_final);
+      denom = l * factor + exp2(sink - m_final);
+    }
+    const bool empty = !(l > 0.0f);
+    bad = bad || simd_shuffle_xor(uint(bad), ushort(1)) != 0;
+    bad = bad || simd_shuffle_xor(uint(bad), ushort(2)) != 0;
+    if (sub == 0) {
+      bad_tile[int(sg) * 8 + row] = bad ? 1u : 0u;
+    }
+    varlen_write_diagonal(diag, empty ? 0.0f : factor / denom, lane);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<float, 8, 8> normalise;
+    simdgroup_load(normalise, diag, 8);
+
+    for (int c0 = 0; c0 < D; c0 += CHUNK) {
+      for (int cb = 0; cb < CHUNK / 8; ++cb) {
+        simdgroup_matrix<float, 8, 8> ob;
+        simdgroup_multiply(ob, normalise, o_frag[c0 / 8 + cb]);
+        simdgroup_store(ob, kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
+        const int r = idx / CHUNK, c = idx % CHUNK;
+        if (q0 + r < sq) {
+          const float o = bad_tile[r] != 0 ? as_type<float>(flash_sdpa::kNanBits) : kv_tile[idx];
+          o_seq[long(q0 + r) * p.o_row_stride + c0 + c] = T(o);
+        }
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+
+    if (sub == 0 && i < sq) {
+      lse_seq[i] = bad     ? flash_sdpa::kNanBits
+                   : empty ? flash_sdpa::kNegInfBits
+                           : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
+    }
   }
 }

@@ -36,10 +36,12 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   const int64_t heads = call.q.size(row_dim + 1);
   const int64_t head_dim = call.q.size(row_dim + 2);
   const int64_t rows_q = call.q.size(row_dim);
-  const int64_t max_seqlen_q = varlen ? call.max_seqlen_q : rows_q;
+  // Query tiles per (head, sequence) in the grid: the kernel loops over the rest, so a max_seqlen_q below the
+  // longest sequence costs time, never rows; above the rows of q it would only launch idle threadgroups.
+  const int64_t grid_rows = varlen ? std::clamp<int64_t>(call.max_seqlen_q, 1, std::max<int64_t>(rows_q, 1)) : rows_q;
 
   LaunchPlan plan;
-  if (batch <= 0 || heads <= 0 || max_seqlen_q <= 0 || call.q.numel() == 0) {
+  if (batch <= 0 || heads <= 0 || call.q.numel() == 0) {
     return plan;
   }
 
@@ -82,20 +84,21 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       bool_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI, call.alibi_slopes.has_value()),
       bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS, call.sinks.has_value()),
   };
-  // Optional inputs that are off get q as a placeholder: the kernel never reads them (function constants).
+  // Optional inputs that are off get lse as a placeholder: the kernel never reads them (function constants), and
+  // lse (float32, allocated here) is aligned for the int32 / float32 types those slots declare.
   d.buffers = {
       {FLASH_SDPA_VARLEN_BUFFER_Q, call.q},
       {FLASH_SDPA_VARLEN_BUFFER_K, call.k},
       {FLASH_SDPA_VARLEN_BUFFER_V, call.v},
       {FLASH_SDPA_VARLEN_BUFFER_OUT, call.out},
       {FLASH_SDPA_VARLEN_BUFFER_LSE, call.lse},
-      {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : call.q},
-      {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : call.q},
-      {FLASH_SDPA_VARLEN_BUFFER_ALIBI, call.alibi_slopes.value_or(call.q)},
-      {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.sinks.value_or(call.q)},
+      {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : call.lse},
+      {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : call.lse},
+      {FLASH_SDPA_VARLEN_BUFFER_ALIBI, call.alibi_slopes.value_or(call.lse)},
+      {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.sinks.value_or(call.lse)},
   };
   d.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
-  d.threadgroups = {to_u32((max_seqlen_q + kVarlenBlockQ - 1) / kVarlenBlockQ, "query tiles"),
+  d.threadgroups = {to_u32((grid_rows + kVarlenBlockQ - 1) / kVarlenBlockQ, "query tiles"),
                     to_u32(heads, "num_heads"), to_u32(batch, "batch")};
   d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
   plan.dispatches.push_back(std::move(d));

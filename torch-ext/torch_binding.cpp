@@ -1,6 +1,7 @@
 // Op schemas, argument validation and registration of metal-flash-sdpa.
 //
-// Every op validates all of its arguments with TORCH_CHECK before planning: nothing past validation may throw
+// Every op validates all of its arguments before planning (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE: Python sees a
+// ValueError / TypeError that names the argument): nothing past validation may throw
 // (on the Mac, encoding runs inside dispatch_sync, where an exception kills the process). The ops are registered
 // for MPS; the emulated Linux build (METAL_FLASH_SDPA_EMULATED) registers them for CPU, where the launch plan runs
 // on the Metal-on-CPU emulator (tests/metal_cpu/launch_cpu.cpp).
@@ -10,6 +11,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <initializer_list>
+#include <tuple>
 
 #include "paged_params.h"
 #include "paged_planner.h"
@@ -25,23 +28,23 @@ constexpr c10::DeviceType kDeviceType = c10::DeviceType::MPS;
 #endif
 
 void check_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(t.device().type() == kDeviceType, name, " must be on ", c10::DeviceTypeName(kDeviceType, true),
+  TORCH_CHECK_VALUE(t.device().type() == kDeviceType, name, " must be on ", c10::DeviceTypeName(kDeviceType, true),
               ", got ", t.device());
-  TORCH_CHECK(t.device() == q.device(), name, " must be on the same device as q (", q.device(), "), got ",
+  TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on the same device as q (", q.device(), "), got ",
               t.device());
 }
 
 void check_qkv_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "q must be float32, float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(), "), got ",
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(), "), got ",
               k.scalar_type());
-  TORCH_CHECK(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (", q.scalar_type(), "), got ",
+  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (", q.scalar_type(), "), got ",
               v.scalar_type());
 }
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension, got strides ",
+  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension, got strides ",
               t.strides());
 }
 
@@ -56,6 +59,9 @@ std::pair<int64_t, int64_t> byte_range(const at::Tensor& t) {
 }
 
 bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined()) {
+    return false;
+  }
   if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) {
     return false;
   }
@@ -66,19 +72,35 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 
 void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
   check_device(cu, name, q);
-  TORCH_CHECK(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got shape ", cu.sizes());
-  TORCH_CHECK(cu.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
 }
 
+// A tensor the op writes (`written`) must share no byte with any tensor it reads: attention would read what it has
+// already overwritten (or the caller's cu_seqlens / slopes would change under it).
+struct NamedInput {
+  const char* name;
+  const at::Tensor* tensor;  // nullptr or undefined: absent
+};
+
+void check_no_overlap(const at::Tensor& written, const char* written_name, std::initializer_list<NamedInput> inputs) {
+  for (const NamedInput& in : inputs) {
+    TORCH_CHECK_VALUE(in.tensor == nullptr || !overlaps(written, *in.tensor), written_name, " must not overlap ",
+                      in.name, " (the op writes ", written_name, " while it reads ", in.name, ")");
+  }
+}
+
+const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
 void check_window(int64_t window_left, int64_t window_right) {
-  TORCH_CHECK(window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ", window_left);
-  TORCH_CHECK(window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ", window_right);
+  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ", window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ", window_right);
 }
 
 void check_scale(double scale, double softcap) {
-  TORCH_CHECK(std::isfinite(scale), "softmax_scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
+  TORCH_CHECK_VALUE(std::isfinite(scale), "softmax_scale must be finite, got ", scale);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
 }
 
 // alibi_slopes: float32 [H] or [batch, H]; s_aux: float32 [H].
@@ -87,17 +109,17 @@ void check_extras(const std::optional<at::Tensor>& alibi_slopes, const std::opti
   if (alibi_slopes.has_value()) {
     const at::Tensor& a = *alibi_slopes;
     check_device(a, "alibi_slopes", q);
-    TORCH_CHECK(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK((a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
                 "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
-    TORCH_CHECK(a.is_contiguous(), "alibi_slopes must be contiguous");
+    TORCH_CHECK_VALUE(a.is_contiguous(), "alibi_slopes must be contiguous");
   }
   if (s_aux.has_value()) {
     const at::Tensor& s = *s_aux;
     check_device(s, "s_aux", q);
-    TORCH_CHECK(s.scalar_type() == at::kFloat, "s_aux must be float32, got ", s.scalar_type());
-    TORCH_CHECK(s.dim() == 1 && s.size(0) == heads, "s_aux must have shape [", heads, "], got ", s.sizes());
-    TORCH_CHECK(s.is_contiguous(), "s_aux must be contiguous");
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "s_aux must be float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == heads, "s_aux must have shape [", heads, "], got ", s.sizes());
+    TORCH_CHECK_VALUE(s.is_contiguous(), "s_aux must be contiguous");
   }
 }
 
@@ -108,44 +130,47 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   check_device(k, "k", q);
   check_device(v, "v", q);
   check_qkv_dtype(q, k, v);
-  TORCH_CHECK(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
-  TORCH_CHECK(k.dim() == rank, "k must have shape ", kv_shape, ", got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
+  TORCH_CHECK_VALUE(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == rank, "k must have shape ", kv_shape, ", got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
   const int64_t head_dim = q.size(-1);
-  TORCH_CHECK(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
-  TORCH_CHECK(flash_sdpa::varlen_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
+  TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
+  TORCH_CHECK_VALUE(flash_sdpa::varlen_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
               " is not supported (q.shape[-1]); supported: ", flash_sdpa::varlen_head_dims());
   const int64_t heads = q.size(-2), kv_heads = k.size(-2);
-  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
+  TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
               ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
 }
 
-void check_out(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-               const char* name) {
+void check_out(const at::Tensor& out, const at::Tensor& q, const char* name) {
   check_device(out, name, q);
-  TORCH_CHECK(out.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(), "), got ",
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(), "), got ",
               out.scalar_type());
-  TORCH_CHECK(out.sizes() == q.sizes(), name, " must have the shape of q (", q.sizes(), "), got ", out.sizes());
+  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), name, " must have the shape of q (", q.sizes(), "), got ", out.sizes());
   check_last_dim_contiguous(out, name);
-  TORCH_CHECK(!overlaps(out, q) && !overlaps(out, k) && !overlaps(out, v), name,
-              " must not overlap q, k or v (attention reads them while it writes ", name, ")");
 }
 
-// FlashAttention-2: causal is window (left, 0).
-int64_t canonical_window_right(bool causal, int64_t window_right) { return causal ? 0 : window_right; }
+// FlashAttention-2: causal is window (left, 0); a window that reaches past every key is unbounded (-1). key_rows and
+// query_rows bound the sequence lengths (the tensors' rows), so the canonical window never changes a result.
+std::pair<int64_t, int64_t> canonical_window(bool causal, int64_t window_left, int64_t window_right, int64_t key_rows,
+                                             int64_t query_rows) {
+  const int64_t right = causal ? 0 : window_right;
+  return {window_left >= key_rows ? -1 : window_left, right >= key_rows + query_rows ? -1 : right};
+}
 
 // The options every attention call takes (VarlenAttention and PagedKVCacheAttention name them alike).
+// key_rows / query_rows: upper bounds on any sequence's key / query count (canonical_window).
 template <typename Call>
 void set_attention_options(Call& call, double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
                            double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                           const std::optional<at::Tensor>& s_aux) {
+                           const std::optional<at::Tensor>& s_aux, int64_t key_rows, int64_t query_rows) {
   call.scale = softmax_scale;
   call.softcap = softcap;
-  call.window_left = window_left;
-  call.window_right = canonical_window_right(causal, window_right);
+  std::tie(call.window_left, call.window_right) =
+      canonical_window(causal, window_left, window_right, key_rows, query_rows);
   call.alibi_slopes = alibi_slopes;
   call.sinks = s_aux;
 }
@@ -156,10 +181,10 @@ int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[total_k, num_kv_heads, head_dim]");
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
-  TORCH_CHECK(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
               cu_seqlens_q.size(0), " and ", cu_seqlens_k.size(0));
-  TORCH_CHECK(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
-  TORCH_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
   return cu_seqlens_q.size(0) - 1;
 }
 
@@ -169,12 +194,17 @@ void run_varlen(const flash_sdpa::VarlenAttention& call) { flash_sdpa::run_launc
 
 void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                            int64_t max_seqlen_k, bool do_causal, double scale, double softcapping) {
-  check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  check_out(out, query, key, value, "out");
+                            int64_t max_seqlen_k, bool do_causal, double scale, double softcapping,
+                            const std::optional<at::Tensor>& s_aux, int64_t window_left, int64_t window_right) {
+  const int64_t batch = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_out(out, query, "out");
+  check_no_overlap(out, "out", {{"query", &query}, {"key", &key}, {"value", &value}, {"cu_seqlens_q", &cu_seqlens_q},
+                                {"cu_seqlens_k", &cu_seqlens_k}, {"s_aux", opt(s_aux)}});
   // softcapping = 1.0 is the package's historical "off".
   const double softcap = softcapping == 1.0 ? 0.0 : softcapping;
   check_scale(scale, softcap);
+  check_window(window_left, window_right);
+  check_extras(std::nullopt, s_aux, query, batch, query.size(1));
 
   flash_sdpa::VarlenAttention call;
   call.q = query;
@@ -185,9 +215,8 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
-  call.scale = scale;
-  call.softcap = softcap;
-  call.window_right = canonical_window_right(do_causal, -1);
+  set_attention_options(call, scale, do_causal, window_left, window_right, softcap, std::nullopt, s_aux, key.size(0),
+                        query.size(0));
   run_varlen(call);
 }
 
@@ -224,7 +253,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::
       at::where(has_query, cu_seqlens_k.slice(0, 1) - starts_k, -1).to(at::kInt).contiguous();  // -1: skipped
   call.out = at::empty({batch, 1, heads, q.size(2)}, q.options());
   call.lse = at::empty({batch, heads, 1}, q.options().dtype(at::kFloat));
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                        k.size(0), total_q);
   call.max_seqlen_k = max_seqlen_k;
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
 
@@ -249,12 +279,15 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   check_scale(softmax_scale, softcap);
   check_extras(alibi_slopes, s_aux, q, batch, q.size(1));
 
-  if (max_seqlen_q == 1 && max_seqlen_k >= 1 && batch >= 1 && flash_sdpa::paged_supports(q.scalar_type(), q.size(2))) {
+  if (max_seqlen_q == 1 && max_seqlen_k >= 1 && batch >= 1 && q.size(0) >= 1 && k.size(0) >= 1 &&
+      flash_sdpa::paged_supports(q.scalar_type(), q.size(2))) {
     return varlen_decode(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_left,
                          window_right, softcap, alibi_slopes, s_aux);
   }
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  // Rows of q that no sequence covers (cu_seqlens_q[-1] < total_q, or garbage cu_seqlens) are never written by the
+  // kernel: they read as 0 / LSE -inf rather than uninitialised memory.
+  at::Tensor out = at::zeros(q.sizes(), q.options());
+  at::Tensor lse = at::full({q.size(1), q.size(0)}, -INFINITY, q.options().dtype(at::kFloat));
   flash_sdpa::VarlenAttention call;
   call.q = q;
   call.k = k;
@@ -264,7 +297,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                        k.size(0), q.size(0));
   run_varlen(call);
   return {out, lse};
 }
@@ -274,7 +308,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
                                        double softcap, const std::optional<at::Tensor>& alibi_slopes,
                                        const std::optional<at::Tensor>& s_aux) {
   check_qkv(q, k, v, 4, "[batch, seqlen_q, num_heads, head_dim]", "[batch, seqlen_k, num_kv_heads, head_dim]");
-  TORCH_CHECK(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got ", k.size(0));
+  TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got ", k.size(0));
   check_window(window_left, window_right);
   check_scale(softmax_scale, softcap);
   check_extras(alibi_slopes, s_aux, q, q.size(0), q.size(2));
@@ -296,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     call.cache_seqlens = at::full({batch}, seqlen_k, q.options().dtype(at::kInt));
     call.out = out;
     call.lse = lse;
-    set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+    set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                          seqlen_k, q.size(1));
     call.max_seqlen_k = seqlen_k;
     flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
     return {out, lse};
@@ -307,7 +342,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   call.v = v;
   call.out = out;
   call.lse = lse;
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                        k.size(1), q.size(1));
   run_varlen(call);
   return {out, lse};
 }
@@ -317,12 +353,14 @@ std::vector<int64_t> varlen_head_dims() { return flash_sdpa::varlen_head_dims();
 // ---- kvcache (flash_attn_with_kvcache): begin ----
 namespace {
 
+constexpr int64_t kMaxKeys = int64_t(1) << 30;
+
 void check_int32_vector(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t batch) {
   check_device(t, name, q);
-  TORCH_CHECK(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == batch, name, " must have shape [", batch, "] (batch of q), got ",
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, name, " must have shape [", batch, "] (batch of q), got ",
               t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
 }  // namespace
@@ -341,28 +379,28 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   check_device(q, "q", q);
   check_device(k_cache, "k_cache", q);
   check_device(v_cache, "v_cache", q);
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "q must be float32, float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "k_cache must have the dtype of q (", q.scalar_type(),
+  TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type(), "k_cache must have the dtype of q (", q.scalar_type(),
               "), got ", k_cache.scalar_type());
-  TORCH_CHECK(v_cache.scalar_type() == q.scalar_type(), "v_cache must have the dtype of q (", q.scalar_type(),
+  TORCH_CHECK_TYPE(v_cache.scalar_type() == q.scalar_type(), "v_cache must have the dtype of q (", q.scalar_type(),
               "), got ", v_cache.scalar_type());
-  TORCH_CHECK(q.dim() == 4, "q must have shape [batch, seqlen_q, num_heads, head_dim], got ", q.sizes());
-  TORCH_CHECK(k_cache.dim() == 4, "k_cache must have shape ",
+  TORCH_CHECK_VALUE(q.dim() == 4, "q must have shape [batch, seqlen_q, num_heads, head_dim], got ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must have shape ",
               paged ? "[num_blocks, block_size, num_kv_heads, head_dim]" : "[batch_cache, seqlen_cache, num_kv_heads, head_dim]",
               ", got ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache (", k_cache.sizes(), "), got ",
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache (", k_cache.sizes(), "), got ",
               v_cache.sizes());
 
   // 2. Shapes.
   const int64_t batch = q.size(0), heads = q.size(2), head_dim = q.size(3), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == head_dim, "k_cache must have the head dim of q (", head_dim, "), got ",
+  TORCH_CHECK_VALUE(k_cache.size(3) == head_dim, "k_cache must have the head dim of q (", head_dim, "), got ",
               k_cache.size(3));
-  TORCH_CHECK(flash_sdpa::paged_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
+  TORCH_CHECK_VALUE(flash_sdpa::paged_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
               " is not supported (q.shape[-1]); supported: ", flash_sdpa::paged_head_dims());
-  TORCH_CHECK(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
+  TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
               ") must be a multiple of the number of heads of k_cache/v_cache (", kv_heads, ")");
-  TORCH_CHECK(k_cache.size(1) >= 1, paged ? "block_size (k_cache.shape[1])" : "seqlen_cache (k_cache.shape[1])",
+  TORCH_CHECK_VALUE(k_cache.size(1) >= 1, paged ? "block_size (k_cache.shape[1])" : "seqlen_cache (k_cache.shape[1])",
               " must be >= 1, got ", k_cache.size(1));
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k_cache, "k_cache");
@@ -373,46 +411,61 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   at::Tensor table;
   if (paged) {
     table = *block_table;
-    TORCH_CHECK(!cache_batch_idx.has_value(), "cache_batch_idx cannot be combined with block_table");
+    TORCH_CHECK_VALUE(!cache_batch_idx.has_value(), "cache_batch_idx cannot be combined with block_table");
     check_device(table, "block_table", q);
-    TORCH_CHECK(table.scalar_type() == at::kInt, "block_table must be int32, got ", table.scalar_type());
-    TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1,
+    TORCH_CHECK_TYPE(table.scalar_type() == at::kInt, "block_table must be int32, got ", table.scalar_type());
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1,
                 "block_table must have shape [", batch, ", max_blocks_per_seq >= 1], got ", table.sizes());
     check_last_dim_contiguous(table, "block_table");
   } else if (cache_batch_idx.has_value()) {
     check_int32_vector(*cache_batch_idx, "cache_batch_idx", q, batch);
     table = cache_batch_idx->view({batch, 1});
   } else {
-    TORCH_CHECK(k_cache.size(0) >= batch, "k_cache has ", k_cache.size(0), " rows, fewer than the batch of q (",
+    TORCH_CHECK_VALUE(k_cache.size(0) >= batch, "k_cache has ", k_cache.size(0), " rows, fewer than the batch of q (",
                 batch, "): pass cache_batch_idx");
     table = at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
   }
 
   // 4. New tokens.
-  TORCH_CHECK(k.has_value() == v.has_value(), "k and v must be given together (got ", k.has_value() ? "k" : "v",
+  TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together (got ", k.has_value() ? "k" : "v",
               " only)");
   if (k.has_value()) {
     check_device(*k, "k", q);
     check_device(*v, "v", q);
-    TORCH_CHECK(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
+    TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
                 "k and v must have the dtype of q (", q.scalar_type(), "), got ", k->scalar_type(), " and ",
                 v->scalar_type());
-    TORCH_CHECK(k->dim() == 4 && k->size(0) == batch && k->size(2) == kv_heads && k->size(3) == head_dim,
+    TORCH_CHECK_VALUE(k->dim() == 4 && k->size(0) == batch && k->size(2) == kv_heads && k->size(3) == head_dim,
                 "k must have shape [", batch, ", seqlen_new, ", kv_heads, ", ", head_dim, "], got ", k->sizes());
-    TORCH_CHECK(v->sizes() == k->sizes(), "v must have the shape of k (", k->sizes(), "), got ", v->sizes());
+    TORCH_CHECK_VALUE(v->sizes() == k->sizes(), "v must have the shape of k (", k->sizes(), "), got ", v->sizes());
     check_last_dim_contiguous(*k, "k");
     check_last_dim_contiguous(*v, "v");
-    TORCH_CHECK(!overlaps(*k, k_cache) && !overlaps(*k, v_cache) && !overlaps(*v, k_cache) && !overlaps(*v, v_cache),
-                "k and v must not overlap k_cache or v_cache");
+    // The caches are written in place: no input may share bytes with them, and the two views must differ (one
+    // buffer with v_cache shifted from k_cache, as transformers allocates it, is fine: the slots written differ).
+    TORCH_CHECK_VALUE(!(k_cache.is_alias_of(v_cache) && k_cache.storage_offset() == v_cache.storage_offset() &&
+                        k_cache.strides() == v_cache.strides()),
+                      "k_cache and v_cache must not be the same tensor when k and v are appended (both would be "
+                      "written to the same slots)");
+    for (const at::Tensor* cache : {&k_cache, &v_cache}) {
+      check_no_overlap(*cache, cache == &k_cache ? "k_cache" : "v_cache",
+                       {{"q", &q}, {"k", &*k}, {"v", &*v}, {"cache_seqlens", &cache_seqlens},
+                        {"block_table", opt(block_table)}, {"cache_batch_idx", opt(cache_batch_idx)},
+                        {"alibi_slopes", opt(alibi_slopes)}, {"s_aux", opt(s_aux)}});
+    }
   }
-  TORCH_CHECK(!overlaps(q, k_cache) && !overlaps(q, v_cache), "q must not overlap k_cache or v_cache");
 
   // 5. Options.
   check_window(window_left, window_right);
   check_scale(softmax_scale, softcap);
   check_extras(alibi_slopes, s_aux, q, batch, heads);
-  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = automatic), got ", num_splits);
-  TORCH_CHECK(max_seqlen_k >= 0, "max_seqlen_k must be >= 0 (0 = unknown), got ", max_seqlen_k);
+  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0 = automatic), got ", num_splits);
+  TORCH_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k must be >= 0 (0 = unknown), got ", max_seqlen_k);
+  // Key positions are int32 in the kernels, with room for the new tokens and the query rows on top.
+  const int64_t capacity = paged ? table.size(1) * k_cache.size(1) : k_cache.size(1);
+  const int64_t seqlen_new = k.has_value() ? k->size(1) : 0;
+  TORCH_CHECK_VALUE(capacity <= kMaxKeys && seqlen_new <= kMaxKeys && q.size(1) <= kMaxKeys,
+                    "at most 2^30 keys per request: ", paged ? "block_table.shape[1] x block_size = " : "seqlen_cache = ",
+                    capacity, ", seqlen_new = ", seqlen_new, ", seqlen_q = ", q.size(1));
 
   // 6. Plan (may still reject sizes that overflow int32) and run.
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -430,7 +483,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   if (return_lse) {
     call.lse = lse;
   }
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, capacity,
+                        q.size(1));
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
@@ -443,7 +497,8 @@ std::vector<int64_t> kvcache_head_dims() { return flash_sdpa::paged_head_dims();
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "flash_attention_varlen(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor cu_seqlens_q, "
-      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool do_causal, float scale, float softcapping) -> ()");
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool do_causal, float scale, float softcapping, "
+      "Tensor? s_aux=None, int window_left=-1, int window_right=-1) -> ()");
   ops.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "

@@ -1,5 +1,5 @@
 // Host entry points of the ops registered in torch_binding.cpp (schemas there). Each validates its arguments with
-// TORCH_CHECK (messages name the argument), canonicalises, plans (flash_sdpa/*_planner.h) and runs the plan.
+// TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (messages name the argument), canonicalises, plans (flash_sdpa/*_planner.h) and runs the plan.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,10 +8,12 @@
 #include <tuple>
 #include <vector>
 
-// The package's original op: out [total_q, H, D] is written in place. softcapping = 1.0 means off.
+// The package's original op: out [total_q, H, D] is written in place. softcapping = 1.0 means off; s_aux [H] sinks;
+// window (left, right), -1 = unbounded.
 void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
                             const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                            int64_t max_seqlen_k, bool do_causal, double scale, double softcapping);
+                            int64_t max_seqlen_k, bool do_causal, double scale, double softcapping,
+                            const std::optional<at::Tensor>& s_aux, int64_t window_left, int64_t window_right);
 
 // FlashAttention-2 varlen forward: returns (out [total_q, H, D], lse float [H, total_q]).
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

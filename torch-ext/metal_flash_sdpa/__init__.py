@@ -10,13 +10,14 @@ sq queries and sk keys sees keys j <= i + sk - sq. For sq = 2, sk = 5 (1 = visib
 A query row that sees no key (e.g. the first rows when sq > sk and causal) outputs 0 and has LSE = -inf.
 """
 
+import operator
 import os
 import sys
 from typing import Optional, Tuple, Union
 
 import torch
 
-from ._ops import ops
+from ._ops import add_op_namespace_prefix, ops
 
 __all__ = [
     "flash_attention_varlen",
@@ -35,7 +36,47 @@ def supported_head_dims() -> Tuple[int, ...]:
     return tuple(ops.varlen_head_dims())
 
 
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+
+
+def _require_tensor(name: str, t, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name} must be {expected}, got {type(t).__name__}")
+
+
+def _as_int(name: str, x, minimum: Optional[int] = None, maximum: int = _INT64_MAX) -> int:
+    """A Python int (or anything with __index__, not bool) in [minimum, maximum]."""
+    if isinstance(x, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        value = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
+    if (minimum is not None and value < minimum) or value > maximum:
+        low = "" if minimum is None else f">= {minimum} and "
+        raise ValueError(f"{name} must be {low}<= {maximum}, got {value}")
+    return value
+
+
+def _as_float(name: str, x) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) and not hasattr(x, "__float__"):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    return float(x)
+
+
+def _check_q(q: torch.Tensor) -> None:
+    _require_tensor("q", q)
+    if q.dim() < 1 or q.shape[-1] <= 0:
+        raise ValueError(f"q must end in a head dim >= 1 (q.shape[-1]), got shape {tuple(q.shape)}")
+
+
 def _check_devices(q: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        _require_tensor(name, t, optional=True)
     if q.device.type != _DEVICE_TYPE:
         raise ValueError(f"q must be on {_DEVICE_TYPE}, got {q.device}")
     for name, t in tensors.items():
@@ -44,15 +85,67 @@ def _check_devices(q: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
 
 
 def _check_common(dropout_p: float, window_size) -> Tuple[int, int]:
-    if dropout_p != 0.0:
+    if _as_float("dropout_p", dropout_p) != 0.0:
         raise ValueError(f"dropout_p must be 0.0 (these are inference kernels), got {dropout_p}")
-    if len(window_size) != 2:
-        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
-    return int(window_size[0]), int(window_size[1])
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    return (_as_int("window_size[0] (left)", window_size[0], minimum=-1),
+            _as_int("window_size[1] (right)", window_size[1], minimum=-1))
 
 
 def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
-    return q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return q.shape[-1] ** -0.5 if softmax_scale is None else _as_float("softmax_scale", softmax_scale)
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Runs an op with autograd off and connects its outputs to the inputs that require grad, so that a backward
+    through them raises instead of silently leaving the inputs' .grad as None."""
+
+    @staticmethod
+    def forward(ctx, name, run, written, *inputs):
+        ctx.name = name
+        result = run()
+        if written is not None:  # an op that writes `written` in place and returns nothing
+            ctx.mark_dirty(written)
+            return written
+        return result
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"metal-flash-sdpa: {ctx.name} is forward-only (no backward pass yet); run it under torch.no_grad() or "
+            f"use torch.nn.functional.scaled_dot_product_attention for training")
+
+
+def _run(name: str, run, *inputs: Optional[torch.Tensor], written: Optional[torch.Tensor] = None):
+    """run() -> the op's outputs; through _ForwardOnly when autograd would record them."""
+    grad = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if torch.is_grad_enabled() and grad:
+        return _ForwardOnly.apply(name, run, written, *grad)
+    return run()
+
+
+def _strict_check_cu_seqlens(cu_seqlens: torch.Tensor, name: str, rows: int, max_seqlen: int, max_name: str) -> None:
+    """METAL_FLASH_SDPA_STRICT=1: cu_seqlens is a valid prefix sum over the rows of its tensor (host sync)."""
+    cu = cu_seqlens.cpu().long()
+    if int(cu[0]) < 0:
+        raise ValueError(f"{name}[0] must be >= 0, got {int(cu[0])}")
+    lengths = cu[1:] - cu[:-1]
+    if (lengths < 0).any():
+        b = int((lengths < 0).nonzero()[0])
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{b}] = {int(cu[b])} > {name}[{b + 1}] = "
+                         f"{int(cu[b + 1])}")
+    if int(cu[-1]) > rows:
+        raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the {rows} rows of its tensor")
+    longest = int(lengths.max()) if lengths.numel() else 0
+    if max_seqlen < longest:
+        raise ValueError(f"{max_name} = {max_seqlen} is below the longest sequence in {name} ({longest})")
+
+
+def _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
+    if _strict() and isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor):
+        _strict_check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
+        _strict_check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
 
 
 def _as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -69,35 +162,42 @@ def flash_attention_varlen(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    do_causal: bool,
-    scale: float,
-    softcapping: float,
+    do_causal: bool = False,
+    scale: Optional[float] = None,
+    softcapping: float = 1.0,
+    s_aux: Optional[torch.Tensor] = None,
+    window_size: Tuple[int, int] = (-1, -1),
 ) -> None:
-    """Varlen attention written into `out` (the package's original API).
+    """Varlen attention written into `out` (the package's original API, same signature and defaults).
 
     Args:
         out: [total_q, H, D], written in place (rows past cu_seqlens_q[-1] are left as they are).
         query: [total_q, H, D]; key, value: [total_k, Hkv, D]; last dims contiguous, other strides free.
         cu_seqlens_q, cu_seqlens_k: int32 [B + 1], prefix sums of the sequence lengths.
-        max_seqlen_q, max_seqlen_k: the longest query / key sequence.
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence (they size the launch only: every row of every
+            sequence is computed whatever they say; METAL_FLASH_SDPA_STRICT=1 checks them).
         do_causal: bottom-right causal mask.
-        scale: multiplies q . k.
+        scale: multiplies q . k; defaults to D ** -0.5.
         softcapping: 1.0 means off (the historical convention); otherwise s = softcapping * tanh(s / softcapping).
+        s_aux: [H] attention sinks (one logit per head in the softmax denominator).
+        window_size: (left, right) sliding window, -1 = unbounded (as in flash_attn_varlen_func).
     """
-    _check_devices(query, key=key, value=value, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    ops.flash_attention_varlen(
-        out,
-        query,
-        key,
-        value,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        int(max_seqlen_q),
-        int(max_seqlen_k),
-        bool(do_causal),
-        float(scale),
-        float(softcapping),
-    )
+    _check_q(query)
+    _check_devices(query, key=key, value=value, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                   s_aux=s_aux)
+    window_left, window_right = _check_common(0.0, window_size)
+    max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    _strict_check_varlen(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _default_scale(query, scale)
+    softcapping = _as_float("softcapping", softcapping)
+    s_aux = _as_float32(s_aux)
+
+    def run():
+        ops.flash_attention_varlen(out, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   bool(do_causal), scale, softcapping, s_aux, window_left, window_right)
+
+    _run("flash_attention_varlen", run, query, key, value, s_aux, written=out)
 
 
 def flash_attn_varlen_func(
@@ -142,28 +242,25 @@ def flash_attn_varlen_func(
         out [total_q, H, D]; with return_attn_probs, (out, lse float32 [H, total_q], None). LSE is the natural log
         of the softmax denominator (sinks included); -inf for a row with no visible key.
     """
-    window_left, window_right = _check_common(dropout_p, window_size)
     if block_table is not None:
         raise NotImplementedError("block_table is not supported by flash_attn_varlen_func; use flash_attn_with_kvcache")
+    _check_q(q)
     _check_devices(
         q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, s_aux=s_aux
     )
-    out, lse = ops.varlen_fwd(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        int(max_seqlen_q),
-        int(max_seqlen_k),
-        _default_scale(q, softmax_scale),
-        bool(causal),
-        window_left,
-        window_right,
-        float(softcap),
-        _as_float32(alibi_slopes),
-        _as_float32(s_aux),
-    )
+    window_left, window_right = _check_common(dropout_p, window_size)
+    max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q, minimum=0)
+    max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k, minimum=0)
+    _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _default_scale(q, softmax_scale)
+    softcap = _as_float("softcap", softcap)
+    alibi_slopes, s_aux = _as_float32(alibi_slopes), _as_float32(s_aux)
+
+    def run():
+        return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
+                              window_left, window_right, softcap, alibi_slopes, s_aux)
+
+    out, lse = _run("flash_attn_varlen_func", run, q, k, v, alibi_slopes, s_aux)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -192,20 +289,17 @@ def flash_attn_func(
     Returns:
         out [B, Sq, H, D] (contiguous); with return_attn_probs, (out, lse float32 [B, H, Sq], None).
     """
-    window_left, window_right = _check_common(dropout_p, window_size)
+    _check_q(q)
     _check_devices(q, k=k, v=v, alibi_slopes=alibi_slopes, s_aux=s_aux)
-    out, lse = ops.fwd(
-        q,
-        k,
-        v,
-        _default_scale(q, softmax_scale),
-        bool(causal),
-        window_left,
-        window_right,
-        float(softcap),
-        _as_float32(alibi_slopes),
-        _as_float32(s_aux),
-    )
+    window_left, window_right = _check_common(dropout_p, window_size)
+    scale = _default_scale(q, softmax_scale)
+    softcap = _as_float("softcap", softcap)
+    alibi_slopes, s_aux = _as_float32(alibi_slopes), _as_float32(s_aux)
+
+    def run():
+        return ops.fwd(q, k, v, scale, bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux)
+
+    out, lse = _run("flash_attn_func", run, q, k, v, alibi_slopes, s_aux)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -231,6 +325,33 @@ def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interle
         x1, x2 = xf[..., : rd // 2], xf[..., rd // 2 :]
         rot = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
     return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def _index_tensor(name: str, t: torch.Tensor) -> torch.Tensor:
+    """An index tensor of int32 or int64 (checked, not yet narrowed), contiguous."""
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 (or int64) tensor, got {t.dtype}")
+    return t.contiguous()
+
+
+def _to_int32(t: torch.Tensor) -> torch.Tensor:
+    # Saturating, not wrapping: an int64 value past int32 stays out of range (the kernels skip it) instead of
+    # becoming a plausible small index. No host sync.
+    return t if t.dtype == torch.int32 else t.clamp(-(2**31), _INT32_MAX).to(torch.int32)
+
+
+def _check_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, capacity: int) -> None:
+    if cos.dim() != 2 or cos.shape[1] < 1:
+        raise ValueError(f"rotary_cos must have shape [seqlen_ro, rotary_dim / 2], got {tuple(cos.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"rotary_sin must have the shape of rotary_cos {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if not cos.is_floating_point() or not sin.is_floating_point():
+        raise TypeError(f"rotary_cos and rotary_sin must be floating point, got {cos.dtype} and {sin.dtype}")
+    if 2 * cos.shape[1] > head_dim:
+        raise ValueError(f"rotary_dim = 2 x rotary_cos.shape[1] = {2 * cos.shape[1]} exceeds the head dim {head_dim}")
+    if cos.shape[0] < capacity:  # FlashAttention-2's rule: the table covers every position of the cache
+        raise ValueError(f"rotary_cos has {cos.shape[0]} positions, fewer than the cache's {capacity} "
+                         f"(seqlen_ro must be >= the cache capacity)")
 
 
 def _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, seqlen_new) -> None:
@@ -337,43 +458,52 @@ def flash_attn_with_kvcache(
         raise ValueError("k and v must be given together")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
-    window_left, window_right = _check_common(0.0, window_size)
+    _check_q(q)
     _check_devices(
         q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table, cache_batch_idx=cache_batch_idx,
         alibi_slopes=alibi_slopes, s_aux=s_aux, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
     )
+    window_left, window_right = _check_common(0.0, window_size)
     if q.dim() != 4:
         raise ValueError(f"q must have shape [batch, seqlen_q, num_heads, head_dim], got {tuple(q.shape)}")
-    if int(num_splits) < 0:
-        raise ValueError(f"num_splits must be >= 0 (0 = automatic), got {num_splits}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must have 4 dims [num_blocks or batch, block_size or seqlen, num_kv_heads, "
+                         f"head_dim], got {tuple(k_cache.shape)}")
+    num_splits = _as_int("num_splits", num_splits, minimum=0)
+    scale = _default_scale(q, softmax_scale)
+    softcap = _as_float("softcap", softcap)
     batch = q.shape[0]
     seqlen_new = 0 if k is None else k.shape[1]
     paged = block_table is not None
+    if paged and block_table.dim() != 2:
+        raise ValueError(f"block_table must have shape [batch, max_blocks_per_seq], got {tuple(block_table.shape)}")
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
 
     # cache_seqlens: int32 [B]; an int also gives the split heuristic its exact key count.
     max_seqlen_k = 0
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required when k and v are appended")
-        full = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-        cache_seqlens = torch.full((batch,), full, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, int):
-        max_seqlen_k = max(cache_seqlens, 0) + seqlen_new
-        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    else:
+        cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, torch.Tensor):
         _check_devices(q, cache_seqlens=cache_seqlens)
-        if cache_seqlens.dtype != torch.int32:
-            cache_seqlens = cache_seqlens.to(torch.int32)
-        cache_seqlens = cache_seqlens.contiguous()
-    if cache_batch_idx is not None and cache_batch_idx.dtype != torch.int32:
-        cache_batch_idx = cache_batch_idx.to(torch.int32)
+        cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens)
+    else:
+        seqlen = _as_int("cache_seqlens", cache_seqlens, minimum=-1, maximum=_INT32_MAX)
+        max_seqlen_k = max(seqlen, 0) + seqlen_new
+        cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=q.device)
+    if cache_batch_idx is not None:
+        cache_batch_idx = _index_tensor("cache_batch_idx", cache_batch_idx)
 
-    if _strict():
+    if _strict():  # on the caller's values, before any narrowing
         _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, seqlen_new)
+    cache_seqlens = _to_int32(cache_seqlens)
+    cache_batch_idx = None if cache_batch_idx is None else _to_int32(cache_batch_idx)
 
     if rotary_cos is not None:
+        _check_rotary(rotary_cos, rotary_sin, q.shape[-1], capacity)
         pos0 = cache_seqlens.clamp(min=0).long()[:, None]  # padding rows: any valid position
-        limit = rotary_cos.shape[0] - 1
+        limit = rotary_cos.shape[0] - 1  # positions past the table only come from garbage cache_seqlens
         if k is not None:
             pos = (pos0 + torch.arange(seqlen_new, device=q.device)).clamp(max=limit)
             k = _apply_rotary(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)
@@ -385,27 +515,45 @@ def flash_attn_with_kvcache(
         pos = (pos0 + steps).clamp(max=limit)
         q = _apply_rotary(q, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)
 
-    out, lse = ops.kvcache_fwd(
-        q,
-        k_cache,
-        v_cache,
-        k,
-        v,
-        cache_seqlens,
-        block_table,
-        cache_batch_idx,
-        _default_scale(q, softmax_scale),
-        bool(causal),
-        window_left,
-        window_right,
-        float(softcap),
-        _as_float32(alibi_slopes),
-        _as_float32(s_aux),
-        int(num_splits),
-        bool(return_softmax_lse),
-        int(max_seqlen_k),
-    )
+    if k is not None and torch.is_grad_enabled() and (k_cache.requires_grad or v_cache.requires_grad):
+        raise ValueError("k_cache and v_cache are written in place when k and v are appended: they cannot require "
+                         "grad (flash_attn_with_kvcache is forward-only)")
+    alibi_slopes, s_aux = _as_float32(alibi_slopes), _as_float32(s_aux)
+
+    def run():
+        return ops.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, scale,
+                               bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux, num_splits,
+                               bool(return_softmax_lse), max_seqlen_k)
+
+    out, lse = _run("flash_attn_with_kvcache", run, q, k, v, alibi_slopes, s_aux)
     return (out, lse) if return_softmax_lse else out
 
 
 # ---- kvcache: end ----
+
+
+# ---- fake (meta) implementations: shapes only, so torch.compile(fullgraph=True) can trace the ops ----
+
+
+@torch.library.register_fake(add_op_namespace_prefix("flash_attention_varlen"))
+def _flash_attention_varlen_fake(out, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                 do_causal, scale, softcapping, s_aux=None, window_left=-1, window_right=-1):
+    return None
+
+
+@torch.library.register_fake(add_op_namespace_prefix("varlen_fwd"))
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     window_left, window_right, softcap, alibi_slopes, s_aux):
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("fwd"))
+def _fwd_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("kvcache_fwd"))
+def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal,
+                      window_left, window_right, softcap, alibi_slopes, s_aux, num_splits, return_lse, max_seqlen_k):
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
