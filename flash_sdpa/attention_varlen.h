@@ -228,10 +228,11 @@ template <typename T, int D>
       denom = l * factor + exp2(sink - m_final);
     }
     const bool empty = !(l > 0.0f);
-    bad = bad || simd_shuffle_xor(uint(bad), ushort(1)) != 0;
-    bad = bad || simd_shuffle_xor(uint(bad), ushort(2)) != 0;
+    uint bad_row = bad ? 1u : 0u;  // over the row's 4 lanes; every lane shuffles (no short-circuit)
+    bad_row |= simd_shuffle_xor(bad_row, ushort(1));
+    bad_row |= simd_shuffle_xor(bad_row, ushort(2));
     if (sub == 0) {
-      bad_tile[int(sg) * 8 + row] = bad ? 1u : 0u;
+      bad_tile[int(sg) * 8 + row] = bad_row;
     }
     varlen_write_diagonal(diag, empty ? 0.0f : factor / denom, lane);
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -256,9 +257,9 @@ template <typename T, int D>
     }
 
     if (sub == 0 && i < sq) {
-      lse_seq[i] = bad     ? flash_sdpa::kNanBits
-                   : empty ? flash_sdpa::kNegInfBits
-                           : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
+      lse_seq[i] = bad_row != 0 ? flash_sdpa::kNanBits
+                   : empty        ? flash_sdpa::kNegInfBits
+                                  : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
     }
   }
 }

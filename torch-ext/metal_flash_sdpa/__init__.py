@@ -68,6 +68,11 @@ def _as_float(name: str, x) -> float:
     return float(x)
 
 
+def _require_tensors(**tensors) -> None:
+    for name, t in tensors.items():
+        _require_tensor(name, t)
+
+
 def _check_q(q: torch.Tensor) -> None:
     _require_tensor("q", q)
     if q.dim() < 1 or q.shape[-1] <= 0:
@@ -183,6 +188,7 @@ def flash_attention_varlen(
         window_size: (left, right) sliding window, -1 = unbounded (as in flash_attn_varlen_func).
     """
     _check_q(query)
+    _require_tensors(out=out, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     _check_devices(query, key=key, value=value, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                    s_aux=s_aux)
     window_left, window_right = _check_common(0.0, window_size)
@@ -245,6 +251,7 @@ def flash_attn_varlen_func(
     if block_table is not None:
         raise NotImplementedError("block_table is not supported by flash_attn_varlen_func; use flash_attn_with_kvcache")
     _check_q(q)
+    _require_tensors(k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     _check_devices(
         q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, s_aux=s_aux
     )
@@ -290,6 +297,7 @@ def flash_attn_func(
         out [B, Sq, H, D] (contiguous); with return_attn_probs, (out, lse float32 [B, H, Sq], None).
     """
     _check_q(q)
+    _require_tensors(k=k, v=v)
     _check_devices(q, k=k, v=v, alibi_slopes=alibi_slopes, s_aux=s_aux)
     window_left, window_right = _check_common(dropout_p, window_size)
     scale = _default_scale(q, softmax_scale)
@@ -459,6 +467,7 @@ def flash_attn_with_kvcache(
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
     _check_q(q)
+    _require_tensors(k_cache=k_cache, v_cache=v_cache)
     _check_devices(
         q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table, cache_batch_idx=cache_batch_idx,
         alibi_slopes=alibi_slopes, s_aux=s_aux, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
