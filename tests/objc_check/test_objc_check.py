@@ -96,3 +96,23 @@ def test_stubs_declare_only_documented_selectors():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v", "-s"]))
+
+
+def test_autoreleasepools():
+    """Metal's autoreleased objects (PyTorch's commandEncoder(), NSError descriptions) are drained by the glue itself:
+    a long generate() on a thread without a pool would otherwise accumulate them. The pipeline build and the body of
+    the dispatch_sync block each run inside an @autoreleasepool, and no TORCH_CHECK throws from inside a pool."""
+    text = GLUE.read_text()
+    block = text[text.index("dispatch_sync(stream->queue()"):]
+    assert re.match(r"dispatch_sync\(stream->queue\(\), \^\(\) \{\s*@autoreleasepool \{", block)
+    build = text[text.index("id<MTLComputePipelineState> pipeline("):text.index("void run_launch_plan")]
+    pool = build[build.index("@autoreleasepool {"):]
+    depth, end = 0, 0
+    for end, ch in enumerate(pool):
+        depth += ch == "{"
+        depth -= ch == "}"
+        if depth == 0 and ch == "}":
+            break
+    inside = pool[:end]
+    assert "newFunctionWithName" in inside and "newComputePipelineStateWithFunction" in inside
+    assert "TORCH_CHECK" not in inside, "an exception thrown inside @autoreleasepool skips the pool's drain"
