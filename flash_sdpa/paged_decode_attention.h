@@ -1,17 +1,18 @@
-// paged_decode_attention + paged_decode_combine: flash-decoding straight from a paged KV cache.
+// paged_decode_attention + paged_decode_combine: flash-decoding straight from a paged KV cache (or packed varlen K/V).
 //
 // One threadgroup per (split, KV head x row block, request). A row is one (query head of the KV group, query token)
 // pair; the threadgroup holds R rows (a template parameter: the planner picks the smallest R >= group x sq, extra row
 // blocks past the largest), so one pass over the KV head's keys serves the whole GQA group and all sq tokens.
-// Each of the 4 simdgroups owns every 4th tile of 32 keys in the split's key range:
-//   stage: the tile's K rows go to threadgroup memory in chunks of 128 bytes per key, lanes across D, 16-byte
-//          loads (8 lanes read 128 contiguous bytes of one key);
-//   scores: lane j computes q.k of key j for the R rows (q rows in threadgroup memory, fp32, read as float4);
-//   online softmax per row in fp32, one max / rescale per tile (simd_max / simd_sum over the 32 keys);
-//   P.V: lanes across D (D / 32 contiguous dims per lane, vector loads), 4 V rows in flight, p read from
-//        threadgroup memory as float4 (4 keys per read instead of a shuffle per key and row).
-// At the end the simdgroups' (max, sum, acc) are merged through threadgroup memory.
-// Keys are read through block_table[b, t / block_size]: no gather, no copy.
+//
+// Lanes across D, keys across lane groups: a simdgroup is G groups of L = 32 / G lanes; each group streams its own
+// keys, a key row read by its L lanes with one vector load each (EPL contiguous dims per lane, 16 bytes when R <= 4,
+// 8 above; head dims that are not powers of two: L = 32, dims lane + 32 c). Per step a simdgroup issues the K and the
+// V loads of U keys per group at once (~64-128 bytes of each per lane in flight: one memory round trip per step),
+// with the next step's block ids loaded meanwhile. q.k is a butterfly over the L lanes (log2 L shuffles per row and
+// G keys); the online softmax and P.V are lane-local (each group keeps its own max, sum and R x EPL accumulators), so
+// nothing waits on another lane until the end, when the groups and then the 4 simdgroups merge (threadgroup memory).
+// Threadgroup memory: the scaled q rows (R x D fp32, <= 8 KB), reused for the merge. No K/V staging: each valid K/V
+// byte goes from memory to the registers that use it, once per KV head.
 #pragma once
 
 #include <metal_stdlib>
@@ -21,7 +22,7 @@
 
 using namespace metal;
 
-constant bool fc_decode_split [[function_constant(FLASH_SDPA_FC_DECODE_SPLIT)]];
+constant bool fc_decode_varlen [[function_constant(FLASH_SDPA_FC_DECODE_VARLEN)]];
 constant bool fc_decode_write_lse [[function_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE)]];
 constant bool fc_decode_alibi [[function_constant(FLASH_SDPA_FC_DECODE_ALIBI)]];
 constant bool fc_decode_sinks [[function_constant(FLASH_SDPA_FC_DECODE_SINKS)]];
@@ -29,6 +30,79 @@ constant bool fc_decode_softcap [[function_constant(FLASH_SDPA_FC_DECODE_SOFTCAP
 constant bool fc_decode_kv_aligned [[function_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED)]];
 constant bool fc_combine_write_lse [[function_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE)]];
 constant bool fc_combine_sinks [[function_constant(FLASH_SDPA_FC_COMBINE_SINKS)]];
+constant bool fc_combine_varlen [[function_constant(FLASH_SDPA_FC_COMBINE_VARLEN)]];
+
+namespace flash_sdpa {
+namespace paged {
+
+// The lane layout of paged_decode_attention<T, D, R> (compile-time). A key row is NC chunks of 16 bytes (8 when
+// R > 4: fewer accumulators per lane); L lanes (the power of two >= NC, at most 32) read one row, lane li chunks
+// li, li + L, ...; G = 32 / L keys are read side by side. Lanes past NC (head dims that are not powers of two) idle.
+template <typename T, int D, int R>
+struct DecodeLayout {
+  static constexpr int kChunkBytes = R <= 4 ? 16 : 8;
+  static constexpr int CW = kChunkBytes / 4;                // 32-bit words per chunk (K/V stay packed)
+  static constexpr int EPC = kChunkBytes / int(sizeof(T));  // elements per chunk
+  static constexpr int NC = D * int(sizeof(T)) / kChunkBytes;
+  static constexpr int L = NC >= 32 ? 32 : (NC > 16 ? 32 : (NC > 8 ? 16 : (NC > 4 ? 8 : (NC > 2 ? 4 : 2))));
+  static constexpr int G = 32 / L;
+  static constexpr int CPL = (NC + L - 1) / L;  // chunks per lane
+  static constexpr int EPL = CPL * EPC;         // elements (accumulators) per lane and row
+  // Keys per group and step: ~64 bytes of K, as much of V, per lane in flight; R x U scores per lane.
+  static constexpr int U0 = 64 / (CPL * kChunkBytes);
+  static constexpr int U1 = U0 < 32 / R ? U0 : 32 / R;
+  static constexpr int U = U1 < 1 ? 1 : (U1 > 8 ? 8 : U1);
+  static constexpr int kStepKeys = G * U;  // keys per simdgroup step
+  static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
+  static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
+};
+
+typedef vec<uint, 4> chunk16;
+
+// Element e of a chunk (packed words) as float.
+template <typename T>
+inline float chunk_elem(vec<uint, 4> c, int e) {
+  return float(as_type<vec<T, 2>>(c[e / 2])[e % 2]);
+}
+template <>
+inline float chunk_elem<float>(vec<uint, 4> c, int e) {
+  return as_type<float>(c[e]);
+}
+
+// Packs two elements read one by one (unaligned rows) into a word.
+template <typename T>
+inline uint pack_word(device const T* src) {
+  return as_type<uint>(vec<T, 2>(src[0], src[1]));
+}
+template <>
+inline uint pack_word<float>(device const float* src) {
+  return as_type<uint>(src[0]);
+}
+
+// Loads chunk `ci` of a key row (nothing when !ok or the chunk is past the row: zeros). CW words.
+template <typename T, int CW, int NC>
+inline vec<uint, 4> load_chunk(device const T* row, int ci, bool ok, bool aligned) {
+  vec<uint, 4> c = vec<uint, 4>(0u);
+  if (ok && ci < NC) {
+    device const T* src = row + ci * (CW * 4 / int(sizeof(T)));
+    if (aligned) {
+      if (CW == 4) {
+        c = *reinterpret_cast<device const vec<uint, 4>*>(src);
+      } else {
+        const vec<uint, 2> x = *reinterpret_cast<device const vec<uint, 2>*>(src);
+        c = vec<uint, 4>(x.x, x.y, 0u, 0u);
+      }
+    } else {
+      for (int w = 0; w < CW; ++w) {
+        c[w] = pack_word<T>(src + w * (4 / int(sizeof(T))));
+      }
+    }
+  }
+  return c;
+}
+
+}  // namespace paged
+}  // namespace flash_sdpa
 
 template <typename T, int D, int R>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_DECODE_THREADS)]] kernel void paged_decode_attention(
@@ -44,43 +118,33 @@ template <typename T, int D, int R>
     device float* o_partial [[buffer(FLASH_SDPA_DECODE_BUF_O_PARTIAL)]],
     device float* ml_partial [[buffer(FLASH_SDPA_DECODE_BUF_ML_PARTIAL)]],
     constant flash_sdpa::paged::PagedDecodeParams& p [[buffer(FLASH_SDPA_DECODE_BUF_PARAMS)]],
+    device const int* cu_seqlens_q [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q)]],
+    device const int* cu_seqlens_k [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
+  using Layout = DecodeLayout<T, D, R>;
   constexpr int NSG = kDecodeSimdgroups;
-  constexpr int KT = kKeysPerTile;           // keys per tile: one per lane in the score pass
-  constexpr int VK = 16 / int(sizeof(T));    // K elements per lane per staging load: 16 bytes
-  constexpr int KC = 8 * VK;                 // dims per staged chunk: 8 lanes x 16 B = 128 contiguous bytes of a key
-  constexpr int LPK = KC / VK;               // lanes per key row while staging
-  constexpr int KPI = KT / LPK;              // key rows per staging step
-  constexpr int NIT = KT / KPI;              // staging steps per chunk
-  constexpr int KP = KC + VK;                // tile pitch (elements): rows stay 16-byte aligned, banks shift per row
-  constexpr int NCH = (D + KC - 1) / KC;     // chunks per key row
-  constexpr bool CONTIG = D % KT == 0;       // P.V: D / 32 contiguous dims per lane (vector loads), else strided
-  constexpr int EPL = (D + KT - 1) / KT;     // P.V dims per lane
-  constexpr int VV = CONTIG ? (EPL % 4 == 0 ? 4 : (EPL % 2 == 0 ? 2 : 1)) : 1;  // P.V vector width
-  constexpr int VVT = VV > 1 ? VV : 2;       // the vector type's width (unused when VV == 1)
-  constexpr int KTILE_BYTES = KT * KP * int(sizeof(T));
-  constexpr int SCR = (KTILE_BYTES > R * KT * 4 ? KTILE_BYTES : R * KT * 4) / 16;  // float4 per simdgroup scratch
-  static_assert(D % 8 == 0, "head dims are multiples of 8: 16-byte K loads, float4 q reads");
-  static_assert(KT % LPK == 0 && KTILE_BYTES % 16 == 0, "staging layout");
-  static_assert(R * D * 4 + NSG * SCR * 16 + NSG * KT * 8 + 2 * NSG * R * 4 <= 32768, "threadgroup memory over 32 KB");
+  constexpr int L = Layout::L;
+  constexpr int G = Layout::G;
+  constexpr int CW = Layout::CW;
+  constexpr int EPC = Layout::EPC;
+  constexpr int NC = Layout::NC;
+  constexpr int CPL = Layout::CPL;
+  constexpr int EPL = Layout::EPL;
+  constexpr int U = Layout::U;
+  constexpr int KS = Layout::kStepKeys;
+  static_assert(D % 8 == 0, "head dims are multiples of 8");
+  static_assert(R * D * 4 + 2 * NSG * R * 4 + NSG * 4 <= 32768, "threadgroup memory over 32 KB");
 
-  // One array: the scaled q rows (fp32; after the key loop, the merged accumulator), then per simdgroup the staged
-  // K chunk (T) / the tile's p (fp32 [R][32]). Shared so that a compiler cannot easily hoist all R x D q values out
-  // of the key loop into registers (the K stores may alias them). On the proxy this alone did not change ptxas's
-  // registers or spills; the proxy's unroll settings did (tests/metal_cuda/RESULTS.md).
-  threadgroup float4 qs_tg[R * D / 4 + NSG * SCR];
-  threadgroup float4* q_tg = qs_tg;
-  threadgroup float4* scratch_tg = qs_tg + R * D / 4;
-  threadgroup int2 loc_tg[NSG * KT];         // per simdgroup: (block id, slot) of the tile's keys; block -1: skip
-  threadgroup float m_tg[NSG * R];           // per simdgroup running max
-  threadgroup float l_tg[NSG * R];           // per simdgroup sum of exp
-  threadgroup uint bad_tg[NSG];              // per simdgroup rows with a non-finite visible score (bit r)
-  threadgroup float* acc_tg = reinterpret_cast<threadgroup float*>(q_tg);
+  // The scaled q rows (fp32 [R][D]); after the key loop, the merged accumulator.
+  threadgroup float q_tg[R * D];
+  threadgroup float m_tg[NSG * R];  // per simdgroup running max
+  threadgroup float l_tg[NSG * R];  // per simdgroup sum of exp
+  threadgroup uint bad_tg[NSG];     // per simdgroup rows with a non-finite visible score (bit r)
 
   const int split = int(tgid.x);
   const int hkv = int(tgid.y) / p.row_blocks;
@@ -89,26 +153,80 @@ template <typename T, int D, int R>
   if (b >= p.batch || hkv >= p.num_kv_heads || split >= p.num_splits) {
     return;  // whole threadgroup: grid larger than the problem
   }
-  const int sq = p.seqlen_q;
+  const bool split_mode = p.num_splits > 1;  // a run-time choice: the same pipeline serves every split count
+  const int sq = fc_decode_varlen ? 1 : p.seqlen_q;
   const int group = p.num_heads / p.num_kv_heads;
   const int nrows = min(R, group * sq - row0);
 
-  // Keys of request b: sk = cache_seqlens[b] + seqlen_new, clamped to the block table's capacity; padding rows
-  // (cache_seqlens < 0) have none and output zeros.
-  const int capacity = p.max_blocks_per_seq * p.block_size;
-  const int seqlen = cache_seqlens[b];
-  const int sk = seqlen < 0 ? 0 : int(min(long(seqlen) + p.seqlen_new, long(capacity)));
+  // Keys of request b. Paged: sk = cache_seqlens[b] + seqlen_new, clamped to the block table's capacity; padding rows
+  // (cache_seqlens < 0) have none and output zeros. Varlen: rows [k_start, k_start + sk) of k, clamped to total_k;
+  // a sequence without a query row is skipped.
+  int sk = 0;
+  int k_start = 0;
+  int q_row = 0;  // varlen: the row of q / out
+  if (fc_decode_varlen) {
+    const int qs = cu_seqlens_q[b];
+    const int qe = cu_seqlens_q[b + 1];
+    if (!(qe > qs && qs >= 0 && qs < p.total_q)) {
+      return;  // no query: nothing to write (uniform per threadgroup)
+    }
+    q_row = qs;
+    k_start = clamp(cu_seqlens_k[b], 0, p.total_k);
+    sk = clamp(cu_seqlens_k[b + 1], k_start, p.total_k) - k_start;
+  } else {
+    const int capacity = p.max_blocks_per_seq * p.block_size;
+    const int seqlen = cache_seqlens[b];
+    sk = seqlen < 0 ? 0 : int(min(long(seqlen) + p.seqlen_new, long(capacity)));
+  }
   const int diag = sk - sq;  // query i sits at key position i + diag (bottom-right alignment)
 
   // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
   const int lo = visible_keys(diag, p.window_left, p.window_right, sk).x;
   const int hi = visible_keys(sq - 1 + diag, p.window_left, p.window_right, sk).y + 1;
-  // This split's share, in whole tiles of 32 keys.
+  // This split's share, in whole simdgroup steps.
   const int span = max(hi - lo, 0);
-  const int per_split =
-      ((span + p.num_splits - 1) / p.num_splits + kKeysPerTile - 1) / kKeysPerTile * kKeysPerTile;
-  const int begin = lo + split * per_split;
-  const int end = min(hi, begin + per_split);
+  const long per_split = ((long(span) + p.num_splits - 1) / p.num_splits + KS - 1) / KS * KS;
+  const int begin = int(min(long(lo) + long(split) * per_split, long(hi)));
+  const int end = int(min(long(hi), long(begin) + per_split));
+
+  const int g = int(lane) / L;   // key group of this lane
+  const int li = int(lane) % L;  // lane within the key row
+  const long bt_row = long(b) * p.block_table_stride_b;
+
+  // Where the keys of a step live, for this lane's group: loc[u] = (block, slot) (paged) or (k row, 0) (varlen) of
+  // key t0 + u * G + g; block -1: outside [begin, end) or an invalid block id (the key is masked, nothing loaded).
+  int2 loc[U];
+  int2 loc_next[U];
+  const int first = begin + int(sg) * KS;
+  {
+    const int t = first + g;
+    int bi = 0;
+    int slot = 0;
+    if (!fc_decode_varlen) {
+      bi = t / p.block_size;
+      slot = t - bi * p.block_size;
+    }
+    for (int u = 0; u < U; ++u) {
+      const int key = t + u * G;
+      int id = -1;
+      if (key < end) {
+        if (fc_decode_varlen) {
+          id = k_start + key;
+        } else {
+          const int raw = block_table[bt_row + bi];
+          id = raw >= 0 && raw < p.num_blocks ? raw : -1;
+        }
+      }
+      loc[u] = int2(id, slot);
+      if (!fc_decode_varlen) {
+        slot += G;
+        while (slot >= p.block_size) {  // G <= 8 keys on: at most one pass unless block_size < G
+          slot -= p.block_size;
+          ++bi;
+        }
+      }
+    }
+  }
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
   for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
@@ -116,13 +234,15 @@ template <typename T, int D, int R>
     const int d = idx - r * D;
     float v = 0.0f;
     if (r < nrows) {
-      const int g = row0 + r;
-      const int h = hkv * group + g / sq;
-      const int i = g % sq;
-      // q (B, sq, H, D = 1)
-      v = float(q[long(b) * p.q_stride_b + long(i) * p.q_stride_s + long(h) * p.q_stride_h + d]) * p.scale;
+      const int gr = row0 + r;
+      const int h = hkv * group + gr / sq;
+      const int i = gr % sq;
+      // q (B, sq, H, D = 1); varlen: q (total_q, H, D = 1)
+      const long qoff = fc_decode_varlen ? long(q_row) * p.q_stride_s
+                                         : long(b) * p.q_stride_b + long(i) * p.q_stride_s;
+      v = float(q[qoff + long(h) * p.q_stride_h + d]) * p.scale;
     }
-    acc_tg[idx] = v;
+    q_tg[idx] = v;
   }
 
   // Per-row constants: query position, visible keys [first, last], ALiBi slope.
@@ -130,9 +250,9 @@ template <typename T, int D, int R>
   int2 row_keys[R];
   float row_slope[R];
   for (int r = 0; r < R; ++r) {
-    const int g = row0 + min(r, nrows - 1);
-    const int h = hkv * group + g / sq;
-    row_pos[r] = g % sq + diag;
+    const int gr = row0 + min(r, nrows - 1);
+    const int h = hkv * group + gr / sq;
+    row_pos[r] = gr % sq + diag;
     row_keys[r] = visible_keys(row_pos[r], p.window_left, p.window_right, sk);
     row_slope[r] = fc_decode_alibi ? alibi[long(b) * p.alibi_stride_b + h] : 0.0f;
   }
@@ -140,179 +260,176 @@ template <typename T, int D, int R>
   // FlashAttention-2; the score itself is dropped so that nothing non-finite reaches the accumulators).
   uint bad_rows = 0;
 
+  // Per lane group: running max, sum and accumulator of each row (the group's own keys).
   float m[R];
   float l[R];
   float o[R][EPL];
   for (int r = 0; r < R; ++r) {
     m[r] = kMaskedScore;
     l[r] = 0.0f;
-    for (int c = 0; c < EPL; ++c) {
-      o[r][c] = 0.0f;
+    for (int e = 0; e < EPL; ++e) {
+      o[r][e] = 0.0f;
     }
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  threadgroup T* kt = reinterpret_cast<threadgroup T*>(scratch_tg + sg * SCR);
-  threadgroup float* pt = reinterpret_cast<threadgroup float*>(scratch_tg + sg * SCR);
-  threadgroup int2* loc = loc_tg + sg * KT;
   const long k_head = long(hkv) * p.k_stride_h;
   const long v_head = long(hkv) * p.v_stride_h;
-  const int ld_key = int(lane) / LPK;  // staging: key row within a step and first element of this lane
-  const int ld_e = (int(lane) % LPK) * VK;
-
-  for (int t0 = begin + int(sg) * KT; t0 < end; t0 += NSG * KT) {
-    // Where lane j's key lives: one block-table read per key.
-    const int key = t0 + int(lane);
-    int block = -1;
-    int slot = 0;
-    if (key < end) {
-      const int bi = key / p.block_size;
-      const int id = block_table[long(b) * p.block_table_stride_b + bi];
-      block = (id >= 0 && id < p.num_blocks) ? id : -1;  // invalid ids: the key is masked
-      slot = key - bi * p.block_size;
-    }
-    simdgroup_barrier(mem_flags::mem_threadgroup);  // the previous tile's P.V is done with loc and p
-    loc[lane] = int2(block, slot);
-    simdgroup_barrier(mem_flags::mem_threadgroup);
-
-    float s[R];
-    for (int r = 0; r < R; ++r) {
-      s[r] = 0.0f;
-    }
-    for (int ch = 0; ch < NCH; ++ch) {
-      const int c0 = ch * KC;
-      const int w = min(KC, D - c0);
-      // Stage: all loads first (up to NIT x 16 B in flight per lane), then the threadgroup stores.
-      if (ld_e < w) {
-        vec<T, 4> kreg[NIT][VK / 4];
-        for (int it = 0; it < NIT; ++it) {
-          const int2 lk = loc[it * KPI + ld_key];
-          // k_cache (num_blocks, block_size, Hkv, D = 1)
-          device const T* src =
-              k_cache + long(max(lk.x, 0)) * p.k_stride_block + long(lk.y) * p.k_stride_slot + k_head + c0 + ld_e;
-          for (int u = 0; u < VK / 4; ++u) {
-            vec<T, 4> v = vec<T, 4>(T(0.0f));
-            if (lk.x >= 0) {
-              if (fc_decode_kv_aligned) {
-                v = *reinterpret_cast<device const vec<T, 4>*>(src + 4 * u);
-              } else {
-                for (int e = 0; e < 4; ++e) {
-                  v[e] = src[4 * u + e];
-                }
-              }
-            }
-            kreg[it][u] = v;
-          }
-        }
-        for (int it = 0; it < NIT; ++it) {
-          threadgroup T* dst = kt + (it * KPI + ld_key) * KP + ld_e;
-          for (int u = 0; u < VK / 4; ++u) {
-            *reinterpret_cast<threadgroup vec<T, 4>*>(dst + 4 * u) = kreg[it][u];
-          }
-        }
-      }
-      simdgroup_barrier(mem_flags::mem_threadgroup);
-      // Scores: lane j's key row against the R q rows (q read as float4, the same address on every lane).
-      threadgroup const T* krow = kt + int(lane) * KP;
-      for (int d = 0; d < KC; d += 4) {
-        if (d < w) {
-          const float4 k4 = float4(*reinterpret_cast<threadgroup const vec<T, 4>*>(krow + d));
-          for (int r = 0; r < R; ++r) {
-            s[r] += dot(q_tg[(r * D + c0 + d) / 4], k4);
-          }
-        }
-      }
-      simdgroup_barrier(mem_flags::mem_threadgroup);  // the chunk is consumed before the next one (or p) lands
-    }
-
-    // Online softmax, one max / rescale per row and tile (branches on r < nrows and tile_max are uniform).
-    float pr[R];
-    bool seen_any = false;
-    for (int r = 0; r < R; ++r) {
-      pr[r] = 0.0f;
-      if (r < nrows) {
-        float sc = s[r];
-        bool visible = block >= 0 && key >= row_keys[r].x && key <= row_keys[r].y;
-        seen_any = seen_any || visible;
-        if (visible && is_nonfinite(sc)) {  // before the softcap clamp could hide a NaN
-          bad_rows |= 1u << r;
-          visible = false;
-        }
-        if (fc_decode_softcap) {
-          sc = apply_softcap(sc, p.softcap);
-        }
-        if (fc_decode_alibi) {
-          sc -= row_slope[r] * float(abs(row_pos[r] - key));
-        }
-        const float tile_max = simd_max(visible ? sc : kMaskedScore);
-        if (tile_max > kNegHalf) {
-          const float m_new = max(m[r], tile_max);
-          const float corr = m[r] > kNegHalf ? exp(m[r] - m_new) : 0.0f;
-          pr[r] = visible ? exp(sc - m_new) : 0.0f;
-          l[r] = l[r] * corr + simd_sum(pr[r]);
-          m[r] = m_new;
-          for (int c = 0; c < EPL; ++c) {
-            o[r][c] *= corr;
-          }
-        }
+  const bool aligned = fc_decode_kv_aligned;
+  for (int t0 = first; t0 < end; t0 += NSG * KS) {  // the planner keeps key counts below 2^31 - 2^16: no overflow
+    // 1. This step's K and V rows, all loads issued together (packed: U x CPL chunks of each per lane).
+    chunk16 kr[U][CPL];
+    chunk16 vr[U][CPL];
+    for (int u = 0; u < U; ++u) {
+      const bool ok = loc[u].x >= 0;
+      // k_cache (num_blocks, block_size, Hkv, D = 1); varlen: k (total_k, Hkv, D = 1) with block = row, slot = 0
+      const long kb = long(max(loc[u].x, 0)) * p.k_stride_block + long(loc[u].y) * p.k_stride_slot + k_head;
+      const long vb = long(max(loc[u].x, 0)) * p.v_stride_block + long(loc[u].y) * p.v_stride_slot + v_head;
+      for (int j = 0; j < CPL; ++j) {
+        kr[u][j] = load_chunk<T, CW, NC>(k_cache + kb, li + j * L, ok, aligned);
+        vr[u][j] = load_chunk<T, CW, NC>(v_cache + vb, li + j * L, ok, aligned);
       }
     }
-    // p as [R][32] fp32 over the consumed K chunk; keys no row sees are dropped from the P.V pass (no V load).
-    for (int r = 0; r < R; ++r) {
-      pt[r * KT + int(lane)] = pr[r];
-    }
-    loc[lane] = int2(seen_any ? block : -1, slot);
-    simdgroup_barrier(mem_flags::mem_threadgroup);
-
-    // P.V: lanes over D, 4 V rows in flight, p of 4 keys per float4 read.
-    const int tile_keys = min(int(KT), end - t0);
-    for (int j0 = 0; j0 < tile_keys; j0 += 4) {  // run-time trip count: a rolled loop, 4 V rows per iteration
-      float vv[4][EPL];
-      for (int u = 0; u < 4; ++u) {
-        const int2 lk = loc[j0 + u];
-        for (int c = 0; c < EPL; ++c) {
-          vv[u][c] = 0.0f;
-        }
-        if (lk.x >= 0) {
-          // v_cache (num_blocks, block_size, Hkv, D = 1)
-          device const T* vrow = v_cache + long(lk.x) * p.v_stride_block + long(lk.y) * p.v_stride_slot + v_head;
-          if (CONTIG) {
-            device const T* src = vrow + int(lane) * EPL;
-            if (VV > 1 && fc_decode_kv_aligned) {
-              for (int c = 0; c < EPL; c += VVT) {
-                const vec<T, VVT> x = *reinterpret_cast<device const vec<T, VVT>*>(src + c);
-                for (int e = 0; e < VVT; ++e) {
-                  vv[u][c + e] = float(x[e]);
-                }
-              }
-            } else {
-              for (int c = 0; c < EPL; ++c) {
-                vv[u][c] = float(src[c]);
-              }
-            }
+    // 2. The next step's block ids, in flight with the K/V loads.
+    {
+      const int t = t0 + NSG * KS + g;
+      int bi = 0;
+      int slot = 0;
+      if (!fc_decode_varlen && t < end) {
+        bi = t / p.block_size;
+        slot = t - bi * p.block_size;
+      }
+      for (int u = 0; u < U; ++u) {
+        const int key = t + u * G;
+        int id = -1;
+        if (key < end) {
+          if (fc_decode_varlen) {
+            id = k_start + key;
           } else {
-            for (int c = 0; c < EPL; ++c) {
-              const int d = int(lane) + c * KT;
-              if (d < D) {
-                vv[u][c] = float(vrow[d]);
+            const int raw = block_table[bt_row + bi];
+            id = raw >= 0 && raw < p.num_blocks ? raw : -1;
+          }
+        }
+        loc_next[u] = int2(id, slot);
+        if (!fc_decode_varlen) {
+          slot += G;
+          while (slot >= p.block_size) {
+            slot -= p.block_size;
+            ++bi;
+          }
+        }
+      }
+    }
+
+    // 3. Scores: partial q.k over this lane's dims, summed over the L lanes of the key (butterfly: every lane of
+    // the group gets the total).
+    float s[R][U];
+    for (int r = 0; r < R; ++r) {
+      for (int u = 0; u < U; ++u) {
+        s[r][u] = 0.0f;
+      }
+      if (r < nrows) {  // uniform
+        for (int j = 0; j < CPL; ++j) {
+          const int ci = li + j * L;
+          if (ci < NC) {
+            float qv[EPC];
+            for (int e = 0; e < EPC; ++e) {
+              qv[e] = q_tg[r * D + ci * EPC + e];
+            }
+            for (int u = 0; u < U; ++u) {
+              float acc = 0.0f;
+              for (int e = 0; e < EPC; ++e) {
+                acc += qv[e] * chunk_elem<T>(kr[u][j], e);
               }
+              s[r][u] += acc;
             }
           }
         }
       }
-      for (int r = 0; r < R; ++r) {
-        const float4 p4 = *reinterpret_cast<threadgroup const float4*>(pt + r * KT + j0);
-        for (int c = 0; c < EPL; ++c) {
-          o[r][c] += p4.x * vv[0][c] + p4.y * vv[1][c] + p4.z * vv[2][c] + p4.w * vv[3][c];
+    }
+    for (int r = 0; r < R; ++r) {
+      if (r < nrows) {  // uniform
+        for (int u = 0; u < U; ++u) {
+          for (int off = L / 2; off >= 1; off /= 2) {
+            s[r][u] += simd_shuffle_xor(s[r][u], ushort(off));
+          }
         }
       }
+    }
+
+    // 4. Online softmax and P.V, lane-local: one max / rescale per row and step.
+    for (int r = 0; r < R; ++r) {
+      if (r < nrows) {
+        float step_max = kMaskedScore;
+        for (int u = 0; u < U; ++u) {
+          const int key = t0 + u * G + g;
+          float sc = s[r][u];
+          bool visible = loc[u].x >= 0 && key >= row_keys[r].x && key <= row_keys[r].y;
+          if (visible && is_nonfinite(sc)) {  // before the softcap clamp could hide a NaN
+            bad_rows |= 1u << r;
+            visible = false;
+          }
+          if (fc_decode_softcap) {
+            sc = apply_softcap(sc, p.softcap);
+          }
+          if (fc_decode_alibi) {
+            sc -= row_slope[r] * float(abs(row_pos[r] - key));
+          }
+          sc = visible ? sc : kMaskedScore;
+          s[r][u] = sc;
+          step_max = max(step_max, sc);
+        }
+        const float m_new = max(m[r], step_max);
+        const float corr = m[r] > kNegHalf ? exp(m[r] - m_new) : 0.0f;
+        float sum = 0.0f;
+        for (int u = 0; u < U; ++u) {
+          const float pr = s[r][u] > kNegHalf ? exp(s[r][u] - m_new) : 0.0f;
+          s[r][u] = pr;
+          sum += pr;
+        }
+        l[r] = l[r] * corr + sum;
+        m[r] = m_new;
+        for (int j = 0; j < CPL; ++j) {
+          for (int e = 0; e < EPC; ++e) {
+            float acc = o[r][j * EPC + e] * corr;
+            for (int u = 0; u < U; ++u) {
+              acc += s[r][u] * chunk_elem<T>(vr[u][j], e);
+            }
+            o[r][j * EPC + e] = acc;
+          }
+        }
+      }
+    }
+    for (int u = 0; u < U; ++u) {
+      loc[u] = loc_next[u];
     }
   }
 
-  // Merge the simdgroups: global max per row, each simdgroup's share rescaled, summed in simdgroup order.
+  // Merge the key groups of the simdgroup (butterfly over the group bits of the lane), then the simdgroups: global
+  // max per row, each share rescaled, summed in simdgroup order.
   for (int r = 0; r < R; ++r) {
     if (simd_any(((bad_rows >> r) & 1u) != 0)) {
       bad_rows |= 1u << r;
+    }
+    if (G > 1 && r < nrows) {
+      float mx = m[r];
+      for (int off = L; off < 32; off *= 2) {
+        mx = max(mx, simd_shuffle_xor(mx, ushort(off)));
+      }
+      const float share = m[r] > kNegHalf ? exp(m[r] - mx) : 0.0f;
+      float lr = l[r] * share;
+      for (int off = L; off < 32; off *= 2) {
+        lr += simd_shuffle_xor(lr, ushort(off));
+      }
+      for (int e = 0; e < EPL; ++e) {
+        float x = o[r][e] * share;
+        for (int off = L; off < 32; off *= 2) {
+          x += simd_shuffle_xor(x, ushort(off));
+        }
+        o[r][e] = x;
+      }
+      m[r] = mx;
+      l[r] = lr;
     }
   }
   if (lane == 0) {
@@ -322,7 +439,7 @@ template <typename T, int D, int R>
     }
     bad_tg[sg] = bad_rows;
   }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
+  threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done reading q_tg
   float share[R];
   for (int r = 0; r < R; ++r) {
     float mx = kMaskedScore;
@@ -331,15 +448,19 @@ template <typename T, int D, int R>
     }
     share[r] = m[r] > kNegHalf ? exp(m[r] - mx) : 0.0f;
   }
+  threadgroup float* acc_tg = q_tg;
   for (int w = 0; w < NSG; ++w) {
-    if (int(sg) == w) {
+    if (int(sg) == w && g == 0) {
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {
-          for (int c = 0; c < EPL; ++c) {
-            const int d = CONTIG ? int(lane) * EPL + c : int(lane) + c * KT;
-            if (d < D) {
-              const float prev = w == 0 ? 0.0f : acc_tg[r * D + d];
-              acc_tg[r * D + d] = prev + o[r][c] * share[r];
+          for (int j = 0; j < CPL; ++j) {
+            const int ci = li + j * L;
+            if (ci < NC) {
+              for (int e = 0; e < EPC; ++e) {
+                const int d = ci * EPC + e;
+                const float prev = w == 0 ? 0.0f : acc_tg[r * D + d];
+                acc_tg[r * D + d] = prev + o[r][j * EPC + e] * share[r];
+              }
             }
           }
         }
@@ -352,9 +473,9 @@ template <typename T, int D, int R>
   for (int idx = int(tid); idx < nrows * D; idx += kDecodeThreads) {
     const int r = idx / D;
     const int d = idx - r * D;
-    const int g = row0 + r;
-    const int h = hkv * group + g / sq;
-    const int i = g % sq;
+    const int gr = row0 + r;
+    const int h = hkv * group + gr / sq;
+    const int i = gr % sq;
     float mx = kMaskedScore;
     for (int w = 0; w < NSG; ++w) {
       mx = max(mx, m_tg[w * R + r]);
@@ -367,7 +488,11 @@ template <typename T, int D, int R>
       bad = bad || ((bad_tg[w] >> r) & 1u) != 0;
     }
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
-    if (fc_decode_split) {
+    // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
+    const long out_at = fc_decode_varlen ? (long(q_row) * p.num_heads + h) * D + d
+                                         : ((long(b) * sq + i) * p.num_heads + h) * D + d;
+    const long lse_at = fc_decode_varlen ? long(h) * p.total_q + q_row : row;
+    if (split_mode) {
       const long prow = long(split) * p.batch * p.num_heads * sq + row;  // (splits, B, H, sq)
       o_partial[prow * D + d] = acc_tg[idx];
       if (d == 0) {
@@ -375,9 +500,9 @@ template <typename T, int D, int R>
         ml_partial[prow * 2 + 1] = sum;
       }
     } else if (bad) {
-      out[((long(b) * sq + i) * p.num_heads + h) * D + d] = T(as_type<float>(kNanBits));
+      out[out_at] = T(as_type<float>(kNanBits));
       if (fc_decode_write_lse && d == 0) {
-        lse[row] = kNanBits;
+        lse[lse_at] = kNanBits;
       }
     } else {
       const bool seen = mx > kNegHalf;
@@ -389,16 +514,17 @@ template <typename T, int D, int R>
         sum = sum * scale_o + exp(sink - mn);
         mx = mn;
       }
-      // out (B, sq, H, D = 1), contiguous
-      out[((long(b) * sq + i) * p.num_heads + h) * D + d] = seen ? T(acc_tg[idx] * scale_o / sum) : T(0.0f);
+      out[out_at] = seen ? T(acc_tg[idx] * scale_o / sum) : T(0.0f);
       if (fc_decode_write_lse && d == 0) {
-        lse[row] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
+        lse[lse_at] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
       }
     }
   }
 }
 
-// Combines split-K partials: one simdgroup per output row (b, h, i), lanes over D.
+// Combines split-K partials: one threadgroup per output row (b, h, i). The splits are read in parallel: thread t
+// takes float4 column t % (D / 4) of every (128 / (D / 4))-th split, 4 loads in flight, then the column sums meet in
+// threadgroup memory (one memory round trip per 4 x 128 / (D / 4) splits instead of one per split).
 template <typename T>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_COMBINE_THREADS)]] kernel void paged_decode_combine(
     device const float* o_partial [[buffer(FLASH_SDPA_COMBINE_BUF_O_PARTIAL)]],
@@ -407,66 +533,138 @@ template <typename T>
     device T* out [[buffer(FLASH_SDPA_COMBINE_BUF_OUT)]],
     device uint* lse [[buffer(FLASH_SDPA_COMBINE_BUF_LSE)]],  // float bits
     constant flash_sdpa::paged::PagedCombineParams& p [[buffer(FLASH_SDPA_COMBINE_BUF_PARAMS)]],
+    device const int* cu_seqlens_q [[buffer(FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q)]],
     uint tgid [[threadgroup_position_in_grid]],
+    uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
+  constexpr int NT = kCombineThreads;
+  constexpr int NSG = kCombineSimdgroups;
+  threadgroup float w_tg[kMaxSplits];  // per split: exp(max_s - max), 0 for a split that saw no key
+  threadgroup float red_tg[2 * NSG];
+  threadgroup uint bad_red_tg[NSG];
+  threadgroup float4 acc_tg[NT];
+
   const long rows = long(p.batch) * p.num_heads * p.seqlen_q;
-  const long row = long(tgid) * kCombineSimdgroups + sg;  // (B, H, sq)
+  const long row = long(tgid);  // (B, H, sq)
   if (row >= rows) {
-    return;  // no barriers below
+    return;  // whole threadgroup
   }
-  const int splits = min(p.num_splits, int(kMaxSplits));
   const long b = row / (long(p.num_heads) * p.seqlen_q);
   const long i = row % p.seqlen_q;
   const int h = int((row / p.seqlen_q) % p.num_heads);
   const int D = p.head_dim;
-  float mx = kMaskedScore;
-  bool bad = false;  // a split saw a non-finite visible score (its max is NaN bits): the row is NaN
-  for (int s = 0; s < splits; ++s) {
-    const float ms = ml_partial[(s * rows + row) * 2];
-    bad = bad || is_nonfinite(ms);
-    mx = max(mx, bad ? kMaskedScore : ms);
-  }
-  if (bad) {
-    for (int d = int(lane); d < D; d += kSimdWidth) {
-      out[((b * p.seqlen_q + i) * p.num_heads + h) * D + d] = T(as_type<float>(kNanBits));
+  // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
+  long out_row = (b * p.seqlen_q + i) * p.num_heads + h;
+  long lse_at = row;
+  if (fc_combine_varlen) {
+    const int qs = cu_seqlens_q[b];
+    const int qe = cu_seqlens_q[b + 1];
+    if (!(qe > qs && qs >= 0 && qs < p.total_q)) {
+      return;  // the decode kernel skipped this sequence too
     }
-    if (fc_combine_write_lse && lane == 0) {
-      lse[row] = kNanBits;
+    out_row = long(qs) * p.num_heads + h;
+    lse_at = long(h) * p.total_q + qs;
+  }
+  const int splits = min(p.num_splits, int(kMaxSplits));
+
+  // 1. The row max over the splits; a split that saw a non-finite visible score (NaN bits) makes the row NaN.
+  float mx = kMaskedScore;
+  bool bad = false;
+  for (int s = int(tid); s < splits; s += NT) {
+    const float ms = ml_partial[(s * rows + row) * 2];
+    const bool nonfinite = is_nonfinite(ms);
+    bad = bad || nonfinite;
+    mx = max(mx, nonfinite ? kMaskedScore : ms);
+  }
+  mx = simd_max(mx);
+  bad = simd_any(bad);
+  if (lane == 0) {
+    red_tg[sg] = mx;
+    bad_red_tg[sg] = bad ? 1u : 0u;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  mx = kMaskedScore;
+  bad = false;
+  for (int w = 0; w < NSG; ++w) {
+    mx = max(mx, red_tg[w]);
+    bad = bad || bad_red_tg[w] != 0;
+  }
+  if (bad) {  // uniform
+    for (int d = int(tid); d < D; d += NT) {
+      out[out_row * D + d] = T(as_type<float>(kNanBits));
+    }
+    if (fc_combine_write_lse && tid == 0) {
+      lse[lse_at] = kNanBits;
     }
     return;
   }
-  float sum = 0.0f;
-  for (int s = 0; s < splits; ++s) {
+
+  // 2. Split weights and the denominator.
+  float lsum = 0.0f;
+  for (int s = int(tid); s < splits; s += NT) {
     const float ms = ml_partial[(s * rows + row) * 2];
-    sum += ms > kNegHalf ? ml_partial[(s * rows + row) * 2 + 1] * exp(ms - mx) : 0.0f;
+    const float w = ms > kNegHalf ? exp(ms - mx) : 0.0f;
+    w_tg[s] = w;
+    lsum += w * ml_partial[(s * rows + row) * 2 + 1];
   }
-  const bool seen = mx > kNegHalf;
-  const float m_splits = mx;  // the partials are rescaled to this max
-  float scale_o = 1.0f;
-  if (fc_combine_sinks && seen) {
-    const float sink = sinks[h];
-    const float mn = max(mx, sink);
-    scale_o = exp(mx - mn);
-    sum = sum * scale_o + exp(sink - mn);
-    mx = mn;
+  lsum = simd_sum(lsum);
+  if (lane == 0) {
+    red_tg[NSG + sg] = lsum;
   }
-  for (int d = int(lane); d < D; d += kSimdWidth) {
-    float acc = 0.0f;
-    if (seen) {
-      for (int s = 0; s < splits; ++s) {
-        const float ms = ml_partial[(s * rows + row) * 2];
-        if (ms > kNegHalf) {
-          acc += o_partial[(s * rows + row) * D + d] * exp(ms - m_splits);
-        }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  float sum = 0.0f;
+  for (int w = 0; w < NSG; ++w) {
+    sum += red_tg[NSG + w];
+  }
+
+  // 3. Weighted sum of the partial outputs (o_partial (splits, B, H, sq, D), fp32, rows 16-byte aligned: D % 8 == 0).
+  const int C = D / 4;   // float4 columns
+  const int NS = NT / C;  // splits read side by side (D <= 256: >= 2)
+  const int c = int(tid) % C;
+  const int j = int(tid) / C;
+  float4 acc = float4(0.0f);
+  if (j < NS) {
+    device const float4* src = reinterpret_cast<device const float4*>(o_partial) + row * C + c;
+    const long split_stride = rows * C;
+    for (int s0 = j; s0 < splits; s0 += 4 * NS) {
+      float4 x[4];
+      float wv[4];
+      for (int k = 0; k < 4; ++k) {
+        const int s = s0 + k * NS;
+        x[k] = s < splits ? src[s * split_stride] : float4(0.0f);
+        wv[k] = s < splits ? w_tg[s] : 0.0f;
+      }
+      for (int k = 0; k < 4; ++k) {
+        acc += wv[k] * x[k];
       }
     }
-    // out (B, sq, H, D = 1), contiguous
-    out[((b * p.seqlen_q + i) * p.num_heads + h) * D + d] = seen ? T(acc * scale_o / sum) : T(0.0f);
   }
-  if (fc_combine_write_lse && lane == 0) {
-    lse[row] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
+  acc_tg[tid] = acc;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (int(tid) < C) {
+    float4 total = float4(0.0f);
+    for (int k = 0; k < NS; ++k) {
+      total += acc_tg[k * C + int(tid)];
+    }
+    const bool seen = mx > kNegHalf;
+    float scale_o = 1.0f;
+    float mfinal = mx;
+    float denom = sum;
+    if (fc_combine_sinks && seen) {
+      const float sink = sinks[h];
+      const float mn = max(mx, sink);
+      scale_o = exp(mx - mn);
+      denom = sum * scale_o + exp(sink - mn);
+      mfinal = mn;
+    }
+    for (int e = 0; e < 4; ++e) {
+      out[out_row * D + 4 * int(tid) + e] = seen ? T(total[e] * scale_o / denom) : T(0.0f);
+    }
+    if (fc_combine_write_lse && tid == 0) {
+      lse[lse_at] = seen ? as_type<uint>(mfinal + log(denom)) : kNegInfBits;
+    }
   }
 }

@@ -60,15 +60,15 @@ enum : i32 {
   kSimdWidth = 32,
   // kv_paged_write: one thread per element of one new token's (Hkv, D) slice.
   kWriteThreads = FLASH_SDPA_PAGED_WRITE_THREADS,
-  // paged_decode_attention: 4 simdgroups; each owns every 4th tile of 32 keys and all rows of the row block.
+  // paged_decode_attention: 4 simdgroups; within a simdgroup, groups of lanes each stream their own keys (lanes
+  // across D), and the simdgroups take turns over the split's key range (paged_decode_attention.h).
   kDecodeSimdgroups = 4,
   kDecodeThreads = FLASH_SDPA_PAGED_DECODE_THREADS,
-  kKeysPerTile = kSimdWidth,
-  // paged_decode_combine: one simdgroup per output row (b, h, i).
+  // paged_decode_combine: one threadgroup per output row (b, h, i); its threads read the splits in parallel.
   kCombineSimdgroups = 4,
   kCombineThreads = FLASH_SDPA_PAGED_COMBINE_THREADS,
-  // Most split-K partials the combine kernel accepts.
-  kMaxSplits = 64,
+  // Most split-K partials the combine kernel accepts (its weights live in threadgroup memory: 1 KB).
+  kMaxSplits = 256,
   // Largest sq (query tokens per request) the decode kernel takes.
   kMaxSeqlenQ = 16,
 };
@@ -100,6 +100,8 @@ enum : i32 {
 #define FLASH_SDPA_DECODE_BUF_O_PARTIAL 9      // float [splits, B, H, sq, D] unnormalised partial outputs (split)
 #define FLASH_SDPA_DECODE_BUF_ML_PARTIAL 10    // float [splits, B, H, sq, 2]: (max, sum of exp) per split (split)
 #define FLASH_SDPA_DECODE_BUF_PARAMS 11        // PagedDecodeParams
+#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q 12  // int32 [B + 1] (FC_DECODE_VARLEN): query rows of sequence b
+#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K 13  // int32 [B + 1] (FC_DECODE_VARLEN): key rows of sequence b
 
 #define FLASH_SDPA_COMBINE_BUF_O_PARTIAL 0   // float [splits, B, H, sq, D]
 #define FLASH_SDPA_COMBINE_BUF_ML_PARTIAL 1  // float [splits, B, H, sq, 2]
@@ -107,16 +109,19 @@ enum : i32 {
 #define FLASH_SDPA_COMBINE_BUF_OUT 3         // T [B, sq, H, D] contiguous
 #define FLASH_SDPA_COMBINE_BUF_LSE 4         // float [B, H, sq] (FC_COMBINE_WRITE_LSE)
 #define FLASH_SDPA_COMBINE_BUF_PARAMS 5      // PagedCombineParams
+#define FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q 6  // int32 [B + 1] (FC_COMBINE_VARLEN)
 
-// bool function constants; part of the pipeline-cache key, not of the kernel name.
-#define FLASH_SDPA_FC_DECODE_SPLIT 0      // write split-K partials instead of the final output
-#define FLASH_SDPA_FC_DECODE_WRITE_LSE 1  // write the LSE (unsplit)
+// bool function constants; part of the pipeline-cache key, not of the kernel name. None depends on the split count
+// (a run-time value, num_splits > 1 writes partials): a growing context never needs a new pipeline.
+#define FLASH_SDPA_FC_DECODE_VARLEN 0     // packed K/V [total_k, Hkv, D] and q/out rows from cu_seqlens (varlen decode)
+#define FLASH_SDPA_FC_DECODE_WRITE_LSE 1  // write the LSE (when unsplit; the combine writes it when split)
 #define FLASH_SDPA_FC_DECODE_ALIBI 2      // add -slope * |i + sk - sq - j|
 #define FLASH_SDPA_FC_DECODE_SINKS 3      // sink logits join the denominator (unsplit; the combine applies them when split)
 #define FLASH_SDPA_FC_DECODE_SOFTCAP 4    // s = softcap * tanh(s / softcap)
 #define FLASH_SDPA_FC_COMBINE_WRITE_LSE 5
 #define FLASH_SDPA_FC_COMBINE_SINKS 6
 #define FLASH_SDPA_FC_DECODE_KV_ALIGNED 7  // K/V strides and offsets are multiples of 16 bytes: vector loads
+#define FLASH_SDPA_FC_COMBINE_VARLEN 8     // out / LSE rows from cu_seqlens_q (varlen decode)
 
 namespace flash_sdpa {
 namespace paged {
@@ -149,15 +154,19 @@ struct KVPagedWriteParams {
 };
 
 // paged_decode_attention<T, D, R>: grid (num_splits, Hkv * row_blocks, B), kDecodeThreads threads.
-// Request b has sk = cache_seqlens[b] + seqlen_new keys (clamped to the table capacity max_blocks_per_seq *
-// block_size); query i of head h sees key j when lo(i) <= j <= hi(i) with the window below. Keys whose block id is
-// outside [0, num_blocks) are treated as masked. A row with no visible key outputs 0 and LSE -inf.
+// Paged mode: request b has sk = cache_seqlens[b] + seqlen_new keys (clamped to the table capacity
+// max_blocks_per_seq * block_size), key t at block block_table[b, t / block_size], slot t % block_size; keys whose
+// block id is outside [0, num_blocks) are masked. Varlen mode (FC_DECODE_VARLEN): sequence b has the keys at rows
+// cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k [total_k, Hkv, D] (both clamped to [0, total_k]) and one query, row
+// cu_seqlens_q[b] of q [total_q, H, D] (sq = 1); a sequence with no query row in [0, total_q) is skipped (nothing
+// written). Query i of head h sees key j when lo(i) <= j <= hi(i) (window below). A row with no visible key
+// outputs 0 and LSE -inf.
 struct PagedDecodeParams {
-  i64 q_stride_b;        // q strides (B, sq, H, D = 1), elements
+  i64 q_stride_b;        // q strides (B, sq, H, D = 1), elements; varlen: q (total_q, H, D = 1) uses s and h
   i64 q_stride_s;
   i64 q_stride_h;
-  i64 k_stride_block;    // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements
-  i64 k_stride_slot;
+  i64 k_stride_block;    // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements; varlen: k (total_k,
+  i64 k_stride_slot;     //   Hkv, D = 1) uses slot (row) and h
   i64 k_stride_h;
   i64 v_stride_block;    // v_cache strides (num_blocks, block_size, Hkv, D = 1), elements
   i64 v_stride_slot;
@@ -177,31 +186,32 @@ struct PagedDecodeParams {
   i32 window_left;       // keys j >= i + sk - sq - left; -1 = unbounded
   i32 window_right;      // keys j <= i + sk - sq + right; -1 = unbounded (causal: 0)
   i32 alibi_stride_b;    // alibi slopes batch stride (0 for [H], H for [B, H]), elements
+  i32 total_q;           // varlen: rows of q / out (LSE is [H, total_q]); else 0
+  i32 total_k;           // varlen: rows of k / v; else 0
   f32 scale;             // softmax scale on q.k
-  f32 softcap;           // > 0 when kDecodeFcSoftcap
+  f32 softcap;           // > 0 when FC_DECODE_SOFTCAP
 };
 
-// paged_decode_combine: grid (ceil(B * H * sq / kCombineSimdgroups)), kCombineThreads threads.
+// paged_decode_combine: grid (B * H * sq), kCombineThreads threads.
 struct PagedCombineParams {
   i32 batch;       // B
   i32 seqlen_q;    // sq
   i32 num_heads;   // H
   i32 head_dim;    // D
   i32 num_splits;  // partials per row, <= kMaxSplits
-  i32 pad0;
+  i32 total_q;     // varlen (FC_COMBINE_VARLEN): rows of out; LSE is [H, total_q]
 };
 
 // Layout pins: the host, the MSL compiler and the ctypes mirror in the tests must agree byte for byte.
 static_assert(sizeof(KVPagedWriteParams) == 136, "KVPagedWriteParams layout changed: update the ctypes mirror");
 static_assert(__builtin_offsetof(KVPagedWriteParams, batch) == 104, "int64 strides first, then int32 counts");
 static_assert(__builtin_offsetof(KVPagedWriteParams, max_blocks_per_seq) == 128, "write params: count offsets");
-static_assert(sizeof(PagedDecodeParams) == 144, "PagedDecodeParams layout changed: update the ctypes mirror");
+static_assert(sizeof(PagedDecodeParams) == 152, "PagedDecodeParams layout changed: update the ctypes mirror");
 static_assert(__builtin_offsetof(PagedDecodeParams, batch) == 80, "int64 strides first, then int32 counts");
-static_assert(__builtin_offsetof(PagedDecodeParams, scale) == 136, "decode params: float tail offset");
+static_assert(__builtin_offsetof(PagedDecodeParams, scale) == 144, "decode params: float tail offset");
 static_assert(sizeof(PagedCombineParams) == 24, "PagedCombineParams layout changed: update the ctypes mirror");
 static_assert(kDecodeThreads == kDecodeSimdgroups * kSimdWidth, "decode: whole simdgroups");
 static_assert(kCombineThreads == kCombineSimdgroups * kSimdWidth, "combine: whole simdgroups");
-static_assert(kKeysPerTile == kSimdWidth, "one key per lane in the score pass");
 static_assert(kDecodeThreads <= 1024 && kCombineThreads <= 1024 && kWriteThreads <= 1024, "Metal thread limit");
 
 }  // namespace paged

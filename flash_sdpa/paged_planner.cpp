@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 
 #include "planner_common.h"
@@ -21,12 +22,21 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// Heuristic inputs: an M-series GPU has ~10 (base) to ~40 (Max) cores, ~80 on Ultra; a decode threadgroup of
-// 128 threads with ~9 KB of threadgroup memory lets several stay resident per core. Aim at ~40 x 4 threadgroups.
-constexpr int64_t kTargetThreadgroups = 160;
-constexpr int64_t kMinKeysPerSplit = 256;  // 2 tiles of 32 keys per simdgroup: below this the combine costs more
+// Key positions stay below 2^31 - 2^16 so that the kernel's int32 key arithmetic (a step past the end) cannot
+// overflow, whatever cache_seqlens / cu_seqlens hold.
+constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max() - (int64_t{1} << 16);
+
+std::atomic<GpuCoreCountProvider> core_count_provider{nullptr};
 
 }  // namespace
+
+void set_gpu_core_count_provider(GpuCoreCountProvider provider) { core_count_provider.store(provider); }
+
+int64_t gpu_core_count() {
+  const GpuCoreCountProvider provider = core_count_provider.load();
+  const int64_t cores = provider != nullptr ? provider() : 0;
+  return cores > 0 ? cores : kDefaultGpuCores;
+}
 
 std::string paged_write_kernel_name(at::ScalarType dtype) {
   const char* name = kernel_dtype_name(dtype);
@@ -79,9 +89,10 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
 }
 
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target_threadgroups) {
-  const int64_t target = target_threadgroups > 0 ? target_threadgroups : kTargetThreadgroups;
-  if (work_threadgroups <= 0 || work_threadgroups * 2 >= target) {
-    return 1;  // already >= 2 threadgroups per core
+  const int64_t target =
+      target_threadgroups > 0 ? target_threadgroups : gpu_core_count() * kDecodeThreadgroupsPerCore;
+  if (work_threadgroups <= 0 || work_threadgroups >= target) {
+    return 1;  // the grid already fills the GPU
   }
   int64_t splits = ceil_div(target, work_threadgroups);
   splits = std::min(splits, std::max<int64_t>(1, max_seqlen_k / kMinKeysPerSplit));
@@ -91,27 +102,31 @@ int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, i
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   using namespace paged;
   const at::Tensor& q = call.q;
-  const int64_t batch = q.size(0);
-  const int64_t seqlen_q = q.size(1);
-  const int64_t heads = q.size(2);
-  const int64_t head_dim = q.size(3);
-  const int64_t num_blocks = call.k_cache.size(0);
-  const int64_t block_size = call.k_cache.size(1);
-  const int64_t kv_heads = call.k_cache.size(2);
-  const int64_t max_blocks = call.block_table.size(1);
-  const bool has_new = call.k_new.has_value() && call.k_new->size(1) > 0;
+  const bool varlen = call.cu_seqlens_q.has_value() && call.cu_seqlens_k.has_value();
+  // Varlen: q [total_q, H, D], k [total_k, Hkv, D]; paged: q [B, sq, H, D], k_cache [num_blocks, block_size, Hkv, D].
+  const int64_t batch = varlen ? call.cu_seqlens_q->size(0) - 1 : q.size(0);
+  const int64_t seqlen_q = varlen ? 1 : q.size(1);
+  const int64_t heads = q.size(varlen ? 1 : 2);
+  const int64_t head_dim = q.size(varlen ? 2 : 3);
+  const int64_t total_q = varlen ? q.size(0) : 0;
+  const int64_t total_k = varlen ? call.k_cache.size(0) : 0;
+  const int64_t num_blocks = varlen ? total_k : call.k_cache.size(0);
+  const int64_t block_size = varlen ? 1 : call.k_cache.size(1);
+  const int64_t kv_heads = call.k_cache.size(varlen ? 1 : 2);
+  const int64_t max_blocks = varlen ? 0 : call.block_table.size(1);
+  const bool has_new = !varlen && call.k_new.has_value() && call.k_new->size(1) > 0;
   const int64_t seqlen_new = has_new ? call.k_new->size(1) : 0;
   const at::ScalarType dtype = q.scalar_type();
 
   LaunchPlan plan;
-  if (batch <= 0) {
+  if (batch <= 0 || (varlen && total_q <= 0)) {
     return plan;
   }
   TORCH_CHECK(paged_supports(dtype, head_dim), "flash_attn_with_kvcache: no kernel for dtype ", dtype, " head_dim ",
               head_dim);
-  TORCH_CHECK(max_blocks * block_size <= std::numeric_limits<int32_t>::max(),
-              "flash_attn_with_kvcache: block_table capacity ", max_blocks, " x block_size ", block_size,
-              " exceeds int32");
+  TORCH_CHECK(max_blocks * block_size <= kMaxKeys && total_k <= kMaxKeys, "flash_attn_with_kvcache: ",
+              varlen ? "total_k " : "block_table capacity ", varlen ? total_k : max_blocks * block_size,
+              " exceeds the ", kMaxKeys, " keys the kernels index with int32");
 
   // 1. Append the new tokens' K/V in place.
   if (has_new) {
@@ -163,24 +178,40 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t rows = paged_rows_per_threadgroup(head_dim, group * seqlen_q);
   const int64_t row_blocks = ceil_div(group * seqlen_q, rows);
   const int64_t work = batch * kv_heads * row_blocks;
-  const int64_t capacity = max_blocks * block_size;
+  const int64_t capacity = varlen ? total_k : max_blocks * block_size;
   const int64_t max_keys = std::min(capacity, call.max_seqlen_k > 0 ? call.max_seqlen_k : capacity);
+  const int64_t target = call.target_threadgroups > 0
+                             ? call.target_threadgroups
+                             : (call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count()) * kDecodeThreadgroupsPerCore;
   int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
-                                       : paged_pick_num_splits(work, max_keys, call.target_threadgroups);
-  splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), kKeysPerTile)));
+                                       : paged_pick_num_splits(work, max_keys, target);
+  splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), 16)));
   const bool split = splits > 1;
 
   PagedDecodeParams ap{};
-  ap.q_stride_b = q.stride(0);
-  ap.q_stride_s = q.stride(1);
-  ap.q_stride_h = q.stride(2);
-  ap.k_stride_block = call.k_cache.stride(0);
-  ap.k_stride_slot = call.k_cache.stride(1);
-  ap.k_stride_h = call.k_cache.stride(2);
-  ap.v_stride_block = call.v_cache.stride(0);
-  ap.v_stride_slot = call.v_cache.stride(1);
-  ap.v_stride_h = call.v_cache.stride(2);
-  ap.block_table_stride_b = call.block_table.stride(0);
+  if (varlen) {
+    ap.q_stride_b = 0;
+    ap.q_stride_s = q.stride(0);
+    ap.q_stride_h = q.stride(1);
+    ap.k_stride_block = call.k_cache.stride(0);  // the row of k is the "block", slot 0
+    ap.k_stride_slot = 0;
+    ap.k_stride_h = call.k_cache.stride(1);
+    ap.v_stride_block = call.v_cache.stride(0);
+    ap.v_stride_slot = 0;
+    ap.v_stride_h = call.v_cache.stride(1);
+    ap.block_table_stride_b = 0;
+  } else {
+    ap.q_stride_b = q.stride(0);
+    ap.q_stride_s = q.stride(1);
+    ap.q_stride_h = q.stride(2);
+    ap.k_stride_block = call.k_cache.stride(0);
+    ap.k_stride_slot = call.k_cache.stride(1);
+    ap.k_stride_h = call.k_cache.stride(2);
+    ap.v_stride_block = call.v_cache.stride(0);
+    ap.v_stride_slot = call.v_cache.stride(1);
+    ap.v_stride_h = call.v_cache.stride(2);
+    ap.block_table_stride_b = call.block_table.stride(0);
+  }
   ap.batch = to_i32(batch, "batch");
   ap.seqlen_q = to_i32(seqlen_q, "seqlen_q");
   ap.num_heads = to_i32(heads, "num_heads");
@@ -196,6 +227,8 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   ap.window_right = clamp_window(call.window_right);
   ap.alibi_stride_b =
       call.alibi_slopes.has_value() && call.alibi_slopes->dim() == 2 ? to_i32(heads, "alibi batch stride") : 0;
+  ap.total_q = to_i32(total_q, "total_q");
+  ap.total_k = to_i32(total_k, "total_k");
   ap.scale = static_cast<float>(call.scale);
   ap.softcap = static_cast<float>(call.softcap);
 
@@ -205,25 +238,30 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
     o_partial = at::empty({splits, batch, heads, seqlen_q, head_dim}, f32);
     ml_partial = at::empty({splits, batch, heads, seqlen_q, 2}, f32);
   }
-  // Optional buffers that are off get cache_seqlens as a placeholder: function constants keep the kernel off them.
-  const at::Tensor& none = call.cache_seqlens;
+  // Optional buffers that are off get a placeholder: function constants (or the run-time split count) keep the
+  // kernel off them.
+  const at::Tensor& none = varlen ? *call.cu_seqlens_q : call.cache_seqlens;
 
   // 16-byte vector loads of K/V rows need every row start 16-byte aligned: strides and view offsets (the buffers
   // themselves are allocation-aligned).
   const int64_t vec_elems = 16 / static_cast<int64_t>(q.element_size());
   auto rows_aligned = [vec_elems](const at::Tensor& t) {
-    return t.storage_offset() % vec_elems == 0 && t.stride(0) % vec_elems == 0 && t.stride(1) % vec_elems == 0 &&
-           t.stride(2) % vec_elems == 0;
+    for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+      if (t.stride(i) % vec_elems != 0) {
+        return false;
+      }
+    }
+    return t.storage_offset() % vec_elems == 0;
   };
   const bool kv_aligned = rows_aligned(call.k_cache) && rows_aligned(call.v_cache);
 
   Dispatch a;
   a.kernel = paged_decode_kernel_name(dtype, head_dim, rows);
   a.constants = {
-      bool_constant(FLASH_SDPA_FC_DECODE_SPLIT, split),
-      bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, !split && call.lse.has_value()),
+      bool_constant(FLASH_SDPA_FC_DECODE_VARLEN, varlen),
+      bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()),
       bool_constant(FLASH_SDPA_FC_DECODE_ALIBI, call.alibi_slopes.has_value()),
-      bool_constant(FLASH_SDPA_FC_DECODE_SINKS, !split && call.sinks.has_value()),
+      bool_constant(FLASH_SDPA_FC_DECODE_SINKS, call.sinks.has_value()),
       bool_constant(FLASH_SDPA_FC_DECODE_SOFTCAP, call.softcap > 0.0),
       bool_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED, kv_aligned),
   };
@@ -231,14 +269,16 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
       {FLASH_SDPA_DECODE_BUF_Q, q},
       {FLASH_SDPA_DECODE_BUF_K_CACHE, call.k_cache},
       {FLASH_SDPA_DECODE_BUF_V_CACHE, call.v_cache},
-      {FLASH_SDPA_DECODE_BUF_BLOCK_TABLE, call.block_table},
-      {FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS, call.cache_seqlens},
+      {FLASH_SDPA_DECODE_BUF_BLOCK_TABLE, varlen ? none : call.block_table},
+      {FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS, varlen ? none : call.cache_seqlens},
       {FLASH_SDPA_DECODE_BUF_OUT, split ? none : call.out},
       {FLASH_SDPA_DECODE_BUF_LSE, split || !call.lse.has_value() ? none : *call.lse},
       {FLASH_SDPA_DECODE_BUF_ALIBI, call.alibi_slopes.value_or(none)},
       {FLASH_SDPA_DECODE_BUF_SINKS, split || !call.sinks.has_value() ? none : *call.sinks},
       {FLASH_SDPA_DECODE_BUF_O_PARTIAL, split ? o_partial : none},
       {FLASH_SDPA_DECODE_BUF_ML_PARTIAL, split ? ml_partial : none},
+      {FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : none},
+      {FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : none},
   };
   a.set_bytes(FLASH_SDPA_DECODE_BUF_PARAMS, ap);
   a.threadgroups = {to_u32(splits, "num_splits"), to_u32(kv_heads * row_blocks, "kv_heads x row_blocks"),
@@ -246,7 +286,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   a.threads_per_threadgroup = {static_cast<uint32_t>(kDecodeThreads), 1, 1};
   plan.dispatches.push_back(std::move(a));
 
-  // 3. Combine the split-K partials.
+  // 3. Combine the split-K partials: one threadgroup per output row.
   if (split) {
     PagedCombineParams cp{};
     cp.batch = ap.batch;
@@ -254,12 +294,14 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
     cp.num_heads = ap.num_heads;
     cp.head_dim = ap.head_dim;
     cp.num_splits = ap.num_splits;
+    cp.total_q = ap.total_q;
 
     Dispatch c;
     c.kernel = paged_combine_kernel_name(dtype);
     c.constants = {
         bool_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE, call.lse.has_value()),
         bool_constant(FLASH_SDPA_FC_COMBINE_SINKS, call.sinks.has_value()),
+        bool_constant(FLASH_SDPA_FC_COMBINE_VARLEN, varlen),
     };
     c.buffers = {
         {FLASH_SDPA_COMBINE_BUF_O_PARTIAL, o_partial},
@@ -267,9 +309,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
         {FLASH_SDPA_COMBINE_BUF_SINKS, call.sinks.value_or(none)},
         {FLASH_SDPA_COMBINE_BUF_OUT, call.out},
         {FLASH_SDPA_COMBINE_BUF_LSE, call.lse.value_or(none)},
+        {FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : none},
     };
     c.set_bytes(FLASH_SDPA_COMBINE_BUF_PARAMS, cp);
-    c.threadgroups = {to_u32(ceil_div(batch * heads * seqlen_q, kCombineSimdgroups), "combine threadgroups"), 1, 1};
+    c.threadgroups = {to_u32(batch * heads * seqlen_q, "combine threadgroups"), 1, 1};
     c.threads_per_threadgroup = {static_cast<uint32_t>(kCombineThreads), 1, 1};
     plan.dispatches.push_back(std::move(c));
   }

@@ -28,18 +28,39 @@ struct PagedKVCacheAttention {
   std::optional<at::Tensor> lse;           // float [B, H, sq] contiguous
   std::optional<at::Tensor> alibi_slopes;  // float, [H] or [B, H], contiguous
   std::optional<at::Tensor> sinks;         // float [H], contiguous
+  // Varlen decode (flash_attn_varlen_func with one query per sequence), when both are set: int32 [B + 1], contiguous.
+  // Then q is [total_q, H, D], k_cache / v_cache are the packed k / v [total_k, Hkv, D] (last dim contiguous), out
+  // is [total_q, H, D] contiguous and lse float [H, total_q]; sequence b attends keys cu_seqlens_k[b] ..
+  // cu_seqlens_k[b + 1] - 1 (clamped to [0, total_k]) from query row cu_seqlens_q[b]; a sequence without a query row
+  // is skipped (its out / lse rows are not written). block_table, cache_seqlens and k_new / v_new are not used.
+  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;
   double scale = 1.0;
   double softcap = 0.0;       // 0 = off
   int64_t window_left = -1;   // -1 = unbounded
   int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
   int64_t num_splits = 0;     // 0: the planner picks; 1: no split; n > 1: n splits (at most paged::kMaxSplits)
   // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
-  // value when cache_seqlens is a Python int, else the block table's capacity.
+  // value when cache_seqlens is a Python int, else the block table's capacity (varlen: max_seqlen_k).
   int64_t max_seqlen_k = 0;
-  // Threadgroups the split heuristic aims at; 0: the default for Apple GPUs (paged_pick_num_splits). A device with
-  // more cores (or the NVIDIA proxy in tests/metal_cuda) may pass its own.
+  // Threadgroups the split heuristic aims at; 0: gpu_cores x paged::kDecodeThreadgroupsPerCore.
   int64_t target_threadgroups = 0;
+  // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
+  // (gpu_core_count), else kDefaultGpuCores.
+  int64_t gpu_cores = 0;
 };
+
+// The device description the split heuristic uses. metal_launch.mm registers a provider that reads the GPU's core
+// count once; without one (the emulator, a failed read) the planner assumes kDefaultGpuCores.
+constexpr int64_t kDefaultGpuCores = 40;  // M-series Max class (M2 Max 38, M3 / M4 Max 40): splitting for more
+                                          // cores than exist costs a little combine work, for fewer idles cores
+// Split heuristic: a decode threadgroup (128 threads, <= 8.5 KB of threadgroup memory) leaves room for several per
+// core; aim at 8 per core so that every core has work while others wait on memory, and keep each split long enough
+// that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
+constexpr int64_t kDecodeThreadgroupsPerCore = 8;
+constexpr int64_t kMinKeysPerSplit = 128;
+using GpuCoreCountProvider = int64_t (*)();
+void set_gpu_core_count_provider(GpuCoreCountProvider provider);
+int64_t gpu_core_count();  // the provider's answer (> 0), else kDefaultGpuCores
 
 // "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
 std::string paged_write_kernel_name(at::ScalarType dtype);
@@ -55,9 +76,9 @@ bool paged_supports(at::ScalarType dtype, int64_t head_dim);
 int64_t paged_max_rows(int64_t head_dim);
 int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed);
 
-// Split count: 1 when batch x kv_heads x row_blocks threadgroups already fill the GPU, else enough splits to give
-// target_threadgroups (0: 160, about 40 Apple GPU cores x 4 resident threadgroups) while keeping >= 256 keys per
-// split.
+// Split count: 1 when batch x kv_heads x row_blocks threadgroups already reach target_threadgroups (0: the device's
+// gpu_core_count() x kDecodeThreadgroupsPerCore), else enough splits to reach it while keeping >= kMinKeysPerSplit
+// keys per split. A run-time value of the kernel: no pipeline depends on it.
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target_threadgroups = 0);
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);

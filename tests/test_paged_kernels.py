@@ -90,12 +90,12 @@ class PagedDecodeParams(ctypes.Structure):
                                    "block_table_stride_b")] + \
                [(n, i32) for n in ("batch", "seqlen_q", "num_heads", "num_kv_heads", "head_dim", "row_blocks",
                                    "block_size", "num_blocks", "max_blocks_per_seq", "seqlen_new", "num_splits",
-                                   "window_left", "window_right", "alibi_stride_b")] + \
+                                   "window_left", "window_right", "alibi_stride_b", "total_q", "total_k")] + \
                [("scale", f32), ("softcap", f32)]
 
 
 class PagedCombineParams(ctypes.Structure):
-    _fields_ = [(n, i32) for n in ("batch", "seqlen_q", "num_heads", "head_dim", "num_splits", "pad0")]
+    _fields_ = [(n, i32) for n in ("batch", "seqlen_q", "num_heads", "head_dim", "num_splits", "total_q")]
 
 
 def test_param_layout_matches_header():
@@ -174,7 +174,8 @@ def run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, k_new=None, v_n
     none = cache_seqlens
     ap = PagedDecodeParams(*q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], block_table.stride(0),
                            Bsz, sq, H, Hkv, D, row_blocks, bs, num_blocks, max_blocks, sk_new, num_splits,
-                           window[0], window[1], H if alibi is not None and alibi.dim() == 2 else 0, scale, softcap)
+                           window[0], window[1], H if alibi is not None and alibi.dim() == 2 else 0, 0, 0, scale,
+                           softcap)
     stats.append(lib("paged_decode_attention").dispatch(
         f"paged_decode_{name}_d{D}_r{rows}", threadgroups=(num_splits, Hkv * row_blocks, Bsz),
         threads_per_threadgroup=(DECODE_THREADS, 1, 1),
@@ -186,27 +187,30 @@ def run_kvcache(q, k_cache, v_cache, block_table, cache_seqlens, k_new=None, v_n
                  B["FLASH_SDPA_DECODE_BUF_ALIBI"]: none if alibi is None else alibi,
                  B["FLASH_SDPA_DECODE_BUF_SINKS"]: none if sinks is None or split else sinks,
                  B["FLASH_SDPA_DECODE_BUF_O_PARTIAL"]: o_part if split else none,
-                 B["FLASH_SDPA_DECODE_BUF_ML_PARTIAL"]: ml_part if split else none},
+                 B["FLASH_SDPA_DECODE_BUF_ML_PARTIAL"]: ml_part if split else none,
+                 B["FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q"]: none, B["FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K"]: none},
         bytes={B["FLASH_SDPA_DECODE_BUF_PARAMS"]: ap},
-        constants={FC["FLASH_SDPA_FC_DECODE_SPLIT"]: split,
-                   FC["FLASH_SDPA_FC_DECODE_WRITE_LSE"]: return_lse and not split,
+        constants={FC["FLASH_SDPA_FC_DECODE_VARLEN"]: False,
+                   FC["FLASH_SDPA_FC_DECODE_WRITE_LSE"]: return_lse,
                    FC["FLASH_SDPA_FC_DECODE_ALIBI"]: alibi is not None,
-                   FC["FLASH_SDPA_FC_DECODE_SINKS"]: sinks is not None and not split,
+                   FC["FLASH_SDPA_FC_DECODE_SINKS"]: sinks is not None,
                    FC["FLASH_SDPA_FC_DECODE_SOFTCAP"]: softcap > 0,
                    FC["FLASH_SDPA_FC_DECODE_KV_ALIGNED"]: kv_rows_aligned(k_cache) and kv_rows_aligned(v_cache)},
         **dispatch_kw))
     if split:
         cp = PagedCombineParams(Bsz, sq, H, D, num_splits, 0)
         stats.append(lib("paged_decode_attention").dispatch(
-            f"paged_decode_combine_{name}", threadgroups=(math.ceil(Bsz * H * sq / COMBINE_SIMDGROUPS), 1, 1),
+            f"paged_decode_combine_{name}", threadgroups=(Bsz * H * sq, 1, 1),
             threads_per_threadgroup=(COMBINE_THREADS, 1, 1),
             buffers={B["FLASH_SDPA_COMBINE_BUF_O_PARTIAL"]: o_part, B["FLASH_SDPA_COMBINE_BUF_ML_PARTIAL"]: ml_part,
                      B["FLASH_SDPA_COMBINE_BUF_SINKS"]: none if sinks is None else sinks,
                      B["FLASH_SDPA_COMBINE_BUF_OUT"]: out,
-                     B["FLASH_SDPA_COMBINE_BUF_LSE"]: lse if return_lse else none},
+                     B["FLASH_SDPA_COMBINE_BUF_LSE"]: lse if return_lse else none,
+                     B["FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q"]: none},
             bytes={B["FLASH_SDPA_COMBINE_BUF_PARAMS"]: cp},
             constants={FC["FLASH_SDPA_FC_COMBINE_WRITE_LSE"]: return_lse,
-                       FC["FLASH_SDPA_FC_COMBINE_SINKS"]: sinks is not None},
+                       FC["FLASH_SDPA_FC_COMBINE_SINKS"]: sinks is not None,
+                       FC["FLASH_SDPA_FC_COMBINE_VARLEN"]: False},
             **dispatch_kw))
     return out, lse, stats
 

@@ -192,17 +192,17 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
     return out
 
 
-# Per-target unroll settings (later flags win over CUDA_FLAGS). The paged decode fully unrolled at threshold 5000
-# made ptxas spill kilobytes per thread (3 KB stack at R = 4, D = 128, with 48 registers; 2 KB even with 255) although
-# the PTX keeps every array in registers. At 2000, with the run-time / partial unrolling of the key loop off, ptxas
-# keeps the benchmark's instances (R = 1 and 4 at D = 128, all dtypes) in registers without spilling (ptxas -v, here).
-DECODE_UNROLL = ["-mllvm", "-unroll-threshold=2000", "-mllvm", "-unroll-runtime=false",
+# Per-target unroll settings (later flags win over CUDA_FLAGS). The paged decode keeps its per-lane arrays (K/V
+# chunks, scores, accumulators: constant trip counts, as Apple's compiler unrolls them) in registers only when
+# fully unrolled: threshold 5000, with the run-time / partial unrolling of the key loop off (its trip count is a
+# run-time value; a partially unrolled copy only adds registers). At 2000 the R = 8 body stays rolled (448 B of
+# local arrays); ptxas -v per instance: tests/metal_cuda/RESULTS.md.
+DECODE_UNROLL = ["-mllvm", "-unroll-threshold=5000", "-mllvm", "-unroll-runtime=false",
                  "-mllvm", "-unroll-allow-partial=false"]
-# R = 16 stays at 5000: at 2000 its row loops stay rolled and o[16][D/32] goes to local memory.
 
 
 def decode_kernel_flags(host: str) -> List[str]:
-    return ["-mllvm", "-unroll-threshold=5000"] if host.endswith("_r16") else DECODE_UNROLL
+    return DECODE_UNROLL
 
 
 TARGET_KERNEL_FLAGS = {"paged_decode_attention": decode_kernel_flags}

@@ -40,7 +40,7 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
                     at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
                     std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
                     int64_t window_right, int64_t num_splits, int64_t max_seqlen_k,
-                    int64_t target_threadgroups) {
+                    int64_t target_threadgroups, int64_t gpu_cores) {
   flash_sdpa::PagedKVCacheAttention call;
   call.q = q;
   call.k_cache = k_cache;
@@ -59,7 +59,33 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
   call.window_right = window_right;
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
-  call.target_threadgroups = target_threadgroups;  // 0: the planner's Apple default
+  call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x kDecodeThreadgroupsPerCore
+  call.gpu_cores = gpu_cores;                      // 0: the planner's Apple default (kDefaultGpuCores)
+  return to_python(flash_sdpa::plan_paged_kvcache(call));
+}
+
+// flash_attn_varlen_func's decode route (one query per sequence) as torch_binding.cpp's varlen_decode plans it.
+py::list plan_varlen_decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
+                            at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
+                            std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
+                            int64_t window_right, int64_t num_splits, int64_t max_seqlen_k, int64_t gpu_cores) {
+  flash_sdpa::PagedKVCacheAttention call;
+  call.q = q;
+  call.k_cache = k;
+  call.v_cache = v;
+  call.cu_seqlens_q = cu_seqlens_q;
+  call.cu_seqlens_k = cu_seqlens_k;
+  call.out = out;
+  call.lse = lse;
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = sinks;
+  call.scale = scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = window_right;
+  call.num_splits = num_splits;
+  call.max_seqlen_k = max_seqlen_k;
+  call.gpu_cores = gpu_cores;
   return to_python(flash_sdpa::plan_paged_kvcache(call));
 }
 
@@ -92,7 +118,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_table"), py::arg("cache_seqlens"), py::arg("k_new"),
         py::arg("v_new"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"),
         py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"),
-        py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0);
+        py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0, py::arg("gpu_cores") = 0);
+  m.def("plan_varlen_decode", &plan_varlen_decode, "flash_sdpa::plan_paged_kvcache, varlen decode mode",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"),
+        py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"), py::arg("softcap"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"), py::arg("max_seqlen_k"),
+        py::arg("gpu_cores") = 0);
   m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts");
   m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0);

@@ -1,0 +1,168 @@
+"""Decode against the peers on the NVIDIA proxy, in one run: the project's paged decode (planner with this GPU's SM
+count, planner with the Apple default, a forced-split sweep, the varlen and flash_attn_func routes), MLX's decode
+kernels (M2 Max launch and best block count) and llama.cpp's (ggml-attn launch), all compiled by the same MSL-to-PTX
+route (the peers from .calib/, a copy of ../shared/calib: never part of the project).
+
+    python3 tests/metal_cuda/bench_peers.py [--json PATH]      # GPU machine; carry .cache/metal_cuda and .calib
+
+Timing as bench.py and peer_decode.py: a CUDA graph of 20 calls, median of 15 replays. Every output is checked
+against SDPA in fp32 first. "x MLX" = t_MLX / t_ours (above 1: ours is faster).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(ROOT / ".calib"))
+import bench  # noqa: E402
+import gpu_common as gc  # noqa: E402
+import peer_decode as peer  # noqa: E402
+
+from metal_cuda import launch  # noqa: E402
+
+# The issue's rows: (B, H, Hkv, S, D, dtype).
+ROWS = [(4, 16, 16, 50, 128, torch.float16), (1, 32, 8, 16384, 128, torch.float16),
+        (32, 32, 8, 2048, 128, torch.float16), (8, 32, 8, 4096, 128, torch.float16),
+        (1, 32, 32, 8192, 128, torch.float16), (8, 32, 8, 4096, 64, torch.float16),
+        (8, 32, 8, 4096, 256, torch.float16), (1, 32, 8, 16384, 128, torch.bfloat16)]
+SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def prepared_fn(plan):
+    prepared = launch.prepare_plan(gc.libraries(), plan)
+
+    def fn():
+        for p in prepared:
+            p.launch()
+    attn = next(p for p in prepared if p.pipeline.kernel.startswith("paged_decode_") and
+                "combine" not in p.pipeline.kernel)
+    return fn, attn
+
+
+def check(out, ref, what, dtype):
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    bound = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    if not err <= bound:
+        raise AssertionError(f"{what}: relative error {err:.3g} against SDPA (bound {bound})")
+    return err
+
+
+def run_row(B, H, Hkv, S, D, dtype, sms):
+    r = dict(B=B, H=H, Hkv=Hkv, S=S, D=D, dtype=SHORT[dtype])
+    bs = 16
+    case = gc.make_paged_case(B, S, H, Hkv, D, dtype, bs, sk_new=0, full_length=True, padded_rows=False, seed=1)
+    scale = D ** -0.5
+    t = torch.arange(S, device="cuda")
+    blk = case.block_table[:, t // bs].long()
+    k_c = case.k_cache[blk, t % bs].transpose(1, 2).contiguous()  # [B, Hkv, S, D]
+    v_c = case.v_cache[blk, t % bs].transpose(1, 2).contiguous()
+    ref = F.scaled_dot_product_attention(case.q.transpose(1, 2).float(), k_c.float(), v_c.float(),
+                                         enable_gqa=Hkv != H).transpose(1, 2)  # [B, 1, H, D]
+
+    def paged(num_splits=0, gpu_cores=None):
+        out = torch.full_like(case.q, float("nan"))
+        plan = gc.plan_paged(case, out, None, scale=scale, window=(-1, 0), num_splits=num_splits, with_new=False,
+                             gpu_cores=gpu_cores)
+        fn, attn = prepared_fn(plan)
+        fn()
+        torch.cuda.synchronize()
+        check(out, ref, f"paged splits={num_splits}", dtype)
+        return bench.time_us(fn), attn
+
+    r["planner_us"], attn = paged(gpu_cores=sms)
+    r["planner_splits"], r["kernel"], r["regs"] = attn.grid[0], attn.pipeline.kernel, attn.pipeline.num_regs
+    r["apple_us"], attn_apple = paged(gpu_cores=0)
+    r["apple_splits"] = attn_apple.grid[0]
+    sweep = {}
+    for s in SPLITS:
+        if s == 1 or s * 16 <= S:
+            sweep[s] = paged(num_splits=s)[0]
+    r["sweep"] = sweep
+    r["best_split"] = min(sweep, key=sweep.get)
+    r["best_us"] = sweep[r["best_split"]]
+
+    # flash_attn_varlen_func decode route: packed K/V [B * S, Hkv, D], one query per sequence.
+    kp, vp = k_c.transpose(1, 2).reshape(B * S, Hkv, D), v_c.transpose(1, 2).reshape(B * S, Hkv, D)
+    qv = case.q.reshape(B, H, D)
+    cu_q = torch.arange(B + 1, dtype=torch.int32, device="cuda")
+    cu_k = torch.arange(B + 1, dtype=torch.int32, device="cuda") * S
+    out_v = torch.full_like(qv, float("nan"))
+    plan = gc.planner().plan_varlen_decode(qv, kp, vp, cu_q, cu_k, out_v, None, None, None, scale, 0.0, -1, 0, 0, S,
+                                           sms)
+    fn, _ = prepared_fn(plan)
+    fn()
+    torch.cuda.synchronize()
+    check(out_v.view(B, 1, H, D), ref, "varlen route", dtype)
+    r["varlen_us"] = bench.time_us(fn)
+    # flash_attn_func decode route: K/V [B, S, Hkv, D] with transformers' transposed strides, one block per request.
+    fa = gc.PagedCase(case.q, k_c.transpose(1, 2), v_c.transpose(1, 2), None,
+                      torch.arange(B, dtype=torch.int32, device="cuda").view(B, 1),
+                      torch.full((B,), S, dtype=torch.int32, device="cuda"), None, None, [S] * B, S)
+    out_f = torch.full_like(case.q, float("nan"))
+    fn, _ = prepared_fn(gc.plan_paged(fa, out_f, None, scale=scale, window=(-1, 0), with_new=False, gpu_cores=sms))
+    fn()
+    torch.cuda.synchronize()
+    check(out_f, ref, "flash_attn_func route", dtype)
+    r["func_us"] = bench.time_us(fn)
+
+    # Peers.
+    dt = SHORT[dtype]
+    r["mlx_launch_us"] = peer.time_mlx_decode(B, H, Hkv, S, D, dt)
+    r["mlx_blocks"] = peer.describe(peer.mlx_plan(B, H, Hkv, S, D, dt))
+    msweep = peer.sweep(B, H, Hkv, S, D, dt)
+    r["mlx_best_blocks"] = min(msweep, key=msweep.get)
+    r["mlx_best_us"] = min(r["mlx_launch_us"], msweep[r["mlx_best_blocks"]])
+    if D == 128 and dtype == torch.float16:
+        r["ggml_us"] = peer.time_ggml_decode(B, H, Hkv, S, D, dt)
+        r["ggml_kernels_us"] = peer.time_ggml_decode(B, H, Hkv, S, D, dt, kernels_only=True)
+    torch.cuda.synchronize()
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--rows", default="all", help="comma-separated row indices")
+    a = ap.parse_args()
+    dev = torch.cuda.get_device_properties(0)
+    sms = dev.multi_processor_count
+    print(f"device: {dev.name}, {sms} SMs, torch {torch.__version__}")
+    rows = ROWS if a.rows == "all" else [ROWS[int(i)] for i in a.rows.split(",")]
+    results = []
+    for row in rows:
+        r = run_row(*row, sms)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1))
+    print("\n| shape | ours, planner (SMs) | ours, best split | ours, Apple default | MLX, M2-Max launch | "
+          "MLX, best blocks | llama.cpp kernels (launch) | x MLX planner/launch | x MLX planner/best | "
+          "x MLX best/best | x MLX Apple-default/launch | x llama.cpp | planner/best | varlen, func routes | regs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        shape = f"B={r['B']} H={r['H']}/{r['Hkv']} S={r['S']} D={r['D']} {r['dtype']}"
+        gg = (f"{r['ggml_kernels_us']:.1f} ({r['ggml_us']:.1f})" if "ggml_us" in r else "-")
+        xg = f"{r['ggml_kernels_us'] / r['planner_us']:.2f}" if "ggml_us" in r else "-"
+        print(f"| {shape} | {r['planner_us']:.1f} ({r['planner_splits']}) | {r['best_us']:.1f} ({r['best_split']}) | "
+              f"{r['apple_us']:.1f} ({r['apple_splits']}) | {r['mlx_launch_us']:.1f} ({r['mlx_blocks']}) | "
+              f"{r['mlx_best_us']:.1f} ({r['mlx_best_blocks']}) | {gg} | "
+              f"{r['mlx_launch_us'] / r['planner_us']:.2f} | {r['mlx_best_us'] / r['planner_us']:.2f} | "
+              f"{r['mlx_best_us'] / r['best_us']:.2f} | {r['mlx_launch_us'] / r['apple_us']:.2f} | {xg} | "
+              f"{r['planner_us'] / r['best_us']:.2f} | {r['varlen_us']:.1f}, {r['func_us']:.1f} | {r['regs']} |")
+    print("\nsplit sweeps (us):")
+    for r in results:
+        print(f"  B={r['B']} H={r['H']}/{r['Hkv']} S={r['S']} D={r['D']} {r['dtype']}: " +
+              ", ".join(f"{s}: {us:.1f}" for s, us in r["sweep"].items()))
+
+
+if __name__ == "__main__":
+    main()
