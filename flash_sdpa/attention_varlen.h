@@ -20,6 +20,7 @@ constant bool varlen_is_varlen [[function_constant(FLASH_SDPA_VARLEN_FC_IS_VARLE
 constant bool varlen_has_softcap [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP)]];
 constant bool varlen_has_alibi [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI)]];
 constant bool varlen_has_sinks [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS)]];
+constant bool varlen_paged [[function_constant(FLASH_SDPA_VARLEN_FC_PAGED)]];
 
 constant constexpr float kVarlenMasked = flash_sdpa::kMaskedScore;  // log2-domain score of an invisible key
 constant constexpr float kVarlenLog2e = 1.4426950408889634f;
@@ -47,6 +48,7 @@ template <typename T, int D>
     const device float* alibi_slopes [[buffer(FLASH_SDPA_VARLEN_BUFFER_ALIBI)]],
     const device float* sinks [[buffer(FLASH_SDPA_VARLEN_BUFFER_SINKS)]],
     constant flash_sdpa::VarlenParams& p [[buffer(FLASH_SDPA_VARLEN_BUFFER_PARAMS)]],
+    const device int* block_table [[buffer(FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE)]],
     uint3 tg_pos [[threadgroup_position_in_grid]],
     uint3 tg_count [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -68,6 +70,7 @@ template <typename T, int D>
   threadgroup float score_tile[BQ * BK];  // simdgroup s: rows [8s, 8s + 8) x BK probabilities
   threadgroup float diag_tile[flash_sdpa::kVarlenSimdgroups * 64];  // simdgroup s: an 8x8 diagonal
   threadgroup uint bad_tile[BQ];  // row r of the tile saw a non-finite visible score
+  threadgroup long key_offsets[2 * BK];  // paged: offsets of key rows k0 + r in k ([r]) and v ([BK + r]); -1: masked
 
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
@@ -77,8 +80,13 @@ template <typename T, int D>
   if (varlen_is_varlen) {
     start_q = min(max(cu_seqlens_q[b], 0), p.q_rows);
     sq = min(max(cu_seqlens_q[b + 1], start_q), p.q_rows) - start_q;
-    start_k = min(max(cu_seqlens_k[b], 0), p.k_rows);
-    sk = min(max(cu_seqlens_k[b + 1], start_k), p.k_rows) - start_k;
+    if (varlen_paged) {  // each sequence has its own block-table row: keys count from 0, up to the row's capacity
+      const long capacity = long(p.max_blocks) * p.block_size;
+      sk = int(clamp(long(cu_seqlens_k[b + 1]) - long(cu_seqlens_k[b]), 0l, capacity));
+    } else {
+      start_k = min(max(cu_seqlens_k[b], 0), p.k_rows);
+      sk = min(max(cu_seqlens_k[b + 1], start_k), p.k_rows) - start_k;
+    }
   } else {
     sq = min(p.seqlen_q, p.q_rows);
     sk = min(p.seqlen_k, p.k_rows);
@@ -138,13 +146,37 @@ template <typename T, int D>
     float l = 0.0f;           // running sum of exp2(s - m)
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      // Stage keys [k0, k0 + BK) as float; rows at or past kv_end are zeros.
+      // Paged: where each key row of the tile lives (one block-table read per key; invalid ids are masked).
+      if (varlen_paged) {
+        for (int r = int(tid); r < BK; r += NT) {
+          const int j = k0 + r;
+          long k_off = -1, v_off = -1;
+          if (j < kv_end) {
+            const int id = block_table[long(b) * p.block_table_stride + j / p.block_size];
+            if (id >= 0 && id < p.num_blocks) {
+              const long slot = j % p.block_size;
+              k_off = long(id) * p.k_block_stride + slot * p.k_row_stride;
+              v_off = long(id) * p.v_block_stride + slot * p.v_row_stride;
+            }
+          }
+          key_offsets[r] = k_off;
+          key_offsets[BK + r] = v_off;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+      // Stage keys [k0, k0 + BK) as float; rows at or past kv_end (or masked) are zeros.
       for (int idx = int(tid); idx < BK * D; idx += NT) {
         const int r = idx / D, c = idx % D;
         const int j = k0 + r;
-        const bool in = j < kv_end;
-        k_tile[idx] = in ? float(k_seq[long(j) * p.k_row_stride + c]) : 0.0f;
-        v_tile[idx] = in ? float(v_seq[long(j) * p.v_row_stride + c]) : 0.0f;
+        long k_off = long(j) * p.k_row_stride, v_off = long(j) * p.v_row_stride;
+        bool in = j < kv_end;
+        if (varlen_paged) {
+          k_off = key_offsets[r];
+          v_off = key_offsets[BK + r];
+          in = k_off >= 0;
+        }
+        k_tile[idx] = in ? float(k_seq[k_off + c]) : 0.0f;
+        v_tile[idx] = in ? float(v_seq[v_off + c]) : 0.0f;
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -167,7 +199,7 @@ template <typename T, int D>
         const int c = sub + 4 * t;
         const int j = k0 + c;
         float s = s_strip[row * BK + c];
-        bool visible = j >= lo_i && j <= hi_i;
+        bool visible = j >= lo_i && j <= hi_i && (!varlen_paged || key_offsets[c] >= 0);
         if (visible && flash_sdpa::is_nonfinite(s)) {  // before the softcap clamp could hide a NaN
           bad = true;
           visible = false;

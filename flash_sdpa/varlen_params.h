@@ -39,19 +39,22 @@ namespace flash_sdpa {
 #define FLASH_SDPA_VARLEN_BUFFER_ALIBI 7         // float, slope of (batch, head) at b * alibi_batch_stride + h
 #define FLASH_SDPA_VARLEN_BUFFER_SINKS 8         // float [heads], one extra logit per head in the denominator
 #define FLASH_SDPA_VARLEN_BUFFER_PARAMS 9        // VarlenParams (setBytes)
+#define FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE 10  // int32 [batch, max_blocks], paged K/V only
 
 // [[function_constant(i)]] of the varlen kernel (all bool); they key the pipeline cache next to the kernel name.
 #define FLASH_SDPA_VARLEN_FC_IS_VARLEN 0   // sequences from cu_seqlens_q/k; else every batch has seqlen_q/k rows
 #define FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP 1  // s = softcap * tanh(s / softcap)
 #define FLASH_SDPA_VARLEN_FC_HAS_ALIBI 2   // s -= slope * |i + sk - sq - j|
 #define FLASH_SDPA_VARLEN_FC_HAS_SINKS 3   // sinks[h] joins the softmax denominator
+#define FLASH_SDPA_VARLEN_FC_PAGED 4       // K/V are paged caches read through the block table (varlen only)
 
 // Threads per threadgroup, a literal for [[max_total_threads_per_threadgroup]].
 #define FLASH_SDPA_VARLEN_THREADS 128
 
 // Tile shape. Every threadgroup has 4 simdgroups of 32 threads; simdgroup s owns query rows [8s, 8s + 8) of a
 // 32-row query tile. The key tile is the largest of 32/16/8 rows whose float K and V tiles, the 8-row score
-// strips, the 8x8 diagonal scratch of every simdgroup and a flag per query row fit in 32 KB of threadgroup memory.
+// strips, the 8x8 diagonal scratch of every simdgroup, a flag per query row and the paged key offsets (two 64-bit
+// per key) fit in 32 KB of threadgroup memory.
 FSDPA_CONSTANT fsdpa_i32 kVarlenSimdgroups = 4;
 FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = FLASH_SDPA_VARLEN_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;     // 32 query rows per threadgroup
@@ -59,7 +62,7 @@ FSDPA_CONSTANT fsdpa_i32 kVarlenMaxThreadgroupBytes = 32768;
 static_assert(kVarlenThreads == 32 * kVarlenSimdgroups, "one simdgroup per 8 query rows");
 
 constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k) {
-  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64 + kVarlenBlockQ);
+  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64 + kVarlenBlockQ) + 16 * block_k;
 }
 
 constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim) {
@@ -84,7 +87,10 @@ FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_HEAD_DIM, _, _)
 
 // Element (i, d) of head h of sequence b lives at
 //   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)
-// where start_x(b) = cu_seqlens_x[b] in varlen mode (batch strides 0) and 0 in dense mode.
+// where start_x(b) = cu_seqlens_x[b] in varlen mode (batch strides 0) and 0 in dense mode. Paged K/V
+// (FLASH_SDPA_VARLEN_FC_PAGED): key j of sequence b lives at
+//   block * k_block_stride + (j % block_size) * k_row_stride + h * k_head_stride + d,  block = block_table[b, j / block_size]
+// with sequence b's key count cu_seqlens_k[b + 1] - cu_seqlens_k[b]; blocks outside [0, num_blocks) are masked.
 // LSE (natural log, float) of (b, h, i) lives at b * lse_batch_stride + h * lse_head_stride + start_q(b) + i.
 struct VarlenParams {
   fsdpa_i64 q_batch_stride;  // elements
@@ -101,6 +107,9 @@ struct VarlenParams {
   fsdpa_i64 o_head_stride;
   fsdpa_i64 lse_batch_stride;  // floats
   fsdpa_i64 lse_head_stride;
+  fsdpa_i64 k_block_stride;     // paged: elements between blocks of k (v below); 0 otherwise
+  fsdpa_i64 v_block_stride;
+  fsdpa_i64 block_table_stride;  // paged: int32 elements between rows of block_table
   fsdpa_i32 batch;         // number of sequences (grid z)
   fsdpa_i32 num_heads;     // H (grid y)
   fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
@@ -111,13 +120,17 @@ struct VarlenParams {
   fsdpa_i32 window_left;   // keys j >= i + sk - sq - window_left are visible; -1 = unbounded
   fsdpa_i32 window_right;  // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
   fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
+  fsdpa_i32 block_size;    // paged: keys per block (>= 1)
+  fsdpa_i32 num_blocks;    // paged: blocks in k / v
+  fsdpa_i32 max_blocks;    // paged: block_table columns (capacity = max_blocks * block_size keys)
+  fsdpa_i32 pad0;
   float scale;             // multiplies q . k before softcap and ALiBi
   float softcap;           // > 0 when FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP
 };
 
-static_assert(sizeof(VarlenParams) == 14 * 8 + 12 * 4, "VarlenParams: no padding, same size in MSL and C++");
-static_assert(__builtin_offsetof(VarlenParams, lse_head_stride) == 13 * 8, "64-bit strides first");
-static_assert(__builtin_offsetof(VarlenParams, batch) == 14 * 8, "32-bit fields after the strides");
-static_assert(__builtin_offsetof(VarlenParams, scale) == 14 * 8 + 10 * 4, "floats last");
+static_assert(sizeof(VarlenParams) == 17 * 8 + 16 * 4, "VarlenParams: no padding, same size in MSL and C++");
+static_assert(__builtin_offsetof(VarlenParams, block_table_stride) == 16 * 8, "64-bit strides first");
+static_assert(__builtin_offsetof(VarlenParams, batch) == 17 * 8, "32-bit fields after the strides");
+static_assert(__builtin_offsetof(VarlenParams, scale) == 17 * 8 + 14 * 4, "floats last");
 
 }  // namespace flash_sdpa

@@ -30,6 +30,7 @@ bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
 
 LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
+  const bool paged = call.block_table.has_value();
   // Row axis of q/k/v/out: dim 0 in varlen mode, dim 1 (after batch) in dense mode.
   const int64_t row_dim = varlen ? 0 : 1;
   const int64_t batch = varlen ? call.cu_seqlens_q->size(0) - 1 : call.q.size(0);
@@ -49,12 +50,22 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.q_batch_stride = varlen ? 0 : call.q.stride(0);
   params.q_row_stride = call.q.stride(row_dim);
   params.q_head_stride = call.q.stride(row_dim + 1);
+  // K/V row axis: dim row_dim, or dim 1 (slot in block) after the block axis when paged.
+  const int64_t kv_row_dim = paged ? 1 : row_dim;
   params.k_batch_stride = varlen ? 0 : call.k.stride(0);
-  params.k_row_stride = call.k.stride(row_dim);
-  params.k_head_stride = call.k.stride(row_dim + 1);
+  params.k_row_stride = call.k.stride(kv_row_dim);
+  params.k_head_stride = call.k.stride(kv_row_dim + 1);
   params.v_batch_stride = varlen ? 0 : call.v.stride(0);
-  params.v_row_stride = call.v.stride(row_dim);
-  params.v_head_stride = call.v.stride(row_dim + 1);
+  params.v_row_stride = call.v.stride(kv_row_dim);
+  params.v_head_stride = call.v.stride(kv_row_dim + 1);
+  if (paged) {
+    params.k_block_stride = call.k.stride(0);
+    params.v_block_stride = call.v.stride(0);
+    params.block_table_stride = call.block_table->stride(0);
+    params.block_size = to_i32(call.k.size(1), "block_size");
+    params.num_blocks = to_i32(call.k.size(0), "num_blocks");
+    params.max_blocks = to_i32(call.block_table->size(1), "max_blocks_per_seq");
+  }
   params.o_batch_stride = varlen ? 0 : call.out.stride(0);
   params.o_row_stride = call.out.stride(row_dim);
   params.o_head_stride = call.out.stride(row_dim + 1);
@@ -63,9 +74,9 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.lse_head_stride = call.lse.stride(varlen ? 0 : 1);
   params.batch = to_i32(batch, "batch");
   params.num_heads = to_i32(heads, "num_heads");
-  params.num_kv_heads = to_i32(call.k.size(row_dim + 1), "num_kv_heads");
+  params.num_kv_heads = to_i32(call.k.size(kv_row_dim + 1), "num_kv_heads");
   params.q_rows = to_i32(rows_q, "query rows");
-  params.k_rows = to_i32(call.k.size(row_dim), "key rows");
+  params.k_rows = paged ? 0 : to_i32(call.k.size(row_dim), "key rows");
   params.seqlen_q = varlen ? 0 : params.q_rows;
   params.seqlen_k = varlen ? 0 : params.k_rows;
   params.window_left = to_i32(std::min<int64_t>(call.window_left, std::numeric_limits<int32_t>::max()), "window_left");
@@ -83,6 +94,7 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP, call.softcap > 0.0),
       bool_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI, call.alibi_slopes.has_value()),
       bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS, call.sinks.has_value()),
+      bool_constant(FLASH_SDPA_VARLEN_FC_PAGED, paged),
   };
   // Optional inputs that are off get lse as a placeholder: the kernel never reads them (function constants), and
   // lse (float32, allocated here) is aligned for the int32 / float32 types those slots declare.
@@ -96,6 +108,7 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : call.lse},
       {FLASH_SDPA_VARLEN_BUFFER_ALIBI, call.alibi_slopes.value_or(call.lse)},
       {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.sinks.value_or(call.lse)},
+      {FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE, call.block_table.value_or(call.lse)},
   };
   d.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
   d.threadgroups = {to_u32((grid_rows + kVarlenBlockQ - 1) / kVarlenBlockQ, "query tiles"),

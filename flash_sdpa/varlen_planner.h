@@ -16,10 +16,12 @@ namespace flash_sdpa {
 
 // One attention call. Varlen: q [total_q, H, D], k/v [total_k, Hkv, D], out like q, lse [H, total_q] float,
 // cu_seqlens_q/k int32 [B + 1]. Dense: q [B, Sq, H, D], k/v [B, Sk, Hkv, D], out like q, lse [B, H, Sq] float.
-// Last dims contiguous; every other stride is free.
+// Paged varlen: k/v [num_blocks, block_size, Hkv, D] read through block_table int32 [B, max_blocks]; sequence b has
+// cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys. Last dims contiguous; every other stride is free.
 struct VarlenAttention {
   at::Tensor q, k, v, out, lse;
   std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set: varlen; both empty: dense
+  std::optional<at::Tensor> block_table;                 // varlen only: paged K/V
   std::optional<at::Tensor> alibi_slopes;                // float [H] or [B, H]
   std::optional<at::Tensor> sinks;                       // float [H]
   int64_t max_seqlen_q = 0;  // varlen: sizes the grid (longest query sequence); dense: ignored

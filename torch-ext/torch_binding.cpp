@@ -125,13 +125,14 @@ void check_extras(const std::optional<at::Tensor>& alibi_slopes, const std::opti
 
 // q [.., H, D] and k/v [.., Hkv, D] with the row axis at `row_dim`: shapes, strides, head dim, GQA.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* q_shape,
-               const char* kv_shape) {
+               const char* kv_shape, int64_t kv_rank = 0) {
+  kv_rank = kv_rank > 0 ? kv_rank : rank;
   check_device(q, "q", q);
   check_device(k, "k", q);
   check_device(v, "v", q);
   check_qkv_dtype(q, k, v);
   TORCH_CHECK_VALUE(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == rank, "k must have shape ", kv_shape, ", got ", k.sizes());
+  TORCH_CHECK_VALUE(k.dim() == kv_rank, "k must have shape ", kv_shape, ", got ", k.sizes());
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
   const int64_t head_dim = q.size(-1);
   TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
@@ -175,10 +176,27 @@ void set_attention_options(Call& call, double softmax_scale, bool causal, int64_
   call.sinks = s_aux;
 }
 
-// Validates the varlen arguments; returns the batch size.
+constexpr int64_t kMaxKeys = int64_t(1) << 30;  // key positions are int32 in the kernels, with room on top
+
+// Validates the varlen arguments (paged K/V when block_table is given); returns the batch size.
 int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
-                     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
-  check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[total_k, num_kv_heads, head_dim]");
+                     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                     const std::optional<at::Tensor>& block_table = std::nullopt) {
+  if (block_table.has_value()) {
+    check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[num_blocks, block_size, num_kv_heads, head_dim]", 4);
+    const at::Tensor& table = *block_table;
+    check_device(table, "block_table", q);
+    TORCH_CHECK_TYPE(table.scalar_type() == at::kInt, "block_table must be int32, got ", table.scalar_type());
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == cu_seqlens_k.size(0) - 1 && table.size(1) >= 1,
+                      "block_table must have shape [batch = ", cu_seqlens_k.size(0) - 1,
+                      ", max_blocks_per_seq >= 1], got ", table.sizes());
+    check_last_dim_contiguous(table, "block_table");
+    TORCH_CHECK_VALUE(k.size(1) >= 1, "block_size (k.shape[1]) must be >= 1, got ", k.size(1));
+    TORCH_CHECK_VALUE(table.size(1) * k.size(1) <= kMaxKeys, "at most 2^30 keys per sequence: block_table.shape[1] x ",
+                      "block_size = ", table.size(1) * k.size(1));
+  } else {
+    check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[total_k, num_kv_heads, head_dim]");
+  }
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
@@ -273,13 +291,15 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                               bool causal, int64_t window_left, int64_t window_right, double softcap,
                                               const std::optional<at::Tensor>& alibi_slopes,
-                                              const std::optional<at::Tensor>& s_aux) {
-  const int64_t batch = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+                                              const std::optional<at::Tensor>& s_aux,
+                                              const std::optional<at::Tensor>& block_table) {
+  const int64_t batch = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table);
   check_window(window_left, window_right);
   check_scale(softmax_scale, softcap);
   check_extras(alibi_slopes, s_aux, q, batch, q.size(1));
+  const bool paged = block_table.has_value();
 
-  if (max_seqlen_q == 1 && max_seqlen_k >= 1 && batch >= 1 && q.size(0) >= 1 && k.size(0) >= 1 &&
+  if (!paged && max_seqlen_q == 1 && max_seqlen_k >= 1 && batch >= 1 && q.size(0) >= 1 && k.size(0) >= 1 &&
       flash_sdpa::paged_supports(q.scalar_type(), q.size(2))) {
     return varlen_decode(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_left,
                          window_right, softcap, alibi_slopes, s_aux);
@@ -296,9 +316,11 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.lse = lse;
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
+  call.block_table = block_table;
   call.max_seqlen_q = max_seqlen_q;
+  const int64_t key_rows = paged ? block_table->size(1) * k.size(1) : k.size(0);
   set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                        k.size(0), q.size(0));
+                        key_rows, q.size(0));
   run_varlen(call);
   return {out, lse};
 }
@@ -352,8 +374,6 @@ std::vector<int64_t> varlen_head_dims() { return flash_sdpa::varlen_head_dims();
 
 // ---- kvcache (flash_attn_with_kvcache): begin ----
 namespace {
-
-constexpr int64_t kMaxKeys = int64_t(1) << 30;
 
 void check_int32_vector(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t batch) {
   check_device(t, name, q);
@@ -502,7 +522,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
-      "Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor, Tensor)");
+      "Tensor? alibi_slopes, Tensor? s_aux, Tensor? block_table=None) -> (Tensor, Tensor)");
   ops.def(
       "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right, "
       "float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor, Tensor)");

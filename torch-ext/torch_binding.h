@@ -15,13 +15,16 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
                             int64_t max_seqlen_k, bool do_causal, double scale, double softcapping,
                             const std::optional<at::Tensor>& s_aux, int64_t window_left, int64_t window_right);
 
-// FlashAttention-2 varlen forward: returns (out [total_q, H, D], lse float [H, total_q]).
+// FlashAttention-2 varlen forward: returns (out [total_q, H, D], lse float [H, total_q]). With block_table int32
+// [B, max_blocks], k/v are paged caches [num_blocks, block_size, Hkv, D] (sequence b: cu_seqlens_k[b + 1] -
+// cu_seqlens_k[b] keys).
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                               int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
                                               bool causal, int64_t window_left, int64_t window_right, double softcap,
                                               const std::optional<at::Tensor>& alibi_slopes,
-                                              const std::optional<at::Tensor>& s_aux);
+                                              const std::optional<at::Tensor>& s_aux,
+                                              const std::optional<at::Tensor>& block_table);
 
 // FlashAttention-2 dense forward: q [B, Sq, H, D], k/v [B, Sk, Hkv, D]; returns (out [B, Sq, H, D],
 // lse float [B, H, Sq]).

@@ -130,8 +130,10 @@ def _run(name: str, run, *inputs: Optional[torch.Tensor], written: Optional[torc
     return run()
 
 
-def _strict_check_cu_seqlens(cu_seqlens: torch.Tensor, name: str, rows: int, max_seqlen: int, max_name: str) -> None:
-    """METAL_FLASH_SDPA_STRICT=1: cu_seqlens is a valid prefix sum over the rows of its tensor (host sync)."""
+def _strict_check_cu_seqlens(cu_seqlens: torch.Tensor, name: str, rows: Optional[int], max_seqlen: int,
+                             max_name: str) -> torch.Tensor:
+    """METAL_FLASH_SDPA_STRICT=1: cu_seqlens is a valid prefix sum over the rows of its tensor (host sync); returns
+    the lengths."""
     cu = cu_seqlens.cpu().long()
     if int(cu[0]) < 0:
         raise ValueError(f"{name}[0] must be >= 0, got {int(cu[0])}")
@@ -140,17 +142,33 @@ def _strict_check_cu_seqlens(cu_seqlens: torch.Tensor, name: str, rows: int, max
         b = int((lengths < 0).nonzero()[0])
         raise ValueError(f"{name} must be non-decreasing, got {name}[{b}] = {int(cu[b])} > {name}[{b + 1}] = "
                          f"{int(cu[b + 1])}")
-    if int(cu[-1]) > rows:
+    if rows is not None and int(cu[-1]) > rows:
         raise ValueError(f"{name}[-1] = {int(cu[-1])} exceeds the {rows} rows of its tensor")
     longest = int(lengths.max()) if lengths.numel() else 0
     if max_seqlen < longest:
         raise ValueError(f"{max_name} = {max_seqlen} is below the longest sequence in {name} ({longest})")
+    return lengths
 
 
-def _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> None:
-    if _strict() and isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor):
-        _strict_check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
-        _strict_check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
+def _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table=None) -> None:
+    if not (_strict() and isinstance(cu_seqlens_q, torch.Tensor) and isinstance(cu_seqlens_k, torch.Tensor)):
+        return
+    _strict_check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
+    paged = isinstance(block_table, torch.Tensor) and block_table.dim() == 2 and k.dim() == 4
+    lengths = _strict_check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], max_seqlen_k,
+                                       "max_seqlen_k")
+    if paged:  # every block a sequence uses is a block of k
+        table, num_blocks, block_size = block_table.cpu().long(), k.shape[0], k.shape[1]
+        for b, n in enumerate(lengths.tolist()):
+            used = table[b, : (n + block_size - 1) // block_size]
+            if used.numel() * block_size < n:
+                raise ValueError(f"sequence {b} has {n} keys, more than block_table's {table.shape[1]} blocks of "
+                                 f"{block_size} hold")
+            bad = (used < 0) | (used >= num_blocks)
+            if bad.any():
+                j = int(bad.nonzero()[0])
+                raise ValueError(f"block_table[{b}, {j}] = {int(used[j])} is not a block of k (0..{num_blocks - 1}) "
+                                 f"but sequence {b} needs it for {n} keys")
 
 
 def _as_float32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -241,31 +259,33 @@ def flash_attn_varlen_func(
         alibi_slopes: [H] or [B, H]; adds -slope * |i + sk - sq - j| to the scores.
         deterministic: accepted for compatibility (the forward pass is deterministic).
         return_attn_probs: also return the LSE.
-        block_table: not supported here (use flash_attn_with_kvcache for paged caches).
+        block_table: int32 [B, max_blocks_per_seq]: paged K/V. k and v are then caches [num_blocks, block_size, Hkv, D]
+            (any block size, pages anywhere, shared between sequences); sequence b's keys are positions
+            0 .. cu_seqlens_k[b + 1] - cu_seqlens_k[b] - 1 through block_table[b]. Block ids outside k are masked
+            (METAL_FLASH_SDPA_STRICT=1 raises instead).
         s_aux: [H] attention sinks, one logit per head that joins the softmax denominator only.
 
     Returns:
         out [total_q, H, D]; with return_attn_probs, (out, lse float32 [H, total_q], None). LSE is the natural log
         of the softmax denominator (sinks included); -inf for a row with no visible key.
     """
-    if block_table is not None:
-        raise NotImplementedError("block_table is not supported by flash_attn_varlen_func; use flash_attn_with_kvcache")
     _check_q(q)
     _require_tensors(k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     _check_devices(
-        q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, s_aux=s_aux
+        q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, s_aux=s_aux,
+        block_table=block_table,
     )
     window_left, window_right = _check_common(dropout_p, window_size)
     max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q, minimum=0)
     max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k, minimum=0)
-    _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
     scale = _default_scale(q, softmax_scale)
     softcap = _as_float("softcap", softcap)
     alibi_slopes, s_aux = _as_float32(alibi_slopes), _as_float32(s_aux)
 
     def run():
         return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                              window_left, window_right, softcap, alibi_slopes, s_aux)
+                              window_left, window_right, softcap, alibi_slopes, s_aux, block_table)
 
     out, lse = _run("flash_attn_varlen_func", run, q, k, v, alibi_slopes, s_aux)
     return (out, lse, None) if return_attn_probs else out
@@ -552,7 +572,7 @@ def _flash_attention_varlen_fake(out, query, key, value, cu_seqlens_q, cu_seqlen
 
 @torch.library.register_fake(add_op_namespace_prefix("varlen_fwd"))
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     window_left, window_right, softcap, alibi_slopes, s_aux):
+                     window_left, window_right, softcap, alibi_slopes, s_aux, block_table=None):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
