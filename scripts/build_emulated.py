@@ -50,8 +50,9 @@ def package_version() -> int:
 
 
 def host_sources():
-    """C++ sources of the extension: the binding, every planner in flash_sdpa/, the emulator backend."""
-    return [TORCH_EXT / "torch_binding.cpp", *sorted(KERNEL_DIR.glob("*.cpp")), METAL_CPU / "launch_cpu.cpp"]
+    """C++ sources of the extension: the bindings (torch-ext/*.cpp), every planner in flash_sdpa/, the emulator
+    backend."""
+    return [*sorted(TORCH_EXT.glob("*.cpp")), *sorted(KERNEL_DIR.glob("*.cpp")), METAL_CPU / "launch_cpu.cpp"]
 
 
 def content_hash(paths) -> str:

@@ -526,6 +526,19 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right, "
       "float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor, Tensor)");
+  // ---- backward (backward_binding.cpp): begin ----
+  ops.def(
+      "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
+      "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor, Tensor, Tensor, Tensor)");
+  ops.def(
+      "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float softmax_scale, bool causal, "
+      "int window_left, int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  ops.impl("varlen_bwd", kDispatchKey, &varlen_bwd);
+  ops.impl("bwd", kDispatchKey, &bwd);
+  // ---- backward: end ----
+
   ops.def("varlen_head_dims() -> int[]", &varlen_head_dims);
 
 #ifdef METAL_FLASH_SDPA_EMULATED

@@ -36,6 +36,22 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 // The head dims the varlen/dense kernel supports (one list, flash_sdpa/varlen_params.h).
 std::vector<int64_t> varlen_head_dims();
 
+// ---- backward (backward_binding.cpp): begin ----
+// FlashAttention-2 backward of varlen_fwd / fwd from the forward's q, k, v, out, lse and dout (shaped like out):
+// returns (dq like q, dk like k, dv like v, ds_aux float [H] (empty without s_aux)). No gradient for alibi_slopes.
+// Deterministic by construction (no atomics): bit-identical on repeat.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux);
+// ---- backward: end ----
+
 // ---- kvcache (flash_attn_with_kvcache): begin ----
 // FlashAttention-2 flash_attn_with_kvcache forward. q [B, sq, H, D]. Paged cache (block_table int32
 // [B, max_blocks]): k_cache/v_cache [num_blocks, block_size, Hkv, D]; contiguous cache (no block_table):

@@ -130,6 +130,36 @@ def _run(name: str, run, *inputs: Optional[torch.Tensor], written: Optional[torc
     return run()
 
 
+class _FlashAttnFunction(torch.autograd.Function):
+    """flash_attn_func / flash_attn_varlen_func with FlashAttention-2's backward. Saves FlashAttention-2's tensors
+    (q, k, v, out, lse, and s_aux): the backward kernels recompute P from q, k and the LSE tile by tile (O(S)
+    memory) and are deterministic by construction (no atomics). alibi_slopes get no gradient (as in
+    FlashAttention-2)."""
+
+    @staticmethod
+    def forward(ctx, run, bwd, q, k, v, s_aux):
+        out, lse = run()  # run() reads these same q, k, v, s_aux
+        ctx.bwd = bwd
+        ctx.save_for_backward(q, k, v, out, lse, s_aux)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, s_aux = ctx.saved_tensors
+        if dout.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+            dout = dout.contiguous()
+        dq, dk, dv, ds_aux = ctx.bwd(dout, q, k, v, out, lse, s_aux)
+        return None, None, dq, dk, dv, (ds_aux if s_aux is not None else None)
+
+
+def _attention(run, bwd, q, k, v, s_aux):
+    """run() -> (out, lse); through _FlashAttnFunction when autograd would record it."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, s_aux)):
+        return _FlashAttnFunction.apply(run, bwd, q, k, v, s_aux)
+    return run()
+
+
 def _strict_check_cu_seqlens(cu_seqlens: torch.Tensor, name: str, rows: Optional[int], max_seqlen: int,
                              max_name: str) -> torch.Tensor:
     """METAL_FLASH_SDPA_STRICT=1: cu_seqlens is a valid prefix sum over the rows of its tensor (host sync); returns
@@ -244,7 +274,8 @@ def flash_attn_varlen_func(
     *,
     s_aux: Optional[torch.Tensor] = None,
 ):
-    """FlashAttention-2 `flash_attn_varlen_func` (forward only).
+    """FlashAttention-2 `flash_attn_varlen_func`, differentiable (FlashAttention-2 backward; paged K/V through
+    block_table is forward-only).
 
     Args:
         q: [total_q, H, D]; q may have more rows than cu_seqlens_q[-1] (those output rows are unspecified).
@@ -257,7 +288,8 @@ def flash_attn_varlen_func(
         window_size: (left, right); query i sees keys in [i + sk - sq - left, i + sk - sq + right], -1 = unbounded.
         softcap: s = softcap * tanh(s / softcap) on the scaled scores; 0 = off.
         alibi_slopes: [H] or [B, H]; adds -slope * |i + sk - sq - j| to the scores.
-        deterministic: accepted for compatibility (the forward pass is deterministic).
+        deterministic: accepted for compatibility: forward and backward are always deterministic (the backward
+            uses no atomics; gradients are bit-identical on repeat).
         return_attn_probs: also return the LSE.
         block_table: int32 [B, max_blocks_per_seq]: paged K/V. k and v are then caches [num_blocks, block_size, Hkv, D]
             (any block size, pages anywhere, shared between sequences); sequence b's keys are positions
@@ -287,7 +319,14 @@ def flash_attn_varlen_func(
         return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
                               window_left, window_right, softcap, alibi_slopes, s_aux, block_table)
 
-    out, lse = _run("flash_attn_varlen_func", run, q, k, v, alibi_slopes, s_aux)
+    def bwd(dout, q, k, v, out, lse, s_aux):
+        return ops.varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                              bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux)
+
+    if block_table is not None:  # paged K/V: forward-only
+        out, lse = _run("flash_attn_varlen_func with block_table", run, q, k, v, alibi_slopes, s_aux)
+    else:
+        out, lse = _attention(run, bwd, q, k, v, s_aux)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -306,7 +345,7 @@ def flash_attn_func(
     *,
     s_aux: Optional[torch.Tensor] = None,
 ):
-    """FlashAttention-2 `flash_attn_func` (forward only).
+    """FlashAttention-2 `flash_attn_func`, differentiable (FlashAttention-2 backward).
 
     Args:
         q: [B, Sq, H, D]; k, v: [B, Sk, Hkv, D]. Last dims contiguous; other strides free, so the transposed KV
@@ -327,7 +366,11 @@ def flash_attn_func(
     def run():
         return ops.fwd(q, k, v, scale, bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux)
 
-    out, lse = _run("flash_attn_func", run, q, k, v, alibi_slopes, s_aux)
+    def bwd(dout, q, k, v, out, lse, s_aux):
+        return ops.bwd(dout, q, k, v, out, lse, scale, bool(causal), window_left, window_right, softcap, alibi_slopes,
+                       s_aux)
+
+    out, lse = _attention(run, bwd, q, k, v, s_aux)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -586,3 +629,16 @@ def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cac
                       window_left, window_right, softcap, alibi_slopes, s_aux, num_splits, return_lse, max_seqlen_k):
     lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.register_fake(add_op_namespace_prefix("varlen_bwd"))
+def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                     causal, window_left, window_right, softcap, alibi_slopes, s_aux):
+    ds_aux = q.new_empty((0 if s_aux is None else q.shape[-2],), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds_aux
+
+
+@torch.library.register_fake(add_op_namespace_prefix("bwd"))
+def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux):
+    ds_aux = q.new_empty((0 if s_aux is None else q.shape[-2],), dtype=torch.float32)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds_aux

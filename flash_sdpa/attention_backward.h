@@ -1,0 +1,393 @@
+// FlashAttention-2 backward of the varlen / dense attention: kernel bodies, instantiated by attention_backward.metal.
+//
+// With P = exp(s' - lse) recomputed from q, k and the forward's LSE (s' = the forward's transformed score: scale,
+// softcap, ALiBi, mask), dP = dO V^T and delta = rowsum(dO * O):
+//   dS = P * (dP - delta) * ds'/ds      (ds'/ds = 1 - tanh^2 with softcap, else 1; ALiBi and masks add constants)
+//   dV = P^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   d s_aux[h] = -sum_rows exp(s_aux[h] - lse) * delta.
+// Pass 2 owns key rows (dK, dV in registers, summed over the query heads of the GQA group), pass 3 owns query rows
+// (dQ in registers): each gradient element has one writer and a fixed summation order, so no atomics and the
+// result is bit-identical on repeat. Accumulation is fp32 throughout. Fast math: masking is explicit (a masked
+// pair contributes 0, never exp of a large negative), and a row whose LSE is not finite (no visible key: -inf) has
+// P = 0. Plain per-thread loops and shuffles; no simdgroup_matrix.
+#pragma once
+
+#include <metal_stdlib>
+
+#include "attention_device.h"
+#include "backward_params.h"
+
+using namespace metal;
+
+constant bool bwd_is_varlen [[function_constant(FLASH_SDPA_BWD_FC_IS_VARLEN)]];
+constant bool bwd_has_softcap [[function_constant(FLASH_SDPA_BWD_FC_HAS_SOFTCAP)]];
+constant bool bwd_has_alibi [[function_constant(FLASH_SDPA_BWD_FC_HAS_ALIBI)]];
+constant bool bwd_has_sinks [[function_constant(FLASH_SDPA_BWD_FC_HAS_SINKS)]];
+
+constant constexpr float kBwdLog2e = 1.4426950408889634f;
+
+// Sequence b's rows: queries [start_q, start_q + sq), keys [start_k, start_k + sk), clamped to the tensors
+// whatever cu_seqlens holds (as the forward).
+struct BwdSequence {
+  int start_q, sq, start_k, sk;
+};
+
+inline BwdSequence bwd_sequence(const device int* cu_q, const device int* cu_k, int b,
+                                constant flash_sdpa::BackwardParams& p) {
+  BwdSequence s;
+  if (bwd_is_varlen) {
+    s.start_q = min(max(cu_q[b], 0), p.q_rows);
+    s.sq = min(max(cu_q[b + 1], s.start_q), p.q_rows) - s.start_q;
+    s.start_k = min(max(cu_k[b], 0), p.k_rows);
+    s.sk = min(max(cu_k[b + 1], s.start_k), p.k_rows) - s.start_k;
+  } else {
+    s.start_q = 0;
+    s.sq = min(p.seqlen_q, p.q_rows);
+    s.start_k = 0;
+    s.sk = min(p.seqlen_k, p.k_rows);
+  }
+  return s;
+}
+
+// Query rows [x, y] (y < x: none) of a sequence that see at least one key of [k_lo, k_hi] (0 <= k_lo <= k_hi < sk):
+// row i sees [i + sk - sq - left, i + sk - sq + right]. 64-bit intermediates: no overflow whatever the window.
+inline int2 bwd_visible_queries(int k_lo, int k_hi, int window_left, int window_right, int sq, int sk) {
+  const long offset = long(sk) - long(sq);
+  const long lo = window_right < 0 ? 0l : max(long(k_lo) - offset - long(window_right), 0l);
+  const long hi = window_left < 0 ? long(sq) - 1 : min(long(k_hi) - offset + long(window_left), long(sq) - 1);
+  return int2(int(min(lo, long(sq))), int(max(hi, -1l)));
+}
+
+// The forward's score transform of s = scale * q . k (softcap, then ALiBi at distance i + sk - sq - j), in the log2
+// domain; *dsoft = ds'/ds.
+inline float bwd_score_log2(float s, float softcap, float slope, int dist, thread float* dsoft) {
+  *dsoft = 1.0f;
+  if (bwd_has_softcap) {
+    s = flash_sdpa::apply_softcap(s, softcap);
+    const float th = s / softcap;
+    *dsoft = 1.0f - th * th;
+  }
+  if (bwd_has_alibi) {
+    s -= slope * abs(float(dist));
+  }
+  return s * kBwdLog2e;
+}
+
+// The forward's LSE of a row in the log2 domain; false when it is not finite (no visible key, or a NaN row).
+inline bool bwd_row_lse2(uint bits, thread float* lse2) {
+  *lse2 = as_type<float>(bits) * kBwdLog2e;
+  return !flash_sdpa::is_nonfinite(as_type<float>(bits));
+}
+
+// Sums a value over the R lanes of a row (R consecutive lanes, R a power of two <= 32).
+template <int R>
+inline float2 bwd_row_sum(float2 x) {
+  for (ushort m = 1; m < ushort(R); m <<= 1) {
+    x += simd_shuffle_xor(x, m);
+  }
+  return x;
+}
+
+// ---- pass 1: delta = rowsum(dO * O) ---------------------------------------------------------------------------------
+// Grid (row tiles, H, B); threadgroup x takes tiles x, x + grid.x, ... of 32 rows; each simdgroup 8 rows, lanes
+// over the head dim.
+template <typename T>
+[[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_delta(
+    const device T* out [[buffer(FLASH_SDPA_BWD_BUFFER_OUT)]],
+    const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
+    device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
+    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
+    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
+    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
+    uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]],
+    uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  constexpr int ROWS = flash_sdpa::kBwdDeltaRows;
+  constexpr int PER_SG = ROWS / flash_sdpa::kBwdSimdgroups;
+  const int b = int(tg_pos.z), h = int(tg_pos.y);
+  const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
+  const device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
+  const device T* do_seq =
+      dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
+  device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
+
+  for (int q0 = int(tg_pos.x) * ROWS; q0 < seq.sq; q0 += int(tg_count.x) * ROWS) {
+    for (int r = 0; r < PER_SG; ++r) {
+      const int i = q0 + int(sg) * PER_SG + r;  // uniform across the simdgroup
+      if (i >= seq.sq) {
+        break;
+      }
+      float acc = 0.0f;
+      for (int c = int(lane); c < p.head_dim; c += 32) {
+        acc += float(do_seq[long(i) * p.do_row_stride + c]) * float(o_seq[long(i) * p.o_row_stride + c]);
+      }
+      acc = simd_sum(acc);
+      if (lane == 0) {
+        delta_seq[i] = acc;
+      }
+    }
+  }
+}
+
+// ---- pass 2: dK, dV ---------------------------------------------------------------------------------------------------
+// Grid (key tiles, Hkv, B); threadgroup x takes the key tiles x, x + grid.x, ... (max_seqlen_k only sizes the grid).
+// Lanes R t .. R t + R - 1 own key row t of the tile (K, V, dK, dV columns in registers); the query rows that see
+// the tile are staged STAGE at a time, for each query head of the group in turn.
+template <typename T, int D>
+[[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv(
+    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]],
+    const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
+    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]],
+    const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
+    const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
+    const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
+    device T* dk [[buffer(FLASH_SDPA_BWD_BUFFER_DK)]],
+    device T* dv [[buffer(FLASH_SDPA_BWD_BUFFER_DV)]],
+    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
+    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
+    const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
+    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
+    uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  constexpr int NT = flash_sdpa::kBwdThreads;
+  constexpr int R = flash_sdpa::bwd_lanes_per_row(D);
+  constexpr int CPT = D / R;  // columns per lane
+  constexpr int BK = flash_sdpa::bwd_tile_rows(D);
+  constexpr int STAGE = flash_sdpa::bwd_stage_rows(D);
+
+  threadgroup float q_stage[STAGE * D];   // scale * q rows
+  threadgroup float do_stage[STAGE * D];  // dO rows
+  threadgroup float row_lse2[STAGE];      // LSE * log2(e)
+  threadgroup float row_delta[STAGE];
+  threadgroup int row_lo[STAGE];  // visible keys [lo, hi]; hi = -1 for a row with no finite LSE
+  threadgroup int row_hi[STAGE];
+
+  const int b = int(tg_pos.z), kvh = int(tg_pos.y);
+  const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
+  const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
+  const int group = p.num_heads / p.num_kv_heads;
+  const int slice = int(tid) % R;
+
+  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  device T* dk_seq = dk + long(b) * p.dk_batch_stride + long(seq.start_k) * p.dk_row_stride + long(kvh) * p.dk_head_stride;
+  device T* dv_seq = dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
+
+  for (int k0 = int(tg_pos.x) * BK; k0 < sk; k0 += int(tg_count.x) * BK) {
+    const int j = k0 + int(tid) / R;
+    const bool j_in = j < sk;
+    float kr[CPT], vr[CPT], dkr[CPT], dvr[CPT];
+    for (int t = 0; t < CPT; ++t) {
+      const int c = slice + R * t;
+      kr[t] = j_in ? float(k_seq[long(j) * p.k_row_stride + c]) : 0.0f;
+      vr[t] = j_in ? float(v_seq[long(j) * p.v_row_stride + c]) : 0.0f;
+      dkr[t] = 0.0f;
+      dvr[t] = 0.0f;
+    }
+    const int2 rows = bwd_visible_queries(k0, min(k0 + BK, sk) - 1, p.window_left, p.window_right, sq, sk);
+
+    for (int g = 0; g < group; ++g) {
+      const int h = kvh * group + g;
+      const device T* q_seq =
+          q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+      const device T* do_seq =
+          dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
+      const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
+      const device float* delta_seq =
+          delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
+      const float slope = bwd_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+
+      for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
+        const int n = min(STAGE, rows.y + 1 - i0);  // uniform
+        for (int idx = int(tid); idx < n * D; idx += NT) {
+          const int r = idx / D, c = idx % D;
+          q_stage[idx] = float(q_seq[long(i0 + r) * p.q_row_stride + c]) * p.scale;
+          do_stage[idx] = float(do_seq[long(i0 + r) * p.do_row_stride + c]);
+        }
+        for (int r = int(tid); r < n; r += NT) {
+          const int i = i0 + r;
+          float lse2;
+          const bool active = bwd_row_lse2(lse_seq[i], &lse2);
+          const int2 keys = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
+          row_lse2[r] = active ? lse2 : 0.0f;
+          row_delta[r] = active ? delta_seq[i] : 0.0f;
+          row_lo[r] = keys.x;
+          row_hi[r] = active ? keys.y : -1;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+
+        for (int r = 0; r < n; ++r) {
+          float qv[CPT], dov[CPT];
+          float2 acc = float2(0.0f);
+          for (int t = 0; t < CPT; ++t) {
+            const int c = slice + R * t;
+            qv[t] = q_stage[r * D + c];
+            dov[t] = do_stage[r * D + c];
+            acc.x += qv[t] * kr[t];
+            acc.y += dov[t] * vr[t];
+          }
+          acc = bwd_row_sum<R>(acc);  // (s = scale q . k, dP = dO . v)
+          float dsoft;
+          const float s2 = bwd_score_log2(acc.x, p.softcap, slope, i0 + r + offset - j, &dsoft);
+          const bool visible = j >= row_lo[r] && j <= row_hi[r];
+          const float pr = visible ? exp2(s2 - row_lse2[r]) : 0.0f;
+          const float ds = pr * (acc.y - row_delta[r]) * dsoft;
+          for (int t = 0; t < CPT; ++t) {
+            dvr[t] += pr * dov[t];
+            dkr[t] += ds * qv[t];  // qv carries the scale: dK = scale dS^T Q
+          }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+    }
+
+    if (j_in) {
+      for (int t = 0; t < CPT; ++t) {
+        const int c = slice + R * t;
+        dk_seq[long(j) * p.dk_row_stride + c] = T(dkr[t]);
+        dv_seq[long(j) * p.dv_row_stride + c] = T(dvr[t]);
+      }
+    }
+  }
+}
+
+// ---- pass 3: dQ (and d s_aux) -------------------------------------------------------------------------------------------
+// Grid (query tiles, H, B); threadgroup x takes the query tiles x, x + grid.x, ... Lanes R t .. R t + R - 1 own
+// query row t of the tile (q, dO, dQ columns in registers); the keys the tile sees are staged STAGE at a time.
+template <typename T, int D>
+[[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dq(
+    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]],
+    const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
+    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]],
+    const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
+    const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
+    const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
+    device T* dq [[buffer(FLASH_SDPA_BWD_BUFFER_DQ)]],
+    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
+    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
+    const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
+    const device float* sinks [[buffer(FLASH_SDPA_BWD_BUFFER_SINKS)]],
+    device float* dsinks [[buffer(FLASH_SDPA_BWD_BUFFER_DSINKS)]],
+    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
+    uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  constexpr int NT = flash_sdpa::kBwdThreads;
+  constexpr int R = flash_sdpa::bwd_lanes_per_row(D);
+  constexpr int CPT = D / R;
+  constexpr int BQ = flash_sdpa::bwd_tile_rows(D);
+  constexpr int STAGE = flash_sdpa::bwd_stage_rows(D);
+
+  threadgroup float k_stage[STAGE * D];
+  threadgroup float v_stage[STAGE * D];
+  threadgroup float sink_partial[flash_sdpa::kBwdSimdgroups];
+
+  const int b = int(tg_pos.z), h = int(tg_pos.y);
+  const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
+  const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
+  const int kvh = h / (p.num_heads / p.num_kv_heads);
+  const int slice = int(tid) % R;
+
+  const device T* q_seq = q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  const device T* do_seq =
+      dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
+  device T* dq_seq = dq + long(b) * p.dq_batch_stride + long(seq.start_q) * p.dq_row_stride + long(h) * p.dq_head_stride;
+  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
+  const device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
+  const float slope = bwd_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+
+  for (int q0 = int(tg_pos.x) * BQ; q0 < sq; q0 += int(tg_count.x) * BQ) {
+    const int i = q0 + int(tid) / R;
+    const bool i_in = i < sq;
+    float lse2 = 0.0f;
+    const bool active = i_in && bwd_row_lse2(lse_seq[i], &lse2);
+    const float row_delta = active ? delta_seq[i] : 0.0f;
+    const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
+    const int lo_i = keys_i.x, hi_i = active ? keys_i.y : -1;
+    float qr[CPT], dor[CPT], dqr[CPT];
+    for (int t = 0; t < CPT; ++t) {
+      const int c = slice + R * t;
+      qr[t] = i_in ? float(q_seq[long(i) * p.q_row_stride + c]) * p.scale : 0.0f;
+      dor[t] = i_in ? float(do_seq[long(i) * p.do_row_stride + c]) : 0.0f;
+      dqr[t] = 0.0f;
+    }
+
+    // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
+    const int last_row = min(q0 + BQ, sq) - 1;
+    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, sk).x;
+    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, sk).y + 1;
+    for (int j0 = kv_begin; j0 < kv_end; j0 += STAGE) {
+      const int n = min(STAGE, kv_end - j0);
+      for (int idx = int(tid); idx < n * D; idx += NT) {
+        const int r = idx / D, c = idx % D;
+        k_stage[idx] = float(k_seq[long(j0 + r) * p.k_row_stride + c]);
+        v_stage[idx] = float(v_seq[long(j0 + r) * p.v_row_stride + c]);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+
+      for (int r = 0; r < n; ++r) {
+        const int j = j0 + r;
+        float kv[CPT];
+        float2 acc = float2(0.0f);
+        for (int t = 0; t < CPT; ++t) {
+          const int c = slice + R * t;
+          kv[t] = k_stage[r * D + c];
+          acc.x += qr[t] * kv[t];
+          acc.y += dor[t] * v_stage[r * D + c];
+        }
+        acc = bwd_row_sum<R>(acc);
+        float dsoft;
+        const float s2 = bwd_score_log2(acc.x, p.softcap, slope, i + offset - j, &dsoft);
+        const bool visible = j >= lo_i && j <= hi_i;
+        const float pr = visible ? exp2(s2 - lse2) : 0.0f;
+        const float ds = pr * (acc.y - row_delta) * dsoft;
+        for (int t = 0; t < CPT; ++t) {
+          dqr[t] += ds * kv[t];  // dQ = scale dS K (scale applied at the store)
+        }
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+
+    if (i_in) {
+      for (int t = 0; t < CPT; ++t) {
+        dq_seq[long(i) * p.dq_row_stride + slice + R * t] = T(dqr[t] * p.scale);
+      }
+    }
+  }
+
+  // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
+  // threadgroup per head, a fixed order (strided per thread, then simd_sum, then simdgroups in order).
+  if (bwd_has_sinks && tg_pos.x == 0 && tg_pos.z == 0) {
+    const float sink2 = sinks[h] * kBwdLog2e;
+    float acc = 0.0f;
+    for (int bb = 0; bb < p.batch; ++bb) {
+      const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);
+      const device uint* lse_b = lse + long(bb) * p.lse_batch_stride + long(h) * p.lse_head_stride + s.start_q;
+      const device float* delta_b =
+          delta + long(bb) * p.delta_batch_stride + long(h) * p.delta_head_stride + s.start_q;
+      for (int r = int(tid); r < s.sq; r += NT) {
+        float row_lse2;
+        if (bwd_row_lse2(lse_b[r], &row_lse2)) {
+          acc += exp2(min(sink2 - row_lse2, 0.0f)) * delta_b[r];
+        }
+      }
+    }
+    acc = simd_sum(acc);
+    if (lane == 0) {
+      sink_partial[sg] = acc;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid == 0) {
+      float total = 0.0f;
+      for (int s = 0; s < flash_sdpa::kBwdSimdgroups; ++s) {
+        total += sink_partial[s];
+      }
+      dsinks[h] = -total;
+    }
+  }
+}

@@ -1,0 +1,133 @@
+// Parameters of the FlashAttention-2 backward (attention_backward.metal), shared by MSL and host C++.
+//
+// Three dispatches, planned by backward_planner.cpp:
+//   1. flash_attn_bwd_delta_<dtype>        delta = rowsum(dO * O) per (row, head), fp32 (the O(S) scratch)
+//   2. flash_attn_bwd_dkdv_<dtype>_d<D>     dK, dV of one key tile and one KV head, summed over the GQA group
+//   3. flash_attn_bwd_dq_<dtype>_d<D>       dQ of one query tile and one head; threadgroups (0, h, 0) also reduce
+//                                           d s_aux[h] = -sum_rows exp(s_aux[h] - lse) * delta
+// P is recomputed from q, k and the forward's LSE; every output element has one writer and a fixed summation
+// order (no atomics), so the gradients are bit-identical on repeat.
+#pragma once
+
+#include "varlen_params.h"  // fsdpa_* types, the dtype and head-dim lists (one list for forward and backward)
+
+namespace flash_sdpa {
+
+// [[buffer(i)]] of the backward kernels (each kernel declares the subset it uses).
+#define FLASH_SDPA_BWD_BUFFER_Q 0             // T, (batch, row, head, d = 1) through the q_* strides
+#define FLASH_SDPA_BWD_BUFFER_K 1             // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_V 2             // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_OUT 3           // T, the forward's output, (batch, row, head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_DOUT 4          // T, dL/dout, (batch, row, head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_LSE 5           // float bits, the forward's LSE, (batch, head, row = 1)
+#define FLASH_SDPA_BWD_BUFFER_DELTA 6         // float, rowsum(dO * O), (batch, head, row = 1): written by pass 1
+#define FLASH_SDPA_BWD_BUFFER_DQ 7            // T, (batch, row, head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_DK 8            // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_DV 9            // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q 10  // int32 [batch + 1] (varlen only)
+#define FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K 11  // int32 [batch + 1] (varlen only)
+#define FLASH_SDPA_BWD_BUFFER_ALIBI 12        // float, slope of (batch, head) at b * alibi_batch_stride + h
+#define FLASH_SDPA_BWD_BUFFER_SINKS 13        // float [heads]
+#define FLASH_SDPA_BWD_BUFFER_DSINKS 14       // float [heads], d s_aux (written by pass 3 when sinks are on)
+#define FLASH_SDPA_BWD_BUFFER_PARAMS 15       // BackwardParams (setBytes)
+
+// [[function_constant(i)]] of the backward kernels (all bool), as in the forward.
+#define FLASH_SDPA_BWD_FC_IS_VARLEN 0
+#define FLASH_SDPA_BWD_FC_HAS_SOFTCAP 1
+#define FLASH_SDPA_BWD_FC_HAS_ALIBI 2
+#define FLASH_SDPA_BWD_FC_HAS_SINKS 3
+
+#define FLASH_SDPA_BWD_THREADS 128
+
+// Thread layout of passes 2 and 3: R consecutive lanes share one key row (pass 2) or one query row (pass 3), each
+// holding D / R columns (c = lane % R + R * t) of that row and of its gradient in registers; a dot product over D
+// is a partial sum per lane plus log2(R) shuffles. R is the smallest power of two with D / R <= 16 (at most 64
+// floats of row state per thread). The other operand (query rows in pass 2, key rows in pass 3) is staged through
+// threadgroup memory as float, STAGE rows at a time (two D-float rows each plus per-row scalars).
+FSDPA_CONSTANT fsdpa_i32 kBwdThreads = FLASH_SDPA_BWD_THREADS;
+FSDPA_CONSTANT fsdpa_i32 kBwdSimdgroups = FLASH_SDPA_BWD_THREADS / 32;
+FSDPA_CONSTANT fsdpa_i32 kBwdDeltaRows = 32;  // rows per pass-1 tile (8 per simdgroup)
+FSDPA_CONSTANT fsdpa_i32 kBwdMaxThreadgroupBytes = 32768;
+
+constexpr fsdpa_i32 bwd_lanes_per_row(fsdpa_i32 head_dim) {
+  return head_dim <= 32 ? 2 : head_dim <= 64 ? 4 : head_dim <= 128 ? 8 : 16;
+}
+
+// Rows of a pass-2 / pass-3 tile (keys / queries): one row per R lanes.
+constexpr fsdpa_i32 bwd_tile_rows(fsdpa_i32 head_dim) { return kBwdThreads / bwd_lanes_per_row(head_dim); }
+
+constexpr fsdpa_i32 bwd_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 stage_rows) {
+  return 4 * (2 * stage_rows * head_dim + 4 * stage_rows + kBwdSimdgroups);
+}
+
+constexpr fsdpa_i32 bwd_stage_rows(fsdpa_i32 head_dim) {
+  return bwd_threadgroup_bytes(head_dim, 32) <= kBwdMaxThreadgroupBytes   ? 32
+         : bwd_threadgroup_bytes(head_dim, 16) <= kBwdMaxThreadgroupBytes ? 16
+                                                                          : 8;
+}
+
+#define FLASH_SDPA_CHECK_BWD_HEAD_DIM(a, b, D)                                                           \
+  static_assert((D) % bwd_lanes_per_row(D) == 0 && (D) / bwd_lanes_per_row(D) <= 16,                    \
+                "head dim " #D ": whole columns per lane, at most 16");                                  \
+  static_assert(bwd_lanes_per_row(D) <= 32 && 32 % bwd_lanes_per_row(D) == 0,                            \
+                "a row's lanes lie in one simdgroup (shuffle_xor reduction)");                           \
+  static_assert(bwd_threadgroup_bytes((D), bwd_stage_rows(D)) <= kBwdMaxThreadgroupBytes,                \
+                "the backward's staged rows of head dim " #D " do not fit in 32 KB of threadgroup memory");
+FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_BWD_HEAD_DIM, _, _)
+#undef FLASH_SDPA_CHECK_BWD_HEAD_DIM
+
+// Element (i, d) of head h of sequence b of x in {q, k, v, o (out), do (dout), dq, dk, dv} lives at
+//   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)
+// with start_x(b) = cu_seqlens_x[b] in varlen mode (batch strides 0), 0 in dense mode; LSE and delta of (b, h, i)
+// at b * x_batch_stride + h * x_head_stride + start_q(b) + i (floats).
+struct BackwardParams {
+  fsdpa_i64 q_batch_stride;  // elements
+  fsdpa_i64 q_row_stride;
+  fsdpa_i64 q_head_stride;
+  fsdpa_i64 k_batch_stride;
+  fsdpa_i64 k_row_stride;
+  fsdpa_i64 k_head_stride;
+  fsdpa_i64 v_batch_stride;
+  fsdpa_i64 v_row_stride;
+  fsdpa_i64 v_head_stride;
+  fsdpa_i64 o_batch_stride;
+  fsdpa_i64 o_row_stride;
+  fsdpa_i64 o_head_stride;
+  fsdpa_i64 do_batch_stride;
+  fsdpa_i64 do_row_stride;
+  fsdpa_i64 do_head_stride;
+  fsdpa_i64 dq_batch_stride;
+  fsdpa_i64 dq_row_stride;
+  fsdpa_i64 dq_head_stride;
+  fsdpa_i64 dk_batch_stride;
+  fsdpa_i64 dk_row_stride;
+  fsdpa_i64 dk_head_stride;
+  fsdpa_i64 dv_batch_stride;
+  fsdpa_i64 dv_row_stride;
+  fsdpa_i64 dv_head_stride;
+  fsdpa_i64 lse_batch_stride;  // floats
+  fsdpa_i64 lse_head_stride;
+  fsdpa_i64 delta_batch_stride;  // floats
+  fsdpa_i64 delta_head_stride;
+  fsdpa_i32 batch;         // number of sequences (grid z)
+  fsdpa_i32 num_heads;     // H
+  fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
+  fsdpa_i32 q_rows;        // rows of q/out/dout/dq along the row axis: row indices are clamped below it
+  fsdpa_i32 k_rows;        // rows of k/v/dk/dv along the row axis
+  fsdpa_i32 seqlen_q;      // dense mode: queries per sequence (varlen: unused)
+  fsdpa_i32 seqlen_k;      // dense mode: keys per sequence (varlen: unused)
+  fsdpa_i32 window_left;   // as VarlenParams: keys j >= i + sk - sq - window_left are visible; -1 = unbounded
+  fsdpa_i32 window_right;  // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
+  fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
+  fsdpa_i32 head_dim;      // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
+  fsdpa_i32 pad0;
+  float scale;    // multiplies q . k before softcap and ALiBi
+  float softcap;  // > 0 when FLASH_SDPA_BWD_FC_HAS_SOFTCAP
+};
+
+static_assert(sizeof(BackwardParams) == 28 * 8 + 14 * 4, "BackwardParams: no padding, same size in MSL and C++");
+static_assert(__builtin_offsetof(BackwardParams, delta_head_stride) == 27 * 8, "64-bit strides first");
+static_assert(__builtin_offsetof(BackwardParams, batch) == 28 * 8, "32-bit fields after the strides");
+static_assert(__builtin_offsetof(BackwardParams, scale) == 28 * 8 + 12 * 4, "floats last");
+
+}  // namespace flash_sdpa

@@ -1,0 +1,147 @@
+#include "backward_planner.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "backward_params.h"
+#include "planner_common.h"
+
+namespace flash_sdpa {
+
+std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim) {
+  const char* name = kernel_dtype_name(dtype);
+  TORCH_CHECK(name != nullptr, "flash_attn backward: unsupported dtype ", dtype);
+  std::string kernel = std::string("flash_attn_bwd_") + pass + "_" + name;
+  return std::string(pass) == "delta" ? kernel : kernel + "_d" + std::to_string(head_dim);
+}
+
+namespace {
+
+int32_t window_i32(int64_t w, const char* what) {
+  return to_i32(std::min<int64_t>(w, std::numeric_limits<int32_t>::max()), what);
+}
+
+uint32_t tiles(int64_t rows, int64_t tile) { return to_u32((rows + tile - 1) / tile, "tiles"); }
+
+}  // namespace
+
+LaunchPlan plan_attention_backward(const AttentionBackward& call) {
+  const bool varlen = call.cu_seqlens_q.has_value();
+  // Row axis of q/k/v/...: dim 0 in varlen mode, dim 1 (after batch) in dense mode.
+  const int64_t row_dim = varlen ? 0 : 1;
+  const int64_t batch = varlen ? call.cu_seqlens_q->size(0) - 1 : call.q.size(0);
+  const int64_t heads = call.q.size(row_dim + 1);
+  const int64_t kv_heads = call.k.size(row_dim + 1);
+  const int64_t head_dim = call.q.size(row_dim + 2);
+  const int64_t rows_q = call.q.size(row_dim);
+  const int64_t rows_k = call.k.size(row_dim);
+
+  LaunchPlan plan;
+  if (batch <= 0 || heads <= 0 || call.q.numel() == 0) {
+    return plan;
+  }
+  // Grid extents: max_seqlen_* size them (clamped to the tensors); the kernels loop over tiles past the grid.
+  const int64_t grid_q = varlen ? std::clamp<int64_t>(call.max_seqlen_q, 1, std::max<int64_t>(rows_q, 1)) : rows_q;
+  const int64_t grid_k =
+      varlen ? std::clamp<int64_t>(call.max_seqlen_k, 1, std::max<int64_t>(rows_k, 1)) : std::max<int64_t>(rows_k, 1);
+
+  BackwardParams params{};
+  auto strides = [&](const at::Tensor& t, int64_t& batch_stride, int64_t& row_stride, int64_t& head_stride) {
+    batch_stride = varlen ? 0 : t.stride(0);
+    row_stride = t.stride(row_dim);
+    head_stride = t.stride(row_dim + 1);
+  };
+  strides(call.q, params.q_batch_stride, params.q_row_stride, params.q_head_stride);
+  strides(call.k, params.k_batch_stride, params.k_row_stride, params.k_head_stride);
+  strides(call.v, params.v_batch_stride, params.v_row_stride, params.v_head_stride);
+  strides(call.out, params.o_batch_stride, params.o_row_stride, params.o_head_stride);
+  strides(call.dout, params.do_batch_stride, params.do_row_stride, params.do_head_stride);
+  strides(call.dq, params.dq_batch_stride, params.dq_row_stride, params.dq_head_stride);
+  strides(call.dk, params.dk_batch_stride, params.dk_row_stride, params.dk_head_stride);
+  strides(call.dv, params.dv_batch_stride, params.dv_row_stride, params.dv_head_stride);
+  // lse / delta: varlen [H, total_q], dense [B, H, Sq].
+  params.lse_batch_stride = varlen ? 0 : call.lse.stride(0);
+  params.lse_head_stride = call.lse.stride(varlen ? 0 : 1);
+  params.delta_batch_stride = varlen ? 0 : call.delta.stride(0);
+  params.delta_head_stride = call.delta.stride(varlen ? 0 : 1);
+  params.batch = to_i32(batch, "batch");
+  params.num_heads = to_i32(heads, "num_heads");
+  params.num_kv_heads = to_i32(kv_heads, "num_kv_heads");
+  params.q_rows = to_i32(rows_q, "query rows");
+  params.k_rows = to_i32(rows_k, "key rows");
+  params.seqlen_q = varlen ? 0 : params.q_rows;
+  params.seqlen_k = varlen ? 0 : params.k_rows;
+  params.window_left = window_i32(call.window_left, "window_left");
+  params.window_right = window_i32(call.window_right, "window_right");
+  params.alibi_batch_stride =
+      call.alibi_slopes.has_value() && call.alibi_slopes->dim() == 2 ? to_i32(heads, "alibi batch stride") : 0;
+  params.head_dim = to_i32(head_dim, "head_dim");
+  params.scale = static_cast<float>(call.scale);
+  params.softcap = static_cast<float>(call.softcap);
+
+  const std::vector<FunctionConstant> constants = {
+      bool_constant(FLASH_SDPA_BWD_FC_IS_VARLEN, varlen),
+      bool_constant(FLASH_SDPA_BWD_FC_HAS_SOFTCAP, call.softcap > 0.0),
+      bool_constant(FLASH_SDPA_BWD_FC_HAS_ALIBI, call.alibi_slopes.has_value()),
+      bool_constant(FLASH_SDPA_BWD_FC_HAS_SINKS, call.sinks.has_value()),
+  };
+  // Optional inputs that are off get the float32 delta scratch as a placeholder: the kernels never touch them
+  // (function constants), and delta is aligned for the int32 / float32 types those slots declare.
+  const BufferArg cu_q{FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : call.delta};
+  const BufferArg cu_k{FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : call.delta};
+  const BufferArg alibi{FLASH_SDPA_BWD_BUFFER_ALIBI, call.alibi_slopes.value_or(call.delta)};
+  const BufferArg q{FLASH_SDPA_BWD_BUFFER_Q, call.q}, k{FLASH_SDPA_BWD_BUFFER_K, call.k},
+      v{FLASH_SDPA_BWD_BUFFER_V, call.v}, dout{FLASH_SDPA_BWD_BUFFER_DOUT, call.dout},
+      lse{FLASH_SDPA_BWD_BUFFER_LSE, call.lse}, delta{FLASH_SDPA_BWD_BUFFER_DELTA, call.delta};
+  const uint32_t h = to_u32(heads, "num_heads"), b = to_u32(batch, "batch");
+  const std::array<uint32_t, 3> threads{static_cast<uint32_t>(kBwdThreads), 1, 1};
+  const at::ScalarType dtype = call.q.scalar_type();
+
+  // 1. delta = rowsum(dO * O).
+  Dispatch pre;
+  pre.kernel = backward_kernel_name("delta", dtype, head_dim);
+  pre.constants = constants;
+  pre.buffers = {{FLASH_SDPA_BWD_BUFFER_OUT, call.out}, dout, delta, cu_q, cu_k};
+  pre.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
+  pre.threadgroups = {tiles(grid_q, kBwdDeltaRows), h, b};
+  pre.threads_per_threadgroup = threads;
+  plan.dispatches.push_back(std::move(pre));
+
+  // 2. dK, dV: one threadgroup per (key tile, KV head, sequence), looping over the GQA group's query heads.
+  const int64_t tile_rows = bwd_tile_rows(static_cast<int32_t>(head_dim));
+  Dispatch dkdv;
+  dkdv.kernel = backward_kernel_name("dkdv", dtype, head_dim);
+  dkdv.constants = constants;
+  dkdv.buffers = {q, k, v, dout, lse, delta, {FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv},
+                  cu_q, cu_k, alibi};
+  dkdv.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
+  dkdv.threadgroups = {tiles(grid_k, tile_rows), to_u32(kv_heads, "num_kv_heads"), b};
+  dkdv.threads_per_threadgroup = threads;
+  plan.dispatches.push_back(std::move(dkdv));
+
+  // 3. dQ: one threadgroup per (query tile, head, sequence); threadgroups (0, h, 0) also reduce d s_aux[h].
+  Dispatch dq;
+  dq.kernel = backward_kernel_name("dq", dtype, head_dim);
+  dq.constants = constants;
+  dq.buffers = {q,
+                k,
+                v,
+                dout,
+                lse,
+                delta,
+                {FLASH_SDPA_BWD_BUFFER_DQ, call.dq},
+                cu_q,
+                cu_k,
+                alibi,
+                {FLASH_SDPA_BWD_BUFFER_SINKS, call.sinks.value_or(call.delta)},
+                {FLASH_SDPA_BWD_BUFFER_DSINKS, call.sinks.has_value() ? call.dsinks : call.delta}};
+  dq.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
+  dq.threadgroups = {tiles(grid_q, tile_rows), h, b};
+  dq.threads_per_threadgroup = threads;
+  plan.dispatches.push_back(std::move(dq));
+  return plan;
+}
+
+}  // namespace flash_sdpa

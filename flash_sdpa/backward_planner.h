@@ -1,0 +1,43 @@
+// Launch planning of the FlashAttention-2 backward (attention_backward.metal): pure C++, no Metal.
+//
+// Callers validate first (torch-ext/backward_binding.cpp); the planner turns validated tensors into a LaunchPlan of
+// three dispatches (delta pre-pass, dK/dV, dQ + d s_aux) on one stream, in order.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "launch_plan.h"
+
+namespace flash_sdpa {
+
+// One backward call. Varlen: q/out/dout/dq [total_q, H, D], k/v/dk/dv [total_k, Hkv, D], lse/delta float
+// [H, total_q], cu_seqlens_q/k int32 [B + 1]. Dense: q/out/dout/dq [B, Sq, H, D], k/v/dk/dv [B, Sk, Hkv, D], lse/delta
+// float [B, H, Sq]. Last dims contiguous (lse/delta: the row axis); every other stride is free.
+struct AttentionBackward {
+  at::Tensor dout, q, k, v, out, lse;  // inputs: the forward's q, k, v, out, lse and dL/dout
+  at::Tensor delta;                    // float scratch shaped like lse, written by the first dispatch
+  at::Tensor dq, dk, dv;               // outputs; rows no sequence covers are not written
+  at::Tensor dsinks;                   // float [H], written when sinks are given
+  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set: varlen; both empty: dense
+  std::optional<at::Tensor> alibi_slopes;                // float [H] or [B, H]
+  std::optional<at::Tensor> sinks;                       // float [H]
+  int64_t max_seqlen_q = 0;  // varlen: sizes the grids (the kernels loop over the rest); dense: ignored
+  int64_t max_seqlen_k = 0;
+  double scale = 1.0;
+  double softcap = 0.0;       // 0 = off
+  int64_t window_left = -1;   // -1 = unbounded
+  int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
+};
+
+// "flash_attn_bwd_delta_<dtype>" (pass = "delta"), "flash_attn_bwd_<dkdv|dq>_<dtype>_d<head_dim>".
+std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim);
+
+// Delta pre-pass, dK/dV, dQ (+ d s_aux): three dispatches; an empty plan when there is nothing to compute. Scratch
+// is the caller's delta (O(total_q * H) floats): no S x S buffer exists.
+LaunchPlan plan_attention_backward(const AttentionBackward& call);
+
+}  // namespace flash_sdpa
