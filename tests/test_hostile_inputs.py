@@ -288,10 +288,12 @@ def test_nan_query_on_decode_paths(kernel, device, num_splits):
 def test_backward_raises(kernel, device):
     q, k, v, cu_q, cu_k = make_inputs([5, 9], [5, 9], 4, 2, 64, torch.float32, device)
     q = q.clone().requires_grad_()
+    # flash_attn_func and flash_attn_varlen_func have a backward (tests/test_backward.py); these do not.
     calls = [
-        lambda: kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 9, 9),
-        lambda: kernel.flash_attn_func(q[None, :5], k[None, :5], v[None, :5]),
         lambda: kernel.flash_attn_with_kvcache(q[None, :1], k[None], v[None], cache_seqlens=14),
+        lambda: kernel.flash_attn_varlen_func(q, k[:, None], v[:, None], cu_q, cu_k, 9, 9,
+                                              block_table=torch.arange(9, dtype=torch.int32, device=device).view(1, 9)
+                                              .expand(2, 9).contiguous()),
     ]
     for call in calls:
         out = call()
@@ -395,4 +397,22 @@ def test_softcap_of_huge_scores(kernel, device, max_q):
     out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, 40, softmax_scale=1.0, softcap=0.5)
     assert torch.isfinite(out).all()
     out_ref, _, out_pt = _varlen_ref(q, k, v, cu_q.tolist(), cu_k.tolist(), scale=1.0, softcap=0.5)
+    ref.check_close(out.cpu(), out_ref, out_pt)
+
+
+# ---- 11. Placeholder buffers are aligned for the type the kernel declares -----------------------------------------
+
+
+def test_views_at_odd_offsets(kernel, device):
+    """q at a 2-byte offset (fp16): legal for q's own binding. Unused optional slots (cu_seqlens int32, slopes and
+    sinks float32) must not get q as a placeholder: Metal's validation rejects an offset not aligned to the slot's
+    type, and so does the emulator."""
+    g = torch.Generator().manual_seed(4)
+    buf = torch.randn(1 + 2 * 40 * 4 * 64, generator=g).half().to(device)
+    q = buf[1:].view(2, 40, 4, 64)
+    k = torch.randn(2, 40, 2, 64, generator=g).half().to(device)
+    v = torch.randn(2, 40, 2, 64, generator=g).half().to(device)
+    out = kernel.flash_attn_func(q, k, v, causal=True)
+    out_ref, _ = ref.attention_dense(q.cpu(), k.cpu(), v.cpu(), scale=64**-0.5, causal=True)
+    out_pt, _ = ref.attention_dense(q.cpu(), k.cpu(), v.cpu(), scale=64**-0.5, causal=True, dtype=torch.float16)
     ref.check_close(out.cpu(), out_ref, out_pt)

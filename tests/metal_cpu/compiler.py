@@ -339,9 +339,10 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
         gen.append(f"static void mcpu_entry_{i}(const mcpu_thread_args* a) {{ metal::mcpu_thread_fp_mode(); "
                    f"{callee}({', '.join(args)}); }}")
         pinfo = ", ".join(
-            f'{{{0 if p.kind == "buffer" else 1 if p.kind == "threadgroup" else 2}, (uint32_t)({p.index}), "{p.name}"}}'
-            for p in kd.params)
-        pinfo = pinfo or '{2, 0, ""}'
+            f'{{{0 if p.kind == "buffer" else 1 if p.kind == "threadgroup" else 2}, (uint32_t)({p.index}), "{p.name}", '
+            f'{f"mcpu_bind_align<mcpu_param_t<{p_i}, decltype({callee})>>()" if p.kind == "buffer" else "0"}}}'
+            for p_i, p in enumerate(kd.params))
+        pinfo = pinfo or '{2, 0, "", 0}'
         gen.append(f"static const mcpu_param_info mcpu_params_{i}[] = {{ {pinfo} }};")
     table = ", ".join(f'{{"{host}", mcpu_entry_{i}, (uint32_t)({kd.max_threads}), {len(kd.params)}, mcpu_params_{i}}}'
                       for i, (host, _, kd) in enumerate(kernels))

@@ -180,3 +180,14 @@ def test_fast_math_rejects_infinity(tmp_path):
     metal_cpu.compile(src, fast_math=False)
     with pytest.raises(metal_cpu.MetalCompileError, match=r"use of infinity( via a macro)? is undefined behavior"):
         metal_cpu.compile(src, fast_math=True)
+
+
+def test_misaligned_buffer_offset(lib):
+    """Metal's validation rejects a buffer offset that is not a multiple of the alignment of the type the kernel reads
+    through it (here float: 4 bytes); so does the emulator, instead of silently reading unaligned data."""
+    x, y = torch.randn(65), torch.zeros(64)
+    expect_error(lib, "barrier_ok", r"buffer\(0\) \(parameter 'in'\) is bound at an address not aligned to its "
+                 r"type's 4 bytes", threadgroups=(1, 1, 1), threads_per_threadgroup=(64, 1, 1),
+                 buffers={0: (x, 2), 1: y})
+    lib.dispatch("barrier_ok", (1, 1, 1), (64, 1, 1), buffers={0: (x, 4), 1: y})  # 4-byte aligned: fine
+    assert torch.equal(y, x[1:].flip(0))

@@ -31,6 +31,7 @@ typedef struct {
   uint32_t kind;  // mcpu_param_kind
   uint32_t index; // buffer / threadgroup index
   const char* name;
+  uint32_t align;  // buffer: alignof the type read through it (Metal requires offsets aligned to it); else 0
 } mcpu_param_info;
 
 typedef struct {

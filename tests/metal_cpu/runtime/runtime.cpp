@@ -530,6 +530,11 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
     const mcpu_param_info& param = kernel->params[p];
     if (param.kind == MCPU_PARAM_BUFFER && !buffers[param.index] && !bytes[param.index])
       return error(format("%s: nothing bound at buffer(%u) (parameter '%s')", d->kernel, param.index, param.name));
+    // Metal's validation layer rejects a buffer offset that is not a multiple of the type's alignment.
+    if (param.kind == MCPU_PARAM_BUFFER && buffers[param.index] && param.align > 1 &&
+        (uintptr_t)buffers[param.index]->data % param.align != 0)
+      return error(format("%s: buffer(%u) (parameter '%s') is bound at an address not aligned to its type's %u bytes",
+                          d->kernel, param.index, param.name, param.align));
     if (param.kind == MCPU_PARAM_THREADGROUP) {
       if (param.index >= d->num_threadgroup_memory_lengths || !d->threadgroup_memory_lengths[param.index])
         return error(format("%s: no threadgroup memory length for threadgroup(%u) (parameter '%s')", d->kernel,

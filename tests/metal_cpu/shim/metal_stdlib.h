@@ -609,6 +609,14 @@ MCPU_INLINE P mcpu_bind(void* p) {
   else
     return reinterpret_cast<P>(p);
 }
+// The alignment Metal requires of a buffer argument's offset: that of the type the kernel reads through it.
+template <typename P>
+constexpr uint32_t mcpu_bind_align() {
+  if constexpr (std::is_reference_v<P>)
+    return alignof(std::remove_reference_t<P>);
+  else
+    return alignof(std::remove_pointer_t<P>);
+}
 // A position builtin: uint/ushort scalar (x) or 2/3-vector.
 template <typename P>
 MCPU_INLINE P mcpu_builtin(const uint32_t (&v)[3]) {
