@@ -355,3 +355,41 @@ def test_full_matrix(kernel, device, dtype, head_dim, heads, causal, window, sof
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_full_dense(kernel, device, dtype, head_dim, feature, sq, sk):
     run_dense_backward(kernel, device, dtype, head_dim, 2, sq, sk, "gqa", **feature)
+
+
+# --- transformers: a training step of the tiny models with this kernel vs PyTorch attention. ------------------------
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2"])
+def test_transformers_training_step(kernel, name, padded):
+    """Loss and every parameter gradient of one training step of a tiny Llama (GQA) / Gemma-2 (softcap, sliding
+    window 8) with attn_implementation = this kernel match sdpa / eager (float32). Unpadded batches go through
+    flash_attn_func, padded ones through flash_attn_varlen_func."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    import tiny_models as tm
+
+    prompts = tm.random_prompts([24, 17 if padded else 24, 24 if padded else 24], seed=3)
+    input_ids, attention_mask = tm.left_padded(prompts)
+    # No loss term reads a padding position's logits (the first real token's label is predicted from one): padding
+    # rows see no key, so their outputs are implementation-defined (0 here, a uniform average in eager).
+    first_real = attention_mask.argmax(dim=1, keepdim=True)
+    labels = input_ids.masked_fill(attention_mask == 0, -100).scatter(1, first_real, -100)
+
+    def step(impl):
+        model = tm.build_model(name, torch.float32).train()
+        model.set_attn_implementation(impl)
+        with tm.count_kernel_calls() as calls:
+            loss = model(input_ids=input_ids, attention_mask=attention_mask if padded else None, labels=labels).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()}, calls
+
+    loss, grads, calls = step(tm.KERNEL_REPO)
+    assert calls.count("flash_attn_varlen_func" if padded else "flash_attn_func") == 2, calls  # one per layer
+    loss_ref, grads_ref, _ = step("sdpa" if name == "llama-gqa" else "eager")
+    torch.testing.assert_close(loss.cpu(), loss_ref.cpu(), atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for n, g in grads.items():
+        scale = max(grads_ref[n].abs().max().item(), 1e-6)
+        err = (g - grads_ref[n]).abs().max().item()
+        assert err <= 1e-4 * scale, f"{n}: max |grad - ref| = {err:.3g} (max |ref| = {scale:.3g})"
