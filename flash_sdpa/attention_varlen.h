@@ -36,19 +36,198 @@ inline void varlen_write_diagonal(threadgroup float* diag, float x, uint lane) {
   diag[lane + 32] = (lane / 8 + 4 == lane % 8) ? lower : 0.0f;
 }
 
+// Sequence b's query rows [start_q, start_q + sq) and keys [start_k, start_k + sk) (paged: key positions 0 .. sk - 1
+// through its block-table row), clamped to the tensors whatever cu_seqlens holds.
+struct VarlenSequence {
+  int start_q, start_k, sq, sk;
+};
+
+inline VarlenSequence varlen_sequence(int b, const device int* cu_seqlens_q, const device int* cu_seqlens_k,
+                                      constant flash_sdpa::VarlenParams& p) {
+  VarlenSequence s = {0, 0, min(p.seqlen_q, p.q_rows), min(p.seqlen_k, p.k_rows)};
+  if (varlen_is_varlen) {
+    s.start_q = min(max(cu_seqlens_q[b], 0), p.q_rows);
+    s.sq = min(max(cu_seqlens_q[b + 1], s.start_q), p.q_rows) - s.start_q;
+    if (varlen_paged) {  // each sequence has its own block-table row: keys count from 0, up to the row's capacity
+      const long capacity = long(p.max_blocks) * p.block_size;
+      s.sk = int(clamp(long(cu_seqlens_k[b + 1]) - long(cu_seqlens_k[b]), 0l, capacity));
+      s.start_k = 0;
+    } else {
+      s.start_k = min(max(cu_seqlens_k[b], 0), p.k_rows);
+      s.sk = min(max(cu_seqlens_k[b + 1], s.start_k), p.k_rows) - s.start_k;
+    }
+  }
+  return s;
+}
+
+// Paged: where key rows k0 .. k0 + BK - 1 live in k ([r]) and v ([BK + r]); -1 for a row past kv_end or whose block
+// id is outside [0, num_blocks) (masked). One block-table read per key.
+template <int BK, int NT>
+inline void varlen_paged_offsets(threadgroup long* key_offsets, const device int* block_table, int b, int k0,
+                                 int kv_end, constant flash_sdpa::VarlenParams& p, uint tid) {
+  for (int r = int(tid); r < BK; r += NT) {
+    const int j = k0 + r;
+    long k_off = -1, v_off = -1;
+    if (j < kv_end) {
+      const int id = block_table[long(b) * p.block_table_stride + j / p.block_size];
+      if (id >= 0 && id < p.num_blocks) {
+        const long slot = j % p.block_size;
+        k_off = long(id) * p.k_block_stride + slot * p.k_row_stride;
+        v_off = long(id) * p.v_block_stride + slot * p.v_row_stride;
+      }
+    }
+    key_offsets[r] = k_off;
+    key_offsets[BK + r] = v_off;
+  }
+}
+
+// Stages key rows k0 .. k0 + BK - 1 of `seq` (K or V) as float [BK][D]; rows past kv_end or masked are zeros.
+// paged_offsets: this tensor's half of key_offsets (paged only).
+template <typename T, int BK, int D, int NT>
+inline void varlen_stage_rows(threadgroup float* dst, const device T* seq, long row_stride,
+                              threadgroup const long* paged_offsets, int k0, int kv_end, uint tid) {
+  for (int idx = int(tid); idx < BK * D; idx += NT) {
+    const int r = idx / D, c = idx % D;
+    long off = long(k0 + r) * row_stride;
+    bool in = k0 + r < kv_end;
+    if (varlen_paged) {
+      off = paged_offsets[r];
+      in = off >= 0;
+    }
+    dst[idx] = in ? float(seq[off + c]) : 0.0f;
+  }
+}
+
+// The state of one query row during the key loop, held by its 4 lanes (lane = 4 row + sub).
+struct VarlenRow {
+  int i;           // query index within the sequence
+  int lo, hi;      // visible keys [lo, hi]; hi < lo: none (or a row past the sequence)
+  int pos;         // key position of the row (i + sk - sq)
+  float slope;     // ALiBi slope
+  float m;         // running max, log2 domain
+  float l;         // running sum of exp2(s - m)
+  bool bad;        // this lane saw a visible score that is NaN or inf
+};
+
+inline VarlenRow varlen_row(int i, const VarlenSequence s, float slope, constant flash_sdpa::VarlenParams& p) {
+  const int pos = i + s.sk - s.sq;
+  const int2 keys = flash_sdpa::visible_keys(pos, p.window_left, p.window_right, s.sk);
+  return VarlenRow{i, keys.x, i >= s.sq ? -1 : keys.y, pos, slope, kVarlenMasked, 0.0f, false};
+}
+
+// One online-softmax step of a row over key tile [k0, k0 + BK): `strip` holds the row's BK raw scores (row-major,
+// this lane reads columns sub, sub + 4, ...) and gets the probabilities. Returns alpha, the factor that rescales the
+// row's previous accumulator. A visible non-finite score marks the row bad and is dropped (before the softcap clamp
+// could hide a NaN), so nothing non-finite enters the shared 8x8 tiles.
+template <int BK>
+inline float varlen_softmax_step(threadgroup float* strip, threadgroup const long* key_offsets, thread VarlenRow& row,
+                                 int sub, int k0, constant flash_sdpa::VarlenParams& p) {
+  float sv[BK / 4];
+  float tile_max = kVarlenMasked;
+  for (int t = 0; t < BK / 4; ++t) {
+    const int c = sub + 4 * t;
+    const int j = k0 + c;
+    float s = strip[c];
+    bool visible = j >= row.lo && j <= row.hi && (!varlen_paged || key_offsets[c] >= 0);
+    if (visible && flash_sdpa::is_nonfinite(s)) {
+      row.bad = true;
+      visible = false;
+    }
+    if (varlen_has_softcap) {
+      s = flash_sdpa::apply_softcap(s, p.softcap);
+    }
+    if (varlen_has_alibi) {
+      s -= row.slope * abs(float(row.pos - j));
+    }
+    s = visible ? s * kVarlenLog2e : kVarlenMasked;
+    sv[t] = s;
+    tile_max = max(tile_max, s);
+  }
+  tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
+  tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(2)));
+  const float m_new = max(row.m, tile_max);
+  const float alpha = exp2(row.m - m_new);
+  float row_sum = 0.0f;
+  for (int t = 0; t < BK / 4; ++t) {
+    const float pr = sv[t] > kVarlenMasked ? exp2(sv[t] - m_new) : 0.0f;
+    strip[sub + 4 * t] = pr;
+    row_sum += pr;
+  }
+  row_sum += simd_shuffle_xor(row_sum, ushort(1));
+  row_sum += simd_shuffle_xor(row_sum, ushort(2));
+  row.l = row.l * alpha + row_sum;
+  row.m = m_new;
+  return alpha;
+}
+
+// End of a row: writes its flag (1: bad) to *bad_slot and its LSE (sub == 0 lanes) and returns the factor that
+// normalises its accumulator (0 for a row with no visible key). Sinks join the denominator only.
+inline float varlen_finish_row(const thread VarlenRow& row, int sub, int sq, float sink_logit,
+                               threadgroup uint* bad_slot, device uint* lse_seq) {
+  float m_final = row.m, factor = 1.0f, denom = row.l;
+  if (varlen_has_sinks) {
+    const float sink = sink_logit * kVarlenLog2e;
+    m_final = max(row.m, sink);
+    factor = exp2(row.m - m_final);
+    denom = row.l * factor + exp2(sink - m_final);
+  }
+  const bool empty = !(row.l > 0.0f);
+  uint bad = row.bad ? 1u : 0u;  // over the row's 4 lanes; every lane shuffles (no short-circuit)
+  bad |= simd_shuffle_xor(bad, ushort(1));
+  bad |= simd_shuffle_xor(bad, ushort(2));
+  if (sub == 0) {
+    *bad_slot = bad;
+    if (row.i < sq) {
+      lse_seq[row.i] = bad != 0 ? flash_sdpa::kNanBits
+                       : empty  ? flash_sdpa::kNegInfBits
+                                : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
+    }
+  }
+  return empty ? 0.0f : factor / denom;
+}
+
+// Writes rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of the output from `staged` ([BQ][CHUNK] float); bad rows get
+// NaN. Rows past the sequence are not written.
+template <typename T, int BQ, int CHUNK, int NT>
+inline void varlen_write_out(device T* o_seq, long row_stride, threadgroup const float* staged,
+                             threadgroup const uint* bad_tile, int q0, int c0, int sq, uint tid) {
+  for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
+    const int r = idx / CHUNK, c = idx % CHUNK;
+    if (q0 + r < sq) {
+      const float o = bad_tile[r] != 0 ? as_type<float>(flash_sdpa::kNanBits) : staged[idx];
+      o_seq[long(q0 + r) * row_stride + c0 + c] = T(o);
+    }
+  }
+}
+
+// Stages rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of q, times scale, as float [BQ][CHUNK] (rows past the
+// sequence: 0).
+template <typename T, int BQ, int CHUNK, int NT>
+inline void varlen_stage_q(threadgroup float* dst, const device T* q_seq, long row_stride, float scale, int q0, int c0,
+                           int sq, uint tid) {
+  for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
+    const int r = idx / CHUNK, c = idx % CHUNK;
+    dst[idx] = q0 + r < sq ? float(q_seq[long(q0 + r) * row_stride + c0 + c]) * scale : 0.0f;
+  }
+}
+
+// The kernel's buffers, in FLASH_SDPA_VARLEN_BUFFER_* order (both kernels below take the same).
+#define FLASH_SDPA_VARLEN_KERNEL_BUFFERS                                                   \
+  const device T *q [[buffer(FLASH_SDPA_VARLEN_BUFFER_Q)]],                                \
+      const device T *k [[buffer(FLASH_SDPA_VARLEN_BUFFER_K)]],                            \
+      const device T *v [[buffer(FLASH_SDPA_VARLEN_BUFFER_V)]],                            \
+      device T *out [[buffer(FLASH_SDPA_VARLEN_BUFFER_OUT)]],                              \
+      device uint *lse [[buffer(FLASH_SDPA_VARLEN_BUFFER_LSE)]], /* float bits */          \
+      const device int *cu_seqlens_q [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q)]],    \
+      const device int *cu_seqlens_k [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K)]],    \
+      const device float *alibi_slopes [[buffer(FLASH_SDPA_VARLEN_BUFFER_ALIBI)]],         \
+      const device float *sinks [[buffer(FLASH_SDPA_VARLEN_BUFFER_SINKS)]],                \
+      constant flash_sdpa::VarlenParams &p [[buffer(FLASH_SDPA_VARLEN_BUFFER_PARAMS)]],    \
+      const device int *block_table [[buffer(FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE)]]
+
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] kernel void flash_attn_varlen(
-    const device T* q [[buffer(FLASH_SDPA_VARLEN_BUFFER_Q)]],
-    const device T* k [[buffer(FLASH_SDPA_VARLEN_BUFFER_K)]],
-    const device T* v [[buffer(FLASH_SDPA_VARLEN_BUFFER_V)]],
-    device T* out [[buffer(FLASH_SDPA_VARLEN_BUFFER_OUT)]],
-    device uint* lse [[buffer(FLASH_SDPA_VARLEN_BUFFER_LSE)]],  // float bits
-    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q)]],
-    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K)]],
-    const device float* alibi_slopes [[buffer(FLASH_SDPA_VARLEN_BUFFER_ALIBI)]],
-    const device float* sinks [[buffer(FLASH_SDPA_VARLEN_BUFFER_SINKS)]],
-    constant flash_sdpa::VarlenParams& p [[buffer(FLASH_SDPA_VARLEN_BUFFER_PARAMS)]],
-    const device int* block_table [[buffer(FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE)]],
+    FLASH_SDPA_VARLEN_KERNEL_BUFFERS,
     uint3 tg_pos [[threadgroup_position_in_grid]],
     uint3 tg_count [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]],
@@ -74,53 +253,35 @@ template <typename T, int D>
 
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
-
-  // Sequence extents, clamped to the tensors whatever cu_seqlens holds.
-  int start_q = 0, start_k = 0, sq, sk;
-  if (varlen_is_varlen) {
-    start_q = min(max(cu_seqlens_q[b], 0), p.q_rows);
-    sq = min(max(cu_seqlens_q[b + 1], start_q), p.q_rows) - start_q;
-    if (varlen_paged) {  // each sequence has its own block-table row: keys count from 0, up to the row's capacity
-      const long capacity = long(p.max_blocks) * p.block_size;
-      sk = int(clamp(long(cu_seqlens_k[b + 1]) - long(cu_seqlens_k[b]), 0l, capacity));
-    } else {
-      start_k = min(max(cu_seqlens_k[b], 0), p.k_rows);
-      sk = min(max(cu_seqlens_k[b + 1], start_k), p.k_rows) - start_k;
-    }
-  } else {
-    sq = min(p.seqlen_q, p.q_rows);
-    sk = min(p.seqlen_k, p.k_rows);
-  }
-
+  const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
   const int kvh = h / (p.num_heads / p.num_kv_heads);
-  const device T* q_seq = q + long(b) * p.q_batch_stride + long(start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-  const device T* k_seq = k + long(b) * p.k_batch_stride + long(start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq = v + long(b) * p.v_batch_stride + long(start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
-  device T* o_seq = out + long(b) * p.o_batch_stride + long(start_q) * p.o_row_stride + long(h) * p.o_head_stride;
-  device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + start_q;
+  // (batch, row, head, d = 1) through the strides; row start_x of this sequence
+  const device T* q_seq = q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
+  device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
+  const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+
+  threadgroup float* k_tile = kv_tile;
+  threadgroup float* v_tile = kv_tile + BK * D;
+  threadgroup float* s_strip = score_tile + sg * 8 * BK;
+  threadgroup float* diag = diag_tile + sg * 64;
+  const int sub = int(lane) % 4;
 
   // Query tiles q0, q0 + grid x 32, ...: every row of every sequence is computed whatever max_seqlen_q (which only
   // sizes the grid) says. The loop bounds are uniform across the threadgroup, so every thread meets every barrier.
-  for (int q0 = int(tg_pos.x) * BQ; q0 < sq; q0 += int(tg_count.x) * BQ) {
+  for (int q0 = int(tg_pos.x) * BQ; q0 < seq.sq; q0 += int(tg_count.x) * BQ) {
     // Keys any row of this tile can see (bottom-right aligned: row i sits at key position i + sk - sq).
-    const int offset = sk - sq;
-    const int last_row = min(q0 + BQ, sq) - 1;
-    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, sk).x;
-    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, sk).y + 1;
-
-    threadgroup float* k_tile = kv_tile;
-    threadgroup float* v_tile = kv_tile + BK * D;
-    threadgroup float* s_strip = score_tile + sg * 8 * BK;
-    threadgroup float* diag = diag_tile + sg * 64;
+    const int offset = seq.sk - seq.sq;
+    const int last_row = min(q0 + BQ, seq.sq) - 1;
+    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, seq.sk).x;
+    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, seq.sk).y + 1;
 
     // Q rows of this simdgroup, times scale, as DB 8x8 blocks.
     simdgroup_matrix<float, 8, 8> q_frag[DB];
     for (int c0 = 0; c0 < D; c0 += CHUNK) {
-      for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
-        const int r = idx / CHUNK, c = idx % CHUNK;
-        const int i = q0 + r;
-        kv_tile[idx] = i < sq ? float(q_seq[long(i) * p.q_row_stride + c0 + c]) * p.scale : 0.0f;
-      }
+      varlen_stage_q<T, BQ, CHUNK, NT>(kv_tile, q_seq, p.q_row_stride, p.scale, q0, c0, seq.sq, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       for (int cb = 0; cb < CHUNK / 8; ++cb) {
         simdgroup_load(q_frag[c0 / 8 + cb], kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
@@ -132,52 +293,16 @@ template <typename T, int D>
     for (int db = 0; db < DB; ++db) {
       o_frag[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-
-    // Softmax state of row `row` of this simdgroup, replicated in its 4 lanes.
-    const int row = int(lane) / 4;
-    const int sub = int(lane) % 4;
-    const int i = q0 + int(sg) * 8 + row;
-    const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
-    const int lo_i = keys_i.x;
-    const int hi_i = i >= sq ? -1 : keys_i.y;
-    bool bad = false;  // this lane saw a visible score that is NaN or inf
-    const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
-    float m = kVarlenMasked;  // running max, log2 domain
-    float l = 0.0f;           // running sum of exp2(s - m)
+    // Softmax state of row lane / 4 of this simdgroup, replicated in its 4 lanes.
+    VarlenRow row = varlen_row(q0 + int(sg) * 8 + int(lane) / 4, seq, slope, p);
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      // Paged: where each key row of the tile lives (one block-table read per key; invalid ids are masked).
       if (varlen_paged) {
-        for (int r = int(tid); r < BK; r += NT) {
-          const int j = k0 + r;
-          long k_off = -1, v_off = -1;
-          if (j < kv_end) {
-            const int id = block_table[long(b) * p.block_table_stride + j / p.block_size];
-            if (id >= 0 && id < p.num_blocks) {
-              const long slot = j % p.block_size;
-              k_off = long(id) * p.k_block_stride + slot * p.k_row_stride;
-              v_off = long(id) * p.v_block_stride + slot * p.v_row_stride;
-            }
-          }
-          key_offsets[r] = k_off;
-          key_offsets[BK + r] = v_off;
-        }
+        varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      // Stage keys [k0, k0 + BK) as float; rows at or past kv_end (or masked) are zeros.
-      for (int idx = int(tid); idx < BK * D; idx += NT) {
-        const int r = idx / D, c = idx % D;
-        const int j = k0 + r;
-        long k_off = long(j) * p.k_row_stride, v_off = long(j) * p.v_row_stride;
-        bool in = j < kv_end;
-        if (varlen_paged) {
-          k_off = key_offsets[r];
-          v_off = key_offsets[BK + r];
-          in = k_off >= 0;
-        }
-        k_tile[idx] = in ? float(k_seq[k_off + c]) : 0.0f;
-        v_tile[idx] = in ? float(v_seq[v_off + c]) : 0.0f;
-      }
+      varlen_stage_rows<T, BK, D, NT>(k_tile, k_seq, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT>(v_tile, v_seq, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // S (8 x BK) = Q K^T: K blocks loaded transposed.
@@ -192,42 +317,7 @@ template <typename T, int D>
       }
       simdgroup_barrier(mem_flags::mem_threadgroup);
 
-      // Online softmax over this lane's columns sub, sub + 4, ...
-      float sv[BK / 4];
-      float tile_max = kVarlenMasked;
-      for (int t = 0; t < BK / 4; ++t) {
-        const int c = sub + 4 * t;
-        const int j = k0 + c;
-        float s = s_strip[row * BK + c];
-        bool visible = j >= lo_i && j <= hi_i && (!varlen_paged || key_offsets[c] >= 0);
-        if (visible && flash_sdpa::is_nonfinite(s)) {  // before the softcap clamp could hide a NaN
-          bad = true;
-          visible = false;
-        }
-        if (varlen_has_softcap) {
-          s = flash_sdpa::apply_softcap(s, p.softcap);
-        }
-        if (varlen_has_alibi) {
-          s -= slope * abs(float(i + offset - j));
-        }
-        s = visible ? s * kVarlenLog2e : kVarlenMasked;
-        sv[t] = s;
-        tile_max = max(tile_max, s);
-      }
-      tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
-      tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(2)));
-      const float m_new = max(m, tile_max);
-      const float alpha = exp2(m - m_new);
-      float row_sum = 0.0f;
-      for (int t = 0; t < BK / 4; ++t) {
-        const float pr = sv[t] > kVarlenMasked ? exp2(sv[t] - m_new) : 0.0f;
-        s_strip[row * BK + sub + 4 * t] = pr;
-        row_sum += pr;
-      }
-      row_sum += simd_shuffle_xor(row_sum, ushort(1));
-      row_sum += simd_shuffle_xor(row_sum, ushort(2));
-      l = l * alpha + row_sum;
-      m = m_new;
+      const float alpha = varlen_softmax_step<BK>(s_strip + (int(lane) / 4) * BK, key_offsets, row, sub, k0, p);
       varlen_write_diagonal(diag, alpha, lane);
       simdgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -251,22 +341,9 @@ template <typename T, int D>
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
-    // Normalise: sinks join the denominator only; a row with no visible key gets 0 and LSE = -inf.
-    float m_final = m, factor = 1.0f, denom = l;
-    if (varlen_has_sinks) {
-      const float sink = sinks[h] * kVarlenLog2e;
-      m_final = max(m, sink);
-      factor = exp2(m - m_final);
-      denom = l * factor + exp2(sink - m_final);
-    }
-    const bool empty = !(l > 0.0f);
-    uint bad_row = bad ? 1u : 0u;  // over the row's 4 lanes; every lane shuffles (no short-circuit)
-    bad_row |= simd_shuffle_xor(bad_row, ushort(1));
-    bad_row |= simd_shuffle_xor(bad_row, ushort(2));
-    if (sub == 0) {
-      bad_tile[int(sg) * 8 + row] = bad_row;
-    }
-    varlen_write_diagonal(diag, empty ? 0.0f : factor / denom, lane);
+    const float norm = varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f,
+                                         &bad_tile[int(sg) * 8 + int(lane) / 4], lse_seq);
+    varlen_write_diagonal(diag, norm, lane);
     simdgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_matrix<float, 8, 8> normalise;
     simdgroup_load(normalise, diag, 8);
@@ -278,20 +355,8 @@ template <typename T, int D>
         simdgroup_store(ob, kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
-        const int r = idx / CHUNK, c = idx % CHUNK;
-        if (q0 + r < sq) {
-          const float o = bad_tile[r] != 0 ? as_type<float>(flash_sdpa::kNanBits) : kv_tile[idx];
-          o_seq[long(q0 + r) * p.o_row_stride + c0 + c] = T(o);
-        }
-      }
+      varlen_write_out<T, BQ, CHUNK, NT>(o_seq + c0, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
-    }
-
-    if (sub == 0 && i < sq) {
-      lse_seq[i] = bad_row != 0 ? flash_sdpa::kNanBits
-                   : empty        ? flash_sdpa::kNegInfBits
-                                  : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
     }
   }
 }

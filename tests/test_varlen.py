@@ -323,7 +323,8 @@ def _bad_case(device, **over):
         ("window", lambda d: dict(window_size=(-2, 0)), "window_size"),
         ("alibi dtype", lambda d: dict(alibi_slopes=torch.ones(3, device=d)), "alibi_slopes must have shape"),
         ("s_aux shape", lambda d: dict(s_aux=torch.ones(3, device=d)), "s_aux must have shape"),
-        ("block_table", lambda d: dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=d)), "block_table"),
+        ("block_table", lambda d: dict(block_table=torch.zeros(2, 1, dtype=torch.int32, device=d)),
+         r"k must have shape \[num_blocks"),
     ],
     ids=lambda x: x if isinstance(x, str) else "",
 )
