@@ -360,3 +360,132 @@ template <typename T, int D>
     }
   }
 }
+
+// Head dims above 256 (Gemma's global layers use 512): the layout above would hold 2 x D / 8 fragments of Q and O per
+// lane and need more than 32 KB for its K/V tiles. Here a threadgroup takes 8 query rows, and its 4 simdgroups split
+// the head dim: simdgroup c owns columns [c D/4, (c + 1) D/4) of Q and O (D / 32 fragments each, as many as the
+// D = 128 layout), computes the partial scores of its columns, and simdgroup 0 sums the 4 partials and runs the
+// softmax for all. K and V go through one staging tile, one after the other (8 keys x D floats = 16 KB at D = 512).
+template <typename T, int D>
+[[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] kernel void flash_attn_varlen_wide(
+    FLASH_SDPA_VARLEN_KERNEL_BUFFERS,
+    uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]],
+    uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
+  constexpr int NSG = flash_sdpa::kVarlenSimdgroups;
+  constexpr int BQ = flash_sdpa::kVarlenWideBlockQ;  // 8 query rows per tile
+  constexpr int BK = flash_sdpa::kVarlenWideBlockK;  // 8 keys per tile
+  constexpr int NT = flash_sdpa::kVarlenThreads;
+  constexpr int DS = D / NSG;  // head-dim columns of one simdgroup
+  constexpr int FB = DS / 8;   // its 8x8 fragments
+  static_assert(BQ == 8 && BK == 8 && DS % 8 == 0, "one 8x8 score block per simdgroup");
+  static_assert(flash_sdpa::varlen_wide_threadgroup_bytes(D) <= flash_sdpa::kVarlenMaxThreadgroupBytes, "32 KB");
+
+  threadgroup float kv_tile[BK * D];        // K, then V, of the key tile; Q and O staging (BQ == BK rows)
+  threadgroup float partial[NSG * BQ * BK];  // simdgroup c's partial scores over its columns; [0]: sums, then P
+  threadgroup float diag[64];               // diag(alpha), then diag(1 / denominator)
+  threadgroup uint bad_tile[BQ];
+  threadgroup long key_offsets[2 * BK];
+
+  const int b = int(tg_pos.z);
+  const int h = int(tg_pos.y);
+  const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
+  const int kvh = h / (p.num_heads / p.num_kv_heads);
+  // (batch, row, head, d = 1) through the strides; row start_x of this sequence
+  const device T* q_seq = q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
+  device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
+  const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+  const int col0 = int(sg) * DS;
+  const int sub = int(lane) % 4;
+
+  for (int q0 = int(tg_pos.x) * BQ; q0 < seq.sq; q0 += int(tg_count.x) * BQ) {
+    const int offset = seq.sk - seq.sq;
+    const int last_row = min(q0 + BQ, seq.sq) - 1;
+    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, seq.sk).x;
+    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, seq.sk).y + 1;
+
+    // This simdgroup's columns of the 8 Q rows, times scale.
+    varlen_stage_q<T, BQ, D, NT>(kv_tile, q_seq, p.q_row_stride, p.scale, q0, 0, seq.sq, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<float, 8, 8> q_frag[FB];
+    simdgroup_matrix<float, 8, 8> o_frag[FB];
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_load(q_frag[f], kv_tile + col0 + f * 8, D);
+      o_frag[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    // Softmax state (simdgroup 0 only: row lane / 4, its 4 lanes).
+    VarlenRow row = varlen_row(q0 + int(lane) / 4, seq, slope, p);
+
+    for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
+      if (varlen_paged) {
+        varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+      varlen_stage_rows<T, BK, D, NT>(kv_tile, k_seq, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+
+      // Partial S (8 x 8) over this simdgroup's columns: K blocks loaded transposed.
+      simdgroup_matrix<float, 8, 8> s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      for (int f = 0; f < FB; ++f) {
+        simdgroup_matrix<float, 8, 8> kt;
+        simdgroup_load(kt, kv_tile + col0 + f * 8, D, ulong2(0, 0), true);
+        simdgroup_multiply_accumulate(s, q_frag[f], kt, s);
+      }
+      simdgroup_store(s, partial + int(sg) * BQ * BK, BK);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+
+      // V replaces K in the tile while simdgroup 0 sums the partials and runs the softmax step.
+      varlen_stage_rows<T, BK, D, NT>(kv_tile, v_seq, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
+      if (sg == 0) {
+        threadgroup float* strip = partial + (int(lane) / 4) * BK;
+        for (int t = 0; t < BK / 4; ++t) {
+          const int c = sub + 4 * t;
+          float sum = strip[c];
+          for (int w = 1; w < NSG; ++w) {
+            sum += strip[w * BQ * BK + c];
+          }
+          strip[c] = sum;
+        }
+        const float alpha = varlen_softmax_step<BK>(strip, key_offsets, row, sub, k0, p);
+        varlen_write_diagonal(diag, alpha, lane);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+
+      // O = diag(alpha) O + P V over this simdgroup's columns.
+      simdgroup_matrix<float, 8, 8> rescale, p_frag;
+      simdgroup_load(rescale, diag, 8);
+      simdgroup_load(p_frag, partial, BK);
+      for (int f = 0; f < FB; ++f) {
+        simdgroup_matrix<float, 8, 8> acc, vb;
+        simdgroup_multiply(acc, rescale, o_frag[f]);
+        simdgroup_load(vb, kv_tile + col0 + f * 8, D);
+        simdgroup_multiply_accumulate(acc, p_frag, vb, acc);
+        o_frag[f] = acc;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+
+    if (sg == 0) {
+      const float norm = varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f,
+                                           &bad_tile[int(lane) / 4], lse_seq);
+      varlen_write_diagonal(diag, norm, lane);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<float, 8, 8> normalise;
+    simdgroup_load(normalise, diag, 8);
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_matrix<float, 8, 8> ob;
+      simdgroup_multiply(ob, normalise, o_frag[f]);
+      simdgroup_store(ob, kv_tile + col0 + f * 8, D);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    varlen_write_out<T, BQ, D, NT>(o_seq, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}

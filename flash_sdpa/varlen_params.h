@@ -71,12 +71,27 @@ constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim) {
                                                                                 : 8;
 }
 
+// Wide head dims (flash_attn_varlen_wide, D > 256): 8-row query tiles whose 4 simdgroups split the head dim, and one
+// 8-key staging tile that holds K, then V.
+FSDPA_CONSTANT fsdpa_i32 kVarlenWideBlockQ = 8;
+FSDPA_CONSTANT fsdpa_i32 kVarlenWideBlockK = 8;
+
+constexpr fsdpa_i32 varlen_wide_threadgroup_bytes(fsdpa_i32 head_dim) {
+  return 4 * (kVarlenWideBlockK * head_dim + kVarlenSimdgroups * kVarlenWideBlockQ * kVarlenWideBlockK + 64 +
+              kVarlenWideBlockQ) + 16 * kVarlenWideBlockK;
+}
+
+// Query rows per tile (the grid's x axis counts tiles of this many rows).
+constexpr fsdpa_i32 varlen_block_q(fsdpa_i32 head_dim) { return head_dim > 256 ? kVarlenWideBlockQ : kVarlenBlockQ; }
+
 // The supported configurations: one list drives the MSL instantiations, the host check and the test grid.
 //   X(msl type, dtype name): float32 / float16 / bfloat16, the names the kernel names and torch use.
 //   Y(a, b, head dim): head dims are multiples of 8 (simdgroup_matrix tiles); a, b are passed through.
+//   The wide list (D > 256, multiples of 32) instantiates flash_attn_varlen_wide under the same kernel names.
 #define FLASH_SDPA_VARLEN_DTYPES(X) X(float, float32) X(half, float16) X(bfloat, bfloat16)
 #define FLASH_SDPA_VARLEN_HEAD_DIMS(Y, a, b) \
   Y(a, b, 32) Y(a, b, 64) Y(a, b, 72) Y(a, b, 80) Y(a, b, 96) Y(a, b, 128) Y(a, b, 192) Y(a, b, 256)
+#define FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(Y, a, b) Y(a, b, 512)
 
 #define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                         \
   static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                   \
@@ -84,6 +99,12 @@ constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim) {
                 "the tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");
 FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_HEAD_DIM
+#define FLASH_SDPA_CHECK_WIDE_HEAD_DIM(a, b, D)                                                  \
+  static_assert((D) > 256 && (D) % 32 == 0, "wide head dims split into 4 x whole 8x8 tiles");     \
+  static_assert(varlen_wide_threadgroup_bytes(D) <= kVarlenMaxThreadgroupBytes,                 \
+                "the wide tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");
+FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(FLASH_SDPA_CHECK_WIDE_HEAD_DIM, _, _)
+#undef FLASH_SDPA_CHECK_WIDE_HEAD_DIM
 
 // Element (i, d) of head h of sequence b lives at
 //   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)

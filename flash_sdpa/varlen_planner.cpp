@@ -18,7 +18,8 @@ std::string varlen_kernel_name(at::ScalarType dtype, int64_t head_dim) {
 
 const std::vector<int64_t>& varlen_head_dims() {
 #define FLASH_SDPA_HEAD_DIM_ENTRY(a, b, D) D,
-  static const std::vector<int64_t> dims{FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_HEAD_DIM_ENTRY, _, _)};
+  static const std::vector<int64_t> dims{FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_HEAD_DIM_ENTRY, _, _)
+                                             FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(FLASH_SDPA_HEAD_DIM_ENTRY, _, _)};
 #undef FLASH_SDPA_HEAD_DIM_ENTRY
   return dims;
 }
@@ -111,7 +112,8 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       {FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE, call.block_table.value_or(call.lse)},
   };
   d.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
-  d.threadgroups = {to_u32((grid_rows + kVarlenBlockQ - 1) / kVarlenBlockQ, "query tiles"),
+  const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
+  d.threadgroups = {to_u32((grid_rows + block_q - 1) / block_q, "query tiles"),
                     to_u32(heads, "num_heads"), to_u32(batch, "batch")};
   d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
   plan.dispatches.push_back(std::move(d));

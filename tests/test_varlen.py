@@ -12,6 +12,7 @@ import torch
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 HEAD_DIMS = [32, 64, 72, 80, 96, 128, 192, 256]  # the kernel's list; test_supported_head_dims checks they agree
+WIDE_HEAD_DIMS = [512]  # flash_attn_varlen_wide: 8-row tiles, the head dim split across simdgroups
 HEADS = {"mha": (4, 4), "gqa": (6, 2), "mqa": (4, 1)}
 
 # (query lengths, key lengths, extra q rows past cu_seqlens_q[-1])
@@ -76,7 +77,7 @@ def run_varlen_case(kernel, device, dtype, head_dim, heads, layout, causal=False
 
 
 def test_supported_head_dims(kernel):
-    assert list(kernel.supported_head_dims()) == HEAD_DIMS
+    assert list(kernel.supported_head_dims()) == HEAD_DIMS + WIDE_HEAD_DIMS
 
 
 def test_api_surface(kernel):
@@ -97,10 +98,35 @@ def test_api_surface(kernel):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS + WIDE_HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtype_head_dim(kernel, device, dtype, head_dim):
     run_varlen_case(kernel, device, dtype, head_dim, "gqa", ([5, 37], [9, 37], 0), causal=True)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("feature", ["window", "softcap", "sinks", "alibi", "layout", "nan_row"])
+def test_wide_head_dim(kernel, device, emulator, feature):
+    """D = 512 (Gemma's global layers) on the wide kernel: features, a ragged layout, a NaN row kept to itself, under
+    the race detector with a random schedule."""
+    emulator(schedule="random", seed=5, check_races=True)
+    kw = dict(causal=True)
+    if feature == "window":
+        kw["window"] = (6, 0)
+    if feature in ("softcap", "sinks", "alibi"):
+        kw[feature] = 2.0 if feature == "softcap" else True
+    layout = "ragged" if feature == "layout" else ([9, 20], [30, 20], 3)
+    if feature != "nan_row":
+        run_varlen_case(kernel, device, torch.float16, 512, "gqa", layout, **kw)
+        return
+    q, k, v, cu_q, cu_k = make_inputs([12], [12], 2, 1, 512, torch.float16, device)
+    q = q.clone()
+    q[5, 1] = float("nan")
+    out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 12, 12, causal=True)
+    assert torch.isnan(out[5, 1]).all()
+    keep = torch.ones(12, 2, dtype=torch.bool)
+    keep[5, 1] = False
+    assert torch.isfinite(out.cpu()[keep]).all()
 
 
 @pytest.mark.kernels_ci
