@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "launch_plan.h"
+#include "paged_planner.h"
 
 #ifdef EMBEDDED_METALLIB_HEADER
 #include EMBEDDED_METALLIB_HEADER
@@ -111,6 +112,31 @@ id<MTLComputePipelineState> pipeline(id<MTLDevice> device, const Dispatch& d) {
   cache.emplace(key, pso);  // owned by the cache for the process
   return pso;
 }
+
+// GPU cores of the MPS device for the decode split heuristic, read once from its name ("Apple M2 Max"): the largest
+// configuration of its class (base 10, Pro 20, Max 40, Ultra 80); 0 for any other name, and the planner falls back
+// to kDefaultGpuCores. Metal has no core-count API; the IORegistry's gpu-core-count would be exact but needs IOKit.
+int64_t mps_gpu_core_count() {
+  static std::once_flag once;
+  static int64_t cores = 0;
+  std::call_once(once, [] {
+    @autoreleasepool {
+      at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
+      NSString* name = stream != nullptr ? stream->device().name : nil;
+      const std::string n = name != nil ? std::string(name.UTF8String) : std::string();
+      if (n.rfind("Apple M", 0) == 0) {
+        cores = n.find("Ultra") != std::string::npos ? 80
+                : n.find("Max") != std::string::npos ? 40
+                : n.find("Pro") != std::string::npos ? 20
+                                                     : 10;
+      }
+    }
+  });
+  return cores;
+}
+
+// Registered when the library loads; called only when a decode is planned.
+const bool kCoreCountProviderRegistered = (set_gpu_core_count_provider(&mps_gpu_core_count), true);
 
 }  // namespace
 

@@ -48,8 +48,10 @@ struct DecodeLayout {
   static constexpr int G = 32 / L;
   static constexpr int CPL = (NC + L - 1) / L;  // chunks per lane
   static constexpr int EPL = CPL * EPC;         // elements (accumulators) per lane and row
-  // Keys per group and step: ~64 bytes of K, as much of V, per lane in flight; R x U scores per lane.
-  static constexpr int U0 = 64 / (CPL * kChunkBytes);
+  // Keys per group and step: ~32 bytes of K, as much of V, per lane in flight (2 keys at 16-byte chunks); R x U
+  // scores per lane. More per step costs registers, so fewer resident simdgroups: on the proxy 64 B was 1.1-1.3x
+  // slower than 32 B at every benchmarked shape (tests/metal_cuda/RESULTS.md).
+  static constexpr int U0 = 32 / (CPL * kChunkBytes);
   static constexpr int U1 = U0 < 32 / R ? U0 : 32 / R;
   static constexpr int U = U1 < 1 ? 1 : (U1 > 8 ? 8 : U1);
   static constexpr int kStepKeys = G * U;  // keys per simdgroup step

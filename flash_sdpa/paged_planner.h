@@ -42,7 +42,7 @@ struct PagedKVCacheAttention {
   // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
   // value when cache_seqlens is a Python int, else the block table's capacity (varlen: max_seqlen_k).
   int64_t max_seqlen_k = 0;
-  // Threadgroups the split heuristic aims at; 0: gpu_cores x paged::kDecodeThreadgroupsPerCore.
+  // Threadgroups the split heuristic aims at; 0: gpu_cores x kDecodeThreadgroupsPerCore.
   int64_t target_threadgroups = 0;
   // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
   // (gpu_core_count), else kDefaultGpuCores.
@@ -50,13 +50,14 @@ struct PagedKVCacheAttention {
 };
 
 // The device description the split heuristic uses. metal_launch.mm registers a provider that reads the GPU's core
-// count once; without one (the emulator, a failed read) the planner assumes kDefaultGpuCores.
-constexpr int64_t kDefaultGpuCores = 40;  // M-series Max class (M2 Max 38, M3 / M4 Max 40): splitting for more
-                                          // cores than exist costs a little combine work, for fewer idles cores
-// Split heuristic: a decode threadgroup (128 threads, <= 8.5 KB of threadgroup memory) leaves room for several per
-// core; aim at 8 per core so that every core has work while others wait on memory, and keep each split long enough
-// that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
-constexpr int64_t kDecodeThreadgroupsPerCore = 8;
+// count once; without one (the emulator, an unknown device) the planner assumes kDefaultGpuCores.
+constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-80 cores): splitting for more cores
+                                          // than exist costs a little combine work, for fewer leaves cores idle
+// Split heuristic: aim at 4 decode threadgroups (128 threads, <= 8.5 KB of threadgroup memory each) per core, one
+// full wave of resident threadgroups: more splits only add waves and combine work (proxy sweeps: the best split count
+// was target / work at 4 per SM on every benchmarked shape, tests/metal_cuda/RESULTS.md); keep each split long
+// enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
+constexpr int64_t kDecodeThreadgroupsPerCore = 4;
 constexpr int64_t kMinKeysPerSplit = 128;
 using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
@@ -77,8 +78,8 @@ int64_t paged_max_rows(int64_t head_dim);
 int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed);
 
 // Split count: 1 when batch x kv_heads x row_blocks threadgroups already reach target_threadgroups (0: the device's
-// gpu_core_count() x kDecodeThreadgroupsPerCore), else enough splits to reach it while keeping >= kMinKeysPerSplit
-// keys per split. A run-time value of the kernel: no pipeline depends on it.
+// gpu_core_count() x kDecodeThreadgroupsPerCore), else target / work splits (rounded down) while keeping
+// >= kMinKeysPerSplit keys per split. A run-time value of the kernel: no pipeline depends on it.
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target_threadgroups = 0);
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);

@@ -498,3 +498,154 @@ def test_traffic_gqa8_s2048():
         print(f"splits={splits}: K/V loaded {kv_loaded} B, valid {valid} B, ratio {ratio:.4f}, "
               f"dispatches {len(stats)}, max err {err:.3g} (torch fp16 {base:.3g})")
         assert ratio <= 1.1
+
+
+# ---- varlen mode (FLASH_SDPA_FC_DECODE_VARLEN): packed K/V, rows from cu_seqlens --------------------------------
+
+
+def run_varlen_decode(q, k, v, cu_q, cu_k, *, scale, window=(-1, -1), softcap=0.0, alibi=None, sinks=None,
+                      num_splits=1, **dispatch_kw):
+    """Mirrors paged_planner.cpp in varlen mode: q [total_q, H, D], k / v [total_k, Hkv, D]; out / lse start NaN."""
+    total_q, H, D = q.shape
+    total_k, Hkv, _ = k.shape
+    Bsz = cu_q.shape[0] - 1
+    name = dtype_name(q.dtype)
+    group = H // Hkv
+    rows = rows_per_threadgroup(D, group)
+    row_blocks = math.ceil(group / rows)
+    split = num_splits > 1
+    out = torch.full((total_q, H, D), float("nan"), dtype=q.dtype)
+    lse = torch.full((H, total_q), float("nan"), dtype=torch.float32)
+    o_part = torch.full((num_splits, Bsz, H, 1, D), float("nan"))
+    ml_part = torch.full((num_splits, Bsz, H, 1, 2), float("nan"))
+    none = cu_q
+    ap = PagedDecodeParams(0, q.stride(0), q.stride(1), k.stride(0), 0, k.stride(1), v.stride(0), 0, v.stride(1), 0,
+                           Bsz, 1, H, Hkv, D, row_blocks, 1, total_k, 0, 0, num_splits, window[0], window[1],
+                           H if alibi is not None and alibi.dim() == 2 else 0, total_q, total_k, scale, softcap)
+    stats = [lib("paged_decode_attention").dispatch(
+        f"paged_decode_{name}_d{D}_r{rows}", threadgroups=(num_splits, Hkv * row_blocks, Bsz),
+        threads_per_threadgroup=(DECODE_THREADS, 1, 1),
+        buffers={B["FLASH_SDPA_DECODE_BUF_Q"]: q, B["FLASH_SDPA_DECODE_BUF_K_CACHE"]: k,
+                 B["FLASH_SDPA_DECODE_BUF_V_CACHE"]: v, B["FLASH_SDPA_DECODE_BUF_BLOCK_TABLE"]: none,
+                 B["FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS"]: none,
+                 B["FLASH_SDPA_DECODE_BUF_OUT"]: none if split else out,
+                 B["FLASH_SDPA_DECODE_BUF_LSE"]: none if split else lse,
+                 B["FLASH_SDPA_DECODE_BUF_ALIBI"]: none if alibi is None else alibi,
+                 B["FLASH_SDPA_DECODE_BUF_SINKS"]: none if sinks is None or split else sinks,
+                 B["FLASH_SDPA_DECODE_BUF_O_PARTIAL"]: o_part if split else none,
+                 B["FLASH_SDPA_DECODE_BUF_ML_PARTIAL"]: ml_part if split else none,
+                 B["FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q"]: cu_q, B["FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K"]: cu_k},
+        bytes={B["FLASH_SDPA_DECODE_BUF_PARAMS"]: ap},
+        constants={FC["FLASH_SDPA_FC_DECODE_VARLEN"]: True, FC["FLASH_SDPA_FC_DECODE_WRITE_LSE"]: True,
+                   FC["FLASH_SDPA_FC_DECODE_ALIBI"]: alibi is not None,
+                   FC["FLASH_SDPA_FC_DECODE_SINKS"]: sinks is not None,
+                   FC["FLASH_SDPA_FC_DECODE_SOFTCAP"]: softcap > 0,
+                   FC["FLASH_SDPA_FC_DECODE_KV_ALIGNED"]: kv_rows_aligned(k) and kv_rows_aligned(v)},
+        **dispatch_kw)]
+    if split:
+        cp = PagedCombineParams(Bsz, 1, H, D, num_splits, total_q)
+        stats.append(lib("paged_decode_attention").dispatch(
+            f"paged_decode_combine_{name}", threadgroups=(Bsz * H, 1, 1),
+            threads_per_threadgroup=(COMBINE_THREADS, 1, 1),
+            buffers={B["FLASH_SDPA_COMBINE_BUF_O_PARTIAL"]: o_part, B["FLASH_SDPA_COMBINE_BUF_ML_PARTIAL"]: ml_part,
+                     B["FLASH_SDPA_COMBINE_BUF_SINKS"]: none if sinks is None else sinks,
+                     B["FLASH_SDPA_COMBINE_BUF_OUT"]: out, B["FLASH_SDPA_COMBINE_BUF_LSE"]: lse,
+                     B["FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q"]: cu_q},
+            bytes={B["FLASH_SDPA_COMBINE_BUF_PARAMS"]: cp},
+            constants={FC["FLASH_SDPA_FC_COMBINE_WRITE_LSE"]: True,
+                       FC["FLASH_SDPA_FC_COMBINE_SINKS"]: sinks is not None,
+                       FC["FLASH_SDPA_FC_COMBINE_VARLEN"]: True},
+            **dispatch_kw))
+    return out, lse, stats
+
+
+def reference_varlen_decode(q, k, v, cu_q, cu_k, *, dtype=torch.float64, **kw):
+    """Per sequence with a query row in [0, total_q): its keys clamped to [0, total_k], as a one-request cache of one
+    block. Returns {q row: (out [H, D], lse [H])}."""
+    total_q, total_k = q.shape[0], k.shape[0]
+    res = {}
+    for b in range(cu_q.shape[0] - 1):
+        qs, qe = int(cu_q[b]), int(cu_q[b + 1])
+        if not (qe > qs and 0 <= qs < total_q):
+            continue
+        ks = min(max(int(cu_k[b]), 0), total_k)
+        ke = min(max(int(cu_k[b + 1]), ks), total_k)
+        n = ke - ks
+        kc = k[ks:ke].unsqueeze(0) if n else k[:0].new_zeros((1, 1) + k.shape[1:])
+        vc = v[ks:ke].unsqueeze(0) if n else v[:0].new_zeros((1, 1) + v.shape[1:])
+        alibi = kw.get("alibi")
+        kw_b = dict(kw, alibi=None if alibi is None else (alibi[b:b + 1] if alibi.dim() == 2 else alibi))
+        o, lse = reference_attention(q[qs].view(1, 1, *q.shape[1:]), kc, vc, torch.zeros(1, 1, dtype=torch.int32),
+                                     torch.tensor([n], dtype=torch.int32), 0, dtype=dtype, **kw_b)
+        res[qs] = (o[0, 0], lse[0, :, 0])
+    return res
+
+
+VARLEN_FEATURES = {
+    "causal": dict(window=(-1, 0)),
+    "window": dict(window=(9, 0)),
+    "softcap_alibi_sinks": dict(window=(-1, 0), softcap=3.0, use_alibi=True, use_sinks=True),
+}
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("feature", list(VARLEN_FEATURES))
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("group", [1, 4])
+def test_varlen_mode(feature, num_splits, group):
+    """Packed K/V with empty sequences, a sequence without a query, a garbage tail (cu_seqlens past total, negative,
+    decreasing): every sequence with a query row matches the reference over its clamped keys; no other row of out
+    or lse is written."""
+    g = torch.Generator().manual_seed(num_splits * 10 + group + len(feature))
+    Hkv, D, dtype = 2, 64, torch.float16
+    H = Hkv * group
+    lens = [37, 0, 70, 5, 1]
+    total_k = sum(lens)
+    cu_k = [0]
+    for n in lens:
+        cu_k.append(cu_k[-1] + n)
+    cu_k += [total_k + 50, -4, 3]                 # garbage sequences 5..7: past the end, negative, decreasing
+    cu_q = [0, 1, 2, 2, 3, 4, 5, 40, 41]          # sequence 2 has no query; the last starts past total_q (row 6 unused)
+    total_q = 7
+    cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    big = torch.randn(total_q, H, D + 16, generator=g).to(dtype)
+    q = big[..., :D]  # strided rows
+    k = torch.randn(total_k, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(total_k, Hkv, D, generator=g).to(dtype)
+    f = dict(VARLEN_FEATURES[feature])
+    alibi = torch.rand(len(cu_q) - 1, H, generator=g) * 0.3 if f.pop("use_alibi", False) else None
+    sinks = torch.randn(H, generator=g) if f.pop("use_sinks", False) else None
+    kw = dict(scale=D ** -0.5, alibi=alibi, sinks=sinks, **f)
+    out, lse, stats = run_varlen_decode(q, k, v, cu_q_t, cu_k_t, num_splits=num_splits, check_races=True, **kw)
+    assert len(stats) == (2 if num_splits > 1 else 1)
+    ref = reference_varlen_decode(q, k, v, cu_q_t, cu_k_t, **kw)
+    same = reference_varlen_decode(q, k, v, cu_q_t, cu_k_t, dtype=torch.float16, **kw)
+    assert sorted(ref) == [0, 1, 2, 3, 4, 5]
+    for row in range(total_q):
+        if row not in ref:
+            assert torch.isnan(out[row]).all() and torch.isnan(lse[:, row]).all(), f"row {row} was written"
+            continue
+        o_ref, l_ref = ref[row]
+        check_fa2(out[row], o_ref, same[row][0])
+        inf = torch.isinf(l_ref)
+        assert torch.equal(torch.isinf(lse[:, row]) & (lse[:, row] < 0), inf)
+        if (~inf).any():
+            assert (lse[~inf, row].double() - l_ref[~inf]).abs().max().item() <= 2e-2
+
+
+def test_varlen_mode_traffic():
+    """Varlen mode, GQA 8, two sequences of 1024 keys: K/V bytes loaded <= 1.1 x the valid bytes."""
+    D, Hkv, S = 128, 1, 1024
+    q = torch.randn(2, 8 * Hkv, D).half()
+    k, v = torch.randn(2 * S, Hkv, D).half(), torch.randn(2 * S, Hkv, D).half()
+    cu_q, cu_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, S, 2 * S], dtype=torch.int32)
+    for splits in (1, 4):
+        out, lse, stats = run_varlen_decode(q, k, v, cu_q, cu_k, scale=D ** -0.5, window=(-1, 0),
+                                            num_splits=splits)
+        attn = stats[0]
+        loaded = attn.loaded.get(B["FLASH_SDPA_DECODE_BUF_K_CACHE"], 0) + attn.loaded.get(
+            B["FLASH_SDPA_DECODE_BUF_V_CACHE"], 0)
+        assert loaded / (2 * 2 * S * Hkv * D * 2) <= 1.1
+        ref = reference_varlen_decode(q, k, v, cu_q, cu_k, scale=D ** -0.5, window=(-1, 0))
+        for row, (o_ref, _) in ref.items():
+            assert (out[row].double() - o_ref).abs().max().item() < 5e-3

@@ -15,20 +15,27 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from metal_cuda import compiler  # noqa: E402
 
-KERNELS = ["paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
+KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
 _NORUN = ["-mllvm", "-unroll-runtime=false", "-mllvm", "-unroll-allow-partial=false"]
 VARIANTS = {
-    "proxy default (threshold 2000, no run-time unroll)": dict(extra_flags=compiler.DECODE_UNROLL),
-    "threshold 5000 (the earlier default)": dict(extra_flags=["-mllvm", "-unroll-threshold=5000"]),
-    "clang default unrolling": dict(extra_flags=["-mllvm", "-unroll-threshold=300"]),
-    "threshold 1000, no run-time unroll": dict(extra_flags=["-mllvm", "-unroll-threshold=1000"] + _NORUN),
+    "proxy default (threshold 5000, no run-time unroll)": dict(extra_flags=compiler.DECODE_UNROLL),
 }
 INDEX = compiler.cache_dir() / "variants.json"
 # Experiments on a copy (flash_sdpa/ untouched): the kernel source with one text edit each.
-SOURCE_VARIANTS = {}
+_INFLIGHT = "  static constexpr int U0 = 32 / (CPL * kChunkBytes);"
+_CHUNK = "  static constexpr int kChunkBytes = R <= 4 ? 16 : 8;"
+SOURCE_VARIANTS = {
+    "16 B of K in flight per lane (U = 1 at 16-byte chunks)":
+        [(_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")],
+    "8-byte chunks from R = 4 (L = 32 at fp16 D = 128: half the accumulators)":
+        [(_CHUNK, "  static constexpr int kChunkBytes = R <= 2 ? 16 : 8;")],
+    "8-byte chunks from R = 4, 16 B in flight":
+        [(_CHUNK, "  static constexpr int kChunkBytes = R <= 2 ? 16 : 8;"),
+         (_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")],
+}
 
 
-def _patched_copy(name, old, new) -> Path:
+def _patched_copy(name, edits) -> Path:
     import hashlib
     import shutil
 
@@ -38,9 +45,17 @@ def _patched_copy(name, old, new) -> Path:
     for f in ("paged_decode_attention.metal", "paged_params.h"):
         shutil.copy(src_dir / f, dst / f)
     text = (src_dir / "paged_decode_attention.h").read_text()
-    assert old in text, f"{name}: the kernel changed, update the experiment"
-    (dst / "paged_decode_attention.h").write_text(text.replace(old, new))
+    for old, new in edits:
+        assert old in text, f"{name}: the kernel changed, update the experiment"
+        text = text.replace(old, new)
+    (dst / "paged_decode_attention.h").write_text(text)
     return dst
+
+
+def shutil_copy_device_headers(dst: Path) -> None:
+    import shutil
+
+    shutil.copy(compiler.FLASH_SDPA / "attention_device.h", dst / "attention_device.h")
 
 
 def build():
@@ -51,8 +66,9 @@ def build():
         path = compiler.build(src, [str(d) for d in inc], kernels=KERNELS, **kw)
         index[name] = path.name
         print(name, "->", path.name)
-    for name, (old, new) in SOURCE_VARIANTS.items():
-        copy = _patched_copy(name, old, new)
+    for name, edits in SOURCE_VARIANTS.items():
+        copy = _patched_copy(name, edits)
+        shutil_copy_device_headers(copy)
         path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS,
                               extra_flags=compiler.DECODE_UNROLL)
         index[name] = path.name
@@ -69,18 +85,31 @@ def time_variants():
 
     index = json.loads(INDEX.read_text())
     base = gc.libraries()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("| variant | shape | splits | regs | local B | us/call | GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
+    shapes = ((4, 16, 16, 50), (1, 32, 8, 16384), (32, 32, 8, 2048), (8, 32, 8, 4096), (1, 32, 32, 8192))
+    cases = {sh: gc.make_paged_case(sh[0], sh[3], sh[1], sh[2], 128, torch.float16, 16, sk_new=0, full_length=True,
+                                    padded_rows=False, seed=1) for sh in shapes}
     for name, folder in index.items():
         gc._LIBS = dict(base, paged_decode_attention=launch.Library(compiler.cache_dir() / folder))
-        for B, S in ((1, 16384), (32, 2048)):
-            case = gc.make_paged_case(B, S, 32, 8, 128, torch.float16, 16, sk_new=0, full_length=True,
-                                      padded_rows=False, seed=1)
-            fn, attn = bench.paged_callable(case, torch.empty_like(case.q))
-            us = bench.time_us(fn)
-            gbs = 2 * B * S * 8 * 128 * 2 / us / 1e3
-            print(f"| {name} | B={B} S={S} | {attn.grid[0]} | {attn.pipeline.num_regs} | "
-                  f"{attn.pipeline.local_bytes} | {us:.1f} | {gbs:.0f} |")
+        for (B, H, Hkv, S), case in cases.items():
+            for splits in (0, 16, 40):
+                if splits * 16 > S:
+                    continue
+                out = torch.empty_like(case.q)
+                plan = gc.plan_paged(case, out, None, scale=0.1, window=(-1, 0), num_splits=splits, with_new=False,
+                                     gpu_cores=sms)
+                prepared = launch.prepare_plan(gc.libraries(), plan)
+
+                def fn():
+                    for p in prepared:
+                        p.launch()
+                attn = next(p for p in prepared if "combine" not in p.pipeline.kernel)
+                us = bench.time_us(fn)
+                gbs = 2 * B * S * Hkv * 128 * 2 / us / 1e3
+                print(f"| {name} | B={B} H={H}/{Hkv} S={S} | {attn.grid[0]} | {attn.pipeline.num_regs} | "
+                      f"{attn.pipeline.local_bytes} | {us:.1f} | {gbs:.0f} |", flush=True)
     gc._LIBS = base
 
 
