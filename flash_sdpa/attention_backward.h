@@ -72,15 +72,24 @@ inline float bwd_score_log2(float s, float softcap, float slope, int dist, threa
   return s * kBwdLog2e;
 }
 
+// (P, dS) of one (query, key) pair from s = scale q . k and dP = dO . v: P = exp(s' - lse) where visible, else 0.
+inline float2 bwd_p_ds(float2 s_dp, float softcap, float slope, int dist, bool visible, float lse2, float delta) {
+  float dsoft;
+  const float s2 = bwd_score_log2(s_dp.x, softcap, slope, dist, &dsoft);
+  const float pr = visible ? exp2(s2 - lse2) : 0.0f;
+  return float2(pr, pr * (s_dp.y - delta) * dsoft);
+}
+
 // The forward's LSE of a row in the log2 domain; false when it is not finite (no visible key, or a NaN row).
 inline bool bwd_row_lse2(uint bits, thread float* lse2) {
   *lse2 = as_type<float>(bits) * kBwdLog2e;
   return !flash_sdpa::is_nonfinite(as_type<float>(bits));
 }
 
-// Sums a value over the R lanes of a row (R consecutive lanes, R a power of two <= 32).
+// Sums a value over the R lanes of a row (R consecutive lanes, R a power of two <= 32). Two (score, dP) pairs per
+// call: the collectives are the emulator's (and a simdgroup's) fixed cost per step.
 template <int R>
-inline float2 bwd_row_sum(float2 x) {
+inline float4 bwd_row_sum(float4 x) {
   for (ushort m = 1; m < ushort(R); m <<= 1) {
     x += simd_shuffle_xor(x, m);
   }
@@ -106,7 +115,8 @@ template <typename T>
   constexpr int PER_SG = ROWS / flash_sdpa::kBwdSimdgroups;
   const int b = int(tg_pos.z), h = int(tg_pos.y);
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
-  const device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
+  const device T* o_seq =
+      out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
   const device T* do_seq =
       dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
   device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
@@ -129,7 +139,7 @@ template <typename T>
   }
 }
 
-// ---- pass 2: dK, dV ---------------------------------------------------------------------------------------------------
+// ---- pass 2: dK, dV -------------------------------------------------------------------------------------------------
 // Grid (key tiles, Hkv, B); threadgroup x takes the key tiles x, x + grid.x, ... (max_seqlen_k only sizes the grid).
 // Lanes R t .. R t + R - 1 own key row t of the tile (K, V, dK, dV columns in registers); the query rows that see
 // the tile are staged STAGE at a time, for each query head of the group in turn.
@@ -169,10 +179,14 @@ template <typename T, int D>
   const int group = p.num_heads / p.num_kv_heads;
   const int slice = int(tid) % R;
 
-  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
-  device T* dk_seq = dk + long(b) * p.dk_batch_stride + long(seq.start_k) * p.dk_row_stride + long(kvh) * p.dk_head_stride;
-  device T* dv_seq = dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
+  const device T* k_seq =
+      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq =
+      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  device T* dk_seq =
+      dk + long(b) * p.dk_batch_stride + long(seq.start_k) * p.dk_row_stride + long(kvh) * p.dk_head_stride;
+  device T* dv_seq =
+      dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
 
   for (int k0 = int(tg_pos.x) * BK; k0 < sk; k0 += int(tg_count.x) * BK) {
     const int j = k0 + int(tid) / R;
@@ -217,25 +231,25 @@ template <typename T, int D>
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
-        for (int r = 0; r < n; ++r) {
-          float qv[CPT], dov[CPT];
-          float2 acc = float2(0.0f);
+        for (int r = 0; r < n; r += 2) {  // staged rows r and r1 = r + 1 (r1 = r, weight 0, past the end)
+          const bool two = r + 1 < n;  // uniform
+          const int r1 = two ? r + 1 : r;
+          float4 acc = float4(0.0f);  // (s, dP) of row r, then of row r1
           for (int t = 0; t < CPT; ++t) {
             const int c = slice + R * t;
-            qv[t] = q_stage[r * D + c];
-            dov[t] = do_stage[r * D + c];
-            acc.x += qv[t] * kr[t];
-            acc.y += dov[t] * vr[t];
+            acc += float4(q_stage[r * D + c] * kr[t], do_stage[r * D + c] * vr[t], q_stage[r1 * D + c] * kr[t],
+                          do_stage[r1 * D + c] * vr[t]);
           }
-          acc = bwd_row_sum<R>(acc);  // (s = scale q . k, dP = dO . v)
-          float dsoft;
-          const float s2 = bwd_score_log2(acc.x, p.softcap, slope, i0 + r + offset - j, &dsoft);
-          const bool visible = j >= row_lo[r] && j <= row_hi[r];
-          const float pr = visible ? exp2(s2 - row_lse2[r]) : 0.0f;
-          const float ds = pr * (acc.y - row_delta[r]) * dsoft;
+          acc = bwd_row_sum<R>(acc);
+          const float2 a = bwd_p_ds(acc.xy, p.softcap, slope, i0 + r + offset - j, j >= row_lo[r] && j <= row_hi[r],
+                                    row_lse2[r], row_delta[r]);
+          float2 b1 = bwd_p_ds(acc.zw, p.softcap, slope, i0 + r1 + offset - j, j >= row_lo[r1] && j <= row_hi[r1],
+                               row_lse2[r1], row_delta[r1]);
+          b1 = two ? b1 : float2(0.0f);
           for (int t = 0; t < CPT; ++t) {
-            dvr[t] += pr * dov[t];
-            dkr[t] += ds * qv[t];  // qv carries the scale: dK = scale dS^T Q
+            const int c = slice + R * t;
+            dvr[t] += a.x * do_stage[r * D + c] + b1.x * do_stage[r1 * D + c];
+            dkr[t] += a.y * q_stage[r * D + c] + b1.y * q_stage[r1 * D + c];  // q carries the scale: dK = scale dS^T Q
           }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -252,7 +266,7 @@ template <typename T, int D>
   }
 }
 
-// ---- pass 3: dQ (and d s_aux) -------------------------------------------------------------------------------------------
+// ---- pass 3: dQ (and d s_aux) ---------------------------------------------------------------------------------------
 // Grid (query tiles, H, B); threadgroup x takes the query tiles x, x + grid.x, ... Lanes R t .. R t + R - 1 own
 // query row t of the tile (q, dO, dQ columns in registers); the keys the tile sees are staged STAGE at a time.
 template <typename T, int D>
@@ -291,12 +305,16 @@ template <typename T, int D>
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const int slice = int(tid) % R;
 
-  const device T* q_seq = q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  const device T* q_seq =
+      q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
   const device T* do_seq =
       dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
-  device T* dq_seq = dq + long(b) * p.dq_batch_stride + long(seq.start_q) * p.dq_row_stride + long(h) * p.dq_head_stride;
-  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  device T* dq_seq =
+      dq + long(b) * p.dq_batch_stride + long(seq.start_q) * p.dq_row_stride + long(h) * p.dq_head_stride;
+  const device T* k_seq =
+      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq =
+      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
   const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
   const device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
   const float slope = bwd_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
@@ -330,24 +348,24 @@ template <typename T, int D>
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
-      for (int r = 0; r < n; ++r) {
-        const int j = j0 + r;
-        float kv[CPT];
-        float2 acc = float2(0.0f);
+      for (int r = 0; r < n; r += 2) {  // staged keys r and r1 = r + 1 (r1 = r, weight 0, past the end)
+        const bool two = r + 1 < n;  // uniform
+        const int r1 = two ? r + 1 : r;
+        const int j = j0 + r, j1 = j0 + r1;
+        float4 acc = float4(0.0f);  // (s, dP) of key r, then of key r1
         for (int t = 0; t < CPT; ++t) {
           const int c = slice + R * t;
-          kv[t] = k_stage[r * D + c];
-          acc.x += qr[t] * kv[t];
-          acc.y += dor[t] * v_stage[r * D + c];
+          acc += float4(qr[t] * k_stage[r * D + c], dor[t] * v_stage[r * D + c], qr[t] * k_stage[r1 * D + c],
+                        dor[t] * v_stage[r1 * D + c]);
         }
         acc = bwd_row_sum<R>(acc);
-        float dsoft;
-        const float s2 = bwd_score_log2(acc.x, p.softcap, slope, i + offset - j, &dsoft);
-        const bool visible = j >= lo_i && j <= hi_i;
-        const float pr = visible ? exp2(s2 - lse2) : 0.0f;
-        const float ds = pr * (acc.y - row_delta) * dsoft;
+        const float ds = bwd_p_ds(acc.xy, p.softcap, slope, i + offset - j, j >= lo_i && j <= hi_i, lse2, row_delta).y;
+        const float ds1 = two ? bwd_p_ds(acc.zw, p.softcap, slope, i + offset - j1, j1 >= lo_i && j1 <= hi_i, lse2,
+                                         row_delta).y
+                              : 0.0f;
         for (int t = 0; t < CPT; ++t) {
-          dqr[t] += ds * kv[t];  // dQ = scale dS K (scale applied at the store)
+          const int c = slice + R * t;
+          dqr[t] += ds * k_stage[r * D + c] + ds1 * k_stage[r1 * D + c];  // dQ = scale dS K (scale at the store)
         }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
