@@ -1,5 +1,6 @@
-"""Why is the paged decode where it is on the proxy? Times the planner's decode at the benchmark's long shapes with
-PTX built under different compiler settings (the kernel source unchanged), and one launch under Nsight Compute.
+"""Why is the paged decode where it is on the proxy? Times the planner's decode (and a few forced splits) at the
+benchmark's shapes with PTX built from copies of the kernel with one source edit each (SOURCE_VARIANTS: keys in
+flight per step, chunk width) or other compiler settings, and one launch under Nsight Compute.
 
     python3 tests/metal_cuda/decode_variants.py build      # here (clang-19): PTX variants into .cache/metal_cuda
     python3 tests/metal_cuda/decode_variants.py time       # on the GPU machine
@@ -16,7 +17,6 @@ sys.path.insert(0, str(HERE.parent))
 from metal_cuda import compiler  # noqa: E402
 
 KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
-_NORUN = ["-mllvm", "-unroll-runtime=false", "-mllvm", "-unroll-allow-partial=false"]
 VARIANTS = {
     "proxy default (threshold 5000, no run-time unroll)": dict(extra_flags=compiler.DECODE_UNROLL),
 }
