@@ -9,11 +9,13 @@ if [[ "$(uname -s)" == "Darwin" ]]; then
   exit 1
 fi
 
-# clang-19 + compiler-rt: the Metal-on-CPU emulator compiles .metal sources with them.
-if ! command -v clang-19 >/dev/null || ! ls /usr/lib/llvm-19/lib/clang/19/lib/linux/libclang_rt.builtins-*.a >/dev/null 2>&1; then
+# clang-19 + compiler-rt: the Metal-on-CPU emulator compiles .metal sources with them. The arm64 cross headers let
+# the tests compile-check the emulator for AArch64 Linux (tests/metal_cpu/test_aarch64.py).
+if ! command -v clang-19 >/dev/null || ! ls /usr/lib/llvm-19/lib/clang/19/lib/linux/libclang_rt.builtins-*.a >/dev/null 2>&1 \
+    || [[ ! -e /usr/aarch64-linux-gnu/include/stdio.h ]]; then
   SUDO=""; [[ "$(id -u)" != "0" ]] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq clang-19 libclang-rt-19-dev
+  $SUDO apt-get install -y -qq clang-19 libclang-rt-19-dev libc6-dev-arm64-cross libstdc++-12-dev-arm64-cross
 fi
 
 PY="${PYTHON:-python3}"

@@ -55,8 +55,8 @@ def toolchain_missing() -> str:
     """Why the emulator / PTX toolchain cannot run here ("" when it can)."""
     if ON_MAC:
         return "needs the Metal-on-CPU emulator and Debian's clang-19 (Linux); on a Mac the package runs on MPS"
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"the Metal-on-CPU emulator's fiber runtime is x86-64 only, this is {platform.machine()}"
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        return f"the Metal-on-CPU emulator's fibers exist for x86-64 and AArch64, this is {platform.machine()}"
     if not (os.environ.get("METAL_CPU_CLANG") or shutil.which("clang-19")):
         return "needs clang-19 (Debian packages clang-19 and libclang-rt-19-dev: bash scripts/setup.sh)"
     return ""

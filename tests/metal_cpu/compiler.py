@@ -17,7 +17,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "shim" / "metal_stdlib.h"
 STANDINS = HERE / "shim" / "standins"
-RUNTIME_SOURCES = [HERE / "runtime" / "runtime.cpp", HERE / "runtime" / "mcpu_abi.h", HERE / "runtime" / "metal_cpu.h"]
+RUNTIME_SOURCES = [HERE / "runtime" / "runtime.cpp", HERE / "runtime" / "fiber.h", HERE / "runtime" / "mcpu_abi.h",
+                   HERE / "runtime" / "metal_cpu.h"]
 
 
 class MetalCompileError(Exception):

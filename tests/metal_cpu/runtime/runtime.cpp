@@ -20,21 +20,7 @@
 #include "mcpu_abi.h"
 #include "metal_cpu.h"
 
-// ---------------------------------------------------------------------------------------------------------------
-// Fibers: a minimal context switch (callee-saved registers + FP control words), x86-64 SysV.
-#if !defined(__x86_64__)
-#error "metal_cpu runtime: only x86-64 is supported"
-#endif
-
-extern "C" void mcpu_switch(void** save_sp, void* new_sp);
-__asm__(
-    ".text\n.globl mcpu_switch\n.type mcpu_switch,@function\nmcpu_switch:\n"
-    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
-    "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
-    "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
-    "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
-    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n  ret\n"
-    ".size mcpu_switch, .-mcpu_switch\n");
+#include "fiber.h"
 
 namespace {
 
@@ -346,19 +332,7 @@ void block(State state, Site site) {
 }
 
 void start_fiber(Fiber& f, size_t i) {
-  char* top = g.stacks + (i + 1) * kStackSize;  // 16-byte aligned
-  uint64_t* sp = (uint64_t*)top;
-  *--sp = 0;                              // fake return address of fiber_main
-  *--sp = (uint64_t)(void*)&fiber_main;  // popped by `ret` in mcpu_switch
-  for (int r = 0; r < 6; ++r) *--sp = 0;  // rbp rbx r12..r15
-  uint32_t mxcsr;
-  uint16_t fpucw;
-  __asm__ volatile("stmxcsr %0" : "=m"(mxcsr));
-  __asm__ volatile("fnstcw %0" : "=m"(fpucw));
-  --sp;
-  memcpy((char*)sp, &mxcsr, 4);
-  memcpy((char*)sp + 4, &fpucw, 2);
-  f.sp = sp;
+  f.sp = mcpu_fiber_frame(g.stacks + (i + 1) * kStackSize, &fiber_main);  // stacks are page aligned
   f.state = State::kRunnable;
 }
 

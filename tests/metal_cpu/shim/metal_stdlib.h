@@ -88,16 +88,36 @@ namespace metal {
 // modes on (mcpu_thread_fp_mode, called by the generated entry points), so float arithmetic flushes denormals, and
 // compiler.py computes every division the compiler may turn into a reciprocal multiply (fast math) as x * (1 / y).
 #ifdef MCPU_FAST_MATH
-MCPU_INLINE void mcpu_thread_fp_mode() { __builtin_ia32_ldmxcsr(__builtin_ia32_stmxcsr() | 0x8040u); }  // FTZ | DAZ
-// Denormals kept while a precise:: function runs (the MXCSR restored after).
+// The flush-to-zero bits: MXCSR FTZ | DAZ on x86-64, FPCR.FZ on AArch64 (it flushes inputs and outputs alike).
+#if defined(__x86_64__)
+typedef unsigned mcpu_fp_control;
+constexpr mcpu_fp_control kMcpuFlushBits = 0x8040u;
+MCPU_INLINE mcpu_fp_control mcpu_get_fp_control() { return __builtin_ia32_stmxcsr(); }
+MCPU_INLINE void mcpu_set_fp_control(mcpu_fp_control v) { __builtin_ia32_ldmxcsr(v); }
+#define MCPU_FLOAT_REG "x"
+#elif defined(__aarch64__)
+typedef unsigned long mcpu_fp_control;
+constexpr mcpu_fp_control kMcpuFlushBits = 1ul << 24;
+MCPU_INLINE mcpu_fp_control mcpu_get_fp_control() {
+  mcpu_fp_control v;
+  __asm__ volatile("mrs %0, fpcr" : "=r"(v));
+  return v;
+}
+MCPU_INLINE void mcpu_set_fp_control(mcpu_fp_control v) { __asm__ volatile("msr fpcr, %0" : : "r"(v)); }
+#define MCPU_FLOAT_REG "w"
+#else
+#error "metal_cpu: fast math is modelled on x86-64 and AArch64"
+#endif
+MCPU_INLINE void mcpu_thread_fp_mode() { mcpu_set_fp_control(mcpu_get_fp_control() | kMcpuFlushBits); }
+// Denormals kept while a precise:: function runs (the control register restored after).
 struct mcpu_ieee_scope {
-  unsigned saved;
-  MCPU_INLINE mcpu_ieee_scope() : saved(__builtin_ia32_stmxcsr()) { __builtin_ia32_ldmxcsr(saved & ~0x8040u); }
-  MCPU_INLINE ~mcpu_ieee_scope() { __builtin_ia32_ldmxcsr(saved); }
+  mcpu_fp_control saved;
+  MCPU_INLINE mcpu_ieee_scope() : saved(mcpu_get_fp_control()) { mcpu_set_fp_control(saved & ~kMcpuFlushBits); }
+  MCPU_INLINE ~mcpu_ieee_scope() { mcpu_set_fp_control(saved); }
 };
-// Keeps the computation between the two MXCSR writes (they have side effects, the empty asm too; the value flows
-// through it).
-MCPU_INLINE void mcpu_pin(float& v) { __asm__ volatile("" : "+x"(v)); }
+// Keeps the computation between the two control-register writes (they have side effects, the empty asm too; the
+// value flows through it).
+MCPU_INLINE void mcpu_pin(float& v) { __asm__ volatile("" : "+" MCPU_FLOAT_REG(v)); }
 #else
 MCPU_INLINE void mcpu_thread_fp_mode() {}
 struct mcpu_ieee_scope {};
