@@ -36,7 +36,6 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 // The head dims the varlen/dense kernel supports (one list, flash_sdpa/varlen_params.h).
 std::vector<int64_t> varlen_head_dims();
 
-// ---- backward (backward_binding.cpp): begin ----
 // FlashAttention-2 backward of varlen_fwd / fwd from the forward's q, k, v, out, lse and dout (shaped like out):
 // returns (dq like q, dk like k, dv like v, ds_aux float [H] (empty without s_aux)). No gradient for alibi_slopes.
 // Deterministic by construction (no atomics): bit-identical on repeat.
@@ -50,9 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
     const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux);
-// ---- backward: end ----
 
-// ---- kvcache (flash_attn_with_kvcache): begin ----
 // FlashAttention-2 flash_attn_with_kvcache forward. q [B, sq, H, D]. Paged cache (block_table int32
 // [B, max_blocks]): k_cache/v_cache [num_blocks, block_size, Hkv, D]; contiguous cache (no block_table):
 // [B_cache, S, Hkv, D], row b at cache_batch_idx[b] (default b). cache_seqlens int32 [B]: lengths before the new
@@ -71,4 +68,3 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
 
 // The head dims the paged kernels support (one list, flash_sdpa/paged_params.h).
 std::vector<int64_t> kvcache_head_dims();
-// ---- kvcache: end ----

@@ -374,8 +374,6 @@ def flash_attn_func(
     return (out, lse, None) if return_attn_probs else out
 
 
-# ---- kvcache (flash_attn_with_kvcache): begin ----
-
 _STRICT_ENV = "METAL_FLASH_SDPA_STRICT"
 
 
@@ -600,8 +598,6 @@ def flash_attn_with_kvcache(
     out, lse = _run("flash_attn_with_kvcache", run, q, k, v, alibi_slopes, s_aux)
     return (out, lse) if return_softmax_lse else out
 
-
-# ---- kvcache: end ----
 
 
 # ---- fake (meta) implementations: shapes only, so torch.compile(fullgraph=True) can trace the ops ----
