@@ -17,6 +17,12 @@ std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t
   return std::string(pass) == "delta" ? kernel : kernel + "_d" + std::to_string(head_dim);
 }
 
+bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
+#define FLASH_SDPA_BWD_HEAD_DIM_ENTRY(a, b, D) || head_dim == (D)
+  return kernel_dtype_name(dtype) != nullptr && (false FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_BWD_HEAD_DIM_ENTRY, _, _));
+#undef FLASH_SDPA_BWD_HEAD_DIM_ENTRY
+}
+
 namespace {
 
 int32_t window_i32(int64_t w, const char* what) {

@@ -36,6 +36,9 @@ struct AttentionBackward {
 // "flash_attn_bwd_delta_<dtype>" (pass = "delta"), "flash_attn_bwd_<dkdv|dq>_<dtype>_d<head_dim>".
 std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim);
 
+// The head dims the backward is instantiated for: the forward's FLASH_SDPA_VARLEN_HEAD_DIMS (not the wide ones).
+bool backward_supports(at::ScalarType dtype, int64_t head_dim);
+
 // Delta pre-pass, dK/dV, dQ (+ d s_aux): three dispatches; an empty plan when there is nothing to compute. Scratch
 // is the caller's delta (O(total_q * H) floats): no S x S buffer exists.
 LaunchPlan plan_attention_backward(const AttentionBackward& call);

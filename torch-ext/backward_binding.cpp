@@ -51,8 +51,8 @@ void check_backward_tensors(const at::Tensor& dout, const at::Tensor& q, const a
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q (", q.sizes(), "), got ", dout.sizes());
   const int64_t head_dim = q.size(-1), heads = q.size(-2), kv_heads = k.size(-2);
   TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
-  TORCH_CHECK_VALUE(flash_sdpa::varlen_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
-                    " is not supported (q.shape[-1]); supported: ", flash_sdpa::varlen_head_dims());
+  TORCH_CHECK_VALUE(flash_sdpa::backward_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
+                    " has no backward (q.shape[-1]); supported: 32, 64, 72, 80, 96, 128, 192, 256");
   TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
                     ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
   check_on_device(lse, "lse", q);
