@@ -103,6 +103,30 @@ inline vec<uint, 4> load_chunk(device const T* row, int ci, bool ok, bool aligne
   return c;
 }
 
+// Where the keys t, t + G, ..., t + (U - 1) G live: (block id, slot) through the block table (paged) or (k row, 0)
+// (varlen: k_start + key); block -1 for keys >= limit and invalid block ids (masked: nothing is loaded for them).
+// One table read per key: the first lane of the key group reads it and shuffles it to the others. Every lane of the
+// simdgroup calls this (simd_shuffle).
+template <int U, int G>
+inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start,
+                      device const int* block_table, long bt_row, int block_size, int num_blocks, uint lane,
+                      int lane_in_key) {
+  for (int u = 0; u < U; ++u) {
+    const int key = t + u * G;
+    if (varlen) {
+      loc[u] = int2(key < limit ? k_start + key : -1, 0);
+    } else {
+      const int bi = key / block_size;
+      int raw = -1;
+      if (key < limit && lane_in_key == 0) {
+        raw = block_table[bt_row + bi];
+      }
+      raw = simd_shuffle(raw, ushort(int(lane) - lane_in_key));
+      loc[u] = int2(key < limit && raw >= 0 && raw < num_blocks ? raw : -1, key - bi * block_size);
+    }
+  }
+}
+
 }  // namespace paged
 }  // namespace flash_sdpa
 
@@ -200,35 +224,8 @@ template <typename T, int D, int R>
   int2 loc[U];
   int2 loc_next[U];
   const int first = begin + int(sg) * KS;
-  {
-    const int t = first + g;
-    int bi = 0;
-    int slot = 0;
-    if (!fc_decode_varlen) {
-      bi = t / p.block_size;
-      slot = t - bi * p.block_size;
-    }
-    for (int u = 0; u < U; ++u) {
-      const int key = t + u * G;
-      int id = -1;
-      if (key < end) {
-        if (fc_decode_varlen) {
-          id = k_start + key;
-        } else {
-          const int raw = block_table[bt_row + bi];
-          id = raw >= 0 && raw < p.num_blocks ? raw : -1;
-        }
-      }
-      loc[u] = int2(id, slot);
-      if (!fc_decode_varlen) {
-        slot += G;
-        while (slot >= p.block_size) {  // G <= 8 keys on: at most one pass unless block_size < G
-          slot -= p.block_size;
-          ++bi;
-        }
-      }
-    }
-  }
+  step_locs<U, G>(loc, first + g, end, fc_decode_varlen, k_start, block_table, bt_row, p.block_size, p.num_blocks,
+                  lane, li);
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
   for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
@@ -293,35 +290,8 @@ template <typename T, int D, int R>
       }
     }
     // 2. The next step's block ids, in flight with the K/V loads.
-    {
-      const int t = t0 + NSG * KS + g;
-      int bi = 0;
-      int slot = 0;
-      if (!fc_decode_varlen && t < end) {
-        bi = t / p.block_size;
-        slot = t - bi * p.block_size;
-      }
-      for (int u = 0; u < U; ++u) {
-        const int key = t + u * G;
-        int id = -1;
-        if (key < end) {
-          if (fc_decode_varlen) {
-            id = k_start + key;
-          } else {
-            const int raw = block_table[bt_row + bi];
-            id = raw >= 0 && raw < p.num_blocks ? raw : -1;
-          }
-        }
-        loc_next[u] = int2(id, slot);
-        if (!fc_decode_varlen) {
-          slot += G;
-          while (slot >= p.block_size) {
-            slot -= p.block_size;
-            ++bi;
-          }
-        }
-      }
-    }
+    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_decode_varlen, k_start, block_table, bt_row, p.block_size,
+                    p.num_blocks, lane, li);
 
     // 3. Scores: partial q.k over this lane's dims, summed over the L lanes of the key (butterfly: every lane of
     // the group gets the total).

@@ -62,7 +62,7 @@ def entry_symbol(host_name: str) -> str:
     return "mcu_" + re.sub(r"\W", "_", host_name)
 
 
-def _entry(host: str, callee: str, kd, fcs) -> str:
+def _entry(host: str, callee: str, kd, fcs, min_blocks: int = 0) -> str:
     sym = entry_symbol(host)
     args = []
     meta = [str(len(kd.params))]
@@ -79,7 +79,10 @@ def _entry(host: str, callee: str, kd, fcs) -> str:
             xyz = ("32u", "0", "0") if canonical is None else BUILTIN_EXPRS[canonical]
             args.append(f"mcu_builtin<{ptype}>({', '.join(xyz)})")
             meta += ["2", "0"]
-    bounds = f"__attribute__((launch_bounds({kd.max_threads}))) " if kd.max_threads else ""
+    bounds = ""
+    if kd.max_threads:
+        extra = f", {min_blocks}" if min_blocks else ""
+        bounds = f"__attribute__((launch_bounds({kd.max_threads}{extra}))) "
     regs = "; ".join(f"const uint32_t {v}_{a} = {tmpl.format(a)}"
                      for v, tmpl in (("t", _TID), ("n", _NTID), ("c", _CTAID), ("g", _NCTAID)) for a in "xyz")
     return (f'extern "C" __global__ void {bounds}{sym}(const mcu_args a) {{\n'
@@ -131,7 +134,7 @@ def cache_dir() -> Path:
 
 def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
           fast_math: bool = True, out_dir=None, kernels: Optional[Sequence[str]] = None, jobs: int = 2,
-          extra_flags: Sequence[str] = (), kernel_flags=None) -> Path:
+          extra_flags: Sequence[str] = (), kernel_flags=None, min_blocks=None) -> Path:
     """Compiles every kernel of `metal_path` (or those named in `kernels`) to PTX; returns the folder holding
     manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target."""
     metal_path = Path(metal_path)
@@ -145,7 +148,8 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
 
     h = hashlib.sha256()
     for part in (text, repr((fast_math, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags),
-                       [list(kernel_flags(k[0])) for k in selected] if kernel_flags else None)),
+                       [list(kernel_flags(k[0])) for k in selected] if kernel_flags else None,
+                       [min_blocks(k[0]) for k in selected] if min_blocks else None)),
                  SHIM.read_text(), SHIM_CORE.read_text(), Path(__file__).read_text(),
                  (HERE.parent / "metal_cpu" / "compiler.py").read_text()):
         h.update(part.encode())
@@ -163,7 +167,7 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         sym = entry_symbol(host)
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / f"{sym}.cu"
-            src.write_text(body + _entry(host, callee, kd, fcs))
+            src.write_text(body + _entry(host, callee, kd, fcs, min_blocks(host) if min_blocks else 0))
             ptx = Path(tmp) / f"{sym}.ptx"
             per_kernel = list(kernel_flags(host)) if kernel_flags else []
             _run([clang(), *flags, *per_kernel, str(src), "-o", str(ptx)],
@@ -207,6 +211,18 @@ def decode_kernel_flags(host: str) -> List[str]:
 
 TARGET_KERNEL_FLAGS = {"paged_decode_attention": decode_kernel_flags}
 
+
+# Apple GPUs keep occupancy and spill when a kernel needs more registers (DESIGN.md section 6); ptxas instead lowers
+# occupancy. The decode's small row tiles (R <= 4: every GQA <= 4 and MHA decode) are built for 4 threadgroups per SM
+# (launch_bounds(128, 4): at most 128 registers; R = 1: 6, at most 80), as an Apple core would keep them resident.
+def decode_min_blocks(host: str) -> int:
+    m = re.search(r"_r(\d+)$", host)
+    r = int(m.group(1)) if m else 0
+    return 6 if r == 1 else (4 if r in (2, 4) else 0)
+
+
+TARGET_MIN_BLOCKS = {"paged_decode_attention": decode_min_blocks}
+
 # The project's kernels and the emulator's feature kernels, as the GPU suite and the CI check build them.
 FLASH_SDPA = ROOT / "flash_sdpa"
 TARGETS = {
@@ -231,7 +247,7 @@ def build_all(jobs: int = 2, fast_math: bool = True) -> Dict[str, Path]:
     """Builds every target and records them in <cache>/index.json, so that a machine without clang-19 (the GPU
     machine) can use the PTX built here: load_all() there."""
     built = {name: build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs,
-                         kernel_flags=TARGET_KERNEL_FLAGS.get(name))
+                         kernel_flags=TARGET_KERNEL_FLAGS.get(name), min_blocks=TARGET_MIN_BLOCKS.get(name))
              for name, (path, inc) in TARGETS.items()}
     index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math}
              for name, (path, inc) in TARGETS.items()}
