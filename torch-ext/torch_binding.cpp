@@ -241,11 +241,11 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
 namespace {
 
 // One query per sequence (transformers' generate() decode with left padding: cu_seqlens_q = arange(B + 1)) runs on
-// the decode kernel: packed K/V become a paged cache of one-token blocks [total_k, 1, Hkv, D] (a view, no copy)
-// whose block table row b is cu_seqlens_k[b] + (0 .. max_seqlen_k - 1), so each K/V byte is read once per KV head
-// for the whole GQA group. A few small tensor ops on the device build the table and move q/out rows; nothing is read
-// on the host. A sequence with no query (cu_seqlens_q[b] == cu_seqlens_q[b + 1]) is a padding row whose output goes
-// to a scratch row. Block ids past total_k (garbage cu_seqlens) are masked by the kernel.
+// the decode kernel in its varlen mode: sequence b attends rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the
+// packed k / v (clamped to [0, total_k] in the kernel, whatever cu_seqlens hold) from query row cu_seqlens_q[b], each
+// K/V byte read once per KV head for the whole GQA group. The result does not depend on max_seqlen_k, which only
+// steers the split count (clamped to total_k). Nothing is read on the host; the only tensor ops are the output fills:
+// a sequence without a query row is skipped, and rows of q that no sequence covers read 0 / LSE -inf.
 std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
                                                  int64_t max_seqlen_k, double softmax_scale, bool causal,
@@ -253,35 +253,24 @@ std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& alibi_slopes,
                                                  const std::optional<at::Tensor>& s_aux) {
   const int64_t batch = cu_seqlens_q.size(0) - 1, total_q = q.size(0), heads = q.size(1);
-  const auto starts_q = cu_seqlens_q.slice(0, 0, batch);
-  const auto has_query = cu_seqlens_q.slice(0, 1) > starts_q;
-  const auto starts_k = cu_seqlens_k.slice(0, 0, batch);
-  // Rows of q (clamped so a padding row's gather stays in bounds); padding rows write to the scratch row total_q.
-  const auto q_rows = starts_q.clamp(0, std::max<int64_t>(total_q - 1, 0)).to(at::kLong);
-  const auto out_rows = at::where(has_query, q_rows, total_q);
-
+  at::Tensor out = at::zeros({total_q, heads, q.size(2)}, q.options());
+  at::Tensor lse = at::full({heads, total_q}, -INFINITY, q.options().dtype(at::kFloat));
+  if (batch <= 0 || total_q == 0) {
+    return {out, lse};  // nothing to attend: no dispatch
+  }
   flash_sdpa::PagedKVCacheAttention call;
-  call.q = q.index_select(0, q_rows).unsqueeze(1);  // [B, 1, H, D]
-  call.k_cache = k.unsqueeze(1);                    // [total_k, 1, Hkv, D]
-  call.v_cache = v.unsqueeze(1);
-  call.block_table = (starts_k.unsqueeze(1) + at::arange(max_seqlen_k, cu_seqlens_k.options()).unsqueeze(0))
-                         .to(at::kInt)
-                         .contiguous();
-  call.cache_seqlens =
-      at::where(has_query, cu_seqlens_k.slice(0, 1) - starts_k, -1).to(at::kInt).contiguous();  // -1: skipped
-  call.out = at::empty({batch, 1, heads, q.size(2)}, q.options());
-  call.lse = at::empty({batch, heads, 1}, q.options().dtype(at::kFloat));
+  call.q = q;        // [total_q, H, D]
+  call.k_cache = k;  // [total_k, Hkv, D]
+  call.v_cache = v;
+  call.cu_seqlens_q = cu_seqlens_q;
+  call.cu_seqlens_k = cu_seqlens_k;
+  call.out = out;
+  call.lse = lse;
   set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
                         k.size(0), total_q);
-  call.max_seqlen_k = max_seqlen_k;
+  call.max_seqlen_k = std::min<int64_t>(max_seqlen_k, k.size(0));
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
-
-  // Scatter back: out [total_q, H, D], lse [H, total_q] (one scratch row / column for padding rows).
-  at::Tensor out = at::empty({total_q + 1, heads, q.size(2)}, q.options());
-  out.index_copy_(0, out_rows, call.out.squeeze(1));
-  at::Tensor lse = at::empty({heads, total_q + 1}, q.options().dtype(at::kFloat));
-  lse.index_copy_(1, out_rows, call.lse->squeeze(2).t());
-  return {out.slice(0, 0, total_q), lse.slice(1, 0, total_q).contiguous()};
+  return {out, lse};
 }
 
 }  // namespace
@@ -526,6 +515,17 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right, "
       "float softcap, Tensor? alibi_slopes, Tensor? s_aux) -> (Tensor, Tensor)");
+  ops.def("varlen_head_dims() -> int[]", &varlen_head_dims);
+
+#ifdef METAL_FLASH_SDPA_EMULATED
+  constexpr auto kDispatchKey = c10::DispatchKey::CPU;
+#else
+  constexpr auto kDispatchKey = c10::DispatchKey::MPS;
+#endif
+  ops.impl("flash_attention_varlen", kDispatchKey, &flash_attention_varlen);
+  ops.impl("varlen_fwd", kDispatchKey, &varlen_fwd);
+  ops.impl("fwd", kDispatchKey, &fwd);
+
   // ---- backward (backward_binding.cpp): begin ----
   ops.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
@@ -538,17 +538,6 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("varlen_bwd", kDispatchKey, &varlen_bwd);
   ops.impl("bwd", kDispatchKey, &bwd);
   // ---- backward: end ----
-
-  ops.def("varlen_head_dims() -> int[]", &varlen_head_dims);
-
-#ifdef METAL_FLASH_SDPA_EMULATED
-  constexpr auto kDispatchKey = c10::DispatchKey::CPU;
-#else
-  constexpr auto kDispatchKey = c10::DispatchKey::MPS;
-#endif
-  ops.impl("flash_attention_varlen", kDispatchKey, &flash_attention_varlen);
-  ops.impl("varlen_fwd", kDispatchKey, &varlen_fwd);
-  ops.impl("fwd", kDispatchKey, &fwd);
 
   // ---- kvcache (flash_attn_with_kvcache): begin ----
   ops.def(
