@@ -31,6 +31,7 @@ constant bool fc_decode_kv_aligned [[function_constant(FLASH_SDPA_FC_DECODE_KV_A
 constant bool fc_combine_write_lse [[function_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE)]];
 constant bool fc_combine_sinks [[function_constant(FLASH_SDPA_FC_COMBINE_SINKS)]];
 constant bool fc_combine_varlen [[function_constant(FLASH_SDPA_FC_COMBINE_VARLEN)]];
+constant bool fc_decode_leftpad [[function_constant(FLASH_SDPA_FC_DECODE_LEFTPAD)]];
 
 namespace flash_sdpa {
 namespace paged {
@@ -103,8 +104,9 @@ inline vec<uint, 4> load_chunk(device const T* row, int ci, bool ok, bool aligne
   return c;
 }
 
-// Where the keys t, t + G, ..., t + (U - 1) G live: (block id, slot) through the block table (paged) or (k row, 0)
-// (varlen: k_start + key); block -1 for keys >= limit and invalid block ids (masked: nothing is loaded for them).
+// Where the keys t, t + G, ..., t + (U - 1) G live: (block id, slot) of slot k_start + key through the block table
+// (paged; k_start is the cache row's left padding) or (k row, 0) (varlen: k_start + key); block -1 for keys >= limit
+// and invalid block ids (masked: nothing is loaded for them).
 // One table read per key: the first lane of the key group reads it and shuffles it to the others. Every lane of the
 // simdgroup calls this (simd_shuffle).
 template <int U, int G>
@@ -116,13 +118,14 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
     if (varlen) {
       loc[u] = int2(key < limit ? k_start + key : -1, 0);
     } else {
-      const int bi = key / block_size;
+      const int slot = k_start + key;
+      const int bi = slot / block_size;
       int raw = -1;
       if (key < limit && lane_in_key == 0) {
         raw = block_table[bt_row + bi];
       }
       raw = simd_shuffle(raw, ushort(int(lane) - lane_in_key));
-      loc[u] = int2(key < limit && raw >= 0 && raw < num_blocks ? raw : -1, key - bi * block_size);
+      loc[u] = int2(key < limit && raw >= 0 && raw < num_blocks ? raw : -1, slot - bi * block_size);
     }
   }
 }
@@ -146,6 +149,7 @@ template <typename T, int D, int R>
     constant flash_sdpa::paged::PagedDecodeParams& p [[buffer(FLASH_SDPA_DECODE_BUF_PARAMS)]],
     device const int* cu_seqlens_q [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q)]],
     device const int* cu_seqlens_k [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K)]],
+    device const int* cache_leftpad [[buffer(FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD)]],
     uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]],
@@ -200,9 +204,12 @@ template <typename T, int D, int R>
     k_start = clamp(cu_seqlens_k[b], 0, p.total_k);
     sk = clamp(cu_seqlens_k[b + 1], k_start, p.total_k) - k_start;
   } else {
+    // cache_leftpad (contiguous caches): keys are slots [leftpad, cache_seqlens + seqlen_new) of the row, so key t
+    // is slot leftpad + t and sk shrinks by leftpad.
     const int capacity = p.max_blocks_per_seq * p.block_size;
     const int seqlen = cache_seqlens[b];
-    sk = seqlen < 0 ? 0 : int(min(long(seqlen) + p.seqlen_new, long(capacity)));
+    k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
+    sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
   }
   const int diag = sk - sq;  // query i sits at key position i + diag (bottom-right alignment)
 

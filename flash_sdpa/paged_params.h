@@ -102,6 +102,7 @@ enum : i32 {
 #define FLASH_SDPA_DECODE_BUF_PARAMS 11        // PagedDecodeParams
 #define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q 12  // int32 [B + 1] (FC_DECODE_VARLEN): query rows of sequence b
 #define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K 13  // int32 [B + 1] (FC_DECODE_VARLEN): key rows of sequence b
+#define FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD 14  // int32 [B] (FC_DECODE_LEFTPAD): the cache row's first key slot
 
 #define FLASH_SDPA_COMBINE_BUF_O_PARTIAL 0   // float [splits, B, H, sq, D]
 #define FLASH_SDPA_COMBINE_BUF_ML_PARTIAL 1  // float [splits, B, H, sq, 2]
@@ -122,6 +123,7 @@ enum : i32 {
 #define FLASH_SDPA_FC_COMBINE_SINKS 6
 #define FLASH_SDPA_FC_DECODE_KV_ALIGNED 7  // K/V strides and offsets are multiples of 16 bytes: vector loads
 #define FLASH_SDPA_FC_COMBINE_VARLEN 8     // out / LSE rows from cu_seqlens_q (varlen decode)
+#define FLASH_SDPA_FC_DECODE_LEFTPAD 9     // keys start at slot cache_leftpad[b] (FlashAttention-2's cache_leftpad)
 
 namespace flash_sdpa {
 namespace paged {

@@ -266,6 +266,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
       bool_constant(FLASH_SDPA_FC_DECODE_SINKS, call.sinks.has_value()),
       bool_constant(FLASH_SDPA_FC_DECODE_SOFTCAP, call.softcap > 0.0),
       bool_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED, kv_aligned),
+      bool_constant(FLASH_SDPA_FC_DECODE_LEFTPAD, !varlen && call.cache_leftpad.has_value()),
   };
   a.buffers = {
       {FLASH_SDPA_DECODE_BUF_Q, q},
@@ -281,6 +282,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
       {FLASH_SDPA_DECODE_BUF_ML_PARTIAL, split ? ml_partial : none},
       {FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : none},
       {FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : none},
+      {FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD, varlen ? none : call.cache_leftpad.value_or(none)},
   };
   a.set_bytes(FLASH_SDPA_DECODE_BUF_PARAMS, ap);
   a.threadgroups = {to_u32(splits, "num_splits"), to_u32(kv_heads * row_blocks, "kv_heads x row_blocks"),

@@ -34,6 +34,9 @@ struct PagedKVCacheAttention {
   // cu_seqlens_k[b + 1] - 1 (clamped to [0, total_k]) from query row cu_seqlens_q[b]; a sequence without a query row
   // is skipped (its out / lse rows are not written). block_table, cache_seqlens and k_new / v_new are not used.
   std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;
+  // int32 [B], contiguous cache only (FlashAttention-2's cache_leftpad): request b's keys are slots cache_leftpad[b] ..
+  // cache_seqlens[b] + seqlen_new - 1 of its row (cache_seqlens is where the new tokens land).
+  std::optional<at::Tensor> cache_leftpad;
   double scale = 1.0;
   double softcap = 0.0;       // 0 = off
   int64_t window_left = -1;   // -1 = unbounded

@@ -309,8 +309,8 @@ def _small(device, **over):
 
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("name,over,exc,match", [
-    ("leftpad", lambda a: dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), NotImplementedError,
-     "cache_leftpad"),
+    ("leftpad_paged", lambda a: dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), ValueError,
+     "cache_leftpad cannot be combined with block_table"),
     ("k_without_v", lambda a: dict(v=None), ValueError, "k and v"),
     ("head_dim", lambda a: dict(q=torch.zeros(2, 1, 4, 48, dtype=torch.float16)), ValueError, "head dim"),
     ("dtype", lambda a: dict(q=a["q"].float()), TypeError, "k_cache must have the dtype of q"),
@@ -439,3 +439,57 @@ def test_new_kv_with_different_layouts(kernel, device):
                                          cache_seqlens=lens.to(device), block_table=table.to(device), causal=True)
     check_fa2(out.cpu(), ref, same)
     assert torch.equal(dk.cpu(), kc_ref) and torch.equal(dv.cpu(), vc_ref)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("sq,num_splits,window", [(1, 1, (-1, 0)), (3, 1, (-1, 0)), (1, 3, (-1, 0)), (2, 2, (5, 0))])
+def test_cache_leftpad(kernel, device, emulator, sq, num_splits, window):
+    """FlashAttention-2's cache_leftpad on a contiguous cache: row b's keys are slots cache_leftpad[b] ..
+    cache_seqlens[b] + seqlen_new - 1 (the new tokens still land at cache_seqlens[b]); the slots before the padding
+    hold NaN, so reading any of them would show."""
+    emulator(schedule="random", seed=2, check_races=True)
+    c = contiguous_case(Bsz=4, sq=sq, S=48, seed=4)
+    g = torch.Generator().manual_seed(9)
+    lens, idx = c["cache_seqlens"], c["cache_batch_idx"]
+    pad = torch.tensor([int(torch.randint(0, max(int(n), 0) + 1, (1,), generator=g)) for n in lens], dtype=torch.int32)
+    for b in range(len(lens)):
+        c["k_cache"][int(idx[b]), : int(pad[b])] = float("nan")
+        c["v_cache"][int(idx[b]), : int(pad[b])] = float("nan")
+    kc_w, vc_w = reference_write(c["k_cache"], c["v_cache"], c["block_table"], lens, c["k_new"], c["v_new"])
+    # The reference sees each row shifted left by its padding (logical key t = slot pad + t).
+    kc_ref, vc_ref = kc_w.clone(), vc_w.clone()
+    for b in range(len(lens)):
+        row, p = int(idx[b]), int(pad[b])
+        kc_ref[row] = torch.roll(kc_w[row], -p, dims=0)
+        vc_ref[row] = torch.roll(vc_w[row], -p, dims=0)
+    lens_ref = torch.where(lens >= 0, lens - pad, lens)
+    kw = dict(scale=c["q"].shape[-1] ** -0.5, window=window)
+    ref, lse_ref = reference_attention(c["q"], kc_ref, vc_ref, c["block_table"], lens_ref, 1, **kw)
+    same, _ = reference_attention(c["q"], kc_ref, vc_ref, c["block_table"], lens_ref, 1, dtype=torch.float16, **kw)
+    d = to_device(c, device)
+    out, lse = kernel.flash_attn_with_kvcache(
+        d["q"], d["k_cache"], d["v_cache"], d["k_new"], d["v_new"], cache_seqlens=d["cache_seqlens"],
+        cache_batch_idx=d["cache_batch_idx"], cache_leftpad=pad.to(device), causal=window[1] == 0,
+        window_size=window, num_splits=num_splits, return_softmax_lse=True)
+    check_fa2(out.cpu(), ref, same)
+    assert torch.equal(bits(d["k_cache"].cpu()), bits(kc_w)) and torch.equal(bits(d["v_cache"].cpu()), bits(vc_w))
+    finite = torch.isfinite(lse_ref)
+    assert torch.allclose(lse.cpu().double()[finite], lse_ref[finite], atol=1e-3)
+
+
+@pytest.mark.kernels_ci
+def test_cache_leftpad_errors(kernel, device, monkeypatch):
+    c = to_device(contiguous_case(Bsz=3, seed=5), device)
+    args = (c["q"], c["k_cache"], c["v_cache"], c["k_new"], c["v_new"])
+    pad = torch.zeros(3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cache_leftpad cannot be combined with block_table"):
+        kernel.flash_attn_with_kvcache(*args, cache_seqlens=c["cache_seqlens"], cache_leftpad=pad,
+                                       block_table=c["block_table"])
+    with pytest.raises(TypeError, match="cache_leftpad"):
+        kernel.flash_attn_with_kvcache(*args, cache_seqlens=c["cache_seqlens"], cache_leftpad=pad.float(),
+                                       cache_batch_idx=c["cache_batch_idx"])
+    monkeypatch.setenv(STRICT, "1")
+    bad = torch.tensor([0, 0, 50], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"cache_leftpad\[2\]"):
+        kernel.flash_attn_with_kvcache(*args, cache_seqlens=c["cache_seqlens"], cache_leftpad=bad,
+                                       cache_batch_idx=c["cache_batch_idx"])

@@ -382,7 +382,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                                                bool causal, int64_t window_left, int64_t window_right, double softcap,
                                                const std::optional<at::Tensor>& alibi_slopes,
                                                const std::optional<at::Tensor>& s_aux, int64_t num_splits,
-                                               bool return_lse, int64_t max_seqlen_k) {
+                                               bool return_lse, int64_t max_seqlen_k,
+                                               const std::optional<at::Tensor>& cache_leftpad) {
   // 1. Devices, dtypes, ranks.
   const bool paged = block_table.has_value();
   check_device(q, "q", q);
@@ -459,8 +460,14 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
       check_no_overlap(*cache, cache == &k_cache ? "k_cache" : "v_cache",
                        {{"q", &q}, {"k", &*k}, {"v", &*v}, {"cache_seqlens", &cache_seqlens},
                         {"block_table", opt(block_table)}, {"cache_batch_idx", opt(cache_batch_idx)},
-                        {"alibi_slopes", opt(alibi_slopes)}, {"s_aux", opt(s_aux)}});
+                        {"alibi_slopes", opt(alibi_slopes)}, {"s_aux", opt(s_aux)},
+                        {"cache_leftpad", opt(cache_leftpad)}});
     }
+  }
+
+  if (cache_leftpad.has_value()) {
+    TORCH_CHECK_VALUE(!paged, "cache_leftpad cannot be combined with block_table (FlashAttention-2 rejects it too)");
+    check_int32_vector(*cache_leftpad, "cache_leftpad", q, batch);
   }
 
   // 5. Options.
@@ -494,6 +501,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   }
   set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, capacity,
                         q.size(1));
+  call.cache_leftpad = cache_leftpad;
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
@@ -544,7 +552,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
       "Tensor? block_table, Tensor? cache_batch_idx, float softmax_scale, bool causal, int window_left, "
       "int window_right, float softcap, Tensor? alibi_slopes, Tensor? s_aux, int num_splits, bool return_lse, "
-      "int max_seqlen_k) -> (Tensor, Tensor)");
+      "int max_seqlen_k, Tensor? cache_leftpad=None) -> (Tensor, Tensor)");
   ops.def("kvcache_head_dims() -> int[]", &kvcache_head_dims);
   ops.impl("kvcache_fwd", kDispatchKey, &kvcache_fwd);
   // ---- kvcache: end ----

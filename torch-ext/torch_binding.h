@@ -64,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                                                bool causal, int64_t window_left, int64_t window_right, double softcap,
                                                const std::optional<at::Tensor>& alibi_slopes,
                                                const std::optional<at::Tensor>& s_aux, int64_t num_splits,
-                                               bool return_lse, int64_t max_seqlen_k);
+                                               bool return_lse, int64_t max_seqlen_k,
+                                               const std::optional<at::Tensor>& cache_leftpad);
 
 // The head dims the paged kernels support (one list, flash_sdpa/paged_params.h).
 std::vector<int64_t> kvcache_head_dims();

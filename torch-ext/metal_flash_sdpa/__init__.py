@@ -504,7 +504,9 @@ def flash_attn_with_kvcache(
         cache_seqlens: int or int32 [B]: cache lengths before the new tokens; -1 marks a padding row (nothing
             written, output 0). None: the whole cache (paged: the block table's capacity).
         cache_batch_idx: int32 [B], rows of a contiguous cache (default 0..B-1).
-        cache_leftpad: not supported (NotImplementedError).
+        cache_leftpad: int32 [B], contiguous caches only: row b's keys start at slot cache_leftpad[b] (left-padded
+            prompts); cache_seqlens stays the slot where new tokens land, so row b has cache_seqlens[b] -
+            cache_leftpad[b] + seqlen_new keys (FlashAttention-2's semantics; rotary positions are slots).
         block_table: int32 [B, max_blocks_per_seq], block ids into k_cache (unused entries may hold anything).
         softmax_scale: defaults to D ** -0.5.
         causal: bottom-right aligned: query i sees keys j <= i + sk - sq (sk = cache_seqlens + seqlen_new).
@@ -521,8 +523,6 @@ def flash_attn_with_kvcache(
         with no visible key. Invalid indices (block ids outside k_cache, lengths beyond the table) never cause an
         out-of-bounds access: such keys are skipped. Set METAL_FLASH_SDPA_STRICT=1 to raise instead.
     """
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported by metal-flash-sdpa's flash_attn_with_kvcache")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     if (rotary_cos is None) != (rotary_sin is None):
@@ -530,7 +530,7 @@ def flash_attn_with_kvcache(
     _check_q(q)
     _require_tensors(k_cache=k_cache, v_cache=v_cache)
     _check_devices(
-        q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table, cache_batch_idx=cache_batch_idx,
+        q, cache_leftpad=cache_leftpad, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table, cache_batch_idx=cache_batch_idx,
         alibi_slopes=alibi_slopes, s_aux=s_aux, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
     )
     window_left, window_right = _check_common(0.0, window_size)
@@ -564,11 +564,22 @@ def flash_attn_with_kvcache(
         cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=q.device)
     if cache_batch_idx is not None:
         cache_batch_idx = _index_tensor("cache_batch_idx", cache_batch_idx)
+    if cache_leftpad is not None:
+        if paged:
+            raise ValueError("cache_leftpad cannot be combined with block_table (FlashAttention-2 rejects it too)")
+        cache_leftpad = _index_tensor("cache_leftpad", cache_leftpad)
 
     if _strict():  # on the caller's values, before any narrowing
         _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, seqlen_new)
+        if cache_leftpad is not None:
+            pad, lens = cache_leftpad.cpu().long(), cache_seqlens.cpu().long()
+            bad = (lens >= 0) & ((pad < 0) | (pad > lens))
+            if bad.any():
+                b = int(bad.nonzero()[0])
+                raise ValueError(f"cache_leftpad[{b}] = {int(pad[b])} must be in [0, cache_seqlens[{b}] = {int(lens[b])}]")
     cache_seqlens = _to_int32(cache_seqlens)
     cache_batch_idx = None if cache_batch_idx is None else _to_int32(cache_batch_idx)
+    cache_leftpad = None if cache_leftpad is None else _to_int32(cache_leftpad)
 
     if rotary_cos is not None:
         _check_rotary(rotary_cos, rotary_sin, q.shape[-1], capacity)
@@ -593,7 +604,7 @@ def flash_attn_with_kvcache(
     def run():
         return ops.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, scale,
                                bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux, num_splits,
-                               bool(return_softmax_lse), max_seqlen_k)
+                               bool(return_softmax_lse), max_seqlen_k, cache_leftpad)
 
     out, lse = _run("flash_attn_with_kvcache", run, q, k, v, alibi_slopes, s_aux)
     return (out, lse) if return_softmax_lse else out
@@ -622,7 +633,8 @@ def _fwd_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap
 
 @torch.library.register_fake(add_op_namespace_prefix("kvcache_fwd"))
 def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal,
-                      window_left, window_right, softcap, alibi_slopes, s_aux, num_splits, return_lse, max_seqlen_k):
+                      window_left, window_right, softcap, alibi_slopes, s_aux, num_splits, return_lse, max_seqlen_k,
+                      cache_leftpad=None):
     lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
