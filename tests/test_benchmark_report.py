@@ -31,9 +31,11 @@ def test_paged_decode_reads_kv_once(rows, case):
     r = rows[case, PAGED]
     c = cases.EMULATED[case]
     assert r.ideal == cases.kv_bytes(c, torch.float16)
-    # K/V read once per KV head (GQA 8 shares it across the group), the rest is q and small tables.
+    # K/V read once per KV head (GQA 8 shares it across the group): the DRAM-relevant figure. The rest is q and the
+    # small tables, counted once per lane that reads them (the lanes of a key group read the same block-table entry,
+    # which a GPU's cache serves once): bounded loosely, so that a K/V re-read counted elsewhere would still show.
     assert r.kv_loaded <= 1.02 * r.ideal, (r.kv_loaded, r.ideal)
-    assert r.loaded <= 1.1 * r.ideal, (r.loaded, r.ideal)
+    assert r.loaded <= 1.5 * r.ideal, (r.loaded, r.ideal)
     # append + attention (+ split-K combine): no gather, no copy
     assert 2 <= r.dispatches <= 3 and r.kernels[0].startswith("kv_paged_write_")
     assert r.threadgroups > 0

@@ -229,6 +229,7 @@ TARGETS = {
     "kv_paged_write": (FLASH_SDPA / "kv_paged_write.metal", [FLASH_SDPA]),
     "paged_decode_attention": (FLASH_SDPA / "paged_decode_attention.metal", [FLASH_SDPA]),
     "attention_varlen": (FLASH_SDPA / "attention_varlen.metal", [FLASH_SDPA]),
+    "attention_backward": (FLASH_SDPA / "attention_backward.metal", [FLASH_SDPA]),
     "features": (ROOT / "tests" / "metal_cpu" / "kernels" / "features.metal", []),
 }
 
