@@ -123,7 +123,7 @@ void check_extras(const std::optional<at::Tensor>& alibi_slopes, const std::opti
   }
 }
 
-// q [.., H, D] and k/v [.., Hkv, D] with the row axis at `row_dim`: shapes, strides, head dim, GQA.
+// q [.., H, D] (rank `rank`) and k/v [.., Hkv, D] (rank `kv_rank`, default `rank`): shapes, strides, head dim, GQA.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* q_shape,
                const char* kv_shape, int64_t kv_rank = 0) {
   kv_rank = kv_rank > 0 ? kv_rank : rank;
