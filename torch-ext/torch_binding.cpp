@@ -17,6 +17,7 @@
 #include "paged_params.h"
 #include "paged_planner.h"
 #include "registration.h"
+#include "routing.h"
 #include "varlen_planner.h"
 
 namespace {
@@ -288,8 +289,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   check_extras(alibi_slopes, s_aux, q, batch, q.size(1));
   const bool paged = block_table.has_value();
 
-  if (!paged && max_seqlen_q == 1 && max_seqlen_k >= 1 && batch >= 1 && q.size(0) >= 1 && k.size(0) >= 1 &&
-      flash_sdpa::paged_supports(q.scalar_type(), q.size(2))) {
+  if (flash_sdpa::route_varlen(q.scalar_type(), q.size(2), max_seqlen_q, batch, q.size(0), k.size(0), paged) ==
+      flash_sdpa::ForwardKernel::kDecode) {
     return varlen_decode(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_k, softmax_scale, causal, window_left,
                          window_right, softcap, alibi_slopes, s_aux);
   }
@@ -326,12 +327,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  if (q.size(1) <= flash_sdpa::paged::kMaxSeqlenQ && k.size(1) >= 1 &&
-      flash_sdpa::paged_supports(q.scalar_type(), q.size(3))) {
-    // Decode-shaped calls (transformers' generate() steps: a few query rows over the whole K/V) take the decode
-    // kernel, with K/V as a contiguous cache of one block per batch row: each K/V byte is read once per KV head
-    // for the whole GQA group, and long contexts are split across threadgroups. The varlen kernel would give
-    // every query head its own pass over K/V in 32-row tiles (50x to 1000x slower on the NVIDIA proxy).
+  if (flash_sdpa::route_dense(q.scalar_type(), q.size(3), q.size(1), k.size(1)) == flash_sdpa::ForwardKernel::kDecode) {
+    // The decode kernel reads K/V as a contiguous cache of one block per batch row (flash_sdpa/routing.h).
     const int64_t batch = q.size(0), seqlen_k = k.size(1);
     flash_sdpa::PagedKVCacheAttention call;
     call.q = q;
