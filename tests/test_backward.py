@@ -11,7 +11,7 @@ import itertools
 import pytest
 import reference as ref
 import torch
-from test_varlen import DTYPES, HEAD_DIMS, HEADS, LAYOUTS, WINDOWS, cu, extras, make_inputs
+from test_varlen import DTYPES, HEAD_DIMS, HEADS, LAYOUTS, WINDOWS, extras, make_inputs
 
 FEATURES = [
     dict(causal=True),

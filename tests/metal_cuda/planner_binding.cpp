@@ -3,6 +3,7 @@
 // torch.utils.cpp_extension; plans hold CUDA tensors when the inputs are CUDA tensors.
 #include <torch/extension.h>
 
+#include "backward_planner.h"
 #include "paged_planner.h"
 #include "varlen_planner.h"
 
@@ -111,6 +112,36 @@ py::list plan_varlen(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, a
   return to_python(flash_sdpa::plan_varlen_attention(call));
 }
 
+py::list plan_backward(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor lse,
+                       at::Tensor delta, at::Tensor dq, at::Tensor dk, at::Tensor dv, at::Tensor dsinks,
+                       std::optional<at::Tensor> cu_seqlens_q, std::optional<at::Tensor> cu_seqlens_k,
+                       std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, int64_t max_seqlen_q,
+                       int64_t max_seqlen_k, double scale, double softcap, int64_t window_left, int64_t window_right) {
+  flash_sdpa::AttentionBackward call;
+  call.dout = dout;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.out = out;
+  call.lse = lse;
+  call.delta = delta;
+  call.dq = dq;
+  call.dk = dk;
+  call.dv = dv;
+  call.dsinks = dsinks;
+  call.cu_seqlens_q = cu_seqlens_q;
+  call.cu_seqlens_k = cu_seqlens_k;
+  call.alibi_slopes = alibi_slopes;
+  call.sinks = sinks;
+  call.max_seqlen_q = max_seqlen_q;
+  call.max_seqlen_k = max_seqlen_k;
+  call.scale = scale;
+  call.softcap = softcap;
+  call.window_left = window_left;
+  call.window_right = window_right;
+  return to_python(flash_sdpa::plan_attention_backward(call));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -125,6 +156,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"), py::arg("max_seqlen_k"),
         py::arg("gpu_cores") = 0);
   m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts");
+  m.def("plan_backward", &plan_backward, "flash_sdpa::plan_attention_backward -> list of dispatch dicts");
   m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0);
 }

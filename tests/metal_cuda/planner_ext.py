@@ -22,7 +22,8 @@ def load(verbose: bool = False):
         build_dir.mkdir(parents=True, exist_ok=True)
         _EXT = cpp_extension.load(
             name="metal_cuda_planner",
-            sources=[str(HERE / "planner_binding.cpp"), str(FS / "paged_planner.cpp"), str(FS / "varlen_planner.cpp")],
+            sources=[str(HERE / "planner_binding.cpp"), str(FS / "paged_planner.cpp"), str(FS / "varlen_planner.cpp"),
+                     str(FS / "backward_planner.cpp")],
             extra_include_paths=[str(FS)], extra_cflags=["-O1", "-std=c++20"], build_directory=str(build_dir),
             verbose=verbose)
     return _EXT

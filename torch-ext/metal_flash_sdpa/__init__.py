@@ -530,7 +530,8 @@ def flash_attn_with_kvcache(
     _check_q(q)
     _require_tensors(k_cache=k_cache, v_cache=v_cache)
     _check_devices(
-        q, cache_leftpad=cache_leftpad, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table, cache_batch_idx=cache_batch_idx,
+        q, cache_leftpad=cache_leftpad, k_cache=k_cache, v_cache=v_cache, k=k, v=v, block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
         alibi_slopes=alibi_slopes, s_aux=s_aux, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
     )
     window_left, window_right = _check_common(0.0, window_size)
@@ -576,7 +577,8 @@ def flash_attn_with_kvcache(
             bad = (lens >= 0) & ((pad < 0) | (pad > lens))
             if bad.any():
                 b = int(bad.nonzero()[0])
-                raise ValueError(f"cache_leftpad[{b}] = {int(pad[b])} must be in [0, cache_seqlens[{b}] = {int(lens[b])}]")
+                raise ValueError(
+                    f"cache_leftpad[{b}] = {int(pad[b])} must be in [0, cache_seqlens[{b}] = {int(lens[b])}]")
     cache_seqlens = _to_int32(cache_seqlens)
     cache_batch_idx = None if cache_batch_idx is None else _to_int32(cache_batch_idx)
     cache_leftpad = None if cache_leftpad is None else _to_int32(cache_leftpad)
