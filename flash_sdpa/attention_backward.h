@@ -107,10 +107,8 @@ template <typename T>
     const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
     const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
     constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]],
-    uint3 tg_count [[threadgroups_per_grid]],
-    uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   constexpr int ROWS = flash_sdpa::kBwdDeltaRows;
   constexpr int PER_SG = ROWS / flash_sdpa::kBwdSimdgroups;
   const int b = int(tg_pos.z), h = int(tg_pos.y);
@@ -145,20 +143,16 @@ template <typename T>
 // the tile are staged STAGE at a time, for each query head of the group in turn.
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv(
-    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]],
-    const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
-    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]],
-    const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
+    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
+    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]], const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
     const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
     const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
-    device T* dk [[buffer(FLASH_SDPA_BWD_BUFFER_DK)]],
-    device T* dv [[buffer(FLASH_SDPA_BWD_BUFFER_DV)]],
+    device T* dk [[buffer(FLASH_SDPA_BWD_BUFFER_DK)]], device T* dv [[buffer(FLASH_SDPA_BWD_BUFFER_DV)]],
     const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
     const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
     const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
     constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]],
-    uint3 tg_count [[threadgroups_per_grid]],
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
     uint tid [[thread_index_in_threadgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int R = flash_sdpa::bwd_lanes_per_row(D);
@@ -232,7 +226,7 @@ template <typename T, int D>
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
         for (int r = 0; r < n; r += 2) {  // staged rows r and r1 = r + 1 (r1 = r, weight 0, past the end)
-          const bool two = r + 1 < n;  // uniform
+          const bool two = r + 1 < n;     // uniform
           const int r1 = two ? r + 1 : r;
           float4 acc = float4(0.0f);  // (s, dP) of row r, then of row r1
           for (int t = 0; t < CPT; ++t) {
@@ -271,10 +265,8 @@ template <typename T, int D>
 // query row t of the tile (q, dO, dQ columns in registers); the keys the tile sees are staged STAGE at a time.
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dq(
-    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]],
-    const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
-    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]],
-    const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
+    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
+    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]], const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
     const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
     const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
     device T* dq [[buffer(FLASH_SDPA_BWD_BUFFER_DQ)]],
@@ -284,10 +276,8 @@ template <typename T, int D>
     const device float* sinks [[buffer(FLASH_SDPA_BWD_BUFFER_SINKS)]],
     device float* dsinks [[buffer(FLASH_SDPA_BWD_BUFFER_DSINKS)]],
     constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]],
-    uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]],
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
+    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int R = flash_sdpa::bwd_lanes_per_row(D);
@@ -349,7 +339,7 @@ template <typename T, int D>
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       for (int r = 0; r < n; r += 2) {  // staged keys r and r1 = r + 1 (r1 = r, weight 0, past the end)
-        const bool two = r + 1 < n;  // uniform
+        const bool two = r + 1 < n;     // uniform
         const int r1 = two ? r + 1 : r;
         const int j = j0 + r, j1 = j0 + r1;
         float4 acc = float4(0.0f);  // (s, dP) of key r, then of key r1
@@ -360,9 +350,9 @@ template <typename T, int D>
         }
         acc = bwd_row_sum<R>(acc);
         const float ds = bwd_p_ds(acc.xy, p.softcap, slope, i + offset - j, j >= lo_i && j <= hi_i, lse2, row_delta).y;
-        const float ds1 = two ? bwd_p_ds(acc.zw, p.softcap, slope, i + offset - j1, j1 >= lo_i && j1 <= hi_i, lse2,
-                                         row_delta).y
-                              : 0.0f;
+        const float ds1 =
+            two ? bwd_p_ds(acc.zw, p.softcap, slope, i + offset - j1, j1 >= lo_i && j1 <= hi_i, lse2, row_delta).y
+                : 0.0f;
         for (int t = 0; t < CPT; ++t) {
           const int c = slice + R * t;
           dqr[t] += ds * k_stage[r * D + c] + ds1 * k_stage[r1 * D + c];  // dQ = scale dS K (scale at the store)
@@ -386,8 +376,7 @@ template <typename T, int D>
     for (int bb = 0; bb < p.batch; ++bb) {
       const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);
       const device uint* lse_b = lse + long(bb) * p.lse_batch_stride + long(h) * p.lse_head_stride + s.start_q;
-      const device float* delta_b =
-          delta + long(bb) * p.delta_batch_stride + long(h) * p.delta_head_stride + s.start_q;
+      const device float* delta_b = delta + long(bb) * p.delta_batch_stride + long(h) * p.delta_head_stride + s.start_q;
       for (int r = int(tid); r < s.sq; r += NT) {
         float row_lse2;
         if (bwd_row_lse2(lse_b[r], &row_lse2)) {

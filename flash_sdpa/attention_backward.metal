@@ -7,13 +7,13 @@
 #define FLASH_SDPA_BWD_STR_(x) #x
 #define FLASH_SDPA_BWD_STR(x) FLASH_SDPA_BWD_STR_(x)
 
-#define FLASH_SDPA_INSTANTIATE_BWD(T, TNAME, D)                                            \
+#define FLASH_SDPA_INSTANTIATE_BWD(T, TNAME, D)                                             \
   template [[host_name(FLASH_SDPA_BWD_STR(flash_attn_bwd_dkdv_##TNAME##_d##D))]] [[kernel]] \
-  decltype(flash_attn_bwd_dkdv<T, D>) flash_attn_bwd_dkdv<T, D>;                          \
+  decltype(flash_attn_bwd_dkdv<T, D>) flash_attn_bwd_dkdv<T, D>;                            \
   template [[host_name(FLASH_SDPA_BWD_STR(flash_attn_bwd_dq_##TNAME##_d##D))]] [[kernel]]   \
   decltype(flash_attn_bwd_dq<T, D>) flash_attn_bwd_dq<T, D>;
 
-#define FLASH_SDPA_INSTANTIATE_BWD_DTYPE(T, TNAME)                                      \
+#define FLASH_SDPA_INSTANTIATE_BWD_DTYPE(T, TNAME)                                    \
   template [[host_name(FLASH_SDPA_BWD_STR(flash_attn_bwd_delta_##TNAME))]] [[kernel]] \
   decltype(flash_attn_bwd_delta<T>) flash_attn_bwd_delta<T>;                          \
   FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_INSTANTIATE_BWD, T, TNAME)

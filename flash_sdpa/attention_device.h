@@ -26,9 +26,7 @@ inline float apply_softcap(float s, float softcap) {
 // True when x is NaN or +-inf: its exponent bits are all ones. Fast math may fold isnan/isinf to false, and LLVM
 // rewrites the masked compare (bits & 0x7f800000) == 0x7f800000 into the same class test (folded to false under
 // fast math by clang 19, as the emulator shows); the shifted compare below is left as integer arithmetic.
-inline bool is_nonfinite(float x) {
-  return (metal::as_type<uint>(x) << 1) >= 0xff000000u;
-}
+inline bool is_nonfinite(float x) { return (metal::as_type<uint>(x) << 1) >= 0xff000000u; }
 
 // Keys [lo, hi] that a query at key position `pos` sees, for a window (left, right) (-1 = unbounded) over sk keys,
 // clamped to [0, sk - 1] (hi < lo: none). 64-bit intermediates: no int32 overflow whatever the window holds.

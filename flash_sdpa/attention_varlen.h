@@ -1,12 +1,12 @@
 // Varlen / dense flash-attention forward: the kernel body, instantiated by attention_varlen.metal.
 //
-// Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles x, x + grid.x, ... of its (head, sequence). Its 4
-// simdgroups own 8 query rows each; Q (pre-scaled) and the output accumulator O live in 8x8 float
-// simdgroup_matrix registers, K/V tiles are staged through threadgroup memory as float, softmax runs online in
-// the log2 domain with fp32 statistics held by 4 lanes per row. Masking uses a finite large negative score
-// (fast math: no inf arithmetic); a row with no visible key is written as 0 with LSE = -inf. A visible score that is
-// NaN or inf makes its row NaN (FlashAttention-2's result) without entering the shared 8x8 tiles, where 0 x NaN
-// would carry it into the other rows of the block.
+// Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles x, x + grid.x, ... of its (head, sequence). Its
+// 4 simdgroups own 8 query rows each; Q (pre-scaled) and the output accumulator O live in 8x8 float simdgroup_matrix
+// registers, K/V tiles are staged through threadgroup memory as float, softmax runs online in the log2 domain with fp32
+// statistics held by 4 lanes per row. Masking uses a finite large negative score (fast math: no inf arithmetic); a row
+// with no visible key is written as 0 with LSE = -inf. A visible score that is NaN or inf makes its row NaN
+// (FlashAttention-2's result) without entering the shared 8x8 tiles, where 0 x NaN would carry it into the other rows
+// of the block.
 #pragma once
 
 #include <metal_stdlib>
@@ -100,13 +100,13 @@ inline void varlen_stage_rows(threadgroup float* dst, const device T* seq, long 
 
 // The state of one query row during the key loop, held by its 4 lanes (lane = 4 row + sub).
 struct VarlenRow {
-  int i;           // query index within the sequence
-  int lo, hi;      // visible keys [lo, hi]; hi < lo: none (or a row past the sequence)
-  int pos;         // key position of the row (i + sk - sq)
-  float slope;     // ALiBi slope
-  float m;         // running max, log2 domain
-  float l;         // running sum of exp2(s - m)
-  bool bad;        // this lane saw a visible score that is NaN or inf
+  int i;        // query index within the sequence
+  int lo, hi;   // visible keys [lo, hi]; hi < lo: none (or a row past the sequence)
+  int pos;      // key position of the row (i + sk - sq)
+  float slope;  // ALiBi slope
+  float m;      // running max, log2 domain
+  float l;      // running sum of exp2(s - m)
+  bool bad;     // this lane saw a visible score that is NaN or inf
 };
 
 inline VarlenRow varlen_row(int i, const VarlenSequence s, float slope, constant flash_sdpa::VarlenParams& p) {
@@ -212,31 +212,27 @@ inline void varlen_stage_q(threadgroup float* dst, const device T* q_seq, long r
 }
 
 // The kernel's buffers, in FLASH_SDPA_VARLEN_BUFFER_* order (both kernels below take the same).
-#define FLASH_SDPA_VARLEN_KERNEL_BUFFERS                                                   \
-  const device T *q [[buffer(FLASH_SDPA_VARLEN_BUFFER_Q)]],                                \
-      const device T *k [[buffer(FLASH_SDPA_VARLEN_BUFFER_K)]],                            \
-      const device T *v [[buffer(FLASH_SDPA_VARLEN_BUFFER_V)]],                            \
-      device T *out [[buffer(FLASH_SDPA_VARLEN_BUFFER_OUT)]],                              \
-      device uint *lse [[buffer(FLASH_SDPA_VARLEN_BUFFER_LSE)]], /* float bits */          \
-      const device int *cu_seqlens_q [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q)]],    \
-      const device int *cu_seqlens_k [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K)]],    \
-      const device float *alibi_slopes [[buffer(FLASH_SDPA_VARLEN_BUFFER_ALIBI)]],         \
-      const device float *sinks [[buffer(FLASH_SDPA_VARLEN_BUFFER_SINKS)]],                \
-      constant flash_sdpa::VarlenParams &p [[buffer(FLASH_SDPA_VARLEN_BUFFER_PARAMS)]],    \
+#define FLASH_SDPA_VARLEN_KERNEL_BUFFERS                                                                              \
+  const device T *q [[buffer(FLASH_SDPA_VARLEN_BUFFER_Q)]], const device T *k [[buffer(FLASH_SDPA_VARLEN_BUFFER_K)]], \
+      const device T *v [[buffer(FLASH_SDPA_VARLEN_BUFFER_V)]],                                                       \
+      device T *out [[buffer(FLASH_SDPA_VARLEN_BUFFER_OUT)]],                                                         \
+      device uint *lse [[buffer(FLASH_SDPA_VARLEN_BUFFER_LSE)]], /* float bits */                                     \
+      const device int *cu_seqlens_q [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q)]],                               \
+      const device int *cu_seqlens_k [[buffer(FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K)]],                               \
+      const device float *alibi_slopes [[buffer(FLASH_SDPA_VARLEN_BUFFER_ALIBI)]],                                    \
+      const device float *sinks [[buffer(FLASH_SDPA_VARLEN_BUFFER_SINKS)]],                                           \
+      constant flash_sdpa::VarlenParams &p [[buffer(FLASH_SDPA_VARLEN_BUFFER_PARAMS)]],                               \
       const device int *block_table [[buffer(FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE)]]
 
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] kernel void flash_attn_varlen(
-    FLASH_SDPA_VARLEN_KERNEL_BUFFERS,
-    uint3 tg_pos [[threadgroup_position_in_grid]],
-    uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BQ = flash_sdpa::kVarlenBlockQ;
   constexpr int BK = flash_sdpa::varlen_block_k(D);
   constexpr int NT = flash_sdpa::kVarlenThreads;
-  constexpr int DB = D / 8;  // 8-column blocks of the head dim
+  constexpr int DB = D / 8;   // 8-column blocks of the head dim
   constexpr int KB = BK / 8;  // 8-row blocks of a key tile
   constexpr int KV_FLOATS = 2 * BK * D;
   // Q is loaded and O written through the K/V tile, CHUNK head-dim columns of all 32 rows at a time.
@@ -245,10 +241,10 @@ template <typename T, int D>
   static_assert(BQ * CHUNK <= KV_FLOATS && D % CHUNK == 0 && CHUNK % 8 == 0, "Q/O staging fits the K/V tile");
   static_assert(BK % 4 == 0, "4 lanes share a score row");
 
-  threadgroup float kv_tile[KV_FLOATS];  // K rows [0, BK) then V rows [BK, 2 BK), D floats each
+  threadgroup float kv_tile[KV_FLOATS];   // K rows [0, BK) then V rows [BK, 2 BK), D floats each
   threadgroup float score_tile[BQ * BK];  // simdgroup s: rows [8s, 8s + 8) x BK probabilities
   threadgroup float diag_tile[flash_sdpa::kVarlenSimdgroups * 64];  // simdgroup s: an 8x8 diagonal
-  threadgroup uint bad_tile[BQ];  // row r of the tile saw a non-finite visible score
+  threadgroup uint bad_tile[BQ];                                    // row r of the tile saw a non-finite visible score
   threadgroup long key_offsets[2 * BK];  // paged: offsets of key rows k0 + r in k ([r]) and v ([BK + r]); -1: masked
 
   const int b = int(tg_pos.z);
@@ -256,9 +252,12 @@ template <typename T, int D>
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   // (batch, row, head, d = 1) through the strides; row start_x of this sequence
-  const device T* q_seq = q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  const device T* q_seq =
+      q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  const device T* k_seq =
+      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq =
+      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
   device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
   device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
   const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
@@ -368,12 +367,9 @@ template <typename T, int D>
 // softmax for all. K and V go through one staging tile, one after the other (8 keys x D floats = 16 KB at D = 512).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] kernel void flash_attn_varlen_wide(
-    FLASH_SDPA_VARLEN_KERNEL_BUFFERS,
-    uint3 tg_pos [[threadgroup_position_in_grid]],
-    uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NSG = flash_sdpa::kVarlenSimdgroups;
   constexpr int BQ = flash_sdpa::kVarlenWideBlockQ;  // 8 query rows per tile
   constexpr int BK = flash_sdpa::kVarlenWideBlockK;  // 8 keys per tile
@@ -383,9 +379,9 @@ template <typename T, int D>
   static_assert(BQ == 8 && BK == 8 && DS % 8 == 0, "one 8x8 score block per simdgroup");
   static_assert(flash_sdpa::varlen_wide_threadgroup_bytes(D) <= flash_sdpa::kVarlenMaxThreadgroupBytes, "32 KB");
 
-  threadgroup float kv_tile[BK * D];        // K, then V, of the key tile; Q and O staging (BQ == BK rows)
+  threadgroup float kv_tile[BK * D];         // K, then V, of the key tile; Q and O staging (BQ == BK rows)
   threadgroup float partial[NSG * BQ * BK];  // simdgroup c's partial scores over its columns; [0]: sums, then P
-  threadgroup float diag[64];               // diag(alpha), then diag(1 / denominator)
+  threadgroup float diag[64];                // diag(alpha), then diag(1 / denominator)
   threadgroup uint bad_tile[BQ];
   threadgroup long key_offsets[2 * BK];
 
@@ -394,9 +390,12 @@ template <typename T, int D>
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   // (batch, row, head, d = 1) through the strides; row start_x of this sequence
-  const device T* q_seq = q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-  const device T* k_seq = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  const device T* q_seq =
+      q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  const device T* k_seq =
+      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  const device T* v_seq =
+      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
   device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
   device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
   const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
@@ -472,8 +471,8 @@ template <typename T, int D>
     }
 
     if (sg == 0) {
-      const float norm = varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f,
-                                           &bad_tile[int(lane) / 4], lse_seq);
+      const float norm =
+          varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f, &bad_tile[int(lane) / 4], lse_seq);
       varlen_write_diagonal(diag, norm, lane);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);

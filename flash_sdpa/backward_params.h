@@ -14,22 +14,22 @@
 namespace flash_sdpa {
 
 // [[buffer(i)]] of the backward kernels (each kernel declares the subset it uses).
-#define FLASH_SDPA_BWD_BUFFER_Q 0             // T, (batch, row, head, d = 1) through the q_* strides
-#define FLASH_SDPA_BWD_BUFFER_K 1             // T, (batch, row, kv head, d = 1)
-#define FLASH_SDPA_BWD_BUFFER_V 2             // T, (batch, row, kv head, d = 1)
-#define FLASH_SDPA_BWD_BUFFER_OUT 3           // T, the forward's output, (batch, row, head, d = 1)
-#define FLASH_SDPA_BWD_BUFFER_DOUT 4          // T, dL/dout, (batch, row, head, d = 1)
-#define FLASH_SDPA_BWD_BUFFER_LSE 5           // float bits, the forward's LSE, (batch, head, row = 1)
-#define FLASH_SDPA_BWD_BUFFER_DELTA 6         // float, rowsum(dO * O), (batch, head, row = 1): written by pass 1
-#define FLASH_SDPA_BWD_BUFFER_DQ 7            // T, (batch, row, head, d = 1)
-#define FLASH_SDPA_BWD_BUFFER_DK 8            // T, (batch, row, kv head, d = 1)
-#define FLASH_SDPA_BWD_BUFFER_DV 9            // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_Q 0              // T, (batch, row, head, d = 1) through the q_* strides
+#define FLASH_SDPA_BWD_BUFFER_K 1              // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_V 2              // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_OUT 3            // T, the forward's output, (batch, row, head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_DOUT 4           // T, dL/dout, (batch, row, head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_LSE 5            // float bits, the forward's LSE, (batch, head, row = 1)
+#define FLASH_SDPA_BWD_BUFFER_DELTA 6          // float, rowsum(dO * O), (batch, head, row = 1): written by pass 1
+#define FLASH_SDPA_BWD_BUFFER_DQ 7             // T, (batch, row, head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_DK 8             // T, (batch, row, kv head, d = 1)
+#define FLASH_SDPA_BWD_BUFFER_DV 9             // T, (batch, row, kv head, d = 1)
 #define FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q 10  // int32 [batch + 1] (varlen only)
 #define FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K 11  // int32 [batch + 1] (varlen only)
-#define FLASH_SDPA_BWD_BUFFER_ALIBI 12        // float, slope of (batch, head) at b * alibi_batch_stride + h
-#define FLASH_SDPA_BWD_BUFFER_SINKS 13        // float [heads]
-#define FLASH_SDPA_BWD_BUFFER_DSINKS 14       // float [heads], d s_aux (written by pass 3 when sinks are on)
-#define FLASH_SDPA_BWD_BUFFER_PARAMS 15       // BackwardParams (setBytes)
+#define FLASH_SDPA_BWD_BUFFER_ALIBI 12         // float, slope of (batch, head) at b * alibi_batch_stride + h
+#define FLASH_SDPA_BWD_BUFFER_SINKS 13         // float [heads]
+#define FLASH_SDPA_BWD_BUFFER_DSINKS 14        // float [heads], d s_aux (written by pass 3 when sinks are on)
+#define FLASH_SDPA_BWD_BUFFER_PARAMS 15        // BackwardParams (setBytes)
 
 // [[function_constant(i)]] of the backward kernels (all bool), as in the forward.
 #define FLASH_SDPA_BWD_FC_IS_VARLEN 0
@@ -66,12 +66,12 @@ constexpr fsdpa_i32 bwd_stage_rows(fsdpa_i32 head_dim) {
                                                                           : 8;
 }
 
-#define FLASH_SDPA_CHECK_BWD_HEAD_DIM(a, b, D)                                                           \
-  static_assert((D) % bwd_lanes_per_row(D) == 0 && (D) / bwd_lanes_per_row(D) <= 16,                    \
-                "head dim " #D ": whole columns per lane, at most 16");                                  \
-  static_assert(bwd_lanes_per_row(D) <= 32 && 32 % bwd_lanes_per_row(D) == 0,                            \
-                "a row's lanes lie in one simdgroup (shuffle_xor reduction)");                           \
-  static_assert(bwd_threadgroup_bytes((D), bwd_stage_rows(D)) <= kBwdMaxThreadgroupBytes,                \
+#define FLASH_SDPA_CHECK_BWD_HEAD_DIM(a, b, D)                                            \
+  static_assert((D) % bwd_lanes_per_row(D) == 0 && (D) / bwd_lanes_per_row(D) <= 16,      \
+                "head dim " #D ": whole columns per lane, at most 16");                   \
+  static_assert(bwd_lanes_per_row(D) <= 32 && 32 % bwd_lanes_per_row(D) == 0,             \
+                "a row's lanes lie in one simdgroup (shuffle_xor reduction)");            \
+  static_assert(bwd_threadgroup_bytes((D), bwd_stage_rows(D)) <= kBwdMaxThreadgroupBytes, \
                 "the backward's staged rows of head dim " #D " do not fit in 32 KB of threadgroup memory");
 FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_BWD_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_BWD_HEAD_DIM
@@ -109,17 +109,17 @@ struct BackwardParams {
   fsdpa_i64 lse_head_stride;
   fsdpa_i64 delta_batch_stride;  // floats
   fsdpa_i64 delta_head_stride;
-  fsdpa_i32 batch;         // number of sequences (grid z)
-  fsdpa_i32 num_heads;     // H
-  fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
-  fsdpa_i32 q_rows;        // rows of q/out/dout/dq along the row axis: row indices are clamped below it
-  fsdpa_i32 k_rows;        // rows of k/v/dk/dv along the row axis
-  fsdpa_i32 seqlen_q;      // dense mode: queries per sequence (varlen: unused)
-  fsdpa_i32 seqlen_k;      // dense mode: keys per sequence (varlen: unused)
-  fsdpa_i32 window_left;   // as VarlenParams: keys j >= i + sk - sq - window_left are visible; -1 = unbounded
-  fsdpa_i32 window_right;  // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
+  fsdpa_i32 batch;               // number of sequences (grid z)
+  fsdpa_i32 num_heads;           // H
+  fsdpa_i32 num_kv_heads;        // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
+  fsdpa_i32 q_rows;              // rows of q/out/dout/dq along the row axis: row indices are clamped below it
+  fsdpa_i32 k_rows;              // rows of k/v/dk/dv along the row axis
+  fsdpa_i32 seqlen_q;            // dense mode: queries per sequence (varlen: unused)
+  fsdpa_i32 seqlen_k;            // dense mode: keys per sequence (varlen: unused)
+  fsdpa_i32 window_left;         // as VarlenParams: keys j >= i + sk - sq - window_left are visible; -1 = unbounded
+  fsdpa_i32 window_right;        // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
   fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
-  fsdpa_i32 head_dim;      // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
+  fsdpa_i32 head_dim;            // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
   fsdpa_i32 pad0;
   float scale;    // multiplies q . k before softcap and ALiBi
   float softcap;  // > 0 when FLASH_SDPA_BWD_FC_HAS_SOFTCAP

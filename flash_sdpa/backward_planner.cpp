@@ -19,7 +19,8 @@ std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t
 
 bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
 #define FLASH_SDPA_BWD_HEAD_DIM_ENTRY(a, b, D) || head_dim == (D)
-  return kernel_dtype_name(dtype) != nullptr && (false FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_BWD_HEAD_DIM_ENTRY, _, _));
+  return kernel_dtype_name(dtype) != nullptr &&
+         (false FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_BWD_HEAD_DIM_ENTRY, _, _));
 #undef FLASH_SDPA_BWD_HEAD_DIM_ENTRY
 }
 
@@ -120,8 +121,9 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   Dispatch dkdv;
   dkdv.kernel = backward_kernel_name("dkdv", dtype, head_dim);
   dkdv.constants = constants;
-  dkdv.buffers = {q, k, v, dout, lse, delta, {FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv},
-                  cu_q, cu_k, alibi};
+  dkdv.buffers = {
+      q,    k,    v,    dout, lse, delta, {FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv},
+      cu_q, cu_k, alibi};
   dkdv.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
   dkdv.threadgroups = {tiles(grid_k, tile_rows), to_u32(kv_heads, "num_kv_heads"), b};
   dkdv.threads_per_threadgroup = threads;

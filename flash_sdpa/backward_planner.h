@@ -18,10 +18,10 @@ namespace flash_sdpa {
 // [H, total_q], cu_seqlens_q/k int32 [B + 1]. Dense: q/out/dout/dq [B, Sq, H, D], k/v/dk/dv [B, Sk, Hkv, D], lse/delta
 // float [B, H, Sq]. Last dims contiguous (lse/delta: the row axis); every other stride is free.
 struct AttentionBackward {
-  at::Tensor dout, q, k, v, out, lse;  // inputs: the forward's q, k, v, out, lse and dL/dout
-  at::Tensor delta;                    // float scratch shaped like lse, written by the first dispatch
-  at::Tensor dq, dk, dv;               // outputs; rows no sequence covers are not written
-  at::Tensor dsinks;                   // float [H], written when sinks are given
+  at::Tensor dout, q, k, v, out, lse;                    // inputs: the forward's q, k, v, out, lse and dL/dout
+  at::Tensor delta;                                      // float scratch shaped like lse, written by the first dispatch
+  at::Tensor dq, dk, dv;                                 // outputs; rows no sequence covers are not written
+  at::Tensor dsinks;                                     // float [H], written when sinks are given
   std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set: varlen; both empty: dense
   std::optional<at::Tensor> alibi_slopes;                // float [H] or [B, H]
   std::optional<at::Tensor> sinks;                       // float [H]

@@ -20,8 +20,7 @@ template <typename T>
     device T* v_cache [[buffer(FLASH_SDPA_WRITE_BUF_V_CACHE)]],
     device const int* block_table [[buffer(FLASH_SDPA_WRITE_BUF_BLOCK_TABLE)]],
     device const int* cache_seqlens [[buffer(FLASH_SDPA_WRITE_BUF_CACHE_SEQLENS)]],
-    constant KVPagedWriteParams& p [[buffer(FLASH_SDPA_WRITE_BUF_PARAMS)]],
-    uint3 tgid [[threadgroup_position_in_grid]],
+    constant KVPagedWriteParams& p [[buffer(FLASH_SDPA_WRITE_BUF_PARAMS)]], uint3 tgid [[threadgroup_position_in_grid]],
     uint tid [[thread_index_in_threadgroup]]) {
   const int b = int(tgid.z);
   const int i = int(tgid.y);

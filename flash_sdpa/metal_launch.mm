@@ -97,8 +97,8 @@ id<MTLComputePipelineState> pipeline(id<MTLDevice> device, const Dispatch& d) {
                                             error:&err];
     [values release];
     if (fn == nil) {
-      error = std::string("no kernel ") + d.kernel + " in the metallib: " +
-              (err != nil ? err.localizedDescription.UTF8String : "");
+      error = std::string("no kernel ") + d.kernel +
+              " in the metallib: " + (err != nil ? err.localizedDescription.UTF8String : "");
     } else {
       pso = [device newComputePipelineStateWithFunction:fn error:&err];
       [fn release];
@@ -152,14 +152,14 @@ void run_launch_plan(const LaunchPlan& plan) {
   std::vector<id<MTLComputePipelineState>> psos;
   for (const Dispatch& d : plan.dispatches) {
     id<MTLComputePipelineState> pso = pipeline(device, d);
-    const uint64_t threads = uint64_t(d.threads_per_threadgroup[0]) * d.threads_per_threadgroup[1] *
-                             d.threads_per_threadgroup[2];
+    const uint64_t threads =
+        uint64_t(d.threads_per_threadgroup[0]) * d.threads_per_threadgroup[1] * d.threads_per_threadgroup[2];
     // A launch above the pipeline's limit silently writes nothing.
     TORCH_CHECK(threads <= pso.maxTotalThreadsPerThreadgroup, "metal-flash-sdpa: ", d.kernel, " needs ", threads,
                 " threads per threadgroup, the pipeline allows ", pso.maxTotalThreadsPerThreadgroup);
     for (const BufferArg& b : d.buffers) {
-      TORCH_CHECK(b.tensor.numel() == 0 || b.tensor.device().is_mps(), "metal-flash-sdpa: buffer ", b.index,
-                  " of ", d.kernel, " is not an MPS tensor");
+      TORCH_CHECK(b.tensor.numel() == 0 || b.tensor.device().is_mps(), "metal-flash-sdpa: buffer ", b.index, " of ",
+                  d.kernel, " is not an MPS tensor");
     }
     psos.push_back(pso);
   }

@@ -110,8 +110,8 @@ inline vec<uint, 4> load_chunk(device const T* row, int ci, bool ok, bool aligne
 // by G; the L lanes of a key group read the same table entry (one address, served once by the GPU's cache; on the
 // proxy 4-17% faster than one read per key shared by simd_shuffle, and the divisions per key cost more still).
 template <int U, int G>
-inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start,
-                      device const int* block_table, long bt_row, int block_size, int num_blocks) {
+inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start, device const int* block_table,
+                      long bt_row, int block_size, int num_blocks) {
   if (varlen) {
     for (int u = 0; u < U; ++u) {
       const int key = t + u * G;
@@ -157,10 +157,8 @@ template <typename T, int D, int R>
     device const int* cu_seqlens_q [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q)]],
     device const int* cu_seqlens_k [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K)]],
     device const int* cache_leftpad [[buffer(FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD)]],
-    uint3 tgid [[threadgroup_position_in_grid]],
-    uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint3 tgid [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
   using Layout = DecodeLayout<T, D, R>;
@@ -238,8 +236,7 @@ template <typename T, int D, int R>
   int2 loc[U];
   int2 loc_next[U];
   const int first = begin + int(sg) * KS;
-  step_locs<U, G>(loc, first + g, end, fc_decode_varlen, k_start, block_table, bt_row, p.block_size,
-                  p.num_blocks);
+  step_locs<U, G>(loc, first + g, end, fc_decode_varlen, k_start, block_table, bt_row, p.block_size, p.num_blocks);
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
   for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
@@ -251,8 +248,7 @@ template <typename T, int D, int R>
       const int h = hkv * group + gr / sq;
       const int i = gr % sq;
       // q (B, sq, H, D = 1); varlen: q (total_q, H, D = 1)
-      const long qoff = fc_decode_varlen ? long(q_row) * p.q_stride_s
-                                         : long(b) * p.q_stride_b + long(i) * p.q_stride_s;
+      const long qoff = fc_decode_varlen ? long(q_row) * p.q_stride_s : long(b) * p.q_stride_b + long(i) * p.q_stride_s;
       v = float(q[qoff + long(h) * p.q_stride_h + d]) * p.scale;
     }
     q_tg[idx] = v;
@@ -475,8 +471,8 @@ template <typename T, int D, int R>
     }
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
     // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
-    const long out_at = fc_decode_varlen ? (long(q_row) * p.num_heads + h) * D + d
-                                         : ((long(b) * sq + i) * p.num_heads + h) * D + d;
+    const long out_at =
+        fc_decode_varlen ? (long(q_row) * p.num_heads + h) * D + d : ((long(b) * sq + i) * p.num_heads + h) * D + d;
     const long lse_at = fc_decode_varlen ? long(h) * p.total_q + q_row : row;
     if (split_mode) {
       const long prow = long(split) * p.batch * p.num_heads * sq + row;  // (splits, B, H, sq)
@@ -520,10 +516,8 @@ template <typename T>
     device uint* lse [[buffer(FLASH_SDPA_COMBINE_BUF_LSE)]],  // float bits
     constant flash_sdpa::paged::PagedCombineParams& p [[buffer(FLASH_SDPA_COMBINE_BUF_PARAMS)]],
     device const int* cu_seqlens_q [[buffer(FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q)]],
-    uint tgid [[threadgroup_position_in_grid]],
-    uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    uint tgid [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
   constexpr int NT = kCombineThreads;
@@ -607,7 +601,7 @@ template <typename T>
   }
 
   // 3. Weighted sum of the partial outputs (o_partial (splits, B, H, sq, D), fp32, rows 16-byte aligned: D % 8 == 0).
-  const int C = D / 4;   // float4 columns
+  const int C = D / 4;    // float4 columns
   const int NS = NT / C;  // splits read side by side (D <= 256: >= 2)
   const int c = int(tid) % C;
   const int j = int(tid) / C;

@@ -30,9 +30,10 @@ typedef float f32;
 #define FLASH_SDPA_PAGED_DTYPES(X) X(float, float32) X(half, float16) X(bfloat, bfloat16)
 // X(head_dim, max_rows, extra...): max_rows is the largest decode row tile for that head dim (R x D / 32 fp32 P.V
 // accumulators per lane: <= 64).
-#define FLASH_SDPA_PAGED_HEAD_DIMS(X, ...) \
-  X(32, 16, __VA_ARGS__) X(64, 16, __VA_ARGS__) X(72, 16, __VA_ARGS__) X(80, 16, __VA_ARGS__) \
-  X(96, 16, __VA_ARGS__) X(128, 16, __VA_ARGS__) X(192, 8, __VA_ARGS__) X(256, 8, __VA_ARGS__)
+#define FLASH_SDPA_PAGED_HEAD_DIMS(X, ...)                                                                            \
+  X(32, 16, __VA_ARGS__)                                                                                              \
+  X(64, 16, __VA_ARGS__) X(72, 16, __VA_ARGS__) X(80, 16, __VA_ARGS__) X(96, 16, __VA_ARGS__) X(128, 16, __VA_ARGS__) \
+      X(192, 8, __VA_ARGS__) X(256, 8, __VA_ARGS__)
 // Decode row tiles R (rows = query head of the KV group x query token per threadgroup) up to a head dim's max_rows:
 // the planner takes the smallest R >= group x sq. X(R, extra...).
 #define FLASH_SDPA_PAGED_ROWS_UPTO_8(X, ...) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(4, __VA_ARGS__) X(8, __VA_ARGS__)
@@ -73,7 +74,6 @@ enum : i32 {
   kMaxSeqlenQ = 16,
 };
 
-
 }  // namespace paged
 }  // namespace flash_sdpa
 
@@ -88,28 +88,28 @@ enum : i32 {
 #define FLASH_SDPA_WRITE_BUF_CACHE_SEQLENS 5  // int32 [B], length before the new tokens; < 0: padding, skipped
 #define FLASH_SDPA_WRITE_BUF_PARAMS 6         // KVPagedWriteParams
 
-#define FLASH_SDPA_DECODE_BUF_Q 0              // T [B, sq, H, D]
-#define FLASH_SDPA_DECODE_BUF_K_CACHE 1        // T [num_blocks, block_size, Hkv, D]
-#define FLASH_SDPA_DECODE_BUF_V_CACHE 2        // T [num_blocks, block_size, Hkv, D]
-#define FLASH_SDPA_DECODE_BUF_BLOCK_TABLE 3    // int32 [B, max_blocks_per_seq]
-#define FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS 4  // int32 [B]
-#define FLASH_SDPA_DECODE_BUF_OUT 5            // T [B, sq, H, D] contiguous (unsplit)
-#define FLASH_SDPA_DECODE_BUF_LSE 6            // float [B, H, sq] contiguous (unsplit, FC_WRITE_LSE)
-#define FLASH_SDPA_DECODE_BUF_ALIBI 7          // float, slope of (b, h) at b * alibi_stride_b + h (FC_ALIBI)
-#define FLASH_SDPA_DECODE_BUF_SINKS 8          // float [H] sink logits (unsplit, FC_SINKS)
-#define FLASH_SDPA_DECODE_BUF_O_PARTIAL 9      // float [splits, B, H, sq, D] unnormalised partial outputs (split)
-#define FLASH_SDPA_DECODE_BUF_ML_PARTIAL 10    // float [splits, B, H, sq, 2]: (max, sum of exp) per split (split)
-#define FLASH_SDPA_DECODE_BUF_PARAMS 11        // PagedDecodeParams
-#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q 12  // int32 [B + 1] (FC_DECODE_VARLEN): query rows of sequence b
-#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K 13  // int32 [B + 1] (FC_DECODE_VARLEN): key rows of sequence b
+#define FLASH_SDPA_DECODE_BUF_Q 0               // T [B, sq, H, D]
+#define FLASH_SDPA_DECODE_BUF_K_CACHE 1         // T [num_blocks, block_size, Hkv, D]
+#define FLASH_SDPA_DECODE_BUF_V_CACHE 2         // T [num_blocks, block_size, Hkv, D]
+#define FLASH_SDPA_DECODE_BUF_BLOCK_TABLE 3     // int32 [B, max_blocks_per_seq]
+#define FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS 4   // int32 [B]
+#define FLASH_SDPA_DECODE_BUF_OUT 5             // T [B, sq, H, D] contiguous (unsplit)
+#define FLASH_SDPA_DECODE_BUF_LSE 6             // float [B, H, sq] contiguous (unsplit, FC_WRITE_LSE)
+#define FLASH_SDPA_DECODE_BUF_ALIBI 7           // float, slope of (b, h) at b * alibi_stride_b + h (FC_ALIBI)
+#define FLASH_SDPA_DECODE_BUF_SINKS 8           // float [H] sink logits (unsplit, FC_SINKS)
+#define FLASH_SDPA_DECODE_BUF_O_PARTIAL 9       // float [splits, B, H, sq, D] unnormalised partial outputs (split)
+#define FLASH_SDPA_DECODE_BUF_ML_PARTIAL 10     // float [splits, B, H, sq, 2]: (max, sum of exp) per split (split)
+#define FLASH_SDPA_DECODE_BUF_PARAMS 11         // PagedDecodeParams
+#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q 12   // int32 [B + 1] (FC_DECODE_VARLEN): query rows of sequence b
+#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K 13   // int32 [B + 1] (FC_DECODE_VARLEN): key rows of sequence b
 #define FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD 14  // int32 [B] (FC_DECODE_LEFTPAD): the cache row's first key slot
 
-#define FLASH_SDPA_COMBINE_BUF_O_PARTIAL 0   // float [splits, B, H, sq, D]
-#define FLASH_SDPA_COMBINE_BUF_ML_PARTIAL 1  // float [splits, B, H, sq, 2]
-#define FLASH_SDPA_COMBINE_BUF_SINKS 2       // float [H] (FC_COMBINE_SINKS)
-#define FLASH_SDPA_COMBINE_BUF_OUT 3         // T [B, sq, H, D] contiguous
-#define FLASH_SDPA_COMBINE_BUF_LSE 4         // float [B, H, sq] (FC_COMBINE_WRITE_LSE)
-#define FLASH_SDPA_COMBINE_BUF_PARAMS 5      // PagedCombineParams
+#define FLASH_SDPA_COMBINE_BUF_O_PARTIAL 0     // float [splits, B, H, sq, D]
+#define FLASH_SDPA_COMBINE_BUF_ML_PARTIAL 1    // float [splits, B, H, sq, 2]
+#define FLASH_SDPA_COMBINE_BUF_SINKS 2         // float [H] (FC_COMBINE_SINKS)
+#define FLASH_SDPA_COMBINE_BUF_OUT 3           // T [B, sq, H, D] contiguous
+#define FLASH_SDPA_COMBINE_BUF_LSE 4           // float [B, H, sq] (FC_COMBINE_WRITE_LSE)
+#define FLASH_SDPA_COMBINE_BUF_PARAMS 5        // PagedCombineParams
 #define FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q 6  // int32 [B + 1] (FC_COMBINE_VARLEN)
 
 // bool function constants; part of the pipeline-cache key, not of the kernel name. None depends on the split count
@@ -117,8 +117,8 @@ enum : i32 {
 #define FLASH_SDPA_FC_DECODE_VARLEN 0     // packed K/V [total_k, Hkv, D] and q/out rows from cu_seqlens (varlen decode)
 #define FLASH_SDPA_FC_DECODE_WRITE_LSE 1  // write the LSE (when unsplit; the combine writes it when split)
 #define FLASH_SDPA_FC_DECODE_ALIBI 2      // add -slope * |i + sk - sq - j|
-#define FLASH_SDPA_FC_DECODE_SINKS 3      // sink logits join the denominator (unsplit; the combine applies them when split)
-#define FLASH_SDPA_FC_DECODE_SOFTCAP 4    // s = softcap * tanh(s / softcap)
+#define FLASH_SDPA_FC_DECODE_SINKS 3  // sink logits join the denominator (unsplit; the combine applies them when split)
+#define FLASH_SDPA_FC_DECODE_SOFTCAP 4  // s = softcap * tanh(s / softcap)
 #define FLASH_SDPA_FC_COMBINE_WRITE_LSE 5
 #define FLASH_SDPA_FC_COMBINE_SINKS 6
 #define FLASH_SDPA_FC_DECODE_KV_ALIGNED 7  // K/V strides and offsets are multiples of 16 bytes: vector loads
@@ -145,13 +145,13 @@ struct KVPagedWriteParams {
   i64 v_cache_stride_slot;
   i64 v_cache_stride_h;
   i64 block_table_stride_b;  // block_table row stride, elements (int32)
-  i32 batch;               // B: rows of block_table / cache_seqlens / k_new
-  i32 seqlen_new;          // sk_new: new tokens per request
-  i32 num_kv_heads;        // Hkv
-  i32 head_dim;            // D
-  i32 block_size;          // slots per block (>= 1)
-  i32 num_blocks;          // blocks in each cache view
-  i32 max_blocks_per_seq;  // block_table columns
+  i32 batch;                 // B: rows of block_table / cache_seqlens / k_new
+  i32 seqlen_new;            // sk_new: new tokens per request
+  i32 num_kv_heads;          // Hkv
+  i32 head_dim;              // D
+  i32 block_size;            // slots per block (>= 1)
+  i32 num_blocks;            // blocks in each cache view
+  i32 max_blocks_per_seq;    // block_table columns
   i32 pad0;
 };
 
@@ -164,34 +164,34 @@ struct KVPagedWriteParams {
 // written). Query i of head h sees key j when lo(i) <= j <= hi(i) (window below). A row with no visible key
 // outputs 0 and LSE -inf.
 struct PagedDecodeParams {
-  i64 q_stride_b;        // q strides (B, sq, H, D = 1), elements; varlen: q (total_q, H, D = 1) uses s and h
+  i64 q_stride_b;  // q strides (B, sq, H, D = 1), elements; varlen: q (total_q, H, D = 1) uses s and h
   i64 q_stride_s;
   i64 q_stride_h;
-  i64 k_stride_block;    // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements; varlen: k (total_k,
-  i64 k_stride_slot;     //   Hkv, D = 1) uses slot (row) and h
+  i64 k_stride_block;  // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements; varlen: k (total_k,
+  i64 k_stride_slot;   //   Hkv, D = 1) uses slot (row) and h
   i64 k_stride_h;
-  i64 v_stride_block;    // v_cache strides (num_blocks, block_size, Hkv, D = 1), elements
+  i64 v_stride_block;  // v_cache strides (num_blocks, block_size, Hkv, D = 1), elements
   i64 v_stride_slot;
   i64 v_stride_h;
   i64 block_table_stride_b;  // elements (int32)
-  i32 batch;             // B
-  i32 seqlen_q;          // sq, 1..kMaxSeqlenQ
-  i32 num_heads;         // H (query heads)
-  i32 num_kv_heads;      // Hkv; H % Hkv == 0, query head h reads KV head h / (H / Hkv)
-  i32 head_dim;          // D; equals the kernel's template D
-  i32 row_blocks;        // ceil(group * sq / R), R the kernel's row tile
-  i32 block_size;        // slots per block (>= 1)
-  i32 num_blocks;        // blocks in each cache view
-  i32 max_blocks_per_seq;  // block_table columns
-  i32 seqlen_new;        // tokens appended by kv_paged_write this call (attention covers them)
-  i32 num_splits;        // split-K partials per (b, Hkv, row block); 1 = unsplit
-  i32 window_left;       // keys j >= i + sk - sq - left; -1 = unbounded
-  i32 window_right;      // keys j <= i + sk - sq + right; -1 = unbounded (causal: 0)
-  i32 alibi_stride_b;    // alibi slopes batch stride (0 for [H], H for [B, H]), elements
-  i32 total_q;           // varlen: rows of q / out (LSE is [H, total_q]); else 0
-  i32 total_k;           // varlen: rows of k / v; else 0
-  f32 scale;             // softmax scale on q.k
-  f32 softcap;           // > 0 when FC_DECODE_SOFTCAP
+  i32 batch;                 // B
+  i32 seqlen_q;              // sq, 1..kMaxSeqlenQ
+  i32 num_heads;             // H (query heads)
+  i32 num_kv_heads;          // Hkv; H % Hkv == 0, query head h reads KV head h / (H / Hkv)
+  i32 head_dim;              // D; equals the kernel's template D
+  i32 row_blocks;            // ceil(group * sq / R), R the kernel's row tile
+  i32 block_size;            // slots per block (>= 1)
+  i32 num_blocks;            // blocks in each cache view
+  i32 max_blocks_per_seq;    // block_table columns
+  i32 seqlen_new;            // tokens appended by kv_paged_write this call (attention covers them)
+  i32 num_splits;            // split-K partials per (b, Hkv, row block); 1 = unsplit
+  i32 window_left;           // keys j >= i + sk - sq - left; -1 = unbounded
+  i32 window_right;          // keys j <= i + sk - sq + right; -1 = unbounded (causal: 0)
+  i32 alibi_stride_b;        // alibi slopes batch stride (0 for [H], H for [B, H]), elements
+  i32 total_q;               // varlen: rows of q / out (LSE is [H, total_q]); else 0
+  i32 total_k;               // varlen: rows of k / v; else 0
+  f32 scale;                 // softmax scale on q.k
+  f32 softcap;               // > 0 when FC_DECODE_SOFTCAP
 };
 
 // paged_decode_combine: grid (B * H * sq), kCombineThreads threads.

@@ -7,8 +7,8 @@
 #include <atomic>
 #include <limits>
 
-#include "planner_common.h"
 #include "paged_params.h"
+#include "planner_common.h"
 
 namespace flash_sdpa {
 
@@ -18,9 +18,7 @@ int32_t clamp_window(int64_t w) {
   return w < 0 ? -1 : static_cast<int32_t>(std::min<int64_t>(w, std::numeric_limits<int32_t>::max()));
 }
 
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Key positions stay below 2^31 - 2^16 so that the kernel's int32 key arithmetic (a step past the end) cannot
 // overflow, whatever cache_seqlens / cu_seqlens hold.
@@ -70,8 +68,8 @@ bool paged_supports(at::ScalarType dtype, int64_t head_dim) {
 
 int64_t paged_max_rows(int64_t head_dim) {
 #define FLASH_SDPA_PAGED_MAX_ROWS_ENTRY(D, MAXR, ...) \
-  if (head_dim == D) {                               \
-    return MAXR;                                     \
+  if (head_dim == D) {                                \
+    return MAXR;                                      \
   }
   FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_PAGED_MAX_ROWS_ENTRY, _)
 #undef FLASH_SDPA_PAGED_MAX_ROWS_ENTRY
@@ -89,8 +87,7 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
 }
 
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target_threadgroups) {
-  const int64_t target =
-      target_threadgroups > 0 ? target_threadgroups : gpu_core_count() * kDecodeThreadgroupsPerCore;
+  const int64_t target = target_threadgroups > 0 ? target_threadgroups : gpu_core_count() * kDecodeThreadgroupsPerCore;
   if (work_threadgroups <= 0 || work_threadgroups >= target) {
     return 1;  // the grid already fills the GPU
   }
@@ -126,9 +123,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   }
   TORCH_CHECK(paged_supports(dtype, head_dim), "flash_attn_with_kvcache: no kernel for dtype ", dtype, " head_dim ",
               head_dim);
-  TORCH_CHECK(max_blocks * block_size <= kMaxKeys && total_k <= kMaxKeys, "flash_attn_with_kvcache: ",
-              varlen ? "total_k " : "block_table capacity ", varlen ? total_k : max_blocks * block_size,
-              " exceeds the ", kMaxKeys, " keys the kernels index with int32");
+  TORCH_CHECK(max_blocks * block_size <= kMaxKeys && total_k <= kMaxKeys,
+              "flash_attn_with_kvcache: ", varlen ? "total_k " : "block_table capacity ",
+              varlen ? total_k : max_blocks * block_size, " exceeds the ", kMaxKeys,
+              " keys the kernels index with int32");
 
   // 1. Append the new tokens' K/V in place.
   if (has_new) {

@@ -26,13 +26,14 @@ inline const char* kernel_dtype_name(at::ScalarType dtype) {
 }
 
 inline uint32_t to_u32(int64_t x, const char* what) {
-  TORCH_CHECK_VALUE(x >= 0 && x <= std::numeric_limits<uint32_t>::max(), what, " = ", x, " does not fit a grid dimension");
+  TORCH_CHECK_VALUE(x >= 0 && x <= std::numeric_limits<uint32_t>::max(), what, " = ", x,
+                    " does not fit a grid dimension");
   return static_cast<uint32_t>(x);
 }
 
 inline int32_t to_i32(int64_t x, const char* what) {
-  TORCH_CHECK_VALUE(x >= std::numeric_limits<int32_t>::min() && x <= std::numeric_limits<int32_t>::max(), what, " = ", x,
-              " does not fit int32");
+  TORCH_CHECK_VALUE(x >= std::numeric_limits<int32_t>::min() && x <= std::numeric_limits<int32_t>::max(), what, " = ",
+                    x, " does not fit int32");
   return static_cast<int32_t>(x);
 }
 

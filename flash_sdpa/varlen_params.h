@@ -42,11 +42,11 @@ namespace flash_sdpa {
 #define FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE 10  // int32 [batch, max_blocks], paged K/V only
 
 // [[function_constant(i)]] of the varlen kernel (all bool); they key the pipeline cache next to the kernel name.
-#define FLASH_SDPA_VARLEN_FC_IS_VARLEN 0   // sequences from cu_seqlens_q/k; else every batch has seqlen_q/k rows
+#define FLASH_SDPA_VARLEN_FC_IS_VARLEN 0    // sequences from cu_seqlens_q/k; else every batch has seqlen_q/k rows
 #define FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP 1  // s = softcap * tanh(s / softcap)
-#define FLASH_SDPA_VARLEN_FC_HAS_ALIBI 2   // s -= slope * |i + sk - sq - j|
-#define FLASH_SDPA_VARLEN_FC_HAS_SINKS 3   // sinks[h] joins the softmax denominator
-#define FLASH_SDPA_VARLEN_FC_PAGED 4       // K/V are paged caches read through the block table (varlen only)
+#define FLASH_SDPA_VARLEN_FC_HAS_ALIBI 2    // s -= slope * |i + sk - sq - j|
+#define FLASH_SDPA_VARLEN_FC_HAS_SINKS 3    // sinks[h] joins the softmax denominator
+#define FLASH_SDPA_VARLEN_FC_PAGED 4        // K/V are paged caches read through the block table (varlen only)
 
 // Threads per threadgroup, a literal for [[max_total_threads_per_threadgroup]].
 #define FLASH_SDPA_VARLEN_THREADS 128
@@ -57,7 +57,7 @@ namespace flash_sdpa {
 // per key) fit in 32 KB of threadgroup memory.
 FSDPA_CONSTANT fsdpa_i32 kVarlenSimdgroups = 4;
 FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = FLASH_SDPA_VARLEN_THREADS;
-FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;     // 32 query rows per threadgroup
+FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;  // 32 query rows per threadgroup
 FSDPA_CONSTANT fsdpa_i32 kVarlenMaxThreadgroupBytes = 32768;
 static_assert(kVarlenThreads == 32 * kVarlenSimdgroups, "one simdgroup per 8 query rows");
 
@@ -78,7 +78,8 @@ FSDPA_CONSTANT fsdpa_i32 kVarlenWideBlockK = 8;
 
 constexpr fsdpa_i32 varlen_wide_threadgroup_bytes(fsdpa_i32 head_dim) {
   return 4 * (kVarlenWideBlockK * head_dim + kVarlenSimdgroups * kVarlenWideBlockQ * kVarlenWideBlockK + 64 +
-              kVarlenWideBlockQ) + 16 * kVarlenWideBlockK;
+              kVarlenWideBlockQ) +
+         16 * kVarlenWideBlockK;
 }
 
 // Query rows per tile (the grid's x axis counts tiles of this many rows).
@@ -93,15 +94,15 @@ constexpr fsdpa_i32 varlen_block_q(fsdpa_i32 head_dim) { return head_dim > 256 ?
   Y(a, b, 32) Y(a, b, 64) Y(a, b, 72) Y(a, b, 80) Y(a, b, 96) Y(a, b, 128) Y(a, b, 192) Y(a, b, 256)
 #define FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(Y, a, b) Y(a, b, 512)
 
-#define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                         \
-  static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                   \
-  static_assert(varlen_threadgroup_bytes((D), varlen_block_k(D)) <= kVarlenMaxThreadgroupBytes,   \
+#define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                      \
+  static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                \
+  static_assert(varlen_threadgroup_bytes((D), varlen_block_k(D)) <= kVarlenMaxThreadgroupBytes, \
                 "the tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");
 FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_HEAD_DIM
-#define FLASH_SDPA_CHECK_WIDE_HEAD_DIM(a, b, D)                                                  \
-  static_assert((D) > 256 && (D) % 32 == 0, "wide head dims split into 4 x whole 8x8 tiles");     \
-  static_assert(varlen_wide_threadgroup_bytes(D) <= kVarlenMaxThreadgroupBytes,                 \
+#define FLASH_SDPA_CHECK_WIDE_HEAD_DIM(a, b, D)                                               \
+  static_assert((D) > 256 && (D) % 32 == 0, "wide head dims split into 4 x whole 8x8 tiles"); \
+  static_assert(varlen_wide_threadgroup_bytes(D) <= kVarlenMaxThreadgroupBytes,               \
                 "the wide tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");
 FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(FLASH_SDPA_CHECK_WIDE_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_WIDE_HEAD_DIM
@@ -110,7 +111,8 @@ FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(FLASH_SDPA_CHECK_WIDE_HEAD_DIM, _, _)
 //   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)
 // where start_x(b) = cu_seqlens_x[b] in varlen mode (batch strides 0) and 0 in dense mode. Paged K/V
 // (FLASH_SDPA_VARLEN_FC_PAGED): key j of sequence b lives at
-//   block * k_block_stride + (j % block_size) * k_row_stride + h * k_head_stride + d,  block = block_table[b, j / block_size]
+//   block * k_block_stride + (j % block_size) * k_row_stride + h * k_head_stride + d,  block = block_table[b, j /
+//   block_size]
 // with sequence b's key count cu_seqlens_k[b + 1] - cu_seqlens_k[b]; blocks outside [0, num_blocks) are masked.
 // LSE (natural log, float) of (b, h, i) lives at b * lse_batch_stride + h * lse_head_stride + start_q(b) + i.
 struct VarlenParams {
@@ -128,25 +130,25 @@ struct VarlenParams {
   fsdpa_i64 o_head_stride;
   fsdpa_i64 lse_batch_stride;  // floats
   fsdpa_i64 lse_head_stride;
-  fsdpa_i64 k_block_stride;     // paged: elements between blocks of k (v below); 0 otherwise
+  fsdpa_i64 k_block_stride;  // paged: elements between blocks of k (v below); 0 otherwise
   fsdpa_i64 v_block_stride;
   fsdpa_i64 block_table_stride;  // paged: int32 elements between rows of block_table
-  fsdpa_i32 batch;         // number of sequences (grid z)
-  fsdpa_i32 num_heads;     // H (grid y)
-  fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
-  fsdpa_i32 q_rows;        // rows of the q/out tensors along the row axis: every row index is clamped below it
-  fsdpa_i32 k_rows;        // rows of the k/v tensors along the row axis
-  fsdpa_i32 seqlen_q;      // dense mode: queries per sequence (varlen: unused)
-  fsdpa_i32 seqlen_k;      // dense mode: keys per sequence (varlen: unused)
-  fsdpa_i32 window_left;   // keys j >= i + sk - sq - window_left are visible; -1 = unbounded
-  fsdpa_i32 window_right;  // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
+  fsdpa_i32 batch;               // number of sequences (grid z)
+  fsdpa_i32 num_heads;           // H (grid y)
+  fsdpa_i32 num_kv_heads;        // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
+  fsdpa_i32 q_rows;              // rows of the q/out tensors along the row axis: every row index is clamped below it
+  fsdpa_i32 k_rows;              // rows of the k/v tensors along the row axis
+  fsdpa_i32 seqlen_q;            // dense mode: queries per sequence (varlen: unused)
+  fsdpa_i32 seqlen_k;            // dense mode: keys per sequence (varlen: unused)
+  fsdpa_i32 window_left;         // keys j >= i + sk - sq - window_left are visible; -1 = unbounded
+  fsdpa_i32 window_right;        // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
   fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
-  fsdpa_i32 block_size;    // paged: keys per block (>= 1)
-  fsdpa_i32 num_blocks;    // paged: blocks in k / v
-  fsdpa_i32 max_blocks;    // paged: block_table columns (capacity = max_blocks * block_size keys)
+  fsdpa_i32 block_size;          // paged: keys per block (>= 1)
+  fsdpa_i32 num_blocks;          // paged: blocks in k / v
+  fsdpa_i32 max_blocks;          // paged: block_table columns (capacity = max_blocks * block_size keys)
   fsdpa_i32 pad0;
-  float scale;             // multiplies q . k before softcap and ALiBi
-  float softcap;           // > 0 when FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP
+  float scale;    // multiplies q . k before softcap and ALiBi
+  float softcap;  // > 0 when FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP
 };
 
 static_assert(sizeof(VarlenParams) == 17 * 8 + 16 * 4, "VarlenParams: no padding, same size in MSL and C++");

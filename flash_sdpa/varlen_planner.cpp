@@ -113,8 +113,8 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   };
   d.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
   const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
-  d.threadgroups = {to_u32((grid_rows + block_q - 1) / block_q, "query tiles"),
-                    to_u32(heads, "num_heads"), to_u32(batch, "batch")};
+  d.threadgroups = {to_u32((grid_rows + block_q - 1) / block_q, "query tiles"), to_u32(heads, "num_heads"),
+                    to_u32(batch, "batch")};
   d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
   plan.dispatches.push_back(std::move(d));
   return plan;

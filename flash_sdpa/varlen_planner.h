@@ -26,8 +26,8 @@ struct VarlenAttention {
   std::optional<at::Tensor> sinks;                       // float [H]
   int64_t max_seqlen_q = 0;  // varlen: sizes the grid (longest query sequence); dense: ignored
   double scale = 1.0;
-  double softcap = 0.0;      // 0 = off
-  int64_t window_left = -1;  // -1 = unbounded
+  double softcap = 0.0;       // 0 = off
+  int64_t window_left = -1;   // -1 = unbounded
   int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
 };
 

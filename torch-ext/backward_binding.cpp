@@ -73,9 +73,9 @@ void check_backward_options(const at::Tensor& q, int64_t batch, int64_t heads, d
     const at::Tensor& a = *alibi_slopes;
     check_on_device(a, "alibi_slopes", q);
     TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == heads) ||
-                          (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
-                      "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
+    TORCH_CHECK_VALUE(
+        (a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
+        "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
     TORCH_CHECK_VALUE(a.is_contiguous(), "alibi_slopes must be contiguous");
   }
   if (s_aux.has_value()) {

@@ -30,23 +30,23 @@ constexpr c10::DeviceType kDeviceType = c10::DeviceType::MPS;
 
 void check_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
   TORCH_CHECK_VALUE(t.device().type() == kDeviceType, name, " must be on ", c10::DeviceTypeName(kDeviceType, true),
-              ", got ", t.device());
+                    ", got ", t.device());
   TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on the same device as q (", q.device(), "), got ",
-              t.device());
+                    t.device());
 }
 
 void check_qkv_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q must be float32, float16 or bfloat16, got ", q.scalar_type());
+                   "q must be float32, float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(), "), got ",
-              k.scalar_type());
+                   k.scalar_type());
   TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (", q.scalar_type(), "), got ",
-              v.scalar_type());
+                   v.scalar_type());
 }
 
 void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension, got strides ",
-              t.strides());
+                    t.strides());
 }
 
 // Bytes [first, last) of the storage a view can reach.
@@ -74,7 +74,8 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
 void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
   check_device(cu, name, q);
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got shape ",
+                    cu.sizes());
   TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
 }
 
@@ -111,8 +112,9 @@ void check_extras(const std::optional<at::Tensor>& alibi_slopes, const std::opti
     const at::Tensor& a = *alibi_slopes;
     check_device(a, "alibi_slopes", q);
     TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK_VALUE((a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
-                "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
+    TORCH_CHECK_VALUE(
+        (a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
+        "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
     TORCH_CHECK_VALUE(a.is_contiguous(), "alibi_slopes must be contiguous");
   }
   if (s_aux.has_value()) {
@@ -138,10 +140,10 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
   const int64_t head_dim = q.size(-1);
   TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
   TORCH_CHECK_VALUE(flash_sdpa::varlen_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
-              " is not supported (q.shape[-1]); supported: ", flash_sdpa::varlen_head_dims());
+                    " is not supported (q.shape[-1]); supported: ", flash_sdpa::varlen_head_dims());
   const int64_t heads = q.size(-2), kv_heads = k.size(-2);
   TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
-              ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
+                    ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
@@ -149,8 +151,8 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
 
 void check_out(const at::Tensor& out, const at::Tensor& q, const char* name) {
   check_device(out, name, q);
-  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(), "), got ",
-              out.scalar_type());
+  TORCH_CHECK_TYPE(out.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(),
+                   "), got ", out.scalar_type());
   TORCH_CHECK_VALUE(out.sizes() == q.sizes(), name, " must have the shape of q (", q.sizes(), "), got ", out.sizes());
   check_last_dim_contiguous(out, name);
 }
@@ -200,14 +202,17 @@ int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   }
   check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
   check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
-  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
-              cu_seqlens_q.size(0), " and ", cu_seqlens_k.size(0));
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
+                    cu_seqlens_k.size(0));
   TORCH_CHECK_VALUE(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
   TORCH_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
   return cu_seqlens_q.size(0) - 1;
 }
 
-void run_varlen(const flash_sdpa::VarlenAttention& call) { flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_attention(call)); }
+void run_varlen(const flash_sdpa::VarlenAttention& call) {
+  flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_attention(call));
+}
 
 }  // namespace
 
@@ -217,8 +222,13 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
                             const std::optional<at::Tensor>& s_aux, int64_t window_left, int64_t window_right) {
   const int64_t batch = check_varlen(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_out(out, query, "out");
-  check_no_overlap(out, "out", {{"query", &query}, {"key", &key}, {"value", &value}, {"cu_seqlens_q", &cu_seqlens_q},
-                                {"cu_seqlens_k", &cu_seqlens_k}, {"s_aux", opt(s_aux)}});
+  check_no_overlap(out, "out",
+                   {{"query", &query},
+                    {"key", &key},
+                    {"value", &value},
+                    {"cu_seqlens_q", &cu_seqlens_q},
+                    {"cu_seqlens_k", &cu_seqlens_k},
+                    {"s_aux", opt(s_aux)}});
   // softcapping = 1.0 is the package's historical "off".
   const double softcap = softcapping == 1.0 ? 0.0 : softcapping;
   check_scale(scale, softcap);
@@ -267,8 +277,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::
   call.cu_seqlens_k = cu_seqlens_k;
   call.out = out;
   call.lse = lse;
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                        k.size(0), total_q);
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, k.size(0),
+                        total_q);
   call.max_seqlen_k = std::min<int64_t>(max_seqlen_k, k.size(0));
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
   return {out, lse};
@@ -309,8 +319,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.block_table = block_table;
   call.max_seqlen_q = max_seqlen_q;
   const int64_t key_rows = paged ? block_table->size(1) * k.size(1) : k.size(0);
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                        key_rows, q.size(0));
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, key_rows,
+                        q.size(0));
   run_varlen(call);
   return {out, lse};
 }
@@ -350,8 +360,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   call.v = v;
   call.out = out;
   call.lse = lse;
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                        k.size(1), q.size(1));
+  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, k.size(1),
+                        q.size(1));
   run_varlen(call);
   return {out, lse};
 }
@@ -365,50 +375,48 @@ void check_int32_vector(const at::Tensor& t, const char* name, const at::Tensor&
   check_device(t, name, q);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, name, " must be int32, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch, name, " must have shape [", batch, "] (batch of q), got ",
-              t.sizes());
+                    t.sizes());
   TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                               const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-                                               const at::Tensor& cache_seqlens,
-                                               const std::optional<at::Tensor>& block_table,
-                                               const std::optional<at::Tensor>& cache_batch_idx, double softmax_scale,
-                                               bool causal, int64_t window_left, int64_t window_right, double softcap,
-                                               const std::optional<at::Tensor>& alibi_slopes,
-                                               const std::optional<at::Tensor>& s_aux, int64_t num_splits,
-                                               bool return_lse, int64_t max_seqlen_k,
-                                               const std::optional<at::Tensor>& cache_leftpad) {
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux, int64_t num_splits, bool return_lse, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& cache_leftpad) {
   // 1. Devices, dtypes, ranks.
   const bool paged = block_table.has_value();
   check_device(q, "q", q);
   check_device(k_cache, "k_cache", q);
   check_device(v_cache, "v_cache", q);
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-              "q must be float32, float16 or bfloat16, got ", q.scalar_type());
+                   "q must be float32, float16 or bfloat16, got ", q.scalar_type());
   TORCH_CHECK_TYPE(k_cache.scalar_type() == q.scalar_type(), "k_cache must have the dtype of q (", q.scalar_type(),
-              "), got ", k_cache.scalar_type());
+                   "), got ", k_cache.scalar_type());
   TORCH_CHECK_TYPE(v_cache.scalar_type() == q.scalar_type(), "v_cache must have the dtype of q (", q.scalar_type(),
-              "), got ", v_cache.scalar_type());
+                   "), got ", v_cache.scalar_type());
   TORCH_CHECK_VALUE(q.dim() == 4, "q must have shape [batch, seqlen_q, num_heads, head_dim], got ", q.sizes());
   TORCH_CHECK_VALUE(k_cache.dim() == 4, "k_cache must have shape ",
-              paged ? "[num_blocks, block_size, num_kv_heads, head_dim]" : "[batch_cache, seqlen_cache, num_kv_heads, head_dim]",
-              ", got ", k_cache.sizes());
-  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache (", k_cache.sizes(), "), got ",
-              v_cache.sizes());
+                    paged ? "[num_blocks, block_size, num_kv_heads, head_dim]"
+                          : "[batch_cache, seqlen_cache, num_kv_heads, head_dim]",
+                    ", got ", k_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), "v_cache must have the shape of k_cache (", k_cache.sizes(),
+                    "), got ", v_cache.sizes());
 
   // 2. Shapes.
   const int64_t batch = q.size(0), heads = q.size(2), head_dim = q.size(3), kv_heads = k_cache.size(2);
   TORCH_CHECK_VALUE(k_cache.size(3) == head_dim, "k_cache must have the head dim of q (", head_dim, "), got ",
-              k_cache.size(3));
+                    k_cache.size(3));
   TORCH_CHECK_VALUE(flash_sdpa::paged_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
-              " is not supported (q.shape[-1]); supported: ", flash_sdpa::paged_head_dims());
+                    " is not supported (q.shape[-1]); supported: ", flash_sdpa::paged_head_dims());
   TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
-              ") must be a multiple of the number of heads of k_cache/v_cache (", kv_heads, ")");
+                    ") must be a multiple of the number of heads of k_cache/v_cache (", kv_heads, ")");
   TORCH_CHECK_VALUE(k_cache.size(1) >= 1, paged ? "block_size (k_cache.shape[1])" : "seqlen_cache (k_cache.shape[1])",
-              " must be >= 1, got ", k_cache.size(1));
+                    " must be >= 1, got ", k_cache.size(1));
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k_cache, "k_cache");
   check_last_dim_contiguous(v_cache, "v_cache");
@@ -421,29 +429,29 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
     TORCH_CHECK_VALUE(!cache_batch_idx.has_value(), "cache_batch_idx cannot be combined with block_table");
     check_device(table, "block_table", q);
     TORCH_CHECK_TYPE(table.scalar_type() == at::kInt, "block_table must be int32, got ", table.scalar_type());
-    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1,
-                "block_table must have shape [", batch, ", max_blocks_per_seq >= 1], got ", table.sizes());
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1, "block_table must have shape [",
+                      batch, ", max_blocks_per_seq >= 1], got ", table.sizes());
     check_last_dim_contiguous(table, "block_table");
   } else if (cache_batch_idx.has_value()) {
     check_int32_vector(*cache_batch_idx, "cache_batch_idx", q, batch);
     table = cache_batch_idx->view({batch, 1});
   } else {
     TORCH_CHECK_VALUE(k_cache.size(0) >= batch, "k_cache has ", k_cache.size(0), " rows, fewer than the batch of q (",
-                batch, "): pass cache_batch_idx");
+                      batch, "): pass cache_batch_idx");
     table = at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
   }
 
   // 4. New tokens.
   TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together (got ", k.has_value() ? "k" : "v",
-              " only)");
+                    " only)");
   if (k.has_value()) {
     check_device(*k, "k", q);
     check_device(*v, "v", q);
     TORCH_CHECK_TYPE(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
-                "k and v must have the dtype of q (", q.scalar_type(), "), got ", k->scalar_type(), " and ",
-                v->scalar_type());
+                     "k and v must have the dtype of q (", q.scalar_type(), "), got ", k->scalar_type(), " and ",
+                     v->scalar_type());
     TORCH_CHECK_VALUE(k->dim() == 4 && k->size(0) == batch && k->size(2) == kv_heads && k->size(3) == head_dim,
-                "k must have shape [", batch, ", seqlen_new, ", kv_heads, ", ", head_dim, "], got ", k->sizes());
+                      "k must have shape [", batch, ", seqlen_new, ", kv_heads, ", ", head_dim, "], got ", k->sizes());
     TORCH_CHECK_VALUE(v->sizes() == k->sizes(), "v must have the shape of k (", k->sizes(), "), got ", v->sizes());
     check_last_dim_contiguous(*k, "k");
     check_last_dim_contiguous(*v, "v");
@@ -455,9 +463,14 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
                       "written to the same slots)");
     for (const at::Tensor* cache : {&k_cache, &v_cache}) {
       check_no_overlap(*cache, cache == &k_cache ? "k_cache" : "v_cache",
-                       {{"q", &q}, {"k", &*k}, {"v", &*v}, {"cache_seqlens", &cache_seqlens},
-                        {"block_table", opt(block_table)}, {"cache_batch_idx", opt(cache_batch_idx)},
-                        {"alibi_slopes", opt(alibi_slopes)}, {"s_aux", opt(s_aux)},
+                       {{"q", &q},
+                        {"k", &*k},
+                        {"v", &*v},
+                        {"cache_seqlens", &cache_seqlens},
+                        {"block_table", opt(block_table)},
+                        {"cache_batch_idx", opt(cache_batch_idx)},
+                        {"alibi_slopes", opt(alibi_slopes)},
+                        {"s_aux", opt(s_aux)},
                         {"cache_leftpad", opt(cache_leftpad)}});
     }
   }
@@ -476,9 +489,10 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Te
   // Key positions are int32 in the kernels, with room for the new tokens and the query rows on top.
   const int64_t capacity = paged ? table.size(1) * k_cache.size(1) : k_cache.size(1);
   const int64_t seqlen_new = k.has_value() ? k->size(1) : 0;
-  TORCH_CHECK_VALUE(capacity <= kMaxKeys && seqlen_new <= kMaxKeys && q.size(1) <= kMaxKeys,
-                    "at most 2^30 keys per request: ", paged ? "block_table.shape[1] x block_size = " : "seqlen_cache = ",
-                    capacity, ", seqlen_new = ", seqlen_new, ", seqlen_q = ", q.size(1));
+  TORCH_CHECK_VALUE(
+      capacity <= kMaxKeys && seqlen_new <= kMaxKeys && q.size(1) <= kMaxKeys,
+      "at most 2^30 keys per request: ", paged ? "block_table.shape[1] x block_size = " : "seqlen_cache = ", capacity,
+      ", seqlen_new = ", seqlen_new, ", seqlen_q = ", q.size(1));
 
   // 6. Plan (may still reject sizes that overflow int32) and run.
   at::Tensor out = at::empty(q.sizes(), q.options());

@@ -1,5 +1,6 @@
 // Host entry points of the ops registered in torch_binding.cpp (schemas there). Each validates its arguments with
-// TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (messages name the argument), canonicalises, plans (flash_sdpa/*_planner.h) and runs the plan.
+// TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (messages name the argument), canonicalises, plans (flash_sdpa/*_planner.h) and
+// runs the plan.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -56,16 +57,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
 // tokens, < 0 marks a padding row. k/v [B, sk_new, Hkv, D] are written into the cache in place first.
 // max_seqlen_k: an upper bound on keys per request for the split heuristic (0 = the cache capacity).
 // Returns (out [B, sq, H, D] contiguous, lse float [B, H, sq] when return_lse, else an empty tensor).
-std::tuple<at::Tensor, at::Tensor> kvcache_fwd(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                               const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-                                               const at::Tensor& cache_seqlens,
-                                               const std::optional<at::Tensor>& block_table,
-                                               const std::optional<at::Tensor>& cache_batch_idx, double softmax_scale,
-                                               bool causal, int64_t window_left, int64_t window_right, double softcap,
-                                               const std::optional<at::Tensor>& alibi_slopes,
-                                               const std::optional<at::Tensor>& s_aux, int64_t num_splits,
-                                               bool return_lse, int64_t max_seqlen_k,
-                                               const std::optional<at::Tensor>& cache_leftpad);
+std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const std::optional<at::Tensor>& block_table,
+    const std::optional<at::Tensor>& cache_batch_idx, double softmax_scale, bool causal, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes,
+    const std::optional<at::Tensor>& s_aux, int64_t num_splits, bool return_lse, int64_t max_seqlen_k,
+    const std::optional<at::Tensor>& cache_leftpad);
 
 // The head dims the paged kernels support (one list, flash_sdpa/paged_params.h).
 std::vector<int64_t> kvcache_head_dims();

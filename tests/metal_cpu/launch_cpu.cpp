@@ -89,8 +89,8 @@ void run_launch_plan(const LaunchPlan& plan) {
     std::vector<mcpu_buffer> buffers;
     for (const BufferArg& b : d.buffers) {
       TORCH_CHECK(b.tensor.device().is_cpu(), "metal_cpu: buffer ", b.index, " is not a CPU tensor");
-      buffers.push_back(mcpu_buffer{b.index, b.tensor.numel() ? b.tensor.data_ptr() : nullptr,
-                                    view_byte_extent(b.tensor)});
+      buffers.push_back(
+          mcpu_buffer{b.index, b.tensor.numel() ? b.tensor.data_ptr() : nullptr, view_byte_extent(b.tensor)});
     }
     std::vector<mcpu_bytes> bytes;
     for (const BytesArg& b : d.bytes) {

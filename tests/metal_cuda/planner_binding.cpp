@@ -40,8 +40,8 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
                     at::Tensor cache_seqlens, std::optional<at::Tensor> k_new, std::optional<at::Tensor> v_new,
                     at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
                     std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
-                    int64_t window_right, int64_t num_splits, int64_t max_seqlen_k,
-                    int64_t target_threadgroups, int64_t gpu_cores) {
+                    int64_t window_right, int64_t num_splits, int64_t max_seqlen_k, int64_t target_threadgroups,
+                    int64_t gpu_cores) {
   flash_sdpa::PagedKVCacheAttention call;
   call.q = q;
   call.k_cache = k_cache;
@@ -150,11 +150,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_new"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"),
         py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0, py::arg("gpu_cores") = 0);
-  m.def("plan_varlen_decode", &plan_varlen_decode, "flash_sdpa::plan_paged_kvcache, varlen decode mode",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"),
-        py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"), py::arg("softcap"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"), py::arg("max_seqlen_k"),
-        py::arg("gpu_cores") = 0);
+  m.def("plan_varlen_decode", &plan_varlen_decode, "flash_sdpa::plan_paged_kvcache, varlen decode mode", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"), py::arg("lse"),
+        py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("num_splits"), py::arg("max_seqlen_k"), py::arg("gpu_cores") = 0);
   m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts");
   m.def("plan_backward", &plan_backward, "flash_sdpa::plan_attention_backward -> list of dispatch dicts");
   m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),

@@ -12,8 +12,8 @@ struct DecodeShapeParams {
 template <int D>
 [[kernel]] void decode_shape(device const float* q [[buffer(0)]], device const float* k [[buffer(1)]],
                              device const float* v [[buffer(2)]], device float* out [[buffer(3)]],
-                             constant DecodeShapeParams& p [[buffer(4)]],
-                             uint2 tg [[threadgroup_position_in_grid]], uint lane [[thread_index_in_simdgroup]]) {
+                             constant DecodeShapeParams& p [[buffer(4)]], uint2 tg [[threadgroup_position_in_grid]],
+                             uint lane [[thread_index_in_simdgroup]]) {
   constexpr int per_lane = D / 32;
   const uint h = tg.x, b = tg.y;
   float qv[per_lane], acc[per_lane];

@@ -4,25 +4,30 @@
 using namespace metal;
 
 // 16 uints per thread: every position builtin, as the thread saw it.
-kernel void builtins(device uint* out [[buffer(0)]],
-                     uint3 pos_grid [[thread_position_in_grid]],
-                     ushort3 pos_tg [[thread_position_in_threadgroup]],
-                     uint3 tg_pos [[threadgroup_position_in_grid]],
-                     uint3 tgs [[threadgroups_per_grid]],
-                     uint3 tpt [[threads_per_threadgroup]],
-                     uint2 tpg [[threads_per_grid]],
-                     uint idx [[thread_index_in_threadgroup]],
-                     ushort sg [[simdgroup_index_in_threadgroup]],
-                     uint lane [[thread_index_in_simdgroup]],
-                     uint width [[threads_per_simdgroup]],
-                     uint sgs [[simdgroups_per_threadgroup]]) {
+kernel void builtins(device uint* out [[buffer(0)]], uint3 pos_grid [[thread_position_in_grid]],
+                     ushort3 pos_tg [[thread_position_in_threadgroup]], uint3 tg_pos [[threadgroup_position_in_grid]],
+                     uint3 tgs [[threadgroups_per_grid]], uint3 tpt [[threads_per_threadgroup]],
+                     uint2 tpg [[threads_per_grid]], uint idx [[thread_index_in_threadgroup]],
+                     ushort sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]],
+                     uint width [[threads_per_simdgroup]], uint sgs [[simdgroups_per_threadgroup]]) {
   const uint linear_tg = (tg_pos.z * tgs.y + tg_pos.y) * tgs.x + tg_pos.x;
   device uint* o = out + (linear_tg * (tpt.x * tpt.y * tpt.z) + idx) * 16;
-  o[0] = pos_grid.x; o[1] = pos_grid.y; o[2] = pos_grid.z;
-  o[3] = pos_tg.x; o[4] = pos_tg.y; o[5] = pos_tg.z;
-  o[6] = tg_pos.x; o[7] = tg_pos.y; o[8] = tg_pos.z;
-  o[9] = tpg.x; o[10] = tpg.y;
-  o[11] = idx; o[12] = sg; o[13] = lane; o[14] = width; o[15] = sgs;
+  o[0] = pos_grid.x;
+  o[1] = pos_grid.y;
+  o[2] = pos_grid.z;
+  o[3] = pos_tg.x;
+  o[4] = pos_tg.y;
+  o[5] = pos_tg.z;
+  o[6] = tg_pos.x;
+  o[7] = tg_pos.y;
+  o[8] = tg_pos.z;
+  o[9] = tpg.x;
+  o[10] = tpg.y;
+  o[11] = idx;
+  o[12] = sg;
+  o[13] = lane;
+  o[14] = width;
+  o[15] = sgs;
 }
 
 // Vector constructors, swizzles, conversions, as_type.
@@ -97,10 +102,10 @@ kernel void simd_ops(device const float* in [[buffer(0)]], device float* out [[b
 
 // Threadgroup reduction: simd_sum per simdgroup, partials through threadgroup memory.
 kernel void reduce(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
-                   threadgroup float* scratch [[threadgroup(0)]],
-                   uint tid [[thread_index_in_threadgroup]], uint tg [[threadgroup_position_in_grid]],
-                   uint n [[threads_per_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
-                   uint lane [[thread_index_in_simdgroup]], uint sgs [[simdgroups_per_threadgroup]]) {
+                   threadgroup float* scratch [[threadgroup(0)]], uint tid [[thread_index_in_threadgroup]],
+                   uint tg [[threadgroup_position_in_grid]], uint n [[threads_per_threadgroup]],
+                   uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]],
+                   uint sgs [[simdgroups_per_threadgroup]]) {
   const float s = simd_sum(in[tg * n + tid]);
   if (lane == 0) scratch[sg] = s;
   threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -199,7 +204,8 @@ kernel void overlapping_views(device float* a [[buffer(0)]], device float* b [[b
 // MLX's attribute form, with a named thread limit.
 constant constexpr uint kCombinedLimit = 64;
 [[kernel, max_total_threads_per_threadgroup(kCombinedLimit)]] void combined_attribute(device float* out [[buffer(0)]],
-                                                                                      uint i [[thread_position_in_grid]]) {
+                                                                                      uint i
+                                                                                      [[thread_position_in_grid]]) {
   out[i] = 3.0f;
 }
 
@@ -213,9 +219,8 @@ struct ConvParams {
 kernel void conversions(device const int4* di [[buffer(0)]], device const float4* df [[buffer(1)]],
                         constant float4* cf [[buffer(2)]], constant ConvParams& cp [[buffer(3)]],
                         device float4* of [[buffer(4)]], device half4* oh [[buffer(5)]],
-                        device bfloat4* ob [[buffer(6)]], device uint4* ou [[buffer(7)]],
-                        device int4* oi [[buffer(8)]], uint i [[thread_position_in_grid]],
-                        uint tid [[thread_index_in_threadgroup]]) {
+                        device bfloat4* ob [[buffer(6)]], device uint4* ou [[buffer(7)]], device int4* oi [[buffer(8)]],
+                        uint i [[thread_position_in_grid]], uint tid [[thread_index_in_threadgroup]]) {
   threadgroup float4 tf[32];
   threadgroup int4 ti[32];
   tf[tid] = df[i];
@@ -233,28 +238,28 @@ kernel void conversions(device const int4* di [[buffer(0)]], device const float4
   thread const float4& rl = lf;
 
   device float4* o = of + 16 * i;
-  o[0] = float4(di[i]) * 0.5f;                 // the issue's form: int4 read from device memory
-  o[1] = float4(cf[i].xy, rd.zw);              // swizzles of constant and device values
-  o[2] = float4(rt.x);                         // scalar splat from threadgroup memory
-  o[3] = float4(ti[tid]);                      // threadgroup int4
-  o[4] = float4(*pl);                          // thread int4 through a pointer
-  o[5] = float4(cp.i);                         // constant reference (setBytes) int4
+  o[0] = float4(di[i]) * 0.5f;                   // the issue's form: int4 read from device memory
+  o[1] = float4(cf[i].xy, rd.zw);                // swizzles of constant and device values
+  o[2] = float4(rt.x);                           // scalar splat from threadgroup memory
+  o[3] = float4(ti[tid]);                        // threadgroup int4
+  o[4] = float4(*pl);                            // thread int4 through a pointer
+  o[5] = float4(cp.i);                           // constant reference (setBytes) int4
   o[6] = float4(float2(rc.xy), float2(pt->yx));  // nested, constant reference and threadgroup pointer
-  o[7] = float4(half4(rd));                    // rounded to half
-  o[8] = float4(bfloat4(rt));                  // rounded to bfloat
-  o[9] = float4(bool4(*pd));                   // int -> bool -> float: 0 or 1
-  o[10] = float4(cp.f.w, float3(pc->zyx));     // scalar and 3-vector from constant memory
-  o[11] = static_cast<float4>(li);             // static_cast converts in MSL
-  o[12] = vec<float, 4>(*pd);                  // vec<T, N> spelling
-  o[13] = float4(uint4(bool4(rl)));            // float -> bool (nonzero) -> uint
+  o[7] = float4(half4(rd));                      // rounded to half
+  o[8] = float4(bfloat4(rt));                    // rounded to bfloat
+  o[9] = float4(bool4(*pd));                     // int -> bool -> float: 0 or 1
+  o[10] = float4(cp.f.w, float3(pc->zyx));       // scalar and 3-vector from constant memory
+  o[11] = static_cast<float4>(li);               // static_cast converts in MSL
+  o[12] = vec<float, 4>(*pd);                    // vec<T, N> spelling
+  o[13] = float4(uint4(bool4(rl)));              // float -> bool (nonzero) -> uint
   o[14] = float4(half2(cp.f.xy), bfloat2(rl.zw));
-  o[15] = float4(int4(rl));                    // float -> int rounds toward zero
+  o[15] = float4(int4(rl));  // float -> int rounds toward zero
 
   oh[2 * i] = half4(rd);
-  oh[2 * i + 1] = half4(bfloat4(tf[tid]));     // bfloat -> half
+  oh[2 * i + 1] = half4(bfloat4(tf[tid]));  // bfloat -> half
   ob[2 * i] = bfloat4(cf[i]);
-  ob[2 * i + 1] = bfloat4(ti[tid]);            // int -> bfloat
-  ou[2 * i] = uint4(ti[tid]);                  // int -> uint: modulo 2^32
+  ob[2 * i + 1] = bfloat4(ti[tid]);  // int -> bfloat
+  ou[2 * i] = uint4(ti[tid]);        // int -> uint: modulo 2^32
   ou[2 * i + 1] = uint4(bool2(cp.i.xy), bool2(rt.xy));
   oi[2 * i] = int4(rd);
   oi[2 * i + 1] = int4(uint4(bool4(rc)));

@@ -118,7 +118,7 @@ kernel void too_much_threadgroup_memory(device float* out [[buffer(0)]], uint ti
 }
 
 [[max_total_threads_per_threadgroup(64)]] kernel void limited_threads(device float* out [[buffer(0)]],
-                                                                        uint tid [[thread_index_in_threadgroup]]) {
+                                                                      uint tid [[thread_index_in_threadgroup]]) {
   out[tid] = 1.0f;
 }
 

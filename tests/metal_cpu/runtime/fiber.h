@@ -28,8 +28,8 @@ __asm__(
 // `top`: 16-byte aligned end of the fiber's stack.
 inline void* mcpu_fiber_frame(char* top, void (*entry)()) {
   uint64_t* sp = (uint64_t*)top;
-  *--sp = 0;                 // fake return address of entry (it never returns)
-  *--sp = (uint64_t)entry;   // popped by `ret` in mcpu_switch
+  *--sp = 0;                              // fake return address of entry (it never returns)
+  *--sp = (uint64_t)entry;                // popped by `ret` in mcpu_switch
   for (int r = 0; r < 6; ++r) *--sp = 0;  // rbp rbx r12..r15
   uint32_t mxcsr;
   uint16_t fpucw;

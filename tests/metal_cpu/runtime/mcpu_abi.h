@@ -11,8 +11,8 @@ extern "C" {
 
 // What the runtime passes a GPU thread: on the thread's own stack, so reading it is not a device access.
 typedef struct {
-  void* buffers[31];           // [[buffer(i)]], at the bound offset
-  void* threadgroup_args[8];   // [[threadgroup(i)]]
+  void* buffers[31];          // [[buffer(i)]], at the bound offset
+  void* threadgroup_args[8];  // [[threadgroup(i)]]
   uint32_t thread_position_in_grid[3];
   uint32_t thread_position_in_threadgroup[3];
   uint32_t threadgroup_position_in_grid[3];
@@ -28,14 +28,14 @@ typedef struct {
 enum mcpu_param_kind { MCPU_PARAM_BUFFER = 0, MCPU_PARAM_THREADGROUP = 1, MCPU_PARAM_BUILTIN = 2 };
 
 typedef struct {
-  uint32_t kind;  // mcpu_param_kind
-  uint32_t index; // buffer / threadgroup index
+  uint32_t kind;   // mcpu_param_kind
+  uint32_t index;  // buffer / threadgroup index
   const char* name;
   uint32_t align;  // buffer: alignof the type read through it (Metal requires offsets aligned to it); else 0
 } mcpu_param_info;
 
 typedef struct {
-  const char* name;                        // host name
+  const char* name;  // host name
   void (*entry)(const mcpu_thread_args*);
   uint32_t max_total_threads_per_threadgroup;  // 0: not stated
   uint32_t num_params;

@@ -53,7 +53,7 @@ typedef struct {
   uint32_t num_constants;
   const uint32_t* threadgroup_memory_lengths;  // [[threadgroup(i)]] lengths, indexed by i
   uint32_t num_threadgroup_memory_lengths;
-  uint32_t threadgroups[3];             // dispatchThreadgroups: threadgroups per grid
+  uint32_t threadgroups[3];  // dispatchThreadgroups: threadgroups per grid
   uint32_t threads_per_threadgroup[3];
 } mcpu_dispatch_desc;
 

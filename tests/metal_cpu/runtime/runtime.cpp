@@ -17,10 +17,9 @@
 #include <string>
 #include <vector>
 
+#include "fiber.h"
 #include "mcpu_abi.h"
 #include "metal_cpu.h"
-
-#include "fiber.h"
 
 namespace {
 
@@ -29,7 +28,8 @@ constexpr size_t kStackSize = 256 * 1024;
 constexpr size_t kThreadgroupMemoryLimit = 32 * 1024;
 constexpr uint64_t kSpinLimit = 1ull << 26;  // accesses by one thread without reaching any sync point
 constexpr size_t kGuard = 64 * 1024;
-constexpr uint32_t kSimdgroupBarrier = 1u << 16;  // Fiber::flags: this collective is a simdgroup_barrier         // unmapped-by-convention gap around every buffer copy
+constexpr uint32_t kSimdgroupBarrier = 1u << 16;  // Fiber::flags: this collective is a simdgroup_barrier         //
+                                                  // unmapped-by-convention gap around every buffer copy
 
 enum class State { kRunnable, kBarrier, kSimd, kDone };
 
@@ -46,15 +46,15 @@ struct Site {  // a barrier or collective's place in the .metal source
 struct Fiber {
   void* sp = nullptr;
   State state = State::kRunnable;
-  Site site;                 // the barrier / collective it waits at
-  uint32_t flags = 0;        // barrier mem_flags
+  Site site;           // the barrier / collective it waits at
+  uint32_t flags = 0;  // barrier mem_flags
   mcpu_thread_args args;
   // simd exchange
   const void* value = nullptr;
   uint32_t value_size = 0;
   void* all = nullptr;
   uint32_t result_mask = 0;
-  uint64_t accesses = 0;     // since the last sync point
+  uint64_t accesses = 0;  // since the last sync point
 };
 
 struct Slot {  // a copy of one bound buffer inside the arena
@@ -68,8 +68,8 @@ struct Slot {  // a copy of one bound buffer inside the arena
 struct Shadow {
   uint32_t write_epoch, read_epoch;
   uint32_t write_sepoch, read_sepoch;
-  uint16_t writer, reader;    // thread index in threadgroup; reader = kMany when several
-  int16_t read_sg;            // simdgroup of the readers in read_epoch, -1 when several
+  uint16_t writer, reader;  // thread index in threadgroup; reader = kMany when several
+  int16_t read_sg;          // simdgroup of the readers in read_epoch, -1 when several
   uint8_t init;
 };
 constexpr uint16_t kMany = 0xffff;
@@ -101,7 +101,7 @@ struct Global {
   size_t stacks_size = 0;
   uintptr_t stack_lo = 0, stack_hi = 0;
   std::vector<Slot> slots;
-  char* tg_mem = nullptr;      // threadgroup memory (declared + [[threadgroup(i)]] arguments)
+  char* tg_mem = nullptr;  // threadgroup memory (declared + [[threadgroup(i)]] arguments)
   uint32_t tg_used = 0;
   std::vector<std::pair<uint32_t, uint32_t>> tg_decls;  // (decl_id, offset) of kernel-scope declarations
   std::vector<Shadow> shadow;
@@ -168,8 +168,8 @@ std::string locate(void* pc) {
 std::string thread_name(const Fiber* f) {
   const mcpu_thread_args& a = f->args;
   return format("thread %u (simdgroup %u, lane %u) of threadgroup (%u,%u,%u)", a.thread_index_in_threadgroup,
-                a.simdgroup_index_in_threadgroup, a.thread_index_in_simdgroup, g.threadgroup_id[0],
-                g.threadgroup_id[1], g.threadgroup_id[2]);
+                a.simdgroup_index_in_threadgroup, a.thread_index_in_simdgroup, g.threadgroup_id[0], g.threadgroup_id[1],
+                g.threadgroup_id[2]);
 }
 
 [[noreturn]] void fail_on_fiber(const std::string& message) {
@@ -218,8 +218,8 @@ void check_threadgroup_access(uintptr_t a, uint32_t n, bool store, void* pc) {
     const char* kind = nullptr;
     uint16_t other = 0;
     if (!store && !s.init) {
-      fail_on_fiber(format("read of uninitialised threadgroup memory (offset %lu) by %s, at %s", (unsigned long)(off + i),
-                           thread_name(f).c_str(), locate(pc).c_str()));
+      fail_on_fiber(format("read of uninitialised threadgroup memory (offset %lu) by %s, at %s",
+                           (unsigned long)(off + i), thread_name(f).c_str(), locate(pc).c_str()));
     }
     if (s.write_epoch == g.epoch && !ordered(s.writer, s.write_sepoch)) {
       kind = store ? "write after write" : "read after write";
@@ -233,8 +233,8 @@ void check_threadgroup_access(uintptr_t a, uint32_t n, bool store, void* pc) {
     }
     if (kind) {
       std::string who = other == kMany ? std::string("several threads") : thread_name(&g.fibers[other]);
-      fail_on_fiber(format("threadgroup memory race (%s, no barrier between) at offset %lu: %s at %s, against %s",
-                           kind, (unsigned long)(off + i), thread_name(f).c_str(), locate(pc).c_str(), who.c_str()));
+      fail_on_fiber(format("threadgroup memory race (%s, no barrier between) at offset %lu: %s at %s, against %s", kind,
+                           (unsigned long)(off + i), thread_name(f).c_str(), locate(pc).c_str(), who.c_str()));
     }
     if (store) {
       s.write_epoch = g.epoch;
@@ -301,9 +301,10 @@ inline void on_access(void* addr, uint32_t n, bool store, void* pc) {
   Fiber* f = g.current;
   if (!f) return;
   if (++f->accesses > kSpinLimit) {
-    fail_on_fiber(format("deadlock: %s made %llu memory accesses without reaching a barrier or simd collective "
-                         "(spinning on a value no other thread can change?), at %s",
-                         thread_name(f).c_str(), (unsigned long long)kSpinLimit, locate(pc).c_str()));
+    fail_on_fiber(
+        format("deadlock: %s made %llu memory accesses without reaching a barrier or simd collective "
+               "(spinning on a value no other thread can change?), at %s",
+               thread_name(f).c_str(), (unsigned long long)kSpinLimit, locate(pc).c_str()));
   }
   if (a - (uintptr_t)g.tg_mem < kThreadgroupMemoryLimit + kGuard)
     check_threadgroup_access(a, n, store, pc);
@@ -480,18 +481,21 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
                  tz = d->threads_per_threadgroup[2];
   const uint64_t threads = (uint64_t)tx * ty * tz;
   if (threads == 0 || threads > 1024)
-    return error(format("%s: %llu threads per threadgroup (Metal allows 1..1024)", d->kernel, (unsigned long long)threads));
+    return error(
+        format("%s: %llu threads per threadgroup (Metal allows 1..1024)", d->kernel, (unsigned long long)threads));
   if (kernel->max_total_threads_per_threadgroup && threads > kernel->max_total_threads_per_threadgroup)
-    return error(format("%s: %llu threads per threadgroup exceed the kernel's max_total_threads_per_threadgroup(%u); "
-                        "Metal would run nothing",
-                        d->kernel, (unsigned long long)threads, kernel->max_total_threads_per_threadgroup));
+    return error(
+        format("%s: %llu threads per threadgroup exceed the kernel's max_total_threads_per_threadgroup(%u); "
+               "Metal would run nothing",
+               d->kernel, (unsigned long long)threads, kernel->max_total_threads_per_threadgroup));
   const uint64_t num_tg = (uint64_t)d->threadgroups[0] * d->threadgroups[1] * d->threadgroups[2];
 
   // Bind: every buffer parameter needs a buffer or bytes; threadgroup arguments need a length.
   std::vector<const mcpu_buffer*> buffers(MCPU_MAX_BUFFERS, nullptr);
   std::vector<const mcpu_bytes*> bytes(MCPU_MAX_BUFFERS, nullptr);
   for (uint32_t i = 0; i < d->num_buffers; ++i) {
-    if (d->buffers[i].index >= MCPU_MAX_BUFFERS) return error(format("buffer index %u out of range", d->buffers[i].index));
+    if (d->buffers[i].index >= MCPU_MAX_BUFFERS)
+      return error(format("buffer index %u out of range", d->buffers[i].index));
     buffers[d->buffers[i].index] = &d->buffers[i];
   }
   for (uint32_t i = 0; i < d->num_bytes; ++i) {
@@ -525,7 +529,8 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   for (uint32_t i = 0; i < d->num_constants; ++i) {
     int rc = lib->info->set_function_constant(d->constants[i].index, d->constants[i].type, d->constants[i].bits);
     if (rc == -1) return error(format("%s: no function constant with index %u", d->kernel, d->constants[i].index));
-    if (rc == -2) return error(format("%s: function constant %u given with the wrong type", d->kernel, d->constants[i].index));
+    if (rc == -2)
+      return error(format("%s: function constant %u given with the wrong type", d->kernel, d->constants[i].index));
   }
 
   // Arena: each buffer copied between guard gaps, sorted by address.
@@ -540,8 +545,10 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   };
   std::vector<Pending> pending;
   for (uint32_t i = 0; i < MCPU_MAX_BUFFERS; ++i) {
-    if (buffers[i]) pending.push_back({i, buffers[i]->data, buffers[i]->length, false, buffers[i]->data});
-    else if (bytes[i]) pending.push_back({i, bytes[i]->data, bytes[i]->length, true, nullptr});
+    if (buffers[i])
+      pending.push_back({i, buffers[i]->data, buffers[i]->length, false, buffers[i]->data});
+    else if (bytes[i])
+      pending.push_back({i, bytes[i]->data, bytes[i]->length, true, nullptr});
   }
   for (const Pending& p : pending) arena_size += round_up(p.len, 4096) + kGuard;
   char* arena = (char*)map(arena_size);
@@ -634,8 +641,9 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   if (g.failed) {
     rc = error(format("%s (kernel %s, %s): %s", lib->info->source_path, d->kernel,
                       g.options.schedule == MCPU_FORWARD ? "forward schedule"
-                      : g.options.schedule == MCPU_REVERSE ? "reverse schedule"
-                                                           : format("random schedule, seed %llu", (unsigned long long)g.options.seed).c_str(),
+                      : g.options.schedule == MCPU_REVERSE
+                          ? "reverse schedule"
+                          : format("random schedule, seed %llu", (unsigned long long)g.options.seed).c_str(),
                       g.error.c_str()));
   } else {
     // Copy back only the bytes the kernel changed: two bound views of one buffer (k_cache and v_cache one page
@@ -704,9 +712,10 @@ uint32_t service_lane_id() { return g.current->args.thread_index_in_simdgroup; }
 void service_atomic_access(void* addr, uint32_t size, int is_store, void* pc) {
   uintptr_t a = (uintptr_t)addr;
   if (++g.current->accesses > kSpinLimit)
-    fail_on_fiber(format("deadlock: %s made %llu memory accesses without reaching a barrier or simd collective "
-                         "(spinning on an atomic no other thread can change?), at %s",
-                         thread_name(g.current).c_str(), (unsigned long long)kSpinLimit, locate(pc).c_str()));
+    fail_on_fiber(
+        format("deadlock: %s made %llu memory accesses without reaching a barrier or simd collective "
+               "(spinning on an atomic no other thread can change?), at %s",
+               thread_name(g.current).c_str(), (unsigned long long)kSpinLimit, locate(pc).c_str()));
   if (a - (uintptr_t)g.tg_mem < kThreadgroupMemoryLimit + kGuard) {
     uintptr_t off = a - (uintptr_t)g.tg_mem;
     if (off + size > g.tg_used)
@@ -722,9 +731,9 @@ void service_fatal(const char* message, void* pc) {
   fail_on_fiber(format("%s, by %s, at %s", message, thread_name(g.current).c_str(), locate(pc).c_str()));
 }
 
-const mcpu_runtime_api kRuntimeApi = {service_access,         service_threadgroup_alloc, service_threadgroup_barrier,
-                                      service_simdgroup_barrier, service_simd_exchange,  service_lane_id,
-                                      service_atomic_access,  service_fatal};
+const mcpu_runtime_api kRuntimeApi = {
+    service_access,        service_threadgroup_alloc, service_threadgroup_barrier, service_simdgroup_barrier,
+    service_simd_exchange, service_lane_id,           service_atomic_access,       service_fatal};
 
 }  // namespace
 

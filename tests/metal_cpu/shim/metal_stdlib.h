@@ -17,8 +17,9 @@
 #define MCPU_INLINE inline __attribute__((always_inline))
 #define MCPU_NOSAN __attribute__((noinline, no_sanitize("coverage")))
 // Trailing parameters of every barrier and collective: the call site in the .metal source.
-#define MCPU_SITE \
-  const char *mcpu_file = __builtin_FILE(), unsigned mcpu_line = __builtin_LINE(), unsigned mcpu_col = __builtin_COLUMN()
+#define MCPU_SITE                                                                  \
+  const char *mcpu_file = __builtin_FILE(), unsigned mcpu_line = __builtin_LINE(), \
+             unsigned mcpu_col = __builtin_COLUMN()
 #define MCPU_SITE_ARGS mcpu_file, mcpu_line, mcpu_col
 
 #ifdef MCPU_ADDRESS_SPACES
@@ -41,12 +42,12 @@
 #define MCPU_TRAMPOLINE __attribute__((noinline, no_sanitize("coverage")))
 static const mcpu_runtime_api* mcpu_runtime;
 static MCPU_TRAMPOLINE void mcpu_bind_runtime(const mcpu_runtime_api* runtime) { mcpu_runtime = runtime; }
-#define MCPU_HOOKS(N)                                                                      \
-  extern "C" MCPU_TRAMPOLINE void __sanitizer_cov_load##N(void* p) {                       \
-    mcpu_runtime->access(p, N, 0, __builtin_return_address(0));                            \
-  }                                                                                        \
-  extern "C" MCPU_TRAMPOLINE void __sanitizer_cov_store##N(void* p) {                      \
-    mcpu_runtime->access(p, N, 1, __builtin_return_address(0));                            \
+#define MCPU_HOOKS(N)                                                 \
+  extern "C" MCPU_TRAMPOLINE void __sanitizer_cov_load##N(void* p) {  \
+    mcpu_runtime->access(p, N, 0, __builtin_return_address(0));       \
+  }                                                                   \
+  extern "C" MCPU_TRAMPOLINE void __sanitizer_cov_store##N(void* p) { \
+    mcpu_runtime->access(p, N, 1, __builtin_return_address(0));       \
   }
 MCPU_HOOKS(1)
 MCPU_HOOKS(2)
@@ -71,7 +72,9 @@ static MCPU_TRAMPOLINE uint32_t mcpu_lane_id() { return mcpu_runtime->lane_id();
 static MCPU_TRAMPOLINE void mcpu_atomic_access(void* addr, uint32_t size, int is_store) {
   mcpu_runtime->atomic_access(addr, size, is_store, __builtin_return_address(0));
 }
-static MCPU_TRAMPOLINE void mcpu_fatal(const char* message) { mcpu_runtime->fatal(message, __builtin_return_address(0)); }
+static MCPU_TRAMPOLINE void mcpu_fatal(const char* message) {
+  mcpu_runtime->fatal(message, __builtin_return_address(0));
+}
 
 namespace metal {
 
@@ -176,9 +179,7 @@ MCPU_INLINE float mcpu_fast_tanh(float x) {
   return mcpu_ftz((e - 1.0f) / (e + 1.0f));
 }
 MCPU_INLINE float mcpu_fast_pow(float x, float y) { return mcpu_fast_exp2(mcpu_ftz(y) * mcpu_fast_log2(x)); }
-MCPU_INLINE float mcpu_fast_divide(float x, float y) {
-  return mcpu_ftz(mcpu_ftz(x) * mcpu_ftz(1.0f / mcpu_ftz(y)));
-}
+MCPU_INLINE float mcpu_fast_divide(float x, float y) { return mcpu_ftz(mcpu_ftz(x) * mcpu_ftz(1.0f / mcpu_ftz(y))); }
 #pragma float_control(pop)
 
 // One function in both namespaces: float per variant; half, bfloat through precise float; vectors elementwise.
@@ -194,7 +195,7 @@ MCPU_INLINE float mcpu_fast_divide(float x, float y) {
   }                                                                             \
   }
 #define MCPU_UNARY2(name, fast_expr)                             \
-  MCPU_UNARY_IN(precise, name, mcpu_exact1<mcpu_libm_##name>(x))     \
+  MCPU_UNARY_IN(precise, name, mcpu_exact1<mcpu_libm_##name>(x)) \
   MCPU_UNARY_IN(fast, name, fast_expr)
 MCPU_UNARY2(exp, mcpu_fast_exp(x))
 MCPU_UNARY2(exp2, mcpu_fast_exp2(x))
@@ -211,19 +212,19 @@ MCPU_UNARY2(tan, mcpu_ftz(__builtin_tanf(mcpu_ftz(x))))
 #undef MCPU_UNARY2
 #undef MCPU_UNARY_IN
 
-#define MCPU_BINARY_IN(ns, name, float_expr)                                                              \
-  namespace ns {                                                                                          \
-  MCPU_INLINE float name(float x, float y) { return float_expr; }                                         \
-  MCPU_INLINE half name(half x, half y) { return (half)precise::name((float)x, (float)y); }               \
-  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)precise::name((float)x, (float)y); }       \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                                   \
-  MCPU_INLINE V name(V x, V y) {                                                                          \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);      \
-    return x;                                                                                             \
-  }                                                                                                       \
+#define MCPU_BINARY_IN(ns, name, float_expr)                                                         \
+  namespace ns {                                                                                     \
+  MCPU_INLINE float name(float x, float y) { return float_expr; }                                    \
+  MCPU_INLINE half name(half x, half y) { return (half)precise::name((float)x, (float)y); }          \
+  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)precise::name((float)x, (float)y); }  \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                              \
+  MCPU_INLINE V name(V x, V y) {                                                                     \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]); \
+    return x;                                                                                        \
+  }                                                                                                  \
   }
 #define MCPU_BINARY2(name, fast_expr)                                \
-  MCPU_BINARY_IN(precise, name, mcpu_exact2<mcpu_libm_##name>(x, y))    \
+  MCPU_BINARY_IN(precise, name, mcpu_exact2<mcpu_libm_##name>(x, y)) \
   MCPU_BINARY_IN(fast, name, fast_expr)
 MCPU_BINARY2(pow, mcpu_fast_pow(x, y))
 MCPU_BINARY2(powr, mcpu_fast_pow(x, y))
@@ -232,14 +233,14 @@ MCPU_BINARY2(divide, mcpu_fast_divide(x, y))
 #undef MCPU_BINARY_IN
 
 // Functions with one variant (exact in both modes).
-#define MCPU_UNARY(name, expr)                                                    \
-  MCPU_INLINE float name(float x) { return expr; }                                \
-  MCPU_INLINE half name(half x) { return (half)name((float)x); }                  \
-  MCPU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }            \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>           \
-  MCPU_INLINE V name(V x) {                                                       \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]);    \
-    return x;                                                                     \
+#define MCPU_UNARY(name, expr)                                                 \
+  MCPU_INLINE float name(float x) { return expr; }                             \
+  MCPU_INLINE half name(half x) { return (half)name((float)x); }               \
+  MCPU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }         \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>        \
+  MCPU_INLINE V name(V x) {                                                    \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]); \
+    return x;                                                                  \
   }
 MCPU_UNARY(floor, __builtin_floorf(x))
 MCPU_UNARY(ceil, __builtin_ceilf(x))
@@ -252,15 +253,14 @@ MCPU_UNARY(sign, x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : 0.0f)
 MCPU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
 #undef MCPU_UNARY
 
-#define MCPU_BINARY_FLOAT(name, expr)                                                    \
-  MCPU_INLINE float name(float x, float y) { return expr; }                              \
-  MCPU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }       \
-  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); } \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                  \
-  MCPU_INLINE V name(V x, V y) {                                                         \
-    for (int i = 0; i < mcpu_width<V>; ++i)                                              \
-      x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);                           \
-    return x;                                                                            \
+#define MCPU_BINARY_FLOAT(name, expr)                                                                \
+  MCPU_INLINE float name(float x, float y) { return expr; }                                          \
+  MCPU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }                   \
+  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); }           \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                              \
+  MCPU_INLINE V name(V x, V y) {                                                                     \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]); \
+    return x;                                                                                        \
   }
 MCPU_BINARY_FLOAT(atan2, __builtin_atan2f(x, y))
 MCPU_BINARY_FLOAT(fmod, __builtin_fmodf(x, y))
@@ -305,8 +305,9 @@ MCPU_TWO_VARIANTS(MCPU_USING_DEFAULT)
 
 // fast:: and precise:: also name the functions that have one variant.
 #define MCPU_ONE_VARIANT(X)                                                                                       \
-  X(floor) X(ceil) X(round) X(rint) X(trunc) X(fabs) X(fract) X(sign) X(saturate) X(atan2) X(fmod) X(fmax) X(fmin) \
-      X(step) X(max) X(min) X(clamp) X(abs) X(fma) X(mix) X(dot) X(select) X(isnan) X(isinf) X(isfinite)
+  X(floor)                                                                                                        \
+  X(ceil) X(round) X(rint) X(trunc) X(fabs) X(fract) X(sign) X(saturate) X(atan2) X(fmod) X(fmax) X(fmin) X(step) \
+      X(max) X(min) X(clamp) X(abs) X(fma) X(mix) X(dot) X(select) X(isnan) X(isinf) X(isfinite)
 #define MCPU_USING(name) using metal::name;
 namespace fast {
 MCPU_ONE_VARIANT(MCPU_USING)
@@ -553,29 +554,35 @@ typedef _atomic<int> atomic_int;
 typedef _atomic<uint> atomic_uint;
 typedef _atomic<float> atomic_float;
 typedef _atomic<bool> atomic_bool;
-enum memory_order { memory_order_relaxed, memory_order_acquire, memory_order_release, memory_order_acq_rel, memory_order_seq_cst };
+enum memory_order {
+  memory_order_relaxed,
+  memory_order_acquire,
+  memory_order_release,
+  memory_order_acq_rel,
+  memory_order_seq_cst
+};
 
-#define MCPU_ATOMIC_RMW(name, op)                                                              \
-  template <typename A, typename T>                                                            \
-  MCPU_NOSAN auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) {             \
-    using V = decltype(obj->__value + 0);                                                      \
-    (void)sizeof(V);                                                                           \
-    auto* p = const_cast<A*>(obj);                                                             \
-    mcpu_atomic_access((void*)p, sizeof(p->__value), 1);                                       \
-    auto old = p->__value;                                                                     \
-    auto v = (decltype(old))arg;                                                               \
-    p->__value = op;                                                                           \
-    return old;                                                                                \
-  }                                                                                            \
-  template <typename A, typename T>                                                            \
-  MCPU_INLINE auto atomic_##name##_explicit(A* obj, T arg, memory_order o) {                   \
-    return atomic_##name##_explicit((volatile A*)obj, arg, o);                                 \
+#define MCPU_ATOMIC_RMW(name, op)                                                  \
+  template <typename A, typename T>                                                \
+  MCPU_NOSAN auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) { \
+    using V = decltype(obj->__value + 0);                                          \
+    (void)sizeof(V);                                                               \
+    auto* p = const_cast<A*>(obj);                                                 \
+    mcpu_atomic_access((void*)p, sizeof(p->__value), 1);                           \
+    auto old = p->__value;                                                         \
+    auto v = (decltype(old))arg;                                                   \
+    p->__value = op;                                                               \
+    return old;                                                                    \
+  }                                                                                \
+  template <typename A, typename T>                                                \
+  MCPU_INLINE auto atomic_##name##_explicit(A* obj, T arg, memory_order o) {       \
+    return atomic_##name##_explicit((volatile A*)obj, arg, o);                     \
   }
 MCPU_ATOMIC_RMW(fetch_add, old + v)
 MCPU_ATOMIC_RMW(fetch_sub, old - v)
 MCPU_ATOMIC_RMW(fetch_max, old > v ? old : v)
 MCPU_ATOMIC_RMW(fetch_min, old < v ? old : v)
-MCPU_ATOMIC_RMW(fetch_and, old & v)
+MCPU_ATOMIC_RMW(fetch_and, old& v)
 MCPU_ATOMIC_RMW(fetch_or, old | v)
 MCPU_ATOMIC_RMW(fetch_xor, old ^ v)
 MCPU_ATOMIC_RMW(exchange, v)

@@ -1,7 +1,8 @@
 // The target-independent part of the MSL standard library for the emulator's targets (the CPU shim
 // tests/metal_cpu/shim/metal_stdlib.h and the NVPTX shim tests/metal_cuda/shim/metal_stdlib.h include it): scalar
 // and vector types, constants, vector constructors and conversions, as_type, numeric_limits, min/max/clamp/abs/fma/
-// mix/select/all/any/dot, and the parameter type helper of the generated entry points. The including shim defines the address spaces first.
+// mix/select/all/any/dot, and the parameter type helper of the generated entry points. The including shim defines the
+// address spaces first.
 #pragma once
 
 #include <stddef.h>
@@ -20,9 +21,9 @@ typedef unsigned long ulong;
 typedef _Float16 half;
 typedef __bf16 bfloat;
 
-#define MSL_VECTORS(T)                                     \
-  typedef T T##2 __attribute__((ext_vector_type(2)));       \
-  typedef T T##3 __attribute__((ext_vector_type(3)));       \
+#define MSL_VECTORS(T)                                \
+  typedef T T##2 __attribute__((ext_vector_type(2))); \
+  typedef T T##3 __attribute__((ext_vector_type(3))); \
   typedef T T##4 __attribute__((ext_vector_type(4)));
 MSL_VECTORS(float)
 MSL_VECTORS(half)
@@ -127,20 +128,20 @@ MSL_INLINE To as_type(From x) {
 // ---- numeric_limits ---------------------------------------------------------------------------------------------
 template <typename T>
 struct numeric_limits;
-#define MSL_LIMITS(T, MAX, MIN, LOWEST, INF, EPS)                  \
-  template <>                                                       \
-  struct numeric_limits<T> {                                        \
-    static constexpr bool is_specialized = true;                    \
-    static constexpr T max() { return MAX; }                        \
-    static constexpr T min() { return MIN; }                        \
-    static constexpr T lowest() { return LOWEST; }                  \
-    static constexpr T infinity() { return INF; }                   \
-    static constexpr T epsilon() { return EPS; }                    \
+#define MSL_LIMITS(T, MAX, MIN, LOWEST, INF, EPS)  \
+  template <>                                      \
+  struct numeric_limits<T> {                       \
+    static constexpr bool is_specialized = true;   \
+    static constexpr T max() { return MAX; }       \
+    static constexpr T min() { return MIN; }       \
+    static constexpr T lowest() { return LOWEST; } \
+    static constexpr T infinity() { return INF; }  \
+    static constexpr T epsilon() { return EPS; }   \
   };
 MSL_LIMITS(float, __FLT_MAX__, __FLT_MIN__, -__FLT_MAX__, __builtin_inff(), __FLT_EPSILON__)
 MSL_LIMITS(half, (half)65504.0f, (half)6.103515625e-05f, (half)-65504.0f, (half)__builtin_inff(), (half)0.0009765625f)
 MSL_LIMITS(bfloat, (bfloat)3.3895313892515355e38f, (bfloat)1.1754943508222875e-38f, (bfloat)-3.3895313892515355e38f,
-            (bfloat)__builtin_inff(), (bfloat)0.0078125f)
+           (bfloat)__builtin_inff(), (bfloat)0.0078125f)
 MSL_LIMITS(int, 2147483647, (-2147483647 - 1), (-2147483647 - 1), 0, 0)
 MSL_LIMITS(uint, 4294967295u, 0u, 0u, 0u, 0u)
 MSL_LIMITS(short, (short)32767, (short)-32768, (short)-32768, (short)0, (short)0)
@@ -151,16 +152,16 @@ MSL_LIMITS(ulong, 18446744073709551615ul, 0ul, 0ul, 0ul, 0ul)
 
 // ---- integer, comparison and vector functions (no target-specific math) -------------------------------
 // max / min / abs / clamp for every scalar type (half and bfloat compare exactly, no rounding needed).
-#define MSL_MINMAX(T)                                                   \
-  MSL_INLINE T max(T x, T y) { return x > y ? x : y; }                  \
-  MSL_INLINE T min(T x, T y) { return x < y ? x : y; }                  \
+#define MSL_MINMAX(T)                                  \
+  MSL_INLINE T max(T x, T y) { return x > y ? x : y; } \
+  MSL_INLINE T min(T x, T y) { return x < y ? x : y; } \
   MSL_INLINE T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
-MSL_MINMAX(float) MSL_MINMAX(half) MSL_MINMAX(bfloat)
-MSL_MINMAX(int) MSL_MINMAX(uint) MSL_MINMAX(short) MSL_MINMAX(ushort)
-MSL_MINMAX(char) MSL_MINMAX(uchar) MSL_MINMAX(long) MSL_MINMAX(ulong)
+MSL_MINMAX(float)
+MSL_MINMAX(half) MSL_MINMAX(bfloat) MSL_MINMAX(int) MSL_MINMAX(uint) MSL_MINMAX(short) MSL_MINMAX(ushort)
+    MSL_MINMAX(char) MSL_MINMAX(uchar) MSL_MINMAX(long) MSL_MINMAX(ulong)
 #undef MSL_MINMAX
-template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-MSL_INLINE V max(V x, V y) {
+        template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+        MSL_INLINE V max(V x, V y) {
   for (int i = 0; i < mcpu_width<V>; ++i) x[i] = max((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
   return x;
 }
@@ -194,8 +195,7 @@ MSL_INLINE half fma(half a, half b, half c) { return (half)__builtin_fmaf((float
 MSL_INLINE bfloat fma(bfloat a, bfloat b, bfloat c) { return (bfloat)__builtin_fmaf((float)a, (float)b, (float)c); }
 template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
 MSL_INLINE V fma(V a, V b, V c) {
-  for (int i = 0; i < mcpu_width<V>; ++i)
-    a[i] = fma((mcpu_elem_t<V>)a[i], (mcpu_elem_t<V>)b[i], (mcpu_elem_t<V>)c[i]);
+  for (int i = 0; i < mcpu_width<V>; ++i) a[i] = fma((mcpu_elem_t<V>)a[i], (mcpu_elem_t<V>)b[i], (mcpu_elem_t<V>)c[i]);
   return a;
 }
 template <typename T>

@@ -61,7 +61,7 @@ MCU_INLINE float mcu_exp_precise(float x) {
   if (x < -103.9f) return 0.0f;
   const float n = __builtin_rintf(x * M_LOG2E_F);
   float r = __builtin_fmaf(-n, 0.693145751953125f, x);  // ln2 high part (exact product)
-  r = __builtin_fmaf(-n, 1.428606765330187e-06f, r);     // ln2 low part
+  r = __builtin_fmaf(-n, 1.428606765330187e-06f, r);    // ln2 low part
   return mcu_ex2_approx(r * M_LOG2E_F) * mcu_pow2i((int)n);
 }
 MCU_INLINE float mcu_exp2_precise(float x) {
@@ -117,16 +117,16 @@ MCU_INLINE float mcu_reduce_2pi(float x) {
 
 // ---- math -------------------------------------------------------------------------------------------------------
 // Float functions: computed in float and rounded once to half/bfloat; vectors elementwise.
-#define MCU_UNARY_IN(ns, name, expr)                                       \
-  namespace ns {                                                           \
-  MCU_INLINE float name(float x) { return expr; }                          \
-  MCU_INLINE half name(half x) { return (half)name((float)x); }            \
-  MCU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }      \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>    \
-  MCU_INLINE V name(V x) {                                                 \
+#define MCU_UNARY_IN(ns, name, expr)                                           \
+  namespace ns {                                                               \
+  MCU_INLINE float name(float x) { return expr; }                              \
+  MCU_INLINE half name(half x) { return (half)name((float)x); }                \
+  MCU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }          \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>        \
+  MCU_INLINE V name(V x) {                                                     \
     for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]); \
-    return x;                                                              \
-  }                                                                        \
+    return x;                                                                  \
+  }                                                                            \
   }
 #define MCU_UNARY2(name, fast_expr, precise_expr) \
   MCU_UNARY_IN(fast, name, fast_expr)             \
@@ -135,7 +135,7 @@ MCU_INLINE float mcu_reduce_2pi(float x) {
 
 MCU_UNARY2(exp, mcu_exp_fast(x), mcu_exp_precise(x))
 MCU_UNARY2(exp2, mcu_ex2_approx(x), mcu_exp2_precise(x))
-MCU_UNARY2(exp10, mcu_ex2_approx(x * 3.3219280948873623f), mcu_exp_precise(x * M_LN10_F))
+MCU_UNARY2(exp10, mcu_ex2_approx(x * 3.3219280948873623f), mcu_exp_precise(x* M_LN10_F))
 MCU_UNARY2(log, mcu_log_fast(x), mcu_log_precise(x))
 MCU_UNARY2(log2, mcu_lg2_approx(x), mcu_log_precise(x) * M_LOG2E_F)
 MCU_UNARY2(log10, mcu_lg2_approx(x) * 0.30102999566398120f, mcu_log_precise(x) * M_LOG10E_F)
@@ -159,24 +159,23 @@ MCU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
 #undef MCU_UNARY2
 #undef MCU_UNARY_IN
 
-#define MCU_BINARY_IN(ns, name, expr)                                                     \
-  namespace ns {                                                                          \
-  MCU_INLINE float name(float x, float y) { return expr; }                                \
-  MCU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }         \
-  MCU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); } \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                   \
-  MCU_INLINE V name(V x, V y) {                                                           \
-    for (int i = 0; i < mcpu_width<V>; ++i)                                               \
-      x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);                            \
-    return x;                                                                             \
-  }                                                                                       \
+#define MCU_BINARY_IN(ns, name, expr)                                                                \
+  namespace ns {                                                                                     \
+  MCU_INLINE float name(float x, float y) { return expr; }                                           \
+  MCU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }                    \
+  MCU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); }            \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                              \
+  MCU_INLINE V name(V x, V y) {                                                                      \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]); \
+    return x;                                                                                        \
+  }                                                                                                  \
   }
 #define MCU_BINARY2(name, fast_expr, precise_expr) \
   MCU_BINARY_IN(fast, name, fast_expr)             \
   MCU_BINARY_IN(precise, name, precise_expr)
 #define MCU_BINARY(name, expr) MCU_BINARY2(name, expr, expr)
-MCU_BINARY2(pow, mcu_ex2_approx(y * mcu_lg2_approx(x)), mcu_exp2_precise(y * mcu_log_precise(x) * M_LOG2E_F))
-MCU_BINARY2(powr, mcu_ex2_approx(y * mcu_lg2_approx(x)), mcu_exp2_precise(y * mcu_log_precise(x) * M_LOG2E_F))
+MCU_BINARY2(pow, mcu_ex2_approx(y* mcu_lg2_approx(x)), mcu_exp2_precise(y* mcu_log_precise(x) * M_LOG2E_F))
+MCU_BINARY2(powr, mcu_ex2_approx(y* mcu_lg2_approx(x)), mcu_exp2_precise(y* mcu_log_precise(x) * M_LOG2E_F))
 MCU_BINARY(fmod, x - __builtin_truncf(x / y) * y)
 MCU_BINARY(fmax, __builtin_fmaxf(x, y))
 MCU_BINARY(fmin, __builtin_fminf(x, y))
@@ -478,15 +477,15 @@ enum memory_order {
   memory_order_seq_cst
 };
 
-#define MCU_ATOMIC_RMW(name, builtin)                                                                       \
-  template <typename A, typename T>                                                                         \
-  MCU_INLINE auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) {                          \
-    auto* p = const_cast<A*>(obj);                                                                          \
-    return builtin(&p->__value, (decltype(p->__value))arg, __ATOMIC_RELAXED);                               \
-  }                                                                                                         \
-  template <typename A, typename T>                                                                         \
-  MCU_INLINE auto atomic_##name##_explicit(A* obj, T arg, memory_order o) {                                 \
-    return atomic_##name##_explicit((volatile A*)obj, arg, o);                                              \
+#define MCU_ATOMIC_RMW(name, builtin)                                              \
+  template <typename A, typename T>                                                \
+  MCU_INLINE auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) { \
+    auto* p = const_cast<A*>(obj);                                                 \
+    return builtin(&p->__value, (decltype(p->__value))arg, __ATOMIC_RELAXED);      \
+  }                                                                                \
+  template <typename A, typename T>                                                \
+  MCU_INLINE auto atomic_##name##_explicit(A* obj, T arg, memory_order o) {        \
+    return atomic_##name##_explicit((volatile A*)obj, arg, o);                     \
   }
 MCU_ATOMIC_RMW(fetch_add, __atomic_fetch_add)
 MCU_ATOMIC_RMW(fetch_sub, __atomic_fetch_sub)
