@@ -2,16 +2,18 @@
 // supported-configuration lists in paged_params.h. Bodies: paged_decode_attention.h.
 #include "paged_decode_attention.h"
 
-#define FLASH_SDPA_INSTANTIATE_DECODE_R(R, D, T, TN) \
-  template [[host_name(FLASH_SDPA_PAGED_DECODE_NAME( \
-      TN, D, R))]] [[kernel]] decltype(paged_decode_attention<T, D, R>) paged_decode_attention<T, D, R>;
+// clang-format off
+#define FLASH_SDPA_INSTANTIATE_DECODE_R(R, D, T, TN)                                     \
+  template [[host_name(FLASH_SDPA_PAGED_DECODE_NAME(TN, D, R))]] [[kernel]]             \
+  decltype(paged_decode_attention<T, D, R>) paged_decode_attention<T, D, R>;
 
 #define FLASH_SDPA_INSTANTIATE_DECODE(D, MAXR, T, TN) \
   FLASH_SDPA_PAGED_ROWS_UPTO_##MAXR(FLASH_SDPA_INSTANTIATE_DECODE_R, D, T, TN)
 
-#define FLASH_SDPA_INSTANTIATE_COMBINE(T, TN) \
-  template [[host_name(                       \
-      FLASH_SDPA_PAGED_COMBINE_NAME(TN))]] [[kernel]] decltype(paged_decode_combine<T>) paged_decode_combine<T>;
+#define FLASH_SDPA_INSTANTIATE_COMBINE(T, TN)                                            \
+  template [[host_name(FLASH_SDPA_PAGED_COMBINE_NAME(TN))]] [[kernel]]                  \
+  decltype(paged_decode_combine<T>) paged_decode_combine<T>;
+// clang-format on
 
 #define FLASH_SDPA_INSTANTIATE_DTYPE(T, TN) \
   FLASH_SDPA_INSTANTIATE_COMBINE(T, TN)     \

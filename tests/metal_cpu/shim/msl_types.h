@@ -156,12 +156,23 @@ MSL_LIMITS(ulong, 18446744073709551615ul, 0ul, 0ul, 0ul, 0ul)
   MSL_INLINE T max(T x, T y) { return x > y ? x : y; } \
   MSL_INLINE T min(T x, T y) { return x < y ? x : y; } \
   MSL_INLINE T clamp(T x, T lo, T hi) { return min(max(x, lo), hi); }
+// Macro invocations without semicolons, one per line (clang-format would join them).
+// clang-format off
 MSL_MINMAX(float)
-MSL_MINMAX(half) MSL_MINMAX(bfloat) MSL_MINMAX(int) MSL_MINMAX(uint) MSL_MINMAX(short) MSL_MINMAX(ushort)
-    MSL_MINMAX(char) MSL_MINMAX(uchar) MSL_MINMAX(long) MSL_MINMAX(ulong)
+MSL_MINMAX(half)
+MSL_MINMAX(bfloat)
+MSL_MINMAX(int)
+MSL_MINMAX(uint)
+MSL_MINMAX(short)
+MSL_MINMAX(ushort)
+MSL_MINMAX(char)
+MSL_MINMAX(uchar)
+MSL_MINMAX(long)
+MSL_MINMAX(ulong)
+// clang-format on
 #undef MSL_MINMAX
-        template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
-        MSL_INLINE V max(V x, V y) {
+template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>
+MSL_INLINE V max(V x, V y) {
   for (int i = 0; i < mcpu_width<V>; ++i) x[i] = max((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]);
   return x;
 }
