@@ -34,11 +34,13 @@ typedef float f32;
 // clang-format off
 #define FLASH_SDPA_PAGED_HEAD_DIMS(X, ...)                                                       \
   X(32, 16, __VA_ARGS__) X(64, 16, __VA_ARGS__) X(72, 16, __VA_ARGS__) X(80, 16, __VA_ARGS__) \
-  X(96, 16, __VA_ARGS__) X(128, 16, __VA_ARGS__) X(192, 8, __VA_ARGS__) X(256, 8, __VA_ARGS__)
+  X(96, 16, __VA_ARGS__) X(128, 16, __VA_ARGS__) X(192, 8, __VA_ARGS__) X(256, 8, __VA_ARGS__)    \
+  X(512, 4, __VA_ARGS__)
 // clang-format on
 // Decode row tiles R (rows = query head of the KV group x query token per threadgroup) up to a head dim's max_rows:
 // the planner takes the smallest R >= group x sq. X(R, extra...).
-#define FLASH_SDPA_PAGED_ROWS_UPTO_8(X, ...) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(4, __VA_ARGS__) X(8, __VA_ARGS__)
+#define FLASH_SDPA_PAGED_ROWS_UPTO_4(X, ...) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(4, __VA_ARGS__)
+#define FLASH_SDPA_PAGED_ROWS_UPTO_8(X, ...) FLASH_SDPA_PAGED_ROWS_UPTO_4(X, __VA_ARGS__) X(8, __VA_ARGS__)
 #define FLASH_SDPA_PAGED_ROWS_UPTO_16(X, ...) FLASH_SDPA_PAGED_ROWS_UPTO_8(X, __VA_ARGS__) X(16, __VA_ARGS__)
 
 // Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".

@@ -17,7 +17,7 @@ import torch
 from test_paged_kernels import bits, check_fa2, make_case, reference_attention, reference_write
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-HEAD_DIMS = [32, 64, 72, 80, 96, 128, 192, 256]  # test_supported_head_dims checks the package agrees
+HEAD_DIMS = [32, 64, 72, 80, 96, 128, 192, 256, 512]  # test_supported_head_dims checks the package agrees
 GROUPS = [1, 4, 8]
 BLOCK_SIZES = [1, 5, 16, 32, 256]
 CACHES = [f"paged{bs}" for bs in BLOCK_SIZES] + ["contiguous"]
@@ -379,10 +379,11 @@ class _Stats(ctypes.Structure):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("num_splits", [0, 1])
-def test_dispatches_and_traffic(kernel, device, num_splits):
-    """GQA group 8, S = 2048: at most 3 dispatches (write, attention, combine) and K/V bytes loaded <= 1.1 x the
-    valid cache bytes."""
+@pytest.mark.parametrize("num_splits,D,H", [(0, 128, 8), (1, 128, 8), (0, 512, 4)])
+def test_dispatches_and_traffic(kernel, device, num_splits, D, H):
+    """S = 2048, one KV head: at most 3 dispatches (write, attention, combine) and K/V bytes loaded <= 1.1 x the
+    valid cache bytes: GQA 8 at D = 128 (row tile 8), GQA 4 at D = 512 (row tile 4: at D = 512 a threadgroup holds
+    at most 4 rows, so GQA 8 reads K/V twice, once per row block)."""
     if device.type != "cpu":
         pytest.skip("traffic counters exist in the emulated build only")
     # The runtime instance the extension dispatches to: whichever loaded libmetal_cpu*.so counts the call (the tests'
@@ -394,8 +395,8 @@ def test_dispatches_and_traffic(kernel, device, num_splits):
         lib.mcpu_stats_count.restype = ctypes.c_uint64
         lib.mcpu_stats_get.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Stats)]
         libs.append(lib)
-    S, D, Hkv = 2048, 128, 1
-    c = make_case(Bsz=1, H=8, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=16, seqlens=[S - 1], seed=2, layout="separate")
+    S, Hkv = 2048, 1
+    c = make_case(Bsz=1, H=H, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=16, seqlens=[S - 1], seed=2, layout="separate")
     for lib in libs:
         lib.mcpu_stats_reset()
     out = kernel.flash_attn_with_kvcache(c["q"], c["k_cache"], c["v_cache"], c["k_new"], c["v_new"],
@@ -493,3 +494,22 @@ def test_cache_leftpad_errors(kernel, device, monkeypatch):
     with pytest.raises(ValueError, match=r"cache_leftpad\[2\]"):
         kernel.flash_attn_with_kvcache(*args, cache_seqlens=c["cache_seqlens"], cache_leftpad=bad,
                                        cache_batch_idx=c["cache_batch_idx"])
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sq,num_splits", [(1, 1), (3, 2)])
+def test_head_dim_512(kernel, device, emulator, dtype, sq, num_splits):
+    """D = 512 (Gemma's global layers) on the decode kernel: GQA 4, paged, appended tokens, split and unsplit."""
+    emulator(schedule="random", seed=3, check_races=True)
+    c = make_case(Bsz=3, H=8, Hkv=2, D=512, sq=sq, sk_new=1, block_size=16, dtype=dtype, seed=6, max_len=40)
+    kc_w, vc_w = reference_write(c["k_cache"], c["v_cache"], c["block_table"], c["cache_seqlens"], c["k_new"],
+                                 c["v_new"])
+    kw = dict(scale=512**-0.5, window=(-1, 0))
+    ref, _ = reference_attention(c["q"], kc_w, vc_w, c["block_table"], c["cache_seqlens"], 1, **kw)
+    same, _ = reference_attention(c["q"], kc_w, vc_w, c["block_table"], c["cache_seqlens"], 1, dtype=dtype, **kw)
+    d = to_device(c, device)
+    out = kernel.flash_attn_with_kvcache(d["q"], d["k_cache"], d["v_cache"], d["k_new"], d["v_new"],
+                                         cache_seqlens=d["cache_seqlens"], block_table=d["block_table"], causal=True,
+                                         num_splits=num_splits)
+    check_fa2(out.cpu(), ref, same)
