@@ -93,8 +93,10 @@ py::list plan_varlen_decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
 py::list plan_varlen(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor lse,
                      std::optional<at::Tensor> cu_seqlens_q, std::optional<at::Tensor> cu_seqlens_k,
                      std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, int64_t max_seqlen_q,
-                     double scale, double softcap, int64_t window_left, int64_t window_right) {
+                     double scale, double softcap, int64_t window_left, int64_t window_right,
+                     std::optional<at::Tensor> block_table) {
   flash_sdpa::VarlenAttention call;
+  call.block_table = block_table;
   call.q = q;
   call.k = k;
   call.v = v;
@@ -154,7 +156,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"), py::arg("lse"),
         py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
         py::arg("window_right"), py::arg("num_splits"), py::arg("max_seqlen_k"), py::arg("gpu_cores") = 0);
-  m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts");
+  m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("alibi_slopes"), py::arg("sinks"), py::arg("max_seqlen_q"), py::arg("scale"), py::arg("softcap"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("block_table") = py::none());
   m.def("plan_backward", &plan_backward, "flash_sdpa::plan_attention_backward -> list of dispatch dicts");
   m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0);

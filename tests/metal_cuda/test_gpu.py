@@ -211,7 +211,7 @@ def test_paged_wide_batch(dtype, bs, group):
     run_paged(f"wide-B64-g{group}", 64, 32768 if group > 1 else 8192, H, 8, 128, dtype, bs, seed=7)
 
 
-@pytest.mark.parametrize("D", [64, 256])
+@pytest.mark.parametrize("D", [64, 256, 512])
 @pytest.mark.parametrize("splits", [0, 64])
 def test_paged_head_dims_and_splits(D, splits):
     run_paged(f"D{D}-splits{splits}", 4, 8192, 16, 2, D, torch.float16, 16, num_splits=splits, seed=D + splits)
@@ -280,6 +280,60 @@ def test_varlen_prefill_4096(dtype, D):
     assert (lse.double() - ref_lse).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2e-2)
     RESULTS.append(("varlen-4096", f"T=4096 (1000+2000+1096) H={H}/{Hkv} D={D} {str(dtype)[6:]} "
                     f"causal={causal}", err, base, rel, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("D", [128, 512])
+def test_paged_varlen_prefill_4096(dtype, D):
+    """Paged varlen (flash_attn_varlen_func with block_table): 4096 query tokens in three sequences over their keys in
+    a paged cache (block size 16, pages permuted, the first 8 pages shared by every sequence as a cached prefix),
+    16 query / 4 KV heads, causal; D = 512 runs the wide kernel."""
+    libs = gc.libraries()
+    lens = [1000, 2000, 1096]
+    H, Hkv, bs = 16, 4, 16
+    g = torch.Generator(device="cuda").manual_seed(D + 7)
+    blocks = [(n + bs - 1) // bs for n in lens]
+    num_blocks = sum(blocks) + 5
+    perm = torch.randperm(num_blocks, generator=g, device="cuda").to(torch.int32)
+    table = torch.full((3, max(blocks)), -1, dtype=torch.int32, device="cuda")
+    used = 0
+    for b, nb in enumerate(blocks):
+        for j in range(nb):
+            if b > 0 and j < 8:
+                table[b, j] = table[0, j]
+            else:
+                table[b, j] = perm[used]
+                used += 1
+    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g, device="cuda").to(dtype)
+    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g, device="cuda").to(dtype)
+    q = torch.randn(sum(lens), H, D, generator=g, device="cuda").to(dtype)
+    cu = [0, 1000, 3000, 4096]
+    ks, vs = [], []
+    for b, n in enumerate(lens):
+        t = torch.arange(n, device="cuda")
+        ids = table[b, t // bs].long()
+        ks.append(k_cache[ids, t % bs])
+        vs.append(v_cache[ids, t % bs])
+    k, v = torch.cat(ks), torch.cat(vs)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((H, 4096), float("nan"), device="cuda")
+    cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    scale = D ** -0.5
+    plan = gc.planner().plan_varlen(q, k_cache, v_cache, out, lse, cu_t, cu_t, None, None, max(lens), scale, 0.0, -1,
+                                    0, table)
+    launch.run_plan(libs, plan)
+    torch.cuda.synchronize()
+    ref, ref_lse = reference_varlen(q, k, v, cu, scale, True, torch.float64)
+    same, _ = reference_varlen(q, k, v, cu, scale, True, dtype)
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).abs().max().item()
+    base = (same.double() - ref).abs().max().item()
+    rel = rel_l2(out, ref)
+    assert err <= 3 * base + 1e-5, f"max err {err:.3g} > 3 x {base:.3g} + 1e-5"
+    assert rel <= REL_L2[dtype], f"relative L2 error {rel:.3g}"
+    assert (lse.double() - ref_lse).abs().max().item() <= 2e-2
+    RESULTS.append(("paged-varlen-4096", f"T=4096 (1000+2000+1096) H={H}/{Hkv} D={D} {str(dtype)[6:]} bs={bs}",
+                    err, base, rel, 0))
 
 
 def _backward_reference(q, k, v, dout, scale, causal, dtype):
