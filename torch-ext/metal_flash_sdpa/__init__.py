@@ -118,8 +118,8 @@ class _ForwardOnly(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         raise NotImplementedError(
-            f"metal-flash-sdpa: {ctx.name} is forward-only (no backward pass yet); run it under torch.no_grad() or "
-            f"use torch.nn.functional.scaled_dot_product_attention for training")
+            f"metal-flash-sdpa: {ctx.name} is forward-only (no backward pass); run it under torch.no_grad(), or train "
+            f"through flash_attn_func / flash_attn_varlen_func (without block_table), which have a backward")
 
 
 def _run(name: str, run, *inputs: Optional[torch.Tensor], written: Optional[torch.Tensor] = None):
