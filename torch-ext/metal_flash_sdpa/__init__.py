@@ -91,7 +91,7 @@ def _check_devices(q: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
 
 def _check_common(dropout_p: float, window_size) -> Tuple[int, int]:
     if _as_float("dropout_p", dropout_p) != 0.0:
-        raise ValueError(f"dropout_p must be 0.0 (these are inference kernels), got {dropout_p}")
+        raise ValueError(f"dropout_p must be 0.0 (the kernels have no dropout), got {dropout_p}")
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
     return (_as_int("window_size[0] (left)", window_size[0], minimum=-1),
