@@ -80,25 +80,26 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   params.k_rows = to_i32(rows_k, "key rows");
   params.seqlen_q = varlen ? 0 : params.q_rows;
   params.seqlen_k = varlen ? 0 : params.k_rows;
-  params.window_left = window_i32(call.window_left, "window_left");
-  params.window_right = window_i32(call.window_right, "window_right");
-  params.alibi_batch_stride =
-      call.alibi_slopes.has_value() && call.alibi_slopes->dim() == 2 ? to_i32(heads, "alibi batch stride") : 0;
+  params.window_left = window_i32(call.options.window_left, "window_left");
+  params.window_right = window_i32(call.options.window_right, "window_right");
+  params.alibi_batch_stride = call.options.alibi_slopes.has_value() && call.options.alibi_slopes->dim() == 2
+                                  ? to_i32(heads, "alibi batch stride")
+                                  : 0;
   params.head_dim = to_i32(head_dim, "head_dim");
-  params.scale = static_cast<float>(call.scale);
-  params.softcap = static_cast<float>(call.softcap);
+  params.scale = static_cast<float>(call.options.scale);
+  params.softcap = static_cast<float>(call.options.softcap);
 
   const std::vector<FunctionConstant> constants = {
       bool_constant(FLASH_SDPA_BWD_FC_IS_VARLEN, varlen),
-      bool_constant(FLASH_SDPA_BWD_FC_HAS_SOFTCAP, call.softcap > 0.0),
-      bool_constant(FLASH_SDPA_BWD_FC_HAS_ALIBI, call.alibi_slopes.has_value()),
-      bool_constant(FLASH_SDPA_BWD_FC_HAS_SINKS, call.sinks.has_value()),
+      bool_constant(FLASH_SDPA_BWD_FC_HAS_SOFTCAP, call.options.softcap > 0.0),
+      bool_constant(FLASH_SDPA_BWD_FC_HAS_ALIBI, call.options.alibi_slopes.has_value()),
+      bool_constant(FLASH_SDPA_BWD_FC_HAS_SINKS, call.options.sinks.has_value()),
   };
   // Optional inputs that are off get the float32 delta scratch as a placeholder: the kernels never touch them
   // (function constants), and delta is aligned for the int32 / float32 types those slots declare.
   const BufferArg cu_q{FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : call.delta};
   const BufferArg cu_k{FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : call.delta};
-  const BufferArg alibi{FLASH_SDPA_BWD_BUFFER_ALIBI, call.alibi_slopes.value_or(call.delta)};
+  const BufferArg alibi{FLASH_SDPA_BWD_BUFFER_ALIBI, call.options.alibi_slopes.value_or(call.delta)};
   const BufferArg q{FLASH_SDPA_BWD_BUFFER_Q, call.q}, k{FLASH_SDPA_BWD_BUFFER_K, call.k},
       v{FLASH_SDPA_BWD_BUFFER_V, call.v}, dout{FLASH_SDPA_BWD_BUFFER_DOUT, call.dout},
       lse{FLASH_SDPA_BWD_BUFFER_LSE, call.lse}, delta{FLASH_SDPA_BWD_BUFFER_DELTA, call.delta};
@@ -143,8 +144,8 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
                 cu_q,
                 cu_k,
                 alibi,
-                {FLASH_SDPA_BWD_BUFFER_SINKS, call.sinks.value_or(call.delta)},
-                {FLASH_SDPA_BWD_BUFFER_DSINKS, call.sinks.has_value() ? call.dsinks : call.delta}};
+                {FLASH_SDPA_BWD_BUFFER_SINKS, call.options.sinks.value_or(call.delta)},
+                {FLASH_SDPA_BWD_BUFFER_DSINKS, call.options.sinks.has_value() ? call.dsinks : call.delta}};
   dq.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
   dq.threadgroups = {tiles(grid_q, tile_rows), h, b};
   dq.threads_per_threadgroup = threads;

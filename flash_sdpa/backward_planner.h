@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 
+#include "attention_options.h"
 #include "launch_plan.h"
 
 namespace flash_sdpa {
@@ -23,14 +24,9 @@ struct AttentionBackward {
   at::Tensor dq, dk, dv;                                 // outputs; rows no sequence covers are not written
   at::Tensor dsinks;                                     // float [H], written when sinks are given
   std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set: varlen; both empty: dense
-  std::optional<at::Tensor> alibi_slopes;                // float [H] or [B, H]
-  std::optional<at::Tensor> sinks;                       // float [H]
+  AttentionOptions options;  // scale, softcap, window, ALiBi slopes, sinks (attention_options.h)
   int64_t max_seqlen_q = 0;  // varlen: sizes the grids (the kernels loop over the rest); dense: ignored
   int64_t max_seqlen_k = 0;
-  double scale = 1.0;
-  double softcap = 0.0;       // 0 = off
-  int64_t window_left = -1;   // -1 = unbounded
-  int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
 };
 
 // "flash_attn_bwd_delta_<dtype>" (pass = "delta"), "flash_attn_bwd_<dkdv|dq>_<dtype>_d<head_dim>".

@@ -223,14 +223,15 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   ap.max_blocks_per_seq = to_i32(max_blocks, "max_blocks_per_seq");
   ap.seqlen_new = to_i32(seqlen_new, "seqlen_new");
   ap.num_splits = to_i32(splits, "num_splits");
-  ap.window_left = clamp_window(call.window_left);
-  ap.window_right = clamp_window(call.window_right);
-  ap.alibi_stride_b =
-      call.alibi_slopes.has_value() && call.alibi_slopes->dim() == 2 ? to_i32(heads, "alibi batch stride") : 0;
+  ap.window_left = clamp_window(call.options.window_left);
+  ap.window_right = clamp_window(call.options.window_right);
+  ap.alibi_stride_b = call.options.alibi_slopes.has_value() && call.options.alibi_slopes->dim() == 2
+                          ? to_i32(heads, "alibi batch stride")
+                          : 0;
   ap.total_q = to_i32(total_q, "total_q");
   ap.total_k = to_i32(total_k, "total_k");
-  ap.scale = static_cast<float>(call.scale);
-  ap.softcap = static_cast<float>(call.softcap);
+  ap.scale = static_cast<float>(call.options.scale);
+  ap.softcap = static_cast<float>(call.options.softcap);
 
   at::Tensor o_partial, ml_partial;
   if (split) {
@@ -260,9 +261,9 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   a.constants = {
       bool_constant(FLASH_SDPA_FC_DECODE_VARLEN, varlen),
       bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()),
-      bool_constant(FLASH_SDPA_FC_DECODE_ALIBI, call.alibi_slopes.has_value()),
-      bool_constant(FLASH_SDPA_FC_DECODE_SINKS, call.sinks.has_value()),
-      bool_constant(FLASH_SDPA_FC_DECODE_SOFTCAP, call.softcap > 0.0),
+      bool_constant(FLASH_SDPA_FC_DECODE_ALIBI, call.options.alibi_slopes.has_value()),
+      bool_constant(FLASH_SDPA_FC_DECODE_SINKS, call.options.sinks.has_value()),
+      bool_constant(FLASH_SDPA_FC_DECODE_SOFTCAP, call.options.softcap > 0.0),
       bool_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED, kv_aligned),
       bool_constant(FLASH_SDPA_FC_DECODE_LEFTPAD, !varlen && call.cache_leftpad.has_value()),
   };
@@ -274,8 +275,8 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
       {FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS, varlen ? none : call.cache_seqlens},
       {FLASH_SDPA_DECODE_BUF_OUT, split ? none : call.out},
       {FLASH_SDPA_DECODE_BUF_LSE, split || !call.lse.has_value() ? none : *call.lse},
-      {FLASH_SDPA_DECODE_BUF_ALIBI, call.alibi_slopes.value_or(none)},
-      {FLASH_SDPA_DECODE_BUF_SINKS, split || !call.sinks.has_value() ? none : *call.sinks},
+      {FLASH_SDPA_DECODE_BUF_ALIBI, call.options.alibi_slopes.value_or(none)},
+      {FLASH_SDPA_DECODE_BUF_SINKS, split || !call.options.sinks.has_value() ? none : *call.options.sinks},
       {FLASH_SDPA_DECODE_BUF_O_PARTIAL, split ? o_partial : none},
       {FLASH_SDPA_DECODE_BUF_ML_PARTIAL, split ? ml_partial : none},
       {FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : none},
@@ -302,13 +303,13 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
     c.kernel = paged_combine_kernel_name(dtype);
     c.constants = {
         bool_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE, call.lse.has_value()),
-        bool_constant(FLASH_SDPA_FC_COMBINE_SINKS, call.sinks.has_value()),
+        bool_constant(FLASH_SDPA_FC_COMBINE_SINKS, call.options.sinks.has_value()),
         bool_constant(FLASH_SDPA_FC_COMBINE_VARLEN, varlen),
     };
     c.buffers = {
         {FLASH_SDPA_COMBINE_BUF_O_PARTIAL, o_partial},
         {FLASH_SDPA_COMBINE_BUF_ML_PARTIAL, ml_partial},
-        {FLASH_SDPA_COMBINE_BUF_SINKS, call.sinks.value_or(none)},
+        {FLASH_SDPA_COMBINE_BUF_SINKS, call.options.sinks.value_or(none)},
         {FLASH_SDPA_COMBINE_BUF_OUT, call.out},
         {FLASH_SDPA_COMBINE_BUF_LSE, call.lse.value_or(none)},
         {FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : none},

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_options.h"
 #include "launch_plan.h"
 
 namespace flash_sdpa {
@@ -26,8 +27,7 @@ struct PagedKVCacheAttention {
   std::optional<at::Tensor> k_new, v_new;  // [B, sk_new, Hkv, D], same strides, last dim contiguous
   at::Tensor out;                          // [B, sq, H, D] contiguous
   std::optional<at::Tensor> lse;           // float [B, H, sq] contiguous
-  std::optional<at::Tensor> alibi_slopes;  // float, [H] or [B, H], contiguous
-  std::optional<at::Tensor> sinks;         // float [H], contiguous
+  AttentionOptions options;                // scale, softcap, window, ALiBi slopes, sinks (attention_options.h)
   // Varlen decode (flash_attn_varlen_func with one query per sequence), when both are set: int32 [B + 1], contiguous.
   // Then q is [total_q, H, D], k_cache / v_cache are the packed k / v [total_k, Hkv, D] (last dim contiguous), out
   // is [total_q, H, D] contiguous and lse float [H, total_q]; sequence b attends keys cu_seqlens_k[b] ..
@@ -37,11 +37,7 @@ struct PagedKVCacheAttention {
   // int32 [B], contiguous cache only (FlashAttention-2's cache_leftpad): request b's keys are slots cache_leftpad[b] ..
   // cache_seqlens[b] + seqlen_new - 1 of its row (cache_seqlens is where the new tokens land).
   std::optional<at::Tensor> cache_leftpad;
-  double scale = 1.0;
-  double softcap = 0.0;       // 0 = off
-  int64_t window_left = -1;   // -1 = unbounded
-  int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
-  int64_t num_splits = 0;     // 0: the planner picks; 1: no split; n > 1: n splits (at most paged::kMaxSplits)
+  int64_t num_splits = 0;  // 0: the planner picks; 1: no split; n > 1: n splits (at most paged::kMaxSplits)
   // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
   // value when cache_seqlens is a Python int, else the block table's capacity (varlen: max_seqlen_k).
   int64_t max_seqlen_k = 0;

@@ -80,21 +80,23 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.k_rows = paged ? 0 : to_i32(call.k.size(row_dim), "key rows");
   params.seqlen_q = varlen ? 0 : params.q_rows;
   params.seqlen_k = varlen ? 0 : params.k_rows;
-  params.window_left = to_i32(std::min<int64_t>(call.window_left, std::numeric_limits<int32_t>::max()), "window_left");
+  params.window_left =
+      to_i32(std::min<int64_t>(call.options.window_left, std::numeric_limits<int32_t>::max()), "window_left");
   params.window_right =
-      to_i32(std::min<int64_t>(call.window_right, std::numeric_limits<int32_t>::max()), "window_right");
-  params.alibi_batch_stride =
-      call.alibi_slopes.has_value() && call.alibi_slopes->dim() == 2 ? to_i32(heads, "alibi batch stride") : 0;
-  params.scale = static_cast<float>(call.scale);
-  params.softcap = static_cast<float>(call.softcap);
+      to_i32(std::min<int64_t>(call.options.window_right, std::numeric_limits<int32_t>::max()), "window_right");
+  params.alibi_batch_stride = call.options.alibi_slopes.has_value() && call.options.alibi_slopes->dim() == 2
+                                  ? to_i32(heads, "alibi batch stride")
+                                  : 0;
+  params.scale = static_cast<float>(call.options.scale);
+  params.softcap = static_cast<float>(call.options.softcap);
 
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
   d.constants = {
       bool_constant(FLASH_SDPA_VARLEN_FC_IS_VARLEN, varlen),
-      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP, call.softcap > 0.0),
-      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI, call.alibi_slopes.has_value()),
-      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS, call.sinks.has_value()),
+      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP, call.options.softcap > 0.0),
+      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI, call.options.alibi_slopes.has_value()),
+      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS, call.options.sinks.has_value()),
       bool_constant(FLASH_SDPA_VARLEN_FC_PAGED, paged),
   };
   // Optional inputs that are off get lse as a placeholder: the kernel never reads them (function constants), and
@@ -107,8 +109,8 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       {FLASH_SDPA_VARLEN_BUFFER_LSE, call.lse},
       {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : call.lse},
       {FLASH_SDPA_VARLEN_BUFFER_CU_SEQLENS_K, varlen ? *call.cu_seqlens_k : call.lse},
-      {FLASH_SDPA_VARLEN_BUFFER_ALIBI, call.alibi_slopes.value_or(call.lse)},
-      {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.sinks.value_or(call.lse)},
+      {FLASH_SDPA_VARLEN_BUFFER_ALIBI, call.options.alibi_slopes.value_or(call.lse)},
+      {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.options.sinks.value_or(call.lse)},
       {FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE, call.block_table.value_or(call.lse)},
   };
   d.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "attention_options.h"
 #include "launch_plan.h"
 
 namespace flash_sdpa {
@@ -22,13 +23,8 @@ struct VarlenAttention {
   at::Tensor q, k, v, out, lse;
   std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set: varlen; both empty: dense
   std::optional<at::Tensor> block_table;                 // varlen only: paged K/V
-  std::optional<at::Tensor> alibi_slopes;                // float [H] or [B, H]
-  std::optional<at::Tensor> sinks;                       // float [H]
+  AttentionOptions options;  // scale, softcap, window, ALiBi slopes, sinks (attention_options.h)
   int64_t max_seqlen_q = 0;  // varlen: sizes the grid (longest query sequence); dense: ignored
-  double scale = 1.0;
-  double softcap = 0.0;       // 0 = off
-  int64_t window_left = -1;   // -1 = unbounded
-  int64_t window_right = -1;  // -1 = unbounded; causal is window_right = 0
 };
 
 // "flash_attn_varlen_<float32|float16|bfloat16>_d<head_dim>".

@@ -113,14 +113,14 @@ flash_sdpa::AttentionBackward make_call(const at::Tensor& dout, const at::Tensor
   call.dk = at::zeros(k.sizes(), k.options());
   call.dv = at::zeros(v.sizes(), v.options());
   call.dsinks = at::zeros({s_aux.has_value() ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
-  call.alibi_slopes = alibi_slopes;
-  call.sinks = s_aux;
-  call.scale = softmax_scale;
-  call.softcap = softcap;
+  call.options.alibi_slopes = alibi_slopes;
+  call.options.sinks = s_aux;
+  call.options.scale = softmax_scale;
+  call.options.softcap = softcap;
   // Causal is window (left, 0) (FlashAttention-2); windows past int32 saturate in the planner (still unbounded in
   // effect: the kernels' window arithmetic is 64-bit).
-  call.window_left = window_left;
-  call.window_right = causal ? 0 : window_right;
+  call.options.window_left = window_left;
+  call.options.window_right = causal ? 0 : window_right;
   return call;
 }
 

@@ -166,17 +166,21 @@ std::pair<int64_t, int64_t> canonical_window(bool causal, int64_t window_left, i
 }
 
 // The options every attention call takes (VarlenAttention and PagedKVCacheAttention name them alike).
-// key_rows / query_rows: upper bounds on any sequence's key / query count (canonical_window).
-template <typename Call>
-void set_attention_options(Call& call, double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                           double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                           const std::optional<at::Tensor>& s_aux, int64_t key_rows, int64_t query_rows) {
-  call.scale = softmax_scale;
-  call.softcap = softcap;
-  std::tie(call.window_left, call.window_right) =
+// The options of one call; key_rows / query_rows: upper bounds on any sequence's key / query count
+// (canonical_window).
+flash_sdpa::AttentionOptions attention_options(double softmax_scale, bool causal, int64_t window_left,
+                                               int64_t window_right, double softcap,
+                                               const std::optional<at::Tensor>& alibi_slopes,
+                                               const std::optional<at::Tensor>& s_aux, int64_t key_rows,
+                                               int64_t query_rows) {
+  flash_sdpa::AttentionOptions options;
+  options.scale = softmax_scale;
+  options.softcap = softcap;
+  std::tie(options.window_left, options.window_right) =
       canonical_window(causal, window_left, window_right, key_rows, query_rows);
-  call.alibi_slopes = alibi_slopes;
-  call.sinks = s_aux;
+  options.alibi_slopes = alibi_slopes;
+  options.sinks = s_aux;
+  return options;
 }
 
 constexpr int64_t kMaxKeys = int64_t(1) << 30;  // key positions are int32 in the kernels, with room on top
@@ -244,8 +248,8 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
-  set_attention_options(call, scale, do_causal, window_left, window_right, softcap, std::nullopt, s_aux, key.size(0),
-                        query.size(0));
+  call.options = attention_options(scale, do_causal, window_left, window_right, softcap, std::nullopt, s_aux,
+                                   key.size(0), query.size(0));
   run_varlen(call);
 }
 
@@ -277,8 +281,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::
   call.cu_seqlens_k = cu_seqlens_k;
   call.out = out;
   call.lse = lse;
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, k.size(0),
-                        total_q);
+  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                                   k.size(0), total_q);
   call.max_seqlen_k = std::min<int64_t>(max_seqlen_k, k.size(0));
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
   return {out, lse};
@@ -319,8 +323,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.block_table = block_table;
   call.max_seqlen_q = max_seqlen_q;
   const int64_t key_rows = paged ? block_table->size(1) * k.size(1) : k.size(0);
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, key_rows,
-                        q.size(0));
+  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                                   key_rows, q.size(0));
   run_varlen(call);
   return {out, lse};
 }
@@ -348,8 +352,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     call.cache_seqlens = at::full({batch}, seqlen_k, q.options().dtype(at::kInt));
     call.out = out;
     call.lse = lse;
-    set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                          seqlen_k, q.size(1));
+    call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                                     seqlen_k, q.size(1));
     call.max_seqlen_k = seqlen_k;
     flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
     return {out, lse};
@@ -360,8 +364,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   call.v = v;
   call.out = out;
   call.lse = lse;
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, k.size(1),
-                        q.size(1));
+  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                                   k.size(1), q.size(1));
   run_varlen(call);
   return {out, lse};
 }
@@ -510,8 +514,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
   if (return_lse) {
     call.lse = lse;
   }
-  set_attention_options(call, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, capacity,
-                        q.size(1));
+  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
+                                   capacity, q.size(1));
   call.cache_leftpad = cache_leftpad;
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
