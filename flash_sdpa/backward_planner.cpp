@@ -17,11 +17,16 @@ std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t
   return std::string(pass) == "delta" ? kernel : kernel + "_d" + std::to_string(head_dim);
 }
 
-bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
-#define FLASH_SDPA_BWD_HEAD_DIM_ENTRY(a, b, D) || head_dim == (D)
-  return kernel_dtype_name(dtype) != nullptr &&
-         (false FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_BWD_HEAD_DIM_ENTRY, _, _));
+const std::vector<int64_t>& backward_head_dims() {
+#define FLASH_SDPA_BWD_HEAD_DIM_ENTRY(a, b, D) D,
+  static const std::vector<int64_t> dims{FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_BWD_HEAD_DIM_ENTRY, _, _)};
 #undef FLASH_SDPA_BWD_HEAD_DIM_ENTRY
+  return dims;
+}
+
+bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
+  const auto& dims = backward_head_dims();
+  return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
 namespace {

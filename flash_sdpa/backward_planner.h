@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "attention_options.h"
 #include "launch_plan.h"
@@ -33,6 +34,7 @@ struct AttentionBackward {
 std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim);
 
 // The head dims the backward is instantiated for: the forward's FLASH_SDPA_VARLEN_HEAD_DIMS (not the wide ones).
+const std::vector<int64_t>& backward_head_dims();
 bool backward_supports(at::ScalarType dtype, int64_t head_dim);
 
 // Delta pre-pass, dK/dV, dQ (+ d s_aux): three dispatches; an empty plan when there is nothing to compute. Scratch

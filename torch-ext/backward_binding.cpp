@@ -3,96 +3,57 @@
 // (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) before anything is encoded.
 #include <ATen/ATen.h>
 
-#include <cmath>
-#include <limits>
-
 #include "backward_planner.h"
+#include "checks.h"
 #include "torch_binding.h"
-#include "varlen_planner.h"
 
 namespace {
 
-#ifdef METAL_FLASH_SDPA_EMULATED
-constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
-#else
-constexpr c10::DeviceType kDeviceType = c10::DeviceType::MPS;
-#endif
+using namespace flash_sdpa::checks;
 
-void check_on_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.device().type() == kDeviceType, name, " must be on ", c10::DeviceTypeName(kDeviceType, true),
-                    ", got ", t.device());
-  TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on the device of q (", q.device(), "), got ", t.device());
-}
-
-void check_float_tensor(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  check_on_device(t, name, q);
+// out / dout: q's device, dtype and shape, contiguous last dim.
+void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
+  check_device(t, name, q);
   TORCH_CHECK_TYPE(t.scalar_type() == q.scalar_type(), name, " must have the dtype of q (", q.scalar_type(), "), got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension, got strides ",
-                    t.strides());
+  TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, " must have the shape of q (", q.sizes(), "), got ", t.sizes());
+  check_last_dim_contiguous(t, name);
 }
 
 // q [.., H, D], k/v [.., Hkv, D], out/dout like q (rank `rank`), lse float32 [lse_shape] with contiguous rows.
 void check_backward_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out, const at::Tensor& lse, int64_t rank, const char* q_shape,
                             const char* kv_shape, at::IntArrayRef lse_shape) {
-  check_on_device(q, "q", q);
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "q must be float32, float16 or bfloat16, got ", q.scalar_type());
+  check_device(q, "q", q);
+  check_device(k, "k", q);
+  check_device(v, "v", q);
+  check_qkv_dtype(q, k, v);
   TORCH_CHECK_VALUE(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == rank, "k must have shape ", kv_shape, ", got ", k.sizes());
-  check_float_tensor(q, "q", q);
-  check_float_tensor(k, "k", q);
-  check_float_tensor(v, "v", q);
-  check_float_tensor(out, "out", q);
-  check_float_tensor(dout, "dout", q);
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
-  TORCH_CHECK_VALUE(out.sizes() == q.sizes(), "out must have the shape of q (", q.sizes(), "), got ", out.sizes());
-  TORCH_CHECK_VALUE(dout.sizes() == q.sizes(), "dout must have the shape of q (", q.sizes(), "), got ", dout.sizes());
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  check_like_q(out, "out", q);
+  check_like_q(dout, "dout", q);
   const int64_t head_dim = q.size(-1), heads = q.size(-2), kv_heads = k.size(-2);
   TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
   TORCH_CHECK_VALUE(flash_sdpa::backward_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
-                    " has no backward (q.shape[-1]); supported: 32, 64, 72, 80, 96, 128, 192, 256");
+                    " has no backward (q.shape[-1]); supported: ", flash_sdpa::backward_head_dims());
   TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
                     ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
-  check_on_device(lse, "lse", q);
+  check_device(lse, "lse", q);
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.sizes() == lse_shape, "lse must have shape ", lse_shape, ", got ", lse.sizes());
-  TORCH_CHECK_VALUE(lse.size(-1) <= 1 || lse.stride(-1) == 1, "lse must have a contiguous last dimension, got strides ",
-                    lse.strides());
+  check_last_dim_contiguous(lse, "lse");
 }
 
 void check_backward_options(const at::Tensor& q, int64_t batch, int64_t heads, double softmax_scale,
                             int64_t window_left, int64_t window_right, double softcap,
                             const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
-  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ", window_left);
-  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ", window_right);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), "softmax_scale must be finite, got ", softmax_scale);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& a = *alibi_slopes;
-    check_on_device(a, "alibi_slopes", q);
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK_VALUE(
-        (a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
-        "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
-    TORCH_CHECK_VALUE(a.is_contiguous(), "alibi_slopes must be contiguous");
-  }
-  if (s_aux.has_value()) {
-    const at::Tensor& s = *s_aux;
-    check_on_device(s, "s_aux", q);
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "s_aux must be float32, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == heads, "s_aux must have shape [", heads, "], got ", s.sizes());
-    TORCH_CHECK_VALUE(s.is_contiguous(), "s_aux must be contiguous");
-  }
-}
-
-void check_cu(const at::Tensor& cu, const char* name, const at::Tensor& q) {
-  check_on_device(cu, name, q);
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got shape ",
-                    cu.sizes());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
+  check_window(window_left, window_right);
+  check_scale(softmax_scale, softcap);
+  check_extras(alibi_slopes, s_aux, q, batch, heads);
 }
 
 // Outputs, the delta scratch and the options; rows no sequence covers keep their zeros.
@@ -134,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
   TORCH_CHECK_VALUE(q.dim() == 3, "q must have shape [total_q, num_heads, head_dim], got ", q.sizes());
   check_backward_tensors(dout, q, k, v, out, lse, 3, "[total_q, num_heads, head_dim]",
                          "[total_k, num_kv_heads, head_dim]", {q.size(1), q.size(0)});
-  check_cu(cu_seqlens_q, "cu_seqlens_q", q);
-  check_cu(cu_seqlens_k, "cu_seqlens_k", q);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
   TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
                     "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
                     cu_seqlens_k.size(0));

@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <tuple>
 
+#include "checks.h"
 #include "paged_params.h"
 #include "paged_planner.h"
 #include "registration.h"
@@ -22,32 +23,7 @@
 
 namespace {
 
-#ifdef METAL_FLASH_SDPA_EMULATED
-constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
-#else
-constexpr c10::DeviceType kDeviceType = c10::DeviceType::MPS;
-#endif
-
-void check_device(const at::Tensor& t, const char* name, const at::Tensor& q) {
-  TORCH_CHECK_VALUE(t.device().type() == kDeviceType, name, " must be on ", c10::DeviceTypeName(kDeviceType, true),
-                    ", got ", t.device());
-  TORCH_CHECK_VALUE(t.device() == q.device(), name, " must be on the same device as q (", q.device(), "), got ",
-                    t.device());
-}
-
-void check_qkv_dtype(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "q must be float32, float16 or bfloat16, got ", q.scalar_type());
-  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type(), "k must have the dtype of q (", q.scalar_type(), "), got ",
-                   k.scalar_type());
-  TORCH_CHECK_TYPE(v.scalar_type() == q.scalar_type(), "v must have the dtype of q (", q.scalar_type(), "), got ",
-                   v.scalar_type());
-}
-
-void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.size(-1) <= 1 || t.stride(-1) == 1, name, " must have a contiguous last dimension, got strides ",
-                    t.strides());
-}
+using namespace flash_sdpa::checks;
 
 // Bytes [first, last) of the storage a view can reach.
 std::pair<int64_t, int64_t> byte_range(const at::Tensor& t) {
@@ -71,14 +47,6 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
   return ra.first < rb.second && rb.first < ra.second;
 }
 
-void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
-  check_device(cu, name, q);
-  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());
-  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 1, name, " must be 1-D with batch + 1 entries, got shape ",
-                    cu.sizes());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
-}
-
 // A tensor the op writes (`written`) must share no byte with any tensor it reads: attention would read what it has
 // already overwritten (or the caller's cu_seqlens / slopes would change under it).
 struct NamedInput {
@@ -94,37 +62,6 @@ void check_no_overlap(const at::Tensor& written, const char* written_name, std::
 }
 
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
-
-void check_window(int64_t window_left, int64_t window_right) {
-  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ", window_left);
-  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ", window_right);
-}
-
-void check_scale(double scale, double softcap) {
-  TORCH_CHECK_VALUE(std::isfinite(scale), "softmax_scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
-}
-
-// alibi_slopes: float32 [H] or [batch, H]; s_aux: float32 [H].
-void check_extras(const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux,
-                  const at::Tensor& q, int64_t batch, int64_t heads) {
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& a = *alibi_slopes;
-    check_device(a, "alibi_slopes", q);
-    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
-    TORCH_CHECK_VALUE(
-        (a.dim() == 1 && a.size(0) == heads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == heads),
-        "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
-    TORCH_CHECK_VALUE(a.is_contiguous(), "alibi_slopes must be contiguous");
-  }
-  if (s_aux.has_value()) {
-    const at::Tensor& s = *s_aux;
-    check_device(s, "s_aux", q);
-    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "s_aux must be float32, got ", s.scalar_type());
-    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == heads, "s_aux must have shape [", heads, "], got ", s.sizes());
-    TORCH_CHECK_VALUE(s.is_contiguous(), "s_aux must be contiguous");
-  }
-}
 
 // q [.., H, D] (rank `rank`) and k/v [.., Hkv, D] (rank `kv_rank`, default `rank`): shapes, strides, head dim, GQA.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* q_shape,
