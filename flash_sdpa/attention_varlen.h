@@ -60,6 +60,41 @@ inline VarlenSequence varlen_sequence(int b, const device int* cu_seqlens_q, con
   return s;
 }
 
+// Head h of sequence b: where its rows start in q, k / v (its KV head), out and lse, through the strides
+// (batch, row, head, d = 1); and its ALiBi slope.
+template <typename T>
+struct VarlenHead {
+  const device T* q;
+  const device T* k;
+  const device T* v;
+  device T* out;
+  device uint* lse;
+  float slope;
+};
+
+template <typename T>
+inline VarlenHead<T> varlen_head(const device T* q, const device T* k, const device T* v, device T* out,
+                                 device uint* lse, const device float* alibi_slopes, int b, int h,
+                                 const VarlenSequence s, constant flash_sdpa::VarlenParams& p) {
+  const int kvh = h / (p.num_heads / p.num_kv_heads);
+  VarlenHead<T> r;
+  r.q = q + long(b) * p.q_batch_stride + long(s.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  r.k = k + long(b) * p.k_batch_stride + long(s.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  r.v = v + long(b) * p.v_batch_stride + long(s.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  r.out = out + long(b) * p.o_batch_stride + long(s.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
+  r.lse = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + s.start_q;
+  r.slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+  return r;
+}
+
+// Keys [x, y) any of the query rows [q0, q0 + rows) sees (bottom-right aligned: row i sits at key i + sk - sq).
+inline int2 varlen_tile_keys(int q0, int rows, const VarlenSequence s, constant flash_sdpa::VarlenParams& p) {
+  const int offset = s.sk - s.sq;
+  const int last_row = min(q0 + rows, s.sq) - 1;
+  return int2(flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, s.sk).x,
+              flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, s.sk).y + 1);
+}
+
 // Paged: where key rows k0 .. k0 + BK - 1 live in k ([r]) and v ([BK + r]); -1 for a row past kv_end or whose block
 // id is outside [0, num_blocks) (masked). One block-table read per key.
 template <int BK, int NT>
@@ -250,17 +285,7 @@ template <typename T, int D>
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
-  const int kvh = h / (p.num_heads / p.num_kv_heads);
-  // (batch, row, head, d = 1) through the strides; row start_x of this sequence
-  const device T* q_seq =
-      q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-  const device T* k_seq =
-      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq =
-      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
-  device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
-  device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
-  const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+  const VarlenHead<T> head = varlen_head(q, k, v, out, lse, alibi_slopes, b, h, seq, p);
 
   threadgroup float* k_tile = kv_tile;
   threadgroup float* v_tile = kv_tile + BK * D;
@@ -271,16 +296,13 @@ template <typename T, int D>
   // Query tiles q0, q0 + grid x 32, ...: every row of every sequence is computed whatever max_seqlen_q (which only
   // sizes the grid) says. The loop bounds are uniform across the threadgroup, so every thread meets every barrier.
   for (int q0 = int(tg_pos.x) * BQ; q0 < seq.sq; q0 += int(tg_count.x) * BQ) {
-    // Keys any row of this tile can see (bottom-right aligned: row i sits at key position i + sk - sq).
-    const int offset = seq.sk - seq.sq;
-    const int last_row = min(q0 + BQ, seq.sq) - 1;
-    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, seq.sk).x;
-    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, seq.sk).y + 1;
+    const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
+    const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
     // Q rows of this simdgroup, times scale, as DB 8x8 blocks.
     simdgroup_matrix<float, 8, 8> q_frag[DB];
     for (int c0 = 0; c0 < D; c0 += CHUNK) {
-      varlen_stage_q<T, BQ, CHUNK, NT>(kv_tile, q_seq, p.q_row_stride, p.scale, q0, c0, seq.sq, tid);
+      varlen_stage_q<T, BQ, CHUNK, NT>(kv_tile, head.q, p.q_row_stride, p.scale, q0, c0, seq.sq, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       for (int cb = 0; cb < CHUNK / 8; ++cb) {
         simdgroup_load(q_frag[c0 / 8 + cb], kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
@@ -293,15 +315,15 @@ template <typename T, int D>
       o_frag[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
     // Softmax state of row lane / 4 of this simdgroup, replicated in its 4 lanes.
-    VarlenRow row = varlen_row(q0 + int(sg) * 8 + int(lane) / 4, seq, slope, p);
+    VarlenRow row = varlen_row(q0 + int(sg) * 8 + int(lane) / 4, seq, head.slope, p);
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
       if (varlen_paged) {
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT>(k_tile, k_seq, p.k_row_stride, key_offsets, k0, kv_end, tid);
-      varlen_stage_rows<T, BK, D, NT>(v_tile, v_seq, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT>(v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // S (8 x BK) = Q K^T: K blocks loaded transposed.
@@ -341,7 +363,7 @@ template <typename T, int D>
     }
 
     const float norm = varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f,
-                                         &bad_tile[int(sg) * 8 + int(lane) / 4], lse_seq);
+                                         &bad_tile[int(sg) * 8 + int(lane) / 4], head.lse);
     varlen_write_diagonal(diag, norm, lane);
     simdgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_matrix<float, 8, 8> normalise;
@@ -354,7 +376,7 @@ template <typename T, int D>
         simdgroup_store(ob, kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      varlen_write_out<T, BQ, CHUNK, NT>(o_seq + c0, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
+      varlen_write_out<T, BQ, CHUNK, NT>(head.out + c0, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
   }
@@ -388,28 +410,16 @@ template <typename T, int D>
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
-  const int kvh = h / (p.num_heads / p.num_kv_heads);
-  // (batch, row, head, d = 1) through the strides; row start_x of this sequence
-  const device T* q_seq =
-      q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-  const device T* k_seq =
-      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq =
-      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
-  device T* o_seq = out + long(b) * p.o_batch_stride + long(seq.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
-  device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
-  const float slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+  const VarlenHead<T> head = varlen_head(q, k, v, out, lse, alibi_slopes, b, h, seq, p);
   const int col0 = int(sg) * DS;
   const int sub = int(lane) % 4;
 
   for (int q0 = int(tg_pos.x) * BQ; q0 < seq.sq; q0 += int(tg_count.x) * BQ) {
-    const int offset = seq.sk - seq.sq;
-    const int last_row = min(q0 + BQ, seq.sq) - 1;
-    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, seq.sk).x;
-    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, seq.sk).y + 1;
+    const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
+    const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
     // This simdgroup's columns of the 8 Q rows, times scale.
-    varlen_stage_q<T, BQ, D, NT>(kv_tile, q_seq, p.q_row_stride, p.scale, q0, 0, seq.sq, tid);
+    varlen_stage_q<T, BQ, D, NT>(kv_tile, head.q, p.q_row_stride, p.scale, q0, 0, seq.sq, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_matrix<float, 8, 8> q_frag[FB];
     simdgroup_matrix<float, 8, 8> o_frag[FB];
@@ -419,14 +429,14 @@ template <typename T, int D>
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     // Softmax state (simdgroup 0 only: row lane / 4, its 4 lanes).
-    VarlenRow row = varlen_row(q0 + int(lane) / 4, seq, slope, p);
+    VarlenRow row = varlen_row(q0 + int(lane) / 4, seq, head.slope, p);
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
       if (varlen_paged) {
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT>(kv_tile, k_seq, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT>(kv_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial S (8 x 8) over this simdgroup's columns: K blocks loaded transposed.
@@ -440,7 +450,7 @@ template <typename T, int D>
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // V replaces K in the tile while simdgroup 0 sums the partials and runs the softmax step.
-      varlen_stage_rows<T, BK, D, NT>(kv_tile, v_seq, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT>(kv_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
       if (sg == 0) {
         threadgroup float* strip = partial + (int(lane) / 4) * BK;
         for (int t = 0; t < BK / 4; ++t) {
@@ -472,7 +482,7 @@ template <typename T, int D>
 
     if (sg == 0) {
       const float norm =
-          varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f, &bad_tile[int(lane) / 4], lse_seq);
+          varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f, &bad_tile[int(lane) / 4], head.lse);
       varlen_write_diagonal(diag, norm, lane);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -484,7 +494,7 @@ template <typename T, int D>
       simdgroup_store(ob, kv_tile + col0 + f * 8, D);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    varlen_write_out<T, BQ, D, NT>(o_seq, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
+    varlen_write_out<T, BQ, D, NT>(head.out, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 }
