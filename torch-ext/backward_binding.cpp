@@ -74,14 +74,9 @@ flash_sdpa::AttentionBackward make_call(const at::Tensor& dout, const at::Tensor
   call.dk = at::zeros(k.sizes(), k.options());
   call.dv = at::zeros(v.sizes(), v.options());
   call.dsinks = at::zeros({s_aux.has_value() ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
-  call.options.alibi_slopes = alibi_slopes;
-  call.options.sinks = s_aux;
-  call.options.scale = softmax_scale;
-  call.options.softcap = softcap;
-  // Causal is window (left, 0) (FlashAttention-2); windows past int32 saturate in the planner (still unbounded in
-  // effect: the kernels' window arithmetic is 64-bit).
-  call.options.window_left = window_left;
-  call.options.window_right = causal ? 0 : window_right;
+  // The forward's options, canonical the same way (rows axis: -3 for varlen [T, H, D] and dense [B, S, H, D]).
+  call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                                               s_aux, k.size(-3), q.size(-3));
   return call;
 }
 

@@ -94,32 +94,6 @@ void check_out(const at::Tensor& out, const at::Tensor& q, const char* name) {
   check_last_dim_contiguous(out, name);
 }
 
-// FlashAttention-2: causal is window (left, 0); a window that reaches past every key is unbounded (-1). key_rows and
-// query_rows bound the sequence lengths (the tensors' rows), so the canonical window never changes a result.
-std::pair<int64_t, int64_t> canonical_window(bool causal, int64_t window_left, int64_t window_right, int64_t key_rows,
-                                             int64_t query_rows) {
-  const int64_t right = causal ? 0 : window_right;
-  return {window_left >= key_rows ? -1 : window_left, right >= key_rows + query_rows ? -1 : right};
-}
-
-// The options every attention call takes (VarlenAttention and PagedKVCacheAttention name them alike).
-// The options of one call; key_rows / query_rows: upper bounds on any sequence's key / query count
-// (canonical_window).
-flash_sdpa::AttentionOptions attention_options(double softmax_scale, bool causal, int64_t window_left,
-                                               int64_t window_right, double softcap,
-                                               const std::optional<at::Tensor>& alibi_slopes,
-                                               const std::optional<at::Tensor>& s_aux, int64_t key_rows,
-                                               int64_t query_rows) {
-  flash_sdpa::AttentionOptions options;
-  options.scale = softmax_scale;
-  options.softcap = softcap;
-  std::tie(options.window_left, options.window_right) =
-      canonical_window(causal, window_left, window_right, key_rows, query_rows);
-  options.alibi_slopes = alibi_slopes;
-  options.sinks = s_aux;
-  return options;
-}
-
 constexpr int64_t kMaxKeys = int64_t(1) << 30;  // key positions are int32 in the kernels, with room on top
 
 // Validates the varlen arguments (paged K/V when block_table is given); returns the batch size.
@@ -185,8 +159,8 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
-  call.options = attention_options(scale, do_causal, window_left, window_right, softcap, std::nullopt, s_aux,
-                                   key.size(0), query.size(0));
+  call.options = flash_sdpa::attention_options(scale, do_causal, window_left, window_right, softcap, std::nullopt,
+                                               s_aux, key.size(0), query.size(0));
   run_varlen(call);
 }
 
@@ -218,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::
   call.cu_seqlens_k = cu_seqlens_k;
   call.out = out;
   call.lse = lse;
-  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                                   k.size(0), total_q);
+  call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                                               s_aux, k.size(0), total_q);
   call.max_seqlen_k = std::min<int64_t>(max_seqlen_k, k.size(0));
   flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
   return {out, lse};
@@ -260,8 +234,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.block_table = block_table;
   call.max_seqlen_q = max_seqlen_q;
   const int64_t key_rows = paged ? block_table->size(1) * k.size(1) : k.size(0);
-  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                                   key_rows, q.size(0));
+  call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                                               s_aux, key_rows, q.size(0));
   run_varlen(call);
   return {out, lse};
 }
@@ -289,8 +263,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
     call.cache_seqlens = at::full({batch}, seqlen_k, q.options().dtype(at::kInt));
     call.out = out;
     call.lse = lse;
-    call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                                     seqlen_k, q.size(1));
+    call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap,
+                                                 alibi_slopes, s_aux, seqlen_k, q.size(1));
     call.max_seqlen_k = seqlen_k;
     flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
     return {out, lse};
@@ -301,8 +275,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   call.v = v;
   call.out = out;
   call.lse = lse;
-  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                                   k.size(1), q.size(1));
+  call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                                               s_aux, k.size(1), q.size(1));
   run_varlen(call);
   return {out, lse};
 }
@@ -451,8 +425,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
   if (return_lse) {
     call.lse = lse;
   }
-  call.options = attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux,
-                                   capacity, q.size(1));
+  call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
+                                               s_aux, capacity, q.size(1));
   call.cache_leftpad = cache_leftpad;
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;

@@ -52,12 +52,7 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
   call.v_new = v_new;
   call.out = out;
   call.lse = lse;
-  call.options.alibi_slopes = alibi_slopes;
-  call.options.sinks = sinks;
-  call.options.scale = scale;
-  call.options.softcap = softcap;
-  call.options.window_left = window_left;
-  call.options.window_right = window_right;
+  call.options = {scale, softcap, window_left, window_right, alibi_slopes, sinks};
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x kDecodeThreadgroupsPerCore
@@ -78,12 +73,7 @@ py::list plan_varlen_decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   call.cu_seqlens_k = cu_seqlens_k;
   call.out = out;
   call.lse = lse;
-  call.options.alibi_slopes = alibi_slopes;
-  call.options.sinks = sinks;
-  call.options.scale = scale;
-  call.options.softcap = softcap;
-  call.options.window_left = window_left;
-  call.options.window_right = window_right;
+  call.options = {scale, softcap, window_left, window_right, alibi_slopes, sinks};
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   call.gpu_cores = gpu_cores;
@@ -104,13 +94,8 @@ py::list plan_varlen(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, a
   call.lse = lse;
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
-  call.options.alibi_slopes = alibi_slopes;
-  call.options.sinks = sinks;
   call.max_seqlen_q = max_seqlen_q;
-  call.options.scale = scale;
-  call.options.softcap = softcap;
-  call.options.window_left = window_left;
-  call.options.window_right = window_right;
+  call.options = {scale, softcap, window_left, window_right, alibi_slopes, sinks};
   return to_python(flash_sdpa::plan_varlen_attention(call));
 }
 
@@ -133,14 +118,9 @@ py::list plan_backward(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v
   call.dsinks = dsinks;
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
-  call.options.alibi_slopes = alibi_slopes;
-  call.options.sinks = sinks;
   call.max_seqlen_q = max_seqlen_q;
   call.max_seqlen_k = max_seqlen_k;
-  call.options.scale = scale;
-  call.options.softcap = softcap;
-  call.options.window_left = window_left;
-  call.options.window_right = window_right;
+  call.options = {scale, softcap, window_left, window_right, alibi_slopes, sinks};
   return to_python(flash_sdpa::plan_attention_backward(call));
 }
 
