@@ -248,6 +248,21 @@ def reference_varlen(q, k, v, cu, scale, causal, dtype):
     return out, lse
 
 
+def check_varlen(name, shape, out, lse, q, k, v, cu, scale, causal):
+    """A varlen output [T, H, D] and its LSE against float64 (FlashAttention's rule, 3 x torch in the same dtype)."""
+    dtype = q.dtype
+    ref, ref_lse = reference_varlen(q, k, v, cu, scale, causal, torch.float64)
+    same, _ = reference_varlen(q, k, v, cu, scale, causal, dtype)
+    assert not torch.isnan(out).any()
+    err = (out.double() - ref).abs().max().item()
+    base = (same.double() - ref).abs().max().item()
+    rel = rel_l2(out, ref)
+    assert err <= 3 * base + 1e-5, f"{name}: max err {err:.3g} > 3 x {base:.3g} + 1e-5"
+    assert rel <= REL_L2[dtype], f"{name}: relative L2 error {rel:.3g}"
+    assert (lse.double() - ref_lse).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2e-2)
+    RESULTS.append((name, shape, err, base, rel, 0))
+
+
 @pytest.mark.parametrize("D", [128, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_varlen_prefill_4096(dtype, D):
@@ -269,17 +284,8 @@ def test_varlen_prefill_4096(dtype, D):
                                     0 if causal else -1)
     launch.run_plan(libs, plan)
     torch.cuda.synchronize()
-    ref, ref_lse = reference_varlen(q, k, v, cu, scale, causal, torch.float64)
-    same, _ = reference_varlen(q, k, v, cu, scale, causal, dtype)
-    assert not torch.isnan(out).any()
-    err = (out.double() - ref).abs().max().item()
-    base = (same.double() - ref).abs().max().item()
-    rel = rel_l2(out, ref)
-    assert err <= 3 * base + 1e-5, f"max err {err:.3g} > 3 x {base:.3g} + 1e-5"
-    assert rel <= REL_L2[dtype], f"relative L2 error {rel:.3g}"
-    assert (lse.double() - ref_lse).abs().max().item() <= (1e-4 if dtype == torch.float32 else 2e-2)
-    RESULTS.append(("varlen-4096", f"T=4096 (1000+2000+1096) H={H}/{Hkv} D={D} {str(dtype)[6:]} "
-                    f"causal={causal}", err, base, rel, 0))
+    check_varlen("varlen-4096", f"T=4096 (1000+2000+1096) H={H}/{Hkv} D={D} {str(dtype)[6:]} causal={causal}",
+                 out, lse, q, k, v, cu, scale, causal)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
@@ -323,17 +329,8 @@ def test_paged_varlen_prefill_4096(dtype, D):
                                     0, table)
     launch.run_plan(libs, plan)
     torch.cuda.synchronize()
-    ref, ref_lse = reference_varlen(q, k, v, cu, scale, True, torch.float64)
-    same, _ = reference_varlen(q, k, v, cu, scale, True, dtype)
-    assert not torch.isnan(out).any()
-    err = (out.double() - ref).abs().max().item()
-    base = (same.double() - ref).abs().max().item()
-    rel = rel_l2(out, ref)
-    assert err <= 3 * base + 1e-5, f"max err {err:.3g} > 3 x {base:.3g} + 1e-5"
-    assert rel <= REL_L2[dtype], f"relative L2 error {rel:.3g}"
-    assert (lse.double() - ref_lse).abs().max().item() <= 2e-2
-    RESULTS.append(("paged-varlen-4096", f"T=4096 (1000+2000+1096) H={H}/{Hkv} D={D} {str(dtype)[6:]} bs={bs}",
-                    err, base, rel, 0))
+    check_varlen("paged-varlen-4096", f"T=4096 (1000+2000+1096) H={H}/{Hkv} D={D} {str(dtype)[6:]} bs={bs}", out, lse,
+                 q, k, v, cu, scale, True)
 
 
 def _backward_reference(q, k, v, dout, scale, causal, dtype):
