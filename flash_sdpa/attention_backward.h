@@ -35,10 +35,12 @@ inline BwdSequence bwd_sequence(const device int* cu_q, const device int* cu_k, 
                                 constant flash_sdpa::BackwardParams& p) {
   BwdSequence s;
   if (bwd_is_varlen) {
-    s.start_q = min(max(cu_q[b], 0), p.q_rows);
-    s.sq = min(max(cu_q[b + 1], s.start_q), p.q_rows) - s.start_q;
-    s.start_k = min(max(cu_k[b], 0), p.k_rows);
-    s.sk = min(max(cu_k[b + 1], s.start_k), p.k_rows) - s.start_k;
+    const int2 q_rows = flash_sdpa::packed_rows(cu_q, b, p.q_rows);
+    const int2 k_rows = flash_sdpa::packed_rows(cu_k, b, p.k_rows);
+    s.start_q = q_rows.x;
+    s.sq = q_rows.y;
+    s.start_k = k_rows.x;
+    s.sk = k_rows.y;
   } else {
     s.start_q = 0;
     s.sq = min(p.seqlen_q, p.q_rows);

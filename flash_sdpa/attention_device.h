@@ -28,6 +28,13 @@ inline float apply_softcap(float s, float softcap) {
 // fast math by clang 19, as the emulator shows); the shifted compare below is left as integer arithmetic.
 inline bool is_nonfinite(float x) { return (metal::as_type<uint>(x) << 1) >= 0xff000000u; }
 
+// Sequence b's rows in a packed tensor of `rows` rows, from the prefix sums `cu`: (first row, row count), clamped to
+// [0, rows] whatever cu holds (negative, decreasing or past the tensor).
+inline int2 packed_rows(const device int* cu, int b, int rows) {
+  const int first = metal::clamp(cu[b], 0, rows);
+  return int2(first, metal::clamp(cu[b + 1], first, rows) - first);
+}
+
 // Keys [lo, hi] that a query at key position `pos` sees, for a window (left, right) (-1 = unbounded) over sk keys,
 // clamped to [0, sk - 1] (hi < lo: none). 64-bit intermediates: no int32 overflow whatever the window holds.
 inline int2 visible_keys(int pos, int window_left, int window_right, int sk) {

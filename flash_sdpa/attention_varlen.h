@@ -46,15 +46,17 @@ inline VarlenSequence varlen_sequence(int b, const device int* cu_seqlens_q, con
                                       constant flash_sdpa::VarlenParams& p) {
   VarlenSequence s = {0, 0, min(p.seqlen_q, p.q_rows), min(p.seqlen_k, p.k_rows)};
   if (varlen_is_varlen) {
-    s.start_q = min(max(cu_seqlens_q[b], 0), p.q_rows);
-    s.sq = min(max(cu_seqlens_q[b + 1], s.start_q), p.q_rows) - s.start_q;
+    const int2 q_rows = flash_sdpa::packed_rows(cu_seqlens_q, b, p.q_rows);
+    s.start_q = q_rows.x;
+    s.sq = q_rows.y;
     if (varlen_paged) {  // each sequence has its own block-table row: keys count from 0, up to the row's capacity
       const long capacity = long(p.max_blocks) * p.block_size;
       s.sk = int(clamp(long(cu_seqlens_k[b + 1]) - long(cu_seqlens_k[b]), 0l, capacity));
       s.start_k = 0;
     } else {
-      s.start_k = min(max(cu_seqlens_k[b], 0), p.k_rows);
-      s.sk = min(max(cu_seqlens_k[b + 1], s.start_k), p.k_rows) - s.start_k;
+      const int2 k_rows = flash_sdpa::packed_rows(cu_seqlens_k, b, p.k_rows);
+      s.start_k = k_rows.x;
+      s.sk = k_rows.y;
     }
   }
   return s;

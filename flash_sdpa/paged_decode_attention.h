@@ -206,8 +206,9 @@ template <typename T, int D, int R>
       return;  // no query: nothing to write (uniform per threadgroup)
     }
     q_row = qs;
-    k_start = clamp(cu_seqlens_k[b], 0, p.total_k);
-    sk = clamp(cu_seqlens_k[b + 1], k_start, p.total_k) - k_start;
+    const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
+    k_start = k_rows.x;
+    sk = k_rows.y;
   } else {
     // cache_leftpad (contiguous caches): keys are slots [leftpad, cache_seqlens + seqlen_new) of the row, so key t
     // is slot leftpad + t and sk shrinks by leftpad.
