@@ -5,14 +5,14 @@
 // blocks past the largest), so one pass over the KV head's keys serves the whole GQA group and all sq tokens.
 //
 // Lanes across D, keys across lane groups: a simdgroup is G groups of L = 32 / G lanes; each group streams its own
-// keys, a key row read by its L lanes with one vector load each (EPL contiguous dims per lane, 16 bytes when R <= 4,
-// 8 above; head dims that are not powers of two: L = 32, dims lane + 32 c). Per step a simdgroup issues the K and the
-// V loads of U keys per group at once (~64-128 bytes of each per lane in flight: one memory round trip per step),
-// with the next step's block ids loaded meanwhile. q.k is a butterfly over the L lanes (log2 L shuffles per row and
-// G keys); the online softmax and P.V are lane-local (each group keeps its own max, sum and R x EPL accumulators), so
-// nothing waits on another lane until the end, when the groups and then the 4 simdgroups merge (threadgroup memory).
-// Threadgroup memory: the scaled q rows (R x D fp32, <= 8 KB), reused for the merge. No K/V staging: each valid K/V
-// byte goes from memory to the registers that use it, once per KV head.
+// keys, a key row read by its L lanes with one vector load each (two at R = 1; 16 bytes when R <= 4, 8 above; lane
+// li takes chunks li, li + L: DecodeLayout). Per step a simdgroup issues the K and the V loads of U keys per group
+// at once (~32 bytes of each per lane in flight: one memory round trip per step), with the next step's block ids
+// loaded meanwhile. q.k is a butterfly over the L lanes (log2 L shuffles per row and G keys); the online softmax and
+// P.V are lane-local (each group keeps its own max, sum and R x EPL accumulators), so nothing waits on another lane
+// until the end, when the groups and then the 8 simdgroups merge (threadgroup memory, in one round while their
+// accumulators fit 8 KB). Threadgroup memory: the scaled q rows (R x D fp32), then the merge slots, <= 9 KB in all.
+// No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV head.
 #pragma once
 
 #include <metal_stdlib>
@@ -37,15 +37,21 @@ namespace flash_sdpa {
 namespace paged {
 
 // The lane layout of paged_decode_attention<T, D, R> (compile-time). A key row is NC chunks of 16 bytes (8 when
-// R > 4: fewer accumulators per lane); L lanes (the power of two >= NC, at most 32) read one row, lane li chunks
-// li, li + L, ...; G = 32 / L keys are read side by side. Lanes past NC (head dims that are not powers of two) idle.
+// R > 4: fewer accumulators per lane); L lanes (the power of two >= NC, or >= NC / 2 at R = 1, at most 32) read one
+// row, lane li chunks li, li + L, ...; G = 32 / L keys are read side by side. Lanes past NC (head dims that are not
+// powers of two) idle.
 template <typename T, int D, int R>
 struct DecodeLayout {
+  static constexpr int NSG = kDecodeSimdgroups;
   static constexpr int kChunkBytes = R <= 4 ? 16 : 8;
   static constexpr int CW = kChunkBytes / 4;                // 32-bit words per chunk (K/V stay packed)
   static constexpr int EPC = kChunkBytes / int(sizeof(T));  // elements per chunk
   static constexpr int NC = D * int(sizeof(T)) / kChunkBytes;
-  static constexpr int L = NC >= 32 ? 32 : (NC > 16 ? 32 : (NC > 8 ? 16 : (NC > 4 ? 8 : (NC > 2 ? 4 : 2))));
+  // Two chunks per lane at R = 1 (half the lanes per key row: each lane's log2 L shuffles per key and row then
+  // serve twice the multiply-adds; MHA decode on the proxy 1.3x faster), one above (R x EPL accumulators per lane).
+  static constexpr int kMinChunksPerLane = R == 1 ? 2 : 1;
+  static constexpr int NL = (NC + kMinChunksPerLane - 1) / kMinChunksPerLane;  // lanes needed
+  static constexpr int L = NL > 16 ? 32 : (NL > 8 ? 16 : (NL > 4 ? 8 : (NL > 2 ? 4 : 2)));
   static constexpr int G = 32 / L;
   static constexpr int CPL = (NC + L - 1) / L;  // chunks per lane
   static constexpr int EPL = CPL * EPC;         // elements (accumulators) per lane and row
@@ -56,6 +62,13 @@ struct DecodeLayout {
   static constexpr int U1 = U0 < 32 / R ? U0 : 32 / R;
   static constexpr int U = U1 < 1 ? 1 : (U1 > 8 ? 8 : U1);
   static constexpr int kStepKeys = G * U;  // keys per simdgroup step
+  // Merge slots: the simdgroups' accumulators meet in kMergeSlots x R x D floats, at most kMergeBytes (or one
+  // slot); a power of two that divides NSG.
+  static constexpr int kMergeBytes = 8192;
+  static constexpr int halve_to_fit(int slots) {
+    return slots > 1 && slots * R * D * 4 > kMergeBytes ? halve_to_fit(slots / 2) : slots;
+  }
+  static constexpr int kMergeSlots = halve_to_fit(NSG);
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
 };
@@ -104,14 +117,42 @@ inline vec<uint, 4> load_chunk(device const T* row, int ci, bool ok, bool aligne
   return c;
 }
 
-// Where the keys t, t + G, ..., t + (U - 1) G live: (block id, slot) of slot k_start + key through the block table
-// (paged; k_start is the cache row's left padding) or (k row, 0) (varlen: k_start + key); block -1 for keys >= limit
-// and invalid block ids (masked: nothing is loaded for them). One integer division per step, then the slot advances
-// by G; the L lanes of a key group read the same table entry (one address, served once by the GPU's cache; on the
-// proxy 4-17% faster than one read per key shared by simd_shuffle, and the divisions per key cost more still).
+// The block-table position (block index, slot) of a lane group's next key in paged mode. One integer division at
+// the start and one for the stride; then each step advances by adds (an integer division is a long instruction
+// sequence on Apple's GPUs as on NVIDIA's, and it was once per step).
+struct TableCursor {
+  int block;
+  int slot;
+  int stride_blocks;  // the simdgroup's stride between steps (NSG x kStepKeys keys) in whole blocks ...
+  int stride_slots;   // ... and remaining slots
+};
+
+inline TableCursor table_cursor(int key, int stride, int block_size) {
+  TableCursor c;
+  c.block = key / block_size;
+  c.slot = key - c.block * block_size;
+  c.stride_blocks = stride / block_size;
+  c.stride_slots = stride - c.stride_blocks * block_size;
+  return c;
+}
+
+inline void advance(thread TableCursor& c, int block_size) {
+  c.block += c.stride_blocks;
+  c.slot += c.stride_slots;
+  if (c.slot >= block_size) {
+    c.slot -= block_size;
+    ++c.block;
+  }
+}
+
+// Where the keys t, t + G, ..., t + (U - 1) G live: (block id, slot) through the block table (paged; the cursor
+// is at slot k_start + t and moves on to the next step's) or (k row, 0) (varlen: k_start + key); block -1 for keys
+// >= limit and invalid block ids (masked: nothing is loaded for them). The L lanes of a key group read the same
+// table entry (one address, served once by the GPU's cache; on the proxy 4-17% faster than one read per key shared
+// by simd_shuffle).
 template <int U, int G>
-inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start, device const int* block_table,
-                      long bt_row, int block_size, int num_blocks) {
+inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start, thread TableCursor& cursor,
+                      device const int* block_table, long bt_row, int block_size, int num_blocks) {
   if (varlen) {
     for (int u = 0; u < U; ++u) {
       const int key = t + u * G;
@@ -119,8 +160,8 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
     }
     return;
   }
-  int bi = (k_start + t) / block_size;
-  int slot = k_start + t - bi * block_size;
+  int bi = cursor.block;
+  int slot = cursor.slot;
   for (int u = 0; u < U; ++u) {
     const int key = t + u * G;
     int id = -1;
@@ -135,6 +176,7 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
       ++bi;
     }
   }
+  advance(cursor, block_size);
 }
 
 }  // namespace paged
@@ -173,10 +215,12 @@ template <typename T, int D, int R>
   constexpr int U = Layout::U;
   constexpr int KS = Layout::kStepKeys;
   static_assert(D % 8 == 0, "head dims are multiples of 8");
-  static_assert(R * D * 4 + 2 * NSG * R * 4 + NSG * 4 <= 32768, "threadgroup memory over 32 KB");
+  constexpr int MS = Layout::kMergeSlots;
+  static_assert(MS * R * D * 4 + 2 * NSG * R * 4 + NSG * 4 <= 32768, "threadgroup memory over 32 KB");
 
-  // The scaled q rows (fp32 [R][D]); after the key loop, the merged accumulator.
-  threadgroup float q_tg[R * D];
+  // The scaled q rows (fp32 [R][D]); after the key loop, the merge slots (MS x [R][D]).
+  threadgroup float stage_tg[MS * R * D];
+  threadgroup float* q_tg = stage_tg;
   threadgroup float m_tg[NSG * R];  // per simdgroup running max
   threadgroup float l_tg[NSG * R];  // per simdgroup sum of exp
   threadgroup uint bad_tg[NSG];     // per simdgroup rows with a non-finite visible score (bit r)
@@ -237,7 +281,9 @@ template <typename T, int D, int R>
   int2 loc[U];
   int2 loc_next[U];
   const int first = begin + int(sg) * KS;
-  step_locs<U, G>(loc, first + g, end, fc_decode_varlen, k_start, block_table, bt_row, p.block_size, p.num_blocks);
+  TableCursor cursor = table_cursor(k_start + first + g, NSG * KS, fc_decode_varlen ? 1 : p.block_size);
+  step_locs<U, G>(loc, first + g, end, fc_decode_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                  p.num_blocks);
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
   for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
@@ -301,8 +347,8 @@ template <typename T, int D, int R>
       }
     }
     // 2. The next step's block ids, in flight with the K/V loads.
-    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_decode_varlen, k_start, block_table, bt_row, p.block_size,
-                    p.num_blocks);
+    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_decode_varlen, k_start, cursor, block_table, bt_row,
+                    p.block_size, p.num_blocks);
 
     // 3. Scores: partial q.k over this lane's dims, summed over the L lanes of the key (butterfly: every lane of
     // the group gets the total).
@@ -431,9 +477,13 @@ template <typename T, int D, int R>
     }
     share[r] = m[r] > kNegHalf ? exp(m[r] - mx) : 0.0f;
   }
-  threadgroup float* acc_tg = q_tg;
-  for (int w = 0; w < NSG; ++w) {
-    if (int(sg) == w && g == 0) {
+  // The simdgroups' accumulators meet in MS slots of R x D floats (the q rows' memory and beyond): simdgroup w adds
+  // its share to slot w % MS in round w / MS, one barrier per round; the write below sums the slots. As many slots
+  // as kMergeBytes holds: one round for small row tiles, one simdgroup per round (no extra memory) for the largest.
+  threadgroup float* acc_tg = stage_tg;
+  for (int round = 0; round < NSG / MS; ++round) {
+    if (int(sg) / MS == round && g == 0) {
+      threadgroup float* slot = acc_tg + (int(sg) % MS) * R * D;
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {
           for (int j = 0; j < CPL; ++j) {
@@ -441,8 +491,8 @@ template <typename T, int D, int R>
             if (ci < NC) {
               for (int e = 0; e < EPC; ++e) {
                 const int d = ci * EPC + e;
-                const float prev = w == 0 ? 0.0f : acc_tg[r * D + d];
-                acc_tg[r * D + d] = prev + o[r][j * EPC + e] * share[r];
+                const float prev = round == 0 ? 0.0f : slot[r * D + d];
+                slot[r * D + d] = prev + o[r][j * EPC + e] * share[r];
               }
             }
           }
@@ -470,6 +520,10 @@ template <typename T, int D, int R>
       sum += mw > kNegHalf ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
       bad = bad || ((bad_tg[w] >> r) & 1u) != 0;
     }
+    float acc = 0.0f;
+    for (int k = 0; k < MS; ++k) {
+      acc += acc_tg[k * R * D + idx];
+    }
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
     // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
     const long out_at =
@@ -477,7 +531,7 @@ template <typename T, int D, int R>
     const long lse_at = fc_decode_varlen ? long(h) * p.total_q + q_row : row;
     if (split_mode) {
       const long prow = long(split) * p.batch * p.num_heads * sq + row;  // (splits, B, H, sq)
-      o_partial[prow * D + d] = acc_tg[idx];
+      o_partial[prow * D + d] = acc;
       if (d == 0) {
         ml_partial[prow * 2] = bad ? as_type<float>(kNanBits) : mx;  // the combine tests the bits
         ml_partial[prow * 2 + 1] = sum;
@@ -497,7 +551,7 @@ template <typename T, int D, int R>
         sum = sum * scale_o + exp(sink - mn);
         mx = mn;
       }
-      out[out_at] = seen ? T(acc_tg[idx] * scale_o / sum) : T(0.0f);
+      out[out_at] = seen ? T(acc * scale_o / sum) : T(0.0f);
       if (fc_decode_write_lse && d == 0) {
         lse[lse_at] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
       }

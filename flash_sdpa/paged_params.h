@@ -54,7 +54,7 @@ typedef float f32;
 
 // Threads per threadgroup, also used in [[max_total_threads_per_threadgroup(...)]] (macros: literal after cpp).
 #define FLASH_SDPA_PAGED_WRITE_THREADS 256
-#define FLASH_SDPA_PAGED_DECODE_THREADS 128
+#define FLASH_SDPA_PAGED_DECODE_THREADS 256
 #define FLASH_SDPA_PAGED_COMBINE_THREADS 128
 
 namespace flash_sdpa {
@@ -65,9 +65,12 @@ enum : i32 {
   kSimdWidth = 32,
   // kv_paged_write: one thread per element of one new token's (Hkv, D) slice.
   kWriteThreads = FLASH_SDPA_PAGED_WRITE_THREADS,
-  // paged_decode_attention: 4 simdgroups; within a simdgroup, groups of lanes each stream their own keys (lanes
-  // across D), and the simdgroups take turns over the split's key range (paged_decode_attention.h).
-  kDecodeSimdgroups = 4,
+  // paged_decode_attention: 8 simdgroups; within a simdgroup, groups of lanes each stream their own keys (lanes
+  // across D), and the simdgroups take turns over the split's key range (paged_decode_attention.h). 8 rather than 4:
+  // a short context's keys spread over twice the simdgroups (half the dependent steps each), and a long one needs
+  // half the splits for the same threads per core (fewer partials to combine); proxy figures in
+  // tests/metal_cuda/RESULTS.md.
+  kDecodeSimdgroups = 8,
   kDecodeThreads = FLASH_SDPA_PAGED_DECODE_THREADS,
   // paged_decode_combine: one threadgroup per output row (b, h, i); its threads read the splits in parallel.
   kCombineSimdgroups = 4,

@@ -41,7 +41,7 @@ struct PagedKVCacheAttention {
   // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
   // value when cache_seqlens is a Python int, else the block table's capacity (varlen: max_seqlen_k).
   int64_t max_seqlen_k = 0;
-  // Threadgroups the split heuristic aims at; 0: gpu_cores x kDecodeThreadgroupsPerCore.
+  // Threadgroups the split heuristic aims at; 0: gpu_cores x decode_threadgroups_per_core(R).
   int64_t target_threadgroups = 0;
   // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
   // (gpu_core_count), else kDefaultGpuCores.
@@ -52,11 +52,14 @@ struct PagedKVCacheAttention {
 // count once; without one (the emulator, an unknown device) the planner assumes kDefaultGpuCores.
 constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-80 cores): splitting for more cores
                                           // than exist costs a little combine work, for fewer leaves cores idle
-// Split heuristic: aim at 4 decode threadgroups (128 threads, <= 8.5 KB of threadgroup memory each) per core, one
-// full wave of resident threadgroups: more splits only add waves and combine work (proxy sweeps: the best split count
-// was target / work at 4 per SM on every benchmarked shape, tests/metal_cuda/RESULTS.md); keep each split long
-// enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
-constexpr int64_t kDecodeThreadgroupsPerCore = 4;
+// Split heuristic: aim at one full wave of the decode threadgroups (256 threads, <= 9 KB of threadgroup memory each)
+// a core keeps resident: more splits only add waves and combine work (proxy sweeps: the best split count was within
+// 2% of target / work on every benchmarked shape, tests/metal_cuda/RESULTS.md). How many are resident depends on
+// the registers per thread, on Apple GPUs as on NVIDIA's (an Apple core's resident threads fall from 1,024 as a
+// kernel's registers grow): 3 for the single-row tile (about 80 registers), 2 for the larger ones (about 128).
+// tests/metal_cuda/compiler.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
+// long enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
+int64_t decode_threadgroups_per_core(int64_t rows);
 constexpr int64_t kMinKeysPerSplit = 128;
 using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
@@ -76,10 +79,10 @@ bool paged_supports(at::ScalarType dtype, int64_t head_dim);
 int64_t paged_max_rows(int64_t head_dim);
 int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed);
 
-// Split count: 1 when batch x kv_heads x row_blocks threadgroups already reach target_threadgroups (0: the device's
-// gpu_core_count() x kDecodeThreadgroupsPerCore), else target / work splits (rounded down) while keeping
-// >= kMinKeysPerSplit keys per split. A run-time value of the kernel: no pipeline depends on it.
-int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target_threadgroups = 0);
+// Split count: 1 when batch x kv_heads x row_blocks threadgroups already reach target (cores x
+// decode_threadgroups_per_core), else target / work splits (to the nearest) while keeping >= kMinKeysPerSplit keys
+// per split. A run-time value of the kernel: no pipeline depends on it.
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target);
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);
 

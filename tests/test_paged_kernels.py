@@ -389,8 +389,9 @@ def check_case(c, *, window=(-1, -1), softcap=0.0, use_alibi=False, use_sinks=Fa
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-def test_dtypes_head_dims(dtype, D):
-    c = make_case(D=D, dtype=TORCH_DTYPES[dtype], H=8, Hkv=2, seed=D)
+@pytest.mark.parametrize("group", [1, 4])  # row tiles R = 1 and 4: their lane layouts differ (DecodeLayout)
+def test_dtypes_head_dims(dtype, D, group):
+    c = make_case(D=D, dtype=TORCH_DTYPES[dtype], H=8, Hkv=8 // group, seed=D)
     check_case(c, num_splits=1 if D % 64 else 3)
 
 

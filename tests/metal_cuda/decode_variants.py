@@ -2,7 +2,8 @@
 benchmark's shapes with PTX built from copies of the kernel with one source edit each (SOURCE_VARIANTS: keys in
 flight per step, chunk width) or other compiler settings, and one launch under Nsight Compute.
 
-    python3 tests/metal_cuda/decode_variants.py build      # here (clang-19): PTX variants into .cache/metal_cuda
+    python3 tests/metal_cuda/decode_variants.py build [NAME ...]   # here (clang-19): PTX variants (all, or those
+                                                                    # whose name holds a NAME) into .cache/metal_cuda
     python3 tests/metal_cuda/decode_variants.py time       # on the GPU machine
     python3 tests/metal_cuda/decode_variants.py once       # one planner decode (for ncu)
 """
@@ -17,63 +18,73 @@ sys.path.insert(0, str(HERE.parent))
 from metal_cuda import compiler  # noqa: E402
 
 KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
+# name -> dict(edits=[(file, old, new)], threads=decode threads per threadgroup, min_blocks=per-instance launch
+# bounds). Experiments on a copy (flash_sdpa/ untouched). Earlier ones, with their figures: RESULTS.md.
+_INFLIGHT = ("paged_decode_attention.h", "  static constexpr int U0 = 32 / (CPL * kChunkBytes);")
+_CHUNK = ("paged_decode_attention.h", "  static constexpr int kChunkBytes = R <= 4 ? 16 : 8;")
+_NSG = ("paged_params.h", "  kDecodeSimdgroups = 8,")
+_CHUNKS_R1 = ("paged_decode_attention.h", "  static constexpr int kMinChunksPerLane = R == 1 ? 2 : 1;")
+_THREADS = ("paged_params.h", "#define FLASH_SDPA_PAGED_DECODE_THREADS 256")
+THREADS = 256  # as built
+
+
+def _simdgroups(n):
+    """n simdgroups per decode threadgroup; launch bounds keep the threads per SM of the default build."""
+    return dict(edits=[(*_NSG, f"  kDecodeSimdgroups = {n},"),
+                       (*_THREADS, f"#define FLASH_SDPA_PAGED_DECODE_THREADS {32 * n}")],
+                threads=32 * n, min_blocks=lambda host: max(1, compiler.decode_min_blocks(host) * 8 // n))
+
+
 VARIANTS = {
-    "proxy default (threshold 5000, no run-time unroll)": dict(extra_flags=compiler.DECODE_UNROLL),
+    "as built": dict(edits=[], threads=THREADS, min_blocks=compiler.decode_min_blocks),
+    "4 simdgroups": _simdgroups(4),
+    "16 simdgroups": _simdgroups(16),
+    "R = 1: one chunk per lane (as R > 1; twice the lanes per key row, more shuffles per key)":
+        dict(edits=[(*_CHUNKS_R1, "  static constexpr int kMinChunksPerLane = 1;")], threads=THREADS,
+             min_blocks=compiler.decode_min_blocks),
+    "16 B of K in flight per lane (U = 1 at 16-byte chunks)":
+        dict(edits=[(*_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")], threads=THREADS,
+             min_blocks=compiler.decode_min_blocks),
+    "8-byte chunks from R = 4 (L = 32 at fp16 D = 128: half the accumulators)":
+        dict(edits=[(*_CHUNK, "  static constexpr int kChunkBytes = R <= 2 ? 16 : 8;")], threads=THREADS,
+             min_blocks=compiler.decode_min_blocks),
 }
 INDEX = compiler.cache_dir() / "variants.json"
-# Experiments on a copy (flash_sdpa/ untouched): the kernel source with one text edit each.
-_INFLIGHT = "  static constexpr int U0 = 32 / (CPL * kChunkBytes);"
-_CHUNK = "  static constexpr int kChunkBytes = R <= 4 ? 16 : 8;"
-SOURCE_VARIANTS = {
-    "16 B of K in flight per lane (U = 1 at 16-byte chunks)":
-        [(_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")],
-    "8-byte chunks from R = 4 (L = 32 at fp16 D = 128: half the accumulators)":
-        [(_CHUNK, "  static constexpr int kChunkBytes = R <= 2 ? 16 : 8;")],
-    "8-byte chunks from R = 4, 16 B in flight":
-        [(_CHUNK, "  static constexpr int kChunkBytes = R <= 2 ? 16 : 8;"),
-         (_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")],
-}
 
 
 def _patched_copy(name, edits) -> Path:
     import hashlib
     import shutil
 
-    src_dir = compiler.FLASH_SDPA
     dst = compiler.cache_dir() / ("src_" + hashlib.sha1(name.encode()).hexdigest()[:8])
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in ("paged_decode_attention.metal", "paged_params.h"):
-        shutil.copy(src_dir / f, dst / f)
-    text = (src_dir / "paged_decode_attention.h").read_text()
-    for old, new in edits:
-        assert old in text, f"{name}: the kernel changed, update the experiment"
-        text = text.replace(old, new)
-    (dst / "paged_decode_attention.h").write_text(text)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in compiler.FLASH_SDPA.glob("*"):
+        if f.suffix in (".h", ".metal"):
+            shutil.copy(f, dst / f.name)
+    for file, old, new in edits:
+        text = (dst / file).read_text()
+        assert old in text, f"{name}: {file} changed, update the experiment"
+        (dst / file).write_text(text.replace(old, new))
     return dst
 
 
-def shutil_copy_device_headers(dst: Path) -> None:
-    import shutil
-
-    shutil.copy(compiler.FLASH_SDPA / "attention_device.h", dst / "attention_device.h")
-
-
-def build():
-    src, inc = compiler.TARGETS["paged_decode_attention"]
+def build(selected):
     index = {}
-    for name, kw in VARIANTS.items():
-        kw = dict(kw)
-        path = compiler.build(src, [str(d) for d in inc], kernels=KERNELS, **kw)
-        index[name] = path.name
-        print(name, "->", path.name)
-    for name, edits in SOURCE_VARIANTS.items():
-        copy = _patched_copy(name, edits)
-        shutil_copy_device_headers(copy)
+    for name, v in VARIANTS.items():
+        if selected and not any(s in name for s in selected):
+            continue
+        copy = _patched_copy(name, v["edits"])
         path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS,
-                              extra_flags=compiler.DECODE_UNROLL)
-        index[name] = path.name
+                              extra_flags=compiler.DECODE_UNROLL, min_blocks=v["min_blocks"])
+        index[name] = dict(folder=path.name, threads=v["threads"])
         print(name, "->", path.name)
     INDEX.write_text(json.dumps(index, indent=1))
+
+
+# (B, H, Hkv, S) and the forced split counts timed beside the planner's (0).
+SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0, 32, 64), (32, 32, 8, 2048): (0, 1, 2),
+          (8, 32, 8, 4096): (0, 4, 8), (1, 32, 32, 8192): (0, 8, 12, 16, 32)}
 
 
 def time_variants():
@@ -88,28 +99,32 @@ def time_variants():
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print("| variant | shape | splits | regs | local B | us/call | GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    shapes = ((4, 16, 16, 50), (1, 32, 8, 16384), (32, 32, 8, 2048), (8, 32, 8, 4096), (1, 32, 32, 8192))
     cases = {sh: gc.make_paged_case(sh[0], sh[3], sh[1], sh[2], 128, torch.float16, 16, sk_new=0, full_length=True,
-                                    padded_rows=False, seed=1) for sh in shapes}
-    for name, folder in index.items():
-        gc._LIBS = dict(base, paged_decode_attention=launch.Library(compiler.cache_dir() / folder))
+                                    padded_rows=False, seed=1) for sh in SHAPES}
+    for name, v in index.items():
+        gc._LIBS = dict(base, paged_decode_attention=launch.Library(compiler.cache_dir() / v["folder"]))
         for (B, H, Hkv, S), case in cases.items():
-            for splits in (0, 16, 40):
-                if splits * 16 > S:
-                    continue
+            ref = gc.reference_attention(case, case.k_cache, case.v_cache, scale=0.1, window=(-1, 0))[0]
+            for splits in SHAPES[(B, H, Hkv, S)]:
                 out = torch.empty_like(case.q)
                 plan = gc.plan_paged(case, out, None, scale=0.1, window=(-1, 0), num_splits=splits, with_new=False,
                                      gpu_cores=sms)
+                for d in plan:
+                    if "combine" not in d["kernel"] and d["kernel"].startswith("paged_decode_"):
+                        d["threads_per_threadgroup"] = (v["threads"], 1, 1)
                 prepared = launch.prepare_plan(gc.libraries(), plan)
 
                 def fn():
                     for p in prepared:
                         p.launch()
+                fn()
+                torch.cuda.synchronize()
+                err = (out.float() - ref.float()).abs().max().item()
                 attn = next(p for p in prepared if "combine" not in p.pipeline.kernel)
                 us = bench.time_us(fn)
                 gbs = 2 * B * S * Hkv * 128 * 2 / us / 1e3
                 print(f"| {name} | B={B} H={H}/{Hkv} S={S} | {attn.grid[0]} | {attn.pipeline.num_regs} | "
-                      f"{attn.pipeline.local_bytes} | {us:.1f} | {gbs:.0f} |", flush=True)
+                      f"{attn.pipeline.local_bytes} | {us:.1f} | {gbs:.0f} | err {err:.2e}", flush=True)
     gc._LIBS = base
 
 
@@ -121,7 +136,7 @@ def once():
     from metal_cuda import launch
 
     if len(sys.argv) > 2:
-        folder = json.loads(INDEX.read_text())[sys.argv[2]]
+        folder = json.loads(INDEX.read_text())[sys.argv[2]]["folder"]
         gc._LIBS = dict(gc.libraries(), paged_decode_attention=launch.Library(compiler.cache_dir() / folder))
 
     case = gc.make_paged_case(1, 16384, 32, 8, 128, torch.float16, 16, sk_new=0, full_length=True,
@@ -132,4 +147,7 @@ def once():
 
 
 if __name__ == "__main__":
-    {"build": build, "time": time_variants, "once": once}[sys.argv[1]]()
+    if sys.argv[1] == "build":
+        build(sys.argv[2:])
+    else:
+        {"time": time_variants, "once": once}[sys.argv[1]]()
