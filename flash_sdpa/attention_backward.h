@@ -18,11 +18,6 @@
 
 using namespace metal;
 
-constant bool bwd_is_varlen [[function_constant(FLASH_SDPA_BWD_FC_IS_VARLEN)]];
-constant bool bwd_has_softcap [[function_constant(FLASH_SDPA_BWD_FC_HAS_SOFTCAP)]];
-constant bool bwd_has_alibi [[function_constant(FLASH_SDPA_BWD_FC_HAS_ALIBI)]];
-constant bool bwd_has_sinks [[function_constant(FLASH_SDPA_BWD_FC_HAS_SINKS)]];
-
 constant constexpr float kBwdLog2e = 1.4426950408889634f;
 
 // Sequence b's rows: queries [start_q, start_q + sq), keys [start_k, start_k + sk), clamped to the tensors
@@ -34,7 +29,7 @@ struct BwdSequence {
 inline BwdSequence bwd_sequence(const device int* cu_q, const device int* cu_k, int b,
                                 constant flash_sdpa::BackwardParams& p) {
   BwdSequence s;
-  if (bwd_is_varlen) {
+  if (fc_varlen) {
     const int2 q_rows = flash_sdpa::packed_rows(cu_q, b, p.q_rows);
     const int2 k_rows = flash_sdpa::packed_rows(cu_k, b, p.k_rows);
     s.start_q = q_rows.x;
@@ -63,12 +58,12 @@ inline int2 bwd_visible_queries(int k_lo, int k_hi, int window_left, int window_
 // domain; *dsoft = ds'/ds.
 inline float bwd_score_log2(float s, float softcap, float slope, int dist, thread float* dsoft) {
   *dsoft = 1.0f;
-  if (bwd_has_softcap) {
+  if (fc_softcap) {
     s = flash_sdpa::apply_softcap(s, softcap);
     const float th = s / softcap;
     *dsoft = 1.0f - th * th;
   }
-  if (bwd_has_alibi) {
+  if (fc_alibi) {
     s -= slope * abs(float(dist));
   }
   return s * kBwdLog2e;
@@ -195,7 +190,7 @@ template <typename T, int D>
       dkr[t] = 0.0f;
       dvr[t] = 0.0f;
     }
-    const int2 rows = bwd_visible_queries(k0, min(k0 + BK, sk) - 1, p.window_left, p.window_right, sq, sk);
+    const int2 rows = bwd_visible_queries(k0, min(k0 + BK, sk) - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
       const int h = kvh * group + g;
@@ -206,20 +201,20 @@ template <typename T, int D>
       const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
       const device float* delta_seq =
           delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
-      const float slope = bwd_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+      const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
         const int n = min(STAGE, rows.y + 1 - i0);  // uniform
         for (int idx = int(tid); idx < n * D; idx += NT) {
           const int r = idx / D, c = idx % D;
-          q_stage[idx] = float(q_seq[long(i0 + r) * p.q_row_stride + c]) * p.scale;
+          q_stage[idx] = float(q_seq[long(i0 + r) * p.q_row_stride + c]) * p.opt.scale;
           do_stage[idx] = float(do_seq[long(i0 + r) * p.do_row_stride + c]);
         }
         for (int r = int(tid); r < n; r += NT) {
           const int i = i0 + r;
           float lse2;
           const bool active = bwd_row_lse2(lse_seq[i], &lse2);
-          const int2 keys = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
+          const int2 keys = flash_sdpa::visible_keys(i + offset, p.opt, sk);
           row_lse2[r] = active ? lse2 : 0.0f;
           row_delta[r] = active ? delta_seq[i] : 0.0f;
           row_lo[r] = keys.x;
@@ -237,9 +232,9 @@ template <typename T, int D>
                           do_stage[r1 * D + c] * vr[t]);
           }
           acc = bwd_row_sum<R>(acc);
-          const float2 a = bwd_p_ds(acc.xy, p.softcap, slope, i0 + r + offset - j, j >= row_lo[r] && j <= row_hi[r],
+          const float2 a = bwd_p_ds(acc.xy, p.opt.softcap, slope, i0 + r + offset - j, j >= row_lo[r] && j <= row_hi[r],
                                     row_lse2[r], row_delta[r]);
-          float2 b1 = bwd_p_ds(acc.zw, p.softcap, slope, i0 + r1 + offset - j, j >= row_lo[r1] && j <= row_hi[r1],
+          float2 b1 = bwd_p_ds(acc.zw, p.opt.softcap, slope, i0 + r1 + offset - j, j >= row_lo[r1] && j <= row_hi[r1],
                                row_lse2[r1], row_delta[r1]);
           b1 = two ? b1 : float2(0.0f);
           for (int t = 0; t < CPT; ++t) {
@@ -309,7 +304,7 @@ template <typename T, int D>
       v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
   const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
   const device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
-  const float slope = bwd_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+  const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
 
   for (int q0 = int(tg_pos.x) * BQ; q0 < sq; q0 += int(tg_count.x) * BQ) {
     const int i = q0 + int(tid) / R;
@@ -317,20 +312,20 @@ template <typename T, int D>
     float lse2 = 0.0f;
     const bool active = i_in && bwd_row_lse2(lse_seq[i], &lse2);
     const float row_delta = active ? delta_seq[i] : 0.0f;
-    const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.window_left, p.window_right, sk);
+    const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.opt, sk);
     const int lo_i = keys_i.x, hi_i = active ? keys_i.y : -1;
     float qr[CPT], dor[CPT], dqr[CPT];
     for (int t = 0; t < CPT; ++t) {
       const int c = slice + R * t;
-      qr[t] = i_in ? float(q_seq[long(i) * p.q_row_stride + c]) * p.scale : 0.0f;
+      qr[t] = i_in ? float(q_seq[long(i) * p.q_row_stride + c]) * p.opt.scale : 0.0f;
       dor[t] = i_in ? float(do_seq[long(i) * p.do_row_stride + c]) : 0.0f;
       dqr[t] = 0.0f;
     }
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
     const int last_row = min(q0 + BQ, sq) - 1;
-    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, sk).x;
-    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, sk).y + 1;
+    const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;
+    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.opt, sk).y + 1;
     for (int j0 = kv_begin; j0 < kv_end; j0 += STAGE) {
       const int n = min(STAGE, kv_end - j0);
       for (int idx = int(tid); idx < n * D; idx += NT) {
@@ -351,9 +346,10 @@ template <typename T, int D>
                         dor[t] * v_stage[r1 * D + c]);
         }
         acc = bwd_row_sum<R>(acc);
-        const float ds = bwd_p_ds(acc.xy, p.softcap, slope, i + offset - j, j >= lo_i && j <= hi_i, lse2, row_delta).y;
+        const float ds =
+            bwd_p_ds(acc.xy, p.opt.softcap, slope, i + offset - j, j >= lo_i && j <= hi_i, lse2, row_delta).y;
         const float ds1 =
-            two ? bwd_p_ds(acc.zw, p.softcap, slope, i + offset - j1, j1 >= lo_i && j1 <= hi_i, lse2, row_delta).y
+            two ? bwd_p_ds(acc.zw, p.opt.softcap, slope, i + offset - j1, j1 >= lo_i && j1 <= hi_i, lse2, row_delta).y
                 : 0.0f;
         for (int t = 0; t < CPT; ++t) {
           const int c = slice + R * t;
@@ -365,14 +361,14 @@ template <typename T, int D>
 
     if (i_in) {
       for (int t = 0; t < CPT; ++t) {
-        dq_seq[long(i) * p.dq_row_stride + slice + R * t] = T(dqr[t] * p.scale);
+        dq_seq[long(i) * p.dq_row_stride + slice + R * t] = T(dqr[t] * p.opt.scale);
       }
     }
   }
 
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
   // threadgroup per head, a fixed order (strided per thread, then simd_sum, then simdgroups in order).
-  if (bwd_has_sinks && tg_pos.x == 0 && tg_pos.z == 0) {
+  if (fc_sinks && tg_pos.x == 0 && tg_pos.z == 0) {
     const float sink2 = sinks[h] * kBwdLog2e;
     float acc = 0.0f;
     for (int bb = 0; bb < p.batch; ++bb) {

@@ -1,11 +1,19 @@
-// Device helpers every attention kernel shares (varlen and paged decode), so that the score transform, the masking
-// value and the LSE store cannot drift apart between kernels. MSL only.
+// Device helpers every attention kernel shares (varlen, paged decode, backward), so that the options' function
+// constants, the score transform, the masking value and the LSE store cannot drift apart between kernels. MSL only.
 //
 // Metal compiles with fast math: inf/NaN arithmetic is undefined, so masked scores use a finite large negative,
 // empty rows are recognised explicitly, and checks on values are integer bit tests.
 #pragma once
 
 #include <metal_stdlib>
+
+#include "attention_options.h"
+
+// The options' function constants (attention_options.h), the same in every kernel.
+constant bool fc_varlen [[function_constant(FLASH_SDPA_FC_VARLEN)]];
+constant bool fc_softcap [[function_constant(FLASH_SDPA_FC_SOFTCAP)]];
+constant bool fc_alibi [[function_constant(FLASH_SDPA_FC_ALIBI)]];
+constant bool fc_sinks [[function_constant(FLASH_SDPA_FC_SINKS)]];
 
 namespace flash_sdpa {
 
@@ -41,6 +49,16 @@ inline int2 visible_keys(int pos, int window_left, int window_right, int sk) {
   const long lo = window_left < 0 ? 0 : metal::max(long(pos) - long(window_left), 0l);
   const long hi = window_right < 0 ? long(sk) - 1 : metal::min(long(pos) + long(window_right), long(sk) - 1);
   return int2(int(lo), int(metal::max(hi, -1l)));
+}
+
+// visible_keys through the call's window.
+inline int2 visible_keys(int pos, constant OptionParams& opt, int sk) {
+  return visible_keys(pos, opt.window_left, opt.window_right, sk);
+}
+
+// The ALiBi slope of (sequence b, head h): slopes [H] or [B, H] (opt.alibi_batch_stride).
+inline float alibi_slope(const device float* slopes, constant OptionParams& opt, int b, int h) {
+  return slopes[long(b) * opt.alibi_batch_stride + h];
 }
 
 }  // namespace flash_sdpa

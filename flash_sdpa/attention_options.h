@@ -1,14 +1,47 @@
-// The attention options every call takes (FlashAttention-2's), one struct embedded in every planner's call
-// (VarlenAttention, PagedKVCacheAttention, AttentionBackward) and filled by attention_options() in the bindings, so
-// adding an option touches one place per layer. Host C++ only; on the device the shared helpers are attention_device.h.
+// The attention options every call takes (FlashAttention-2's: scale, softcap, window, ALiBi slopes, sinks), one layer
+// for host and device, so that adding an option touches one place per layer:
+//   - OptionParams (MSL and C++): the options as every kernel reads them, the sub-struct `opt` of VarlenParams,
+//     BackwardParams and PagedDecodeParams;
+//   - FLASH_SDPA_FC_*: the options' function constants, at the same indices in every kernel (declared once for MSL
+//     in attention_device.h, with the device helpers on the options);
+//   - AttentionOptions (host): the options of one call, embedded in every planner's call (VarlenAttention,
+//     PagedKVCacheAttention, AttentionBackward), filled by attention_options() in the bindings and turned into the
+//     above by option_params() and option_constants() in the planners.
 #pragma once
 
+#include "params_types.h"
+
+// bool function constants of the options (kernel-specific ones start at 8).
+#define FLASH_SDPA_FC_VARLEN 0   // sequences from cu_seqlens_q / cu_seqlens_k (packed rows); else dense or paged
+#define FLASH_SDPA_FC_SOFTCAP 1  // s = softcap * tanh(s / softcap)
+#define FLASH_SDPA_FC_ALIBI 2    // s -= slope * |i + sk - sq - j|
+#define FLASH_SDPA_FC_SINKS 3    // sinks[h] joins the softmax denominator
+
+namespace flash_sdpa {
+
+struct OptionParams {
+  fsdpa_i32 window_left;         // keys j >= i + sk - sq - window_left are visible; -1 = unbounded
+  fsdpa_i32 window_right;        // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
+  fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
+  fsdpa_f32 scale;               // multiplies q . k before softcap and ALiBi
+  fsdpa_f32 softcap;             // > 0 when FLASH_SDPA_FC_SOFTCAP
+  fsdpa_i32 pad0;
+};
+static_assert(sizeof(OptionParams) == 24, "OptionParams: no padding, same size in MSL and C++");
+
+}  // namespace flash_sdpa
+
+#ifndef __METAL_VERSION__
 #include <ATen/core/Tensor.h>
 
-#include <cstdint>
+#include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
+
+#include "launch_plan.h"
 
 namespace flash_sdpa {
 
@@ -44,4 +77,31 @@ inline AttentionOptions attention_options(double softmax_scale, bool causal, int
   return options;
 }
 
+// The kernels' copy of the options. Windows saturate at int32 (the kernels' window arithmetic is 64-bit, and no
+// sequence has 2^31 keys); the ALiBi batch stride is 0 for slopes [H], H for [B, H] (contiguous, checked).
+inline OptionParams option_params(const AttentionOptions& options) {
+  auto window = [](int64_t w) {
+    return w < 0 ? -1 : static_cast<fsdpa_i32>(std::min<int64_t>(w, std::numeric_limits<int32_t>::max()));
+  };
+  OptionParams p{};
+  p.window_left = window(options.window_left);
+  p.window_right = window(options.window_right);
+  const bool batched_alibi = options.alibi_slopes.has_value() && options.alibi_slopes->dim() == 2;
+  p.alibi_batch_stride = batched_alibi ? static_cast<fsdpa_i32>(options.alibi_slopes->size(1)) : 0;
+  p.scale = static_cast<float>(options.scale);
+  p.softcap = static_cast<float>(options.softcap);
+  return p;
+}
+
+// The options' function constants, for every dispatch of a call (kernel-specific ones are appended).
+inline std::vector<FunctionConstant> option_constants(const AttentionOptions& options, bool varlen) {
+  auto flag = [](uint32_t index, bool value) {
+    return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
+  };
+  return {flag(FLASH_SDPA_FC_VARLEN, varlen), flag(FLASH_SDPA_FC_SOFTCAP, options.softcap > 0.0),
+          flag(FLASH_SDPA_FC_ALIBI, options.alibi_slopes.has_value()),
+          flag(FLASH_SDPA_FC_SINKS, options.sinks.has_value())};
+}
+
 }  // namespace flash_sdpa
+#endif  // __METAL_VERSION__

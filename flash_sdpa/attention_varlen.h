@@ -16,11 +16,7 @@
 
 using namespace metal;
 
-constant bool varlen_is_varlen [[function_constant(FLASH_SDPA_VARLEN_FC_IS_VARLEN)]];
-constant bool varlen_has_softcap [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP)]];
-constant bool varlen_has_alibi [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI)]];
-constant bool varlen_has_sinks [[function_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS)]];
-constant bool varlen_paged [[function_constant(FLASH_SDPA_VARLEN_FC_PAGED)]];
+constant bool fc_varlen_paged [[function_constant(FLASH_SDPA_FC_VARLEN_PAGED)]];
 
 constant constexpr float kVarlenMasked = flash_sdpa::kMaskedScore;  // log2-domain score of an invisible key
 constant constexpr float kVarlenLog2e = 1.4426950408889634f;
@@ -45,11 +41,11 @@ struct VarlenSequence {
 inline VarlenSequence varlen_sequence(int b, const device int* cu_seqlens_q, const device int* cu_seqlens_k,
                                       constant flash_sdpa::VarlenParams& p) {
   VarlenSequence s = {0, 0, min(p.seqlen_q, p.q_rows), min(p.seqlen_k, p.k_rows)};
-  if (varlen_is_varlen) {
+  if (fc_varlen) {
     const int2 q_rows = flash_sdpa::packed_rows(cu_seqlens_q, b, p.q_rows);
     s.start_q = q_rows.x;
     s.sq = q_rows.y;
-    if (varlen_paged) {  // each sequence has its own block-table row: keys count from 0, up to the row's capacity
+    if (fc_varlen_paged) {  // each sequence has its own block-table row: keys count from 0, up to the row's capacity
       const long capacity = long(p.max_blocks) * p.block_size;
       s.sk = int(clamp(long(cu_seqlens_k[b + 1]) - long(cu_seqlens_k[b]), 0l, capacity));
       s.start_k = 0;
@@ -85,7 +81,7 @@ inline VarlenHead<T> varlen_head(const device T* q, const device T* k, const dev
   r.v = v + long(b) * p.v_batch_stride + long(s.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
   r.out = out + long(b) * p.o_batch_stride + long(s.start_q) * p.o_row_stride + long(h) * p.o_head_stride;
   r.lse = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + s.start_q;
-  r.slope = varlen_has_alibi ? alibi_slopes[long(b) * p.alibi_batch_stride + h] : 0.0f;
+  r.slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
   return r;
 }
 
@@ -93,8 +89,8 @@ inline VarlenHead<T> varlen_head(const device T* q, const device T* k, const dev
 inline int2 varlen_tile_keys(int q0, int rows, const VarlenSequence s, constant flash_sdpa::VarlenParams& p) {
   const int offset = s.sk - s.sq;
   const int last_row = min(q0 + rows, s.sq) - 1;
-  return int2(flash_sdpa::visible_keys(q0 + offset, p.window_left, p.window_right, s.sk).x,
-              flash_sdpa::visible_keys(last_row + offset, p.window_left, p.window_right, s.sk).y + 1);
+  return int2(flash_sdpa::visible_keys(q0 + offset, p.opt, s.sk).x,
+              flash_sdpa::visible_keys(last_row + offset, p.opt, s.sk).y + 1);
 }
 
 // Paged: where key rows k0 .. k0 + BK - 1 live in k ([r]) and v ([BK + r]); -1 for a row past kv_end or whose block
@@ -127,7 +123,7 @@ inline void varlen_stage_rows(threadgroup float* dst, const device T* seq, long 
     const int r = idx / D, c = idx % D;
     long off = long(k0 + r) * row_stride;
     bool in = k0 + r < kv_end;
-    if (varlen_paged) {
+    if (fc_varlen_paged) {
       off = paged_offsets[r];
       in = off >= 0;
     }
@@ -148,7 +144,7 @@ struct VarlenRow {
 
 inline VarlenRow varlen_row(int i, const VarlenSequence s, float slope, constant flash_sdpa::VarlenParams& p) {
   const int pos = i + s.sk - s.sq;
-  const int2 keys = flash_sdpa::visible_keys(pos, p.window_left, p.window_right, s.sk);
+  const int2 keys = flash_sdpa::visible_keys(pos, p.opt, s.sk);
   return VarlenRow{i, keys.x, i >= s.sq ? -1 : keys.y, pos, slope, kVarlenMasked, 0.0f, false};
 }
 
@@ -165,15 +161,15 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
     const int c = sub + 4 * t;
     const int j = k0 + c;
     float s = strip[c];
-    bool visible = j >= row.lo && j <= row.hi && (!varlen_paged || key_offsets[c] >= 0);
+    bool visible = j >= row.lo && j <= row.hi && (!fc_varlen_paged || key_offsets[c] >= 0);
     if (visible && flash_sdpa::is_nonfinite(s)) {
       row.bad = true;
       visible = false;
     }
-    if (varlen_has_softcap) {
-      s = flash_sdpa::apply_softcap(s, p.softcap);
+    if (fc_softcap) {
+      s = flash_sdpa::apply_softcap(s, p.opt.softcap);
     }
-    if (varlen_has_alibi) {
+    if (fc_alibi) {
       s -= row.slope * abs(float(row.pos - j));
     }
     s = visible ? s * kVarlenLog2e : kVarlenMasked;
@@ -202,7 +198,7 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
 inline float varlen_finish_row(const thread VarlenRow& row, int sub, int sq, float sink_logit,
                                threadgroup uint* bad_slot, device uint* lse_seq) {
   float m_final = row.m, factor = 1.0f, denom = row.l;
-  if (varlen_has_sinks) {
+  if (fc_sinks) {
     const float sink = sink_logit * kVarlenLog2e;
     m_final = max(row.m, sink);
     factor = exp2(row.m - m_final);
@@ -304,7 +300,7 @@ template <typename T, int D>
     // Q rows of this simdgroup, times scale, as DB 8x8 blocks.
     simdgroup_matrix<float, 8, 8> q_frag[DB];
     for (int c0 = 0; c0 < D; c0 += CHUNK) {
-      varlen_stage_q<T, BQ, CHUNK, NT>(kv_tile, head.q, p.q_row_stride, p.scale, q0, c0, seq.sq, tid);
+      varlen_stage_q<T, BQ, CHUNK, NT>(kv_tile, head.q, p.q_row_stride, p.opt.scale, q0, c0, seq.sq, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       for (int cb = 0; cb < CHUNK / 8; ++cb) {
         simdgroup_load(q_frag[c0 / 8 + cb], kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
@@ -320,7 +316,7 @@ template <typename T, int D>
     VarlenRow row = varlen_row(q0 + int(sg) * 8 + int(lane) / 4, seq, head.slope, p);
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      if (varlen_paged) {
+      if (fc_varlen_paged) {
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
@@ -364,7 +360,7 @@ template <typename T, int D>
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
-    const float norm = varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f,
+    const float norm = varlen_finish_row(row, sub, seq.sq, fc_sinks ? sinks[h] : 0.0f,
                                          &bad_tile[int(sg) * 8 + int(lane) / 4], head.lse);
     varlen_write_diagonal(diag, norm, lane);
     simdgroup_barrier(mem_flags::mem_threadgroup);
@@ -421,7 +417,7 @@ template <typename T, int D>
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
     // This simdgroup's columns of the 8 Q rows, times scale.
-    varlen_stage_q<T, BQ, D, NT>(kv_tile, head.q, p.q_row_stride, p.scale, q0, 0, seq.sq, tid);
+    varlen_stage_q<T, BQ, D, NT>(kv_tile, head.q, p.q_row_stride, p.opt.scale, q0, 0, seq.sq, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
     simdgroup_matrix<float, 8, 8> q_frag[FB];
     simdgroup_matrix<float, 8, 8> o_frag[FB];
@@ -434,7 +430,7 @@ template <typename T, int D>
     VarlenRow row = varlen_row(q0 + int(lane) / 4, seq, head.slope, p);
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      if (varlen_paged) {
+      if (fc_varlen_paged) {
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
@@ -484,7 +480,7 @@ template <typename T, int D>
 
     if (sg == 0) {
       const float norm =
-          varlen_finish_row(row, sub, seq.sq, varlen_has_sinks ? sinks[h] : 0.0f, &bad_tile[int(lane) / 4], head.lse);
+          varlen_finish_row(row, sub, seq.sq, fc_sinks ? sinks[h] : 0.0f, &bad_tile[int(lane) / 4], head.lse);
       varlen_write_diagonal(diag, norm, lane);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);

@@ -31,11 +31,7 @@ namespace flash_sdpa {
 #define FLASH_SDPA_BWD_BUFFER_DSINKS 14        // float [heads], d s_aux (written by pass 3 when sinks are on)
 #define FLASH_SDPA_BWD_BUFFER_PARAMS 15        // BackwardParams (setBytes)
 
-// [[function_constant(i)]] of the backward kernels (all bool), as in the forward.
-#define FLASH_SDPA_BWD_FC_IS_VARLEN 0
-#define FLASH_SDPA_BWD_FC_HAS_SOFTCAP 1
-#define FLASH_SDPA_BWD_FC_HAS_ALIBI 2
-#define FLASH_SDPA_BWD_FC_HAS_SINKS 3
+// [[function_constant(i)]] of the backward kernels: the options' (attention_options.h), as in the forward.
 
 #define FLASH_SDPA_BWD_THREADS 128
 
@@ -109,25 +105,20 @@ struct BackwardParams {
   fsdpa_i64 lse_head_stride;
   fsdpa_i64 delta_batch_stride;  // floats
   fsdpa_i64 delta_head_stride;
-  fsdpa_i32 batch;               // number of sequences (grid z)
-  fsdpa_i32 num_heads;           // H
-  fsdpa_i32 num_kv_heads;        // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
-  fsdpa_i32 q_rows;              // rows of q/out/dout/dq along the row axis: row indices are clamped below it
-  fsdpa_i32 k_rows;              // rows of k/v/dk/dv along the row axis
-  fsdpa_i32 seqlen_q;            // dense mode: queries per sequence (varlen: unused)
-  fsdpa_i32 seqlen_k;            // dense mode: keys per sequence (varlen: unused)
-  fsdpa_i32 window_left;         // as VarlenParams: keys j >= i + sk - sq - window_left are visible; -1 = unbounded
-  fsdpa_i32 window_right;        // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
-  fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
-  fsdpa_i32 head_dim;            // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
-  fsdpa_i32 pad0;
-  float scale;    // multiplies q . k before softcap and ALiBi
-  float softcap;  // > 0 when FLASH_SDPA_BWD_FC_HAS_SOFTCAP
+  fsdpa_i32 batch;         // number of sequences (grid z)
+  fsdpa_i32 num_heads;     // H
+  fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
+  fsdpa_i32 q_rows;        // rows of q/out/dout/dq along the row axis: row indices are clamped below it
+  fsdpa_i32 k_rows;        // rows of k/v/dk/dv along the row axis
+  fsdpa_i32 seqlen_q;      // dense mode: queries per sequence (varlen: unused)
+  fsdpa_i32 seqlen_k;      // dense mode: keys per sequence (varlen: unused)
+  fsdpa_i32 head_dim;      // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
+  OptionParams opt;        // scale, softcap, window, ALiBi stride (as the forward's)
 };
 
-static_assert(sizeof(BackwardParams) == 28 * 8 + 14 * 4, "BackwardParams: no padding, same size in MSL and C++");
+static_assert(sizeof(BackwardParams) == 28 * 8 + 8 * 4 + sizeof(OptionParams), "BackwardParams: no padding");
 static_assert(__builtin_offsetof(BackwardParams, delta_head_stride) == 27 * 8, "64-bit strides first");
 static_assert(__builtin_offsetof(BackwardParams, batch) == 28 * 8, "32-bit fields after the strides");
-static_assert(__builtin_offsetof(BackwardParams, scale) == 28 * 8 + 12 * 4, "floats last");
+static_assert(__builtin_offsetof(BackwardParams, opt) == 28 * 8 + 8 * 4, "the options last");
 
 }  // namespace flash_sdpa

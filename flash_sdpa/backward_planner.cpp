@@ -31,10 +31,6 @@ bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
 
 namespace {
 
-int32_t window_i32(int64_t w, const char* what) {
-  return to_i32(std::min<int64_t>(w, std::numeric_limits<int32_t>::max()), what);
-}
-
 uint32_t tiles(int64_t rows, int64_t tile) { return to_u32((rows + tile - 1) / tile, "tiles"); }
 
 }  // namespace
@@ -85,21 +81,10 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   params.k_rows = to_i32(rows_k, "key rows");
   params.seqlen_q = varlen ? 0 : params.q_rows;
   params.seqlen_k = varlen ? 0 : params.k_rows;
-  params.window_left = window_i32(call.options.window_left, "window_left");
-  params.window_right = window_i32(call.options.window_right, "window_right");
-  params.alibi_batch_stride = call.options.alibi_slopes.has_value() && call.options.alibi_slopes->dim() == 2
-                                  ? to_i32(heads, "alibi batch stride")
-                                  : 0;
   params.head_dim = to_i32(head_dim, "head_dim");
-  params.scale = static_cast<float>(call.options.scale);
-  params.softcap = static_cast<float>(call.options.softcap);
+  params.opt = option_params(call.options);
 
-  const std::vector<FunctionConstant> constants = {
-      bool_constant(FLASH_SDPA_BWD_FC_IS_VARLEN, varlen),
-      bool_constant(FLASH_SDPA_BWD_FC_HAS_SOFTCAP, call.options.softcap > 0.0),
-      bool_constant(FLASH_SDPA_BWD_FC_HAS_ALIBI, call.options.alibi_slopes.has_value()),
-      bool_constant(FLASH_SDPA_BWD_FC_HAS_SINKS, call.options.sinks.has_value()),
-  };
+  const std::vector<FunctionConstant> constants = option_constants(call.options, varlen);
   // Optional inputs that are off get the float32 delta scratch as a placeholder: the kernels never touch them
   // (function constants), and delta is aligned for the int32 / float32 types those slots declare.
   const BufferArg cu_q{FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q, varlen ? *call.cu_seqlens_q : call.delta};

@@ -22,15 +22,8 @@
 
 using namespace metal;
 
-constant bool fc_decode_varlen [[function_constant(FLASH_SDPA_FC_DECODE_VARLEN)]];
 constant bool fc_decode_write_lse [[function_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE)]];
-constant bool fc_decode_alibi [[function_constant(FLASH_SDPA_FC_DECODE_ALIBI)]];
-constant bool fc_decode_sinks [[function_constant(FLASH_SDPA_FC_DECODE_SINKS)]];
-constant bool fc_decode_softcap [[function_constant(FLASH_SDPA_FC_DECODE_SOFTCAP)]];
 constant bool fc_decode_kv_aligned [[function_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED)]];
-constant bool fc_combine_write_lse [[function_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE)]];
-constant bool fc_combine_sinks [[function_constant(FLASH_SDPA_FC_COMBINE_SINKS)]];
-constant bool fc_combine_varlen [[function_constant(FLASH_SDPA_FC_COMBINE_VARLEN)]];
 constant bool fc_decode_leftpad [[function_constant(FLASH_SDPA_FC_DECODE_LEFTPAD)]];
 
 namespace flash_sdpa {
@@ -233,7 +226,7 @@ template <typename T, int D, int R>
     return;  // whole threadgroup: grid larger than the problem
   }
   const bool split_mode = p.num_splits > 1;  // a run-time choice: the same pipeline serves every split count
-  const int sq = fc_decode_varlen ? 1 : p.seqlen_q;
+  const int sq = fc_varlen ? 1 : p.seqlen_q;
   const int group = p.num_heads / p.num_kv_heads;
   const int nrows = min(R, group * sq - row0);
 
@@ -243,7 +236,7 @@ template <typename T, int D, int R>
   int sk = 0;
   int k_start = 0;
   int q_row = 0;  // varlen: the row of q / out
-  if (fc_decode_varlen) {
+  if (fc_varlen) {
     const int qs = cu_seqlens_q[b];
     const int qe = cu_seqlens_q[b + 1];
     if (!(qe > qs && qs >= 0 && qs < p.total_q)) {
@@ -264,8 +257,8 @@ template <typename T, int D, int R>
   const int diag = sk - sq;  // query i sits at key position i + diag (bottom-right alignment)
 
   // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
-  const int lo = visible_keys(diag, p.window_left, p.window_right, sk).x;
-  const int hi = visible_keys(sq - 1 + diag, p.window_left, p.window_right, sk).y + 1;
+  const int lo = visible_keys(diag, p.opt, sk).x;
+  const int hi = visible_keys(sq - 1 + diag, p.opt, sk).y + 1;
   // This split's share, in whole simdgroup steps.
   const int span = max(hi - lo, 0);
   const long per_split = ((long(span) + p.num_splits - 1) / p.num_splits + KS - 1) / KS * KS;
@@ -281,9 +274,8 @@ template <typename T, int D, int R>
   int2 loc[U];
   int2 loc_next[U];
   const int first = begin + int(sg) * KS;
-  TableCursor cursor = table_cursor(k_start + first + g, NSG * KS, fc_decode_varlen ? 1 : p.block_size);
-  step_locs<U, G>(loc, first + g, end, fc_decode_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                  p.num_blocks);
+  TableCursor cursor = table_cursor(k_start + first + g, NSG * KS, fc_varlen ? 1 : p.block_size);
+  step_locs<U, G>(loc, first + g, end, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size, p.num_blocks);
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
   for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
@@ -295,8 +287,8 @@ template <typename T, int D, int R>
       const int h = hkv * group + gr / sq;
       const int i = gr % sq;
       // q (B, sq, H, D = 1); varlen: q (total_q, H, D = 1)
-      const long qoff = fc_decode_varlen ? long(q_row) * p.q_stride_s : long(b) * p.q_stride_b + long(i) * p.q_stride_s;
-      v = float(q[qoff + long(h) * p.q_stride_h + d]) * p.scale;
+      const long qoff = fc_varlen ? long(q_row) * p.q_stride_s : long(b) * p.q_stride_b + long(i) * p.q_stride_s;
+      v = float(q[qoff + long(h) * p.q_stride_h + d]) * p.opt.scale;
     }
     q_tg[idx] = v;
   }
@@ -309,8 +301,8 @@ template <typename T, int D, int R>
     const int gr = row0 + min(r, nrows - 1);
     const int h = hkv * group + gr / sq;
     row_pos[r] = gr % sq + diag;
-    row_keys[r] = visible_keys(row_pos[r], p.window_left, p.window_right, sk);
-    row_slope[r] = fc_decode_alibi ? alibi[long(b) * p.alibi_stride_b + h] : 0.0f;
+    row_keys[r] = visible_keys(row_pos[r], p.opt, sk);
+    row_slope[r] = fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, h) : 0.0f;
   }
   // Bit r: this lane saw a visible key whose score is NaN or inf (the row's output becomes NaN, as in
   // FlashAttention-2; the score itself is dropped so that nothing non-finite reaches the accumulators).
@@ -347,8 +339,8 @@ template <typename T, int D, int R>
       }
     }
     // 2. The next step's block ids, in flight with the K/V loads.
-    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_decode_varlen, k_start, cursor, block_table, bt_row,
-                    p.block_size, p.num_blocks);
+    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                    p.num_blocks);
 
     // 3. Scores: partial q.k over this lane's dims, summed over the L lanes of the key (butterfly: every lane of
     // the group gets the total).
@@ -398,10 +390,10 @@ template <typename T, int D, int R>
             bad_rows |= 1u << r;
             visible = false;
           }
-          if (fc_decode_softcap) {
-            sc = apply_softcap(sc, p.softcap);
+          if (fc_softcap) {
+            sc = apply_softcap(sc, p.opt.softcap);
           }
-          if (fc_decode_alibi) {
+          if (fc_alibi) {
             sc -= row_slope[r] * float(abs(row_pos[r] - key));
           }
           sc = visible ? sc : kMaskedScore;
@@ -527,8 +519,8 @@ template <typename T, int D, int R>
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
     // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
     const long out_at =
-        fc_decode_varlen ? (long(q_row) * p.num_heads + h) * D + d : ((long(b) * sq + i) * p.num_heads + h) * D + d;
-    const long lse_at = fc_decode_varlen ? long(h) * p.total_q + q_row : row;
+        fc_varlen ? (long(q_row) * p.num_heads + h) * D + d : ((long(b) * sq + i) * p.num_heads + h) * D + d;
+    const long lse_at = fc_varlen ? long(h) * p.total_q + q_row : row;
     if (split_mode) {
       const long prow = long(split) * p.batch * p.num_heads * sq + row;  // (splits, B, H, sq)
       o_partial[prow * D + d] = acc;
@@ -544,7 +536,7 @@ template <typename T, int D, int R>
     } else {
       const bool seen = mx > kNegHalf;
       float scale_o = 1.0f;
-      if (fc_decode_sinks && seen) {
+      if (fc_sinks && seen) {
         const float sink = sinks[h];
         const float mn = max(mx, sink);
         scale_o = exp(mx - mn);
@@ -594,7 +586,7 @@ template <typename T>
   // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
   long out_row = (b * p.seqlen_q + i) * p.num_heads + h;
   long lse_at = row;
-  if (fc_combine_varlen) {
+  if (fc_varlen) {
     const int qs = cu_seqlens_q[b];
     const int qe = cu_seqlens_q[b + 1];
     if (!(qe > qs && qs >= 0 && qs < p.total_q)) {
@@ -631,7 +623,7 @@ template <typename T>
     for (int d = int(tid); d < D; d += NT) {
       out[out_row * D + d] = T(as_type<float>(kNanBits));
     }
-    if (fc_combine_write_lse && tid == 0) {
+    if (fc_decode_write_lse && tid == 0) {
       lse[lse_at] = kNanBits;
     }
     return;
@@ -688,7 +680,7 @@ template <typename T>
     float scale_o = 1.0f;
     float mfinal = mx;
     float denom = sum;
-    if (fc_combine_sinks && seen) {
+    if (fc_sinks && seen) {
       const float sink = sinks[h];
       const float mn = max(mx, sink);
       scale_o = exp(mx - mn);
@@ -698,7 +690,7 @@ template <typename T>
     for (int e = 0; e < 4; ++e) {
       out[out_row * D + 4 * int(tid) + e] = seen ? T(total[e] * scale_o / denom) : T(0.0f);
     }
-    if (fc_combine_write_lse && tid == 0) {
+    if (fc_decode_write_lse && tid == 0) {
       lse[lse_at] = seen ? as_type<uint>(mfinal + log(denom)) : kNegInfBits;
     }
   }

@@ -1,29 +1,12 @@
 // Parameters of the paged KV-cache kernels (kv_paged_write, paged_decode_attention, paged_decode_combine).
 //
-// One definition, compiled as MSL (the .metal files) and as C++ (paged_planner.cpp; tests/test_paged_kernels.py
-// mirrors it with ctypes and checks the size): fixed-width types, int64 strides, int32 counts, the layout pinned
-// by static_asserts on both sides. Strides are in elements of the tensor they describe, axis order (A, B, ..., D = 1).
+// One definition, compiled as MSL (the .metal files) and as C++ (paged_planner.cpp): fixed-width types, int64
+// strides, int32 counts, the options last (attention_options.h), the layout pinned by static_asserts on both sides.
+// Strides are in elements of the tensor they describe, axis order (A, B, ..., D = 1).
 #pragma once
 
-#if defined(__METAL_VERSION__)
-#include <metal_stdlib>
-namespace flash_sdpa {
-namespace paged {
-typedef int i32;
-typedef long i64;
-typedef float f32;
-}  // namespace paged
-}  // namespace flash_sdpa
-#else
-#include <cstdint>
-namespace flash_sdpa {
-namespace paged {
-typedef int32_t i32;
-typedef int64_t i64;
-typedef float f32;
-}  // namespace paged
-}  // namespace flash_sdpa
-#endif
+#include "attention_options.h"  // OptionParams, the options' function constants
+#include "params_types.h"
 
 // The supported configurations: one list drives the MSL instantiations, the host checks and the test grid
 // (the tests parse these two macros). X(msl_type, dtype_name) and X(head_dim, extra...).
@@ -61,7 +44,7 @@ namespace flash_sdpa {
 namespace paged {
 
 // Threadgroup shapes (compile-time on both sides).
-enum : i32 {
+enum : fsdpa_i32 {
   kSimdWidth = 32,
   // kv_paged_write: one thread per element of one new token's (Hkv, D) slice.
   kWriteThreads = FLASH_SDPA_PAGED_WRITE_THREADS,
@@ -101,36 +84,31 @@ enum : i32 {
 #define FLASH_SDPA_DECODE_BUF_BLOCK_TABLE 3     // int32 [B, max_blocks_per_seq]
 #define FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS 4   // int32 [B]
 #define FLASH_SDPA_DECODE_BUF_OUT 5             // T [B, sq, H, D] contiguous (unsplit)
-#define FLASH_SDPA_DECODE_BUF_LSE 6             // float [B, H, sq] contiguous (unsplit, FC_WRITE_LSE)
-#define FLASH_SDPA_DECODE_BUF_ALIBI 7           // float, slope of (b, h) at b * alibi_stride_b + h (FC_ALIBI)
+#define FLASH_SDPA_DECODE_BUF_LSE 6             // float [B, H, sq] contiguous (unsplit, FC_DECODE_WRITE_LSE)
+#define FLASH_SDPA_DECODE_BUF_ALIBI 7           // float, slope of (b, h) at b * opt.alibi_batch_stride + h (FC_ALIBI)
 #define FLASH_SDPA_DECODE_BUF_SINKS 8           // float [H] sink logits (unsplit, FC_SINKS)
 #define FLASH_SDPA_DECODE_BUF_O_PARTIAL 9       // float [splits, B, H, sq, D] unnormalised partial outputs (split)
 #define FLASH_SDPA_DECODE_BUF_ML_PARTIAL 10     // float [splits, B, H, sq, 2]: (max, sum of exp) per split (split)
 #define FLASH_SDPA_DECODE_BUF_PARAMS 11         // PagedDecodeParams
-#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q 12   // int32 [B + 1] (FC_DECODE_VARLEN): query rows of sequence b
-#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K 13   // int32 [B + 1] (FC_DECODE_VARLEN): key rows of sequence b
+#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_Q 12   // int32 [B + 1] (FC_VARLEN): query rows of sequence b
+#define FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K 13   // int32 [B + 1] (FC_VARLEN): key rows of sequence b
 #define FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD 14  // int32 [B] (FC_DECODE_LEFTPAD): the cache row's first key slot
 
 #define FLASH_SDPA_COMBINE_BUF_O_PARTIAL 0     // float [splits, B, H, sq, D]
 #define FLASH_SDPA_COMBINE_BUF_ML_PARTIAL 1    // float [splits, B, H, sq, 2]
-#define FLASH_SDPA_COMBINE_BUF_SINKS 2         // float [H] (FC_COMBINE_SINKS)
+#define FLASH_SDPA_COMBINE_BUF_SINKS 2         // float [H] (FC_SINKS)
 #define FLASH_SDPA_COMBINE_BUF_OUT 3           // T [B, sq, H, D] contiguous
-#define FLASH_SDPA_COMBINE_BUF_LSE 4           // float [B, H, sq] (FC_COMBINE_WRITE_LSE)
+#define FLASH_SDPA_COMBINE_BUF_LSE 4           // float [B, H, sq] (FC_DECODE_WRITE_LSE)
 #define FLASH_SDPA_COMBINE_BUF_PARAMS 5        // PagedCombineParams
-#define FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q 6  // int32 [B + 1] (FC_COMBINE_VARLEN)
+#define FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q 6  // int32 [B + 1] (FC_VARLEN)
 
 // bool function constants; part of the pipeline-cache key, not of the kernel name. None depends on the split count
-// (a run-time value, num_splits > 1 writes partials): a growing context never needs a new pipeline.
-#define FLASH_SDPA_FC_DECODE_VARLEN 0     // packed K/V [total_k, Hkv, D] and q/out rows from cu_seqlens (varlen decode)
-#define FLASH_SDPA_FC_DECODE_WRITE_LSE 1  // write the LSE (when unsplit; the combine writes it when split)
-#define FLASH_SDPA_FC_DECODE_ALIBI 2      // add -slope * |i + sk - sq - j|
-#define FLASH_SDPA_FC_DECODE_SINKS 3  // sink logits join the denominator (unsplit; the combine applies them when split)
-#define FLASH_SDPA_FC_DECODE_SOFTCAP 4  // s = softcap * tanh(s / softcap)
-#define FLASH_SDPA_FC_COMBINE_WRITE_LSE 5
-#define FLASH_SDPA_FC_COMBINE_SINKS 6
-#define FLASH_SDPA_FC_DECODE_KV_ALIGNED 7  // K/V strides and offsets are multiples of 16 bytes: vector loads
-#define FLASH_SDPA_FC_COMBINE_VARLEN 8     // out / LSE rows from cu_seqlens_q (varlen decode)
-#define FLASH_SDPA_FC_DECODE_LEFTPAD 9     // keys start at slot cache_leftpad[b] (FlashAttention-2's cache_leftpad)
+// (a run-time value, num_splits > 1 writes partials): a growing context never needs a new pipeline. Both kernels read
+// the options' (attention_options.h): FLASH_SDPA_FC_VARLEN (packed K/V [total_k, Hkv, D], q / out / LSE rows from
+// cu_seqlens), _SOFTCAP, _ALIBI, _SINKS (the decode applies the sinks when unsplit, the combine when split); and
+#define FLASH_SDPA_FC_DECODE_WRITE_LSE 8   // write the LSE (the decode when unsplit, the combine when split)
+#define FLASH_SDPA_FC_DECODE_KV_ALIGNED 9  // K/V strides and offsets are multiples of 16 bytes: vector loads
+#define FLASH_SDPA_FC_DECODE_LEFTPAD 10    // keys start at slot cache_leftpad[b] (FlashAttention-2's cache_leftpad)
 
 namespace flash_sdpa {
 namespace paged {
@@ -139,86 +117,83 @@ namespace paged {
 // New token i of request b lands at slot t = cache_seqlens[b] + i: block block_table[b, t / block_size], row
 // t % block_size. Rows with cache_seqlens < 0, slots past the table and block ids outside [0, num_blocks) are skipped.
 struct KVPagedWriteParams {
-  i64 k_new_stride_b;  // k_new strides (B, sk_new, Hkv, D = 1), elements
-  i64 k_new_stride_s;
-  i64 k_new_stride_h;
-  i64 v_new_stride_b;  // v_new strides, elements (transformers may pass k and v with different layouts)
-  i64 v_new_stride_s;
-  i64 v_new_stride_h;
-  i64 k_cache_stride_block;  // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements
-  i64 k_cache_stride_slot;
-  i64 k_cache_stride_h;
-  i64 v_cache_stride_block;  // v_cache strides, elements
-  i64 v_cache_stride_slot;
-  i64 v_cache_stride_h;
-  i64 block_table_stride_b;  // block_table row stride, elements (int32)
-  i32 batch;                 // B: rows of block_table / cache_seqlens / k_new
-  i32 seqlen_new;            // sk_new: new tokens per request
-  i32 num_kv_heads;          // Hkv
-  i32 head_dim;              // D
-  i32 block_size;            // slots per block (>= 1)
-  i32 num_blocks;            // blocks in each cache view
-  i32 max_blocks_per_seq;    // block_table columns
-  i32 pad0;
+  fsdpa_i64 k_new_stride_b;  // k_new strides (B, sk_new, Hkv, D = 1), elements
+  fsdpa_i64 k_new_stride_s;
+  fsdpa_i64 k_new_stride_h;
+  fsdpa_i64 v_new_stride_b;  // v_new strides, elements (transformers may pass k and v with different layouts)
+  fsdpa_i64 v_new_stride_s;
+  fsdpa_i64 v_new_stride_h;
+  fsdpa_i64 k_cache_stride_block;  // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements
+  fsdpa_i64 k_cache_stride_slot;
+  fsdpa_i64 k_cache_stride_h;
+  fsdpa_i64 v_cache_stride_block;  // v_cache strides, elements
+  fsdpa_i64 v_cache_stride_slot;
+  fsdpa_i64 v_cache_stride_h;
+  fsdpa_i64 block_table_stride_b;  // block_table row stride, elements (int32)
+  fsdpa_i32 batch;                 // B: rows of block_table / cache_seqlens / k_new
+  fsdpa_i32 seqlen_new;            // sk_new: new tokens per request
+  fsdpa_i32 num_kv_heads;          // Hkv
+  fsdpa_i32 head_dim;              // D
+  fsdpa_i32 block_size;            // slots per block (>= 1)
+  fsdpa_i32 num_blocks;            // blocks in each cache view
+  fsdpa_i32 max_blocks_per_seq;    // block_table columns
+  fsdpa_i32 pad0;
 };
 
 // paged_decode_attention<T, D, R>: grid (num_splits, Hkv * row_blocks, B), kDecodeThreads threads.
 // Paged mode: request b has sk = cache_seqlens[b] + seqlen_new keys (clamped to the table capacity
 // max_blocks_per_seq * block_size), key t at block block_table[b, t / block_size], slot t % block_size; keys whose
-// block id is outside [0, num_blocks) are masked. Varlen mode (FC_DECODE_VARLEN): sequence b has the keys at rows
+// block id is outside [0, num_blocks) are masked. Varlen mode (FC_VARLEN): sequence b has the keys at rows
 // cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of k [total_k, Hkv, D] (both clamped to [0, total_k]) and one query, row
 // cu_seqlens_q[b] of q [total_q, H, D] (sq = 1); a sequence with no query row in [0, total_q) is skipped (nothing
 // written). Query i of head h sees key j when lo(i) <= j <= hi(i) (window below). A row with no visible key
 // outputs 0 and LSE -inf.
 struct PagedDecodeParams {
-  i64 q_stride_b;  // q strides (B, sq, H, D = 1), elements; varlen: q (total_q, H, D = 1) uses s and h
-  i64 q_stride_s;
-  i64 q_stride_h;
-  i64 k_stride_block;  // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements; varlen: k (total_k,
-  i64 k_stride_slot;   //   Hkv, D = 1) uses slot (row) and h
-  i64 k_stride_h;
-  i64 v_stride_block;  // v_cache strides (num_blocks, block_size, Hkv, D = 1), elements
-  i64 v_stride_slot;
-  i64 v_stride_h;
-  i64 block_table_stride_b;  // elements (int32)
-  i32 batch;                 // B
-  i32 seqlen_q;              // sq, 1..kMaxSeqlenQ
-  i32 num_heads;             // H (query heads)
-  i32 num_kv_heads;          // Hkv; H % Hkv == 0, query head h reads KV head h / (H / Hkv)
-  i32 head_dim;              // D; equals the kernel's template D
-  i32 row_blocks;            // ceil(group * sq / R), R the kernel's row tile
-  i32 block_size;            // slots per block (>= 1)
-  i32 num_blocks;            // blocks in each cache view
-  i32 max_blocks_per_seq;    // block_table columns
-  i32 seqlen_new;            // tokens appended by kv_paged_write this call (attention covers them)
-  i32 num_splits;            // split-K partials per (b, Hkv, row block); 1 = unsplit
-  i32 window_left;           // keys j >= i + sk - sq - left; -1 = unbounded
-  i32 window_right;          // keys j <= i + sk - sq + right; -1 = unbounded (causal: 0)
-  i32 alibi_stride_b;        // alibi slopes batch stride (0 for [H], H for [B, H]), elements
-  i32 total_q;               // varlen: rows of q / out (LSE is [H, total_q]); else 0
-  i32 total_k;               // varlen: rows of k / v; else 0
-  f32 scale;                 // softmax scale on q.k
-  f32 softcap;               // > 0 when FC_DECODE_SOFTCAP
+  fsdpa_i64 q_stride_b;  // q strides (B, sq, H, D = 1), elements; varlen: q (total_q, H, D = 1) uses s and h
+  fsdpa_i64 q_stride_s;
+  fsdpa_i64 q_stride_h;
+  fsdpa_i64 k_stride_block;  // k_cache strides (num_blocks, block_size, Hkv, D = 1), elements; varlen: k (total_k,
+  fsdpa_i64 k_stride_slot;   //   Hkv, D = 1) uses slot (row) and h
+  fsdpa_i64 k_stride_h;
+  fsdpa_i64 v_stride_block;  // v_cache strides (num_blocks, block_size, Hkv, D = 1), elements
+  fsdpa_i64 v_stride_slot;
+  fsdpa_i64 v_stride_h;
+  fsdpa_i64 block_table_stride_b;  // elements (int32)
+  fsdpa_i32 batch;                 // B
+  fsdpa_i32 seqlen_q;              // sq, 1..kMaxSeqlenQ
+  fsdpa_i32 num_heads;             // H (query heads)
+  fsdpa_i32 num_kv_heads;          // Hkv; H % Hkv == 0, query head h reads KV head h / (H / Hkv)
+  fsdpa_i32 head_dim;              // D; equals the kernel's template D
+  fsdpa_i32 row_blocks;            // ceil(group * sq / R), R the kernel's row tile
+  fsdpa_i32 block_size;            // slots per block (>= 1)
+  fsdpa_i32 num_blocks;            // blocks in each cache view
+  fsdpa_i32 max_blocks_per_seq;    // block_table columns
+  fsdpa_i32 seqlen_new;            // tokens appended by kv_paged_write this call (attention covers them)
+  fsdpa_i32 num_splits;            // split-K partials per (b, Hkv, row block); 1 = unsplit
+  fsdpa_i32 total_q;               // varlen: rows of q / out (LSE is [H, total_q]); else 0
+  fsdpa_i32 total_k;               // varlen: rows of k / v; else 0
+  fsdpa_i32 pad0;
+  OptionParams opt;  // scale, softcap, window, ALiBi stride
 };
 
 // paged_decode_combine: grid (B * H * sq), kCombineThreads threads.
 struct PagedCombineParams {
-  i32 batch;       // B
-  i32 seqlen_q;    // sq
-  i32 num_heads;   // H
-  i32 head_dim;    // D
-  i32 num_splits;  // partials per row, <= kMaxSplits
-  i32 total_q;     // varlen (FC_COMBINE_VARLEN): rows of out; LSE is [H, total_q]
+  fsdpa_i32 batch;       // B
+  fsdpa_i32 seqlen_q;    // sq
+  fsdpa_i32 num_heads;   // H
+  fsdpa_i32 head_dim;    // D
+  fsdpa_i32 num_splits;  // partials per row, <= kMaxSplits
+  fsdpa_i32 total_q;     // varlen (FC_VARLEN): rows of out; LSE is [H, total_q]
 };
 
-// Layout pins: the host, the MSL compiler and the ctypes mirror in the tests must agree byte for byte.
-static_assert(sizeof(KVPagedWriteParams) == 136, "KVPagedWriteParams layout changed: update the ctypes mirror");
+// Layout pins: the host and the MSL compiler must agree byte for byte.
+static_assert(sizeof(KVPagedWriteParams) == 136, "KVPagedWriteParams layout changed: no padding");
 static_assert(__builtin_offsetof(KVPagedWriteParams, batch) == 104, "int64 strides first, then int32 counts");
 static_assert(__builtin_offsetof(KVPagedWriteParams, max_blocks_per_seq) == 128, "write params: count offsets");
-static_assert(sizeof(PagedDecodeParams) == 152, "PagedDecodeParams layout changed: update the ctypes mirror");
+static_assert(sizeof(PagedDecodeParams) == 80 + 14 * 4 + sizeof(OptionParams), "PagedDecodeParams: no padding");
 static_assert(__builtin_offsetof(PagedDecodeParams, batch) == 80, "int64 strides first, then int32 counts");
-static_assert(__builtin_offsetof(PagedDecodeParams, scale) == 144, "decode params: float tail offset");
-static_assert(sizeof(PagedCombineParams) == 24, "PagedCombineParams layout changed: update the ctypes mirror");
+static_assert(__builtin_offsetof(PagedDecodeParams, opt) == 80 + 14 * 4, "the options last");
+static_assert(sizeof(PagedCombineParams) == 24, "PagedCombineParams layout changed: no padding");
 static_assert(kDecodeThreads == kDecodeSimdgroups * kSimdWidth, "decode: whole simdgroups");
 static_assert(kCombineThreads == kCombineSimdgroups * kSimdWidth, "combine: whole simdgroups");
 static_assert(kDecodeThreads <= 1024 && kCombineThreads <= 1024 && kWriteThreads <= 1024, "Metal thread limit");

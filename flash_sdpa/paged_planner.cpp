@@ -14,10 +14,6 @@ namespace flash_sdpa {
 
 namespace {
 
-int32_t clamp_window(int64_t w) {
-  return w < 0 ? -1 : static_cast<int32_t>(std::min<int64_t>(w, std::numeric_limits<int32_t>::max()));
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Key positions stay below 2^31 - 2^16 so that the kernel's int32 key arithmetic (a step past the end) cannot
@@ -227,15 +223,9 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   ap.max_blocks_per_seq = to_i32(max_blocks, "max_blocks_per_seq");
   ap.seqlen_new = to_i32(seqlen_new, "seqlen_new");
   ap.num_splits = to_i32(splits, "num_splits");
-  ap.window_left = clamp_window(call.options.window_left);
-  ap.window_right = clamp_window(call.options.window_right);
-  ap.alibi_stride_b = call.options.alibi_slopes.has_value() && call.options.alibi_slopes->dim() == 2
-                          ? to_i32(heads, "alibi batch stride")
-                          : 0;
   ap.total_q = to_i32(total_q, "total_q");
   ap.total_k = to_i32(total_k, "total_k");
-  ap.scale = static_cast<float>(call.options.scale);
-  ap.softcap = static_cast<float>(call.options.softcap);
+  ap.opt = option_params(call.options);
 
   at::Tensor o_partial, ml_partial;
   if (split) {
@@ -262,15 +252,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
 
   Dispatch a;
   a.kernel = paged_decode_kernel_name(dtype, head_dim, rows);
-  a.constants = {
-      bool_constant(FLASH_SDPA_FC_DECODE_VARLEN, varlen),
-      bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()),
-      bool_constant(FLASH_SDPA_FC_DECODE_ALIBI, call.options.alibi_slopes.has_value()),
-      bool_constant(FLASH_SDPA_FC_DECODE_SINKS, call.options.sinks.has_value()),
-      bool_constant(FLASH_SDPA_FC_DECODE_SOFTCAP, call.options.softcap > 0.0),
-      bool_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED, kv_aligned),
-      bool_constant(FLASH_SDPA_FC_DECODE_LEFTPAD, !varlen && call.cache_leftpad.has_value()),
-  };
+  a.constants = option_constants(call.options, varlen);
+  a.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));
+  a.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED, kv_aligned));
+  a.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_LEFTPAD, !varlen && call.cache_leftpad.has_value()));
   a.buffers = {
       {FLASH_SDPA_DECODE_BUF_Q, q},
       {FLASH_SDPA_DECODE_BUF_K_CACHE, call.k_cache},
@@ -305,11 +290,8 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
 
     Dispatch c;
     c.kernel = paged_combine_kernel_name(dtype);
-    c.constants = {
-        bool_constant(FLASH_SDPA_FC_COMBINE_WRITE_LSE, call.lse.has_value()),
-        bool_constant(FLASH_SDPA_FC_COMBINE_SINKS, call.options.sinks.has_value()),
-        bool_constant(FLASH_SDPA_FC_COMBINE_VARLEN, varlen),
-    };
+    c.constants = option_constants(call.options, varlen);
+    c.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));
     c.buffers = {
         {FLASH_SDPA_COMBINE_BUF_O_PARTIAL, o_partial},
         {FLASH_SDPA_COMBINE_BUF_ML_PARTIAL, ml_partial},

@@ -5,24 +5,8 @@
 // setBytes at FLASH_SDPA_VARLEN_BUFFER_PARAMS.
 #pragma once
 
-#ifdef __METAL_VERSION__
-#include <metal_stdlib>
-typedef long fsdpa_i64;  // MSL long is 64-bit
-typedef int fsdpa_i32;
-typedef uint fsdpa_u32;
-#ifndef FSDPA_CONSTANT
-#define FSDPA_CONSTANT constant constexpr  // program-scope values live in the constant address space
-#endif
-#else
-#include <cstddef>
-#include <cstdint>
-typedef int64_t fsdpa_i64;
-typedef int32_t fsdpa_i32;
-typedef uint32_t fsdpa_u32;
-#ifndef FSDPA_CONSTANT
-#define FSDPA_CONSTANT constexpr
-#endif
-#endif
+#include "attention_options.h"  // OptionParams, the options' function constants
+#include "params_types.h"
 
 namespace flash_sdpa {
 
@@ -41,12 +25,9 @@ namespace flash_sdpa {
 #define FLASH_SDPA_VARLEN_BUFFER_PARAMS 9        // VarlenParams (setBytes)
 #define FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE 10  // int32 [batch, max_blocks], paged K/V only
 
-// [[function_constant(i)]] of the varlen kernel (all bool); they key the pipeline cache next to the kernel name.
-#define FLASH_SDPA_VARLEN_FC_IS_VARLEN 0    // sequences from cu_seqlens_q/k; else every batch has seqlen_q/k rows
-#define FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP 1  // s = softcap * tanh(s / softcap)
-#define FLASH_SDPA_VARLEN_FC_HAS_ALIBI 2    // s -= slope * |i + sk - sq - j|
-#define FLASH_SDPA_VARLEN_FC_HAS_SINKS 3    // sinks[h] joins the softmax denominator
-#define FLASH_SDPA_VARLEN_FC_PAGED 4        // K/V are paged caches read through the block table (varlen only)
+// [[function_constant(i)]] of the varlen kernel (all bool; they key the pipeline cache next to the kernel name): the
+// options' (attention_options.h: FLASH_SDPA_FC_VARLEN, _SOFTCAP, _ALIBI, _SINKS) and
+#define FLASH_SDPA_FC_VARLEN_PAGED 8  // K/V are paged caches read through the block table (varlen only)
 
 // Threads per threadgroup, a literal for [[max_total_threads_per_threadgroup]].
 #define FLASH_SDPA_VARLEN_THREADS 128
@@ -110,7 +91,7 @@ FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(FLASH_SDPA_CHECK_WIDE_HEAD_DIM, _, _)
 // Element (i, d) of head h of sequence b lives at
 //   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)
 // where start_x(b) = cu_seqlens_x[b] in varlen mode (batch strides 0) and 0 in dense mode. Paged K/V
-// (FLASH_SDPA_VARLEN_FC_PAGED): key j of sequence b lives at
+// (FLASH_SDPA_FC_VARLEN_PAGED): key j of sequence b lives at
 //   block * k_block_stride + (j % block_size) * k_row_stride + h * k_head_stride + d,  block = block_table[b, j /
 //   block_size]
 // with sequence b's key count cu_seqlens_k[b + 1] - cu_seqlens_k[b]; blocks outside [0, num_blocks) are masked.
@@ -140,20 +121,15 @@ struct VarlenParams {
   fsdpa_i32 k_rows;              // rows of the k/v tensors along the row axis
   fsdpa_i32 seqlen_q;            // dense mode: queries per sequence (varlen: unused)
   fsdpa_i32 seqlen_k;            // dense mode: keys per sequence (varlen: unused)
-  fsdpa_i32 window_left;         // keys j >= i + sk - sq - window_left are visible; -1 = unbounded
-  fsdpa_i32 window_right;        // keys j <= i + sk - sq + window_right are visible; -1 = unbounded (causal: 0)
-  fsdpa_i32 alibi_batch_stride;  // floats between batches of slopes: 0 for slopes [H], H for [B, H]
   fsdpa_i32 block_size;          // paged: keys per block (>= 1)
   fsdpa_i32 num_blocks;          // paged: blocks in k / v
   fsdpa_i32 max_blocks;          // paged: block_table columns (capacity = max_blocks * block_size keys)
-  fsdpa_i32 pad0;
-  float scale;    // multiplies q . k before softcap and ALiBi
-  float softcap;  // > 0 when FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP
+  OptionParams opt;              // scale, softcap, window, ALiBi stride
 };
 
-static_assert(sizeof(VarlenParams) == 17 * 8 + 16 * 4, "VarlenParams: no padding, same size in MSL and C++");
+static_assert(sizeof(VarlenParams) == 17 * 8 + 10 * 4 + sizeof(OptionParams), "VarlenParams: no padding");
 static_assert(__builtin_offsetof(VarlenParams, block_table_stride) == 16 * 8, "64-bit strides first");
 static_assert(__builtin_offsetof(VarlenParams, batch) == 17 * 8, "32-bit fields after the strides");
-static_assert(__builtin_offsetof(VarlenParams, scale) == 17 * 8 + 14 * 4, "floats last");
+static_assert(__builtin_offsetof(VarlenParams, opt) == 17 * 8 + 10 * 4, "the options last");
 
 }  // namespace flash_sdpa

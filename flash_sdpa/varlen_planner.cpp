@@ -80,25 +80,12 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.k_rows = paged ? 0 : to_i32(call.k.size(row_dim), "key rows");
   params.seqlen_q = varlen ? 0 : params.q_rows;
   params.seqlen_k = varlen ? 0 : params.k_rows;
-  params.window_left =
-      to_i32(std::min<int64_t>(call.options.window_left, std::numeric_limits<int32_t>::max()), "window_left");
-  params.window_right =
-      to_i32(std::min<int64_t>(call.options.window_right, std::numeric_limits<int32_t>::max()), "window_right");
-  params.alibi_batch_stride = call.options.alibi_slopes.has_value() && call.options.alibi_slopes->dim() == 2
-                                  ? to_i32(heads, "alibi batch stride")
-                                  : 0;
-  params.scale = static_cast<float>(call.options.scale);
-  params.softcap = static_cast<float>(call.options.softcap);
+  params.opt = option_params(call.options);
 
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
-  d.constants = {
-      bool_constant(FLASH_SDPA_VARLEN_FC_IS_VARLEN, varlen),
-      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SOFTCAP, call.options.softcap > 0.0),
-      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_ALIBI, call.options.alibi_slopes.has_value()),
-      bool_constant(FLASH_SDPA_VARLEN_FC_HAS_SINKS, call.options.sinks.has_value()),
-      bool_constant(FLASH_SDPA_VARLEN_FC_PAGED, paged),
-  };
+  d.constants = option_constants(call.options, varlen);
+  d.constants.push_back(bool_constant(FLASH_SDPA_FC_VARLEN_PAGED, paged));
   // Optional inputs that are off get lse as a placeholder: the kernel never reads them (function constants), and
   // lse (float32, allocated here) is aligned for the int32 / float32 types those slots declare.
   d.buffers = {

@@ -363,7 +363,7 @@ def test_traffic_gqa8_s2048(run):
         assert ratio <= 1.1
 
 
-# ---- varlen mode (FLASH_SDPA_FC_DECODE_VARLEN): packed K/V, rows from cu_seqlens --------------------------------
+# ---- varlen mode (FLASH_SDPA_FC_VARLEN): packed K/V, rows from cu_seqlens ---------------------------------------
 
 
 def run_varlen_decode(run, q, k, v, cu_q, cu_k, *, scale, window=(-1, -1), softcap=0.0, alibi=None, sinks=None,
