@@ -321,6 +321,7 @@ def _small(device, **over):
     ("batch_idx_with_table", lambda a: dict(cache_batch_idx=torch.zeros(2, dtype=torch.int32)), ValueError,
      "cache_batch_idx"),
     ("num_splits", lambda a: dict(num_splits=-1), ValueError, "num_splits"),
+    ("num_splits_over_max", lambda a: dict(num_splits=257), ValueError, "num_splits must be in"),  # FA2 raises too
 ])
 def test_bad_input(kernel, device, name, over, exc, match):
     args = _small(device)

@@ -399,7 +399,8 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
   check_window(window_left, window_right);
   check_scale(softmax_scale, softcap);
   check_extras(alibi_slopes, s_aux, q, batch, heads);
-  TORCH_CHECK_VALUE(num_splits >= 0, "num_splits must be >= 0 (0 = automatic), got ", num_splits);
+  TORCH_CHECK_VALUE(num_splits >= 0 && num_splits <= flash_sdpa::paged::kMaxSplits, "num_splits must be in [0, ",
+                    int(flash_sdpa::paged::kMaxSplits), "] (0 = automatic), got ", num_splits);
   TORCH_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k must be >= 0 (0 = unknown), got ", max_seqlen_k);
   // Key positions are int32 in the kernels, with room for the new tokens and the query rows on top.
   const int64_t capacity = paged ? table.size(1) * k_cache.size(1) : k_cache.size(1);

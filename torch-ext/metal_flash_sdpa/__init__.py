@@ -514,7 +514,7 @@ def flash_attn_with_kvcache(
         softcap: s = softcap * tanh(s / softcap); 0 = off.
         rotary_interleaved: rotary on pairs (0, 1), (2, 3)... (True) or on halves (False, GPT-NeoX).
         alibi_slopes: [H] or [B, H]; adds -slope * |i + sk - sq - j|.
-        num_splits: split-K count; 0 = automatic, 1 = no split.
+        num_splits: split-K count; 0 = automatic, 1 = no split, at most 256.
         return_softmax_lse: also return the LSE.
         s_aux: [H] attention sinks (one logit per head in the softmax denominator).
 
