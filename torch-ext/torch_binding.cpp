@@ -283,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 
 std::vector<int64_t> varlen_head_dims() { return flash_sdpa::varlen_head_dims(); }
 
-// ---- kvcache (flash_attn_with_kvcache): begin ----
+// flash_attn_with_kvcache.
 namespace {
 
 void check_int32_vector(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t batch) {
@@ -436,7 +436,6 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
 }
 
 std::vector<int64_t> kvcache_head_dims() { return flash_sdpa::paged_head_dims(); }
-// ---- kvcache: end ----
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
@@ -461,7 +460,7 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.impl("varlen_fwd", kDispatchKey, &varlen_fwd);
   ops.impl("fwd", kDispatchKey, &fwd);
 
-  // ---- backward (backward_binding.cpp): begin ----
+  // The backward (backward_binding.cpp).
   ops.def(
       "varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, "
@@ -472,9 +471,8 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
   ops.impl("varlen_bwd", kDispatchKey, &varlen_bwd);
   ops.impl("bwd", kDispatchKey, &bwd);
-  // ---- backward: end ----
 
-  // ---- kvcache (flash_attn_with_kvcache): begin ----
+  // flash_attn_with_kvcache.
   ops.def(
       "kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
       "Tensor? block_table, Tensor? cache_batch_idx, float softmax_scale, bool causal, int window_left, "
@@ -482,7 +480,6 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int max_seqlen_k, Tensor? cache_leftpad=None) -> (Tensor, Tensor)");
   ops.def("kvcache_head_dims() -> int[]", &kvcache_head_dims);
   ops.impl("kvcache_fwd", kDispatchKey, &kvcache_fwd);
-  // ---- kvcache: end ----
 }
 
 REGISTER_EXTENSION(TORCH_EXTENSION_NAME)
