@@ -8,15 +8,14 @@ the supported dtypes / head dims come from the header's lists. The package-level
 import ctypes
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from msl import cpu as metal_cpu
+
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-import metal_cpu  # noqa: E402
 
 ROOT = TESTS.parent
 FS = ROOT / "flash_sdpa"

@@ -3,28 +3,24 @@ emulator's feature kernels, with entry points and metadata that match the kernel
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from metal_cpu.compiler import _preprocess, prepass  # noqa: E402
+from msl.cpu.compiler import _preprocess, prepass
 
-from metal_cuda import compiler  # noqa: E402
+from . import targets
 
 
 @pytest.fixture(scope="module")
 def built():
-    return compiler.build_all()
+    return targets.build_all()
 
 
-@pytest.mark.parametrize("name", list(compiler.TARGETS))
+@pytest.mark.parametrize("name", list(targets.TARGETS))
 def test_ptx_builds(built, name):
     path = built[name]
     manifest = json.loads((path / "manifest.json").read_text())
-    src, inc = compiler.TARGETS[name]
+    src, inc = targets.TARGETS[name]
     pre = prepass(_preprocess(src, [str(d) for d in inc], {}), target="cuda")
     assert sorted(manifest["kernels"]) == sorted(k[0] for k in pre.kernels)
     for host, callee, kd in pre.kernels:
@@ -66,7 +62,7 @@ def test_decode_kernel_keeps_state_in_registers(built):
 
 def test_cpu_prepass_unchanged():
     """target='cpu' (the default) still emits the emulator's entry points and per-threadgroup allocations."""
-    src, inc = compiler.TARGETS["features"]
+    src, inc = targets.TARGETS["features"]
     text = _preprocess(src, [str(d) for d in inc], {})
     cpu, cuda = prepass(text), prepass(text, target="cuda")
     assert "mcpu_library" in cpu.source and "mcpu_threadgroup_alloc" in cpu.check_source

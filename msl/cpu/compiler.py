@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 HERE = Path(__file__).resolve().parent
 SHIM = HERE / "shim" / "metal_stdlib.h"
-STANDINS = HERE / "shim" / "standins"
+STANDINS = HERE.parent / "shim" / "standins"  # shared with the CUDA target
+SHIM_CORE = HERE.parent / "shim" / "msl_types.h"
 RUNTIME_SOURCES = [HERE / "runtime" / "runtime.cpp", HERE / "runtime" / "fiber.h", HERE / "runtime" / "mcpu_abi.h",
                    HERE / "runtime" / "metal_cpu.h"]
 
@@ -190,7 +191,7 @@ def _qualify_vec(t: str) -> str:
 
 
 def prepass(text: str, target: str = "cpu") -> Prepassed:
-    """target "cpu": the emulator's source (entry points included). target "cuda" (tests/metal_cuda): function
+    """target "cpu": the emulator's source (entry points included). target "cuda" (msl/cuda): function
     constants become __constant__ globals and kernel-scope threadgroup arrays __shared__ ones; no entry points."""
     if target not in ("cpu", "cuda"):
         raise ValueError(f"prepass target must be 'cpu' or 'cuda', got {target!r}")
@@ -473,7 +474,7 @@ def compile_cached(metal_path, include_dirs: Sequence[str] = (), defines: Option
     h = hashlib.sha256()
     h.update(text.encode())
     h.update(repr((fast_math, sorted((defines or {}).items()))).encode())
-    emulator = [*sorted((HERE / "shim").glob("*.h")), Path(__file__), HERE / "runtime" / "mcpu_abi.h"]
+    emulator = [SHIM, SHIM_CORE, Path(__file__), HERE / "runtime" / "mcpu_abi.h"]
     h.update(_file_hash(emulator).encode())
     out = cache_dir() / f"{metal_path.stem}{'-fastmath' if fast_math else ''}-{h.hexdigest()[:16]}.so"
     if not out.exists():

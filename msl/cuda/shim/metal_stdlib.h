@@ -1,5 +1,5 @@
 // The Metal Shading Language standard library on NVPTX: included (-include) before every pre-passed .metal file
-// that tests/metal_cuda compiles to PTX with clang-19 (-x cuda --cuda-device-only -nocudainc -nocudalib).
+// that msl/cuda compiles to PTX with clang-19 (-x cuda --cuda-device-only -nocudainc -nocudalib).
 //
 // Mapping: a simdgroup is a warp (32 lanes), threadgroup memory is __shared__, threadgroup_barrier is bar.sync,
 // simdgroup_barrier is bar.warp.sync. Simd collectives use the active mask, so in divergent code only the active
@@ -33,7 +33,7 @@
 #define kernel
 
 #define MSL_INLINE MCU_INLINE
-#include "../../metal_cpu/shim/msl_types.h"
+#include "../../shim/msl_types.h"
 
 // ---- PTX special registers and instructions -----------------------------------------------------------------------
 MCU_INLINE uint mcu_lane_id() { return __nvvm_read_ptx_sreg_laneid(); }

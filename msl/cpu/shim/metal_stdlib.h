@@ -35,7 +35,7 @@
 #define kernel
 
 #define MSL_INLINE MCPU_INLINE
-#include "msl_types.h"
+#include "../../shim/msl_types.h"
 
 // ---- the runtime that opened this library (see mcpu_runtime_api) -------------------------------------------------
 // Trampolines are not instrumented and not inlined: their return address is the kernel code that called them.

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import metal_cpu
-from metal_cpu import compiler
+from msl import cpu as metal_cpu
+from msl.cpu import compiler
 
 HERE = Path(__file__).resolve().parent
+RUNTIME = Path(compiler.__file__).resolve().parent / "runtime"
 TARGET = ["--target=aarch64-linux-gnu"]
 HAVE_CROSS_HEADERS = Path("/usr/aarch64-linux-gnu/include/stdio.h").exists()
 
@@ -32,14 +33,14 @@ def test_fiber_switch_assembles(tmp_path):
     src.write_text('#include "fiber.h"\nvoid entry() {}\nvoid* probe(char* top) { return mcpu_fiber_frame(top, '
                    "&entry); }\n")
     obj = tmp_path / "fiber_probe.o"
-    _clang("-ffreestanding", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", str(HERE / "runtime"), "-c",
+    _clang("-ffreestanding", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", str(RUNTIME), "-c",
            str(src), "-o", str(obj))
     assert obj.read_bytes()[18] == 183  # ELF e_machine = EM_AARCH64
 
 
 def test_runtime_compiles():
-    _clang("-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-I", str(HERE / "runtime"), "-c",
-           str(HERE / "runtime" / "runtime.cpp"), "-o", "/dev/null")
+    _clang("-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-I", str(RUNTIME), "-c",
+           str(RUNTIME / "runtime.cpp"), "-o", "/dev/null")
 
 
 @pytest.mark.parametrize("fast_math", [True, False])

@@ -1,5 +1,5 @@
 // The target-independent part of the MSL standard library for the emulator's targets (the CPU shim
-// tests/metal_cpu/shim/metal_stdlib.h and the NVPTX shim tests/metal_cuda/shim/metal_stdlib.h include it): scalar
+// msl/cpu/shim/metal_stdlib.h and the NVPTX shim msl/cuda/shim/metal_stdlib.h include it): scalar
 // and vector types, constants, vector constructors and conversions, as_type, numeric_limits, min/max/clamp/abs/fma/
 // mix/select/all/any/dot, and the parameter type helper of the generated entry points. The including shim defines the
 // address spaces first.
