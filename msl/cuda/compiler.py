@@ -1,6 +1,6 @@
 """Turns a .metal file into PTX for an NVIDIA GPU: the same pre-pass as the Metal-on-CPU emulator, target "cuda".
 
-clang-19 -E (Metal headers replaced by empty stand-ins) -> msl.cpu.compiler.prepass(target="cuda") -> one
+clang-19 -E (Metal headers replaced by empty stand-ins) -> msl.frontend.prepass(target="cuda") -> one
 `extern "C" __global__` entry point per kernel, generated here -> clang-19 -x cuda --cuda-device-only
 --cuda-gpu-arch=sm_90 -nocudainc -nocudalib -S with shim/metal_stdlib.h. No CUDA toolkit is needed here; the GPU
 machine's driver JIT-compiles the PTX.
@@ -14,20 +14,20 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ..cpu.compiler import BUILTINS, FC_TYPES, MetalCompileError, _preprocess, clang, prepass
+from .. import frontend
+from ..frontend import BUILTINS, FC_TYPES, MetalCompileError, clang, param_type, prepass, preprocess, run
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+ROOT = frontend.ROOT
 SHIM = HERE / "shim" / "metal_stdlib.h"
-SHIM_CORE = HERE.parent / "shim" / "msl_types.h"  # the part shared with the CPU shim
+SHIM_CORE = frontend.SHIM_CORE  # the part shared with the CPU shim
 # What a PTX build depends on besides the .metal sources (cache keys).
-TOOLCHAIN = [SHIM, SHIM_CORE, Path(__file__), HERE.parent / "cpu" / "compiler.py"]
+TOOLCHAIN = [SHIM, SHIM_CORE, Path(__file__), Path(frontend.__file__)]
 ARCH = "sm_90"
 CUDA_FLAGS = ["-x", "cuda", "--cuda-device-only", f"--cuda-gpu-arch={ARCH}", "-nocudainc", "-nocudalib",
               "-std=c++17", "-O3", "-S", "-Wall", "-Wno-unused-parameter", "-Wno-unused-variable",
@@ -62,22 +62,22 @@ def entry_symbol(host_name: str) -> str:
     return "mcu_" + re.sub(r"\W", "_", host_name)
 
 
-def _entry(host: str, callee: str, kd, fcs, min_blocks: int = 0) -> str:
+def _entry(host: str, callee: str, kd, min_blocks: int = 0) -> str:
     sym = entry_symbol(host)
     args = []
     meta = [str(len(kd.params))]
     for i, p in enumerate(kd.params):
-        ptype = f"mcpu_param_t<{i}, decltype({callee})>"
+        ptype = param_type(i, callee)
         if p.kind == "buffer":
-            args.append(f"mcu_bind<{ptype}>(a.buffers[{p.index}])")
+            args.append(f"mcpu_bind<{ptype}>(a.buffers[{p.index}])")
             meta += ["0", f"(unsigned)({p.index})"]
         elif p.kind == "threadgroup":
-            args.append(f"mcu_bind<{ptype}>(mcu_dynamic_threadgroup_memory + a.threadgroup_offsets[{p.index}])")
+            args.append(f"mcpu_bind<{ptype}>(mcu_dynamic_threadgroup_memory + a.threadgroup_offsets[{p.index}])")
             meta += ["1", f"(unsigned)({p.index})"]
         else:
             canonical = BUILTINS[p.kind]
             xyz = ("32u", "0", "0") if canonical is None else BUILTIN_EXPRS[canonical]
-            args.append(f"mcu_builtin<{ptype}>({', '.join(xyz)})")
+            args.append(f"mcpu_builtin<{ptype}>({', '.join(xyz)})")
             meta += ["2", "0"]
     bounds = ""
     if kd.max_threads:
@@ -100,11 +100,6 @@ def _fc_globals(fcs) -> str:
                    for ty, name, idx in fcs)
 
 
-def _function_constants(text: str):
-    return [(m.group(1), m.group(2), " ".join(m.group(3).split())) for m in
-            re.finditer(r"\bconstant\s+(\w+)\s+(\w+)\s*\[\[\s*function_constant\s*\((.+?)\)\s*\]\]\s*;", text)]
-
-
 def _ptx_u32_array(ptx: str, name: str) -> List[int]:
     """Initial value of a `.global` u32 array in PTX: clang prints it as .u32 or as little-endian .b8 bytes, drops
     trailing zeros and leaves out an all-zero initializer."""
@@ -120,16 +115,8 @@ def _ptx_u32_array(ptx: str, name: str) -> List[int]:
     return vals
 
 
-def _run(cmd: Sequence[str], what: str) -> None:
-    r = subprocess.run(list(cmd), capture_output=True, text=True)
-    if r.returncode != 0:
-        raise MetalCompileError(f"{what} failed:\n{r.stderr.strip()[:6000]}\ncommand: {' '.join(cmd)}")
-
-
 def cache_dir() -> Path:
-    d = Path(os.environ.get("METAL_CUDA_CACHE", ROOT / ".cache" / "metal_cuda"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return frontend.cache_dir("metal_cuda", "METAL_CUDA_CACHE")
 
 
 def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
@@ -138,9 +125,9 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
     """Compiles every kernel of `metal_path` (or those named in `kernels`) to PTX; returns the folder holding
     manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target."""
     metal_path = Path(metal_path)
-    text = _preprocess(metal_path, include_dirs, defines or {})
+    text = preprocess(metal_path, include_dirs, defines or {})
     pre = prepass(text, target="cuda")
-    fcs = _function_constants(text)
+    fcs = pre.function_constants
     selected = [k for k in pre.kernels if kernels is None or k[0] in kernels]
     if kernels is not None and len(selected) != len(set(kernels)):
         missing = set(kernels) - {k[0] for k in selected}
@@ -159,17 +146,17 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
 
     flags = CUDA_FLAGS + ["-include", str(SHIM)] + (["-ffast-math", "-DMCU_FAST_MATH"] if fast_math else [])
     flags += list(extra_flags)
-    body = pre.check_source + "\n#line 1 \"<mcu-generated>\"\n" + _fc_globals(fcs)
+    body = pre.source + "\n#line 1 \"<mcu-generated>\"\n" + _fc_globals(fcs)
 
     def one(kernel):
         host, callee, kd = kernel
         sym = entry_symbol(host)
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / f"{sym}.cu"
-            src.write_text(body + _entry(host, callee, kd, fcs, min_blocks(host) if min_blocks else 0))
+            src.write_text(body + _entry(host, callee, kd, min_blocks(host) if min_blocks else 0))
             ptx = Path(tmp) / f"{sym}.ptx"
             per_kernel = list(kernel_flags(host)) if kernel_flags else []
-            _run([clang(), *flags, *per_kernel, str(src), "-o", str(ptx)],
+            run([clang(), *flags, *per_kernel, str(src), "-o", str(ptx)],
                  f"compiling {metal_path.name}:{host} to PTX")
             text_ptx = ptx.read_text()
         meta = _ptx_u32_array(text_ptx, f"mcu_meta_{sym}")

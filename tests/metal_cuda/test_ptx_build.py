@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from msl.cpu.compiler import _preprocess, prepass
+from msl.cpu.compiler import entry_points
+from msl.frontend import prepass, preprocess
 
 from . import targets
 
@@ -21,7 +22,7 @@ def test_ptx_builds(built, name):
     path = built[name]
     manifest = json.loads((path / "manifest.json").read_text())
     src, inc = targets.TARGETS[name]
-    pre = prepass(_preprocess(src, [str(d) for d in inc], {}), target="cuda")
+    pre = prepass(preprocess(src, [str(d) for d in inc], {}), target="cuda")
     assert sorted(manifest["kernels"]) == sorted(k[0] for k in pre.kernels)
     for host, callee, kd in pre.kernels:
         info = manifest["kernels"][host]
@@ -61,12 +62,12 @@ def test_decode_kernel_keeps_state_in_registers(built):
 
 
 def test_cpu_prepass_unchanged():
-    """target='cpu' (the default) still emits the emulator's entry points and per-threadgroup allocations."""
+    """target='cpu' still gets the emulator's per-threadgroup allocations and, from msl.cpu, its entry points."""
     src, inc = targets.TARGETS["features"]
-    text = _preprocess(src, [str(d) for d in inc], {})
-    cpu, cuda = prepass(text), prepass(text, target="cuda")
-    assert "mcpu_library" in cpu.source and "mcpu_threadgroup_alloc" in cpu.check_source
-    assert "mcpu_library" not in cuda.source and "__shared__" in cuda.source
+    text = preprocess(src, [str(d) for d in inc], {})
+    cpu, cuda = prepass(text, target="cpu"), prepass(text, target="cuda")
+    assert "mcpu_library" in entry_points(cpu) and "mcpu_threadgroup_alloc" in cpu.source
+    assert "mcpu_threadgroup_alloc" not in cuda.source and "__shared__" in cuda.source
     assert "static bool mcpu_fc_defined_use_scale" in cpu.source
     assert "__constant__ bool mcpu_fc_defined_use_scale" in cuda.source
     with pytest.raises(ValueError):

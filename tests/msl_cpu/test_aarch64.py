@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from msl import cpu as metal_cpu
+from msl import frontend
 from msl.cpu import compiler
 
 HERE = Path(__file__).resolve().parent
@@ -46,9 +47,9 @@ def test_runtime_compiles():
 @pytest.mark.parametrize("fast_math", [True, False])
 def test_kernels_compile(tmp_path, fast_math):
     """A kernel file through the emulator's own front end and shim (fast math: the FPCR flush-to-zero mode)."""
-    pre = compiler.prepass(compiler._preprocess(HERE / "kernels" / "fast_math.metal", [], {}))
+    pre = frontend.prepass(frontend.preprocess(HERE / "kernels" / "fast_math.metal", [], {}), "cpu")
     src = tmp_path / "kernel.mcpu.cpp"
-    src.write_text(pre.source)
+    src.write_text(pre.source + compiler.entry_points(pre))
     math = ["-ffast-math", "-DMCPU_FAST_MATH"] if fast_math else []
     _clang(*compiler.COMMON_FLAGS, *math, "-O1", "-fPIC", f'-DMCPU_SOURCE_PATH="{src}"', "-include",
            str(compiler.SHIM), "-c", str(src), "-o", str(tmp_path / "kernel.o"))
