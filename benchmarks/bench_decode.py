@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))  # metal_cpu, for the Linux report
+# Run as a file (python3 benchmarks/bench_decode.py): the repository root on the path, for benchmarks/ and msl.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cases  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks import cases  # noqa: E402
 
 # Memory bandwidth by chip name (GB/s). M3 Max: 300 with the 30-core GPU, 400 with the 40-core one.
 BANDWIDTH = {"M1 Max": 400, "M2 Max": 400, "M3 Max": 400, "M4 Max": 546, "M1 Ultra": 800, "M2 Ultra": 800,
@@ -143,7 +143,7 @@ def plot(kernel, args, dtype) -> None:
 
 
 def run_report(args) -> None:
-    import traffic_report
+    from benchmarks import traffic_report
 
     print("Metal-on-CPU traffic report (Linux, emulated build): bytes measured per call, times MODELED.\n")
     print(traffic_report.report(args.cases))

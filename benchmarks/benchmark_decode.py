@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from kernels.benchmark import Benchmark
 
+# `kernels benchmark` loads this file by path, outside any package: its sibling cases.py is found on its folder's path.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cases  # noqa: E402
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import cases
 import torch
+
+from benchmarks import cases
 
 DISPATCH_US = 5.0  # assumed cost of one compute dispatch on an Apple GPU (encode + launch gap), microseconds
 CHIPS = {"M2 Max": 400.0, "M3 Max 30c": 300.0, "M4 Max": 546.0, "M2 Ultra": 800.0}  # GB/s
@@ -75,7 +76,7 @@ class Row:
 
 
 def _runtime(kernel):
-    import metal_cpu  # tests/metal_cpu, put on sys.path by the caller
+    from msl import cpu as metal_cpu
 
     rt = metal_cpu.Runtime(Path(kernel.__file__).parent / "libmetal_cpu.so")
     rt.set_options(check_races=False)  # traffic only: the test suite checks races

@@ -2,7 +2,7 @@
 //
 // The planners (pure C++) fill it from validated tensors; a backend executes it in order on one stream:
 //   metal_launch.mm                 Metal, on PyTorch's MPS stream (Mac only, kept small and generic)
-//   tests/metal_cpu/launch_cpu.cpp  the Metal-on-CPU emulator (the emulated build that CI runs)
+//   msl/cpu/launch_cpu.cpp          the Metal-on-CPU emulator (the emulated build that CI runs)
 // A backend knows nothing about attention: it binds, sets bytes and constants, and dispatches.
 #pragma once
 

@@ -3,7 +3,7 @@
 
 The variant is the Linux CPU build that `kernels` resolves for this torch (e.g. torch213-cxx11-cpu-x86_64-linux):
   metadata.json, __init__.py (+ the package's other modules), _ops.py   the Python package, ops in a unique namespace
-  _metal_flash_sdpa_<hash>.so     torch_binding.cpp + planners + tests/metal_cpu/launch_cpu.cpp, ops on kCPU
+  _metal_flash_sdpa_<hash>.so     torch_binding.cpp + planners + msl/cpu/launch_cpu.cpp, ops on kCPU
   libmetal_cpu.so                 the Metal-on-CPU runtime
   metal_cpu_kernels/<name>.so     every flash_sdpa/*.metal, compiled by the emulator with fast math (Metal's default)
 
@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 KERNEL_DIR = ROOT / "flash_sdpa"
 TORCH_EXT = ROOT / "torch-ext"
 PACKAGE = TORCH_EXT / "metal_flash_sdpa"
-METAL_CPU = ROOT / "tests" / "metal_cpu"
+METAL_CPU = ROOT / "msl" / "cpu"
 CACHE = ROOT / "build" / ".cache"
 
-sys.path.insert(0, str(ROOT / "tests"))
+# Run as a file (python3 scripts/build_emulated.py): the repository root on the path, for the msl package.
+sys.path.insert(0, str(ROOT))
 
 
 def variant_name() -> str:
@@ -146,7 +147,7 @@ def build_extension(out: Path, namespace: str, jobs: int) -> None:
 
 
 def build_kernels(out: Path, jobs: int) -> None:
-    import metal_cpu
+    from msl import cpu as metal_cpu
 
     kdir = out / "metal_cpu_kernels"
     kdir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +200,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
 
-    import metal_cpu
+    from msl import cpu as metal_cpu
 
     # The op namespace is unique per native source tree, so two builds can be loaded side by side.
     tree = [*KERNEL_DIR.iterdir(), *TORCH_EXT.glob("*.cpp"), *TORCH_EXT.glob("*.h"),

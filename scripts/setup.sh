@@ -10,7 +10,7 @@ if [[ "$(uname -s)" == "Darwin" ]]; then
 fi
 
 # clang-19 + compiler-rt: the Metal-on-CPU emulator compiles .metal sources with them. The arm64 cross headers let
-# the tests compile-check the emulator for AArch64 Linux (tests/metal_cpu/test_aarch64.py); clang-format-19 checks the
+# the tests compile-check the emulator for AArch64 Linux (tests/msl_cpu/test_aarch64.py); clang-format-19 checks the
 # C++ / Objective-C++ / MSL format (tests/test_style.py).
 if ! command -v clang-19 >/dev/null || ! ls /usr/lib/llvm-19/lib/clang/19/lib/linux/libclang_rt.builtins-*.a >/dev/null 2>&1 \
     || [[ ! -e /usr/aarch64-linux-gnu/include/stdio.h ]] || ! command -v clang-format-19 >/dev/null; then

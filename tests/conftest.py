@@ -1,7 +1,7 @@
 """Test setup: the kernel is loaded the way users load it, kernels.get_kernel, from this checkout's build/.
 
 On a Mac the tests run the kernel-builder build on MPS; on Linux they run the emulated build (scripts/setup.sh
-builds it) whose .metal kernels execute on the CPU through tests/metal_cpu.
+builds it) whose .metal kernels execute on the CPU through the Metal-on-CPU emulator (msl/cpu).
 
 Options: `--full` (or METAL_FLASH_SDPA_FULL=1) runs the whole test matrix; by default a subset runs, and
 `-m kernels_ci` selects the cheap CI subset only.
@@ -28,7 +28,6 @@ KERNEL_VERSION = 2  # build.toml [general] version
 # Before huggingface_hub is imported: HF_HUB_OFFLINE is read once, at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LOCAL_KERNELS", f"{REPO_ID}={ROOT}")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -48,7 +47,7 @@ def full_matrix(config) -> bool:
 
 ON_MAC = sys.platform == "darwin" or os.environ.get("METAL_FLASH_SDPA_PRETEND_MAC", "0") == "1"
 # What only the Linux toolchain can run (paths relative to tests/).
-TOOLCHAIN_TESTS = ("metal_cpu/", "metal_cuda/test_ptx_build.py", "test_paged_kernels.py", "test_benchmark_report.py")
+TOOLCHAIN_TESTS = ("msl_cpu/", "metal_cuda/test_ptx_build.py", "test_paged_kernels.py", "test_benchmark_report.py")
 
 
 def toolchain_missing() -> str:

@@ -1,16 +1,13 @@
 """The Linux benchmark path: the emulator traffic report runs and its numbers hang together (benchmarks/)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import cases, traffic_report
 
-import cases  # noqa: E402
-import traffic_report  # noqa: E402
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 pytestmark = pytest.mark.skipif(torch.backends.mps.is_available(), reason="the traffic report runs on the emulator")
 

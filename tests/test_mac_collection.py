@@ -31,7 +31,7 @@ def test_collects_as_on_a_mac():
 @pytest.mark.kernels_ci
 @pytest.mark.skipif(sys.platform == "darwin", reason="on a Mac the real collection runs")
 def test_toolchain_tests_skip_with_a_reason_on_a_mac():
-    run = _pytest("tests/metal_cpu", "tests/metal_cuda/test_ptx_build.py", "tests/test_paged_kernels.py", "-q", "-rs",
+    run = _pytest("tests/msl_cpu", "tests/metal_cuda/test_ptx_build.py", "tests/test_paged_kernels.py", "-q", "-rs",
                   "-m", "kernels_ci or not kernels_ci")
     out = run.stdout
     assert run.returncode == 0, out[-3000:] + run.stderr[-3000:]

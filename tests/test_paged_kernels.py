@@ -7,15 +7,14 @@ The supported dtypes / head dims come from flash_sdpa/paged_params.h's lists; te
 
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from msl import cpu as metal_cpu
+
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-import metal_cpu  # noqa: E402
 
 ROOT = TESTS.parent
 HEADER = (ROOT / "flash_sdpa" / "paged_params.h").read_text()

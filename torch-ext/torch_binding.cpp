@@ -4,7 +4,7 @@
 // ValueError / TypeError that names the argument): nothing past validation may throw
 // (on the Mac, encoding runs inside dispatch_sync, where an exception kills the process). The ops are registered
 // for MPS; the emulated Linux build (METAL_FLASH_SDPA_EMULATED) registers them for CPU, where the launch plan runs
-// on the Metal-on-CPU emulator (tests/metal_cpu/launch_cpu.cpp).
+// on the Metal-on-CPU emulator (msl/cpu/launch_cpu.cpp).
 #include "torch_binding.h"
 
 #include <ATen/ATen.h>

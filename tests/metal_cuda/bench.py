@@ -1,7 +1,7 @@
 """Decode benchmark on the lent NVIDIA GPU (a proxy, not Apple timings): the project's paged decode, run as the C++
 planner plans it (split count included), against torch SDPA on a contiguous cache and gather-then-SDPA.
 
-    python3 tests/metal_cuda/bench.py [--quick]          # RESULTS.md has the command and the figures
+    python3 -m tests.metal_cuda.bench [--quick]          # RESULTS.md has the command and the figures
 
 Every variant is captured in a CUDA graph (CALLS calls per graph) and timed with CUDA events over REPEATS replays;
 the figure is the median per call. GB/s counts the valid K/V bytes only (2 x sum(sk) x Hkv x D x element size): the
@@ -11,17 +11,13 @@ device-to-device copy as the bandwidth ceiling.
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import gpu_common as gc  # noqa: E402
+from msl.cuda import launch
 
-from metal_cuda import launch  # noqa: E402
+from . import gpu_common as gc
 
 CALLS, REPEATS = 20, 15
 

@@ -3,7 +3,7 @@ count, planner with the Apple default, a forced-split sweep, the varlen and flas
 kernels (M2 Max launch and best block count) and llama.cpp's (ggml-attn launch), all compiled by the same MSL-to-PTX
 route (the peers from .calib/, a copy of ../shared/calib: never part of the project).
 
-    python3 tests/metal_cuda/bench_peers.py [--json PATH]      # GPU machine; carry .cache/metal_cuda and .calib
+    python3 -m tests.metal_cuda.bench_peers [--json PATH]      # GPU machine; carry .cache/metal_cuda and .calib
 
 Timing as bench.py and peer_decode.py: a CUDA graph of 20 calls, median of 15 replays. Every output is checked
 against SDPA in fp32 first. "x MLX" = t_MLX / t_ours (above 1: ours is faster).
@@ -17,16 +17,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(ROOT / ".calib"))
-import bench  # noqa: E402
-import gpu_common as gc  # noqa: E402
-import peer_decode as peer  # noqa: E402
+from msl.cuda import launch
 
-from metal_cuda import launch  # noqa: E402
+from . import bench
+from . import gpu_common as gc
+
+ROOT = Path(__file__).resolve().parents[2]
+# The peers' launcher is a copy of ../shared/calib, outside the project: found on its own folder's path.
+sys.path.insert(0, str(ROOT / ".calib"))
+import peer_decode as peer  # noqa: E402
 
 # The issue's rows: (B, H, Hkv, S, D, dtype).
 ROWS = [(4, 16, 16, 50, 128, torch.float16), (1, 32, 8, 16384, 128, torch.float16),

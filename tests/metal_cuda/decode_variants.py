@@ -2,20 +2,19 @@
 benchmark's shapes with PTX built from copies of the kernel with one source edit each (SOURCE_VARIANTS: keys in
 flight per step, chunk width) or other compiler settings, and one launch under Nsight Compute.
 
-    python3 tests/metal_cuda/decode_variants.py build [NAME ...]   # here (clang-19): PTX variants (all, or those
+    python3 -m tests.metal_cuda.decode_variants build [NAME ...]   # here (clang-19): PTX variants (all, or those
                                                                     # whose name holds a NAME) into .cache/metal_cuda
-    python3 tests/metal_cuda/decode_variants.py time       # on the GPU machine
-    python3 tests/metal_cuda/decode_variants.py once       # one planner decode (for ncu)
+    python3 -m tests.metal_cuda.decode_variants time       # on the GPU machine
+    python3 -m tests.metal_cuda.decode_variants once       # one planner decode (for ncu)
 """
 
 import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-from metal_cuda import compiler  # noqa: E402
+from msl.cuda import compiler
+
+from . import targets
 
 KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
 # name -> dict(edits=[(file, old, new)], threads=decode threads per threadgroup, min_blocks=per-instance launch
@@ -32,22 +31,22 @@ def _simdgroups(n):
     """n simdgroups per decode threadgroup; launch bounds keep the threads per SM of the default build."""
     return dict(edits=[(*_NSG, f"  kDecodeSimdgroups = {n},"),
                        (*_THREADS, f"#define FLASH_SDPA_PAGED_DECODE_THREADS {32 * n}")],
-                threads=32 * n, min_blocks=lambda host: max(1, compiler.decode_min_blocks(host) * 8 // n))
+                threads=32 * n, min_blocks=lambda host: max(1, targets.decode_min_blocks(host) * 8 // n))
 
 
 VARIANTS = {
-    "as built": dict(edits=[], threads=THREADS, min_blocks=compiler.decode_min_blocks),
+    "as built": dict(edits=[], threads=THREADS, min_blocks=targets.decode_min_blocks),
     "4 simdgroups": _simdgroups(4),
     "16 simdgroups": _simdgroups(16),
     "R = 1: one chunk per lane (as R > 1; twice the lanes per key row, more shuffles per key)":
         dict(edits=[(*_CHUNKS_R1, "  static constexpr int kMinChunksPerLane = 1;")], threads=THREADS,
-             min_blocks=compiler.decode_min_blocks),
+             min_blocks=targets.decode_min_blocks),
     "16 B of K in flight per lane (U = 1 at 16-byte chunks)":
         dict(edits=[(*_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")], threads=THREADS,
-             min_blocks=compiler.decode_min_blocks),
+             min_blocks=targets.decode_min_blocks),
     "8-byte chunks from R = 4 (L = 32 at fp16 D = 128: half the accumulators)":
         dict(edits=[(*_CHUNK, "  static constexpr int kChunkBytes = R <= 2 ? 16 : 8;")], threads=THREADS,
-             min_blocks=compiler.decode_min_blocks),
+             min_blocks=targets.decode_min_blocks),
 }
 INDEX = compiler.cache_dir() / "variants.json"
 
@@ -59,7 +58,7 @@ def _patched_copy(name, edits) -> Path:
     dst = compiler.cache_dir() / ("src_" + hashlib.sha1(name.encode()).hexdigest()[:8])
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
-    for f in compiler.FLASH_SDPA.glob("*"):
+    for f in targets.FLASH_SDPA.glob("*"):
         if f.suffix in (".h", ".metal"):
             shutil.copy(f, dst / f.name)
     for file, old, new in edits:
@@ -76,7 +75,7 @@ def build(selected):
             continue
         copy = _patched_copy(name, v["edits"])
         path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS,
-                              extra_flags=compiler.DECODE_UNROLL, min_blocks=v["min_blocks"])
+                              extra_flags=targets.DECODE_UNROLL, min_blocks=v["min_blocks"])
         index[name] = dict(folder=path.name, threads=v["threads"])
         print(name, "->", path.name)
     INDEX.write_text(json.dumps(index, indent=1))
@@ -88,11 +87,12 @@ SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0, 32, 64), (32, 32, 8, 204
 
 
 def time_variants():
-    import bench
-    import gpu_common as gc
     import torch
 
-    from metal_cuda import launch
+    from msl.cuda import launch
+
+    from . import bench
+    from . import gpu_common as gc
 
     index = json.loads(INDEX.read_text())
     base = gc.libraries()
@@ -129,11 +129,12 @@ def time_variants():
 
 
 def once():
-    import bench
-    import gpu_common as gc
     import torch
 
-    from metal_cuda import launch
+    from msl.cuda import launch
+
+    from . import bench
+    from . import gpu_common as gc
 
     if len(sys.argv) > 2:
         folder = json.loads(INDEX.read_text())[sys.argv[2]]["folder"]

@@ -2,33 +2,30 @@
 float64 references computed on the GPU."""
 
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+from msl.cuda import launch
 
-from metal_cuda import compiler, launch  # noqa: E402
+from . import targets
 
 _LIBS: Optional[Dict[str, launch.Library]] = None
 
 
 def libraries() -> Dict[str, launch.Library]:
-    """The project's kernels and the feature kernels, from the PTX cache (built here by compiler.py and carried, or
+    """The project's kernels and the feature kernels, from the PTX cache (built here by targets.py and carried, or
     built on the spot when clang-19 is there)."""
     global _LIBS
     if _LIBS is None:
-        _LIBS = {name: launch.Library(path) for name, path in compiler.load_all().items()}
+        _LIBS = {name: launch.Library(path) for name, path in targets.load_all().items()}
     return _LIBS
 
 
 def planner():
     """The C++ planners as a torch extension (planner_ext.py)."""
-    from metal_cuda import planner_ext
+    from . import planner_ext
 
     return planner_ext.load()
 

@@ -19,9 +19,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the lent H100): CI has none")]
 
 if torch.cuda.is_available():
-    import gpu_common as gc  # noqa: E402  (tests/metal_cuda is on sys.path through conftest.py)
+    from msl.cuda import launch
 
-    from metal_cuda import launch  # noqa: E402
+    from . import gpu_common as gc
 
 REL_L2 = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 RESULTS = []  # (name, shape, max err, FA baseline, rel L2, splits) printed at the end

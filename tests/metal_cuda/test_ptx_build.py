@@ -3,29 +3,26 @@ emulator's feature kernels, with entry points and metadata that match the kernel
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from metal_cpu.compiler import _preprocess, prepass  # noqa: E402
+from msl.cpu.compiler import entry_points
+from msl.frontend import prepass, preprocess
 
-from metal_cuda import compiler  # noqa: E402
+from . import targets
 
 
 @pytest.fixture(scope="module")
 def built():
-    return compiler.build_all()
+    return targets.build_all()
 
 
-@pytest.mark.parametrize("name", list(compiler.TARGETS))
+@pytest.mark.parametrize("name", list(targets.TARGETS))
 def test_ptx_builds(built, name):
     path = built[name]
     manifest = json.loads((path / "manifest.json").read_text())
-    src, inc = compiler.TARGETS[name]
-    pre = prepass(_preprocess(src, [str(d) for d in inc], {}), target="cuda")
+    src, inc = targets.TARGETS[name]
+    pre = prepass(preprocess(src, [str(d) for d in inc], {}), target="cuda")
     assert sorted(manifest["kernels"]) == sorted(k[0] for k in pre.kernels)
     for host, callee, kd in pre.kernels:
         info = manifest["kernels"][host]
@@ -65,12 +62,12 @@ def test_decode_kernel_keeps_state_in_registers(built):
 
 
 def test_cpu_prepass_unchanged():
-    """target='cpu' (the default) still emits the emulator's entry points and per-threadgroup allocations."""
-    src, inc = compiler.TARGETS["features"]
-    text = _preprocess(src, [str(d) for d in inc], {})
-    cpu, cuda = prepass(text), prepass(text, target="cuda")
-    assert "mcpu_library" in cpu.source and "mcpu_threadgroup_alloc" in cpu.check_source
-    assert "mcpu_library" not in cuda.source and "__shared__" in cuda.source
+    """target='cpu' still gets the emulator's per-threadgroup allocations and, from msl.cpu, its entry points."""
+    src, inc = targets.TARGETS["features"]
+    text = preprocess(src, [str(d) for d in inc], {})
+    cpu, cuda = prepass(text, target="cpu"), prepass(text, target="cuda")
+    assert "mcpu_library" in entry_points(cpu) and "mcpu_threadgroup_alloc" in cpu.source
+    assert "mcpu_threadgroup_alloc" not in cuda.source and "__shared__" in cuda.source
     assert "static bool mcpu_fc_defined_use_scale" in cpu.source
     assert "__constant__ bool mcpu_fc_defined_use_scale" in cuda.source
     with pytest.raises(ValueError):

@@ -1,4 +1,4 @@
-// Apple's fast math as the emulator models it (tests/metal_cpu/test_fast_math.py): each math function in its plain,
+// Apple's fast math as the emulator models it (tests/msl_cpu/test_fast_math.py): each math function in its plain,
 // fast:: and precise:: spelling, division and plain arithmetic, on inputs read from a buffer (no constant folding).
 #include <metal_stdlib>
 using namespace metal;

@@ -1,8 +1,8 @@
 // The target-independent part of the MSL standard library for the emulator's targets (the CPU shim
-// tests/metal_cpu/shim/metal_stdlib.h and the NVPTX shim tests/metal_cuda/shim/metal_stdlib.h include it): scalar
+// msl/cpu/shim/metal_stdlib.h and the NVPTX shim msl/cuda/shim/metal_stdlib.h include it): scalar
 // and vector types, constants, vector constructors and conversions, as_type, numeric_limits, min/max/clamp/abs/fma/
-// mix/select/all/any/dot, and the parameter type helper of the generated entry points. The including shim defines the
-// address spaces first.
+// mix/select/all/any/dot, isnan/isinf, the float-function macros, barrier flags, the simdgroup_matrix and atomic type
+// names, and the binding helpers of the generated entry points. The including shim defines the address spaces first.
 #pragma once
 
 #include <stddef.h>
@@ -248,6 +248,89 @@ MSL_INLINE mcpu_elem_t<V> dot(V a, V b) {
   return s;
 }
 
+// ---- float functions --------------------------------------------------------------------------------------------
+// A float function with its half and bfloat overloads (computed in float by `via`, rounded once) and its elementwise
+// vector template; each shim picks `via` (the emulator's two-variant functions go through precise::).
+#define MSL_FLOAT_FN1(name, float_expr, via)                                   \
+  MSL_INLINE float name(float x) { return float_expr; }                        \
+  MSL_INLINE half name(half x) { return (half)via((float)x); }                 \
+  MSL_INLINE bfloat name(bfloat x) { return (bfloat)via((float)x); }           \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>        \
+  MSL_INLINE V name(V x) {                                                     \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]); \
+    return x;                                                                  \
+  }
+#define MSL_FLOAT_FN2(name, float_expr, via)                                                         \
+  MSL_INLINE float name(float x, float y) { return float_expr; }                                     \
+  MSL_INLINE half name(half x, half y) { return (half)via((float)x, (float)y); }                     \
+  MSL_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)via((float)x, (float)y); }             \
+  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                              \
+  MSL_INLINE V name(V x, V y) {                                                                      \
+    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]); \
+    return x;                                                                                        \
+  }
+
+// Under fast math clang warns at every inf/NaN use in kernel code (as it should: Metal's fast math makes them
+// undefined); the definitions here are not such uses.
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wnan-infinity-disabled"
+MSL_INLINE bool isnan(float x) { return __builtin_isnan(x); }
+MSL_INLINE bool isnan(half x) { return __builtin_isnan((float)x); }
+MSL_INLINE bool isnan(bfloat x) { return __builtin_isnan((float)x); }
+MSL_INLINE bool isinf(float x) { return __builtin_isinf(x); }
+MSL_INLINE bool isinf(half x) { return __builtin_isinf((float)x); }
+MSL_INLINE bool isinf(bfloat x) { return __builtin_isinf((float)x); }
+MSL_INLINE bool isfinite(float x) { return __builtin_isfinite(x); }
+#pragma clang diagnostic pop
+MSL_INLINE uint popcount(uint x) { return (uint)__builtin_popcount(x); }
+MSL_INLINE uint ctz(uint x) { return x ? (uint)__builtin_ctz(x) : 32u; }
+MSL_INLINE uint clz(uint x) { return x ? (uint)__builtin_clz(x) : 32u; }
+
+// ---- barrier flags ----------------------------------------------------------------------------------------------
+enum class mem_flags : uint {
+  mem_none = 0,
+  mem_device = 1,
+  mem_threadgroup = 2,
+  mem_texture = 4,
+  mem_threadgroup_imageblock = 8,
+  mem_object_data = 16,
+};
+constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags((uint)a | (uint)b); }
+
+// ---- simdgroup_matrix: the names (each shim defines the storage and the operations) -----------------------------
+template <typename T, int Cols, int Rows>
+struct simdgroup_matrix;
+template <typename T>
+using simdgroup_matrix8x8 = simdgroup_matrix<T, 8, 8>;
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+
+// Where simdgroup_load / simdgroup_store find element idx (row-major in the 8x8 matrix) in memory: rows of
+// elements_per_row elements from matrix_origin (x = column, y = row), the matrix transposed or not.
+MSL_INLINE ulong mcpu_matrix_offset(uint idx, ulong elements_per_row, ulong2 origin, bool transpose) {
+  const uint r = idx / 8, c = idx % 8;
+  const ulong row = transpose ? c : r, col = transpose ? r : c;
+  return (origin.y + row) * elements_per_row + origin.x + col;
+}
+
+// ---- atomic types (each shim defines the operations) ------------------------------------------------------------
+template <typename T>
+struct _atomic {
+  T __value;
+};
+typedef _atomic<int> atomic_int;
+typedef _atomic<uint> atomic_uint;
+typedef _atomic<float> atomic_float;
+typedef _atomic<bool> atomic_bool;
+enum memory_order {
+  memory_order_relaxed,
+  memory_order_acquire,
+  memory_order_release,
+  memory_order_acq_rel,
+  memory_order_seq_cst
+};
+
 }  // namespace metal
 
 // The type of parameter I of a kernel's function type (the generated entry points bind buffers by it).
@@ -261,3 +344,26 @@ struct mcpu_param<0, R(First, Rest...)> {
 };
 template <size_t I, typename F>
 using mcpu_param_t = typename mcpu_param<I, F>::type;
+
+// A buffer or threadgroup argument of a generated entry point: a pointer, or a reference (constant Params& p
+// [[buffer(3)]]).
+template <typename P>
+MSL_INLINE P mcpu_bind(void* p) {
+  if constexpr (std::is_reference_v<P>)
+    return *reinterpret_cast<std::remove_reference_t<P>*>(p);
+  else
+    return reinterpret_cast<P>(p);
+}
+// A position builtin: a uint / ushort scalar (x) or a 2- / 3-vector.
+template <typename P>
+MSL_INLINE P mcpu_builtin(uint32_t x, uint32_t y, uint32_t z) {
+  using T = std::remove_cv_t<P>;
+  if constexpr (metal::mcpu_width<T> == 1) {
+    return (T)x;
+  } else {
+    const uint32_t v[3] = {x, y, z};
+    T r{};
+    for (int i = 0; i < metal::mcpu_width<T>; ++i) r[i] = (metal::mcpu_elem_t<T>)v[i];
+    return r;
+  }
+}

@@ -151,7 +151,8 @@ std::string locate(void* pc) {
   std::string where, chain;
   for (size_t i = 0; i + 1 < lines.size(); i += 2) {
     const std::string& loc = lines[i + 1];
-    bool shim = loc.find("metal_cpu/shim/") != std::string::npos || loc.find("<mcpu-generated>") != std::string::npos;
+    bool shim = loc.find("msl/cpu/shim/") != std::string::npos || loc.find("msl/shim/") != std::string::npos ||
+                loc.find("<mcpu-generated>") != std::string::npos;
     if (shim) continue;
     if (where.empty()) {
       where = loc;

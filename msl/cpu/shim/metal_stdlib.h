@@ -35,7 +35,7 @@
 #define kernel
 
 #define MSL_INLINE MCPU_INLINE
-#include "msl_types.h"
+#include "../../shim/msl_types.h"
 
 // ---- the runtime that opened this library (see mcpu_runtime_api) -------------------------------------------------
 // Trampolines are not instrumented and not inlined: their return address is the kernel code that called them.
@@ -183,16 +183,9 @@ MCPU_INLINE float mcpu_fast_divide(float x, float y) { return mcpu_ftz(mcpu_ftz(
 #pragma float_control(pop)
 
 // One function in both namespaces: float per variant; half, bfloat through precise float; vectors elementwise.
-#define MCPU_UNARY_IN(ns, name, float_expr)                                     \
-  namespace ns {                                                                \
-  MCPU_INLINE float name(float x) { return float_expr; }                        \
-  MCPU_INLINE half name(half x) { return (half)precise::name((float)x); }       \
-  MCPU_INLINE bfloat name(bfloat x) { return (bfloat)precise::name((float)x); } \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>         \
-  MCPU_INLINE V name(V x) {                                                     \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]);  \
-    return x;                                                                   \
-  }                                                                             \
+#define MCPU_UNARY_IN(ns, name, float_expr)      \
+  namespace ns {                                 \
+  MSL_FLOAT_FN1(name, float_expr, precise::name) \
   }
 #define MCPU_UNARY2(name, fast_expr)                             \
   MCPU_UNARY_IN(precise, name, mcpu_exact1<mcpu_libm_##name>(x)) \
@@ -212,16 +205,9 @@ MCPU_UNARY2(tan, mcpu_ftz(__builtin_tanf(mcpu_ftz(x))))
 #undef MCPU_UNARY2
 #undef MCPU_UNARY_IN
 
-#define MCPU_BINARY_IN(ns, name, float_expr)                                                         \
-  namespace ns {                                                                                     \
-  MCPU_INLINE float name(float x, float y) { return float_expr; }                                    \
-  MCPU_INLINE half name(half x, half y) { return (half)precise::name((float)x, (float)y); }          \
-  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)precise::name((float)x, (float)y); }  \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                              \
-  MCPU_INLINE V name(V x, V y) {                                                                     \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]); \
-    return x;                                                                                        \
-  }                                                                                                  \
+#define MCPU_BINARY_IN(ns, name, float_expr)     \
+  namespace ns {                                 \
+  MSL_FLOAT_FN2(name, float_expr, precise::name) \
   }
 #define MCPU_BINARY2(name, fast_expr)                                \
   MCPU_BINARY_IN(precise, name, mcpu_exact2<mcpu_libm_##name>(x, y)) \
@@ -233,15 +219,7 @@ MCPU_BINARY2(divide, mcpu_fast_divide(x, y))
 #undef MCPU_BINARY_IN
 
 // Functions with one variant (exact in both modes).
-#define MCPU_UNARY(name, expr)                                                 \
-  MCPU_INLINE float name(float x) { return expr; }                             \
-  MCPU_INLINE half name(half x) { return (half)name((float)x); }               \
-  MCPU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }         \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>        \
-  MCPU_INLINE V name(V x) {                                                    \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]); \
-    return x;                                                                  \
-  }
+#define MCPU_UNARY(name, expr) MSL_FLOAT_FN1(name, expr, name)
 MCPU_UNARY(floor, __builtin_floorf(x))
 MCPU_UNARY(ceil, __builtin_ceilf(x))
 MCPU_UNARY(round, __builtin_roundf(x))
@@ -253,15 +231,7 @@ MCPU_UNARY(sign, x > 0.0f ? 1.0f : x < 0.0f ? -1.0f : 0.0f)
 MCPU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
 #undef MCPU_UNARY
 
-#define MCPU_BINARY_FLOAT(name, expr)                                                                \
-  MCPU_INLINE float name(float x, float y) { return expr; }                                          \
-  MCPU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }                   \
-  MCPU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); }           \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                              \
-  MCPU_INLINE V name(V x, V y) {                                                                     \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]); \
-    return x;                                                                                        \
-  }
+#define MCPU_BINARY_FLOAT(name, expr) MSL_FLOAT_FN2(name, expr, name)
 MCPU_BINARY_FLOAT(atan2, __builtin_atan2f(x, y))
 MCPU_BINARY_FLOAT(fmod, __builtin_fmodf(x, y))
 MCPU_BINARY_FLOAT(fmax, __builtin_fmaxf(x, y))
@@ -269,21 +239,6 @@ MCPU_BINARY_FLOAT(fmin, __builtin_fminf(x, y))
 MCPU_BINARY_FLOAT(step, y < x ? 0.0f : 1.0f)
 #undef MCPU_BINARY_FLOAT
 
-// Under fast math clang warns at every inf/NaN use in kernel code (as it should: Metal's fast math makes them
-// undefined); the definitions here are not such uses.
-#pragma clang diagnostic push
-#pragma clang diagnostic ignored "-Wnan-infinity-disabled"
-MCPU_INLINE bool isnan(float x) { return __builtin_isnan(x); }
-MCPU_INLINE bool isnan(half x) { return __builtin_isnan((float)x); }
-MCPU_INLINE bool isnan(bfloat x) { return __builtin_isnan((float)x); }
-MCPU_INLINE bool isinf(float x) { return __builtin_isinf(x); }
-MCPU_INLINE bool isinf(half x) { return __builtin_isinf((float)x); }
-MCPU_INLINE bool isinf(bfloat x) { return __builtin_isinf((float)x); }
-MCPU_INLINE bool isfinite(float x) { return __builtin_isfinite(x); }
-#pragma clang diagnostic pop
-MCPU_INLINE uint popcount(uint x) { return (uint)__builtin_popcount(x); }
-MCPU_INLINE uint ctz(uint x) { return x ? (uint)__builtin_ctz(x) : 32u; }
-MCPU_INLINE uint clz(uint x) { return x ? (uint)__builtin_clz(x) : 32u; }
 template <typename T>
 MCPU_INLINE T mulhi(T x, T y) {
   return (T)(((unsigned __int128)x * y) >> (8 * sizeof(T)));
@@ -321,15 +276,10 @@ MCPU_ONE_VARIANT(MCPU_USING)
 #undef MCPU_ONE_VARIANT
 
 // ---- barriers ---------------------------------------------------------------------------------------------------
-enum class mem_flags : uint {
-  mem_none = MCPU_MEM_NONE,
-  mem_device = MCPU_MEM_DEVICE,
-  mem_threadgroup = MCPU_MEM_THREADGROUP,
-  mem_texture = MCPU_MEM_TEXTURE,
-  mem_threadgroup_imageblock = 8,
-  mem_object_data = 16,
-};
-constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags((uint)a | (uint)b); }
+static_assert((uint)mem_flags::mem_none == MCPU_MEM_NONE && (uint)mem_flags::mem_device == MCPU_MEM_DEVICE &&
+                  (uint)mem_flags::mem_threadgroup == MCPU_MEM_THREADGROUP &&
+                  (uint)mem_flags::mem_texture == MCPU_MEM_TEXTURE,
+              "the runtime reads Metal's mem_flags bits");
 MCPU_INLINE void threadgroup_barrier(mem_flags flags, MCPU_SITE) {
   mcpu_threadgroup_barrier((uint)flags, MCPU_SITE_ARGS);
 }
@@ -471,11 +421,6 @@ struct simdgroup_matrix {
     static_assert(sizeof(U) == 0, "thread_elements() is not supported: the lane layout is undocumented");
   }
 };
-template <typename T>
-using simdgroup_matrix8x8 = simdgroup_matrix<T, 8, 8>;
-typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
-typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
-typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
 template <typename T, int C, int R>
 MCPU_INLINE simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
@@ -500,11 +445,8 @@ MCPU_INLINE void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P src, ulon
                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false, MCPU_SITE) {
   const uint lane = mcpu_lane_id();
   T v[2];
-  for (int k = 0; k < 2; ++k) {
-    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
-    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
-    v[k] = src[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col];
-  }
+  for (int k = 0; k < 2; ++k)
+    v[k] = src[mcpu_matrix_offset(2 * lane + k, elements_per_row, matrix_origin, transpose_matrix)];
   mcpu_gather_matrix(d.e, v[0], v[1], MCPU_SITE_ARGS);
 }
 
@@ -513,9 +455,8 @@ MCPU_INLINE void simdgroup_store(thread const simdgroup_matrix<T, 8, 8>& a, P ds
                                  ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false, MCPU_SITE) {
   const uint lane = mcpu_lane_id();
   for (int k = 0; k < 2; ++k) {
-    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
-    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
-    dst[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col] = a.e[idx];
+    const uint idx = 2 * lane + k;
+    dst[mcpu_matrix_offset(idx, elements_per_row, matrix_origin, transpose_matrix)] = a.e[idx];
   }
   // The store is a simdgroup operation: every lane must take part.
   mcpu_lanes<uint> l = mcpu_exchange(lane, MCPU_SITE_ARGS);
@@ -548,22 +489,6 @@ MCPU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread
 // ---- atomics ----------------------------------------------------------------------------------------------------
 // Run by one CPU thread at a time, so plain operations; the runtime checks bounds and counts traffic, and the
 // accesses themselves are not instrumented (atomics do not race).
-template <typename T>
-struct _atomic {
-  T __value;
-};
-typedef _atomic<int> atomic_int;
-typedef _atomic<uint> atomic_uint;
-typedef _atomic<float> atomic_float;
-typedef _atomic<bool> atomic_bool;
-enum memory_order {
-  memory_order_relaxed,
-  memory_order_acquire,
-  memory_order_release,
-  memory_order_acq_rel,
-  memory_order_seq_cst
-};
-
 #define MCPU_ATOMIC_RMW(name, op)                                                  \
   template <typename A, typename T>                                                \
   MCPU_NOSAN auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) { \
@@ -629,15 +554,7 @@ MCPU_INLINE bool atomic_compare_exchange_weak_explicit(A* obj, T* expected, T de
 
 }  // namespace metal
 
-// ---- what generated entry points use ----------------------------------------------------------------------------
-// A buffer or threadgroup argument: a pointer, or a reference (constant Params& p [[buffer(3)]]).
-template <typename P>
-MCPU_INLINE P mcpu_bind(void* p) {
-  if constexpr (std::is_reference_v<P>)
-    return *reinterpret_cast<std::remove_reference_t<P>*>(p);
-  else
-    return reinterpret_cast<P>(p);
-}
+// ---- what generated entry points use (mcpu_bind and the three-coordinate mcpu_builtin: msl_types.h) -------------
 // The alignment Metal requires of a buffer argument's offset: that of the type the kernel reads through it.
 template <typename P>
 constexpr uint32_t mcpu_bind_align() {
@@ -646,17 +563,10 @@ constexpr uint32_t mcpu_bind_align() {
   else
     return alignof(std::remove_pointer_t<P>);
 }
-// A position builtin: uint/ushort scalar (x) or 2/3-vector.
+// A position builtin from the runtime's thread arguments: uint/ushort scalar (x) or 2/3-vector.
 template <typename P>
 MCPU_INLINE P mcpu_builtin(const uint32_t (&v)[3]) {
-  using T = std::remove_cv_t<P>;
-  if constexpr (metal::mcpu_width<T> == 1) {
-    return (T)v[0];
-  } else {
-    T r{};
-    for (int i = 0; i < metal::mcpu_width<T>; ++i) r[i] = (metal::mcpu_elem_t<T>)v[i];
-    return r;
-  }
+  return mcpu_builtin<P>(v[0], v[1], v[2]);
 }
 template <typename P>
 MCPU_INLINE P mcpu_builtin(uint32_t v) {

@@ -1,5 +1,5 @@
 // The Metal Shading Language standard library on NVPTX: included (-include) before every pre-passed .metal file
-// that tests/metal_cuda compiles to PTX with clang-19 (-x cuda --cuda-device-only -nocudainc -nocudalib).
+// that msl/cuda compiles to PTX with clang-19 (-x cuda --cuda-device-only -nocudainc -nocudalib).
 //
 // Mapping: a simdgroup is a warp (32 lanes), threadgroup memory is __shared__, threadgroup_barrier is bar.sync,
 // simdgroup_barrier is bar.warp.sync. Simd collectives use the active mask, so in divergent code only the active
@@ -33,7 +33,7 @@
 #define kernel
 
 #define MSL_INLINE MCU_INLINE
-#include "../../metal_cpu/shim/msl_types.h"
+#include "../../shim/msl_types.h"
 
 // ---- PTX special registers and instructions -----------------------------------------------------------------------
 MCU_INLINE uint mcu_lane_id() { return __nvvm_read_ptx_sreg_laneid(); }
@@ -117,16 +117,9 @@ MCU_INLINE float mcu_reduce_2pi(float x) {
 
 // ---- math -------------------------------------------------------------------------------------------------------
 // Float functions: computed in float and rounded once to half/bfloat; vectors elementwise.
-#define MCU_UNARY_IN(ns, name, expr)                                           \
-  namespace ns {                                                               \
-  MCU_INLINE float name(float x) { return expr; }                              \
-  MCU_INLINE half name(half x) { return (half)name((float)x); }                \
-  MCU_INLINE bfloat name(bfloat x) { return (bfloat)name((float)x); }          \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>        \
-  MCU_INLINE V name(V x) {                                                     \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i]); \
-    return x;                                                                  \
-  }                                                                            \
+#define MCU_UNARY_IN(ns, name, expr) \
+  namespace ns {                     \
+  MSL_FLOAT_FN1(name, expr, name)    \
   }
 #define MCU_UNARY2(name, fast_expr, precise_expr) \
   MCU_UNARY_IN(fast, name, fast_expr)             \
@@ -159,16 +152,9 @@ MCU_UNARY(saturate, x < 0.0f ? 0.0f : x > 1.0f ? 1.0f : x)
 #undef MCU_UNARY2
 #undef MCU_UNARY_IN
 
-#define MCU_BINARY_IN(ns, name, expr)                                                                \
-  namespace ns {                                                                                     \
-  MCU_INLINE float name(float x, float y) { return expr; }                                           \
-  MCU_INLINE half name(half x, half y) { return (half)name((float)x, (float)y); }                    \
-  MCU_INLINE bfloat name(bfloat x, bfloat y) { return (bfloat)name((float)x, (float)y); }            \
-  template <typename V, std::enable_if_t<(mcpu_width<V> > 1), int> = 0>                              \
-  MCU_INLINE V name(V x, V y) {                                                                      \
-    for (int i = 0; i < mcpu_width<V>; ++i) x[i] = name((mcpu_elem_t<V>)x[i], (mcpu_elem_t<V>)y[i]); \
-    return x;                                                                                        \
-  }                                                                                                  \
+#define MCU_BINARY_IN(ns, name, expr) \
+  namespace ns {                      \
+  MSL_FLOAT_FN2(name, expr, name)     \
   }
 #define MCU_BINARY2(name, fast_expr, precise_expr) \
   MCU_BINARY_IN(fast, name, fast_expr)             \
@@ -220,17 +206,6 @@ MCU_USING(fmin)
 MCU_USING(step)
 #undef MCU_USING
 
-MCU_INLINE bool isnan(float x) { return __builtin_isnan(x); }
-MCU_INLINE bool isnan(half x) { return __builtin_isnan((float)x); }
-MCU_INLINE bool isnan(bfloat x) { return __builtin_isnan((float)x); }
-MCU_INLINE bool isinf(float x) { return __builtin_isinf(x); }
-MCU_INLINE bool isinf(half x) { return __builtin_isinf((float)x); }
-MCU_INLINE bool isinf(bfloat x) { return __builtin_isinf((float)x); }
-MCU_INLINE bool isfinite(float x) { return __builtin_isfinite(x); }
-MCU_INLINE uint popcount(uint x) { return (uint)__builtin_popcount(x); }
-MCU_INLINE uint ctz(uint x) { return x ? (uint)__builtin_ctz(x) : 32u; }
-MCU_INLINE uint clz(uint x) { return x ? (uint)__builtin_clz(x) : 32u; }
-
 // fast:: and precise:: also name the functions that have one version.
 #define MCU_SHARED_NAMES(X) X(max) X(min) X(clamp) X(abs) X(fma) X(mix) X(dot) X(isnan) X(isinf) X(select)
 #define MCU_USING(name) using metal::name;
@@ -244,15 +219,6 @@ MCU_SHARED_NAMES(MCU_USING)
 #undef MCU_SHARED_NAMES
 
 // ---- barriers ---------------------------------------------------------------------------------------------------
-enum class mem_flags : uint {
-  mem_none = 0,
-  mem_device = 1,
-  mem_threadgroup = 2,
-  mem_texture = 4,
-  mem_threadgroup_imageblock = 8,
-  mem_object_data = 16,
-};
-constexpr mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags((uint)a | (uint)b); }
 // bar.sync orders shared and global memory among the threads of the block; bar.warp.sync among the given lanes.
 MCU_INLINE void threadgroup_barrier(mem_flags) { __syncthreads(); }
 MCU_INLINE void simdgroup_barrier(mem_flags) { __nvvm_bar_warp_sync(mcu_active_mask()); }
@@ -387,11 +353,6 @@ struct simdgroup_matrix {
     static_assert(sizeof(U) == 0, "thread_elements() is not supported: the lane layout is undocumented");
   }
 };
-template <typename T>
-using simdgroup_matrix8x8 = simdgroup_matrix<T, 8, 8>;
-typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
-typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
-typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
 
 MCU_INLINE void mcu_require_full_warp() {
   if (mcu_active_mask() != 0xffffffffu) __builtin_trap();
@@ -409,11 +370,8 @@ MCU_INLINE void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P src, ulong
                                ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   mcu_require_full_warp();
   const uint lane = mcu_lane_id();
-  for (int k = 0; k < 2; ++k) {
-    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
-    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
-    d.e[k] = T(src[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col]);
-  }
+  for (int k = 0; k < 2; ++k)
+    d.e[k] = T(src[mcpu_matrix_offset(2 * lane + k, elements_per_row, matrix_origin, transpose_matrix)]);
 }
 
 template <typename T, typename P>
@@ -421,11 +379,8 @@ MCU_INLINE void simdgroup_store(thread const simdgroup_matrix<T, 8, 8>& a, P dst
                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   mcu_require_full_warp();
   const uint lane = mcu_lane_id();
-  for (int k = 0; k < 2; ++k) {
-    const uint idx = 2 * lane + k, r = idx / 8, c = idx % 8;
-    const ulong row = transpose_matrix ? c : r, col = transpose_matrix ? r : c;
-    dst[(matrix_origin.y + row) * elements_per_row + matrix_origin.x + col] = a.e[k];
-  }
+  for (int k = 0; k < 2; ++k)
+    dst[mcpu_matrix_offset(2 * lane + k, elements_per_row, matrix_origin, transpose_matrix)] = a.e[k];
 }
 
 // d = a * b + c, each element a float dot product (in k order, from c) rounded once to the destination type.
@@ -461,22 +416,6 @@ MCU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread 
 }
 
 // ---- atomics ----------------------------------------------------------------------------------------------------
-template <typename T>
-struct _atomic {
-  T __value;
-};
-typedef _atomic<int> atomic_int;
-typedef _atomic<uint> atomic_uint;
-typedef _atomic<float> atomic_float;
-typedef _atomic<bool> atomic_bool;
-enum memory_order {
-  memory_order_relaxed,
-  memory_order_acquire,
-  memory_order_release,
-  memory_order_acq_rel,
-  memory_order_seq_cst
-};
-
 #define MCU_ATOMIC_RMW(name, builtin)                                              \
   template <typename A, typename T>                                                \
   MCU_INLINE auto atomic_##name##_explicit(volatile A* obj, T arg, memory_order) { \
@@ -536,23 +475,4 @@ struct mcu_args {
   uint32_t threadgroup_offsets[MCU_MAX_BUFFERS];
 };
 extern __shared__ __attribute__((aligned(16))) unsigned char mcu_dynamic_threadgroup_memory[];
-
-template <typename P>
-MCU_INLINE P mcu_bind(void* p) {
-  if constexpr (std::is_reference_v<P>)
-    return *reinterpret_cast<std::remove_reference_t<P>*>(p);
-  else
-    return reinterpret_cast<P>(p);
-}
-template <typename P>
-MCU_INLINE P mcu_builtin(uint32_t x, uint32_t y, uint32_t z) {
-  using T = std::remove_cv_t<P>;
-  if constexpr (metal::mcpu_width<T> == 1) {
-    return (T)x;
-  } else {
-    const uint32_t v[3] = {x, y, z};
-    T r{};
-    for (int i = 0; i < metal::mcpu_width<T>; ++i) r[i] = (metal::mcpu_elem_t<T>)v[i];
-    return r;
-  }
-}
+// Arguments are bound by mcpu_bind and mcpu_builtin (msl_types.h).

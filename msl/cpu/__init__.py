@@ -5,14 +5,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
-from .compiler import MetalCompileError, build_runtime, compile_cached, compile_to
+from ..frontend import FC_TYPES, MAX_BUFFERS, MetalCompileError, constant_bits
+from .compiler import build_runtime, compile_cached, compile_to
 
 __all__ = ["MetalCPUError", "MetalCompileError", "Runtime", "Library", "DispatchStats", "compile", "compile_to",
            "build_runtime", "runtime", "set_options", "get_options"]
 
-MAX_BUFFERS = 31
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
-CONSTANT_TYPES = {"bool": 0, "int": 1, "uint": 2, "float": 3}
 
 
 class MetalCPUError(RuntimeError):
@@ -184,7 +183,6 @@ def _as_bytes(obj) -> bytes:
 
 
 def _constant(index: int, v) -> _Constant:
-    import struct
     if isinstance(v, tuple):
         ty, val = v
     elif isinstance(v, bool):
@@ -193,11 +191,7 @@ def _constant(index: int, v) -> _Constant:
         ty, val = "int", v
     else:
         ty, val = "float", v
-    if ty == "float":
-        bits = struct.unpack("<I", struct.pack("<f", float(val)))[0]
-    else:
-        bits = int(val) & 0xFFFFFFFF
-    return _Constant(index, CONSTANT_TYPES[ty], bits)
+    return _Constant(index, FC_TYPES[ty], constant_bits(ty, val))
 
 
 class Library:

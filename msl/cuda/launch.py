@@ -1,4 +1,4 @@
-"""Runs Metal dispatches on an NVIDIA GPU: PTX from tests/metal_cuda/compiler.py, CUDA torch tensors, the driver API
+"""Runs Metal dispatches on an NVIDIA GPU: PTX from msl/cuda/compiler.py, CUDA torch tensors, the driver API
 through ctypes (libcuda), on torch's current stream (so torch events and CUDA graphs see the launches).
 
     lib = Library(".cache/metal_cuda/paged_decode_attention-<hash>")      # a folder from compiler.build()
@@ -20,9 +20,9 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-MAX_BUFFERS = 31
-CONSTANT_TYPES = {"bool": 0, "int": 1, "uint": 2, "float": 3}
-_TYPE_NAMES = {v: k for k, v in CONSTANT_TYPES.items()}
+from ..frontend import FC_TYPES, MAX_BUFFERS, constant_bits
+
+_TYPE_NAMES = {v: k for k, v in FC_TYPES.items()}
 
 
 class CudaError(RuntimeError):
@@ -105,9 +105,7 @@ def _constant_bits(value, declared: str):
         ty, v = value
     else:
         ty, v = declared, value
-    if ty == "float":
-        return ty, struct.unpack("<I", struct.pack("<f", float(v)))[0]
-    return ty, int(v) & 0xFFFFFFFF
+    return ty, constant_bits(ty, v)
 
 
 class Pipeline:

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import metal_cpu
-from metal_cpu import compiler
+from msl import cpu as metal_cpu
+from msl import frontend
+from msl.cpu import compiler
 
 HERE = Path(__file__).resolve().parent
+RUNTIME = Path(compiler.__file__).resolve().parent / "runtime"
 TARGET = ["--target=aarch64-linux-gnu"]
 HAVE_CROSS_HEADERS = Path("/usr/aarch64-linux-gnu/include/stdio.h").exists()
 
@@ -32,22 +34,22 @@ def test_fiber_switch_assembles(tmp_path):
     src.write_text('#include "fiber.h"\nvoid entry() {}\nvoid* probe(char* top) { return mcpu_fiber_frame(top, '
                    "&entry); }\n")
     obj = tmp_path / "fiber_probe.o"
-    _clang("-ffreestanding", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", str(HERE / "runtime"), "-c",
+    _clang("-ffreestanding", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-I", str(RUNTIME), "-c",
            str(src), "-o", str(obj))
     assert obj.read_bytes()[18] == 183  # ELF e_machine = EM_AARCH64
 
 
 def test_runtime_compiles():
-    _clang("-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-I", str(HERE / "runtime"), "-c",
-           str(HERE / "runtime" / "runtime.cpp"), "-o", "/dev/null")
+    _clang("-std=c++17", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-I", str(RUNTIME), "-c",
+           str(RUNTIME / "runtime.cpp"), "-o", "/dev/null")
 
 
 @pytest.mark.parametrize("fast_math", [True, False])
 def test_kernels_compile(tmp_path, fast_math):
     """A kernel file through the emulator's own front end and shim (fast math: the FPCR flush-to-zero mode)."""
-    pre = compiler.prepass(compiler._preprocess(HERE / "kernels" / "fast_math.metal", [], {}))
+    pre = frontend.prepass(frontend.preprocess(HERE / "kernels" / "fast_math.metal", [], {}), "cpu")
     src = tmp_path / "kernel.mcpu.cpp"
-    src.write_text(pre.source)
+    src.write_text(pre.source + compiler.entry_points(pre))
     math = ["-ffast-math", "-DMCPU_FAST_MATH"] if fast_math else []
     _clang(*compiler.COMMON_FLAGS, *math, "-O1", "-fPIC", f'-DMCPU_SOURCE_PATH="{src}"', "-include",
            str(compiler.SHIM), "-c", str(src), "-o", str(tmp_path / "kernel.o"))

@@ -1,4 +1,4 @@
-// Small kernels, one per MSL feature the emulator supports; tests/metal_cpu/test_features.py checks each
+// Small kernels, one per MSL feature the emulator supports; tests/msl_cpu/test_features.py checks each
 // against numpy / torch.
 #include <metal_stdlib>
 using namespace metal;

@@ -1,9 +1,9 @@
 // Metal on the CPU: the C API of the emulator runtime (libmetal_cpu.so).
 //
-// A .metal file is turned into a shared object by tests/metal_cpu/compiler.py (pre-pass + clang-19); this runtime
+// A .metal file is turned into a shared object by msl/cpu/compiler.py (pre-pass + clang-19); this runtime
 // loads such objects and runs dispatches on them: every GPU thread is a fiber, threadgroups run one after another,
 // and every device / threadgroup memory access goes through the checks below. Python binds this API with ctypes
-// (tests/metal_cpu/__init__.py); the emulated build of the package calls it from C++.
+// (msl/cpu/__init__.py); the emulated build of the package calls it from C++.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>

@@ -1,28 +1,30 @@
-"""Turns a .metal file into a shared object the metal_cpu runtime can run.
+"""The front end both targets share: a .metal file -> preprocessed text -> the pre-pass -> C++ (msl/cpu) or CUDA
+(msl/cuda) source plus the kernels and function constants it declares.
 
-clang-19 -E (Metal headers replaced by empty stand-ins) -> pre-pass (this file) -> clang-19 as C++ with
-shim/metal_stdlib.h, SanitizerCoverage load/store hooks and line tables pointing at the .metal source.
+clang-19 -E with the Metal headers replaced by empty stand-ins (shim/standins), then a pre-pass over the text:
+kernel-scope threadgroup arrays, [[kernel]] signatures and template [[host_name]] instantiations are parsed and
+rewritten, function constants become run-time values, half literals and vector constructors convert as MSL does,
+C-style casts to vector types are rejected. Each target adds its entry points and compiles with its own shim.
 """
 
 import hashlib
 import os
 import re
 import shutil
+import struct
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 HERE = Path(__file__).resolve().parent
-SHIM = HERE / "shim" / "metal_stdlib.h"
+ROOT = HERE.parent  # the checkout holding msl/: compile caches go to its .cache/
 STANDINS = HERE / "shim" / "standins"
-RUNTIME_SOURCES = [HERE / "runtime" / "runtime.cpp", HERE / "runtime" / "fiber.h", HERE / "runtime" / "mcpu_abi.h",
-                   HERE / "runtime" / "metal_cpu.h"]
+SHIM_CORE = HERE / "shim" / "msl_types.h"  # included by both targets' metal_stdlib.h
 
 
 class MetalCompileError(Exception):
-    """The .metal source uses something the emulator rejects, or clang failed."""
+    """The .metal source uses something the toolchain rejects, or clang failed."""
 
 
 def clang() -> str:
@@ -33,24 +35,49 @@ def clang() -> str:
     return exe
 
 
-def cache_dir() -> Path:
-    d = Path(os.environ.get("METAL_CPU_CACHE", HERE.parent.parent / ".cache" / "metal_cpu"))
+def cache_dir(name: str, env: str) -> Path:
+    """<checkout>/.cache/<name>, or the folder the environment variable `env` names."""
+    d = Path(os.environ.get(env, ROOT / ".cache" / name))
     d.mkdir(parents=True, exist_ok=True)
     return d
 
 
-def _run(cmd: Sequence[str], what: str) -> str:
+def run(cmd: Sequence[str], what: str) -> str:
     r = subprocess.run(list(cmd), capture_output=True, text=True)
     if r.returncode != 0:
         raise MetalCompileError(f"{what} failed:\n{r.stderr.strip()[:6000]}\ncommand: {' '.join(cmd)}")
     return r.stdout
 
 
-def _file_hash(paths: Sequence[Path]) -> str:
+def file_hash(paths: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def preprocess(metal_path: Path, include_dirs: Sequence[str], defines: Dict[str, str]) -> str:
+    metal_path = Path(metal_path)
+    cmd = [clang(), "-E", "-x", "c++", "-std=c++17", "-D__METAL_VERSION__=310", "-D__HAVE_MCPU__=1",
+           "-isystem", str(STANDINS)]
+    for d in include_dirs:
+        cmd += ["-I", str(Path(d).resolve())]
+    for k, v in (defines or {}).items():
+        cmd.append(f"-D{k}={v}")
+    cmd.append(str(metal_path.resolve()))
+    return run(cmd, f"preprocessing {metal_path}")
+
+
+def constant_bits(ty: str, value) -> int:
+    """The 32 bits a launcher stores for a function constant of type `ty` (FC_TYPES)."""
+    if ty == "float":
+        return struct.unpack("<I", struct.pack("<f", float(value)))[0]
+    return int(value) & 0xFFFFFFFF
+
+
+def param_type(i: int, callee: str) -> str:
+    """The C++ type of parameter i of a kernel, for the generated entry points (mcpu_param_t in msl_types.h)."""
+    return f"mcpu_param_t<{i}, decltype({callee})>"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +100,8 @@ BUILTINS = {
     "threads_per_simdgroup": None,  # constant 32
     "thread_execution_width": None,
 }
-FC_TYPES = {"bool": 0, "int": 1, "uint": 2, "float": 3}
+FC_TYPES = {"bool": 0, "int": 1, "uint": 2, "float": 3}  # function-constant type codes of both launchers
+MAX_BUFFERS = 31  # [[buffer(i)]] and [[threadgroup(i)]] indices are below this, as in Metal
 KEEP_ATTRIBUTES = {"maybe_unused", "likely", "unlikely", "fallthrough", "nodiscard"}
 
 
@@ -101,9 +129,9 @@ class Instance:
 
 @dataclass
 class Prepassed:
-    source: str  # for the run compile (with entry points)
-    check_source: str  # for the address-space syntax check (no entry points)
+    source: str  # the rewritten source, without entry points
     kernels: List[Tuple[str, str, KernelDef]] = field(default_factory=list)  # (host name, callee, def)
+    function_constants: List[Tuple[str, str, str]] = field(default_factory=list)  # (type, name, index expression)
 
 
 class _Src:
@@ -143,7 +171,9 @@ def _blank(s: str) -> str:
     return "\n" * s.count("\n") + " "
 
 
-def _split_top(s: str, sep: str = ",") -> List[str]:
+def split_top(s: str, sep: str = ",") -> List[str]:
+    """s split at `sep` outside brackets, each piece stripped (an empty last piece dropped): kernel parameter lists,
+    LLVM IR operand lists."""
     out, depth, cur = [], 0, []
     for c in s:
         if c in "([{<":
@@ -151,18 +181,18 @@ def _split_top(s: str, sep: str = ",") -> List[str]:
         elif c in ")]}>":
             depth -= 1
         if c == sep and depth == 0:
-            out.append("".join(cur))
+            out.append("".join(cur).strip())
             cur = []
         else:
             cur.append(c)
     if "".join(cur).strip():
-        out.append("".join(cur))
+        out.append("".join(cur).strip())
     return out
 
 
 def _parse_params(plist: str, where: str) -> List[Param]:
     params = []
-    for raw in _split_top(plist):
+    for raw in split_top(plist):
         attrs = re.findall(r"\[\[(.*?)\]\]", raw, re.S)
         decl = re.sub(r"\[\[.*?\]\]", " ", raw, flags=re.S).split("=")[0].strip()
         m = re.search(r"(\w+)\s*$", decl)
@@ -189,9 +219,12 @@ def _qualify_vec(t: str) -> str:
     return re.sub(r"^(?:metal\s*::\s*)?vec\b", "metal::vec", t.strip())
 
 
-def prepass(text: str, target: str = "cpu") -> Prepassed:
-    """target "cpu": the emulator's source (entry points included). target "cuda" (tests/metal_cuda): function
-    constants become __constant__ globals and kernel-scope threadgroup arrays __shared__ ones; no entry points."""
+def prepass(text: str, target: str) -> Prepassed:
+    """The preprocessed MSL rewritten as C++ (target "cpu", the emulator) or CUDA (target "cuda"), and the kernels and
+    function constants it declares. The targets differ in storage only: function constants are `static` globals the
+    runtime sets or `__constant__` ones the launcher writes; a kernel-scope `threadgroup T x[N]` is one allocation per
+    threadgroup from the emulator's runtime or a `__shared__` array. Entry points are the targets' own
+    (msl/cpu/compiler.py, msl/cuda/compiler.py)."""
     if target not in ("cpu", "cuda"):
         raise ValueError(f"prepass target must be 'cpu' or 'cuda', got {target!r}")
     src = _Src(text)
@@ -321,180 +354,4 @@ def prepass(text: str, target: str = "cpu") -> Prepassed:
     for kd in defs.values():
         if not kd.is_template:
             kernels.append((kd.name, kd.name, kd))
-    if target == "cuda":
-        return Prepassed(source=out, check_source=out, kernels=kernels)
-
-    gen = ['\n#line 1 "<mcpu-generated>"']
-    for i, (host, callee, kd) in enumerate(kernels):
-        args = []
-        for p_i, p in enumerate(kd.params):
-            ptype = f"mcpu_param_t<{p_i}, decltype({callee})>"
-            if p.kind == "buffer":
-                args.append(f"mcpu_bind<{ptype}>(a->buffers[{p.index}])")
-            elif p.kind == "threadgroup":
-                args.append(f"mcpu_bind<{ptype}>(a->threadgroup_args[{p.index}])")
-            elif BUILTINS[p.kind] is None:
-                args.append(f"({ptype})32")
-            else:
-                args.append(f"mcpu_builtin<{ptype}>(a->{BUILTINS[p.kind]})")
-        gen.append(f"static void mcpu_entry_{i}(const mcpu_thread_args* a) {{ metal::mcpu_thread_fp_mode(); "
-                   f"{callee}({', '.join(args)}); }}")
-        pinfo = ", ".join(
-            f'{{{0 if p.kind == "buffer" else 1 if p.kind == "threadgroup" else 2}, (uint32_t)({p.index}), "{p.name}", '
-            f'{f"mcpu_bind_align<mcpu_param_t<{p_i}, decltype({callee})>>()" if p.kind == "buffer" else "0"}}}'
-            for p_i, p in enumerate(kd.params))
-        pinfo = pinfo or '{2, 0, "", 0}'
-        gen.append(f"static const mcpu_param_info mcpu_params_{i}[] = {{ {pinfo} }};")
-    table = ", ".join(f'{{"{host}", mcpu_entry_{i}, (uint32_t)({kd.max_threads}), {len(kd.params)}, mcpu_params_{i}}}'
-                      for i, (host, _, kd) in enumerate(kernels))
-    table = table or "{nullptr, nullptr, 0, 0, nullptr}"
-    gen.append(f"static const mcpu_kernel_info mcpu_kernel_table[] = {{ {table} }};")
-    cases = []
-    for ty, name, idx in fcs:
-        cast = {"bool": "bits != 0", "int": "(int)bits", "uint": "bits", "float": "__builtin_bit_cast(float, bits)"}[ty]
-        cases.append(f"if (index == (uint32_t)({idx})) {{ if (type != {FC_TYPES[ty]}) return -2; {name} = {cast}; "
-                     f"mcpu_fc_defined_{name} = true; return 0; }}")
-    resets = " ".join(f"{name} = {ty}(); mcpu_fc_defined_{name} = false;" for ty, name, _ in fcs)
-    gen.append("static MCPU_TRAMPOLINE int mcpu_set_fc(uint32_t index, uint32_t type, uint32_t bits) {"
-               f" (void)type; (void)bits; if (index == UINT32_MAX) {{ {resets} return 0; }} {' '.join(cases)}"
-               " return -1; }")
-    gen.append('extern "C" __attribute__((visibility("default"))) const mcpu_library_info mcpu_library = '
-               f'{{ MCPU_ABI_VERSION, {len(kernels)}, mcpu_kernel_table, mcpu_set_fc, mcpu_bind_runtime, '
-               'MCPU_SOURCE_PATH };')
-    return Prepassed(source=out + "\n".join(gen) + "\n", check_source=out, kernels=kernels)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Compilation.
-
-def _builtins_lib() -> Optional[str]:
-    r = subprocess.run([clang(), "-rtlib=compiler-rt", "-print-libgcc-file-name"], capture_output=True, text=True)
-    p = r.stdout.strip()
-    return p if r.returncode == 0 and p and os.path.exists(p) else None
-
-
-COMMON_FLAGS = ["-x", "c++", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-Wall", "-Wextra", "-Werror",
-                "-Wno-unused-parameter", "-Wno-unused-variable", "-Wno-unused-function", "-Wno-unknown-attributes",
-                "-Wno-unused-but-set-variable", "-Xclang", "-ffloat16-excess-precision=none",
-                "-Xclang", "-fbfloat16-excess-precision=none"]
-
-
-def _preprocess(metal_path: Path, include_dirs: Sequence[str], defines: Dict[str, str]) -> str:
-    cmd = [clang(), "-E", "-x", "c++", "-std=c++17", "-D__METAL_VERSION__=310", "-D__HAVE_MCPU__=1",
-           "-isystem", str(STANDINS)]
-    for d in include_dirs:
-        cmd += ["-I", str(Path(d).resolve())]
-    for k, v in (defines or {}).items():
-        cmd.append(f"-D{k}={v}")
-    cmd.append(str(metal_path.resolve()))
-    return _run(cmd, f"preprocessing {metal_path}")
-
-
-def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-               fast_math: bool = True, opt: str = "-O2") -> Path:
-    """Compiles one .metal file to a kernel library at `out_path` (uncached). fast_math (Metal's default) selects the
-    fast:: math functions for the plain names, runs the threads with denormals flushed and computes divisions as
-    x * (1 / y) (see shim/metal_stdlib.h, README "Fast math")."""
-    metal_path, out_path = Path(metal_path), Path(out_path)
-    pre = prepass(_preprocess(metal_path, include_dirs, defines or {}))
-    math = ["-ffast-math", "-DMCPU_FAST_MATH"] if fast_math else []
-    with tempfile.TemporaryDirectory() as tmp:
-        check = Path(tmp) / "check.cpp"
-        check.write_text(pre.check_source)
-        _run([clang(), "-fsyntax-only", *COMMON_FLAGS, *math, "-DMCPU_ADDRESS_SPACES", "-include", str(SHIM),
-              str(check)], f"address-space check of {metal_path}")
-        src = Path(tmp) / (metal_path.stem + ".mcpu.cpp")
-        src.write_text(pre.source)
-        # Front end only (no optimisation yet, so every division is still one), then the division model, then the
-        # optimiser, SanitizerCoverage load/store hooks and code generation on the rewritten IR.
-        ir = Path(tmp) / (metal_path.stem + ".ll")
-        coverage = "-fsanitize-coverage=func,trace-loads,trace-stores"
-        _run([clang(), *COMMON_FLAGS, *math, opt, "-gline-tables-only", "-fPIC", coverage, "-fvisibility=hidden",
-              f'-DMCPU_SOURCE_PATH="{metal_path.resolve()}"', "-include", str(SHIM), "-S", "-emit-llvm",
-              "-Xclang", "-disable-llvm-passes", str(src), "-o", str(ir)], f"compiling {metal_path}")
-        ir.write_text(reciprocal_divisions(ir.read_text()))
-        cmd = [clang(), *math[:1], opt, "-fPIC", "-shared", coverage, "-x", "ir", str(ir), "-o", str(out_path) + ".tmp"]
-        lib = _builtins_lib()
-        if lib:
-            cmd += ["-x", "none", lib]  # compiler-rt: the bfloat conversions
-        _run(cmd, f"compiling {metal_path}")
-        os.replace(str(out_path) + ".tmp", out_path)
-    return out_path
-
-
-_FDIV = re.compile(r"^(\s*)(%[-\w.$]+|%\"[^\"]*\") = fdiv ((?:(?:fast|reassoc|nnan|ninf|nsz|arcp|contract|afn) )*)"
-                   r"(float|<(\d+) x float>) (.*)$", re.M)
-
-
-def _split_operands(s: str) -> List[str]:
-    out, depth, cur = [], 0, []
-    for c in s:
-        if c in "<([{":
-            depth += 1
-        elif c in ">)]}":
-            depth -= 1
-        if c == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(c)
-    out.append("".join(cur).strip())
-    return out
-
-
-def reciprocal_divisions(ir: str) -> str:
-    """Fast math's division: every fp32 `fdiv` the compiler may turn into a reciprocal multiply (flag arcp, which fast
-    math sets) becomes x * (1 / y), the reciprocal a correctly rounded IEEE division of its own. With denormals
-    flushed, x / y is then 0 for |y| > 2^126 whatever x is, and inf for a denormal y, as on a GPU that divides this
-    way. The new instructions carry no fast-math flags, so the optimiser cannot fold them back into one division."""
-    counter = [0]
-
-    def one(m: "re.Match[str]") -> str:
-        indent, name, flags, ty, lanes, rest = m.groups()
-        if "arcp" not in flags.split() and "fast" not in flags.split():
-            return m.group(0)
-        parts = _split_operands(rest)
-        if len(parts) < 2 or parts[0].startswith("!") or parts[1].startswith("!"):
-            return m.group(0)
-        x, y, tail = parts[0], parts[1], "".join(", " + p for p in parts[2:])
-        one_ = "1.000000e+00" if lanes is None else "<" + ", ".join(["float 1.000000e+00"] * int(lanes)) + ">"
-        counter[0] += 1
-        rcp = f"%mcpu.rcp.{counter[0]}"
-        return f"{indent}{rcp} = fdiv {ty} {one_}, {y}{tail}\n{indent}{name} = fmul {ty} {x}, {rcp}{tail}"
-
-    return _FDIV.sub(one, ir)
-
-
-def compile_cached(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-                   fast_math: bool = True) -> Path:
-    """Compiles (or reuses) a kernel library keyed by the preprocessed source, the flags and the emulator itself."""
-    metal_path = Path(metal_path)
-    text = _preprocess(metal_path, include_dirs, defines or {})
-    h = hashlib.sha256()
-    h.update(text.encode())
-    h.update(repr((fast_math, sorted((defines or {}).items()))).encode())
-    emulator = [*sorted((HERE / "shim").glob("*.h")), Path(__file__), HERE / "runtime" / "mcpu_abi.h"]
-    h.update(_file_hash(emulator).encode())
-    out = cache_dir() / f"{metal_path.stem}{'-fastmath' if fast_math else ''}-{h.hexdigest()[:16]}.so"
-    if not out.exists():
-        compile_to(metal_path, out, include_dirs, defines, fast_math)
-    return out
-
-
-def build_runtime(out_dir=None) -> Path:
-    """Builds libmetal_cpu.so (not instrumented) into `out_dir`, or into the cache keyed by its sources. The soname is
-    the file name: the tests' cached runtime and a package build's libmetal_cpu.so stay two runtimes in one process
-    (the dynamic linker would otherwise hand the package the first one loaded)."""
-    if out_dir is None:
-        out = cache_dir() / f"libmetal_cpu-{_file_hash(RUNTIME_SOURCES)}.so"
-        if out.exists():
-            return out
-    else:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        out = Path(out_dir) / "libmetal_cpu.so"
-    tmp = str(out) + f".{os.getpid()}.tmp"
-    _run([clang(), "-x", "c++", "-std=c++17", "-O2", "-g", "-fPIC", "-shared", "-Wall", "-Wextra",
-          f"-Wl,-soname,{out.name}", str(HERE / "runtime" / "runtime.cpp"), "-o", tmp, "-ldl", "-lstdc++"],
-         "building the metal_cpu runtime")
-    os.replace(tmp, out)
-    return out
+    return Prepassed(source=out, kernels=kernels, function_constants=fcs)

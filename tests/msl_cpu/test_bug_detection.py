@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import metal_cpu
+from msl import cpu as metal_cpu
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCE = KERNELS / "planted_bugs.metal"

@@ -1,5 +1,5 @@
 // Kernels with one planted bug each (and a correct twin where useful): the emulator must report every bug, with
-// the .metal line. tests/metal_cpu/test_bug_detection.py relies on the line numbers marked BUG.
+// the .metal line. tests/msl_cpu/test_bug_detection.py relies on the line numbers marked BUG.
 #include <metal_stdlib>
 using namespace metal;
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import metal_cpu
+from msl import cpu as metal_cpu
 
 KERNELS = Path(__file__).parent / "kernels"
 SCHEDULES = [dict(schedule="forward"), dict(schedule="reverse"), dict(schedule="random", seed=7)]

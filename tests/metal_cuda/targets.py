@@ -1,0 +1,112 @@
+"""The project's kernels as the CUDA proxy builds them: which .metal files (TARGETS), the decode's unroll flags and
+launch bounds, and the PTX cache index the GPU machine reads (build_all here, load_all there). The generic MSL-to-PTX
+compiler is msl/cuda/compiler.py.
+
+    python3 -m tests.metal_cuda.targets [--jobs N] [--precise]     # here, with clang-19: PTX into .cache/metal_cuda
+"""
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Dict, List
+
+from msl.cuda import compiler
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Per-target unroll settings (later flags win over CUDA_FLAGS). The paged decode keeps its per-lane arrays (K/V
+# chunks, scores, accumulators: constant trip counts, as Apple's compiler unrolls them) in registers only when
+# fully unrolled: threshold 5000, with the run-time / partial unrolling of the key loop off (its trip count is a
+# run-time value; a partially unrolled copy only adds registers). At 2000 the R = 8 body stays rolled (448 B of
+# local arrays); ptxas -v per instance: tests/metal_cuda/RESULTS.md.
+DECODE_UNROLL = ["-mllvm", "-unroll-threshold=5000", "-mllvm", "-unroll-runtime=false",
+                 "-mllvm", "-unroll-allow-partial=false"]
+
+
+def decode_kernel_flags(host: str) -> List[str]:
+    return DECODE_UNROLL
+
+
+TARGET_KERNEL_FLAGS = {"paged_decode_attention": decode_kernel_flags}
+
+
+# Apple GPUs keep occupancy and spill when a kernel needs more registers (DESIGN.md section 6); ptxas instead lowers
+# occupancy. The decode's small row tiles (R <= 4: every GQA <= 4 and MHA decode) are built for 512 threads per SM
+# (256-thread threadgroups: launch_bounds(256, 2), at most 128 registers; R = 1: 768 threads, at most 85), as an
+# Apple core would keep them resident; the split planner counts the same (decode_threadgroups_per_core).
+def decode_min_blocks(host: str) -> int:
+    m = re.search(r"_r(\d+)$", host)
+    r = int(m.group(1)) if m else 0
+    return 3 if r == 1 else (2 if r in (2, 4) else 0)
+
+
+TARGET_MIN_BLOCKS = {"paged_decode_attention": decode_min_blocks}
+
+# The project's kernels and the emulator's feature kernels, as the GPU suite and the CI check build them.
+FLASH_SDPA = ROOT / "flash_sdpa"
+TARGETS = {
+    "kv_paged_write": (FLASH_SDPA / "kv_paged_write.metal", [FLASH_SDPA]),
+    "paged_decode_attention": (FLASH_SDPA / "paged_decode_attention.metal", [FLASH_SDPA]),
+    "attention_varlen": (FLASH_SDPA / "attention_varlen.metal", [FLASH_SDPA]),
+    "attention_backward": (FLASH_SDPA / "attention_backward.metal", [FLASH_SDPA]),
+    "features": (ROOT / "tests" / "msl_cpu" / "kernels" / "features.metal", []),
+}
+
+
+def _sources_hash(path: Path, include_dirs) -> str:
+    """The raw text of a target's .metal file, the headers beside it and the CUDA target itself."""
+    h = hashlib.sha256()
+    files = [path] + sorted(f for d in [path.parent, *include_dirs] for f in Path(d).glob("*") if f.suffix in
+                            (".h", ".metal"))
+    for f in files + [*compiler.TOOLCHAIN, Path(__file__)]:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_all(jobs: int = 2, fast_math: bool = True) -> Dict[str, Path]:
+    """Builds every target and records them in <cache>/index.json, so that a machine without clang-19 (the GPU
+    machine) can use the PTX built here: load_all() there."""
+    built = {name: compiler.build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs,
+                         kernel_flags=TARGET_KERNEL_FLAGS.get(name), min_blocks=TARGET_MIN_BLOCKS.get(name))
+             for name, (path, inc) in TARGETS.items()}
+    index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math}
+             for name, (path, inc) in TARGETS.items()}
+    (compiler.cache_dir() / "index.json").write_text(json.dumps(index, indent=1))
+    return built
+
+
+def load_all() -> Dict[str, Path]:
+    """The PTX folders of index.json when they match the sources (the GPU machine has no clang-19: carry
+    .cache/metal_cuda), else build_all()."""
+    index_path = compiler.cache_dir() / "index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        out = {name: compiler.cache_dir() / index[name]["path"] for name in TARGETS if name in index and
+               index[name]["sources"] == _sources_hash(*TARGETS[name]) and
+               (compiler.cache_dir() / index[name]["path"] / "manifest.json").exists()}
+        if len(out) == len(TARGETS):
+            return out
+    try:
+        compiler.clang()
+    except compiler.MetalCompileError as e:
+        if not index_path.exists():
+            raise compiler.MetalCompileError(f"no prebuilt PTX in {index_path}, and {e}") from None
+        # Sources edited after the PTX was built (a shared working tree): run it, but say so loudly.
+        index = json.loads(index_path.read_text())
+        print(f"WARNING: metal_cuda: prebuilt PTX is STALE for "
+              f"{[n for n in TARGETS if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
+        return {name: compiler.cache_dir() / index[name]["path"] for name in TARGETS}
+    return build_all()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--precise", action="store_true", help="compile without fast math")
+    a = ap.parse_args()
+    for name, path in build_all(a.jobs, fast_math=not a.precise).items():
+        m = json.loads((path / "manifest.json").read_text())
+        print(f"{name}: {len(m['kernels'])} kernels -> {path}")
