@@ -57,7 +57,7 @@ constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-8
 // 2% of target / work on every benchmarked shape, tests/metal_cuda/RESULTS.md). How many are resident depends on
 // the registers per thread, on Apple GPUs as on NVIDIA's (an Apple core's resident threads fall from 1,024 as a
 // kernel's registers grow): 3 for the single-row tile (about 80 registers), 2 for the larger ones (about 128).
-// tests/metal_cuda/compiler.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
+// tests/metal_cuda/targets.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
 // long enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
 int64_t decode_threadgroups_per_core(int64_t rows);
 constexpr int64_t kMinKeysPerSplit = 128;

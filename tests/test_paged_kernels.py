@@ -14,9 +14,7 @@ import torch
 
 from msl import cpu as metal_cpu
 
-TESTS = Path(__file__).resolve().parent
-
-ROOT = TESTS.parent
+ROOT = Path(__file__).resolve().parent.parent
 HEADER = (ROOT / "flash_sdpa" / "paged_params.h").read_text()
 
 

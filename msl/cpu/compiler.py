@@ -178,3 +178,4 @@ def build_runtime(out_dir=None) -> Path:
           f"-Wl,-soname,{out.name}", str(HERE / "runtime" / "runtime.cpp"), "-o", tmp, "-ldl", "-lstdc++"],
          "building the metal_cpu runtime")
     os.replace(tmp, out)
+    return out
