@@ -24,24 +24,12 @@ void check_like_q(const at::Tensor& t, const char* name, const at::Tensor& q) {
 void check_backward_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const at::Tensor& out, const at::Tensor& lse, int64_t rank, const char* q_shape,
                             const char* kv_shape, at::IntArrayRef lse_shape) {
-  check_device(q, "q", q);
-  check_device(k, "k", q);
-  check_device(v, "v", q);
-  check_qkv_dtype(q, k, v);
-  TORCH_CHECK_VALUE(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == rank, "k must have shape ", kv_shape, ", got ", k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
+  check_qkv_layout(q, k, v, rank, q_shape, kv_shape, rank);
   check_like_q(out, "out", q);
   check_like_q(dout, "dout", q);
-  const int64_t head_dim = q.size(-1), heads = q.size(-2), kv_heads = k.size(-2);
-  TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
+  const int64_t head_dim = q.size(-1);
   TORCH_CHECK_VALUE(flash_sdpa::backward_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
                     " has no backward (q.shape[-1]); supported: ", flash_sdpa::backward_head_dims());
-  TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
-                    ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
   check_device(lse, "lse", q);
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
   TORCH_CHECK_VALUE(lse.sizes() == lse_shape, "lse must have shape ", lse_shape, ", got ", lse.sizes());

@@ -39,6 +39,26 @@ inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
                     t.strides());
 }
 
+// q [.., H, D] (rank `rank`) and k / v [.., Hkv, D] (rank `kv_rank`): device, dtype, shapes, head dim, GQA group,
+// contiguous last dims. The caller checks that a kernel exists for the head dim (forward and backward lists differ).
+inline void check_qkv_layout(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank,
+                             const char* q_shape, const char* kv_shape, int64_t kv_rank) {
+  check_device(q, "q", q);
+  check_device(k, "k", q);
+  check_device(v, "v", q);
+  check_qkv_dtype(q, k, v);
+  TORCH_CHECK_VALUE(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == kv_rank, "k must have shape ", kv_shape, ", got ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
+  TORCH_CHECK_VALUE(k.size(-1) == q.size(-1), "k must have the head dim of q (", q.size(-1), "), got ", k.size(-1));
+  const int64_t heads = q.size(-2), kv_heads = k.size(-2);
+  TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
+                    ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+}
+
 inline void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
   check_device(cu, name, q);
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, name, " must be int32, got ", cu.scalar_type());

@@ -63,27 +63,13 @@ void check_no_overlap(const at::Tensor& written, const char* written_name, std::
 
 const at::Tensor* opt(const std::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
 
-// q [.., H, D] (rank `rank`) and k/v [.., Hkv, D] (rank `kv_rank`, default `rank`): shapes, strides, head dim, GQA.
+// q, k, v as check_qkv_layout (kv_rank 0: `rank`), and a forward kernel for the head dim.
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* q_shape,
                const char* kv_shape, int64_t kv_rank = 0) {
-  kv_rank = kv_rank > 0 ? kv_rank : rank;
-  check_device(q, "q", q);
-  check_device(k, "k", q);
-  check_device(v, "v", q);
-  check_qkv_dtype(q, k, v);
-  TORCH_CHECK_VALUE(q.dim() == rank, "q must have shape ", q_shape, ", got ", q.sizes());
-  TORCH_CHECK_VALUE(k.dim() == kv_rank, "k must have shape ", kv_shape, ", got ", k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the shape of k (", k.sizes(), "), got ", v.sizes());
+  check_qkv_layout(q, k, v, rank, q_shape, kv_shape, kv_rank > 0 ? kv_rank : rank);
   const int64_t head_dim = q.size(-1);
-  TORCH_CHECK_VALUE(k.size(-1) == head_dim, "k must have the head dim of q (", head_dim, "), got ", k.size(-1));
   TORCH_CHECK_VALUE(flash_sdpa::varlen_supports(q.scalar_type(), head_dim), "head dim ", head_dim,
                     " is not supported (q.shape[-1]); supported: ", flash_sdpa::varlen_head_dims());
-  const int64_t heads = q.size(-2), kv_heads = k.size(-2);
-  TORCH_CHECK_VALUE(kv_heads >= 1 && heads % kv_heads == 0, "the number of heads of q (", heads,
-                    ") must be a multiple of the number of heads of k/v (", kv_heads, ")");
-  check_last_dim_contiguous(q, "q");
-  check_last_dim_contiguous(k, "k");
-  check_last_dim_contiguous(v, "v");
 }
 
 void check_out(const at::Tensor& out, const at::Tensor& q, const char* name) {
