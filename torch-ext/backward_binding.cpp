@@ -78,14 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
   TORCH_CHECK_VALUE(q.dim() == 3, "q must have shape [total_q, num_heads, head_dim], got ", q.sizes());
   check_backward_tensors(dout, q, k, v, out, lse, 3, "[total_q, num_heads, head_dim]",
                          "[total_k, num_kv_heads, head_dim]", {q.size(1), q.size(0)});
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
-  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
-                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
-                    cu_seqlens_k.size(0));
-  TORCH_CHECK_VALUE(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
-  TORCH_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
-  const int64_t batch = cu_seqlens_q.size(0) - 1;
+  const int64_t batch = check_varlen_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q);
   check_backward_options(q, batch, q.size(1), softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
 
   flash_sdpa::AttentionBackward call = make_call(dout, q, k, v, out, lse, softmax_scale, causal, window_left,

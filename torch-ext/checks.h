@@ -67,6 +67,19 @@ inline void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::T
   TORCH_CHECK_VALUE(cu.is_contiguous(), name, " must be contiguous");
 }
 
+// The varlen sequence arguments: both prefix sums int32 [batch + 1] of one length, max_seqlen_* >= 0. Returns batch.
+inline int64_t check_varlen_sequences(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                      int64_t max_seqlen_q, int64_t max_seqlen_k, const at::Tensor& q) {
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
+  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
+                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
+                    cu_seqlens_k.size(0));
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
+  TORCH_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
+  return cu_seqlens_q.size(0) - 1;
+}
+
 inline void check_window(int64_t window_left, int64_t window_right) {
   TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ", window_left);
   TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ", window_right);

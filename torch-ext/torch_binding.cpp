@@ -101,14 +101,7 @@ int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   } else {
     check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[total_k, num_kv_heads, head_dim]");
   }
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q);
-  TORCH_CHECK_VALUE(cu_seqlens_q.size(0) == cu_seqlens_k.size(0),
-                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.size(0), " and ",
-                    cu_seqlens_k.size(0));
-  TORCH_CHECK_VALUE(max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", max_seqlen_q);
-  TORCH_CHECK_VALUE(max_seqlen_k >= 0, "max_seqlen_k must be >= 0, got ", max_seqlen_k);
-  return cu_seqlens_q.size(0) - 1;
+  return check_varlen_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q);
 }
 
 void run_varlen(const flash_sdpa::VarlenAttention& call) {
