@@ -5,7 +5,7 @@
 // blocks past the largest), so one pass over the KV head's keys serves the whole GQA group and all sq tokens.
 //
 // Lanes across D, keys across lane groups: a simdgroup is G groups of L = 32 / G lanes; each group streams its own
-// keys, a key row read by its L lanes with one vector load each (two at R = 1; 16 bytes when R <= 4, 8 above; lane
+// keys, a key row read by its L lanes with one vector load each (two at R <= 2; 16 bytes when R <= 4, 8 above; lane
 // li takes chunks li, li + L: DecodeLayout). Per step a simdgroup issues the K and the V loads of U keys per group
 // at once (~32 bytes of each per lane in flight: one memory round trip per step), with the next step's block ids
 // loaded meanwhile. q.k is a butterfly over the L lanes (log2 L shuffles per row and G keys); the online softmax and
@@ -30,7 +30,7 @@ namespace flash_sdpa {
 namespace paged {
 
 // The lane layout of paged_decode_attention<T, D, R> (compile-time). A key row is NC chunks of 16 bytes (8 when
-// R > 4: fewer accumulators per lane); L lanes (the power of two >= NC, or >= NC / 2 at R = 1, at most 32) read one
+// R > 4: fewer accumulators per lane); L lanes (the power of two >= NC, or >= NC / 2 at R <= 2, at most 32) read one
 // row, lane li chunks li, li + L, ...; G = 32 / L keys are read side by side. Lanes past NC (head dims that are not
 // powers of two) idle.
 template <typename T, int D, int R>
@@ -40,9 +40,10 @@ struct DecodeLayout {
   static constexpr int CW = kChunkBytes / 4;                // 32-bit words per chunk (K/V stay packed)
   static constexpr int EPC = kChunkBytes / int(sizeof(T));  // elements per chunk
   static constexpr int NC = D * int(sizeof(T)) / kChunkBytes;
-  // Two chunks per lane at R = 1 (half the lanes per key row: each lane's log2 L shuffles per key and row then
-  // serve twice the multiply-adds; MHA decode on the proxy 1.3x faster), one above (R x EPL accumulators per lane).
-  static constexpr int kMinChunksPerLane = R == 1 ? 2 : 1;
+  // Two chunks per lane at R <= 2 (half the lanes per key row: each lane's log2 L shuffles per key and row then
+  // serve twice the multiply-adds; on the proxy MHA decode 1.3x, GQA 2 1.2x faster), one above (R x EPL
+  // accumulators per lane: at most 32).
+  static constexpr int kMinChunksPerLane = R <= 2 ? 2 : 1;
   static constexpr int NL = (NC + kMinChunksPerLane - 1) / kMinChunksPerLane;  // lanes needed
   static constexpr int L = NL > 16 ? 32 : (NL > 8 ? 16 : (NL > 4 ? 8 : (NL > 2 ? 4 : 2)));
   static constexpr int G = 32 / L;

@@ -29,7 +29,7 @@ void set_gpu_core_count_provider(GpuCoreCountProvider provider) { core_count_pro
 int64_t gpu_core_count() {
   const GpuCoreCountProvider provider = core_count_provider.load();
   const int64_t cores = provider != nullptr ? provider() : 0;
-  return cores > 0 ? cores : kDefaultGpuCores;
+  return std::max<int64_t>(cores, 0);
 }
 
 std::string paged_write_kernel_name(at::ScalarType dtype) {
@@ -84,16 +84,15 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
 
 int64_t decode_threadgroups_per_core(int64_t rows) { return rows == 1 ? 3 : 2; }
 
-int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target) {
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known) {
   if (work_threadgroups <= 0 || work_threadgroups >= target) {
     return 1;  // the grid already fills the GPU
   }
-  // Rounded to the nearest count: a last wave that is mostly empty costs a whole wave's latency (proxy, B=8
-  // S=4096: 17 splits 172 us, 16 splits 138 us), one that is mostly full costs less than the idle cores of rounding
-  // down would. The target is a model (on Apple a core holds 1-4 of these threadgroups, by the registers the
-  // compiler gives them), so a fraction near one half errs toward the fuller GPU (proxy, B=8 S=4096 at the Apple
-  // default's 160 threadgroups: 2 splits 210 us, 4 splits 128 us).
-  int64_t splits = (target + work_threadgroups / 2) / work_threadgroups;
+  // Known device: rounded down, one wave; a partial last wave costs a whole wave's latency (proxy, B=1 H=32/16
+  // S=8192: 16 splits 41.5 us, 17 splits 62.6 us). Unknown device (kDefaultGpuCores): rounded up, since idle cores
+  // cost more than a partial wave on a GPU that holds more than the guess (proxy, B=8 S=4096 at the default's 160
+  // threadgroups: 2 splits 210 us, 3 splits 166 us).
+  int64_t splits = target_known ? target / work_threadgroups : (target + work_threadgroups - 1) / work_threadgroups;
   splits = std::min(splits, std::max<int64_t>(1, max_seqlen_k / kMinKeysPerSplit));
   return std::clamp<int64_t>(splits, 1, paged::kMaxSplits);
 }
@@ -180,11 +179,13 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t work = batch * kv_heads * row_blocks;
   const int64_t capacity = varlen ? total_k : max_blocks * block_size;
   const int64_t max_keys = std::min(capacity, call.max_seqlen_k > 0 ? call.max_seqlen_k : capacity);
-  const int64_t target = call.target_threadgroups > 0 ? call.target_threadgroups
-                                                      : (call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count()) *
-                                                            decode_threadgroups_per_core(rows);
-  int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
-                                       : paged_pick_num_splits(work, max_keys, target);
+  const int64_t cores = call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count();  // 0: unknown device
+  const int64_t target = call.target_threadgroups > 0
+                             ? call.target_threadgroups
+                             : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows);
+  int64_t splits = call.num_splits > 0
+                       ? std::min<int64_t>(call.num_splits, kMaxSplits)
+                       : paged_pick_num_splits(work, max_keys, target, call.target_threadgroups > 0 || cores > 0);
   splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), 16)));
   const bool split = splits > 1;
 

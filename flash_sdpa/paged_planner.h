@@ -44,12 +44,13 @@ struct PagedKVCacheAttention {
   // Threadgroups the split heuristic aims at; 0: gpu_cores x decode_threadgroups_per_core(R).
   int64_t target_threadgroups = 0;
   // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
-  // (gpu_core_count), else kDefaultGpuCores.
+  // (gpu_core_count), else unknown (kDefaultGpuCores, splits rounded up).
   int64_t gpu_cores = 0;
 };
 
 // The device description the split heuristic uses. metal_launch.mm registers a provider that reads the GPU's core
-// count once; without one (the emulator, an unknown device) the planner assumes kDefaultGpuCores.
+// count once; without one (the emulator, an unknown device) the planner assumes kDefaultGpuCores and rounds the split
+// count up.
 constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-80 cores): splitting for more cores
                                           // than exist costs a little combine work, for fewer leaves cores idle
 // Split heuristic: aim at one full wave of the decode threadgroups (256 threads, <= 9 KB of threadgroup memory each)
@@ -63,7 +64,7 @@ int64_t decode_threadgroups_per_core(int64_t rows);
 constexpr int64_t kMinKeysPerSplit = 128;
 using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
-int64_t gpu_core_count();  // the provider's answer (> 0), else kDefaultGpuCores
+int64_t gpu_core_count();  // the provider's answer, 0 when there is none or it does not know
 
 // "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
 std::string paged_write_kernel_name(at::ScalarType dtype);
@@ -80,9 +81,10 @@ int64_t paged_max_rows(int64_t head_dim);
 int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed);
 
 // Split count: 1 when batch x kv_heads x row_blocks threadgroups already reach target (cores x
-// decode_threadgroups_per_core), else target / work splits (to the nearest) while keeping >= kMinKeysPerSplit keys
-// per split. A run-time value of the kernel: no pipeline depends on it.
-int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target);
+// decode_threadgroups_per_core), else target / work splits, rounded down when the target comes from a known device
+// and up when it is the kDefaultGpuCores guess, keeping >= kMinKeysPerSplit keys per split. A run-time value of the
+// kernel: no pipeline depends on it.
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known);
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);
 

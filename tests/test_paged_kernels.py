@@ -247,7 +247,7 @@ def check_case(run, c, *, window=(-1, -1), softcap=0.0, use_alibi=False, use_sin
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.parametrize("group", [1, 4])  # row tiles R = 1 and 4: their lane layouts differ (DecodeLayout)
+@pytest.mark.parametrize("group", [1, 2, 4])  # row tiles R = 1, 2, 4: two lane layouts (DecodeLayout)
 def test_dtypes_head_dims(run, dtype, D, group):
     c = make_case(D=D, dtype=TORCH_DTYPES[dtype], H=8, Hkv=8 // group, seed=D)
     check_case(run, c, num_splits=1 if D % 64 else 3)

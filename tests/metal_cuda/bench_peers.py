@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / ".calib"))
 import peer_decode as peer  # noqa: E402
 
-# The issue's rows: (B, H, Hkv, S, D, dtype).
+# Issue 11's rows (and one more): (B, H, Hkv, S, D, dtype).
 ROWS = [(4, 16, 16, 50, 128, torch.float16), (1, 32, 8, 16384, 128, torch.float16),
         (32, 32, 8, 2048, 128, torch.float16), (8, 32, 8, 4096, 128, torch.float16),
         (1, 32, 32, 8192, 128, torch.float16), (8, 32, 8, 4096, 64, torch.float16),
-        (8, 32, 8, 4096, 256, torch.float16), (1, 32, 8, 16384, 128, torch.bfloat16)]
+        (8, 32, 8, 4096, 256, torch.float16), (1, 32, 8, 16384, 128, torch.bfloat16),
+        (1, 32, 16, 8192, 128, torch.float16)]  # beyond the issue's rows: GQA 2 (row tile R = 2)
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 

@@ -16,13 +16,14 @@ from msl.cuda import compiler
 
 from . import targets
 
-KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r4", "paged_decode_combine_float16"]
+KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r2", "paged_decode_float16_d128_r4",
+           "paged_decode_combine_float16"]
 # name -> dict(edits=[(file, old, new)], threads=decode threads per threadgroup, min_blocks=per-instance launch
 # bounds). Experiments on a copy (flash_sdpa/ untouched). Earlier ones, with their figures: RESULTS.md.
 _INFLIGHT = ("paged_decode_attention.h", "  static constexpr int U0 = 32 / (CPL * kChunkBytes);")
 _CHUNK = ("paged_decode_attention.h", "  static constexpr int kChunkBytes = R <= 4 ? 16 : 8;")
 _NSG = ("paged_params.h", "  kDecodeSimdgroups = 8,")
-_CHUNKS_R1 = ("paged_decode_attention.h", "  static constexpr int kMinChunksPerLane = R == 1 ? 2 : 1;")
+_CHUNKS = ("paged_decode_attention.h", "  static constexpr int kMinChunksPerLane = R <= 2 ? 2 : 1;")
 _THREADS = ("paged_params.h", "#define FLASH_SDPA_PAGED_DECODE_THREADS 256")
 THREADS = 256  # as built
 
@@ -38,8 +39,8 @@ VARIANTS = {
     "as built": dict(edits=[], threads=THREADS, min_blocks=targets.decode_min_blocks),
     "4 simdgroups": _simdgroups(4),
     "16 simdgroups": _simdgroups(16),
-    "R = 1: one chunk per lane (as R > 1; twice the lanes per key row, more shuffles per key)":
-        dict(edits=[(*_CHUNKS_R1, "  static constexpr int kMinChunksPerLane = 1;")], threads=THREADS,
+    "R <= 2: one chunk per lane (as R > 2; twice the lanes per key row, more shuffles per key)":
+        dict(edits=[(*_CHUNKS, "  static constexpr int kMinChunksPerLane = 1;")], threads=THREADS,
              min_blocks=targets.decode_min_blocks),
     "16 B of K in flight per lane (U = 1 at 16-byte chunks)":
         dict(edits=[(*_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")], threads=THREADS,
@@ -83,7 +84,8 @@ def build(selected):
 
 # (B, H, Hkv, S) and the forced split counts timed beside the planner's (0).
 SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0, 32, 64), (32, 32, 8, 2048): (0, 1, 2),
-          (8, 32, 8, 4096): (0, 4, 8), (1, 32, 32, 8192): (0, 8, 12, 16, 32)}
+          (8, 32, 8, 4096): (0, 4, 8), (1, 32, 32, 8192): (0, 8, 12, 16, 32), (1, 32, 16, 8192): (0, 8, 16),
+          (4, 16, 8, 4096): (0, 4, 8)}
 
 
 def time_variants():

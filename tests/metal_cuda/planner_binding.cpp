@@ -56,7 +56,7 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x decode_threadgroups_per_core(R)
-  call.gpu_cores = gpu_cores;                      // 0: the planner's Apple default (kDefaultGpuCores)
+  call.gpu_cores = gpu_cores;                      // 0: unknown device (kDefaultGpuCores, rounded up)
   return to_python(flash_sdpa::plan_paged_kvcache(call));
 }
 
@@ -142,5 +142,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("window_left"), py::arg("window_right"), py::arg("block_table") = py::none());
   m.def("plan_backward", &plan_backward, "flash_sdpa::plan_attention_backward -> list of dispatch dicts");
   m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),
-        py::arg("max_seqlen_k"), py::arg("target_threadgroups"));
+        py::arg("max_seqlen_k"), py::arg("target_threadgroups"), py::arg("target_known"));
 }
