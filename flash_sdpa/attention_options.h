@@ -41,7 +41,7 @@ static_assert(sizeof(OptionParams) == 24, "OptionParams: no padding, same size i
 #include <utility>
 #include <vector>
 
-#include "launch_plan.h"
+#include "planner_common.h"  // FunctionConstant, bool_constant
 
 namespace flash_sdpa {
 
@@ -95,12 +95,9 @@ inline OptionParams option_params(const AttentionOptions& options) {
 
 // The options' function constants, for every dispatch of a call (kernel-specific ones are appended).
 inline std::vector<FunctionConstant> option_constants(const AttentionOptions& options, bool varlen) {
-  auto flag = [](uint32_t index, bool value) {
-    return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
-  };
-  return {flag(FLASH_SDPA_FC_VARLEN, varlen), flag(FLASH_SDPA_FC_SOFTCAP, options.softcap > 0.0),
-          flag(FLASH_SDPA_FC_ALIBI, options.alibi_slopes.has_value()),
-          flag(FLASH_SDPA_FC_SINKS, options.sinks.has_value())};
+  return {bool_constant(FLASH_SDPA_FC_VARLEN, varlen), bool_constant(FLASH_SDPA_FC_SOFTCAP, options.softcap > 0.0),
+          bool_constant(FLASH_SDPA_FC_ALIBI, options.alibi_slopes.has_value()),
+          bool_constant(FLASH_SDPA_FC_SINKS, options.sinks.has_value())};
 }
 
 }  // namespace flash_sdpa

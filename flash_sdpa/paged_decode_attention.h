@@ -198,7 +198,7 @@ template <typename T, int D, int R>
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
   using Layout = DecodeLayout<T, D, R>;
-  constexpr int NSG = kDecodeSimdgroups;
+  constexpr int NSG = Layout::NSG;
   constexpr int L = Layout::L;
   constexpr int G = Layout::G;
   constexpr int CW = Layout::CW;

@@ -253,8 +253,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
 
   Dispatch a;
   a.kernel = paged_decode_kernel_name(dtype, head_dim, rows);
-  a.constants = option_constants(call.options, varlen);
-  a.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));
+  // The options' constants and whether the LSE is written: the same for the decode and the combine.
+  std::vector<FunctionConstant> shared_constants = option_constants(call.options, varlen);
+  shared_constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));
+  a.constants = shared_constants;
   a.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_KV_ALIGNED, kv_aligned));
   a.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_LEFTPAD, !varlen && call.cache_leftpad.has_value()));
   a.buffers = {
@@ -291,8 +293,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
 
     Dispatch c;
     c.kernel = paged_combine_kernel_name(dtype);
-    c.constants = option_constants(call.options, varlen);
-    c.constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));
+    c.constants = shared_constants;
     c.buffers = {
         {FLASH_SDPA_COMBINE_BUF_O_PARTIAL, o_partial},
         {FLASH_SDPA_COMBINE_BUF_ML_PARTIAL, ml_partial},
