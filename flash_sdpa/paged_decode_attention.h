@@ -52,8 +52,12 @@ struct DecodeLayout {
   // Keys per group and step: ~32 bytes of K, as much of V, per lane in flight (2 keys at 16-byte chunks); R x U
   // scores per lane. More per step costs registers, so fewer resident simdgroups: on the proxy 64 B was 1.1-1.3x
   // slower than 32 B at every benchmarked shape (tests/metal_cuda/RESULTS.md).
+  // At R >= 8 a step keeps 16 partial scores per lane (R = 8: 2 keys), not 32: the R x EPL accumulators already
+  // take 32 registers, and the extra keys in flight cost a resident threadgroup (proxy, GQA 8 B=4 S=8192: 2 keys
+  // per step 128 registers, 2 threadgroups per SM, 353 us; 4 keys 143 registers, one, 559 us).
   static constexpr int U0 = 32 / (CPL * kChunkBytes);
-  static constexpr int U1 = U0 < 32 / R ? U0 : 32 / R;
+  static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane
+  static constexpr int U1 = U0 < kMaxScores / R ? U0 : kMaxScores / R;
   static constexpr int U = U1 < 1 ? 1 : (U1 > 8 ? 8 : U1);
   static constexpr int kStepKeys = G * U;  // keys per simdgroup step
   // Merge slots: the simdgroups' accumulators meet in kMergeSlots x R x D floats, at most kMergeBytes (or one
@@ -63,6 +67,18 @@ struct DecodeLayout {
     return slots > 1 && slots * R * D * 4 > kMergeBytes ? halve_to_fit(slots / 2) : slots;
   }
   static constexpr int kMergeSlots = halve_to_fit(NSG);
+  // Scattered rows (R >= kScatterMinRows): a key's R partial scores are summed over the L lanes by a
+  // reduce-scatter (each butterfly stage halves the values a lane carries: R - 1 shuffles per key and lane, against
+  // R x log2 L for an all-reduce), so lane li ends with the scores of RPL rows (DUP lanes hold each row). The online
+  // softmax of those rows is then lane-local (no shuffle, 1/DUP-th of the exponentials each lane did before), and
+  // the probabilities reach every lane through threadgroup memory (one simdgroup_barrier per step).
+  static constexpr int kScatterMinRows = 2;
+  static constexpr bool kPrefetch = false;
+  static constexpr bool kScatter = R >= kScatterMinRows;
+  static constexpr int RPL = R >= L ? R / L : 1;  // rows per lane
+  static constexpr int DUP = R >= L ? 1 : L / R;  // lanes per row
+  static constexpr int kScoreFloats = R * U + R;  // per lane group and step: probabilities [R][U], corrections [R]
+  static constexpr int kScatterFloats = kScatter ? NSG * G * 2 * kScoreFloats : 1;  // double-buffered
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
 };
@@ -109,6 +125,39 @@ inline vec<uint, 4> load_chunk(device const T* row, int ci, bool ok, bool aligne
     }
   }
   return c;
+}
+
+// The K and V chunks of a step's U keys for this lane (zeros for masked keys: block -1), all loads issued together.
+template <typename T, int U, int CPL, int CW, int NC, int L>
+inline void load_step(thread vec<uint, 4> (&kr)[U][CPL], thread vec<uint, 4> (&vr)[U][CPL], thread const int2 (&loc)[U],
+                      device const T* k_cache, device const T* v_cache, long k_head, long v_head,
+                      constant PagedDecodeParams& p, int li, bool aligned) {
+  for (int u = 0; u < U; ++u) {
+    const bool ok = loc[u].x >= 0;
+    // k_cache (num_blocks, block_size, Hkv, D = 1); varlen: k (total_k, Hkv, D = 1) with block = row, slot = 0
+    const long kb = long(max(loc[u].x, 0)) * p.k_stride_block + long(loc[u].y) * p.k_stride_slot + k_head;
+    const long vb = long(max(loc[u].x, 0)) * p.v_stride_block + long(loc[u].y) * p.v_stride_slot + v_head;
+    for (int j = 0; j < CPL; ++j) {
+      kr[u][j] = load_chunk<T, CW, NC>(k_cache + kb, li + j * L, ok, aligned);
+      vr[u][j] = load_chunk<T, CW, NC>(v_cache + vb, li + j * L, ok, aligned);
+    }
+  }
+}
+
+// This lane's share of q.k for one key row: its chunks li, li + L, ... of the pre-scaled q row (fp32, threadgroup
+// memory) against the key's chunks.
+template <typename T, int D, int L, int CPL, int EPC, int NC>
+inline float partial_dot(threadgroup const float* q_row, thread const vec<uint, 4> (&k)[CPL], int li) {
+  float acc = 0.0f;
+  for (int j = 0; j < CPL; ++j) {
+    const int ci = li + j * L;
+    if (ci < NC) {
+      for (int e = 0; e < EPC; ++e) {
+        acc += q_row[ci * EPC + e] * chunk_elem<T>(k[j], e);
+      }
+    }
+  }
+  return acc;
 }
 
 // The block-table position (block index, slot) of a lane group's next key in paged mode. One integer division at
@@ -210,7 +259,13 @@ template <typename T, int D, int R>
   constexpr int KS = Layout::kStepKeys;
   static_assert(D % 8 == 0, "head dims are multiples of 8");
   constexpr int MS = Layout::kMergeSlots;
-  static_assert(MS * R * D * 4 + 2 * NSG * R * 4 + NSG * 4 <= 32768, "threadgroup memory over 32 KB");
+  constexpr bool kScatter = Layout::kScatter;
+  constexpr bool kPrefetch = Layout::kPrefetch;
+  constexpr int DUP = Layout::DUP;
+  constexpr int RPL = Layout::RPL;
+  constexpr int SF = Layout::kScoreFloats;
+  static_assert(MS * R * D * 4 + 2 * NSG * R * 4 + NSG * 4 + Layout::kScatterFloats * 4 <= 32768,
+                "threadgroup memory over 32 KB");
 
   // The scaled q rows (fp32 [R][D]); after the key loop, the merge slots (MS x [R][D]).
   threadgroup float stage_tg[MS * R * D];
@@ -218,6 +273,8 @@ template <typename T, int D, int R>
   threadgroup float m_tg[NSG * R];  // per simdgroup running max
   threadgroup float l_tg[NSG * R];  // per simdgroup sum of exp
   threadgroup uint bad_tg[NSG];     // per simdgroup rows with a non-finite visible score (bit r)
+  // Scattered scores: per (simdgroup, lane group), two buffers of SF floats, used by alternate steps.
+  threadgroup float score_tg[Layout::kScatterFloats];
 
   const int split = int(tgid.x);
   const int hkv = int(tgid.y) / p.row_blocks;
@@ -309,6 +366,30 @@ template <typename T, int D, int R>
   // FlashAttention-2; the score itself is dropped so that nothing non-finite reaches the accumulators).
   uint bad_rows = 0;
 
+  // Scattered rows: this lane finishes rows first_row .. first_row + RPL - 1 of every key (their constants picked
+  // once here).
+  const int first_row = li * R / L;
+  int2 sc_keys[RPL];
+  int sc_pos[RPL];
+  float sc_slope[RPL];
+  for (int rr = 0; rr < RPL; ++rr) {
+    for (int r = 0; r < R; ++r) {
+      if (r == first_row + rr) {
+        sc_keys[rr] = row_keys[r];
+        sc_pos[rr] = row_pos[r];
+        sc_slope[rr] = row_slope[r];
+      }
+    }
+  }
+  float m_own[RPL];  // running max and sum of the rows this lane finishes
+  float l_own[RPL];
+  for (int rr = 0; rr < RPL; ++rr) {
+    m_own[rr] = kMaskedScore;
+    l_own[rr] = 0.0f;
+  }
+  threadgroup float* score_buf = score_tg + (int(sg) * G + g) * 2 * SF;
+  int parity = 0;
+
   // Per lane group: running max, sum and accumulator of each row (the group's own keys).
   float m[R];
   float l[R];
@@ -325,68 +406,69 @@ template <typename T, int D, int R>
   const long k_head = long(hkv) * p.k_stride_h;
   const long v_head = long(hkv) * p.v_stride_h;
   const bool aligned = fc_decode_kv_aligned;
+  // K/V of the current step (packed: U x CPL chunks of each per lane). Prefetching: loaded one step ahead, with the
+  // block ids two steps ahead, so a step's compute overlaps the next step's memory round trip.
+  chunk16 kr[U][CPL];
+  chunk16 vr[U][CPL];
+  if (kPrefetch) {
+    load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
+    step_locs<U, G>(loc_next, first + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row,
+                    p.block_size, p.num_blocks);
+  }
   for (int t0 = first; t0 < end; t0 += NSG * KS) {  // the planner keeps key counts below 2^31 - 2^16: no overflow
-    // 1. This step's K and V rows, all loads issued together (packed: U x CPL chunks of each per lane).
-    chunk16 kr[U][CPL];
-    chunk16 vr[U][CPL];
-    for (int u = 0; u < U; ++u) {
-      const bool ok = loc[u].x >= 0;
-      // k_cache (num_blocks, block_size, Hkv, D = 1); varlen: k (total_k, Hkv, D = 1) with block = row, slot = 0
-      const long kb = long(max(loc[u].x, 0)) * p.k_stride_block + long(loc[u].y) * p.k_stride_slot + k_head;
-      const long vb = long(max(loc[u].x, 0)) * p.v_stride_block + long(loc[u].y) * p.v_stride_slot + v_head;
-      for (int j = 0; j < CPL; ++j) {
-        kr[u][j] = load_chunk<T, CW, NC>(k_cache + kb, li + j * L, ok, aligned);
-        vr[u][j] = load_chunk<T, CW, NC>(v_cache + vb, li + j * L, ok, aligned);
-      }
+    // 1. K/V loads (this step's, or the next one's when prefetching) and block ids, issued before any use.
+    chunk16 kn[U][CPL];
+    chunk16 vn[U][CPL];
+    int2 loc_after[U];
+    if (kPrefetch) {
+      load_step<T, U, CPL, CW, NC, L>(kn, vn, loc_next, k_cache, v_cache, k_head, v_head, p, li, aligned);
+      step_locs<U, G>(loc_after, t0 + 2 * NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row,
+                      p.block_size, p.num_blocks);
+    } else {
+      load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
+      step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row,
+                      p.block_size, p.num_blocks);
     }
-    // 2. The next step's block ids, in flight with the K/V loads.
-    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                    p.num_blocks);
 
-    // 3. Scores: partial q.k over this lane's dims, summed over the L lanes of the key (butterfly: every lane of
-    // the group gets the total).
-    float s[R][U];
-    for (int r = 0; r < R; ++r) {
+    if (kScatter) {
+      // 4'. Per key, reduce-scatter its R partial scores: at each butterfly stage a lane keeps half of its values
+      // (the upper half when its lane bit is set) and adds its partner's copy of that half; once one value is left,
+      // the remaining stages all-reduce it. Lane li ends with rows first_row .. first_row + RPL - 1.
+      float t[RPL][U];
       for (int u = 0; u < U; ++u) {
-        s[r][u] = 0.0f;
-      }
-      if (r < nrows) {  // uniform
-        for (int j = 0; j < CPL; ++j) {
-          const int ci = li + j * L;
-          if (ci < NC) {
-            float qv[EPC];
-            for (int e = 0; e < EPC; ++e) {
-              qv[e] = q_tg[r * D + ci * EPC + e];
+        float x[R];  // 3'. This lane's share of each row's q.k for key u (one key at a time: R values live)
+        for (int r = 0; r < R; ++r) {
+          x[r] = r < nrows ? partial_dot<T, D, L, CPL, EPC, NC>(q_tg + r * D, kr[u], li) : 0.0f;
+        }
+        int cur = R;
+        for (int off = L / 2; off >= 1; off /= 2) {
+          if (cur > RPL) {
+            const bool upper = (li & off) != 0;
+            for (int i = 0; i < cur / 2; ++i) {
+              const float keep = upper ? x[i + cur / 2] : x[i];
+              const float send = upper ? x[i] : x[i + cur / 2];
+              x[i] = keep + simd_shuffle_xor(send, ushort(off));
             }
-            for (int u = 0; u < U; ++u) {
-              float acc = 0.0f;
-              for (int e = 0; e < EPC; ++e) {
-                acc += qv[e] * chunk_elem<T>(kr[u][j], e);
-              }
-              s[r][u] += acc;
+            cur /= 2;
+          } else {
+            for (int i = 0; i < RPL; ++i) {
+              x[i] += simd_shuffle_xor(x[i], ushort(off));
             }
           }
         }
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      if (r < nrows) {  // uniform
-        for (int u = 0; u < U; ++u) {
-          for (int off = L / 2; off >= 1; off /= 2) {
-            s[r][u] += simd_shuffle_xor(s[r][u], ushort(off));
-          }
+        for (int rr = 0; rr < RPL; ++rr) {
+          t[rr][u] = x[rr];
         }
       }
-    }
-
-    // 4. Online softmax and P.V, lane-local: one max / rescale per row and step.
-    for (int r = 0; r < R; ++r) {
-      if (r < nrows) {
-        float step_max = kMaskedScore;
+      // 5'. Mask, then the online softmax of this lane's rows over the step's keys, lane-local.
+      threadgroup float* buf = score_buf + parity * SF;  // probabilities [R][U], then corrections [R]
+      for (int rr = 0; rr < RPL; ++rr) {
+        const int r = first_row + rr;
+        float mx = kMaskedScore;
         for (int u = 0; u < U; ++u) {
           const int key = t0 + u * G + g;
-          float sc = s[r][u];
-          bool visible = loc[u].x >= 0 && key >= row_keys[r].x && key <= row_keys[r].y;
+          float sc = t[rr][u];
+          bool visible = r < nrows && loc[u].x >= 0 && key >= sc_keys[rr].x && key <= sc_keys[rr].y;
           if (visible && is_nonfinite(sc)) {  // before the softcap clamp could hide a NaN
             bad_rows |= 1u << r;
             visible = false;
@@ -395,38 +477,159 @@ template <typename T, int D, int R>
             sc = apply_softcap(sc, p.opt.softcap);
           }
           if (fc_alibi) {
-            sc -= row_slope[r] * float(abs(row_pos[r] - key));
+            sc -= sc_slope[rr] * float(abs(sc_pos[rr] - key));
           }
           sc = visible ? sc : kMaskedScore;
-          s[r][u] = sc;
-          step_max = max(step_max, sc);
+          t[rr][u] = sc;
+          mx = max(mx, sc);
         }
-        const float m_new = max(m[r], step_max);
-        const float corr = m[r] > kNegHalf ? exp(m[r] - m_new) : 0.0f;
+        const float m_new = max(m_own[rr], mx);
+        const float corr = m_own[rr] > kNegHalf ? exp(m_own[rr] - m_new) : 0.0f;
         float sum = 0.0f;
         for (int u = 0; u < U; ++u) {
-          const float pr = s[r][u] > kNegHalf ? exp(s[r][u] - m_new) : 0.0f;
-          s[r][u] = pr;
+          const float pr = t[rr][u] > kNegHalf ? exp(t[rr][u] - m_new) : 0.0f;
+          t[rr][u] = pr;
           sum += pr;
         }
-        l[r] = l[r] * corr + sum;
-        m[r] = m_new;
-        for (int j = 0; j < CPL; ++j) {
-          for (int e = 0; e < EPC; ++e) {
-            float acc = o[r][j * EPC + e] * corr;
-            for (int u = 0; u < U; ++u) {
-              acc += s[r][u] * chunk_elem<T>(vr[u][j], e);
+        l_own[rr] = l_own[rr] * corr + sum;
+        m_own[rr] = m_new;
+        if (li % DUP == 0) {
+          for (int u = 0; u < U; ++u) {
+            buf[r * U + u] = t[rr][u];
+          }
+          buf[R * U + r] = corr;
+        }
+      }
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      // 6'. P.V with every row's probabilities and correction, read back by every lane of the group.
+      for (int r = 0; r < R; ++r) {
+        if (r < nrows) {  // uniform
+          float pr[U];
+          for (int u = 0; u < U; ++u) {
+            pr[u] = buf[r * U + u];
+          }
+          const float corr = buf[R * U + r];
+          for (int j = 0; j < CPL; ++j) {
+            for (int e = 0; e < EPC; ++e) {
+              float acc = o[r][j * EPC + e] * corr;
+              for (int u = 0; u < U; ++u) {
+                acc += pr[u] * chunk_elem<T>(vr[u][j], e);
+              }
+              o[r][j * EPC + e] = acc;
             }
-            o[r][j * EPC + e] = acc;
+          }
+        }
+      }
+      parity ^= 1;
+    } else {
+      // 3. Scores: partial q.k over this lane's dims, summed over the L lanes of the key (butterfly: every lane of
+      // the group gets the total).
+      float s[R][U];
+      for (int r = 0; r < R; ++r) {
+        for (int u = 0; u < U; ++u) {
+          s[r][u] = 0.0f;
+        }
+        if (r < nrows) {  // uniform
+          for (int j = 0; j < CPL; ++j) {
+            const int ci = li + j * L;
+            if (ci < NC) {
+              float qv[EPC];
+              for (int e = 0; e < EPC; ++e) {
+                qv[e] = q_tg[r * D + ci * EPC + e];
+              }
+              for (int u = 0; u < U; ++u) {
+                float acc = 0.0f;
+                for (int e = 0; e < EPC; ++e) {
+                  acc += qv[e] * chunk_elem<T>(kr[u][j], e);
+                }
+                s[r][u] += acc;
+              }
+            }
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        if (r < nrows) {  // uniform
+          for (int u = 0; u < U; ++u) {
+            for (int off = L / 2; off >= 1; off /= 2) {
+              s[r][u] += simd_shuffle_xor(s[r][u], ushort(off));
+            }
+          }
+        }
+      }
+
+      // 4. Online softmax and P.V, lane-local: one max / rescale per row and step.
+      for (int r = 0; r < R; ++r) {
+        if (r < nrows) {
+          float step_max = kMaskedScore;
+          for (int u = 0; u < U; ++u) {
+            const int key = t0 + u * G + g;
+            float sc = s[r][u];
+            bool visible = loc[u].x >= 0 && key >= row_keys[r].x && key <= row_keys[r].y;
+            if (visible && is_nonfinite(sc)) {  // before the softcap clamp could hide a NaN
+              bad_rows |= 1u << r;
+              visible = false;
+            }
+            if (fc_softcap) {
+              sc = apply_softcap(sc, p.opt.softcap);
+            }
+            if (fc_alibi) {
+              sc -= row_slope[r] * float(abs(row_pos[r] - key));
+            }
+            sc = visible ? sc : kMaskedScore;
+            s[r][u] = sc;
+            step_max = max(step_max, sc);
+          }
+          const float m_new = max(m[r], step_max);
+          const float corr = m[r] > kNegHalf ? exp(m[r] - m_new) : 0.0f;
+          float sum = 0.0f;
+          for (int u = 0; u < U; ++u) {
+            const float pr = s[r][u] > kNegHalf ? exp(s[r][u] - m_new) : 0.0f;
+            s[r][u] = pr;
+            sum += pr;
+          }
+          l[r] = l[r] * corr + sum;
+          m[r] = m_new;
+          for (int j = 0; j < CPL; ++j) {
+            for (int e = 0; e < EPC; ++e) {
+              float acc = o[r][j * EPC + e] * corr;
+              for (int u = 0; u < U; ++u) {
+                acc += s[r][u] * chunk_elem<T>(vr[u][j], e);
+              }
+              o[r][j * EPC + e] = acc;
+            }
           }
         }
       }
     }
     for (int u = 0; u < U; ++u) {
       loc[u] = loc_next[u];
+      if (kPrefetch) {
+        loc_next[u] = loc_after[u];
+        for (int j = 0; j < CPL; ++j) {
+          kr[u][j] = kn[u][j];
+          vr[u][j] = vn[u][j];
+        }
+      }
     }
   }
 
+  if (kScatter) {
+    // Every lane of the group takes the running max and sum of every row from the lanes that finished them, through
+    // the buffer the last step did not use (its readers passed that step's barrier).
+    threadgroup float* buf = score_buf + parity * SF;
+    if (li % DUP == 0) {
+      for (int rr = 0; rr < RPL; ++rr) {
+        buf[first_row + rr] = m_own[rr];
+        buf[R + first_row + rr] = l_own[rr];
+      }
+    }
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    for (int r = 0; r < R; ++r) {
+      m[r] = buf[r];
+      l[r] = buf[R + r];
+    }
+  }
   // Merge the key groups of the simdgroup (butterfly over the group bits of the lane), then the simdgroups: global
   // max per row, each share rescaled, summed in simdgroup order.
   for (int r = 0; r < R; ++r) {

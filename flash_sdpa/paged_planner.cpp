@@ -82,7 +82,7 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
   return rows;
 }
 
-int64_t decode_threadgroups_per_core(int64_t rows) { return rows == 1 ? 3 : 2; }
+int64_t decode_threadgroups_per_core(int64_t rows) { return rows == 1 ? 3 : (rows <= 8 ? 2 : 1); }
 
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known) {
   if (work_threadgroups <= 0 || work_threadgroups >= target) {

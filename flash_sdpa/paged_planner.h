@@ -57,11 +57,14 @@ constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-8
 // a core keeps resident: more splits only add waves and combine work (proxy sweeps: the best split count was within
 // 2% of target / work on every benchmarked shape, tests/metal_cuda/RESULTS.md). How many are resident depends on
 // the registers per thread, on Apple GPUs as on NVIDIA's (an Apple core's resident threads fall from 1,024 as a
-// kernel's registers grow): 3 for the single-row tile (about 80 registers), 2 for the larger ones (about 128).
+// kernel's registers grow): 3 for the single-row tile (about 80 registers), 2 up to R = 8 (about 128), 1 at R = 16
+// (about 175: 64 accumulators per lane).
 // tests/metal_cuda/targets.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
 // long enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
 int64_t decode_threadgroups_per_core(int64_t rows);
-constexpr int64_t kMinKeysPerSplit = 128;
+// 64: a single short sequence (B=1, GQA 4, S=1000 on the proxy) needs ~15 splits to fill the GPU; 128 capped it at 7
+// (21.6 us against 15.9).
+constexpr int64_t kMinKeysPerSplit = 64;
 using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
 int64_t gpu_core_count();  // the provider's answer, 0 when there is none or it does not know

@@ -247,10 +247,19 @@ def check_case(run, c, *, window=(-1, -1), softcap=0.0, use_alibi=False, use_sin
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("D", HEAD_DIMS)
-@pytest.mark.parametrize("group", [1, 2, 4])  # row tiles R = 1, 2, 4: two lane layouts (DecodeLayout)
+@pytest.mark.parametrize("group", [1, 2, 4, 8])  # row tiles R = 1, 2, 4, 8: all-reduced and scattered scores
 def test_dtypes_head_dims(run, dtype, D, group):
     c = make_case(D=D, dtype=TORCH_DTYPES[dtype], H=8, Hkv=8 // group, seed=D)
     check_case(run, c, num_splits=1 if D % 64 else 3)
+
+
+@pytest.mark.parametrize("group", [3, 5, 6, 7, 12, 16])
+@pytest.mark.parametrize("num_splits", [1, 5])
+def test_gqa_factors(run, group, num_splits):
+    """Every GQA factor of real models, powers of two or not (Qwen2.5-7B: 7; -14B: 5): row tiles R = 4, 8 and 16
+    with rows past the group masked, one KV pass for the whole group."""
+    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=128, seed=group, max_len=200)
+    check_case(run, c, window=(-1, 0), num_splits=num_splits)
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
@@ -368,7 +377,7 @@ def run_varlen_decode(run, q, k, v, cu_q, cu_k, *, scale, window=(-1, -1), softc
                       max_seqlen_k=0, **options):
     """flash_attn_varlen_func with one query per sequence (the decode kernel's varlen mode: the router picks it at
     max_seqlen_q = 1): q [total_q, H, D], k / v [total_k, Hkv, D]. max_seqlen_k steers the planner's split count
-    (an upper bound it may split by, 128 keys a split). Returns (out, lse [H, total_q], [DispatchStats])."""
+    (an upper bound it may split by, 64 keys a split). Returns (out, lse [H, total_q], [DispatchStats])."""
     (out, lse, _), stats = run(lambda kernel: kernel.flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, 1, max_seqlen_k, softmax_scale=scale, window_size=window, softcap=softcap,
         alibi_slopes=alibi, return_attn_probs=True, s_aux=sinks), **options)
@@ -415,7 +424,7 @@ def test_varlen_mode(run, feature, num_splits, group):
     g = torch.Generator().manual_seed(num_splits * 10 + group + len(feature))
     Hkv, D, dtype = 2, 64, torch.float16
     H = Hkv * group
-    longest = 70 if num_splits == 1 else 128 * num_splits
+    longest = 70 if num_splits == 1 else 64 * num_splits  # kMinKeysPerSplit = 64 keys a split
     lens = [37, 0, longest, 5, 1]
     total_k = sum(lens)
     cu_k = [0]

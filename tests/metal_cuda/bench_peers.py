@@ -32,7 +32,11 @@ ROWS = [(4, 16, 16, 50, 128, torch.float16), (1, 32, 8, 16384, 128, torch.float1
         (32, 32, 8, 2048, 128, torch.float16), (8, 32, 8, 4096, 128, torch.float16),
         (1, 32, 32, 8192, 128, torch.float16), (8, 32, 8, 4096, 64, torch.float16),
         (8, 32, 8, 4096, 256, torch.float16), (1, 32, 8, 16384, 128, torch.bfloat16),
-        (1, 32, 16, 8192, 128, torch.float16)]  # beyond the issue's rows: GQA 2 (row tile R = 2)
+        (1, 32, 16, 8192, 128, torch.float16),  # beyond issue 11's rows: GQA 2 (row tile R = 2)
+        # issue 19's rows: GQA 8 and 7 (R = 8), a short single-sequence context, fp32, a large batch
+        (4, 64, 8, 8192, 128, torch.float16), (1, 28, 4, 32768, 128, torch.float16),
+        (1, 32, 8, 1000, 128, torch.float16), (8, 32, 8, 4096, 128, torch.float32),
+        (64, 32, 8, 512, 128, torch.float16)]
 SPLITS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SHORT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 

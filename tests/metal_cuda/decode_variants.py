@@ -17,7 +17,7 @@ from msl.cuda import compiler
 from . import targets
 
 KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r2", "paged_decode_float16_d128_r4",
-           "paged_decode_combine_float16"]
+           "paged_decode_float16_d128_r8", "paged_decode_float16_d128_r16", "paged_decode_combine_float16"]
 # name -> dict(edits=[(file, old, new)], threads=decode threads per threadgroup, min_blocks=per-instance launch
 # bounds). Experiments on a copy (flash_sdpa/ untouched). Earlier ones, with their figures: RESULTS.md.
 _INFLIGHT = ("paged_decode_attention.h", "  static constexpr int U0 = 32 / (CPL * kChunkBytes);")
@@ -25,6 +25,9 @@ _CHUNK = ("paged_decode_attention.h", "  static constexpr int kChunkBytes = R <=
 _NSG = ("paged_params.h", "  kDecodeSimdgroups = 8,")
 _CHUNKS = ("paged_decode_attention.h", "  static constexpr int kMinChunksPerLane = R <= 2 ? 2 : 1;")
 _THREADS = ("paged_params.h", "#define FLASH_SDPA_PAGED_DECODE_THREADS 256")
+_SCATTER = ("paged_decode_attention.h", "  static constexpr int kScatterMinRows = 2;")
+_PREFETCH = ("paged_decode_attention.h", "  static constexpr bool kPrefetch = false;")
+_SCORES = ("paged_decode_attention.h", "  static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane")
 THREADS = 256  # as built
 
 
@@ -39,14 +42,21 @@ VARIANTS = {
     "as built": dict(edits=[], threads=THREADS, min_blocks=targets.decode_min_blocks),
     "4 simdgroups": _simdgroups(4),
     "16 simdgroups": _simdgroups(16),
-    "R <= 2: one chunk per lane (as R > 2; twice the lanes per key row, more shuffles per key)":
-        dict(edits=[(*_CHUNKS, "  static constexpr int kMinChunksPerLane = 1;")], threads=THREADS,
+    "all-reduced scores at every R (the previous layout)":
+        dict(edits=[(*_SCATTER, "  static constexpr int kScatterMinRows = 64;")], threads=THREADS,
              min_blocks=targets.decode_min_blocks),
-    "16 B of K in flight per lane (U = 1 at 16-byte chunks)":
-        dict(edits=[(*_INFLIGHT, "  static constexpr int U0 = 16 / (CPL * kChunkBytes);")], threads=THREADS,
+    "32 partial scores per lane at R >= 8 (R = 8: 4 keys per step)":
+        dict(edits=[(*_SCORES, "  static constexpr int kMaxScores = 32;")], threads=THREADS,
              min_blocks=targets.decode_min_blocks),
-    "8-byte chunks from R = 4 (L = 32 at fp16 D = 128: half the accumulators)":
-        dict(edits=[(*_CHUNK, "  static constexpr int kChunkBytes = R <= 2 ? 16 : 8;")], threads=THREADS,
+    "K/V prefetched one step ahead":
+        dict(edits=[(*_PREFETCH, "  static constexpr bool kPrefetch = true;")], threads=THREADS,
+             min_blocks=targets.decode_min_blocks),
+    "K/V prefetched one step ahead, R = 8 without launch bounds":
+        dict(edits=[(*_PREFETCH, "  static constexpr bool kPrefetch = true;")], threads=THREADS,
+             min_blocks=lambda host: 0 if host.endswith("_r8") else targets.decode_min_blocks(host)),
+    "K/V prefetched, 32 partial scores per lane at R >= 8":
+        dict(edits=[(*_PREFETCH, "  static constexpr bool kPrefetch = true;"),
+                    (*_SCORES, "  static constexpr int kMaxScores = 32;")], threads=THREADS,
              min_blocks=targets.decode_min_blocks),
 }
 INDEX = compiler.cache_dir() / "variants.json"
@@ -83,9 +93,10 @@ def build(selected):
 
 
 # (B, H, Hkv, S) and the forced split counts timed beside the planner's (0).
-SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0, 32, 64), (32, 32, 8, 2048): (0, 1, 2),
-          (8, 32, 8, 4096): (0, 4, 8), (1, 32, 32, 8192): (0, 8, 12, 16, 32), (1, 32, 16, 8192): (0, 8, 16),
-          (4, 16, 8, 4096): (0, 4, 8)}
+SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0, 32), (32, 32, 8, 2048): (0,),
+          (8, 32, 8, 4096): (0,), (1, 32, 32, 8192): (0,), (1, 32, 16, 8192): (0,),
+          (4, 64, 8, 8192): (0, 8, 16), (1, 28, 4, 32768): (0, 66, 132), (1, 32, 8, 1000): (0, 16, 32),
+          (1, 64, 8, 4096): (0, 32, 64), (8, 128, 8, 4096): (0,)}
 
 
 def time_variants():

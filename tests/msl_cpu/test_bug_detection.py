@@ -191,3 +191,13 @@ def test_misaligned_buffer_offset(lib):
                  buffers={0: (x, 2), 1: y})
     lib.dispatch("barrier_ok", (1, 1, 1), (64, 1, 1), buffers={0: (x, 4), 1: y})  # 4-byte aligned: fine
     assert torch.equal(y, x[1:].flip(0))
+
+
+def test_copy_loops_are_checked(lib):
+    """Copies the optimiser could turn into memcpy stay element accesses: the copied bytes count as initialised (no
+    false report), and a copy past a buffer's end is reported."""
+    x, y = torch.arange(64, dtype=torch.float32), torch.zeros(64)
+    lib.dispatch("copy_loop_ok", threadgroups=(1, 1, 1), threads_per_threadgroup=(64, 1, 1), buffers={0: x, 1: y})
+    assert torch.equal(y, x.flip(0))
+    expect_error(lib, "copy_loop_overrun", r"device memory overrun", "copy_loop_overrun", threadgroups=(1, 1, 1),
+                 threads_per_threadgroup=(64, 1, 1), buffers={0: x, 1: torch.zeros(64)})

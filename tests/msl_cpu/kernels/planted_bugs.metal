@@ -128,3 +128,26 @@ kernel void divergent_matrix(device const float* a [[buffer(0)]], device float* 
   if (lane < 16) simdgroup_load(m, a);  // BUG: divergent_matrix
   simdgroup_store(m, c);
 }
+
+// A thread-local array copied out element by element, which clang turns into memcpy: its stores are checked like any
+// other (a memcpy slipped past the checks: no race, no overrun, and its bytes never counted as initialised).
+kernel void copy_loop_ok(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                         uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup float tile[64];
+  float local[4];
+  for (int i = 0; i < 4; ++i) local[i] = in[(tid * 4 + i) % 64];
+  if (tid < 16) {
+    for (int i = 0; i < 4; ++i) tile[tid * 4 + i] = local[i];
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  out[tid] = tile[63 - tid];
+}
+
+kernel void copy_loop_overrun(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                              uint tid [[thread_index_in_threadgroup]]) {
+  float local[4];
+  for (int i = 0; i < 4; ++i) local[i] = in[i];
+  if (tid == 0) {
+    for (int i = 0; i < 4; ++i) out[62 + i] = local[i];  // BUG: copy_loop_overrun
+  }
+}
