@@ -366,20 +366,16 @@ template <typename T, int D, int R>
   // FlashAttention-2; the score itself is dropped so that nothing non-finite reaches the accumulators).
   uint bad_rows = 0;
 
-  // Scattered rows: this lane finishes rows first_row .. first_row + RPL - 1 of every key (their constants picked
-  // once here).
+  // Scattered rows: this lane finishes rows first_row .. first_row + RPL - 1 of every key; their constants.
   const int first_row = li * R / L;
   int2 sc_keys[RPL];
   int sc_pos[RPL];
   float sc_slope[RPL];
   for (int rr = 0; rr < RPL; ++rr) {
-    for (int r = 0; r < R; ++r) {
-      if (r == first_row + rr) {
-        sc_keys[rr] = row_keys[r];
-        sc_pos[rr] = row_pos[r];
-        sc_slope[rr] = row_slope[r];
-      }
-    }
+    const int gr = row0 + min(first_row + rr, nrows - 1);
+    sc_pos[rr] = gr % sq + diag;
+    sc_keys[rr] = visible_keys(sc_pos[rr], p.opt, sk);
+    sc_slope[rr] = fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, hkv * group + gr / sq) : 0.0f;
   }
   float m_own[RPL];  // running max and sum of the rows this lane finishes
   float l_own[RPL];
@@ -443,10 +439,14 @@ template <typename T, int D, int R>
         int cur = R;
         for (int off = L / 2; off >= 1; off /= 2) {
           if (cur > RPL) {
-            const bool upper = (li & off) != 0;
+            // Keep the upper half where this lane's bit is set; chosen by bit masks, not a select between two
+            // array elements, which compilers turn into a dynamically indexed (memory-resident) array.
+            const uint upper = (li & off) != 0 ? ~0u : 0u;
             for (int i = 0; i < cur / 2; ++i) {
-              const float keep = upper ? x[i + cur / 2] : x[i];
-              const float send = upper ? x[i] : x[i + cur / 2];
+              const uint lo = as_type<uint>(x[i]);
+              const uint hi = as_type<uint>(x[i + cur / 2]);
+              const float keep = as_type<float>((lo & ~upper) | (hi & upper));
+              const float send = as_type<float>((hi & ~upper) | (lo & upper));
               x[i] = keep + simd_shuffle_xor(send, ushort(off));
             }
             cur /= 2;

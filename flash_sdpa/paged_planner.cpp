@@ -82,7 +82,9 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
   return rows;
 }
 
-int64_t decode_threadgroups_per_core(int64_t rows) { return rows == 1 ? 3 : (rows <= 8 ? 2 : 1); }
+int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim) {
+  return rows == 1 ? 3 : (rows * head_dim <= 1024 ? 2 : 1);
+}
 
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known) {
   if (work_threadgroups <= 0 || work_threadgroups >= target) {
@@ -182,7 +184,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t cores = call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count();  // 0: unknown device
   const int64_t target = call.target_threadgroups > 0
                              ? call.target_threadgroups
-                             : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows);
+                             : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows, head_dim);
   int64_t splits = call.num_splits > 0
                        ? std::min<int64_t>(call.num_splits, kMaxSplits)
                        : paged_pick_num_splits(work, max_keys, target, call.target_threadgroups > 0 || cores > 0);

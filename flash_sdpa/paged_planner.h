@@ -41,7 +41,7 @@ struct PagedKVCacheAttention {
   // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
   // value when cache_seqlens is a Python int, else the block table's capacity (varlen: max_seqlen_k).
   int64_t max_seqlen_k = 0;
-  // Threadgroups the split heuristic aims at; 0: gpu_cores x decode_threadgroups_per_core(R).
+  // Threadgroups the split heuristic aims at; 0: gpu_cores x decode_threadgroups_per_core(R, D).
   int64_t target_threadgroups = 0;
   // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
   // (gpu_core_count), else unknown (kDefaultGpuCores, splits rounded up).
@@ -57,11 +57,11 @@ constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-8
 // a core keeps resident: more splits only add waves and combine work (proxy sweeps: the best split count was within
 // 2% of target / work on every benchmarked shape, tests/metal_cuda/RESULTS.md). How many are resident depends on
 // the registers per thread, on Apple GPUs as on NVIDIA's (an Apple core's resident threads fall from 1,024 as a
-// kernel's registers grow): 3 for the single-row tile (about 80 registers), 2 up to R = 8 (about 128), 1 at R = 16
-// (about 175: 64 accumulators per lane).
+// kernel's registers grow): 3 for the single-row tile (about 80 registers), 2 while a lane holds at most 32
+// accumulators (R x D / 32: GQA <= 8 at D = 128, about 128 registers), 1 above (R = 16 at D = 128: about 175).
 // tests/metal_cuda/targets.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
 // long enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
-int64_t decode_threadgroups_per_core(int64_t rows);
+int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim);
 // 64: a single short sequence (B=1, GQA 4, S=1000 on the proxy) needs ~15 splits to fill the GPU; 128 capped it at 7
 // (21.6 us against 15.9).
 constexpr int64_t kMinKeysPerSplit = 64;

@@ -4,6 +4,7 @@ kernels (M2 Max launch and best block count) and llama.cpp's (ggml-attn launch),
 route (the peers from .calib/, a copy of ../shared/calib: never part of the project).
 
     python3 -m tests.metal_cuda.bench_peers [--json PATH]      # GPU machine; carry .cache/metal_cuda and .calib
+    python3 -m tests.metal_cuda.bench_peers --zoo [--json PATH]  # the model zoo: real models' H / Hkv / D
 
 Timing as bench.py and peer_decode.py: a CUDA graph of 20 calls, median of 15 replays. Every output is checked
 against SDPA in fp32 first. "x MLX" = t_MLX / t_ours (above 1: ours is faster).
@@ -132,14 +133,115 @@ def run_row(B, H, Hkv, S, D, dtype, sms):
     return r
 
 
+# The model zoo (issue 19): name -> (H, Hkv, D, options). Gemma-2 runs with its softcap and gpt-oss with its sinks on
+# our side; MLX has no softcap, llama.cpp's kernels here neither softcap nor sinks, so those peers run without them.
+ZOO = {
+    "Llama-3-8B": (32, 8, 128, {}), "Llama-3-70B": (64, 8, 128, {}), "Qwen2.5-7B": (28, 4, 128, {}),
+    "Qwen2.5-14B": (40, 8, 128, {}), "Mistral-7B": (32, 8, 128, {}), "Gemma-2-9B": (16, 8, 256, {"softcap": 50.0}),
+    "Gemma-3-27B": (32, 16, 128, {}), "gpt-oss-20b": (64, 8, 64, {"sinks": True}), "Phi-3-mini": (32, 32, 96, {}),
+    "SmolLM2-1.7B": (32, 32, 64, {}),
+}
+ZOO_CONTEXTS = (256, 1000, 4096, 32768, 131072)
+ZOO_BATCHES = (1, 8, 32)
+ZOO_MAX_KV_BYTES = 2 << 30  # skip what does not fit the time of one run (K + V of the whole batch)
+ZOO_EXTRA_DTYPES = {"Llama-3-8B": (torch.bfloat16, torch.float32), "Qwen2.5-7B": (torch.bfloat16,)}
+ZOO_EXTRA_SHAPES = ((1, 1000), (1, 32768), (8, 4096))
+MLX_ZOO_BLOCKS = (32, 128, 512)  # with MLX's own launch: its best of these is "MLX best"
+
+
+def zoo_rows():
+    rows = []
+    for name, (H, Hkv, D, opts) in ZOO.items():
+        for B in ZOO_BATCHES:
+            for S in ZOO_CONTEXTS:
+                if B * S * Hkv * D * 2 * 2 <= ZOO_MAX_KV_BYTES:
+                    rows.append((name, B, S, torch.float16))
+        for dtype in ZOO_EXTRA_DTYPES.get(name, ()):
+            rows.extend((name, B, S, dtype) for B, S in ZOO_EXTRA_SHAPES)
+    return rows
+
+
+def run_zoo_row(name, B, S, dtype, sms):
+    H, Hkv, D, opts = ZOO[name]
+    softcap = opts.get("softcap", 0.0)
+    r = dict(model=name, B=B, H=H, Hkv=Hkv, S=S, D=D, dtype=SHORT[dtype], options=sorted(opts))
+    case = gc.make_paged_case(B, S, H, Hkv, D, dtype, 16, sk_new=0, full_length=True, padded_rows=False, seed=1)
+    scale = D ** -0.5
+    sinks = torch.randn(H, device="cuda") if opts.get("sinks") else None
+    ref = gc.reference_attention(case, case.k_cache, case.v_cache, scale=scale, window=(-1, 0), softcap=softcap,
+                                 sinks=sinks, dtype=torch.float32)[0]
+    out = torch.full_like(case.q, float("nan"))
+    plan = gc.plan_paged(case, out, None, scale=scale, window=(-1, 0), softcap=softcap, sinks=sinks, with_new=False,
+                         gpu_cores=sms)
+    fn, attn = prepared_fn(plan)
+    fn()
+    torch.cuda.synchronize()
+    check(out, ref, f"{name} B={B} S={S}", dtype)
+    r["ours_us"], r["splits"], r["kernel"], r["regs"] = bench.time_us(fn), attn.grid[0], attn.pipeline.kernel, \
+        attn.pipeline.num_regs
+    del case, ref, out
+    dt = SHORT[dtype]
+    if D in peer.HEAD_DIMS:
+        try:
+            r["mlx_launch_us"] = peer.time_mlx_decode(B, H, Hkv, S, D, dt, sinks=sinks is not None)
+            blocks = [b for b in MLX_ZOO_BLOCKS if b <= S]
+            msweep = peer.sweep(B, H, Hkv, S, D, dt, block_counts=blocks, sinks=sinks is not None) if blocks else {}
+            r["mlx_best_us"] = min([r["mlx_launch_us"], *msweep.values()])
+        except Exception as e:  # noqa: BLE001 (a peer that cannot run this shape: said in the row)
+            r["mlx_error"] = f"{type(e).__name__}: {str(e)[:80]}"
+    if D == 128 and dtype == torch.float16:
+        r["ggml_us"] = peer.time_ggml_decode(B, H, Hkv, S, D, dt, kernels_only=True)
+    peers = [r[k] for k in ("mlx_best_us", "ggml_us") if k in r]
+    if peers:
+        r["x_best_peer"] = min(peers) / r["ours_us"]
+    torch.cuda.empty_cache()
+    return r
+
+
+def zoo_table(results):
+    import math
+
+    print("\n| model | B | S | dtype | ours us (splits) | MLX launch | MLX best | llama.cpp | x MLX best | x llama.cpp "
+          "| x best peer |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    cols = {"x MLX best": [], "x llama.cpp": [], "x best peer": []}
+    for r in results:
+        xm = r["mlx_best_us"] / r["ours_us"] if "mlx_best_us" in r else None
+        xg = r["ggml_us"] / r["ours_us"] if "ggml_us" in r else None
+        xb = r.get("x_best_peer")
+        for k, v in (("x MLX best", xm), ("x llama.cpp", xg), ("x best peer", xb)):
+            if v is not None:
+                cols[k].append(v)
+        note = (" (peers without " + ", ".join(r["options"]) + ")") if r["options"] else ""
+        x = [f"{v:.2f}" if v is not None else "-" for v in (xm, xg, xb)]
+        us = [f"{r[k]:.1f}" if k in r else "-" for k in ("mlx_launch_us", "mlx_best_us", "ggml_us")]
+        print(f"| {r['model']}{note} | {r['B']} | {r['S']} | {r['dtype']} | {r['ours_us']:.1f} ({r['splits']}) | "
+              f"{' | '.join(us)} | {' | '.join(x)} |")
+    for k, v in cols.items():
+        if v:
+            gm = math.exp(sum(math.log(x) for x in v) / len(v))
+            print(f"{k}: geometric mean {gm:.2f}, minimum {min(v):.2f} over {len(v)} rows")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--rows", default="all", help="comma-separated row indices")
+    ap.add_argument("--zoo", action="store_true", help="the model-zoo table instead of the fixed rows")
     a = ap.parse_args()
     dev = torch.cuda.get_device_properties(0)
     sms = dev.multi_processor_count
     print(f"device: {dev.name}, {sms} SMs, torch {torch.__version__}")
+    if a.zoo:
+        results = []
+        for row in zoo_rows():
+            r = run_zoo_row(*row, sms)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            if a.json:
+                Path(a.json).write_text(json.dumps(results, indent=1))
+        zoo_table(results)
+        return
     rows = ROWS if a.rows == "all" else [ROWS[int(i)] for i in a.rows.split(",")]
     results = []
     for row in rows:

@@ -55,7 +55,7 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
   call.options = {scale, softcap, window_left, window_right, alibi_slopes, sinks};
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
-  call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x decode_threadgroups_per_core(R)
+  call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x decode_threadgroups_per_core(R, D)
   call.gpu_cores = gpu_cores;                      // 0: unknown device (kDefaultGpuCores, rounded up)
   return to_python(flash_sdpa::plan_paged_kvcache(call));
 }

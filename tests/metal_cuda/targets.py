@@ -32,14 +32,16 @@ TARGET_KERNEL_FLAGS = {"paged_decode_attention": decode_kernel_flags}
 
 
 # Apple GPUs keep occupancy and spill when a kernel needs more registers (DESIGN.md section 6); ptxas instead lowers
-# occupancy. The decode's row tiles up to R = 8 (every GQA <= 8 and MHA decode) are built for 512 threads per SM
-# (256-thread threadgroups: launch_bounds(256, 2), at most 128 registers; R = 1: 768 threads, at most 85), as an
-# Apple core would keep them resident; the split planner counts the same (decode_threadgroups_per_core). R = 16
-# (64 accumulators per lane) is left unbounded: one threadgroup per SM.
+# occupancy. The decode's instances with at most 32 accumulators per lane (R x D <= 1024: GQA <= 8 at D = 128) are
+# built for 512 threads per SM (256-thread threadgroups: launch_bounds(256, 2), at most 128 registers; R = 1: 768
+# threads, at most 85), as an Apple core would keep them resident; larger ones are left unbounded (one threadgroup
+# per SM). The split planner counts the same (decode_threadgroups_per_core).
 def decode_min_blocks(host: str) -> int:
-    m = re.search(r"_r(\d+)$", host)
-    r = int(m.group(1)) if m else 0
-    return 3 if r == 1 else (2 if r in (2, 4, 8) else 0)
+    m = re.search(r"_d(\d+)_r(\d+)$", host)
+    if not m:
+        return 0
+    d, r = int(m.group(1)), int(m.group(2))
+    return 3 if r == 1 else (2 if r * d <= 1024 else 0)
 
 
 TARGET_MIN_BLOCKS = {"paged_decode_attention": decode_min_blocks}
