@@ -6,19 +6,18 @@ sections name. A header that a listed file includes but build.toml does not list
 fails where a build from the source tree would not notice. The emulated build (scripts/build_emulated.py) therefore
 compiles from a stage made here, and tests/test_build_manifest.py checks the list itself.
 
-Standard library only (tomllib: Python >= 3.11, what the development set-up runs).
+Standard library only (reading build.toml needs tomllib: Python >= 3.11, what the development set-up runs).
 """
 
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
-
-import tomllib
 
 # Quoted includes that kernel-builder generates, so they are never listed: registration.h (op registration and the
 # Python module init, for torch-ext sources) and the embedded metallib header (the Metal launcher includes it through
@@ -70,6 +69,8 @@ class Manifest:
 
 def read(root: Path, toml_text: Optional[str] = None) -> Manifest:
     """build.toml of `root` (or `toml_text`) as the sections kernel-builder builds."""
+    import tomllib  # Python >= 3.11; imported here so that a Mac's older Python can import stale_build
+
     root = Path(root)
     cfg = tomllib.loads(toml_text if toml_text is not None else (root / "build.toml").read_text())
     name = cfg["general"]["name"]
@@ -151,7 +152,8 @@ def stage(m: Manifest, dest: Path) -> Path:
 
 
 # What else an emulated build is made of besides the staged files: the emulator toolchain and these scripts.
-_TOOLCHAIN_GLOBS = ("msl/**/*.py", "msl/**/*.h", "msl/**/*.cpp", "scripts/build_emulated.py",
+# (msl/cuda/, the NVIDIA proxy, is not part of it.)
+_TOOLCHAIN_GLOBS = ("msl/*.py", "msl/shim/**/*", "msl/cpu/**/*", "scripts/build_emulated.py",
                     "scripts/build_manifest.py")
 
 
@@ -187,3 +189,19 @@ def variant_digest(variant: Path) -> dict:
                 continue
             files[rel] = base64.b64encode(hashlib.sha256(path.read_bytes()).digest()).decode()
     return {"algorithm": "sha256", "files": dict(sorted(files.items()))}
+
+
+def stale_build(variant: Path, root: Path) -> Optional[str]:
+    """Why the emulated build in `variant` does not match the checkout at `root` (None when it does, or when the variant
+    is not an emulated build, e.g. kernel-builder's Metal build on a Mac)."""
+    variant, root = Path(variant), Path(root)
+    if not (variant / "metal_cpu_kernels").is_dir():
+        return None
+    info = variant / "emulated_build.json"
+    if not info.is_file():
+        return f"{variant} predates source digests: rebuild with `python3 scripts/build_emulated.py`"
+    recorded = json.loads(info.read_text()).get("source-digest")
+    if recorded != source_digest(root):
+        return (f"{variant} was built from other sources than this checkout's (build.toml, its files, the package or "
+                f"the emulator changed since): rebuild with `python3 scripts/build_emulated.py`")
+    return None

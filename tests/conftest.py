@@ -17,9 +17,12 @@ import os
 import platform
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+
+from scripts import build_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "kernels-community/metal-flash-sdpa"
@@ -89,9 +92,18 @@ def kernel():
     import kernels
 
     try:
-        return kernels.get_kernel(REPO_ID, version=KERNEL_VERSION)
+        module = kernels.get_kernel(REPO_ID, version=KERNEL_VERSION)
     except FileNotFoundError as e:
         pytest.exit(f"no build of {REPO_ID} for this system in {ROOT / 'build'}: run `bash scripts/setup.sh`\n{e}", 2)
+    # An emulated build older than the sources would test yesterday's kernels: say so (the tests still run).
+    stale = build_manifest.stale_build(Path(module.__file__).parent, ROOT)
+    if stale:
+        warnings.warn(StaleBuildWarning(stale), stacklevel=1)
+    return module
+
+
+class StaleBuildWarning(UserWarning):
+    """The emulated build under test was built from other sources than the checkout's."""
 
 
 class _Options(ctypes.Structure):

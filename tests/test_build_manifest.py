@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -116,7 +115,20 @@ def test_kernels_describe_api_works_on_the_build(kernel, variant):
     assert [f["name"] for f in json.loads(r.stdout)["functions"]] == sorted(kernel.__all__)
 
 
-def test_build_records_its_source_digest(variant):
-    recorded = json.loads((variant / "emulated_build.json").read_text())["source-digest"]
-    assert re.fullmatch(r"[0-9a-f]{64}", recorded)
-    assert sys.modules.get("scripts.build_manifest") is build_manifest
+def test_a_build_older_than_the_sources_is_reported(variant, tmp_path):
+    fake = tmp_path / "variant"
+    (fake / "metal_cpu_kernels").mkdir(parents=True)
+    assert "predates source digests" in build_manifest.stale_build(fake, ROOT)
+    recorded = json.loads((variant / "emulated_build.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{64}", recorded["source-digest"])
+    (fake / "emulated_build.json").write_text(json.dumps({"source-digest": build_manifest.source_digest(ROOT)}))
+    assert build_manifest.stale_build(fake, ROOT) is None
+    # One byte of one listed header changed after the build.
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns("build", ".cache", ".git", "__pycache__"))
+    assert build_manifest.stale_build(fake, tree) is None
+    header = tree / "flash_sdpa" / "params_types.h"
+    header.write_text(header.read_text() + "\n")
+    assert "rebuild" in build_manifest.stale_build(fake, tree)
+    # Kernel-builder's Metal build (no emulator kernels): nothing to compare.
+    assert build_manifest.stale_build(tmp_path, ROOT) is None
