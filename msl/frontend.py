@@ -59,10 +59,10 @@ def file_hash(paths: Sequence[Path]) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The language version: Metal 4.0, what kernel-builder compiles with (`-std=metal4.0 -O2` in its
-# kernel-builder/src/pyproject/templates/torch/metal/compile-metal.cmake) and why kernels >= 0.19 loads Metal variants
-# only on macOS 26+. `-std=metal4.0` predefines __METAL_VERSION__ as 400 (major * 100 + minor * 10, as 3.1's 310), so
-# `#if __METAL_VERSION__ >= 400` branches are the ones taken here too; MSL 4.0 is based on C++17 (3.x: C++14), hence
-# the C++17 front end.
+# kernel-builder/src/pyproject/templates/torch/metal/compile-metal.cmake) and why kernels (0.17.2 on) loads Metal
+# variants only on macOS 26+. `-std=metal4.0` predefines __METAL_VERSION__ as 400 (major * 100 + minor * 10, as
+# 3.1's 310), so `#if __METAL_VERSION__ >= 400` branches are the ones taken here too; MSL 4.0 is based on C++17 (3.x:
+# C++14), hence the C++17 front end.
 #
 # Pre-4.0-only constructs the pre-pass rejects, with where the rule comes from. Apple's MSL 4.0 specification (its
 # "New in Metal 4" and removed-features notes) was not among the sources reachable from this workplace (its search
