@@ -36,6 +36,10 @@ PY="${PYTHON:-python3}"
 # METAL_FLASH_SDPA_NO_OLDEST=1.
 if [[ "${METAL_FLASH_SDPA_NO_OLDEST:-0}" != "1" ]]; then
   if [[ ! -x .venv-oldest/bin/python ]]; then
+    if ! "$PY" -c "import ensurepip" 2>/dev/null; then  # Debian's system Python keeps it in python3-venv
+      SUDO=""; [[ "$(id -u)" != "0" ]] && SUDO="sudo"
+      $SUDO apt-get install -y -qq python3-venv
+    fi
     "$PY" -m venv --system-site-packages .venv-oldest
   fi
   .venv-oldest/bin/python -m pip install --disable-pip-version-check -q "torch==2.13.0" "transformers==5.22.2" \
