@@ -169,7 +169,7 @@ def build_kernels(m: build_manifest.Manifest, out: Path, jobs: int) -> None:
         shutil.copyfile(so, kdir / f"{metal.stem}.so")
 
     metals = [metal for metal, _ in jobs_list]
-    stems = [m.stem for m in metals]
+    stems = [metal.stem for metal in metals]
     dupes = {s for s in stems if stems.count(s) > 1}
     if dupes:
         sys.exit(f"every .metal basename must be unique: {sorted(dupes)}")
