@@ -91,7 +91,10 @@ def test_build_toml_is_kernel_builders_current_schema(capfd):
 
 @pytest.fixture(scope="module")
 def variant(kernel):
-    return Path(kernel.__file__).parent
+    path = Path(kernel.__file__).parent
+    if not (path / "metal_cpu_kernels").is_dir():
+        pytest.skip("not the emulated build (kernel-builder's Metal build writes its own metadata)")
+    return path
 
 
 def test_metadata_records_the_digest_kernels_checks(variant):
