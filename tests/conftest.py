@@ -4,7 +4,7 @@ On a Mac the tests run the kernel-builder build on MPS; on Linux they run the em
 builds it) whose .metal kernels execute on the CPU through the Metal-on-CPU emulator (msl/cpu).
 
 Options: `--full` (or METAL_FLASH_SDPA_FULL=1) runs the whole test matrix; by default a subset runs, and
-`-m kernels_ci` selects a quick subset for iterating (about 2.5 minutes on two cores; CI runs the default set).
+`-m kernels_ci` selects a quick subset for iterating (about 1.5 minutes on two cores; CI runs the default set).
 
 Tests of the toolchain itself (the Metal-on-CPU emulator, the CUDA proxy's PTX build, the kernels driven through the
 emulator directly) need Linux x86-64 and Debian's clang-19: elsewhere, a Mac above all, they are skipped with that
@@ -40,7 +40,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "kernels_ci: a quick subset for iterating (about 2.5 minutes on two cores, not "
+    config.addinivalue_line("markers", "kernels_ci: a quick subset for iterating (about 1.5 minutes on two cores, not "
                             "under one); CI runs the default set")
     config.addinivalue_line("markers", "full: part of the full matrix only (--full or METAL_FLASH_SDPA_FULL=1)")
 
