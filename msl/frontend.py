@@ -4,7 +4,8 @@
 clang-19 -E with the Metal headers replaced by empty stand-ins (shim/standins), then a pre-pass over the text:
 kernel-scope threadgroup arrays, [[kernel]] signatures and template [[host_name]] instantiations are parsed and
 rewritten, function constants become run-time values, half literals and vector constructors convert as MSL does,
-C-style casts to vector types are rejected. Each target adds its entry points and compiles with its own shim.
+C-style casts to vector types and pre-Metal-4.0 constructs are rejected (Metal 4.0 is the language version,
+METAL_STD). Each target adds its entry points and compiles with its own shim.
 """
 
 import hashlib
@@ -56,9 +57,46 @@ def file_hash(paths: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The language version: Metal 4.0, what kernel-builder compiles with (`-std=metal4.0 -O2` in its
+# kernel-builder/src/pyproject/templates/torch/metal/compile-metal.cmake) and why kernels (0.17.2 on) loads Metal
+# variants only on macOS 26+. `-std=metal4.0` predefines __METAL_VERSION__ as 400 (major * 100 + minor * 10, as
+# 3.1's 310), so `#if __METAL_VERSION__ >= 400` branches are the ones taken here too; MSL 4.0 is based on C++17 (3.x:
+# C++14), hence the C++17 front end.
+#
+# Pre-4.0-only constructs the pre-pass rejects, with where the rule comes from. Apple's MSL 4.0 specification (its
+# "New in Metal 4" and removed-features notes) was not among the sources reachable from this workplace (its search
+# corpus holds the 3.2 PDF); the list holds only what the reachable sources establish:
+# - the SIMD-group asynchronous copy family (simdgroup_async_copy, simdgroup_event and their __metal_* builtins, the
+#   private air.simdgroup_async_copy_1d/2d intrinsics): never part of the documented MSL (the 3.2 specification has
+#   no such function), reachable only through headers Xcode 15 already dropped (philipturner/metal-flash-attention#14,
+#   dougallj/applegpu#28), and gone under -std=metal4.0 (metal-flash-sdpa issue 18, from kernels 0.19's and
+#   kernel-builder's change to Metal 4.0). A kernel that uses them fails to compile on the Mac build.
+METAL_STD = "metal4.0"
+METAL_VERSION = 400
+REMOVED_IN_METAL4 = {
+    "simdgroup_async_copy": "the SIMD-group asynchronous copy (private air.simdgroup_async_copy intrinsics)",
+    "simdgroup_event": "the SIMD-group asynchronous copy's event type",
+    "_simdgroup_event_t": "the SIMD-group asynchronous copy's event type",
+    "__metal_simdgroup_async_copy_1d": "the private air.simdgroup_async_copy_1d intrinsic",
+    "__metal_simdgroup_async_copy_2d": "the private air.simdgroup_async_copy_2d intrinsic",
+    "__metal_wait_simdgroup_events": "the SIMD-group asynchronous copy's wait",
+}
+
+
+def check_metal4(text: str, where=lambda pos: "?") -> None:
+    """Rejects the pre-Metal-4.0-only constructs of REMOVED_IN_METAL4 in preprocessed MSL, naming the place."""
+    m = re.search(r"(?<![\w.])(" + "|".join(sorted(REMOVED_IN_METAL4, key=len, reverse=True)) + r")\b", text)
+    if m:
+        raise MetalCompileError(
+            f"{where(m.start())}: {m.group(1)} ({REMOVED_IN_METAL4[m.group(1)]}) is a pre-Metal-4.0 construct: "
+            f"kernel-builder compiles with -std={METAL_STD}, where it does not exist. Stage tiles into threadgroup "
+            f"memory with ordinary loads and threadgroup_barrier instead.")
+
+
 def preprocess(metal_path: Path, include_dirs: Sequence[str], defines: Dict[str, str]) -> str:
     metal_path = Path(metal_path)
-    cmd = [clang(), "-E", "-x", "c++", "-std=c++17", "-D__METAL_VERSION__=310", "-D__HAVE_MCPU__=1",
+    cmd = [clang(), "-E", "-x", "c++", "-std=c++17", f"-D__METAL_VERSION__={METAL_VERSION}", "-D__HAVE_MCPU__=1",
            "-isystem", str(STANDINS)]
     for d in include_dirs:
         cmd += ["-I", str(Path(d).resolve())]
@@ -234,6 +272,7 @@ def prepass(text: str, target: str) -> Prepassed:
         if m.group(1) in ("", "return", "case"):
             raise MetalCompileError(f"{src.where(m.start())}: C-style cast to {m.group(2)}: clang would reinterpret "
                                     f"the bits where MSL converts; write {m.group(2)}(x)")
+    check_metal4(text, src.where)
     m = re.search(r"\.thread_elements\s*\(", text)
     if m:
         raise MetalCompileError(f"{src.where(m.start())}: thread_elements() is not supported: Apple does not "

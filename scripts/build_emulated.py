@@ -5,13 +5,20 @@ The variant is the Linux CPU build that `kernels` resolves for this torch (e.g. 
   metadata.json, __init__.py (+ the package's other modules), _ops.py   the Python package, ops in a unique namespace
   _metal_flash_sdpa_<hash>.so     torch_binding.cpp + planners + msl/cpu/launch_cpu.cpp, ops on kCPU
   libmetal_cpu.so                 the Metal-on-CPU runtime
-  metal_cpu_kernels/<name>.so     every flash_sdpa/*.metal, compiled by the emulator with fast math (Metal's default)
+  metal_cpu_kernels/<name>.so     every listed .metal, compiled by the emulator with fast math (Metal's default)
+  symbols.json                    the public API, recorded by loading the variant through kernels (describe-api)
+  emulated_build.json             the source digest of the checkout it was built from (the tests warn when stale)
+
+It builds from build/.stage, a copy of only what kernel-builder sees (scripts/build_manifest.py): the files build.toml
+lists, its include directories, the Python package. A source the listed files include but build.toml does not list
+fails here as it would on the Mac. metal_launch.mm is replaced by msl/cpu/launch_cpu.cpp (the emulator's launcher).
 
 Usage: python scripts/build_emulated.py [--jobs N]. Object files are cached in build/.cache by content hash.
 """
 
 import argparse
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import os
@@ -24,14 +31,14 @@ import sysconfig
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_DIR = ROOT / "flash_sdpa"
-TORCH_EXT = ROOT / "torch-ext"
-PACKAGE = TORCH_EXT / "metal_flash_sdpa"
 METAL_CPU = ROOT / "msl" / "cpu"
 CACHE = ROOT / "build" / ".cache"
+STAGE = ROOT / "build" / ".stage"
 
 # Run as a file (python3 scripts/build_emulated.py): the repository root on the path, for the msl package.
 sys.path.insert(0, str(ROOT))
+
+from scripts import build_manifest  # noqa: E402
 
 
 def variant_name() -> str:
@@ -50,16 +57,16 @@ def package_version() -> int:
     return int(m.group(1))
 
 
-def host_sources():
-    """C++ sources of the extension: the bindings (torch-ext/*.cpp), every planner in flash_sdpa/, the emulator
-    backend."""
-    return [*sorted(TORCH_EXT.glob("*.cpp")), *sorted(KERNEL_DIR.glob("*.cpp")), METAL_CPU / "launch_cpu.cpp"]
+def host_sources(m: build_manifest.Manifest):
+    """C++ sources of the extension: the listed .cpp files (bindings, planners) from the stage, and the emulator's
+    launcher in place of the listed Objective-C++ (metal_launch.mm)."""
+    return [*(STAGE / p for p in m.sources(".cpp")), METAL_CPU / "launch_cpu.cpp"]
 
 
 def content_hash(paths) -> str:
     h = hashlib.sha256()
     for p in sorted(set(paths)):
-        h.update(str(p.relative_to(ROOT)).encode())
+        h.update(p.relative_to(ROOT).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 
@@ -91,9 +98,8 @@ def cxx() -> str:
     sys.exit("no C++ compiler found (install clang-19)")
 
 
-def compile_object(src: Path, flags, obj_dir: Path) -> Path:
-    # Keyed by the flags, the source and every header of the trees it can include.
-    headers = [*KERNEL_DIR.glob("*.h"), *TORCH_EXT.glob("*.h"), *(METAL_CPU / "runtime").glob("*.h")]
+def compile_object(src: Path, flags, headers, obj_dir: Path) -> Path:
+    # Keyed by the flags, the source and every header it can include.
     key = hashlib.sha256((repr(flags) + content_hash([src, *headers])).encode())
     obj = obj_dir / f"{src.stem}-{key.hexdigest()[:12]}.o"
     if obj.exists():
@@ -107,7 +113,7 @@ def compile_object(src: Path, flags, obj_dir: Path) -> Path:
     return obj
 
 
-def build_extension(out: Path, namespace: str, jobs: int) -> None:
+def build_extension(m: build_manifest.Manifest, out: Path, namespace: str, jobs: int) -> None:
     import torch
     from torch.utils.cpp_extension import include_paths
 
@@ -122,11 +128,11 @@ def build_extension(out: Path, namespace: str, jobs: int) -> None:
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
         "-DMETAL_FLASH_SDPA_EMULATED",
         "-I", str(gen),
-        "-I", str(KERNEL_DIR),
-        "-I", str(TORCH_EXT),
+        *[f for d in m.include_dirs() for f in ("-I", str(STAGE / d))],  # build.toml's include directories
         "-I", str(METAL_CPU),
         "-isystem", sysconfig.get_paths()["include"],
     ]
+    headers = [*(STAGE / p for p in m.sources(".h")), *(METAL_CPU / "runtime").glob("*.h")]
     for p in include_paths():
         flags += ["-isystem", p]
     obj_dir = CACHE / "obj"
@@ -135,8 +141,9 @@ def build_extension(out: Path, namespace: str, jobs: int) -> None:
         # Only the binding names the op namespace: the other objects survive a rename.
         objs = list(pool.map(
             lambda s: compile_object(
-                s, flags + ([f"-DTORCH_EXTENSION_NAME={namespace}"] if s.name == "torch_binding.cpp" else []), obj_dir),
-            host_sources()))
+                s, flags + ([f"-DTORCH_EXTENSION_NAME={namespace}"] if s.name == "torch_binding.cpp" else []),
+                headers, obj_dir),
+            host_sources(m)))
     target = out / f"{namespace}.so"
     cmd = [cxx(), "-shared", "-fPIC", *map(str, objs), "-o", str(target),
            "-L", str(out), "-lmetal_cpu", "-Wl,-rpath,$ORIGIN",
@@ -146,28 +153,32 @@ def build_extension(out: Path, namespace: str, jobs: int) -> None:
         sys.exit(f"linking {target} failed:\n{' '.join(cmd)}\n{r.stderr}")
 
 
-def build_kernels(out: Path, jobs: int) -> None:
+def build_kernels(m: build_manifest.Manifest, out: Path, jobs: int) -> None:
     from msl import cpu as metal_cpu
 
     kdir = out / "metal_cpu_kernels"
     kdir.mkdir(parents=True, exist_ok=True)
+    # kernel-builder hands each [kernel.*] section's .metal files to the Metal compiler with that section's includes.
+    jobs_list = [(STAGE / p, [str(STAGE / d) for d in s.include])
+                 for s in m.sections if s.name.startswith("kernel.") for p in s.src if p.endswith(".metal")]
 
-    def one(metal: Path) -> None:
+    def one(job) -> None:
+        metal, include_dirs = job
         # Compiled once per preprocessed source (the emulator's cache), then copied into the variant.
-        so = metal_cpu.compiler.compile_cached(metal, include_dirs=[str(KERNEL_DIR)], fast_math=True)
+        so = metal_cpu.compiler.compile_cached(metal, include_dirs=include_dirs, fast_math=True)
         shutil.copyfile(so, kdir / f"{metal.stem}.so")
 
-    metals = sorted(KERNEL_DIR.glob("*.metal"))
-    stems = [m.stem for m in metals]
+    metals = [metal for metal, _ in jobs_list]
+    stems = [metal.stem for metal in metals]
     dupes = {s for s in stems if stems.count(s) > 1}
     if dupes:
         sys.exit(f"every .metal basename must be unique: {sorted(dupes)}")
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(one, metals))
+        list(pool.map(one, jobs_list))
 
 
-def write_python(out: Path, namespace: str) -> None:
-    for py in sorted(PACKAGE.glob("*.py")):
+def write_python(m: build_manifest.Manifest, out: Path, namespace: str) -> None:
+    for py in sorted((STAGE / "torch-ext" / m.package).glob("*.py")):
         if py.name != "_ops.py":
             shutil.copyfile(py, out / py.name)
     (out / "_ops.py").write_text(
@@ -183,7 +194,7 @@ def add_op_namespace_prefix(op_name: str):
     )
 
 
-def write_metadata(out: Path, namespace: str) -> None:
+def write_metadata(out: Path, namespace: str, digest=None) -> None:
     metadata = {
         "id": namespace,
         "name": "metal-flash-sdpa",
@@ -191,8 +202,53 @@ def write_metadata(out: Path, namespace: str) -> None:
         "license": "apache-2.0",
         "python-depends": [],
         "backend": {"type": "cpu"},
+        "build-layout": "files",
     }
+    if digest is not None:
+        metadata["digest"] = digest
     (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+
+
+# Run in a fresh interpreter on the finished variant: load it the way kernel-builder's get_kernel check does (through
+# kernels, from the variant directory) and record the public functions and layers `kernels describe-api` reads
+# (schema_version 1: {"functions": [{"name"}], "layers": [{"name", "attributes": {has_backward, can_torch_compile}}]}).
+_SYMBOLS_SCRIPT = r"""
+import inspect, json, sys
+from pathlib import Path
+import kernels, torch
+variant = Path(sys.argv[1])
+try:
+    module = kernels.get_local_kernel(variant)
+except TypeError:  # kernels < 0.19: get_local_kernel(repo_path, package_name)
+    module = kernels.get_local_kernel(variant, sys.argv[2])
+names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+functions = []
+for name in sorted(names):
+    obj = getattr(module, name)
+    if inspect.isfunction(obj) or inspect.isbuiltin(obj):
+        try:
+            signature = str(inspect.signature(obj))
+        except (TypeError, ValueError):
+            signature = None
+        functions.append({"name": name, "signature": signature})
+layers = []
+layer_module = getattr(module, "layers", None)
+for name, obj in sorted(vars(layer_module).items() if layer_module is not None else []):
+    if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and not name.startswith("_"):
+        layers.append({"name": name, "attributes": {a: getattr(obj, a, None)
+                                                     for a in ("has_backward", "can_torch_compile")}})
+symbols = {"schema_version": 1, "functions": functions, "layers": layers}
+(variant / "symbols.json").write_text(json.dumps(symbols, indent=2) + "\n")
+"""
+
+
+def write_symbols(out: Path, package: str) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("LOCAL_KERNELS", None)
+    r = subprocess.run([sys.executable, "-c", _SYMBOLS_SCRIPT, str(out), package], capture_output=True, text=True,
+                       env=env)
+    if r.returncode != 0:
+        sys.exit(f"loading the new variant through kernels (for symbols.json) failed:\n{r.stderr[-4000:]}")
 
 
 def main() -> None:
@@ -202,9 +258,22 @@ def main() -> None:
 
     from msl import cpu as metal_cpu
 
+    # What kernel-builder would see: build.toml's list, checked, then copied alone into the stage.
+    manifest = build_manifest.read(ROOT)
+    problems = build_manifest.unresolved_includes(manifest)
+    if problems:
+        sys.exit("build.toml does not list files that its sources include (kernel-builder copies only listed files, "
+                 "so the Mac build would fail):\n  " + "\n  ".join(problems))
+    (ROOT / "build").mkdir(exist_ok=True)
+    with open(ROOT / "build" / ".stage.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one stage: concurrent builds take turns
+        build_manifest.stage(manifest, STAGE)
+        build(manifest, metal_cpu, args.jobs)
+
+
+def build(manifest: build_manifest.Manifest, metal_cpu, jobs: int) -> None:
     # The op namespace is unique per native source tree, so two builds can be loaded side by side.
-    tree = [*KERNEL_DIR.iterdir(), *TORCH_EXT.glob("*.cpp"), *TORCH_EXT.glob("*.h"),
-            METAL_CPU / "launch_cpu.cpp", *(METAL_CPU / "runtime").iterdir()]
+    tree = [*(STAGE / p for p in manifest.listed), METAL_CPU / "launch_cpu.cpp", *(METAL_CPU / "runtime").iterdir()]
     tree_hash = content_hash([p for p in tree if p.is_file()])
     namespace = f"_metal_flash_sdpa_{tree_hash[:10]}"
 
@@ -215,10 +284,15 @@ def main() -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     metal_cpu.build_runtime(out)
-    build_kernels(out, args.jobs)
-    build_extension(out, namespace, args.jobs)
-    write_python(out, namespace)
+    build_kernels(manifest, out, jobs)
+    build_extension(manifest, out, namespace, jobs)
+    write_python(manifest, out, namespace)
+    (out / "emulated_build.json").write_text(json.dumps(
+        {"source-digest": build_manifest.source_digest(ROOT), "staged-from": "build.toml"}, indent=2) + "\n")
     write_metadata(out, namespace)
+    write_symbols(out, manifest.package)
+    # Last: the digest of every file (what kernels >= 0.19 verifies on load), then the metadata that records it.
+    write_metadata(out, namespace, build_manifest.variant_digest(out))
     old = final.with_name(f".{final.name}.{os.getpid()}.old")
     if final.exists():
         os.replace(final, old)

@@ -4,7 +4,7 @@ On a Mac the tests run the kernel-builder build on MPS; on Linux they run the em
 builds it) whose .metal kernels execute on the CPU through the Metal-on-CPU emulator (msl/cpu).
 
 Options: `--full` (or METAL_FLASH_SDPA_FULL=1) runs the whole test matrix; by default a subset runs, and
-`-m kernels_ci` selects the cheap CI subset only.
+`-m kernels_ci` selects a quick subset for iterating (about 1.5 minutes on two cores; CI runs the default set).
 
 Tests of the toolchain itself (the Metal-on-CPU emulator, the CUDA proxy's PTX build, the kernels driven through the
 emulator directly) need Linux x86-64 and Debian's clang-19: elsewhere, a Mac above all, they are skipped with that
@@ -17,9 +17,12 @@ import os
 import platform
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
+
+from scripts import build_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "kernels-community/metal-flash-sdpa"
@@ -37,8 +40,22 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "kernels_ci: the cheap subset CI runs (under a minute)")
+    config.addinivalue_line("markers", "kernels_ci: a quick subset for iterating (about 1.5 minutes on two cores, not "
+                            "under one); CI runs the default set")
     config.addinivalue_line("markers", "full: part of the full matrix only (--full or METAL_FLASH_SDPA_FULL=1)")
+
+
+def pytest_report_header(config):
+    """The stack under test (CI runs two: the newest and the oldest supported transformers + kernels pair)."""
+    from importlib import metadata
+
+    versions = []
+    for dist in ("torch", "transformers", "kernels"):
+        try:
+            versions.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} missing")
+    return "metal-flash-sdpa stack: " + ", ".join(versions) + f", Python {platform.python_version()}"
 
 
 def full_matrix(config) -> bool:
@@ -89,9 +106,18 @@ def kernel():
     import kernels
 
     try:
-        return kernels.get_kernel(REPO_ID, version=KERNEL_VERSION)
+        module = kernels.get_kernel(REPO_ID, version=KERNEL_VERSION)
     except FileNotFoundError as e:
         pytest.exit(f"no build of {REPO_ID} for this system in {ROOT / 'build'}: run `bash scripts/setup.sh`\n{e}", 2)
+    # An emulated build older than the sources would test yesterday's kernels: say so (the tests still run).
+    stale = build_manifest.stale_build(Path(module.__file__).parent, ROOT)
+    if stale:
+        warnings.warn(StaleBuildWarning(stale), stacklevel=1)
+    return module
+
+
+class StaleBuildWarning(UserWarning):
+    """The emulated build under test was built from other sources than the checkout's."""
 
 
 class _Options(ctypes.Structure):

@@ -96,7 +96,7 @@ def run_varlen_backward(kernel, device, dtype, head_dim, heads, layout, causal=F
 
 
 def ci_if(cond, *values):
-    """pytest.param(*values), marked kernels_ci when cond holds (the CI subset takes a diagonal of a grid)."""
+    """pytest.param(*values), marked kernels_ci when cond holds (the quick kernels_ci subset: a grid diagonal)."""
     return pytest.param(*values, marks=[pytest.mark.kernels_ci] if cond else [])
 
 

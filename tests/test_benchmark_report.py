@@ -82,9 +82,18 @@ def test_report_text_labels_the_model():
     assert "MODELED" in traffic_report.legend() and f"{traffic_report.DISPATCH_US:g} us" in traffic_report.legend()
 
 
-def test_kernels_benchmark_discovers_the_class():
-    from kernels.cli.benchmark import discover_benchmark_classes
+def _discover_benchmark_classes():
+    """kernels' own discovery function: kernels.cli.benchmark up to 0.18, kernels._internals.cli.benchmark from 0.19
+    (the CLI moved under _internals)."""
+    try:
+        from kernels._internals.cli.benchmark import discover_benchmark_classes
+    except ModuleNotFoundError:
+        from kernels.cli.benchmark import discover_benchmark_classes
+    return discover_benchmark_classes
 
+
+def test_kernels_benchmark_discovers_the_class():
+    discover_benchmark_classes = _discover_benchmark_classes()
     classes = discover_benchmark_classes(BENCH / "benchmark_decode.py", BENCH.parent)
     assert len(classes) == 1
     methods = [m for m in dir(classes[0]) if m.startswith("benchmark_")]

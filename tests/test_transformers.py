@@ -18,7 +18,7 @@ import functools
 
 import pytest
 
-pytest.importorskip("transformers", reason="transformers is not installed: pip install transformers==5.22.2")
+pytest.importorskip("transformers", reason="transformers is not installed: bash scripts/setup.sh (transformers 5.25.0)")
 
 import tiny_models as tm  # noqa: E402
 import torch  # noqa: E402

@@ -191,7 +191,7 @@ def count_kernel_calls():
 def decode_fast_path_on_any_device():
     """Lets continuous batching use flash_attn_with_kvcache (the block-table decode fast path) off CUDA.
 
-    transformers 5.22 enables that path only for flash attention on CUDA (or flash-attn2 on XPU), in
+    transformers 5.22 to 5.25 enable that path only for flash attention on CUDA (or flash-attn2 on XPU), in
     generation/continuous_batching/initialization.py::ensure_decode_fast_path_is_available; a pending transformers
     change enables it for MPS Hub kernels. This keeps every other check of that function (all attention types support
     block tables, the kernel has flash_attn_with_kvcache) and drops only the device check."""

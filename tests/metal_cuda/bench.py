@@ -1,4 +1,4 @@
-"""Decode benchmark on the lent NVIDIA GPU (a proxy, not Apple timings): the project's paged decode, run as the C++
+"""Decode benchmark on an NVIDIA GPU (a proxy, not Apple timings): the project's paged decode, run as the C++
 planner plans it (split count included), against torch SDPA on a contiguous cache and gather-then-SDPA.
 
     python3 -m tests.metal_cuda.bench [--quick]          # RESULTS.md has the command and the figures

@@ -1,7 +1,7 @@
 """Decode against the peers on the NVIDIA proxy, in one run: the project's paged decode (planner with this GPU's SM
 count, planner with the Apple default, a forced-split sweep, the varlen and flash_attn_func routes), MLX's decode
 kernels (M2 Max launch and best block count) and llama.cpp's (ggml-attn launch), all compiled by the same MSL-to-PTX
-route (the peers from .calib/, a copy of ../shared/calib: never part of the project).
+route (the peers from .calib/, an optional local copy of their kernels and launcher: never part of the project).
 
     python3 -m tests.metal_cuda.bench_peers [--json PATH]      # GPU machine; carry .cache/metal_cuda and .calib
     python3 -m tests.metal_cuda.bench_peers --zoo [--json PATH]  # the model zoo: real models' H / Hkv / D
@@ -24,9 +24,13 @@ from . import bench
 from . import gpu_common as gc
 
 ROOT = Path(__file__).resolve().parents[2]
-# The peers' launcher is a copy of ../shared/calib, outside the project: found on its own folder's path.
+# The peers' launcher lives in .calib/, an optional local copy outside the project: found on its own folder's path.
 sys.path.insert(0, str(ROOT / ".calib"))
-import peer_decode as peer  # noqa: E402
+try:
+    import peer_decode as peer  # noqa: E402
+except ModuleNotFoundError as e:
+    raise SystemExit(f"bench_peers needs {ROOT / '.calib'}: a local copy of the peers' decode kernels and their "
+                     f"launcher (peer_decode.py), which the project does not ship ({e})") from e
 
 # Issue 11's rows (and one more): (B, H, Hkv, S, D, dtype).
 ROWS = [(4, 16, 16, 50, 128, torch.float16), (1, 32, 8, 16384, 128, torch.float16),

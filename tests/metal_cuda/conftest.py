@@ -1,2 +1,2 @@
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (the lent NVIDIA machine); skipped elsewhere")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (an NVIDIA GPU); skipped elsewhere")

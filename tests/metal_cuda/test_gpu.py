@@ -1,7 +1,7 @@
 """The GPU correctness suite: the project's .metal kernels run on an NVIDIA GPU (the CUDA target of the pre-pass)
 against float64 references, at shapes the CPU emulator cannot reach. Skipped without CUDA (CI has none).
 
-    python3 -m pytest tests/metal_cuda/test_gpu.py -q -rs        # on the lent GPU machine (RESULTS.md)
+    python3 -m pytest tests/metal_cuda/test_gpu.py -q -rs        # on a machine with an NVIDIA GPU (RESULTS.md)
 
 Paged decode runs exactly the dispatches of the project's C++ planner (flash_sdpa/paged_planner.cpp, built as a
 torch extension by planner_ext.py): kv_paged_write, paged_decode_attention with the planner's split count, and
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the lent H100): CI has none")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (an NVIDIA GPU): CI has none")]
 
 if torch.cuda.is_available():
     from msl.cuda import launch
