@@ -110,7 +110,7 @@ class Timer:
             return self.runs, self.calls
         calls = max(1, min(self.calls, int(2e-3 / max(per_call_s, 1e-9))))
         runs = int(self.budget_s / max(per_call_s * calls, 1e-9))
-        return max(self.min_runs, min(self.runs, runs)), calls
+        return max(min(self.min_runs, self.runs), min(self.runs, runs)), calls
 
     def __call__(self, fn: Callable[[], object]) -> float:
         start = time.perf_counter()
