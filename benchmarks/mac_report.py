@@ -258,6 +258,19 @@ class Runner:
             kw["sinks"] = self._to_mlx(sinks.to(q.dtype))
         return lambda: mx.fast.scaled_dot_product_attention(qm, km, vm, **kw), (qm, km, vm, kw)
 
+    def _check_mlx(self, row: Row, fn, ref) -> None:
+        """MLX's output [B, H, S, D] against the reference [B, S, H, D] (not where MLX lacks the model's softcap): a
+        baseline that computes something else is reported, not silently timed."""
+        if row.model.softcap or ref is None:
+            return
+        import numpy as np
+
+        got = torch.from_numpy(np.array(fn().astype(self.mlx.float32))).transpose(1, 2)
+        err = (got - ref.float().cpu()).abs().max().item()
+        if not err <= TOLERANCE[self.dtype]:
+            self.results.failures.append(Failure(row.label(), "MLX", f"MLX's output differs from the float32 "
+                                                 f"reference by {err:.3g}", False))
+
     def _sync(self):
         if self.device.type == "mps":
             torch.mps.synchronize()
@@ -282,6 +295,7 @@ class Runner:
             return self._done(row)
         sinks = self._sinks(m)
         opts = self._options(m, sinks)
+        ref = None
         try:
             ref = reference_attention(t["q"], t["k_contig"].transpose(1, 2), t["v_contig"].transpose(1, 2),
                                       causal=True, softcap=m.softcap, sinks=sinks)
@@ -297,6 +311,7 @@ class Runner:
         if self.mlx is not None:
             try:
                 fn, _ = self._mlx_sdpa(t["q"].transpose(1, 2), t["k_contig"], t["v_contig"], m, sinks, causal=False)
+                self._check_mlx(row, fn, ref)
                 row.mlx_us = self.mlx_timer(fn)
             except Exception as e:
                 self._fail(row, "MLX", e, kernel=False)
@@ -318,6 +333,7 @@ class Runner:
             return self.kernel.flash_attn_varlen_func(t["q"], t["k"], t["v"], t["cu_seqlens"], t["cu_seqlens"], S, S,
                                                       causal=True, **opts)
 
+        ref = None
         try:
             ref = reference_attention(q, k, v, causal=True, softcap=m.softcap, sinks=sinks)
             if self._check(row, ours().view(B, S, m.H, m.D), ref, TOLERANCE[self.dtype]):
@@ -331,6 +347,7 @@ class Runner:
         if self.mlx is not None:
             try:
                 fn, _ = self._mlx_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, sinks, causal=True)
+                self._check_mlx(row, fn, ref)
                 row.mlx_us = self.mlx_timer(fn)
             except Exception as e:
                 self._fail(row, "MLX", e, kernel=False)
@@ -451,7 +468,8 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def environment(kernel, source: str, device, dtype, timer_text: str, emulated: bool) -> List[Tuple[str, str]]:
+def environment(kernel, source: str, device, dtype, timer_text: str, emulated: bool,
+                argv: Sequence[str] = ()) -> List[Tuple[str, str]]:
     cores = apple.gpu_cores()
     chip = apple.chip_name()
     bandwidth = apple.detect_bandwidth(chip, cores)
@@ -469,7 +487,7 @@ def environment(kernel, source: str, device, dtype, timer_text: str, emulated: b
         ("device, dtype", f"{device}, {str(dtype).replace('torch.', '')}"),
         ("timing", timer_text),
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-        ("command", " ".join(["python3 -m benchmarks.mac_report", *sys.argv[1:]])),
+        ("command", " ".join(["python3 -m benchmarks.mac_report", *map(shlex.quote, argv)])),
     ]
     if os.environ.get("LOCAL_KERNELS"):
         lines.append(("LOCAL_KERNELS", os.environ["LOCAL_KERNELS"]))
@@ -670,10 +688,11 @@ def main(argv=None) -> int:
         else:
             log(f"running the test suite against {root} (this takes a while)")
             suite = run_test_suite(root, shlex.split(args.pytest_args))
-    env = environment(kernel, source, device, dtype, timer.describe(), args.emulated)
+    env = environment(kernel, source, device, dtype, timer.describe(), args.emulated,
+                      sys.argv[1:] if argv is None else argv)
     env.append(("report run time", f"{time.perf_counter() - start:.0f} s"))
     report = format_report(env, results, suite, emulated=args.emulated, mlx_available=mlx is not None)
-    print(report)
+    print(report, end="")
     if args.output:
         Path(args.output).write_text(report)
     return 1 if any(f.kernel for f in results.failures) or (suite and suite.returncode not in (0, 5)) else 0
