@@ -611,7 +611,8 @@ def parse_args(argv=None):
                    help="a local kernel-builder build, PATH/build/<variant>/ (PATH: this checkout by default), "
                         "loaded through LOCAL_KERNELS instead of the Hub kernel")
     p.add_argument("--emulated", action="store_true",
-                   help="this checkout's emulated build on the CPU, scaled-down shapes, short timer (Linux)")
+                   help="an emulated build (this checkout's, or --local PATH's) on the CPU, scaled-down shapes, short "
+                        "timer (Linux; the default where there is no MPS device)")
     p.add_argument("--tests", action="store_true", help="also run the pytest suite against the loaded kernel")
     p.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. \"-m kernels_ci\"")
     p.add_argument("--models", help="comma-separated model names (default: all): " + ", ".join(m.key for m in MODELS))
@@ -625,8 +626,6 @@ def parse_args(argv=None):
     p.add_argument("--no-mlx", action="store_true", help="leave MLX out even if it is installed")
     p.add_argument("--output", help="also write the report to this file")
     args = p.parse_args(argv)
-    if args.emulated and args.local:
-        p.error("--emulated already means this checkout's build: drop --local")
     if not args.emulated and not torch.backends.mps.is_available():
         print("no MPS device here: running --emulated (this checkout's emulated build on the CPU)", file=sys.stderr)
         args.emulated = True
@@ -652,7 +651,7 @@ def select_grid(args) -> Grid:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    local = cases.ROOT if args.emulated else args.local
+    local = Path(args.local) if args.local else (cases.ROOT if args.emulated else None)
     device = "cpu" if args.emulated else "mps"
     try:
         kernel = cases.load_kernel(local)
@@ -662,7 +661,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.emulated:
         timer = apple.Timer(warmup_s=args.warmup or 0.0, runs=3, calls=1)
-        source = f"this checkout's emulated build ({Path(kernel.__file__).resolve().parent})"
+        source = f"emulated build {Path(kernel.__file__).resolve().parent}"
     else:
         timer = apple.MpsTimer(warmup_s=args.warmup or 1.0, budget_s=args.budget)
         source = f"local build {Path(local).resolve()}" if local else \

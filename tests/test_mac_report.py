@@ -67,7 +67,6 @@ def planted_run(kernel, device):
     return results, report
 
 
-@pytest.mark.kernels_ci
 def test_report_sections_and_environment(planted_run):
     _, report = planted_run
     assert report.startswith("# metal-flash-sdpa: Mac report (EMULATED")
@@ -83,7 +82,6 @@ def test_report_sections_and_environment(planted_run):
     assert "not run (pass `--tests`)" in report
 
 
-@pytest.mark.kernels_ci
 def test_one_row_per_shape_and_checks_pass(planted_run):
     results, report = planted_run
     decode = _row_lines(report, mac_report.SECTION_TITLES["decode"])
@@ -109,7 +107,6 @@ def test_one_row_per_shape_and_checks_pass(planted_run):
     assert "†" not in decode[0] and "†" in [line for line in decode if "softcap" in line][0]
 
 
-@pytest.mark.kernels_ci
 def test_planted_failures_are_reported_not_dropped(planted_run):
     results, report = planted_run
     bad = [r for r in results.rows if r.section == "decode" and r.B == 2 and r.model.H == 16]
