@@ -124,7 +124,8 @@ class Timer:
     def describe(self) -> str:
         bounds = f"up to {self.runs} batches of up to {self.calls} calls (about {self.budget_s:g} s per measurement)" \
             if self.budget_s is not None else f"{self.runs} batches of {self.calls} calls"
-        return f"warm-up >= {self.warmup_s:g} s per measurement, then the median of {bounds}, timed by {self.clock}"
+        warm = f"warm-up >= {self.warmup_s:g} s per measurement" if self.warmup_s > 0 else "no warm-up (one call)"
+        return f"{warm}, then the median of {bounds}, timed by {self.clock}"
 
 
 class MpsTimer(Timer):

@@ -461,6 +461,13 @@ def run_test_suite(root: Path, pytest_args: Sequence[str] = ()) -> SuiteResult:
 # ---- the environment ----
 
 
+def show_path(path) -> str:
+    """A path, relative to this checkout when inside it (reports are pasted into issues)."""
+    text = str(Path(path).resolve())
+    root = str(cases.ROOT)
+    return "<checkout>" + text[len(root):] if text == root or text.startswith(root + os.sep) else text
+
+
 def package_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -483,14 +490,15 @@ def environment(kernel, source: str, device, dtype, timer_text: str, emulated: b
         ("kernels", package_version("kernels")),
         ("transformers", package_version("transformers")),
         ("mlx", package_version("mlx")),
-        ("kernel", f"{source}; variant {Path(kernel.__file__).resolve().parent.name}"),
+        ("kernel", f"{source}; variant {Path(kernel.__file__).resolve().parent.name}; loaded from "
+                   f"{show_path(Path(kernel.__file__).parent)}"),
         ("device, dtype", f"{device}, {str(dtype).replace('torch.', '')}"),
         ("timing", timer_text),
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
         ("command", " ".join(["python3 -m benchmarks.mac_report", *map(shlex.quote, argv)])),
     ]
     if os.environ.get("LOCAL_KERNELS"):
-        lines.append(("LOCAL_KERNELS", os.environ["LOCAL_KERNELS"]))
+        lines.append(("LOCAL_KERNELS", os.environ["LOCAL_KERNELS"].replace(str(cases.ROOT), "<checkout>")))
     return lines
 
 
@@ -661,10 +669,10 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.emulated:
         timer = apple.Timer(warmup_s=args.warmup or 0.0, runs=3, calls=1)
-        source = f"emulated build {Path(kernel.__file__).resolve().parent}"
+        source = "emulated build"
     else:
         timer = apple.MpsTimer(warmup_s=args.warmup or 1.0, budget_s=args.budget)
-        source = f"local build {Path(local).resolve()}" if local else \
+        source = f"local build {show_path(local)}" if local else \
             f"{cases.REPO_ID} version {cases.KERNEL_VERSION} from the Hugging Face Hub"
     mlx = None
     if not args.no_mlx:
