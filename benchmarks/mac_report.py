@@ -462,10 +462,10 @@ def run_test_suite(root: Path, pytest_args: Sequence[str] = ()) -> SuiteResult:
 
 
 def show_path(path) -> str:
-    """A path, relative to this checkout when inside it (reports are pasted into issues)."""
+    """A path, shown as [checkout]/... when inside this checkout (reports are pasted into issues)."""
     text = str(Path(path).resolve())
     root = str(cases.ROOT)
-    return "<checkout>" + text[len(root):] if text == root or text.startswith(root + os.sep) else text
+    return "[checkout]" + text[len(root):] if text == root or text.startswith(root + os.sep) else text
 
 
 def package_version(name: str) -> str:
@@ -498,7 +498,7 @@ def environment(kernel, source: str, device, dtype, timer_text: str, emulated: b
         ("command", " ".join(["python3 -m benchmarks.mac_report", *map(shlex.quote, argv)])),
     ]
     if os.environ.get("LOCAL_KERNELS"):
-        lines.append(("LOCAL_KERNELS", os.environ["LOCAL_KERNELS"].replace(str(cases.ROOT), "<checkout>")))
+        lines.append(("LOCAL_KERNELS", os.environ["LOCAL_KERNELS"].replace(str(cases.ROOT), "[checkout]")))
     return lines
 
 
