@@ -110,8 +110,8 @@ def run_report(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local", nargs="?", const=str(cases.ROOT), metavar="PATH",
-                        help="a local kernel-builder build, PATH/build/<variant>/ (PATH: this checkout by default) "
-                             "instead of the Hub kernel")
+                        help="on a Mac: a local kernel-builder build, PATH/build/<variant>/ (PATH: this checkout by "
+                             "default) instead of the Hub kernel; Linux always runs this checkout's emulated build")
     parser.add_argument("--bandwidth", type=float, help="chip memory bandwidth in GB/s (default: from the chip name)")
     parser.add_argument("--plot", default="decode_vs_context.png", help="PNG of time against context length")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per measurement (>= 1)")
