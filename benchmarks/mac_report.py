@@ -179,7 +179,7 @@ class Row:
     sdpa_us: Optional[float] = None
     mlx_us: Optional[float] = None
     err: Optional[float] = None  # max |ours - reference| (backward: relative, worst of dq, dk, dv)
-    status: str = "ok"  # ok | FAIL (check failed) | error (ours raised)
+    status: str = "ok"  # ok | FAIL (check failed) | error (ours raised) | skipped (inputs could not be made)
 
     def label(self) -> str:
         what = "context" if self.section == "decode" else "S"
@@ -222,6 +222,12 @@ class Runner:
         if kernel:
             row.status = "error"
         self.results.failures.append(Failure(row.label(), what, _first_line(e), kernel))
+
+    def _skip(self, row: Row, e: BaseException) -> Row:
+        """The inputs could not be made (e.g. out of memory at the largest shapes): listed, not a kernel failure."""
+        row.status = "skipped"
+        self.results.failures.append(Failure(row.label(), "inputs", _first_line(e), False))
+        return self._done(row)
 
     def _check(self, row: Row, got, ref, tol: float, relative: bool = False, what: str = "output") -> bool:
         err = (got.float() - ref.float()).abs().max().item()
@@ -291,8 +297,7 @@ class Runner:
         try:
             t = cases.make_decode(c, self.device, self.dtype, packed=False)
         except Exception as e:
-            self._fail(row, "inputs", e, kernel=True)
-            return self._done(row)
+            return self._skip(row, e)
         sinks = self._sinks(m)
         opts = self._options(m, sinks)
         ref = None
@@ -323,8 +328,7 @@ class Runner:
         try:
             t = cases.make_prefill(c, self.device, self.dtype)
         except Exception as e:
-            self._fail(row, "inputs", e, kernel=True)
-            return self._done(row)
+            return self._skip(row, e)
         sinks = self._sinks(m)
         opts = self._options(m, sinks)
         q, k, v = t["q"].view(B, S, m.H, m.D), t["k"].view(B, S, m.Hkv, m.D), t["v"].view(B, S, m.Hkv, m.D)
@@ -360,8 +364,7 @@ class Runner:
             q, dout = (torch.randn(B, S, m.H, m.D, generator=g).to(self.device, self.dtype) for _ in range(2))
             k, v = (torch.randn(B, S, m.Hkv, m.D, generator=g).to(self.device, self.dtype) for _ in range(2))
         except Exception as e:
-            self._fail(row, "inputs", e, kernel=True)
-            return self._done(row)
+            return self._skip(row, e)
         for x in (q, k, v):
             x.requires_grad_(True)
         sinks = self._sinks(m)
@@ -571,8 +574,10 @@ def format_report(env: List[Tuple[str, str]], results: Results, suite: Optional[
     out = ["# metal-flash-sdpa: Mac report" + (" (EMULATED on the CPU, not Apple figures)" if emulated else ""), ""]
     if emulated:
         out += [EMULATED_BANNER, ""]
+    skipped = [f for f in results.failures if f.what == "inputs"]
     out += [f"{len(results.rows)} shapes measured, {len(kernel_failures)} kernel failures, "
-            f"{len(results.failures) - len(kernel_failures)} baseline errors.", ""]
+            f"{len(results.failures) - len(kernel_failures) - len(skipped)} baseline errors, {len(skipped)} skipped.",
+            ""]
     out += ["## Environment", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env] + [""]
     out += ["## Test suite", ""]
     if suite is None:
@@ -601,7 +606,8 @@ def format_report(env: List[Tuple[str, str]], results: Results, suite: Optional[
     if not results.failures:
         out.append("none")
     for f in results.failures:
-        out.append(f"- {'KERNEL' if f.kernel else 'baseline'} {f.what}: {f.row}: {f.message}")
+        kind = "KERNEL" if f.kernel else "skipped" if f.what == "inputs" else "baseline"
+        out.append(f"- {kind} {f.what}: {f.row}: {f.message}")
     return "\n".join(out) + "\n"
 
 

@@ -195,3 +195,20 @@ def test_command_line_emulated(kernel, tmp_path, monkeypatch, capsys):
     assert mac_report.EMULATED_BANNER in printed and "| device, dtype | cpu, float16 |" in printed
     assert len(_row_lines(printed, mac_report.SECTION_TITLES["decode"])) == 1
     assert mac_report.SECTION_TITLES["prefill"] not in printed and "## Failures (0)" in printed
+
+
+def test_inputs_that_cannot_be_made_are_listed_as_skipped(kernel, device, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("MPS backend out of memory (planted)")
+
+    monkeypatch.setattr(mac_report.cases, "make_prefill", out_of_memory)
+    runner = mac_report.Runner(kernel, device, torch.float16, timer=FakeTimer())
+    grid = mac_report.Grid(models=(M["smollm2-1.7b"],), contexts=(), batches=(), prefill_lengths=(8192,),
+                           backward_lengths=())
+    results = runner.run(grid)
+    assert [r.status for r in results.rows] == ["skipped"]
+    report = mac_report.format_report([], results)
+    assert "0 kernel failures, 0 baseline errors, 1 skipped." in report
+    assert "- skipped inputs: prefill SmolLM2-1.7B (H/Hkv/D 32/32/64) B=1 S=8192: RuntimeError: MPS backend out of " \
+           "memory (planted)" in report
+    assert len(_row_lines(report, mac_report.SECTION_TITLES["prefill"])) == 1
