@@ -38,7 +38,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from benchmarks import apple, cases
+if not __package__:  # run as a file (python3 benchmarks/mac_report.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import apple, cases  # noqa: E402
 
 # ---- the shape grid ----
 
