@@ -212,3 +212,23 @@ def test_inputs_that_cannot_be_made_are_listed_as_skipped(kernel, device, monkey
     assert "- skipped inputs: prefill SmolLM2-1.7B (H/Hkv/D 32/32/64) B=1 S=8192: RuntimeError: MPS backend out of " \
            "memory (planted)" in report
     assert len(_row_lines(report, mac_report.SECTION_TITLES["prefill"])) == 1
+
+
+def test_timer_warms_up_then_takes_the_median(monkeypatch):
+    """A fake clock (each call takes 0.1 s of it): at least warmup_s of warm-up calls, then batches sized to the
+    budget, and the median per call. No wall clock is read."""
+    now = [0.0]
+    monkeypatch.setattr(apple.time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def fn():
+        calls.append(now[0])
+        now[0] += 0.1
+
+    timer = apple.Timer(warmup_s=1.0, budget_s=2.0)
+    assert timer(fn) == pytest.approx(0.1e6)
+    warmup = [t for t in calls if t < 1.0 - 1e-9]
+    assert len(warmup) == 10 and len(calls) == 11 + 20  # 1 s of warm-up (+ the call that crosses it), 20 batches
+    assert timer.plan(50e-6) == (50, 10) and timer.plan(0.2) == (10, 1) and timer.plan(5.0) == (5, 1)
+    assert apple.Timer(warmup_s=0, runs=3, calls=1).plan(1e-6) == (3, 1)
+    assert "warm-up >= 1 s" in timer.describe() and "no warm-up" in apple.Timer(warmup_s=0).describe()
