@@ -449,9 +449,19 @@ def parse_pytest(output: str, returncode: int, command: str) -> SuiteResult:
     return SuiteResult(command, returncode, counts, seconds, failed)
 
 
+def variant_dir(kernel) -> Path:
+    """build/<variant>/ of the loaded kernel: kernels puts its __init__.py in the variant folder, in a package folder
+    inside it, or in a zip archive inside it."""
+    path = Path(kernel.__file__).resolve()
+    for parent in path.parents:
+        if parent.parent.name == "build":
+            return parent
+    return path.parent
+
+
 def kernel_root(kernel) -> Optional[Path]:
     """The folder holding build/<variant>/ of the loaded kernel (a Hub snapshot or a local checkout)."""
-    variant = Path(kernel.__file__).resolve().parent
+    variant = variant_dir(kernel)
     return variant.parent.parent if variant.parent.name == "build" else None
 
 
@@ -496,8 +506,7 @@ def environment(kernel, source: str, device, dtype, timer_text: str, emulated: b
         ("kernels", package_version("kernels")),
         ("transformers", package_version("transformers")),
         ("mlx", package_version("mlx")),
-        ("kernel", f"{source}; variant {Path(kernel.__file__).resolve().parent.name}; loaded from "
-                   f"{show_path(Path(kernel.__file__).parent)}"),
+        ("kernel", f"{source}; variant {variant_dir(kernel).name}; loaded from {show_path(variant_dir(kernel))}"),
         ("device, dtype", f"{device}, {str(dtype).replace('torch.', '')}"),
         ("timing", timer_text),
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),

@@ -232,3 +232,17 @@ def test_timer_warms_up_then_takes_the_median(monkeypatch):
     assert timer.plan(50e-6) == (50, 10) and timer.plan(0.2) == (10, 1) and timer.plan(5.0) == (5, 1)
     assert apple.Timer(warmup_s=0, runs=3, calls=1).plan(1e-6) == (3, 1)
     assert "warm-up >= 1 s" in timer.describe() and "no warm-up" in apple.Timer(warmup_s=0).describe()
+
+
+def test_kernel_folder_in_every_layout(tmp_path, kernel):
+    """--tests points LOCAL_KERNELS at the folder holding build/<variant>/ of the loaded kernel, whichever layout
+    kernels loaded it from (variant/__init__.py, variant/<package>/__init__.py, variant/<id>.zip/__init__.py)."""
+    from types import SimpleNamespace
+
+    variant = tmp_path / "snapshot" / "build" / "torch213-metal-aarch64-darwin"
+    for file in ("__init__.py", "metal_flash_sdpa/__init__.py", "metal_flash_sdpa_ab12.zip/__init__.py"):
+        fake = SimpleNamespace(__file__=str(variant / file))
+        assert mac_report.variant_dir(fake) == variant.resolve()
+        assert mac_report.kernel_root(fake) == (tmp_path / "snapshot").resolve()
+    assert mac_report.kernel_root(SimpleNamespace(__file__=str(tmp_path / "elsewhere" / "__init__.py"))) is None
+    assert mac_report.kernel_root(kernel) is not None  # the build the tests loaded
