@@ -429,6 +429,7 @@ class SuiteResult:
     counts: Dict[str, int]
     seconds: Optional[float]
     failed: List[str]  # "FAILED tests/...::test - message" lines
+    tail: List[str] = field(default_factory=list)  # the output's last lines, shown when there is no summary line
 
 
 _COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected|warnings?)\b")
@@ -446,7 +447,8 @@ def parse_pytest(output: str, returncode: int, command: str) -> SuiteResult:
             seconds = float(m.group(1)) if m else None
             break
     failed = [line.strip() for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    return SuiteResult(command, returncode, counts, seconds, failed)
+    tail = [line for line in output.splitlines() if line.strip()][-8:]
+    return SuiteResult(command, returncode, counts, seconds, failed, tail)
 
 
 def variant_dir(kernel) -> Path:
@@ -598,6 +600,8 @@ def format_report(env: List[Tuple[str, str]], results: Results, suite: Optional[
         counts = ", ".join(f"{n} {k}" for k, n in suite.counts.items()) or "no summary line"
         secs = f" in {suite.seconds:g} s" if suite.seconds is not None else ""
         out += [f"`{suite.command}`: {counts}{secs} (exit code {suite.returncode})", ""]
+        if not suite.counts:
+            out += ["```", *suite.tail, "```", ""]
         out += [f"- `{line}`" for line in suite.failed[:40]]
         if len(suite.failed) > 40:
             out.append(f"- ... and {len(suite.failed) - 40} more")

@@ -246,3 +246,10 @@ def test_kernel_folder_in_every_layout(tmp_path, kernel):
         assert mac_report.kernel_root(fake) == (tmp_path / "snapshot").resolve()
     assert mac_report.kernel_root(SimpleNamespace(__file__=str(tmp_path / "elsewhere" / "__init__.py"))) is None
     assert mac_report.kernel_root(kernel) is not None  # the build the tests loaded
+
+
+def test_suite_without_a_summary_shows_its_output():
+    r = mac_report.parse_pytest("/usr/bin/python3: No module named pytest\n", 1, "python3 -m pytest tests")
+    assert r.counts == {} and r.failed == []
+    text = mac_report.format_report([], mac_report.Results(), suite=r)
+    assert "`python3 -m pytest tests`: no summary line (exit code 1)" in text and "No module named pytest" in text
