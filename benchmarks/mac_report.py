@@ -470,10 +470,13 @@ def kernel_root(kernel) -> Optional[Path]:
 def run_test_suite(root: Path, pytest_args: Sequence[str] = ()) -> SuiteResult:
     """This checkout's tests/ against the kernel in root/build/ (LOCAL_KERNELS, offline), on the default device."""
     env = dict(os.environ, LOCAL_KERNELS=f"{cases.REPO_ID}={root}", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider", *pytest_args]
-    proc = subprocess.run(cmd, cwd=cases.ROOT, env=env, capture_output=True, text=True)
-    shown = "python3 -m pytest tests -q -rfE " + " ".join(shlex.quote(a) for a in pytest_args)
-    return parse_pytest(proc.stdout + "\n" + proc.stderr, proc.returncode, shown.strip())
+    # pytest_args naming test files or folders replace the default target, tests/
+    named = any(not a.startswith("-") and (cases.ROOT / a.split("::")[0]).exists() for a in pytest_args)
+    args = [*([] if named else ["tests"]), "-q", "-rfE", *pytest_args]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=cases.ROOT, env=env,
+                          capture_output=True, text=True)
+    shown = "python3 -m pytest " + " ".join(shlex.quote(a) for a in args)
+    return parse_pytest(proc.stdout + "\n" + proc.stderr, proc.returncode, shown)
 
 
 # ---- the environment ----

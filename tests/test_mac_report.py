@@ -188,13 +188,17 @@ def test_command_line_emulated(kernel, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LOCAL_KERNELS", os.environ.get("LOCAL_KERNELS", ""))  # main() points it at this checkout
     out = tmp_path / "report.md"
     code = mac_report.main(["--emulated", "--models", "smollm2-1.7b", "--contexts", "16", "--batches", "1",
-                            "--prefill", "none", "--backward", "none", "--output", str(out)])
+                            "--prefill", "none", "--backward", "none", "--output", str(out),
+                            "--tests", "--pytest-args", "tests/test_op_schemas.py"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert printed == out.read_text()
     assert mac_report.EMULATED_BANNER in printed and "| device, dtype | cpu, float16 |" in printed
     assert len(_row_lines(printed, mac_report.SECTION_TITLES["decode"])) == 1
     assert mac_report.SECTION_TITLES["prefill"] not in printed and "## Failures (0)" in printed
+    # the suite ran in a subprocess against the same build (LOCAL_KERNELS pointed at this checkout)
+    assert re.search(r"`python3 -m pytest -q -rfE tests/test_op_schemas.py`: [1-9]\d* passed in [\d.]+ s "
+                     r"\(exit code 0\)", printed), printed
 
 
 def test_inputs_that_cannot_be_made_are_listed_as_skipped(kernel, device, monkeypatch):
