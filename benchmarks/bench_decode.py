@@ -1,24 +1,21 @@
 #!/usr/bin/env python3
 """Decode benchmark of metal-flash-sdpa: flash_attn_with_kvcache (paged) against the alternatives.
 
-    python benchmarks/bench_decode.py [--bandwidth GB/S] [--plot decode.png] [--report]
+    python benchmarks/bench_decode.py [--local [PATH]] [--bandwidth GB/S] [--plot decode.png] [--report]
 
-On a Mac (device mps): times each decode path of benchmarks/cases.py (paged kernel; gather + torch SDPA over the
-same paged cache; the package's varlen kernel; torch SDPA on a contiguous cache) and the varlen prefill against torch
-SDPA, after a warm-up of at least one second (Apple GPUs ramp their clocks slowly), as the median of many runs timed
-with torch.mps events. Prints us/call, GB/s of valid K/V read and the fraction of the chip's bandwidth, and saves a
-plot of time against context length.
+On a Mac (device mps) it loads version 2 of kernels-community/metal-flash-sdpa from the Hugging Face Hub, or with
+--local a kernel-builder build (PATH/build/<variant>/, PATH defaulting to this checkout). It times each decode path
+of benchmarks/cases.py (paged kernel; gather + torch SDPA over the same paged cache; the package's varlen kernel;
+torch SDPA on a contiguous cache) and the varlen prefill against torch SDPA, after a warm-up of at least one second
+(Apple GPUs ramp their clocks slowly), as the median of many runs timed with torch.mps events. Prints us/call, GB/s
+of valid K/V read and the fraction of the chip's bandwidth, and saves a plot of time against context length.
 
-On Linux (no MPS), or with --report: the measured traffic report of the emulated build (benchmarks/traffic_report.py),
-with a MODELED time per chip.
+On Linux (no MPS), or with --report: the measured traffic report of this checkout's emulated build
+(benchmarks/traffic_report.py, `bash scripts/setup.sh` builds it), with a MODELED time per chip.
 """
 
 import argparse
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 # Run as a file (python3 benchmarks/bench_decode.py): the repository root on the path, for benchmarks/ and msl.
@@ -26,66 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks import cases  # noqa: E402
-
-# Memory bandwidth by chip name (GB/s). M3 Max: 300 with the 30-core GPU, 400 with the 40-core one.
-BANDWIDTH = {"M1 Max": 400, "M2 Max": 400, "M3 Max": 400, "M4 Max": 546, "M1 Ultra": 800, "M2 Ultra": 800,
-             "M3 Ultra": 819, "M1 Pro": 200, "M2 Pro": 200, "M3 Pro": 150, "M4 Pro": 273, "M1": 68, "M2": 100,
-             "M3": 100, "M4": 120}
-
-
-def chip_name() -> str:
-    try:
-        return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
-
-
-def gpu_cores() -> int:
-    try:
-        out = subprocess.run(["system_profiler", "SPDisplaysDataType"], capture_output=True, text=True,
-                             timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    for line in out.splitlines():
-        if "Total Number of Cores" in line:
-            return int(line.split(":")[1])
-    return 0
-
-
-def detect_bandwidth(name: str):
-    for chip in sorted(BANDWIDTH, key=len, reverse=True):  # "M3 Max" before "M3"
-        if chip in name:
-            if chip == "M3 Max" and gpu_cores() == 30:
-                return 300.0
-            return float(BANDWIDTH[chip])
-    return None
+from benchmarks import apple, cases  # noqa: E402
 
 
 def time_us(fn, warmup_s: float = 1.0, runs: int = 50, calls_per_run: int = 10) -> float:
     """Median microseconds per call: warm up for warmup_s, then `runs` event-timed batches of calls_per_run."""
-    deadline = time.perf_counter() + warmup_s
-    while time.perf_counter() < deadline:
-        fn()
-        torch.mps.synchronize()
-    samples = []
-    for _ in range(runs):
-        start = torch.mps.event.Event(enable_timing=True)
-        end = torch.mps.event.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls_per_run):
-            fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / calls_per_run)  # ms -> us
-    return statistics.median(samples)
+    return apple.MpsTimer(warmup_s, runs, calls_per_run)(fn)
 
 
 def run_mac(args) -> None:
-    kernel = cases.load_kernel()
-    name = chip_name()
-    bandwidth = args.bandwidth or detect_bandwidth(name)
+    try:
+        kernel = cases.load_kernel(args.local)
+    except Exception as e:  # any loading failure gets the same advice
+        sys.exit(cases.load_hint(args.local, e))
+    name = apple.chip_name()
+    bandwidth = args.bandwidth or apple.detect_bandwidth(name)
+    source = f"local build {Path(args.local).resolve()}" if args.local else f"{cases.REPO_ID} v{cases.KERNEL_VERSION}"
+    print(f"kernel: {source} ({Path(kernel.__file__).parent.name})")
     print(f"chip: {name}; bandwidth: {f'{bandwidth:g} GB/s' if bandwidth else 'unknown (pass --bandwidth)'}")
     dtype = torch.float16
     print(f"{'case':<40} {'path':<32} {'us/call':>9} {'GB/s':>8} {'of peak':>8}")
@@ -134,7 +88,7 @@ def plot(kernel, args, dtype) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("context length S (tokens)")
     ax.set_ylabel("us per decode step (one layer)")
-    ax.set_title(f"decode B={base.B} H={base.H}/Hkv={base.Hkv} D={base.D} fp16, {chip_name()}")
+    ax.set_title(f"decode B={base.B} H={base.H}/Hkv={base.Hkv} D={base.D} fp16, {apple.chip_name()}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -145,12 +99,19 @@ def plot(kernel, args, dtype) -> None:
 def run_report(args) -> None:
     from benchmarks import traffic_report
 
+    try:
+        cases.load_kernel()
+    except Exception as e:  # no emulated build yet: say what to run
+        sys.exit(cases.load_hint(cases.ROOT, e))
     print("Metal-on-CPU traffic report (Linux, emulated build): bytes measured per call, times MODELED.\n")
     print(traffic_report.report(args.cases))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local", nargs="?", const=str(cases.ROOT), metavar="PATH",
+                        help="on a Mac: a local kernel-builder build, PATH/build/<variant>/ (PATH: this checkout by "
+                             "default) instead of the Hub kernel; Linux always runs this checkout's emulated build")
     parser.add_argument("--bandwidth", type=float, help="chip memory bandwidth in GB/s (default: from the chip name)")
     parser.add_argument("--plot", default="decode_vs_context.png", help="PNG of time against context length")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per measurement (>= 1)")

