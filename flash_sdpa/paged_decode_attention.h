@@ -73,7 +73,6 @@ struct DecodeLayout {
   // softmax of those rows is then lane-local (no shuffle, 1/DUP-th of the exponentials each lane did before), and
   // the probabilities reach every lane through threadgroup memory (one simdgroup_barrier per step).
   static constexpr int kScatterMinRows = 2;
-  static constexpr bool kPrefetch = false;
   static constexpr bool kScatter = R >= kScatterMinRows;
   static constexpr int RPL = R >= L ? R / L : 1;  // rows per lane
   static constexpr int DUP = R >= L ? 1 : L / R;  // lanes per row
@@ -260,7 +259,6 @@ template <typename T, int D, int R>
   static_assert(D % 8 == 0, "head dims are multiples of 8");
   constexpr int MS = Layout::kMergeSlots;
   constexpr bool kScatter = Layout::kScatter;
-  constexpr bool kPrefetch = Layout::kPrefetch;
   constexpr int DUP = Layout::DUP;
   constexpr int RPL = Layout::RPL;
   constexpr int SF = Layout::kScoreFloats;
@@ -402,29 +400,15 @@ template <typename T, int D, int R>
   const long k_head = long(hkv) * p.k_stride_h;
   const long v_head = long(hkv) * p.v_stride_h;
   const bool aligned = fc_decode_kv_aligned;
-  // K/V of the current step (packed: U x CPL chunks of each per lane). Prefetching: loaded one step ahead, with the
-  // block ids two steps ahead, so a step's compute overlaps the next step's memory round trip.
-  chunk16 kr[U][CPL];
-  chunk16 vr[U][CPL];
-  if (kPrefetch) {
-    load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
-    step_locs<U, G>(loc_next, first + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row,
-                    p.block_size, p.num_blocks);
-  }
   for (int t0 = first; t0 < end; t0 += NSG * KS) {  // the planner keeps key counts below 2^31 - 2^16: no overflow
-    // 1. K/V loads (this step's, or the next one's when prefetching) and block ids, issued before any use.
-    chunk16 kn[U][CPL];
-    chunk16 vn[U][CPL];
-    int2 loc_after[U];
-    if (kPrefetch) {
-      load_step<T, U, CPL, CW, NC, L>(kn, vn, loc_next, k_cache, v_cache, k_head, v_head, p, li, aligned);
-      step_locs<U, G>(loc_after, t0 + 2 * NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row,
-                      p.block_size, p.num_blocks);
-    } else {
-      load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
-      step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row,
-                      p.block_size, p.num_blocks);
-    }
+    // 1. This step's K and V rows (packed: U x CPL chunks of each per lane), then the next step's block ids, all in
+    // flight together. (Loading K/V one step ahead instead gained nothing on the proxy at 2 threadgroups per SM:
+    // tests/metal_cuda/RESULTS.md.)
+    chunk16 kr[U][CPL];
+    chunk16 vr[U][CPL];
+    load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
+    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                    p.num_blocks);
 
     if (kScatter) {
       // 4'. Per key, reduce-scatter its R partial scores: at each butterfly stage a lane keeps half of its values
@@ -501,19 +485,26 @@ template <typename T, int D, int R>
         }
       }
       simdgroup_barrier(mem_flags::mem_threadgroup);
-      // 6'. P.V with every row's probabilities and correction, read back by every lane of the group.
+      // 6'. P.V with every row's probabilities and correction, read back by every lane of the group. With several
+      // query tokens (sq > 1) a key can be visible to one row and not another: a row skips the keys it does not see
+      // (probability 0): their V is masked to +0 by integer bit masks (a float select would be folded back into
+      // 0 x V under fast math), so that a NaN or inf in a stale or poisoned slot cannot reach the row through
+      // 0 x NaN. With one token every loaded key is visible to every row (its window is the step's range).
+      const bool rows_differ = sq > 1;  // uniform
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {  // uniform
           float pr[U];
+          uint keep[U];
           for (int u = 0; u < U; ++u) {
             pr[u] = buf[r * U + u];
+            keep[u] = rows_differ && as_type<uint>(pr[u]) == 0u ? 0u : ~0u;
           }
           const float corr = buf[R * U + r];
           for (int j = 0; j < CPL; ++j) {
             for (int e = 0; e < EPC; ++e) {
               float acc = o[r][j * EPC + e] * corr;
               for (int u = 0; u < U; ++u) {
-                acc += pr[u] * chunk_elem<T>(vr[u][j], e);
+                acc += pr[u] * as_type<float>(as_type<uint>(chunk_elem<T>(vr[u][j], e)) & keep[u]);
               }
               o[r][j * EPC + e] = acc;
             }
@@ -604,13 +595,6 @@ template <typename T, int D, int R>
     }
     for (int u = 0; u < U; ++u) {
       loc[u] = loc_next[u];
-      if (kPrefetch) {
-        loc_next[u] = loc_after[u];
-        for (int j = 0; j < CPL; ++j) {
-          kr[u][j] = kn[u][j];
-          vr[u][j] = vn[u][j];
-        }
-      }
     }
   }
 

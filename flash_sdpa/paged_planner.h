@@ -62,9 +62,9 @@ constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-8
 // tests/metal_cuda/targets.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
 // long enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
 int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim);
-// 64: a single short sequence (B=1, GQA 4, S=1000 on the proxy) needs ~15 splits to fill the GPU; 128 capped it at 7
-// (21.6 us against 15.9).
-constexpr int64_t kMinKeysPerSplit = 64;
+// 32: short single sequences need many splits to fill the GPU (proxy, B=1 S=256, GQA 4 / 8: 8 splits 13.1 / 17.2 us,
+// 4 splits 14.8 / 21.6; S=1000 GQA 8: 32 splits 20.5 us, 15 splits 24.0); 128 capped S=1000 at 7 splits (21.6 us).
+constexpr int64_t kMinKeysPerSplit = 32;
 using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
 int64_t gpu_core_count();  // the provider's answer, 0 when there is none or it does not know

@@ -305,6 +305,26 @@ def test_no_new_tokens(run):
     check_case(run, c, num_splits=1)
 
 
+@pytest.mark.parametrize("group,D", [(1, 32), (4, 64), (2, 128)])  # row tiles R = 4, 16, 8
+def test_nan_in_a_key_a_row_cannot_see(run, group, D):
+    """Several query tokens (flash_attn_func's decode route): NaN in V and K at the last key, which only the last
+    token sees (causal), must leave the other rows untouched (no 0 x NaN), while the last row becomes NaN."""
+    g = torch.Generator().manual_seed(D + group)
+    Hkv, sq, sk = 2, 4, 20
+    q = torch.randn(1, sq, Hkv * group, D, generator=g).half()
+    k = torch.randn(1, sk, Hkv, D, generator=g).half()
+    v = torch.randn(1, sk, Hkv, D, generator=g).half()
+    clean, _ = run(lambda kernel: kernel.flash_attn_func(q, k, v, causal=True))
+    k_bad, v_bad = k.clone(), v.clone()
+    v_bad[0, sk - 1, 0, 3] = float("nan")
+    k_bad[0, sk - 1, 1, 5] = float("inf")
+    out, stats = run(lambda kernel: kernel.flash_attn_func(q, k_bad, v_bad, causal=True))
+    assert any(st.kernel.startswith("paged_decode_") for st in stats)
+    assert torch.equal(out[:, :sq - 1], clean[:, :sq - 1])  # rows that cannot see key sk - 1: bit for bit
+    assert torch.isnan(out[0, sq - 1, :group, 3]).all()  # the last token of KV head 0's group sees the NaN
+    assert torch.isnan(out[0, sq - 1, group:]).all()  # ... and KV head 1's group the inf score
+
+
 @pytest.mark.kernels_ci
 def test_fully_masked_rows_and_huge_scores(run):
     # window (0, -1) with sq > 1: early queries see only themselves; q * 100 gives scores ~1e3 in fp32.
@@ -377,7 +397,7 @@ def run_varlen_decode(run, q, k, v, cu_q, cu_k, *, scale, window=(-1, -1), softc
                       max_seqlen_k=0, **options):
     """flash_attn_varlen_func with one query per sequence (the decode kernel's varlen mode: the router picks it at
     max_seqlen_q = 1): q [total_q, H, D], k / v [total_k, Hkv, D]. max_seqlen_k steers the planner's split count
-    (an upper bound it may split by, 64 keys a split). Returns (out, lse [H, total_q], [DispatchStats])."""
+    (an upper bound it may split by, 32 keys a split). Returns (out, lse [H, total_q], [DispatchStats])."""
     (out, lse, _), stats = run(lambda kernel: kernel.flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, 1, max_seqlen_k, softmax_scale=scale, window_size=window, softcap=softcap,
         alibi_slopes=alibi, return_attn_probs=True, s_aux=sinks), **options)
@@ -424,7 +444,7 @@ def test_varlen_mode(run, feature, num_splits, group):
     g = torch.Generator().manual_seed(num_splits * 10 + group + len(feature))
     Hkv, D, dtype = 2, 64, torch.float16
     H = Hkv * group
-    longest = 70 if num_splits == 1 else 64 * num_splits  # kMinKeysPerSplit = 64 keys a split
+    longest = 40 if num_splits == 1 else 32 * num_splits  # kMinKeysPerSplit = 32 keys a split
     lens = [37, 0, longest, 5, 1]
     total_k = sum(lens)
     cu_k = [0]

@@ -22,6 +22,7 @@ from msl.cuda import launch
 
 from . import bench
 from . import gpu_common as gc
+from .zoo import ZOO, zoo_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 # The peers' launcher lives in .calib/, an optional local copy outside the project: found on its own folder's path.
@@ -137,32 +138,7 @@ def run_row(B, H, Hkv, S, D, dtype, sms):
     return r
 
 
-# The model zoo (issue 19): name -> (H, Hkv, D, options). Gemma-2 runs with its softcap and gpt-oss with its sinks on
-# our side; MLX has no softcap, llama.cpp's kernels here neither softcap nor sinks, so those peers run without them.
-ZOO = {
-    "Llama-3-8B": (32, 8, 128, {}), "Llama-3-70B": (64, 8, 128, {}), "Qwen2.5-7B": (28, 4, 128, {}),
-    "Qwen2.5-14B": (40, 8, 128, {}), "Mistral-7B": (32, 8, 128, {}), "Gemma-2-9B": (16, 8, 256, {"softcap": 50.0}),
-    "Gemma-3-27B": (32, 16, 128, {}), "gpt-oss-20b": (64, 8, 64, {"sinks": True}), "Phi-3-mini": (32, 32, 96, {}),
-    "SmolLM2-1.7B": (32, 32, 64, {}),
-}
-ZOO_CONTEXTS = (256, 1000, 4096, 32768, 131072)
-ZOO_BATCHES = (1, 8, 32)
-ZOO_MAX_KV_BYTES = 2 << 30  # skip what does not fit the time of one run (K + V of the whole batch)
-ZOO_EXTRA_DTYPES = {"Llama-3-8B": (torch.bfloat16, torch.float32), "Qwen2.5-7B": (torch.bfloat16,)}
-ZOO_EXTRA_SHAPES = ((1, 1000), (1, 32768), (8, 4096))
 MLX_ZOO_BLOCKS = (32, 128, 512)  # with MLX's own launch: its best of these is "MLX best"
-
-
-def zoo_rows():
-    rows = []
-    for name, (H, Hkv, D, opts) in ZOO.items():
-        for B in ZOO_BATCHES:
-            for S in ZOO_CONTEXTS:
-                if B * S * Hkv * D * 2 * 2 <= ZOO_MAX_KV_BYTES:
-                    rows.append((name, B, S, torch.float16))
-        for dtype in ZOO_EXTRA_DTYPES.get(name, ()):
-            rows.extend((name, B, S, dtype) for B, S in ZOO_EXTRA_SHAPES)
-    return rows
 
 
 def run_zoo_row(name, B, S, dtype, sms):

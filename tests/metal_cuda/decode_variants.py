@@ -26,8 +26,8 @@ _NSG = ("paged_params.h", "  kDecodeSimdgroups = 8,")
 _CHUNKS = ("paged_decode_attention.h", "  static constexpr int kMinChunksPerLane = R <= 2 ? 2 : 1;")
 _THREADS = ("paged_params.h", "#define FLASH_SDPA_PAGED_DECODE_THREADS 256")
 _SCATTER = ("paged_decode_attention.h", "  static constexpr int kScatterMinRows = 2;")
-_PREFETCH = ("paged_decode_attention.h", "  static constexpr bool kPrefetch = false;")
-_SCORES = ("paged_decode_attention.h", "  static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane")
+_SCORES = ("paged_decode_attention.h",
+           "  static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane")
 THREADS = 256  # as built
 
 
@@ -47,16 +47,6 @@ VARIANTS = {
              min_blocks=targets.decode_min_blocks),
     "32 partial scores per lane at R >= 8 (R = 8: 4 keys per step)":
         dict(edits=[(*_SCORES, "  static constexpr int kMaxScores = 32;")], threads=THREADS,
-             min_blocks=targets.decode_min_blocks),
-    "K/V prefetched one step ahead":
-        dict(edits=[(*_PREFETCH, "  static constexpr bool kPrefetch = true;")], threads=THREADS,
-             min_blocks=targets.decode_min_blocks),
-    "K/V prefetched one step ahead, R = 8 without launch bounds":
-        dict(edits=[(*_PREFETCH, "  static constexpr bool kPrefetch = true;")], threads=THREADS,
-             min_blocks=lambda host: 0 if host.endswith("_r8") else targets.decode_min_blocks(host)),
-    "K/V prefetched, 32 partial scores per lane at R >= 8":
-        dict(edits=[(*_PREFETCH, "  static constexpr bool kPrefetch = true;"),
-                    (*_SCORES, "  static constexpr int kMaxScores = 32;")], threads=THREADS,
              min_blocks=targets.decode_min_blocks),
 }
 INDEX = compiler.cache_dir() / "variants.json"
@@ -93,10 +83,11 @@ def build(selected):
 
 
 # (B, H, Hkv, S) and the forced split counts timed beside the planner's (0).
-SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0, 32), (32, 32, 8, 2048): (0,),
-          (8, 32, 8, 4096): (0,), (1, 32, 32, 8192): (0,), (1, 32, 16, 8192): (0,),
-          (4, 64, 8, 8192): (0, 8, 16), (1, 28, 4, 32768): (0, 66, 132), (1, 32, 8, 1000): (0, 16, 32),
-          (1, 64, 8, 4096): (0, 32, 64), (8, 128, 8, 4096): (0,)}
+SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0,), (8, 32, 8, 4096): (0,), (1, 32, 32, 8192): (0,),
+          (4, 64, 8, 8192): (0, 16), (1, 28, 4, 32768): (0,),
+          # short single-sequence contexts: the split count against fixed costs
+          (1, 32, 8, 256): (0, 1, 2, 8), (1, 64, 8, 256): (0, 1, 2, 8), (1, 32, 8, 1000): (0, 4, 8, 32),
+          (1, 64, 8, 1000): (0, 4, 8, 32), (8, 28, 4, 256): (0, 1, 2)}
 
 
 def time_variants():

@@ -1,0 +1,30 @@
+"""The model zoo of the decode benchmark (issue 19): real models' heads, KV heads and head dims, the contexts and
+batches they run at. Used by bench_peers.py (timing, GPU machine) and apple_plans.py (the planner on Apple devices)."""
+
+import torch
+
+# The model zoo (issue 19): name -> (H, Hkv, D, options). Gemma-2 runs with its softcap and gpt-oss with its sinks on
+# our side; MLX has no softcap, llama.cpp's kernels here neither softcap nor sinks, so those peers run without them.
+ZOO = {
+    "Llama-3-8B": (32, 8, 128, {}), "Llama-3-70B": (64, 8, 128, {}), "Qwen2.5-7B": (28, 4, 128, {}),
+    "Qwen2.5-14B": (40, 8, 128, {}), "Mistral-7B": (32, 8, 128, {}), "Gemma-2-9B": (16, 8, 256, {"softcap": 50.0}),
+    "Gemma-3-27B": (32, 16, 128, {}), "gpt-oss-20b": (64, 8, 64, {"sinks": True}), "Phi-3-mini": (32, 32, 96, {}),
+    "SmolLM2-1.7B": (32, 32, 64, {}),
+}
+ZOO_CONTEXTS = (256, 1000, 4096, 32768, 131072)
+ZOO_BATCHES = (1, 8, 32)
+ZOO_MAX_KV_BYTES = 2 << 30  # skip what does not fit the time of one run (K + V of the whole batch)
+ZOO_EXTRA_DTYPES = {"Llama-3-8B": (torch.bfloat16, torch.float32), "Qwen2.5-7B": (torch.bfloat16,)}
+ZOO_EXTRA_SHAPES = ((1, 1000), (1, 32768), (8, 4096))
+
+
+def zoo_rows():
+    rows = []
+    for name, (H, Hkv, D, opts) in ZOO.items():
+        for B in ZOO_BATCHES:
+            for S in ZOO_CONTEXTS:
+                if B * S * Hkv * D * 2 * 2 <= ZOO_MAX_KV_BYTES:
+                    rows.append((name, B, S, torch.float16))
+        for dtype in ZOO_EXTRA_DTYPES.get(name, ()):
+            rows.extend((name, B, S, dtype) for B, S in ZOO_EXTRA_SHAPES)
+    return rows
