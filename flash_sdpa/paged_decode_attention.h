@@ -159,6 +159,36 @@ inline float partial_dot(threadgroup const float* q_row, thread const vec<uint, 
   return acc;
 }
 
+// o[r] = o[r] x correction[r] + sum_u p[r][u] x V[u] for this lane's chunks, from a step's probabilities [R][U] and
+// corrections [R] in threadgroup memory. kMaskUnseen: a row skips the keys it does not see (probability +0) by
+// masking their V to +0 with integer bit masks, so that a NaN or inf in a stale or poisoned slot cannot reach it
+// through 0 x NaN (a float select would be folded back into 0 x V under fast math).
+template <typename T, int R, int U, int CPL, int EPC, int EPL, bool kMaskUnseen>
+inline void pv_update(thread float (&o)[R][EPL], thread const vec<uint, 4> (&vr)[U][CPL], threadgroup const float* buf,
+                      int nrows) {
+  for (int r = 0; r < R; ++r) {
+    if (r < nrows) {  // uniform
+      float pr[U];
+      uint keep[U];
+      for (int u = 0; u < U; ++u) {
+        pr[u] = buf[r * U + u];
+        keep[u] = kMaskUnseen && as_type<uint>(pr[u]) == 0u ? 0u : ~0u;
+      }
+      const float corr = buf[R * U + r];
+      for (int j = 0; j < CPL; ++j) {
+        for (int e = 0; e < EPC; ++e) {
+          float acc = o[r][j * EPC + e] * corr;
+          for (int u = 0; u < U; ++u) {
+            const float v = chunk_elem<T>(vr[u][j], e);
+            acc += pr[u] * (kMaskUnseen ? as_type<float>(as_type<uint>(v) & keep[u]) : v);
+          }
+          o[r][j * EPC + e] = acc;
+        }
+      }
+    }
+  }
+}
+
 // The block-table position (block index, slot) of a lane group's next key in paged mode. One integer division at
 // the start and one for the stride; then each step advances by adds (an integer division is a long instruction
 // sequence on Apple's GPUs as on NVIDIA's, and it was once per step).
@@ -486,30 +516,12 @@ template <typename T, int D, int R>
       }
       simdgroup_barrier(mem_flags::mem_threadgroup);
       // 6'. P.V with every row's probabilities and correction, read back by every lane of the group. With several
-      // query tokens (sq > 1) a key can be visible to one row and not another: a row skips the keys it does not see
-      // (probability 0): their V is masked to +0 by integer bit masks (a float select would be folded back into
-      // 0 x V under fast math), so that a NaN or inf in a stale or poisoned slot cannot reach the row through
-      // 0 x NaN. With one token every loaded key is visible to every row (its window is the step's range).
-      const bool rows_differ = sq > 1;  // uniform
-      for (int r = 0; r < R; ++r) {
-        if (r < nrows) {  // uniform
-          float pr[U];
-          uint keep[U];
-          for (int u = 0; u < U; ++u) {
-            pr[u] = buf[r * U + u];
-            keep[u] = rows_differ && as_type<uint>(pr[u]) == 0u ? 0u : ~0u;
-          }
-          const float corr = buf[R * U + r];
-          for (int j = 0; j < CPL; ++j) {
-            for (int e = 0; e < EPC; ++e) {
-              float acc = o[r][j * EPC + e] * corr;
-              for (int u = 0; u < U; ++u) {
-                acc += pr[u] * as_type<float>(as_type<uint>(chunk_elem<T>(vr[u][j], e)) & keep[u]);
-              }
-              o[r][j * EPC + e] = acc;
-            }
-          }
-        }
+      // query tokens a key can be visible to one row and not another; those rows take the masked update (see
+      // pv_update). With one token every loaded key is visible to every row: the plain one.
+      if (sq > 1) {  // uniform
+        pv_update<T, R, U, CPL, EPC, EPL, true>(o, vr, buf, nrows);
+      } else {
+        pv_update<T, R, U, CPL, EPC, EPL, false>(o, vr, buf, nrows);
       }
       parity ^= 1;
     } else {
