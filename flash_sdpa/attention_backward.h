@@ -68,7 +68,7 @@ inline float bwd_score_log2(float s, float softcap, float slope, int dist, threa
   if (fc_alibi) {
     s -= slope * abs(float(dist));
   }
-  return s * kBwdLog2e;
+  return flash_sdpa::clamp_score(s) * kBwdLog2e;  // as the forward
 }
 
 // (P, dS) of one (query, key) pair from s = scale q . k and dP = dO . v: P = exp(s' - lse) where visible, else 0
@@ -373,7 +373,7 @@ template <typename T, int D>
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
   // threadgroup per head, a fixed order (strided per thread, then simd_sum, then simdgroups in order).
   if (fc_sinks && tg_pos.x == 0 && tg_pos.z == 0) {
-    const float sink2 = sinks[h] * kBwdLog2e;
+    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;  // as the forward
     float acc = 0.0f;
     for (int bb = 0; bb < p.batch; ++bb) {
       const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);

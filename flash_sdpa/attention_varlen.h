@@ -20,7 +20,7 @@ using namespace metal;
 
 constant bool fc_varlen_paged [[function_constant(FLASH_SDPA_FC_VARLEN_PAGED)]];
 
-constant constexpr float kVarlenMasked = flash_sdpa::kMaskedScore;  // log2-domain score of an invisible key
+constant constexpr float kVarlenMasked = flash_sdpa::kNoScore;  // log2-domain score of an invisible key
 constant constexpr float kVarlenLog2e = 1.4426950408889634f;
 constant constexpr float kVarlenLn2 = 0.6931471805599453f;
 
@@ -225,14 +225,15 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
     if (fc_alibi) {
       s -= row.slope * abs(float(row.pos - j));
     }
-    s = visible ? s * kVarlenLog2e : kVarlenMasked;
+    s = visible ? flash_sdpa::clamp_score(s) * kVarlenLog2e : kVarlenMasked;
     sv[t] = s;
     tile_max = max(tile_max, s);
   }
   tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
   tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(2)));
   const float m_new = max(row.m, tile_max);
-  const float alpha = exp2(row.m - m_new);
+  // row.m - m_new would overflow while row.m is still the sentinel (nothing accumulated yet: any factor will do).
+  const float alpha = row.m > kVarlenMasked ? exp2(row.m - m_new) : 0.0f;
   float row_sum = 0.0f;
   for (int t = 0; t < BK / 4; ++t) {
     const float pr = sv[t] > kVarlenMasked ? exp2(sv[t] - m_new) : 0.0f;
@@ -250,14 +251,14 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
 // normalises its accumulator (0 for a row with no visible key). Sinks join the denominator only.
 inline float varlen_finish_row(const thread VarlenRow& row, int sub, int sq, float sink_logit,
                                threadgroup uint* bad_slot, device uint* lse_seq) {
+  const bool empty = !(row.l > 0.0f);
   float m_final = row.m, factor = 1.0f, denom = row.l;
-  if (fc_sinks) {
-    const float sink = sink_logit * kVarlenLog2e;
+  if (fc_sinks && !empty) {
+    const float sink = flash_sdpa::clamp_score(sink_logit) * kVarlenLog2e;
     m_final = max(row.m, sink);
     factor = exp2(row.m - m_final);
     denom = row.l * factor + exp2(sink - m_final);
   }
-  const bool empty = !(row.l > 0.0f);
   uint bad = row.bad ? 1u : 0u;  // over the row's 4 lanes; every lane shuffles (no short-circuit)
   bad |= simd_shuffle_xor(bad, ushort(1));
   bad |= simd_shuffle_xor(bad, ushort(2));

@@ -265,3 +265,40 @@ def test_threads_give_the_serial_results(kernel, device):
     for s in range(8):
         for a, b in zip(serial[s], results[s]):
             assert torch.equal(a, b)
+
+
+# ---- 6. No finite score is taken for a masked key ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("D", [64, 512])
+def test_scores_near_minus_1e30_are_scores(kernel, device, D):
+    """softmax_scale = 1e30 and every key equal: each causal row's visible scores are all -0.8125e30 (at or below the
+    old masking sentinel's -7e29), so its softmax is uniform: out = the mean of the visible v rows, LSE = the score
+    (log n is below float resolution there).
+    Also scores spread over +-1e30 (one-hot softmax) and ALiBi / sinks on top."""
+    g = torch.Generator().manual_seed(0)
+    n = 40
+    u = torch.zeros(D)
+    u[[0, 5]] = torch.tensor([0.75, 0.5])  # exact products: every key's score is the same float
+    k = u.expand(n, 1, D).clone()
+    q = -u.expand(n, 1, D).clone()
+    v = torch.randn(n, 1, D, generator=g)
+    cq = torch.tensor([0, n], dtype=torch.int32)
+    out, lse, _ = kernel.flash_attn_varlen_func(q.to(device), k.to(device), v.to(device), cq.to(device), cq.to(device),
+                                                n, n, softmax_scale=1e30, causal=True, return_attn_probs=True)
+    mean = v.double().cumsum(0) / torch.arange(1, n + 1, dtype=torch.float64)[:, None, None]
+    assert torch.allclose(out.cpu().double(), mean, atol=1e-5, rtol=1e-5)
+    expected_lse = torch.full((1, n), -0.8125e30, dtype=torch.float64)
+    assert torch.isfinite(lse).all() and torch.allclose(lse.cpu().double(), expected_lse, rtol=1e-6)
+    # Random scores of size 1e30: against the float64 reference.
+    q2, k2, v2 = (torch.randn(n, 2, D, generator=g) for _ in range(3))
+    slopes, s_aux = torch.rand(2, generator=g), torch.randn(2, generator=g) * 1e30
+    kw = dict(scale=1e30 / D, causal=True, alibi_slopes=slopes, sinks=s_aux)
+    out2, lse2, _ = kernel.flash_attn_varlen_func(q2.to(device), k2.to(device), v2.to(device), cq.to(device),
+                                                  cq.to(device), n, n, softmax_scale=1e30 / D, causal=True,
+                                                  alibi_slopes=slopes.to(device), s_aux=s_aux.to(device),
+                                                  return_attn_probs=True)
+    out_ref, lse_ref = ref.attention_varlen(q2, k2, v2, [0, n], [0, n], **kw)
+    out_pt, _ = ref.attention_varlen(q2, k2, v2, [0, n], [0, n], dtype=torch.float32, **kw)
+    ref.check_close(out2.cpu(), out_ref, out_pt)
+    assert torch.allclose(lse2.cpu().double(), lse_ref, rtol=1e-6)
