@@ -8,7 +8,9 @@
 // (dQ in registers): each gradient element has one writer and a fixed summation order, so no atomics and the
 // result is bit-identical on repeat. Accumulation is fp32 throughout. Fast math: masking is explicit (a masked
 // pair contributes 0, never exp of a large negative), and a row whose LSE is not finite (no visible key: -inf) has
-// P = 0. Plain per-thread loops and shuffles; no simdgroup_matrix.
+// P = 0. A masked pair's operands are selected away, never multiplied by its 0 (0 x NaN is NaN): a NaN in k, v, q or
+// dO where a row cannot see it changes nothing of that row's gradients. Plain per-thread loops and shuffles; no
+// simdgroup_matrix.
 #pragma once
 
 #include <metal_stdlib>
@@ -66,15 +68,16 @@ inline float bwd_score_log2(float s, float softcap, float slope, int dist, threa
   if (fc_alibi) {
     s -= slope * abs(float(dist));
   }
-  return s * kBwdLog2e;
+  return flash_sdpa::clamp_score(s) * kBwdLog2e;  // as the forward
 }
 
-// (P, dS) of one (query, key) pair from s = scale q . k and dP = dO . v: P = exp(s' - lse) where visible, else 0.
+// (P, dS) of one (query, key) pair from s = scale q . k and dP = dO . v: P = exp(s' - lse) where visible, else 0
+// (selected: s or dP may be NaN for a masked pair).
 inline float2 bwd_p_ds(float2 s_dp, float softcap, float slope, int dist, bool visible, float lse2, float delta) {
   float dsoft;
   const float s2 = bwd_score_log2(s_dp.x, softcap, slope, dist, &dsoft);
   const float pr = visible ? exp2(s2 - lse2) : 0.0f;
-  return float2(pr, pr * (s_dp.y - delta) * dsoft);
+  return visible ? float2(pr, pr * (s_dp.y - delta) * dsoft) : float2(0.0f);
 }
 
 // The forward's LSE of a row in the log2 domain; false when it is not finite (no visible key, or a NaN row).
@@ -232,15 +235,17 @@ template <typename T, int D>
                           do_stage[r1 * D + c] * vr[t]);
           }
           acc = bwd_row_sum<R>(acc);
-          const float2 a = bwd_p_ds(acc.xy, p.opt.softcap, slope, i0 + r + offset - j, j >= row_lo[r] && j <= row_hi[r],
-                                    row_lse2[r], row_delta[r]);
-          float2 b1 = bwd_p_ds(acc.zw, p.opt.softcap, slope, i0 + r1 + offset - j, j >= row_lo[r1] && j <= row_hi[r1],
-                               row_lse2[r1], row_delta[r1]);
-          b1 = two ? b1 : float2(0.0f);
+          const bool vis = j >= row_lo[r] && j <= row_hi[r];
+          const bool vis1 = two && j >= row_lo[r1] && j <= row_hi[r1];
+          const float2 a = bwd_p_ds(acc.xy, p.opt.softcap, slope, i0 + r + offset - j, vis, row_lse2[r], row_delta[r]);
+          const float2 b1 =
+              bwd_p_ds(acc.zw, p.opt.softcap, slope, i0 + r1 + offset - j, vis1, row_lse2[r1], row_delta[r1]);
           for (int t = 0; t < CPT; ++t) {
             const int c = slice + R * t;
-            dvr[t] += a.x * do_stage[r * D + c] + b1.x * do_stage[r1 * D + c];
-            dkr[t] += a.y * q_stage[r * D + c] + b1.y * q_stage[r1 * D + c];  // q carries the scale: dK = scale dS^T Q
+            const float do0 = vis ? do_stage[r * D + c] : 0.0f, do1 = vis1 ? do_stage[r1 * D + c] : 0.0f;
+            const float q0v = vis ? q_stage[r * D + c] : 0.0f, q1v = vis1 ? q_stage[r1 * D + c] : 0.0f;
+            dvr[t] += a.x * do0 + b1.x * do1;
+            dkr[t] += a.y * q0v + b1.y * q1v;  // q carries the scale: dK = scale dS^T Q
           }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -346,14 +351,13 @@ template <typename T, int D>
                         dor[t] * v_stage[r1 * D + c]);
         }
         acc = bwd_row_sum<R>(acc);
-        const float ds =
-            bwd_p_ds(acc.xy, p.opt.softcap, slope, i + offset - j, j >= lo_i && j <= hi_i, lse2, row_delta).y;
-        const float ds1 =
-            two ? bwd_p_ds(acc.zw, p.opt.softcap, slope, i + offset - j1, j1 >= lo_i && j1 <= hi_i, lse2, row_delta).y
-                : 0.0f;
+        const bool vis = j >= lo_i && j <= hi_i, vis1 = two && j1 >= lo_i && j1 <= hi_i;
+        const float ds = bwd_p_ds(acc.xy, p.opt.softcap, slope, i + offset - j, vis, lse2, row_delta).y;
+        const float ds1 = bwd_p_ds(acc.zw, p.opt.softcap, slope, i + offset - j1, vis1, lse2, row_delta).y;
         for (int t = 0; t < CPT; ++t) {
           const int c = slice + R * t;
-          dqr[t] += ds * k_stage[r * D + c] + ds1 * k_stage[r1 * D + c];  // dQ = scale dS K (scale at the store)
+          const float k0v = vis ? k_stage[r * D + c] : 0.0f, k1v = vis1 ? k_stage[r1 * D + c] : 0.0f;
+          dqr[t] += ds * k0v + ds1 * k1v;  // dQ = scale dS K (scale at the store)
         }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -369,7 +373,7 @@ template <typename T, int D>
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
   // threadgroup per head, a fixed order (strided per thread, then simd_sum, then simdgroups in order).
   if (fc_sinks && tg_pos.x == 0 && tg_pos.z == 0) {
-    const float sink2 = sinks[h] * kBwdLog2e;
+    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;  // as the forward
     float acc = 0.0f;
     for (int bb = 0; bb < p.batch; ++bb) {
       const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);

@@ -21,6 +21,14 @@ namespace flash_sdpa {
 constant constexpr float kMaskedScore = -1.0e30f;
 constant constexpr float kNegHalf = -0.5e30f;
 
+// A sentinel no finite score reaches (the varlen kernel and the backward; the decode kernel still uses kMaskedScore,
+// which finite scores at or below about -7e29 reach): visible scores are clamped to [-kScoreLimit, kScoreLimit]
+// (natural log, after softcap and ALiBi), so in the log2 domain they lie within +-1.45e38, above kNoScore = -3e38, and
+// the difference of two of them never overflows float. No real score comes near 1e38; FlashAttention-2 overflows there.
+constant constexpr float kScoreLimit = 1.0e38f;
+constant constexpr float kNoScore = -3.0e38f;
+inline float clamp_score(float s) { return metal::clamp(s, -kScoreLimit, kScoreLimit); }
+
 // LSE buffers are bound as uint: -inf and NaN are stored as bit patterns, so no inf value exists in a kernel.
 constant constexpr uint kNegInfBits = 0xff800000u;
 constant constexpr uint kNanBits = 0x7fc00000u;

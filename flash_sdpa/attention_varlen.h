@@ -6,7 +6,9 @@
 // statistics held by 4 lanes per row. Masking uses a finite large negative score (fast math: no inf arithmetic); a row
 // with no visible key is written as 0 with LSE = -inf. A visible score that is NaN or inf makes its row NaN
 // (FlashAttention-2's result) without entering the shared 8x8 tiles, where 0 x NaN would carry it into the other rows
-// of the block.
+// of the block. Non-finite V elements are staged as 0 for the same reason (P V multiplies every row's probabilities,
+// 0 for keys the row cannot see, by every staged V row); the rare tile that holds one sets a bit per (row, column)
+// for the rows that see it, and those output elements are written as NaN (torch: NaN or inf there).
 #pragma once
 
 #include <metal_stdlib>
@@ -18,7 +20,7 @@ using namespace metal;
 
 constant bool fc_varlen_paged [[function_constant(FLASH_SDPA_FC_VARLEN_PAGED)]];
 
-constant constexpr float kVarlenMasked = flash_sdpa::kMaskedScore;  // log2-domain score of an invisible key
+constant constexpr float kVarlenMasked = flash_sdpa::kNoScore;  // log2-domain score of an invisible key
 constant constexpr float kVarlenLog2e = 1.4426950408889634f;
 constant constexpr float kVarlenLn2 = 0.6931471805599453f;
 
@@ -53,6 +55,9 @@ inline VarlenSequence varlen_sequence(int b, const device int* cu_seqlens_q, con
       const int2 k_rows = flash_sdpa::packed_rows(cu_seqlens_k, b, p.k_rows);
       s.start_k = k_rows.x;
       s.sk = k_rows.y;
+    }
+    if (s.sq < p.min_seqlen_q) {  // served by another kernel (routing.h): no row of this sequence is computed here
+      s.sq = 0;
     }
   }
   return s;
@@ -114,21 +119,69 @@ inline void varlen_paged_offsets(threadgroup long* key_offsets, const device int
   }
 }
 
-// Stages key rows k0 .. k0 + BK - 1 of `seq` (K or V) as float [BK][D]; rows past kv_end or masked are zeros.
-// paged_offsets: this tensor's half of key_offsets (paged only).
-template <typename T, int BK, int D, int NT>
-inline void varlen_stage_rows(threadgroup float* dst, const device T* seq, long row_stride,
+// Where key row k0 + r of `seq` lives (paged_offsets: this tensor's half of key_offsets, paged only); -1: past
+// kv_end or masked.
+inline long varlen_key_offset(long row_stride, threadgroup const long* paged_offsets, int k0, int r, int kv_end) {
+  if (fc_varlen_paged) {
+    return paged_offsets[r];
+  }
+  return k0 + r < kv_end ? long(k0 + r) * row_stride : -1l;
+}
+
+// Stages key rows k0 .. k0 + BK - 1 of `seq` (K or V) as float [BK][D]; rows past kv_end or masked are zeros. V
+// (DROP): non-finite elements too, selected, never multiplied (they would reach rows that cannot see them through the
+// 0 probabilities of P V); returns whether this thread dropped one. K keeps them: a non-finite score only reaches its
+// own column of S, where the softmax step masks or flags it.
+template <typename T, int BK, int D, int NT, bool DROP>
+inline bool varlen_stage_rows(threadgroup float* dst, const device T* seq, long row_stride,
                               threadgroup const long* paged_offsets, int k0, int kv_end, uint tid) {
+  bool dropped = false;
   for (int idx = int(tid); idx < BK * D; idx += NT) {
     const int r = idx / D, c = idx % D;
-    long off = long(k0 + r) * row_stride;
-    bool in = k0 + r < kv_end;
-    if (fc_varlen_paged) {
-      off = paged_offsets[r];
-      in = off >= 0;
-    }
-    dst[idx] = in ? float(seq[off + c]) : 0.0f;
+    const long off = varlen_key_offset(row_stride, paged_offsets, k0, r, kv_end);
+    const float x = off >= 0 ? float(seq[off + c]) : 0.0f;
+    const bool bad = DROP && flash_sdpa::is_nonfinite(x);
+    dropped = dropped || bad;
+    dst[idx] = bad ? 0.0f : x;
   }
+  return dropped;
+}
+
+// Rare path (a V tile held a non-finite element): sets bit d of poison[r][d / 32] for each query row q0 + r and
+// column d where the row sees a key of [k0, k0 + BK) whose V element d is non-finite (read again from memory; the
+// staged tile holds 0 there). One thread owns each 32-column word, so no two threads write one.
+template <typename T, int BQ, int BK, int D, int NT>
+inline void varlen_poison_rows(threadgroup uint* poison, const device T* v_seq, long row_stride,
+                               threadgroup const long* v_offsets, int q0, int k0, int kv_end, const VarlenSequence s,
+                               constant flash_sdpa::VarlenParams& p, uint tid) {
+  constexpr int W = flash_sdpa::varlen_poison_words(D);
+  for (int idx = int(tid); idx < BQ * W; idx += NT) {
+    const int i = q0 + idx / W, d0 = 32 * (idx % W);
+    if (i >= s.sq) {
+      continue;
+    }
+    const int2 keys = flash_sdpa::visible_keys(i + s.sk - s.sq, p.opt, s.sk);
+    uint bits = poison[idx];
+    for (int r = 0; r < BK; ++r) {
+      const long off = varlen_key_offset(row_stride, v_offsets, k0, r, kv_end);
+      if (off < 0 || k0 + r < keys.x || k0 + r > keys.y) {
+        continue;
+      }
+      for (int d = d0; d < min(d0 + 32, D); ++d) {
+        bits |= flash_sdpa::is_nonfinite(float(v_seq[off + d])) ? 1u << (d - d0) : 0u;
+      }
+    }
+    poison[idx] = bits;
+  }
+}
+
+// Whether any simdgroup dropped a non-finite V element (flags[sg] written before the last threadgroup barrier).
+inline bool varlen_any_dropped(threadgroup const uint* flags) {
+  uint any = 0;
+  for (int s = 0; s < flash_sdpa::kVarlenSimdgroups; ++s) {
+    any |= flags[s];
+  }
+  return any != 0;
 }
 
 // The state of one query row during the key loop, held by its 4 lanes (lane = 4 row + sub).
@@ -172,14 +225,15 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
     if (fc_alibi) {
       s -= row.slope * abs(float(row.pos - j));
     }
-    s = visible ? s * kVarlenLog2e : kVarlenMasked;
+    s = visible ? flash_sdpa::clamp_score(s) * kVarlenLog2e : kVarlenMasked;
     sv[t] = s;
     tile_max = max(tile_max, s);
   }
   tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
   tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(2)));
   const float m_new = max(row.m, tile_max);
-  const float alpha = exp2(row.m - m_new);
+  // row.m - m_new would overflow while row.m is still the sentinel (nothing accumulated yet: any factor will do).
+  const float alpha = row.m > kVarlenMasked ? exp2(row.m - m_new) : 0.0f;
   float row_sum = 0.0f;
   for (int t = 0; t < BK / 4; ++t) {
     const float pr = sv[t] > kVarlenMasked ? exp2(sv[t] - m_new) : 0.0f;
@@ -197,14 +251,14 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
 // normalises its accumulator (0 for a row with no visible key). Sinks join the denominator only.
 inline float varlen_finish_row(const thread VarlenRow& row, int sub, int sq, float sink_logit,
                                threadgroup uint* bad_slot, device uint* lse_seq) {
+  const bool empty = !(row.l > 0.0f);
   float m_final = row.m, factor = 1.0f, denom = row.l;
-  if (fc_sinks) {
-    const float sink = sink_logit * kVarlenLog2e;
+  if (fc_sinks && !empty) {
+    const float sink = flash_sdpa::clamp_score(sink_logit) * kVarlenLog2e;
     m_final = max(row.m, sink);
     factor = exp2(row.m - m_final);
     denom = row.l * factor + exp2(sink - m_final);
   }
-  const bool empty = !(row.l > 0.0f);
   uint bad = row.bad ? 1u : 0u;  // over the row's 4 lanes; every lane shuffles (no short-circuit)
   bad |= simd_shuffle_xor(bad, ushort(1));
   bad |= simd_shuffle_xor(bad, ushort(2));
@@ -219,16 +273,18 @@ inline float varlen_finish_row(const thread VarlenRow& row, int sub, int sq, flo
   return empty ? 0.0f : factor / denom;
 }
 
-// Writes rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of the output from `staged` ([BQ][CHUNK] float); bad rows get
-// NaN. Rows past the sequence are not written.
-template <typename T, int BQ, int CHUNK, int NT>
+// Writes rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of the output from `staged` ([BQ][CHUNK] float); bad rows and
+// poisoned (row, column) elements (W words of bits per row) get NaN. Rows past the sequence are not written.
+template <typename T, int BQ, int CHUNK, int NT, int W>
 inline void varlen_write_out(device T* o_seq, long row_stride, threadgroup const float* staged,
-                             threadgroup const uint* bad_tile, int q0, int c0, int sq, uint tid) {
+                             threadgroup const uint* bad_tile, threadgroup const uint* poison, int q0, int c0, int sq,
+                             uint tid) {
   for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
-    const int r = idx / CHUNK, c = idx % CHUNK;
+    const int r = idx / CHUNK, c = idx % CHUNK, d = c0 + c;
     if (q0 + r < sq) {
-      const float o = bad_tile[r] != 0 ? as_type<float>(flash_sdpa::kNanBits) : staged[idx];
-      o_seq[long(q0 + r) * row_stride + c0 + c] = T(o);
+      const bool nan = bad_tile[r] != 0 || ((poison[r * W + d / 32] >> (d % 32)) & 1u) != 0;
+      const float o = nan ? as_type<float>(flash_sdpa::kNanBits) : staged[idx];
+      o_seq[long(q0 + r) * row_stride + d] = T(o);
     }
   }
 }
@@ -279,6 +335,9 @@ template <typename T, int D>
   threadgroup float diag_tile[flash_sdpa::kVarlenSimdgroups * 64];  // simdgroup s: an 8x8 diagonal
   threadgroup uint bad_tile[BQ];                                    // row r of the tile saw a non-finite visible score
   threadgroup long key_offsets[2 * BK];  // paged: offsets of key rows k0 + r in k ([r]) and v ([BK + r]); -1: masked
+  constexpr int W = flash_sdpa::varlen_poison_words(D);
+  threadgroup uint poison[BQ * W];  // (row, column) bits: the row sees a non-finite V element there
+  threadgroup uint dropped_sg[flash_sdpa::kVarlenSimdgroups];  // simdgroup s staged a non-finite V element as 0
 
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
@@ -297,6 +356,9 @@ template <typename T, int D>
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
+    for (int idx = int(tid); idx < BQ * W; idx += NT) {
+      poison[idx] = 0;
+    }
     // Q rows of this simdgroup, times scale, as DB 8x8 blocks.
     simdgroup_matrix<float, 8, 8> q_frag[DB];
     for (int c0 = 0; c0 < D; c0 += CHUNK) {
@@ -320,9 +382,17 @@ template <typename T, int D>
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
-      varlen_stage_rows<T, BK, D, NT>(v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      const bool dropped = simd_any(
+          varlen_stage_rows<T, BK, D, NT, true>(v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid));
+      if (lane == 0) {
+        dropped_sg[sg] = dropped ? 1u : 0u;
+      }
       threadgroup_barrier(mem_flags::mem_threadgroup);
+      if (varlen_any_dropped(dropped_sg)) {  // uniform; poison is read after the barriers below
+        varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, key_offsets + BK, q0, k0, kv_end, seq, p,
+                                             tid);
+      }
 
       // S (8 x BK) = Q K^T: K blocks loaded transposed.
       for (int kb = 0; kb < KB; ++kb) {
@@ -374,7 +444,7 @@ template <typename T, int D>
         simdgroup_store(ob, kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      varlen_write_out<T, BQ, CHUNK, NT>(head.out + c0, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
+      varlen_write_out<T, BQ, CHUNK, NT, W>(head.out, p.o_row_stride, kv_tile, bad_tile, poison, q0, c0, seq.sq, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
   }
@@ -404,6 +474,9 @@ template <typename T, int D>
   threadgroup float diag[64];                // diag(alpha), then diag(1 / denominator)
   threadgroup uint bad_tile[BQ];
   threadgroup long key_offsets[2 * BK];
+  constexpr int W = flash_sdpa::varlen_poison_words(D);
+  threadgroup uint poison[BQ * W];  // as in flash_attn_varlen
+  threadgroup uint dropped_sg[NSG];
 
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
@@ -416,6 +489,9 @@ template <typename T, int D>
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
+    for (int idx = int(tid); idx < BQ * W; idx += NT) {
+      poison[idx] = 0;
+    }
     // This simdgroup's columns of the 8 Q rows, times scale.
     varlen_stage_q<T, BQ, D, NT>(kv_tile, head.q, p.q_row_stride, p.opt.scale, q0, 0, seq.sq, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
@@ -434,7 +510,7 @@ template <typename T, int D>
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT>(kv_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT, false>(kv_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial S (8 x 8) over this simdgroup's columns: K blocks loaded transposed.
@@ -448,7 +524,11 @@ template <typename T, int D>
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // V replaces K in the tile while simdgroup 0 sums the partials and runs the softmax step.
-      varlen_stage_rows<T, BK, D, NT>(kv_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid);
+      const bool dropped = simd_any(
+          varlen_stage_rows<T, BK, D, NT, true>(kv_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid));
+      if (lane == 0) {
+        dropped_sg[sg] = dropped ? 1u : 0u;
+      }
       if (sg == 0) {
         threadgroup float* strip = partial + (int(lane) / 4) * BK;
         for (int t = 0; t < BK / 4; ++t) {
@@ -463,6 +543,10 @@ template <typename T, int D>
         varlen_write_diagonal(diag, alpha, lane);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
+      if (varlen_any_dropped(dropped_sg)) {  // uniform; poison is read after the barriers below
+        varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, key_offsets + BK, q0, k0, kv_end, seq, p,
+                                             tid);
+      }
 
       // O = diag(alpha) O + P V over this simdgroup's columns.
       simdgroup_matrix<float, 8, 8> rescale, p_frag;
@@ -492,7 +576,7 @@ template <typename T, int D>
       simdgroup_store(ob, kv_tile + col0 + f * 8, D);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    varlen_write_out<T, BQ, D, NT>(head.out, p.o_row_stride, kv_tile, bad_tile, q0, 0, seq.sq, tid);
+    varlen_write_out<T, BQ, D, NT, W>(head.out, p.o_row_stride, kv_tile, bad_tile, poison, q0, 0, seq.sq, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 }

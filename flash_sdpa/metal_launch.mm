@@ -3,6 +3,10 @@
 // Generic: it knows nothing about attention. Pipelines are built (and every check runs) before dispatch_sync,
 // because an exception inside the stream's queue kills the process. Encoding reuses PyTorch's compute encoder
 // (no endEncoding, no commit, no synchronize). Built without ARC: objects cached for the process are retained once.
+//
+// Any thread may call run_launch_plan: the library loads once (call_once), pipelines are built once behind the
+// cache's lock (keyed_cache.h) and are immutable after, everything else is the caller's own stack, and encoding runs
+// inside dispatch_sync on the stream's serial queue, as PyTorch's own MPS ops do.
 #import <Foundation/Foundation.h>
 #import <Metal/Metal.h>
 
@@ -12,9 +16,9 @@
 #include <cstring>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
+#include "keyed_cache.h"
 #include "launch_plan.h"
 #include "paged_planner.h"
 
@@ -57,59 +61,54 @@ std::string pipeline_key(const Dispatch& d) {
 }
 
 id<MTLComputePipelineState> pipeline(id<MTLDevice> device, const Dispatch& d) {
-  static std::mutex mutex;
-  static std::unordered_map<std::string, id<MTLComputePipelineState>> cache;
-  const std::string key = pipeline_key(d);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) {
-    return it->second;
-  }
-
+  static KeyedCache<id<MTLComputePipelineState>> cache;  // owns each pipeline for the process
   id<MTLLibrary> lib = library(device);
-  id<MTLComputePipelineState> pso = nil;
   std::string error;
-  // Metal hands back autoreleased objects (errors, descriptions): drain them here, on whatever thread calls us.
-  // Nothing throws inside the pool; the checks run after it.
-  @autoreleasepool {
-    MTLFunctionConstantValues* values = [[MTLFunctionConstantValues alloc] init];
-    for (const FunctionConstant& c : d.constants) {
-      switch (c.type) {
-        case FunctionConstant::kBool: {
-          const bool b = c.bits != 0;
-          [values setConstantValue:&b type:MTLDataTypeBool atIndex:c.index];
-          break;
+  // Built once per key, under the cache's lock; nil (and `error`) on failure.
+  id<MTLComputePipelineState> pso = cache.get(pipeline_key(d), [&]() -> id<MTLComputePipelineState> {
+    id<MTLComputePipelineState> built = nil;
+    // Metal hands back autoreleased objects (errors, descriptions): drain them here, on whatever thread calls us.
+    // Nothing throws inside the pool; the checks run after it.
+    @autoreleasepool {
+      MTLFunctionConstantValues* values = [[MTLFunctionConstantValues alloc] init];
+      for (const FunctionConstant& c : d.constants) {
+        switch (c.type) {
+          case FunctionConstant::kBool: {
+            const bool b = c.bits != 0;
+            [values setConstantValue:&b type:MTLDataTypeBool atIndex:c.index];
+            break;
+          }
+          case FunctionConstant::kInt:
+            [values setConstantValue:&c.bits type:MTLDataTypeInt atIndex:c.index];
+            break;
+          case FunctionConstant::kUInt:
+            [values setConstantValue:&c.bits type:MTLDataTypeUInt atIndex:c.index];
+            break;
+          case FunctionConstant::kFloat:
+            [values setConstantValue:&c.bits type:MTLDataTypeFloat atIndex:c.index];
+            break;
         }
-        case FunctionConstant::kInt:
-          [values setConstantValue:&c.bits type:MTLDataTypeInt atIndex:c.index];
-          break;
-        case FunctionConstant::kUInt:
-          [values setConstantValue:&c.bits type:MTLDataTypeUInt atIndex:c.index];
-          break;
-        case FunctionConstant::kFloat:
-          [values setConstantValue:&c.bits type:MTLDataTypeFloat atIndex:c.index];
-          break;
+      }
+      NSError* err = nil;
+      id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:d.kernel.c_str()]
+                                     constantValues:values
+                                              error:&err];
+      [values release];
+      if (fn == nil) {
+        error = std::string("no kernel ") + d.kernel +
+                " in the metallib: " + (err != nil ? err.localizedDescription.UTF8String : "");
+      } else {
+        built = [device newComputePipelineStateWithFunction:fn error:&err];
+        [fn release];
+        if (built == nil) {
+          error = std::string("cannot build the pipeline of ") + d.kernel + ": " +
+                  (err != nil ? err.localizedDescription.UTF8String : "");
+        }
       }
     }
-    NSError* err = nil;
-    id<MTLFunction> fn = [lib newFunctionWithName:[NSString stringWithUTF8String:d.kernel.c_str()]
-                                   constantValues:values
-                                            error:&err];
-    [values release];
-    if (fn == nil) {
-      error = std::string("no kernel ") + d.kernel +
-              " in the metallib: " + (err != nil ? err.localizedDescription.UTF8String : "");
-    } else {
-      pso = [device newComputePipelineStateWithFunction:fn error:&err];
-      [fn release];
-      if (pso == nil) {
-        error = std::string("cannot build the pipeline of ") + d.kernel + ": " +
-                (err != nil ? err.localizedDescription.UTF8String : "");
-      }
-    }
-  }
+    return built;
+  });
   TORCH_CHECK(pso != nil, "metal-flash-sdpa: ", error);
-  cache.emplace(key, pso);  // owned by the cache for the process
   return pso;
 }
 

@@ -17,4 +17,14 @@ ForwardKernel route_varlen(at::ScalarType dtype, int64_t head_dim, int64_t max_s
   return decode ? ForwardKernel::kDecode : ForwardKernel::kVarlen;
 }
 
+LaunchPlan plan_varlen_decode(const PagedKVCacheAttention& decode, VarlenAttention rest) {
+  LaunchPlan plan = plan_paged_kvcache(decode);
+  rest.max_seqlen_q = 1;  // one query tile per (head, sequence) in the grid; the kernel loops over the rest
+  rest.min_seqlen_q = 2;
+  for (Dispatch& d : plan_varlen_attention(rest).dispatches) {
+    plan.dispatches.push_back(std::move(d));
+  }
+  return plan;
+}
+
 }  // namespace flash_sdpa

@@ -42,8 +42,13 @@ FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;  // 32 query row
 FSDPA_CONSTANT fsdpa_i32 kVarlenMaxThreadgroupBytes = 32768;
 static_assert(kVarlenThreads == 32 * kVarlenSimdgroups, "one simdgroup per 8 query rows");
 
+// Non-finite V: a bit per (query row, head-dim column) of the tile, set where the row sees a non-finite V element.
+constexpr fsdpa_i32 varlen_poison_words(fsdpa_i32 head_dim) { return (head_dim + 31) / 32; }
+
 constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k) {
-  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64 + kVarlenBlockQ) + 16 * block_k;
+  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64 + kVarlenBlockQ +
+              kVarlenBlockQ * varlen_poison_words(head_dim) + kVarlenSimdgroups) +
+         16 * block_k;
 }
 
 constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim) {
@@ -59,7 +64,7 @@ FSDPA_CONSTANT fsdpa_i32 kVarlenWideBlockK = 8;
 
 constexpr fsdpa_i32 varlen_wide_threadgroup_bytes(fsdpa_i32 head_dim) {
   return 4 * (kVarlenWideBlockK * head_dim + kVarlenSimdgroups * kVarlenWideBlockQ * kVarlenWideBlockK + 64 +
-              kVarlenWideBlockQ) +
+              kVarlenWideBlockQ + kVarlenWideBlockQ * varlen_poison_words(head_dim) + kVarlenSimdgroups) +
          16 * kVarlenWideBlockK;
 }
 
@@ -124,12 +129,14 @@ struct VarlenParams {
   fsdpa_i32 block_size;          // paged: keys per block (>= 1)
   fsdpa_i32 num_blocks;          // paged: blocks in k / v
   fsdpa_i32 max_blocks;          // paged: block_table columns (capacity = max_blocks * block_size keys)
-  OptionParams opt;              // scale, softcap, window, ALiBi stride
+  fsdpa_i32 min_seqlen_q;        // varlen: sequences with fewer query rows are skipped (0: none; see routing.h)
+  fsdpa_i32 pad0;
+  OptionParams opt;  // scale, softcap, window, ALiBi stride
 };
 
-static_assert(sizeof(VarlenParams) == 17 * 8 + 10 * 4 + sizeof(OptionParams), "VarlenParams: no padding");
+static_assert(sizeof(VarlenParams) == 17 * 8 + 12 * 4 + sizeof(OptionParams), "VarlenParams: no padding");
 static_assert(__builtin_offsetof(VarlenParams, block_table_stride) == 16 * 8, "64-bit strides first");
 static_assert(__builtin_offsetof(VarlenParams, batch) == 17 * 8, "32-bit fields after the strides");
-static_assert(__builtin_offsetof(VarlenParams, opt) == 17 * 8 + 10 * 4, "the options last");
+static_assert(__builtin_offsetof(VarlenParams, opt) == 17 * 8 + 12 * 4, "the options last");
 
 }  // namespace flash_sdpa

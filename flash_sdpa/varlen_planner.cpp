@@ -80,6 +80,7 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.k_rows = paged ? 0 : to_i32(call.k.size(row_dim), "key rows");
   params.seqlen_q = varlen ? 0 : params.q_rows;
   params.seqlen_k = varlen ? 0 : params.k_rows;
+  params.min_seqlen_q = varlen ? to_i32(std::min<int64_t>(call.min_seqlen_q, rows_q + 1), "min_seqlen_q") : 0;
   params.opt = option_params(call.options);
 
   Dispatch d;

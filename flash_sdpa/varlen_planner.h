@@ -25,6 +25,7 @@ struct VarlenAttention {
   std::optional<at::Tensor> block_table;                 // varlen only: paged K/V
   AttentionOptions options;  // scale, softcap, window, ALiBi slopes, sinks (attention_options.h)
   int64_t max_seqlen_q = 0;  // varlen: sizes the grid (longest query sequence); dense: ignored
+  int64_t min_seqlen_q = 0;  // varlen: sequences with fewer query rows are left to another kernel (routing.h)
 };
 
 // "flash_attn_varlen_<float32|float16|bfloat16>_d<head_dim>".

@@ -406,12 +406,20 @@ def run_varlen_decode(run, q, k, v, cu_q, cu_k, *, scale, window=(-1, -1), softc
 
 def reference_varlen_decode(q, k, v, cu_q, cu_k, *, dtype=torch.float64, **kw):
     """Per sequence with a query row in [0, total_q): its keys clamped to [0, total_k], as a one-request cache of one
-    block. Returns {q row: (out [H, D], lse [H])}."""
+    block. The decode kernel computes row cu_q[b] as one query; the varlen kernel, dispatched after it (routing.h:
+    plan_varlen_decode), then computes every sequence whose query rows clamped to [0, total_q] are two or more, all
+    of them, over the same keys. Returns {q row: (out [H, D], lse [H])}."""
     total_q, total_k = q.shape[0], k.shape[0]
-    res = {}
+    res, rest = {}, {}
     for b in range(cu_q.shape[0] - 1):
         qs, qe = int(cu_q[b]), int(cu_q[b + 1])
-        if not (qe > qs and 0 <= qs < total_q):
+        first = min(max(qs, 0), total_q)
+        count = min(max(qe, first), total_q) - first
+        if count >= 2:
+            qs, qe, target = first, first + count, rest
+        elif qe > qs and 0 <= qs < total_q:
+            qe, target = qs + 1, res
+        else:
             continue
         ks = min(max(int(cu_k[b]), 0), total_k)
         ke = min(max(int(cu_k[b + 1]), ks), total_k)
@@ -420,9 +428,12 @@ def reference_varlen_decode(q, k, v, cu_q, cu_k, *, dtype=torch.float64, **kw):
         vc = v[ks:ke].unsqueeze(0) if n else v[:0].new_zeros((1, 1) + v.shape[1:])
         alibi = kw.get("alibi")
         kw_b = dict(kw, alibi=None if alibi is None else (alibi[b:b + 1] if alibi.dim() == 2 else alibi))
-        o, lse = reference_attention(q[qs].view(1, 1, *q.shape[1:]), kc, vc, torch.zeros(1, 1, dtype=torch.int32),
-                                     torch.tensor([n], dtype=torch.int32), 0, dtype=dtype, **kw_b)
-        res[qs] = (o[0, 0], lse[0, :, 0])
+        o, lse = reference_attention(q[qs:qe].view(1, qe - qs, *q.shape[1:]), kc, vc,
+                                     torch.zeros(1, 1, dtype=torch.int32), torch.tensor([n], dtype=torch.int32), 0,
+                                     dtype=dtype, **kw_b)
+        for i in range(qe - qs):
+            target[qs + i] = (o[0, i], lse[0, :, i])
+    res.update(rest)  # the second dispatch's rows win
     return res
 
 
@@ -451,7 +462,7 @@ def test_varlen_mode(run, feature, num_splits, group):
     for n in lens:
         cu_k.append(cu_k[-1] + n)
     cu_k += [total_k + 50, -4, 3]                 # garbage sequences 5..7: past the end, negative, decreasing
-    cu_q = [0, 1, 2, 2, 3, 4, 5, 40, 41]          # sequence 2 has no query; the last starts past total_q (row 6 unused)
+    cu_q = [0, 1, 2, 2, 3, 4, 5, 40, 41]          # sequence 2 has no query; 6 has rows 5, 6 (clamped), 7 none
     total_q = 7
     cu_q_t, cu_k_t = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
     big = torch.randn(total_q, H, D + 16, generator=g).to(dtype)
@@ -463,11 +474,13 @@ def test_varlen_mode(run, feature, num_splits, group):
     sinks = torch.randn(H, generator=g) if f.pop("use_sinks", False) else None
     kw = dict(scale=D ** -0.5, alibi=alibi, sinks=sinks, **f)
     out, lse, stats = run_varlen_decode(run, q, k, v, cu_q_t, cu_k_t, max_seqlen_k=longest, **kw)
-    assert [st.kernel.split("_")[2] for st in stats] == (["float16", "combine"] if num_splits > 1 else ["float16"])
+    # The decode kernel (and its combine), then the varlen kernel for sequence 6's two rows.
+    decode = ["float16", "combine"] if num_splits > 1 else ["float16"]
+    assert [st.kernel.split("_")[2] for st in stats] == decode + ["varlen"]
     assert stats[0].threadgroups == num_splits * Hkv * (len(cu_q) - 1)
     ref = reference_varlen_decode(q, k, v, cu_q_t, cu_k_t, **kw)
     same = reference_varlen_decode(q, k, v, cu_q_t, cu_k_t, dtype=torch.float16, **kw)
-    assert sorted(ref) == [0, 1, 2, 3, 4, 5]
+    assert sorted(ref) == [0, 1, 2, 3, 4, 5, 6]
     for row in range(total_q):
         if row not in ref:
             assert (out[row] == 0).all() and (lse[:, row] == -math.inf).all(), f"row {row}"
@@ -489,7 +502,10 @@ def test_varlen_mode_traffic(run):
     cu_q, cu_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, S, 2 * S], dtype=torch.int32)
     out, lse, stats = run_varlen_decode(run, q, k, v, cu_q, cu_k, scale=D ** -0.5, window=(-1, 0), max_seqlen_k=S,
                                         check_races=False)
-    assert [st.kernel for st in stats] == ["paged_decode_float16_d128_r8", "paged_decode_combine_float16"]
+    assert [st.kernel for st in stats] == ["paged_decode_float16_d128_r8", "paged_decode_combine_float16",
+                                           "flash_attn_varlen_float16_d128"]
+    # The varlen kernel's dispatch (sequences with several query rows: none here) reads and writes no tensor data.
+    assert not any(stats[2].loaded.get(i, 0) for i in range(3)) and not any(stats[2].stored.values())
     loaded = sum(stats[0].loaded.get(i, 0) for i in KV_BUFFERS)
     assert loaded / (2 * 2 * S * Hkv * D * 2) <= 1.1
     ref = reference_varlen_decode(q, k, v, cu_q, cu_k, scale=D ** -0.5, window=(-1, 0))

@@ -145,11 +145,12 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
 
 namespace {
 
-// One query per sequence (transformers' generate() decode with left padding: cu_seqlens_q = arange(B + 1)) runs on
-// the decode kernel in its varlen mode: sequence b attends rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the
+// max_seqlen_q == 1 (transformers' generate() decode with left padding: cu_seqlens_q = arange(B + 1)) runs on the
+// decode kernel in its varlen mode: sequence b attends rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the
 // packed k / v (clamped to [0, total_k] in the kernel, whatever cu_seqlens hold) from query row cu_seqlens_q[b], each
-// K/V byte read once per KV head for the whole GQA group. The result does not depend on max_seqlen_k, which only
-// steers the split count (clamped to total_k). Nothing is read on the host; the only tensor ops are the output fills:
+// K/V byte read once per KV head for the whole GQA group; the varlen kernel then rewrites the sequences that have
+// several query rows after all (routing.h: plan_varlen_decode). The result does not depend on max_seqlen_q or
+// max_seqlen_k, which only steer the launch. Nothing is read on the host; the only tensor ops are the output fills:
 // a sequence without a query row is skipped, and rows of q that no sequence covers read 0 / LSE -inf.
 std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
@@ -174,7 +175,16 @@ std::tuple<at::Tensor, at::Tensor> varlen_decode(const at::Tensor& q, const at::
   call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
                                                s_aux, k.size(0), total_q);
   call.max_seqlen_k = std::min<int64_t>(max_seqlen_k, k.size(0));
-  flash_sdpa::run_launch_plan(flash_sdpa::plan_paged_kvcache(call));
+  flash_sdpa::VarlenAttention rest;
+  rest.q = q;
+  rest.k = k;
+  rest.v = v;
+  rest.out = out;
+  rest.lse = lse;
+  rest.cu_seqlens_q = cu_seqlens_q;
+  rest.cu_seqlens_k = cu_seqlens_k;
+  rest.options = call.options;
+  flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_decode(call, rest));
   return {out, lse};
 }
 

