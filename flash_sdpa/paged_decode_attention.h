@@ -318,17 +318,17 @@ template <typename T, int D, int R>
 
   // Keys of request b. Paged: sk = cache_seqlens[b] + seqlen_new, clamped to the block table's capacity; padding rows
   // (cache_seqlens < 0) have none and output zeros. Varlen: rows [k_start, k_start + sk) of k, clamped to total_k;
-  // a sequence without a query row is skipped.
+  // only a sequence with exactly one query row (clamped as every varlen kernel clamps cu_seqlens) is computed: the
+  // router's varlen dispatch that follows computes those with several, whatever max_seqlen_q said.
   int sk = 0;
   int k_start = 0;
   int q_row = 0;  // varlen: the row of q / out
   if (fc_varlen) {
-    const int qs = cu_seqlens_q[b];
-    const int qe = cu_seqlens_q[b + 1];
-    if (!(qe > qs && qs >= 0 && qs < p.total_q)) {
-      return;  // no query: nothing to write (uniform per threadgroup)
+    const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
+    if (q_rows.y != 1) {
+      return;  // none or several query rows: not this kernel's (uniform per threadgroup)
     }
-    q_row = qs;
+    q_row = q_rows.x;
     const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
     k_start = k_rows.x;
     sk = k_rows.y;
@@ -787,13 +787,12 @@ template <typename T>
   long out_row = (b * p.seqlen_q + i) * p.num_heads + h;
   long lse_at = row;
   if (fc_varlen) {
-    const int qs = cu_seqlens_q[b];
-    const int qe = cu_seqlens_q[b + 1];
-    if (!(qe > qs && qs >= 0 && qs < p.total_q)) {
+    const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
+    if (q_rows.y != 1) {
       return;  // the decode kernel skipped this sequence too
     }
-    out_row = long(qs) * p.num_heads + h;
-    lse_at = long(h) * p.total_q + qs;
+    out_row = long(q_rows.x) * p.num_heads + h;
+    lse_at = long(h) * p.total_q + q_rows.x;
   }
   const int splits = min(p.num_splits, int(kMaxSplits));
 

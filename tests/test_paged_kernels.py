@@ -405,22 +405,19 @@ def run_varlen_decode(run, q, k, v, cu_q, cu_k, *, scale, window=(-1, -1), softc
 
 
 def reference_varlen_decode(q, k, v, cu_q, cu_k, *, dtype=torch.float64, **kw):
-    """Per sequence with a query row in [0, total_q): its keys clamped to [0, total_k], as a one-request cache of one
-    block. The decode kernel computes row cu_q[b] as one query; the varlen kernel, dispatched after it (routing.h:
-    plan_varlen_decode), then computes every sequence whose query rows clamped to [0, total_q] are two or more, all
-    of them, over the same keys. Returns {q row: (out [H, D], lse [H])}."""
+    """Per sequence, its query rows and keys clamped to [0, total_q] and [0, total_k] (as every varlen kernel clamps
+    cu_seqlens), as a one-request cache of one block. The decode kernel computes the sequences with exactly one query
+    row; the varlen kernel, dispatched after it (routing.h: plan_varlen_decode), those with two or more, all of their
+    rows, over the same keys. Returns {q row: (out [H, D], lse [H])}."""
     total_q, total_k = q.shape[0], k.shape[0]
     res, rest = {}, {}
     for b in range(cu_q.shape[0] - 1):
         qs, qe = int(cu_q[b]), int(cu_q[b + 1])
         first = min(max(qs, 0), total_q)
         count = min(max(qe, first), total_q) - first
-        if count >= 2:
-            qs, qe, target = first, first + count, rest
-        elif qe > qs and 0 <= qs < total_q:
-            qe, target = qs + 1, res
-        else:
+        if count == 0:
             continue
+        qs, qe, target = first, first + count, (rest if count >= 2 else res)
         ks = min(max(int(cu_k[b]), 0), total_k)
         ke = min(max(int(cu_k[b + 1]), ks), total_k)
         n = ke - ks
