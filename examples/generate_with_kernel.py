@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = "kernels-community/metal-flash-sdpa"
-VERSION = 2  # build.toml [general] version; transformers 5.22 would ask the Hub for v1 without "@v2"
+VERSION = 2  # build.toml [general] version, the one transformers 5.22-5.25 ask the Hub for ("@v2" pins it)
 ROOT = Path(__file__).resolve().parent.parent
 ON_MAC = sys.platform == "darwin"
 

@@ -17,14 +17,10 @@ constant bool fc_sinks [[function_constant(FLASH_SDPA_FC_SINKS)]];
 
 namespace flash_sdpa {
 
-// A masked score (natural-log or log2 domain alike); any running max above kNegHalf has seen a visible key.
-constant constexpr float kMaskedScore = -1.0e30f;
-constant constexpr float kNegHalf = -0.5e30f;
-
-// A sentinel no finite score reaches (the varlen kernel and the backward; the decode kernel still uses kMaskedScore,
-// which finite scores at or below about -7e29 reach): visible scores are clamped to [-kScoreLimit, kScoreLimit]
-// (natural log, after softcap and ALiBi), so in the log2 domain they lie within +-1.45e38, above kNoScore = -3e38, and
-// the difference of two of them never overflows float. No real score comes near 1e38; FlashAttention-2 overflows there.
+// The score of a key a row does not see, a sentinel no finite score reaches (every kernel): visible scores are
+// clamped to [-kScoreLimit, kScoreLimit] (natural log, after softcap and ALiBi), so in the log2 domain too they lie
+// within +-1.45e38, above kNoScore = -3e38, and the difference of two of them never overflows float; a running max
+// above kNoScore has seen a visible key. No real score comes near 1e38; FlashAttention-2 overflows there.
 constant constexpr float kScoreLimit = 1.0e38f;
 constant constexpr float kNoScore = -3.0e38f;
 inline float clamp_score(float s) { return metal::clamp(s, -kScoreLimit, kScoreLimit); }

@@ -8,11 +8,14 @@
 // keys, a key row read by its L lanes with one vector load each (two at R <= 2; 16 bytes when R <= 4, 8 above; lane
 // li takes chunks li, li + L: DecodeLayout). Per step a simdgroup issues the K and the V loads of U keys per group
 // at once (~32 bytes of each per lane in flight: one memory round trip per step), with the next step's block ids
-// loaded meanwhile. q.k is a butterfly over the L lanes (log2 L shuffles per row and G keys); the online softmax and
-// P.V are lane-local (each group keeps its own max, sum and R x EPL accumulators), so nothing waits on another lane
-// until the end, when the groups and then the 8 simdgroups merge (threadgroup memory, in one round while their
-// accumulators fit 8 KB). Threadgroup memory: the scaled q rows (R x D fp32), then the merge slots, <= 9 KB in all.
-// No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV head.
+// loaded meanwhile. q.k is summed over the L lanes of a key: at R = 1 a butterfly (every lane gets the score); at
+// R >= 2 a reduce-scatter, after which each lane holds its own rows' scores, runs their online softmax alone and
+// shares the probabilities with the group through threadgroup memory (DecodeLayout, "scattered rows"). P.V is
+// lane-local (each group keeps R x EPL accumulators), so nothing waits on other groups until the end, when the
+// groups and then the 8 simdgroups merge (threadgroup memory, in one round while their accumulators fit 8 KB).
+// Threadgroup memory: the scaled q rows (R x D fp32), then the merge slots, <= 9 KB, plus the scattered scores'
+// buffers (<= 8 KB). No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV
+// head.
 #pragma once
 
 #include <metal_stdlib>
@@ -408,7 +411,7 @@ template <typename T, int D, int R>
   float m_own[RPL];  // running max and sum of the rows this lane finishes
   float l_own[RPL];
   for (int rr = 0; rr < RPL; ++rr) {
-    m_own[rr] = kMaskedScore;
+    m_own[rr] = kNoScore;
     l_own[rr] = 0.0f;
   }
   threadgroup float* score_buf = score_tg + (int(sg) * G + g) * 2 * SF;
@@ -419,7 +422,7 @@ template <typename T, int D, int R>
   float l[R];
   float o[R][EPL];
   for (int r = 0; r < R; ++r) {
-    m[r] = kMaskedScore;
+    m[r] = kNoScore;
     l[r] = 0.0f;
     for (int e = 0; e < EPL; ++e) {
       o[r][e] = 0.0f;
@@ -478,7 +481,7 @@ template <typename T, int D, int R>
       threadgroup float* buf = score_buf + parity * SF;  // probabilities [R][U], then corrections [R]
       for (int rr = 0; rr < RPL; ++rr) {
         const int r = first_row + rr;
-        float mx = kMaskedScore;
+        float mx = kNoScore;
         for (int u = 0; u < U; ++u) {
           const int key = t0 + u * G + g;
           float sc = t[rr][u];
@@ -493,15 +496,15 @@ template <typename T, int D, int R>
           if (fc_alibi) {
             sc -= sc_slope[rr] * float(abs(sc_pos[rr] - key));
           }
-          sc = visible ? sc : kMaskedScore;
+          sc = visible ? clamp_score(sc) : kNoScore;
           t[rr][u] = sc;
           mx = max(mx, sc);
         }
         const float m_new = max(m_own[rr], mx);
-        const float corr = m_own[rr] > kNegHalf ? exp(m_own[rr] - m_new) : 0.0f;
+        const float corr = m_own[rr] > kNoScore ? exp(m_own[rr] - m_new) : 0.0f;
         float sum = 0.0f;
         for (int u = 0; u < U; ++u) {
-          const float pr = t[rr][u] > kNegHalf ? exp(t[rr][u] - m_new) : 0.0f;
+          const float pr = t[rr][u] > kNoScore ? exp(t[rr][u] - m_new) : 0.0f;
           t[rr][u] = pr;
           sum += pr;
         }
@@ -564,7 +567,7 @@ template <typename T, int D, int R>
       // 4. Online softmax and P.V, lane-local: one max / rescale per row and step.
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {
-          float step_max = kMaskedScore;
+          float step_max = kNoScore;
           for (int u = 0; u < U; ++u) {
             const int key = t0 + u * G + g;
             float sc = s[r][u];
@@ -579,15 +582,15 @@ template <typename T, int D, int R>
             if (fc_alibi) {
               sc -= row_slope[r] * float(abs(row_pos[r] - key));
             }
-            sc = visible ? sc : kMaskedScore;
+            sc = visible ? clamp_score(sc) : kNoScore;
             s[r][u] = sc;
             step_max = max(step_max, sc);
           }
           const float m_new = max(m[r], step_max);
-          const float corr = m[r] > kNegHalf ? exp(m[r] - m_new) : 0.0f;
+          const float corr = m[r] > kNoScore ? exp(m[r] - m_new) : 0.0f;
           float sum = 0.0f;
           for (int u = 0; u < U; ++u) {
-            const float pr = s[r][u] > kNegHalf ? exp(s[r][u] - m_new) : 0.0f;
+            const float pr = s[r][u] > kNoScore ? exp(s[r][u] - m_new) : 0.0f;
             s[r][u] = pr;
             sum += pr;
           }
@@ -637,7 +640,7 @@ template <typename T, int D, int R>
       for (int off = L; off < 32; off *= 2) {
         mx = max(mx, simd_shuffle_xor(mx, ushort(off)));
       }
-      const float share = m[r] > kNegHalf ? exp(m[r] - mx) : 0.0f;
+      const float share = m[r] > kNoScore ? exp(m[r] - mx) : 0.0f;
       float lr = l[r] * share;
       for (int off = L; off < 32; off *= 2) {
         lr += simd_shuffle_xor(lr, ushort(off));
@@ -663,11 +666,11 @@ template <typename T, int D, int R>
   threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done reading q_tg
   float share[R];
   for (int r = 0; r < R; ++r) {
-    float mx = kMaskedScore;
+    float mx = kNoScore;
     for (int w = 0; w < NSG; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
-    share[r] = m[r] > kNegHalf ? exp(m[r] - mx) : 0.0f;
+    share[r] = m[r] > kNoScore ? exp(m[r] - mx) : 0.0f;
   }
   // The simdgroups' accumulators meet in MS slots of R x D floats (the q rows' memory and beyond): simdgroup w adds
   // its share to slot w % MS in round w / MS, one barrier per round; the write below sums the slots. As many slots
@@ -701,7 +704,7 @@ template <typename T, int D, int R>
     const int gr = row0 + r;
     const int h = hkv * group + gr / sq;
     const int i = gr % sq;
-    float mx = kMaskedScore;
+    float mx = kNoScore;
     for (int w = 0; w < NSG; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
@@ -709,7 +712,7 @@ template <typename T, int D, int R>
     bool bad = false;
     for (int w = 0; w < NSG; ++w) {
       const float mw = m_tg[w * R + r];
-      sum += mw > kNegHalf ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
+      sum += mw > kNoScore ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
       bad = bad || ((bad_tg[w] >> r) & 1u) != 0;
     }
     float acc = 0.0f;
@@ -734,10 +737,10 @@ template <typename T, int D, int R>
         lse[lse_at] = kNanBits;
       }
     } else {
-      const bool seen = mx > kNegHalf;
+      const bool seen = mx > kNoScore;
       float scale_o = 1.0f;
       if (fc_sinks && seen) {
-        const float sink = sinks[h];
+        const float sink = clamp_score(sinks[h]);
         const float mn = max(mx, sink);
         scale_o = exp(mx - mn);
         sum = sum * scale_o + exp(sink - mn);
@@ -797,13 +800,13 @@ template <typename T>
   const int splits = min(p.num_splits, int(kMaxSplits));
 
   // 1. The row max over the splits; a split that saw a non-finite visible score (NaN bits) makes the row NaN.
-  float mx = kMaskedScore;
+  float mx = kNoScore;
   bool bad = false;
   for (int s = int(tid); s < splits; s += NT) {
     const float ms = ml_partial[(s * rows + row) * 2];
     const bool nonfinite = is_nonfinite(ms);
     bad = bad || nonfinite;
-    mx = max(mx, nonfinite ? kMaskedScore : ms);
+    mx = max(mx, nonfinite ? kNoScore : ms);
   }
   mx = simd_max(mx);
   bad = simd_any(bad);
@@ -812,7 +815,7 @@ template <typename T>
     bad_red_tg[sg] = bad ? 1u : 0u;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  mx = kMaskedScore;
+  mx = kNoScore;
   bad = false;
   for (int w = 0; w < NSG; ++w) {
     mx = max(mx, red_tg[w]);
@@ -832,7 +835,7 @@ template <typename T>
   float lsum = 0.0f;
   for (int s = int(tid); s < splits; s += NT) {
     const float ms = ml_partial[(s * rows + row) * 2];
-    const float w = ms > kNegHalf ? exp(ms - mx) : 0.0f;
+    const float w = ms > kNoScore ? exp(ms - mx) : 0.0f;
     w_tg[s] = w;
     lsum += w * ml_partial[(s * rows + row) * 2 + 1];
   }
@@ -875,12 +878,12 @@ template <typename T>
     for (int k = 0; k < NS; ++k) {
       total += acc_tg[k * C + int(tid)];
     }
-    const bool seen = mx > kNegHalf;
+    const bool seen = mx > kNoScore;
     float scale_o = 1.0f;
     float mfinal = mx;
     float denom = sum;
     if (fc_sinks && seen) {
-      const float sink = sinks[h];
+      const float sink = clamp_score(sinks[h]);
       const float mn = max(mx, sink);
       scale_o = exp(mx - mn);
       denom = sum * scale_o + exp(sink - mn);

@@ -302,3 +302,26 @@ def test_scores_near_minus_1e30_are_scores(kernel, device, D):
     out_pt, _ = ref.attention_varlen(q2, k2, v2, [0, n], [0, n], dtype=torch.float32, **kw)
     ref.check_close(out2.cpu(), out_ref, out_pt)
     assert torch.allclose(lse2.cpu().double(), lse_ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("Hq,sq,num_splits", [(1, 1, 1), (4, 1, 3), (8, 2, 1)])  # row tiles R = 1, 4, 16; split-K
+def test_decode_scores_near_minus_1e30_are_scores(kernel, device, Hq, sq, num_splits):
+    """The decode kernel (flash_attn_with_kvcache): with softmax_scale = 1e30 every visible score is -0.8125e30, at or
+    below the old sentinel's -7e29, so each row's softmax is uniform: out = the mean of its visible v rows, LSE = the
+    score. Before, those rows were taken for masked: out 0, LSE -inf."""
+    g = torch.Generator().manual_seed(Hq)
+    n, D = 40, 64
+    u = torch.zeros(D)
+    u[[0, 5]] = torch.tensor([0.75, 0.5])  # exact products: every key's score is the same float
+    k_cache = u.expand(1, n, 1, D).clone()
+    q = -u.expand(1, sq, Hq, D).clone()
+    v_cache = torch.randn(1, n, 1, D, generator=g)
+    out, lse = kernel.flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device), cache_seqlens=n,
+                                              softmax_scale=1e30, causal=True, num_splits=num_splits,
+                                              return_softmax_lse=True)
+    for i in range(sq):
+        seen = n - sq + 1 + i  # bottom-right causal: query i sees keys 0 .. n - sq + i
+        mean = v_cache[0, :seen, 0].double().mean(0)
+        assert torch.allclose(out[0, i].cpu().double(), mean.expand(Hq, D), atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(lse).all()
+    assert torch.allclose(lse.cpu().double(), torch.full((1, Hq, sq), -0.8125e30, dtype=torch.float64), rtol=1e-6)
