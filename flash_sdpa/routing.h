@@ -28,11 +28,10 @@ ForwardKernel route_dense(at::ScalarType dtype, int64_t head_dim, int64_t seqlen
 ForwardKernel route_varlen(at::ScalarType dtype, int64_t head_dim, int64_t max_seqlen_q, int64_t batch, int64_t total_q,
                            int64_t total_k, bool paged);
 
-// kDecode's plan for flash_attn_varlen_func: the decode kernel's varlen mode for every sequence (it computes row
-// cu_seqlens_q[b] as a one-query sequence), then `rest` (the varlen kernel on the same out / lse) for the sequences
-// with two or more query rows, whose rows it writes again, the first included. Dispatches on one encoder run in
-// order, so the second write wins, and the result never depends on max_seqlen_q. When every sequence has one query
-// row (transformers' decode), the second dispatch's threadgroups read two cu_seqlens_q entries and exit.
+// kDecode's plan for flash_attn_varlen_func: the decode kernel's varlen mode for the sequences with exactly one
+// query row, then `rest` (the varlen kernel on the same out / lse) for those with two or more; each skips the
+// other's (both clamp cu_seqlens alike), so the result never depends on max_seqlen_q. When every sequence has one
+// query row (transformers' decode), the second dispatch's threadgroups read two cu_seqlens_q entries and exit.
 LaunchPlan plan_varlen_decode(const PagedKVCacheAttention& decode, VarlenAttention rest);
 
 }  // namespace flash_sdpa

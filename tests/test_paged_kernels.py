@@ -430,7 +430,7 @@ def reference_varlen_decode(q, k, v, cu_q, cu_k, *, dtype=torch.float64, **kw):
                                      dtype=dtype, **kw_b)
         for i in range(qe - qs):
             target[qs + i] = (o[0, i], lse[0, :, i])
-    res.update(rest)  # the second dispatch's rows win
+    res.update(rest)  # the varlen dispatch runs second: its rows win where garbage cu_seqlens overlap
     return res
 
 
