@@ -42,45 +42,11 @@ if not __package__:  # run as a file (python3 benchmarks/mac_report.py): the rep
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import apple, cases  # noqa: E402
+from benchmarks.cases import MODELS, Model  # noqa: E402
 
 # ---- the shape grid ----
 
 
-@dataclass(frozen=True)
-class Model:
-    """A model's attention: H query heads, Hkv KV heads, head dim D, and the options its layers use."""
-
-    name: str
-    H: int
-    Hkv: int
-    D: int
-    softcap: float = 0.0  # attn_logit_softcapping (0 = off)
-    sinks: bool = False  # one learned sink logit per head (s_aux)
-
-    @property
-    def key(self) -> str:
-        return self.name.lower()
-
-    def heads(self) -> str:
-        return f"{self.H}/{self.Hkv}/{self.D}"
-
-    def features(self) -> str:
-        f = ([f"softcap {self.softcap:g}"] if self.softcap else []) + (["sinks"] if self.sinks else [])
-        return ", ".join(f) or "-"
-
-
-MODELS = (
-    Model("Llama-3-8B", 32, 8, 128),
-    Model("Llama-3-70B", 64, 8, 128),
-    Model("Qwen2.5-7B", 28, 4, 128),
-    Model("Qwen2.5-14B", 40, 8, 128),
-    Model("Mistral-7B", 32, 8, 128),
-    Model("Gemma-2-9B", 16, 8, 256, softcap=50.0),
-    Model("Gemma-3-27B", 32, 16, 128),
-    Model("gpt-oss-20b", 64, 8, 64, sinks=True),
-    Model("Phi-3-mini", 32, 32, 96),
-    Model("SmolLM2-1.7B", 32, 32, 64),
-)
 
 
 @dataclass(frozen=True)

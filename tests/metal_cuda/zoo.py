@@ -3,14 +3,13 @@ batches they run at. Used by bench_peers.py (timing, GPU machine) and apple_plan
 
 import torch
 
-# The model zoo (issue 19): name -> (H, Hkv, D, options). Gemma-2 runs with its softcap and gpt-oss with its sinks on
-# our side; MLX has no softcap, llama.cpp's kernels here neither softcap nor sinks, so those peers run without them.
-ZOO = {
-    "Llama-3-8B": (32, 8, 128, {}), "Llama-3-70B": (64, 8, 128, {}), "Qwen2.5-7B": (28, 4, 128, {}),
-    "Qwen2.5-14B": (40, 8, 128, {}), "Mistral-7B": (32, 8, 128, {}), "Gemma-2-9B": (16, 8, 256, {"softcap": 50.0}),
-    "Gemma-3-27B": (32, 16, 128, {}), "gpt-oss-20b": (64, 8, 64, {"sinks": True}), "Phi-3-mini": (32, 32, 96, {}),
-    "SmolLM2-1.7B": (32, 32, 64, {}),
-}
+from benchmarks.cases import MODELS
+
+# name -> (H, Hkv, D, options), from benchmarks/cases.py's MODELS (one list for the Mac report and this table).
+# Gemma-2 runs with its softcap and gpt-oss with its sinks on our side; MLX has no softcap, llama.cpp's kernels here
+# neither softcap nor sinks, so those peers run without them.
+ZOO = {m.name: (m.H, m.Hkv, m.D, {"softcap": m.softcap} if m.softcap else ({"sinks": True} if m.sinks else {}))
+       for m in MODELS}
 ZOO_CONTEXTS = (256, 1000, 4096, 32768, 131072)
 ZOO_BATCHES = (1, 8, 32)
 ZOO_MAX_KV_BYTES = 2 << 30  # skip what does not fit the time of one run (K + V of the whole batch)
