@@ -192,6 +192,47 @@ inline void pv_update(thread float (&o)[R][EPL], thread const vec<uint, 4> (&vr)
   }
 }
 
+// One row's online-softmax step over its U keys of the step (key t + u * G): a key is visible when its block is valid
+// and it lies in the row's window `keys`; a visible non-finite score sets the row's bit in bad_rows (the row becomes
+// NaN) and is dropped, before the softcap clamp could hide it; then softcap, ALiBi (row position pos, slope) and the
+// clamp to +-kScoreLimit. The scores become probabilities relative to the new running max m (l accumulates their
+// sum); returns the correction of the row's earlier accumulator.
+template <int U, int G>
+inline float softmax_step(thread float (&s)[U], thread float& m, thread float& l, thread uint& bad_rows, int r,
+                          bool row_ok, thread const int2 (&loc)[U], int t, int2 keys, int pos, float slope,
+                          constant OptionParams& opt) {
+  float mx = kNoScore;
+  for (int u = 0; u < U; ++u) {
+    const int key = t + u * G;
+    float sc = s[u];
+    bool visible = row_ok && loc[u].x >= 0 && key >= keys.x && key <= keys.y;
+    if (visible && is_nonfinite(sc)) {
+      bad_rows |= 1u << r;
+      visible = false;
+    }
+    if (fc_softcap) {
+      sc = apply_softcap(sc, opt.softcap);
+    }
+    if (fc_alibi) {
+      sc -= slope * float(abs(pos - key));
+    }
+    sc = visible ? clamp_score(sc) : kNoScore;
+    s[u] = sc;
+    mx = max(mx, sc);
+  }
+  const float m_new = max(m, mx);
+  const float corr = m > kNoScore ? exp(m - m_new) : 0.0f;
+  float sum = 0.0f;
+  for (int u = 0; u < U; ++u) {
+    const float pr = s[u] > kNoScore ? exp(s[u] - m_new) : 0.0f;
+    s[u] = pr;
+    sum += pr;
+  }
+  l = l * corr + sum;
+  m = m_new;
+  return corr;
+}
+
 // The block-table position (block index, slot) of a lane group's next key in paged mode. One integer division at
 // the start and one for the stride; then each step advances by adds (an integer division is a long instruction
 // sequence on Apple's GPUs as on NVIDIA's, and it was once per step).
@@ -481,35 +522,8 @@ template <typename T, int D, int R>
       threadgroup float* buf = score_buf + parity * SF;  // probabilities [R][U], then corrections [R]
       for (int rr = 0; rr < RPL; ++rr) {
         const int r = first_row + rr;
-        float mx = kNoScore;
-        for (int u = 0; u < U; ++u) {
-          const int key = t0 + u * G + g;
-          float sc = t[rr][u];
-          bool visible = r < nrows && loc[u].x >= 0 && key >= sc_keys[rr].x && key <= sc_keys[rr].y;
-          if (visible && is_nonfinite(sc)) {  // before the softcap clamp could hide a NaN
-            bad_rows |= 1u << r;
-            visible = false;
-          }
-          if (fc_softcap) {
-            sc = apply_softcap(sc, p.opt.softcap);
-          }
-          if (fc_alibi) {
-            sc -= sc_slope[rr] * float(abs(sc_pos[rr] - key));
-          }
-          sc = visible ? clamp_score(sc) : kNoScore;
-          t[rr][u] = sc;
-          mx = max(mx, sc);
-        }
-        const float m_new = max(m_own[rr], mx);
-        const float corr = m_own[rr] > kNoScore ? exp(m_own[rr] - m_new) : 0.0f;
-        float sum = 0.0f;
-        for (int u = 0; u < U; ++u) {
-          const float pr = t[rr][u] > kNoScore ? exp(t[rr][u] - m_new) : 0.0f;
-          t[rr][u] = pr;
-          sum += pr;
-        }
-        l_own[rr] = l_own[rr] * corr + sum;
-        m_own[rr] = m_new;
+        const float corr = softmax_step<U, G>(t[rr], m_own[rr], l_own[rr], bad_rows, r, r < nrows, loc, t0 + g,
+                                              sc_keys[rr], sc_pos[rr], sc_slope[rr], p.opt);
         if (li % DUP == 0) {
           for (int u = 0; u < U; ++u) {
             buf[r * U + u] = t[rr][u];
@@ -567,35 +581,8 @@ template <typename T, int D, int R>
       // 4. Online softmax and P.V, lane-local: one max / rescale per row and step.
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {
-          float step_max = kNoScore;
-          for (int u = 0; u < U; ++u) {
-            const int key = t0 + u * G + g;
-            float sc = s[r][u];
-            bool visible = loc[u].x >= 0 && key >= row_keys[r].x && key <= row_keys[r].y;
-            if (visible && is_nonfinite(sc)) {  // before the softcap clamp could hide a NaN
-              bad_rows |= 1u << r;
-              visible = false;
-            }
-            if (fc_softcap) {
-              sc = apply_softcap(sc, p.opt.softcap);
-            }
-            if (fc_alibi) {
-              sc -= row_slope[r] * float(abs(row_pos[r] - key));
-            }
-            sc = visible ? clamp_score(sc) : kNoScore;
-            s[r][u] = sc;
-            step_max = max(step_max, sc);
-          }
-          const float m_new = max(m[r], step_max);
-          const float corr = m[r] > kNoScore ? exp(m[r] - m_new) : 0.0f;
-          float sum = 0.0f;
-          for (int u = 0; u < U; ++u) {
-            const float pr = s[r][u] > kNoScore ? exp(s[r][u] - m_new) : 0.0f;
-            s[r][u] = pr;
-            sum += pr;
-          }
-          l[r] = l[r] * corr + sum;
-          m[r] = m_new;
+          const float corr = softmax_step<U, G>(s[r], m[r], l[r], bad_rows, r, true, loc, t0 + g, row_keys[r],
+                                                row_pos[r], row_slope[r], p.opt);
           for (int j = 0; j < CPL; ++j) {
             for (int e = 0; e < EPC; ++e) {
               float acc = o[r][j * EPC + e] * corr;
