@@ -56,8 +56,8 @@ struct DecodeLayout {
   // scores per lane. More per step costs registers, so fewer resident simdgroups: on the proxy 64 B was 1.1-1.3x
   // slower than 32 B at every benchmarked shape (tests/metal_cuda/RESULTS.md).
   // At R >= 8 a step keeps 16 partial scores per lane (R = 8: 2 keys), not 32: the R x EPL accumulators already
-  // take 32 registers, and the extra keys in flight cost a resident threadgroup (proxy, GQA 8 B=4 S=8192: 2 keys
-  // per step 128 registers, 2 threadgroups per SM, 353 us; 4 keys 143 registers, one, 559 us).
+  // take 32 registers, and an Apple core spills rather than lowering occupancy. On the proxy 4 keys were within 2%
+  // (GQA 8 B=4 S=8192: 191 against 195 us, 122 against 118 registers).
   static constexpr int U0 = 32 / (CPL * kChunkBytes);
   static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane
   static constexpr int U1 = U0 < kMaxScores / R ? U0 : kMaxScores / R;
@@ -74,7 +74,8 @@ struct DecodeLayout {
   // reduce-scatter (each butterfly stage halves the values a lane carries: R - 1 shuffles per key and lane, against
   // R x log2 L for an all-reduce), so lane li ends with the scores of RPL rows (DUP lanes hold each row). The online
   // softmax of those rows is then lane-local (no shuffle, 1/DUP-th of the exponentials each lane did before), and
-  // the probabilities reach every lane through threadgroup memory (one simdgroup_barrier per step).
+  // the probabilities reach every lane through threadgroup memory (one simdgroup_barrier per step). At R = 1 every
+  // lane already holds the one row's scores after the butterfly: nothing to scatter.
   static constexpr int kScatterMinRows = 2;
   static constexpr bool kScatter = R >= kScatterMinRows;
   static constexpr int RPL = R >= L ? R / L : 1;  // rows per lane
