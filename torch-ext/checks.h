@@ -3,9 +3,19 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 
 #include <cmath>
 #include <optional>
+
+#include "attention_options.h"
+
+// The option group every op schema ends with, built once by the package's _op_options() (metal_flash_sdpa):
+//   option_floats  = [softmax_scale, softcap]
+//   option_ints    = [causal, window_left, window_right]
+//   option_tensors = [alibi_slopes, s_aux]
+// An op reads it once, with one check call (read_options below), into flash_sdpa::AttentionOptions.
+#define FLASH_SDPA_OPTION_GROUP "float[] option_floats, int[] option_ints, Tensor?[] option_tensors"
 
 namespace flash_sdpa {
 namespace checks {
@@ -109,6 +119,30 @@ inline void check_extras(const std::optional<at::Tensor>& alibi_slopes, const st
     TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == heads, "s_aux must have shape [", heads, "], got ", s.sizes());
     TORCH_CHECK_VALUE(s.is_contiguous(), "s_aux must be contiguous");
   }
+}
+
+using OptionFloats = c10::ArrayRef<double>;
+using OptionInts = c10::IntArrayRef;
+using OptionTensors = c10::List<std::optional<at::Tensor>>;
+
+// The op's option group (FLASH_SDPA_OPTION_GROUP), checked once: the window, scale and softcap, the ALiBi slopes of
+// `batch` x `heads` and the sinks of `heads`; returns the options, windows canonical for key_rows / query_rows.
+inline AttentionOptions read_options(OptionFloats option_floats, OptionInts option_ints,
+                                     const OptionTensors& option_tensors, const at::Tensor& q, int64_t batch,
+                                     int64_t heads, int64_t key_rows, int64_t query_rows) {
+  TORCH_CHECK_VALUE(option_floats.size() == 2 && option_ints.size() == 3 && option_tensors.size() == 2,
+                    "the option group must be [softmax_scale, softcap], [causal, window_left, window_right], "
+                    "[alibi_slopes, s_aux] (metal_flash_sdpa._op_options), got ",
+                    option_floats.size(), ", ", option_ints.size(), " and ", option_tensors.size(), " values");
+  const double softmax_scale = option_floats[0], softcap = option_floats[1];
+  const bool causal = option_ints[0] != 0;
+  const int64_t window_left = option_ints[1], window_right = option_ints[2];
+  const std::optional<at::Tensor> alibi_slopes = option_tensors.get(0), s_aux = option_tensors.get(1);
+  check_window(window_left, window_right);
+  check_scale(softmax_scale, softcap);
+  check_extras(alibi_slopes, s_aux, q, batch, heads);
+  return attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux, key_rows,
+                           query_rows);
 }
 
 }  // namespace checks
