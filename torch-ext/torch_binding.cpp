@@ -1,10 +1,11 @@
 // Op schemas, argument validation and registration of metal-flash-sdpa.
 //
 // Every op validates all of its arguments before planning (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE: Python sees a
-// ValueError / TypeError that names the argument): nothing past validation may throw
-// (on the Mac, encoding runs inside dispatch_sync, where an exception kills the process). The ops are registered
-// for MPS; the emulated Linux build (METAL_FLASH_SDPA_EMULATED) registers them for CPU, where the launch plan runs
-// on the Metal-on-CPU emulator (msl/cpu/launch_cpu.cpp).
+// ValueError / TypeError that names the argument), reads its option group once (checks.h: read_options), then hands
+// the call over: flash_sdpa/routing.h picks the kernel, adapts the inputs to it and plans. Nothing past validation
+// may throw (on the Mac, encoding runs inside dispatch_sync, where an exception kills the process). The ops are
+// registered for MPS; the emulated Linux build (METAL_FLASH_SDPA_EMULATED) registers them for CPU, where the launch
+// plan runs on the Metal-on-CPU emulator (msl/cpu/launch_cpu.cpp).
 #include "torch_binding.h"
 
 #include <ATen/ATen.h>
