@@ -5,8 +5,9 @@
 //   - FLASH_SDPA_FC_*: the options' function constants, at the same indices in every kernel (declared once for MSL
 //     in attention_device.h, with the device helpers on the options);
 //   - AttentionOptions (host): the options of one call, embedded in every planner's call (VarlenAttention,
-//     PagedKVCacheAttention, AttentionBackward), filled by attention_options() in the bindings and turned into the
-//     above by option_params() and option_constants() in the planners.
+//     PagedKVCacheAttention, AttentionBackward), filled once per op from its option group (torch-ext/checks.h:
+//     read_options, windows made canonical by canonical_window below) and turned into the above by option_params()
+//     and option_constants() in the planners.
 #pragma once
 
 #include "params_types.h"
@@ -60,21 +61,6 @@ inline std::pair<int64_t, int64_t> canonical_window(bool causal, int64_t window_
                                                     int64_t key_rows, int64_t query_rows) {
   const int64_t right = causal ? 0 : window_right;
   return {window_left >= key_rows ? -1 : window_left, right >= key_rows + query_rows ? -1 : right};
-}
-
-// The options of one call, as every binding fills them (windows canonical).
-inline AttentionOptions attention_options(double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                                          double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                          const std::optional<at::Tensor>& s_aux, int64_t key_rows,
-                                          int64_t query_rows) {
-  AttentionOptions options;
-  options.scale = softmax_scale;
-  options.softcap = softcap;
-  std::tie(options.window_left, options.window_right) =
-      canonical_window(causal, window_left, window_right, key_rows, query_rows);
-  options.alibi_slopes = alibi_slopes;
-  options.sinks = s_aux;
-  return options;
 }
 
 // The kernels' copy of the options. Windows saturate at int32 (the kernels' window arithmetic is 64-bit, and no

@@ -1,5 +1,13 @@
 #include "routing.h"
 
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+
 #include "paged_params.h"
 #include "paged_planner.h"
 
@@ -25,6 +33,89 @@ LaunchPlan plan_varlen_decode(const PagedKVCacheAttention& decode, VarlenAttenti
     plan.dispatches.push_back(std::move(d));
   }
   return plan;
+}
+
+RoutedForward route_dense_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const AttentionOptions& options) {
+  const int64_t batch = q.size(0), seqlen_q = q.size(1), heads = q.size(2), seqlen_k = k.size(1);
+  RoutedForward routed{
+      at::empty(q.sizes(), q.options()), at::empty({batch, heads, seqlen_q}, q.options().dtype(at::kFloat)), {}};
+  if (route_dense(q.scalar_type(), q.size(3), seqlen_q, seqlen_k) == ForwardKernel::kDecode) {
+    // K/V as a contiguous cache: block b is batch row b, all seqlen_k keys valid.
+    PagedKVCacheAttention call;
+    call.q = q;
+    call.k_cache = k;
+    call.v_cache = v;
+    call.block_table = at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+    call.cache_seqlens = at::full({batch}, seqlen_k, q.options().dtype(at::kInt));
+    call.out = routed.out;
+    call.lse = routed.lse;
+    call.options = options;
+    call.max_seqlen_k = seqlen_k;
+    routed.plan = plan_paged_kvcache(call);
+    return routed;
+  }
+  VarlenAttention call;
+  call.q = q;
+  call.k = k;
+  call.v = v;
+  call.out = routed.out;
+  call.lse = routed.lse;
+  call.options = options;
+  routed.plan = plan_varlen_attention(call);
+  return routed;
+}
+
+RoutedForward route_varlen_forward(VarlenAttention call, int64_t max_seqlen_k) {
+  const at::Tensor& q = call.q;
+  const int64_t total_q = q.size(0), heads = q.size(1), batch = call.cu_seqlens_q->size(0) - 1;
+  // Rows of q that no sequence covers (cu_seqlens_q[-1] < total_q, or garbage cu_seqlens) are never written by the
+  // kernels: they read as 0 / LSE -inf rather than uninitialised memory.
+  call.out = at::zeros(q.sizes(), q.options());
+  call.lse = at::full({heads, total_q}, -INFINITY, q.options().dtype(at::kFloat));
+  RoutedForward routed{call.out, call.lse, {}};
+  if (route_varlen(q.scalar_type(), q.size(2), call.max_seqlen_q, batch, total_q, call.k.size(0),
+                   call.block_table.has_value()) == ForwardKernel::kDecode) {
+    // The decode kernel's varlen mode: sequence b attends rows cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1 of the
+    // packed k / v (clamped to [0, total_k] in the kernel) from query row cu_seqlens_q[b], each K/V byte read once per
+    // KV head for the whole GQA group; the varlen kernel takes the sequences with several query rows
+    // (plan_varlen_decode). The result does not depend on max_seqlen_q or max_seqlen_k.
+    PagedKVCacheAttention decode;
+    decode.q = q;             // [total_q, H, D]
+    decode.k_cache = call.k;  // [total_k, Hkv, D]
+    decode.v_cache = call.v;
+    decode.cu_seqlens_q = call.cu_seqlens_q;
+    decode.cu_seqlens_k = call.cu_seqlens_k;
+    decode.out = call.out;
+    decode.lse = call.lse;
+    decode.options = call.options;
+    decode.max_seqlen_k = std::min<int64_t>(max_seqlen_k, call.k.size(0));
+    routed.plan = plan_varlen_decode(decode, call);
+    return routed;
+  }
+  routed.plan = plan_varlen_attention(call);
+  return routed;
+}
+
+RoutedForward route_kvcache_forward(PagedKVCacheAttention call, const std::optional<at::Tensor>& cache_batch_idx,
+                                    bool return_lse) {
+  const at::Tensor& q = call.q;
+  const int64_t batch = q.size(0);
+  if (!call.block_table.defined()) {  // contiguous cache: one block of S keys per request
+    call.block_table = cache_batch_idx.has_value() ? cache_batch_idx->view({batch, 1})
+                                                   : at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+  }
+  if (!call.cache_seqlens.defined()) {  // the whole cache: the block table's capacity
+    const int64_t capacity = call.block_table.size(1) * call.k_cache.size(1);
+    call.cache_seqlens = at::full({batch}, capacity, q.options().dtype(at::kInt));
+  }
+  call.out = at::empty(q.sizes(), q.options());
+  const at::Tensor lse = at::empty(return_lse ? at::IntArrayRef{batch, q.size(2), q.size(1)} : at::IntArrayRef{0},
+                                   q.options().dtype(at::kFloat));
+  if (return_lse) {
+    call.lse = lse;
+  }
+  return {call.out, lse, plan_paged_kvcache(call)};
 }
 
 }  // namespace flash_sdpa

@@ -293,7 +293,7 @@ def test_errors_name_the_argument(kernel, device):
     def call(**over):
         a = {**args, **over}
         return ops.varlen_bwd(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], a.get("cu_q", cu_q), cu_k, 9, 9,
-                              0.125, True, -1, -1, a.get("softcap", 0.0), None, a.get("s_aux"))
+                              [0.125, a.get("softcap", 0.0)], [1, -1, -1], [None, a.get("s_aux")])
 
     with pytest.raises(ValueError, match="dout must have the shape of q"):
         call(dout=out[:3])
@@ -323,14 +323,14 @@ def test_op_schemas(kernel, device):
     q, k, v = (torch.randn(7, 4, 64, generator=g).to(device) for _ in range(3))
     k, v = k[:, :2].contiguous(), v[:, :2].contiguous()
     cu_s = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
-    out, lse = ops.varlen_fwd(q, k, v, cu_s, cu_s, 4, 4, 0.125, True, -1, -1, 0.0, None, None, None)
+    out, lse = ops.varlen_fwd(q, k, v, cu_s, cu_s, 4, 4, None, [0.125, 0.0], [1, -1, -1], [None, None])
     sinks = torch.zeros(4, device=device)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(ops.varlen_bwd.default, (out, q, k, v, out, lse, cu_s, cu_s, 4, 4, 0.125, True, -1, -1, 0.0,
-                                                   None, sinks), test_utils=utils)
+    torch.library.opcheck(ops.varlen_bwd.default, (out, q, k, v, out, lse, cu_s, cu_s, 4, 4, [0.125, 0.0], [1, -1, -1],
+                                                   [None, sinks]), test_utils=utils)
     qd, kd, vd, od = q.view(1, 7, 4, 64), k.view(1, 7, 2, 64), v.view(1, 7, 2, 64), out.view(1, 7, 4, 64)
-    torch.library.opcheck(ops.bwd.default, (od, qd, kd, vd, od, lse.view(4, 7)[None], 0.125, False, -1, -1, 0.0,
-                                            None, None), test_utils=utils)
+    torch.library.opcheck(ops.bwd.default, (od, qd, kd, vd, od, lse.view(4, 7)[None], [0.125, 0.0], [0, -1, -1],
+                                            [None, None]), test_utils=utils)
 
 
 # --- The full matrix (--full). -----------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 // (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE) before anything is encoded.
 #include <ATen/ATen.h>
 
+#include <utility>
+
 #include "backward_planner.h"
 #include "checks.h"
 #include "torch_binding.h"
@@ -36,20 +38,10 @@ void check_backward_tensors(const at::Tensor& dout, const at::Tensor& q, const a
   check_last_dim_contiguous(lse, "lse");
 }
 
-void check_backward_options(const at::Tensor& q, int64_t batch, int64_t heads, double softmax_scale,
-                            int64_t window_left, int64_t window_right, double softcap,
-                            const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
-  check_window(window_left, window_right);
-  check_scale(softmax_scale, softcap);
-  check_extras(alibi_slopes, s_aux, q, batch, heads);
-}
-
 // Outputs, the delta scratch and the options; rows no sequence covers keep their zeros.
 flash_sdpa::AttentionBackward make_call(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                        double softmax_scale, bool causal, int64_t window_left, int64_t window_right,
-                                        double softcap, const std::optional<at::Tensor>& alibi_slopes,
-                                        const std::optional<at::Tensor>& s_aux) {
+                                        flash_sdpa::AttentionOptions options) {
   flash_sdpa::AttentionBackward call;
   call.dout = dout;
   call.q = q;
@@ -61,28 +53,26 @@ flash_sdpa::AttentionBackward make_call(const at::Tensor& dout, const at::Tensor
   call.dq = at::zeros(q.sizes(), q.options());
   call.dk = at::zeros(k.sizes(), k.options());
   call.dv = at::zeros(v.sizes(), v.options());
-  call.dsinks = at::zeros({s_aux.has_value() ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
-  // The forward's options, canonical the same way (rows axis: -3 for varlen [T, H, D] and dense [B, S, H, D]).
-  call.options = flash_sdpa::attention_options(softmax_scale, causal, window_left, window_right, softcap, alibi_slopes,
-                                               s_aux, k.size(-3), q.size(-3));
+  call.dsinks = at::zeros({options.sinks.has_value() ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
+  call.options = std::move(options);
   return call;
 }
 
 }  // namespace
 
+// The forward's options are read the same way (rows axis: -3 for varlen [T, H, D] and dense [B, S, H, D]), so the
+// canonical window is the forward's.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-    int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
+    int64_t max_seqlen_k, OptionFloats option_floats, OptionInts option_ints, const OptionTensors& option_tensors) {
   TORCH_CHECK_VALUE(q.dim() == 3, "q must have shape [total_q, num_heads, head_dim], got ", q.sizes());
   check_backward_tensors(dout, q, k, v, out, lse, 3, "[total_q, num_heads, head_dim]",
                          "[total_k, num_kv_heads, head_dim]", {q.size(1), q.size(0)});
   const int64_t batch = check_varlen_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q);
-  check_backward_options(q, batch, q.size(1), softmax_scale, window_left, window_right, softcap, alibi_slopes, s_aux);
-
-  flash_sdpa::AttentionBackward call = make_call(dout, q, k, v, out, lse, softmax_scale, causal, window_left,
-                                                 window_right, softcap, alibi_slopes, s_aux);
+  flash_sdpa::AttentionBackward call =
+      make_call(dout, q, k, v, out, lse,
+                read_options(option_floats, option_ints, option_tensors, q, batch, q.size(1), k.size(0), q.size(0)));
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
@@ -91,19 +81,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
   return {call.dq, call.dk, call.dv, call.dsinks};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, double softmax_scale, bool causal, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                               const at::Tensor& k, const at::Tensor& v,
+                                                               const at::Tensor& out, const at::Tensor& lse,
+                                                               OptionFloats option_floats, OptionInts option_ints,
+                                                               const OptionTensors& option_tensors) {
   TORCH_CHECK_VALUE(q.dim() == 4, "q must have shape [batch, seqlen_q, num_heads, head_dim], got ", q.sizes());
   check_backward_tensors(dout, q, k, v, out, lse, 4, "[batch, seqlen_q, num_heads, head_dim]",
                          "[batch, seqlen_k, num_kv_heads, head_dim]", {q.size(0), q.size(2), q.size(1)});
   TORCH_CHECK_VALUE(k.size(0) == q.size(0), "k must have the batch size of q (", q.size(0), "), got ", k.size(0));
-  check_backward_options(q, q.size(0), q.size(2), softmax_scale, window_left, window_right, softcap, alibi_slopes,
-                         s_aux);
-
-  flash_sdpa::AttentionBackward call = make_call(dout, q, k, v, out, lse, softmax_scale, causal, window_left,
-                                                 window_right, softcap, alibi_slopes, s_aux);
+  flash_sdpa::AttentionBackward call = make_call(
+      dout, q, k, v, out, lse,
+      read_options(option_floats, option_ints, option_tensors, q, q.size(0), q.size(2), k.size(1), q.size(1)));
   flash_sdpa::run_launch_plan(flash_sdpa::plan_attention_backward(call));
   return {call.dq, call.dk, call.dv, call.dsinks};
 }

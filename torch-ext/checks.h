@@ -3,9 +3,20 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/List.h>
 
 #include <cmath>
 #include <optional>
+#include <tuple>
+
+#include "attention_options.h"
+
+// The option group every op schema ends with, built once by the package's _op_options() (metal_flash_sdpa):
+//   option_floats  = [softmax_scale, softcap]
+//   option_ints    = [causal, window_left, window_right]
+//   option_tensors = [alibi_slopes, s_aux]
+// An op reads it once, with one check call (read_options below), into flash_sdpa::AttentionOptions.
+#define FLASH_SDPA_OPTION_GROUP "float[] option_floats, int[] option_ints, Tensor?[] option_tensors"
 
 namespace flash_sdpa {
 namespace checks {
@@ -80,21 +91,22 @@ inline int64_t check_varlen_sequences(const at::Tensor& cu_seqlens_q, const at::
   return cu_seqlens_q.size(0) - 1;
 }
 
-inline void check_window(int64_t window_left, int64_t window_right) {
-  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ", window_left);
-  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ", window_right);
-}
+using OptionFloats = c10::ArrayRef<double>;
+using OptionInts = c10::IntArrayRef;
+using OptionTensors = c10::List<std::optional<at::Tensor>>;
 
-inline void check_scale(double scale, double softcap) {
-  TORCH_CHECK_VALUE(std::isfinite(scale), "softmax_scale must be finite, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be >= 0 (0 = off), got ", softcap);
-}
-
-// alibi_slopes: float32 [H] or [batch, H]; s_aux: float32 [H].
-inline void check_extras(const std::optional<at::Tensor>& alibi_slopes, const std::optional<at::Tensor>& s_aux,
-                         const at::Tensor& q, int64_t batch, int64_t heads) {
-  if (alibi_slopes.has_value()) {
-    const at::Tensor& a = *alibi_slopes;
+// The options of one call, checked once: windows >= -1, finite scale, softcap >= 0; alibi_slopes float32 [heads] or
+// [batch, heads] and s_aux float32 [heads], contiguous, on q's device.
+inline void check_options(const AttentionOptions& options, const at::Tensor& q, int64_t batch, int64_t heads) {
+  TORCH_CHECK_VALUE(options.window_left >= -1, "window_size[0] (left) must be >= -1 (-1 = unbounded), got ",
+                    options.window_left);
+  TORCH_CHECK_VALUE(options.window_right >= -1, "window_size[1] (right) must be >= -1 (-1 = unbounded), got ",
+                    options.window_right);
+  TORCH_CHECK_VALUE(std::isfinite(options.scale), "softmax_scale must be finite, got ", options.scale);
+  TORCH_CHECK_VALUE(std::isfinite(options.softcap) && options.softcap >= 0.0, "softcap must be >= 0 (0 = off), got ",
+                    options.softcap);
+  if (options.alibi_slopes.has_value()) {
+    const at::Tensor& a = *options.alibi_slopes;
     check_device(a, "alibi_slopes", q);
     TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
     TORCH_CHECK_VALUE(
@@ -102,13 +114,36 @@ inline void check_extras(const std::optional<at::Tensor>& alibi_slopes, const st
         "alibi_slopes must have shape [", heads, "] or [", batch, ", ", heads, "], got ", a.sizes());
     TORCH_CHECK_VALUE(a.is_contiguous(), "alibi_slopes must be contiguous");
   }
-  if (s_aux.has_value()) {
-    const at::Tensor& s = *s_aux;
+  if (options.sinks.has_value()) {
+    const at::Tensor& s = *options.sinks;
     check_device(s, "s_aux", q);
     TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "s_aux must be float32, got ", s.scalar_type());
     TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == heads, "s_aux must have shape [", heads, "], got ", s.sizes());
     TORCH_CHECK_VALUE(s.is_contiguous(), "s_aux must be contiguous");
   }
+}
+
+// The op's option group (FLASH_SDPA_OPTION_GROUP), read once into AttentionOptions and checked with one call
+// (check_options); the window is then made canonical for key_rows / query_rows (canonical_window folds causal in).
+inline AttentionOptions read_options(OptionFloats option_floats, OptionInts option_ints,
+                                     const OptionTensors& option_tensors, const at::Tensor& q, int64_t batch,
+                                     int64_t heads, int64_t key_rows, int64_t query_rows) {
+  TORCH_CHECK_VALUE(option_floats.size() == 2 && option_ints.size() == 3 && option_tensors.size() == 2,
+                    "the option group must be [softmax_scale, softcap], [causal, window_left, window_right], "
+                    "[alibi_slopes, s_aux] (metal_flash_sdpa._op_options), got ",
+                    option_floats.size(), ", ", option_ints.size(), " and ", option_tensors.size(), " values");
+  AttentionOptions options;
+  options.scale = option_floats[0];
+  options.softcap = option_floats[1];
+  options.window_left = option_ints[1];
+  options.window_right = option_ints[2];
+  options.alibi_slopes = option_tensors.get(0);
+  options.sinks = option_tensors.get(1);
+  check_options(options, q, batch, heads);
+  const bool causal = option_ints[0] != 0;
+  std::tie(options.window_left, options.window_right) =
+      canonical_window(causal, options.window_left, options.window_right, key_rows, query_rows);
+  return options;
 }
 
 }  // namespace checks

@@ -89,17 +89,26 @@ def _check_devices(q: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
 
 
-def _check_common(dropout_p: float, window_size) -> Tuple[int, int]:
-    if _as_float("dropout_p", dropout_p) != 0.0:
-        raise ValueError(f"dropout_p must be 0.0 (the kernels have no dropout), got {dropout_p}")
+_INT64_MIN = -(2**63)
+
+
+def _op_options(q: torch.Tensor, softmax_scale: Optional[float], causal: bool, window_size, softcap: float,
+                alibi_slopes: Optional[torch.Tensor] = None, s_aux: Optional[torch.Tensor] = None):
+    """The option group every op takes last (torch_binding.cpp: FLASH_SDPA_OPTION_GROUP), read and converted once
+    here: ([softmax_scale, softcap], [causal, window_left, window_right], [alibi_slopes, s_aux]). Ranges are checked
+    once, in the op (checks.h: read_options); float32 copies of the option tensors leave the caller's unmodified."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
-    return (_as_int("window_size[0] (left)", window_size[0], minimum=-1),
-            _as_int("window_size[1] (right)", window_size[1], minimum=-1))
+    window_left = _as_int("window_size[0] (left)", window_size[0], minimum=_INT64_MIN)
+    window_right = _as_int("window_size[1] (right)", window_size[1], minimum=_INT64_MIN)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else _as_float("softmax_scale", softmax_scale)
+    return ([scale, _as_float("softcap", softcap)], [int(bool(causal)), window_left, window_right],
+            [_as_float32(alibi_slopes), _as_float32(s_aux)])
 
 
-def _default_scale(q: torch.Tensor, softmax_scale: Optional[float]) -> float:
-    return q.shape[-1] ** -0.5 if softmax_scale is None else _as_float("softmax_scale", softmax_scale)
+def _check_dropout(dropout_p: float) -> None:
+    if _as_float("dropout_p", dropout_p) != 0.0:
+        raise ValueError(f"dropout_p must be 0.0 (the kernels have no dropout), got {dropout_p}")
 
 
 class _ForwardOnly(torch.autograd.Function):
@@ -243,17 +252,16 @@ def flash_attention_varlen(
     _require_tensors(out=out, key=key, value=value, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     _check_devices(query, key=key, value=value, out=out, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                    s_aux=s_aux)
-    window_left, window_right = _check_common(0.0, window_size)
     max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q, minimum=0)
     max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k, minimum=0)
     _strict_check_varlen(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    scale = _default_scale(query, scale)
     softcapping = _as_float("softcapping", softcapping)
-    s_aux = _as_float32(s_aux)
+    options = _op_options(query, scale, do_causal, window_size, 0.0 if softcapping == 1.0 else softcapping,
+                          s_aux=s_aux)
 
     def run():
         ops.flash_attention_varlen(out, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   bool(do_causal), scale, softcapping, s_aux, window_left, window_right)
+                                   *options)
 
     _run("flash_attention_varlen", run, query, key, value, s_aux, written=out)
 
@@ -311,21 +319,19 @@ def flash_attn_varlen_func(
         q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, alibi_slopes=alibi_slopes, s_aux=s_aux,
         block_table=block_table,
     )
-    window_left, window_right = _check_common(dropout_p, window_size)
+    _check_dropout(dropout_p)
     max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q, minimum=0)
     max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k, minimum=0)
     _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
-    scale = _default_scale(q, softmax_scale)
-    softcap = _as_float("softcap", softcap)
-    alibi_slopes, s_aux = _as_float32(alibi_slopes), _as_float32(s_aux)
+    option_floats, option_ints, (alibi_slopes, s_aux) = options = _op_options(
+        q, softmax_scale, causal, window_size, softcap, alibi_slopes, s_aux)
 
     def run():
-        return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, bool(causal),
-                              window_left, window_right, softcap, alibi_slopes, s_aux, block_table)
+        return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, *options)
 
     def bwd(dout, q, k, v, out, lse, s_aux, cu_seqlens_q, cu_seqlens_k, alibi_slopes):
-        return ops.varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                              bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux)
+        return ops.varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                              option_floats, option_ints, [alibi_slopes, s_aux])
 
     if block_table is not None:  # paged K/V: forward-only
         out, lse = _run("flash_attn_varlen_func with block_table", run, q, k, v, alibi_slopes, s_aux)
@@ -362,17 +368,15 @@ def flash_attn_func(
     _check_q(q)
     _require_tensors(k=k, v=v)
     _check_devices(q, k=k, v=v, alibi_slopes=alibi_slopes, s_aux=s_aux)
-    window_left, window_right = _check_common(dropout_p, window_size)
-    scale = _default_scale(q, softmax_scale)
-    softcap = _as_float("softcap", softcap)
-    alibi_slopes, s_aux = _as_float32(alibi_slopes), _as_float32(s_aux)
+    _check_dropout(dropout_p)
+    option_floats, option_ints, (alibi_slopes, s_aux) = options = _op_options(
+        q, softmax_scale, causal, window_size, softcap, alibi_slopes, s_aux)
 
     def run():
-        return ops.fwd(q, k, v, scale, bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux)
+        return ops.fwd(q, k, v, *options)
 
     def bwd(dout, q, k, v, out, lse, s_aux, alibi_slopes):
-        return ops.bwd(dout, q, k, v, out, lse, scale, bool(causal), window_left, window_right, softcap, alibi_slopes,
-                       s_aux)
+        return ops.bwd(dout, q, k, v, out, lse, option_floats, option_ints, [alibi_slopes, s_aux])
 
     out, lse = _attention(run, bwd, q, k, v, s_aux, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
@@ -425,6 +429,21 @@ def _check_rotary(cos: torch.Tensor, sin: torch.Tensor, head_dim: int, capacity:
     if cos.shape[0] < capacity:  # FlashAttention-2's rule: the table covers every position of the cache
         raise ValueError(f"rotary_cos has {cos.shape[0]} positions, fewer than the cache's {capacity} "
                          f"(seqlen_ro must be >= the cache capacity)")
+
+
+def _kvcache_capacity(q: torch.Tensor, k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> int:
+    """Keys per request the cache holds (strict mode and rotary read it on the host; the op checks the same shapes
+    for every call)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape [batch, seqlen_q, num_heads, head_dim], got {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must have 4 dims [num_blocks or batch, block_size or seqlen, num_kv_heads, "
+                         f"head_dim], got {tuple(k_cache.shape)}")
+    if block_table is None:
+        return k_cache.shape[1]
+    if block_table.dim() != 2:
+        raise ValueError(f"block_table must have shape [batch, max_blocks_per_seq], got {tuple(block_table.shape)}")
+    return block_table.shape[1] * k_cache.shape[1]
 
 
 def _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, seqlen_new) -> None:
@@ -527,8 +546,6 @@ def flash_attn_with_kvcache(
         with no visible key. Invalid indices (block ids outside k_cache, lengths beyond the table) never cause an
         out-of-bounds access: such keys are skipped. Set METAL_FLASH_SDPA_STRICT=1 to raise instead.
     """
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
     _check_q(q)
@@ -538,43 +555,34 @@ def flash_attn_with_kvcache(
         cache_batch_idx=cache_batch_idx,
         alibi_slopes=alibi_slopes, s_aux=s_aux, rotary_cos=rotary_cos, rotary_sin=rotary_sin,
     )
-    window_left, window_right = _check_common(0.0, window_size)
-    if q.dim() != 4:
-        raise ValueError(f"q must have shape [batch, seqlen_q, num_heads, head_dim], got {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must have 4 dims [num_blocks or batch, block_size or seqlen, num_kv_heads, "
-                         f"head_dim], got {tuple(k_cache.shape)}")
-    num_splits = _as_int("num_splits", num_splits, minimum=0)
-    scale = _default_scale(q, softmax_scale)
-    softcap = _as_float("softcap", softcap)
+    options = _op_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, s_aux)
+    num_splits = _as_int("num_splits", num_splits, minimum=_INT64_MIN)
     batch = q.shape[0]
     seqlen_new = 0 if k is None else k.shape[1]
-    paged = block_table is not None
-    if paged and block_table.dim() != 2:
-        raise ValueError(f"block_table must have shape [batch, max_blocks_per_seq], got {tuple(block_table.shape)}")
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
 
-    # cache_seqlens: int32 [B]; an int also gives the split heuristic its exact key count.
+    # cache_seqlens: int32 [B] (None: the whole cache, filled by the op); an int also gives the split heuristic its
+    # exact key count.
     max_seqlen_k = 0
-    if cache_seqlens is None:
-        if k is not None:
-            raise ValueError("cache_seqlens is required when k and v are appended")
-        cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, torch.Tensor):
+    if isinstance(cache_seqlens, torch.Tensor):
         _check_devices(q, cache_seqlens=cache_seqlens)
         cache_seqlens = _index_tensor("cache_seqlens", cache_seqlens)
-    else:
+    elif cache_seqlens is not None:
         seqlen = _as_int("cache_seqlens", cache_seqlens, minimum=-1, maximum=_INT32_MAX)
         max_seqlen_k = max(seqlen, 0) + seqlen_new
         cache_seqlens = torch.full((batch,), seqlen, dtype=torch.int32, device=q.device)
     if cache_batch_idx is not None:
         cache_batch_idx = _index_tensor("cache_batch_idx", cache_batch_idx)
     if cache_leftpad is not None:
-        if paged:
-            raise ValueError("cache_leftpad cannot be combined with block_table (FlashAttention-2 rejects it too)")
         cache_leftpad = _index_tensor("cache_leftpad", cache_leftpad)
 
-    if _strict():  # on the caller's values, before any narrowing
+    # Strict mode and rotary read the cache's shape and lengths on the host (k and v without cache_seqlens: the op
+    # raises).
+    host_reads = (_strict() or rotary_cos is not None) and (cache_seqlens is not None or k is None)
+    if host_reads:
+        capacity = _kvcache_capacity(q, k_cache, block_table)
+        if cache_seqlens is None:
+            cache_seqlens = torch.full((batch,), capacity, dtype=torch.int32, device=q.device)
+    if host_reads and _strict():  # on the caller's values, before any narrowing
         _strict_check_kvcache(k_cache, cache_seqlens, block_table, cache_batch_idx, seqlen_new)
         if cache_leftpad is not None:
             pad, lens = cache_leftpad.cpu().long(), cache_seqlens.cpu().long()
@@ -583,17 +591,18 @@ def flash_attn_with_kvcache(
                 b = int(bad.nonzero()[0])
                 raise ValueError(
                     f"cache_leftpad[{b}] = {int(pad[b])} must be in [0, cache_seqlens[{b}] = {int(lens[b])}]")
-    cache_seqlens = _to_int32(cache_seqlens)
+    cache_seqlens = None if cache_seqlens is None else _to_int32(cache_seqlens)
     cache_batch_idx = None if cache_batch_idx is None else _to_int32(cache_batch_idx)
     cache_leftpad = None if cache_leftpad is None else _to_int32(cache_leftpad)
 
-    if rotary_cos is not None:
+    if host_reads and rotary_cos is not None:
         _check_rotary(rotary_cos, rotary_sin, q.shape[-1], capacity)
         pos0 = cache_seqlens.clamp(min=0).long()[:, None]  # padding rows: any valid position
         limit = rotary_cos.shape[0] - 1  # positions past the table only come from garbage cache_seqlens
         if k is not None:
             pos = (pos0 + torch.arange(seqlen_new, device=q.device)).clamp(max=limit)
             k = _apply_rotary(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)
+        _, (_, window_left, window_right), _ = options
         local = causal or window_left >= 0 or window_right >= 0
         if local:
             steps = torch.arange(q.shape[1], device=q.device)
@@ -605,14 +614,12 @@ def flash_attn_with_kvcache(
     if k is not None and torch.is_grad_enabled() and (k_cache.requires_grad or v_cache.requires_grad):
         raise ValueError("k_cache and v_cache are written in place when k and v are appended: they cannot require "
                          "grad (flash_attn_with_kvcache is forward-only)")
-    alibi_slopes, s_aux = _as_float32(alibi_slopes), _as_float32(s_aux)
 
     def run():
-        return ops.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, scale,
-                               bool(causal), window_left, window_right, softcap, alibi_slopes, s_aux, num_splits,
-                               bool(return_softmax_lse), max_seqlen_k, cache_leftpad)
+        return ops.kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad,
+                               num_splits, bool(return_softmax_lse), max_seqlen_k, *options)
 
-    out, lse = _run("flash_attn_with_kvcache", run, q, k, v, alibi_slopes, s_aux)
+    out, lse = _run("flash_attn_with_kvcache", run, q, k, v, *options[2])
     return (out, lse) if return_softmax_lse else out
 
 
@@ -620,39 +627,45 @@ def flash_attn_with_kvcache(
 # ---- fake (meta) implementations: shapes only, so torch.compile(fullgraph=True) can trace the ops ----
 
 
+# Every op ends with the option group (_op_options): option_floats, option_ints, option_tensors.
+
+
 @torch.library.register_fake(add_op_namespace_prefix("flash_attention_varlen"))
 def _flash_attention_varlen_fake(out, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                 do_causal, scale, softcapping, s_aux=None, window_left=-1, window_right=-1):
+                                 option_floats, option_ints, option_tensors):
     return None
 
 
 @torch.library.register_fake(add_op_namespace_prefix("varlen_fwd"))
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     window_left, window_right, softcap, alibi_slopes, s_aux, block_table=None):
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table, option_floats,
+                     option_ints, option_tensors):
     return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("fwd"))
-def _fwd_fake(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux):
+def _fwd_fake(q, k, v, option_floats, option_ints, option_tensors):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("kvcache_fwd"))
-def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal,
-                      window_left, window_right, softcap, alibi_slopes, s_aux, num_splits, return_lse, max_seqlen_k,
-                      cache_leftpad=None):
+def _kvcache_fwd_fake(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad,
+                      num_splits, return_lse, max_seqlen_k, option_floats, option_ints, option_tensors):
     lse_shape = (q.shape[0], q.shape[2], q.shape[1]) if return_lse else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
-@torch.library.register_fake(add_op_namespace_prefix("varlen_bwd"))
-def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                     causal, window_left, window_right, softcap, alibi_slopes, s_aux):
-    ds_aux = q.new_empty((0 if s_aux is None else q.shape[-2],), dtype=torch.float32)
+def _bwd_fake_outputs(q, k, v, option_tensors):
+    sinks = option_tensors[1]
+    ds_aux = q.new_empty((0 if sinks is None else q.shape[-2],), dtype=torch.float32)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds_aux
+
+
+@torch.library.register_fake(add_op_namespace_prefix("varlen_bwd"))
+def _varlen_bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, option_floats,
+                     option_ints, option_tensors):
+    return _bwd_fake_outputs(q, k, v, option_tensors)
 
 
 @torch.library.register_fake(add_op_namespace_prefix("bwd"))
-def _bwd_fake(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, s_aux):
-    ds_aux = q.new_empty((0 if s_aux is None else q.shape[-2],), dtype=torch.float32)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), ds_aux
+def _bwd_fake(dout, q, k, v, out, lse, option_floats, option_ints, option_tensors):
+    return _bwd_fake_outputs(q, k, v, option_tensors)
