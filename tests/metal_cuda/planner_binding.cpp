@@ -5,6 +5,7 @@
 
 #include "backward_planner.h"
 #include "paged_planner.h"
+#include "routing.h"
 #include "varlen_planner.h"
 
 namespace {
@@ -60,7 +61,9 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Te
   return to_python(flash_sdpa::plan_paged_kvcache(call));
 }
 
-// flash_attn_varlen_func's decode route (one query per sequence) as torch_binding.cpp's varlen_decode plans it.
+// flash_attn_varlen_func's decode route as routing.cpp plans it: the decode kernel's varlen mode for the sequences with
+// one query row, then the varlen kernel for those with several (flash_sdpa::plan_varlen_decode; its second dispatch
+// exits at once when every sequence has one row).
 py::list plan_varlen_decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
                             at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
                             std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
@@ -77,7 +80,16 @@ py::list plan_varlen_decode(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   call.gpu_cores = gpu_cores;
-  return to_python(flash_sdpa::plan_paged_kvcache(call));
+  flash_sdpa::VarlenAttention rest;
+  rest.q = q;
+  rest.k = k;
+  rest.v = v;
+  rest.out = out;
+  rest.lse = lse.has_value() ? *lse : at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  rest.cu_seqlens_q = cu_seqlens_q;
+  rest.cu_seqlens_k = cu_seqlens_k;
+  rest.options = call.options;
+  return to_python(flash_sdpa::plan_varlen_decode(call, rest));
 }
 
 py::list plan_varlen(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, at::Tensor lse,

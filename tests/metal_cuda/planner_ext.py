@@ -23,7 +23,7 @@ def load(verbose: bool = False):
         _EXT = cpp_extension.load(
             name="metal_cuda_planner",
             sources=[str(HERE / "planner_binding.cpp"), str(FS / "paged_planner.cpp"), str(FS / "varlen_planner.cpp"),
-                     str(FS / "backward_planner.cpp")],
+                     str(FS / "backward_planner.cpp"), str(FS / "routing.cpp")],
             extra_include_paths=[str(FS)], extra_cflags=["-O1", "-std=c++20"], build_directory=str(build_dir),
             verbose=verbose)
     return _EXT
