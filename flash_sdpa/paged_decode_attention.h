@@ -424,22 +424,12 @@ template <typename T, int D, int R>
     q_tg[idx] = v;
   }
 
-  // Per-row constants: query position, visible keys [first, last], ALiBi slope.
-  int row_pos[R];
-  int2 row_keys[R];
-  float row_slope[R];
-  for (int r = 0; r < R; ++r) {
-    const int gr = row0 + min(r, nrows - 1);
-    const int h = hkv * group + gr / sq;
-    row_pos[r] = gr % sq + diag;
-    row_keys[r] = visible_keys(row_pos[r], p.opt, sk);
-    row_slope[r] = fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, h) : 0.0f;
-  }
   // Bit r: this lane saw a visible key whose score is NaN or inf (the row's output becomes NaN, as in
   // FlashAttention-2; the score itself is dropped so that nothing non-finite reaches the accumulators).
   uint bad_rows = 0;
 
-  // Scattered rows: this lane finishes rows first_row .. first_row + RPL - 1 of every key; their constants.
+  // The rows whose scores this lane finishes, first_row .. first_row + RPL - 1 (at R = 1 the one row, on every
+  // lane), and their constants: query position, visible keys [first, last], ALiBi slope.
   const int first_row = li * R / L;
   int2 sc_keys[RPL];
   int sc_pos[RPL];
@@ -582,8 +572,9 @@ template <typename T, int D, int R>
       // 4. Online softmax and P.V, lane-local: one max / rescale per row and step.
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {
-          const float corr = softmax_step<U, G>(s[r], m[r], l[r], bad_rows, r, true, loc, t0 + g, row_keys[r],
-                                                row_pos[r], row_slope[r], p.opt);
+          // R = 1 on this path: the lane's row constants are row 0's.
+          const float corr = softmax_step<U, G>(s[r], m[r], l[r], bad_rows, r, true, loc, t0 + g, sc_keys[0], sc_pos[0],
+                                                sc_slope[0], p.opt);
           for (int j = 0; j < CPL; ++j) {
             for (int e = 0; e < EPC; ++e) {
               float acc = o[r][j * EPC + e] * corr;
