@@ -246,6 +246,19 @@ class Runner:
             self.results.failures.append(Failure(row.label(), "MLX", f"MLX's output differs from the float32 "
                                                  f"reference by {err:.3g}", False))
 
+    def _baselines(self, row: Row, sdpa: Callable, mlx: Callable[[], float]) -> None:
+        """Times torch SDPA (one call: sdpa()) and, when MLX is importable, MLX (mlx() checks its output and returns
+        its time). A baseline that raises is listed under Failures, never as a kernel failure."""
+        try:
+            row.sdpa_us = self.timer(sdpa)
+        except Exception as e:
+            self._fail(row, "torch SDPA", e, kernel=False)
+        if self.mlx is not None:
+            try:
+                row.mlx_us = mlx()
+            except Exception as e:
+                self._fail(row, "MLX", e, kernel=False)
+
     def _sync(self):
         if self.device.type == "mps":
             torch.mps.synchronize()
@@ -278,17 +291,13 @@ class Runner:
                 row.ours_us = self.timer(lambda: cases.paged_decode(self.kernel, c, t, **opts))
         except Exception as e:
             self._fail(row, "ours", e, kernel=True)
-        try:
-            row.sdpa_us = self.timer(lambda: cases.contiguous_sdpa_decode(None, c, t))
-        except Exception as e:
-            self._fail(row, "torch SDPA", e, kernel=False)
-        if self.mlx is not None:
-            try:
-                fn, _ = self._mlx_sdpa(t["q"].transpose(1, 2), t["k_contig"], t["v_contig"], m, sinks, causal=False)
-                self._check_mlx(row, fn, ref)
-                row.mlx_us = self.mlx_timer(fn)
-            except Exception as e:
-                self._fail(row, "MLX", e, kernel=False)
+
+        def mlx():
+            fn, _ = self._mlx_sdpa(t["q"].transpose(1, 2), t["k_contig"], t["v_contig"], m, sinks, causal=False)
+            self._check_mlx(row, fn, ref)
+            return self.mlx_timer(fn)
+
+        self._baselines(row, lambda: cases.contiguous_sdpa_decode(None, c, t), mlx)
         return self._done(row)
 
     def prefill(self, m: Model, S: int, B: int = 1) -> Row:
@@ -313,17 +322,13 @@ class Runner:
                 row.ours_us = self.timer(ours)
         except Exception as e:
             self._fail(row, "ours", e, kernel=True)
-        try:
-            row.sdpa_us = self.timer(lambda: cases.sdpa_prefill(None, c, t))
-        except Exception as e:
-            self._fail(row, "torch SDPA", e, kernel=False)
-        if self.mlx is not None:
-            try:
-                fn, _ = self._mlx_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, sinks, causal=True)
-                self._check_mlx(row, fn, ref)
-                row.mlx_us = self.mlx_timer(fn)
-            except Exception as e:
-                self._fail(row, "MLX", e, kernel=False)
+
+        def mlx():
+            fn, _ = self._mlx_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, sinks, causal=True)
+            self._check_mlx(row, fn, ref)
+            return self.mlx_timer(fn)
+
+        self._baselines(row, lambda: cases.sdpa_prefill(None, c, t), mlx)
         return self._done(row)
 
     def backward(self, m: Model, S: int, B: int = 1) -> Row:
@@ -356,20 +361,16 @@ class Runner:
                 row.ours_us = self.timer(ours)
         except Exception as e:
             self._fail(row, "ours", e, kernel=True)
-        try:
-            row.sdpa_us = self.timer(sdpa)
-        except Exception as e:
-            self._fail(row, "torch SDPA", e, kernel=False)
-        if self.mlx is not None:
-            try:
-                mx = self.mlx
-                fwd, (qm, km, vm, kw) = self._mlx_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m,
-                                                       sinks, causal=True)
-                dm = self._to_mlx(dout.transpose(1, 2))
-                f = lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, **kw)  # noqa: E731
-                row.mlx_us = self.mlx_timer(lambda: mx.vjp(f, [qm, km, vm], [dm])[1])
-            except Exception as e:
-                self._fail(row, "MLX", e, kernel=False)
+
+        def mlx():
+            mx = self.mlx
+            _, (qm, km, vm, kw) = self._mlx_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, sinks,
+                                                 causal=True)
+            dm = self._to_mlx(dout.transpose(1, 2))
+            f = lambda a, b, c: mx.fast.scaled_dot_product_attention(a, b, c, **kw)  # noqa: E731
+            return self.mlx_timer(lambda: mx.vjp(f, [qm, km, vm], [dm])[1])
+
+        self._baselines(row, sdpa, mlx)
         return self._done(row)
 
     def run(self, grid: Grid, sections: Sequence[str] = ("decode", "prefill", "backward")) -> Results:
