@@ -577,7 +577,7 @@ def flash_attn_with_kvcache(
     batch = q.shape[0]
     for name, t in (("k", k), ("v", v)):
         if t is not None and t.dim() != 4:
-            raise ValueError(f"{name} must have shape [batch, seqlen_new, num_kv_heads, head_dim], got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape [batch, seqlen_new, num_kv_heads, head_dim], got {list(t.shape)}")
     seqlen_new = 0 if k is None else k.shape[1]
 
     # cache_seqlens: int32 [B] (None: the whole cache, filled by the op); an int also gives the split heuristic its
