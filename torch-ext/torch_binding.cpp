@@ -135,6 +135,7 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
+  call.max_seqlen_k = max_seqlen_k;
   flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_attention(call));
 }
 

@@ -497,6 +497,48 @@ def test_large_score_count():
     RESULTS.append(("large-score-count", f"B={B} S={S} H={H}/{Hkv} D={D} fp16 (5.4e9 scores)", err, base, 0.0, 0))
 
 
+def test_prefill_128k():
+    """A 128K-token causal prefill (B=1, 4 query / 1 KV heads, D=128, fp16) as the planner splits it into command
+    buffers (varlen_planner.h: macOS terminates a command buffer that runs too long): several dispatches, each marked
+    for a commit, the output and LSE of 64 rows spread over the prompt checked against float64 (FlashAttention's
+    rule), and the longest dispatch's proxy time reported (NVIDIA time, not Apple's)."""
+    libs = gc.libraries()
+    S, H, Hkv, D, dtype = 131072, 4, 1, 128, torch.float16
+    g = torch.Generator(device="cuda").manual_seed(128)
+    q = torch.randn(S, H, D, generator=g, device="cuda").to(dtype)
+    k, v = (torch.randn(S, Hkv, D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    cu = torch.tensor([0, S], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((H, S), float("nan"), device="cuda")
+    scale = D**-0.5
+    plan = gc.planner().plan_varlen(q, k, v, out, lse, cu, cu, None, None, S, scale, 0.0, -1, 0)
+    assert len(plan) > 1 and all(d["commit_after"] for d in plan), "a 128K prefill must be split"
+    prepared = launch.prepare_plan(libs, plan)
+    times = []
+    for p in prepared:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        p.launch()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    longest_ms = max(a.elapsed_time(b) for a, b in times)
+    rows = torch.linspace(0, S - 1, 64, device="cuda").long()
+    errs = []
+    for dt in (torch.float64, dtype):
+        got = []
+        for r in rows.tolist():
+            s = (q[r].to(dt) @ k[: r + 1, 0].to(dt).T) * scale  # [H, r + 1]
+            got.append((torch.softmax(s, -1) @ v[: r + 1, 0].to(dt), torch.logsumexp(s.double(), -1)))
+        errs.append(got)
+    err, base = _check_rule("128K rows", out[rows], torch.stack([o for o, _ in errs[0]]),
+                            torch.stack([o for o, _ in errs[1]]), k=2)
+    lse_ref = torch.stack([lr for _, lr in errs[0]], 1)
+    assert (lse[:, rows].double() - lse_ref).abs().max().item() <= 2e-2
+    RESULTS.append(("prefill-128k", f"S={S} H={H}/{Hkv} D={D} fp16 causal: {len(plan)} dispatches, longest "
+                    f"{longest_ms:.0f} ms (proxy)", err, base, 0.0, len(plan)))
+
+
 def test_zz_summary():
     print("\nGPU suite results (max|err|, FA baseline = max|torch same dtype - ref|, rel L2, splits):")
     for name, shape, err, base, rel, splits in RESULTS:
