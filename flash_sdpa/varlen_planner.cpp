@@ -56,10 +56,10 @@ std::vector<std::pair<int64_t, int64_t>> row_ranges(int64_t seqlen_q, int64_t se
   int64_t begin = 0;
   double work = 0.0;
   for (int64_t t = 0; t * block_q < seqlen_q; ++t) {
-    const int64_t last = std::min((t + 1) * block_q, seqlen_q) - 1;  // the tile's most expensive row, causal or not
-    const double tile = flops_per_key_row * double(block_q) *
-                        double(std::max(keys_seen(last, seqlen_q, seqlen_k, o), keys_seen(t * block_q, seqlen_q,
-                                                                                          seqlen_k, o)));
+    // A tile's most expensive row is its first or its last (causal: the last; a left window alone: the first).
+    const int64_t first_keys = keys_seen(t * block_q, seqlen_q, seqlen_k, o);
+    const int64_t last_keys = keys_seen(std::min((t + 1) * block_q, seqlen_q) - 1, seqlen_q, seqlen_k, o);
+    const double tile = flops_per_key_row * double(block_q) * double(std::max(first_keys, last_keys));
     if (work > 0.0 && work + tile > budget) {
       ranges.emplace_back(begin, t * block_q);
       begin = t * block_q;
@@ -129,12 +129,11 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
 
   const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
   const int64_t seqlen_k = varlen ? (call.max_seqlen_k > 0 ? call.max_seqlen_k
-                                                           : paged ? call.block_table->size(1) * call.k.size(1)
-                                                                   : call.k.size(0))
+                                     : paged               ? call.block_table->size(1) * call.k.size(1)
+                                                           : call.k.size(0))
                                   : call.k.size(1);
   const double flops_per_key_row = 4.0 * double(head_dim) * double(batch) * double(heads);
-  const auto ranges = row_ranges(grid_rows, seqlen_k, block_q, flops_per_key_row, command_buffer_flops(),
-                                 call.options);
+  const auto ranges = row_ranges(grid_rows, seqlen_k, block_q, flops_per_key_row, command_buffer_flops(), call.options);
 
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
