@@ -273,8 +273,10 @@ def prepass(text: str, target: str) -> Prepassed:
             raise MetalCompileError(f"{src.where(m.start())}: C-style cast to {m.group(2)}: clang would reinterpret "
                                     f"the bits where MSL converts; write {m.group(2)}(x)")
     check_metal4(text, src.where)
+    # The emulator refuses thread_elements() (the project's kernels must not depend on a lane layout Apple does not
+    # document); the proxy keeps Apple's layout (msl/cuda/shim/simdgroup_layout.h) so that peers which index it run.
     m = re.search(r"\.thread_elements\s*\(", text)
-    if m:
+    if m and target == "cpu":
         raise MetalCompileError(f"{src.where(m.start())}: thread_elements() is not supported: Apple does not "
                                 f"document which lane holds which element; stage through threadgroup memory")
 
