@@ -238,7 +238,8 @@ def _parse_params(plist: str, where: str) -> List[Param]:
             raise MetalCompileError(f"{where}: cannot parse kernel parameter '{raw.strip()}'")
         name = m.group(1)
         kind = None
-        for a in attrs:
+        # One [[...]] may hold several attributes: [[buffer(5), function_constant(has_mask)]].
+        for a in (part for group in attrs for part in split_top(group)):
             a = a.strip()
             mb = re.fullmatch(r"(buffer|threadgroup)\s*\((.+)\)", a, re.S)
             if mb:

@@ -63,7 +63,19 @@ def entry_symbol(host_name: str) -> str:
     return "mcu_" + re.sub(r"\W", "_", host_name)
 
 
-def _entry(host: str, callee: str, kd, min_blocks: int = 0) -> str:
+def _max_threads(host: str, kd, override) -> int:
+    """max_total_threads_per_threadgroup as a number: the attribute's literal, else the caller's value (an expression
+    of template parameters, `WM * WN * 32`, is not evaluated here)."""
+    if override is not None and override(host):
+        return int(override(host))
+    mt = kd.max_threads
+    if isinstance(mt, int) or (isinstance(mt, str) and mt.strip().isdigit()):
+        return int(mt)
+    raise MetalCompileError(f"{host}: max_total_threads_per_threadgroup({mt}) is not a number: pass its value "
+                            f"(build(..., max_threads=))")
+
+
+def _entry(host: str, callee: str, kd, min_blocks: int = 0, max_threads: int = 0) -> str:
     sym = entry_symbol(host)
     args = []
     meta = [str(len(kd.params))]
@@ -81,9 +93,9 @@ def _entry(host: str, callee: str, kd, min_blocks: int = 0) -> str:
             args.append(f"mcpu_builtin<{ptype}>({', '.join(xyz)})")
             meta += ["2", "0"]
     bounds = ""
-    if kd.max_threads:
+    if max_threads:
         extra = f", {min_blocks}" if min_blocks else ""
-        bounds = f"__attribute__((launch_bounds({kd.max_threads}{extra}))) "
+        bounds = f"__attribute__((launch_bounds({max_threads}{extra}))) "
     regs = "; ".join(f"const uint32_t {v}_{a} = {tmpl.format(a)}"
                      for v, tmpl in (("t", _TID), ("n", _NTID), ("c", _CTAID), ("g", _NCTAID)) for a in "xyz")
     return (f'extern "C" __global__ void {bounds}{sym}(const mcu_args a) {{\n'
@@ -136,10 +148,12 @@ def cache_dir() -> Path:
 def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
           fast_math: bool = True, out_dir=None, kernels: Optional[Sequence[str]] = None, jobs: int = 2,
           extra_flags: Sequence[str] = (), kernel_flags=None, min_blocks=None,
-          simdgroup_mma: Optional[int] = None) -> Path:
+          simdgroup_mma: Optional[int] = None, max_threads=None) -> Path:
     """Compiles every kernel of `metal_path` (or those named in `kernels`) to PTX; returns the folder holding
     manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target.
-    simdgroup_mma: the simdgroup_matrix lowering (SIMDGROUP_MMA_MODES; None: default_simdgroup_mma())."""
+    simdgroup_mma: the simdgroup_matrix lowering (SIMDGROUP_MMA_MODES; None: default_simdgroup_mma()).
+    max_threads: host name -> max_total_threads_per_threadgroup, for kernels whose attribute is an expression of
+    template parameters."""
     mma = default_simdgroup_mma() if simdgroup_mma is None else int(simdgroup_mma)
     if mma not in SIMDGROUP_MMA_MODES:
         raise MetalCompileError(f"simdgroup_mma={mma}: expected one of {SIMDGROUP_MMA_MODES}")
@@ -155,7 +169,8 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
     h = hashlib.sha256()
     for part in (text, repr((fast_math, mma, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags),
                        [list(kernel_flags(k[0])) for k in selected] if kernel_flags else None,
-                       [min_blocks(k[0]) for k in selected] if min_blocks else None)),
+                       [min_blocks(k[0]) for k in selected] if min_blocks else None,
+                       [max_threads(k[0]) for k in selected] if max_threads else None)),
                  *(f.read_text() for f in TOOLCHAIN)):
         h.update(part.encode())
     out = Path(out_dir) if out_dir else cache_dir() / f"{metal_path.stem}-{h.hexdigest()[:16]}"
@@ -171,9 +186,10 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
     def one(kernel):
         host, callee, kd = kernel
         sym = entry_symbol(host)
+        mt = _max_threads(host, kd, max_threads) if kd.max_threads else 0
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / f"{sym}.cu"
-            src.write_text(body + _entry(host, callee, kd, min_blocks(host) if min_blocks else 0))
+            src.write_text(body + _entry(host, callee, kd, min_blocks(host) if min_blocks else 0, mt))
             ptx = Path(tmp) / f"{sym}.ptx"
             per_kernel = list(kernel_flags(host)) if kernel_flags else []
             run([clang(), *flags, *per_kernel, str(src), "-o", str(ptx)],
@@ -189,7 +205,7 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
                 fc_used.append({"name": name, "type": ty, "index": idx,
                                 "defined_symbol": f"mcpu_fc_defined_{name}"})
         (out / f"{sym}.ptx").write_text(text_ptx)
-        return host, {"symbol": sym, "ptx": f"{sym}.ptx", "max_threads": kd.max_threads, "params": params,
+        return host, {"symbol": sym, "ptx": f"{sym}.ptx", "max_threads": mt, "params": params,
                       "function_constants": fc_used}
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -28,6 +28,7 @@
 #include "simdgroup_layout.h"  // Apple's simdgroup_matrix lane layout and the mma.sync fragments
 
 #define MCU_INLINE inline __attribute__((always_inline))
+#define METAL_FUNC MCU_INLINE  // Apple's metal_stdlib defines it; peers' headers use it
 
 #define device
 #define constant const
@@ -37,6 +38,36 @@
 
 #define MSL_INLINE MCU_INLINE
 #include "../../shim/msl_types.h"
+
+// ---- metal_type_traits: the std traits under MSL's names ----------------------------------------------------------
+namespace metal {
+using std::bool_constant;
+using std::decay_t;
+using std::false_type;
+using std::integral_constant;
+using std::is_arithmetic_v;
+using std::remove_cv;
+using std::remove_reference;
+using std::true_type;
+using std::conditional;
+using std::conditional_t;
+using std::enable_if;
+using std::enable_if_t;
+using std::is_convertible;
+using std::is_convertible_v;
+using std::is_floating_point;
+using std::is_floating_point_v;
+using std::is_integral;
+using std::is_integral_v;
+using std::is_same;
+using std::is_same_v;
+using std::is_signed;
+using std::is_signed_v;
+using std::remove_cv_t;
+using std::remove_reference_t;
+template <typename T>
+using remove_addrspace_t = T;  // the proxy erases address spaces
+}  // namespace metal
 
 // ---- PTX special registers and instructions -----------------------------------------------------------------------
 MCU_INLINE uint mcu_lane_id() { return __nvvm_read_ptx_sreg_laneid(); }
@@ -512,6 +543,17 @@ MCU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread 
   const simdgroup_matrix<TD, 8, 8> zero = make_filled_simdgroup_matrix<TD, 8, 8>(TD(0));
   simdgroup_multiply_accumulate(d, a, b, zero);
 }
+
+// ---- logging (metal_logging, MSL 3.2): a no-op os_log, so that headers which declare loggers compile -------------
+struct os_log {
+  constexpr os_log(const char*, const char*) {}
+  template <typename... Args>
+  void log_debug(const char*, Args...) const {}
+  template <typename... Args>
+  void log_info(const char*, Args...) const {}
+  template <typename... Args>
+  void log_error(const char*, Args...) const {}
+};
 
 // ---- atomics ----------------------------------------------------------------------------------------------------
 #define MCU_ATOMIC_RMW(name, builtin)                                              \
