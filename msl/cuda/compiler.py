@@ -148,18 +148,21 @@ def cache_dir() -> Path:
 def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
           fast_math: bool = True, out_dir=None, kernels: Optional[Sequence[str]] = None, jobs: int = 2,
           extra_flags: Sequence[str] = (), kernel_flags=None, min_blocks=None,
-          simdgroup_mma: Optional[int] = None, max_threads=None) -> Path:
+          simdgroup_mma: Optional[int] = None, max_threads=None,
+          baked_constants: Optional[Dict[str, object]] = None, cast_types: Optional[str] = None) -> Path:
     """Compiles every kernel of `metal_path` (or those named in `kernels`) to PTX; returns the folder holding
     manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target.
     simdgroup_mma: the simdgroup_matrix lowering (SIMDGROUP_MMA_MODES; None: default_simdgroup_mma()).
     max_threads: host name -> max_total_threads_per_threadgroup, for kernels whose attribute is an expression of
-    template parameters."""
+    template parameters. baked_constants: function constants by name -> value, compiled in (one build per set of
+    values, as Metal builds one pipeline per set); the others stay run-time values the launcher writes.
+    cast_types: a regex of type names (beyond the vector types) whose C-style casts convert as MSL does."""
     mma = default_simdgroup_mma() if simdgroup_mma is None else int(simdgroup_mma)
     if mma not in SIMDGROUP_MMA_MODES:
         raise MetalCompileError(f"simdgroup_mma={mma}: expected one of {SIMDGROUP_MMA_MODES}")
     metal_path = Path(metal_path)
     text = preprocess(metal_path, include_dirs, defines or {})
-    pre = prepass(text, target="cuda")
+    pre = prepass(text, target="cuda", baked=baked_constants, cast_types=cast_types)
     fcs = pre.function_constants
     selected = [k for k in pre.kernels if kernels is None or k[0] in kernels]
     if kernels is not None and len(selected) != len(set(kernels)):
@@ -167,7 +170,7 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         raise MetalCompileError(f"{metal_path.name}: no kernel named {sorted(missing)}")
 
     h = hashlib.sha256()
-    for part in (text, repr((fast_math, mma, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags),
+    for part in (text, repr((fast_math, mma, sorted((baked_constants or {}).items()), cast_types, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags),
                        [list(kernel_flags(k[0])) for k in selected] if kernel_flags else None,
                        [min_blocks(k[0]) for k in selected] if min_blocks else None,
                        [max_threads(k[0]) for k in selected] if max_threads else None)),

@@ -38,6 +38,7 @@ MLX_WHEEL = ("mlx-metal", "0.32.4")
 LLAMA_SDIST = ("llama_cpp_python", "0.3.36")
 MLX_KERNELS = "mlx/include/mlx/backend/metal/kernels/"  # inside the wheel
 LLAMA_METAL = "vendor/llama.cpp/ggml/src/ggml-metal/"    # inside the sdist
+LLAMA_FILES = ("vendor/llama.cpp/LICENSE", "vendor/llama.cpp/ggml/src/ggml-common.h")
 
 HEAD_DIMS = (64, 128, 256)
 DTYPES = {"float16": "half", "bfloat16": "bfloat"}  # MLX's type names -> MSL
@@ -190,7 +191,7 @@ def fetch():
             rel = m.name[len(prefix):] if m.name.startswith(prefix) else ""
             if not m.isfile():
                 continue
-            if rel.startswith(LLAMA_METAL) or rel == "vendor/llama.cpp/LICENSE":
+            if rel.startswith(LLAMA_METAL) or rel in LLAMA_FILES:
                 dst = llama / rel[len("vendor/llama.cpp/"):]
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(t.extractfile(m).read())
@@ -201,10 +202,16 @@ def fetch():
 
 # ---- build ------------------------------------------------------------------------------------------------------
 def _ptxas_all(out: Path) -> Dict[str, dict]:
+    """ptxas -v of every kernel under `out` (one manifest, or one per variant folder)."""
     from . import targets
 
-    m = json.loads((out / "manifest.json").read_text())
-    return {host: targets.ptxas_usage(out / info["ptx"]) for host, info in sorted(m["kernels"].items())}
+    usage = {}
+    for manifest in sorted(out.rglob("manifest.json")):
+        m = json.loads(manifest.read_text())
+        prefix = "" if manifest.parent == out else manifest.parent.name + ":"
+        for host, info in sorted(m["kernels"].items()):
+            usage[prefix + host] = targets.ptxas_usage(manifest.parent / info["ptx"])
+    return usage
 
 
 def build_mlx(mma: int, jobs: int) -> Path:
@@ -221,10 +228,48 @@ def build_mlx(mma: int, jobs: int) -> Path:
                           extra_flags=PEER_FLAGS, max_threads=threads.get)
 
 
-def build_ggml(mma: int, jobs: int) -> Path:
-    from . import ggml_harness
+GGML_KERNELS = PEERS / "llama.cpp" / "ggml" / "src" / "ggml-metal"
+# The kernels' template parameters that name vector types (q4_t, k4x4_t, s2_t...): their C-style casts convert.
+GGML_CAST_TYPES = r"[a-z]+[248](?:x[48])?_t"
+# `#pragma unroll (MIN(...))`: clang -E leaves pragma arguments unexpanded, so the compile needs common.h's MIN.
+GGML_FLAGS = ["-DMIN(x,y)=((x) < (y) ? (x) : (y))", "-DMAX(x,y)=((x) > (y) ? (x) : (y))"]
 
-    return ggml_harness.build(PEERS, PTX / f"ggml-mma{mma}", ggml_instances(), mma, jobs)
+
+def ggml_variants() -> List[dict]:
+    """One build per set of baked function constants: the attention kernel without and with a mask (causal rows
+    take ggml's mask + block-map path), and the block-map kernel (kernel_flash_attn_ext_blk) for the masked runs.
+    The table's key counts are multiples of 64 (no K/V padding pass) and its query counts multiples of 8
+    (bc_mask off)."""
+    out = []
+    for mask in (False, True):
+        for d in HEAD_DIMS:
+            out.append(dict(tag=f"fa_d{d}_mask{int(mask)}", source="fa_f16.metal", D=d, mask=mask,
+                            kernels=[i["name"] for i in ggml_instances() if i["D"] == d],
+                            baked={"FC_flash_attn_ext_has_mask": mask, "FC_flash_attn_ext_has_sinks": False,
+                                   "FC_flash_attn_ext_has_bias": False, "FC_flash_attn_ext_has_scap": False,
+                                   "FC_flash_attn_ext_has_kvpad": False, "FC_flash_attn_ext_bc_mask": False,
+                                   "FC_flash_attn_ext_ns10": d, "FC_flash_attn_ext_ns20": d,
+                                   "FC_flash_attn_ext_nsg": 4}))
+    out.append(dict(tag="blk", source="fa_aux.metal", kernels=["kernel_flash_attn_ext_blk"],
+                    baked={"FC_flash_attn_ext_blk_nqptg": GGML_NQPTG, "FC_flash_attn_ext_blk_ncpsg": GGML_NCPSG}))
+    return out
+
+
+def build_ggml(mma: int, jobs: int) -> Path:
+    from msl.cuda import compiler
+
+    root = PTX / f"ggml-mma{mma}"
+    index = {}
+    for v in ggml_variants():
+        out = root / v["tag"]
+        if (out / "manifest.json").exists():
+            shutil.rmtree(out)
+        compiler.build(GGML_KERNELS / "kernels" / v["source"], [str(GGML_KERNELS), str(GGML_KERNELS.parent)], defines={"GGML_METAL_HAS_BF16": "1"},
+                       simdgroup_mma=mma, out_dir=out, kernels=v["kernels"], jobs=jobs,
+                       extra_flags=PEER_FLAGS + GGML_FLAGS, baked_constants=v["baked"], cast_types=GGML_CAST_TYPES)
+        index[v["tag"]] = {k: v[k] for k in ("source", "kernels", "baked")}
+    (root / "variants.json").write_text(json.dumps(index, indent=1))
+    return root
 
 
 def build(modes, jobs: int, ptxas: bool, peers=("mlx", "ggml")):

@@ -369,6 +369,69 @@ MCU_INLINE bool simd_all(bool x) { return __nvvm_vote_all_sync(mcu_active_mask()
 MCU_INLINE bool simd_any(bool x) { return __nvvm_vote_any_sync(mcu_active_mask(), x); }
 MCU_INLINE bool simd_is_first() { return mcu_lane_id() == (uint)__builtin_ctz(mcu_active_mask()); }
 
+// ---- what peers' C-style casts become on the proxy (frontend._convert_vector_casts): MSL's value conversion --------
+template <typename T, typename... X>
+MCU_INLINE T mcu_cast(X... x) {
+  if constexpr (mcpu_width<T> > 1)
+    return mcpu_make<T>(x...);
+  else if constexpr (std::is_class_v<T>)
+    return T(x...);  // matrix<...>: the converting constructor
+  else
+    return T(x...);
+}
+
+// ---- Apple's metal_stdlib macros and packed vectors (element-aligned) ----------------------------------------------
+#define MAXHALF ((half)65504.0f)
+#ifndef MAXFLOAT
+#define MAXFLOAT __FLT_MAX__
+#endif
+#define MCU_PACKED(T)                                                       \
+  typedef T packed_##T##2 __attribute__((ext_vector_type(2), aligned(sizeof(T)))); \
+  typedef T packed_##T##3 __attribute__((ext_vector_type(3), aligned(sizeof(T)))); \
+  typedef T packed_##T##4 __attribute__((ext_vector_type(4), aligned(sizeof(T))));
+MCU_PACKED(char)
+MCU_PACKED(uchar)
+MCU_PACKED(short)
+MCU_PACKED(ushort)
+MCU_PACKED(int)
+MCU_PACKED(uint)
+MCU_PACKED(half)
+MCU_PACKED(bfloat)
+MCU_PACKED(float)
+#undef MCU_PACKED
+
+// ---- matrix<T, Cols, Rows> (float4x4, half4x4...): columns of vectors, as MSL stores them --------------------------
+// What peers use (llama.cpp's dequantize helpers): m[c] is column c, m[c][r] an element; construction from
+// columns, a diagonal scalar, or another element type (converted element-wise).
+template <typename T, int Cols, int Rows>
+struct matrix {
+  vec<T, Rows> columns[Cols];
+  matrix() = default;
+  explicit matrix(T diagonal) {
+    for (int c = 0; c < Cols; ++c)
+      for (int r = 0; r < Rows; ++r) columns[c][r] = r == c ? diagonal : T(0);
+  }
+  template <typename... V, typename = std::enable_if_t<sizeof...(V) == Cols && (Cols > 1)>>
+  matrix(V... cols) : columns{vec<T, Rows>(cols)...} {}
+  template <typename U>
+  explicit matrix(const matrix<U, Cols, Rows>& m) {
+    for (int c = 0; c < Cols; ++c)
+      for (int r = 0; r < Rows; ++r) columns[c][r] = mcpu_convert<T>(m.columns[c][r]);
+  }
+  thread vec<T, Rows>& operator[](int c) { return columns[c]; }
+  thread const vec<T, Rows>& operator[](int c) const { return columns[c]; }
+};
+#define MCU_MATRIX_NAMES(T)            \
+  typedef matrix<T, 2, 2> T##2x2;      \
+  typedef matrix<T, 3, 3> T##3x3;      \
+  typedef matrix<T, 4, 4> T##4x4;      \
+  typedef matrix<T, 2, 4> T##2x4;      \
+  typedef matrix<T, 4, 2> T##4x2;
+MCU_MATRIX_NAMES(float)
+MCU_MATRIX_NAMES(half)
+MCU_MATRIX_NAMES(bfloat)
+#undef MCU_MATRIX_NAMES
+
 // ---- simdgroup_matrix -------------------------------------------------------------------------------------------
 // Storage in Apple's lane layout (simdgroup_layout.h): lane l holds row mcu_sgm::row(l), columns mcu_sgm::col(l) and
 // col(l) + 1, so thread_elements() means here what it means on a Mac, and peers that index it (MLX's steel kernels,
@@ -404,7 +467,7 @@ MCU_INLINE void mcu_require_full_warp() {
   if (mcu_active_mask() != 0xffffffffu) __builtin_trap();
 }
 
-template <typename T, int C, int R>
+template <typename T, int C, int R = C>
 MCU_INLINE simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
   simdgroup_matrix<T, C, R> m;
   m.e[0] = m.e[1] = value;
