@@ -357,6 +357,7 @@ def prepass(text: str, target: str, baked: Optional[Dict[str, object]] = None,
             edits.append((m.start(), m.end(), f"static constexpr {ty} {name} = {ty}({value}); "
                           f"static constexpr bool mcpu_fc_defined_{name} = true;" + _blank(m.group(0))[:-1]))
             continue
+        ty = {"int32_t": "int", "uint32_t": "uint"}.get(ty, ty)  # same types, fixed-width names (llama.cpp)
         if ty not in FC_TYPES:
             raise MetalCompileError(f"{src.where(m.start())}: function constant type {ty} not supported")
         fcs.append((ty, name, idx))
