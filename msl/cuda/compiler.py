@@ -63,19 +63,16 @@ def entry_symbol(host_name: str) -> str:
     return "mcu_" + re.sub(r"\W", "_", host_name)
 
 
-def _max_threads(host: str, kd, override) -> int:
-    """max_total_threads_per_threadgroup as a number: the attribute's literal, else the caller's value (an expression
-    of template parameters, `WM * WN * 32`, is not evaluated here)."""
+def _max_threads(host: str, kd, override):
+    """max_total_threads_per_threadgroup: the caller's number for this kernel if given (the attribute may be an
+    expression of template parameters, `WM * WN * 32`, which the generated entry cannot name), else the attribute
+    (a number, or a constant expression visible at global scope)."""
     if override is not None and override(host):
         return int(override(host))
-    mt = kd.max_threads
-    if isinstance(mt, int) or (isinstance(mt, str) and mt.strip().isdigit()):
-        return int(mt)
-    raise MetalCompileError(f"{host}: max_total_threads_per_threadgroup({mt}) is not a number: pass its value "
-                            f"(build(..., max_threads=))")
+    return kd.max_threads
 
 
-def _entry(host: str, callee: str, kd, min_blocks: int = 0, max_threads: int = 0) -> str:
+def _entry(host: str, callee: str, kd, min_blocks: int = 0, max_threads=0) -> str:
     sym = entry_symbol(host)
     args = []
     meta = [str(len(kd.params))]
