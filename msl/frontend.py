@@ -228,7 +228,9 @@ def split_top(s: str, sep: str = ",") -> List[str]:
     return out
 
 
-def _parse_params(plist: str, where: str) -> List[Param]:
+def _parse_params(plist: str, where: str, implicit_buffers: bool = False) -> List[Param]:
+    """implicit_buffers (the cuda target, for peers): device / constant parameters without an attribute are numbered
+    as Metal numbers them; the emulator keeps rejecting them, so the project's kernels bind every buffer by name."""
     params = []
     for raw in split_top(plist):
         attrs = re.findall(r"\[\[(.*?)\]\]", raw, re.S)
@@ -246,7 +248,7 @@ def _parse_params(plist: str, where: str) -> List[Param]:
                 kind, index = mb.group(1), " ".join(mb.group(2).split())
             elif a in BUILTINS:
                 kind, index = a, "0"
-        if kind is None and not attrs and re.search(r"\b(device|constant)\b.*[*&]", decl):
+        if kind is None and implicit_buffers and not attrs and re.search(r"\b(device|constant)\b.*[*&]", decl):
             kind, index = "buffer", None  # Metal numbers unattributed buffers in order (below)
         if kind is None:
             raise MetalCompileError(f"{where}: kernel parameter '{name}' has no supported attribute "
@@ -402,7 +404,7 @@ def prepass(text: str, target: str, baked: Optional[Dict[str, object]] = None,
         is_template = re.search(r"template\s*<[^;{}]*>\s*(\[\[[^;{}]*\]\]\s*)*$", before) is not None
         mt = re.search(r"max_total_threads_per_threadgroup\s*\((.+?)\)\s*(?:\]\]|,)", before[-200:] + m.group(0), re.S)
         limit = " ".join(mt.group(1).split()) if mt else "0"
-        kd = KernelDef(name, _parse_params(plist, src.where(m.start())), is_template,
+        kd = KernelDef(name, _parse_params(plist, src.where(m.start()), target == "cuda"), is_template,
                        int(limit) if limit.isdigit() else limit)
         defs[name] = kd
         edits.append((m.start(), m.start() + len(m.group(1)), " " * len(m.group(1))))
