@@ -167,7 +167,9 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         raise MetalCompileError(f"{metal_path.name}: no kernel named {sorted(missing)}")
 
     h = hashlib.sha256()
-    for part in (text, repr((fast_math, mma, sorted((baked_constants or {}).items()), cast_types, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags),
+    key = (fast_math, mma, sorted((baked_constants or {}).items()), cast_types, sorted((defines or {}).items()),
+           [k[0] for k in selected], list(extra_flags))
+    for part in (text, repr((*key,
                        [list(kernel_flags(k[0])) for k in selected] if kernel_flags else None,
                        [min_blocks(k[0]) for k in selected] if min_blocks else None,
                        [max_threads(k[0]) for k in selected] if max_threads else None)),

@@ -90,7 +90,8 @@ static float wide_value() {  // any float of magnitude 2^-20 .. 2^20, full 24-bi
 static void check_layout() {
   int seen[8][4] = {};
   for (uint32_t l = 0; l < 32; ++l) {
-    // MLX's BaseMMAFrag::get_coord, restated: qid = l / 4, fm = (qid & 4) + (l / 2) % 4, fn = (qid & 2) * 2 + (l % 2) * 2
+    // MLX's BaseMMAFrag::get_coord, restated: qid = l / 4, fm = (qid & 4) + (l / 2) % 4, fn = (qid & 2) * 2 + (l % 2) *
+    // 2
     const uint32_t qid = l / 4, fm = (qid & 4) + (l / 2) % 4, fn = (qid & 2) * 2 + (l % 2) * 2;
     CHECK(row(l) == fm && col(l) == fn, "lane %u: (%u, %u) != MLX (%u, %u)", l, row(l), col(l), fm, fn);
     CHECK(lane(row(l), col(l) / 2) == l, "lane(row, pair) of lane %u", l);
@@ -131,8 +132,8 @@ static void check_mma16(bool bf16, int trials) {
         const uint32_t r = row(l), cc = col(l) + k;
         float want = C[r][cc];
         for (int i = 0; i < 8; ++i) want += A[r][i] * B[i][cc];  // small values: every sum exact
-        CHECK(d[d_source(l)][k] == want, "%s lane %u elem %d: %g != %g", bf16 ? "bf16" : "f16", l, k,
-              d[d_source(l)][k], want);
+        CHECK(d[d_source(l)][k] == want, "%s lane %u elem %d: %g != %g", bf16 ? "bf16" : "f16", l, k, d[d_source(l)][k],
+              want);
       }
   }
 }

@@ -20,7 +20,6 @@ Which instances (the shapes of the prefill table: D = 64, 128, 256; fp16 and bf1
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +72,7 @@ def mlx_instances() -> List[dict]:
 MLX_OVERRIDES = {
     "mlx/backend/metal/kernels/bf16_math.h": "// peers_prefill.py stand-in: the proxy's shim provides the bfloat "
                                               "overloads of the math and simd functions.\n#pragma once\n",
-    "mlx/backend/metal/kernels/utils.h": """// peers_prefill.py stand-in: the type names and Limits<T> steel attention uses.
+    "mlx/backend/metal/kernels/utils.h": """// peers_prefill.py stand-in: type names and Limits<T> for steel.
 #pragma once
 #include <metal_stdlib>
 #include "mlx/backend/metal/kernels/defines.h"
@@ -264,7 +263,8 @@ def build_ggml(mma: int, jobs: int) -> Path:
         out = root / v["tag"]
         if (out / "manifest.json").exists():
             shutil.rmtree(out)
-        compiler.build(GGML_KERNELS / "kernels" / v["source"], [str(GGML_KERNELS), str(GGML_KERNELS.parent)], defines={"GGML_METAL_HAS_BF16": "1"},
+        compiler.build(GGML_KERNELS / "kernels" / v["source"], [str(GGML_KERNELS), str(GGML_KERNELS.parent)],
+                       defines={"GGML_METAL_HAS_BF16": "1"},
                        simdgroup_mma=mma, out_dir=out, kernels=v["kernels"], jobs=jobs,
                        extra_flags=PEER_FLAGS + GGML_FLAGS, baked_constants=v["baked"], cast_types=GGML_CAST_TYPES)
         index[v["tag"]] = {k: v[k] for k in ("source", "kernels", "baked")}

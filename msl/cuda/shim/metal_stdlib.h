@@ -42,17 +42,14 @@
 // ---- metal_type_traits: the std traits under MSL's names ----------------------------------------------------------
 namespace metal {
 using std::bool_constant;
+using std::conditional;
+using std::conditional_t;
 using std::decay_t;
+using std::enable_if;
+using std::enable_if_t;
 using std::false_type;
 using std::integral_constant;
 using std::is_arithmetic_v;
-using std::remove_cv;
-using std::remove_reference;
-using std::true_type;
-using std::conditional;
-using std::conditional_t;
-using std::enable_if;
-using std::enable_if_t;
 using std::is_convertible;
 using std::is_convertible_v;
 using std::is_floating_point;
@@ -63,8 +60,11 @@ using std::is_same;
 using std::is_same_v;
 using std::is_signed;
 using std::is_signed_v;
+using std::remove_cv;
 using std::remove_cv_t;
+using std::remove_reference;
 using std::remove_reference_t;
+using std::true_type;
 template <typename T>
 using remove_addrspace_t = T;  // the proxy erases address spaces
 }  // namespace metal
@@ -385,7 +385,7 @@ MCU_INLINE T mcu_cast(X... x) {
 #ifndef MAXFLOAT
 #define MAXFLOAT __FLT_MAX__
 #endif
-#define MCU_PACKED(T)                                                       \
+#define MCU_PACKED(T)                                                              \
   typedef T packed_##T##2 __attribute__((ext_vector_type(2), aligned(sizeof(T)))); \
   typedef T packed_##T##3 __attribute__((ext_vector_type(3), aligned(sizeof(T)))); \
   typedef T packed_##T##4 __attribute__((ext_vector_type(4), aligned(sizeof(T))));
@@ -421,11 +421,11 @@ struct matrix {
   thread vec<T, Rows>& operator[](int c) { return columns[c]; }
   thread const vec<T, Rows>& operator[](int c) const { return columns[c]; }
 };
-#define MCU_MATRIX_NAMES(T)            \
-  typedef matrix<T, 2, 2> T##2x2;      \
-  typedef matrix<T, 3, 3> T##3x3;      \
-  typedef matrix<T, 4, 4> T##4x4;      \
-  typedef matrix<T, 2, 4> T##2x4;      \
+#define MCU_MATRIX_NAMES(T)       \
+  typedef matrix<T, 2, 2> T##2x2; \
+  typedef matrix<T, 3, 3> T##3x3; \
+  typedef matrix<T, 4, 4> T##4x4; \
+  typedef matrix<T, 2, 4> T##2x4; \
   typedef matrix<T, 4, 2> T##4x2;
 MCU_MATRIX_NAMES(float)
 MCU_MATRIX_NAMES(half)
@@ -588,8 +588,8 @@ MCU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>&
                                               thread const simdgroup_matrix<TB, 8, 8>& b,
                                               thread const simdgroup_matrix<TC, 8, 8>& c) {
   mcu_require_full_warp();
-  constexpr bool same16 = std::is_same<TA, TB>::value &&
-                          (std::is_same<TA, half>::value || std::is_same<TA, bfloat>::value);
+  constexpr bool same16 =
+      std::is_same<TA, TB>::value && (std::is_same<TA, half>::value || std::is_same<TA, bfloat>::value);
   mcu_float2 s;
   if constexpr (MCU_SIMDGROUP_MMA != 0 && same16)
     s = mcu_sgm_mac_mma16<TA>(a.e, b.e, c.e);
