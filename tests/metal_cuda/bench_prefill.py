@@ -2,7 +2,7 @@
 and llama.cpp's tiled flash attention (PTX from `peers_prefill.py build`, in the ignored .peers/ptx), each launched as
 its own host code would, and torch's flash SDPA (the GPU's ceiling), under each simdgroup_matrix lowering.
 
-    python3 -m tests.metal_cuda.bench_prefill --json $OUT/prefill.json [--mma 1 0] [--rows 0,5] [--quick]
+    python3 -m tests.metal_cuda.bench_prefill --json $OUT/prefill.json [--mma 1 0] [--rows 0,5] [--seqlens 1024]
     # GPU machine; carry .cache/metal_cuda and .peers/ptx (built here: targets --mma 1 / --mma 0, peers_prefill build)
 
 Rows (B = 1): H / Hkv 16/4 and 32/8; D 64, 128, 256; S 1024, 4096, 16384; fp16 and bf16; causal and not. Every
@@ -269,7 +269,8 @@ class Runner:
 
     def ours_libs(self, mma: int):
         if mma not in self._ours:
-            self._ours[mma] = {n: self.launch.Library(p) for n, p in self.targets.load_all(mma).items()}
+            libs = self.targets.load_all(mma, names=["attention_varlen"])
+            self._ours[mma] = {n: self.launch.Library(p) for n, p in libs.items()}
         return self._ours[mma]
 
     def peer_lib(self, path: Path):
@@ -403,7 +404,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here (rewritten after every row)")
     ap.add_argument("--mma", type=int, nargs="+", default=[1, 0], help="simdgroup_matrix lowerings to time")
     ap.add_argument("--rows", help="comma-separated row indices (default: all; --list shows them)")
-    ap.add_argument("--quick", action="store_true", help="S = 1024 and 4096 only")
+    ap.add_argument("--seqlens", type=int, nargs="+", help="only rows of these S (e.g. 1024 for the shuffle lowering, "
+                    "which takes seconds per call at S = 16384)")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     a = ap.parse_args(argv)
     all_rows = rows()
@@ -412,8 +414,8 @@ def main(argv=None):
             print(i, r.label())
         return
     sel = [all_rows[int(i)] for i in a.rows.split(",")] if a.rows else all_rows
-    if a.quick:
-        sel = [r for r in sel if r.S <= 4096]
+    if a.seqlens:
+        sel = [r for r in sel if r.S in a.seqlens]
     runner = Runner()
     torch = runner.torch
     dev = torch.cuda.get_device_properties(0)

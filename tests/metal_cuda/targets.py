@@ -12,6 +12,7 @@ lowering (1), index-mma<N>.json for the others; load_all(N) on the GPU machine.
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -89,17 +90,18 @@ def build_all(jobs: int = 2, fast_math: bool = True, simdgroup_mma: Optional[int
     return built
 
 
-def load_all(simdgroup_mma: Optional[int] = None) -> Dict[str, Path]:
+def load_all(simdgroup_mma: Optional[int] = None, names: Optional[List[str]] = None) -> Dict[str, Path]:
     """The PTX folders of the lowering's index when they match the sources (the GPU machine has no clang-19: carry
-    .cache/metal_cuda), else build_all()."""
+    .cache/metal_cuda), else build_all(). names: only these targets (a benchmark that runs one kernel family)."""
     mma = compiler.default_simdgroup_mma() if simdgroup_mma is None else simdgroup_mma
+    wanted = list(names) if names else list(TARGETS)
     index_path_ = index_path(mma)
     if index_path_.exists():
         index = json.loads(index_path_.read_text())
-        out = {name: compiler.cache_dir() / index[name]["path"] for name in TARGETS if name in index and
+        out = {name: compiler.cache_dir() / index[name]["path"] for name in wanted if name in index and
                index[name]["sources"] == _sources_hash(*TARGETS[name]) and
                (compiler.cache_dir() / index[name]["path"] / "manifest.json").exists()}
-        if len(out) == len(TARGETS):
+        if len(out) == len(wanted):
             return out
     try:
         compiler.clang()
@@ -109,14 +111,28 @@ def load_all(simdgroup_mma: Optional[int] = None) -> Dict[str, Path]:
         # Sources edited after the PTX was built (a shared working tree): run it, but say so loudly.
         index = json.loads(index_path_.read_text())
         print(f"WARNING: metal_cuda: prebuilt PTX is STALE for "
-              f"{[n for n in TARGETS if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
-        return {name: compiler.cache_dir() / index[name]["path"] for name in TARGETS}
+              f"{[n for n in wanted if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
+        return {name: compiler.cache_dir() / index[name]["path"] for name in wanted}
     return build_all(simdgroup_mma=mma)
+
+
+def prune() -> List[str]:
+    """Removes the cache folders that no lowering's index names (older builds), so that the cache carried to the GPU
+    machine holds only what it loads."""
+    keep = {"index.json"} | {index_path(m).name for m in compiler.SIMDGROUP_MMA_MODES}
+    for m in compiler.SIMDGROUP_MMA_MODES:
+        if index_path(m).exists():
+            keep |= {e["path"] for e in json.loads(index_path(m).read_text()).values()}
+    removed = []
+    for d in compiler.cache_dir().iterdir():
+        if d.name not in keep and d.is_dir() and (d / "manifest.json").exists():
+            shutil.rmtree(d)
+            removed.append(d.name)
+    return removed
 
 
 def ptxas_usage(ptx: Path, arch: str = compiler.ARCH) -> Dict[str, int]:
     """ptxas -v of one PTX file (CUDA toolkit, no GPU): registers, spill stores / loads and stack frame bytes."""
-    import shutil
     import subprocess
 
     exe = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
@@ -139,6 +155,7 @@ if __name__ == "__main__":
     ap.add_argument("--precise", action="store_true", help="compile without fast math")
     ap.add_argument("--mma", type=int, choices=compiler.SIMDGROUP_MMA_MODES, help="simdgroup_matrix lowering")
     ap.add_argument("--ptxas", action="store_true", help="print ptxas -v figures of the varlen and decode kernels")
+    ap.add_argument("--prune", action="store_true", help="then remove cache folders no index names")
     a = ap.parse_args()
     for name, path in build_all(a.jobs, fast_math=not a.precise, simdgroup_mma=a.mma).items():
         m = json.loads((path / "manifest.json").read_text())
@@ -148,3 +165,5 @@ if __name__ == "__main__":
                 u = ptxas_usage(path / info["ptx"])
                 print(f"  {host}: {u['registers']} registers, {u['stack']} B stack, spill "
                       f"{u['spill_stores']} / {u['spill_loads']} B")
+    if a.prune:
+        print(f"pruned {len(prune())} cache folders")
