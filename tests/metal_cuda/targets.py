@@ -125,7 +125,7 @@ def prune() -> List[str]:
             keep |= {e["path"] for e in json.loads(index_path(m).read_text()).values()}
     removed = []
     for d in compiler.cache_dir().iterdir():
-        if d.name not in keep and d.is_dir() and (d / "manifest.json").exists():
+        if d.name not in keep and d.is_dir():  # older builds, and unfinished ones (no manifest)
             shutil.rmtree(d)
             removed.append(d.name)
     return removed
