@@ -5,8 +5,11 @@ MSL-to-PTX route (msl.cuda.compiler), under each simdgroup_matrix lowering, into
     python3 -m tests.metal_cuda.peers_prefill fetch     # pip download + extract (needs the package registry)
     python3 -m tests.metal_cuda.peers_prefill build [--mma 1 0] [--ptxas]   # PTX into .peers/ptx/<peer>-mma<N>/
 
-Carry `.peers/ptx` (and `.peers/LICENSE-*`) to the GPU machine; bench_prefill.py launches the kernels as MLX's and
-ggml's host code would. Nothing under .peers/ may enter the repository: `fetch` adds it to .git/info/exclude.
+    python3 -m tests.metal_cuda.peers_prefill pack      # .cache/prefill_carry.tgz: proxy cache + .peers/ptx + licenses
+
+Carry `.cache/prefill_carry.tgz` to the GPU machine and unpack it there (`tar xzf`); bench_prefill.py launches the
+kernels as MLX's and ggml's host code would. Nothing under .peers/ may enter the repository: `fetch` adds it to
+.git/info/exclude.
 
 Which instances (the shapes of the prefill table: D = 64, 128, 256; fp16 and bf16):
 - MLX (no NAX, i.e. a pre-M5 GPU): `steel_attention_<T>_bq32_bk<BK>_bd<D>_bv<D>_wm4_wn<WN>_mask<T>`, the template
@@ -292,10 +295,34 @@ def build(modes, jobs: int, ptxas: bool, peers=("mlx", "ggml")):
         (PTX / "ptxas.json").write_text(json.dumps(report, indent=1))
 
 
+CARRY = ROOT / ".cache" / "prefill_carry.tgz"
+
+
+def pack() -> Path:
+    """One compressed file for the GPU machine (carry is limited to 64 MiB; the PTX of both lowerings and the peers
+    is ~65 MiB as text, ~10x less compressed): the proxy cache's indexes and the folders they name, .peers/ptx and the
+    peers' licenses. There: `tar xzf .cache/prefill_carry.tgz`."""
+    import tarfile
+
+    from msl.cuda import compiler
+
+    cache = compiler.cache_dir()
+    members = [PEERS / "ptx", PEERS / "LICENSE-MLX", PEERS / "LICENSE-llama.cpp"]
+    for index in sorted(cache.glob("index*.json")):
+        members.append(index)
+        members += [cache / e["path"] for e in json.loads(index.read_text()).values()]
+    CARRY.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(CARRY, "w:gz") as t:
+        for m in dict.fromkeys(members):
+            t.add(m, arcname=str(m.relative_to(ROOT)))
+    return CARRY
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fetch")
+    sub.add_parser("pack", help="the proxy cache + .peers/ptx in one file to carry: .cache/prefill_carry.tgz")
     b = sub.add_parser("build")
     b.add_argument("--mma", type=int, nargs="+", default=[1, 0], help="simdgroup_matrix lowerings to build")
     b.add_argument("--jobs", type=int, default=2)
@@ -304,6 +331,9 @@ def main():
     a = ap.parse_args()
     if a.cmd == "fetch":
         fetch()
+    elif a.cmd == "pack":
+        out = pack()
+        print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB")
     else:
         build(a.mma, a.jobs, a.ptxas, a.peer)
 
