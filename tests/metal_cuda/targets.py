@@ -51,7 +51,7 @@ def decode_min_blocks(host: str) -> int:
 
 TARGET_MIN_BLOCKS = {"paged_decode_attention": decode_min_blocks}
 
-# The project's kernels and the emulator's feature kernels, as the GPU suite and the CI check build them.
+# The project's kernels, the emulator's feature kernels and the lowering's check, as the GPU suite and CI build them.
 FLASH_SDPA = ROOT / "flash_sdpa"
 TARGETS = {
     "kv_paged_write": (FLASH_SDPA / "kv_paged_write.metal", [FLASH_SDPA]),
@@ -59,6 +59,8 @@ TARGETS = {
     "attention_varlen": (FLASH_SDPA / "attention_varlen.metal", [FLASH_SDPA]),
     "attention_backward": (FLASH_SDPA / "attention_backward.metal", [FLASH_SDPA]),
     "features": (ROOT / "tests" / "msl_cpu" / "kernels" / "features.metal", []),
+    # the simdgroup_matrix lowering itself (thread_elements(): the proxy only), test_gpu.py
+    "simdgroup_mma": (ROOT / "tests" / "metal_cuda" / "kernels" / "simdgroup_mma.metal", []),
 }
 
 
