@@ -4,6 +4,7 @@ compiler is msl/cuda/compiler.py.
 
     python3 -m tests.metal_cuda.targets [--jobs N] [--precise] [--mma 0|1|2]   # here: PTX into .cache/metal_cuda
     python3 -m tests.metal_cuda.targets --mma 0 --ptxas                        # + ptxas -v registers / spills
+    python3 -m tests.metal_cuda.targets --mma 2 --only simdgroup_mma           # one target (its index holds only it)
 
 One index per simdgroup_matrix lowering (compiler.SIMDGROUP_MMA_MODES): index.json for the default tensor-core
 lowering (1), index-mma<N>.json for the others; load_all(N) on the GPU machine.
@@ -78,16 +79,18 @@ def index_path(simdgroup_mma: int) -> Path:
     return compiler.cache_dir() / ("index.json" if simdgroup_mma == 1 else f"index-mma{simdgroup_mma}.json")
 
 
-def build_all(jobs: int = 2, fast_math: bool = True, simdgroup_mma: Optional[int] = None) -> Dict[str, Path]:
-    """Builds every target and records them in the lowering's index (index_path), so that a machine without
-    clang-19 (the GPU machine) can use the PTX built here: load_all() there."""
+def build_all(jobs: int = 2, fast_math: bool = True, simdgroup_mma: Optional[int] = None,
+              names: Optional[List[str]] = None) -> Dict[str, Path]:
+    """Builds every target (or those named) and records them in the lowering's index (index_path), so that a machine
+    without clang-19 (the GPU machine) can use the PTX built here: load_all() there."""
     mma = compiler.default_simdgroup_mma() if simdgroup_mma is None else simdgroup_mma
+    chosen = {name: TARGETS[name] for name in (names or TARGETS)}
     built = {name: compiler.build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs,
                          kernel_flags=TARGET_KERNEL_FLAGS.get(name), min_blocks=TARGET_MIN_BLOCKS.get(name),
                          simdgroup_mma=mma)
-             for name, (path, inc) in TARGETS.items()}
+             for name, (path, inc) in chosen.items()}
     index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math,
-                    "simdgroup_mma": mma} for name, (path, inc) in TARGETS.items()}
+                    "simdgroup_mma": mma} for name, (path, inc) in chosen.items()}
     index_path(mma).write_text(json.dumps(index, indent=1))
     return built
 
@@ -158,8 +161,9 @@ if __name__ == "__main__":
     ap.add_argument("--mma", type=int, choices=compiler.SIMDGROUP_MMA_MODES, help="simdgroup_matrix lowering")
     ap.add_argument("--ptxas", action="store_true", help="print ptxas -v figures of the varlen and decode kernels")
     ap.add_argument("--prune", action="store_true", help="then remove cache folders no index names")
+    ap.add_argument("--only", nargs="+", choices=list(TARGETS), help="build (and index) only these targets")
     a = ap.parse_args()
-    for name, path in build_all(a.jobs, fast_math=not a.precise, simdgroup_mma=a.mma).items():
+    for name, path in build_all(a.jobs, fast_math=not a.precise, simdgroup_mma=a.mma, names=a.only).items():
         m = json.loads((path / "manifest.json").read_text())
         print(f"{name}: {len(m['kernels'])} kernels -> {path}")
         if a.ptxas and name in ("attention_varlen", "attention_backward", "paged_decode_attention"):
