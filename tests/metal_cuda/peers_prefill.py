@@ -23,6 +23,7 @@ Which instances (the shapes of the prefill table: D = 64, 128, 256; fp16 and bf1
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -64,67 +65,47 @@ def mlx_instances() -> List[dict]:
     return out
 
 
-# Harness stand-ins, searched before MLX's own include folder; no kernel body is touched.
+# Harness stand-ins, searched before MLX's own include folder, written at build time from the fetched headers (the
+# repository holds only these rules); no kernel body is touched.
 # - bf16_math.h adds bfloat overloads of the stdlib math and simd functions through Apple's compiler builtins
 #   (__metal_fabs, __metal_simd_sum...): the proxy's shim already defines them for bfloat, so it is empty here.
 # - utils.h is MLX's grab bag (complex numbers with address-space-qualified constructors, indexing helpers). Steel
-#   attention uses only its type names and Limits<T>; the stand-in gives those, with MLX's meaning for floating
-#   types: max / min = +/-inf, finite_max / finite_min = +/- the largest finite value.
+#   attention uses only the type names and Limits<T>: the stand-in is utils.h's Limits section and the typedefs.
 # - steel/utils/type_traits.h specialises pointer_element on each address space, which the proxy erases (four
-#   identical specialisations): the stand-in has one for T*, and the same traits otherwise.
-MLX_OVERRIDES = {
-    "mlx/backend/metal/kernels/bf16_math.h": "// peers_prefill.py stand-in: the proxy's shim provides the bfloat "
-                                              "overloads of the math and simd functions.\n#pragma once\n",
-    "mlx/backend/metal/kernels/utils.h": """// peers_prefill.py stand-in: type names and Limits<T> for steel.
-#pragma once
-#include <metal_stdlib>
-#include "mlx/backend/metal/kernels/defines.h"
-typedef half float16_t;
-typedef bfloat bfloat16_t;
-template <typename T>
-struct Limits {
-  static constexpr constant T max = metal::numeric_limits<T>::infinity();
-  static constexpr constant T min = -metal::numeric_limits<T>::infinity();
-  static constexpr constant T finite_max = metal::numeric_limits<T>::max();
-  static constexpr constant T finite_min = -metal::numeric_limits<T>::max();
-};
-""",
-    "mlx/backend/metal/kernels/steel/utils/type_traits.h": """// peers_prefill.py stand-in: steel's traits, one
-// pointer_element for every address space (the proxy has one).
-#pragma once
-#include <metal_stdlib>
-namespace metal {
-template <typename T>
-struct is_empty : metal::bool_constant<__is_empty(T)> {};
-template <typename T>
-constexpr constant bool is_empty_v = is_empty<T>::value;
-template <typename... Ts>
-struct make_void {
-  typedef void type;
-};
-template <typename... Ts>
-using void_t = typename make_void<Ts...>::type;
-template <class T>
-struct is_static : metal::bool_constant<is_empty<remove_cv_t<T>>::value> {};
-template <typename T>
-struct pointer_element {};
-template <typename T>
-struct pointer_element<T*> {
-  using type = remove_cv_t<T>;
-};
-template <typename T>
-using pointer_element_t = typename pointer_element<remove_cv_t<T>>::type;
-}  // namespace metal
-""",
-}
+#   identical specialisations): the stand-in keeps the `thread T*` one, as `T*`.
+MLX_KERNELS_DIR = "mlx/backend/metal/kernels/"
+
+
+def _mlx_utils_standin(utils: str) -> str:
+    start = utils.index("template <typename U>\nstruct Limits")
+    end = utils.index("};", utils.index("struct Limits<bool>")) + 2
+    return ("// peers_prefill.py stand-in: MLX utils.h's Limits section (MIT, LICENSE-MLX) and its type names.\n"
+            "#pragma once\n#include <metal_stdlib>\n#include \"mlx/backend/metal/kernels/defines.h\"\n"
+            "typedef half float16_t;\ntypedef bfloat bfloat16_t;\n\n" + utils[start:end] + "\n")
+
+
+def _mlx_type_traits_standin(traits: str) -> str:
+    specialisation = (r"template <typename T>\s*struct pointer_element<(?:device|constant|threadgroup) T\*> "
+                      r"\{[^}]*\};\s*")
+    out, n = re.subn(specialisation, "", traits)
+    out = out.replace("struct pointer_element<thread T*>", "struct pointer_element<T*>")
+    if n != 3 or "pointer_element<T*>" not in out:
+        raise SystemExit("steel/utils/type_traits.h changed: update _mlx_type_traits_standin")
+    return "// peers_prefill.py stand-in: MLX's steel/utils/type_traits.h, one pointer_element (MIT).\n" + out
 
 
 def mlx_include_dirs() -> List[str]:
-    over = PEERS / "harness" / "mlx_overrides"
-    for rel, text in MLX_OVERRIDES.items():
+    src = PEERS / "mlx" / "include" / MLX_KERNELS_DIR
+    standins = {
+        "bf16_math.h": "// peers_prefill.py stand-in: the proxy's shim provides the bfloat overloads.\n#pragma once\n",
+        "utils.h": _mlx_utils_standin((src / "utils.h").read_text()),
+        "steel/utils/type_traits.h": _mlx_type_traits_standin((src / "steel/utils/type_traits.h").read_text()),
+    }
+    over = PEERS / "harness" / "mlx_overrides" / MLX_KERNELS_DIR
+    for rel, text in standins.items():
         (over / rel).parent.mkdir(parents=True, exist_ok=True)
         (over / rel).write_text(text)
-    return [str(over), str(PEERS / "mlx" / "include")]
+    return [str(PEERS / "harness" / "mlx_overrides"), str(PEERS / "mlx" / "include")]
 
 
 def mlx_harness() -> str:
