@@ -2,11 +2,13 @@
 and llama.cpp's tiled flash attention (PTX from `peers_prefill.py build`, in the ignored .peers/ptx), each launched as
 its own host code would, and torch's flash SDPA (the GPU's ceiling), under each simdgroup_matrix lowering.
 
-    python3 -m tests.metal_cuda.bench_prefill --json $OUT/prefill.json [--mma 1 0] [--rows 0,5] [--seqlens 1024]
+    python3 -m tests.metal_cuda.bench_prefill --json $OUT/prefill.json [--mma 1 0] [--rows 0,5] [--seqlens 512 2048]
     # GPU machine; carry .cache/metal_cuda and .peers/ptx (built here: targets --mma 1 / --mma 0, peers_prefill build)
 
-Rows (B = 1): H / Hkv 16/4 and 32/8; D 64, 128, 256; S 1024, 4096, 16384; fp16 and bf16; causal and not. Every
-output is checked against SDPA in fp32 before it is timed. Timing: a CUDA graph of N calls (N chosen so a replay takes
+Rows (issue 21's grid): causal prefill, B = 1 at S 512, 2048, 8192, 32768, and a varlen batch of four sequences of
+mixed lengths (320 + 1216 + 2944 + 4992 tokens: ours in one varlen call, each peer and torch once per sequence, as
+their host code has no varlen prefill); H / Hkv 32/8 and 32/32; D 64, 128, 256; fp16 and bf16. Every output is
+checked against SDPA in fp32 before it is timed. Timing: a CUDA graph of N calls (N chosen so a replay takes
 ~50 ms), median of 7 replays. "x MLX" = t_MLX / t_ours (above 1: ours is faster).
 
 The pure parts (launch geometry, parameter structs, FLOP counts, the table) need no GPU: test_bench_prefill.py.
@@ -24,9 +26,10 @@ from typing import Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parents[2]
 PEER_PTX = ROOT / ".peers" / "ptx"
 
-HEADS = ((16, 4), (32, 8))
+HEADS = ((32, 8), (32, 32))
 HEAD_DIMS = (64, 128, 256)
-SEQLENS = (1024, 4096, 16384)
+SEQLENS = (512, 2048, 8192, 32768)
+MIXED = (320, 1216, 2944, 4992)  # multiples of 64: the llama.cpp launcher has no K/V padding pass
 DTYPES = ("fp16", "bf16")
 MLX_TYPE = {"fp16": "float16", "bf16": "bfloat16"}
 GGML_TYPE = {"fp16": "f16", "bf16": "bf16"}
@@ -41,18 +44,29 @@ class Row:
     D: int
     dtype: str
     causal: bool
+    lengths: Tuple[int, ...] = ()  # a varlen batch (B = 1, S = their sum): the sequences' lengths
 
     def label(self) -> str:
-        return f"H={self.H}/{self.Hkv} D={self.D} S={self.S} {self.dtype}{' causal' if self.causal else ''}"
+        shape = f"varlen {'+'.join(map(str, self.lengths))}" if self.lengths else f"S={self.S}"
+        return f"H={self.H}/{self.Hkv} D={self.D} {shape} {self.dtype}{' causal' if self.causal else ''}"
+
+    def sequences(self) -> List["Row"]:
+        """The row as B = 1 sequences: itself, or one per length of a varlen batch."""
+        if not self.lengths:
+            return [self]
+        return [Row(1, self.H, self.Hkv, n, self.D, self.dtype, self.causal) for n in self.lengths]
 
 
 def rows() -> List[Row]:
-    return [Row(1, h, hkv, s, d, dt, c) for (h, hkv) in HEADS for d in HEAD_DIMS for s in SEQLENS for dt in DTYPES
-            for c in (True, False)]
+    dense = [Row(1, h, hkv, s, d, dt, True) for (h, hkv) in HEADS for d in HEAD_DIMS for s in SEQLENS for dt in DTYPES]
+    mixed = [Row(1, h, hkv, sum(MIXED), d, dt, True, MIXED) for (h, hkv) in HEADS for d in HEAD_DIMS for dt in DTYPES]
+    return dense + mixed
 
 
 def flops(r: Row) -> float:
     """Two matmuls of 2 S_q S_k D each per head; causal counts the visible (lower-triangle) pairs only."""
+    if r.lengths:
+        return sum(flops(x) for x in r.sequences())
     pairs = r.S * (r.S + 1) / 2 if r.causal else r.S * r.S
     return 4.0 * r.B * r.H * pairs * r.D
 
@@ -222,7 +236,7 @@ def _gpu():
 
 def time_us(fn, target_ms: float = 50.0, replays: int = 7) -> float:
     """Median us per call: a CUDA graph of N calls (N so that a replay takes ~target_ms), `replays` replays (3 when
-    one call takes over 100 ms: the shuffle lowering at S = 16384)."""
+    one call takes over 100 ms: the shuffle lowering at S = 8192 and above)."""
     import torch
 
     fn()
@@ -282,49 +296,61 @@ class Runner:
         return self._peer[path]
 
     def run_row(self, r: Row, modes, with_torch: bool) -> List[dict]:
+        """One row: B = 1 packed tensors [1, S, H, D]; a varlen row's sequences are consecutive slices of them."""
         torch, F = self.torch, self.F
+        torch.cuda.empty_cache()  # the previous row's tensors are gone
         dt = {"fp16": torch.float16, "bf16": torch.bfloat16}[r.dtype]
         g = torch.Generator(device="cuda").manual_seed(r.S + r.D)
         q = torch.randn(r.B, r.S, r.H, r.D, generator=g, device="cuda").to(dt)     # [B, S, H, D]
         k = torch.randn(r.B, r.S, r.Hkv, r.D, generator=g, device="cuda").to(dt)   # [B, S, Hkv, D]
         v = torch.randn(r.B, r.S, r.Hkv, r.D, generator=g, device="cuda").to(dt)
         scale = r.D ** -0.5
-        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))                        # [B, H, S, D] views
+        seqs, bounds = r.sequences(), [0]
+        for x in seqs:
+            bounds.append(bounds[-1] + x.S)
+        parts = [(x, q[:, a:b], k[:, a:b], v[:, a:b]) for x, a, b in zip(seqs, bounds, bounds[1:])]
         # fp32 reference with K / V expanded to H heads: the memory-efficient kernel, never an S x S matrix.
-        kr, vr = (x.float().repeat_interleave(r.H // r.Hkv, dim=1) for x in (kh, vh))
-        ref = F.scaled_dot_product_attention(qh.float(), kr, vr, is_causal=r.causal, scale=scale).transpose(1, 2)
-        del kr, vr
+        refs = []
+        for x, qs, ks, vs in parts:
+            kr, vr = (t.transpose(1, 2).float().repeat_interleave(r.H // r.Hkv, dim=1) for t in (ks, vs))
+            refs.append(F.scaled_dot_product_attention(qs.transpose(1, 2).float(), kr, vr, is_causal=r.causal,
+                                                       scale=scale).transpose(1, 2))
+            del kr, vr
         base = dict(label=r.label(), flops=flops(r), **r.__dict__)
         out_rows = []
+
+        def timed(side, *args):
+            """A side's per-sequence launches (each output checked first), timed together."""
+            fns = [side(qs, ks, vs, x, scale, ref, *args) for (x, qs, ks, vs), ref in zip(parts, refs)]
+            return time_us(lambda: [fn() for fn in fns])
+
         torch_us = None
         if with_torch:
             try:
-                torch_us = self.torch_flash(qh, kh, vh, r, scale, ref)
+                torch_us = timed(self.torch_flash)
             except Exception as e:  # noqa: BLE001 (a side that cannot run a row says so in the table)
                 base["torch_error"] = f"{type(e).__name__}: {e}"[:120]
         for mma in modes:
             res = dict(base, mma=mma)
             if torch_us:
                 res["torch_us"] = torch_us
-            for side, fn in (("ours", self.ours), ("mlx", self.mlx), ("ggml", self.ggml)):
+            sides = (("ours", lambda: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma))),
+                     ("mlx", lambda: timed(self.mlx, mma)), ("ggml", lambda: timed(self.ggml, mma)))
+            if r.D == 256:
+                sides += (("mlx_bk16", lambda: timed(self.mlx, mma, 16)),)
+            for side, run in sides:
                 try:
-                    res[f"{side}_us"] = fn(q, k, v, r, scale, ref, mma)
+                    res[f"{side}_us"] = run()
                 except Exception as e:  # noqa: BLE001
                     res[f"{side}_error"] = f"{type(e).__name__}: {e}"[:200]
-            if r.D == 256 and "mlx_us" in res:
-                try:
-                    res["mlx_bk16_us"] = self.mlx(q, k, v, r, scale, ref, mma, bk=16)
-                except Exception as e:  # noqa: BLE001
-                    res["mlx_bk16_error"] = f"{type(e).__name__}: {e}"[:200]
             out_rows.append(res)
-        del q, k, v, ref
-        torch.cuda.empty_cache()
         return out_rows
 
-    def torch_flash(self, qh, kh, vh, r, scale, ref) -> float:
+    def torch_flash(self, q, k, v, r, scale, ref):
         F = self.F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, S, D] views
         if r.H != r.Hkv:  # flash's GQA support varies by torch version: expand once, outside the timing
             kh, vh = (x.repeat_interleave(r.H // r.Hkv, dim=1) for x in (kh, vh))
 
@@ -332,16 +358,19 @@ class Runner:
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(qh, kh, vh, is_causal=r.causal, scale=scale)
         check(fn().transpose(1, 2), ref, "torch flash", r.dtype)
-        return time_us(fn)
+        return fn
 
-    def ours(self, q, k, v, r, scale, ref, mma) -> float:
+    def ours(self, q, k, v, r, scale, ref, mma):
+        """The whole row in one varlen call (a varlen row's sequences by cu_seqlens); returns the launch."""
         torch = self.torch
         T = r.B * r.S
         qv, kv, vv = q.reshape(T, r.H, r.D), k.reshape(T, r.Hkv, r.D), v.reshape(T, r.Hkv, r.D)
         out = torch.full_like(qv, float("nan"))
         lse = torch.empty(r.H, T, device="cuda", dtype=torch.float32)
-        cu = torch.arange(r.B + 1, dtype=torch.int32, device="cuda") * r.S
-        plan = self.gc.planner().plan_varlen(qv, kv, vv, out, lse, cu, cu, None, None, r.S, scale, 0.0, -1,
+        lengths = [x.S for x in r.sequences()] * r.B if r.lengths else [r.S] * r.B
+        cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32,
+                          device="cuda")
+        plan = self.gc.planner().plan_varlen(qv, kv, vv, out, lse, cu, cu, None, None, max(lengths), scale, 0.0, -1,
                                              0 if r.causal else -1, None)
         prepared = self.launch.prepare_plan(self.ours_libs(mma), plan)
 
@@ -351,9 +380,9 @@ class Runner:
         fn()
         torch.cuda.synchronize()
         check(out.view(r.B, r.S, r.H, r.D), ref, f"ours mma={mma}", r.dtype)
-        return time_us(fn)
+        return fn
 
-    def mlx(self, q, k, v, r, scale, ref, mma, bk=None) -> float:
+    def mlx(self, q, k, v, r, scale, ref, mma, bk=None):
         torch = self.torch
         out = torch.full_like(q, float("nan"))  # [B, S, H, D]; MLX's (B, H, L) strides over it
         st = lambda x: (x.stride(0), x.stride(2), x.stride(1))  # noqa: E731
@@ -367,9 +396,9 @@ class Runner:
         p.launch()
         torch.cuda.synchronize()
         check(out, ref, f"MLX {plan.kernel} mma={mma}", r.dtype)
-        return time_us(p.launch)
+        return p.launch
 
-    def ggml(self, q, k, v, r, scale, ref, mma) -> float:
+    def ggml(self, q, k, v, r, scale, ref, mma):
         torch = self.torch
         plan = ggml_plan(r, scale)
         root = PEER_PTX / f"ggml-mma{mma}"
@@ -396,7 +425,7 @@ class Runner:
         fn()
         torch.cuda.synchronize()
         check(dst, ref, f"llama.cpp {plan.kernel} mma={mma}", r.dtype)
-        return time_us(fn)
+        return fn
 
 
 def main(argv=None):
@@ -404,8 +433,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write the results here (rewritten after every row)")
     ap.add_argument("--mma", type=int, nargs="+", default=[1, 0], help="simdgroup_matrix lowerings to time")
     ap.add_argument("--rows", help="comma-separated row indices (default: all; --list shows them)")
-    ap.add_argument("--seqlens", type=int, nargs="+", help="only rows of these S (e.g. 1024 for the shuffle lowering, "
-                    "which takes seconds per call at S = 16384)")
+    ap.add_argument("--seqlens", type=int, nargs="+", help="only rows of these S (the varlen batch: 9472; e.g. 512 "
+                    "for the shuffle lowering, which takes seconds per call from S = 8192)")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     a = ap.parse_args(argv)
     all_rows = rows()

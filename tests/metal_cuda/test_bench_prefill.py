@@ -11,10 +11,25 @@ from . import peers_prefill as pp
 
 
 def test_rows_cover_the_grid():
+    """Issue 21's grid: causal, B = 1 at S 512 / 2048 / 8192 / 32768 and a mixed-length varlen batch, H / Hkv 32/8
+    and 32/32, D 64 / 128 / 256, fp16 and bf16."""
     rows = bp.rows()
-    assert len(rows) == 2 * 3 * 3 * 2 * 2
-    assert {(r.H, r.Hkv) for r in rows} == {(16, 4), (32, 8)} and {r.B for r in rows} == {1}
-    assert {r.D for r in rows} == {64, 128, 256} and {r.S for r in rows} == {1024, 4096, 16384}
+    dense, mixed = [r for r in rows if not r.lengths], [r for r in rows if r.lengths]
+    assert len(dense) == 2 * 3 * 4 * 2 and len(mixed) == 2 * 3 * 2
+    assert {(r.H, r.Hkv) for r in rows} == {(32, 8), (32, 32)} and {r.B for r in rows} == {1}
+    assert {r.D for r in rows} == {64, 128, 256} and {r.S for r in dense} == {512, 2048, 8192, 32768}
+    assert all(r.causal for r in rows)
+    assert all(len(r.lengths) == 4 and r.S == sum(r.lengths) and 300 <= min(r.lengths) and max(r.lengths) <= 5000
+               for r in mixed)
+
+
+def test_varlen_row_is_its_sequences():
+    r = bp.Row(1, 32, 8, sum(bp.MIXED), 128, "fp16", True, bp.MIXED)
+    seqs = r.sequences()
+    assert [x.S for x in seqs] == list(bp.MIXED) and all(not x.lengths and x.B == 1 for x in seqs)
+    assert bp.flops(r) == sum(bp.flops(x) for x in seqs) and "varlen 320+1216+2944+4992" in r.label()
+    for x in seqs:  # the llama.cpp launcher takes each sequence (multiples of 64: no K/V padding pass)
+        bp.ggml_plan(x, 0.1)
 
 
 def test_flops():
