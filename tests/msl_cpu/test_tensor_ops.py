@@ -54,7 +54,9 @@ def test_matmul2d_device(lib, case, sched):
     a_mem = a.t().contiguous() if tl else a
     b_mem = b.t().contiguous() if tr else b
     c, c_iter = c0.clone(), torch.full((m, n), -7.0, dtype=DTYPES[tout])
-    lib.dispatch(name, (1, 1, 1), (32 * sg, 1, 1), buffers={0: a_mem, 1: b_mem, 2: c, 3: c_iter}, **sched)
+    stats = lib.dispatch(name, (1, 1, 1), (32 * sg, 1, 1), buffers={0: a_mem, 1: b_mem, 2: c, 3: c_iter}, **sched)
+    # Every operand element run() uses is an instrumented load (K per destination element), so none escapes the checks.
+    assert stats.loaded[0] == m * n * k * a.element_size() and stats.loaded[1] == m * n * k * b.element_size()
     ref = a.double() @ b.double() + (c0.double() if acc else 0)
     check(c, ref, DTYPES[tin], DTYPES[tout])
     assert torch.equal(c_iter, c), "iteration and store() disagree"
