@@ -63,8 +63,10 @@ def test_matmul2d_device(lib, case, sched):
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
-@pytest.mark.parametrize("name,tin,tout,m,n,k,sg", [("threadgroup_half_float_32x16x32", "half", "float", 32, 16, 32, 2),
-                                                    ("threadgroup_bfloat_half_16x64x16", "bfloat", "half", 16, 64, 16, 4)])
+@pytest.mark.parametrize("name,tin,tout,m,n,k,sg", [
+    ("threadgroup_half_float_32x16x32", "half", "float", 32, 16, 32, 2),
+    ("threadgroup_bfloat_half_16x64x16", "bfloat", "half", 16, 64, 16, 4),
+])
 def test_matmul2d_threadgroup(lib, name, tin, tout, m, n, k, sg, sched):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(m, k, generator=g).to(DTYPES[tin])

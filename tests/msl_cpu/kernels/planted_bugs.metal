@@ -1,8 +1,9 @@
 // Kernels with one planted bug each (and a correct twin where useful): the emulator must report every bug, with
 // the .metal line. tests/msl_cpu/test_bug_detection.py relies on the line numbers marked BUG.
+#include <MetalPerformancePrimitives/MetalPerformancePrimitives.h>
+
 #include <metal_stdlib>
 #include <metal_tensor>
-#include <MetalPerformancePrimitives/MetalPerformancePrimitives.h>
 using namespace metal;
 
 kernel void missing_barrier(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],

@@ -1,9 +1,10 @@
 // Metal 4 tensors and MetalPerformancePrimitives' matmul2d on the emulator: tests/msl_cpu/test_tensor_ops.py checks
 // each kernel against a float64 torch matmul. One threadgroup of Simdgroups * 32 threads computes C (M x N) =
 // A (M x K) * B (K x N) (+ C), with A stored K x M when TransposeLeft and B stored N x K when TransposeRight.
+#include <MetalPerformancePrimitives/MetalPerformancePrimitives.h>
+
 #include <metal_stdlib>
 #include <metal_tensor>
-#include <MetalPerformancePrimitives/MetalPerformancePrimitives.h>
 using namespace metal;
 using namespace mpp::tensor_ops;
 
@@ -13,9 +14,9 @@ template <typename TA, typename TB, typename TC, int M, int N, int K, bool Trans
           int Simdgroups, bool Accumulate>
 kernel void matmul_device(device TA* a [[buffer(0)]], device TB* b [[buffer(1)]], device TC* c [[buffer(2)]],
                           device TC* c_iter [[buffer(3)]]) {
-  constexpr auto desc =
-      matmul2d_descriptor(M, N, K, TransposeLeft, TransposeRight, false,
-                          Accumulate ? matmul2d_descriptor::mode::multiply_accumulate : matmul2d_descriptor::mode::multiply);
+  constexpr auto desc = matmul2d_descriptor(
+      M, N, K, TransposeLeft, TransposeRight, false,
+      Accumulate ? matmul2d_descriptor::mode::multiply_accumulate : matmul2d_descriptor::mode::multiply);
   matmul2d<desc, execution_simdgroups<Simdgroups>> op;
   // Dimension 0 is the innermost: a row-major R x C matrix has extents (C, R).
   auto ta = tensor(a, dextents<int, 2>(TransposeLeft ? M : K, TransposeLeft ? K : M));
@@ -71,7 +72,7 @@ kernel void matmul_ragged(device const T* a [[buffer(0)]], device const T* b [[b
   }
 }
 
-#define DEVICE_CASE(name, TA, TB, TC, M, N, K, TL, TR, SG, ACC)        \
+#define DEVICE_CASE(name, TA, TB, TC, M, N, K, TL, TR, SG, ACC)                                         \
   template [[host_name(name)]] [[kernel]] decltype(matmul_device<TA, TB, TC, M, N, K, TL, TR, SG, ACC>) \
       matmul_device<TA, TB, TC, M, N, K, TL, TR, SG, ACC>;
 // clang-format off
@@ -85,9 +86,11 @@ DEVICE_CASE("device_float_float_32x32x8_tltr", float, float, float, 32, 32, 8, t
 DEVICE_CASE("device_half_float_64x32x16_acc", half, half, float, 64, 32, 16, false, false, 4, true)
 DEVICE_CASE("device_bfloat_half_24x40x8_acc", bfloat, bfloat, half, 24, 40, 8, false, true, 1, true)
 // clang-format on
-template [[host_name("threadgroup_half_float_32x16x32")]] [[kernel]] decltype(matmul_threadgroup<half, float, 32, 16, 32, 2>)
-    matmul_threadgroup<half, float, 32, 16, 32, 2>;
-template [[host_name("threadgroup_bfloat_half_16x64x16")]] [[kernel]] decltype(matmul_threadgroup<bfloat, half, 16, 64, 16, 4>)
+template
+    [[host_name("threadgroup_half_float_32x16x32")]] [[kernel]] decltype(matmul_threadgroup<half, float, 32, 16, 32, 2>)
+        matmul_threadgroup<half, float, 32, 16, 32, 2>;
+template [[host_name(
+    "threadgroup_bfloat_half_16x64x16")]] [[kernel]] decltype(matmul_threadgroup<bfloat, half, 16, 64, 16, 4>)
     matmul_threadgroup<bfloat, half, 16, 64, 16, 4>;
-template [[host_name("ragged_half_32x16x48")]] [[kernel]] decltype(matmul_ragged<half, 32, 16, 48>)
-    matmul_ragged<half, 32, 16, 48>;
+template [[host_name(
+    "ragged_half_32x16x48")]] [[kernel]] decltype(matmul_ragged<half, 32, 16, 48>) matmul_ragged<half, 32, 16, 48>;
