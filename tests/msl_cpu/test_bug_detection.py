@@ -186,6 +186,15 @@ def test_tensor_divergent_run(lib, sched):
     line = bug_line("tensor_divergent_run")
     assert f"planted_bugs.metal:{line}" in msg or f"planted_bugs.metal:{line + 1}" in msg, msg
 
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_tensor_simdgroup_skips_run(lib, sched):
+    a, b = _tensor_operands()
+    msg = expect_error(lib, "tensor_simdgroup_skips_run", r"divergent barrier|barrier skipped",
+                       threadgroups=(1, 1, 1), threads_per_threadgroup=(64, 1, 1),
+                       buffers={0: a, 1: b, 2: torch.zeros(32, 16)}, **sched)
+    assert f"planted_bugs.metal:{bug_line('tensor_simdgroup_skips_run')}" in msg, msg
+
 def test_missing_binding(lib):
     expect_error(lib, "overrun_read", r"nothing bound at buffer\(1\) \(parameter 'out'\)", threadgroups=(1, 1, 1),
                  threads_per_threadgroup=(1, 1, 1), buffers={0: torch.zeros(4)})

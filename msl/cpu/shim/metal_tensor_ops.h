@@ -238,12 +238,20 @@ struct cooperative_tensor {
       }
   }
   // Every thread of the scope calls a cooperative operation, in convergent code: each simdgroup of the scope meets
-  // at the call site with all 32 lanes.
+  // at the call site with all 32 lanes; when the scope is the whole threadgroup, its simdgroups also meet there, at
+  // a barrier that orders no memory (so it hides no race): a simdgroup that skips the call is a divergent or skipped
+  // barrier at this line.
   MCPU_INLINE void mcpu_check_scope(MCPU_SITE) const {
     if (Threads == 1) return;
     mcpu_lanes<uint> l = mcpu_exchange(0u, MCPU_SITE_ARGS);
     if (l.mask != 0xffffffffu)
       mcpu_fatal("tensor operation called by part of its execution scope (divergent control flow?)");
+    if (Threads > 32) {
+      uint32_t sg, sgs;
+      uint64_t seed;
+      mcpu_thread_info(&sg, &sgs, &seed);
+      if (sgs * 32 == Threads) mcpu_threadgroup_barrier(MCPU_MEM_NONE, MCPU_SITE_ARGS);
+    }
   }
 };
 

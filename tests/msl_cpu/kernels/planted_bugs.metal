@@ -214,3 +214,15 @@ kernel void tensor_divergent_run(device const half* a [[buffer(0)]], device cons
   if (lane < 16) op.run(ta, tb, acc);  // BUG: tensor_divergent_run
   acc.store(tensor(c, dextents<int, 2>(16, 32)));
 }
+
+// run() skipped by one of the scope's two simdgroups.
+kernel void tensor_simdgroup_skips_run(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                       device float* c [[buffer(2)]], uint sgid [[simdgroup_index_in_threadgroup]]) {
+  constexpr auto desc = matmul2d_descriptor(32, 16, 16);
+  matmul2d<desc, execution_simdgroups<2>> op;
+  auto ta = tensor(a, dextents<int, 2>(16, 32));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto acc = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  if (sgid == 0) op.run(ta, tb, acc);  // BUG: tensor_simdgroup_skips_run
+  acc.store(tensor(c, dextents<int, 2>(16, 32)));
+}
