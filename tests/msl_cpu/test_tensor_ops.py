@@ -101,3 +101,28 @@ def test_ownership_moves_with_the_seed(lib):
                      schedule="random", seed=seed)
         results.append(c)
     assert torch.equal(results[0], results[1])
+
+
+def test_ownership_is_the_shims_own(lib):
+    """Every element is owned once, capacity = ceil(M * N / threads), the order is not row-major, and it changes with
+    the seed: kernels must go through get_multidimensional_index."""
+    m, n, threads = 24, 40, 128
+    cap = -(-m * n // threads)
+    layouts = []
+    for seed in (1, 2):
+        out = torch.full((threads * cap,), -2, dtype=torch.int32)
+        lib.dispatch("coop_layout", (1, 1, 1), (threads, 1, 1), buffers={0: out}, schedule="random", seed=seed)
+        valid = out[out >= 0]
+        assert (out == -2).sum() == 0 and torch.equal(valid.sort().values, torch.arange(m * n, dtype=torch.int32))
+        assert not torch.equal(valid, torch.arange(m * n, dtype=torch.int32))
+        layouts.append(out)
+    assert not torch.equal(layouts[0], layouts[1])
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_matmul2d_execution_thread(lib, sched):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(8, 8, 8, generator=g), torch.randn(8, 8, 8, generator=g)
+    c = torch.zeros(8, 8, 8)
+    lib.dispatch("matmul_per_thread", (1, 1, 1), (8, 1, 1), buffers={0: a, 1: b, 2: c}, **sched)
+    check(c, a.double() @ b.double(), torch.float32, torch.float32)

@@ -94,3 +94,27 @@ template [[host_name(
     matmul_threadgroup<bfloat, half, 16, 64, 16, 4>;
 template [[host_name(
     "ragged_half_32x16x48")]] [[kernel]] decltype(matmul_ragged<half, 32, 16, 48>) matmul_ragged<half, 32, 16, 48>;
+
+// Which element each slot of each thread holds (row-major number, -1 for an invalid slot): the shim's own layout.
+kernel void coop_layout(device int* out [[buffer(0)]], uint tid [[thread_index_in_threadgroup]]) {
+  constexpr auto desc = matmul2d_descriptor(24, 40, 8);
+  matmul2d<desc, execution_simdgroups<4>> op;
+  using A = tensor<device half, dextents<int, 2>, tensor_inline>;
+  auto acc = op.get_destination_cooperative_tensor<A, A, float>();
+  for (uint16_t i = 0; i < acc.get_capacity(); ++i) {
+    const auto idx = acc.get_multidimensional_index(i);
+    out[tid * acc.get_capacity() + i] = acc.is_valid_element(i) ? idx[1] * 40 + idx[0] : -1;
+  }
+}
+
+// execution_thread: each thread multiplies its own 8 x 8 pair, static extents.
+kernel void matmul_per_thread(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                              device float* c [[buffer(2)]], uint tid [[thread_index_in_threadgroup]]) {
+  constexpr auto desc = matmul2d_descriptor(8, 8, 8);
+  matmul2d<desc, execution_thread> op;
+  tensor<device const float, extents<int, 8, 8>, tensor_inline> ta(a + tid * 64, extents<int, 8, 8>());
+  tensor<device const float, extents<int, 8, 8>, tensor_inline> tb(b + tid * 64, extents<int, 8, 8>());
+  auto acc = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  op.run(ta, tb, acc);
+  acc.store(tensor(c + tid * 64, extents<int, 8, 8>()));
+}
