@@ -195,6 +195,15 @@ def test_tensor_simdgroup_skips_run(lib, sched):
                        buffers={0: a, 1: b, 2: torch.zeros(32, 16)}, **sched)
     assert f"planted_bugs.metal:{bug_line('tensor_simdgroup_skips_run')}" in msg, msg
 
+
+def test_row_sum_overrun(lib):
+    """Every load is hooked, also where fast math lets the optimiser turn a row sum into one wide vector load."""
+    a, out = torch.randn(4, 16).half(), torch.zeros(8)
+    stats = lib.dispatch("overrun_row_sum", (1, 1, 1), (4, 1, 1), buffers={0: a, 1: out})
+    assert stats.loaded[0] == a.numel() * 2
+    expect_error(lib, "overrun_row_sum", r"device memory overrun: read of 2 bytes at byte offset 128 of buffer 0",
+                 "overrun_row_sum", threadgroups=(1, 1, 1), threads_per_threadgroup=(5, 1, 1), buffers={0: a, 1: out})
+
 def test_missing_binding(lib):
     expect_error(lib, "overrun_read", r"nothing bound at buffer\(1\) \(parameter 'out'\)", threadgroups=(1, 1, 1),
                  threads_per_threadgroup=(1, 1, 1), buffers={0: torch.zeros(4)})

@@ -226,3 +226,12 @@ kernel void tensor_simdgroup_skips_run(device const half* a [[buffer(0)]], devic
   if (sgid == 0) op.run(ta, tb, acc);  // BUG: tensor_simdgroup_skips_run
   acc.store(tensor(c, dextents<int, 2>(16, 32)));
 }
+
+// A fast-math sum over a row of 16 halves (32 bytes: the vectorizers made it one load too wide for the hooks), one
+// row past the end.
+kernel void overrun_row_sum(device const half* a [[buffer(0)]], device float* out [[buffer(1)]],
+                            uint tid [[thread_position_in_grid]]) {
+  float s = 0.0f;
+  for (int k = 0; k < 16; ++k) s += float(a[tid * 16 + k]);  // BUG: overrun_row_sum
+  out[tid] = s;
+}
