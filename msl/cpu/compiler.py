@@ -119,11 +119,7 @@ def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: 
               f'-DMCPU_SOURCE_PATH="{metal_path.resolve()}"', "-include", str(SHIM), "-S", "-emit-llvm",
               "-Xclang", "-disable-llvm-passes", str(src), "-o", str(ir)], f"compiling {metal_path}")
         ir.write_text(reciprocal_divisions(ir.read_text()))
-        # No vectorizers: SanitizerCoverage hooks loads and stores of 1 to 16 bytes only, and a fast-math reduction
-        # over a row (16 halves: one <16 x half> load) escaped every check. The -f spellings are ignored for IR input.
-        novec = ["-mllvm", "-vectorize-slp=false", "-mllvm", "-vectorize-loops=false"]
-        cmd = [clang(), *math[:1], opt, *novec, "-fPIC", "-shared", coverage, "-x", "ir", str(ir), "-o",
-               str(out_path) + ".tmp"]
+        cmd = [clang(), *math[:1], opt, "-fPIC", "-shared", coverage, "-x", "ir", str(ir), "-o", str(out_path) + ".tmp"]
         lib = _builtins_lib()
         if lib:
             cmd += ["-x", "none", lib]  # compiler-rt: the bfloat conversions
