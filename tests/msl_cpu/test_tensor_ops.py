@@ -126,3 +126,21 @@ def test_matmul2d_execution_thread(lib, sched):
     c = torch.zeros(8, 8, 8)
     lib.dispatch("matmul_per_thread", (1, 1, 1), (8, 1, 1), buffers={0: a, 1: b, 2: c}, **sched)
     check(c, a.double() @ b.double(), torch.float32, torch.float32)
+
+
+def test_relaxed_precision(lib):
+    """relaxed_precision: float operands rounded to 10 mantissa bits (nearest even) before the fp32 products."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(32, 64, generator=g), torch.randn(64, 32, generator=g)
+    c = torch.zeros(32, 32)
+    lib.dispatch("matmul_relaxed", (1, 1, 1), (32, 1, 1), buffers={0: a, 1: b, 2: c})
+
+    def round10(x):  # float32 -> 10 explicit mantissa bits, round to nearest even
+        u = x.view(torch.int32).to(torch.int64)
+        u = (u + 0xFFF + ((u >> 13) & 1)) & ~0x1FFF
+        return u.to(torch.int32).view(torch.float32)
+
+    relaxed = round10(a).double() @ round10(b).double()
+    exact = a.double() @ b.double()
+    assert (c.double() - relaxed).abs().max() < 1e-4
+    assert (c.double() - exact).abs().max() > 1e-3

@@ -118,3 +118,13 @@ kernel void matmul_per_thread(device const float* a [[buffer(0)]], device const 
   op.run(ta, tb, acc);
   acc.store(tensor(c + tid * 64, extents<int, 8, 8>()));
 }
+
+// relaxed_precision with float operands: the shim multiplies them at 10 mantissa bits.
+kernel void matmul_relaxed(device const float* a [[buffer(0)]], device const float* b [[buffer(1)]],
+                           device float* c [[buffer(2)]]) {
+  constexpr auto desc = matmul2d_descriptor(32, 32, 64, false, false, true);
+  matmul2d<desc, execution_simdgroup> op;
+  auto ta = tensor(a, dextents<int, 2>(64, 32));
+  auto tb = tensor(b, dextents<int, 2>(32, 64));
+  op.run(ta, tb, tensor(c, dextents<int, 2>(32, 32)));
+}
