@@ -21,7 +21,8 @@ SHIM = HERE / "shim" / "metal_stdlib.h"
 RUNTIME_SOURCES = [HERE / "runtime" / "runtime.cpp", HERE / "runtime" / "fiber.h", HERE / "runtime" / "mcpu_abi.h",
                    HERE / "runtime" / "metal_cpu.h"]
 # What a compiled kernel library depends on besides its preprocessed source (cache keys).
-TOOLCHAIN = [SHIM, frontend.SHIM_CORE, Path(frontend.__file__), Path(__file__), HERE / "runtime" / "mcpu_abi.h"]
+TOOLCHAIN = [SHIM, HERE / "shim" / "metal_tensor_ops.h", frontend.SHIM_CORE, Path(frontend.__file__), Path(__file__),
+             HERE / "runtime" / "mcpu_abi.h"]
 
 
 def cache_dir() -> Path:
@@ -82,7 +83,7 @@ def _builtins_lib() -> Optional[str]:
     return p if r.returncode == 0 and p and os.path.exists(p) else None
 
 
-COMMON_FLAGS = ["-x", "c++", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-Wall", "-Wextra", "-Werror",
+COMMON_FLAGS = ["-x", "c++", "-std=c++20", "-fno-exceptions", "-fno-rtti", "-Wall", "-Wextra", "-Werror",
                 "-Wno-unused-parameter", "-Wno-unused-variable", "-Wno-unused-function", "-Wno-unknown-attributes",
                 "-Wno-unused-but-set-variable", "-Xclang", "-ffloat16-excess-precision=none",
                 "-Xclang", "-fbfloat16-excess-precision=none",

@@ -7,7 +7,7 @@
 extern "C" {
 #endif
 
-#define MCPU_ABI_VERSION 2
+#define MCPU_ABI_VERSION 3
 
 // What the runtime passes a GPU thread: on the thread's own stack, so reading it is not a device access.
 typedef struct {
@@ -61,6 +61,9 @@ typedef struct {
   // and traffic as for any access, no race report (atomics do not race).
   void (*atomic_access)(void* addr, uint32_t size, int is_store, void* pc);
   void (*fatal)(const char* message, void* pc);
+  // The calling thread's simdgroup index in its threadgroup, the simdgroups per threadgroup, and the dispatch's
+  // layout seed (from the schedule seed): the shim's cooperative-tensor element ownership depends on it.
+  void (*thread_info)(uint32_t* simdgroup, uint32_t* simdgroups, uint64_t* layout_seed);
 } mcpu_runtime_api;
 
 // Exported by every compiled library.

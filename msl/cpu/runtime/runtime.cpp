@@ -769,9 +769,16 @@ void service_fatal(const char* message, void* pc) {
   fail_on_fiber(format("%s, by %s, at %s", message, thread_name(g.current).c_str(), locate(pc).c_str()));
 }
 
+void service_thread_info(uint32_t* simdgroup, uint32_t* simdgroups, uint64_t* layout_seed) {
+  *simdgroup = g.current->args.simdgroup_index_in_threadgroup;
+  *simdgroups = g.current->args.simdgroups_per_threadgroup;
+  *layout_seed = g.options.seed;
+}
+
 const mcpu_runtime_api kRuntimeApi = {
     service_access,        service_threadgroup_alloc, service_threadgroup_barrier, service_simdgroup_barrier,
-    service_simd_exchange, service_lane_id,           service_atomic_access,       service_fatal};
+    service_simd_exchange, service_lane_id,           service_atomic_access,       service_fatal,
+    service_thread_info};
 
 }  // namespace
 

@@ -554,6 +554,9 @@ MCPU_INLINE bool atomic_compare_exchange_weak_explicit(A* obj, T* expected, T de
 
 }  // namespace metal
 
+// Metal 4 tensors and MetalPerformancePrimitives' matmul2d (<metal_tensor>, <MetalPerformancePrimitives/...>).
+#include "metal_tensor_ops.h"
+
 // ---- what generated entry points use (mcpu_bind and the three-coordinate mcpu_builtin: msl_types.h) -------------
 // The alignment Metal requires of a buffer argument's offset: that of the type the kernel reads through it.
 template <typename P>

@@ -1,6 +1,9 @@
 // Kernels with one planted bug each (and a correct twin where useful): the emulator must report every bug, with
 // the .metal line. tests/msl_cpu/test_bug_detection.py relies on the line numbers marked BUG.
+#include <MetalPerformancePrimitives/MetalPerformancePrimitives.h>
+
 #include <metal_stdlib>
+#include <metal_tensor>
 using namespace metal;
 
 kernel void missing_barrier(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
@@ -150,4 +153,85 @@ kernel void copy_loop_overrun(device const float* in [[buffer(0)]], device float
   if (tid == 0) {
     for (int i = 0; i < 4; ++i) out[62 + i] = local[i];  // BUG: copy_loop_overrun
   }
+}
+
+// ---- tensor operations (Metal 4 tensors, MetalPerformancePrimitives matmul2d) -----------------------------------
+using mpp::tensor_ops::matmul2d;
+using mpp::tensor_ops::matmul2d_descriptor;
+
+// A is 40 x 16 in memory; the 64-row tile is a static-extent slice (taken as given, so it reads past the buffer)
+// in the bug, a dynamic one (rows past the tensor read 0) in the twin.
+template <bool StaticSlice>
+kernel void tensor_slice(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                         device float* c [[buffer(2)]]) {
+  constexpr auto desc = matmul2d_descriptor(64, 16, 16);
+  matmul2d<desc, execution_simdgroup> op;
+  auto ta = tensor(a, dextents<int, 2>(16, 40));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto tile = ta.slice<16, StaticSlice ? 64 : dynamic_extent>(0, 0);
+  auto acc = op.get_destination_cooperative_tensor<decltype(tile), decltype(tb), float>();
+  op.run(tile, tb, acc);  // BUG: tensor_slice_overrun
+  acc.store(tensor(c, dextents<int, 2>(16, 64)));
+}
+template [[host_name("tensor_slice_overrun")]] [[kernel]] decltype(tensor_slice<true>) tensor_slice<true>;
+template [[host_name("tensor_slice_ok")]] [[kernel]] decltype(tensor_slice<false>) tensor_slice<false>;
+
+// Operands staged in threadgroup memory and read by run() with no barrier in between.
+kernel void tensor_missing_barrier(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                   device float* c [[buffer(2)]], uint tid [[thread_index_in_threadgroup]]) {
+  threadgroup half sa[32 * 16];
+  threadgroup half sb[16 * 16];
+  for (uint i = tid; i < 32 * 16; i += 64) sa[i] = a[i];
+  for (uint i = tid; i < 16 * 16; i += 64) sb[i] = b[i];
+  constexpr auto desc = matmul2d_descriptor(32, 16, 16);
+  matmul2d<desc, execution_simdgroups<2>> op;
+  auto ta = tensor(sa, dextents<int, 2>(16, 32));
+  auto tb = tensor(sb, dextents<int, 2>(16, 16));
+  op.run(ta, tb, tensor(c, dextents<int, 2>(16, 32)));  // BUG: tensor_missing_barrier
+}
+
+// Slot i of lane l taken as row-major element l * capacity + i: the layout is the implementation's (and the
+// shim's), not the kernel's to assume.
+kernel void tensor_assumed_layout(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                  device float* c [[buffer(2)]], uint lane [[thread_index_in_simdgroup]]) {
+  constexpr auto desc = matmul2d_descriptor(32, 16, 16);
+  matmul2d<desc, execution_simdgroup> op;
+  auto ta = tensor(a, dextents<int, 2>(16, 32));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto acc = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  op.run(ta, tb, acc);
+  for (uint16_t i = 0; i < acc.get_capacity(); ++i) c[lane * acc.get_capacity() + i] = acc[i];  // BUG: assumed_layout
+}
+
+// run() called by half of the simdgroup.
+kernel void tensor_divergent_run(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                 device float* c [[buffer(2)]], uint lane [[thread_index_in_simdgroup]]) {
+  constexpr auto desc = matmul2d_descriptor(32, 16, 16);
+  matmul2d<desc, execution_simdgroup> op;
+  auto ta = tensor(a, dextents<int, 2>(16, 32));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto acc = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  if (lane < 16) op.run(ta, tb, acc);  // BUG: tensor_divergent_run
+  acc.store(tensor(c, dextents<int, 2>(16, 32)));
+}
+
+// run() skipped by one of the scope's two simdgroups.
+kernel void tensor_simdgroup_skips_run(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                       device float* c [[buffer(2)]], uint sgid [[simdgroup_index_in_threadgroup]]) {
+  constexpr auto desc = matmul2d_descriptor(32, 16, 16);
+  matmul2d<desc, execution_simdgroups<2>> op;
+  auto ta = tensor(a, dextents<int, 2>(16, 32));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto acc = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  if (sgid == 0) op.run(ta, tb, acc);  // BUG: tensor_simdgroup_skips_run
+  acc.store(tensor(c, dextents<int, 2>(16, 32)));
+}
+
+// A fast-math sum over a row of 16 halves, one row past the end: the vectorizers make it one 32-byte load, too wide
+// for the hooks (a known gap, test_row_sum_overrun is xfail).
+kernel void overrun_row_sum(device const half* a [[buffer(0)]], device float* out [[buffer(1)]],
+                            uint tid [[thread_position_in_grid]]) {
+  float s = 0.0f;
+  for (int k = 0; k < 16; ++k) s += float(a[tid * 16 + k]);  // BUG: overrun_row_sum
+  out[tid] = s;
 }

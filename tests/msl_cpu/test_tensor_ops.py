@@ -1,0 +1,146 @@
+"""Metal 4 tensors and MetalPerformancePrimitives' matmul2d on the emulator (kernels/tensor_ops.metal), against
+float64 torch matmuls under FlashAttention's tolerance rule, in every schedule (the seed also moves the shim's
+cooperative-tensor element ownership)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from msl import cpu as metal_cpu
+
+KERNELS = Path(__file__).parent / "kernels"
+SCHEDULES = [dict(schedule="forward"), dict(schedule="reverse"), dict(schedule="random", seed=7)]
+DTYPES = {"half": torch.float16, "bfloat": torch.bfloat16, "float": torch.float32}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return metal_cpu.compile(KERNELS / "tensor_ops.metal")
+
+
+def check(out, ref64, inputs_dtype, out_dtype):
+    """FlashAttention's rule: the error is at most 2x that of the same product computed in the inputs' own precision
+    (rounded to the output type) plus a small absolute term."""
+    ref_lowp = ref64.to(out_dtype).double()
+    base = (ref_lowp - ref64).abs().max().item()
+    err = (out.double() - ref64).abs().max().item()
+    eps = torch.finfo(out_dtype).eps * ref64.abs().max().item()
+    assert err <= 2 * base + 2 * eps + 1e-6, (err, base, eps)
+
+
+# (name, a, b, c types, M, N, K, transpose_left, transpose_right, simdgroups, accumulate): tensor_ops.metal's table.
+DEVICE_CASES = [
+    ("device_half_float_64x32x16", "half", "float", 64, 32, 16, False, False, 4, False),
+    ("device_half_half_64x32x16", "half", "half", 64, 32, 16, False, False, 4, False),
+    ("device_bfloat_float_64x32x16", "bfloat", "float", 64, 32, 16, False, False, 4, False),
+    ("device_float_float_64x32x16", "float", "float", 64, 32, 16, False, False, 4, False),
+    ("device_half_float_16x32x64_tl", "half", "float", 16, 32, 64, True, False, 1, False),
+    ("device_bfloat_float_32x16x64_tr", "bfloat", "float", 32, 16, 64, False, True, 2, False),
+    ("device_float_float_32x32x8_tltr", "float", "float", 32, 32, 8, True, True, 2, False),
+    ("device_half_float_64x32x16_acc", "half", "float", 64, 32, 16, False, False, 4, True),
+    ("device_bfloat_half_24x40x8_acc", "bfloat", "half", 24, 40, 8, False, True, 1, True),
+]
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+@pytest.mark.parametrize("case", DEVICE_CASES, ids=lambda c: c[0])
+def test_matmul2d_device(lib, case, sched):
+    name, tin, tout, m, n, k, tl, tr, sg, acc = case
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    a = torch.randn(m, k, generator=g).to(DTYPES[tin])
+    b = torch.randn(k, n, generator=g).to(DTYPES[tin])
+    c0 = torch.randn(m, n, generator=g).to(DTYPES[tout]) if acc else torch.zeros(m, n, dtype=DTYPES[tout])
+    a_mem = a.t().contiguous() if tl else a
+    b_mem = b.t().contiguous() if tr else b
+    c, c_iter = c0.clone(), torch.full((m, n), -7.0, dtype=DTYPES[tout])
+    stats = lib.dispatch(name, (1, 1, 1), (32 * sg, 1, 1), buffers={0: a_mem, 1: b_mem, 2: c, 3: c_iter}, **sched)
+    # Every operand element run() uses is an instrumented load (K per destination element), so none escapes the checks.
+    assert stats.loaded[0] == m * n * k * a.element_size() and stats.loaded[1] == m * n * k * b.element_size()
+    ref = a.double() @ b.double() + (c0.double() if acc else 0)
+    check(c, ref, DTYPES[tin], DTYPES[tout])
+    assert torch.equal(c_iter, c), "iteration and store() disagree"
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+@pytest.mark.parametrize("name,tin,tout,m,n,k,sg", [
+    ("threadgroup_half_float_32x16x32", "half", "float", 32, 16, 32, 2),
+    ("threadgroup_bfloat_half_16x64x16", "bfloat", "half", 16, 64, 16, 4),
+])
+def test_matmul2d_threadgroup(lib, name, tin, tout, m, n, k, sg, sched):
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(m, k, generator=g).to(DTYPES[tin])
+    b = torch.randn(k, 2 * n, generator=g).to(DTYPES[tin])
+    c = torch.zeros(m, n, dtype=DTYPES[tout])
+    lib.dispatch(name, (1, 1, 1), (32 * sg, 1, 1), buffers={0: a, 1: b, 2: c}, **sched)
+    check(c, a.double() @ b[:, n:].double(), DTYPES[tin], DTYPES[tout])
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_matmul2d_ragged_rows(lib, sched):
+    m, n, k, rows = 32, 16, 48, 21
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(rows, k, generator=g).half()
+    b = torch.randn(n, k, generator=g).half()  # transpose_right: B stored N x K
+    c = torch.full((m, n), -7.0)
+    lib.dispatch("ragged_half_32x16x48", (1, 1, 1), (32, 1, 1),
+                 buffers={0: a, 1: b, 2: c}, bytes={3: torch.tensor([rows], dtype=torch.int32).numpy()}, **sched)
+    check(c[:rows], 2 * (a.double() @ b.double().t()), torch.float16, torch.float32)
+    assert torch.all(c[rows:] == -7.0), "rows past the tensor's extent were written"
+
+
+def test_ownership_moves_with_the_seed(lib):
+    """The shim's element ownership is not a natural layout and changes with the seed; results do not."""
+    m, n, k = 64, 32, 16
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(m, k, generator=g).half(), torch.randn(k, n, generator=g).half()
+    results = []
+    for seed in (1, 2):
+        c, c_iter = torch.zeros(m, n), torch.zeros(m, n)
+        lib.dispatch("device_half_float_64x32x16", (1, 1, 1), (128, 1, 1), buffers={0: a, 1: b, 2: c, 3: c_iter},
+                     schedule="random", seed=seed)
+        results.append(c)
+    assert torch.equal(results[0], results[1])
+
+
+def test_ownership_is_the_shims_own(lib):
+    """Every element is owned once, capacity = ceil(M * N / threads), the order is not row-major, and it changes with
+    the seed: kernels must go through get_multidimensional_index."""
+    m, n, threads = 24, 40, 128
+    cap = -(-m * n // threads)
+    layouts = []
+    for seed in (1, 2):
+        out = torch.full((threads * cap,), -2, dtype=torch.int32)
+        lib.dispatch("coop_layout", (1, 1, 1), (threads, 1, 1), buffers={0: out}, schedule="random", seed=seed)
+        valid = out[out >= 0]
+        assert (out == -2).sum() == 0 and torch.equal(valid.sort().values, torch.arange(m * n, dtype=torch.int32))
+        assert not torch.equal(valid, torch.arange(m * n, dtype=torch.int32))
+        layouts.append(out)
+    assert not torch.equal(layouts[0], layouts[1])
+
+
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_matmul2d_execution_thread(lib, sched):
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(8, 8, 8, generator=g), torch.randn(8, 8, 8, generator=g)
+    c = torch.zeros(8, 8, 8)
+    lib.dispatch("matmul_per_thread", (1, 1, 1), (8, 1, 1), buffers={0: a, 1: b, 2: c}, **sched)
+    check(c, a.double() @ b.double(), torch.float32, torch.float32)
+
+
+def test_relaxed_precision(lib):
+    """relaxed_precision: float operands rounded to 10 mantissa bits (nearest even) before the fp32 products."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(32, 64, generator=g), torch.randn(64, 32, generator=g)
+    c = torch.zeros(32, 32)
+    lib.dispatch("matmul_relaxed", (1, 1, 1), (32, 1, 1), buffers={0: a, 1: b, 2: c})
+
+    def round10(x):  # float32 -> 10 explicit mantissa bits, round to nearest even
+        u = x.view(torch.int32).to(torch.int64)
+        u = (u + 0xFFF + ((u >> 13) & 1)) & ~0x1FFF
+        return u.to(torch.int32).view(torch.float32)
+
+    relaxed = round10(a).double() @ round10(b).double()
+    exact = a.double() @ b.double()
+    assert (c.double() - relaxed).abs().max() < 1e-4
+    assert (c.double() - exact).abs().max() > 1e-3
