@@ -127,7 +127,7 @@ def test_features(kernel, device, feature, heads):
     run_varlen_backward(kernel, device, torch.bfloat16, 128, heads, "sq>sk", **feature)
 
 
-@pytest.mark.parametrize("feature", FEATURES, ids=feature_id)
+@pytest.mark.parametrize("feature", [ci_if(f == FEATURES[-1], f) for f in FEATURES], ids=feature_id)
 def test_features_d512(kernel, device, feature):
     # Head dim 512 (Gemma's global layers): 8-row tiles, one staging buffer for the two staged operands in turn.
     run_varlen_backward(kernel, device, torch.bfloat16, 512, "gqa", ([7, 12], [12, 10], 0), **feature)
