@@ -158,6 +158,18 @@ inline void bwd_write(device T* dst, long row_stride, threadgroup const float* s
   }
 }
 
+// Orders the score strips around the elementwise step. One column slice (CS = 1): a simdgroup's strips are written
+// and read by that simdgroup alone (lanes over its 8 rows), so a simdgroup barrier does, as for the forward's score
+// strips; two threadgroup barriers a staged block fewer. Else the row block's simdgroups add each other's partials.
+template <int CS>
+inline void bwd_strip_barrier() {
+  if (CS == 1) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
 // ---- pass 2: dK, dV -------------------------------------------------------------------------------------------------
 // Grid (key tiles, Hkv, B); threadgroup x takes the key tiles x, x + grid.x, ... (max_seqlen_k only sizes the grid).
 // Simdgroup s holds K, V, dK, dV of key rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments
@@ -176,7 +188,8 @@ template <typename T, int D>
     const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
     constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
     uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]]) {
+    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int CS = flash_sdpa::bwd_col_slices(D);
   constexpr int DS = D / CS;  // columns of a slice
@@ -288,11 +301,12 @@ template <typename T, int D>
           }
           simdgroup_store(acc, dp_mine + qb * 8, STAGE);
         }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        bwd_strip_barrier<CS>();
 
         // Per element (key row, staged query c): the CS partials summed in slice order, then P^T and dS^T into the
-        // row block's first strips.
-        for (int e = int(tid); e < BK * STAGE; e += NT) {
+        // row block's first strips (CS = 1: each simdgroup its own rows).
+        for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BK * STAGE);
+             e += CS == 1 ? 32 : NT) {
           const int row = e / STAGE, c = e % STAGE;
           const int first = ((row / 8) * CS * 8 + row % 8) * STAGE + c;
           float2 s_dp = float2(0.0f);
@@ -305,7 +319,7 @@ template <typename T, int D>
           s_strip[first] = pds.x;
           dp_strip[first] = pds.y;
         }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        bwd_strip_barrier<CS>();
 
         // dV += P^T dO, dK += dS^T (scale Q) over this simdgroup's columns.
         simdgroup_matrix<float, 8, 8> pt[SB], dst[SB];
@@ -489,11 +503,12 @@ template <typename T, int D>
           simdgroup_store(acc, dp_mine + kb * 8, STAGE);
         }
       }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
+      bwd_strip_barrier<CS>();
 
       // Per element (query row, staged key c): the CS partials summed in slice order, then dS into the row block's
-      // first strip.
-      for (int e = int(tid); e < BQ * STAGE; e += NT) {
+      // first strip (CS = 1: each simdgroup its own rows).
+      for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BQ * STAGE);
+           e += CS == 1 ? 32 : NT) {
         const int row = e / STAGE, c = e % STAGE;
         const int first = ((row / 8) * CS * 8 + row % 8) * STAGE + c;
         float2 s_dp = float2(0.0f);
@@ -505,7 +520,7 @@ template <typename T, int D>
         dp_strip[first] =
             bwd_p_ds(s_dp, p.opt.softcap, slope, q0 + row + offset - j, vis, tile_lse2[row], tile_delta[row]).y;
       }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
+      bwd_strip_barrier<CS>();
 
       // dQ += dS K over this simdgroup's columns (scale at the store).
       for (int kb = 0; kb < SB; ++kb) {
