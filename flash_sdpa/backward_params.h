@@ -39,7 +39,8 @@ namespace flash_sdpa {
 // threadgroup are RB row blocks x CS column slices (RB * CS = 4): simdgroup s owns rows [8 (s / CS), + 8) of the
 // tile (key rows in pass 2, query rows in pass 3) and head-dim columns [(s % CS) DS, + DS), DS = D / CS, of the
 // tile's operands and gradients, in registers (pass 2: K, V, dK, dV; pass 3: Q, dO, dQ): 4 x DS / 8 fragments, DS
-// floats a lane, at most 80 (128 at D = 512: the forward's D = 256 budget). The other operand (query rows in pass 2,
+// floats a lane: at most 80 up to D = 128, 96 / 128 at D = 192 / 256 and 128 at 512 (the forward's D = 256 budget:
+// Apple GPUs spill rather than lower occupancy, so wider slices would spill). The other operand (query rows in pass 2,
 // key rows in pass 3) is staged through threadgroup memory as float, STAGE rows at a time; each simdgroup's partial
 // scores over its columns go to an [8][STAGE] strip, and the threadgroup adds the CS strips of a row block.
 FSDPA_CONSTANT fsdpa_i32 kBwdThreads = FLASH_SDPA_BWD_THREADS;
@@ -47,8 +48,9 @@ FSDPA_CONSTANT fsdpa_i32 kBwdSimdgroups = FLASH_SDPA_BWD_THREADS / 32;
 FSDPA_CONSTANT fsdpa_i32 kBwdDeltaRows = 32;  // rows per pass-1 tile (8 per simdgroup)
 FSDPA_CONSTANT fsdpa_i32 kBwdMaxThreadgroupBytes = 32768;
 
-// Column slices CS of the head dim.
-constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim) { return head_dim <= 80 ? 1 : head_dim <= 128 ? 2 : 4; }
+// Column slices CS of the head dim. Fewer slices, taller tiles: each staged row serves 8 x 4 / CS tile rows, so
+// D = 192 / 256 take 16-row tiles (2 slices) rather than 8 (4): half the staged traffic and barriers per product.
+constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim) { return head_dim <= 80 ? 1 : head_dim <= 256 ? 2 : 4; }
 
 // Rows of a pass-2 / pass-3 tile (keys / queries): 8 per row block.
 constexpr fsdpa_i32 bwd_tile_rows(fsdpa_i32 head_dim) { return 8 * (kBwdSimdgroups / bwd_col_slices(head_dim)); }
