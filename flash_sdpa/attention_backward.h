@@ -5,9 +5,9 @@
 //   dS = P * (dP - delta) * ds'/ds      (ds'/ds = 1 - tanh^2 with softcap, else 1; ALiBi and masks add constants)
 //   dV = P^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   d s_aux[h] = -sum_rows exp(s_aux[h] - lse) * delta.
 // Pass 2 owns key rows (dK, dV summed over the query heads of the GQA group), pass 3 owns query rows (dQ): each
-// gradient element has one writer and a fixed summation order, so no atomics (Apple GPUs before the M3 family have
-// no float atomics on threadgroup memory, and device float atomics would make the sums order-dependent) and the
-// result is bit-identical on repeat. Pass 3 recomputes S and dP instead of receiving dS from pass 2: two more 8x8
+// gradient element has one writer and a fixed summation order, so no atomics (older Apple GPUs have no float atomics
+// on threadgroup memory, and device float atomics would make the sums order-dependent) and the result is
+// bit-identical on repeat. Pass 3 recomputes S and dP instead of receiving dS from pass 2: two more 8x8
 // products per pair, the price of no atomics.
 //
 // The products are 8x8 float simdgroup_matrix operations (backward_params.h: row blocks x column slices of the
