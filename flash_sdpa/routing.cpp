@@ -67,6 +67,7 @@ RoutedForward route_dense_forward(const at::Tensor& q, const at::Tensor& k, cons
 }
 
 RoutedForward route_varlen_forward(VarlenAttention call, int64_t max_seqlen_k) {
+  call.max_seqlen_k = max_seqlen_k;
   const at::Tensor& q = call.q;
   const int64_t total_q = q.size(0), heads = q.size(1), batch = call.cu_seqlens_q->size(0) - 1;
   // Rows of q that no sequence covers (cu_seqlens_q[-1] < total_q, or garbage cu_seqlens) are never written by the

@@ -130,13 +130,15 @@ struct VarlenParams {
   fsdpa_i32 num_blocks;          // paged: blocks in k / v
   fsdpa_i32 max_blocks;          // paged: block_table columns (capacity = max_blocks * block_size keys)
   fsdpa_i32 min_seqlen_q;        // varlen: sequences with fewer query rows are skipped (0: none; see routing.h)
+  fsdpa_i32 q_row_begin;         // this dispatch computes query rows [q_row_begin, q_row_end) of every sequence
+  fsdpa_i32 q_row_end;           // (a multiple of the query tile; a long prefill is split: varlen_planner.h)
   fsdpa_i32 pad0;
   OptionParams opt;  // scale, softcap, window, ALiBi stride
 };
 
-static_assert(sizeof(VarlenParams) == 17 * 8 + 12 * 4 + sizeof(OptionParams), "VarlenParams: no padding");
+static_assert(sizeof(VarlenParams) == 17 * 8 + 14 * 4 + sizeof(OptionParams), "VarlenParams: no padding");
 static_assert(__builtin_offsetof(VarlenParams, block_table_stride) == 16 * 8, "64-bit strides first");
 static_assert(__builtin_offsetof(VarlenParams, batch) == 17 * 8, "32-bit fields after the strides");
-static_assert(__builtin_offsetof(VarlenParams, opt) == 17 * 8 + 12 * 4, "the options last");
+static_assert(__builtin_offsetof(VarlenParams, opt) == 17 * 8 + 14 * 4, "the options last");
 
 }  // namespace flash_sdpa

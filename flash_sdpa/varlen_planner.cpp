@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 #include "planner_common.h"
@@ -28,6 +29,49 @@ bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
   const auto& dims = varlen_head_dims();
   return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
+
+double command_buffer_flops() {
+  const char* s = std::getenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS");
+  const double v = s != nullptr ? std::atof(s) : 0.0;
+  return v > 0.0 ? v : kCommandBufferFlops;
+}
+
+namespace {
+
+// Keys query row `row` of a sequence of sq queries and sk keys sees at most (bottom-right aligned window).
+int64_t keys_seen(int64_t row, int64_t sq, int64_t sk, const AttentionOptions& o) {
+  const int64_t pos = row + sk - sq;
+  const int64_t hi = o.window_right < 0 ? sk : std::clamp<int64_t>(pos + o.window_right + 1, 0, sk);
+  const int64_t lo = o.window_left < 0 ? 0 : std::clamp<int64_t>(pos - o.window_left, 0, sk);
+  return std::max<int64_t>(hi - lo, 0);
+}
+
+// Query-row ranges [begin, end) of at most `budget` FLOPs each (whole tiles of block_q rows; at least one tile per
+// range), covering rows [0, seqlen_q); the last range ends at INT32_MAX so that every row is computed whatever the
+// estimate (an understated max_seqlen_q) said.
+std::vector<std::pair<int64_t, int64_t>> row_ranges(int64_t seqlen_q, int64_t seqlen_k, int64_t block_q,
+                                                    double flops_per_key_row, double budget,
+                                                    const AttentionOptions& o) {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  int64_t begin = 0;
+  double work = 0.0;
+  for (int64_t t = 0; t * block_q < seqlen_q; ++t) {
+    // A tile's most expensive row is its first or its last (causal: the last; a left window alone: the first).
+    const int64_t first_keys = keys_seen(t * block_q, seqlen_q, seqlen_k, o);
+    const int64_t last_keys = keys_seen(std::min((t + 1) * block_q, seqlen_q) - 1, seqlen_q, seqlen_k, o);
+    const double tile = flops_per_key_row * double(block_q) * double(std::max(first_keys, last_keys));
+    if (work > 0.0 && work + tile > budget) {
+      ranges.emplace_back(begin, t * block_q);
+      begin = t * block_q;
+      work = 0.0;
+    }
+    work += tile;
+  }
+  ranges.emplace_back(begin, std::numeric_limits<int32_t>::max());
+  return ranges;
+}
+
+}  // namespace
 
 LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
@@ -83,6 +127,14 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.min_seqlen_q = varlen ? to_i32(std::min<int64_t>(call.min_seqlen_q, rows_q + 1), "min_seqlen_q") : 0;
   params.opt = option_params(call.options);
 
+  const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
+  const int64_t seqlen_k = varlen ? (call.max_seqlen_k > 0 ? call.max_seqlen_k
+                                     : paged               ? call.block_table->size(1) * call.k.size(1)
+                                                           : call.k.size(0))
+                                  : call.k.size(1);
+  const double flops_per_key_row = 4.0 * double(head_dim) * double(batch) * double(heads);
+  const auto ranges = row_ranges(grid_rows, seqlen_k, block_q, flops_per_key_row, command_buffer_flops(), call.options);
+
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
   d.constants = option_constants(call.options, varlen);
@@ -101,12 +153,18 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.options.sinks.value_or(call.lse)},
       {FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE, call.block_table.value_or(call.lse)},
   };
-  d.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
-  const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
-  d.threadgroups = {to_u32((grid_rows + block_q - 1) / block_q, "query tiles"), to_u32(heads, "num_heads"),
-                    to_u32(batch, "batch")};
   d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
-  plan.dispatches.push_back(std::move(d));
+  for (const auto& [begin, end] : ranges) {
+    Dispatch part = d;
+    params.q_row_begin = to_i32(begin, "first query row");
+    params.q_row_end = to_i32(end, "query row end");
+    part.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
+    const int64_t rows = std::min(end, grid_rows) - begin;
+    part.threadgroups = {to_u32((rows + block_q - 1) / block_q, "query tiles"), to_u32(heads, "num_heads"),
+                         to_u32(batch, "batch")};
+    part.commit_after = ranges.size() > 1;
+    plan.dispatches.push_back(std::move(part));
+  }
   return plan;
 }
 

@@ -25,6 +25,7 @@ struct VarlenAttention {
   std::optional<at::Tensor> block_table;                 // varlen only: paged K/V
   AttentionOptions options;  // scale, softcap, window, ALiBi slopes, sinks (attention_options.h)
   int64_t max_seqlen_q = 0;  // varlen: sizes the grid (longest query sequence); dense: ignored
+  int64_t max_seqlen_k = 0;  // varlen: the longest key sequence, for the work estimate only (0: the rows of k)
   int64_t min_seqlen_q = 0;  // varlen: sequences with fewer query rows are left to another kernel (routing.h)
 };
 
@@ -35,7 +36,17 @@ std::string varlen_kernel_name(at::ScalarType dtype, int64_t head_dim);
 const std::vector<int64_t>& varlen_head_dims();
 bool varlen_supports(at::ScalarType dtype, int64_t head_dim);
 
-// One dispatch; an empty plan when there is nothing to compute.
+// A command buffer's GPU time is limited: macOS terminates one that runs longer than the system allows
+// (MTLCommandBufferError.timeout; a single attention dispatch over 65K-128K keys was killed after ~5 s, mlx#3302).
+// The limit counts the command buffer, not the dispatch, so a long prefill is planned as dispatches over ranges of
+// query rows, each estimated at most this many FLOPs (4 * head_dim per visible score, worst case over the sequences),
+// with the command buffer committed after each one (Dispatch::commit_after). 2.5e11 FLOPs take about 0.25 s at
+// 1 TFLOPS (an M1's attention): a 20x margin. METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS overrides it (tests, tuning).
+constexpr double kCommandBufferFlops = 2.5e11;
+double command_buffer_flops();
+
+// One dispatch, or one per range of query rows when the work passes command_buffer_flops(); an empty plan when
+// there is nothing to compute.
 LaunchPlan plan_varlen_attention(const VarlenAttention& call);
 
 }  // namespace flash_sdpa

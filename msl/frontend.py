@@ -16,7 +16,7 @@ import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # the checkout holding msl/: compile caches go to its .cache/
@@ -228,7 +228,9 @@ def split_top(s: str, sep: str = ",") -> List[str]:
     return out
 
 
-def _parse_params(plist: str, where: str) -> List[Param]:
+def _parse_params(plist: str, where: str, implicit_buffers: bool = False) -> List[Param]:
+    """implicit_buffers (the cuda target, for peers): device / constant parameters without an attribute are numbered
+    as Metal numbers them; the emulator keeps rejecting them, so the project's kernels bind every buffer by name."""
     params = []
     for raw in split_top(plist):
         attrs = re.findall(r"\[\[(.*?)\]\]", raw, re.S)
@@ -238,18 +240,24 @@ def _parse_params(plist: str, where: str) -> List[Param]:
             raise MetalCompileError(f"{where}: cannot parse kernel parameter '{raw.strip()}'")
         name = m.group(1)
         kind = None
-        for a in attrs:
+        # One [[...]] may hold several attributes: [[buffer(5), function_constant(has_mask)]].
+        for a in (part for group in attrs for part in split_top(group)):
             a = a.strip()
             mb = re.fullmatch(r"(buffer|threadgroup)\s*\((.+)\)", a, re.S)
             if mb:
                 kind, index = mb.group(1), " ".join(mb.group(2).split())
             elif a in BUILTINS:
                 kind, index = a, "0"
+        if kind is None and implicit_buffers and not attrs and re.search(r"\b(device|constant)\b.*[*&]", decl):
+            kind, index = "buffer", None  # Metal numbers unattributed buffers in order (below)
         if kind is None:
             raise MetalCompileError(f"{where}: kernel parameter '{name}' has no supported attribute "
                                     f"([[buffer(i)]], [[threadgroup(i)]] or a position builtin)")
         params.append(Param(name, kind, index))
-    return params
+    # Unattributed device / constant buffers take the lowest indices the others leave free, in order.
+    used = {p.index for p in params if p.kind == "buffer" and p.index is not None}
+    free = (str(i) for i in range(64) if str(i) not in used)
+    return [Param(p.name, p.kind, next(free)) if p.kind == "buffer" and p.index is None else p for p in params]
 
 
 def _qualify_vec(t: str) -> str:
@@ -257,14 +265,73 @@ def _qualify_vec(t: str) -> str:
     return re.sub(r"^(?:metal\s*::\s*)?vec\b", "metal::vec", t.strip())
 
 
-def prepass(text: str, target: str) -> Prepassed:
+def _cast_operand_end(text: str, i: int) -> int:
+    """End of the unary-expression operand of a C-style cast that starts at i: unary operators, then an identifier,
+    number or parenthesised group, then postfix [..], (..), .member, ->member (a cast binds tighter than * and +)."""
+    n = len(text)
+    while i < n and text[i] in " \t-+!~":
+        i += 1
+
+    def close(j, o, c):
+        depth = 0
+        while j < n:
+            depth += text[j] == o
+            depth -= text[j] == c
+            j += 1
+            if depth == 0:
+                return j
+        return j
+    if i < n and text[i] == "(":
+        i = close(i, "(", ")")
+    else:
+        m = re.match(r"[\w.]+", text[i:])
+        i += m.end() if m else 0
+    while i < n:
+        if text[i] == "[":
+            i = close(i, "[", "]")
+        elif text[i] == "(":
+            i = close(i, "(", ")")
+        elif text.startswith("->", i) or (text[i] == "." and re.match(r"\.[A-Za-z_]", text[i:])):
+            i += 2 if text[i] == "-" else 1
+            i += re.match(r"\w*", text[i:]).end()
+        else:
+            break
+    return i
+
+
+def _convert_vector_casts(text: str, cast_types: Optional[str] = None) -> str:
+    """The proxy's reading of peers' C-style vector casts, `(float4) x[i]` -> `metal::mcu_cast<float4>(x[i])`: MSL's
+    element-wise conversion (clang's cast would reinterpret the bits). cast_types: a regex of more type names to
+    treat so (a peer's template parameters that name vector types, e.g. llama.cpp's `q4_t`). The emulator keeps
+    rejecting them: the project's kernels spell conversions."""
+    names = VECTOR_TYPES + r"(?:x[234])?" + (f"|{cast_types}" if cast_types else "")
+    pat = re.compile(r"(\w*)(\s*)\(\s*(?:const\s+)?(" + names + r")\s*\)\s*(?=[\w(\-+!~.])")
+    out, pos = [], 0
+    for m in pat.finditer(text):
+        if m.start() < pos or m.group(1) not in ("", "return", "case"):
+            continue
+        end = _cast_operand_end(text, m.end())
+        out.append(text[pos:m.start()] + m.group(1) + m.group(2) + f"metal::mcu_cast<{m.group(3)}>(" +
+                   text[m.end():end] + ")")
+        pos = end
+    text = "".join(out) + text[pos:]
+    if cast_types:  # functional casts too: s2_t(x)
+        text = re.sub(r"(?<![\w.:<])(" + cast_types + r")\s*\(", r"metal::mcu_cast<\1>(", text)
+    return text
+
+
+def prepass(text: str, target: str, baked: Optional[Dict[str, object]] = None,
+            cast_types: Optional[str] = None) -> Prepassed:
     """The preprocessed MSL rewritten as C++ (target "cpu", the emulator) or CUDA (target "cuda"), and the kernels and
     function constants it declares. The targets differ in storage only: function constants are `static` globals the
     runtime sets or `__constant__` ones the launcher writes; a kernel-scope `threadgroup T x[N]` is one allocation per
     threadgroup from the emulator's runtime or a `__shared__` array. Entry points are the targets' own
-    (msl/cpu/compiler.py, msl/cuda/compiler.py)."""
+    (msl/cpu/compiler.py, msl/cuda/compiler.py). `baked`: function constants by name -> value, compiled in.
+    cast_types (cuda): more type names whose C-style casts convert (_convert_vector_casts)."""
     if target not in ("cpu", "cuda"):
         raise ValueError(f"prepass target must be 'cpu' or 'cuda', got {target!r}")
+    if target == "cuda":
+        text = _convert_vector_casts(text, cast_types)
     src = _Src(text)
 
     # C-style casts to vector types: clang reinterprets bits where MSL converts values. Reject them.
@@ -273,17 +340,26 @@ def prepass(text: str, target: str) -> Prepassed:
             raise MetalCompileError(f"{src.where(m.start())}: C-style cast to {m.group(2)}: clang would reinterpret "
                                     f"the bits where MSL converts; write {m.group(2)}(x)")
     check_metal4(text, src.where)
+    # The emulator refuses thread_elements() (the project's kernels must not depend on a lane layout Apple does not
+    # document); the proxy keeps Apple's layout (msl/cuda/shim/simdgroup_layout.h) so that peers which index it run.
     m = re.search(r"\.thread_elements\s*\(", text)
-    if m:
+    if m and target == "cpu":
         raise MetalCompileError(f"{src.where(m.start())}: thread_elements() is not supported: Apple does not "
                                 f"document which lane holds which element; stage through threadgroup memory")
 
     edits: List[Tuple[int, int, str]] = []  # (start, end, replacement) on `text`
 
-    # Function constants.
+    # Function constants (those named in `baked` become compile-time values, as a Metal pipeline specialises them).
     fcs = []
     for m in re.finditer(r"\bconstant\s+(\w+)\s+(\w+)\s*\[\[\s*function_constant\s*\((.+?)\)\s*\]\]\s*;", text):
         ty, name, idx = m.group(1), m.group(2), " ".join(m.group(3).split())
+        if baked and name in baked:
+            v = baked[name]
+            value = ("true" if v else "false") if isinstance(v, bool) else repr(v)
+            edits.append((m.start(), m.end(), f"static constexpr {ty} {name} = {ty}({value}); "
+                          f"static constexpr bool mcpu_fc_defined_{name} = true;" + _blank(m.group(0))[:-1]))
+            continue
+        ty = {"int32_t": "int", "uint32_t": "uint"}.get(ty, ty)  # same types, fixed-width names (llama.cpp)
         if ty not in FC_TYPES:
             raise MetalCompileError(f"{src.where(m.start())}: function constant type {ty} not supported")
         fcs.append((ty, name, idx))
@@ -299,8 +375,10 @@ def prepass(text: str, target: str) -> Prepassed:
         if not hn:
             continue
         end = text.index(";", m.end()) + 1
-        decl = text[m.end():end]
+        decl = re.sub(r"^\s*kernel\b", "", text[m.end():end])  # `template [[host_name(..)]] kernel T f<..>;`
         d = re.match(r"\s*decltype\s*\(\s*([\w:]+)\s*(<.*?>)?\s*\)\s*([\w:]+)\s*(<.*?>)?\s*;", decl, re.S)
+        # Or through a typedef of the function type: `kernel_t f<...>;` (llama.cpp's instantiation tables).
+        d = d or re.match(r"\s*()()(?!void\b)[\w:]+\s+([\w:]+)\s*(<.*?>)\s*;", decl, re.S)
         if d:
             callee = d.group(3) + (d.group(4) or "")
             tname = d.group(3)
@@ -326,7 +404,7 @@ def prepass(text: str, target: str) -> Prepassed:
         is_template = re.search(r"template\s*<[^;{}]*>\s*(\[\[[^;{}]*\]\]\s*)*$", before) is not None
         mt = re.search(r"max_total_threads_per_threadgroup\s*\((.+?)\)\s*(?:\]\]|,)", before[-200:] + m.group(0), re.S)
         limit = " ".join(mt.group(1).split()) if mt else "0"
-        kd = KernelDef(name, _parse_params(plist, src.where(m.start())), is_template,
+        kd = KernelDef(name, _parse_params(plist, src.where(m.start()), target == "cuda"), is_template,
                        int(limit) if limit.isdigit() else limit)
         defs[name] = kd
         edits.append((m.start(), m.start() + len(m.group(1)), " " * len(m.group(1))))

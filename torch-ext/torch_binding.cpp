@@ -86,22 +86,25 @@ constexpr int64_t kMaxKeys = int64_t(1) << 30;  // key positions are int32 in th
 int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                      const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                      const std::optional<at::Tensor>& block_table = std::nullopt) {
-  if (block_table.has_value()) {
+  if (block_table.has_value())
     check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[num_blocks, block_size, num_kv_heads, head_dim]", 4);
+  else
+    check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[total_k, num_kv_heads, head_dim]");
+  // The sequences before the block table: its expected shape comes from them.
+  const int64_t batch = check_varlen_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q);
+  if (block_table.has_value()) {
     const at::Tensor& table = *block_table;
     check_device(table, "block_table", q);
     TORCH_CHECK_TYPE(table.scalar_type() == at::kInt, "block_table must be int32, got ", table.scalar_type());
-    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == cu_seqlens_k.size(0) - 1 && table.size(1) >= 1,
-                      "block_table must have shape [batch = ", cu_seqlens_k.size(0) - 1,
-                      ", max_blocks_per_seq >= 1], got ", table.sizes());
+    TORCH_CHECK_VALUE(table.dim() == 2 && table.size(0) == batch && table.size(1) >= 1,
+                      "block_table must have shape [batch = ", batch, ", max_blocks_per_seq >= 1], got ",
+                      table.sizes());
     check_last_dim_contiguous(table, "block_table");
     TORCH_CHECK_VALUE(k.size(1) >= 1, "block_size (k.shape[1]) must be >= 1, got ", k.size(1));
     TORCH_CHECK_VALUE(table.size(1) * k.size(1) <= kMaxKeys, "at most 2^30 keys per sequence: block_table.shape[1] x ",
                       "block_size = ", table.size(1) * k.size(1));
-  } else {
-    check_qkv(q, k, v, 3, "[total_q, num_heads, head_dim]", "[total_k, num_kv_heads, head_dim]");
   }
-  return check_varlen_sequences(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q);
+  return batch;
 }
 
 }  // namespace
@@ -132,6 +135,7 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   call.cu_seqlens_q = cu_seqlens_q;
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
+  call.max_seqlen_k = max_seqlen_k;
   flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_attention(call));
 }
 

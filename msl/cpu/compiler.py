@@ -88,7 +88,11 @@ COMMON_FLAGS = ["-x", "c++", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-Wal
                 "-Xclang", "-fbfloat16-excess-precision=none",
                 # No memcpy / memset formed from loops or copies: SanitizerCoverage hooks only loads and stores, so a
                 # copy into threadgroup or device memory would escape the race, overrun and uninitialised checks.
-                "-fno-builtin-memcpy", "-fno-builtin-memmove", "-fno-builtin-memset"]
+                "-fno-builtin-memcpy", "-fno-builtin-memmove", "-fno-builtin-memset",
+                # Signed 32-bit overflow wraps, as the GPU's 32-bit integer units do: an int product meant to be a
+                # 64-bit offset then reads the wrong place here too, instead of being silently widened by the
+                # optimiser (which the overflow's undefined behaviour allows, and which would hide the bug).
+                "-fwrapv"]
 
 
 def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,

@@ -27,7 +27,8 @@ ROOT = frontend.ROOT
 SHIM = HERE / "shim" / "metal_stdlib.h"
 SHIM_CORE = frontend.SHIM_CORE  # the part shared with the CPU shim
 # What a PTX build depends on besides the .metal sources (cache keys).
-TOOLCHAIN = [SHIM, SHIM_CORE, Path(__file__), Path(frontend.__file__)]
+SHIM_LAYOUT = HERE / "shim" / "simdgroup_layout.h"
+TOOLCHAIN = [SHIM, SHIM_LAYOUT, SHIM_CORE, Path(__file__), Path(frontend.__file__)]
 ARCH = "sm_90"
 CUDA_FLAGS = ["-x", "cuda", "--cuda-device-only", f"--cuda-gpu-arch={ARCH}", "-nocudainc", "-nocudalib",
               "-std=c++17", "-O3", "-S", "-Wall", "-Wno-unused-parameter", "-Wno-unused-variable",
@@ -62,7 +63,16 @@ def entry_symbol(host_name: str) -> str:
     return "mcu_" + re.sub(r"\W", "_", host_name)
 
 
-def _entry(host: str, callee: str, kd, min_blocks: int = 0) -> str:
+def _max_threads(host: str, kd, override):
+    """max_total_threads_per_threadgroup: the caller's number for this kernel if given (the attribute may be an
+    expression of template parameters, `WM * WN * 32`, which the generated entry cannot name), else the attribute
+    (a number, or a constant expression visible at global scope)."""
+    if override is not None and override(host):
+        return int(override(host))
+    return kd.max_threads
+
+
+def _entry(host: str, callee: str, kd, min_blocks: int = 0, max_threads=0) -> str:
     sym = entry_symbol(host)
     args = []
     meta = [str(len(kd.params))]
@@ -80,9 +90,9 @@ def _entry(host: str, callee: str, kd, min_blocks: int = 0) -> str:
             args.append(f"mcpu_builtin<{ptype}>({', '.join(xyz)})")
             meta += ["2", "0"]
     bounds = ""
-    if kd.max_threads:
+    if max_threads:
         extra = f", {min_blocks}" if min_blocks else ""
-        bounds = f"__attribute__((launch_bounds({kd.max_threads}{extra}))) "
+        bounds = f"__attribute__((launch_bounds({max_threads}{extra}))) "
     regs = "; ".join(f"const uint32_t {v}_{a} = {tmpl.format(a)}"
                      for v, tmpl in (("t", _TID), ("n", _NTID), ("c", _CTAID), ("g", _NCTAID)) for a in "xyz")
     return (f'extern "C" __global__ void {bounds}{sym}(const mcu_args a) {{\n'
@@ -115,18 +125,41 @@ def _ptx_u32_array(ptx: str, name: str) -> List[int]:
     return vals
 
 
+# simdgroup_matrix multiply-accumulate lowering (shim/metal_stdlib.h, MCU_SIMDGROUP_MMA): 0 shuffles, 1 tensor cores
+# (half / bfloat on mma.sync, float and mixed by the three-bfloat split), 2 tensor cores for half / bfloat only.
+# METAL_CUDA_MMA sets the default, so one benchmark builds and runs either lowering.
+SIMDGROUP_MMA_MODES = (0, 1, 2)
+
+
+def default_simdgroup_mma() -> int:
+    mode = int(os.environ.get("METAL_CUDA_MMA", "1"))
+    if mode not in SIMDGROUP_MMA_MODES:
+        raise MetalCompileError(f"METAL_CUDA_MMA={mode}: expected one of {SIMDGROUP_MMA_MODES}")
+    return mode
+
+
 def cache_dir() -> Path:
     return frontend.cache_dir("metal_cuda", "METAL_CUDA_CACHE")
 
 
 def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
           fast_math: bool = True, out_dir=None, kernels: Optional[Sequence[str]] = None, jobs: int = 2,
-          extra_flags: Sequence[str] = (), kernel_flags=None, min_blocks=None) -> Path:
+          extra_flags: Sequence[str] = (), kernel_flags=None, min_blocks=None,
+          simdgroup_mma: Optional[int] = None, max_threads=None,
+          baked_constants: Optional[Dict[str, object]] = None, cast_types: Optional[str] = None) -> Path:
     """Compiles every kernel of `metal_path` (or those named in `kernels`) to PTX; returns the folder holding
-    manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target."""
+    manifest.json and one <entry symbol>.ptx per kernel. Cached by the preprocessed source, flags and this target.
+    simdgroup_mma: the simdgroup_matrix lowering (SIMDGROUP_MMA_MODES; None: default_simdgroup_mma()).
+    max_threads: host name -> max_total_threads_per_threadgroup, for kernels whose attribute is an expression of
+    template parameters. baked_constants: function constants by name -> value, compiled in (one build per set of
+    values, as Metal builds one pipeline per set); the others stay run-time values the launcher writes.
+    cast_types: a regex of type names (beyond the vector types) whose C-style casts convert as MSL does."""
+    mma = default_simdgroup_mma() if simdgroup_mma is None else int(simdgroup_mma)
+    if mma not in SIMDGROUP_MMA_MODES:
+        raise MetalCompileError(f"simdgroup_mma={mma}: expected one of {SIMDGROUP_MMA_MODES}")
     metal_path = Path(metal_path)
     text = preprocess(metal_path, include_dirs, defines or {})
-    pre = prepass(text, target="cuda")
+    pre = prepass(text, target="cuda", baked=baked_constants, cast_types=cast_types)
     fcs = pre.function_constants
     selected = [k for k in pre.kernels if kernels is None or k[0] in kernels]
     if kernels is not None and len(selected) != len(set(kernels)):
@@ -134,9 +167,12 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         raise MetalCompileError(f"{metal_path.name}: no kernel named {sorted(missing)}")
 
     h = hashlib.sha256()
-    for part in (text, repr((fast_math, sorted((defines or {}).items()), [k[0] for k in selected], list(extra_flags),
+    key = (fast_math, mma, sorted((baked_constants or {}).items()), cast_types, sorted((defines or {}).items()),
+           [k[0] for k in selected], list(extra_flags))
+    for part in (text, repr((*key,
                        [list(kernel_flags(k[0])) for k in selected] if kernel_flags else None,
-                       [min_blocks(k[0]) for k in selected] if min_blocks else None)),
+                       [min_blocks(k[0]) for k in selected] if min_blocks else None,
+                       [max_threads(k[0]) for k in selected] if max_threads else None)),
                  *(f.read_text() for f in TOOLCHAIN)):
         h.update(part.encode())
     out = Path(out_dir) if out_dir else cache_dir() / f"{metal_path.stem}-{h.hexdigest()[:16]}"
@@ -144,16 +180,18 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         return out
     out.mkdir(parents=True, exist_ok=True)
 
-    flags = CUDA_FLAGS + ["-include", str(SHIM)] + (["-ffast-math", "-DMCU_FAST_MATH"] if fast_math else [])
+    flags = CUDA_FLAGS + ["-include", str(SHIM), f"-DMCU_SIMDGROUP_MMA={mma}"]
+    flags += ["-ffast-math", "-DMCU_FAST_MATH"] if fast_math else []
     flags += list(extra_flags)
     body = pre.source + "\n#line 1 \"<mcu-generated>\"\n" + _fc_globals(fcs)
 
     def one(kernel):
         host, callee, kd = kernel
         sym = entry_symbol(host)
+        mt = _max_threads(host, kd, max_threads) if kd.max_threads else 0
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / f"{sym}.cu"
-            src.write_text(body + _entry(host, callee, kd, min_blocks(host) if min_blocks else 0))
+            src.write_text(body + _entry(host, callee, kd, min_blocks(host) if min_blocks else 0, mt))
             ptx = Path(tmp) / f"{sym}.ptx"
             per_kernel = list(kernel_flags(host)) if kernel_flags else []
             run([clang(), *flags, *per_kernel, str(src), "-o", str(ptx)],
@@ -169,13 +207,14 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
                 fc_used.append({"name": name, "type": ty, "index": idx,
                                 "defined_symbol": f"mcpu_fc_defined_{name}"})
         (out / f"{sym}.ptx").write_text(text_ptx)
-        return host, {"symbol": sym, "ptx": f"{sym}.ptx", "max_threads": kd.max_threads, "params": params,
+        return host, {"symbol": sym, "ptx": f"{sym}.ptx", "max_threads": mt, "params": params,
                       "function_constants": fc_used}
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         entries = dict(pool.map(one, selected))
     manifest = {"source": str(metal_path.resolve().relative_to(ROOT)) if metal_path.resolve().is_relative_to(ROOT)
-                else str(metal_path), "arch": ARCH, "fast_math": fast_math, "kernels": entries}
+                else str(metal_path), "arch": ARCH, "fast_math": fast_math, "simdgroup_mma": mma,
+                "kernels": entries}
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / "manifest.json")
@@ -191,7 +230,9 @@ if __name__ == "__main__":
     ap.add_argument("--out", help="output folder (default: the cache, keyed by the sources)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--precise", action="store_true", help="compile without fast math")
+    ap.add_argument("--mma", type=int, choices=SIMDGROUP_MMA_MODES, help="simdgroup_matrix lowering (default: "
+                    "METAL_CUDA_MMA or 1)")
     a = ap.parse_args()
-    path = build(a.metal, a.include, fast_math=not a.precise, out_dir=a.out, jobs=a.jobs)
+    path = build(a.metal, a.include, fast_math=not a.precise, out_dir=a.out, jobs=a.jobs, simdgroup_mma=a.mma)
     m = json.loads((path / "manifest.json").read_text())
     print(f"{a.metal}: {len(m['kernels'])} kernels -> {path}")

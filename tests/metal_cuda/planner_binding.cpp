@@ -32,6 +32,7 @@ py::list to_python(const LaunchPlan& plan) {
     e["threadgroups"] = py::make_tuple(d.threadgroups[0], d.threadgroups[1], d.threadgroups[2]);
     e["threads_per_threadgroup"] =
         py::make_tuple(d.threads_per_threadgroup[0], d.threads_per_threadgroup[1], d.threads_per_threadgroup[2]);
+    e["commit_after"] = d.commit_after;  // a command-buffer boundary on a Mac; the proxy runs the plan in order
     out.append(e);
   }
   return out;

@@ -2,14 +2,20 @@
 launch bounds, and the PTX cache index the GPU machine reads (build_all here, load_all there). The generic MSL-to-PTX
 compiler is msl/cuda/compiler.py.
 
-    python3 -m tests.metal_cuda.targets [--jobs N] [--precise]     # here, with clang-19: PTX into .cache/metal_cuda
+    python3 -m tests.metal_cuda.targets [--jobs N] [--precise] [--mma 0|1|2]   # here: PTX into .cache/metal_cuda
+    python3 -m tests.metal_cuda.targets --mma 0 --ptxas                        # + ptxas -v registers / spills
+    python3 -m tests.metal_cuda.targets --mma 2 --only simdgroup_mma           # one target (its index holds only it)
+
+One index per simdgroup_matrix lowering (compiler.SIMDGROUP_MMA_MODES): index.json for the default tensor-core
+lowering (1), index-mma<N>.json for the others; load_all(N) on the GPU machine.
 """
 
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from msl.cuda import compiler
 
@@ -46,7 +52,7 @@ def decode_min_blocks(host: str) -> int:
 
 TARGET_MIN_BLOCKS = {"paged_decode_attention": decode_min_blocks}
 
-# The project's kernels and the emulator's feature kernels, as the GPU suite and the CI check build them.
+# The project's kernels, the emulator's feature kernels and the lowering's check, as the GPU suite and CI build them.
 FLASH_SDPA = ROOT / "flash_sdpa"
 TARGETS = {
     "kv_paged_write": (FLASH_SDPA / "kv_paged_write.metal", [FLASH_SDPA]),
@@ -54,6 +60,8 @@ TARGETS = {
     "attention_varlen": (FLASH_SDPA / "attention_varlen.metal", [FLASH_SDPA]),
     "attention_backward": (FLASH_SDPA / "attention_backward.metal", [FLASH_SDPA]),
     "features": (ROOT / "tests" / "msl_cpu" / "kernels" / "features.metal", []),
+    # the simdgroup_matrix lowering itself (thread_elements(): the proxy only), test_gpu.py
+    "simdgroup_mma": (ROOT / "tests" / "metal_cuda" / "kernels" / "simdgroup_mma.metal", []),
 }
 
 
@@ -67,40 +75,81 @@ def _sources_hash(path: Path, include_dirs) -> str:
     return h.hexdigest()[:16]
 
 
-def build_all(jobs: int = 2, fast_math: bool = True) -> Dict[str, Path]:
-    """Builds every target and records them in <cache>/index.json, so that a machine without clang-19 (the GPU
-    machine) can use the PTX built here: load_all() there."""
+def index_path(simdgroup_mma: int) -> Path:
+    return compiler.cache_dir() / ("index.json" if simdgroup_mma == 1 else f"index-mma{simdgroup_mma}.json")
+
+
+def build_all(jobs: int = 2, fast_math: bool = True, simdgroup_mma: Optional[int] = None,
+              names: Optional[List[str]] = None) -> Dict[str, Path]:
+    """Builds every target (or those named) and records them in the lowering's index (index_path), so that a machine
+    without clang-19 (the GPU machine) can use the PTX built here: load_all() there."""
+    mma = compiler.default_simdgroup_mma() if simdgroup_mma is None else simdgroup_mma
+    chosen = {name: TARGETS[name] for name in (names or TARGETS)}
     built = {name: compiler.build(path, [str(d) for d in inc], fast_math=fast_math, jobs=jobs,
-                         kernel_flags=TARGET_KERNEL_FLAGS.get(name), min_blocks=TARGET_MIN_BLOCKS.get(name))
-             for name, (path, inc) in TARGETS.items()}
-    index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math}
-             for name, (path, inc) in TARGETS.items()}
-    (compiler.cache_dir() / "index.json").write_text(json.dumps(index, indent=1))
+                         kernel_flags=TARGET_KERNEL_FLAGS.get(name), min_blocks=TARGET_MIN_BLOCKS.get(name),
+                         simdgroup_mma=mma)
+             for name, (path, inc) in chosen.items()}
+    index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math,
+                    "simdgroup_mma": mma} for name, (path, inc) in chosen.items()}
+    index_path(mma).write_text(json.dumps(index, indent=1))
     return built
 
 
-def load_all() -> Dict[str, Path]:
-    """The PTX folders of index.json when they match the sources (the GPU machine has no clang-19: carry
-    .cache/metal_cuda), else build_all()."""
-    index_path = compiler.cache_dir() / "index.json"
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-        out = {name: compiler.cache_dir() / index[name]["path"] for name in TARGETS if name in index and
+def load_all(simdgroup_mma: Optional[int] = None, names: Optional[List[str]] = None) -> Dict[str, Path]:
+    """The PTX folders of the lowering's index when they match the sources (the GPU machine has no clang-19: carry
+    .cache/metal_cuda), else build_all(). names: only these targets (a benchmark that runs one kernel family)."""
+    mma = compiler.default_simdgroup_mma() if simdgroup_mma is None else simdgroup_mma
+    wanted = list(names) if names else list(TARGETS)
+    index_path_ = index_path(mma)
+    if index_path_.exists():
+        index = json.loads(index_path_.read_text())
+        out = {name: compiler.cache_dir() / index[name]["path"] for name in wanted if name in index and
                index[name]["sources"] == _sources_hash(*TARGETS[name]) and
                (compiler.cache_dir() / index[name]["path"] / "manifest.json").exists()}
-        if len(out) == len(TARGETS):
+        if len(out) == len(wanted):
             return out
     try:
         compiler.clang()
     except compiler.MetalCompileError as e:
-        if not index_path.exists():
-            raise compiler.MetalCompileError(f"no prebuilt PTX in {index_path}, and {e}") from None
+        if not index_path_.exists():
+            raise compiler.MetalCompileError(f"no prebuilt PTX in {index_path_}, and {e}") from None
         # Sources edited after the PTX was built (a shared working tree): run it, but say so loudly.
-        index = json.loads(index_path.read_text())
+        index = json.loads(index_path_.read_text())
         print(f"WARNING: metal_cuda: prebuilt PTX is STALE for "
-              f"{[n for n in TARGETS if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
-        return {name: compiler.cache_dir() / index[name]["path"] for name in TARGETS}
-    return build_all()
+              f"{[n for n in wanted if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
+        return {name: compiler.cache_dir() / index[name]["path"] for name in wanted}
+    return build_all(simdgroup_mma=mma)
+
+
+def prune() -> List[str]:
+    """Removes the cache folders that no lowering's index names (older builds), so that the cache carried to the GPU
+    machine holds only what it loads."""
+    keep = {"index.json"} | {index_path(m).name for m in compiler.SIMDGROUP_MMA_MODES}
+    for m in compiler.SIMDGROUP_MMA_MODES:
+        if index_path(m).exists():
+            keep |= {e["path"] for e in json.loads(index_path(m).read_text()).values()}
+    removed = []
+    for d in compiler.cache_dir().iterdir():
+        if d.name not in keep and d.is_dir():  # older builds, and unfinished ones (no manifest)
+            shutil.rmtree(d)
+            removed.append(d.name)
+    return removed
+
+
+def ptxas_usage(ptx: Path, arch: str = compiler.ARCH) -> Dict[str, int]:
+    """ptxas -v of one PTX file (CUDA toolkit, no GPU): registers, spill stores / loads and stack frame bytes."""
+    import subprocess
+
+    exe = shutil.which("ptxas") or "/usr/local/cuda/bin/ptxas"
+    r = subprocess.run([exe, "-v", f"-arch={arch}", str(ptx), "-o", "/dev/null"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise compiler.MetalCompileError(f"ptxas {ptx.name}: {r.stderr.strip()[-2000:]}")
+    out = {}
+    for key, pat in (("registers", r"Used (\d+) registers"), ("stack", r"(\d+) bytes stack frame"),
+                     ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads")):
+        m = re.search(pat, r.stderr)
+        out[key] = int(m.group(1)) if m else 0
+    return out
 
 
 if __name__ == "__main__":
@@ -109,7 +158,18 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--precise", action="store_true", help="compile without fast math")
+    ap.add_argument("--mma", type=int, choices=compiler.SIMDGROUP_MMA_MODES, help="simdgroup_matrix lowering")
+    ap.add_argument("--ptxas", action="store_true", help="print ptxas -v figures of the varlen and decode kernels")
+    ap.add_argument("--prune", action="store_true", help="then remove cache folders no index names")
+    ap.add_argument("--only", nargs="+", choices=list(TARGETS), help="build (and index) only these targets")
     a = ap.parse_args()
-    for name, path in build_all(a.jobs, fast_math=not a.precise).items():
+    for name, path in build_all(a.jobs, fast_math=not a.precise, simdgroup_mma=a.mma, names=a.only).items():
         m = json.loads((path / "manifest.json").read_text())
         print(f"{name}: {len(m['kernels'])} kernels -> {path}")
+        if a.ptxas and name in ("attention_varlen", "attention_backward", "paged_decode_attention"):
+            for host, info in sorted(m["kernels"].items()):
+                u = ptxas_usage(path / info["ptx"])
+                print(f"  {host}: {u['registers']} registers, {u['stack']} B stack, spill "
+                      f"{u['spill_stores']} / {u['spill_loads']} B")
+    if a.prune:
+        print(f"pruned {len(prune())} cache folders")

@@ -36,6 +36,51 @@ def rel_l2(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
+# ---- the simdgroup_matrix lowering (msl/README.md, "simdgroup_matrix on tensor cores") -----------------------------
+SGM_TYPES = {"half": torch.float16, "bfloat": torch.bfloat16, "float": torch.float32}
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -24}
+
+
+@pytest.mark.parametrize("mma", [1, 0, 2])
+def test_simdgroup_matrix_lowering(mma):
+    """Every lowering: Apple's lane layout through thread_elements(), D = A x B + C for each type combination (one
+    fp32 sum per element, rounded once to D's type) and a four-step accumulation, against float64."""
+    from . import targets
+
+    lib = launch.Library(targets.load_all(mma, names=["simdgroup_mma"])["simdgroup_mma"])
+    m = torch.arange(64, dtype=torch.float32, device="cuda")
+    out = torch.full((64,), -1.0, device="cuda")
+    lib.dispatch("sgm_layout", (1, 1, 1), (32, 1, 1), buffers={0: m, 1: out})
+    want = []
+    for lane in range(32):
+        qid = lane // 4
+        r, c = (qid & 4) + (lane // 2) % 4, (qid & 2) * 2 + (lane % 2) * 2
+        want += [r * 8 + c, r * 8 + c + 1]
+    assert out.tolist() == want, f"mma={mma}: thread_elements() layout"
+    g = torch.Generator(device="cuda").manual_seed(mma)
+    for name in [k for k in lib.kernels() if k.startswith("sgm_mac_")]:
+        ta, tb, tcd = (SGM_TYPES[t] for t in name.split("_")[2:])
+        a = torch.randn(8, 8, generator=g, device="cuda").to(ta)
+        bt = torch.randn(8, 8, generator=g, device="cuda").to(tb)  # B transposed in memory
+        c = torch.randn(8, 8, generator=g, device="cuda").to(tcd)
+        d = torch.full((8, 8), float("nan"), device="cuda", dtype=tcd)
+        lib.dispatch(name, (1, 1, 1), (32, 1, 1), buffers={0: a, 1: bt, 2: c, 3: d})
+        torch.cuda.synchronize()
+        ref = a.double() @ bt.double().T + c.double()
+        mag = a.double().abs() @ bt.double().abs().T + c.double().abs()
+        err = ((d.double() - ref).abs() / mag).max().item()
+        assert err <= 2 * UNIT_ROUNDOFF[tcd] + 1e-6, f"mma={mma} {name}: relative error {err:.3g}"
+    for t in ("half", "bfloat", "float"):
+        a = torch.randn(8, 32, generator=g, device="cuda").to(SGM_TYPES[t])
+        b = torch.randn(32, 8, generator=g, device="cuda").to(SGM_TYPES[t])
+        d = torch.full((8, 8), float("nan"), device="cuda")
+        lib.dispatch(f"sgm_chain_{t}", (1, 1, 1), (32, 1, 1), buffers={0: a, 1: b, 2: d})
+        torch.cuda.synchronize()
+        ref = a.double() @ b.double()
+        err = ((d.double() - ref).abs() / (a.double().abs() @ b.double().abs())).max().item()
+        assert err <= 1e-6, f"mma={mma} sgm_chain_{t}: relative error {err:.3g}"
+
+
 # ---- the emulator's feature kernels -------------------------------------------------------------------------------
 
 
@@ -457,6 +502,144 @@ def test_backward_32k(libs):
         assert err <= 3 * base + 1e-5 * max(1.0, r.abs().max().item()), f"{name}: max err {err:.3g} > 3 x {base:.3g}"
         RESULTS.append(("backward-32k", f"B=1 S={S} H={H}/{Hkv} D={D} fp16 causal {name}", err, base,
                         rel_l2(got, r.double()), 0))
+
+
+# ---- past 2^31 and 2^32 elements ------------------------------------------------------------------------------------
+# Real data at sizes where a 32-bit offset wraps (the addressing is also covered in CI by tests/test_large_tensors.py,
+# on the emulator with sparse tensors). At most about 27 GB of GPU memory per test.
+
+TWO_31, TWO_32 = 1 << 31, 1 << 32
+
+
+def test_large_paged_cache():
+    """Decode + append over a paged fp16 cache of more than 2^31 elements per K and per V (their one interleaved
+    buffer past 2^32), 17 requests of 128K keys, 32 query / 8 KV heads, the planner's splits."""
+    B, S, H, Hkv, D, bs = 17, 131072, 32, 8, 128, 256
+    assert B * (S // bs) * bs * Hkv * D > TWO_31
+    run_paged("large-paged-cache", B, S, H, Hkv, D, torch.float16, bs, full_length=True)
+
+
+def _dense_reference(q, k, v, scale, dtype):
+    """One non-causal sequence, q [n, H, D], k/v [m, Hkv, D]: (out [n, H, D], lse [H, n] float64) in `dtype`."""
+    group = q.shape[1] // k.shape[1]
+    qt = q.to(dtype).transpose(0, 1)
+    kt, vt = (t.to(dtype).repeat_interleave(group, 1).transpose(0, 1) for t in (k, v))
+    s = qt @ kt.transpose(1, 2) * scale
+    return (torch.softmax(s, -1) @ vt).transpose(0, 1), torch.logsumexp(s.double(), -1)
+
+
+def _check_rule(name, got, ref, same, k=3):
+    err = (got.double() - ref.double()).abs().max().item()
+    base = (same.double() - ref.double()).abs().max().item()
+    assert err <= k * base + 1e-5, f"{name}: max err {err:.3g} > {k} x {base:.3g} + 1e-5"
+    return err, base
+
+
+@pytest.mark.parametrize("long_side", ["queries", "keys"])
+def test_large_varlen_forward_and_backward(long_side):
+    """Varlen forward + backward, 16 heads, D=128, fp16, non-causal, where the query side (q, out, dout, dq) or the
+    key side (k, v, dk, dv) has more than 2^31 elements: 1040 sequences of 1024 queries and 64 keys, or 256 sequences
+    of 16 queries and 4160 keys. The first, a middle and the last two sequences are checked (forward, LSE, dq, dk,
+    dv), the last ones past 2^31."""
+    libs = gc.libraries()
+    H, D, dtype = 16, 128, torch.float16
+    seqs, n_q, n_k = (1040, 1024, 64) if long_side == "queries" else (256, 16, 4160)
+    tq, tk = seqs * n_q, seqs * n_k
+    assert max(tq, tk) * H * D > TWO_31
+    g = torch.Generator(device="cuda").manual_seed(31)
+    q, dout = (torch.randn(tq, H, D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    k, v = (torch.randn(tk, H, D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    cu_q = torch.arange(0, tq + 1, n_q, dtype=torch.int32, device="cuda")
+    cu_k = torch.arange(0, tk + 1, n_k, dtype=torch.int32, device="cuda")
+    scale = D ** -0.5
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((H, tq), float("nan"), device="cuda")
+    launch.run_plan(libs, gc.planner().plan_varlen(q, k, v, out, lse, cu_q, cu_k, None, None, n_q, scale, 0.0, -1,
+                                                   -1))
+    dq, dk, dv = torch.full_like(q, float("nan")), torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    delta, dsinks = torch.empty_like(lse), torch.empty(0, device="cuda")
+    launch.run_plan(libs, gc.planner().plan_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, dsinks, cu_q, cu_k,
+                                                     None, None, n_q, n_k, scale, 0.0, -1, -1))
+    torch.cuda.synchronize()
+    for b in (0, seqs // 2, seqs - 2, seqs - 1):
+        rq, rk = slice(b * n_q, (b + 1) * n_q), slice(b * n_k, (b + 1) * n_k)
+        ref, ref_lse = _dense_reference(q[rq], k[rk], v[rk], scale, torch.float64)
+        same, _ = _dense_reference(q[rq], k[rk], v[rk], scale, dtype)
+        err, base = _check_rule(f"out of sequence {b}", out[rq], ref, same)
+        assert (lse[:, rq].double() - ref_lse).abs().max().item() <= 2e-2, f"lse of sequence {b}"
+        grads = [_backward_reference(q[None, rq], k[None, rk], v[None, rk], dout[None, rq], scale, False, t)
+                 for t in (torch.float64, dtype)]
+        for name, got, r, pt in zip(("dq", "dk", "dv"), (dq[rq], dk[rk], dv[rk]), grads[0], grads[1]):
+            _check_rule(f"{name} of sequence {b}", got, r[0], pt[0])
+    RESULTS.append((f"large-varlen-{long_side}", f"{seqs} x ({n_q} q, {n_k} k) H={H} D={D} fp16, fwd + bwd", err,
+                    base, 0.0, 0))
+
+
+def test_large_score_count():
+    """Dense forward with B x H x Sq x Sk past 2^32 (1 x 80 x 8192 x 8192, 8 KV heads, D=64, fp16, non-causal): the
+    first and last heads checked against float64 with their LSE."""
+    libs = gc.libraries()
+    B, S, H, Hkv, D, dtype = 1, 8192, 80, 8, 64, torch.float16
+    assert B * H * S * S > TWO_32
+    g = torch.Generator(device="cuda").manual_seed(32)
+    q = torch.randn(B, S, H, D, generator=g, device="cuda").to(dtype)
+    k, v = (torch.randn(B, S, Hkv, D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((B, H, S), float("nan"), device="cuda")
+    scale = D ** -0.5
+    launch.run_plan(libs, gc.planner().plan_varlen(q, k, v, out, lse, None, None, None, None, S, scale, 0.0, -1, -1))
+    torch.cuda.synchronize()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    for h in (0, H - 1):
+        kv = h // (H // Hkv)
+        heads = slice(h, h + 1)
+        ref, ref_lse = _dense_reference(q[0, :, heads], k[0, :, kv:kv + 1], v[0, :, kv:kv + 1], scale, torch.float64)
+        same, _ = _dense_reference(q[0, :, heads], k[0, :, kv:kv + 1], v[0, :, kv:kv + 1], scale, dtype)
+        err, base = _check_rule(f"head {h}", out[0, :, heads], ref, same, k=2)
+        assert (lse[0, h].double() - ref_lse[0]).abs().max().item() <= 2e-2, f"lse of head {h}"
+    RESULTS.append(("large-score-count", f"B={B} S={S} H={H}/{Hkv} D={D} fp16 (5.4e9 scores)", err, base, 0.0, 0))
+
+
+def test_prefill_128k():
+    """A 128K-token causal prefill (B=1, 4 query / 1 KV heads, D=128, fp16) as the planner splits it into command
+    buffers (varlen_planner.h: macOS terminates a command buffer that runs too long): several dispatches, each marked
+    for a commit, the output and LSE of 64 rows spread over the prompt checked against float64 (FlashAttention's
+    rule), and the longest dispatch's proxy time reported (NVIDIA time, not Apple's)."""
+    libs = gc.libraries()
+    S, H, Hkv, D, dtype = 131072, 4, 1, 128, torch.float16
+    g = torch.Generator(device="cuda").manual_seed(128)
+    q = torch.randn(S, H, D, generator=g, device="cuda").to(dtype)
+    k, v = (torch.randn(S, Hkv, D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    cu = torch.tensor([0, S], dtype=torch.int32, device="cuda")
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((H, S), float("nan"), device="cuda")
+    scale = D**-0.5
+    plan = gc.planner().plan_varlen(q, k, v, out, lse, cu, cu, None, None, S, scale, 0.0, -1, 0)
+    assert len(plan) > 1 and all(d["commit_after"] for d in plan), "a 128K prefill must be split"
+    prepared = launch.prepare_plan(libs, plan)
+    times = []
+    for p in prepared:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        p.launch()
+        end.record()
+        times.append((start, end))
+    torch.cuda.synchronize()
+    longest_ms = max(a.elapsed_time(b) for a, b in times)
+    rows = torch.linspace(0, S - 1, 64, device="cuda").long()
+    errs = []
+    for dt in (torch.float64, dtype):
+        got = []
+        for r in rows.tolist():
+            s = (q[r].to(dt) @ k[: r + 1, 0].to(dt).T) * scale  # [H, r + 1]
+            got.append((torch.softmax(s, -1) @ v[: r + 1, 0].to(dt), torch.logsumexp(s.double(), -1)))
+        errs.append(got)
+    err, base = _check_rule("128K rows", out[rows], torch.stack([o for o, _ in errs[0]]),
+                            torch.stack([o for o, _ in errs[1]]), k=2)
+    lse_ref = torch.stack([lr for _, lr in errs[0]], 1)
+    assert (lse[:, rows].double() - lse_ref).abs().max().item() <= 2e-2
+    RESULTS.append(("prefill-128k", f"S={S} H={H}/{Hkv} D={D} fp16 causal: {len(plan)} dispatches, longest "
+                    f"{longest_ms:.0f} ms (proxy)", err, base, 0.0, len(plan)))
 
 
 def test_zz_summary():

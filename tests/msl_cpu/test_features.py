@@ -1,6 +1,8 @@
 """Each MSL feature the emulator supports, run on the CPU and checked against numpy / torch."""
 
 import ctypes
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +200,41 @@ def test_overlapping_views_keep_every_write(lib):
     buf = torch.zeros(8)
     lib.dispatch("overlapping_views", (1, 1, 1), (2, 1, 1), buffers={0: buf[2:6], 1: buf[0:6]})
     assert buf.tolist() == [0, 0, 1, 2, 0, 0, 0, 0]
+
+
+def test_sparse_buffers(lib):
+    """A bound buffer of 6 GB that is mostly never touched costs the emulator (and the caller) almost no memory: only
+    non-zero 4 KB chunks are copied and saved. Writes anywhere still come back, a zero over a non-zero value too."""
+    script = """
+import resource, sys, torch
+from msl import cpu as metal_cpu
+lib = metal_cpu.compile(sys.argv[1], fast_math=sys.argv[2] == "1")
+buf = torch.empty(3 << 29, dtype=torch.float32)  # 6 GB of address space, untouched
+far = buf.numel() - 3
+buf[5] = 7.0
+buf[far + 1] = 9.0
+where = torch.tensor([5, far, 1 << 30], dtype=torch.int64)  # thread 0 writes 0 over 7; 1 and 2 write zero chunks
+lib.dispatch("write_far", (1, 1, 1), (3, 1, 1), buffers={0: buf, 1: where})
+assert buf[5] == 0 and buf[far] == 1 and buf[1 << 30] == 2 and buf[far + 1] == 9, "writes lost"
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # kB
+"""
+    fast = "fastmath" in str(lib.path)
+    r = subprocess.run([sys.executable, "-c", script, str(KERNELS / "features.metal"), str(int(fast))],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) < 2 << 20, "peak memory above 2 GB: the 6 GB buffer was copied"
+
+
+def test_int_overflow_wraps(lib):
+    # 4 * 2^30 wraps to 0 as the GPU's 32-bit multiply does (-fwrapv): an int offset that should have been 64-bit
+    # reads the wrong element here too, where an optimiser exploiting undefined overflow could widen it and hide it.
+    x, out = torch.arange(8, dtype=torch.float32) + 1, torch.zeros(1)
+    lib.dispatch("int_product_index", (1, 1, 1), (1, 1, 1), buffers={0: x, 1: out}, bytes={2: Int2(4, 1 << 30)})
+    assert out.item() == 1.0
+
+
+class Int2(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_int32), ("y", ctypes.c_int32)]
 
 
 def test_combined_kernel_attribute(lib):

@@ -68,6 +68,17 @@ def _as_float(name: str, x) -> float:
     return float(x)
 
 
+def _as_bool(name: str, x) -> bool:
+    """A bool, or what holds one (an int, a numpy bool, a one-element tensor); not a string, None or several values
+    (whose truth Python would take silently or fail on without naming the argument)."""
+    if x is None or isinstance(x, (str, bytes)) or (isinstance(x, torch.Tensor) and x.numel() != 1):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}")
+    try:
+        return bool(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a bool, got {type(x).__name__}") from None
+
+
 def _require_tensors(**tensors) -> None:
     for name, t in tensors.items():
         _require_tensor(name, t)
@@ -102,7 +113,7 @@ def _op_options(q: torch.Tensor, softmax_scale: Optional[float], causal: bool, w
     window_left = _as_int("window_size[0] (left)", window_size[0], minimum=_INT64_MIN)
     window_right = _as_int("window_size[1] (right)", window_size[1], minimum=_INT64_MIN)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else _as_float("softmax_scale", softmax_scale)
-    return ([scale, _as_float("softcap", softcap)], [int(bool(causal)), window_left, window_right],
+    return ([scale, _as_float("softcap", softcap)], [int(_as_bool("causal", causal)), window_left, window_right],
             [_as_float32(alibi_slopes), _as_float32(s_aux)])
 
 
@@ -256,8 +267,8 @@ def flash_attention_varlen(
     max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k, minimum=0)
     _strict_check_varlen(query, key, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     softcapping = _as_float("softcapping", softcapping)
-    options = _op_options(query, scale, do_causal, window_size, 0.0 if softcapping == 1.0 else softcapping,
-                          s_aux=s_aux)
+    options = _op_options(query, scale, _as_bool("do_causal", do_causal), window_size,
+                          0.0 if softcapping == 1.0 else softcapping, s_aux=s_aux)
 
     def run():
         ops.flash_attention_varlen(out, query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -320,6 +331,8 @@ def flash_attn_varlen_func(
         block_table=block_table,
     )
     _check_dropout(dropout_p)
+    _as_bool("deterministic", deterministic)
+    return_attn_probs = _as_bool("return_attn_probs", return_attn_probs)
     max_seqlen_q = _as_int("max_seqlen_q", max_seqlen_q, minimum=0)
     max_seqlen_k = _as_int("max_seqlen_k", max_seqlen_k, minimum=0)
     _strict_check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_table)
@@ -369,6 +382,8 @@ def flash_attn_func(
     _require_tensors(k=k, v=v)
     _check_devices(q, k=k, v=v, alibi_slopes=alibi_slopes, s_aux=s_aux)
     _check_dropout(dropout_p)
+    _as_bool("deterministic", deterministic)
+    return_attn_probs = _as_bool("return_attn_probs", return_attn_probs)
     option_floats, option_ints, (alibi_slopes, s_aux) = options = _op_options(
         q, softmax_scale, causal, window_size, softcap, alibi_slopes, s_aux)
 
@@ -557,7 +572,12 @@ def flash_attn_with_kvcache(
     )
     options = _op_options(q, softmax_scale, causal, window_size, softcap, alibi_slopes, s_aux)
     num_splits = _as_int("num_splits", num_splits, minimum=_INT64_MIN)
+    return_softmax_lse = _as_bool("return_softmax_lse", return_softmax_lse)
+    rotary_interleaved = _as_bool("rotary_interleaved", rotary_interleaved)
     batch = q.shape[0]
+    for name, t in (("k", k), ("v", v)):
+        if t is not None and t.dim() != 4:
+            raise ValueError(f"{name} must have shape [batch, seqlen_new, num_kv_heads, head_dim], got {list(t.shape)}")
     seqlen_new = 0 if k is None else k.shape[1]
 
     # cache_seqlens: int32 [B] (None: the whole cache, filled by the op); an int also gives the split heuristic its

@@ -468,6 +468,50 @@ void* map(size_t size) {
 
 size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
+// A buffer's copy in the arena and what it held before the dispatch, kept chunk by chunk: an all-zero chunk is
+// neither copied nor saved (the fresh arena mapping already reads as zeros). So a buffer's cost in memory is its
+// non-zero bytes, and a sparse tensor of many GB (a KV cache past 2^32 elements of which a test fills a few
+// blocks) can be bound: reading an untouched anonymous page of the caller's costs no memory.
+constexpr size_t kChunk = 4096;
+constexpr uint64_t kZeroChunk = ~0ull;
+
+bool all_zero(const char* p, size_t n) {
+  static const char zeros[kChunk] = {};
+  return !memcmp(p, zeros, n);
+}
+
+struct Snapshot {
+  std::vector<uint64_t> where;  // per chunk: its offset in saved, or kZeroChunk
+  std::vector<char> saved;
+};
+
+// Copies n bytes from src to dst (a fresh, zero mapping) and records them.
+Snapshot copy_in(char* dst, const char* src, size_t n) {
+  Snapshot s;
+  s.where.assign((n + kChunk - 1) / kChunk, kZeroChunk);
+  for (size_t c = 0; c < s.where.size(); ++c) {
+    const size_t at = c * kChunk, len = std::min(kChunk, n - at);
+    if (all_zero(src + at, len)) continue;
+    memcpy(dst + at, src + at, len);
+    s.where[c] = s.saved.size();
+    s.saved.insert(s.saved.end(), src + at, src + at + len);
+  }
+  return s;
+}
+
+// Writes to host only the bytes the kernel changed: two bound views of one buffer (k_cache and v_cache one page
+// apart) must not undo each other's writes.
+void copy_back(char* host, const char* now, size_t n, const Snapshot& s) {
+  static const char zeros[kChunk] = {};
+  for (size_t c = 0; c < s.where.size(); ++c) {
+    const size_t at = c * kChunk, len = std::min(kChunk, n - at);
+    const char* before = s.where[c] == kZeroChunk ? zeros : s.saved.data() + s.where[c];
+    if (!memcmp(now + at, before, len)) continue;
+    for (size_t k = 0; k < len; ++k)
+      if (now[at + k] != before[k]) host[at + k] = now[at + k];
+  }
+}
+
 int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t err_len) {
   auto error = [&](const std::string& m) {
     snprintf(err, err_len, "%s", m.c_str());
@@ -555,13 +599,12 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
   char* arena = (char*)map(arena_size);
   if (!arena) return error("cannot map the buffer arena");
   size_t at = kGuard;
-  std::vector<std::vector<char>> snapshots;  // what each buffer held before the dispatch
+  std::vector<Snapshot> snapshots;  // what each buffer held before the dispatch
   for (const Pending& p : pending) {
     // The copy ends exactly where its guard gap starts (rounded to 16 bytes for alignment), so an overrun by
     // even one element leaves the slot.
     size_t start = at + round_up(p.len, 4096) - round_up(p.len, 16);
-    if (p.len) memcpy(arena + start, p.src, p.len);
-    snapshots.emplace_back((const char*)p.src, (const char*)p.src + (p.is_bytes ? 0 : p.len));
+    snapshots.push_back(copy_in(arena + start, (const char*)p.src, p.len));
     slots.push_back({(uintptr_t)(arena + start), (uintptr_t)(arena + start + p.len), p.index, p.is_bytes, p.host});
     at += round_up(p.len, 4096) + kGuard;
   }
@@ -647,15 +690,9 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
                           : format("random schedule, seed %llu", (unsigned long long)g.options.seed).c_str(),
                       g.error.c_str()));
   } else {
-    // Copy back only the bytes the kernel changed: two bound views of one buffer (k_cache and v_cache one page
-    // apart) must not undo each other's writes.
     for (size_t i = 0; i < g.slots.size(); ++i) {
       const Slot& s = g.slots[i];
-      const char* now = (const char*)s.lo;
-      const char* before = snapshots[i].data();
-      char* host = (char*)s.host;
-      for (size_t k = 0, len = s.hi - s.lo; !s.is_bytes && k < len; ++k)
-        if (now[k] != before[k]) host[k] = now[k];
+      if (!s.is_bytes) copy_back((char*)s.host, (const char*)s.lo, s.hi - s.lo, snapshots[i]);
     }
     g.log[g.log_count % MCPU_STATS_LOG] = g.stats;
     ++g.log_count;

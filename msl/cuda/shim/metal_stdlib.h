@@ -5,8 +5,9 @@
 // simdgroup_barrier is bar.warp.sync. Simd collectives use the active mask, so in divergent code only the active
 // lanes take part (as in Metal). half is _Float16, bfloat is __bf16. Math never calls libdevice: fast:: uses the
 // PTX approximate instructions, precise:: range-reduced versions of them (documented error bounds below); the plain
-// names are fast:: when MCU_FAST_MATH is defined (Metal's default), else precise::. simdgroup_matrix<T, 8, 8> is
-// distributed two elements per lane and multiplied with warp shuffles: right, not fast.
+// names are fast:: when MCU_FAST_MATH is defined (Metal's default), else precise::. simdgroup_matrix<T, 8, 8> keeps
+// Apple's lane layout, two elements per lane, and multiplies on tensor cores (mma.sync) or with shuffles
+// (MCU_SIMDGROUP_MMA, below).
 #pragma once
 
 #include <stddef.h>
@@ -24,7 +25,10 @@
 // ones the generated __global__ entry points reach.
 #pragma clang force_cuda_host_device begin
 
+#include "simdgroup_layout.h"  // Apple's simdgroup_matrix lane layout and the mma.sync fragments
+
 #define MCU_INLINE inline __attribute__((always_inline))
+#define METAL_FUNC MCU_INLINE  // Apple's metal_stdlib defines it; peers' headers use it
 
 #define device
 #define constant const
@@ -34,6 +38,36 @@
 
 #define MSL_INLINE MCU_INLINE
 #include "../../shim/msl_types.h"
+
+// ---- metal_type_traits: the std traits under MSL's names ----------------------------------------------------------
+namespace metal {
+using std::bool_constant;
+using std::conditional;
+using std::conditional_t;
+using std::decay_t;
+using std::enable_if;
+using std::enable_if_t;
+using std::false_type;
+using std::integral_constant;
+using std::is_arithmetic_v;
+using std::is_convertible;
+using std::is_convertible_v;
+using std::is_floating_point;
+using std::is_floating_point_v;
+using std::is_integral;
+using std::is_integral_v;
+using std::is_same;
+using std::is_same_v;
+using std::is_signed;
+using std::is_signed_v;
+using std::remove_cv;
+using std::remove_cv_t;
+using std::remove_reference;
+using std::remove_reference_t;
+using std::true_type;
+template <typename T>
+using remove_addrspace_t = T;  // the proxy erases address spaces
+}  // namespace metal
 
 // ---- PTX special registers and instructions -----------------------------------------------------------------------
 MCU_INLINE uint mcu_lane_id() { return __nvvm_read_ptx_sreg_laneid(); }
@@ -335,78 +369,252 @@ MCU_INLINE bool simd_all(bool x) { return __nvvm_vote_all_sync(mcu_active_mask()
 MCU_INLINE bool simd_any(bool x) { return __nvvm_vote_any_sync(mcu_active_mask(), x); }
 MCU_INLINE bool simd_is_first() { return mcu_lane_id() == (uint)__builtin_ctz(mcu_active_mask()); }
 
+// ---- what peers' C-style casts become on the proxy (frontend._convert_vector_casts): MSL's value conversion --------
+template <typename T, typename... X>
+MCU_INLINE T mcu_cast(X... x) {
+  if constexpr (mcpu_width<T> > 1)
+    return mcpu_make<T>(x...);
+  else if constexpr (std::is_class_v<T>)
+    return T(x...);  // matrix<...>: the converting constructor
+  else
+    return T(x...);
+}
+
+// ---- numeric_limits of the 8-bit integers (msl_types.h has the wider ones; peers' Limits tables ask for all) -------
+#define MCU_LIMITS8(T, MAX, MIN)                   \
+  template <>                                      \
+  struct numeric_limits<T> {                       \
+    static constexpr bool is_specialized = true;   \
+    static constexpr T max() { return MAX; }       \
+    static constexpr T min() { return MIN; }       \
+    static constexpr T lowest() { return MIN; }    \
+    static constexpr T infinity() { return (T)0; } \
+    static constexpr T epsilon() { return (T)0; }  \
+  };
+MCU_LIMITS8(char, (char)127, (char)-128)
+MCU_LIMITS8(signed char, (signed char)127, (signed char)-128)
+MCU_LIMITS8(unsigned char, (unsigned char)255, (unsigned char)0)
+#undef MCU_LIMITS8
+
+// ---- Apple's metal_stdlib macros and packed vectors (element-aligned) ----------------------------------------------
+#define MAXHALF ((half)65504.0f)
+#ifndef MAXFLOAT
+#define MAXFLOAT __FLT_MAX__
+#endif
+#define MCU_PACKED(T)                                                              \
+  typedef T packed_##T##2 __attribute__((ext_vector_type(2), aligned(sizeof(T)))); \
+  typedef T packed_##T##3 __attribute__((ext_vector_type(3), aligned(sizeof(T)))); \
+  typedef T packed_##T##4 __attribute__((ext_vector_type(4), aligned(sizeof(T))));
+MCU_PACKED(char)
+MCU_PACKED(uchar)
+MCU_PACKED(short)
+MCU_PACKED(ushort)
+MCU_PACKED(int)
+MCU_PACKED(uint)
+MCU_PACKED(half)
+MCU_PACKED(bfloat)
+MCU_PACKED(float)
+#undef MCU_PACKED
+
+// ---- matrix<T, Cols, Rows> (float4x4, half4x4...): columns of vectors, as MSL stores them --------------------------
+// What peers use (llama.cpp's dequantize helpers): m[c] is column c, m[c][r] an element; construction from
+// columns, a diagonal scalar, or another element type (converted element-wise).
+template <typename T, int Cols, int Rows>
+struct matrix {
+  vec<T, Rows> columns[Cols];
+  matrix() = default;
+  explicit matrix(T diagonal) {
+    for (int c = 0; c < Cols; ++c)
+      for (int r = 0; r < Rows; ++r) columns[c][r] = r == c ? diagonal : T(0);
+  }
+  template <typename... V, typename = std::enable_if_t<sizeof...(V) == Cols && (Cols > 1)>>
+  matrix(V... cols) : columns{vec<T, Rows>(cols)...} {}
+  template <typename U>
+  explicit matrix(const matrix<U, Cols, Rows>& m) {
+    for (int c = 0; c < Cols; ++c)
+      for (int r = 0; r < Rows; ++r) columns[c][r] = mcpu_convert<T>(m.columns[c][r]);
+  }
+  thread vec<T, Rows>& operator[](int c) { return columns[c]; }
+  thread const vec<T, Rows>& operator[](int c) const { return columns[c]; }
+};
+#define MCU_MATRIX_NAMES(T)       \
+  typedef matrix<T, 2, 2> T##2x2; \
+  typedef matrix<T, 3, 3> T##3x3; \
+  typedef matrix<T, 4, 4> T##4x4; \
+  typedef matrix<T, 2, 4> T##2x4; \
+  typedef matrix<T, 4, 2> T##4x2;
+MCU_MATRIX_NAMES(float)
+MCU_MATRIX_NAMES(half)
+MCU_MATRIX_NAMES(bfloat)
+#undef MCU_MATRIX_NAMES
+
 // ---- simdgroup_matrix -------------------------------------------------------------------------------------------
-// Lane l holds elements 2l and 2l + 1 of the row-major 8x8 matrix: row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1.
-// The layout is ours, not Apple's (undocumented), so thread_elements() is not offered. Every operation needs all 32
-// lanes: a divergent call traps.
+// Storage in Apple's lane layout (simdgroup_layout.h): lane l holds row mcu_sgm::row(l), columns mcu_sgm::col(l) and
+// col(l) + 1, so thread_elements() means here what it means on a Mac, and peers that index it (MLX's steel kernels,
+// llama.cpp) run unchanged. The project's kernels never use it (the emulator rejects it). Every operation needs all
+// 32 lanes: a divergent call traps.
+//
+// The multiply-accumulate, by MCU_SIMDGROUP_MMA (compiler.py's `simdgroup_mma`, part of the PTX cache key):
+//   0: shuffles and fp32 FMAs, for every type (the reference lowering);
+//   1 (default): tensor cores. half x half and bfloat x bfloat: one mma.sync m16n8k8 with fp32 accumulators (rows
+//      8-15 of A zero), products exact. Any other pair (float, or mixed): every operand split into three bfloats
+//      (mcu_sgm::split_pair) and six partial products summed by two m16n8k16 (about fp32 accuracy, never plain tf32);
+//   2: tensor cores for half x half and bfloat x bfloat, shuffles for the rest.
+// Either way C converts to float, each element is one fp32 sum, and D is rounded once to its type. Only the
+// summation order differs between the lowerings (and a tensor core's internal fp32 rounding).
+#ifndef MCU_SIMDGROUP_MMA
+#define MCU_SIMDGROUP_MMA 1
+#endif
 template <typename T, int Cols, int Rows>
 struct simdgroup_matrix {
   static_assert(Cols == 8 && Rows == 8, "simdgroup_matrix: only 8x8 is supported");
-  T e[2];
+  vec<T, 2> e;
   simdgroup_matrix() : e{T(0), T(0)} {}
   explicit simdgroup_matrix(T diagonal) {
-    const uint lane = mcu_lane_id();
-    for (int k = 0; k < 2; ++k) e[k] = (2 * lane + k) % 9 == 0 ? diagonal : T(0);
+    const uint lane = mcu_lane_id(), r = mcu_sgm::row(lane), c = mcu_sgm::col(lane);
+    e[0] = r == c ? diagonal : T(0);
+    e[1] = r == c + 1 ? diagonal : T(0);
   }
-  template <typename U = T>
-  void thread_elements() const {
-    static_assert(sizeof(U) == 0, "thread_elements() is not supported: the lane layout is undocumented");
-  }
+  thread vec<T, 2>& thread_elements() { return e; }
+  thread const vec<T, 2>& thread_elements() const { return e; }
 };
 
 MCU_INLINE void mcu_require_full_warp() {
   if (mcu_active_mask() != 0xffffffffu) __builtin_trap();
 }
 
-template <typename T, int C, int R>
+template <typename T, int C, int R = C>
 MCU_INLINE simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
   simdgroup_matrix<T, C, R> m;
   m.e[0] = m.e[1] = value;
   return m;
 }
 
+// Row-major index of this lane's element k.
+MCU_INLINE uint mcu_sgm_index(uint k) {
+  const uint lane = mcu_lane_id();
+  return mcu_sgm::row(lane) * 8u + mcu_sgm::col(lane) + k;
+}
+
 template <typename T, typename P>
 MCU_INLINE void simdgroup_load(thread simdgroup_matrix<T, 8, 8>& d, P src, ulong elements_per_row = 8,
                                ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   mcu_require_full_warp();
-  const uint lane = mcu_lane_id();
-  for (int k = 0; k < 2; ++k)
-    d.e[k] = T(src[mcpu_matrix_offset(2 * lane + k, elements_per_row, matrix_origin, transpose_matrix)]);
+  for (uint k = 0; k < 2; ++k)
+    d.e[k] = T(src[mcpu_matrix_offset(mcu_sgm_index(k), elements_per_row, matrix_origin, transpose_matrix)]);
 }
 
 template <typename T, typename P>
 MCU_INLINE void simdgroup_store(thread const simdgroup_matrix<T, 8, 8>& a, P dst, ulong elements_per_row = 8,
                                 ulong2 matrix_origin = ulong2(0), bool transpose_matrix = false) {
   mcu_require_full_warp();
-  const uint lane = mcu_lane_id();
-  for (int k = 0; k < 2; ++k)
-    dst[mcpu_matrix_offset(2 * lane + k, elements_per_row, matrix_origin, transpose_matrix)] = a.e[k];
+  for (uint k = 0; k < 2; ++k)
+    dst[mcpu_matrix_offset(mcu_sgm_index(k), elements_per_row, matrix_origin, transpose_matrix)] = a.e[k];
 }
 
-// d = a * b + c, each element a float dot product (in k order, from c) rounded once to the destination type.
+struct mcu_float2 {
+  float x, y;
+};
+
+// Shuffles: lane (r, pair p) sums a(r, k) b(k, 2p + i) over k in order, from c, in fp32.
+template <typename TA, typename TB, typename TC>
+MCU_INLINE mcu_float2 mcu_sgm_mac_shuffle(const vec<TA, 2> a, const vec<TB, 2> b, const vec<TC, 2> c) {
+  const uint full = 0xffffffffu, lane = mcu_lane_id(), r = mcu_sgm::row(lane), p = mcu_sgm::col(lane) / 2u;
+  float s0 = (float)c[0], s1 = (float)c[1];
+  for (uint j = 0; j < 4; ++j) {
+    // a(r, 2j..2j+1) from the lane holding that pair; b(2j, 2p..2p+1) and b(2j + 1, 2p..2p+1) likewise.
+    const vec<TA, 2> aj = mcu_shfl<0>(full, a, mcu_sgm::lane(r, j));
+    const vec<TB, 2> b0 = mcu_shfl<0>(full, b, mcu_sgm::lane(2 * j, p));
+    const vec<TB, 2> b1 = mcu_shfl<0>(full, b, mcu_sgm::lane(2 * j + 1, p));
+    s0 += (float)aj[0] * (float)b0[0];
+    s1 += (float)aj[0] * (float)b0[1];
+    s0 += (float)aj[1] * (float)b1[0];
+    s1 += (float)aj[1] * (float)b1[1];
+  }
+  return {s0, s1};
+}
+
+// Into mma lane m's registers: C's pair (as float), and back: D's pair for this Apple lane.
+template <typename TC>
+MCU_INLINE mcu_float2 mcu_sgm_c_to_mma(const vec<TC, 2> c) {
+  const vec<TC, 2> cm = mcu_shfl<0>(0xffffffffu, c, mcu_sgm::ac_source(mcu_lane_id()));
+  return {(float)cm[0], (float)cm[1]};
+}
+MCU_INLINE mcu_float2 mcu_sgm_d_from_mma(float d0, float d1) {
+  return mcu_shfl<0>(0xffffffffu, mcu_float2{d0, d1}, mcu_sgm::d_source(mcu_lane_id()));
+}
+
+// half x half / bfloat x bfloat: one m16n8k8. A: this mma lane's pair (one 32-bit word); B: element b_element of
+// two rows' pairs, joined by a byte permute (b_join).
+template <typename T, typename TC>
+MCU_INLINE mcu_float2 mcu_sgm_mac_mma16(const vec<T, 2> a, const vec<T, 2> b, const vec<TC, 2> c) {
+  const uint full = 0xffffffffu, m = mcu_lane_id();
+  const uint aw = __builtin_bit_cast(uint, mcu_shfl<0>(full, a, mcu_sgm::ac_source(m)));
+  const uint b0 = __builtin_bit_cast(uint, mcu_shfl<0>(full, b, mcu_sgm::b_source(m, 0)));
+  const uint b1 = __builtin_bit_cast(uint, mcu_shfl<0>(full, b, mcu_sgm::b_source(m, 1)));
+  const uint bw = mcu_sgm::b_join(b0, b1, m);
+  const mcu_float2 cm = mcu_sgm_c_to_mma(c);
+  float d0, d1, d2, d3;
+  // Not volatile: a pure function of its operands (CSE and dead-code removal stay possible); clang marks inline asm
+  // convergent in CUDA, so it is never sunk into divergent code.
+  if constexpr (std::is_same<T, half>::value)
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};"
+        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+        : "r"(aw), "r"(0u), "r"(bw), "f"(cm.x), "f"(cm.y), "f"(0.0f), "f"(0.0f));
+  else
+    asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};"
+        : "=f"(d0), "=f"(d1), "=f"(d2), "=f"(d3)
+        : "r"(aw), "r"(0u), "r"(bw), "f"(cm.x), "f"(cm.y), "f"(0.0f), "f"(0.0f));
+  (void)d2;
+  (void)d3;
+  return mcu_sgm_d_from_mma(d0, d1);
+}
+
+// d += A x B, A 16x16 and B 16x8 in bfloat (registers in PTX order), d in fp32.
+MCU_INLINE void mcu_mma_bf16_k16(float (&d)[4], uint a0, uint a1, uint a2, uint a3, uint b0, uint b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Any other pair: operands to float, moved into mma layout, split hi + mid + lo (bfloat each), six partial products
+// by two m16n8k16 (mcu_sgm::split_step says which parts go where).
+template <typename TA, typename TB, typename TC>
+MCU_INLINE mcu_float2 mcu_sgm_mac_split(const vec<TA, 2> a, const vec<TB, 2> b, const vec<TC, 2> c) {
+  const uint full = 0xffffffffu, m = mcu_lane_id();
+  const mcu_float2 af = mcu_shfl<0>(full, mcu_float2{(float)a[0], (float)a[1]}, mcu_sgm::ac_source(m));
+  const mcu_float2 bf = {(float)b[0], (float)b[1]};
+  const mcu_float2 br0 = mcu_shfl<0>(full, bf, mcu_sgm::b_source(m, 0));
+  const mcu_float2 br1 = mcu_shfl<0>(full, bf, mcu_sgm::b_source(m, 1));
+  const bool odd = mcu_sgm::b_element(m) != 0u;
+  const mcu_sgm::split3 sa = mcu_sgm::split_pair(af.x, af.y);
+  const mcu_sgm::split3 sb = mcu_sgm::split_pair(odd ? br0.y : br0.x, odd ? br1.y : br1.x);
+  const mcu_float2 cm = mcu_sgm_c_to_mma(c);
+  float d[4] = {cm.x, cm.y, 0.0f, 0.0f};
+  for (int step = 0; step < 2; ++step) {
+    const mcu_sgm::k16_operands o = mcu_sgm::split_step(step, sa, sb);
+    mcu_mma_bf16_k16(d, o.a[0], o.a[1], o.a[2], o.a[3], o.b[0], o.b[1]);
+  }
+  return mcu_sgm_d_from_mma(d[0] + d[2], d[1] + d[3]);
+}
+
 template <typename TD, typename TA, typename TB, typename TC>
 MCU_INLINE void simdgroup_multiply_accumulate(thread simdgroup_matrix<TD, 8, 8>& d,
                                               thread const simdgroup_matrix<TA, 8, 8>& a,
                                               thread const simdgroup_matrix<TB, 8, 8>& b,
                                               thread const simdgroup_matrix<TC, 8, 8>& c) {
   mcu_require_full_warp();
-  const uint lane = mcu_lane_id(), quad = lane & ~3u, col2 = lane & 3u;
-  const uint full = 0xffffffffu;
-  float s0 = (float)c.e[0], s1 = (float)c.e[1];
-  for (uint j = 0; j < 4; ++j) {
-    // a(r, 2j), a(r, 2j + 1) from lane 4r + j; b(i, c0), b(i, c0 + 1) from lane 4i + c0 / 2, for i = 2j, 2j + 1.
-    const float a0 = (float)mcu_shfl<0>(full, a.e[0], quad + j), a1 = (float)mcu_shfl<0>(full, a.e[1], quad + j);
-    const float b00 = (float)mcu_shfl<0>(full, b.e[0], 8 * j + col2);
-    const float b01 = (float)mcu_shfl<0>(full, b.e[1], 8 * j + col2);
-    const float b10 = (float)mcu_shfl<0>(full, b.e[0], 8 * j + 4 + col2);
-    const float b11 = (float)mcu_shfl<0>(full, b.e[1], 8 * j + 4 + col2);
-    s0 += a0 * b00;
-    s1 += a0 * b01;
-    s0 += a1 * b10;
-    s1 += a1 * b11;
-  }
-  d.e[0] = (TD)s0;
-  d.e[1] = (TD)s1;
+  constexpr bool same16 =
+      std::is_same<TA, TB>::value && (std::is_same<TA, half>::value || std::is_same<TA, bfloat>::value);
+  mcu_float2 s;
+  if constexpr (MCU_SIMDGROUP_MMA != 0 && same16)
+    s = mcu_sgm_mac_mma16<TA>(a.e, b.e, c.e);
+  else if constexpr (MCU_SIMDGROUP_MMA == 1)
+    s = mcu_sgm_mac_split(a.e, b.e, c.e);
+  else
+    s = mcu_sgm_mac_shuffle(a.e, b.e, c.e);
+  d.e[0] = (TD)s.x;
+  d.e[1] = (TD)s.y;
 }
 template <typename TD, typename TA, typename TB>
 MCU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread const simdgroup_matrix<TA, 8, 8>& a,
@@ -414,6 +622,17 @@ MCU_INLINE void simdgroup_multiply(thread simdgroup_matrix<TD, 8, 8>& d, thread 
   const simdgroup_matrix<TD, 8, 8> zero = make_filled_simdgroup_matrix<TD, 8, 8>(TD(0));
   simdgroup_multiply_accumulate(d, a, b, zero);
 }
+
+// ---- logging (metal_logging, MSL 3.2): a no-op os_log, so that headers which declare loggers compile -------------
+struct os_log {
+  constexpr os_log(const char*, const char*) {}
+  template <typename... Args>
+  void log_debug(const char*, Args...) const {}
+  template <typename... Args>
+  void log_info(const char*, Args...) const {}
+  template <typename... Args>
+  void log_error(const char*, Args...) const {}
+};
 
 // ---- atomics ----------------------------------------------------------------------------------------------------
 #define MCU_ATOMIC_RMW(name, builtin)                                              \

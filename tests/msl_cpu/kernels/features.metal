@@ -201,6 +201,18 @@ kernel void overlapping_views(device float* a [[buffer(0)]], device float* b [[b
   if (i == 1) b[3] = 2.0f;  // inside the overlap too, another element
 }
 
+// Thread i writes float(i) at 64-bit element index where[i] (test_sparse_buffers).
+kernel void write_far(device float* buf [[buffer(0)]], device const ulong* where [[buffer(1)]],
+                      uint i [[thread_position_in_grid]]) {
+  buf[where[i]] = float(i);
+}
+
+// An int product that passes 2^31, used as an index: wraps (test_int_overflow_wraps).
+kernel void int_product_index(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
+                              constant int2& f [[buffer(2)]]) {
+  out[0] = in[f.x * f.y];
+}
+
 // MLX's attribute form, with a named thread limit.
 constant constexpr uint kCombinedLimit = 64;
 [[kernel, max_total_threads_per_threadgroup(kCombinedLimit)]] void combined_attribute(device float* out [[buffer(0)]],

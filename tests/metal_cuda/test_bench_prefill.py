@@ -1,0 +1,105 @@
+"""CI (no GPU): the pure parts of bench_prefill.py, the prefill table's launcher: the peers' launch geometry and
+parameter structs as their host code builds them, and that every launch names a kernel peers_prefill.py builds."""
+
+import ctypes
+import math
+
+import pytest
+
+from . import bench_prefill as bp
+from . import peers_prefill as pp
+
+
+def test_rows_cover_the_grid():
+    rows = bp.rows()
+    assert len(rows) == 2 * 3 * 3 * 2 * 2
+    assert {(r.H, r.Hkv) for r in rows} == {(16, 4), (32, 8)} and {r.B for r in rows} == {1}
+    assert {r.D for r in rows} == {64, 128, 256} and {r.S for r in rows} == {1024, 4096, 16384}
+
+
+def test_flops():
+    r = bp.Row(1, 16, 4, 1024, 128, "fp16", False)
+    assert bp.flops(r) == 4 * 16 * 1024 * 1024 * 128
+    c = bp.Row(1, 16, 4, 1024, 128, "fp16", True)
+    assert bp.flops(c) == 4 * 16 * (1024 * 1025 / 2) * 128
+
+
+def test_struct_layouts_match_the_headers():
+    """AttnParams: 14 four-byte fields, then four int64[3] (152 B); ggml's args: its C layout (192 B)."""
+    assert ctypes.sizeof(bp.MLXAttnParams) == 152
+    assert [bp.MLXAttnParams.qL_off.offset, bp.MLXAttnParams.K_strides.offset] == [52, 80]
+    g = bp.GGMLFlashAttnArgs
+    assert [g.nb01.offset, g.ne11.offset, g.nb11.offset, g.ns20.offset, g.nb21.offset, g.ne31.offset,
+            g.nb31.offset, g.ne1.offset, g.scale.offset, g.logit_softcap.offset] == \
+        [16, 40, 56, 80, 88, 112, 128, 152, 164, 184]
+    assert ctypes.sizeof(bp.GGMLBlkArgs) == 48 and bp.GGMLBlkArgs.nb31.offset == 24
+
+
+@pytest.mark.parametrize("D,bk,wn", [(64, 32, 1), (128, 16, 1), (256, bp.MLX_D256_BK, 2)])
+def test_mlx_plan(D, bk, wn):
+    r = bp.Row(1, 32, 8, 4096, D, "bf16", True)
+    st = (4096 * 32 * D, D, 32 * D)  # [B, S, H, D] storage read as (B, H, L)
+    p = bp.mlx_plan(r, st, st, st, st, D ** -0.5)
+    assert p.kernel == f"steel_attention_bfloat16_bq32_bk{bk}_bd{D}_bv{D}_wm4_wn{wn}_maskbfloat16"
+    assert p.grid == (4096 // 32, 32, 1) and p.threads == (32, 4, wn)
+    assert p.params.gqa_factor == 4 and p.params.NK == 4096 // bk and p.params.qL_off == 0
+    assert list(p.params.Q_strides) == list(st) and p.params.kL_rem == 0
+    assert p.constants[301] is True and p.constants[200] and p.constants[201] and not p.constants[300]
+
+
+def test_mlx_plan_remainders():
+    r = bp.Row(1, 16, 4, 1000, 128, "fp16", False)
+    p = bp.mlx_plan(r, (0, 0, 0), (0, 0, 0), (0, 0, 0), (0, 0, 0), 0.1)
+    assert (p.params.NQ, p.params.NQ_aligned, p.params.qL_rem) == (32, 31, 1000 - 31 * 32)
+    assert p.constants[200] is False and p.constants[201] is False
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ggml_plan(causal):
+    r = bp.Row(1, 32, 8, 4096, 128, "fp16", causal)
+    p = bp.ggml_plan(r, 128 ** -0.5)
+    assert p.kernel == "kernel_flash_attn_ext_f16_dk128_dv128" and p.variant == f"fa_d128_mask{int(causal)}"
+    assert p.grid == (4096 // 8, 32, 1) and p.threads == (32, 4, 1)
+    assert p.smem == 8 * (128 + 2 * 128 + 4 * 64) * 2
+    a = p.args
+    assert (a.ne01, a.ne02, a.nb01, a.nb02, a.ns10, a.nb11, a.nb12, a.ne_12_2) == \
+        (4096, 32, 4 * 32 * 128, 4 * 128, 128, 2 * 128, 2 * 128 * 4096, 8)
+    assert (a.ne1, a.ne2, a.n_head_log2, a.m0, a.max_bias) == (32, 4096, 32, 1.0, 0.0)
+    assert math.isclose(a.scale, 128 ** -0.5, rel_tol=1e-7)
+    assert (p.blk is not None) == causal
+    if causal:
+        assert p.blk["grid"] == (4096 // 64, 4096 // 8, 1) and p.blk["bytes"] == 64 * 512
+
+
+def test_ggml_plan_needs_whole_key_blocks():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        bp.ggml_plan(bp.Row(1, 16, 4, 1000, 64, "fp16", False), 0.1)
+
+
+def test_every_launch_names_a_built_kernel():
+    mlx = {i["name"] for i in pp.mlx_instances()}
+    variants = {v["tag"]: set(v["kernels"]) for v in pp.ggml_variants()}
+    for r in bp.rows():
+        assert bp.mlx_plan(r, (0,) * 3, (0,) * 3, (0,) * 3, (0,) * 3, 0.1).kernel in mlx
+        if r.D == 256:
+            assert bp.mlx_plan(r, (0,) * 3, (0,) * 3, (0,) * 3, (0,) * 3, 0.1, bk=16).kernel in mlx
+        g = bp.ggml_plan(r, 0.1)
+        assert g.kernel in variants[g.variant]
+        if g.blk:
+            assert g.blk["kernel"] in variants["blk"]
+    # the constants baked into the PTX are the ones the launch assumes
+    for v in pp.ggml_variants():
+        if v["tag"] != "blk":
+            assert v["baked"]["FC_flash_attn_ext_nsg"] == bp.GGML_NSG and v["baked"]["FC_flash_attn_ext_ns10"] == v["D"]
+        else:
+            assert (v["baked"]["FC_flash_attn_ext_blk_nqptg"], v["baked"]["FC_flash_attn_ext_blk_ncpsg"]) == \
+                (bp.GGML_NQPTG, bp.GGML_NCPSG)
+
+
+def test_table_renders_ratios():
+    r = bp.Row(1, 16, 4, 1024, 64, "fp16", True)
+    res = dict(label=r.label(), flops=bp.flops(r), mma=1, ours_us=10.0, mlx_us=20.0, ggml_us=15.0, torch_us=5.0)
+    slow = {k: v for k, v in res.items() if k != "ggml_us"}
+    t = bp.table([res, dict(slow, mma=0, ours_us=40.0, ggml_error="CudaError: x")])
+    assert "| 2.00 | 1.50 | 1.50 |" in t and "| CudaError: x | 5.0 (429.9) | 0.50 | - | 0.50 |" in t
+    assert "mma=1 x best: geometric mean 1.50" in t and "mma=0 x mlx: geometric mean 0.50" in t

@@ -1,0 +1,91 @@
+"""Long prompts bounded: a prefill whose work passes one command buffer's budget is planned as several dispatches over
+ranges of query rows, with the command buffer committed after each (flash_sdpa/varlen_planner.h: macOS terminates a
+command buffer that runs longer than the system allows, mlx#3302). Here the budget is scaled down with
+METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS so that small prompts split; a split call must give bit for bit the result of
+the unsplit one (the rows are the same computation, only spread over dispatches), and FlashAttention's rule against
+float64. The 128K-token prompt itself is in the GPU suite (tests/metal_cuda/test_gpu.py::test_prefill_128k).
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from reference import attention_varlen, check_close, check_lse
+
+from msl import cpu as metal_cpu
+
+H, HKV, D = 4, 2, 64
+
+
+@pytest.fixture(scope="module")
+def stats_runtime(kernel):
+    if torch.backends.mps.is_available():
+        pytest.skip("counts the emulator's dispatches")
+    return metal_cpu.Runtime(Path(kernel.__file__).parent / "libmetal_cpu.so")
+
+
+def _varlen_case(lengths_q, lengths_k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(lengths_q), H, D, generator=g).half()
+    k = torch.randn(sum(lengths_k), HKV, D, generator=g).half()
+    v = torch.randn(sum(lengths_k), HKV, D, generator=g).half()
+    cu = [torch.tensor([0] + torch.tensor(x).cumsum(0).tolist(), dtype=torch.int32) for x in (lengths_q, lengths_k)]
+    return q, k, v, cu[0], cu[1]
+
+
+def _run(kernel, stats_runtime, monkeypatch, budget, fn):
+    """fn() under a command-buffer budget of `budget` FLOPs (None: the default); returns (result, varlen dispatches)."""
+    if budget is None:
+        monkeypatch.delenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", raising=False)
+    else:
+        monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", str(budget))
+    stats_runtime.reset_stats()
+    result = fn()
+    return result, sum(s.kernel.startswith("flash_attn_varlen") for s in stats_runtime.stats())
+
+
+@pytest.mark.parametrize("what", ["causal", "window", "noncausal", "understated_max_seqlen_q", "dense"])
+def test_split_prefill_is_the_unsplit_result(kernel, stats_runtime, monkeypatch, what):
+    lengths_q, lengths_k = [200, 131], [200, 170]
+    q, k, v, cu_q, cu_k = _varlen_case(lengths_q, lengths_k)
+    kw = dict(causal=what != "noncausal", window_size=(40, 0) if what == "window" else (-1, -1))
+    max_q = 64 if what == "understated_max_seqlen_q" else max(lengths_q)
+    keys = {"window": 41, "dense": 100}.get(what, 200)  # the most keys a row sees
+    tiles = (max_q + 31) // 32 if what != "dense" else 2  # query tiles in the grid (32 rows each at D = 64)
+    if what == "dense":
+        qd, kd, vd = q[:128].view(2, 64, H, D), k[:200].view(2, 100, HKV, D), v[:200].view(2, 100, HKV, D)
+
+        def call():
+            return kernel.flash_attn_func(qd, kd, vd, causal=True, return_attn_probs=True)[:2]
+    else:
+        def call():
+            return kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max(lengths_k), return_attn_probs=True,
+                                                 **kw)[:2]
+
+    (out, lse), one = _run(kernel, stats_runtime, monkeypatch, None, call)
+    assert one == 1
+    # Below one tile's work: a tile per dispatch, the last one taking every row past the grid (max_seqlen_q only
+    # sizes the launch). Two tiles' work (batch x heads x 32 rows x keys x 4 D FLOPs): fewer, larger dispatches.
+    (out_tiny, lse_tiny), per_tile = _run(kernel, stats_runtime, monkeypatch, 1, call)
+    assert per_tile == tiles and torch.equal(out_tiny, out) and torch.equal(lse_tiny, lse)
+    (out_split, lse_split), several = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * 2 * H * 32 * keys, call)
+    assert 1 <= several < tiles or tiles <= 2, (several, tiles)
+    assert torch.equal(out_split, out) and torch.equal(lse_split, lse)
+    if what != "dense":
+        ref_kw = dict(scale=D**-0.5, causal=kw["causal"], window=kw["window_size"])
+        ref, lse_ref = attention_varlen(q, k, v, cu_q, cu_k, **ref_kw)
+        same, _ = attention_varlen(q, k, v, cu_q, cu_k, dtype=torch.float16, **ref_kw)
+        check_close(out_tiny, ref, same)
+        check_lse(lse_tiny, lse_ref)
+
+
+def test_causal_split_follows_the_work(kernel, stats_runtime, monkeypatch):
+    """Causal rows late in a prompt see more keys: with the same budget, the dispatches hold fewer rows there, so a
+    causal prompt splits into fewer dispatches than the same prompt without the mask."""
+    q, k, v, cu_q, cu_k = _varlen_case([256], [256], seed=1)
+    counts = {}
+    for causal in (True, False):
+        def call():
+            return kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 256, 256, causal=causal)
+        _, counts[causal] = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * H * 32 * 256, call)
+    assert 1 < counts[True] < counts[False], counts
