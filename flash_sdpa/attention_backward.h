@@ -4,13 +4,20 @@
 // softcap, ALiBi, mask), dP = dO V^T and delta = rowsum(dO * O):
 //   dS = P * (dP - delta) * ds'/ds      (ds'/ds = 1 - tanh^2 with softcap, else 1; ALiBi and masks add constants)
 //   dV = P^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   d s_aux[h] = -sum_rows exp(s_aux[h] - lse) * delta.
-// Pass 2 owns key rows (dK, dV in registers, summed over the query heads of the GQA group), pass 3 owns query rows
-// (dQ in registers): each gradient element has one writer and a fixed summation order, so no atomics and the
-// result is bit-identical on repeat. Accumulation is fp32 throughout. Fast math: masking is explicit (a masked
-// pair contributes 0, never exp of a large negative), and a row whose LSE is not finite (no visible key: -inf) has
-// P = 0. A masked pair's operands are selected away, never multiplied by its 0 (0 x NaN is NaN): a NaN in k, v, q or
-// dO where a row cannot see it changes nothing of that row's gradients. Plain per-thread loops and shuffles; no
-// simdgroup_matrix.
+// Pass 2 owns key rows (dK, dV summed over the query heads of the GQA group), pass 3 owns query rows (dQ): each
+// gradient element has one writer and a fixed summation order, so no atomics (older Apple GPUs have no float atomics
+// on threadgroup memory, and device float atomics would make the sums order-dependent) and the result is
+// bit-identical on repeat. Pass 3 recomputes S and dP instead of receiving dS from pass 2: two more 8x8
+// products per pair, the price of no atomics.
+//
+// The products are 8x8 float simdgroup_matrix operations (backward_params.h: row blocks x column slices of the
+// head dim per threadgroup); the elementwise step (P, dS, masks, softcap, ALiBi) runs per element on strips in
+// threadgroup memory, never on a fragment's elements (their lane layout is undocumented). Fast math: masking is
+// explicit (a masked pair's P and dS are selected to 0, never exp of a large negative), and a row whose LSE is not
+// finite (no visible key: -inf, or a NaN row) has P = 0. A product sums over rows (dV = P^T dO and dK = dS^T Q over
+// the staged query rows, dQ = dS K over the staged keys), where a 0 weight times a NaN operand would still be NaN:
+// those staged operands hold 0 for non-finite elements (selected), so a NaN in k, v, q or dO where a row cannot
+// see it changes nothing of that row's gradients.
 #pragma once
 
 #include <metal_stdlib>
@@ -86,16 +93,6 @@ inline bool bwd_row_lse2(uint bits, thread float* lse2) {
   return !flash_sdpa::is_nonfinite(as_type<float>(bits));
 }
 
-// Sums a value over the R lanes of a row (R consecutive lanes, R a power of two <= 32). Two (score, dP) pairs per
-// call: the collectives are the emulator's (and a simdgroup's) fixed cost per step.
-template <int R>
-inline float4 bwd_row_sum(float4 x) {
-  for (ushort m = 1; m < ushort(R); m <<= 1) {
-    x += simd_shuffle_xor(x, m);
-  }
-  return x;
-}
-
 // ---- pass 1: delta = rowsum(dO * O) ---------------------------------------------------------------------------------
 // Grid (row tiles, H, B); threadgroup x takes tiles x, x + grid.x, ... of 32 rows; each simdgroup 8 rows, lanes
 // over the head dim.
@@ -137,10 +134,48 @@ template <typename T>
   }
 }
 
+// Stages rows [r0, r0 + n) of one head (row stride in elements of T) as float [ROWS][D] times scale; rows past n are
+// 0. DROP: a non-finite element is staged as 0 (selected): this operand is summed over rows by a product.
+template <typename T, int ROWS, int D, bool DROP>
+inline void bwd_stage(threadgroup float* dst, const device T* src, long row_stride, int r0, int n, float scale,
+                      uint tid) {
+  for (int idx = int(tid); idx < ROWS * D; idx += flash_sdpa::kBwdThreads) {
+    const int r = idx / D, c = idx % D;
+    const float x = r < n ? float(src[long(r0 + r) * row_stride + c]) : 0.0f;
+    dst[idx] = DROP && flash_sdpa::is_nonfinite(x) ? 0.0f : x * scale;
+  }
+}
+
+// Writes rows [r0, r0 + n) of a staged float [ROWS][D] tile to one head of a gradient, times scale.
+template <typename T, int ROWS, int D>
+inline void bwd_write(device T* dst, long row_stride, threadgroup const float* src, int r0, int n, float scale,
+                      uint tid) {
+  for (int idx = int(tid); idx < ROWS * D; idx += flash_sdpa::kBwdThreads) {
+    const int r = idx / D, c = idx % D;
+    if (r < n) {
+      dst[long(r0 + r) * row_stride + c] = T(src[idx] * scale);
+    }
+  }
+}
+
+// Orders the score strips around the elementwise step. One column slice (CS = 1): a simdgroup's strips are written
+// and read by that simdgroup alone (lanes over its 8 rows), so a simdgroup barrier does, as for the forward's score
+// strips; two threadgroup barriers a staged block fewer. Else the row block's simdgroups add each other's partials.
+template <int CS>
+inline void bwd_strip_barrier() {
+  if (CS == 1) {
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+  } else {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
 // ---- pass 2: dK, dV -------------------------------------------------------------------------------------------------
 // Grid (key tiles, Hkv, B); threadgroup x takes the key tiles x, x + grid.x, ... (max_seqlen_k only sizes the grid).
-// Lanes R t .. R t + R - 1 own key row t of the tile (K, V, dK, dV columns in registers); the query rows that see
-// the tile are staged STAGE at a time, for each query head of the group in turn.
+// Simdgroup s holds K, V, dK, dV of key rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments
+// (rb = s / CS, cs = s % CS); the query rows that see the tile are staged STAGE at a time, for each query head of
+// the group in turn. Per staged block: S^T = K Q^T and dP^T = V dO^T (partials per column slice), then per element
+// P^T and dS^T, then dV += P^T dO and dK += dS^T Q.
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv(
     const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
@@ -153,25 +188,37 @@ template <typename T, int D>
     const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
     constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
     uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]]) {
+    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
-  constexpr int R = flash_sdpa::bwd_lanes_per_row(D);
-  constexpr int CPT = D / R;  // columns per lane
+  constexpr int CS = flash_sdpa::bwd_col_slices(D);
+  constexpr int DS = D / CS;  // columns of a slice
+  constexpr int FB = DS / 8;  // fragments of a slice
   constexpr int BK = flash_sdpa::bwd_tile_rows(D);
   constexpr int STAGE = flash_sdpa::bwd_stage_rows(D);
+  constexpr int NBUF = flash_sdpa::bwd_stage_buffers(D);
+  constexpr int SB = STAGE / 8;  // 8-row blocks of the staged rows
+  static_assert(BK <= NBUF * STAGE && STAGE % 8 == 0 && DS % 8 == 0, "whole 8x8 tiles");
 
-  threadgroup float q_stage[STAGE * D];   // scale * q rows
-  threadgroup float do_stage[STAGE * D];  // dO rows
-  threadgroup float row_lse2[STAGE];      // LSE * log2(e)
+  threadgroup float stage[NBUF * STAGE * D];  // scale * Q rows, then dO rows (NBUF = 1: one after the other)
+  threadgroup float s_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];   // simdgroup s: partial S^T, then (slot 0) P^T
+  threadgroup float dp_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];  // partial dP^T, then (slot 0) dS^T
+  threadgroup float row_lse2[STAGE];                                   // LSE * log2(e) of the staged rows
   threadgroup float row_delta[STAGE];
-  threadgroup int row_lo[STAGE];  // visible keys [lo, hi]; hi = -1 for a row with no finite LSE
+  threadgroup int row_lo[STAGE];  // visible keys [lo, hi]; hi = -1 for a row with no finite LSE or past the rows
   threadgroup int row_hi[STAGE];
 
   const int b = int(tg_pos.z), kvh = int(tg_pos.y);
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int group = p.num_heads / p.num_kv_heads;
-  const int slice = int(tid) % R;
+  const int rb = int(sg) / CS, cs = int(sg) % CS;
+  threadgroup float* q_tile = stage;
+  threadgroup float* do_tile = stage + (NBUF - 1) * STAGE * D;
+  threadgroup float* s_mine = s_strip + int(sg) * 8 * STAGE;
+  threadgroup float* dp_mine = dp_strip + int(sg) * 8 * STAGE;
+  threadgroup float* pt_block = s_strip + rb * CS * 8 * STAGE;    // P^T of this row block (slot 0)
+  threadgroup float* dst_block = dp_strip + rb * CS * 8 * STAGE;  // dS^T of this row block
 
   const device T* k_seq =
       k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
@@ -183,17 +230,24 @@ template <typename T, int D>
       dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
 
   for (int k0 = int(tg_pos.x) * BK; k0 < sk; k0 += int(tg_count.x) * BK) {
-    const int j = k0 + int(tid) / R;
-    const bool j_in = j < sk;
-    float kr[CPT], vr[CPT], dkr[CPT], dvr[CPT];
-    for (int t = 0; t < CPT; ++t) {
-      const int c = slice + R * t;
-      kr[t] = j_in ? float(k_seq[long(j) * p.k_row_stride + c]) : 0.0f;
-      vr[t] = j_in ? float(v_seq[long(j) * p.v_row_stride + c]) : 0.0f;
-      dkr[t] = 0.0f;
-      dvr[t] = 0.0f;
+    const int nk = min(BK, sk - k0);
+    // K and V of this simdgroup's rows and columns, through the staging buffer (rows past the keys: 0).
+    simdgroup_matrix<float, 8, 8> k_frag[FB], v_frag[FB], dk_acc[FB], dv_acc[FB];
+    bwd_stage<T, BK, D, false>(stage, k_seq, p.k_row_stride, k0, nk, 1.0f, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_load(k_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
     }
-    const int2 rows = bwd_visible_queries(k0, min(k0 + BK, sk) - 1, p.opt.window_left, p.opt.window_right, sq, sk);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_stage<T, BK, D, false>(stage, v_seq, p.v_row_stride, k0, nk, 1.0f, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_load(v_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
+      dk_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      dv_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
       const int h = kvh * group + g;
@@ -208,63 +262,115 @@ template <typename T, int D>
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
         const int n = min(STAGE, rows.y + 1 - i0);  // uniform
-        for (int idx = int(tid); idx < n * D; idx += NT) {
-          const int r = idx / D, c = idx % D;
-          q_stage[idx] = float(q_seq[long(i0 + r) * p.q_row_stride + c]) * p.opt.scale;
-          do_stage[idx] = float(do_seq[long(i0 + r) * p.do_row_stride + c]);
+        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, p.opt.scale, tid);
+        if (NBUF == 2) {
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, 1.0f, tid);
         }
-        for (int r = int(tid); r < n; r += NT) {
-          const int i = i0 + r;
-          float lse2;
-          const bool active = bwd_row_lse2(lse_seq[i], &lse2);
-          const int2 keys = flash_sdpa::visible_keys(i + offset, p.opt, sk);
+        for (int r = int(tid); r < STAGE; r += NT) {
+          float lse2 = 0.0f;
+          const bool active = r < n && bwd_row_lse2(lse_seq[i0 + r], &lse2);
+          const int2 keys = flash_sdpa::visible_keys(i0 + r + offset, p.opt, sk);
           row_lse2[r] = active ? lse2 : 0.0f;
-          row_delta[r] = active ? delta_seq[i] : 0.0f;
+          row_delta[r] = active ? delta_seq[i0 + r] : 0.0f;
           row_lo[r] = keys.x;
           row_hi[r] = active ? keys.y : -1;
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
-        for (int r = 0; r < n; r += 2) {  // staged rows r and r1 = r + 1 (r1 = r, weight 0, past the end)
-          const bool two = r + 1 < n;     // uniform
-          const int r1 = two ? r + 1 : r;
-          float4 acc = float4(0.0f);  // (s, dP) of row r, then of row r1
-          for (int t = 0; t < CPT; ++t) {
-            const int c = slice + R * t;
-            acc += float4(q_stage[r * D + c] * kr[t], do_stage[r * D + c] * vr[t], q_stage[r1 * D + c] * kr[t],
-                          do_stage[r1 * D + c] * vr[t]);
+        // Partial S^T = K Q^T over this simdgroup's columns (Q blocks loaded transposed); dP^T = V dO^T likewise.
+        for (int qb = 0; qb < SB; ++qb) {
+          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+          for (int f = 0; f < FB; ++f) {
+            simdgroup_matrix<float, 8, 8> qt;
+            simdgroup_load(qt, q_tile + qb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
+            simdgroup_multiply_accumulate(acc, k_frag[f], qt, acc);
           }
-          acc = bwd_row_sum<R>(acc);
-          const bool vis = j >= row_lo[r] && j <= row_hi[r];
-          const bool vis1 = two && j >= row_lo[r1] && j <= row_hi[r1];
-          const float2 a = bwd_p_ds(acc.xy, p.opt.softcap, slope, i0 + r + offset - j, vis, row_lse2[r], row_delta[r]);
-          const float2 b1 =
-              bwd_p_ds(acc.zw, p.opt.softcap, slope, i0 + r1 + offset - j, vis1, row_lse2[r1], row_delta[r1]);
-          for (int t = 0; t < CPT; ++t) {
-            const int c = slice + R * t;
-            const float do0 = vis ? do_stage[r * D + c] : 0.0f, do1 = vis1 ? do_stage[r1 * D + c] : 0.0f;
-            const float q0v = vis ? q_stage[r * D + c] : 0.0f, q1v = vis1 ? q_stage[r1 * D + c] : 0.0f;
-            dvr[t] += a.x * do0 + b1.x * do1;
-            dkr[t] += a.y * q0v + b1.y * q1v;  // q carries the scale: dK = scale dS^T Q
+          simdgroup_store(acc, s_mine + qb * 8, STAGE);
+        }
+        if (NBUF == 1) {  // dO replaces Q in the buffer
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, 1.0f, tid);
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        for (int qb = 0; qb < SB; ++qb) {
+          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+          for (int f = 0; f < FB; ++f) {
+            simdgroup_matrix<float, 8, 8> dot;
+            simdgroup_load(dot, do_tile + qb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
+            simdgroup_multiply_accumulate(acc, v_frag[f], dot, acc);
+          }
+          simdgroup_store(acc, dp_mine + qb * 8, STAGE);
+        }
+        bwd_strip_barrier<CS>();
+
+        // Per element (key row, staged query c): the CS partials summed in slice order, then P^T and dS^T into the
+        // row block's first strips (CS = 1: each simdgroup its own rows).
+        for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BK * STAGE);
+             e += CS == 1 ? 32 : NT) {
+          const int row = e / STAGE, c = e % STAGE;
+          const int first = ((row / 8) * CS * 8 + row % 8) * STAGE + c;
+          float2 s_dp = float2(0.0f);
+          for (int w = 0; w < CS; ++w) {
+            s_dp += float2(s_strip[first + w * 8 * STAGE], dp_strip[first + w * 8 * STAGE]);
+          }
+          const int j = k0 + row;
+          const bool vis = j >= row_lo[c] && j <= row_hi[c];
+          const float2 pds = bwd_p_ds(s_dp, p.opt.softcap, slope, i0 + c + offset - j, vis, row_lse2[c], row_delta[c]);
+          s_strip[first] = pds.x;
+          dp_strip[first] = pds.y;
+        }
+        bwd_strip_barrier<CS>();
+
+        // dV += P^T dO, dK += dS^T (scale Q) over this simdgroup's columns.
+        simdgroup_matrix<float, 8, 8> pt[SB], dst[SB];
+        for (int qb = 0; qb < SB; ++qb) {
+          simdgroup_load(pt[qb], pt_block + qb * 8, STAGE);
+          simdgroup_load(dst[qb], dst_block + qb * 8, STAGE);
+        }
+        for (int f = 0; f < FB; ++f) {
+          for (int qb = 0; qb < SB; ++qb) {
+            simdgroup_matrix<float, 8, 8> ob;
+            simdgroup_load(ob, do_tile + qb * 8 * D + cs * DS + f * 8, D);
+            simdgroup_multiply_accumulate(dv_acc[f], pt[qb], ob, dv_acc[f]);
+          }
+        }
+        if (NBUF == 1) {  // Q again, in place of dO
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, p.opt.scale, tid);
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        for (int f = 0; f < FB; ++f) {
+          for (int qb = 0; qb < SB; ++qb) {
+            simdgroup_matrix<float, 8, 8> qblk;
+            simdgroup_load(qblk, q_tile + qb * 8 * D + cs * DS + f * 8, D);
+            simdgroup_multiply_accumulate(dk_acc[f], dst[qb], qblk, dk_acc[f]);
           }
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
     }
 
-    if (j_in) {
-      for (int t = 0; t < CPT; ++t) {
-        const int c = slice + R * t;
-        dk_seq[long(j) * p.dk_row_stride + c] = T(dkr[t]);
-        dv_seq[long(j) * p.dv_row_stride + c] = T(dvr[t]);
-      }
+    // dK, then dV, through the staging buffer.
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_store(dk_acc[f], stage + rb * 8 * D + cs * DS + f * 8, D);
     }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_write<T, BK, D>(dk_seq, p.dk_row_stride, stage, k0, nk, 1.0f, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_store(dv_acc[f], stage + rb * 8 * D + cs * DS + f * 8, D);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_write<T, BK, D>(dv_seq, p.dv_row_stride, stage, k0, nk, 1.0f, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 }
 
 // ---- pass 3: dQ (and d s_aux) ---------------------------------------------------------------------------------------
-// Grid (query tiles, H, B); threadgroup x takes the query tiles x, x + grid.x, ... Lanes R t .. R t + R - 1 own
-// query row t of the tile (q, dO, dQ columns in registers); the keys the tile sees are staged STAGE at a time.
+// Grid (query tiles, H, B); threadgroup x takes the query tiles x, x + grid.x, ... Simdgroup s holds scale Q, dO and
+// dQ of query rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments; the keys the tile sees are staged
+// STAGE at a time. Per staged block: S = Q K^T and dP = dO V^T (partials per column slice), then per element dS,
+// then dQ += dS K.
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dq(
     const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
@@ -282,20 +388,34 @@ template <typename T, int D>
     uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
-  constexpr int R = flash_sdpa::bwd_lanes_per_row(D);
-  constexpr int CPT = D / R;
+  constexpr int CS = flash_sdpa::bwd_col_slices(D);
+  constexpr int DS = D / CS;
+  constexpr int FB = DS / 8;
   constexpr int BQ = flash_sdpa::bwd_tile_rows(D);
   constexpr int STAGE = flash_sdpa::bwd_stage_rows(D);
+  constexpr int NBUF = flash_sdpa::bwd_stage_buffers(D);
+  constexpr int SB = STAGE / 8;
+  static_assert(BQ <= NBUF * STAGE && STAGE % 8 == 0 && DS % 8 == 0, "whole 8x8 tiles");
 
-  threadgroup float k_stage[STAGE * D];
-  threadgroup float v_stage[STAGE * D];
+  threadgroup float stage[NBUF * STAGE * D];  // K rows, then V rows (NBUF = 1: V first, then K in its place)
+  threadgroup float s_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];   // simdgroup s: partial S
+  threadgroup float dp_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];  // partial dP, then (slot 0) dS
+  threadgroup float tile_lse2[BQ];                                     // per query row of the tile
+  threadgroup float tile_delta[BQ];
+  threadgroup int tile_lo[BQ];
+  threadgroup int tile_hi[BQ];  // -1: no finite LSE or past the rows
   threadgroup float sink_partial[flash_sdpa::kBwdSimdgroups];
 
   const int b = int(tg_pos.z), h = int(tg_pos.y);
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int kvh = h / (p.num_heads / p.num_kv_heads);
-  const int slice = int(tid) % R;
+  const int rb = int(sg) / CS, cs = int(sg) % CS;
+  threadgroup float* k_tile = stage;
+  threadgroup float* v_tile = stage + (NBUF - 1) * STAGE * D;
+  threadgroup float* s_mine = s_strip + int(sg) * 8 * STAGE;
+  threadgroup float* dp_mine = dp_strip + int(sg) * 8 * STAGE;
+  threadgroup float* ds_block = dp_strip + rb * CS * 8 * STAGE;  // dS of this row block (slot 0)
 
   const device T* q_seq =
       q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
@@ -312,62 +432,115 @@ template <typename T, int D>
   const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
 
   for (int q0 = int(tg_pos.x) * BQ; q0 < sq; q0 += int(tg_count.x) * BQ) {
-    const int i = q0 + int(tid) / R;
-    const bool i_in = i < sq;
-    float lse2 = 0.0f;
-    const bool active = i_in && bwd_row_lse2(lse_seq[i], &lse2);
-    const float row_delta = active ? delta_seq[i] : 0.0f;
-    const int2 keys_i = flash_sdpa::visible_keys(i + offset, p.opt, sk);
-    const int lo_i = keys_i.x, hi_i = active ? keys_i.y : -1;
-    float qr[CPT], dor[CPT], dqr[CPT];
-    for (int t = 0; t < CPT; ++t) {
-      const int c = slice + R * t;
-      qr[t] = i_in ? float(q_seq[long(i) * p.q_row_stride + c]) * p.opt.scale : 0.0f;
-      dor[t] = i_in ? float(do_seq[long(i) * p.do_row_stride + c]) : 0.0f;
-      dqr[t] = 0.0f;
+    const int nq = min(BQ, sq - q0);
+    // scale Q and dO of this simdgroup's rows and columns, through the staging buffer (rows past the queries: 0).
+    simdgroup_matrix<float, 8, 8> q_frag[FB], do_frag[FB], dq_acc[FB];
+    bwd_stage<T, BQ, D, false>(stage, q_seq, p.q_row_stride, q0, nq, p.opt.scale, tid);
+    for (int r = int(tid); r < BQ; r += NT) {
+      const int i = q0 + r;
+      float lse2 = 0.0f;
+      const bool active = r < nq && bwd_row_lse2(lse_seq[i], &lse2);
+      const int2 keys = flash_sdpa::visible_keys(i + offset, p.opt, sk);
+      tile_lse2[r] = active ? lse2 : 0.0f;
+      tile_delta[r] = active ? delta_seq[i] : 0.0f;
+      tile_lo[r] = keys.x;
+      tile_hi[r] = active ? keys.y : -1;
     }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_load(q_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_stage<T, BQ, D, false>(stage, do_seq, p.do_row_stride, q0, nq, 1.0f, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_load(do_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
+      dq_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
-    const int last_row = min(q0 + BQ, sq) - 1;
     const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;
-    const int kv_end = flash_sdpa::visible_keys(last_row + offset, p.opt, sk).y + 1;
+    const int kv_end = flash_sdpa::visible_keys(q0 + nq - 1 + offset, p.opt, sk).y + 1;
     for (int j0 = kv_begin; j0 < kv_end; j0 += STAGE) {
       const int n = min(STAGE, kv_end - j0);
-      for (int idx = int(tid); idx < n * D; idx += NT) {
-        const int r = idx / D, c = idx % D;
-        k_stage[idx] = float(k_seq[long(j0 + r) * p.k_row_stride + c]);
-        v_stage[idx] = float(v_seq[long(j0 + r) * p.v_row_stride + c]);
+      // V is only read per (row, key) pair (dP); K is summed over keys by dS K: its non-finite elements are dropped.
+      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, 1.0f, tid);
+      if (NBUF == 1) {  // dP first, then K replaces V
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (int kb = 0; kb < SB; ++kb) {
+          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+          for (int f = 0; f < FB; ++f) {
+            simdgroup_matrix<float, 8, 8> vt;
+            simdgroup_load(vt, v_tile + kb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
+            simdgroup_multiply_accumulate(acc, do_frag[f], vt, acc);
+          }
+          simdgroup_store(acc, dp_mine + kb * 8, STAGE);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
       }
+      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, 1.0f, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
-      for (int r = 0; r < n; r += 2) {  // staged keys r and r1 = r + 1 (r1 = r, weight 0, past the end)
-        const bool two = r + 1 < n;     // uniform
-        const int r1 = two ? r + 1 : r;
-        const int j = j0 + r, j1 = j0 + r1;
-        float4 acc = float4(0.0f);  // (s, dP) of key r, then of key r1
-        for (int t = 0; t < CPT; ++t) {
-          const int c = slice + R * t;
-          acc += float4(qr[t] * k_stage[r * D + c], dor[t] * v_stage[r * D + c], qr[t] * k_stage[r1 * D + c],
-                        dor[t] * v_stage[r1 * D + c]);
+      // Partial S = (scale Q) K^T and dP = dO V^T over this simdgroup's columns (K, V blocks loaded transposed).
+      for (int kb = 0; kb < SB; ++kb) {
+        simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        for (int f = 0; f < FB; ++f) {
+          simdgroup_matrix<float, 8, 8> kt;
+          simdgroup_load(kt, k_tile + kb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
+          simdgroup_multiply_accumulate(acc, q_frag[f], kt, acc);
         }
-        acc = bwd_row_sum<R>(acc);
-        const bool vis = j >= lo_i && j <= hi_i, vis1 = two && j1 >= lo_i && j1 <= hi_i;
-        const float ds = bwd_p_ds(acc.xy, p.opt.softcap, slope, i + offset - j, vis, lse2, row_delta).y;
-        const float ds1 = bwd_p_ds(acc.zw, p.opt.softcap, slope, i + offset - j1, vis1, lse2, row_delta).y;
-        for (int t = 0; t < CPT; ++t) {
-          const int c = slice + R * t;
-          const float k0v = vis ? k_stage[r * D + c] : 0.0f, k1v = vis1 ? k_stage[r1 * D + c] : 0.0f;
-          dqr[t] += ds * k0v + ds1 * k1v;  // dQ = scale dS K (scale at the store)
+        simdgroup_store(acc, s_mine + kb * 8, STAGE);
+      }
+      if (NBUF == 2) {
+        for (int kb = 0; kb < SB; ++kb) {
+          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+          for (int f = 0; f < FB; ++f) {
+            simdgroup_matrix<float, 8, 8> vt;
+            simdgroup_load(vt, v_tile + kb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
+            simdgroup_multiply_accumulate(acc, do_frag[f], vt, acc);
+          }
+          simdgroup_store(acc, dp_mine + kb * 8, STAGE);
+        }
+      }
+      bwd_strip_barrier<CS>();
+
+      // Per element (query row, staged key c): the CS partials summed in slice order, then dS into the row block's
+      // first strip (CS = 1: each simdgroup its own rows).
+      for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BQ * STAGE);
+           e += CS == 1 ? 32 : NT) {
+        const int row = e / STAGE, c = e % STAGE;
+        const int first = ((row / 8) * CS * 8 + row % 8) * STAGE + c;
+        float2 s_dp = float2(0.0f);
+        for (int w = 0; w < CS; ++w) {
+          s_dp += float2(s_strip[first + w * 8 * STAGE], dp_strip[first + w * 8 * STAGE]);
+        }
+        const int j = j0 + c;
+        const bool vis = j >= tile_lo[row] && j <= tile_hi[row];
+        dp_strip[first] =
+            bwd_p_ds(s_dp, p.opt.softcap, slope, q0 + row + offset - j, vis, tile_lse2[row], tile_delta[row]).y;
+      }
+      bwd_strip_barrier<CS>();
+
+      // dQ += dS K over this simdgroup's columns (scale at the store).
+      for (int kb = 0; kb < SB; ++kb) {
+        simdgroup_matrix<float, 8, 8> ds;
+        simdgroup_load(ds, ds_block + kb * 8, STAGE);
+        for (int f = 0; f < FB; ++f) {
+          simdgroup_matrix<float, 8, 8> kblk;
+          simdgroup_load(kblk, k_tile + kb * 8 * D + cs * DS + f * 8, D);
+          simdgroup_multiply_accumulate(dq_acc[f], ds, kblk, dq_acc[f]);
         }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
-    if (i_in) {
-      for (int t = 0; t < CPT; ++t) {
-        dq_seq[long(i) * p.dq_row_stride + slice + R * t] = T(dqr[t] * p.opt.scale);
-      }
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_store(dq_acc[f], stage + rb * 8 * D + cs * DS + f * 8, D);
     }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_write<T, BQ, D>(dq_seq, p.dq_row_stride, stage, q0, nq, p.opt.scale, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one

@@ -35,41 +35,53 @@ namespace flash_sdpa {
 
 #define FLASH_SDPA_BWD_THREADS 128
 
-// Thread layout of passes 2 and 3: R consecutive lanes share one key row (pass 2) or one query row (pass 3), each
-// holding D / R columns (c = lane % R + R * t) of that row and of its gradient in registers; a dot product over D
-// is a partial sum per lane plus log2(R) shuffles. R is the smallest power of two with D / R <= 16 (at most 64
-// floats of row state per thread). The other operand (query rows in pass 2, key rows in pass 3) is staged through
-// threadgroup memory as float, STAGE rows at a time (two D-float rows each plus per-row scalars).
+// Tile layout of passes 2 and 3: 8x8 float simdgroup_matrix products, fp32 accumulation. The 4 simdgroups of a
+// threadgroup are RB row blocks x CS column slices (RB * CS = 4): simdgroup s owns rows [8 (s / CS), + 8) of the
+// tile (key rows in pass 2, query rows in pass 3) and head-dim columns [(s % CS) DS, + DS), DS = D / CS, of the
+// tile's operands and gradients, in registers (pass 2: K, V, dK, dV; pass 3: Q, dO, dQ): 4 x DS / 8 fragments, DS
+// floats a lane: at most 80 up to D = 128, 96 / 128 at D = 192 / 256 and 128 at 512 (the forward's D = 256 budget:
+// Apple GPUs spill rather than lower occupancy, so wider slices would spill). The other operand (query rows in pass 2,
+// key rows in pass 3) is staged through threadgroup memory as float, STAGE rows at a time; each simdgroup's partial
+// scores over its columns go to an [8][STAGE] strip, and the threadgroup adds the CS strips of a row block.
 FSDPA_CONSTANT fsdpa_i32 kBwdThreads = FLASH_SDPA_BWD_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kBwdSimdgroups = FLASH_SDPA_BWD_THREADS / 32;
 FSDPA_CONSTANT fsdpa_i32 kBwdDeltaRows = 32;  // rows per pass-1 tile (8 per simdgroup)
 FSDPA_CONSTANT fsdpa_i32 kBwdMaxThreadgroupBytes = 32768;
 
-constexpr fsdpa_i32 bwd_lanes_per_row(fsdpa_i32 head_dim) {
-  return head_dim <= 32 ? 2 : head_dim <= 64 ? 4 : head_dim <= 128 ? 8 : 16;
-}
+// Column slices CS of the head dim. Fewer slices, taller tiles: each staged row serves 8 x 4 / CS tile rows, so
+// D = 192 / 256 take 16-row tiles (2 slices) rather than 8 (4): half the staged traffic and barriers per product.
+constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim) { return head_dim <= 80 ? 1 : head_dim <= 256 ? 2 : 4; }
 
-// Rows of a pass-2 / pass-3 tile (keys / queries): one row per R lanes.
-constexpr fsdpa_i32 bwd_tile_rows(fsdpa_i32 head_dim) { return kBwdThreads / bwd_lanes_per_row(head_dim); }
+// Rows of a pass-2 / pass-3 tile (keys / queries): 8 per row block.
+constexpr fsdpa_i32 bwd_tile_rows(fsdpa_i32 head_dim) { return 8 * (kBwdSimdgroups / bwd_col_slices(head_dim)); }
 
-constexpr fsdpa_i32 bwd_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 stage_rows) {
-  return 4 * (2 * stage_rows * head_dim + 4 * stage_rows + kBwdSimdgroups);
+// Staged rows (buffers = 2: the two staged operands side by side; 1: one after the other, D = 512), the S and dP
+// strips of every simdgroup, per-row scalars of the staged rows and of the tile, and the d s_aux partials.
+constexpr fsdpa_i32 bwd_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 stage_rows, fsdpa_i32 buffers) {
+  return 4 * (buffers * stage_rows * head_dim + 2 * kBwdSimdgroups * 8 * stage_rows +
+              4 * (stage_rows + bwd_tile_rows(head_dim)) + kBwdSimdgroups);
 }
 
 constexpr fsdpa_i32 bwd_stage_rows(fsdpa_i32 head_dim) {
-  return bwd_threadgroup_bytes(head_dim, 32) <= kBwdMaxThreadgroupBytes   ? 32
-         : bwd_threadgroup_bytes(head_dim, 16) <= kBwdMaxThreadgroupBytes ? 16
-                                                                          : 8;
+  return bwd_threadgroup_bytes(head_dim, 32, 2) <= kBwdMaxThreadgroupBytes   ? 32
+         : bwd_threadgroup_bytes(head_dim, 16, 2) <= kBwdMaxThreadgroupBytes ? 16
+                                                                             : 8;
 }
 
-#define FLASH_SDPA_CHECK_BWD_HEAD_DIM(a, b, D)                                            \
-  static_assert((D) % bwd_lanes_per_row(D) == 0 && (D) / bwd_lanes_per_row(D) <= 16,      \
-                "head dim " #D ": whole columns per lane, at most 16");                   \
-  static_assert(bwd_lanes_per_row(D) <= 32 && 32 % bwd_lanes_per_row(D) == 0,             \
-                "a row's lanes lie in one simdgroup (shuffle_xor reduction)");            \
-  static_assert(bwd_threadgroup_bytes((D), bwd_stage_rows(D)) <= kBwdMaxThreadgroupBytes, \
+constexpr fsdpa_i32 bwd_stage_buffers(fsdpa_i32 head_dim) {
+  return bwd_threadgroup_bytes(head_dim, bwd_stage_rows(head_dim), 2) <= kBwdMaxThreadgroupBytes ? 2 : 1;
+}
+
+// Every head dim of the forward, the wide ones included: the backward has one kernel for all.
+#define FLASH_SDPA_BWD_HEAD_DIMS(Y, a, b) FLASH_SDPA_VARLEN_HEAD_DIMS(Y, a, b) FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(Y, a, b)
+
+#define FLASH_SDPA_CHECK_BWD_HEAD_DIM(a, b, D)                                                                     \
+  static_assert((D) % (8 * bwd_col_slices(D)) == 0, "head dim " #D ": whole 8-column fragments per column slice"); \
+  static_assert(bwd_tile_rows(D) <= bwd_stage_buffers(D) * bwd_stage_rows(D),                                      \
+                "the tile's rows are loaded and written through the staging buffer");                              \
+  static_assert(bwd_threadgroup_bytes((D), bwd_stage_rows(D), bwd_stage_buffers(D)) <= kBwdMaxThreadgroupBytes,    \
                 "the backward's staged rows of head dim " #D " do not fit in 32 KB of threadgroup memory");
-FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_BWD_HEAD_DIM, _, _)
+FLASH_SDPA_BWD_HEAD_DIMS(FLASH_SDPA_CHECK_BWD_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_BWD_HEAD_DIM
 
 // Element (i, d) of head h of sequence b of x in {q, k, v, o (out), do (dout), dq, dk, dv} lives at

@@ -19,7 +19,7 @@ std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t
 
 const std::vector<int64_t>& backward_head_dims() {
 #define FLASH_SDPA_BWD_HEAD_DIM_ENTRY(a, b, D) D,
-  static const std::vector<int64_t> dims{FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_BWD_HEAD_DIM_ENTRY, _, _)};
+  static const std::vector<int64_t> dims{FLASH_SDPA_BWD_HEAD_DIMS(FLASH_SDPA_BWD_HEAD_DIM_ENTRY, _, _)};
 #undef FLASH_SDPA_BWD_HEAD_DIM_ENTRY
   return dims;
 }

@@ -33,7 +33,7 @@ struct AttentionBackward {
 // "flash_attn_bwd_delta_<dtype>" (pass = "delta"), "flash_attn_bwd_<dkdv|dq>_<dtype>_d<head_dim>".
 std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim);
 
-// The head dims the backward is instantiated for: the forward's FLASH_SDPA_VARLEN_HEAD_DIMS (not the wide ones).
+// The head dims the backward is instantiated for: every head dim of the forward (FLASH_SDPA_BWD_HEAD_DIMS).
 const std::vector<int64_t>& backward_head_dims();
 bool backward_supports(at::ScalarType dtype, int64_t head_dim);
 

@@ -11,7 +11,7 @@ import itertools
 import pytest
 import reference as ref
 import torch
-from test_varlen import DTYPES, HEAD_DIMS, HEADS, LAYOUTS, WINDOWS, extras, make_inputs
+from test_varlen import DTYPES, HEAD_DIMS, HEADS, LAYOUTS, WIDE_HEAD_DIMS, WINDOWS, extras, make_inputs
 
 FEATURES = [
     dict(causal=True),
@@ -104,10 +104,20 @@ def ci_if(cond, *values):
 
 
 @pytest.mark.parametrize("dtype,head_dim", [ci_if(i % 3 == j, dtype, head_dim) for (i, head_dim), (j, dtype)
-                                            in itertools.product(enumerate(HEAD_DIMS), enumerate(DTYPES))],
+                                            in itertools.product(enumerate(HEAD_DIMS + WIDE_HEAD_DIMS),
+                                                                 enumerate(DTYPES))],
                          ids=lambda x: str(x))
 def test_dtype_head_dim(kernel, device, dtype, head_dim):
     run_varlen_backward(kernel, device, dtype, head_dim, "gqa", ([5, 37], [9, 37], 0), causal=True)
+
+
+# Tile shapes (backward_params.h): key / query tile rows 32 (D <= 80), 16 (96 to 256), 8 (512); staged rows 32, 16,
+# 8. Lengths one past and one short of those multiples, several tiles per sequence, the diagonal crossing tiles.
+@pytest.mark.parametrize("head_dim", [ci_if(d == 128, d) for d in (64, 128, 256, 512)])
+def test_tile_boundaries(kernel, device, head_dim):
+    layout = ([33, 15, 9], [31, 17, 40], 0)
+    for feature in (dict(causal=True), dict(window=(9, 2), softcap=2.0, sinks=True, alibi=True)):
+        run_varlen_backward(kernel, device, torch.float16, head_dim, "gqa", layout, **feature)
 
 
 @pytest.mark.parametrize("feature", FEATURES, ids=feature_id)
@@ -115,6 +125,12 @@ def test_dtype_head_dim(kernel, device, dtype, head_dim):
 def test_features(kernel, device, feature, heads):
     run_varlen_backward(kernel, device, torch.float16, 64, heads, "sq<sk", **feature)
     run_varlen_backward(kernel, device, torch.bfloat16, 128, heads, "sq>sk", **feature)
+
+
+@pytest.mark.parametrize("feature", [ci_if(f == FEATURES[-1], f) for f in FEATURES], ids=feature_id)
+def test_features_d512(kernel, device, feature):
+    # Head dim 512 (Gemma's global layers): 8-row tiles, one staging buffer for the two staged operands in turn.
+    run_varlen_backward(kernel, device, torch.bfloat16, 512, "gqa", ([7, 12], [12, 10], 0), **feature)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -221,9 +237,9 @@ def test_dense_features(kernel, device, feature):
 # --- Determinism, schedules and races, memory. -----------------------------------------------------------------
 
 
-def _all_grads(kernel, device, dtype=torch.float16):
+def _all_grads(kernel, device, dtype=torch.float16, head_dim=64):
     lq, lk = [37, 5, 60], [41, 9, 60]
-    q, k, v, cu_q, cu_k = make_inputs(lq, lk, 6, 2, 64, dtype, device)
+    q, k, v, cu_q, cu_k = make_inputs(lq, lk, 6, 2, head_dim, dtype, device)
     _, s_aux = extras(6, False, True, device)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
     ql, kl, vl, sl = leaf(q), leaf(k), leaf(v), leaf(s_aux)
@@ -233,12 +249,12 @@ def _all_grads(kernel, device, dtype=torch.float16):
     return ql.grad, kl.grad, vl.grad, sl.grad
 
 
-@pytest.mark.kernels_ci
-def test_deterministic(kernel, device):
+@pytest.mark.parametrize("head_dim", [ci_if(d == 64, d) for d in (64, 512)])
+def test_deterministic(kernel, device, head_dim):
     # No atomics: the gradients are bit-identical on repeat (deterministic=True costs nothing: it is the only mode).
-    first = _all_grads(kernel, device)
+    first = _all_grads(kernel, device, head_dim=head_dim)
     for _ in range(2):
-        for a, b in zip(first, _all_grads(kernel, device)):
+        for a, b in zip(first, _all_grads(kernel, device, head_dim=head_dim)):
             assert torch.equal(a, b)
 
 

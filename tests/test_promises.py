@@ -199,11 +199,13 @@ def test_nan_in_a_paged_cache_where_a_row_cannot_see_it(kernel, device, emulator
 # ---- 3. Backward: a NaN a row cannot see changes nothing of its gradients --------------------------------------------
 
 
+@pytest.mark.parametrize("D", [64, 512])
 @pytest.mark.parametrize("what", ["k", "v", "q", "dout"])
-def test_backward_nan_where_a_row_cannot_see_it(kernel, device, what):
+def test_backward_nan_where_a_row_cannot_see_it(kernel, device, what, D):
     """Causal, 40 rows: NaN in k / v at key 35 (rows 0..34 cannot see it: their dq must be clean), or in q / dO at
-    row 2 (keys 3.. are invisible to it: their dk, dv must be clean)."""
-    q, k, v, cu_q, _ = make_inputs([40], [40], 4, 2, 64, torch.float32, device)
+    row 2 (keys 3.. are invisible to it: their dk, dv must be clean). The 8x8 products sum over staged rows, where
+    a 0 weight times NaN would still be NaN: D = 64 (one buffer per staged operand) and 512 (one shared buffer)."""
+    q, k, v, cu_q, _ = make_inputs([40], [40], 4, 2, D, torch.float32, device)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(device)
     bad = {"k": k, "v": v, "q": q, "dout": dout}
     row = 35 if what in ("k", "v") else 2
@@ -215,7 +217,7 @@ def test_backward_nan_where_a_row_cannot_see_it(kernel, device, what):
     c = cu_q.tolist()
 
     def fn(dt):
-        return lambda q, k, v: ref.attention_varlen(q, k, v, c, c, scale=64**-0.5, causal=True, dtype=dt)[0]
+        return lambda q, k, v: ref.attention_varlen(q, k, v, c, c, scale=D**-0.5, causal=True, dtype=dt)[0]
 
     _, g_ref = reference_grads(fn(torch.float64), (q, k, v), dout, torch.float64)  # the clean inputs
     _, g_pt = reference_grads(fn(torch.float32), (q, k, v), dout, torch.float32)

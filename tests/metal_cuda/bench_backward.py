@@ -1,0 +1,189 @@
+"""Backward benchmark on an NVIDIA GPU (a proxy, not Apple timings): issue 22's table. Per row: our forward (the
+varlen kernel in dense mode), our backward (the planner's three dispatches), their ratio; torch's own flash forward and
+backward (SDPA, flash backend; memory-efficient where flash does not take the head dim) and their ratio; our ratio /
+theirs (the figure that carries to Apple: the issue asks for <= 1.25); peak scratch bytes of each backward.
+
+    python3 -m tests.metal_cuda.bench_backward [--quick] [--S 1024,4096] [--D 64,128] [--json PATH]
+
+Grid: causal and not, S = 1024, 4096, 16384, H/Hkv = 16/4 and 32/32, D = 64, 128, 256 (512 at S <= 4096), fp16 and
+bf16, B = 1. Timing: CUDA events, median of a few calls after a warm-up (fewer calls for slow rows). A correctness
+check per row: ours against torch's backward in the same dtype (relative L2 of dq, dk, dv; the float64 check is
+test_gpu.py's). Our scratch is the delta buffer (B x H x S floats; the planner allocates nothing else); torch's is its
+peak allocation during the backward beyond the gradients it returns.
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from msl.cuda import launch
+
+from . import gpu_common as gc
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # older torch: no backend selection, SDPA picks
+    SDPBackend = sdpa_kernel = None
+
+
+def grid(quick: bool):
+    for causal in (True, False):
+        for S in (1024, 4096, 16384):
+            for H, Hkv in ((16, 4), (32, 32)):
+                for D in (64, 128, 256, 512):
+                    if D == 512 and S > 4096:
+                        continue
+                    for dtype in (torch.float16, torch.bfloat16):
+                        if quick and (S > 4096 or dtype == torch.bfloat16 or (H, Hkv) == (32, 32)):
+                            continue
+                        yield causal, S, H, Hkv, D, dtype
+
+
+def median_us(fn, budget_ms: float = 2000.0) -> float:
+    """Median microseconds per call: one warm-up, then up to 10 calls within about budget_ms."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    while len(times) < 10 and (len(times) < 3 or sum(times) / 1e3 < budget_ms):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    return statistics.median(times)
+
+
+def ours(q, k, v, dout, scale, causal):
+    """Prepared forward and backward plans; returns (forward fn, backward fn, (dq, dk, dv), scratch bytes)."""
+    B, S, H, D = q.shape
+    right = 0 if causal else -1
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, S, device="cuda")
+    fwd = launch.prepare_plan(gc.libraries(), gc.planner().plan_varlen(q, k, v, out, lse, None, None, None, None, S,
+                                                                       scale, 0.0, -1, right))
+    for p in fwd:
+        p.launch()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta, dsinks = torch.empty_like(lse), torch.empty(0, device="cuda")
+    bwd = launch.prepare_plan(gc.libraries(), gc.planner().plan_backward(dout, q, k, v, out, lse, delta, dq, dk, dv,
+                                                                         dsinks, None, None, None, None, S, S, scale,
+                                                                         0.0, -1, right))
+
+    def run(plan):
+        def fn():
+            for p in plan:
+                p.launch()
+        return fn
+    return run(fwd), run(bwd), (dq, dk, dv), delta.numel() * delta.element_size()
+
+
+def theirs(q, k, v, dout, scale, causal):
+    """torch SDPA forward and backward on [B, H, S, D] (K/V expanded to H heads when flash lacks GQA); returns
+    (forward fn, backward fn, grads fn, backend name) or None when no fused backend takes the shape."""
+    group = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2).detach().requires_grad_()
+    kt = k.transpose(1, 2).repeat_interleave(group, 1).detach().requires_grad_()
+    vt = v.transpose(1, 2).repeat_interleave(group, 1).detach().requires_grad_()
+    dot = dout.transpose(1, 2)
+    for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        backend = getattr(SDPBackend, name) if SDPBackend is not None else None
+
+        def fwd(backend=backend):
+            if backend is None:
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+        try:
+            out = fwd()
+            grads = torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True)
+        except RuntimeError:
+            continue
+        del grads
+
+        def bwd(out=out):
+            return torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True)
+
+        def grads_gqa(bwd=bwd):  # dk, dv summed over each KV head's group, as ours
+            gq, gk, gv = bwd()
+            B, H, S, D = gk.shape
+            sum_group = lambda g: g.view(B, H // group, group, S, D).sum(2).transpose(1, 2)  # noqa: E731
+            return gq.transpose(1, 2), sum_group(gk), sum_group(gv)
+        return fwd, bwd, grads_gqa, name.lower()
+    return None
+
+
+def rel_l2(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def bench_row(causal, S, H, Hkv, D, dtype):
+    g = torch.Generator(device="cuda").manual_seed(S + D)
+    q, dout = (torch.randn(1, S, H, D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    k, v = (torch.randn(1, S, Hkv, D, generator=g, device="cuda").to(dtype) for _ in range(2))
+    scale = D ** -0.5
+    row = dict(causal=causal, S=S, H=H, Hkv=Hkv, D=D, dtype=str(dtype)[6:])
+    fwd, bwd, grads, scratch = ours(q, k, v, dout, scale, causal)
+    bwd()
+    torch.cuda.synchronize()
+    row["fwd_us"], row["bwd_us"] = median_us(fwd), median_us(bwd)
+    row["ratio"] = row["bwd_us"] / row["fwd_us"]
+    row["scratch_bytes"] = scratch
+    t = theirs(q, k, v, dout, scale, causal)
+    if t is not None:
+        t_fwd, t_bwd, t_grads, backend = t
+        for name, mine, ref in zip(("dq", "dk", "dv"), grads, t_grads()):
+            row[f"relL2_{name}"] = rel_l2(mine, ref)
+        row["torch_backend"] = backend
+        row["torch_fwd_us"], row["torch_bwd_us"] = median_us(t_fwd), median_us(t_bwd)
+        row["torch_ratio"] = row["torch_bwd_us"] / row["torch_fwd_us"]
+        row["ratio_of_ratios"] = row["ratio"] / row["torch_ratio"]
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out_grads = t_bwd()
+        torch.cuda.synchronize()
+        returned = sum(x.numel() * x.element_size() for x in out_grads)
+        row["torch_scratch_bytes"] = torch.cuda.max_memory_allocated() - before - returned
+        del out_grads
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fp16, 16/4 heads, S <= 4096 only")
+    ap.add_argument("--S", default="", help="comma-separated sequence lengths to keep")
+    ap.add_argument("--D", default="", help="comma-separated head dims to keep")
+    ap.add_argument("--json", default="", help="also write the rows to this file")
+    a = ap.parse_args()
+    keep_s = {int(x) for x in a.S.split(",") if x}
+    keep_d = {int(x) for x in a.D.split(",") if x}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.cuda.get_device_properties(0)
+    print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}")
+    print("| causal | S | H/Hkv | D | dtype | ours fwd us | ours bwd us | bwd/fwd | torch fwd us | torch bwd us | "
+          "bwd/fwd | ours / torch ratio | scratch B (ours) | scratch B (torch) | relL2 dq/dk/dv |")
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    rows = []
+    for causal, S, H, Hkv, D, dtype in grid(a.quick):
+        if (keep_s and S not in keep_s) or (keep_d and D not in keep_d):
+            continue
+        r = bench_row(causal, S, H, Hkv, D, dtype)
+        rows.append(r)
+        t = lambda key, f="{:.0f}": f.format(r[key]) if key in r else "n/a"  # noqa: E731
+        errs = "/".join(t(f"relL2_{n}", "{:.1e}") for n in ("dq", "dk", "dv"))
+        print(f"| {causal} | {S} | {H}/{Hkv} | {D} | {r['dtype']} | {t('fwd_us')} | {t('bwd_us')} | "
+              f"{t('ratio', '{:.2f}')} | {t('torch_fwd_us')} | {t('torch_bwd_us')} | {t('torch_ratio', '{:.2f}')} | "
+              f"{t('ratio_of_ratios', '{:.2f}')} | {r['scratch_bytes']} | {t('torch_scratch_bytes')} | {errs} |",
+              flush=True)
+        torch.cuda.empty_cache()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
