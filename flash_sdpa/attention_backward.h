@@ -229,7 +229,9 @@ template <typename T, int D>
   device T* dv_seq =
       dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
 
-  for (int k0 = int(tg_pos.x) * BK; k0 < sk; k0 += int(tg_count.x) * BK) {
+  // Key tiles of this dispatch's rows [row_begin, row_end) (a long backward is split into command buffers).
+  const int k_end = min(sk, p.row_end);
+  for (int k0 = p.row_begin + int(tg_pos.x) * BK; k0 < k_end; k0 += int(tg_count.x) * BK) {
     const int nk = min(BK, sk - k0);
     // K and V of this simdgroup's rows and columns, through the staging buffer (rows past the keys: 0).
     simdgroup_matrix<float, 8, 8> k_frag[FB], v_frag[FB], dk_acc[FB], dv_acc[FB];
@@ -431,7 +433,9 @@ template <typename T, int D>
   const device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
   const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
 
-  for (int q0 = int(tg_pos.x) * BQ; q0 < sq; q0 += int(tg_count.x) * BQ) {
+  // Query tiles of this dispatch's rows [row_begin, row_end) (a long backward is split into command buffers).
+  const int q_end = min(sq, p.row_end);
+  for (int q0 = p.row_begin + int(tg_pos.x) * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
     const int nq = min(BQ, sq - q0);
     // scale Q and dO of this simdgroup's rows and columns, through the staging buffer (rows past the queries: 0).
     simdgroup_matrix<float, 8, 8> q_frag[FB], do_frag[FB], dq_acc[FB];
@@ -545,8 +549,8 @@ template <typename T, int D>
 
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
   // threadgroup per head, a fixed order (strided per thread, then simd_sum, then simdgroups in order).
-  if (fc_sinks && tg_pos.x == 0 && tg_pos.z == 0) {
-    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;  // as the forward
+  if (fc_sinks && p.row_begin == 0 && tg_pos.x == 0 && tg_pos.z == 0) {  // in the dispatch of the first rows
+    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;   // as the forward
     float acc = 0.0f;
     for (int bb = 0; bb < p.batch; ++bb) {
       const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);

@@ -63,6 +63,23 @@ inline std::pair<int64_t, int64_t> canonical_window(bool causal, int64_t window_
   return {window_left >= key_rows ? -1 : window_left, right >= key_rows + query_rows ? -1 : right};
 }
 
+// The work estimate of a long call split into command buffers (planner_common.h: split_rows). Keys that query row `row`
+// of a sequence of sq queries and sk keys sees (bottom-right aligned window).
+inline int64_t keys_seen(int64_t row, int64_t sq, int64_t sk, const AttentionOptions& o) {
+  const int64_t pos = row + sk - sq;
+  const int64_t hi = o.window_right < 0 ? sk : std::clamp<int64_t>(pos + o.window_right + 1, 0, sk);
+  const int64_t lo = o.window_left < 0 ? 0 : std::clamp<int64_t>(pos - o.window_left, 0, sk);
+  return std::max<int64_t>(hi - lo, 0);
+}
+
+// Query rows that see key `key` (the same window read from the key's side: i sees j iff
+// j - right <= i + sk - sq <= j + left).
+inline int64_t queries_seeing(int64_t key, int64_t sq, int64_t sk, const AttentionOptions& o) {
+  const int64_t lo = o.window_right < 0 ? 0 : std::clamp<int64_t>(key - o.window_right - (sk - sq), 0, sq);
+  const int64_t hi = o.window_left < 0 ? sq : std::clamp<int64_t>(key + o.window_left - (sk - sq) + 1, 0, sq);
+  return std::max<int64_t>(hi - lo, 0);
+}
+
 // The kernels' copy of the options. Windows saturate at int32 (the kernels' window arithmetic is 64-bit, and no
 // sequence has 2^31 keys); the ALiBi batch stride is 0 for slopes [H], H for [B, H] (contiguous, checked).
 inline OptionParams option_params(const AttentionOptions& options) {

@@ -125,12 +125,14 @@ struct BackwardParams {
   fsdpa_i32 seqlen_q;      // dense mode: queries per sequence (varlen: unused)
   fsdpa_i32 seqlen_k;      // dense mode: keys per sequence (varlen: unused)
   fsdpa_i32 head_dim;      // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
+  fsdpa_i32 row_begin;     // this dispatch's rows [row_begin, row_end) of every sequence: key rows in the dK/dV
+  fsdpa_i32 row_end;       // pass, query rows in the dQ pass (a long backward is split: planner_common.h)
   OptionParams opt;        // scale, softcap, window, ALiBi stride (as the forward's)
 };
 
-static_assert(sizeof(BackwardParams) == 28 * 8 + 8 * 4 + sizeof(OptionParams), "BackwardParams: no padding");
+static_assert(sizeof(BackwardParams) == 28 * 8 + 10 * 4 + sizeof(OptionParams), "BackwardParams: no padding");
 static_assert(__builtin_offsetof(BackwardParams, delta_head_stride) == 27 * 8, "64-bit strides first");
 static_assert(__builtin_offsetof(BackwardParams, batch) == 28 * 8, "32-bit fields after the strides");
-static_assert(__builtin_offsetof(BackwardParams, opt) == 28 * 8 + 8 * 4, "the options last");
+static_assert(__builtin_offsetof(BackwardParams, opt) == 28 * 8 + 10 * 4, "the options last");
 
 }  // namespace flash_sdpa

@@ -83,6 +83,8 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   params.seqlen_k = varlen ? 0 : params.k_rows;
   params.head_dim = to_i32(head_dim, "head_dim");
   params.opt = option_params(call.options);
+  params.row_begin = 0;  // set per dispatch of the dK/dV and dQ passes below
+  params.row_end = std::numeric_limits<int32_t>::max();
 
   const std::vector<FunctionConstant> constants = option_constants(call.options, varlen);
   // Optional inputs that are off get the float32 delta scratch as a placeholder: the kernels never touch them
@@ -115,10 +117,36 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   dkdv.buffers = {
       q,    k,    v,    dout, lse, delta, {FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv},
       cu_q, cu_k, alibi};
-  dkdv.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
-  dkdv.threadgroups = {tiles(grid_k, tile_rows), to_u32(kv_heads, "num_kv_heads"), b};
   dkdv.threads_per_threadgroup = threads;
-  plan.dispatches.push_back(std::move(dkdv));
+  // A long backward is split like the forward (varlen_planner.h: macOS limits a command buffer's GPU time): key row
+  // ranges for dK/dV, query row ranges for dQ, each at most command_buffer_flops() estimated, each committed.
+  // FLOPs per visible (query, key) pair and query head: dK/dV recompute S and dP and accumulate dV and dK (8 D);
+  // dQ recomputes S and dP and accumulates dQ (6 D).
+  const double pairs_to_flops = double(batch) * double(heads) * double(head_dim);
+  const auto key_ranges = split_rows(grid_k, tile_rows, command_buffer_flops(), [&](int64_t first, int64_t last) {
+    const int64_t queries = std::max(queries_seeing(first, grid_q, grid_k, call.options),
+                                     queries_seeing(last, grid_q, grid_k, call.options));
+    return 8.0 * pairs_to_flops * double(last - first + 1) * double(queries);
+  });
+  const auto query_ranges = split_rows(grid_q, tile_rows, command_buffer_flops(), [&](int64_t first, int64_t last) {
+    const int64_t keys =
+        std::max(keys_seen(first, grid_q, grid_k, call.options), keys_seen(last, grid_q, grid_k, call.options));
+    return 6.0 * pairs_to_flops * double(last - first + 1) * double(keys);
+  });
+  // One dispatch of `pass` per row range, its grid covering the range's tiles.
+  auto push_ranges = [&](const Dispatch& pass, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t rows,
+                         uint32_t grid_y) {
+    for (const auto& [begin, end] : ranges) {
+      Dispatch part = pass;
+      params.row_begin = to_i32(begin, "first row");
+      params.row_end = to_i32(end, "row end");
+      part.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
+      part.threadgroups = {tiles(std::min(end, rows) - begin, tile_rows), grid_y, b};
+      part.commit_after = ranges.size() > 1;
+      plan.dispatches.push_back(std::move(part));
+    }
+  };
+  push_ranges(dkdv, key_ranges, grid_k, to_u32(kv_heads, "num_kv_heads"));
 
   // 3. dQ: one threadgroup per (query tile, head, sequence); threadgroups (0, h, 0) also reduce d s_aux[h].
   Dispatch dq;
@@ -136,10 +164,8 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
                 alibi,
                 {FLASH_SDPA_BWD_BUFFER_SINKS, call.options.sinks.value_or(call.delta)},
                 {FLASH_SDPA_BWD_BUFFER_DSINKS, call.options.sinks.has_value() ? call.dsinks : call.delta}};
-  dq.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
-  dq.threadgroups = {tiles(grid_q, tile_rows), h, b};
   dq.threads_per_threadgroup = threads;
-  plan.dispatches.push_back(std::move(dq));
+  push_ranges(dq, query_ranges, grid_q, h);
   return plan;
 }
 

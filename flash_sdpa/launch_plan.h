@@ -51,7 +51,7 @@ struct Dispatch {
   std::array<uint32_t, 3> threadgroups{1, 1, 1};  // dispatchThreadgroups: threadgroups per grid
   std::array<uint32_t, 3> threads_per_threadgroup{1, 1, 1};
   // End the command buffer after this dispatch (the Mac glue commits it; emulator and proxy run in order anyway):
-  // macOS limits the GPU time of one command buffer, so a long op is planned as several (varlen_planner.h).
+  // macOS limits the GPU time of one command buffer, so a long op is planned as several (planner_common.h).
   bool commit_after = false;
 
   template <typename Params>

@@ -186,7 +186,7 @@ void run_launch_plan(const LaunchPlan& plan) {
                 threadsPerThreadgroup:MTLSizeMake(d.threads_per_threadgroup[0], d.threads_per_threadgroup[1],
                                                   d.threads_per_threadgroup[2])];
         if (d.commit_after) {
-          // macOS limits a command buffer's GPU time (varlen_planner.h): end the encoder and commit, as PyTorch's
+          // macOS limits a command buffer's GPU time (planner_common.h): end the encoder and commit, as PyTorch's
           // own ops do on this queue (MPSStream::copy / executeMPSGraph call synchronize inside their
           // dispatch_sync); the next dispatch starts a new command buffer.
           stream->synchronize(at::mps::SyncType::COMMIT);

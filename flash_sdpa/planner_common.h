@@ -4,8 +4,12 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "launch_plan.h"
 
@@ -39,6 +43,42 @@ inline int32_t to_i32(int64_t x, const char* what) {
 
 inline FunctionConstant bool_constant(uint32_t index, bool value) {
   return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
+}
+
+// ---- Long calls split into command buffers --------------------------------------------------------------------
+// A command buffer's GPU time is limited: macOS terminates one that runs longer than the system allows
+// (MTLCommandBufferError.timeout; a single attention dispatch over 65K-128K keys was killed after ~5 s, mlx#3302).
+// The limit counts the command buffer, not the dispatch, so a long prefill or backward is planned as dispatches over
+// ranges of rows, each estimated at most command_buffer_flops(), with the command buffer committed after each one
+// (Dispatch::commit_after). 2.5e11 FLOPs take about 0.25 s at 1 TFLOPS (an M1's attention): a 20x margin.
+// METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS overrides it (tests, tuning).
+constexpr double kCommandBufferFlops = 2.5e11;
+
+inline double command_buffer_flops() {
+  const char* s = std::getenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS");
+  const double v = s != nullptr ? std::atof(s) : 0.0;
+  return v > 0.0 ? v : kCommandBufferFlops;
+}
+
+// Row ranges [begin, end) of whole tiles of `tile` rows covering [0, rows), each of at most `budget` estimated FLOPs
+// (at least one tile per range); tile_cost(first_row, last_row) estimates a tile. The last range ends at INT32_MAX,
+// so that the kernel computes every row whatever the estimate (an understated max_seqlen) said.
+template <typename TileCost>
+std::vector<std::pair<int64_t, int64_t>> split_rows(int64_t rows, int64_t tile, double budget, TileCost tile_cost) {
+  std::vector<std::pair<int64_t, int64_t>> ranges;
+  int64_t begin = 0;
+  double work = 0.0;
+  for (int64_t t = 0; t * tile < rows; ++t) {
+    const double cost = tile_cost(t * tile, std::min((t + 1) * tile, rows) - 1);
+    if (work > 0.0 && work + cost > budget) {
+      ranges.emplace_back(begin, t * tile);
+      begin = t * tile;
+      work = 0.0;
+    }
+    work += cost;
+  }
+  ranges.emplace_back(begin, std::numeric_limits<int32_t>::max());
+  return ranges;
 }
 
 }  // namespace flash_sdpa

@@ -131,7 +131,7 @@ struct VarlenParams {
   fsdpa_i32 max_blocks;          // paged: block_table columns (capacity = max_blocks * block_size keys)
   fsdpa_i32 min_seqlen_q;        // varlen: sequences with fewer query rows are skipped (0: none; see routing.h)
   fsdpa_i32 q_row_begin;         // this dispatch computes query rows [q_row_begin, q_row_end) of every sequence
-  fsdpa_i32 q_row_end;           // (a multiple of the query tile; a long prefill is split: varlen_planner.h)
+  fsdpa_i32 q_row_end;           // (a multiple of the query tile; a long prefill is split: planner_common.h)
   fsdpa_i32 pad0;
   OptionParams opt;  // scale, softcap, window, ALiBi stride
 };

@@ -3,7 +3,6 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 
 #include "planner_common.h"
@@ -29,49 +28,6 @@ bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
   const auto& dims = varlen_head_dims();
   return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
-
-double command_buffer_flops() {
-  const char* s = std::getenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS");
-  const double v = s != nullptr ? std::atof(s) : 0.0;
-  return v > 0.0 ? v : kCommandBufferFlops;
-}
-
-namespace {
-
-// Keys query row `row` of a sequence of sq queries and sk keys sees at most (bottom-right aligned window).
-int64_t keys_seen(int64_t row, int64_t sq, int64_t sk, const AttentionOptions& o) {
-  const int64_t pos = row + sk - sq;
-  const int64_t hi = o.window_right < 0 ? sk : std::clamp<int64_t>(pos + o.window_right + 1, 0, sk);
-  const int64_t lo = o.window_left < 0 ? 0 : std::clamp<int64_t>(pos - o.window_left, 0, sk);
-  return std::max<int64_t>(hi - lo, 0);
-}
-
-// Query-row ranges [begin, end) of at most `budget` FLOPs each (whole tiles of block_q rows; at least one tile per
-// range), covering rows [0, seqlen_q); the last range ends at INT32_MAX so that every row is computed whatever the
-// estimate (an understated max_seqlen_q) said.
-std::vector<std::pair<int64_t, int64_t>> row_ranges(int64_t seqlen_q, int64_t seqlen_k, int64_t block_q,
-                                                    double flops_per_key_row, double budget,
-                                                    const AttentionOptions& o) {
-  std::vector<std::pair<int64_t, int64_t>> ranges;
-  int64_t begin = 0;
-  double work = 0.0;
-  for (int64_t t = 0; t * block_q < seqlen_q; ++t) {
-    // A tile's most expensive row is its first or its last (causal: the last; a left window alone: the first).
-    const int64_t first_keys = keys_seen(t * block_q, seqlen_q, seqlen_k, o);
-    const int64_t last_keys = keys_seen(std::min((t + 1) * block_q, seqlen_q) - 1, seqlen_q, seqlen_k, o);
-    const double tile = flops_per_key_row * double(block_q) * double(std::max(first_keys, last_keys));
-    if (work > 0.0 && work + tile > budget) {
-      ranges.emplace_back(begin, t * block_q);
-      begin = t * block_q;
-      work = 0.0;
-    }
-    work += tile;
-  }
-  ranges.emplace_back(begin, std::numeric_limits<int32_t>::max());
-  return ranges;
-}
-
-}  // namespace
 
 LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
@@ -132,8 +88,14 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
                                      : paged               ? call.block_table->size(1) * call.k.size(1)
                                                            : call.k.size(0))
                                   : call.k.size(1);
-  const double flops_per_key_row = 4.0 * double(head_dim) * double(batch) * double(heads);
-  const auto ranges = row_ranges(grid_rows, seqlen_k, block_q, flops_per_key_row, command_buffer_flops(), call.options);
+  // 4 D FLOPs per visible score (two matmuls); a tile costs as much as its most expensive row, the first or the
+  // last (causal: the last; a left window alone: the first).
+  const double flops_per_score = 4.0 * double(head_dim) * double(batch) * double(heads);
+  const auto ranges = split_rows(grid_rows, block_q, command_buffer_flops(), [&](int64_t first, int64_t last) {
+    const int64_t keys = std::max(keys_seen(first, grid_rows, seqlen_k, call.options),
+                                  keys_seen(last, grid_rows, seqlen_k, call.options));
+    return flops_per_score * double(last - first + 1) * double(keys);
+  });
 
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);

@@ -36,17 +36,8 @@ std::string varlen_kernel_name(at::ScalarType dtype, int64_t head_dim);
 const std::vector<int64_t>& varlen_head_dims();
 bool varlen_supports(at::ScalarType dtype, int64_t head_dim);
 
-// A command buffer's GPU time is limited: macOS terminates one that runs longer than the system allows
-// (MTLCommandBufferError.timeout; a single attention dispatch over 65K-128K keys was killed after ~5 s, mlx#3302).
-// The limit counts the command buffer, not the dispatch, so a long prefill is planned as dispatches over ranges of
-// query rows, each estimated at most this many FLOPs (4 * head_dim per visible score, worst case over the sequences),
-// with the command buffer committed after each one (Dispatch::commit_after). 2.5e11 FLOPs take about 0.25 s at
-// 1 TFLOPS (an M1's attention): a 20x margin. METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS overrides it (tests, tuning).
-constexpr double kCommandBufferFlops = 2.5e11;
-double command_buffer_flops();
-
-// One dispatch, or one per range of query rows when the work passes command_buffer_flops(); an empty plan when
-// there is nothing to compute.
+// One dispatch, or one per range of query rows when the work passes command_buffer_flops() (planner_common.h: a long
+// prefill is split into command buffers); an empty plan when there is nothing to compute.
 LaunchPlan plan_varlen_attention(const VarlenAttention& call);
 
 }  // namespace flash_sdpa

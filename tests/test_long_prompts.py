@@ -44,6 +44,11 @@ def _run(kernel, stats_runtime, monkeypatch, budget, fn):
     return result, sum(s.kernel.startswith("flash_attn_varlen") for s in stats_runtime.stats())
 
 
+def _stored(stats_runtime) -> int:
+    """Bytes the last call's varlen dispatches stored: each row once, however the rows are split."""
+    return sum(sum(s.stored.values()) for s in stats_runtime.stats() if s.kernel.startswith("flash_attn_varlen"))
+
+
 @pytest.mark.parametrize("what", ["causal", "window", "noncausal", "understated_max_seqlen_q", "dense"])
 def test_split_prefill_is_the_unsplit_result(kernel, stats_runtime, monkeypatch, what):
     lengths_q, lengths_k = [200, 131], [200, 170]
@@ -64,10 +69,12 @@ def test_split_prefill_is_the_unsplit_result(kernel, stats_runtime, monkeypatch,
 
     (out, lse), one = _run(kernel, stats_runtime, monkeypatch, None, call)
     assert one == 1
+    stored = _stored(stats_runtime)
     # Below one tile's work: a tile per dispatch, the last one taking every row past the grid (max_seqlen_q only
     # sizes the launch). Two tiles' work (batch x heads x 32 rows x keys x 4 D FLOPs): fewer, larger dispatches.
     (out_tiny, lse_tiny), per_tile = _run(kernel, stats_runtime, monkeypatch, 1, call)
     assert per_tile == tiles and torch.equal(out_tiny, out) and torch.equal(lse_tiny, lse)
+    assert _stored(stats_runtime) == stored, "a row range computed twice (or missed)"
     (out_split, lse_split), several = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * 2 * H * 32 * keys, call)
     assert 1 <= several < tiles or tiles <= 2, (several, tiles)
     assert torch.equal(out_split, out) and torch.equal(lse_split, lse)
@@ -89,3 +96,32 @@ def test_causal_split_follows_the_work(kernel, stats_runtime, monkeypatch):
             return kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 256, 256, causal=causal)
         _, counts[causal] = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * H * 32 * 256, call)
     assert 1 < counts[True] < counts[False], counts
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_split_backward_is_the_unsplit_result(kernel, stats_runtime, monkeypatch, causal):
+    """The backward splits the same way (its dK/dV pass over key-row ranges, its dQ pass over query-row ranges, each
+    committed): bit-identical gradients, d s_aux included (reduced once, in the dispatch of the first rows)."""
+    q, k, v, cu_q, cu_k = _varlen_case([150, 70], [170, 90], seed=2)
+    s_aux = torch.randn(H, generator=torch.Generator().manual_seed(3))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).half()
+
+    def call():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, s_aux)]
+        out = kernel.flash_attn_varlen_func(*leaves[:3], cu_q, cu_k, 150, 170, causal=causal, s_aux=leaves[3])
+        out.backward(dout)
+        return [t.grad for t in leaves]
+
+    def backward_dispatches(budget):
+        monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", str(budget))
+        stats_runtime.reset_stats()
+        grads = call()
+        bwd = [s for s in stats_runtime.stats() if s.kernel.startswith("flash_attn_bwd_")]
+        return grads, len(bwd), sum(sum(s.stored.values()) for s in bwd)
+
+    whole, n_whole, stored_whole = backward_dispatches(1e30)
+    split, n_split, stored_split = backward_dispatches(1)  # one tile per dispatch
+    assert n_whole == 3 and n_split > 6, (n_whole, n_split)
+    assert stored_split == stored_whole, "a row range computed twice (or missed)"
+    for name, a, b in zip(("dq", "dk", "dv", "ds_aux"), split, whole):
+        assert torch.equal(a, b), name
