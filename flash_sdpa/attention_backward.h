@@ -158,6 +158,24 @@ inline void bwd_write(device T* dst, long row_stride, threadgroup const float* s
   }
 }
 
+// A simdgroup's partial products with every staged row: block xb of the strip (8 x 8) = sum over the simdgroup's FB
+// column fragments f of frags[f] (its own 8 rows) times block xb of the staged [SB * 8][D] tile, transposed, columns
+// [col0 + 8 f, col0 + 8 f + 8). The column slices' partials are summed in the elementwise step.
+template <int SB, int FB, int D, int STAGE>
+__attribute__((always_inline)) inline void bwd_strip_products(threadgroup float* strip,
+                                                              thread const simdgroup_matrix<float, 8, 8> (&frags)[FB],
+                                                              threadgroup const float* tile, int col0) {
+  for (int xb = 0; xb < SB; ++xb) {
+    simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+    for (int f = 0; f < FB; ++f) {
+      simdgroup_matrix<float, 8, 8> block;
+      simdgroup_load(block, tile + xb * 8 * D + col0 + f * 8, D, ulong2(0, 0), true);
+      simdgroup_multiply_accumulate(acc, frags[f], block, acc);
+    }
+    simdgroup_store(acc, strip + xb * 8, STAGE);
+  }
+}
+
 // Orders the score strips around the elementwise step. One column slice (CS = 1): a simdgroup's strips are written
 // and read by that simdgroup alone (lanes over its 8 rows), so a simdgroup barrier does, as for the forward's score
 // strips; two threadgroup barriers a staged block fewer. Else the row block's simdgroups add each other's partials.
@@ -280,29 +298,13 @@ template <typename T, int D>
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
         // Partial S^T = K Q^T over this simdgroup's columns (Q blocks loaded transposed); dP^T = V dO^T likewise.
-        for (int qb = 0; qb < SB; ++qb) {
-          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-          for (int f = 0; f < FB; ++f) {
-            simdgroup_matrix<float, 8, 8> qt;
-            simdgroup_load(qt, q_tile + qb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
-            simdgroup_multiply_accumulate(acc, k_frag[f], qt, acc);
-          }
-          simdgroup_store(acc, s_mine + qb * 8, STAGE);
-        }
+        bwd_strip_products<SB, FB, D, STAGE>(s_mine, k_frag, q_tile, cs * DS);
         if (NBUF == 1) {  // dO replaces Q in the buffer
           threadgroup_barrier(mem_flags::mem_threadgroup);
           bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, 1.0f, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
-        for (int qb = 0; qb < SB; ++qb) {
-          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-          for (int f = 0; f < FB; ++f) {
-            simdgroup_matrix<float, 8, 8> dot;
-            simdgroup_load(dot, do_tile + qb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
-            simdgroup_multiply_accumulate(acc, v_frag[f], dot, acc);
-          }
-          simdgroup_store(acc, dp_mine + qb * 8, STAGE);
-        }
+        bwd_strip_products<SB, FB, D, STAGE>(dp_mine, v_frag, do_tile, cs * DS);
         bwd_strip_barrier<CS>();
 
         // Per element (key row, staged query c): the CS partials summed in slice order, then P^T and dS^T into the
@@ -472,40 +474,16 @@ template <typename T, int D>
       bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, 1.0f, tid);
       if (NBUF == 1) {  // dP first, then K replaces V
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        for (int kb = 0; kb < SB; ++kb) {
-          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-          for (int f = 0; f < FB; ++f) {
-            simdgroup_matrix<float, 8, 8> vt;
-            simdgroup_load(vt, v_tile + kb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
-            simdgroup_multiply_accumulate(acc, do_frag[f], vt, acc);
-          }
-          simdgroup_store(acc, dp_mine + kb * 8, STAGE);
-        }
+        bwd_strip_products<SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
       bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, 1.0f, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial S = (scale Q) K^T and dP = dO V^T over this simdgroup's columns (K, V blocks loaded transposed).
-      for (int kb = 0; kb < SB; ++kb) {
-        simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-        for (int f = 0; f < FB; ++f) {
-          simdgroup_matrix<float, 8, 8> kt;
-          simdgroup_load(kt, k_tile + kb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
-          simdgroup_multiply_accumulate(acc, q_frag[f], kt, acc);
-        }
-        simdgroup_store(acc, s_mine + kb * 8, STAGE);
-      }
+      bwd_strip_products<SB, FB, D, STAGE>(s_mine, q_frag, k_tile, cs * DS);
       if (NBUF == 2) {
-        for (int kb = 0; kb < SB; ++kb) {
-          simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-          for (int f = 0; f < FB; ++f) {
-            simdgroup_matrix<float, 8, 8> vt;
-            simdgroup_load(vt, v_tile + kb * 8 * D + cs * DS + f * 8, D, ulong2(0, 0), true);
-            simdgroup_multiply_accumulate(acc, do_frag[f], vt, acc);
-          }
-          simdgroup_store(acc, dp_mine + kb * 8, STAGE);
-        }
+        bwd_strip_products<SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
       }
       bwd_strip_barrier<CS>();
 
