@@ -474,11 +474,7 @@ size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 // blocks) can be bound: reading an untouched anonymous page of the caller's costs no memory.
 constexpr size_t kChunk = 4096;
 constexpr uint64_t kZeroChunk = ~0ull;
-
-bool all_zero(const char* p, size_t n) {
-  static const char zeros[kChunk] = {};
-  return !memcmp(p, zeros, n);
-}
+const char kZeros[kChunk] = {};
 
 struct Snapshot {
   std::vector<uint64_t> where;  // per chunk: its offset in saved, or kZeroChunk
@@ -491,7 +487,7 @@ Snapshot copy_in(char* dst, const char* src, size_t n) {
   s.where.assign((n + kChunk - 1) / kChunk, kZeroChunk);
   for (size_t c = 0; c < s.where.size(); ++c) {
     const size_t at = c * kChunk, len = std::min(kChunk, n - at);
-    if (all_zero(src + at, len)) continue;
+    if (!memcmp(src + at, kZeros, len)) continue;
     memcpy(dst + at, src + at, len);
     s.where[c] = s.saved.size();
     s.saved.insert(s.saved.end(), src + at, src + at + len);
@@ -502,10 +498,9 @@ Snapshot copy_in(char* dst, const char* src, size_t n) {
 // Writes to host only the bytes the kernel changed: two bound views of one buffer (k_cache and v_cache one page
 // apart) must not undo each other's writes.
 void copy_back(char* host, const char* now, size_t n, const Snapshot& s) {
-  static const char zeros[kChunk] = {};
   for (size_t c = 0; c < s.where.size(); ++c) {
     const size_t at = c * kChunk, len = std::min(kChunk, n - at);
-    const char* before = s.where[c] == kZeroChunk ? zeros : s.saved.data() + s.where[c];
+    const char* before = s.where[c] == kZeroChunk ? kZeros : s.saved.data() + s.where[c];
     if (!memcmp(now + at, before, len)) continue;
     for (size_t k = 0; k < len; ++k)
       if (now[at + k] != before[k]) host[at + k] = now[at + k];
