@@ -33,20 +33,26 @@ def _varlen_case(lengths_q, lengths_k, seed=0):
     return q, k, v, cu[0], cu[1]
 
 
-def _run(kernel, stats_runtime, monkeypatch, budget, fn):
-    """fn() under a command-buffer budget of `budget` FLOPs (None: the default); returns (result, varlen dispatches)."""
+def _dispatches(stats_runtime, monkeypatch, budget, fn, kernel_prefix):
+    """fn() under a command-buffer budget of `budget` FLOPs (None: the default); returns (result, its dispatches of
+    kernels named kernel_prefix...)."""
     if budget is None:
         monkeypatch.delenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", raising=False)
     else:
         monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", str(budget))
     stats_runtime.reset_stats()
     result = fn()
-    return result, sum(s.kernel.startswith("flash_attn_varlen") for s in stats_runtime.stats())
+    return result, [s for s in stats_runtime.stats() if s.kernel.startswith(kernel_prefix)]
 
 
-def _stored(stats_runtime) -> int:
-    """Bytes the last call's varlen dispatches stored: each row once, however the rows are split."""
-    return sum(sum(s.stored.values()) for s in stats_runtime.stats() if s.kernel.startswith("flash_attn_varlen"))
+def _stored(dispatches) -> int:
+    """Bytes the dispatches stored: each row once, however the rows are split."""
+    return sum(sum(s.stored.values()) for s in dispatches)
+
+
+def _run(kernel, stats_runtime, monkeypatch, budget, fn):
+    """fn() under a budget; returns (result, its varlen dispatches)."""
+    return _dispatches(stats_runtime, monkeypatch, budget, fn, "flash_attn_varlen")
 
 
 @pytest.mark.parametrize("what", ["causal", "window", "noncausal", "understated_max_seqlen_q", "dense"])
@@ -68,15 +74,14 @@ def test_split_prefill_is_the_unsplit_result(kernel, stats_runtime, monkeypatch,
                                                  **kw)[:2]
 
     (out, lse), one = _run(kernel, stats_runtime, monkeypatch, None, call)
-    assert one == 1
-    stored = _stored(stats_runtime)
+    assert len(one) == 1
     # Below one tile's work: a tile per dispatch, the last one taking every row past the grid (max_seqlen_q only
     # sizes the launch). Two tiles' work (batch x heads x 32 rows x keys x 4 D FLOPs): fewer, larger dispatches.
     (out_tiny, lse_tiny), per_tile = _run(kernel, stats_runtime, monkeypatch, 1, call)
-    assert per_tile == tiles and torch.equal(out_tiny, out) and torch.equal(lse_tiny, lse)
-    assert _stored(stats_runtime) == stored, "a row range computed twice (or missed)"
+    assert len(per_tile) == tiles and torch.equal(out_tiny, out) and torch.equal(lse_tiny, lse)
+    assert _stored(per_tile) == _stored(one), "a row range computed twice (or missed)"
     (out_split, lse_split), several = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * 2 * H * 32 * keys, call)
-    assert 1 <= several < tiles or tiles <= 2, (several, tiles)
+    assert 1 <= len(several) < tiles or tiles <= 2, (len(several), tiles)
     assert torch.equal(out_split, out) and torch.equal(lse_split, lse)
     if what != "dense":
         ref_kw = dict(scale=D**-0.5, causal=kw["causal"], window=kw["window_size"])
@@ -94,7 +99,7 @@ def test_causal_split_follows_the_work(kernel, stats_runtime, monkeypatch):
     for causal in (True, False):
         def call():
             return kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 256, 256, causal=causal)
-        _, counts[causal] = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * H * 32 * 256, call)
+        counts[causal] = len(_run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * H * 32 * 256, call)[1])
     assert 1 < counts[True] < counts[False], counts
 
 
@@ -112,16 +117,9 @@ def test_split_backward_is_the_unsplit_result(kernel, stats_runtime, monkeypatch
         out.backward(dout)
         return [t.grad for t in leaves]
 
-    def backward_dispatches(budget):
-        monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", str(budget))
-        stats_runtime.reset_stats()
-        grads = call()
-        bwd = [s for s in stats_runtime.stats() if s.kernel.startswith("flash_attn_bwd_")]
-        return grads, len(bwd), sum(sum(s.stored.values()) for s in bwd)
-
-    whole, n_whole, stored_whole = backward_dispatches(1e30)
-    split, n_split, stored_split = backward_dispatches(1)  # one tile per dispatch
-    assert n_whole == 3 and n_split > 6, (n_whole, n_split)
-    assert stored_split == stored_whole, "a row range computed twice (or missed)"
+    whole, bwd_whole = _dispatches(stats_runtime, monkeypatch, 1e30, call, "flash_attn_bwd_")
+    split, bwd_split = _dispatches(stats_runtime, monkeypatch, 1, call, "flash_attn_bwd_")  # one tile per dispatch
+    assert len(bwd_whole) == 3 and len(bwd_split) > 6, (len(bwd_whole), len(bwd_split))
+    assert _stored(bwd_split) == _stored(bwd_whole), "a row range computed twice (or missed)"
     for name, a, b in zip(("dq", "dk", "dv", "ds_aux"), split, whole):
         assert torch.equal(a, b), name
