@@ -1,9 +1,13 @@
 // Varlen / dense flash-attention forward: the kernel body, instantiated by attention_varlen.metal.
 //
 // Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles x, x + grid.x, ... of its (head, sequence). Its
-// 4 simdgroups own 8 query rows each; Q (pre-scaled) and the output accumulator O live in 8x8 float simdgroup_matrix
-// registers, K/V tiles are staged through threadgroup memory as float, softmax runs online in the log2 domain with fp32
-// statistics held by 4 lanes per row. Masking uses a finite large negative score (fast math: no inf arithmetic); a row
+// 4 simdgroups own 8 query rows each; Q lives in 8x8 simdgroup_matrix registers of the input's type and the output
+// accumulator O in float ones, K/V tiles are staged through threadgroup memory in the input's type, scores come out
+// of the products in float (scaled there, not in Q, so no rounding of Q * scale), softmax runs online in the log2
+// domain with fp32 statistics held by 4 lanes per row, and its probabilities go back to the input's type for P V
+// (as FlashAttention-2 does). The running max only moves when a tile's max passes it by more than
+// kVarlenRescaleSlack (probabilities up to 2^8, exact in every type): O's rescale, a diagonal product, is skipped
+// for a simdgroup whose 8 rows all keep their max, which after the first tiles is nearly every tile. Masking uses a finite large negative score (fast math: no inf arithmetic); a row
 // with no visible key is written as 0 with LSE = -inf. A visible score that is NaN or inf makes its row NaN
 // (FlashAttention-2's result) without entering the shared 8x8 tiles, where 0 x NaN would carry it into the other rows
 // of the block. Non-finite V elements are staged as 0 for the same reason (P V multiplies every row's probabilities,
@@ -23,6 +27,9 @@ constant bool fc_varlen_paged [[function_constant(FLASH_SDPA_FC_VARLEN_PAGED)]];
 constant constexpr float kVarlenMasked = flash_sdpa::kNoScore;  // log2-domain score of an invisible key
 constant constexpr float kVarlenLog2e = 1.4426950408889634f;
 constant constexpr float kVarlenLn2 = 0.6931471805599453f;
+// log2-domain headroom before a row's running max moves: probabilities stay <= 2^8 (no overflow in half, whose range
+// ends at 65504, nor in the float sums), and a rescale of O happens only when a score beats the max by that much.
+constant constexpr float kVarlenRescaleSlack = 8.0f;
 
 // Writes diag(x_row) of this simdgroup's 8 rows into an 8x8 row-major scratch; x is held by lanes 4r..4r+3.
 inline void varlen_write_diagonal(threadgroup float* diag, float x, uint lane) {
@@ -128,21 +135,38 @@ inline long varlen_key_offset(long row_stride, threadgroup const long* paged_off
   return k0 + r < kv_end ? long(k0 + r) * row_stride : -1l;
 }
 
-// Stages key rows k0 .. k0 + BK - 1 of `seq` (K or V) as float [BK][D]; rows past kv_end or masked are zeros. V
+// Stages key rows k0 .. k0 + BK - 1 of `seq` (K or V) as T [BK][D]; rows past kv_end or masked are zeros. V
 // (DROP): non-finite elements too, selected, never multiplied (they would reach rows that cannot see them through the
 // 0 probabilities of P V); returns whether this thread dropped one. K keeps them: a non-finite score only reaches its
-// own column of S, where the softmax step masks or flags it.
+// own column of S, where the softmax step masks or flags it. `aligned` (uniform; FLASH_SDPA_ALIGNED_*): the rows
+// start at multiples of 4 elements, so each thread moves 4 elements per load and store (a quarter of the memory
+// instructions); otherwise one at a time.
 template <typename T, int BK, int D, int NT, bool DROP>
-inline bool varlen_stage_rows(threadgroup float* dst, const device T* seq, long row_stride,
-                              threadgroup const long* paged_offsets, int k0, int kv_end, uint tid) {
+inline bool varlen_stage_rows(threadgroup T* dst, const device T* seq, long row_stride,
+                              threadgroup const long* paged_offsets, int k0, int kv_end, bool aligned, uint tid) {
+  static_assert(D % 4 == 0, "4-element row segments");
   bool dropped = false;
+  if (aligned) {
+    for (int idx = int(tid); idx < BK * D / 4; idx += NT) {
+      const int r = idx / (D / 4), c = 4 * (idx % (D / 4));
+      const long off = varlen_key_offset(row_stride, paged_offsets, k0, r, kv_end);
+      vec<T, 4> x = off >= 0 ? *reinterpret_cast<const device vec<T, 4>*>(seq + off + c) : vec<T, 4>(T(0));
+      for (int e = 0; e < 4; ++e) {
+        const bool bad = DROP && flash_sdpa::is_nonfinite(float(x[e]));
+        dropped = dropped || bad;
+        x[e] = bad ? T(0) : x[e];
+      }
+      *reinterpret_cast<threadgroup vec<T, 4>*>(dst + r * D + c) = x;
+    }
+    return dropped;
+  }
   for (int idx = int(tid); idx < BK * D; idx += NT) {
     const int r = idx / D, c = idx % D;
     const long off = varlen_key_offset(row_stride, paged_offsets, k0, r, kv_end);
-    const float x = off >= 0 ? float(seq[off + c]) : 0.0f;
-    const bool bad = DROP && flash_sdpa::is_nonfinite(x);
+    const T x = off >= 0 ? seq[off + c] : T(0);
+    const bool bad = DROP && flash_sdpa::is_nonfinite(float(x));
     dropped = dropped || bad;
-    dst[idx] = bad ? 0.0f : x;
+    dst[idx] = bad ? T(0) : x;
   }
   return dropped;
 }
@@ -201,19 +225,21 @@ inline VarlenRow varlen_row(int i, const VarlenSequence s, float slope, constant
   return VarlenRow{i, keys.x, i >= s.sq ? -1 : keys.y, pos, slope, kVarlenMasked, 0.0f, false};
 }
 
-// One online-softmax step of a row over key tile [k0, k0 + BK): `strip` holds the row's BK raw scores (row-major,
-// this lane reads columns sub, sub + 4, ...) and gets the probabilities. Returns alpha, the factor that rescales the
-// row's previous accumulator. A visible non-finite score marks the row bad and is dropped (before the softcap clamp
-// could hide a NaN), so nothing non-finite enters the shared 8x8 tiles.
-template <int BK>
-inline float varlen_softmax_step(threadgroup float* strip, threadgroup const long* key_offsets, thread VarlenRow& row,
-                                 int sub, int k0, constant flash_sdpa::VarlenParams& p) {
+// One online-softmax step of a row over key tile [k0, k0 + BK): `scores` holds the row's BK products q . k (unscaled,
+// row-major; this lane reads columns sub, sub + 4, ...), `probs` gets its probabilities in T. Returns alpha, the
+// factor that rescales the row's previous accumulator: exactly 1 unless the running max moved (by more than
+// kVarlenRescaleSlack) after something was accumulated. A visible non-finite score marks the row bad and is dropped
+// (before the softcap clamp could hide a NaN), so nothing non-finite enters the shared 8x8 tiles.
+template <int BK, typename T>
+inline float varlen_softmax_step(threadgroup const float* scores, threadgroup T* probs,
+                                 threadgroup const long* key_offsets, thread VarlenRow& row, int sub, int k0,
+                                 constant flash_sdpa::VarlenParams& p) {
   float sv[BK / 4];
   float tile_max = kVarlenMasked;
   for (int t = 0; t < BK / 4; ++t) {
     const int c = sub + 4 * t;
     const int j = k0 + c;
-    float s = strip[c];
+    float s = scores[c] * p.opt.scale;
     bool visible = j >= row.lo && j <= row.hi && (!fc_varlen_paged || key_offsets[c] >= 0);
     if (visible && flash_sdpa::is_nonfinite(s)) {
       row.bad = true;
@@ -231,13 +257,15 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
   }
   tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(1)));
   tile_max = max(tile_max, simd_shuffle_xor(tile_max, ushort(2)));
-  const float m_new = max(row.m, tile_max);
-  // row.m - m_new would overflow while row.m is still the sentinel (nothing accumulated yet: any factor will do).
-  const float alpha = row.m > kVarlenMasked ? exp2(row.m - m_new) : 0.0f;
+  // A row with nothing accumulated takes the tile's max (its O is 0: no rescale); later the max moves only past the
+  // slack. row.m - m_new never overflows: both are clamped scores or, for a fresh row, alpha is not computed.
+  const bool fresh = !(row.m > kVarlenMasked);
+  const float m_new = fresh || tile_max > row.m + kVarlenRescaleSlack ? max(row.m, tile_max) : row.m;
+  const float alpha = !fresh && m_new != row.m ? exp2(row.m - m_new) : 1.0f;
   float row_sum = 0.0f;
   for (int t = 0; t < BK / 4; ++t) {
     const float pr = sv[t] > kVarlenMasked ? exp2(sv[t] - m_new) : 0.0f;
-    strip[sub + 4 * t] = pr;
+    probs[sub + 4 * t] = T(pr);
     row_sum += pr;
   }
   row_sum += simd_shuffle_xor(row_sum, ushort(1));
@@ -247,10 +275,10 @@ inline float varlen_softmax_step(threadgroup float* strip, threadgroup const lon
   return alpha;
 }
 
-// End of a row: writes its flag (1: bad) to *bad_slot and its LSE (sub == 0 lanes) and returns the factor that
-// normalises its accumulator (0 for a row with no visible key). Sinks join the denominator only.
-inline float varlen_finish_row(const thread VarlenRow& row, int sub, int sq, float sink_logit,
-                               threadgroup uint* bad_slot, device uint* lse_seq) {
+// End of a row (its sub == 0 lane writes): its flag (1: bad) to *bad_slot, the factor that normalises its
+// accumulator (0 for a row with no visible key) to *scale_slot, and its LSE. Sinks join the denominator only.
+inline void varlen_finish_row(const thread VarlenRow& row, int sub, int sq, float sink_logit,
+                              threadgroup uint* bad_slot, threadgroup float* scale_slot, device uint* lse_seq) {
   const bool empty = !(row.l > 0.0f);
   float m_final = row.m, factor = 1.0f, denom = row.l;
   if (fc_sinks && !empty) {
@@ -264,39 +292,50 @@ inline float varlen_finish_row(const thread VarlenRow& row, int sub, int sq, flo
   bad |= simd_shuffle_xor(bad, ushort(2));
   if (sub == 0) {
     *bad_slot = bad;
+    *scale_slot = empty ? 0.0f : factor / denom;
     if (row.i < sq) {
       lse_seq[row.i] = bad != 0 ? flash_sdpa::kNanBits
                        : empty  ? flash_sdpa::kNegInfBits
                                 : as_type<uint>((m_final + log2(denom)) * kVarlenLn2);
     }
   }
-  return empty ? 0.0f : factor / denom;
 }
 
-// Writes rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of the output from `staged` ([BQ][CHUNK] float); bad rows and
-// poisoned (row, column) elements (W words of bits per row) get NaN. Rows past the sequence are not written.
+// Writes rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of the output from `staged` ([BQ][CHUNK] float, the
+// accumulator) times each row's scale; bad rows and poisoned (row, column) elements (W words of bits per row) get
+// NaN. Rows past the sequence are not written.
 template <typename T, int BQ, int CHUNK, int NT, int W>
 inline void varlen_write_out(device T* o_seq, long row_stride, threadgroup const float* staged,
-                             threadgroup const uint* bad_tile, threadgroup const uint* poison, int q0, int c0, int sq,
-                             uint tid) {
+                             threadgroup const float* row_scale, threadgroup const uint* bad_tile,
+                             threadgroup const uint* poison, int q0, int c0, int sq, uint tid) {
   for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
     const int r = idx / CHUNK, c = idx % CHUNK, d = c0 + c;
     if (q0 + r < sq) {
       const bool nan = bad_tile[r] != 0 || ((poison[r * W + d / 32] >> (d % 32)) & 1u) != 0;
-      const float o = nan ? as_type<float>(flash_sdpa::kNanBits) : staged[idx];
+      const float o = nan ? as_type<float>(flash_sdpa::kNanBits) : staged[idx] * row_scale[r];
       o_seq[long(q0 + r) * row_stride + d] = T(o);
     }
   }
 }
 
-// Stages rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of q, times scale, as float [BQ][CHUNK] (rows past the
-// sequence: 0).
+// Stages rows [q0, q0 + BQ) x columns [c0, c0 + CHUNK) of q as T [BQ][CHUNK] (rows past the sequence: 0), 4 elements
+// at a time where q's rows are aligned (uniform), as varlen_stage_rows.
 template <typename T, int BQ, int CHUNK, int NT>
-inline void varlen_stage_q(threadgroup float* dst, const device T* q_seq, long row_stride, float scale, int q0, int c0,
-                           int sq, uint tid) {
+inline void varlen_stage_q(threadgroup T* dst, const device T* q_seq, long row_stride, int q0, int c0, int sq,
+                           bool aligned, uint tid) {
+  static_assert(CHUNK % 4 == 0, "4-element row segments");
+  if (aligned) {
+    for (int idx = int(tid); idx < BQ * CHUNK / 4; idx += NT) {
+      const int r = idx / (CHUNK / 4), c = 4 * (idx % (CHUNK / 4));
+      const device T* src = q_seq + long(q0 + r) * row_stride + c0 + c;
+      *reinterpret_cast<threadgroup vec<T, 4>*>(dst + r * CHUNK + c) =
+          q0 + r < sq ? *reinterpret_cast<const device vec<T, 4>*>(src) : vec<T, 4>(T(0));
+    }
+    return;
+  }
   for (int idx = int(tid); idx < BQ * CHUNK; idx += NT) {
     const int r = idx / CHUNK, c = idx % CHUNK;
-    dst[idx] = q0 + r < sq ? float(q_seq[long(q0 + r) * row_stride + c0 + c]) * scale : 0.0f;
+    dst[idx] = q0 + r < sq ? q_seq[long(q0 + r) * row_stride + c0 + c] : T(0);
   }
 }
 
@@ -319,21 +358,24 @@ template <typename T, int D>
     uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
     uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   constexpr int BQ = flash_sdpa::kVarlenBlockQ;
-  constexpr int BK = flash_sdpa::varlen_block_k(D);
+  constexpr int BK = flash_sdpa::varlen_block_k(D, sizeof(T));
   constexpr int NT = flash_sdpa::kVarlenThreads;
   constexpr int DB = D / 8;   // 8-column blocks of the head dim
   constexpr int KB = BK / 8;  // 8-row blocks of a key tile
-  constexpr int KV_FLOATS = 2 * BK * D;
-  // Q is loaded and O written through the K/V tile, CHUNK head-dim columns of all 32 rows at a time.
-  constexpr int CHUNK = BQ * D <= KV_FLOATS ? D : D / 2;
+  constexpr int KV_BYTES = flash_sdpa::varlen_kv_bytes(D, BK, sizeof(T));
+  // Q is loaded (as T) and O written (as float) through the K/V region, CHUNK head-dim columns of all 32 rows at a
+  // time.
+  constexpr int CHUNK = BQ * D * 4 <= KV_BYTES ? D : D / 2;
   static_assert(D % 8 == 0 && BK % 8 == 0, "whole 8x8 tiles");
-  static_assert(BQ * CHUNK <= KV_FLOATS && D % CHUNK == 0 && CHUNK % 8 == 0, "Q/O staging fits the K/V tile");
+  static_assert(BQ * CHUNK * 4 <= KV_BYTES && D % CHUNK == 0 && CHUNK % 8 == 0, "Q/O staging fits the K/V region");
   static_assert(BK % 4 == 0, "4 lanes share a score row");
 
-  threadgroup float kv_tile[KV_FLOATS];   // K rows [0, BK) then V rows [BK, 2 BK), D floats each
-  threadgroup float score_tile[BQ * BK];  // simdgroup s: rows [8s, 8s + 8) x BK probabilities
+  threadgroup float kv_region[KV_BYTES / 4];  // K rows [0, BK) then V rows [BK, 2 BK) as T; Q (T), O (float) staging
+  threadgroup float score_tile[BQ * BK];      // simdgroup s: rows [8s, 8s + 8) x BK products q . k
+  threadgroup T prob_tile[BQ * BK];           // simdgroup s: the same rows' probabilities
   threadgroup float diag_tile[flash_sdpa::kVarlenSimdgroups * 64];  // simdgroup s: an 8x8 diagonal
-  threadgroup uint bad_tile[BQ];                                    // row r of the tile saw a non-finite visible score
+  threadgroup uint bad_tile[BQ];      // row r of the tile saw a non-finite visible score
+  threadgroup float row_scale[BQ];    // row r's output factor (1 / denominator, 0 for an empty row)
   threadgroup long key_offsets[2 * BK];  // paged: offsets of key rows k0 + r in k ([r]) and v ([BK + r]); -1: masked
   constexpr int W = flash_sdpa::varlen_poison_words(D);
   threadgroup uint poison[BQ * W];  // (row, column) bits: the row sees a non-finite V element there
@@ -343,10 +385,16 @@ template <typename T, int D>
   const int h = int(tg_pos.y);
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
   const VarlenHead<T> head = varlen_head(q, k, v, out, lse, alibi_slopes, b, h, seq, p);
+  const bool aligned_q = (p.aligned_rows & FLASH_SDPA_ALIGNED_Q) != 0;
+  const bool aligned_k = (p.aligned_rows & FLASH_SDPA_ALIGNED_K) != 0;
+  const bool aligned_v = (p.aligned_rows & FLASH_SDPA_ALIGNED_V) != 0;
 
-  threadgroup float* k_tile = kv_tile;
-  threadgroup float* v_tile = kv_tile + BK * D;
+  threadgroup T* k_tile = reinterpret_cast<threadgroup T*>(kv_region);
+  threadgroup T* v_tile = k_tile + BK * D;
+  threadgroup T* q_stage = k_tile;
+  threadgroup float* o_stage = kv_region;
   threadgroup float* s_strip = score_tile + sg * 8 * BK;
+  threadgroup T* p_strip = prob_tile + sg * 8 * BK;
   threadgroup float* diag = diag_tile + sg * 64;
   const int sub = int(lane) % 4;
 
@@ -361,13 +409,13 @@ template <typename T, int D>
     for (int idx = int(tid); idx < BQ * W; idx += NT) {
       poison[idx] = 0;
     }
-    // Q rows of this simdgroup, times scale, as DB 8x8 blocks.
-    simdgroup_matrix<float, 8, 8> q_frag[DB];
+    // Q rows of this simdgroup as DB 8x8 blocks.
+    simdgroup_matrix<T, 8, 8> q_frag[DB];
     for (int c0 = 0; c0 < D; c0 += CHUNK) {
-      varlen_stage_q<T, BQ, CHUNK, NT>(kv_tile, head.q, p.q_row_stride, p.opt.scale, q0, c0, seq.sq, tid);
+      varlen_stage_q<T, BQ, CHUNK, NT>(q_stage, head.q, p.q_row_stride, q0, c0, seq.sq, aligned_q, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
       for (int cb = 0; cb < CHUNK / 8; ++cb) {
-        simdgroup_load(q_frag[c0 / 8 + cb], kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
+        simdgroup_load(q_frag[c0 / 8 + cb], q_stage + sg * 8 * CHUNK + cb * 8, CHUNK);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
@@ -384,9 +432,11 @@ template <typename T, int D>
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k,
+                                             tid);
       const bool dropped = simd_any(
-          varlen_stage_rows<T, BK, D, NT, true>(v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid));
+          varlen_stage_rows<T, BK, D, NT, true>(v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end,
+                                                aligned_v, tid));
       if (lane == 0) {
         dropped_sg[sg] = dropped ? 1u : 0u;
       }
@@ -400,7 +450,7 @@ template <typename T, int D>
       for (int kb = 0; kb < KB; ++kb) {
         simdgroup_matrix<float, 8, 8> s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         for (int db = 0; db < DB; ++db) {
-          simdgroup_matrix<float, 8, 8> kt;
+          simdgroup_matrix<T, 8, 8> kt;
           simdgroup_load(kt, k_tile + kb * 8 * D + db * 8, D, ulong2(0, 0), true);
           simdgroup_multiply_accumulate(s, q_frag[db], kt, s);
         }
@@ -408,45 +458,45 @@ template <typename T, int D>
       }
       simdgroup_barrier(mem_flags::mem_threadgroup);
 
-      const float alpha = varlen_softmax_step<BK>(s_strip + (int(lane) / 4) * BK, key_offsets, row, sub, k0, p);
-      varlen_write_diagonal(diag, alpha, lane);
+      const int strip_row = (int(lane) / 4) * BK;
+      const float alpha =
+          varlen_softmax_step<BK>(s_strip + strip_row, p_strip + strip_row, key_offsets, row, sub, k0, p);
+      // O = diag(alpha) O, only where a row of this simdgroup moved its max (uniform over the simdgroup).
+      if (simd_any(alpha != 1.0f)) {
+        varlen_write_diagonal(diag, alpha, lane);
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        simdgroup_matrix<float, 8, 8> rescale;
+        simdgroup_load(rescale, diag, 8);
+        for (int db = 0; db < DB; ++db) {
+          simdgroup_multiply(o_frag[db], rescale, o_frag[db]);
+        }
+      }
       simdgroup_barrier(mem_flags::mem_threadgroup);
 
-      // O = diag(alpha) O + P V.
-      simdgroup_matrix<float, 8, 8> rescale;
-      simdgroup_load(rescale, diag, 8);
-      simdgroup_matrix<float, 8, 8> p_frag[KB];
+      // O += P V.
+      simdgroup_matrix<T, 8, 8> p_frag[KB];
       for (int kb = 0; kb < KB; ++kb) {
-        simdgroup_load(p_frag[kb], s_strip + kb * 8, BK);
+        simdgroup_load(p_frag[kb], p_strip + kb * 8, BK);
       }
       for (int db = 0; db < DB; ++db) {
-        simdgroup_matrix<float, 8, 8> acc;
-        simdgroup_multiply(acc, rescale, o_frag[db]);
         for (int kb = 0; kb < KB; ++kb) {
-          simdgroup_matrix<float, 8, 8> vb;
+          simdgroup_matrix<T, 8, 8> vb;
           simdgroup_load(vb, v_tile + kb * 8 * D + db * 8, D);
-          simdgroup_multiply_accumulate(acc, p_frag[kb], vb, acc);
+          simdgroup_multiply_accumulate(o_frag[db], p_frag[kb], vb, o_frag[db]);
         }
-        o_frag[db] = acc;
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
-    const float norm = varlen_finish_row(row, sub, seq.sq, fc_sinks ? sinks[h] : 0.0f,
-                                         &bad_tile[int(sg) * 8 + int(lane) / 4], head.lse);
-    varlen_write_diagonal(diag, norm, lane);
-    simdgroup_barrier(mem_flags::mem_threadgroup);
-    simdgroup_matrix<float, 8, 8> normalise;
-    simdgroup_load(normalise, diag, 8);
-
+    varlen_finish_row(row, sub, seq.sq, fc_sinks ? sinks[h] : 0.0f, &bad_tile[int(sg) * 8 + int(lane) / 4],
+                      &row_scale[int(sg) * 8 + int(lane) / 4], head.lse);
     for (int c0 = 0; c0 < D; c0 += CHUNK) {
       for (int cb = 0; cb < CHUNK / 8; ++cb) {
-        simdgroup_matrix<float, 8, 8> ob;
-        simdgroup_multiply(ob, normalise, o_frag[c0 / 8 + cb]);
-        simdgroup_store(ob, kv_tile + sg * 8 * CHUNK + cb * 8, CHUNK);
+        simdgroup_store(o_frag[c0 / 8 + cb], o_stage + sg * 8 * CHUNK + cb * 8, CHUNK);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      varlen_write_out<T, BQ, CHUNK, NT, W>(head.out, p.o_row_stride, kv_tile, bad_tile, poison, q0, c0, seq.sq, tid);
+      varlen_write_out<T, BQ, CHUNK, NT, W>(head.out, p.o_row_stride, o_stage, row_scale, bad_tile, poison, q0, c0,
+                                            seq.sq, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
   }
@@ -456,7 +506,8 @@ template <typename T, int D>
 // lane and need more than 32 KB for its K/V tiles. Here a threadgroup takes 8 query rows, and its 4 simdgroups split
 // the head dim: simdgroup c owns columns [c D/4, (c + 1) D/4) of Q and O (D / 32 fragments each, as many as the
 // D = 128 layout), computes the partial scores of its columns, and simdgroup 0 sums the 4 partials and runs the
-// softmax for all. K and V go through one staging tile, one after the other (8 keys x D floats = 16 KB at D = 512).
+// softmax for all. K and V go through one staging tile in the input's type, one after the other; the region is sized
+// for the float output of the 8 rows (16 KB at D = 512).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] kernel void flash_attn_varlen_wide(
     FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
@@ -469,12 +520,16 @@ template <typename T, int D>
   constexpr int DS = D / NSG;  // head-dim columns of one simdgroup
   constexpr int FB = DS / 8;   // its 8x8 fragments
   static_assert(BQ == 8 && BK == 8 && DS % 8 == 0, "one 8x8 score block per simdgroup");
-  static_assert(flash_sdpa::varlen_wide_threadgroup_bytes(D) <= flash_sdpa::kVarlenMaxThreadgroupBytes, "32 KB");
+  static_assert(flash_sdpa::varlen_wide_threadgroup_bytes(D, sizeof(T)) <= flash_sdpa::kVarlenMaxThreadgroupBytes,
+                "32 KB");
 
-  threadgroup float kv_tile[BK * D];         // K, then V, of the key tile; Q and O staging (BQ == BK rows)
-  threadgroup float partial[NSG * BQ * BK];  // simdgroup c's partial scores over its columns; [0]: sums, then P
-  threadgroup float diag[64];                // diag(alpha), then diag(1 / denominator)
+  threadgroup float kv_region[BQ * D];       // K, then V, of the key tile and Q (T); the output (float)
+  threadgroup float partial[NSG * BQ * BK];  // simdgroup c's partial products over its columns; [0]: their sums
+  threadgroup T probs[BQ * BK];              // the tile's probabilities
+  threadgroup float diag[64];                // diag(alpha)
+  threadgroup uint rescale_tile[1];          // whether diag(alpha) is not the identity this tile
   threadgroup uint bad_tile[BQ];
+  threadgroup float row_scale[BQ];
   threadgroup long key_offsets[2 * BK];
   constexpr int W = flash_sdpa::varlen_poison_words(D);
   threadgroup uint poison[BQ * W];  // as in flash_attn_varlen
@@ -484,6 +539,10 @@ template <typename T, int D>
   const int h = int(tg_pos.y);
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
   const VarlenHead<T> head = varlen_head(q, k, v, out, lse, alibi_slopes, b, h, seq, p);
+  const bool aligned_q = (p.aligned_rows & FLASH_SDPA_ALIGNED_Q) != 0;
+  const bool aligned_k = (p.aligned_rows & FLASH_SDPA_ALIGNED_K) != 0;
+  const bool aligned_v = (p.aligned_rows & FLASH_SDPA_ALIGNED_V) != 0;
+  threadgroup T* kv_tile = reinterpret_cast<threadgroup T*>(kv_region);
   const int col0 = int(sg) * DS;
   const int sub = int(lane) % 4;
 
@@ -495,10 +554,10 @@ template <typename T, int D>
     for (int idx = int(tid); idx < BQ * W; idx += NT) {
       poison[idx] = 0;
     }
-    // This simdgroup's columns of the 8 Q rows, times scale.
-    varlen_stage_q<T, BQ, D, NT>(kv_tile, head.q, p.q_row_stride, p.opt.scale, q0, 0, seq.sq, tid);
+    // This simdgroup's columns of the 8 Q rows.
+    varlen_stage_q<T, BQ, D, NT>(kv_tile, head.q, p.q_row_stride, q0, 0, seq.sq, aligned_q, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    simdgroup_matrix<float, 8, 8> q_frag[FB];
+    simdgroup_matrix<T, 8, 8> q_frag[FB];
     simdgroup_matrix<float, 8, 8> o_frag[FB];
     for (int f = 0; f < FB; ++f) {
       simdgroup_load(q_frag[f], kv_tile + col0 + f * 8, D);
@@ -513,13 +572,14 @@ template <typename T, int D>
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT, false>(kv_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, tid);
+      varlen_stage_rows<T, BK, D, NT, false>(kv_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k,
+                                             tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial S (8 x 8) over this simdgroup's columns: K blocks loaded transposed.
       simdgroup_matrix<float, 8, 8> s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       for (int f = 0; f < FB; ++f) {
-        simdgroup_matrix<float, 8, 8> kt;
+        simdgroup_matrix<T, 8, 8> kt;
         simdgroup_load(kt, kv_tile + col0 + f * 8, D, ulong2(0, 0), true);
         simdgroup_multiply_accumulate(s, q_frag[f], kt, s);
       }
@@ -528,7 +588,8 @@ template <typename T, int D>
 
       // V replaces K in the tile while simdgroup 0 sums the partials and runs the softmax step.
       const bool dropped = simd_any(
-          varlen_stage_rows<T, BK, D, NT, true>(kv_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, tid));
+          varlen_stage_rows<T, BK, D, NT, true>(kv_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end,
+                                                aligned_v, tid));
       if (lane == 0) {
         dropped_sg[sg] = dropped ? 1u : 0u;
       }
@@ -542,8 +603,14 @@ template <typename T, int D>
           }
           strip[c] = sum;
         }
-        const float alpha = varlen_softmax_step<BK>(strip, key_offsets, row, sub, k0, p);
-        varlen_write_diagonal(diag, alpha, lane);
+        const float alpha = varlen_softmax_step<BK>(strip, probs + (int(lane) / 4) * BK, key_offsets, row, sub, k0, p);
+        const bool rescale = simd_any(alpha != 1.0f);
+        if (rescale) {
+          varlen_write_diagonal(diag, alpha, lane);
+        }
+        if (lane == 0) {
+          rescale_tile[0] = rescale ? 1u : 0u;
+        }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
       if (varlen_any_dropped(dropped_sg)) {  // uniform; poison is read after the barriers below
@@ -551,35 +618,34 @@ template <typename T, int D>
                                              tid);
       }
 
-      // O = diag(alpha) O + P V over this simdgroup's columns.
-      simdgroup_matrix<float, 8, 8> rescale, p_frag;
-      simdgroup_load(rescale, diag, 8);
-      simdgroup_load(p_frag, partial, BK);
+      // O = diag(alpha) O (only where a row moved its max) + P V over this simdgroup's columns.
+      if (rescale_tile[0] != 0) {  // uniform
+        simdgroup_matrix<float, 8, 8> rescale;
+        simdgroup_load(rescale, diag, 8);
+        for (int f = 0; f < FB; ++f) {
+          simdgroup_multiply(o_frag[f], rescale, o_frag[f]);
+        }
+      }
+      simdgroup_matrix<T, 8, 8> p_frag;
+      simdgroup_load(p_frag, probs, BK);
       for (int f = 0; f < FB; ++f) {
-        simdgroup_matrix<float, 8, 8> acc, vb;
-        simdgroup_multiply(acc, rescale, o_frag[f]);
+        simdgroup_matrix<T, 8, 8> vb;
         simdgroup_load(vb, kv_tile + col0 + f * 8, D);
-        simdgroup_multiply_accumulate(acc, p_frag, vb, acc);
-        o_frag[f] = acc;
+        simdgroup_multiply_accumulate(o_frag[f], p_frag, vb, o_frag[f]);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
     if (sg == 0) {
-      const float norm =
-          varlen_finish_row(row, sub, seq.sq, fc_sinks ? sinks[h] : 0.0f, &bad_tile[int(lane) / 4], head.lse);
-      varlen_write_diagonal(diag, norm, lane);
+      varlen_finish_row(row, sub, seq.sq, fc_sinks ? sinks[h] : 0.0f, &bad_tile[int(lane) / 4],
+                        &row_scale[int(lane) / 4], head.lse);
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    simdgroup_matrix<float, 8, 8> normalise;
-    simdgroup_load(normalise, diag, 8);
     for (int f = 0; f < FB; ++f) {
-      simdgroup_matrix<float, 8, 8> ob;
-      simdgroup_multiply(ob, normalise, o_frag[f]);
-      simdgroup_store(ob, kv_tile + col0 + f * 8, D);
+      simdgroup_store(o_frag[f], kv_region + col0 + f * 8, D);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    varlen_write_out<T, BQ, D, NT, W>(head.out, p.o_row_stride, kv_tile, bad_tile, poison, q0, 0, seq.sq, tid);
+    varlen_write_out<T, BQ, D, NT, W>(head.out, p.o_row_stride, kv_region, row_scale, bad_tile, poison, q0, 0, seq.sq,
+                                      tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 }

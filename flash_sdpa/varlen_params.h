@@ -29,13 +29,23 @@ namespace flash_sdpa {
 // options' (attention_options.h: FLASH_SDPA_FC_VARLEN, _SOFTCAP, _ALIBI, _SINKS) and
 #define FLASH_SDPA_FC_VARLEN_PAGED 8  // K/V are paged caches read through the block table (varlen only)
 
+// VarlenParams::aligned_rows: q / k / v whose every row starts at a multiple of 4 elements (storage offset and every
+// stride but the head dim's, block stride included, multiples of 4); their rows are read 4 elements at a time.
+#define FLASH_SDPA_ALIGNED_Q 1
+#define FLASH_SDPA_ALIGNED_K 2
+#define FLASH_SDPA_ALIGNED_V 4
+
 // Threads per threadgroup, a literal for [[max_total_threads_per_threadgroup]].
 #define FLASH_SDPA_VARLEN_THREADS 128
 
 // Tile shape. Every threadgroup has 4 simdgroups of 32 threads; simdgroup s owns query rows [8s, 8s + 8) of a
-// 32-row query tile. The key tile is the largest of 32/16/8 rows whose float K and V tiles, the 8-row score
-// strips, the 8x8 diagonal scratch of every simdgroup, a flag per query row and the paged key offsets (two 64-bit
-// per key) fit in 32 KB of threadgroup memory.
+// 32-row query tile. K and V tiles are staged in the input's type (elem_bytes: 2 for half / bfloat, 4 for float) and
+// multiplied as fragments of that type into float accumulators: half the threadgroup memory and fragment registers
+// of float staging, and the input's own values (staging in float added no precision). The key tile is the largest
+// of 32/16/8 rows whose K and V tiles, the 8-row score strips (float) and probability strips (the input's type), the
+// 8x8 diagonal scratch of every simdgroup, two words per query row (bad flag, output scale), the poison bits and the
+// paged key offsets (two 64-bit per key) fit in 32 KB of threadgroup memory. The output is staged as float through
+// the K/V tile, so that region is at least one 32-row x 32-column float block.
 FSDPA_CONSTANT fsdpa_i32 kVarlenSimdgroups = 4;
 FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = FLASH_SDPA_VARLEN_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;  // 32 query rows per threadgroup
@@ -45,26 +55,34 @@ static_assert(kVarlenThreads == 32 * kVarlenSimdgroups, "one simdgroup per 8 que
 // Non-finite V: a bit per (query row, head-dim column) of the tile, set where the row sees a non-finite V element.
 constexpr fsdpa_i32 varlen_poison_words(fsdpa_i32 head_dim) { return (head_dim + 31) / 32; }
 
-constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k) {
-  return 4 * (2 * block_k * head_dim + kVarlenBlockQ * block_k + kVarlenSimdgroups * 64 + kVarlenBlockQ +
-              kVarlenBlockQ * varlen_poison_words(head_dim) + kVarlenSimdgroups) +
+// Bytes of the K/V region (K then V in the input's type; Q and the float output are staged through it).
+constexpr fsdpa_i32 varlen_kv_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k, fsdpa_i32 elem_bytes) {
+  return 2 * block_k * head_dim * elem_bytes;
+}
+
+constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k, fsdpa_i32 elem_bytes) {
+  return varlen_kv_bytes(head_dim, block_k, elem_bytes) + kVarlenBlockQ * block_k * (4 + elem_bytes) +
+         4 * (kVarlenSimdgroups * 64 + 2 * kVarlenBlockQ + kVarlenBlockQ * varlen_poison_words(head_dim) +
+              kVarlenSimdgroups) +
          16 * block_k;
 }
 
-constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim) {
-  return varlen_threadgroup_bytes(head_dim, 32) <= kVarlenMaxThreadgroupBytes   ? 32
-         : varlen_threadgroup_bytes(head_dim, 16) <= kVarlenMaxThreadgroupBytes ? 16
-                                                                                : 8;
+constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return varlen_threadgroup_bytes(head_dim, 32, elem_bytes) <= kVarlenMaxThreadgroupBytes   ? 32
+         : varlen_threadgroup_bytes(head_dim, 16, elem_bytes) <= kVarlenMaxThreadgroupBytes ? 16
+                                                                                           : 8;
 }
 
 // Wide head dims (flash_attn_varlen_wide, D > 256): 8-row query tiles whose 4 simdgroups split the head dim, and one
-// 8-key staging tile that holds K, then V.
+// 8-key staging tile that holds K, then V (the input's type), and the float output at the end (so it is sized for
+// 8 float rows).
 FSDPA_CONSTANT fsdpa_i32 kVarlenWideBlockQ = 8;
 FSDPA_CONSTANT fsdpa_i32 kVarlenWideBlockK = 8;
 
-constexpr fsdpa_i32 varlen_wide_threadgroup_bytes(fsdpa_i32 head_dim) {
-  return 4 * (kVarlenWideBlockK * head_dim + kVarlenSimdgroups * kVarlenWideBlockQ * kVarlenWideBlockK + 64 +
-              kVarlenWideBlockQ + kVarlenWideBlockQ * varlen_poison_words(head_dim) + kVarlenSimdgroups) +
+constexpr fsdpa_i32 varlen_wide_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return 4 * kVarlenWideBlockQ * head_dim + kVarlenWideBlockQ * kVarlenWideBlockK * elem_bytes +
+         4 * (kVarlenSimdgroups * kVarlenWideBlockQ * kVarlenWideBlockK + 64 + 2 * kVarlenWideBlockQ +
+              kVarlenWideBlockQ * varlen_poison_words(head_dim) + kVarlenSimdgroups + 1) +
          16 * kVarlenWideBlockK;
 }
 
@@ -80,15 +98,17 @@ constexpr fsdpa_i32 varlen_block_q(fsdpa_i32 head_dim) { return head_dim > 256 ?
   Y(a, b, 32) Y(a, b, 64) Y(a, b, 72) Y(a, b, 80) Y(a, b, 96) Y(a, b, 128) Y(a, b, 192) Y(a, b, 256)
 #define FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(Y, a, b) Y(a, b, 512)
 
-#define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                      \
-  static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                \
-  static_assert(varlen_threadgroup_bytes((D), varlen_block_k(D)) <= kVarlenMaxThreadgroupBytes, \
-                "the tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");
+#define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                            \
+  static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                      \
+  static_assert(varlen_threadgroup_bytes((D), varlen_block_k((D), 4), 4) <= kVarlenMaxThreadgroupBytes, \
+                "the tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");            \
+  static_assert(varlen_kv_bytes((D), varlen_block_k((D), 2), 2) >= 4 * kVarlenBlockQ * 32,            \
+                "the K/V region of head dim " #D " stages 32 float output columns");
 FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_HEAD_DIM
 #define FLASH_SDPA_CHECK_WIDE_HEAD_DIM(a, b, D)                                               \
   static_assert((D) > 256 && (D) % 32 == 0, "wide head dims split into 4 x whole 8x8 tiles"); \
-  static_assert(varlen_wide_threadgroup_bytes(D) <= kVarlenMaxThreadgroupBytes,               \
+  static_assert(varlen_wide_threadgroup_bytes((D), 4) <= kVarlenMaxThreadgroupBytes,          \
                 "the wide tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");
 FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(FLASH_SDPA_CHECK_WIDE_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_WIDE_HEAD_DIM
@@ -132,7 +152,7 @@ struct VarlenParams {
   fsdpa_i32 min_seqlen_q;        // varlen: sequences with fewer query rows are skipped (0: none; see routing.h)
   fsdpa_i32 q_row_begin;         // this dispatch computes query rows [q_row_begin, q_row_end) of every sequence
   fsdpa_i32 q_row_end;           // (a multiple of the query tile; a long prefill is split: planner_common.h)
-  fsdpa_i32 pad0;
+  fsdpa_i32 aligned_rows;        // FLASH_SDPA_ALIGNED_* bits: that tensor's rows start at multiples of 4 elements
   OptionParams opt;  // scale, softcap, window, ALiBi stride
 };
 

@@ -29,6 +29,25 @@ bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
   return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
+namespace {
+
+// Whether every row of t (its last dim contiguous) starts at a multiple of 4 elements: the storage offset and the
+// stride of every dim that has more than one index are multiples of 4. The glue binds t's buffer at its storage
+// offset from an aligned base, so such rows can be read as 4-element vectors.
+bool rows_aligned4(const at::Tensor& t) {
+  if (t.storage_offset() % 4 != 0) {
+    return false;
+  }
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 4 != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
   const bool paged = call.block_table.has_value();
@@ -82,6 +101,9 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.seqlen_k = varlen ? 0 : params.k_rows;
   params.min_seqlen_q = varlen ? to_i32(std::min<int64_t>(call.min_seqlen_q, rows_q + 1), "min_seqlen_q") : 0;
   params.opt = option_params(call.options);
+  params.aligned_rows = (rows_aligned4(call.q) ? FLASH_SDPA_ALIGNED_Q : 0) |
+                        (rows_aligned4(call.k) ? FLASH_SDPA_ALIGNED_K : 0) |
+                        (rows_aligned4(call.v) ? FLASH_SDPA_ALIGNED_V : 0);
 
   const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
   const int64_t seqlen_k = varlen ? (call.max_seqlen_k > 0 ? call.max_seqlen_k

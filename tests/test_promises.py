@@ -301,9 +301,14 @@ def test_scores_near_minus_1e30_are_scores(kernel, device, D):
                                                   alibi_slopes=slopes.to(device), s_aux=s_aux.to(device),
                                                   return_attn_probs=True)
     out_ref, lse_ref = ref.attention_varlen(q2, k2, v2, [0, n], [0, n], **kw)
-    out_pt, _ = ref.attention_varlen(q2, k2, v2, [0, n], [0, n], dtype=torch.float32, **kw)
+    out_pt, lse_pt = ref.attention_varlen(q2, k2, v2, [0, n], [0, n], dtype=torch.float32, **kw)
     ref.check_close(out2.cpu(), out_ref, out_pt)
-    assert torch.allclose(lse2.cpu().double(), lse_ref, rtol=1e-6)
+    # LSE is the max score (one-hot rows) or the sink: an fp32 dot product of D terms, so FlashAttention's rule
+    # against fp32 torch, plus a few fp32 ulps of the largest value for the log2-domain round trip (a per-row rtol of
+    # 1e-6 asks more of a 64-term fp32 sum than fp32 gives where it cancels).
+    err = (lse2.cpu().double() - lse_ref).abs().max().item()
+    base = (lse_pt.double() - lse_ref).abs().max().item()
+    assert err <= 2 * base + 1e-6 * lse_ref.abs().max().item(), (err, base)
 
 
 @pytest.mark.parametrize("Hq,sq,num_splits", [(1, 1, 1), (4, 1, 3), (8, 2, 1)])  # row tiles R = 1, 4, 16; split-K

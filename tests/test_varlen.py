@@ -199,6 +199,30 @@ def test_huge_scores(kernel, device):
 
 
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("head_dim", [64, 512])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("order", ["rising", "falling"])
+def test_running_max_moves(kernel, device, dtype, head_dim, order):
+    # Key norms that grow along the sequence (or shrink): the row max keeps passing the kernel's running max by more
+    # than its rescale slack (the accumulator is rescaled many times) or never does (probabilities up to the slack).
+    lq, lk = [5, 70], [90, 70]
+    q, k, v, cu_q, cu_k = make_inputs(lq, lk, 4, 2, head_dim, dtype, device)
+    growth = torch.cat([torch.linspace(0.2, 12.0, n) for n in lk])
+    if order == "falling":
+        growth = torch.cat([g.flip(0) for g in growth.split(lk)])
+    k = (k.cpu().float() * growth[:, None, None]).to(dtype).to(device)
+    for causal in (False, True):
+        out, lse, _ = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal,
+                                                    return_attn_probs=True)
+        kw = dict(scale=head_dim**-0.5, causal=causal)
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        out_ref, lse_ref = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, **kw)
+        out_pt, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, dtype=dtype, **kw)
+        ref.check_close(out.cpu(), out_ref, out_pt)
+        ref.check_lse(lse.cpu(), lse_ref)
+
+
+@pytest.mark.kernels_ci
 def test_shared_cu_seqlens_and_strided_views(kernel, device):
     # One tensor as both cu_seqlens; q/k/v as head slices of packed qkv (row stride != H * D).
     lengths = [9, 30, 1]
@@ -213,6 +237,48 @@ def test_shared_cu_seqlens_and_strided_views(kernel, device):
     o_ref, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cs, cs, scale=d**-0.5, causal=True)
     o_pt, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cs, cs, scale=d**-0.5, causal=True, dtype=q.dtype)
     ref.check_close(out.cpu(), o_ref, o_pt)
+
+
+def misalign(t, how):
+    """A copy of t whose rows do not all start at multiples of 4 elements: at storage offset 2, or with a row stride
+    (dim 0) 2 elements longer than packed."""
+    if how == "offset":
+        buf = torch.zeros(t.numel() + 2, dtype=t.dtype, device=t.device)
+        out = buf[2:].view(t.shape)
+    else:
+        row = t[0].numel() + 2
+        buf = torch.zeros(t.shape[0] * row, dtype=t.dtype, device=t.device)
+        out = buf.as_strided(t.shape, (row, *t.stride()[1:]))
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("how", ["offset", "row_stride"])
+@pytest.mark.parametrize("which", ["q", "k", "v", "paged"])
+def test_rows_not_4_aligned(kernel, device, which, how):
+    # The kernels read rows 4 elements at a time only where every row starts at a multiple of 4 (the planner's
+    # aligned_rows bits); the emulator reports any misaligned vector access, so a wrong bit fails here.
+    lq, lk, h, hkv, d = [7, 33], [19, 45], 4, 2, 64
+    q, k, v, cu_q, cu_k = make_inputs(lq, lk, h, hkv, d, torch.float16, device)
+    kw = dict(scale=d**-0.5, causal=True)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    out_ref, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, **kw)
+    out_pt, _ = ref.attention_varlen(q.cpu(), k.cpu(), v.cpu(), cq, ck, dtype=torch.float16, **kw)
+    table = None
+    if which == "paged":  # block size 8: blocks 0..2 sequence 0, 3..8 sequence 1, in order
+        table = torch.tensor([[0, 1, 2, -1, -1, -1], [3, 4, 5, 6, 7, 8]], dtype=torch.int32, device=device)
+        caches = []
+        for t in (k, v):
+            c = torch.zeros(9, 8, hkv, d, dtype=t.dtype, device=device)
+            c[:3].view(-1, hkv, d)[:19] = t[:19]
+            c[3:].view(-1, hkv, d)[:45] = t[19:]
+            caches.append(misalign(c, how))
+        k, v = caches
+    else:
+        q, k, v = (misalign(t, how) if name == which else t for name, t in zip("qkv", (q, k, v)))
+    out = kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True, block_table=table)
+    ref.check_close(out.cpu(), out_ref, out_pt)
 
 
 @pytest.mark.kernels_ci

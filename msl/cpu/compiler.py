@@ -115,7 +115,10 @@ def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: 
         # optimiser, SanitizerCoverage load/store hooks and code generation on the rewritten IR.
         ir = Path(tmp) / (metal_path.stem + ".ll")
         coverage = "-fsanitize-coverage=func,trace-loads,trace-stores"
-        run([clang(), *COMMON_FLAGS, *math, opt, "-gline-tables-only", "-fPIC", coverage, "-fvisibility=hidden",
+        # Every access through a typed pointer checks the address against the type's alignment (a half4 read at an
+        # odd element is undefined on an Apple GPU; x86 would read it silently): shim/metal_stdlib.h reports it.
+        run([clang(), *COMMON_FLAGS, *math, opt, "-gline-tables-only", "-fPIC", coverage, "-fsanitize=alignment",
+             "-fvisibility=hidden",
               f'-DMCPU_SOURCE_PATH="{metal_path.resolve()}"', "-include", str(SHIM), "-S", "-emit-llvm",
               "-Xclang", "-disable-llvm-passes", str(src), "-o", str(ir)], f"compiling {metal_path}")
         ir.write_text(reciprocal_divisions(ir.read_text()))

@@ -264,6 +264,25 @@ def test_misaligned_buffer_offset(lib):
     assert torch.equal(y, x[1:].flip(0))
 
 
+def test_misaligned_vector_access(lib):
+    """A half4 read through a cast pointer at an element offset that is not a multiple of 4: undefined on an Apple GPU,
+    silently fine on x86, so the emulator checks every typed access against its type's alignment."""
+    x, y = torch.randn(72).half(), torch.zeros(16).half()
+    for offset in (1, 2):
+        expect_error(lib, "misaligned_vector_read", r"misaligned access at address", "misaligned_vector_read",
+                     threadgroups=(1, 1, 1), threads_per_threadgroup=(16, 1, 1),
+                     buffers={0: x, 1: y, 2: torch.tensor([offset], dtype=torch.int32)})
+    # The same through the binding: a buffer bound 4 bytes past an aligned base keeps that offset in the emulator.
+    zero = torch.tensor([0], dtype=torch.int32)
+    expect_error(lib, "misaligned_vector_read", r"misaligned access at address", "misaligned_vector_read",
+                 threadgroups=(1, 1, 1), threads_per_threadgroup=(16, 1, 1), buffers={0: (x, 4), 1: y, 2: zero})
+    lib.dispatch("misaligned_vector_read", (1, 1, 1), (16, 1, 1), buffers={0: (x, 8), 1: y, 2: zero})
+    lib.dispatch("misaligned_vector_read", (1, 1, 1), (16, 1, 1),
+                 buffers={0: x, 1: y, 2: torch.tensor([4], dtype=torch.int32)})
+    ref = x[4:68].view(16, 4)
+    assert torch.equal(y, ((ref[:, 0] + ref[:, 1]) + ref[:, 2]) + ref[:, 3])
+
+
 def test_copy_loops_are_checked(lib):
     """Copies the optimiser could turn into memcpy stay element accesses: the copied bytes count as initialised (no
     false report), and a copy past a buffer's end is reported."""

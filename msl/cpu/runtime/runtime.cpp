@@ -590,18 +590,22 @@ int dispatch_locked(Library* lib, const mcpu_dispatch_desc* d, char* err, size_t
     else if (bytes[i])
       pending.push_back({i, bytes[i]->data, bytes[i]->length, true, nullptr});
   }
-  for (const Pending& p : pending) arena_size += round_up(p.len, 4096) + kGuard;
+  // A buffer's copy keeps the bound address's offset from 16-byte alignment (a Metal buffer bound at offset 4 is
+  // 4 bytes past an aligned base, so a vector read through it is misaligned there too); setBytes data is aligned.
+  auto misalignment = [](const Pending& p) { return p.is_bytes ? size_t(0) : size_t((uintptr_t)p.src % 16); };
+  for (const Pending& p : pending) arena_size += round_up(p.len + 16, 4096) + kGuard;
   char* arena = (char*)map(arena_size);
   if (!arena) return error("cannot map the buffer arena");
   size_t at = kGuard;
   std::vector<Snapshot> snapshots;  // what each buffer held before the dispatch
   for (const Pending& p : pending) {
-    // The copy ends exactly where its guard gap starts (rounded to 16 bytes for alignment), so an overrun by
-    // even one element leaves the slot.
-    size_t start = at + round_up(p.len, 4096) - round_up(p.len, 16);
+    // The copy ends exactly where its guard gap starts (less than 16 bytes before it, for alignment), so an
+    // overrun by even one element leaves the slot.
+    const size_t mis = misalignment(p), slot = round_up(p.len + 16, 4096);
+    const size_t start = at + slot - round_up(p.len + mis, 16) + mis;
     snapshots.push_back(copy_in(arena + start, (const char*)p.src, p.len));
     slots.push_back({(uintptr_t)(arena + start), (uintptr_t)(arena + start + p.len), p.index, p.is_bytes, p.host});
-    at += round_up(p.len, 4096) + kGuard;
+    at += slot + kGuard;
   }
 
   // Threads, stacks, threadgroup memory.

@@ -55,6 +55,14 @@ MCPU_HOOKS(4)
 MCPU_HOOKS(8)
 MCPU_HOOKS(16)
 #undef MCPU_HOOKS
+// -fsanitize=alignment (compiler.py): an access through a pointer whose type needs more alignment than the address
+// has, e.g. a vector load at an element offset that is not a multiple of the vector's length. The recoverable
+// handler's calls are not merged by the optimiser (noreturn ones are), so each keeps its line; it never returns.
+extern "C" MCPU_TRAMPOLINE void __ubsan_handle_type_mismatch_v1(void*, void* p) {
+  char message[96];
+  __builtin_snprintf(message, sizeof(message), "misaligned access at address %p (below its type's alignment)", p);
+  mcpu_runtime->fatal(message, __builtin_return_address(0));
+}
 static MCPU_TRAMPOLINE void* mcpu_threadgroup_alloc(uint32_t size, uint32_t align, uint32_t decl_id) {
   return mcpu_runtime->threadgroup_alloc(size, align, decl_id, __builtin_return_address(0));
 }

@@ -235,3 +235,11 @@ kernel void overrun_row_sum(device const half* a [[buffer(0)]], device float* ou
   for (int k = 0; k < 16; ++k) s += float(a[tid * 16 + k]);  // BUG: overrun_row_sum
   out[tid] = s;
 }
+
+// A vector read through a pointer cast at an element offset that is not a multiple of 4: the alignment of half4
+// (8 bytes) does not hold for odd `offset`.
+kernel void misaligned_vector_read(device const half* in [[buffer(0)]], device half* out [[buffer(1)]],
+                                   constant int& offset [[buffer(2)]], uint tid [[thread_position_in_grid]]) {
+  const half4 x = *reinterpret_cast<device const half4*>(in + offset + 4 * tid);  // BUG: misaligned_vector_read
+  out[tid] = x.x + x.y + x.z + x.w;
+}
