@@ -401,8 +401,11 @@ template <typename T, int D>
   // Query tiles q0, q0 + grid x 32, ... of this dispatch's rows [q_row_begin, q_row_end): every row of every sequence
   // is computed whatever max_seqlen_q (which only sizes the grid) says, the last dispatch of a split prefill taking
   // the rows to the end. The loop bounds are uniform across the threadgroup, so every thread meets every barrier.
+  // Threadgroup x takes tile grid.x - 1 - x first: the GPU starts threadgroups in grid order, and a causal prompt's
+  // last tiles see the most keys, so the longest ones start first and the short ones fill the end of the dispatch.
   const int q_end = min(seq.sq, p.q_row_end);
-  for (int q0 = p.q_row_begin + int(tg_pos.x) * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
+  const int first_tile = int(tg_count.x) - 1 - int(tg_pos.x);
+  for (int q0 = p.q_row_begin + first_tile * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
@@ -546,8 +549,9 @@ template <typename T, int D>
   const int col0 = int(sg) * DS;
   const int sub = int(lane) % 4;
 
-  const int q_end = min(seq.sq, p.q_row_end);  // this dispatch's rows, as in the kernel above
-  for (int q0 = p.q_row_begin + int(tg_pos.x) * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
+  const int q_end = min(seq.sq, p.q_row_end);  // this dispatch's rows, longest tiles first, as in the kernel above
+  const int first_tile = int(tg_count.x) - 1 - int(tg_pos.x);
+  for (int q0 = p.q_row_begin + first_tile * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
