@@ -47,13 +47,20 @@ FSDPA_CONSTANT fsdpa_i32 kBwdThreads = FLASH_SDPA_BWD_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kBwdSimdgroups = FLASH_SDPA_BWD_THREADS / 32;
 FSDPA_CONSTANT fsdpa_i32 kBwdDeltaRows = 32;  // rows per pass-1 tile (8 per simdgroup)
 FSDPA_CONSTANT fsdpa_i32 kBwdMaxThreadgroupBytes = 32768;
+// Two 128-thread threadgroups resident on an M1/M2-class core (~60 KB of threadgroup memory): the staged-row choice
+// stays within 30 KB, so that one threadgroup's staging (no async copies in Metal) overlaps the other's products.
+FSDPA_CONSTANT fsdpa_i32 kBwdResidentBytes = 30720;
 
 // Column slices CS of the head dim (elem: bytes of T). Fewer slices, taller tiles: each staged row serves 8 x 4 / CS
-// tile rows, so D = 192 / 256 take 16-row tiles (2 slices) rather than 8 (4): half the staged traffic and barriers
-// per product. The limit is pass 2's fragments, 4 x DS / 8 per lane (float: DS words at most 80 up to D = 128, 96 /
-// 128 at D = 192 / 256, the forward's D = 256 budget; Apple GPUs spill rather than lower occupancy).
+// tile rows (per (query, key) pair: half the staged traffic and threadgroup barriers at 2 slices than at 4, a quarter
+// of the barriers at 1 than at 2), and one slice needs no cross-simdgroup sum of partial scores (simdgroup barriers
+// around the elementwise step instead of threadgroup barriers). The limit is pass 2's fragments, 4 x DS / 8 per lane
+// (K, V: T; dK, dV: float): float keeps DS <= 80 below D = 96 (80 words), 96 / 128 words at D = 192 / 256 (the
+// forward's D = 256 budget); a half / bfloat fragment is one word, so one slice of D = 128 costs 2 x 16 + 2 x 32 = 96
+// words and D = 96 / 128 take 32-row tiles. D = 192 / 256 in one slice would need 144 / 192 words: Apple GPUs spill
+// rather than lower occupancy, so they keep 2 slices (72 / 96 words), and D = 512 keeps 4.
 constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim, fsdpa_i32 elem) {
-  return (void)elem, head_dim <= 80 ? 1 : head_dim <= 256 ? 2 : 4;
+  return head_dim <= (elem == 4 ? 80 : 128) ? 1 : head_dim <= 256 ? 2 : 4;
 }
 
 // Rows of a pass-2 / pass-3 tile (keys / queries): 8 per row block.
@@ -71,16 +78,17 @@ constexpr fsdpa_i32 bwd_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 elem, fs
          4 * (4 * (stage_rows + bwd_tile_rows(head_dim, elem)) + kBwdSimdgroups);
 }
 
-// Staged rows: the most of 32 / 16 / 8 whose two buffers fit in 32 KB (fewer threadgroup barriers and per-block
-// scalar set-up per staged row).
+// Staged rows: the most of 32 / 16 / 8 whose two buffers fit in kBwdResidentBytes (fewer threadgroup barriers and
+// per-block scalar set-up per staged row). 2-byte staging is what lets D = 96 / 128 (one slice, 32-row tiles) stage
+// 32 rows, D = 256 16 (float: 8) and D = 512 both operands at once (float: one buffer, Q and dO in turn).
 constexpr fsdpa_i32 bwd_stage_rows(fsdpa_i32 head_dim, fsdpa_i32 elem) {
-  return bwd_threadgroup_bytes(head_dim, elem, 32, 2) <= kBwdMaxThreadgroupBytes   ? 32
-         : bwd_threadgroup_bytes(head_dim, elem, 16, 2) <= kBwdMaxThreadgroupBytes ? 16
-                                                                                   : 8;
+  return bwd_threadgroup_bytes(head_dim, elem, 32, 2) <= kBwdResidentBytes   ? 32
+         : bwd_threadgroup_bytes(head_dim, elem, 16, 2) <= kBwdResidentBytes ? 16
+                                                                             : 8;
 }
 
 constexpr fsdpa_i32 bwd_stage_buffers(fsdpa_i32 head_dim, fsdpa_i32 elem) {
-  return bwd_threadgroup_bytes(head_dim, elem, bwd_stage_rows(head_dim, elem), 2) <= kBwdMaxThreadgroupBytes ? 2 : 1;
+  return bwd_threadgroup_bytes(head_dim, elem, bwd_stage_rows(head_dim, elem), 2) <= kBwdResidentBytes ? 2 : 1;
 }
 
 // Floats of the staging buffer (T rows; the gradient tile's float column chunks reuse it).
