@@ -10,14 +10,16 @@
 // bit-identical on repeat. Pass 3 recomputes S and dP instead of receiving dS from pass 2: two more 8x8
 // products per pair, the price of no atomics.
 //
-// The products are 8x8 float simdgroup_matrix operations (backward_params.h: row blocks x column slices of the
-// head dim per threadgroup); the elementwise step (P, dS, masks, softcap, ALiBi) runs per element on strips in
-// threadgroup memory, never on a fragment's elements (their lane layout is undocumented). Fast math: masking is
-// explicit (a masked pair's P and dS are selected to 0, never exp of a large negative), and a row whose LSE is not
-// finite (no visible key: -inf, or a NaN row) has P = 0. A product sums over rows (dV = P^T dO and dK = dS^T Q over
-// the staged query rows, dQ = dS K over the staged keys), where a 0 weight times a NaN operand would still be NaN:
-// those staged operands hold 0 for non-finite elements (selected), so a NaN in k, v, q or dO where a row cannot
-// see it changes nothing of that row's gradients.
+// The products are 8x8 simdgroup_matrix operations on T operands (the input dtype: half, bfloat or float) with fp32
+// accumulators (backward_params.h: row blocks x column slices of the head dim per threadgroup); the elementwise step
+// (P, dS, masks, softcap, ALiBi, the scale) runs in fp32 per element on strips in threadgroup memory, never on a
+// fragment's elements (their lane layout is undocumented). P^T and dS enter their products rounded to T, as in
+// FlashAttention-2; S = q . k is computed from unscaled T operands and scaled in fp32 (no extra rounding of scale q).
+// Fast math: masking is explicit (a masked pair's P and dS are selected to 0, never exp of a large negative), and a row
+// whose LSE is not finite (no visible key: -inf, or a NaN row) has P = 0. A product sums over rows (dV = P^T dO and dK
+// = dS^T Q over the staged query rows, dQ = dS K over the staged keys), where a 0 weight times a NaN operand would
+// still be NaN: those staged operands hold 0 for non-finite elements (selected), so a NaN in k, v, q or dO where a row
+// cannot see it changes nothing of that row's gradients.
 #pragma once
 
 #include <metal_stdlib>
@@ -78,13 +80,14 @@ inline float bwd_score_log2(float s, float softcap, float slope, int dist, threa
   return flash_sdpa::clamp_score(s) * kBwdLog2e;  // as the forward
 }
 
-// (P, dS) of one (query, key) pair from s = scale q . k and dP = dO . v: P = exp(s' - lse) where visible, else 0
-// (selected: s or dP may be NaN for a masked pair).
-inline float2 bwd_p_ds(float2 s_dp, float softcap, float slope, int dist, bool visible, float lse2, float delta) {
+// (P, dS) of one (query, key) pair from qk_dp = (q . k, dO . v): s = scale q . k, P = exp(s' - lse) where visible,
+// else 0 (selected: s or dP may be NaN for a masked pair).
+inline float2 bwd_p_ds(float2 qk_dp, float scale, float softcap, float slope, int dist, bool visible, float lse2,
+                       float delta) {
   float dsoft;
-  const float s2 = bwd_score_log2(s_dp.x, softcap, slope, dist, &dsoft);
+  const float s2 = bwd_score_log2(scale * qk_dp.x, softcap, slope, dist, &dsoft);
   const float pr = visible ? exp2(s2 - lse2) : 0.0f;
-  return visible ? float2(pr, pr * (s_dp.y - delta) * dsoft) : float2(0.0f);
+  return visible ? float2(pr, pr * (qk_dp.y - delta) * dsoft) : float2(0.0f);
 }
 
 // The forward's LSE of a row in the log2 domain; false when it is not finite (no visible key, or a NaN row).
@@ -134,46 +137,113 @@ template <typename T>
   }
 }
 
-// Stages rows [r0, r0 + n) of one head (row stride in elements of T) as float [ROWS][D] times scale; rows past n are
-// 0. DROP: a non-finite element is staged as 0 (selected): this operand is summed over rows by a product.
+// Stages rows [r0, r0 + n) of one head (row stride in elements of T) as T [ROWS][D]; rows past n are 0. DROP: a
+// non-finite element is staged as 0 (selected): this operand is summed over rows by a product.
 template <typename T, int ROWS, int D, bool DROP>
-inline void bwd_stage(threadgroup float* dst, const device T* src, long row_stride, int r0, int n, float scale,
-                      uint tid) {
+inline void bwd_stage(threadgroup T* dst, const device T* src, long row_stride, int r0, int n, uint tid) {
   for (int idx = int(tid); idx < ROWS * D; idx += flash_sdpa::kBwdThreads) {
     const int r = idx / D, c = idx % D;
-    const float x = r < n ? float(src[long(r0 + r) * row_stride + c]) : 0.0f;
-    dst[idx] = DROP && flash_sdpa::is_nonfinite(x) ? 0.0f : x * scale;
+    const T x = r < n ? src[long(r0 + r) * row_stride + c] : T(0.0f);
+    dst[idx] = DROP && flash_sdpa::is_nonfinite(float(x)) ? T(0.0f) : x;
   }
 }
 
-// Writes rows [r0, r0 + n) of a staged float [ROWS][D] tile to one head of a gradient, times scale.
-template <typename T, int ROWS, int D>
-inline void bwd_write(device T* dst, long row_stride, threadgroup const float* src, int r0, int n, float scale,
-                      uint tid) {
-  for (int idx = int(tid); idx < ROWS * D; idx += flash_sdpa::kBwdThreads) {
-    const int r = idx / D, c = idx % D;
-    if (r < n) {
-      dst[long(r0 + r) * row_stride + c] = T(src[idx] * scale);
+// A simdgroup's fragments of rows [8 rb, 8 rb + 8) x columns [col0, col0 + 8 FB) of a staged T [ROWS][D] tile.
+template <typename T, int FB, int D>
+__attribute__((always_inline)) inline void bwd_load_frags(thread simdgroup_matrix<T, 8, 8> (&frags)[FB],
+                                                          threadgroup const T* tile, int rb, int col0) {
+  for (int f = 0; f < FB; ++f) {
+    simdgroup_load(frags[f], tile + rb * 8 * D + col0 + f * 8, D);
+  }
+}
+
+// The tile's two operands (pass 2: K, V; pass 3: Q, dO), rows [r0, r0 + n) of one head (rows past n: 0), into this
+// simdgroup's fragments (rows [8 rb, + 8), columns [col0, + 8 FB)) through the staging buffer: side by side when
+// both fit (BOTH), else in turn. Ends with a barrier: the buffer is free again.
+template <typename T, int ROWS, int D, int FB, bool BOTH>
+__attribute__((always_inline)) inline void bwd_load_tile(thread simdgroup_matrix<T, 8, 8> (&a_frag)[FB],
+                                                         thread simdgroup_matrix<T, 8, 8> (&b_frag)[FB],
+                                                         threadgroup T* stage, const device T* a, long a_row_stride,
+                                                         const device T* b, long b_row_stride, int r0, int n, int rb,
+                                                         int col0, uint tid) {
+  bwd_stage<T, ROWS, D, false>(stage, a, a_row_stride, r0, n, tid);
+  if (BOTH) {
+    bwd_stage<T, ROWS, D, false>(stage + ROWS * D, b, b_row_stride, r0, n, tid);
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  bwd_load_frags<T, FB, D>(a_frag, stage, rb, col0);
+  if (!BOTH) {
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_stage<T, ROWS, D, false>(stage, b, b_row_stride, r0, n, tid);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  bwd_load_frags<T, FB, D>(b_frag, stage + (BOTH ? ROWS * D : 0), rb, col0);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// The largest divisor of fb that is at most most: fragments per column slice of one output chunk.
+constexpr int bwd_chunk_frags(int fb, int most) {
+  int f = most < fb ? most : fb;
+  while (fb % f != 0) {
+    --f;
+  }
+  return f;
+}
+
+// Writes a gradient tile, rows [r0, r0 + n) of one head, times scale: simdgroup (rb, cs) holds rows [8 rb, + 8) x
+// columns [cs DS, + DS) as fp32 fragments. They leave through `buf` (WORDS floats, the staging buffer) FC fragments
+// of every slice at a time, as a float [ROWS][CS FC 8] chunk: 2-byte staging is too small for the whole float tile.
+template <typename T, int ROWS, int D, int CS, int FB, int WORDS>
+__attribute__((always_inline)) inline void bwd_write(device T* dst, long row_stride, threadgroup float* buf,
+                                                     thread const simdgroup_matrix<float, 8, 8> (&acc)[FB], int rb,
+                                                     int cs, int r0, int n, float scale, uint tid) {
+  constexpr int FC = bwd_chunk_frags(FB, WORDS / (ROWS * CS * 8));
+  constexpr int W = CS * FC * 8;  // columns of a chunk
+  static_assert(FC >= 1 && ROWS * W <= WORDS, "a chunk of one fragment per slice fits in the staging buffer");
+  for (int f0 = 0; f0 < FB; f0 += FC) {
+    for (int f = 0; f < FC; ++f) {
+      simdgroup_store(acc[f0 + f], buf + rb * 8 * W + cs * FC * 8 + f * 8, W);
     }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int idx = int(tid); idx < ROWS * W; idx += flash_sdpa::kBwdThreads) {
+      const int r = idx / W, c = idx % W;
+      if (r < n) {
+        dst[long(r0 + r) * row_stride + (c / (FC * 8)) * (D / CS) + f0 * 8 + c % (FC * 8)] = T(buf[idx] * scale);
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 }
 
-// A simdgroup's partial products with every staged row: block xb of the strip (8 x 8) = sum over the simdgroup's FB
-// column fragments f of frags[f] (its own 8 rows) times block xb of the staged [SB * 8][D] tile, transposed, columns
-// [col0 + 8 f, col0 + 8 f + 8). The column slices' partials are summed in the elementwise step.
-template <int SB, int FB, int D, int STAGE>
+// A simdgroup's partial products with every staged row: block xb of the strip (8 x 8, fp32) = sum over the
+// simdgroup's FB column fragments f of frags[f] (its own 8 rows) times block xb of the staged T [SB * 8][D] tile,
+// transposed, columns [col0 + 8 f, col0 + 8 f + 8). The column slices' partials are summed in the elementwise step.
+template <typename T, int SB, int FB, int D, int STAGE>
 __attribute__((always_inline)) inline void bwd_strip_products(threadgroup float* strip,
-                                                              thread const simdgroup_matrix<float, 8, 8> (&frags)[FB],
-                                                              threadgroup const float* tile, int col0) {
+                                                              thread const simdgroup_matrix<T, 8, 8> (&frags)[FB],
+                                                              threadgroup const T* tile, int col0) {
   for (int xb = 0; xb < SB; ++xb) {
     simdgroup_matrix<float, 8, 8> acc = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     for (int f = 0; f < FB; ++f) {
-      simdgroup_matrix<float, 8, 8> block;
+      simdgroup_matrix<T, 8, 8> block;
       simdgroup_load(block, tile + xb * 8 * D + col0 + f * 8, D, ulong2(0, 0), true);
       simdgroup_multiply_accumulate(acc, frags[f], block, acc);
     }
     simdgroup_store(acc, strip + xb * 8, STAGE);
   }
+}
+
+// The T strip [tile rows][STAGE] a product reads P^T or dS from. float: the fp32 strip itself (its first slice),
+// rewritten in place (each element is read, then written, by one thread); 2-byte T: a strip of its own.
+template <typename T>
+inline threadgroup T* bwd_t_strip(threadgroup float* scores, threadgroup T* own) {
+  return sizeof(T) == 4 ? reinterpret_cast<threadgroup T*>(scores) : own;
+}
+
+// Elements of the T strips a kernel declares (float needs none: 1, unused).
+template <typename T>
+constexpr int bwd_t_strip_elems(int count, int rows, int stage) {
+  return sizeof(T) == 4 ? 1 : count * rows * stage;
 }
 
 // Orders the score strips around the elementwise step. One column slice (CS = 1): a simdgroup's strips are written
@@ -190,10 +260,10 @@ inline void bwd_strip_barrier() {
 
 // ---- pass 2: dK, dV -------------------------------------------------------------------------------------------------
 // Grid (key tiles, Hkv, B); threadgroup x takes the key tiles x, x + grid.x, ... (max_seqlen_k only sizes the grid).
-// Simdgroup s holds K, V, dK, dV of key rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments
-// (rb = s / CS, cs = s % CS); the query rows that see the tile are staged STAGE at a time, for each query head of
-// the group in turn. Per staged block: S^T = K Q^T and dP^T = V dO^T (partials per column slice), then per element
-// P^T and dS^T, then dV += P^T dO and dK += dS^T Q.
+// Simdgroup s holds K, V (T) and dK, dV (fp32) of key rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as
+// fragments (rb = s / CS, cs = s % CS); the query rows that see the tile are staged STAGE at a time as T, for each
+// query head of the group in turn. Per staged block: K Q^T and dP^T = V dO^T (partials per column slice), then per
+// element S^T = scale K Q^T, P^T and dS^T (fp32, stored as T), then dV += P^T dO and dK += dS^T Q (scale at the store).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv(
     const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
@@ -209,18 +279,23 @@ template <typename T, int D>
     uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
-  constexpr int CS = flash_sdpa::bwd_col_slices(D);
+  constexpr int E = sizeof(T);
+  constexpr int CS = flash_sdpa::bwd_col_slices(D, E);
   constexpr int DS = D / CS;  // columns of a slice
   constexpr int FB = DS / 8;  // fragments of a slice
-  constexpr int BK = flash_sdpa::bwd_tile_rows(D);
-  constexpr int STAGE = flash_sdpa::bwd_stage_rows(D);
-  constexpr int NBUF = flash_sdpa::bwd_stage_buffers(D);
-  constexpr int SB = STAGE / 8;  // 8-row blocks of the staged rows
+  constexpr int BK = flash_sdpa::bwd_tile_rows(D, E);
+  constexpr int STAGE = flash_sdpa::bwd_stage_rows(D, E);
+  constexpr int NBUF = flash_sdpa::bwd_stage_buffers(D, E);
+  constexpr int WORDS = flash_sdpa::bwd_stage_words(D, E);
+  constexpr int SB = STAGE / 8;                  // 8-row blocks of the staged rows
+  constexpr bool BOTH = 2 * BK <= NBUF * STAGE;  // the tile's K and V rows staged side by side (else in turn)
   static_assert(BK <= NBUF * STAGE && STAGE % 8 == 0 && DS % 8 == 0, "whole 8x8 tiles");
 
-  threadgroup float stage[NBUF * STAGE * D];  // scale * Q rows, then dO rows (NBUF = 1: one after the other)
-  threadgroup float s_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];   // simdgroup s: partial S^T, then (slot 0) P^T
-  threadgroup float dp_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];  // partial dP^T, then (slot 0) dS^T
+  threadgroup float
+      stage_words[WORDS];  // T: Q rows, then dO rows (NBUF = 1: one after the other); float chunks of dK, dV
+  threadgroup float s_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];   // [CS][BK][STAGE]: slice cs's partial K Q^T
+  threadgroup float dp_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];  // [CS][BK][STAGE]: slice cs's partial dP^T
+  threadgroup T pds_own[bwd_t_strip_elems<T>(2, BK, STAGE)];           // 2-byte T: P^T, then dS^T, [BK][STAGE] each
   threadgroup float row_lse2[STAGE];                                   // LSE * log2(e) of the staged rows
   threadgroup float row_delta[STAGE];
   threadgroup int row_lo[STAGE];  // visible keys [lo, hi]; hi = -1 for a row with no finite LSE or past the rows
@@ -231,12 +306,13 @@ template <typename T, int D>
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int group = p.num_heads / p.num_kv_heads;
   const int rb = int(sg) / CS, cs = int(sg) % CS;
-  threadgroup float* q_tile = stage;
-  threadgroup float* do_tile = stage + (NBUF - 1) * STAGE * D;
-  threadgroup float* s_mine = s_strip + int(sg) * 8 * STAGE;
-  threadgroup float* dp_mine = dp_strip + int(sg) * 8 * STAGE;
-  threadgroup float* pt_block = s_strip + rb * CS * 8 * STAGE;    // P^T of this row block (slot 0)
-  threadgroup float* dst_block = dp_strip + rb * CS * 8 * STAGE;  // dS^T of this row block
+  threadgroup T* stage = reinterpret_cast<threadgroup T*>(stage_words);
+  threadgroup T* q_tile = stage;
+  threadgroup T* do_tile = stage + (NBUF - 1) * STAGE * D;
+  threadgroup float* s_mine = s_strip + (cs * BK + rb * 8) * STAGE;
+  threadgroup float* dp_mine = dp_strip + (cs * BK + rb * 8) * STAGE;
+  threadgroup T* pt_strip = bwd_t_strip<T>(s_strip, pds_own);
+  threadgroup T* dst_strip = bwd_t_strip<T>(dp_strip, pds_own + BK * STAGE);
 
   const device T* k_seq =
       k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
@@ -252,21 +328,14 @@ template <typename T, int D>
   for (int k0 = p.row_begin + int(tg_pos.x) * BK; k0 < k_end; k0 += int(tg_count.x) * BK) {
     const int nk = min(BK, sk - k0);
     // K and V of this simdgroup's rows and columns, through the staging buffer (rows past the keys: 0).
-    simdgroup_matrix<float, 8, 8> k_frag[FB], v_frag[FB], dk_acc[FB], dv_acc[FB];
-    bwd_stage<T, BK, D, false>(stage, k_seq, p.k_row_stride, k0, nk, 1.0f, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<T, 8, 8> k_frag[FB], v_frag[FB];
+    simdgroup_matrix<float, 8, 8> dk_acc[FB], dv_acc[FB];
     for (int f = 0; f < FB; ++f) {
-      simdgroup_load(k_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    bwd_stage<T, BK, D, false>(stage, v_seq, p.v_row_stride, k0, nk, 1.0f, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int f = 0; f < FB; ++f) {
-      simdgroup_load(v_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
       dk_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dv_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_load_tile<T, BK, D, FB, BOTH>(k_frag, v_frag, stage, k_seq, p.k_row_stride, v_seq, p.v_row_stride, k0, nk, rb,
+                                      cs * DS, tid);
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
@@ -282,9 +351,9 @@ template <typename T, int D>
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
         const int n = min(STAGE, rows.y + 1 - i0);  // uniform
-        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, p.opt.scale, tid);
+        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, tid);
         if (NBUF == 2) {
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, 1.0f, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, tid);
         }
         for (int r = int(tid); r < STAGE; r += NT) {
           float lse2 = 0.0f;
@@ -297,55 +366,55 @@ template <typename T, int D>
         }
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
-        // Partial S^T = K Q^T over this simdgroup's columns (Q blocks loaded transposed); dP^T = V dO^T likewise.
-        bwd_strip_products<SB, FB, D, STAGE>(s_mine, k_frag, q_tile, cs * DS);
+        // Partial K Q^T over this simdgroup's columns (Q blocks loaded transposed); dP^T = V dO^T likewise.
+        bwd_strip_products<T, SB, FB, D, STAGE>(s_mine, k_frag, q_tile, cs * DS);
         if (NBUF == 1) {  // dO replaces Q in the buffer
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, 1.0f, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
-        bwd_strip_products<SB, FB, D, STAGE>(dp_mine, v_frag, do_tile, cs * DS);
+        bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, v_frag, do_tile, cs * DS);
         bwd_strip_barrier<CS>();
 
-        // Per element (key row, staged query c): the CS partials summed in slice order, then P^T and dS^T into the
-        // row block's first strips (CS = 1: each simdgroup its own rows).
+        // Per element (key row, staged query c): the CS partials summed in slice order, then P^T and dS^T (fp32,
+        // stored as T) at the same place of the T strips (CS = 1: each simdgroup its own rows).
         for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BK * STAGE);
              e += CS == 1 ? 32 : NT) {
           const int row = e / STAGE, c = e % STAGE;
-          const int first = ((row / 8) * CS * 8 + row % 8) * STAGE + c;
-          float2 s_dp = float2(0.0f);
+          float2 qk_dp = float2(0.0f);
           for (int w = 0; w < CS; ++w) {
-            s_dp += float2(s_strip[first + w * 8 * STAGE], dp_strip[first + w * 8 * STAGE]);
+            qk_dp += float2(s_strip[e + w * BK * STAGE], dp_strip[e + w * BK * STAGE]);
           }
           const int j = k0 + row;
           const bool vis = j >= row_lo[c] && j <= row_hi[c];
-          const float2 pds = bwd_p_ds(s_dp, p.opt.softcap, slope, i0 + c + offset - j, vis, row_lse2[c], row_delta[c]);
-          s_strip[first] = pds.x;
-          dp_strip[first] = pds.y;
+          const float2 pds =
+              bwd_p_ds(qk_dp, p.opt.scale, p.opt.softcap, slope, i0 + c + offset - j, vis, row_lse2[c], row_delta[c]);
+          pt_strip[e] = T(pds.x);
+          dst_strip[e] = T(pds.y);
         }
         bwd_strip_barrier<CS>();
 
-        // dV += P^T dO, dK += dS^T (scale Q) over this simdgroup's columns.
-        simdgroup_matrix<float, 8, 8> pt[SB], dst[SB];
+        // dV += P^T dO, dK += dS^T Q over this simdgroup's columns.
+        simdgroup_matrix<T, 8, 8> pt[SB], dst[SB];
         for (int qb = 0; qb < SB; ++qb) {
-          simdgroup_load(pt[qb], pt_block + qb * 8, STAGE);
-          simdgroup_load(dst[qb], dst_block + qb * 8, STAGE);
+          simdgroup_load(pt[qb], pt_strip + rb * 8 * STAGE + qb * 8, STAGE);
+          simdgroup_load(dst[qb], dst_strip + rb * 8 * STAGE + qb * 8, STAGE);
         }
         for (int f = 0; f < FB; ++f) {
           for (int qb = 0; qb < SB; ++qb) {
-            simdgroup_matrix<float, 8, 8> ob;
+            simdgroup_matrix<T, 8, 8> ob;
             simdgroup_load(ob, do_tile + qb * 8 * D + cs * DS + f * 8, D);
             simdgroup_multiply_accumulate(dv_acc[f], pt[qb], ob, dv_acc[f]);
           }
         }
         if (NBUF == 1) {  // Q again, in place of dO
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, p.opt.scale, tid);
+          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         for (int f = 0; f < FB; ++f) {
           for (int qb = 0; qb < SB; ++qb) {
-            simdgroup_matrix<float, 8, 8> qblk;
+            simdgroup_matrix<T, 8, 8> qblk;
             simdgroup_load(qblk, q_tile + qb * 8 * D + cs * DS + f * 8, D);
             simdgroup_multiply_accumulate(dk_acc[f], dst[qb], qblk, dk_acc[f]);
           }
@@ -354,27 +423,17 @@ template <typename T, int D>
       }
     }
 
-    // dK, then dV, through the staging buffer.
-    for (int f = 0; f < FB; ++f) {
-      simdgroup_store(dk_acc[f], stage + rb * 8 * D + cs * DS + f * 8, D);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    bwd_write<T, BK, D>(dk_seq, p.dk_row_stride, stage, k0, nk, 1.0f, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int f = 0; f < FB; ++f) {
-      simdgroup_store(dv_acc[f], stage + rb * 8 * D + cs * DS + f * 8, D);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    bwd_write<T, BK, D>(dv_seq, p.dv_row_stride, stage, k0, nk, 1.0f, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    // dK = scale dS^T Q, then dV, through the staging buffer.
+    bwd_write<T, BK, D, CS, FB, WORDS>(dk_seq, p.dk_row_stride, stage_words, dk_acc, rb, cs, k0, nk, p.opt.scale, tid);
+    bwd_write<T, BK, D, CS, FB, WORDS>(dv_seq, p.dv_row_stride, stage_words, dv_acc, rb, cs, k0, nk, 1.0f, tid);
   }
 }
 
 // ---- pass 3: dQ (and d s_aux) ---------------------------------------------------------------------------------------
-// Grid (query tiles, H, B); threadgroup x takes the query tiles x, x + grid.x, ... Simdgroup s holds scale Q, dO and
-// dQ of query rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments; the keys the tile sees are staged
-// STAGE at a time. Per staged block: S = Q K^T and dP = dO V^T (partials per column slice), then per element dS,
-// then dQ += dS K.
+// Grid (query tiles, H, B); threadgroup x takes the query tiles x, x + grid.x, ... Simdgroup s holds Q, dO (T) and dQ
+// (fp32) of query rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments; the keys the tile sees are staged
+// STAGE at a time as T. Per staged block: Q K^T and dP = dO V^T (partials per column slice), then per element S =
+// scale Q K^T and dS (fp32, stored as T), then dQ += dS K (scale at the store).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dq(
     const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
@@ -392,18 +451,22 @@ template <typename T, int D>
     uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
-  constexpr int CS = flash_sdpa::bwd_col_slices(D);
+  constexpr int E = sizeof(T);
+  constexpr int CS = flash_sdpa::bwd_col_slices(D, E);
   constexpr int DS = D / CS;
   constexpr int FB = DS / 8;
-  constexpr int BQ = flash_sdpa::bwd_tile_rows(D);
-  constexpr int STAGE = flash_sdpa::bwd_stage_rows(D);
-  constexpr int NBUF = flash_sdpa::bwd_stage_buffers(D);
+  constexpr int BQ = flash_sdpa::bwd_tile_rows(D, E);
+  constexpr int STAGE = flash_sdpa::bwd_stage_rows(D, E);
+  constexpr int NBUF = flash_sdpa::bwd_stage_buffers(D, E);
+  constexpr int WORDS = flash_sdpa::bwd_stage_words(D, E);
   constexpr int SB = STAGE / 8;
+  constexpr bool BOTH = 2 * BQ <= NBUF * STAGE;  // the tile's Q and dO rows staged side by side (else in turn)
   static_assert(BQ <= NBUF * STAGE && STAGE % 8 == 0 && DS % 8 == 0, "whole 8x8 tiles");
 
-  threadgroup float stage[NBUF * STAGE * D];  // K rows, then V rows (NBUF = 1: V first, then K in its place)
-  threadgroup float s_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];   // simdgroup s: partial S
-  threadgroup float dp_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];  // partial dP, then (slot 0) dS
+  threadgroup float stage_words[WORDS];  // T: K rows, then V rows (NBUF = 1: V first, then K in its place); dQ chunks
+  threadgroup float s_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];   // [CS][BQ][STAGE]: slice cs's partial Q K^T
+  threadgroup float dp_strip[flash_sdpa::kBwdSimdgroups * 8 * STAGE];  // [CS][BQ][STAGE]: slice cs's partial dP
+  threadgroup T ds_own[bwd_t_strip_elems<T>(1, BQ, STAGE)];            // 2-byte T: dS, [BQ][STAGE]
   threadgroup float tile_lse2[BQ];                                     // per query row of the tile
   threadgroup float tile_delta[BQ];
   threadgroup int tile_lo[BQ];
@@ -415,11 +478,12 @@ template <typename T, int D>
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const int rb = int(sg) / CS, cs = int(sg) % CS;
-  threadgroup float* k_tile = stage;
-  threadgroup float* v_tile = stage + (NBUF - 1) * STAGE * D;
-  threadgroup float* s_mine = s_strip + int(sg) * 8 * STAGE;
-  threadgroup float* dp_mine = dp_strip + int(sg) * 8 * STAGE;
-  threadgroup float* ds_block = dp_strip + rb * CS * 8 * STAGE;  // dS of this row block (slot 0)
+  threadgroup T* stage = reinterpret_cast<threadgroup T*>(stage_words);
+  threadgroup T* k_tile = stage;
+  threadgroup T* v_tile = stage + (NBUF - 1) * STAGE * D;
+  threadgroup float* s_mine = s_strip + (cs * BQ + rb * 8) * STAGE;
+  threadgroup float* dp_mine = dp_strip + (cs * BQ + rb * 8) * STAGE;
+  threadgroup T* ds_strip = bwd_t_strip<T>(dp_strip, ds_own);
 
   const device T* q_seq =
       q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
@@ -439,9 +503,9 @@ template <typename T, int D>
   const int q_end = min(sq, p.row_end);
   for (int q0 = p.row_begin + int(tg_pos.x) * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
     const int nq = min(BQ, sq - q0);
-    // scale Q and dO of this simdgroup's rows and columns, through the staging buffer (rows past the queries: 0).
-    simdgroup_matrix<float, 8, 8> q_frag[FB], do_frag[FB], dq_acc[FB];
-    bwd_stage<T, BQ, D, false>(stage, q_seq, p.q_row_stride, q0, nq, p.opt.scale, tid);
+    // Q and dO of this simdgroup's rows and columns, through the staging buffer (rows past the queries: 0).
+    simdgroup_matrix<T, 8, 8> q_frag[FB], do_frag[FB];
+    simdgroup_matrix<float, 8, 8> dq_acc[FB];
     for (int r = int(tid); r < BQ; r += NT) {
       const int i = q0 + r;
       float lse2 = 0.0f;
@@ -452,18 +516,11 @@ template <typename T, int D>
       tile_lo[r] = keys.x;
       tile_hi[r] = active ? keys.y : -1;
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int f = 0; f < FB; ++f) {
-      simdgroup_load(q_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    bwd_stage<T, BQ, D, false>(stage, do_seq, p.do_row_stride, q0, nq, 1.0f, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int f = 0; f < FB; ++f) {
-      simdgroup_load(do_frag[f], stage + rb * 8 * D + cs * DS + f * 8, D);
       dq_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, do_seq, p.do_row_stride, q0, nq,
+                                      rb, cs * DS, tid);
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
     const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;
@@ -471,45 +528,45 @@ template <typename T, int D>
     for (int j0 = kv_begin; j0 < kv_end; j0 += STAGE) {
       const int n = min(STAGE, kv_end - j0);
       // V is only read per (row, key) pair (dP); K is summed over keys by dS K: its non-finite elements are dropped.
-      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, 1.0f, tid);
+      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, tid);
       if (NBUF == 1) {  // dP first, then K replaces V
         threadgroup_barrier(mem_flags::mem_threadgroup);
-        bwd_strip_products<SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
+        bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, 1.0f, tid);
+      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
-      // Partial S = (scale Q) K^T and dP = dO V^T over this simdgroup's columns (K, V blocks loaded transposed).
-      bwd_strip_products<SB, FB, D, STAGE>(s_mine, q_frag, k_tile, cs * DS);
+      // Partial Q K^T and dP = dO V^T over this simdgroup's columns (K, V blocks loaded transposed).
+      bwd_strip_products<T, SB, FB, D, STAGE>(s_mine, q_frag, k_tile, cs * DS);
       if (NBUF == 2) {
-        bwd_strip_products<SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
+        bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
       }
       bwd_strip_barrier<CS>();
 
-      // Per element (query row, staged key c): the CS partials summed in slice order, then dS into the row block's
-      // first strip (CS = 1: each simdgroup its own rows).
+      // Per element (query row, staged key c): the CS partials summed in slice order, then dS (fp32, stored as T) at
+      // the same place of the T strip (CS = 1: each simdgroup its own rows).
       for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BQ * STAGE);
            e += CS == 1 ? 32 : NT) {
         const int row = e / STAGE, c = e % STAGE;
-        const int first = ((row / 8) * CS * 8 + row % 8) * STAGE + c;
-        float2 s_dp = float2(0.0f);
+        float2 qk_dp = float2(0.0f);
         for (int w = 0; w < CS; ++w) {
-          s_dp += float2(s_strip[first + w * 8 * STAGE], dp_strip[first + w * 8 * STAGE]);
+          qk_dp += float2(s_strip[e + w * BQ * STAGE], dp_strip[e + w * BQ * STAGE]);
         }
         const int j = j0 + c;
         const bool vis = j >= tile_lo[row] && j <= tile_hi[row];
-        dp_strip[first] =
-            bwd_p_ds(s_dp, p.opt.softcap, slope, q0 + row + offset - j, vis, tile_lse2[row], tile_delta[row]).y;
+        ds_strip[e] = T(bwd_p_ds(qk_dp, p.opt.scale, p.opt.softcap, slope, q0 + row + offset - j, vis, tile_lse2[row],
+                                 tile_delta[row])
+                            .y);
       }
       bwd_strip_barrier<CS>();
 
       // dQ += dS K over this simdgroup's columns (scale at the store).
       for (int kb = 0; kb < SB; ++kb) {
-        simdgroup_matrix<float, 8, 8> ds;
-        simdgroup_load(ds, ds_block + kb * 8, STAGE);
+        simdgroup_matrix<T, 8, 8> ds;
+        simdgroup_load(ds, ds_strip + rb * 8 * STAGE + kb * 8, STAGE);
         for (int f = 0; f < FB; ++f) {
-          simdgroup_matrix<float, 8, 8> kblk;
+          simdgroup_matrix<T, 8, 8> kblk;
           simdgroup_load(kblk, k_tile + kb * 8 * D + cs * DS + f * 8, D);
           simdgroup_multiply_accumulate(dq_acc[f], ds, kblk, dq_acc[f]);
         }
@@ -517,12 +574,7 @@ template <typename T, int D>
       threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
-    for (int f = 0; f < FB; ++f) {
-      simdgroup_store(dq_acc[f], stage + rb * 8 * D + cs * DS + f * 8, D);
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    bwd_write<T, BQ, D>(dq_seq, p.dq_row_stride, stage, q0, nq, p.opt.scale, tid);
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    bwd_write<T, BQ, D, CS, FB, WORDS>(dq_seq, p.dq_row_stride, stage_words, dq_acc, rb, cs, q0, nq, p.opt.scale, tid);
   }
 
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one

@@ -35,54 +35,83 @@ namespace flash_sdpa {
 
 #define FLASH_SDPA_BWD_THREADS 128
 
-// Tile layout of passes 2 and 3: 8x8 float simdgroup_matrix products, fp32 accumulation. The 4 simdgroups of a
-// threadgroup are RB row blocks x CS column slices (RB * CS = 4): simdgroup s owns rows [8 (s / CS), + 8) of the
-// tile (key rows in pass 2, query rows in pass 3) and head-dim columns [(s % CS) DS, + DS), DS = D / CS, of the
-// tile's operands and gradients, in registers (pass 2: K, V, dK, dV; pass 3: Q, dO, dQ): 4 x DS / 8 fragments, DS
-// floats a lane: at most 80 up to D = 128, 96 / 128 at D = 192 / 256 and 128 at 512 (the forward's D = 256 budget:
-// Apple GPUs spill rather than lower occupancy, so wider slices would spill). The other operand (query rows in pass 2,
-// key rows in pass 3) is staged through threadgroup memory as float, STAGE rows at a time; each simdgroup's partial
-// scores over its columns go to an [8][STAGE] strip, and the threadgroup adds the CS strips of a row block.
+// Tile layout of passes 2 and 3: 8x8 simdgroup_matrix products with T-typed operands (half, bfloat or float: the
+// input dtype) and fp32 accumulators; softmax / dS elementwise math in fp32. The 4 simdgroups of a threadgroup are RB
+// row blocks x CS column slices (RB * CS = 4): simdgroup s owns rows [8 (s / CS), + 8) of the tile (key rows in pass
+// 2, query rows in pass 3) and head-dim columns [(s % CS) DS, + DS), DS = D / CS, of the tile's operands (T) and
+// gradients (float), in registers (pass 2: K, V, dK, dV; pass 3: Q, dO, dQ). The other operand (query rows in pass 2,
+// key rows in pass 3) is staged through threadgroup memory as T, STAGE rows at a time; each simdgroup's partial fp32
+// scores over its columns go to an [8][STAGE] strip, the threadgroup adds the CS strips of a row block, and P^T / dS
+// are written as T for the products that read them (FlashAttention-2 rounds them to the input dtype likewise).
 FSDPA_CONSTANT fsdpa_i32 kBwdThreads = FLASH_SDPA_BWD_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kBwdSimdgroups = FLASH_SDPA_BWD_THREADS / 32;
 FSDPA_CONSTANT fsdpa_i32 kBwdDeltaRows = 32;  // rows per pass-1 tile (8 per simdgroup)
 FSDPA_CONSTANT fsdpa_i32 kBwdMaxThreadgroupBytes = 32768;
+// Two 128-thread threadgroups resident on an M1/M2-class core (~60 KB of threadgroup memory): the staged-row choice
+// stays within 30 KB, so that one threadgroup's staging (no async copies in Metal) overlaps the other's products.
+FSDPA_CONSTANT fsdpa_i32 kBwdResidentBytes = 30720;
 
-// Column slices CS of the head dim. Fewer slices, taller tiles: each staged row serves 8 x 4 / CS tile rows, so
-// D = 192 / 256 take 16-row tiles (2 slices) rather than 8 (4): half the staged traffic and barriers per product.
-constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim) { return head_dim <= 80 ? 1 : head_dim <= 256 ? 2 : 4; }
-
-// Rows of a pass-2 / pass-3 tile (keys / queries): 8 per row block.
-constexpr fsdpa_i32 bwd_tile_rows(fsdpa_i32 head_dim) { return 8 * (kBwdSimdgroups / bwd_col_slices(head_dim)); }
-
-// Staged rows (buffers = 2: the two staged operands side by side; 1: one after the other, D = 512), the S and dP
-// strips of every simdgroup, per-row scalars of the staged rows and of the tile, and the d s_aux partials.
-constexpr fsdpa_i32 bwd_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 stage_rows, fsdpa_i32 buffers) {
-  return 4 * (buffers * stage_rows * head_dim + 2 * kBwdSimdgroups * 8 * stage_rows +
-              4 * (stage_rows + bwd_tile_rows(head_dim)) + kBwdSimdgroups);
+// Column slices CS of the head dim (elem: bytes of T). Fewer slices, taller tiles: each staged row serves 8 x 4 / CS
+// tile rows (per (query, key) pair: half the staged traffic and threadgroup barriers at 2 slices than at 4, a quarter
+// of the barriers at 1 than at 2), and one slice needs no cross-simdgroup sum of partial scores (simdgroup barriers
+// around the elementwise step instead of threadgroup barriers). The limit is pass 2's fragments, 4 x DS / 8 per lane
+// (K, V: T; dK, dV: float): float keeps DS <= 80 below D = 96 (80 words), 96 / 128 words at D = 192 / 256 (the
+// forward's D = 256 budget); a half / bfloat fragment is one word, so one slice of D = 128 costs 2 x 16 + 2 x 32 = 96
+// words and D = 96 / 128 take 32-row tiles. D = 192 / 256 in one slice would need 144 / 192 words: Apple GPUs spill
+// rather than lower occupancy, so they keep 2 slices (72 / 96 words), and D = 512 keeps 4.
+constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return head_dim <= (elem == 4 ? 80 : 128) ? 1 : head_dim <= 256 ? 2 : 4;
 }
 
-constexpr fsdpa_i32 bwd_stage_rows(fsdpa_i32 head_dim) {
-  return bwd_threadgroup_bytes(head_dim, 32, 2) <= kBwdMaxThreadgroupBytes   ? 32
-         : bwd_threadgroup_bytes(head_dim, 16, 2) <= kBwdMaxThreadgroupBytes ? 16
+// Rows of a pass-2 / pass-3 tile (keys / queries): 8 per row block.
+constexpr fsdpa_i32 bwd_tile_rows(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return 8 * (kBwdSimdgroups / bwd_col_slices(head_dim, elem));
+}
+
+// Threadgroup memory of pass 2 or 3 (an upper bound for both): the staged rows as T (buffers = 2: the two staged
+// operands side by side; 1: one after the other), the fp32 S and dP strips of every simdgroup, the P^T and dS strips
+// as T (2-byte T only: float rewrites its score strips in place), per-row scalars of the staged rows and of the tile,
+// and the d s_aux partials. The dK / dV / dQ tile leaves through the staging buffer in column chunks (no extra bytes).
+constexpr fsdpa_i32 bwd_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 elem, fsdpa_i32 stage_rows, fsdpa_i32 buffers) {
+  return elem * buffers * stage_rows * head_dim + 4 * 2 * kBwdSimdgroups * 8 * stage_rows +
+         (elem == 4 ? 0 : 2 * elem * bwd_tile_rows(head_dim, elem) * stage_rows) +
+         4 * (4 * (stage_rows + bwd_tile_rows(head_dim, elem)) + kBwdSimdgroups);
+}
+
+// Staged rows: the most of 32 / 16 / 8 whose two buffers fit in kBwdResidentBytes (fewer threadgroup barriers and
+// per-block scalar set-up per staged row). 2-byte staging is what lets D = 96 / 128 (one slice, 32-row tiles) stage
+// 32 rows, D = 256 16 (float: 8) and D = 512 both operands at once (float: one buffer, Q and dO in turn).
+constexpr fsdpa_i32 bwd_stage_rows(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return bwd_threadgroup_bytes(head_dim, elem, 32, 2) <= kBwdResidentBytes   ? 32
+         : bwd_threadgroup_bytes(head_dim, elem, 16, 2) <= kBwdResidentBytes ? 16
                                                                              : 8;
 }
 
-constexpr fsdpa_i32 bwd_stage_buffers(fsdpa_i32 head_dim) {
-  return bwd_threadgroup_bytes(head_dim, bwd_stage_rows(head_dim), 2) <= kBwdMaxThreadgroupBytes ? 2 : 1;
+constexpr fsdpa_i32 bwd_stage_buffers(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return bwd_threadgroup_bytes(head_dim, elem, bwd_stage_rows(head_dim, elem), 2) <= kBwdResidentBytes ? 2 : 1;
+}
+
+// Floats of the staging buffer (T rows; the gradient tile's float column chunks reuse it).
+constexpr fsdpa_i32 bwd_stage_words(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return elem * bwd_stage_buffers(head_dim, elem) * bwd_stage_rows(head_dim, elem) * head_dim / 4;
 }
 
 // Every head dim of the forward, the wide ones included: the backward has one kernel for all.
 #define FLASH_SDPA_BWD_HEAD_DIMS(Y, a, b) FLASH_SDPA_VARLEN_HEAD_DIMS(Y, a, b) FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(Y, a, b)
 
-#define FLASH_SDPA_CHECK_BWD_HEAD_DIM(a, b, D)                                                                     \
-  static_assert((D) % (8 * bwd_col_slices(D)) == 0, "head dim " #D ": whole 8-column fragments per column slice"); \
-  static_assert(bwd_tile_rows(D) <= bwd_stage_buffers(D) * bwd_stage_rows(D),                                      \
-                "the tile's rows are loaded and written through the staging buffer");                              \
-  static_assert(bwd_threadgroup_bytes((D), bwd_stage_rows(D), bwd_stage_buffers(D)) <= kBwdMaxThreadgroupBytes,    \
-                "the backward's staged rows of head dim " #D " do not fit in 32 KB of threadgroup memory");
+#define FLASH_SDPA_CHECK_BWD_TILES(D, E)                                                                              \
+  static_assert((D) % (8 * bwd_col_slices(D, E)) == 0, "head dim " #D ": whole 8-column fragments per column slice"); \
+  static_assert(bwd_tile_rows(D, E) <= bwd_stage_buffers(D, E) * bwd_stage_rows(D, E),                                \
+                "the tile's operand rows are loaded through the staging buffer");                                     \
+  static_assert(bwd_stage_words(D, E) >= bwd_tile_rows(D, E) * 8 * bwd_col_slices(D, E),                              \
+                "one fragment column per slice of the gradient tile fits in the staging buffer as float");            \
+  static_assert(                                                                                                      \
+      bwd_threadgroup_bytes((D), (E), bwd_stage_rows(D, E), bwd_stage_buffers(D, E)) <= kBwdMaxThreadgroupBytes,      \
+      "the backward's staged rows of head dim " #D " do not fit in 32 KB of threadgroup memory");
+#define FLASH_SDPA_CHECK_BWD_HEAD_DIM(a, b, D) FLASH_SDPA_CHECK_BWD_TILES(D, 4) FLASH_SDPA_CHECK_BWD_TILES(D, 2)
 FLASH_SDPA_BWD_HEAD_DIMS(FLASH_SDPA_CHECK_BWD_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_BWD_HEAD_DIM
+#undef FLASH_SDPA_CHECK_BWD_TILES
 
 // Element (i, d) of head h of sequence b of x in {q, k, v, o (out), do (dout), dq, dk, dv} lives at
 //   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)

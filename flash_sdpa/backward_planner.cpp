@@ -110,7 +110,7 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   plan.dispatches.push_back(std::move(pre));
 
   // 2. dK, dV: one threadgroup per (key tile, KV head, sequence), looping over the GQA group's query heads.
-  const int64_t tile_rows = bwd_tile_rows(static_cast<int32_t>(head_dim));
+  const int64_t tile_rows = bwd_tile_rows(static_cast<int32_t>(head_dim), static_cast<int32_t>(call.q.element_size()));
   Dispatch dkdv;
   dkdv.kernel = backward_kernel_name("dkdv", dtype, head_dim);
   dkdv.constants = constants;

@@ -111,8 +111,9 @@ def test_dtype_head_dim(kernel, device, dtype, head_dim):
     run_varlen_backward(kernel, device, dtype, head_dim, "gqa", ([5, 37], [9, 37], 0), causal=True)
 
 
-# Tile shapes (backward_params.h): key / query tile rows 32 (D <= 80), 16 (96 to 256), 8 (512); staged rows 32, 16,
-# 8. Lengths one past and one short of those multiples, several tiles per sequence, the diagonal crossing tiles.
+# Tile shapes (backward_params.h), fp16 / bf16: key / query tile rows 32 (D <= 128), 16 (192, 256), 8 (512); staged
+# rows 32, 16, 8 (float: tiles of 32 up to D = 80). Lengths one past and one short of those multiples, several tiles per
+# sequence, the diagonal crossing tiles.
 @pytest.mark.parametrize("head_dim", [ci_if(d == 128, d) for d in (64, 128, 256, 512)])
 def test_tile_boundaries(kernel, device, head_dim):
     layout = ([33, 15, 9], [31, 17, 40], 0)
@@ -129,7 +130,7 @@ def test_features(kernel, device, feature, heads):
 
 @pytest.mark.parametrize("feature", [ci_if(f == FEATURES[-1], f) for f in FEATURES], ids=feature_id)
 def test_features_d512(kernel, device, feature):
-    # Head dim 512 (Gemma's global layers): 8-row tiles, one staging buffer for the two staged operands in turn.
+    # Head dim 512 (Gemma's global layers): 8-row tiles, the two staged operands side by side in T (float: in turn).
     run_varlen_backward(kernel, device, torch.bfloat16, 512, "gqa", ([7, 12], [12, 10], 0), **feature)
 
 
