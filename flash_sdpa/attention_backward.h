@@ -138,9 +138,25 @@ template <typename T>
 }
 
 // Stages rows [r0, r0 + n) of one head (row stride in elements of T) as T [ROWS][D]; rows past n are 0. DROP: a
-// non-finite element is staged as 0 (selected): this operand is summed over rows by a product.
+// non-finite element is staged as 0 (selected): this operand is summed over rows by a product. `aligned` (uniform;
+// FLASH_SDPA_BWD_ALIGNED_*): the rows start at multiples of 4 elements, so each thread moves 4 elements per load and
+// store, a quarter of the memory instructions; otherwise one at a time.
 template <typename T, int ROWS, int D, bool DROP>
-inline void bwd_stage(threadgroup T* dst, const device T* src, long row_stride, int r0, int n, uint tid) {
+inline void bwd_stage(threadgroup T* dst, const device T* src, long row_stride, int r0, int n, bool aligned,
+                      uint tid) {
+  static_assert(D % 4 == 0, "4-element row segments");
+  if (aligned) {
+    for (int idx = int(tid); idx < ROWS * D / 4; idx += flash_sdpa::kBwdThreads) {
+      const int r = idx / (D / 4), c = 4 * (idx % (D / 4));
+      vec<T, 4> x = r < n ? *reinterpret_cast<const device vec<T, 4>*>(src + long(r0 + r) * row_stride + c)
+                          : vec<T, 4>(T(0.0f));
+      for (int e = 0; e < 4; ++e) {
+        x[e] = DROP && flash_sdpa::is_nonfinite(float(x[e])) ? T(0.0f) : x[e];
+      }
+      *reinterpret_cast<threadgroup vec<T, 4>*>(dst + r * D + c) = x;
+    }
+    return;
+  }
   for (int idx = int(tid); idx < ROWS * D; idx += flash_sdpa::kBwdThreads) {
     const int r = idx / D, c = idx % D;
     const T x = r < n ? src[long(r0 + r) * row_stride + c] : T(0.0f);
@@ -164,17 +180,17 @@ template <typename T, int ROWS, int D, int FB, bool BOTH>
 __attribute__((always_inline)) inline void bwd_load_tile(thread simdgroup_matrix<T, 8, 8> (&a_frag)[FB],
                                                          thread simdgroup_matrix<T, 8, 8> (&b_frag)[FB],
                                                          threadgroup T* stage, const device T* a, long a_row_stride,
-                                                         const device T* b, long b_row_stride, int r0, int n, int rb,
-                                                         int col0, uint tid) {
-  bwd_stage<T, ROWS, D, false>(stage, a, a_row_stride, r0, n, tid);
+                                                         bool a_aligned, const device T* b, long b_row_stride,
+                                                         bool b_aligned, int r0, int n, int rb, int col0, uint tid) {
+  bwd_stage<T, ROWS, D, false>(stage, a, a_row_stride, r0, n, a_aligned, tid);
   if (BOTH) {
-    bwd_stage<T, ROWS, D, false>(stage + ROWS * D, b, b_row_stride, r0, n, tid);
+    bwd_stage<T, ROWS, D, false>(stage + ROWS * D, b, b_row_stride, r0, n, b_aligned, tid);
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
   bwd_load_frags<T, FB, D>(a_frag, stage, rb, col0);
   if (!BOTH) {
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    bwd_stage<T, ROWS, D, false>(stage, b, b_row_stride, r0, n, tid);
+    bwd_stage<T, ROWS, D, false>(stage, b, b_row_stride, r0, n, b_aligned, tid);
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
   bwd_load_frags<T, FB, D>(b_frag, stage + (BOTH ? ROWS * D : 0), rb, col0);
@@ -303,6 +319,10 @@ template <typename T, int D>
 
   const int b = int(tg_pos.z), kvh = int(tg_pos.y);
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
+  const bool aligned_q = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_Q) != 0;
+  const bool aligned_k = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_K) != 0;
+  const bool aligned_v = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_V) != 0;
+  const bool aligned_do = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_DO) != 0;
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int group = p.num_heads / p.num_kv_heads;
   const int rb = int(sg) / CS, cs = int(sg) % CS;
@@ -334,8 +354,8 @@ template <typename T, int D>
       dk_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dv_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    bwd_load_tile<T, BK, D, FB, BOTH>(k_frag, v_frag, stage, k_seq, p.k_row_stride, v_seq, p.v_row_stride, k0, nk, rb,
-                                      cs * DS, tid);
+    bwd_load_tile<T, BK, D, FB, BOTH>(k_frag, v_frag, stage, k_seq, p.k_row_stride, aligned_k, v_seq, p.v_row_stride,
+                                      aligned_v, k0, nk, rb, cs * DS, tid);
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
@@ -351,9 +371,9 @@ template <typename T, int D>
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
         const int n = min(STAGE, rows.y + 1 - i0);  // uniform
-        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, tid);
+        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned_q, tid);
         if (NBUF == 2) {
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned_do, tid);
         }
         for (int r = int(tid); r < STAGE; r += NT) {
           float lse2 = 0.0f;
@@ -370,7 +390,7 @@ template <typename T, int D>
         bwd_strip_products<T, SB, FB, D, STAGE>(s_mine, k_frag, q_tile, cs * DS);
         if (NBUF == 1) {  // dO replaces Q in the buffer
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned_do, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, v_frag, do_tile, cs * DS);
@@ -409,7 +429,7 @@ template <typename T, int D>
         }
         if (NBUF == 1) {  // Q again, in place of dO
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, tid);
+          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned_q, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         for (int f = 0; f < FB; ++f) {
@@ -475,6 +495,10 @@ template <typename T, int D>
 
   const int b = int(tg_pos.z), h = int(tg_pos.y);
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
+  const bool aligned_q = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_Q) != 0;
+  const bool aligned_k = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_K) != 0;
+  const bool aligned_v = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_V) != 0;
+  const bool aligned_do = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_DO) != 0;
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const int rb = int(sg) / CS, cs = int(sg) % CS;
@@ -519,8 +543,8 @@ template <typename T, int D>
     for (int f = 0; f < FB; ++f) {
       dq_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, do_seq, p.do_row_stride, q0, nq,
-                                      rb, cs * DS, tid);
+    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, aligned_q, do_seq,
+                                      p.do_row_stride, aligned_do, q0, nq, rb, cs * DS, tid);
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
     const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;
@@ -528,13 +552,13 @@ template <typename T, int D>
     for (int j0 = kv_begin; j0 < kv_end; j0 += STAGE) {
       const int n = min(STAGE, kv_end - j0);
       // V is only read per (row, key) pair (dP); K is summed over keys by dS K: its non-finite elements are dropped.
-      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, tid);
+      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, aligned_v, tid);
       if (NBUF == 1) {  // dP first, then K replaces V
         threadgroup_barrier(mem_flags::mem_threadgroup);
         bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, tid);
+      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, aligned_k, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial Q K^T and dP = dO V^T over this simdgroup's columns (K, V blocks loaded transposed).

@@ -113,6 +113,13 @@ FLASH_SDPA_BWD_HEAD_DIMS(FLASH_SDPA_CHECK_BWD_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_BWD_HEAD_DIM
 #undef FLASH_SDPA_CHECK_BWD_TILES
 
+// BackwardParams::aligned_rows: inputs whose every row starts at a multiple of 4 elements (storage offset and every
+// stride but the head dim's multiples of 4); the staging loops read their rows 4 elements at a time.
+#define FLASH_SDPA_BWD_ALIGNED_Q 1
+#define FLASH_SDPA_BWD_ALIGNED_K 2
+#define FLASH_SDPA_BWD_ALIGNED_V 4
+#define FLASH_SDPA_BWD_ALIGNED_DO 8
+
 // Element (i, d) of head h of sequence b of x in {q, k, v, o (out), do (dout), dq, dk, dv} lives at
 //   b * x_batch_stride + (start_x(b) + i) * x_row_stride + h * x_head_stride + d            (elements of T)
 // with start_x(b) = cu_seqlens_x[b] in varlen mode (batch strides 0), 0 in dense mode; LSE and delta of (b, h, i)
@@ -156,12 +163,14 @@ struct BackwardParams {
   fsdpa_i32 head_dim;      // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
   fsdpa_i32 row_begin;     // this dispatch's rows [row_begin, row_end) of every sequence: key rows in the dK/dV
   fsdpa_i32 row_end;       // pass, query rows in the dQ pass (a long backward is split: planner_common.h)
+  fsdpa_i32 aligned_rows;  // FLASH_SDPA_BWD_ALIGNED_* bits: that input's rows start at multiples of 4 elements
+  fsdpa_i32 pad0;
   OptionParams opt;        // scale, softcap, window, ALiBi stride (as the forward's)
 };
 
-static_assert(sizeof(BackwardParams) == 28 * 8 + 10 * 4 + sizeof(OptionParams), "BackwardParams: no padding");
+static_assert(sizeof(BackwardParams) == 28 * 8 + 12 * 4 + sizeof(OptionParams), "BackwardParams: no padding");
 static_assert(__builtin_offsetof(BackwardParams, delta_head_stride) == 27 * 8, "64-bit strides first");
 static_assert(__builtin_offsetof(BackwardParams, batch) == 28 * 8, "32-bit fields after the strides");
-static_assert(__builtin_offsetof(BackwardParams, opt) == 28 * 8 + 10 * 4, "the options last");
+static_assert(__builtin_offsetof(BackwardParams, opt) == 28 * 8 + 12 * 4, "the options last");
 
 }  // namespace flash_sdpa

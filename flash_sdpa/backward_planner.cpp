@@ -83,6 +83,10 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   params.seqlen_k = varlen ? 0 : params.k_rows;
   params.head_dim = to_i32(head_dim, "head_dim");
   params.opt = option_params(call.options);
+  params.aligned_rows = (rows_aligned4(call.q) ? FLASH_SDPA_BWD_ALIGNED_Q : 0) |
+                        (rows_aligned4(call.k) ? FLASH_SDPA_BWD_ALIGNED_K : 0) |
+                        (rows_aligned4(call.v) ? FLASH_SDPA_BWD_ALIGNED_V : 0) |
+                        (rows_aligned4(call.dout) ? FLASH_SDPA_BWD_ALIGNED_DO : 0);
   params.row_begin = 0;  // set per dispatch of the dK/dV and dQ passes below
   params.row_end = std::numeric_limits<int32_t>::max();
 

@@ -15,6 +15,21 @@
 
 namespace flash_sdpa {
 
+// Whether every row of t (its last dim contiguous) starts at a multiple of 4 elements: the storage offset and the
+// stride of every dim that has more than one index are multiples of 4. The glue binds t's buffer at its storage
+// offset from an aligned base, so such rows can be read as 4-element vectors (the params' aligned_rows bits).
+inline bool rows_aligned4(const at::Tensor& t) {
+  if (t.storage_offset() % 4 != 0) {
+    return false;
+  }
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    if (t.size(d) > 1 && t.stride(d) % 4 != 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
 // The dtype part of a kernel name ("float32", "float16", "bfloat16"), or nullptr if no kernel takes it.
 inline const char* kernel_dtype_name(at::ScalarType dtype) {
   switch (dtype) {

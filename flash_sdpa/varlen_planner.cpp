@@ -29,25 +29,6 @@ bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
   return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
-namespace {
-
-// Whether every row of t (its last dim contiguous) starts at a multiple of 4 elements: the storage offset and the
-// stride of every dim that has more than one index are multiples of 4. The glue binds t's buffer at its storage
-// offset from an aligned base, so such rows can be read as 4-element vectors.
-bool rows_aligned4(const at::Tensor& t) {
-  if (t.storage_offset() % 4 != 0) {
-    return false;
-  }
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    if (t.size(d) > 1 && t.stride(d) % 4 != 0) {
-      return false;
-    }
-  }
-  return true;
-}
-
-}  // namespace
-
 LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
   const bool paged = call.block_table.has_value();
