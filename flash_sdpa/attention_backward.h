@@ -142,14 +142,13 @@ template <typename T>
 // FLASH_SDPA_BWD_ALIGNED_*): the rows start at multiples of 4 elements, so each thread moves 4 elements per load and
 // store, a quarter of the memory instructions; otherwise one at a time.
 template <typename T, int ROWS, int D, bool DROP>
-inline void bwd_stage(threadgroup T* dst, const device T* src, long row_stride, int r0, int n, bool aligned,
-                      uint tid) {
+inline void bwd_stage(threadgroup T* dst, const device T* src, long row_stride, int r0, int n, bool aligned, uint tid) {
   static_assert(D % 4 == 0, "4-element row segments");
   if (aligned) {
     for (int idx = int(tid); idx < ROWS * D / 4; idx += flash_sdpa::kBwdThreads) {
       const int r = idx / (D / 4), c = 4 * (idx % (D / 4));
-      vec<T, 4> x = r < n ? *reinterpret_cast<const device vec<T, 4>*>(src + long(r0 + r) * row_stride + c)
-                          : vec<T, 4>(T(0.0f));
+      vec<T, 4> x =
+          r < n ? *reinterpret_cast<const device vec<T, 4>*>(src + long(r0 + r) * row_stride + c) : vec<T, 4>(T(0.0f));
       for (int e = 0; e < 4; ++e) {
         x[e] = DROP && flash_sdpa::is_nonfinite(float(x[e])) ? T(0.0f) : x[e];
       }
@@ -543,8 +542,8 @@ template <typename T, int D>
     for (int f = 0; f < FB; ++f) {
       dq_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, aligned_q, do_seq,
-                                      p.do_row_stride, aligned_do, q0, nq, rb, cs * DS, tid);
+    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, aligned_q, do_seq, p.do_row_stride,
+                                      aligned_do, q0, nq, rb, cs * DS, tid);
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
     const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;

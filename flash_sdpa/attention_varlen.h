@@ -7,12 +7,13 @@
 // domain with fp32 statistics held by 4 lanes per row, and its probabilities go back to the input's type for P V
 // (as FlashAttention-2 does). The running max only moves when a tile's max passes it by more than
 // kVarlenRescaleSlack (probabilities up to 2^8, exact in every type): O's rescale, a diagonal product, is skipped
-// for a simdgroup whose 8 rows all keep their max, which after the first tiles is nearly every tile. Masking uses a finite large negative score (fast math: no inf arithmetic); a row
-// with no visible key is written as 0 with LSE = -inf. A visible score that is NaN or inf makes its row NaN
-// (FlashAttention-2's result) without entering the shared 8x8 tiles, where 0 x NaN would carry it into the other rows
-// of the block. Non-finite V elements are staged as 0 for the same reason (P V multiplies every row's probabilities,
-// 0 for keys the row cannot see, by every staged V row); the rare tile that holds one sets a bit per (row, column)
-// for the rows that see it, and those output elements are written as NaN (torch: NaN or inf there).
+// for a simdgroup whose 8 rows all keep their max, which after the first tiles is nearly every tile. Masking uses a
+// finite large negative score (fast math: no inf arithmetic); a row with no visible key is written as 0 with LSE =
+// -inf. A visible score that is NaN or inf makes its row NaN (FlashAttention-2's result) without entering the shared
+// 8x8 tiles, where 0 x NaN would carry it into the other rows of the block. Non-finite V elements are staged as 0 for
+// the same reason (P V multiplies every row's probabilities, 0 for keys the row cannot see, by every staged V row); the
+// rare tile that holds one sets a bit per (row, column) for the rows that see it, and those output elements are written
+// as NaN (torch: NaN or inf there).
 #pragma once
 
 #include <metal_stdlib>
@@ -374,8 +375,8 @@ template <typename T, int D>
   threadgroup float score_tile[BQ * BK];      // simdgroup s: rows [8s, 8s + 8) x BK products q . k
   threadgroup T prob_tile[BQ * BK];           // simdgroup s: the same rows' probabilities
   threadgroup float diag_tile[flash_sdpa::kVarlenSimdgroups * 64];  // simdgroup s: an 8x8 diagonal
-  threadgroup uint bad_tile[BQ];      // row r of the tile saw a non-finite visible score
-  threadgroup float row_scale[BQ];    // row r's output factor (1 / denominator, 0 for an empty row)
+  threadgroup uint bad_tile[BQ];                                    // row r of the tile saw a non-finite visible score
+  threadgroup float row_scale[BQ];       // row r's output factor (1 / denominator, 0 for an empty row)
   threadgroup long key_offsets[2 * BK];  // paged: offsets of key rows k0 + r in k ([r]) and v ([BK + r]); -1: masked
   constexpr int W = flash_sdpa::varlen_poison_words(D);
   threadgroup uint poison[BQ * W];  // (row, column) bits: the row sees a non-finite V element there
@@ -435,11 +436,9 @@ template <typename T, int D>
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k,
-                                             tid);
-      const bool dropped = simd_any(
-          varlen_stage_rows<T, BK, D, NT, true>(v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end,
-                                                aligned_v, tid));
+      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
+      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(
+          v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
       if (lane == 0) {
         dropped_sg[sg] = dropped ? 1u : 0u;
       }
@@ -576,8 +575,7 @@ template <typename T, int D>
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT, false>(kv_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k,
-                                             tid);
+      varlen_stage_rows<T, BK, D, NT, false>(kv_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial S (8 x 8) over this simdgroup's columns: K blocks loaded transposed.
@@ -591,9 +589,8 @@ template <typename T, int D>
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // V replaces K in the tile while simdgroup 0 sums the partials and runs the softmax step.
-      const bool dropped = simd_any(
-          varlen_stage_rows<T, BK, D, NT, true>(kv_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end,
-                                                aligned_v, tid));
+      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(
+          kv_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
       if (lane == 0) {
         dropped_sg[sg] = dropped ? 1u : 0u;
       }

@@ -165,7 +165,7 @@ struct BackwardParams {
   fsdpa_i32 row_end;       // pass, query rows in the dQ pass (a long backward is split: planner_common.h)
   fsdpa_i32 aligned_rows;  // FLASH_SDPA_BWD_ALIGNED_* bits: that input's rows start at multiples of 4 elements
   fsdpa_i32 pad0;
-  OptionParams opt;        // scale, softcap, window, ALiBi stride (as the forward's)
+  OptionParams opt;  // scale, softcap, window, ALiBi stride (as the forward's)
 };
 
 static_assert(sizeof(BackwardParams) == 28 * 8 + 12 * 4 + sizeof(OptionParams), "BackwardParams: no padding");

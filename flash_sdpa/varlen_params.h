@@ -70,7 +70,7 @@ constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block
 constexpr fsdpa_i32 varlen_block_k(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
   return varlen_threadgroup_bytes(head_dim, 32, elem_bytes) <= kVarlenMaxThreadgroupBytes   ? 32
          : varlen_threadgroup_bytes(head_dim, 16, elem_bytes) <= kVarlenMaxThreadgroupBytes ? 16
-                                                                                           : 8;
+                                                                                            : 8;
 }
 
 // Wide head dims (flash_attn_varlen_wide, D > 256): 8-row query tiles whose 4 simdgroups split the head dim, and one
@@ -98,11 +98,11 @@ constexpr fsdpa_i32 varlen_block_q(fsdpa_i32 head_dim) { return head_dim > 256 ?
   Y(a, b, 32) Y(a, b, 64) Y(a, b, 72) Y(a, b, 80) Y(a, b, 96) Y(a, b, 128) Y(a, b, 192) Y(a, b, 256)
 #define FLASH_SDPA_VARLEN_WIDE_HEAD_DIMS(Y, a, b) Y(a, b, 512)
 
-#define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                            \
-  static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                      \
+#define FLASH_SDPA_CHECK_HEAD_DIM(a, b, D)                                                              \
+  static_assert((D) % 8 == 0, "head dims are whole 8x8 simdgroup_matrix tiles");                        \
   static_assert(varlen_threadgroup_bytes((D), varlen_block_k((D), 4), 4) <= kVarlenMaxThreadgroupBytes, \
-                "the tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");            \
-  static_assert(varlen_kv_bytes((D), varlen_block_k((D), 2), 2) >= 4 * kVarlenBlockQ * 32,            \
+                "the tiles of head dim " #D " do not fit in 32 KB of threadgroup memory");              \
+  static_assert(varlen_kv_bytes((D), varlen_block_k((D), 2), 2) >= 4 * kVarlenBlockQ * 32,              \
                 "the K/V region of head dim " #D " stages 32 float output columns");
 FLASH_SDPA_VARLEN_HEAD_DIMS(FLASH_SDPA_CHECK_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_HEAD_DIM
@@ -153,7 +153,7 @@ struct VarlenParams {
   fsdpa_i32 q_row_begin;         // this dispatch computes query rows [q_row_begin, q_row_end) of every sequence
   fsdpa_i32 q_row_end;           // (a multiple of the query tile; a long prefill is split: planner_common.h)
   fsdpa_i32 aligned_rows;        // FLASH_SDPA_ALIGNED_* bits: that tensor's rows start at multiples of 4 elements
-  OptionParams opt;  // scale, softcap, window, ALiBi stride
+  OptionParams opt;              // scale, softcap, window, ALiBi stride
 };
 
 static_assert(sizeof(VarlenParams) == 17 * 8 + 14 * 4 + sizeof(OptionParams), "VarlenParams: no padding");
