@@ -1,12 +1,12 @@
 // Varlen / dense flash-attention forward: the kernel body, instantiated by attention_varlen.metal.
 //
-// Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles x, x + grid.x, ... of its (head, sequence). Its
-// 4 simdgroups own 8 query rows each; Q lives in 8x8 simdgroup_matrix registers of the input's type and the output
-// accumulator O in float ones, K/V tiles are staged through threadgroup memory in the input's type, scores come out
-// of the products in float (scaled there, not in Q, so no rounding of Q * scale), softmax runs online in the log2
-// domain with fp32 statistics held by 4 lanes per row, and its probabilities go back to the input's type for P V
+// Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles grid.x - 1 - x, + grid.x, ... of its (head,
+// sequence). Its 4 simdgroups own 8 query rows each; Q lives in 8x8 simdgroup_matrix registers of the input's type and
+// the output accumulator O in float ones, K/V tiles are staged through threadgroup memory in the input's type, scores
+// come out of the products in float (scaled there, not in Q, so no rounding of Q * scale), softmax runs online in the
+// log2 domain with fp32 statistics held by 4 lanes per row, and its probabilities go back to the input's type for P V
 // (as FlashAttention-2 does). The running max only moves when a tile's max passes it by more than
-// kVarlenRescaleSlack (probabilities up to 2^8, exact in every type): O's rescale, a diagonal product, is skipped
+// kVarlenRescaleSlack (probabilities up to 2^8, far inside half's range): O's rescale, a diagonal product, is skipped
 // for a simdgroup whose 8 rows all keep their max, which after the first tiles is nearly every tile. Masking uses a
 // finite large negative score (fast math: no inf arithmetic); a row with no visible key is written as 0 with LSE =
 // -inf. A visible score that is NaN or inf makes its row NaN (FlashAttention-2's result) without entering the shared
