@@ -137,6 +137,18 @@ template <typename T>
   }
 }
 
+// The inputs whose every row starts at a multiple of 4 elements (BackwardParams::aligned_rows): bwd_stage reads them
+// 4 elements at a time.
+struct BwdAligned {
+  bool q, k, v, dout;
+};
+
+inline BwdAligned bwd_aligned(constant flash_sdpa::BackwardParams& p) {
+  return BwdAligned{(p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_Q) != 0, (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_K) != 0,
+                    (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_V) != 0,
+                    (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_DO) != 0};
+}
+
 // Stages rows [r0, r0 + n) of one head (row stride in elements of T) as T [ROWS][D]; rows past n are 0. DROP: a
 // non-finite element is staged as 0 (selected): this operand is summed over rows by a product. `aligned` (uniform;
 // FLASH_SDPA_BWD_ALIGNED_*): the rows start at multiples of 4 elements, so each thread moves 4 elements per load and
@@ -318,10 +330,7 @@ template <typename T, int D>
 
   const int b = int(tg_pos.z), kvh = int(tg_pos.y);
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
-  const bool aligned_q = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_Q) != 0;
-  const bool aligned_k = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_K) != 0;
-  const bool aligned_v = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_V) != 0;
-  const bool aligned_do = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_DO) != 0;
+  const BwdAligned aligned = bwd_aligned(p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int group = p.num_heads / p.num_kv_heads;
   const int rb = int(sg) / CS, cs = int(sg) % CS;
@@ -353,8 +362,8 @@ template <typename T, int D>
       dk_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dv_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    bwd_load_tile<T, BK, D, FB, BOTH>(k_frag, v_frag, stage, k_seq, p.k_row_stride, aligned_k, v_seq, p.v_row_stride,
-                                      aligned_v, k0, nk, rb, cs * DS, tid);
+    bwd_load_tile<T, BK, D, FB, BOTH>(k_frag, v_frag, stage, k_seq, p.k_row_stride, aligned.k, v_seq, p.v_row_stride,
+                                      aligned.v, k0, nk, rb, cs * DS, tid);
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
@@ -370,9 +379,9 @@ template <typename T, int D>
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
         const int n = min(STAGE, rows.y + 1 - i0);  // uniform
-        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned_q, tid);
+        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned.q, tid);
         if (NBUF == 2) {
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned_do, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned.dout, tid);
         }
         for (int r = int(tid); r < STAGE; r += NT) {
           float lse2 = 0.0f;
@@ -389,7 +398,7 @@ template <typename T, int D>
         bwd_strip_products<T, SB, FB, D, STAGE>(s_mine, k_frag, q_tile, cs * DS);
         if (NBUF == 1) {  // dO replaces Q in the buffer
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned_do, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned.dout, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, v_frag, do_tile, cs * DS);
@@ -428,7 +437,7 @@ template <typename T, int D>
         }
         if (NBUF == 1) {  // Q again, in place of dO
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned_q, tid);
+          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned.q, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         for (int f = 0; f < FB; ++f) {
@@ -494,10 +503,7 @@ template <typename T, int D>
 
   const int b = int(tg_pos.z), h = int(tg_pos.y);
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
-  const bool aligned_q = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_Q) != 0;
-  const bool aligned_k = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_K) != 0;
-  const bool aligned_v = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_V) != 0;
-  const bool aligned_do = (p.aligned_rows & FLASH_SDPA_BWD_ALIGNED_DO) != 0;
+  const BwdAligned aligned = bwd_aligned(p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int kvh = h / (p.num_heads / p.num_kv_heads);
   const int rb = int(sg) / CS, cs = int(sg) % CS;
@@ -542,8 +548,8 @@ template <typename T, int D>
     for (int f = 0; f < FB; ++f) {
       dq_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, aligned_q, do_seq, p.do_row_stride,
-                                      aligned_do, q0, nq, rb, cs * DS, tid);
+    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, aligned.q, do_seq, p.do_row_stride,
+                                      aligned.dout, q0, nq, rb, cs * DS, tid);
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
     const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;
@@ -551,13 +557,13 @@ template <typename T, int D>
     for (int j0 = kv_begin; j0 < kv_end; j0 += STAGE) {
       const int n = min(STAGE, kv_end - j0);
       // V is only read per (row, key) pair (dP); K is summed over keys by dS K: its non-finite elements are dropped.
-      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, aligned_v, tid);
+      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, aligned.v, tid);
       if (NBUF == 1) {  // dP first, then K replaces V
         threadgroup_barrier(mem_flags::mem_threadgroup);
         bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, aligned_k, tid);
+      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, aligned.k, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial Q K^T and dP = dO V^T over this simdgroup's columns (K, V blocks loaded transposed).
