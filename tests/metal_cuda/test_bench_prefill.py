@@ -118,3 +118,6 @@ def test_table_renders_ratios():
     t = bp.table([res, dict(slow, mma=0, ours_us=40.0, ggml_error="CudaError: x")])
     assert "| 2.00 | 1.50 | 1.50 |" in t and "| CudaError: x | 5.0 (429.9) | 0.50 | - | 0.50 |" in t
     assert "mma=1 x best: geometric mean 1.50" in t and "mma=0 x mlx: geometric mean 0.50" in t
+    # Two MLX instances timed (D = 256): the faster one is MLX's figure.
+    t = bp.table([dict(res, mlx_us=20.0, mlx_bk16_us=8.0)])
+    assert "| 8.0 (" in t and "| 0.80 | 1.50 | 0.80 |" in t
