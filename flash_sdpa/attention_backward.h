@@ -159,10 +159,9 @@ inline void bwd_stage(threadgroup T* dst, const device T* src, long row_stride, 
   if (aligned) {
     for (int idx = int(tid); idx < ROWS * D / 4; idx += flash_sdpa::kBwdThreads) {
       const int r = idx / (D / 4), c = 4 * (idx % (D / 4));
-      vec<T, 4> x =
-          r < n ? *reinterpret_cast<const device vec<T, 4>*>(src + long(r0 + r) * row_stride + c) : vec<T, 4>(T(0.0f));
-      for (int e = 0; e < 4; ++e) {
-        x[e] = DROP && flash_sdpa::is_nonfinite(float(x[e])) ? T(0.0f) : x[e];
+      vec<T, 4> x = flash_sdpa::load_row4(src + long(r0 + r) * row_stride + c, r < n);
+      if (DROP) {
+        flash_sdpa::drop_nonfinite4(x);
       }
       *reinterpret_cast<threadgroup vec<T, 4>*>(dst + r * D + c) = x;
     }
@@ -283,6 +282,25 @@ inline void bwd_strip_barrier() {
   } else {
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
+}
+
+// The elements [x, y), step z, of a [ROWS][STAGE] score strip this thread takes in the elementwise step, matching
+// bwd_strip_barrier: one column slice, the lanes of row block rb's simdgroup over its 8 rows; else the whole
+// threadgroup over every element.
+template <int CS, int ROWS, int STAGE>
+inline int3 bwd_strip_elements(int rb, uint lane, uint tid) {
+  return CS == 1 ? int3(rb * 8 * STAGE + int(lane), (rb + 1) * 8 * STAGE, 32)
+                 : int3(int(tid), ROWS * STAGE, flash_sdpa::kBwdThreads);
+}
+
+// The score and dP of element e: the CS slices' partials ([CS][ROWS][STAGE] strips) summed in slice order.
+template <int CS, int ROWS, int STAGE>
+inline float2 bwd_sum_partials(threadgroup const float* s_strip, threadgroup const float* dp_strip, int e) {
+  float2 qk_dp = float2(0.0f);
+  for (int w = 0; w < CS; ++w) {
+    qk_dp += float2(s_strip[e + w * ROWS * STAGE], dp_strip[e + w * ROWS * STAGE]);
+  }
+  return qk_dp;
 }
 
 // ---- pass 2: dK, dV -------------------------------------------------------------------------------------------------
@@ -406,13 +424,10 @@ template <typename T, int D>
 
         // Per element (key row, staged query c): the CS partials summed in slice order, then P^T and dS^T (fp32,
         // stored as T) at the same place of the T strips (CS = 1: each simdgroup its own rows).
-        for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BK * STAGE);
-             e += CS == 1 ? 32 : NT) {
+        const int3 mine = bwd_strip_elements<CS, BK, STAGE>(rb, lane, tid);
+        for (int e = mine.x; e < mine.y; e += mine.z) {
           const int row = e / STAGE, c = e % STAGE;
-          float2 qk_dp = float2(0.0f);
-          for (int w = 0; w < CS; ++w) {
-            qk_dp += float2(s_strip[e + w * BK * STAGE], dp_strip[e + w * BK * STAGE]);
-          }
+          const float2 qk_dp = bwd_sum_partials<CS, BK, STAGE>(s_strip, dp_strip, e);
           const int j = k0 + row;
           const bool vis = j >= row_lo[c] && j <= row_hi[c];
           const float2 pds =
@@ -575,13 +590,10 @@ template <typename T, int D>
 
       // Per element (query row, staged key c): the CS partials summed in slice order, then dS (fp32, stored as T) at
       // the same place of the T strip (CS = 1: each simdgroup its own rows).
-      for (int e = CS == 1 ? rb * 8 * STAGE + int(lane) : int(tid); e < (CS == 1 ? (rb + 1) * 8 * STAGE : BQ * STAGE);
-           e += CS == 1 ? 32 : NT) {
+      const int3 mine = bwd_strip_elements<CS, BQ, STAGE>(rb, lane, tid);
+      for (int e = mine.x; e < mine.y; e += mine.z) {
         const int row = e / STAGE, c = e % STAGE;
-        float2 qk_dp = float2(0.0f);
-        for (int w = 0; w < CS; ++w) {
-          qk_dp += float2(s_strip[e + w * BQ * STAGE], dp_strip[e + w * BQ * STAGE]);
-        }
+        const float2 qk_dp = bwd_sum_partials<CS, BQ, STAGE>(s_strip, dp_strip, e);
         const int j = j0 + c;
         const bool vis = j >= tile_lo[row] && j <= tile_hi[row];
         ds_strip[e] = T(bwd_p_ds(qk_dp, p.opt.scale, p.opt.softcap, slope, q0 + row + offset - j, vis, tile_lse2[row],

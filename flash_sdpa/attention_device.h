@@ -40,6 +40,26 @@ inline float apply_softcap(float s, float softcap) {
 // fast math by clang 19, as the emulator shows); the shifted compare below is left as integer arithmetic.
 inline bool is_nonfinite(float x) { return (metal::as_type<uint>(x) << 1) >= 0xff000000u; }
 
+// Four consecutive elements of a row at src (4-element aligned: the planners' aligned_rows bits), or zeros where
+// !valid: a staging loop that moves 4 elements per load.
+template <typename T>
+inline metal::vec<T, 4> load_row4(const device T* src, bool valid) {
+  return valid ? *reinterpret_cast<const device metal::vec<T, 4>*>(src) : metal::vec<T, 4>(T(0));
+}
+
+// Selects x's non-finite elements to 0 (a staged operand summed over rows by a product must not carry them to rows
+// that do not see them); returns whether there was one.
+template <typename T>
+inline bool drop_nonfinite4(thread metal::vec<T, 4>& x) {
+  bool dropped = false;
+  for (int e = 0; e < 4; ++e) {
+    const bool bad = is_nonfinite(float(x[e]));
+    dropped = dropped || bad;
+    x[e] = bad ? T(0) : x[e];
+  }
+  return dropped;
+}
+
 // Sequence b's rows in a packed tensor of `rows` rows, from the prefix sums `cu`: (first row, row count), clamped to
 // [0, rows] whatever cu holds (negative, decreasing or past the tensor).
 inline int2 packed_rows(const device int* cu, int b, int rows) {

@@ -151,11 +151,9 @@ inline bool varlen_stage_rows(threadgroup T* dst, const device T* seq, long row_
     for (int idx = int(tid); idx < BK * D / 4; idx += NT) {
       const int r = idx / (D / 4), c = 4 * (idx % (D / 4));
       const long off = varlen_key_offset(row_stride, paged_offsets, k0, r, kv_end);
-      vec<T, 4> x = off >= 0 ? *reinterpret_cast<const device vec<T, 4>*>(seq + off + c) : vec<T, 4>(T(0));
-      for (int e = 0; e < 4; ++e) {
-        const bool bad = DROP && flash_sdpa::is_nonfinite(float(x[e]));
-        dropped = dropped || bad;
-        x[e] = bad ? T(0) : x[e];
+      vec<T, 4> x = flash_sdpa::load_row4(seq + (off >= 0 ? off + c : 0), off >= 0);
+      if (DROP && flash_sdpa::drop_nonfinite4(x)) {
+        dropped = true;
       }
       *reinterpret_cast<threadgroup vec<T, 4>*>(dst + r * D + c) = x;
     }
@@ -328,9 +326,8 @@ inline void varlen_stage_q(threadgroup T* dst, const device T* q_seq, long row_s
   if (aligned) {
     for (int idx = int(tid); idx < BQ * CHUNK / 4; idx += NT) {
       const int r = idx / (CHUNK / 4), c = 4 * (idx % (CHUNK / 4));
-      const device T* src = q_seq + long(q0 + r) * row_stride + c0 + c;
       *reinterpret_cast<threadgroup vec<T, 4>*>(dst + r * CHUNK + c) =
-          q0 + r < sq ? *reinterpret_cast<const device vec<T, 4>*>(src) : vec<T, 4>(T(0));
+          flash_sdpa::load_row4(q_seq + long(q0 + r) * row_stride + c0 + c, q0 + r < sq);
     }
     return;
   }
