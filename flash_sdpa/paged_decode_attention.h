@@ -262,27 +262,19 @@ inline void advance(thread TableCursor& c, int block_size) {
   }
 }
 
-// Where the keys t, t + G, ..., t + (U - 1) G live: (block id, slot) through the block table (paged; the cursor
-// is at slot k_start + t and moves on to the next step's) or (k row, 0) (varlen: k_start + key); block -1 for keys
-// >= limit and invalid block ids (masked: nothing is loaded for them). The L lanes of a key group read the same
-// table entry (one address, served once by the GPU's cache; on the proxy 4-17% faster than one read per key shared
-// by simd_shuffle).
+// Where the keys t, t + G, ..., t + (U - 1) G live, in paged mode: (block id, slot) through the block table (the
+// cursor is at slot k_start + t and moves on to the next step's); block -1 for slots past the table row and invalid
+// block ids. Reads only the table row, whatever the key count: a split's first entries are read while cache_seqlens
+// still is (mask_past applies the count). The L lanes of a key group read the same table entry (one address, served
+// once by the GPU's cache; on the proxy 4-17% faster than one read per key shared by simd_shuffle).
 template <int U, int G>
-inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start, thread TableCursor& cursor,
-                      device const int* block_table, long bt_row, int block_size, int num_blocks) {
-  if (varlen) {
-    for (int u = 0; u < U; ++u) {
-      const int key = t + u * G;
-      loc[u] = int2(key < limit ? k_start + key : -1, 0);
-    }
-    return;
-  }
+inline void step_entries(thread int2 (&loc)[U], thread TableCursor& cursor, device const int* block_table, long bt_row,
+                         int block_size, int max_blocks, int num_blocks) {
   int bi = cursor.block;
   int slot = cursor.slot;
   for (int u = 0; u < U; ++u) {
-    const int key = t + u * G;
     int id = -1;
-    if (key < limit) {
+    if (bi < max_blocks) {
       const int raw = block_table[bt_row + bi];
       id = raw >= 0 && raw < num_blocks ? raw : -1;
     }
@@ -294,6 +286,39 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
     }
   }
   advance(cursor, block_size);
+}
+
+// Masks the keys t + u G >= limit (block -1: nothing is loaded for them); varlen mode: (k row, 0) = (k_start + key, 0)
+// for the others.
+template <int U, int G>
+inline void mask_past(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start) {
+  for (int u = 0; u < U; ++u) {
+    const int key = t + u * G;
+    if (varlen) {
+      loc[u] = int2(key < limit ? k_start + key : -1, 0);
+    } else if (key >= limit) {
+      loc[u].x = -1;
+    }
+  }
+}
+
+// Both: where the keys of a step live, masked past `limit`.
+template <int U, int G>
+inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start, thread TableCursor& cursor,
+                      device const int* block_table, long bt_row, int block_size, int max_blocks, int num_blocks) {
+  if (!varlen) {
+    step_entries<U, G>(loc, cursor, block_table, bt_row, block_size, max_blocks, num_blocks);
+  }
+  mask_past<U, G>(loc, t, limit, varlen, k_start);
+}
+
+// The combine's loads of splits s0, s0 + NS, s0 + 2 NS, s0 + 3 NS of one float4 column (zeros past `splits`).
+inline void load_partials(thread float4 (&x)[4], device const float4* src, long split_stride, int s0, int NS,
+                          int splits) {
+  for (int k = 0; k < 4; ++k) {
+    const int s = s0 + k * NS;
+    x[k] = s < splits ? src[s * split_stride] : float4(0.0f);
+  }
 }
 
 }  // namespace paged
@@ -361,6 +386,23 @@ template <typename T, int D, int R>
   const int group = p.num_heads / p.num_kv_heads;
   const int nrows = min(R, group * sq - row0);
 
+  // Split s takes the threadgroup steps (NSG x KS keys each) s, s + num_splits, s + 2 num_splits, ... of the keys
+  // [lo, hi) the rows see. Where a split starts then depends on the key count only through a left window (lo), so in
+  // paged mode its first block-table entries are read while cache_seqlens still is, for lo = 0, and read again below
+  // if a window moved lo: one dependent memory round trip less before the first K/V byte (proxy, B = 1 at 256-1000
+  // keys: 2-6% of the call, tests/metal_cuda/RESULTS.md).
+  static_assert(kMaxSplits * NSG * KS <= (1 << 20), "a split's stride fits the planner's key-count headroom");
+  constexpr int kTgStep = NSG * KS;
+  const int stride = p.num_splits * kTgStep;
+  const int g = int(lane) / L;   // key group of this lane
+  const int li = int(lane) % L;  // lane within the key row
+  const long bt_row = long(b) * p.block_table_stride_b;
+  // Where the keys of a step live, for this lane's group: loc[u] = (block, slot) (paged) or (k row, 0) (varlen) of
+  // key t0 + u * G + g; block -1: past hi or an invalid block id (the key is masked, nothing loaded).
+  int2 loc[U];
+  int2 loc_next[U];
+  TableCursor cursor;
+
   // Keys of request b. Paged: sk = cache_seqlens[b] + seqlen_new, clamped to the block table's capacity; padding rows
   // (cache_seqlens < 0) have none and output zeros. Varlen: rows [k_start, k_start + sk) of k, clamped to total_k;
   // only a sequence with exactly one query row (clamped as every varlen kernel clamps cu_seqlens) is computed: the
@@ -381,8 +423,10 @@ template <typename T, int D, int R>
     // cache_leftpad (contiguous caches): keys are slots [leftpad, cache_seqlens + seqlen_new) of the row, so key t
     // is slot leftpad + t and sk shrinks by leftpad.
     const int capacity = p.max_blocks_per_seq * p.block_size;
-    const int seqlen = cache_seqlens[b];
     k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
+    cursor = table_cursor(k_start + split * kTgStep + int(sg) * KS + g, stride, p.block_size);
+    step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
+    const int seqlen = cache_seqlens[b];
     sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
   }
   const int diag = sk - sq;  // query i sits at key position i + diag (bottom-right alignment)
@@ -390,23 +434,14 @@ template <typename T, int D, int R>
   // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
   const int lo = visible_keys(diag, p.opt, sk).x;
   const int hi = visible_keys(sq - 1 + diag, p.opt, sk).y + 1;
-  // This split's share, in whole simdgroup steps.
-  const int span = max(hi - lo, 0);
-  const long per_split = ((long(span) + p.num_splits - 1) / p.num_splits + KS - 1) / KS * KS;
-  const int begin = int(min(long(lo) + long(split) * per_split, long(hi)));
-  const int end = int(min(long(hi), long(begin) + per_split));
-
-  const int g = int(lane) / L;   // key group of this lane
-  const int li = int(lane) % L;  // lane within the key row
-  const long bt_row = long(b) * p.block_table_stride_b;
-
-  // Where the keys of a step live, for this lane's group: loc[u] = (block, slot) (paged) or (k row, 0) (varlen) of
-  // key t0 + u * G + g; block -1: outside [begin, end) or an invalid block id (the key is masked, nothing loaded).
-  int2 loc[U];
-  int2 loc_next[U];
-  const int first = begin + int(sg) * KS;
-  TableCursor cursor = table_cursor(k_start + first + g, NSG * KS, fc_varlen ? 1 : p.block_size);
-  step_locs<U, G>(loc, first + g, end, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size, p.num_blocks);
+  const int first = lo + split * kTgStep + int(sg) * KS;  // this simdgroup's first step
+  if (fc_varlen || lo != 0) {                             // uniform
+    cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
+    step_locs<U, G>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                    p.max_blocks_per_seq, p.num_blocks);
+  } else {
+    mask_past<U, G>(loc, first + g, hi, false, k_start);
+  }
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
   for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
@@ -465,15 +500,15 @@ template <typename T, int D, int R>
   const long k_head = long(hkv) * p.k_stride_h;
   const long v_head = long(hkv) * p.v_stride_h;
   const bool aligned = fc_decode_kv_aligned;
-  for (int t0 = first; t0 < end; t0 += NSG * KS) {  // the planner keeps key counts below 2^31 - 2^16: no overflow
+  for (int t0 = first; t0 < hi; t0 += stride) {  // the planner keeps key counts below 2^31 - 2^20: no overflow
     // 1. This step's K and V rows (packed: U x CPL chunks of each per lane), then the next step's block ids, all in
     // flight together. (Loading K/V one step ahead instead gained nothing on the proxy at 2 threadgroups per SM:
     // tests/metal_cuda/RESULTS.md.)
     chunk16 kr[U][CPL];
     chunk16 vr[U][CPL];
     load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
-    step_locs<U, G>(loc_next, t0 + NSG * KS + g, end, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                    p.num_blocks);
+    step_locs<U, G>(loc_next, t0 + stride + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                    p.max_blocks_per_seq, p.num_blocks);
 
     if (kScatter) {
       // 4'. Per key, reduce-scatter its R partial scores: at each butterfly stage a lane keeps half of its values
@@ -735,7 +770,8 @@ template <typename T, int D, int R>
 
 // Combines split-K partials: one threadgroup per output row (b, h, i). The splits are read in parallel: thread t
 // takes float4 column t % (D / 4) of every (128 / (D / 4))-th split, 4 loads in flight, then the column sums meet in
-// threadgroup memory (one memory round trip per 4 x 128 / (D / 4) splits instead of one per split).
+// threadgroup memory (one memory round trip per 4 x 128 / (D / 4) splits instead of one per split). The first 4 loads
+// are issued before the split maxima are read, so a short decode's combine waits on one memory round trip, not two.
 template <typename T>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_COMBINE_THREADS)]] kernel void paged_decode_combine(
     device const float* o_partial [[buffer(FLASH_SDPA_COMBINE_BUF_O_PARTIAL)]],
@@ -777,6 +813,17 @@ template <typename T>
     lse_at = long(h) * p.total_q + q_rows.x;
   }
   const int splits = min(p.num_splits, int(kMaxSplits));
+
+  // 0. This thread's first partial outputs (o_partial (splits, B, H, sq, D), fp32, rows 16-byte aligned: D % 8 == 0),
+  // in flight while the maxima are read: they do not depend on them.
+  const int C = D / 4;    // float4 columns
+  const int NS = NT / C;  // splits read side by side (D <= 256: >= 2)
+  const int c = int(tid) % C;
+  const int j = int(tid) / C;
+  device const float4* src = reinterpret_cast<device const float4*>(o_partial) + row * C + c;
+  const long split_stride = rows * C;
+  float4 x[4];
+  load_partials(x, src, split_stride, j, NS, j < NS ? splits : 0);
 
   // 1. The row max over the splits; a split that saw a non-finite visible score (NaN bits) makes the row NaN.
   float mx = kNoScore;
@@ -828,26 +875,18 @@ template <typename T>
     sum += red_tg[NSG + w];
   }
 
-  // 3. Weighted sum of the partial outputs (o_partial (splits, B, H, sq, D), fp32, rows 16-byte aligned: D % 8 == 0).
-  const int C = D / 4;    // float4 columns
-  const int NS = NT / C;  // splits read side by side (D <= 256: >= 2)
-  const int c = int(tid) % C;
-  const int j = int(tid) / C;
+  // 3. Weighted sum of the partial outputs: the batch loaded in step 0, then the rest 4 splits at a time.
   float4 acc = float4(0.0f);
   if (j < NS) {
-    device const float4* src = reinterpret_cast<device const float4*>(o_partial) + row * C + c;
-    const long split_stride = rows * C;
-    for (int s0 = j; s0 < splits; s0 += 4 * NS) {
-      float4 x[4];
-      float wv[4];
+    for (int s0 = j;; s0 += 4 * NS) {
       for (int k = 0; k < 4; ++k) {
         const int s = s0 + k * NS;
-        x[k] = s < splits ? src[s * split_stride] : float4(0.0f);
-        wv[k] = s < splits ? w_tg[s] : 0.0f;
+        acc += (s < splits ? w_tg[s] : 0.0f) * x[k];
       }
-      for (int k = 0; k < 4; ++k) {
-        acc += wv[k] * x[k];
+      if (s0 + 4 * NS >= splits) {
+        break;
       }
+      load_partials(x, src, split_stride, s0 + 4 * NS, NS, splits);
     }
   }
   acc_tg[tid] = acc;

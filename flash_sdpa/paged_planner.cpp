@@ -16,9 +16,9 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Key positions stay below 2^31 - 2^16 so that the kernel's int32 key arithmetic (a step past the end) cannot
-// overflow, whatever cache_seqlens / cu_seqlens hold.
-constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max() - (int64_t{1} << 16);
+// Key positions stay below 2^31 - 2^20 so that the kernel's int32 key arithmetic (a split's stride past the end,
+// at most kMaxSplits x 1024 keys) cannot overflow, whatever cache_seqlens / cu_seqlens hold.
+constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max() - (int64_t{1} << 20);
 
 std::atomic<GpuCoreCountProvider> core_count_provider{nullptr};
 

@@ -1,0 +1,147 @@
+"""Where a short single-sequence decode spends its time on the proxy: each dispatch of ours (the decode, the combine)
+and of MLX's 2-pass decode (pass 1, pass 2) timed alone and together, at the planner's and forced split counts, with
+a one-threadgroup launch of the append kernel as the floor of one dispatch.
+
+    python3 -m tests.metal_cuda.decode_latency build REV   # here: the decode PTX of git revision REV, as a baseline
+    python3 -m tests.metal_cuda.decode_latency             # GPU machine; carry .cache/metal_cuda and .calib
+
+Timing as bench.py (a CUDA graph of 20 calls, median of 15 replays); the whole call is checked against SDPA first.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from msl.cuda import compiler
+
+from . import targets
+
+ROOT = Path(__file__).resolve().parents[2]
+BASELINE = compiler.cache_dir() / "latency_baseline.json"
+
+# (B, H, Hkv, S): GQA 4, 8 and 7 at the zoo's short contexts, fp16, D = 128.
+SHAPES = [(1, 32, 8, 256), (1, 64, 8, 256), (1, 28, 4, 256), (1, 32, 8, 1000), (1, 64, 8, 1000)]
+SPLITS = (0, 4, 8, 16, 32, 64)
+D = 128
+
+
+def build(rev):
+    """PTX of the decode kernels at git revision `rev` (its flash_sdpa headers), timed beside the tree's."""
+    rev = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    src = compiler.cache_dir() / f"src_{rev}"
+    src.mkdir(parents=True, exist_ok=True)
+    names = subprocess.run(["git", "ls-tree", "--name-only", rev, "flash_sdpa/"], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.split()
+    for name in names:
+        if name.endswith((".h", ".metal")):
+            text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True).stdout
+            (src / Path(name).name).write_bytes(text)
+    kernels = [f"paged_decode_float16_d{D}_r{r}" for r in (1, 2, 4, 8, 16)] + ["paged_decode_combine_float16"]
+    path = compiler.build(src / "paged_decode_attention.metal", [str(src)], kernels=kernels,
+                          extra_flags=targets.DECODE_UNROLL, min_blocks=targets.decode_min_blocks)
+    BASELINE.write_text(json.dumps({"rev": rev, "folder": path.name}))
+    print(rev, "->", path)
+
+
+def timed(prepared) -> float:
+    from . import bench
+
+
+    def fn():
+        for p in prepared:
+            p.launch()
+    return bench.time_us(fn)
+
+
+def ours(B, H, Hkv, S, sms):
+    import torch
+
+    from msl.cuda import launch
+
+    from . import gpu_common as gc
+    from .bench_peers import check
+
+    case = gc.make_paged_case(B, S, H, Hkv, D, torch.float16, 16, sk_new=0, full_length=True, padded_rows=False,
+                              seed=1)
+    small = gc.make_paged_case(1, 64, H, Hkv, D, torch.float16, 16, sk_new=1, padded_rows=False, seed=1)
+    ref = gc.reference_attention(case, case.k_cache, case.v_cache, scale=D ** -0.5, window=(-1, 0),
+                                 dtype=torch.float32)[0]
+    write = gc.plan_paged(small, torch.empty_like(small.q), None, scale=D ** -0.5, with_new=True, gpu_cores=sms)[0]
+    floor = timed(launch.prepare_plan(gc.libraries(), [write]))
+    rows = []
+    for splits in SPLITS:
+        if splits * 16 > S:
+            continue
+        out = torch.full_like(case.q, float("nan"))
+        plan = gc.plan_paged(case, out, None, scale=D ** -0.5, num_splits=splits, with_new=False, gpu_cores=sms)
+        prepared = launch.prepare_plan(gc.libraries(), plan)
+        for p in prepared:
+            p.launch()
+        torch.cuda.synchronize()
+        check(out, ref, f"splits={splits}", torch.float16)
+        parts = [f"{timed([p]):.1f}" for p in prepared]
+        rows.append(f"ours splits {prepared[0].grid[0]}{' (planner)' if splits == 0 else ''}: whole "
+                    f"{timed(prepared):.1f}, alone {' + '.join(parts)} ({prepared[0].pipeline.num_regs} regs)")
+    return floor, rows
+
+
+def mlx(B, H, Hkv, S):
+    import torch
+
+    from . import bench
+
+    sys.path.insert(0, str(ROOT / ".calib"))
+    import peer_decode as peer
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, H, 1, D, device="cuda", generator=g).half()
+    k = torch.randn(B, Hkv, S, D, device="cuda", generator=g).half()
+    v = torch.randn(B, Hkv, S, D, device="cuda", generator=g).half()
+    rows = []
+    for blocks in (None, 32, 64, 128):
+        if blocks is not None and blocks > S:
+            continue
+        try:
+            p = peer.Prepared(q, k, v, blocks=blocks)
+        except Exception as e:  # noqa: BLE001
+            rows.append(f"MLX blocks {blocks}: {type(e).__name__} {e}")
+            continue
+        parts = [f"{bench.time_us(lc):.1f}" for lc in p.launches]
+        rows.append(f"MLX {peer.describe(p.plan)}: whole {bench.time_us(p):.1f}, alone {' + '.join(parts)}")
+    return rows
+
+
+def main():
+    import torch
+
+    from msl.cuda import launch
+
+    from . import gpu_common as gc
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(torch.cuda.get_device_name(0), sms, "SMs")
+    base = gc.libraries()
+    variants = {"tree": base}
+    if BASELINE.exists():
+        b = json.loads(BASELINE.read_text())
+        variants[b["rev"]] = dict(base, paged_decode_attention=launch.Library(compiler.cache_dir() / b["folder"]))
+    for B, H, Hkv, S in SHAPES:
+        print(f"\nB={B} H={H}/{Hkv} S={S} D={D} fp16")
+        for name, libs in variants.items():
+            gc._LIBS = libs
+            floor, rows = ours(B, H, Hkv, S, sms)
+            print(f"  [{name}] one-threadgroup append dispatch (floor): {floor:.1f} us")
+            for line in rows:
+                print(f"  [{name}] {line}", flush=True)
+        gc._LIBS = base
+        for line in mlx(B, H, Hkv, S):
+            print("  " + line, flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "build":
+        build(sys.argv[2])
+    else:
+        main()
