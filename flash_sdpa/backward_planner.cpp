@@ -127,16 +127,18 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   // FLOPs per visible (query, key) pair and query head: dK/dV recompute S and dP and accumulate dV and dK (8 D);
   // dQ recomputes S and dP and accumulates dQ (6 D).
   const double pairs_to_flops = double(batch) * double(heads) * double(head_dim);
-  const auto key_ranges = split_rows(grid_k, tile_rows, command_buffer_flops(), [&](int64_t first, int64_t last) {
-    const int64_t queries = std::max(queries_seeing(first, grid_q, grid_k, call.options),
-                                     queries_seeing(last, grid_q, grid_k, call.options));
-    return 8.0 * pairs_to_flops * double(last - first + 1) * double(queries);
-  });
-  const auto query_ranges = split_rows(grid_q, tile_rows, command_buffer_flops(), [&](int64_t first, int64_t last) {
-    const int64_t keys =
-        std::max(keys_seen(first, grid_q, grid_k, call.options), keys_seen(last, grid_q, grid_k, call.options));
-    return 6.0 * pairs_to_flops * double(last - first + 1) * double(keys);
-  });
+  const auto key_ranges =
+      split_rows(grid_k, tile_rows, command_buffer_flops(call.gpu_cores), [&](int64_t first, int64_t last) {
+        const int64_t queries = std::max(queries_seeing(first, grid_q, grid_k, call.options),
+                                         queries_seeing(last, grid_q, grid_k, call.options));
+        return 8.0 * pairs_to_flops * double(last - first + 1) * double(queries);
+      });
+  const auto query_ranges =
+      split_rows(grid_q, tile_rows, command_buffer_flops(call.gpu_cores), [&](int64_t first, int64_t last) {
+        const int64_t keys =
+            std::max(keys_seen(first, grid_q, grid_k, call.options), keys_seen(last, grid_q, grid_k, call.options));
+        return 6.0 * pairs_to_flops * double(last - first + 1) * double(keys);
+      });
   // One dispatch of `pass` per row range, its grid covering the range's tiles.
   auto push_ranges = [&](const Dispatch& pass, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t rows,
                          uint32_t grid_y) {

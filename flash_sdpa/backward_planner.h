@@ -28,6 +28,7 @@ struct AttentionBackward {
   AttentionOptions options;  // scale, softcap, window, ALiBi slopes, sinks (attention_options.h)
   int64_t max_seqlen_q = 0;  // varlen: sizes the grids (the kernels loop over the rest); dense: ignored
   int64_t max_seqlen_k = 0;
+  int64_t gpu_cores = 0;  // the command-buffer budget's device (planner_common.h); 0: the device's, if known
 };
 
 // "flash_attn_bwd_delta_<dtype>" (pass = "delta"), "flash_attn_bwd_<dkdv|dq>_<dtype>_d<head_dim>".

@@ -65,14 +65,26 @@ inline FunctionConstant bool_constant(uint32_t index, bool value) {
 // (MTLCommandBufferError.timeout; a single attention dispatch over 65K-128K keys was killed after ~5 s, mlx#3302).
 // The limit counts the command buffer, not the dispatch, so a long prefill or backward is planned as dispatches over
 // ranges of rows, each estimated at most command_buffer_flops(), with the command buffer committed after each one
-// (Dispatch::commit_after). 2.5e11 FLOPs take about 0.25 s at 1 TFLOPS (an M1's attention): a 20x margin.
-// METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS overrides it (tests, tuning).
+// (Dispatch::commit_after). 2.5e11 FLOPs take about 0.25 s at 1 TFLOPS (an M1's attention, 8 GPU cores): a 20x
+// margin. The limit is a time, so the budget grows with the GPU's cores: an M3 Ultra (80 cores, 21.6 TFLOPS in MLX's
+// prefill) gets 10x, 2.5e12 FLOPs, about 0.12 s there, and its command buffers still hold several waves of
+// threadgroups (at the M1's budget a 32K prompt's command buffer held about one wave of an Ultra). Unknown device: the
+// M1's. METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS overrides it (tests, tuning).
 constexpr double kCommandBufferFlops = 2.5e11;
+constexpr int64_t kCommandBufferReferenceCores = 8;
 
-inline double command_buffer_flops() {
+// GPU cores (Apple) or SMs (the proxy) from the Metal backend's provider, 0 when unknown (paged_planner.h).
+int64_t gpu_core_count();
+
+// gpu_cores: the plan's device (0: the provider's answer, else unknown).
+inline double command_buffer_flops(int64_t gpu_cores) {
   const char* s = std::getenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS");
   const double v = s != nullptr ? std::atof(s) : 0.0;
-  return v > 0.0 ? v : kCommandBufferFlops;
+  if (v > 0.0) {
+    return v;
+  }
+  const int64_t cores = gpu_cores > 0 ? gpu_cores : gpu_core_count();
+  return kCommandBufferFlops * std::max(1.0, double(cores) / double(kCommandBufferReferenceCores));
 }
 
 // Row ranges [begin, end) of whole tiles of `tile` rows covering [0, rows), each of at most `budget` estimated FLOPs

@@ -94,11 +94,12 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   // 4 D FLOPs per visible score (two matmuls); a tile costs as much as its most expensive row, the first or the
   // last (causal: the last; a left window alone: the first).
   const double flops_per_score = 4.0 * double(head_dim) * double(batch) * double(heads);
-  const auto ranges = split_rows(grid_rows, block_q, command_buffer_flops(), [&](int64_t first, int64_t last) {
-    const int64_t keys = std::max(keys_seen(first, grid_rows, seqlen_k, call.options),
-                                  keys_seen(last, grid_rows, seqlen_k, call.options));
-    return flops_per_score * double(last - first + 1) * double(keys);
-  });
+  const auto ranges =
+      split_rows(grid_rows, block_q, command_buffer_flops(call.gpu_cores), [&](int64_t first, int64_t last) {
+        const int64_t keys = std::max(keys_seen(first, grid_rows, seqlen_k, call.options),
+                                      keys_seen(last, grid_rows, seqlen_k, call.options));
+        return flops_per_score * double(last - first + 1) * double(keys);
+      });
 
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);

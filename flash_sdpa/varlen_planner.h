@@ -27,6 +27,7 @@ struct VarlenAttention {
   int64_t max_seqlen_q = 0;  // varlen: sizes the grid (longest query sequence); dense: ignored
   int64_t max_seqlen_k = 0;  // varlen: the longest key sequence, for the work estimate only (0: the rows of k)
   int64_t min_seqlen_q = 0;  // varlen: sequences with fewer query rows are left to another kernel (routing.h)
+  int64_t gpu_cores = 0;     // the command-buffer budget's device (planner_common.h); 0: the device's, if known
 };
 
 // "flash_attn_varlen_<float32|float16|bfloat16>_d<head_dim>".

@@ -63,15 +63,16 @@ def ours(q, k, v, dout, scale, causal):
     right = 0 if causal else -1
     out = torch.empty_like(q)
     lse = torch.empty(B, H, S, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count  # the command-buffer budget's device
     fwd = launch.prepare_plan(gc.libraries(), gc.planner().plan_varlen(q, k, v, out, lse, None, None, None, None, S,
-                                                                       scale, 0.0, -1, right))
+                                                                       scale, 0.0, -1, right, gpu_cores=sms))
     for p in fwd:
         p.launch()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta, dsinks = torch.empty_like(lse), torch.empty(0, device="cuda")
     bwd = launch.prepare_plan(gc.libraries(), gc.planner().plan_backward(dout, q, k, v, out, lse, delta, dq, dk, dv,
                                                                          dsinks, None, None, None, None, S, S, scale,
-                                                                         0.0, -1, right))
+                                                                         0.0, -1, right, gpu_cores=sms))
 
     def run(plan):
         def fn():

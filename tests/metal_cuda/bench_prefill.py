@@ -373,8 +373,10 @@ class Runner:
         lengths = [x.S for x in r.sequences()] * r.B if r.lengths else [r.S] * r.B
         cu = torch.tensor([0] + [sum(lengths[: i + 1]) for i in range(len(lengths))], dtype=torch.int32,
                           device="cuda")
+        # The planner's command-buffer budget for a GPU of this one's SMs (planner_common.h: it grows with the cores).
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
         plan = self.gc.planner().plan_varlen(qv, kv, vv, out, lse, cu, cu, None, None, max(lengths), scale, 0.0, -1,
-                                             0 if r.causal else -1, None)
+                                             0 if r.causal else -1, None, sms)
         prepared = self.launch.prepare_plan(self.ours_libs(mma), plan)
 
         def fn():
