@@ -362,7 +362,7 @@ template <typename T, int D, int R>
   constexpr int DUP = Layout::DUP;
   constexpr int RPL = Layout::RPL;
   constexpr int SF = Layout::kScoreFloats;
-  static_assert(MS * R * D * 4 + 2 * NSG * R * 4 + NSG * 4 + Layout::kScatterFloats * 4 <= 32768,
+  static_assert(MS * R * D * 4 + 2 * NSG * R * 4 + NSG * 4 + 3 * R * 4 + Layout::kScatterFloats * 4 <= 32768,
                 "threadgroup memory over 32 KB");
 
   // The scaled q rows (fp32 [R][D]); after the key loop, the merge slots (MS x [R][D]).
@@ -371,6 +371,9 @@ template <typename T, int D, int R>
   threadgroup float m_tg[NSG * R];  // per simdgroup running max
   threadgroup float l_tg[NSG * R];  // per simdgroup sum of exp
   threadgroup uint bad_tg[NSG];     // per simdgroup rows with a non-finite visible score (bit r)
+  threadgroup float row_max_tg[R];  // per row, over the simdgroups: max, sum of exp, bad flag
+  threadgroup float row_sum_tg[R];
+  threadgroup uint row_bad_tg[R];
   // Scattered scores: per (simdgroup, lane group), two buffers of SF floats, used by alternate steps.
   threadgroup float score_tg[Layout::kScatterFloats];
 
@@ -678,6 +681,25 @@ template <typename T, int D, int R>
     bad_tg[sg] = bad_rows;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done reading q_tg
+  // Each row's max, sum and bad flag over the simdgroups, once (thread r), for the write below (visible after the
+  // merge's barriers): not once per written element.
+  if (int(tid) < R) {
+    const int r = int(tid);
+    float mx = kNoScore;
+    for (int w = 0; w < NSG; ++w) {
+      mx = max(mx, m_tg[w * R + r]);
+    }
+    float sum = 0.0f;
+    uint bad = 0u;
+    for (int w = 0; w < NSG; ++w) {
+      const float mw = m_tg[w * R + r];
+      sum += mw > kNoScore ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
+      bad |= (bad_tg[w] >> r) & 1u;
+    }
+    row_max_tg[r] = mx;
+    row_sum_tg[r] = sum;
+    row_bad_tg[r] = bad;
+  }
   float share[R];
   for (int r = 0; r < R; ++r) {
     float mx = kNoScore;
@@ -718,17 +740,9 @@ template <typename T, int D, int R>
     const int gr = row0 + r;
     const int h = hkv * group + gr / sq;
     const int i = gr % sq;
-    float mx = kNoScore;
-    for (int w = 0; w < NSG; ++w) {
-      mx = max(mx, m_tg[w * R + r]);
-    }
-    float sum = 0.0f;
-    bool bad = false;
-    for (int w = 0; w < NSG; ++w) {
-      const float mw = m_tg[w * R + r];
-      sum += mw > kNoScore ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
-      bad = bad || ((bad_tg[w] >> r) & 1u) != 0;
-    }
+    float mx = row_max_tg[r];
+    float sum = row_sum_tg[r];
+    const bool bad = row_bad_tg[r] != 0u;
     float acc = 0.0f;
     for (int k = 0; k < MS; ++k) {
       acc += acc_tg[k * R * D + idx];

@@ -4,7 +4,7 @@ flight per step, chunk width) or other compiler settings, and one launch under N
 
     python3 -m tests.metal_cuda.decode_variants build [NAME ...]   # here (clang-19): PTX variants (all, or those
                                                                     # whose name holds a NAME) into .cache/metal_cuda
-    python3 -m tests.metal_cuda.decode_variants time       # on the GPU machine
+    python3 -m tests.metal_cuda.decode_variants time       # on the GPU machine (time-short: B=1 S<=1000 shapes)
     python3 -m tests.metal_cuda.decode_variants once       # one planner decode (for ncu)
 """
 
@@ -25,6 +25,10 @@ _CHUNK = ("paged_decode_attention.h", "  static constexpr int kChunkBytes = R <=
 _NSG = ("paged_params.h", "  kDecodeSimdgroups = 8,")
 _CHUNKS = ("paged_decode_attention.h", "  static constexpr int kMinChunksPerLane = R <= 2 ? 2 : 1;")
 _THREADS = ("paged_params.h", "#define FLASH_SDPA_PAGED_DECODE_THREADS 256")
+_ROUNDS = ("paged_decode_attention.h", "  for (int round = 0; round < NSG / MS; ++round) {")
+_KEY_LOOP = ("paged_decode_attention.h",
+             "  for (int t0 = first; t0 < hi; t0 += stride) {  // the planner keeps key counts below 2^31 - 2^20: no "
+             "overflow")
 _SCATTER = ("paged_decode_attention.h", "  static constexpr int kScatterMinRows = 2;")
 _SCORES = ("paged_decode_attention.h",
            "  static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane")
@@ -47,6 +51,13 @@ VARIANTS = {
              min_blocks=targets.decode_min_blocks),
     "32 partial scores per lane at R >= 8 (R = 8: 4 keys per step)":
         dict(edits=[(*_SCORES, "  static constexpr int kMaxScores = 32;")], threads=THREADS,
+             min_blocks=targets.decode_min_blocks),
+    # Diagnostics of a short decode's fixed cost (timing only: the output is wrong).
+    "no merge slots (timing only, output wrong)":
+        dict(edits=[(*_ROUNDS, "  for (int round = 0; round < 0; ++round) {")], threads=THREADS,
+             min_blocks=targets.decode_min_blocks),
+    "no key loop (timing only, output wrong)":
+        dict(edits=[(*_KEY_LOOP, "  for (int t0 = first; t0 < first; t0 += stride) {")], threads=THREADS,
              min_blocks=targets.decode_min_blocks),
 }
 INDEX = compiler.cache_dir() / "variants.json"
@@ -86,11 +97,14 @@ def build(selected):
 SHAPES = {(4, 16, 16, 50): (0,), (1, 32, 8, 16384): (0,), (8, 32, 8, 4096): (0,), (1, 32, 32, 8192): (0,),
           (4, 64, 8, 8192): (0, 16), (1, 28, 4, 32768): (0,),
           # short single-sequence contexts: the split count against fixed costs
-          (1, 32, 8, 256): (0, 1, 2, 8), (1, 64, 8, 256): (0, 1, 2, 8), (1, 32, 8, 1000): (0, 4, 8, 32),
+          (1, 32, 8, 256): (0, 1, 2, 8, 16), (1, 64, 8, 256): (0, 1, 2, 8, 16), (1, 32, 8, 1000): (0, 4, 8, 32),
           (1, 64, 8, 1000): (0, 4, 8, 32), (8, 28, 4, 256): (0, 1, 2)}
 
 
-def time_variants():
+SHORT = [(1, 32, 8, 256), (1, 64, 8, 256), (1, 32, 8, 1000), (1, 64, 8, 1000), (4, 16, 16, 50)]
+
+
+def time_variants(short=False):
     import torch
 
     from msl.cuda import launch
@@ -104,7 +118,7 @@ def time_variants():
     print("| variant | shape | splits | regs | local B | us/call | GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     cases = {sh: gc.make_paged_case(sh[0], sh[3], sh[1], sh[2], 128, torch.float16, 16, sk_new=0, full_length=True,
-                                    padded_rows=False, seed=1) for sh in SHAPES}
+                                    padded_rows=False, seed=1) for sh in SHAPES if not short or sh in SHORT}
     for name, v in index.items():
         gc._LIBS = dict(base, paged_decode_attention=launch.Library(compiler.cache_dir() / v["folder"]))
         for (B, H, Hkv, S), case in cases.items():
@@ -155,4 +169,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "build":
         build(sys.argv[2:])
     else:
-        {"time": time_variants, "once": once}[sys.argv[1]]()
+        {"time": time_variants, "time-short": lambda: time_variants(short=True), "once": once}[sys.argv[1]]()
