@@ -84,6 +84,7 @@ struct DecodeLayout {
   static constexpr int kScatterFloats = kScatter ? NSG * G * 2 * kScoreFloats : 1;  // double-buffered
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
+  static_assert(NSG * kStepKeys == decode_step_keys(D, int(sizeof(T)), R), "the planner's step size (paged_params.h)");
 };
 
 typedef vec<uint, 4> chunk16;
@@ -446,6 +447,16 @@ template <typename T, int D, int R>
     mask_past<U, G>(loc, first + g, hi, false, k_start);
   }
 
+  // The first step's K and V rows (packed: U x CPL chunks of each per lane) are loaded before q is staged, so that
+  // their memory round trip overlaps q's and the barrier's instead of following them; the loop loads each later
+  // step's at its top.
+  const long k_head = long(hkv) * p.k_stride_h;
+  const long v_head = long(hkv) * p.v_stride_h;
+  const bool aligned = fc_decode_kv_aligned;
+  chunk16 kr[U][CPL];
+  chunk16 vr[U][CPL];
+  load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
+
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
   for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
     const int r = idx / D;
@@ -500,16 +511,13 @@ template <typename T, int D, int R>
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);
 
-  const long k_head = long(hkv) * p.k_stride_h;
-  const long v_head = long(hkv) * p.v_stride_h;
-  const bool aligned = fc_decode_kv_aligned;
   for (int t0 = first; t0 < hi; t0 += stride) {  // the planner keeps key counts below 2^31 - 2^20: no overflow
-    // 1. This step's K and V rows (packed: U x CPL chunks of each per lane), then the next step's block ids, all in
-    // flight together. (Loading K/V one step ahead instead gained nothing on the proxy at 2 threadgroups per SM:
-    // tests/metal_cuda/RESULTS.md.)
-    chunk16 kr[U][CPL];
-    chunk16 vr[U][CPL];
-    load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
+    // 1. This step's K and V rows (the first step's are in flight already), then the next step's block ids, all in
+    // flight together. (Loading K/V one step ahead in every step gained nothing on the proxy at 2 threadgroups per
+    // SM: tests/metal_cuda/RESULTS.md.)
+    if (t0 != first) {  // uniform per simdgroup
+      load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
+    }
     step_locs<U, G>(loc_next, t0 + stride + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
                     p.max_blocks_per_seq, p.num_blocks);
 

@@ -64,6 +64,25 @@ enum : fsdpa_i32 {
   kMaxSeqlenQ = 16,
 };
 
+// Keys one decode threadgroup covers per step: kDecodeSimdgroups x (G lane groups x U keys each) of
+// paged_decode_attention<T, D, R>'s lane layout (DecodeLayout, which asserts it computes the same). The planner sizes
+// short splits in whole steps. elem_bytes: sizeof(T).
+constexpr fsdpa_i32 decode_step_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
+  // As DecodeLayout: 16-byte chunks (8 above R = 4), two chunks per lane at R <= 2, L lanes a key row (a power of
+  // two), ~32 bytes of K per lane and step, at most 16 (R >= 8) or 32 partial scores per lane.
+  const fsdpa_i32 chunk = rows <= 4 ? 16 : 8;
+  const fsdpa_i32 nc = head_dim * elem_bytes / chunk;
+  const fsdpa_i32 min_chunks = rows <= 2 ? 2 : 1;
+  const fsdpa_i32 nl = (nc + min_chunks - 1) / min_chunks;
+  const fsdpa_i32 lanes = nl > 16 ? 32 : (nl > 8 ? 16 : (nl > 4 ? 8 : (nl > 2 ? 4 : 2)));
+  const fsdpa_i32 cpl = (nc + lanes - 1) / lanes;
+  const fsdpa_i32 u0 = 32 / (cpl * chunk);
+  const fsdpa_i32 max_scores = rows >= 8 ? 16 : 32;
+  const fsdpa_i32 u1 = u0 < max_scores / rows ? u0 : max_scores / rows;
+  const fsdpa_i32 u = u1 < 1 ? 1 : (u1 > 8 ? 8 : u1);
+  return kDecodeSimdgroups * (32 / lanes) * u;
+}
+
 }  // namespace paged
 }  // namespace flash_sdpa
 

@@ -62,8 +62,11 @@ constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-8
 // tests/metal_cuda/targets.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
 // long enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
 int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim);
-// 32: short single sequences need many splits to fill the GPU (proxy, B=1 S=256, GQA 4 / 8: 8 splits 13.1 / 17.2 us,
-// 4 splits 14.8 / 21.6; S=1000 GQA 8: 32 splits 20.5 us, 15 splits 24.0); 128 capped S=1000 at 7 splits (21.6 us).
+// 32, or one threadgroup step where a step covers fewer keys (decode_step_keys, paged_params.h: 16 at R = 8, D = 128):
+// short single sequences need many splits to fill the GPU, and a split's time is its number of steps (proxy, B=1
+// S=256, GQA 4 / 8: 8 splits 13.1 / 17.2 us, 4 splits 14.8 / 21.6; S=1000 GQA 8: 32 splits 20.5 us, 15 splits 24.0;
+// H200, S=256 GQA 8 / 7: 16 splits of one step 13.6 / 13.3 us, 8 of two 15.8 / 15.5); 128 capped S=1000 at 7
+// splits (21.6 us).
 constexpr int64_t kMinKeysPerSplit = 32;
 using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
@@ -85,9 +88,11 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed);
 
 // Split count: 1 when batch x kv_heads x row_blocks threadgroups already reach target (cores x
 // decode_threadgroups_per_core), else target / work splits, rounded down when the target comes from a known device
-// and up when it is the kDefaultGpuCores guess, keeping >= kMinKeysPerSplit keys per split. A run-time value of the
-// kernel: no pipeline depends on it.
-int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known);
+// and up when it is the kDefaultGpuCores guess, keeping >= kMinKeysPerSplit keys per split (or one step of the
+// kernel, step_keys = decode_step_keys, when smaller), then the fewest splits with the same steps per split. A
+// run-time value of the kernel: no pipeline depends on it.
+int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known,
+                              int64_t step_keys);
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);
 

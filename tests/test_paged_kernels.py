@@ -397,7 +397,8 @@ def run_varlen_decode(run, q, k, v, cu_q, cu_k, *, scale, window=(-1, -1), softc
                       max_seqlen_k=0, **options):
     """flash_attn_varlen_func with one query per sequence (the decode kernel's varlen mode: the router picks it at
     max_seqlen_q = 1): q [total_q, H, D], k / v [total_k, Hkv, D]. max_seqlen_k steers the planner's split count
-    (an upper bound it may split by, 32 keys a split). Returns (out, lse [H, total_q], [DispatchStats])."""
+    (an upper bound it may split by, in whole threadgroup steps of at least 32 keys). Returns (out, lse [H, total_q],
+    [DispatchStats])."""
     (out, lse, _), stats = run(lambda kernel: kernel.flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, 1, max_seqlen_k, softmax_scale=scale, window_size=window, softcap=softcap,
         alibi_slopes=alibi, return_attn_probs=True, s_aux=sinks), **options)
@@ -448,11 +449,11 @@ VARLEN_FEATURES = {
 def test_varlen_mode(run, feature, num_splits, group):
     """Packed K/V with empty sequences, a sequence without a query, a garbage tail (cu_seqlens past total, negative,
     decreasing): every sequence with a query row matches the reference over its clamped keys; the row no sequence
-    covers is 0 with LSE -inf. The long sequence sets the planner's split count (128 keys a split)."""
+    covers is 0 with LSE -inf. The long sequence sets the planner's split count (one 64-key step a split)."""
     g = torch.Generator().manual_seed(num_splits * 10 + group + len(feature))
     Hkv, D, dtype = 2, 64, torch.float16
     H = Hkv * group
-    longest = 40 if num_splits == 1 else 32 * num_splits  # kMinKeysPerSplit = 32 keys a split
+    longest = 40 if num_splits == 1 else 64 * num_splits  # one threadgroup step of 64 keys a split at D = 64
     lens = [37, 0, longest, 5, 1]
     total_k = sum(lens)
     cu_k = [0]

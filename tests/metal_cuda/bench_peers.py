@@ -5,6 +5,7 @@ route (the peers from .calib/, an optional local copy of their kernels and launc
 
     python3 -m tests.metal_cuda.bench_peers [--json PATH]      # GPU machine; carry .cache/metal_cuda and .calib
     python3 -m tests.metal_cuda.bench_peers --zoo [--json PATH]  # the model zoo: real models' H / Hkv / D
+                                                                 # (--contexts 256,1000 --batches 1: a subset)
 
 Timing as bench.py and peer_decode.py: a CUDA graph of 20 calls, median of 15 replays. Every output is checked
 against SDPA in fp32 first. "x MLX" = t_MLX / t_ours (above 1: ours is faster).
@@ -208,13 +209,19 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--rows", default="all", help="comma-separated row indices")
     ap.add_argument("--zoo", action="store_true", help="the model-zoo table instead of the fixed rows")
+    ap.add_argument("--contexts", help="zoo: only these comma-separated contexts S")
+    ap.add_argument("--batches", help="zoo: only these comma-separated batches B")
     a = ap.parse_args()
     dev = torch.cuda.get_device_properties(0)
     sms = dev.multi_processor_count
     print(f"device: {dev.name}, {sms} SMs, torch {torch.__version__}")
     if a.zoo:
         results = []
+        contexts = [int(x) for x in a.contexts.split(",")] if a.contexts else None
+        batches = [int(x) for x in a.batches.split(",")] if a.batches else None
         for row in zoo_rows():
+            if (contexts and row[2] not in contexts) or (batches and row[1] not in batches):
+                continue
             r = run_zoo_row(*row, sms)
             results.append(r)
             print(json.dumps(r), flush=True)

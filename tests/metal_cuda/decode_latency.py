@@ -23,6 +23,8 @@ BASELINE = compiler.cache_dir() / "latency_baseline.json"
 # (B, H, Hkv, S): GQA 4, 8 and 7 at the zoo's short contexts, fp16, D = 128.
 SHAPES = [(1, 32, 8, 256), (1, 64, 8, 256), (1, 28, 4, 256), (1, 32, 8, 1000), (1, 64, 8, 1000)]
 SPLITS = (0, 4, 8, 16, 32, 64)
+# Long contexts and batches, the planner's split count only: that a change for short ones costs them nothing.
+LONG = [(1, 32, 8, 16384), (4, 64, 8, 8192), (1, 28, 4, 32768), (8, 32, 8, 4096), (64, 32, 8, 512)]
 D = 128
 
 
@@ -55,7 +57,7 @@ def timed(prepared) -> float:
     return bench.time_us(fn)
 
 
-def ours(B, H, Hkv, S, sms):
+def ours(B, H, Hkv, S, sms, splits_list=SPLITS):
     import torch
 
     from msl.cuda import launch
@@ -71,7 +73,7 @@ def ours(B, H, Hkv, S, sms):
     write = gc.plan_paged(small, torch.empty_like(small.q), None, scale=D ** -0.5, with_new=True, gpu_cores=sms)[0]
     floor = timed(launch.prepare_plan(gc.libraries(), [write]))
     rows = []
-    for splits in SPLITS:
+    for splits in splits_list:
         if splits * 16 > S:
             continue
         out = torch.full_like(case.q, float("nan"))
@@ -138,6 +140,13 @@ def main():
         gc._LIBS = base
         for line in mlx(B, H, Hkv, S):
             print("  " + line, flush=True)
+    for B, H, Hkv, S in LONG:
+        print(f"\nB={B} H={H}/{Hkv} S={S} D={D} fp16")
+        for name, libs in variants.items():
+            gc._LIBS = libs
+            for line in ours(B, H, Hkv, S, sms, splits_list=(0,))[1]:
+                print(f"  [{name}] {line}", flush=True)
+        gc._LIBS = base
 
 
 if __name__ == "__main__":
