@@ -1,7 +1,10 @@
-"""CI: the command-buffer budget of a long prefill and backward grows with the GPU's cores (planner_common.h), through
-the project's C++ planners built as a CPU torch extension (planner_ext.py; no GPU). A 32K-token causal prompt:
-an unknown device plans like an M1 (8 cores), a GPU of 10x the cores plans about a tenth of the command buffers,
-and METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS overrides the core count."""
+"""CI: the project's C++ planners built as a CPU torch extension (planner_ext.py; no GPU).
+
+- The command-buffer budget of a long prefill and backward grows with the GPU's cores (planner_common.h). A 32K-token
+  causal prompt: an unknown device plans like an M1 (8 cores), a GPU of 10x the cores plans about a tenth of the
+  command buffers, and METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS overrides the core count.
+- The decode's split count is in whole threadgroup steps (paged_planner.cpp): no split has more steps than it must,
+  and no fewer splits would give every split as few steps."""
 
 import math
 
@@ -58,3 +61,29 @@ def test_budget_grows_with_cores(planner, plan, monkeypatch):
         assert sum(g[0] for g in grids) == sum(g[0] for g in m1[kernel]), f"{kernel}: every tile planned once"
     monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", "2.5e11")
     assert _passes(plan(planner, 80)) == m1, "the override wins over the core count"
+
+
+# (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
+DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32), (1, 64, 8, 256, 128, torch.float16, 16),
+                 (1, 28, 4, 1000, 128, torch.float16, 16), (1, 32, 8, 1000, 128, torch.float16, 32),
+                 (1, 32, 8, 16384, 128, torch.float16, 32), (1, 32, 32, 8192, 128, torch.float16, 32),
+                 (1, 16, 16, 3000, 64, torch.float32, 32), (2, 32, 8, 700, 256, torch.bfloat16, 16)]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"B{s[0]}_H{s[1]}-{s[2]}_S{s[3]}_D{s[4]}")
+@pytest.mark.parametrize("cores", [8, 40, 132])
+def test_decode_splits_whole_steps(planner, shape, cores):
+    B, H, Hkv, S, D, dtype, step = shape
+    page = 16
+    blocks = (S + page - 1) // page
+    q = torch.empty(B, 1, H, D, dtype=dtype)
+    k = torch.empty(B * blocks, page, Hkv, D, dtype=dtype)
+    table = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
+    plan = planner.plan_paged(q, k, k, table, torch.full((B,), S, dtype=torch.int32), None, None, torch.empty_like(q),
+                              None, None, None, D ** -0.5, 0.0, -1, 0, 0, S, 0, cores)
+    splits = plan[0]["threadgroups"][0]
+    steps = -(-S // step)
+    most = -(-steps // splits)
+    assert splits <= steps, "a split with no step"
+    if splits > 1:
+        assert -(-steps // (splits - 1)) > most, f"{splits - 1} splits would take {most} steps each as well"
