@@ -32,36 +32,22 @@ constant bool fc_decode_leftpad [[function_constant(FLASH_SDPA_FC_DECODE_LEFTPAD
 namespace flash_sdpa {
 namespace paged {
 
-// The lane layout of paged_decode_attention<T, D, R> (compile-time). A key row is NC chunks of 16 bytes (8 when
-// R > 4: fewer accumulators per lane); L lanes (the power of two >= NC, or >= NC / 2 at R <= 2, at most 32) read one
-// row, lane li chunks li, li + L, ...; G = 32 / L keys are read side by side. Lanes past NC (head dims that are not
-// powers of two) idle.
+// The lane layout of paged_decode_attention<T, D, R> (compile-time; its formulas are paged_params.h's decode_*
+// functions, which the planner reads too). A key row is NC chunks of kChunkBytes; L lanes read one row, lane li
+// chunks li, li + L, ...; G = 32 / L keys are read side by side, U per lane group and step. Lanes past NC (head dims
+// that are not powers of two) idle.
 template <typename T, int D, int R>
 struct DecodeLayout {
   static constexpr int NSG = kDecodeSimdgroups;
-  static constexpr int kChunkBytes = R <= 4 ? 16 : 8;
+  static constexpr int kChunkBytes = decode_chunk_bytes(R);
   static constexpr int CW = kChunkBytes / 4;                // 32-bit words per chunk (K/V stay packed)
   static constexpr int EPC = kChunkBytes / int(sizeof(T));  // elements per chunk
   static constexpr int NC = D * int(sizeof(T)) / kChunkBytes;
-  // Two chunks per lane at R <= 2 (half the lanes per key row: each lane's log2 L shuffles per key and row then
-  // serve twice the multiply-adds; on the proxy MHA decode 1.3x, GQA 2 1.2x faster), one above (R x EPL
-  // accumulators per lane: at most 32).
-  static constexpr int kMinChunksPerLane = R <= 2 ? 2 : 1;
-  static constexpr int NL = (NC + kMinChunksPerLane - 1) / kMinChunksPerLane;  // lanes needed
-  static constexpr int L = NL > 16 ? 32 : (NL > 8 ? 16 : (NL > 4 ? 8 : (NL > 2 ? 4 : 2)));
+  static constexpr int L = decode_row_lanes(D, int(sizeof(T)), R);
   static constexpr int G = 32 / L;
   static constexpr int CPL = (NC + L - 1) / L;  // chunks per lane
   static constexpr int EPL = CPL * EPC;         // elements (accumulators) per lane and row
-  // Keys per group and step: ~32 bytes of K, as much of V, per lane in flight (2 keys at 16-byte chunks); R x U
-  // scores per lane. More per step costs registers, so fewer resident simdgroups: on the proxy 64 B was 1.1-1.3x
-  // slower than 32 B at every benchmarked shape (tests/metal_cuda/RESULTS.md).
-  // At R >= 8 a step keeps 16 partial scores per lane (R = 8: 2 keys), not 32: the R x EPL accumulators already
-  // take 32 registers, and an Apple core spills rather than lowering occupancy. On the proxy 4 keys were within 2%
-  // (GQA 8 B=4 S=8192: 191 against 195 us, 122 against 118 registers).
-  static constexpr int U0 = 32 / (CPL * kChunkBytes);
-  static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane
-  static constexpr int U1 = U0 < kMaxScores / R ? U0 : kMaxScores / R;
-  static constexpr int U = U1 < 1 ? 1 : (U1 > 8 ? 8 : U1);
+  static constexpr int U = decode_group_keys(D, int(sizeof(T)), R);
   static constexpr int kStepKeys = G * U;  // keys per simdgroup step
   // Merge slots: the simdgroups' accumulators meet in kMergeSlots x R x D floats, at most kMergeBytes (or one
   // slot); a power of two that divides NSG.
@@ -84,7 +70,6 @@ struct DecodeLayout {
   static constexpr int kScatterFloats = kScatter ? NSG * G * 2 * kScoreFloats : 1;  // double-buffered
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
-  static_assert(NSG * kStepKeys == decode_step_keys(D, int(sizeof(T)), R), "the planner's step size (paged_params.h)");
 };
 
 typedef vec<uint, 4> chunk16;

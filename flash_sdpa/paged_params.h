@@ -64,23 +64,42 @@ enum : fsdpa_i32 {
   kMaxSeqlenQ = 16,
 };
 
-// Keys one decode threadgroup covers per step: kDecodeSimdgroups x (G lane groups x U keys each) of
-// paged_decode_attention<T, D, R>'s lane layout (DecodeLayout, which asserts it computes the same). The planner sizes
-// short splits in whole steps. elem_bytes: sizeof(T).
+// The decode's lane layout (paged_decode_attention<T, D, R>'s DecodeLayout), as functions of the head dim, the
+// element bytes (sizeof(T)) and the row tile R: the kernel reads them at compile time, the planner for its step size.
+// A key row is chunks of 16 bytes (8 when R > 4: fewer accumulators per lane).
+constexpr fsdpa_i32 decode_chunk_bytes(fsdpa_i32 rows) { return rows <= 4 ? 16 : 8; }
+
+// L, the lanes that read one key row: the power of two >= its chunks, at most 32. Two chunks per lane at R <= 2 (half
+// the lanes per key row: each lane's log2 L shuffles per key and row then serve twice the multiply-adds; on the proxy
+// MHA decode 1.3x, GQA 2 1.2x faster), one above (R x EPL accumulators per lane: at most 32).
+constexpr fsdpa_i32 decode_row_lanes(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
+  const fsdpa_i32 chunks = head_dim * elem_bytes / decode_chunk_bytes(rows);
+  const fsdpa_i32 per_lane = rows <= 2 ? 2 : 1;
+  const fsdpa_i32 needed = (chunks + per_lane - 1) / per_lane;
+  return needed > 16 ? 32 : (needed > 8 ? 16 : (needed > 4 ? 8 : (needed > 2 ? 4 : 2)));
+}
+
+// U, the keys a lane group reads per step: ~32 bytes of K, as much of V, per lane in flight (2 keys at 16-byte
+// chunks); R x U scores per lane. More per step costs registers, so fewer resident simdgroups: on the proxy 64 B was
+// 1.1-1.3x slower than 32 B at every benchmarked shape (tests/metal_cuda/RESULTS.md). At R >= 8 a step keeps 16
+// partial scores per lane (R = 8: 2 keys), not 32: the R x EPL accumulators already take 32 registers, and an Apple
+// core spills rather than lowering occupancy. On the proxy 4 keys were within 2% (GQA 8 B=4 S=8192: 191 against
+// 195 us, 122 against 118 registers).
+constexpr fsdpa_i32 decode_group_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
+  const fsdpa_i32 chunk = decode_chunk_bytes(rows);
+  const fsdpa_i32 lanes = decode_row_lanes(head_dim, elem_bytes, rows);
+  const fsdpa_i32 chunks_per_lane = (head_dim * elem_bytes / chunk + lanes - 1) / lanes;
+  const fsdpa_i32 in_flight = 32 / (chunks_per_lane * chunk);
+  const fsdpa_i32 max_scores = rows >= 8 ? 16 : 32;  // R x U partial scores per lane
+  const fsdpa_i32 u = in_flight < max_scores / rows ? in_flight : max_scores / rows;
+  return u < 1 ? 1 : (u > 8 ? 8 : u);
+}
+
+// Keys one decode threadgroup covers per step: kDecodeSimdgroups x (32 / L lane groups x U keys each). The planner
+// sizes short splits in whole steps.
 constexpr fsdpa_i32 decode_step_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
-  // As DecodeLayout: 16-byte chunks (8 above R = 4), two chunks per lane at R <= 2, L lanes a key row (a power of
-  // two), ~32 bytes of K per lane and step, at most 16 (R >= 8) or 32 partial scores per lane.
-  const fsdpa_i32 chunk = rows <= 4 ? 16 : 8;
-  const fsdpa_i32 nc = head_dim * elem_bytes / chunk;
-  const fsdpa_i32 min_chunks = rows <= 2 ? 2 : 1;
-  const fsdpa_i32 nl = (nc + min_chunks - 1) / min_chunks;
-  const fsdpa_i32 lanes = nl > 16 ? 32 : (nl > 8 ? 16 : (nl > 4 ? 8 : (nl > 2 ? 4 : 2)));
-  const fsdpa_i32 cpl = (nc + lanes - 1) / lanes;
-  const fsdpa_i32 u0 = 32 / (cpl * chunk);
-  const fsdpa_i32 max_scores = rows >= 8 ? 16 : 32;
-  const fsdpa_i32 u1 = u0 < max_scores / rows ? u0 : max_scores / rows;
-  const fsdpa_i32 u = u1 < 1 ? 1 : (u1 > 8 ? 8 : u1);
-  return kDecodeSimdgroups * (32 / lanes) * u;
+  return kDecodeSimdgroups * (32 / decode_row_lanes(head_dim, elem_bytes, rows)) *
+         decode_group_keys(head_dim, elem_bytes, rows);
 }
 
 }  // namespace paged
