@@ -15,7 +15,7 @@ from pathlib import Path
 
 from msl.cuda import compiler
 
-from . import targets
+from . import decode_variants
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE = compiler.cache_dir() / "latency_baseline.json"
@@ -40,9 +40,7 @@ def build(rev):
         if name.endswith((".h", ".metal")):
             text = subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, check=True, capture_output=True).stdout
             (src / Path(name).name).write_bytes(text)
-    kernels = [f"paged_decode_float16_d{D}_r{r}" for r in (1, 2, 4, 8, 16)] + ["paged_decode_combine_float16"]
-    path = compiler.build(src / "paged_decode_attention.metal", [str(src)], kernels=kernels,
-                          extra_flags=targets.DECODE_UNROLL, min_blocks=targets.decode_min_blocks)
+    path = decode_variants.build_decode(src)  # its KERNELS: fp16, D = 128, every row tile, and the combine
     BASELINE.write_text(json.dumps({"rev": rev, "folder": path.name}))
     print(rev, "->", path)
 

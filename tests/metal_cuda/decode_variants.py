@@ -20,19 +20,23 @@ KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r2", "page
            "paged_decode_float16_d128_r8", "paged_decode_float16_d128_r16", "paged_decode_combine_float16"]
 # name -> dict(edits=[(file, old, new)], threads=decode threads per threadgroup, min_blocks=per-instance launch
 # bounds). Experiments on a copy (flash_sdpa/ untouched). Earlier ones, with their figures: RESULTS.md.
-_INFLIGHT = ("paged_decode_attention.h", "  static constexpr int U0 = 32 / (CPL * kChunkBytes);")
-_CHUNK = ("paged_decode_attention.h", "  static constexpr int kChunkBytes = R <= 4 ? 16 : 8;")
+_INFLIGHT = ("paged_params.h", "  const fsdpa_i32 in_flight = 32 / (chunks_per_lane * chunk);")
+_CHUNK = ("paged_params.h", "constexpr fsdpa_i32 decode_chunk_bytes(fsdpa_i32 rows) { return rows <= 4 ? 16 : 8; }")
 _NSG = ("paged_params.h", "  kDecodeSimdgroups = 8,")
-_CHUNKS = ("paged_decode_attention.h", "  static constexpr int kMinChunksPerLane = R <= 2 ? 2 : 1;")
+_CHUNKS = ("paged_params.h", "  const fsdpa_i32 per_lane = rows <= 2 ? 2 : 1;")
 _THREADS = ("paged_params.h", "#define FLASH_SDPA_PAGED_DECODE_THREADS 256")
 _ROUNDS = ("paged_decode_attention.h", "  for (int round = 0; round < NSG / MS; ++round) {")
 _KEY_LOOP = ("paged_decode_attention.h",
              "  for (int t0 = first; t0 < hi; t0 += stride) {  // the planner keeps key counts below 2^31 - 2^20: no "
              "overflow")
 _SCATTER = ("paged_decode_attention.h", "  static constexpr int kScatterMinRows = 2;")
-_SCORES = ("paged_decode_attention.h",
-           "  static constexpr int kMaxScores = R >= 8 ? 16 : 32;  // R x U partial scores per lane")
+_SCORES = ("paged_params.h", "  const fsdpa_i32 max_scores = rows >= 8 ? 16 : 32;  // R x U partial scores per lane")
 THREADS = 256  # as built
+
+
+def _one_edit(edit, new):
+    """A variant that replaces one line (edit: (file, old)), threads and launch bounds as built."""
+    return dict(edits=[(*edit, new)], threads=THREADS, min_blocks=targets.decode_min_blocks)
 
 
 def _simdgroups(n):
@@ -47,18 +51,13 @@ VARIANTS = {
     "4 simdgroups": _simdgroups(4),
     "16 simdgroups": _simdgroups(16),
     "all-reduced scores at every R (the previous layout)":
-        dict(edits=[(*_SCATTER, "  static constexpr int kScatterMinRows = 64;")], threads=THREADS,
-             min_blocks=targets.decode_min_blocks),
+        _one_edit(_SCATTER, "  static constexpr int kScatterMinRows = 64;"),
     "32 partial scores per lane at R >= 8 (R = 8: 4 keys per step)":
-        dict(edits=[(*_SCORES, "  static constexpr int kMaxScores = 32;")], threads=THREADS,
-             min_blocks=targets.decode_min_blocks),
+        _one_edit(_SCORES, "  const fsdpa_i32 max_scores = 32;"),
     # Diagnostics of a short decode's fixed cost (timing only: the output is wrong).
-    "no merge slots (timing only, output wrong)":
-        dict(edits=[(*_ROUNDS, "  for (int round = 0; round < 0; ++round) {")], threads=THREADS,
-             min_blocks=targets.decode_min_blocks),
+    "no merge slots (timing only, output wrong)": _one_edit(_ROUNDS, "  for (int round = 0; round < 0; ++round) {"),
     "no key loop (timing only, output wrong)":
-        dict(edits=[(*_KEY_LOOP, "  for (int t0 = first; t0 < first; t0 += stride) {")], threads=THREADS,
-             min_blocks=targets.decode_min_blocks),
+        _one_edit(_KEY_LOOP, "  for (int t0 = first; t0 < first; t0 += stride) {"),
 }
 INDEX = compiler.cache_dir() / "variants.json"
 
@@ -80,14 +79,18 @@ def _patched_copy(name, edits) -> Path:
     return dst
 
 
+def build_decode(src: Path, min_blocks=targets.decode_min_blocks) -> Path:
+    """The PTX of KERNELS from a folder of flash_sdpa headers (a patched copy, or a git revision's: decode_latency)."""
+    return compiler.build(src / "paged_decode_attention.metal", [str(src)], kernels=KERNELS,
+                          extra_flags=targets.DECODE_UNROLL, min_blocks=min_blocks)
+
+
 def build(selected):
     index = {}
     for name, v in VARIANTS.items():
         if selected and not any(s in name for s in selected):
             continue
-        copy = _patched_copy(name, v["edits"])
-        path = compiler.build(copy / "paged_decode_attention.metal", [str(copy)], kernels=KERNELS,
-                              extra_flags=targets.DECODE_UNROLL, min_blocks=v["min_blocks"])
+        path = build_decode(_patched_copy(name, v["edits"]), v["min_blocks"])
         index[name] = dict(folder=path.name, threads=v["threads"])
         print(name, "->", path.name)
     INDEX.write_text(json.dumps(index, indent=1))
