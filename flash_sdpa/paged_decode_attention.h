@@ -12,7 +12,9 @@
 // R >= 2 a reduce-scatter, after which each lane holds its own rows' scores, runs their online softmax alone and
 // shares the probabilities with the group through threadgroup memory (DecodeLayout, "scattered rows"). P.V is
 // lane-local (each group keeps R x EPL accumulators), so nothing waits on other groups until the end, when the
-// groups and then the 8 simdgroups merge (threadgroup memory, in one round while their accumulators fit 8 KB).
+// groups and then the simdgroups merge (threadgroup memory, in one round while their accumulators fit 8 KB). A
+// threadgroup has 8 simdgroups, or 4, 2 or 1 (a run-time choice of the planner, read from the dispatch: fewer
+// simdgroups per threadgroup and more splits where a short context leaves cores idle).
 // Threadgroup memory: the scaled q rows (R x D fp32), then the merge slots, <= 9 KB, plus the scattered scores'
 // buffers (<= 8 KB). No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV
 // head.
@@ -38,7 +40,7 @@ namespace paged {
 // that are not powers of two) idle.
 template <typename T, int D, int R>
 struct DecodeLayout {
-  static constexpr int NSG = kDecodeSimdgroups;
+  static constexpr int NSG = kDecodeSimdgroups;  // the most a threadgroup has (its buffers are sized for them)
   static constexpr int kChunkBytes = decode_chunk_bytes(R);
   static constexpr int CW = kChunkBytes / 4;                // 32-bit words per chunk (K/V stay packed)
   static constexpr int EPC = kChunkBytes / int(sizeof(T));  // elements per chunk
@@ -328,7 +330,8 @@ template <typename T, int D, int R>
     device const int* cu_seqlens_k [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K)]],
     device const int* cache_leftpad [[buffer(FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD)]],
     uint3 tgid [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]],
+    uint simdgroups [[simdgroups_per_threadgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
   using Layout = DecodeLayout<T, D, R>;
@@ -381,8 +384,10 @@ template <typename T, int D, int R>
   // if a window moved lo: one dependent memory round trip less before the first K/V byte (proxy, B = 1 at 256-1000
   // keys: 2-6% of the call, tests/metal_cuda/RESULTS.md).
   static_assert(kMaxSplits * NSG * KS <= (1 << 20), "a split's stride fits the planner's key-count headroom");
-  constexpr int kTgStep = NSG * KS;
-  const int stride = p.num_splits * kTgStep;
+  const int nsg = int(simdgroups);  // 1, 2, 4 or NSG: the planner's choice (decode_simdgroups)
+  const int threads = nsg * 32;
+  const int tg_step = nsg * KS;
+  const int stride = p.num_splits * tg_step;
   const int g = int(lane) / L;   // key group of this lane
   const int li = int(lane) % L;  // lane within the key row
   const long bt_row = long(b) * p.block_table_stride_b;
@@ -413,7 +418,7 @@ template <typename T, int D, int R>
     // is slot leftpad + t and sk shrinks by leftpad.
     const int capacity = p.max_blocks_per_seq * p.block_size;
     k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
-    cursor = table_cursor(k_start + split * kTgStep + int(sg) * KS + g, stride, p.block_size);
+    cursor = table_cursor(k_start + split * tg_step + int(sg) * KS + g, stride, p.block_size);
     step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
     const int seqlen = cache_seqlens[b];
     sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
@@ -423,7 +428,7 @@ template <typename T, int D, int R>
   // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
   const int lo = visible_keys(diag, p.opt, sk).x;
   const int hi = visible_keys(sq - 1 + diag, p.opt, sk).y + 1;
-  const int first = lo + split * kTgStep + int(sg) * KS;  // this simdgroup's first step
+  const int first = lo + split * tg_step + int(sg) * KS;  // this simdgroup's first step
   if (fc_varlen || lo != 0) {                             // uniform
     cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
     step_locs<U, G>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
@@ -443,7 +448,7 @@ template <typename T, int D, int R>
   load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
-  for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
+  for (int idx = int(tid); idx < R * D; idx += threads) {
     const int r = idx / D;
     const int d = idx - r * D;
     float v = 0.0f;
@@ -679,12 +684,12 @@ template <typename T, int D, int R>
   if (int(tid) < R) {
     const int r = int(tid);
     float mx = kNoScore;
-    for (int w = 0; w < NSG; ++w) {
+    for (int w = 0; w < nsg; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
     float sum = 0.0f;
     uint bad = 0u;
-    for (int w = 0; w < NSG; ++w) {
+    for (int w = 0; w < nsg; ++w) {
       const float mw = m_tg[w * R + r];
       sum += mw > kNoScore ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
       bad |= (bad_tg[w] >> r) & 1u;
@@ -696,7 +701,7 @@ template <typename T, int D, int R>
   float share[R];
   for (int r = 0; r < R; ++r) {
     float mx = kNoScore;
-    for (int w = 0; w < NSG; ++w) {
+    for (int w = 0; w < nsg; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
     share[r] = m[r] > kNoScore ? exp(m[r] - mx) : 0.0f;
@@ -705,9 +710,10 @@ template <typename T, int D, int R>
   // its share to slot w % MS in round w / MS, one barrier per round; the write below sums the slots. As many slots
   // as kMergeBytes holds: one round for small row tiles, one simdgroup per round (no extra memory) for the largest.
   threadgroup float* acc_tg = stage_tg;
-  for (int round = 0; round < NSG / MS; ++round) {
-    if (int(sg) / MS == round && g == 0) {
-      threadgroup float* slot = acc_tg + (int(sg) % MS) * R * D;
+  const int ms = min(MS, nsg);
+  for (int round = 0; round < nsg / ms; ++round) {
+    if (int(sg) / ms == round && g == 0) {
+      threadgroup float* slot = acc_tg + (int(sg) % ms) * R * D;
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {
           for (int j = 0; j < CPL; ++j) {
@@ -727,7 +733,7 @@ template <typename T, int D, int R>
   }
 
   // Write: split partials (unnormalised, relative to the row max) or the final row.
-  for (int idx = int(tid); idx < nrows * D; idx += kDecodeThreads) {
+  for (int idx = int(tid); idx < nrows * D; idx += threads) {
     const int r = idx / D;
     const int d = idx - r * D;
     const int gr = row0 + r;
@@ -737,7 +743,7 @@ template <typename T, int D, int R>
     float sum = row_sum_tg[r];
     const bool bad = row_bad_tg[r] != 0u;
     float acc = 0.0f;
-    for (int k = 0; k < MS; ++k) {
+    for (int k = 0; k < ms; ++k) {
       acc += acc_tg[k * R * D + idx];
     }
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)

@@ -199,7 +199,15 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
           : paged_pick_num_splits(work, max_keys, target, call.target_threadgroups > 0 || cores > 0,
                                   decode_step_keys(to_i32(head_dim, "head_dim"),
                                                    to_i32(q.element_size(), "element size"), to_i32(rows, "rows")));
-  splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), 16)));
+  const int64_t simdgroups = call.simdgroups > 0 ? call.simdgroups : kDecodeSimdgroups;
+  TORCH_CHECK(simdgroups == 1 || simdgroups == 2 || simdgroups == 4 || simdgroups == kDecodeSimdgroups,
+              "flash_attn_with_kvcache: decode simdgroups must be 1, 2, 4 or ", int(kDecodeSimdgroups), ", got ",
+              simdgroups);
+  const int64_t sg_step_keys =
+      decode_step_keys(to_i32(head_dim, "head_dim"), to_i32(q.element_size(), "element size"), to_i32(rows, "rows")) /
+      kDecodeSimdgroups;
+  splits = std::max<int64_t>(
+      1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), std::min<int64_t>(16, simdgroups * sg_step_keys))));
   const bool split = splits > 1;
 
   PagedDecodeParams ap{};
@@ -291,7 +299,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   a.set_bytes(FLASH_SDPA_DECODE_BUF_PARAMS, ap);
   a.threadgroups = {to_u32(splits, "num_splits"), to_u32(kv_heads * row_blocks, "kv_heads x row_blocks"),
                     to_u32(batch, "batch")};
-  a.threads_per_threadgroup = {static_cast<uint32_t>(kDecodeThreads), 1, 1};
+  a.threads_per_threadgroup = {static_cast<uint32_t>(simdgroups * kSimdWidth), 1, 1};
   plan.dispatches.push_back(std::move(a));
 
   // 3. Combine the split-K partials: one threadgroup per output row.

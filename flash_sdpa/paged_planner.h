@@ -46,6 +46,8 @@ struct PagedKVCacheAttention {
   // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
   // (gpu_core_count), else unknown (kDefaultGpuCores, splits rounded up).
   int64_t gpu_cores = 0;
+  // Simdgroups per decode threadgroup (1, 2, 4 or paged::kDecodeSimdgroups); 0: the planner picks. Benchmarks force it.
+  int64_t simdgroups = 0;
 };
 
 // The device description the split heuristic uses. metal_launch.mm registers a provider that reads the GPU's core

@@ -67,8 +67,9 @@ def floor_us(H, Hkv, sms) -> float:
     return timed(launch.prepare_plan(gc.libraries(), [write]))
 
 
-def ours(B, H, Hkv, S, sms, splits_list=SPLITS):
-    """One line per split count (0: the planner's): the whole call and each dispatch alone, us."""
+def ours(B, H, Hkv, S, sms, splits_list=SPLITS, simdgroups=0):
+    """One line per split count (0: the planner's): the whole call and each dispatch alone, us. simdgroups: per
+    decode threadgroup (0: the planner's)."""
     import torch
 
     from msl.cuda import launch
@@ -85,14 +86,16 @@ def ours(B, H, Hkv, S, sms, splits_list=SPLITS):
         if splits * 16 > S:
             continue
         out = torch.full_like(case.q, float("nan"))
-        plan = gc.plan_paged(case, out, None, scale=D ** -0.5, num_splits=splits, with_new=False, gpu_cores=sms)
+        plan = gc.plan_paged(case, out, None, scale=D ** -0.5, num_splits=splits, with_new=False, gpu_cores=sms,
+                             simdgroups=simdgroups)
         prepared = launch.prepare_plan(gc.libraries(), plan)
         for p in prepared:
             p.launch()
         torch.cuda.synchronize()
         check(out, ref, f"splits={splits}", torch.float16)
         parts = [f"{timed([p]):.1f}" for p in prepared]
-        rows.append(f"ours splits {prepared[0].grid[0]}{' (planner)' if splits == 0 else ''}: whole "
+        sg = prepared[0].block[0] // 32
+        rows.append(f"ours {sg} sg x splits {prepared[0].grid[0]}{' (planner)' if splits == 0 else ''}: whole "
                     f"{timed(prepared):.1f}, alone {' + '.join(parts)} ({prepared[0].pipeline.num_regs} regs)")
     return rows
 
@@ -121,6 +124,37 @@ def mlx(B, H, Hkv, S):
         parts = [f"{bench.time_us(lc):.1f}" for lc in p.launches]
         rows.append(f"MLX {peer.describe(p.plan)}: whole {bench.time_us(p):.1f}, alone {' + '.join(parts)}")
     return rows
+
+
+def sg_step_keys(R, D=D, elem=2):
+    """Keys one simdgroup covers per step (paged_params.h's decode_step_keys / kDecodeSimdgroups)."""
+    chunk = 16 if R <= 4 else 8
+    chunks = D * elem // chunk
+    needed = -(-chunks // (2 if R <= 2 else 1))
+    lanes = next(x for x in (2, 4, 8, 16, 32) if x >= needed or x == 32)
+    per_lane = -(-chunks // lanes)
+    u = max(1, min(8, 32 // (per_lane * chunk), (16 if R >= 8 else 32) // R))
+    return 32 // lanes * u
+
+
+def sweep():
+    """Simdgroups per decode threadgroup against splits at the short shapes: each simdgroup one step or two."""
+    import torch
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(torch.cuda.get_device_name(0), sms, "SMs")
+    for B, H, Hkv, S in SHAPES:
+        R = 1 << (H // Hkv - 1).bit_length()
+        steps = -(-S // sg_step_keys(R))
+        print(f"\nB={B} H={H}/{Hkv} S={S} D={D} fp16 (R = {R}: {steps} simdgroup steps)", flush=True)
+        for line in ours(B, H, Hkv, S, sms, splits_list=(0,)):
+            print("  " + line, flush=True)
+        for sg in (8, 4, 2, 1):
+            splits = sorted({min(256, max(1, -(-steps // (sg * k)))) for k in (1, 2, 4)})
+            for line in ours(B, H, Hkv, S, sms, splits_list=splits, simdgroups=sg):
+                print("  " + line, flush=True)
+        for line in mlx(B, H, Hkv, S):
+            print("  " + line, flush=True)
 
 
 def main():
@@ -159,5 +193,7 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "build":
         build(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "sweep":
+        sweep()
     else:
         main()
