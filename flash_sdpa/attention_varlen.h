@@ -1,8 +1,9 @@
 // Varlen / dense flash-attention forward: the kernel body, instantiated by attention_varlen.metal.
 //
 // Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles grid.x - 1 - x, + grid.x, ... of its (head,
-// sequence). Its 4 simdgroups own 8 query rows each; Q lives in 8x8 simdgroup_matrix registers of the input's type and
-// the output accumulator O in float ones, K/V tiles are staged through threadgroup memory in the input's type, scores
+// sequence). Its 4 simdgroups own 8 query rows each; Q lives in 8x8 simdgroup_matrix registers of the input's type (at
+// D = 256 in 2-byte types, in threadgroup memory: varlen_q_resident) and the output accumulator O in float ones, K/V
+// tiles are staged through threadgroup memory in the input's type (at D = 256, K then V through one tile), scores
 // come out of the products in float (scaled there, not in Q, so no rounding of Q * scale), softmax runs online in the
 // log2 domain with fp32 statistics held by 4 lanes per row, and its probabilities go back to the input's type for P V
 // (as FlashAttention-2 does). The running max only moves when a tile's max passes it by more than
@@ -170,6 +171,44 @@ inline bool varlen_stage_rows(threadgroup T* dst, const device T* seq, long row_
   return dropped;
 }
 
+// varlen_stage_rows for the resident-Q layout: thread t owns key row t / 8 of the 16-key tile and every 8th 4-element
+// segment (or element) of it, so it computes its row's offset once per tile (one 64-bit product, not one per element:
+// 64-bit multiplies are slow on Apple GPUs) and keeps one row address live beside O's fragments. Returns a bit per
+// element it staged that was non-finite (V, DROP; staged as 0): bit 4 i + e for element e of segment i (aligned: word
+// i of the row, bits 4 (t % 8) + e), bit i for element i (columns t % 8 + 8 i: word i / 4, bit t % 8 + 8 (i % 4)).
+// Shape (NT = 8 BK, D = 256) asserted by the kernel: the register layout instantiates this code but never runs it.
+template <typename T, int BK, int D, int NT, bool DROP>
+inline uint varlen_stage_owned_rows(threadgroup T* dst, const device T* seq, long row_stride,
+                                    threadgroup const long* paged_offsets, int k0, int kv_end, bool aligned, uint tid) {
+  constexpr int TPR = NT / BK;  // threads per key row
+  const int r = int(tid) / TPR, c0 = int(tid) % TPR;
+  const long off = varlen_key_offset(row_stride, paged_offsets, k0, r, kv_end);
+  const device T* src = seq + (off >= 0 ? off : 0l);
+  threadgroup T* row = dst + r * D;
+  uint bits = 0;
+  if (aligned) {
+    for (int i = 0; i < D / (4 * TPR); ++i) {
+      const int c = 4 * (c0 + TPR * i);
+      vec<T, 4> x = flash_sdpa::load_row4(src + c, off >= 0);
+      for (int e = 0; DROP && e < 4; ++e) {
+        const bool bad = flash_sdpa::is_nonfinite(float(x[e]));
+        bits |= bad ? 1u << (4 * i + e) : 0u;
+        x[e] = bad ? T(0) : x[e];
+      }
+      *reinterpret_cast<threadgroup vec<T, 4>*>(row + c) = x;
+    }
+    return bits;
+  }
+  for (int i = 0; i < D / TPR; ++i) {
+    const int c = c0 + TPR * i;
+    const T x = off >= 0 ? src[c] : T(0);
+    const bool bad = DROP && flash_sdpa::is_nonfinite(float(x));
+    bits |= bad ? 1u << i : 0u;
+    row[c] = bad ? T(0) : x;
+  }
+  return bits;
+}
+
 // Rare path (a V tile held a non-finite element): sets bit d of poison[r][d / 32] for each query row q0 + r and
 // column d where the row sees a key of [k0, k0 + BK) whose V element d is non-finite (read again from memory; the
 // staged tile holds 0 there). One thread owns each 32-column word, so no two threads write one.
@@ -193,6 +232,53 @@ inline void varlen_poison_rows(threadgroup uint* poison, const device T* v_seq, 
       for (int d = d0; d < min(d0 + 32, D); ++d) {
         bits |= flash_sdpa::is_nonfinite(float(v_seq[off + d])) ? 1u << (d - d0) : 0u;
       }
+    }
+    poison[idx] = bits;
+  }
+}
+
+// Rare path of the resident-Q layout (a V tile held a non-finite element): mask[r][w] gets the non-finite bits of word
+// w (32 columns) of key row r, from the bits varlen_stage_owned_rows returned (`bits`, this thread's), which the 8
+// threads of the row OR together by shuffles that every lane executes. No second read of V: varlen_poison_rows, which
+// reads 16 keys x 32 columns per thread, took this kernel from 168 to 255 registers (ptxas, sm_90). Shape as above.
+template <int BK, int D, int NT>
+inline void varlen_nonfinite_mask(threadgroup uint* mask, uint bits, bool aligned, uint tid) {
+  constexpr int TPR = NT / BK, W = flash_sdpa::varlen_poison_words(D);
+  const int r = int(tid) / TPR, c0 = int(tid) % TPR;
+  for (int w = 0; w < W; ++w) {
+    const uint nibble = (bits >> (4 * w)) & 15u;
+    uint word = 0;
+    if (aligned) {
+      word = nibble << (4 * c0);
+    } else {
+      for (int e = 0; e < 4; ++e) {
+        word |= ((nibble >> e) & 1u) << (c0 + TPR * e);
+      }
+    }
+    word |= simd_shuffle_xor(word, ushort(1));
+    word |= simd_shuffle_xor(word, ushort(2));
+    word |= simd_shuffle_xor(word, ushort(4));
+    if (c0 == 0) {
+      mask[r * W + w] = word;
+    }
+  }
+}
+
+// Sets the poison bits varlen_poison_rows would, from varlen_nonfinite_mask's mask (written before the last
+// threadgroup barrier): query row q0 + i gets the OR of the mask rows of the tile's keys it sees.
+template <int BQ, int BK, int D, int NT>
+inline void varlen_poison_from_mask(threadgroup uint* poison, threadgroup const uint* mask, int q0, int k0,
+                                    const VarlenSequence s, constant flash_sdpa::VarlenParams& p, uint tid) {
+  constexpr int W = flash_sdpa::varlen_poison_words(D);
+  for (int idx = int(tid); idx < BQ * W; idx += NT) {
+    const int i = q0 + idx / W, w = idx % W;
+    if (i >= s.sq) {
+      continue;
+    }
+    const int2 keys = flash_sdpa::visible_keys(i + s.sk - s.sq, p.opt, s.sk);
+    uint bits = poison[idx];
+    for (int r = max(keys.x - k0, 0); r < min(keys.y - k0 + 1, BK); ++r) {
+      bits |= mask[r * W + w];
     }
     poison[idx] = bits;
   }
@@ -361,16 +447,20 @@ template <typename T, int D>
   constexpr int DB = D / 8;   // 8-column blocks of the head dim
   constexpr int KB = BK / 8;  // 8-row blocks of a key tile
   constexpr int KV_BYTES = flash_sdpa::varlen_kv_bytes(D, BK, sizeof(T));
-  // Q is loaded (as T) and O written (as float) through the K/V region, CHUNK head-dim columns of all 32 rows at a
-  // time.
+  constexpr bool QRES = flash_sdpa::varlen_q_resident(D, sizeof(T));
+  // Q is loaded (as T; resident Q: into its own tile, whole) and O written (as float) through the staging region,
+  // CHUNK head-dim columns of all 32 rows at a time.
   constexpr int CHUNK = BQ * D * 4 <= KV_BYTES ? D : D / 2;
   static_assert(D % 8 == 0 && BK % 8 == 0, "whole 8x8 tiles");
   static_assert(BQ * CHUNK * 4 <= KV_BYTES && D % CHUNK == 0 && CHUNK % 8 == 0, "Q/O staging fits the K/V region");
   static_assert(BK % 4 == 0, "4 lanes share a score row");
+  static_assert(!QRES || KV_BYTES == (BQ + BK) * D * int(sizeof(T)), "resident Q: Q tile, then one key tile");
 
-  threadgroup float kv_region[KV_BYTES / 4];  // K rows [0, BK) then V rows [BK, 2 BK) as T; Q (T), O (float) staging
-  threadgroup float score_tile[BQ * BK];      // simdgroup s: rows [8s, 8s + 8) x BK products q . k
-  threadgroup T prob_tile[BQ * BK];           // simdgroup s: the same rows' probabilities
+  // Register layout: K rows [0, BK) then V rows [BK, 2 BK) as T, Q (T) and O (float) staging. Resident Q: Q rows
+  // [0, BQ), then one key tile (K, then V) as T; O (float) staging.
+  threadgroup float kv_region[KV_BYTES / 4];
+  threadgroup float score_tile[BQ * BK];  // simdgroup s: rows [8s, 8s + 8) x BK products q . k
+  threadgroup T prob_tile[BQ * BK];       // simdgroup s: the same rows' probabilities
   threadgroup float diag_tile[flash_sdpa::kVarlenSimdgroups * 64];  // simdgroup s: an 8x8 diagonal
   threadgroup uint bad_tile[BQ];                                    // row r of the tile saw a non-finite visible score
   threadgroup float row_scale[BQ];       // row r's output factor (1 / denominator, 0 for an empty row)
@@ -378,6 +468,9 @@ template <typename T, int D>
   constexpr int W = flash_sdpa::varlen_poison_words(D);
   threadgroup uint poison[BQ * W];  // (row, column) bits: the row sees a non-finite V element there
   threadgroup uint dropped_sg[flash_sdpa::kVarlenSimdgroups];  // simdgroup s staged a non-finite V element as 0
+  // Resident Q: 8 threads stage each key row, 32 elements each, whose non-finite bits (one word) make the mask's 8
+  // words of the row, which the score strips hold (the rare V path).
+  static_assert(!QRES || (NT == 8 * BK && D == 256 && W == 8 && BK * W <= BQ * BK), "the resident-Q staging shape");
 
   const int b = int(tg_pos.z);
   const int h = int(tg_pos.y);
@@ -387,9 +480,9 @@ template <typename T, int D>
   const bool aligned_k = (p.aligned_rows & FLASH_SDPA_ALIGNED_K) != 0;
   const bool aligned_v = (p.aligned_rows & FLASH_SDPA_ALIGNED_V) != 0;
 
-  threadgroup T* k_tile = reinterpret_cast<threadgroup T*>(kv_region);
-  threadgroup T* v_tile = k_tile + BK * D;
-  threadgroup T* q_stage = k_tile;
+  threadgroup T* q_stage = reinterpret_cast<threadgroup T*>(kv_region);
+  threadgroup T* k_tile = q_stage + (QRES ? BQ * D : 0);
+  threadgroup T* v_tile = QRES ? k_tile : k_tile + BK * D;
   threadgroup float* o_stage = kv_region;
   threadgroup float* s_strip = score_tile + sg * 8 * BK;
   threadgroup T* p_strip = prob_tile + sg * 8 * BK;
@@ -410,15 +503,20 @@ template <typename T, int D>
     for (int idx = int(tid); idx < BQ * W; idx += NT) {
       poison[idx] = 0;
     }
-    // Q rows of this simdgroup as DB 8x8 blocks.
-    simdgroup_matrix<T, 8, 8> q_frag[DB];
-    for (int c0 = 0; c0 < D; c0 += CHUNK) {
-      varlen_stage_q<T, BQ, CHUNK, NT>(q_stage, head.q, p.q_row_stride, q0, c0, seq.sq, aligned_q, tid);
+    // Q rows of this simdgroup as DB 8x8 blocks (resident Q: the whole tile stays in q_stage, [BQ][D]).
+    simdgroup_matrix<T, 8, 8> q_frag[QRES ? 1 : DB];
+    if (QRES) {
+      varlen_stage_q<T, BQ, D, NT>(q_stage, head.q, p.q_row_stride, q0, 0, seq.sq, aligned_q, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int cb = 0; cb < CHUNK / 8; ++cb) {
-        simdgroup_load(q_frag[c0 / 8 + cb], q_stage + sg * 8 * CHUNK + cb * 8, CHUNK);
+    } else {
+      for (int c0 = 0; c0 < D; c0 += CHUNK) {
+        varlen_stage_q<T, BQ, CHUNK, NT>(q_stage, head.q, p.q_row_stride, q0, c0, seq.sq, aligned_q, tid);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        for (int cb = 0; cb < CHUNK / 8; ++cb) {
+          simdgroup_load(q_frag[c0 / 8 + cb], q_stage + sg * 8 * CHUNK + cb * 8, CHUNK);
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
     }
 
     simdgroup_matrix<float, 8, 8> o_frag[DB];
@@ -433,27 +531,51 @@ template <typename T, int D>
         varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
-      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(
-          v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
-      if (lane == 0) {
-        dropped_sg[sg] = dropped ? 1u : 0u;
+      if (QRES) {  // K alone: V follows into the same tile once the scores are out
+        varlen_stage_owned_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k,
+                                                     tid);
+      } else {
+        varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
+        const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(
+            v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
+        if (lane == 0) {
+          dropped_sg[sg] = dropped ? 1u : 0u;
+        }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      if (varlen_any_dropped(dropped_sg)) {  // uniform; poison is read after the barriers below
+      if (!QRES && varlen_any_dropped(dropped_sg)) {  // uniform; poison is read after the barriers below
         varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, key_offsets + BK, q0, k0, kv_end, seq, p,
                                              tid);
       }
 
       // S (8 x BK) = Q K^T: K blocks loaded transposed.
-      for (int kb = 0; kb < KB; ++kb) {
-        simdgroup_matrix<float, 8, 8> s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-        for (int db = 0; db < DB; ++db) {
-          simdgroup_matrix<T, 8, 8> kt;
-          simdgroup_load(kt, k_tile + kb * 8 * D + db * 8, D, ulong2(0, 0), true);
-          simdgroup_multiply_accumulate(s, q_frag[db], kt, s);
+      if (QRES) {  // each Q block read back once from threadgroup memory, for the tile's KB products
+        simdgroup_matrix<float, 8, 8> s[KB];
+        for (int kb = 0; kb < KB; ++kb) {
+          s[kb] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         }
-        simdgroup_store(s, s_strip + kb * 8, BK);
+        for (int db = 0; db < DB; ++db) {
+          simdgroup_matrix<T, 8, 8> qb;
+          simdgroup_load(qb, q_stage + sg * 8 * D + db * 8, D);
+          for (int kb = 0; kb < KB; ++kb) {
+            simdgroup_matrix<T, 8, 8> kt;
+            simdgroup_load(kt, k_tile + kb * 8 * D + db * 8, D, ulong2(0, 0), true);
+            simdgroup_multiply_accumulate(s[kb], qb, kt, s[kb]);
+          }
+        }
+        for (int kb = 0; kb < KB; ++kb) {
+          simdgroup_store(s[kb], s_strip + kb * 8, BK);
+        }
+      } else {
+        for (int kb = 0; kb < KB; ++kb) {
+          simdgroup_matrix<float, 8, 8> s = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+          for (int db = 0; db < DB; ++db) {
+            simdgroup_matrix<T, 8, 8> kt;
+            simdgroup_load(kt, k_tile + kb * 8 * D + db * 8, D, ulong2(0, 0), true);
+            simdgroup_multiply_accumulate(s, q_frag[db], kt, s);
+          }
+          simdgroup_store(s, s_strip + kb * 8, BK);
+        }
       }
       simdgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -471,6 +593,26 @@ template <typename T, int D>
         }
       }
       simdgroup_barrier(mem_flags::mem_threadgroup);
+      // Resident Q: V replaces K in the key tile once every simdgroup has its scores. 4 threadgroup barriers per 16
+      // keys (K staged, K read, V staged, V read; paged: 5), as many as 2 per 8-key tile of side-by-side K/V tiles
+      // would be, with half the softmax steps and rescale checks.
+      if (QRES) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        const uint v_bits = varlen_stage_owned_rows<T, BK, D, NT, true>(v_tile, head.v, p.v_row_stride,
+                                                                        key_offsets + BK, k0, kv_end, aligned_v, tid);
+        const bool dropped = simd_any(v_bits != 0);
+        if (lane == 0) {
+          dropped_sg[sg] = dropped ? 1u : 0u;
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+        if (varlen_any_dropped(dropped_sg)) {  // uniform; poison is read after the barriers below
+          // The score strips are free until the next tile's products (two barriers on): the mask goes there.
+          varlen_nonfinite_mask<BK, D, NT>(reinterpret_cast<threadgroup uint*>(score_tile), v_bits, aligned_v, tid);
+          threadgroup_barrier(mem_flags::mem_threadgroup);
+          varlen_poison_from_mask<BQ, BK, D, NT>(poison, reinterpret_cast<threadgroup const uint*>(score_tile), q0, k0,
+                                                 seq, p, tid);
+        }
+      }
 
       // O += P V.
       simdgroup_matrix<T, 8, 8> p_frag[KB];

@@ -42,10 +42,10 @@ namespace flash_sdpa {
 // 32-row query tile. K and V tiles are staged in the input's type (elem_bytes: 2 for half / bfloat, 4 for float) and
 // multiplied as fragments of that type into float accumulators: half the threadgroup memory and fragment registers
 // of float staging, and the input's own values (staging in float added no precision). The key tile is the largest
-// of 32/16/8 rows whose K and V tiles, the 8-row score strips (float) and probability strips (the input's type), the
-// 8x8 diagonal scratch of every simdgroup, two words per query row (bad flag, output scale), the poison bits and the
-// paged key offsets (two 64-bit per key) fit in 32 KB of threadgroup memory. The output is staged as float through
-// the K/V tile, so that region is at least one 32-row x 32-column float block.
+// of 32/16/8 rows whose staging region (varlen_kv_bytes), the 8-row score strips (float) and probability strips (the
+// input's type), the 8x8 diagonal scratch of every simdgroup, two words per query row (bad flag, output scale), the
+// poison bits and the paged key offsets (two 64-bit per key) fit in 32 KB of threadgroup memory. The output is
+// staged as float through the staging region, so that region is at least one 32-row x 32-column float block.
 FSDPA_CONSTANT fsdpa_i32 kVarlenSimdgroups = 4;
 FSDPA_CONSTANT fsdpa_i32 kVarlenThreads = FLASH_SDPA_VARLEN_THREADS;
 FSDPA_CONSTANT fsdpa_i32 kVarlenBlockQ = 8 * kVarlenSimdgroups;  // 32 query rows per threadgroup
@@ -55,9 +55,21 @@ static_assert(kVarlenThreads == 32 * kVarlenSimdgroups, "one simdgroup per 8 que
 // Non-finite V: a bit per (query row, head-dim column) of the tile, set where the row sees a non-finite V element.
 constexpr fsdpa_i32 varlen_poison_words(fsdpa_i32 head_dim) { return (head_dim + 31) / 32; }
 
-// Bytes of the K/V region (K then V in the input's type; Q and the float output are staged through it).
+// The staging layout of the key loop. Register layout (every head dim but one): Q in simdgroup_matrix registers, K
+// and V tiles side by side. Resident-Q layout (D = 256, 2-byte types): the 32-row Q tile stays in threadgroup memory
+// for the whole key loop (16 KB) and is read back per product, and one key tile holds K, then V, in turn (8 KB at 16
+// keys): Q's 32 fragments (of 254 registers) leave the registers, which Apple would spill rather than give up
+// occupancy, and 16-key tiles still fit 32 KB (Q beside side-by-side K/V tiles allowed only 8 keys). Float keeps the
+// register layout: its Q tile alone is 32 KB.
+constexpr bool varlen_q_resident(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return head_dim == 256 && elem_bytes == 2;
+}
+
+// Bytes of the staging region, in the input's type: register layout, K then V (Q and the float output are staged
+// through it); resident Q, Q [32][D] then the one key tile (the float output is staged through it).
 constexpr fsdpa_i32 varlen_kv_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k, fsdpa_i32 elem_bytes) {
-  return 2 * block_k * head_dim * elem_bytes;
+  return (varlen_q_resident(head_dim, elem_bytes) ? (kVarlenBlockQ + block_k) * head_dim : 2 * block_k * head_dim) *
+         elem_bytes;
 }
 
 constexpr fsdpa_i32 varlen_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k, fsdpa_i32 elem_bytes) {

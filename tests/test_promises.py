@@ -9,7 +9,7 @@ import pytest
 import reference as ref
 import torch
 from test_backward import check_grad, leaf, reference_grads
-from test_varlen import make_inputs
+from test_varlen import make_inputs, misalign
 
 pytestmark = pytest.mark.kernels_ci
 
@@ -103,11 +103,14 @@ def test_understated_max_seqlen_q(kernel, device, case, dtype):
 # ---- 2. A NaN in k or v where a row cannot see it changes nothing of that row (forward) ------------------------------
 
 
-def _poisoned(kernel, q, k, v, cu_q, cu_k, spots, max_q, max_k, block_table=None, **kw):
-    """Runs flash_attn_varlen_func with NaN planted in k or v at `spots` [(tensor, row, kv head, column)]."""
+def _poisoned(kernel, q, k, v, cu_q, cu_k, spots, max_q, max_k, block_table=None, misaligned=False, **kw):
+    """Runs flash_attn_varlen_func with NaN planted in k or v at `spots` [(tensor, row, kv head, column)]; misaligned:
+    k and v at row strides that are not multiples of 4 elements (the staging loops that read one element at a time)."""
     k, v = k.clone(), v.clone()
     for name, row, h, d in spots:
         (k if name == "k" else v)[row, h, d] = float("nan")
+    if misaligned:
+        k, v = misalign(k, "row_stride"), misalign(v, "row_stride")
     return kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, block_table=block_table,
                                          return_attn_probs=True, **kw)
 
@@ -128,27 +131,32 @@ def _sees(cu_q, cu_k, n_rows, key, **kw):
     return sees
 
 
-@pytest.mark.parametrize("where", ["causal_future", "window", "other_sequence", "wide_d512", "dense"])
+@pytest.mark.parametrize("where", ["causal_future", "window", "other_sequence", "wide_d512", "dense", "d256",
+                                   "d256_misaligned"])
 @pytest.mark.parametrize("what", ["v", "k"])
 def test_nan_where_a_row_cannot_see_it(kernel, device, emulator, where, what):
     emulator(schedule="random", seed=3, check_races=True)
-    D = 512 if where == "wide_d512" else 64
+    # d256: the resident-Q layout's own non-finite V path, at a column of the 5th 32-column word
+    D = {"wide_d512": 512, "d256": 256, "d256_misaligned": 256}.get(where, 64)
     lq, lk, kw, key = {
         "causal_future": ([40], [40], dict(causal=True), 35),
+        "d256": ([40], [40], dict(causal=True), 35),
+        "d256_misaligned": ([40], [40], dict(causal=True), 35),
         "window": ([37], [37], dict(window_size=(3, 2)), 20),
         "other_sequence": ([5, 12], [6, 12], dict(causal=True), 3),  # one 32-row tile holds both sequences' rows
         "wide_d512": ([12], [12], dict(causal=True), 10),
         "dense": ([40], [40], dict(causal=True), 35),
     }[where]
     q, k, v, cu_q, cu_k = make_inputs(lq, lk, 4, 2, D, torch.float16, device)
-    col = 3
+    col = 157 if D == 256 else 3
     if where == "dense":  # flash_attn_func with 40 query rows: the varlen kernel's dense mode
         kp, vp = k.clone(), v.clone()
         (kp if what == "k" else vp)[key, 1, col] = float("nan")
         out, lse, _ = kernel.flash_attn_func(q[None], kp[None], vp[None], return_attn_probs=True, **kw)
         out, lse = out[0], lse[0]
     else:
-        out, lse, _ = _poisoned(kernel, q, k, v, cu_q, cu_k, [(what, key, 1, col)], max(lq), max(lk), **kw)
+        out, lse, _ = _poisoned(kernel, q, k, v, cu_q, cu_k, [(what, key, 1, col)], max(lq), max(lk),
+                                misaligned=where == "d256_misaligned", **kw)
     sees = _sees(cu_q.tolist(), cu_k.tolist(), q.shape[0], key, **kw)
     assert sees.any() and not sees.all()
     out_ref, lse_ref, out_pt = _varlen_ref(q, k, v, cu_q.tolist(), cu_k.tolist(), torch.float16, scale=D**-0.5,
@@ -169,13 +177,14 @@ def test_nan_where_a_row_cannot_see_it(kernel, device, emulator, where, what):
     assert torch.isfinite(out[:, :2]).all()  # the other kv head's query heads
 
 
-def test_nan_in_a_paged_cache_where_a_row_cannot_see_it(kernel, device, emulator):
+@pytest.mark.parametrize("head_dim", [64, 256])
+def test_nan_in_a_paged_cache_where_a_row_cannot_see_it(kernel, device, emulator, head_dim):
     """Paged varlen: NaN in v and k at causal-future keys and in the stale slots past a sequence's length."""
     emulator(schedule="reverse", check_races=True)
     from test_paged_varlen import make_paged
 
     lens_q, lens_k, bs = [6, 20], [9, 20], 8
-    d, k_packed, v_packed = make_paged(lens_q, lens_k, 4, 2, 64, bs, torch.float16, device)
+    d, k_packed, v_packed = make_paged(lens_q, lens_k, 4, 2, head_dim, bs, torch.float16, device)
     k_cache, v_cache, table = d["k"].clone(), d["v"].clone(), d["block_table"]
     # Sequence 1's key 17 (rows 0..16 cannot see it) and sequence 0's slots 9..15 (past its length).
     blk, slot = int(table[1, 17 // bs]), 17 % bs
@@ -187,8 +196,8 @@ def test_nan_in_a_paged_cache_where_a_row_cannot_see_it(kernel, device, emulator
     out, lse, _ = kernel.flash_attn_varlen_func(d["q"], k_cache, v_cache, d["cu_seqlens_q"], d["cu_seqlens_k"], 20,
                                                 20, causal=True, block_table=table, return_attn_probs=True)
     cq, ck = d["cu_seqlens_q"].tolist(), d["cu_seqlens_k"].tolist()
-    out_ref, lse_ref, out_pt = _varlen_ref(d["q"], k_packed, v_packed, cq, ck, torch.float16, scale=64**-0.5,
-                                           causal=True)
+    out_ref, lse_ref, out_pt = _varlen_ref(d["q"], k_packed, v_packed, cq, ck, torch.float16,
+                                           scale=head_dim**-0.5, causal=True)
     blind = torch.ones(out.shape[0], dtype=torch.bool)
     blind[6 + 17 :] = False  # sequence 1's rows 17..19 see key 17
     ref.check_close(out[blind].cpu(), out_ref[blind], out_pt[blind])

@@ -254,12 +254,13 @@ def misalign(t, how):
 
 
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("d", [64, 256])  # 256: the resident-Q layout's own staging loops
 @pytest.mark.parametrize("how", ["offset", "row_stride"])
 @pytest.mark.parametrize("which", ["q", "k", "v", "paged"])
-def test_rows_not_4_aligned(kernel, device, which, how):
+def test_rows_not_4_aligned(kernel, device, which, how, d):
     # The kernels read rows 4 elements at a time only where every row starts at a multiple of 4 (the planner's
     # aligned_rows bits); the emulator reports any misaligned vector access, so a wrong bit fails here.
-    lq, lk, h, hkv, d = [7, 33], [19, 45], 4, 2, 64
+    lq, lk, h, hkv = [7, 33], [19, 45], 4, 2
     q, k, v, cu_q, cu_k = make_inputs(lq, lk, h, hkv, d, torch.float16, device)
     kw = dict(scale=d**-0.5, causal=True)
     cq, ck = cu_q.tolist(), cu_k.tolist()
@@ -459,6 +460,8 @@ def test_schedules_and_races(kernel, device, emulator, schedule):
                     softcap=3.0, sinks=True, alibi=True)
     run_varlen_case(kernel, device, torch.float32, 256, "mqa", ([17], [33], 0), causal=True)
     run_varlen_case(kernel, device, torch.bfloat16, 96, "mha", ([0, 9], [4, 0], 1))
+    run_varlen_case(kernel, device, torch.float16, 256, "gqa", ([3, 40], [9, 41], 2), causal=True, window=(20, 2),
+                    softcap=3.0, sinks=True, alibi=True)  # resident Q: K, then V, through one tile
 
 
 # --- The full matrix (--full). -----------------------------------------------------------------------------
