@@ -12,9 +12,8 @@
 // R >= 2 a reduce-scatter, after which each lane holds its own rows' scores, runs their online softmax alone and
 // shares the probabilities with the group through threadgroup memory (DecodeLayout, "scattered rows"). P.V is
 // lane-local (each group keeps R x EPL accumulators), so nothing waits on other groups until the end, when the
-// groups and then the simdgroups merge (threadgroup memory, in one round while their accumulators fit 8 KB). A
-// threadgroup has 8 simdgroups, or 4, 2 or 1 (a run-time choice of the planner, read from the dispatch: fewer
-// simdgroups per threadgroup and more splits where a short context leaves cores idle).
+// groups and then the 8 simdgroups merge (threadgroup memory, in one round while their accumulators fit 8 KB), or, for
+// a short split (PagedDecodeParams::simdgroup_partials), each simdgroup writes its own partial for the combine.
 // Threadgroup memory: the scaled q rows (R x D fp32), then the merge slots, <= 9 KB, plus the scattered scores'
 // buffers (<= 8 KB). No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV
 // head.
@@ -40,7 +39,7 @@ namespace paged {
 // that are not powers of two) idle.
 template <typename T, int D, int R>
 struct DecodeLayout {
-  static constexpr int NSG = kDecodeSimdgroups;  // the most a threadgroup has (its buffers are sized for them)
+  static constexpr int NSG = kDecodeSimdgroups;
   static constexpr int kChunkBytes = decode_chunk_bytes(R);
   static constexpr int CW = kChunkBytes / 4;                // 32-bit words per chunk (K/V stay packed)
   static constexpr int EPC = kChunkBytes / int(sizeof(T));  // elements per chunk
@@ -300,10 +299,12 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
   mask_past<U, G>(loc, t, limit, varlen, k_start);
 }
 
-// The combine's loads of splits s0, s0 + NS, s0 + 2 NS, s0 + 3 NS of one float4 column (zeros past `splits`).
-inline void load_partials(thread float4 (&x)[4], device const float4* src, long split_stride, int s0, int NS,
-                          int splits) {
-  for (int k = 0; k < 4; ++k) {
+// The combine's loads in flight per thread: splits s0, s0 + NS, ..., s0 + (kCombineLoads - 1) NS of one float4
+// column (zeros past `splits`).
+constant constexpr int kCombineLoads = 8;
+inline void load_partials(thread float4 (&x)[kCombineLoads], device const float4* src, long split_stride, int s0,
+                          int NS, int splits) {
+  for (int k = 0; k < kCombineLoads; ++k) {
     const int s = s0 + k * NS;
     x[k] = s < splits ? src[s * split_stride] : float4(0.0f);
   }
@@ -330,8 +331,7 @@ template <typename T, int D, int R>
     device const int* cu_seqlens_k [[buffer(FLASH_SDPA_DECODE_BUF_CU_SEQLENS_K)]],
     device const int* cache_leftpad [[buffer(FLASH_SDPA_DECODE_BUF_CACHE_LEFTPAD)]],
     uint3 tgid [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]],
-    uint simdgroups [[simdgroups_per_threadgroup]]) {
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
   using Layout = DecodeLayout<T, D, R>;
@@ -384,10 +384,8 @@ template <typename T, int D, int R>
   // if a window moved lo: one dependent memory round trip less before the first K/V byte (proxy, B = 1 at 256-1000
   // keys: 2-6% of the call, tests/metal_cuda/RESULTS.md).
   static_assert(kMaxSplits * NSG * KS <= (1 << 20), "a split's stride fits the planner's key-count headroom");
-  const int nsg = int(simdgroups);  // 1, 2, 4 or NSG: the planner's choice (decode_simdgroups)
-  const int threads = nsg * 32;
-  const int tg_step = nsg * KS;
-  const int stride = p.num_splits * tg_step;
+  constexpr int kTgStep = NSG * KS;
+  const int stride = p.num_splits * kTgStep;
   const int g = int(lane) / L;   // key group of this lane
   const int li = int(lane) % L;  // lane within the key row
   const long bt_row = long(b) * p.block_table_stride_b;
@@ -418,7 +416,7 @@ template <typename T, int D, int R>
     // is slot leftpad + t and sk shrinks by leftpad.
     const int capacity = p.max_blocks_per_seq * p.block_size;
     k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
-    cursor = table_cursor(k_start + split * tg_step + int(sg) * KS + g, stride, p.block_size);
+    cursor = table_cursor(k_start + split * kTgStep + int(sg) * KS + g, stride, p.block_size);
     step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
     const int seqlen = cache_seqlens[b];
     sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
@@ -428,7 +426,7 @@ template <typename T, int D, int R>
   // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
   const int lo = visible_keys(diag, p.opt, sk).x;
   const int hi = visible_keys(sq - 1 + diag, p.opt, sk).y + 1;
-  const int first = lo + split * tg_step + int(sg) * KS;  // this simdgroup's first step
+  const int first = lo + split * kTgStep + int(sg) * KS;  // this simdgroup's first step
   if (fc_varlen || lo != 0) {                             // uniform
     cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
     step_locs<U, G>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
@@ -448,7 +446,7 @@ template <typename T, int D, int R>
   load_step<T, U, CPL, CW, NC, L>(kr, vr, loc, k_cache, v_cache, k_head, v_head, p, li, aligned);
 
   // Stage the rows' q, pre-scaled, in fp32. Row r -> (head hg of the group, token i): r = hg * sq + i.
-  for (int idx = int(tid); idx < R * D; idx += threads) {
+  for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
     const int r = idx / D;
     const int d = idx - r * D;
     float v = 0.0f;
@@ -671,6 +669,38 @@ template <typename T, int D, int R>
       l[r] = lr;
     }
   }
+  if (p.simdgroup_partials != 0) {  // uniform (split mode): each simdgroup writes its own partial, no merge
+    // Partial split x NSG + sg, straight from the registers: the key groups hold the same sums now, so group g writes
+    // rows g, g + G, ... (each lane its chunks), and the rows' max (NaN bits when bad) and sum.
+    const long part = long(split) * NSG + int(sg);
+    constexpr int kStoreWidth = EPC % 4 == 0 ? 4 : 2;
+    for (int r = 0; r < R; ++r) {
+      if (r % G == g && r < nrows) {
+        const int gr = row0 + r;
+        const long row = (long(b) * p.num_heads + hkv * group + gr / sq) * sq + gr % sq;  // (B, H, sq)
+        const long prow = part * p.batch * p.num_heads * sq + row;                        // (partials, B, H, sq)
+        for (int j = 0; j < CPL; ++j) {
+          const int ci = li + j * L;
+          if (ci < NC) {  // EPC floats at a multiple of EPC (D % 8 == 0): whole float2 / float4 stores
+            for (int e = 0; e < EPC; e += kStoreWidth) {
+              device float* dst = o_partial + prow * D + ci * EPC + e;
+              if (kStoreWidth == 4) {
+                *reinterpret_cast<device float4*>(dst) =
+                    float4(o[r][j * EPC + e], o[r][j * EPC + e + 1], o[r][j * EPC + e + 2], o[r][j * EPC + e + 3]);
+              } else {
+                *reinterpret_cast<device float2*>(dst) = float2(o[r][j * EPC + e], o[r][j * EPC + e + 1]);
+              }
+            }
+          }
+        }
+        if (li == 0) {
+          ml_partial[prow * 2] = ((bad_rows >> r) & 1u) != 0 ? as_type<float>(kNanBits) : m[r];
+          ml_partial[prow * 2 + 1] = l[r];
+        }
+      }
+    }
+    return;
+  }
   if (lane == 0) {
     for (int r = 0; r < R; ++r) {
       m_tg[sg * R + r] = m[r];
@@ -684,12 +714,12 @@ template <typename T, int D, int R>
   if (int(tid) < R) {
     const int r = int(tid);
     float mx = kNoScore;
-    for (int w = 0; w < nsg; ++w) {
+    for (int w = 0; w < NSG; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
     float sum = 0.0f;
     uint bad = 0u;
-    for (int w = 0; w < nsg; ++w) {
+    for (int w = 0; w < NSG; ++w) {
       const float mw = m_tg[w * R + r];
       sum += mw > kNoScore ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
       bad |= (bad_tg[w] >> r) & 1u;
@@ -701,7 +731,7 @@ template <typename T, int D, int R>
   float share[R];
   for (int r = 0; r < R; ++r) {
     float mx = kNoScore;
-    for (int w = 0; w < nsg; ++w) {
+    for (int w = 0; w < NSG; ++w) {
       mx = max(mx, m_tg[w * R + r]);
     }
     share[r] = m[r] > kNoScore ? exp(m[r] - mx) : 0.0f;
@@ -710,10 +740,9 @@ template <typename T, int D, int R>
   // its share to slot w % MS in round w / MS, one barrier per round; the write below sums the slots. As many slots
   // as kMergeBytes holds: one round for small row tiles, one simdgroup per round (no extra memory) for the largest.
   threadgroup float* acc_tg = stage_tg;
-  const int ms = min(MS, nsg);
-  for (int round = 0; round < nsg / ms; ++round) {
-    if (int(sg) / ms == round && g == 0) {
-      threadgroup float* slot = acc_tg + (int(sg) % ms) * R * D;
+  for (int round = 0; round < NSG / MS; ++round) {
+    if (int(sg) / MS == round && g == 0) {
+      threadgroup float* slot = acc_tg + (int(sg) % MS) * R * D;
       for (int r = 0; r < R; ++r) {
         if (r < nrows) {
           for (int j = 0; j < CPL; ++j) {
@@ -733,7 +762,7 @@ template <typename T, int D, int R>
   }
 
   // Write: split partials (unnormalised, relative to the row max) or the final row.
-  for (int idx = int(tid); idx < nrows * D; idx += threads) {
+  for (int idx = int(tid); idx < nrows * D; idx += kDecodeThreads) {
     const int r = idx / D;
     const int d = idx - r * D;
     const int gr = row0 + r;
@@ -743,7 +772,7 @@ template <typename T, int D, int R>
     float sum = row_sum_tg[r];
     const bool bad = row_bad_tg[r] != 0u;
     float acc = 0.0f;
-    for (int k = 0; k < ms; ++k) {
+    for (int k = 0; k < MS; ++k) {
       acc += acc_tg[k * R * D + idx];
     }
     const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
@@ -782,9 +811,11 @@ template <typename T, int D, int R>
 }
 
 // Combines split-K partials: one threadgroup per output row (b, h, i). The splits are read in parallel: thread t
-// takes float4 column t % (D / 4) of every (128 / (D / 4))-th split, 4 loads in flight, then the column sums meet in
-// threadgroup memory (one memory round trip per 4 x 128 / (D / 4) splits instead of one per split). The first 4 loads
-// are issued before the split maxima are read, so a short decode's combine waits on one memory round trip, not two.
+// takes float4 column t % (D / 4) of every NS-th split (NS = 128 / (D / 4)), kCombineLoads loads in flight, then the
+// column sums meet in threadgroup memory: one memory round trip per 8 NS splits (32 at D = 128) instead of one per
+// split. (256 threads, one round trip per 64 splits, made a combine of 8-32 partials 0.3-0.4 us slower on the proxy.)
+// The first loads are issued before the split maxima are read, so a short decode's combine waits on one memory round
+// trip, not two.
 template <typename T>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_COMBINE_THREADS)]] kernel void paged_decode_combine(
     device const float* o_partial [[buffer(FLASH_SDPA_COMBINE_BUF_O_PARTIAL)]],
@@ -835,7 +866,7 @@ template <typename T>
   const int j = int(tid) / C;
   device const float4* src = reinterpret_cast<device const float4*>(o_partial) + row * C + c;
   const long split_stride = rows * C;
-  float4 x[4];
+  float4 x[kCombineLoads];
   load_partials(x, src, split_stride, j, NS, j < NS ? splits : 0);
 
   // 1. The row max over the splits; a split that saw a non-finite visible score (NaN bits) makes the row NaN.
@@ -888,18 +919,18 @@ template <typename T>
     sum += red_tg[NSG + w];
   }
 
-  // 3. Weighted sum of the partial outputs: the batch loaded in step 0, then the rest 4 splits at a time.
+  // 3. Weighted sum of the partial outputs: the batch loaded in step 0, then the rest kCombineLoads x NS at a time.
   float4 acc = float4(0.0f);
   if (j < NS) {
-    for (int s0 = j;; s0 += 4 * NS) {
-      for (int k = 0; k < 4; ++k) {
+    for (int s0 = j;; s0 += kCombineLoads * NS) {
+      for (int k = 0; k < kCombineLoads; ++k) {
         const int s = s0 + k * NS;
         acc += (s < splits ? w_tg[s] : 0.0f) * x[k];
       }
-      if (s0 + 4 * NS >= splits) {
+      if (s0 + kCombineLoads * NS >= splits) {
         break;
       }
-      load_partials(x, src, split_stride, s0 + 4 * NS, NS, splits);
+      load_partials(x, src, split_stride, s0 + kCombineLoads * NS, NS, splits);
     }
   }
   acc_tg[tid] = acc;

@@ -210,8 +210,9 @@ struct PagedDecodeParams {
   fsdpa_i32 num_splits;            // split-K partials per (b, Hkv, row block); 1 = unsplit
   fsdpa_i32 total_q;               // varlen: rows of q / out (LSE is [H, total_q]); else 0
   fsdpa_i32 total_k;               // varlen: rows of k / v; else 0
-  fsdpa_i32 pad0;
-  OptionParams opt;  // scale, softcap, window, ALiBi stride
+  fsdpa_i32 simdgroup_partials;    // split mode: 1 = each simdgroup writes its own partial (split x simdgroups + sg:
+                                   // the combine reads num_splits x simdgroups), 0 = the threadgroup merges them
+  OptionParams opt;                // scale, softcap, window, ALiBi stride
 };
 
 // paged_decode_combine: grid (B * H * sq), kCombineThreads threads.

@@ -199,16 +199,20 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
           : paged_pick_num_splits(work, max_keys, target, call.target_threadgroups > 0 || cores > 0,
                                   decode_step_keys(to_i32(head_dim, "head_dim"),
                                                    to_i32(q.element_size(), "element size"), to_i32(rows, "rows")));
-  const int64_t simdgroups = call.simdgroups > 0 ? call.simdgroups : kDecodeSimdgroups;
-  TORCH_CHECK(simdgroups == 1 || simdgroups == 2 || simdgroups == 4 || simdgroups == kDecodeSimdgroups,
-              "flash_attn_with_kvcache: decode simdgroups must be 1, 2, 4 or ", int(kDecodeSimdgroups), ", got ",
-              simdgroups);
-  const int64_t sg_step_keys =
-      decode_step_keys(to_i32(head_dim, "head_dim"), to_i32(q.element_size(), "element size"), to_i32(rows, "rows")) /
-      kDecodeSimdgroups;
-  splits = std::max<int64_t>(
-      1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), std::min<int64_t>(16, simdgroups * sg_step_keys))));
+  splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), 16)));
   const bool split = splits > 1;
+  // Short splits (at most kSimdgroupPartialSteps steps of each simdgroup): each simdgroup writes its own partial
+  // straight from its registers and the combine merges them with the splits', instead of the threadgroup merging its
+  // simdgroups through threadgroup memory first (barriers, read-modify-write rounds and a write loop, which a one-step
+  // split spends most of its instructions on). Long splits keep the merge: it is paid once per many steps there, and
+  // 8x the partials would cost the combine more.
+  const int64_t tg_step_keys =
+      decode_step_keys(to_i32(head_dim, "head_dim"), to_i32(q.element_size(), "element size"), to_i32(rows, "rows"));
+  const int64_t sg_steps = ceil_div(std::max<int64_t>(max_keys, 1), splits * tg_step_keys);
+  bool simdgroup_partials =
+      call.simdgroup_partials >= 0 ? call.simdgroup_partials == 1 : sg_steps <= kSimdgroupPartialSteps;
+  simdgroup_partials = simdgroup_partials && split && splits * kDecodeSimdgroups <= kMaxSplits;
+  const int64_t partials = simdgroup_partials ? splits * kDecodeSimdgroups : splits;
 
   PagedDecodeParams ap{};
   if (varlen) {
@@ -245,6 +249,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   ap.max_blocks_per_seq = to_i32(max_blocks, "max_blocks_per_seq");
   ap.seqlen_new = to_i32(seqlen_new, "seqlen_new");
   ap.num_splits = to_i32(splits, "num_splits");
+  ap.simdgroup_partials = simdgroup_partials ? 1 : 0;
   ap.total_q = to_i32(total_q, "total_q");
   ap.total_k = to_i32(total_k, "total_k");
   ap.opt = option_params(call.options);
@@ -252,8 +257,8 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   at::Tensor o_partial, ml_partial;
   if (split) {
     const auto f32 = q.options().dtype(at::kFloat);
-    o_partial = at::empty({splits, batch, heads, seqlen_q, head_dim}, f32);
-    ml_partial = at::empty({splits, batch, heads, seqlen_q, 2}, f32);
+    o_partial = at::empty({partials, batch, heads, seqlen_q, head_dim}, f32);
+    ml_partial = at::empty({partials, batch, heads, seqlen_q, 2}, f32);
   }
   // Optional buffers that are off get a placeholder: function constants (or the run-time split count) keep the
   // kernel off them.
@@ -299,7 +304,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   a.set_bytes(FLASH_SDPA_DECODE_BUF_PARAMS, ap);
   a.threadgroups = {to_u32(splits, "num_splits"), to_u32(kv_heads * row_blocks, "kv_heads x row_blocks"),
                     to_u32(batch, "batch")};
-  a.threads_per_threadgroup = {static_cast<uint32_t>(simdgroups * kSimdWidth), 1, 1};
+  a.threads_per_threadgroup = {static_cast<uint32_t>(kDecodeThreads), 1, 1};
   plan.dispatches.push_back(std::move(a));
 
   // 3. Combine the split-K partials: one threadgroup per output row.
@@ -309,7 +314,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
     cp.seqlen_q = ap.seqlen_q;
     cp.num_heads = ap.num_heads;
     cp.head_dim = ap.head_dim;
-    cp.num_splits = ap.num_splits;
+    cp.num_splits = to_i32(partials, "partials");
     cp.total_q = ap.total_q;
 
     Dispatch c;

@@ -46,8 +46,9 @@ struct PagedKVCacheAttention {
   // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
   // (gpu_core_count), else unknown (kDefaultGpuCores, splits rounded up).
   int64_t gpu_cores = 0;
-  // Simdgroups per decode threadgroup (1, 2, 4 or paged::kDecodeSimdgroups); 0: the planner picks. Benchmarks force it.
-  int64_t simdgroups = 0;
+  // Split mode: whether each simdgroup writes its own partial (1) or the threadgroup merges them (0); -1: the planner
+  // picks. Benchmarks force it.
+  int64_t simdgroup_partials = -1;
 };
 
 // The device description the split heuristic uses. metal_launch.mm registers a provider that reads the GPU's core
@@ -70,6 +71,10 @@ int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim);
 // H200, S=256 GQA 8 / 7: 16 splits of one step 13.6 / 13.3 us, 8 of two 15.8 / 15.5); 128 capped S=1000 at 7
 // splits (21.6 us).
 constexpr int64_t kMinKeysPerSplit = 32;
+// Splits of at most this many steps per simdgroup write one partial per simdgroup (PagedDecodeParams::
+// simdgroup_partials): proxy (H100, B = 1, fp16 D = 128, the same split count with and without): S = 256 GQA 4 / 8 / 7
+// 13.5 / 15.0 / 14.8 -> 11.7 / 13.1 / 12.4 us (one step), S = 1000 GQA 4 / 8 15.5 / 19.2 -> 14.4 / 18.5 (two).
+constexpr int64_t kSimdgroupPartialSteps = 2;
 using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
 int64_t gpu_core_count();  // the provider's answer, 0 when there is none or it does not know

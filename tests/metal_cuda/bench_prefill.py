@@ -279,10 +279,13 @@ def check(out, ref, what: str, dtype: str) -> float:
 class Runner:
     """Libraries per lowering (ours from the targets' index, the peers from .peers/ptx) and one row's tensors."""
 
-    def __init__(self):
+    def __init__(self, variant: Optional[str] = None):
         self.torch, self.F, self.launch, self.gc, self.targets = _gpu()
         self._ours: Dict[int, dict] = {}
         self._peer: Dict[Tuple[str, int], object] = {}
+        # An experiment: another build of our forward (a PTX folder of the proxy cache, e.g. from a branch's headers,
+        # same planner), timed as the side "variant" beside the tree's.
+        self.variant = variant
 
     def ours_libs(self, mma: int):
         if mma not in self._ours:
@@ -341,6 +344,9 @@ class Runner:
                      ("mlx", lambda: timed(self.mlx, mma)), ("ggml", lambda: timed(self.ggml, mma)))
             if r.D == 256:
                 sides += (("mlx_bk16", lambda: timed(self.mlx, mma, 16)),)
+            if self.variant:
+                sides += (("variant", lambda: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
+                                                                variant=True))),)
             for side, run in sides:
                 try:
                     res[f"{side}_us"] = run()
@@ -363,7 +369,7 @@ class Runner:
         check(fn().transpose(1, 2), ref, "torch flash", r.dtype)
         return fn
 
-    def ours(self, q, k, v, r, scale, ref, mma):
+    def ours(self, q, k, v, r, scale, ref, mma, variant=False):
         """The whole row in one varlen call (a varlen row's sequences by cu_seqlens); returns the launch."""
         torch = self.torch
         T = r.B * r.S
@@ -377,14 +383,19 @@ class Runner:
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         plan = self.gc.planner().plan_varlen(qv, kv, vv, out, lse, cu, cu, None, None, max(lengths), scale, 0.0, -1,
                                              0 if r.causal else -1, None, sms)
-        prepared = self.launch.prepare_plan(self.ours_libs(mma), plan)
+        libs = self.ours_libs(mma)
+        if variant:
+            from msl.cuda import compiler
+
+            libs = dict(libs, attention_varlen=self.launch.Library(compiler.cache_dir() / self.variant))
+        prepared = self.launch.prepare_plan(libs, plan)
 
         def fn():
             for p in prepared:
                 p.launch()
         fn()
         torch.cuda.synchronize()
-        check(out.view(r.B, r.S, r.H, r.D), ref, f"ours mma={mma}", r.dtype)
+        check(out.view(r.B, r.S, r.H, r.D), ref, f"ours{' variant' if variant else ''} mma={mma}", r.dtype)
         return fn
 
     def mlx(self, q, k, v, r, scale, ref, mma, bk=None):
@@ -441,6 +452,7 @@ def main(argv=None):
     ap.add_argument("--seqlens", type=int, nargs="+", help="only rows of these S (the varlen batch: 9472; e.g. 512 "
                     "for the shuffle lowering, which takes seconds per call from S = 8192)")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
+    ap.add_argument("--variant", help="also time our forward from this PTX folder of the proxy cache (an experiment)")
     a = ap.parse_args(argv)
     all_rows = rows()
     if a.list:
@@ -450,7 +462,7 @@ def main(argv=None):
     sel = [all_rows[int(i)] for i in a.rows.split(",")] if a.rows else all_rows
     if a.seqlens:
         sel = [r for r in sel if r.S in a.seqlens]
-    runner = Runner()
+    runner = Runner(a.variant)
     torch = runner.torch
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}", flush=True)

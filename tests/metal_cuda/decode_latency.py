@@ -9,6 +9,7 @@ Timing as bench.py (a CUDA graph of 20 calls, median of 15 replays); the whole c
 """
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -67,9 +68,9 @@ def floor_us(H, Hkv, sms) -> float:
     return timed(launch.prepare_plan(gc.libraries(), [write]))
 
 
-def ours(B, H, Hkv, S, sms, splits_list=SPLITS, simdgroups=0):
-    """One line per split count (0: the planner's): the whole call and each dispatch alone, us. simdgroups: per
-    decode threadgroup (0: the planner's)."""
+def ours(B, H, Hkv, S, sms, splits_list=SPLITS, simdgroup_partials=-1):
+    """One line per split count (0: the planner's): the whole call and each dispatch alone, us. simdgroup_partials:
+    1 / 0 forced (-1: the planner's)."""
     import torch
 
     from msl.cuda import launch
@@ -87,15 +88,17 @@ def ours(B, H, Hkv, S, sms, splits_list=SPLITS, simdgroups=0):
             continue
         out = torch.full_like(case.q, float("nan"))
         plan = gc.plan_paged(case, out, None, scale=D ** -0.5, num_splits=splits, with_new=False, gpu_cores=sms,
-                             simdgroups=simdgroups)
+                             simdgroup_partials=simdgroup_partials)
         prepared = launch.prepare_plan(gc.libraries(), plan)
         for p in prepared:
             p.launch()
         torch.cuda.synchronize()
         check(out, ref, f"splits={splits}", torch.float16)
         parts = [f"{timed([p]):.1f}" for p in prepared]
-        sg = prepared[0].block[0] // 32
-        rows.append(f"ours {sg} sg x splits {prepared[0].grid[0]}{' (planner)' if splits == 0 else ''}: whole "
+        combine = [d for d in plan if "combine" in d["kernel"]]  # PagedCombineParams.num_splits: the partials
+        partials = f" ({struct.unpack_from('<i', combine[0]['bytes'][0][1], 16)[0]} partials)" if combine else ""
+        planner = " (planner)" if splits == 0 else ""
+        rows.append(f"ours splits {prepared[0].grid[0]}{partials}{planner}: whole "
                     f"{timed(prepared):.1f}, alone {' + '.join(parts)} ({prepared[0].pipeline.num_regs} regs)")
     return rows
 
@@ -127,7 +130,7 @@ def mlx(B, H, Hkv, S):
 
 
 def sg_step_keys(R, D=D, elem=2):
-    """Keys one simdgroup covers per step (paged_params.h's decode_step_keys / kDecodeSimdgroups)."""
+    """Keys one simdgroup covers per step (paged_params.h's decode_step_keys / 8 simdgroups)."""
     chunk = 16 if R <= 4 else 8
     chunks = D * elem // chunk
     needed = -(-chunks // (2 if R <= 2 else 1))
@@ -138,7 +141,8 @@ def sg_step_keys(R, D=D, elem=2):
 
 
 def sweep():
-    """Simdgroups per decode threadgroup against splits at the short shapes: each simdgroup one step or two."""
+    """Simdgroup partials (or the threadgroup's merge) against splits at the short shapes: each simdgroup one, two or
+    four steps."""
     import torch
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -149,12 +153,31 @@ def sweep():
         print(f"\nB={B} H={H}/{Hkv} S={S} D={D} fp16 (R = {R}: {steps} simdgroup steps)", flush=True)
         for line in ours(B, H, Hkv, S, sms, splits_list=(0,)):
             print("  " + line, flush=True)
-        for sg in (8, 4, 2, 1):
-            splits = sorted({min(256, max(1, -(-steps // (sg * k)))) for k in (1, 2, 4)})
-            for line in ours(B, H, Hkv, S, sms, splits_list=splits, simdgroups=sg):
+        for sgp in (0, 1):
+            splits = sorted({min(256 // (8 if sgp else 1), max(1, -(-steps // (8 * k)))) for k in (1, 2, 4)})
+            for line in ours(B, H, Hkv, S, sms, splits_list=splits, simdgroup_partials=sgp):
                 print("  " + line, flush=True)
         for line in mlx(B, H, Hkv, S):
             print("  " + line, flush=True)
+
+
+def profile():
+    """Three planner calls at B=1 H=32/8 S=256 (fp16, D = 128): run under Nsight Compute, e.g.
+    ncu -k regex:mcu_paged --launch-skip 4 --launch-count 2 --cache-control none --section WarpStateStats ..."""
+    import torch
+
+    from msl.cuda import launch
+
+    from . import gpu_common as gc
+
+    case = gc.make_paged_case(1, 256, 32, 8, D, torch.float16, 16, sk_new=0, full_length=True, padded_rows=False,
+                              seed=1)
+    plan = gc.plan_paged(case, torch.empty_like(case.q), None, scale=D ** -0.5, with_new=False)
+    prepared = launch.prepare_plan(gc.libraries(), plan)
+    for _ in range(3):
+        for p in prepared:
+            p.launch()
+    torch.cuda.synchronize()
 
 
 def main():
@@ -193,7 +216,7 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "build":
         build(sys.argv[2])
-    elif len(sys.argv) > 1 and sys.argv[1] == "sweep":
-        sweep()
+    elif len(sys.argv) > 1 and sys.argv[1] in ("sweep", "profile"):
+        {"sweep": sweep, "profile": profile}[sys.argv[1]]()
     else:
         main()

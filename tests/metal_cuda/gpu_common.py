@@ -93,15 +93,15 @@ def make_paged_case(B, S, H, Hkv, D, dtype, block_size, *, sq=1, sk_new=1, layou
 
 
 def plan_paged(case: PagedCase, out, lse=None, *, scale, window=(-1, 0), softcap=0.0, alibi=None, sinks=None,
-               num_splits=0, with_new=True, target_threadgroups=0, gpu_cores=None, simdgroups=0):
+               num_splits=0, with_new=True, target_threadgroups=0, gpu_cores=None, simdgroup_partials=-1):
     """gpu_cores None: this GPU's SM count (the planner's device description on the proxy); 0: the Apple default.
-    simdgroups: per decode threadgroup (0: the planner's)."""
+    simdgroup_partials: 1 / 0 forces whether each decode simdgroup writes its own split partial (-1: the planner's)."""
     if gpu_cores is None:
         gpu_cores = torch.cuda.get_device_properties(0).multi_processor_count
     return planner().plan_paged(case.q, case.k_cache, case.v_cache, case.block_table, case.cache_seqlens,
                                 case.k_new if with_new else None, case.v_new if with_new else None, out, lse, alibi,
                                 sinks, scale, softcap, window[0], window[1], num_splits, case.max_seqlen_k,
-                                target_threadgroups, gpu_cores, simdgroups)
+                                target_threadgroups, gpu_cores, simdgroup_partials)
 
 
 def reference_write(case: PagedCase) -> torch.Tensor:
