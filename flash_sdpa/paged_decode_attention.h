@@ -811,11 +811,12 @@ template <typename T, int D, int R>
 }
 
 // Combines split-K partials: one threadgroup per output row (b, h, i). The splits are read in parallel: thread t
-// takes float4 column t % (D / 4) of every NS-th split (NS = 128 / (D / 4)), kCombineLoads loads in flight, then the
-// column sums meet in threadgroup memory: one memory round trip per 8 NS splits (32 at D = 128) instead of one per
-// split. (256 threads, one round trip per 64 splits, made a combine of 8-32 partials 0.3-0.4 us slower on the proxy.)
-// The first loads are issued before the split maxima are read, so a short decode's combine waits on one memory round
-// trip, not two.
+// takes float4 column t % (D / 4) of every NS-th split (NS = threads / (D / 4)), kCombineLoads loads in flight, then
+// the column sums meet in threadgroup memory. The planner gives it 128 threads up to kCombineFewPartials partials and
+// 256 above (a short decode's simdgroup partials: 64-256), read from the dispatch: on the proxy 256 threads took 64 /
+// 128 / 256 partials in 3.5 / 4.0-4.4 / 5.4 us against 3.5-3.8 / 4.6-4.8 / 6.3-6.5 for 128, and 8 partials in 3.3
+// against 2.9-3.2. The first loads are issued before the split maxima are read, so a short decode's combine waits on
+// one memory round trip, not two.
 template <typename T>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_COMBINE_THREADS)]] kernel void paged_decode_combine(
     device const float* o_partial [[buffer(FLASH_SDPA_COMBINE_BUF_O_PARTIAL)]],
@@ -826,15 +827,16 @@ template <typename T>
     constant flash_sdpa::paged::PagedCombineParams& p [[buffer(FLASH_SDPA_COMBINE_BUF_PARAMS)]],
     device const int* cu_seqlens_q [[buffer(FLASH_SDPA_COMBINE_BUF_CU_SEQLENS_Q)]],
     uint tgid [[threadgroup_position_in_grid]], uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]],
+    uint simdgroups [[simdgroups_per_threadgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
-  constexpr int NT = kCombineThreads;
-  constexpr int NSG = kCombineSimdgroups;
+  const int NSG = int(simdgroups);  // 4 or kCombineSimdgroups (the planner's)
+  const int NT = NSG * kSimdWidth;
   threadgroup float w_tg[kMaxSplits];  // per split: exp(max_s - max), 0 for a split that saw no key
-  threadgroup float red_tg[2 * NSG];
-  threadgroup uint bad_red_tg[NSG];
-  threadgroup float4 acc_tg[NT];
+  threadgroup float red_tg[2 * kCombineSimdgroups];
+  threadgroup uint bad_red_tg[kCombineSimdgroups];
+  threadgroup float4 acc_tg[kCombineThreads];
 
   const long rows = long(p.batch) * p.num_heads * p.seqlen_q;
   const long row = long(tgid);  // (B, H, sq)

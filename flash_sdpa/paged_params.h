@@ -38,7 +38,7 @@
 // Threads per threadgroup, also used in [[max_total_threads_per_threadgroup(...)]] (macros: literal after cpp).
 #define FLASH_SDPA_PAGED_WRITE_THREADS 256
 #define FLASH_SDPA_PAGED_DECODE_THREADS 256
-#define FLASH_SDPA_PAGED_COMBINE_THREADS 128
+#define FLASH_SDPA_PAGED_COMBINE_THREADS 256
 
 namespace flash_sdpa {
 namespace paged {
@@ -55,8 +55,10 @@ enum : fsdpa_i32 {
   // tests/metal_cuda/RESULTS.md.
   kDecodeSimdgroups = 8,
   kDecodeThreads = FLASH_SDPA_PAGED_DECODE_THREADS,
-  // paged_decode_combine: one threadgroup per output row (b, h, i); its threads read the splits in parallel.
-  kCombineSimdgroups = 4,
+  // paged_decode_combine: one threadgroup per output row (b, h, i); its threads read the splits in parallel: 4
+  // simdgroups up to kCombineFewPartials partials, 8 above (the planner's choice; the kernel reads it).
+  kCombineSimdgroups = 8,
+  kCombineFewPartials = 32,
   kCombineThreads = FLASH_SDPA_PAGED_COMBINE_THREADS,
   // Most split-K partials the combine kernel accepts (its weights live in threadgroup memory: 1 KB).
   kMaxSplits = 256,

@@ -4,6 +4,8 @@
     python3 -m tests.metal_cuda.apple_plans          # prints the markdown table RESULTS.md holds
 """
 
+import struct
+
 import torch
 
 from . import planner_ext
@@ -27,21 +29,25 @@ def plan(name, B, S, dtype, cores):
                                                None, sinks, D ** -0.5, opts.get("softcap", 0.0), -1, 0, 0, S, 0, cores)
     attn = next(d for d in dispatches if d["kernel"].startswith("paged_decode_") and "combine" not in d["kernel"])
     rows = int(attn["kernel"].rsplit("_r", 1)[1])
-    return attn["threadgroups"][0], rows, attn["threadgroups"][0] * attn["threadgroups"][1] * attn["threadgroups"][2]
+    combine = [d for d in dispatches if "combine" in d["kernel"]]  # PagedCombineParams.num_splits: the partials
+    partials = struct.unpack_from("<i", combine[0]["bytes"][0][1], 16)[0] if combine else 0
+    tgs = attn["threadgroups"][0] * attn["threadgroups"][1] * attn["threadgroups"][2]
+    return attn["threadgroups"][0], rows, tgs, partials
 
 
 def main():
     names = list(DEVICES)
     print("| model | B | S | R (row tile) | " + " | ".join(f"{n} ({c} cores): splits, threadgroups"
                                                 for n, c in DEVICES.items()) + " |")
+    # A split of <= 2 steps per simdgroup writes one partial per simdgroup: "(8x)" after its split count.
     print("|---|---:|---:|---:|" + "---:|" * len(names))
     for name, B, S, dtype in zoo_rows():
         if dtype != torch.float16:
             continue
         cells = []
         for n in names:
-            splits, rows, tgs = plan(name, B, S, dtype, DEVICES[n])
-            cells.append(f"{splits}, {tgs}")
+            splits, rows, tgs, partials = plan(name, B, S, dtype, DEVICES[n])
+            cells.append(f"{splits}{' (8x)' if partials > splits else ''}, {tgs}")
         print(f"| {name} | {B} | {S} | {rows} | " + " | ".join(cells) + " |")
 
 
