@@ -58,9 +58,33 @@ def test_budget_grows_with_cores(planner, plan, monkeypatch):
     for kernel, grids in ultra.items():
         # Ranges are whole tiles, so a range can end up to one tile short of the budget.
         assert len(grids) <= math.ceil(len(m1[kernel]) / 10) + 1 < len(m1[kernel]), kernel
-        assert sum(g[0] for g in grids) == sum(g[0] for g in m1[kernel]), f"{kernel}: every tile planned once"
+        tile_axis = 2 if kernel.startswith("flash_attn_varlen") else 0  # the forward's grid: (H, B, query tiles)
+        assert sum(g[tile_axis] for g in grids) == sum(g[tile_axis] for g in m1[kernel]), \
+            f"{kernel}: every tile planned once"
     monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", "2.5e11")
     assert _passes(plan(planner, 80)) == m1, "the override wins over the core count"
+
+
+def test_forward_grid_tiles_slowest(planner):
+    """The varlen forward's grid is (H, B, query tiles): the tile axis slowest, so the heaviest causal tiles of every
+    head and sequence start first (row_tile_slot, attention_device.h). A grid's tile axis stops at CUDA's 65535 (the
+    proxy's limit on grid z); the kernel loops over the tiles past it."""
+    lengths = [320, 1216, 2944, 4992]
+    total = sum(lengths)
+    q = torch.empty(total, H, D, dtype=torch.float16)
+    k = torch.empty(total, HKV, D, dtype=torch.float16)
+    cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(4)], dtype=torch.int32)
+    plan = planner.plan_varlen(q, k, k, torch.empty_like(q), torch.empty(H, total), cu, cu, None, None, max(lengths),
+                               D ** -0.5, 0.0, -1, 0, None, 132)
+    assert [d["threadgroups"] for d in plan] == [(H, 4, max(lengths) // 32)]
+    # Dense, non-causal, one key: a single dispatch whose 8-row tiles (D = 512) pass 65535.
+    rows, wide = 8 * 70000, 512
+    meta = dict(device="meta", dtype=torch.float16)
+    q = torch.empty(1, rows, 1, wide, **meta)
+    k = torch.empty(1, 1, 1, wide, **meta)
+    plan = planner.plan_varlen(q, k, k, torch.empty_like(q), torch.empty(1, 1, rows, device="meta"), None, None, None,
+                               None, rows, wide ** -0.5, 0.0, -1, -1, None, 132)
+    assert [d["threadgroups"] for d in plan] == [(1, 1, 65535)]
 
 
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
