@@ -81,14 +81,14 @@ inline int2 visible_keys(int pos, constant OptionParams& opt, int sk) {
   return visible_keys(pos, opt.window_left, opt.window_right, sk);
 }
 
-// A threadgroup's place in a grid (heads, B, row tiles) (the varlen forward): head x, sequence y, and the row tiles
-// first_tile, first_tile + step, ... of the dispatch's rows, where first_tile is z, or grid.z - 1 - z when `reversed`
-// (tiles whose work grows with their index: causal query tiles). GPUs, Apple's too, start threadgroups roughly in grid
-// order, x fastest, z slowest: with the tile axis slowest, the batch's heaviest tiles (every head of every sequence)
-// start first and the light ones fill the end of the dispatch (longest processing time first). With the tiles on x, a
-// varlen batch's last sequence started its heaviest tiles after all the other sequences' work, and their long tail left
-// cores idle at the end of the dispatch (the proxy's forward: 0.85x MLX's per-sequence launches on a 4-sequence batch
-// at D = 128). Slots past a sequence's rows exit at once.
+// A threadgroup's place in a grid (heads, B, row tiles) (the varlen forward, the backward's dK/dV and dQ): head x,
+// sequence y, and the row tiles first_tile, first_tile + step, ... of the dispatch's rows: first_tile = z, or when
+// `reversed` (causal query tiles, whose work grows with their index) grid.z - 1 - z. GPUs, Apple's too, start
+// threadgroups roughly in grid order, x fastest, z slowest: with the tile axis slowest, the batch's heaviest tiles
+// (every head of every sequence) start first and the light ones fill the end of the dispatch (longest processing time
+// first). With the tiles on x, a varlen batch's last sequence started its heaviest tiles after all the other sequences'
+// work, and their long tail left cores idle at the end of the dispatch (the proxy's forward: 0.85x MLX's per-sequence
+// launches on a 4-sequence batch at D = 128). Slots past a sequence's rows exit at once.
 struct RowTileSlot {
   int head, b, first_tile, step;
 };

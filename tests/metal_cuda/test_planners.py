@@ -58,9 +58,8 @@ def test_budget_grows_with_cores(planner, plan, monkeypatch):
     for kernel, grids in ultra.items():
         # Ranges are whole tiles, so a range can end up to one tile short of the budget.
         assert len(grids) <= math.ceil(len(m1[kernel]) / 10) + 1 < len(m1[kernel]), kernel
-        tile_axis = 2 if kernel.startswith("flash_attn_varlen") else 0  # the forward's grid: (H, B, query tiles)
-        assert sum(g[tile_axis] for g in grids) == sum(g[tile_axis] for g in m1[kernel]), \
-            f"{kernel}: every tile planned once"
+        # Every split pass's grid is (heads, B, row tiles) (row_tile_slot, attention_device.h).
+        assert sum(g[2] for g in grids) == sum(g[2] for g in m1[kernel]), f"{kernel}: every tile planned once"
     monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", "2.5e11")
     assert _passes(plan(planner, 80)) == m1, "the override wins over the core count"
 
@@ -85,6 +84,23 @@ def test_forward_grid_tiles_slowest(planner):
     plan = planner.plan_varlen(q, k, k, torch.empty_like(q), torch.empty(1, 1, rows, device="meta"), None, None, None,
                                None, rows, wide ** -0.5, 0.0, -1, -1, None, 132)
     assert [d["threadgroups"] for d in plan] == [(1, 1, 65535)]
+
+
+def test_backward_grid_tiles_slowest(planner):
+    """The backward's dK/dV and dQ passes plan (heads, B, row tiles) grids too: dK/dV over (Hkv, B, key tiles), dQ
+    over (H, B, query tiles), its kernel reversing the tiles, so both start their heaviest causal tiles first. The
+    delta pass (every tile the same cost) keeps (row tiles, H, B)."""
+    B, Sb = 3, 300
+    q = torch.empty(B, Sb, H, D, dtype=torch.float16)
+    k = torch.empty(B, Sb, HKV, D, dtype=torch.float16)
+    lse = torch.empty(B, H, Sb)
+    plan = planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, Sb, Sb,
+                                 D ** -0.5, 0.0, -1, 0, gpu_cores=132)
+    grids = {d["kernel"].split("_")[3]: d["threadgroups"] for d in plan}
+    assert grids["delta"] == (-(-Sb // 32), H, B)
+    assert grids["dkdv"][:2] == (HKV, B) and grids["dq"][:2] == (H, B)
+    # Tiles of 8, 16 or 32 rows (bwd_tile_rows, backward_params.h), the same for both passes.
+    assert grids["dkdv"][2] == grids["dq"][2] in {-(-Sb // rows) for rows in (8, 16, 32)}
 
 
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
