@@ -98,7 +98,7 @@ inline bool bwd_row_lse2(uint bits, thread float* lse2) {
 
 // ---- pass 1: delta = rowsum(dO * O) ---------------------------------------------------------------------------------
 // Grid (row tiles, H, B); threadgroup x takes tiles x, x + grid.x, ... of 32 rows; each simdgroup 8 rows, lanes
-// over the head dim.
+// over the head dim. Every tile costs the same here, so the grid order of the passes below does not matter.
 template <typename T>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_delta(
     const device T* out [[buffer(FLASH_SDPA_BWD_BUFFER_OUT)]],
@@ -304,7 +304,8 @@ inline float2 bwd_sum_partials(threadgroup const float* s_strip, threadgroup con
 }
 
 // ---- pass 2: dK, dV -------------------------------------------------------------------------------------------------
-// Grid (key tiles, Hkv, B); threadgroup x takes the key tiles x, x + grid.x, ... (max_seqlen_k only sizes the grid).
+// Grid (Hkv, B, key tiles); threadgroup z takes the key tiles z, z + grid.z, ... (max_seqlen_k only sizes the grid):
+// the first key tiles, which the most causal query rows see, of every head and sequence start first (row_tile_slot).
 // Simdgroup s holds K, V (T) and dK, dV (fp32) of key rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as
 // fragments (rb = s / CS, cs = s % CS); the query rows that see the tile are staged STAGE at a time as T, for each
 // query head of the group in turn. Per staged block: K Q^T and dP^T = V dO^T (partials per column slice), then per
@@ -346,7 +347,8 @@ template <typename T, int D>
   threadgroup int row_lo[STAGE];  // visible keys [lo, hi]; hi = -1 for a row with no finite LSE or past the rows
   threadgroup int row_hi[STAGE];
 
-  const int b = int(tg_pos.z), kvh = int(tg_pos.y);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, false);
+  const int b = slot.b, kvh = slot.head;
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
   const BwdAligned aligned = bwd_aligned(p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
@@ -371,7 +373,7 @@ template <typename T, int D>
 
   // Key tiles of this dispatch's rows [row_begin, row_end) (a long backward is split into command buffers).
   const int k_end = min(sk, p.row_end);
-  for (int k0 = p.row_begin + int(tg_pos.x) * BK; k0 < k_end; k0 += int(tg_count.x) * BK) {
+  for (int k0 = p.row_begin + slot.first_tile * BK; k0 < k_end; k0 += slot.step * BK) {
     const int nk = min(BK, sk - k0);
     // K and V of this simdgroup's rows and columns, through the staging buffer (rows past the keys: 0).
     simdgroup_matrix<T, 8, 8> k_frag[FB], v_frag[FB];
@@ -473,10 +475,11 @@ template <typename T, int D>
 }
 
 // ---- pass 3: dQ (and d s_aux) ---------------------------------------------------------------------------------------
-// Grid (query tiles, H, B); threadgroup x takes the query tiles x, x + grid.x, ... Simdgroup s holds Q, dO (T) and dQ
-// (fp32) of query rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments; the keys the tile sees are staged
-// STAGE at a time as T. Per staged block: Q K^T and dP = dO V^T (partials per column slice), then per element S =
-// scale Q K^T and dS (fp32, stored as T), then dQ += dS K (scale at the store).
+// Grid (H, B, query tiles); threadgroup z takes the query tiles grid.z - 1 - z, + grid.z, ...: the last query tiles,
+// which see the most causal keys, of every head and sequence start first (row_tile_slot). Simdgroup s holds Q, dO (T)
+// and dQ (fp32) of query rows [8 rb, 8 rb + 8) x columns [cs DS, cs DS + DS) as fragments; the keys the tile sees are
+// staged STAGE at a time as T. Per staged block: Q K^T and dP = dO V^T (partials per column slice), then per
+// element S = scale Q K^T and dS (fp32, stored as T), then dQ += dS K (scale at the store).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dq(
     const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
@@ -516,7 +519,8 @@ template <typename T, int D>
   threadgroup int tile_hi[BQ];  // -1: no finite LSE or past the rows
   threadgroup float sink_partial[flash_sdpa::kBwdSimdgroups];
 
-  const int b = int(tg_pos.z), h = int(tg_pos.y);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true);
+  const int b = slot.b, h = slot.head;
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
   const BwdAligned aligned = bwd_aligned(p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
@@ -545,7 +549,7 @@ template <typename T, int D>
 
   // Query tiles of this dispatch's rows [row_begin, row_end) (a long backward is split into command buffers).
   const int q_end = min(sq, p.row_end);
-  for (int q0 = p.row_begin + int(tg_pos.x) * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
+  for (int q0 = p.row_begin + slot.first_tile * BQ; q0 < q_end; q0 += slot.step * BQ) {
     const int nq = min(BQ, sq - q0);
     // Q and dO of this simdgroup's rows and columns, through the staging buffer (rows past the queries: 0).
     simdgroup_matrix<T, 8, 8> q_frag[FB], do_frag[FB];
@@ -619,9 +623,10 @@ template <typename T, int D>
   }
 
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
-  // threadgroup per head, a fixed order (strided per thread, then simd_sum, then simdgroups in order).
-  if (fc_sinks && p.row_begin == 0 && tg_pos.x == 0 && tg_pos.z == 0) {  // in the dispatch of the first rows
-    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;   // as the forward
+  // threadgroup per head (the one of sequence 0 whose tiles start at row 0: the lightest causal ones, started last), a
+  // fixed order (strided per thread, then simd_sum, then simdgroups in order).
+  if (fc_sinks && p.row_begin == 0 && slot.first_tile == 0 && slot.b == 0) {  // in the dispatch of the first rows
+    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;        // as the forward
     float acc = 0.0f;
     for (int bb = 0; bb < p.batch; ++bb) {
       const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);

@@ -1,5 +1,6 @@
 // Device helpers every attention kernel shares (varlen, paged decode, backward), so that the options' function
-// constants, the score transform, the masking value and the LSE store cannot drift apart between kernels. MSL only.
+// constants, the score transform, the masking value, the LSE store and the prefill grid order cannot drift apart
+// between kernels. MSL only.
 //
 // Metal compiles with fast math: inf/NaN arithmetic is undefined, so masked scores use a finite large negative,
 // empty rows are recognised explicitly, and checks on values are integer bit tests.
@@ -78,6 +79,23 @@ inline int2 visible_keys(int pos, int window_left, int window_right, int sk) {
 // visible_keys through the call's window.
 inline int2 visible_keys(int pos, constant OptionParams& opt, int sk) {
   return visible_keys(pos, opt.window_left, opt.window_right, sk);
+}
+
+// A threadgroup's place in a grid (heads, B, row tiles) (the varlen forward, the backward's dK/dV and dQ): head x,
+// sequence y, and the row tiles first_tile, first_tile + step, ... of the dispatch's rows: first_tile = z, or when
+// `reversed` (causal query tiles, whose work grows with their index) grid.z - 1 - z. GPUs, Apple's too, start
+// threadgroups roughly in grid order, x fastest, z slowest: with the tile axis slowest, the batch's heaviest tiles
+// (every head of every sequence) start first and the light ones fill the end of the dispatch (longest processing time
+// first). With the tiles on x, a varlen batch's last sequence started its heaviest tiles after all the other sequences'
+// work, and their long tail left cores idle at the end of the dispatch (the proxy's forward: 0.85x MLX's per-sequence
+// launches on a 4-sequence batch at D = 128). Slots past a sequence's rows exit at once.
+struct RowTileSlot {
+  int head, b, first_tile, step;
+};
+
+inline RowTileSlot row_tile_slot(uint3 tg_pos, uint3 tg_count, bool reversed) {
+  const int z = reversed ? int(tg_count.z) - 1 - int(tg_pos.z) : int(tg_pos.z);
+  return {int(tg_pos.x), int(tg_pos.y), z, int(tg_count.z)};
 }
 
 // The ALiBi slope of (sequence b, head h): slopes [H] or [B, H] (opt.alibi_batch_stride).

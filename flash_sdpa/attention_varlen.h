@@ -1,20 +1,20 @@
 // Varlen / dense flash-attention forward: the kernel body, instantiated by attention_varlen.metal.
 //
-// Grid (query tiles, H, B): threadgroup x takes the 32-row query tiles grid.x - 1 - x, + grid.x, ... of its (head,
-// sequence). Its 4 simdgroups own 8 query rows each; Q lives in 8x8 simdgroup_matrix registers of the input's type (at
-// D = 256 in 2-byte types, in threadgroup memory: varlen_q_resident) and the output accumulator O in float ones, K/V
-// tiles are staged through threadgroup memory in the input's type (at D = 256, K then V through one tile), scores
-// come out of the products in float (scaled there, not in Q, so no rounding of Q * scale), softmax runs online in the
-// log2 domain with fp32 statistics held by 4 lanes per row, and its probabilities go back to the input's type for P V
-// (as FlashAttention-2 does). The running max only moves when a tile's max passes it by more than
-// kVarlenRescaleSlack (probabilities up to 2^8, far inside half's range): O's rescale, a diagonal product, is skipped
-// for a simdgroup whose 8 rows all keep their max, which after the first tiles is nearly every tile. Masking uses a
-// finite large negative score (fast math: no inf arithmetic); a row with no visible key is written as 0 with LSE =
-// -inf. A visible score that is NaN or inf makes its row NaN (FlashAttention-2's result) without entering the shared
-// 8x8 tiles, where 0 x NaN would carry it into the other rows of the block. Non-finite V elements are staged as 0 for
-// the same reason (P V multiplies every row's probabilities, 0 for keys the row cannot see, by every staged V row); the
-// rare tile that holds one sets a bit per (row, column) for the rows that see it, and those output elements are written
-// as NaN (torch: NaN or inf there).
+// Grid (H, B, query tiles): threadgroup (h, b, z) takes the 32-row query tiles grid.z - 1 - z, + grid.z, ... of head h
+// of sequence b, the longest causal tiles of the whole batch first (flash_sdpa::row_tile_slot). Its 4 simdgroups own 8
+// query rows each; Q lives in 8x8 simdgroup_matrix registers of the input's type (at D = 256 in 2-byte types, in
+// threadgroup memory: varlen_q_resident) and the output accumulator O in float ones, K/V tiles are staged through
+// threadgroup memory in the input's type (at D = 256, K then V through one tile), scores come out of the products in
+// float (scaled there, not in Q, so no rounding of Q * scale), softmax runs online in the log2 domain with fp32
+// statistics held by 4 lanes per row, and its probabilities go back to the input's type for P V (as FlashAttention-2
+// does). The running max only moves when a tile's max passes it by more than kVarlenRescaleSlack (probabilities up to
+// 2^8, far inside half's range): O's rescale, a diagonal product, is skipped for a simdgroup whose 8 rows all keep
+// their max, which after the first tiles is nearly every tile. Masking uses a finite large negative score (fast math:
+// no inf arithmetic); a row with no visible key is written as 0 with LSE = -inf. A visible score that is NaN or inf
+// makes its row NaN (FlashAttention-2's result) without entering the shared 8x8 tiles, where 0 x NaN would carry it
+// into the other rows of the block. Non-finite V elements are staged as 0 for the same reason (P V multiplies every
+// row's probabilities, 0 for keys the row cannot see, by every staged V row); the rare tile that holds one sets a bit
+// per (row, column) for the rows that see it, and those output elements are written as NaN (torch: NaN or inf there).
 #pragma once
 
 #include <metal_stdlib>
@@ -472,8 +472,9 @@ template <typename T, int D>
   // words of the row, which the score strips hold (the rare V path).
   static_assert(!QRES || (NT == 8 * BK && D == 256 && W == 8 && BK * W <= BQ * BK), "the resident-Q staging shape");
 
-  const int b = int(tg_pos.z);
-  const int h = int(tg_pos.y);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true);
+  const int b = slot.b;
+  const int h = slot.head;
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
   const VarlenHead<T> head = varlen_head(q, k, v, out, lse, alibi_slopes, b, h, seq, p);
   const bool aligned_q = (p.aligned_rows & FLASH_SDPA_ALIGNED_Q) != 0;
@@ -489,14 +490,12 @@ template <typename T, int D>
   threadgroup float* diag = diag_tile + sg * 64;
   const int sub = int(lane) % 4;
 
-  // Query tiles q0, q0 + grid x 32, ... of this dispatch's rows [q_row_begin, q_row_end): every row of every sequence
+  // Query tiles q0, q0 + grid z 32, ... of this dispatch's rows [q_row_begin, q_row_end): every row of every sequence
   // is computed whatever max_seqlen_q (which only sizes the grid) says, the last dispatch of a split prefill taking
   // the rows to the end. The loop bounds are uniform across the threadgroup, so every thread meets every barrier.
-  // Threadgroup x takes tile grid.x - 1 - x first: the GPU starts threadgroups in grid order, and a causal prompt's
-  // last tiles see the most keys, so the longest ones start first and the short ones fill the end of the dispatch.
+  // Longest tiles first across the whole batch (row_tile_slot).
   const int q_end = min(seq.sq, p.q_row_end);
-  const int first_tile = int(tg_count.x) - 1 - int(tg_pos.x);
-  for (int q0 = p.q_row_begin + first_tile * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
+  for (int q0 = p.q_row_begin + slot.first_tile * BQ; q0 < q_end; q0 += slot.step * BQ) {
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
@@ -676,8 +675,9 @@ template <typename T, int D>
   threadgroup uint poison[BQ * W];  // as in flash_attn_varlen
   threadgroup uint dropped_sg[NSG];
 
-  const int b = int(tg_pos.z);
-  const int h = int(tg_pos.y);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true);
+  const int b = slot.b;
+  const int h = slot.head;
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
   const VarlenHead<T> head = varlen_head(q, k, v, out, lse, alibi_slopes, b, h, seq, p);
   const bool aligned_q = (p.aligned_rows & FLASH_SDPA_ALIGNED_Q) != 0;
@@ -688,8 +688,7 @@ template <typename T, int D>
   const int sub = int(lane) % 4;
 
   const int q_end = min(seq.sq, p.q_row_end);  // this dispatch's rows, longest tiles first, as in the kernel above
-  const int first_tile = int(tg_count.x) - 1 - int(tg_pos.x);
-  for (int q0 = p.q_row_begin + first_tile * BQ; q0 < q_end; q0 += int(tg_count.x) * BQ) {
+  for (int q0 = p.q_row_begin + slot.first_tile * BQ; q0 < q_end; q0 += slot.step * BQ) {
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 

@@ -3,8 +3,8 @@
 // Three dispatches, planned by backward_planner.cpp:
 //   1. flash_attn_bwd_delta_<dtype>        delta = rowsum(dO * O) per (row, head), fp32 (the O(S) scratch)
 //   2. flash_attn_bwd_dkdv_<dtype>_d<D>     dK, dV of one key tile and one KV head, summed over the GQA group
-//   3. flash_attn_bwd_dq_<dtype>_d<D>       dQ of one query tile and one head; threadgroups (0, h, 0) also reduce
-//                                           d s_aux[h] = -sum_rows exp(s_aux[h] - lse) * delta
+//   3. flash_attn_bwd_dq_<dtype>_d<D>       dQ of one query tile and one head; the threadgroups (h, 0, grid.z - 1)
+//                                           also reduce d s_aux[h] = -sum_rows exp(s_aux[h] - lse) * delta
 // P is recomputed from q, k and the forward's LSE; every output element has one writer and a fixed summation
 // order (no atomics), so the gradients are bit-identical on repeat.
 #pragma once
@@ -153,8 +153,8 @@ struct BackwardParams {
   fsdpa_i64 lse_head_stride;
   fsdpa_i64 delta_batch_stride;  // floats
   fsdpa_i64 delta_head_stride;
-  fsdpa_i32 batch;         // number of sequences (grid z)
-  fsdpa_i32 num_heads;     // H
+  fsdpa_i32 batch;         // number of sequences (grid y of the dK/dV and dQ passes, z of the delta pass)
+  fsdpa_i32 num_heads;     // H (grid x of the dQ pass, y of the delta pass; dK/dV: x = Hkv)
   fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
   fsdpa_i32 q_rows;        // rows of q/out/dout/dq along the row axis: row indices are clamped below it
   fsdpa_i32 k_rows;        // rows of k/v/dk/dv along the row axis

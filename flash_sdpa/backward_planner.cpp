@@ -31,7 +31,12 @@ bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
 
 namespace {
 
-uint32_t tiles(int64_t rows, int64_t tile) { return to_u32((rows + tile - 1) / tile, "tiles"); }
+// Grid z of the dK/dV or dQ pass over `rows` rows in tiles of `tile`: their grids are (heads, B, row tiles), the tile
+// axis slowest (row_tile_slot in attention_device.h: the heaviest tiles of the whole batch start first). Past
+// kMaxGridTiles the kernels loop over the rest.
+uint32_t tiles(int64_t rows, int64_t tile) {
+  return to_u32(std::min<int64_t>((rows + tile - 1) / tile, kMaxGridTiles), "tiles");
+}
 
 }  // namespace
 
@@ -109,11 +114,12 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   pre.constants = constants;
   pre.buffers = {{FLASH_SDPA_BWD_BUFFER_OUT, call.out}, dout, delta, cu_q, cu_k};
   pre.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
-  pre.threadgroups = {tiles(grid_q, kBwdDeltaRows), h, b};
+  pre.threadgroups = {to_u32((grid_q + kBwdDeltaRows - 1) / kBwdDeltaRows, "delta tiles"), h, b};  // uniform cost
   pre.threads_per_threadgroup = threads;
   plan.dispatches.push_back(std::move(pre));
 
-  // 2. dK, dV: one threadgroup per (key tile, KV head, sequence), looping over the GQA group's query heads.
+  // 2. dK, dV: one threadgroup per (KV head, sequence, key tile), looping over the GQA group's query heads; key tiles
+  // in order (causal: the first ones see the most queries).
   const int64_t tile_rows = bwd_tile_rows(static_cast<int32_t>(head_dim), static_cast<int32_t>(call.q.element_size()));
   Dispatch dkdv;
   dkdv.kernel = backward_kernel_name("dkdv", dtype, head_dim);
@@ -141,20 +147,21 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
       });
   // One dispatch of `pass` per row range, its grid covering the range's tiles.
   auto push_ranges = [&](const Dispatch& pass, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t rows,
-                         uint32_t grid_y) {
+                         uint32_t grid_x) {
     for (const auto& [begin, end] : ranges) {
       Dispatch part = pass;
       params.row_begin = to_i32(begin, "first row");
       params.row_end = to_i32(end, "row end");
       part.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
-      part.threadgroups = {tiles(std::min(end, rows) - begin, tile_rows), grid_y, b};
+      part.threadgroups = {grid_x, b, tiles(std::min(end, rows) - begin, tile_rows)};
       part.commit_after = ranges.size() > 1;
       plan.dispatches.push_back(std::move(part));
     }
   };
   push_ranges(dkdv, key_ranges, grid_k, to_u32(kv_heads, "num_kv_heads"));
 
-  // 3. dQ: one threadgroup per (query tile, head, sequence); threadgroups (0, h, 0) also reduce d s_aux[h].
+  // 3. dQ: one threadgroup per (head, sequence, query tile), query tiles reversed in the kernel (causal: the last ones
+  // see the most keys); threadgroups (h, 0, grid.z - 1) also reduce d s_aux[h].
   Dispatch dq;
   dq.kernel = backward_kernel_name("dq", dtype, head_dim);
   dq.constants = constants;

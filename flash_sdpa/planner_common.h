@@ -56,6 +56,10 @@ inline int32_t to_i32(int64_t x, const char* what) {
   return static_cast<int32_t>(x);
 }
 
+// Most threadgroups on a grid's tile axis (z): CUDA's limit on grid y and z (the NVIDIA proxy runs these plans).
+// The kernels loop over the tiles past the grid, so a longer axis is capped here, never refused.
+constexpr int64_t kMaxGridTiles = 65535;
+
 inline FunctionConstant bool_constant(uint32_t index, bool value) {
   return FunctionConstant{index, FunctionConstant::kBool, value ? 1u : 0u};
 }

@@ -98,7 +98,7 @@ constexpr fsdpa_i32 varlen_wide_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 
          16 * kVarlenWideBlockK;
 }
 
-// Query rows per tile (the grid's x axis counts tiles of this many rows).
+// Query rows per tile (the grid's z axis counts tiles of this many rows).
 constexpr fsdpa_i32 varlen_block_q(fsdpa_i32 head_dim) { return head_dim > 256 ? kVarlenWideBlockQ : kVarlenBlockQ; }
 
 // The supported configurations: one list drives the MSL instantiations, the host check and the test grid.
@@ -151,8 +151,8 @@ struct VarlenParams {
   fsdpa_i64 k_block_stride;  // paged: elements between blocks of k (v below); 0 otherwise
   fsdpa_i64 v_block_stride;
   fsdpa_i64 block_table_stride;  // paged: int32 elements between rows of block_table
-  fsdpa_i32 batch;               // number of sequences (grid z)
-  fsdpa_i32 num_heads;           // H (grid y)
+  fsdpa_i32 batch;               // number of sequences (grid y)
+  fsdpa_i32 num_heads;           // H (grid x)
   fsdpa_i32 num_kv_heads;        // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
   fsdpa_i32 q_rows;              // rows of the q/out tensors along the row axis: every row index is clamped below it
   fsdpa_i32 k_rows;              // rows of the k/v tensors along the row axis

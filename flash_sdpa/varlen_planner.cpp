@@ -126,8 +126,10 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
     params.q_row_end = to_i32(end, "query row end");
     part.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
     const int64_t rows = std::min(end, grid_rows) - begin;
-    part.threadgroups = {to_u32((rows + block_q - 1) / block_q, "query tiles"), to_u32(heads, "num_heads"),
-                         to_u32(batch, "batch")};
+    // Grid (H, B, query tiles): the tile axis slowest, reversed in the kernel (varlen_grid_slot), so the heaviest
+    // causal tiles of the whole batch start first. Past kMaxGridTiles the kernel loops over the rest.
+    const int64_t tiles = std::min<int64_t>((rows + block_q - 1) / block_q, kMaxGridTiles);
+    part.threadgroups = {to_u32(heads, "num_heads"), to_u32(batch, "batch"), to_u32(tiles, "query tiles")};
     part.commit_after = ranges.size() > 1;
     plan.dispatches.push_back(std::move(part));
   }

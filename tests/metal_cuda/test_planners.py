@@ -59,9 +59,49 @@ def test_budget_grows_with_cores(planner, plan, monkeypatch):
     for kernel, grids in ultra.items():
         # Ranges are whole tiles, so a range can end up to one tile short of the budget.
         assert len(grids) <= math.ceil(len(m1[kernel]) / 10) + 1 < len(m1[kernel]), kernel
-        assert sum(g[0] for g in grids) == sum(g[0] for g in m1[kernel]), f"{kernel}: every tile planned once"
+        # Every split pass's grid is (heads, B, row tiles) (row_tile_slot, attention_device.h).
+        assert sum(g[2] for g in grids) == sum(g[2] for g in m1[kernel]), f"{kernel}: every tile planned once"
     monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", "2.5e11")
     assert _passes(plan(planner, 80)) == m1, "the override wins over the core count"
+
+
+def test_forward_grid_tiles_slowest(planner):
+    """The varlen forward's grid is (H, B, query tiles): the tile axis slowest, so the heaviest causal tiles of every
+    head and sequence start first (row_tile_slot, attention_device.h). A grid's tile axis stops at CUDA's 65535 (the
+    proxy's limit on grid z); the kernel loops over the tiles past it."""
+    lengths = [320, 1216, 2944, 4992]
+    total = sum(lengths)
+    q = torch.empty(total, H, D, dtype=torch.float16)
+    k = torch.empty(total, HKV, D, dtype=torch.float16)
+    cu = torch.tensor([0] + [sum(lengths[:i + 1]) for i in range(4)], dtype=torch.int32)
+    plan = planner.plan_varlen(q, k, k, torch.empty_like(q), torch.empty(H, total), cu, cu, None, None, max(lengths),
+                               D ** -0.5, 0.0, -1, 0, None, 132)
+    assert [d["threadgroups"] for d in plan] == [(H, 4, max(lengths) // 32)]
+    # Dense, non-causal, one key: a single dispatch whose 8-row tiles (D = 512) pass 65535.
+    rows, wide = 8 * 70000, 512
+    meta = dict(device="meta", dtype=torch.float16)
+    q = torch.empty(1, rows, 1, wide, **meta)
+    k = torch.empty(1, 1, 1, wide, **meta)
+    plan = planner.plan_varlen(q, k, k, torch.empty_like(q), torch.empty(1, 1, rows, device="meta"), None, None, None,
+                               None, rows, wide ** -0.5, 0.0, -1, -1, None, 132)
+    assert [d["threadgroups"] for d in plan] == [(1, 1, 65535)]
+
+
+def test_backward_grid_tiles_slowest(planner):
+    """The backward's dK/dV and dQ passes plan (heads, B, row tiles) grids too: dK/dV over (Hkv, B, key tiles), dQ
+    over (H, B, query tiles), its kernel reversing the tiles, so both start their heaviest causal tiles first. The
+    delta pass (every tile the same cost) keeps (row tiles, H, B)."""
+    B, Sb = 3, 300
+    q = torch.empty(B, Sb, H, D, dtype=torch.float16)
+    k = torch.empty(B, Sb, HKV, D, dtype=torch.float16)
+    lse = torch.empty(B, H, Sb)
+    plan = planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, Sb, Sb,
+                                 D ** -0.5, 0.0, -1, 0, gpu_cores=132)
+    grids = {d["kernel"].split("_")[3]: d["threadgroups"] for d in plan}
+    assert grids["delta"] == (-(-Sb // 32), H, B)
+    assert grids["dkdv"][:2] == (HKV, B) and grids["dq"][:2] == (H, B)
+    # Tiles of 8, 16 or 32 rows (bwd_tile_rows, backward_params.h), the same for both passes.
+    assert grids["dkdv"][2] == grids["dq"][2] in {-(-Sb // rows) for rows in (8, 16, 32)}
 
 
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
