@@ -46,6 +46,13 @@ def _kv_buffer_indices() -> Dict[str, tuple]:
     }
 
 
+def _partial_buffer_indices() -> tuple:
+    """The split-K combine's [[buffer(i)]] indices of the decode's partial outputs and (max, sum) pairs."""
+    text = (cases.ROOT / "flash_sdpa" / "paged_params.h").read_text()
+    index = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define FLASH_SDPA_(\w+) (\d+)\b", text)}
+    return index["COMBINE_BUF_O_PARTIAL"], index["COMBINE_BUF_ML_PARTIAL"]
+
+
 def _prefix(kernel: str, table: Dict[str, object]):
     for prefix in table:  # ordered: paged_decode_combine_ before paged_decode_
         if kernel.startswith(prefix):
@@ -66,6 +73,7 @@ class Row:
     dispatches: int
     threadgroups: Optional[int]
     kernels: List[str] = field(default_factory=list)
+    partials_loaded: int = 0  # of `loaded`, the split-K partials the combine reads back (fp32, from the decode)
 
     @property
     def ratio(self) -> float:
@@ -86,17 +94,20 @@ def _runtime(kernel):
 def _measure(rt, fn) -> tuple:
     params = _params_buffer_indices()
     kv = _kv_buffer_indices()
+    partial_buffers = _partial_buffer_indices()
     rt.reset_stats()
     fn()
     stats = rt.stats()
-    loaded = stored = kv_loaded = tgs = 0
+    loaded = stored = kv_loaded = partials_loaded = tgs = 0
     for s in stats:
         skip = _prefix(s.kernel, params)
         loaded += sum(n for i, n in s.loaded.items() if i != skip)
         stored += sum(n for i, n in s.stored.items() if i != skip)
         kv_loaded += sum(s.loaded.get(i, 0) for i in _prefix(s.kernel, kv))
+        if s.kernel.startswith("paged_decode_combine_"):
+            partials_loaded += sum(s.loaded.get(i, 0) for i in partial_buffers)
         tgs += s.threadgroups
-    return loaded, stored, kv_loaded, len(stats), tgs, [s.kernel for s in stats]
+    return loaded, stored, kv_loaded, partials_loaded, len(stats), tgs, [s.kernel for s in stats]
 
 
 MEASURED_DECODE_PATHS = ("paged flash_attn_with_kvcache", "flash_attn_varlen_func (K/V pre-packed)")
@@ -116,10 +127,10 @@ def decode_rows(kernel, rt, c: cases.DecodeCase, dtype=torch.float16, paths=MEAS
             nonlocal out
             out = cases.DECODE_PATHS[path](kernel, c, t)
 
-        loaded, stored, kv_loaded, n, tgs, names = _measure(rt, call)
+        loaded, stored, kv_loaded, partials, n, tgs, names = _measure(rt, call)
         err = (out.float() - cases.reference_decode(c, t).float()).abs().max().item()
         assert err < 2e-2, f"{path} {c.label()}: max error {err}"
-        rows.append(Row(c.name, c.label(), path, True, loaded, stored, kv_loaded, ideal, n, tgs, names))
+        rows.append(Row(c.name, c.label(), path, True, loaded, stored, kv_loaded, ideal, n, tgs, names, partials))
     # Analytic: append (2 index writes), gather (2: K and V: read the valid pages, write a contiguous copy), SDPA.
     rows.append(Row(c.name, c.label(), "gather + torch SDPA", False,
                     loaded=new_bytes + ideal + ideal + q_bytes, stored=new_bytes + ideal + q_bytes,
@@ -136,7 +147,7 @@ def prefill_rows(kernel, rt, c: cases.PrefillCase, dtype=torch.float16) -> List[
     es = cases.element_size(dtype)
     ideal = 2 * c.B * c.S * c.Hkv * c.D * es
     qo = 2 * c.B * c.S * c.H * c.D * es
-    loaded, stored, kv_loaded, n, tgs, names = _measure(rt, lambda: cases.varlen_prefill(kernel, c, t))
+    loaded, stored, kv_loaded, _, n, tgs, names = _measure(rt, lambda: cases.varlen_prefill(kernel, c, t))
     return [
         Row(c.name, c.label(), "varlen kernel", True, loaded, stored, kv_loaded, ideal, n, tgs, names),
         Row(c.name, c.label(), "torch SDPA (ideal traffic)", False, ideal + qo // 2, qo // 2, None, ideal, 1, None),

@@ -30,9 +30,13 @@ def test_paged_decode_reads_kv_once(rows, case):
     assert r.ideal == cases.kv_bytes(c, torch.float16)
     # K/V read once per KV head (GQA 8 shares it across the group): the DRAM-relevant figure. The rest is q and the
     # small tables, counted once per lane that reads them (the lanes of a key group read the same block-table entry,
-    # which a GPU's cache serves once): bounded loosely, so that a K/V re-read counted elsewhere would still show.
+    # which a GPU's cache serves once): bounded loosely, so that a K/V re-read counted elsewhere would still show. The
+    # split-K partials the combine reads back are bounded on their own: a short split writes one per simdgroup (up to
+    # paged::kMaxSplits = 256 per output row, fp32 D + 2 floats each), a latency-for-traffic trade of short contexts
+    # whose partials stay in the GPU's cache.
     assert r.kv_loaded <= 1.02 * r.ideal, (r.kv_loaded, r.ideal)
-    assert r.loaded <= 1.5 * r.ideal, (r.loaded, r.ideal)
+    assert r.loaded - r.partials_loaded <= 1.5 * r.ideal, (r.loaded, r.partials_loaded, r.ideal)
+    assert r.partials_loaded <= 256 * c.B * c.H * (c.D + 2) * 4, r.partials_loaded
     # append + attention (+ split-K combine): no gather, no copy
     assert 2 <= r.dispatches <= 3 and r.kernels[0].startswith("kv_paged_write_")
     assert r.threadgroups > 0
