@@ -217,7 +217,7 @@ struct PagedDecodeParams {
   OptionParams opt;                // scale, softcap, window, ALiBi stride
 };
 
-// paged_decode_combine: grid (B * H * sq), kCombineThreads threads.
+// paged_decode_combine: grid (B * H * sq), 128 threads (<= kCombineFewPartials partials) or kCombineThreads.
 struct PagedCombineParams {
   fsdpa_i32 batch;       // B
   fsdpa_i32 seqlen_q;    // sq
