@@ -193,12 +193,12 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t target = call.target_threadgroups > 0
                              ? call.target_threadgroups
                              : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows, head_dim);
-  int64_t splits =
-      call.num_splits > 0
-          ? std::min<int64_t>(call.num_splits, kMaxSplits)
-          : paged_pick_num_splits(work, max_keys, target, call.target_threadgroups > 0 || cores > 0,
-                                  decode_step_keys(to_i32(head_dim, "head_dim"),
-                                                   to_i32(q.element_size(), "element size"), to_i32(rows, "rows")));
+  // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
+  const int64_t tg_step_keys =
+      decode_step_keys(to_i32(head_dim, "head_dim"), to_i32(q.element_size(), "element size"), to_i32(rows, "rows"));
+  int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
+                                       : paged_pick_num_splits(work, max_keys, target,
+                                                               call.target_threadgroups > 0 || cores > 0, tg_step_keys);
   splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), 16)));
   const bool split = splits > 1;
   // Short splits (at most kSimdgroupPartialSteps steps of each simdgroup): each simdgroup writes its own partial
@@ -206,8 +206,6 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   // simdgroups through threadgroup memory first (barriers, read-modify-write rounds and a write loop, which a one-step
   // split spends most of its instructions on). Long splits keep the merge: it is paid once per many steps there, and
   // 8x the partials would cost the combine more.
-  const int64_t tg_step_keys =
-      decode_step_keys(to_i32(head_dim, "head_dim"), to_i32(q.element_size(), "element size"), to_i32(rows, "rows"));
   const int64_t sg_steps = ceil_div(std::max<int64_t>(max_keys, 1), splits * tg_step_keys);
   bool simdgroup_partials =
       call.simdgroup_partials >= 0 ? call.simdgroup_partials == 1 : sg_steps <= kSimdgroupPartialSteps;

@@ -4,8 +4,6 @@
     python3 -m tests.metal_cuda.apple_plans          # prints the markdown table RESULTS.md holds
 """
 
-import struct
-
 import torch
 
 from . import planner_ext
@@ -29,8 +27,7 @@ def plan(name, B, S, dtype, cores):
                                                None, sinks, D ** -0.5, opts.get("softcap", 0.0), -1, 0, 0, S, 0, cores)
     attn = next(d for d in dispatches if d["kernel"].startswith("paged_decode_") and "combine" not in d["kernel"])
     rows = int(attn["kernel"].rsplit("_r", 1)[1])
-    combine = [d for d in dispatches if "combine" in d["kernel"]]  # PagedCombineParams.num_splits: the partials
-    partials = struct.unpack_from("<i", combine[0]["bytes"][0][1], 16)[0] if combine else 0
+    partials = planner_ext.combine_partials(dispatches)
     tgs = attn["threadgroups"][0] * attn["threadgroups"][1] * attn["threadgroups"][2]
     return attn["threadgroups"][0], rows, tgs, partials
 

@@ -9,14 +9,13 @@ Timing as bench.py (a CUDA graph of 20 calls, median of 15 replays); the whole c
 """
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from msl.cuda import compiler
 
-from . import decode_variants
+from . import decode_variants, planner_ext
 
 ROOT = Path(__file__).resolve().parents[2]
 BASELINE = compiler.cache_dir() / "latency_baseline.json"
@@ -95,8 +94,8 @@ def ours(B, H, Hkv, S, sms, splits_list=SPLITS, simdgroup_partials=-1):
         torch.cuda.synchronize()
         check(out, ref, f"splits={splits}", torch.float16)
         parts = [f"{timed([p]):.1f}" for p in prepared]
-        combine = [d for d in plan if "combine" in d["kernel"]]  # PagedCombineParams.num_splits: the partials
-        partials = f" ({struct.unpack_from('<i', combine[0]['bytes'][0][1], 16)[0]} partials)" if combine else ""
+        partials = planner_ext.combine_partials(plan)
+        partials = f" ({partials} partials)" if partials else ""
         planner = " (planner)" if splits == 0 else ""
         rows.append(f"ours splits {prepared[0].grid[0]}{partials}{planner}: whole "
                     f"{timed(prepared):.1f}, alone {' + '.join(parts)} ({prepared[0].pipeline.num_regs} regs)")

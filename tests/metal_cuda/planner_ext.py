@@ -5,6 +5,7 @@ device). Cached by torch.utils.cpp_extension under METAL_CUDA_EXT_DIR (default .
 """
 
 import os
+import struct
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,3 +28,10 @@ def load(verbose: bool = False):
             extra_include_paths=[str(FS)], extra_cflags=["-O1", "-std=c++20"], build_directory=str(build_dir),
             verbose=verbose)
     return _EXT
+
+
+def combine_partials(plan) -> int:
+    """The partials a paged plan's combine dispatch reads (PagedCombineParams::num_splits, offset 16: the split count,
+    8x it where each decode simdgroup writes its own); 0 when the plan has no combine."""
+    combine = [d for d in plan if "combine" in d["kernel"]]
+    return struct.unpack_from("<i", combine[0]["bytes"][0][1], 16)[0] if combine else 0

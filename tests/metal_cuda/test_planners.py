@@ -111,18 +111,23 @@ DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32), (1, 64, 8, 256, 128, t
                  (1, 16, 16, 3000, 64, torch.float32, 32), (2, 32, 8, 700, 256, torch.bfloat16, 16)]
 
 
-@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"B{s[0]}_H{s[1]}-{s[2]}_S{s[3]}_D{s[4]}")
-@pytest.mark.parametrize("cores", [8, 40, 132])
-def test_decode_splits_whole_steps(planner, shape, cores):
-    B, H, Hkv, S, D, dtype, step = shape
+def _plan_decode(planner, shape, cores):
+    """The paged planner's plan for a decode step of `shape` (DECODE_SHAPES) on a GPU of `cores` cores."""
+    B, H, Hkv, S, D, dtype, _ = shape
     page = 16
     blocks = (S + page - 1) // page
     q = torch.empty(B, 1, H, D, dtype=dtype)
     k = torch.empty(B * blocks, page, Hkv, D, dtype=dtype)
     table = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
-    plan = planner.plan_paged(q, k, k, table, torch.full((B,), S, dtype=torch.int32), None, None, torch.empty_like(q),
+    return planner.plan_paged(q, k, k, table, torch.full((B,), S, dtype=torch.int32), None, None, torch.empty_like(q),
                               None, None, None, D ** -0.5, 0.0, -1, 0, 0, S, 0, cores)
-    splits = plan[0]["threadgroups"][0]
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"B{s[0]}_H{s[1]}-{s[2]}_S{s[3]}_D{s[4]}")
+@pytest.mark.parametrize("cores", [8, 40, 132])
+def test_decode_splits_whole_steps(planner, shape, cores):
+    S, step = shape[3], shape[6]
+    splits = _plan_decode(planner, shape, cores)[0]["threadgroups"][0]
     steps = -(-S // step)
     most = -(-steps // splits)
     assert splits <= steps, "a split with no step"
@@ -135,22 +140,15 @@ def test_decode_splits_whole_steps(planner, shape, cores):
 def test_decode_simdgroup_partials(planner, shape, cores):
     """A split of at most kSimdgroupPartialSteps (2) steps per simdgroup writes one partial per simdgroup (8 per
     threadgroup), so the combine reads 8x the splits; longer splits merge in the threadgroup (one partial each)."""
-    B, H, Hkv, S, D, dtype, step = shape
-    page = 16
-    blocks = (S + page - 1) // page
-    q = torch.empty(B, 1, H, D, dtype=dtype)
-    k = torch.empty(B * blocks, page, Hkv, D, dtype=dtype)
-    table = torch.arange(B * blocks, dtype=torch.int32).view(B, blocks)
-    plan = planner.plan_paged(q, k, k, table, torch.full((B,), S, dtype=torch.int32), None, None, torch.empty_like(q),
-                              None, None, None, D ** -0.5, 0.0, -1, 0, 0, S, 0, cores)
+    S, step = shape[3], shape[6]
+    plan = _plan_decode(planner, shape, cores)
     splits = plan[0]["threadgroups"][0]
     decode_params = plan[0]["bytes"][0][1]
     flag = struct.unpack_from("<i", decode_params, 80 + 13 * 4)[0]  # PagedDecodeParams::simdgroup_partials
     if splits == 1:
         assert len(plan) == 1 and flag == 0, "no split, no partials"
         return
-    partials = struct.unpack_from("<i", plan[1]["bytes"][0][1], 16)[0]  # PagedCombineParams::num_splits
     steps_per_simdgroup = -(-S // (splits * step))
     expected = steps_per_simdgroup <= 2 and splits * 8 <= 256
     assert flag == int(expected), f"{splits} splits of {steps_per_simdgroup} steps per simdgroup"
-    assert partials == splits * (8 if expected else 1)
+    assert planner_ext.combine_partials(plan) == splits * (8 if expected else 1)
