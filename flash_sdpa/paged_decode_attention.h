@@ -221,6 +221,11 @@ inline float softmax_step(thread float (&s)[U], thread float& m, thread float& l
   return corr;
 }
 
+// Row gr of a threadgroup's rows -> (query head of the KV group, query token): gr = head * sq + token. A decode step
+// has one token (sq = 1): no division then (a run-time integer division is a long instruction sequence on Apple's
+// GPUs, as on NVIDIA's, and a short split runs this per staged element and per written row).
+inline int2 row_head_token(int gr, int sq) { return sq == 1 ? int2(gr, 0) : int2(gr / sq, gr % sq); }
+
 // The block-table position (block index, slot) of a lane group's next key in paged mode. One integer division at
 // the start and one for the stride; then each step advances by adds (an integer division is a long instruction
 // sequence on Apple's GPUs as on NVIDIA's, and it was once per step).
@@ -452,8 +457,9 @@ template <typename T, int D, int R>
     float v = 0.0f;
     if (r < nrows) {
       const int gr = row0 + r;
-      const int h = hkv * group + gr / sq;
-      const int i = gr % sq;
+      const int2 ht = row_head_token(gr, sq);
+      const int h = hkv * group + ht.x;
+      const int i = ht.y;
       // q (B, sq, H, D = 1); varlen: q (total_q, H, D = 1)
       const long qoff = fc_varlen ? long(q_row) * p.q_stride_s : long(b) * p.q_stride_b + long(i) * p.q_stride_s;
       v = float(q[qoff + long(h) * p.q_stride_h + d]) * p.opt.scale;
@@ -473,9 +479,10 @@ template <typename T, int D, int R>
   float sc_slope[RPL];
   for (int rr = 0; rr < RPL; ++rr) {
     const int gr = row0 + min(first_row + rr, nrows - 1);
-    sc_pos[rr] = gr % sq + diag;
+    const int2 ht = row_head_token(gr, sq);
+    sc_pos[rr] = ht.y + diag;
     sc_keys[rr] = visible_keys(sc_pos[rr], p.opt, sk);
-    sc_slope[rr] = fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, hkv * group + gr / sq) : 0.0f;
+    sc_slope[rr] = fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, hkv * group + ht.x) : 0.0f;
   }
   float m_own[RPL];  // running max and sum of the rows this lane finishes
   float l_own[RPL];
@@ -677,8 +684,9 @@ template <typename T, int D, int R>
     for (int r = 0; r < R; ++r) {
       if (r % G == g && r < nrows) {
         const int gr = row0 + r;
-        const long row = (long(b) * p.num_heads + hkv * group + gr / sq) * sq + gr % sq;  // (B, H, sq)
-        const long prow = part * p.batch * p.num_heads * sq + row;                        // (partials, B, H, sq)
+        const int2 ht = row_head_token(gr, sq);
+        const long row = (long(b) * p.num_heads + hkv * group + ht.x) * sq + ht.y;  // (B, H, sq)
+        const long prow = part * p.batch * p.num_heads * sq + row;                  // (partials, B, H, sq)
         for (int j = 0; j < CPL; ++j) {
           const int ci = li + j * L;
           if (ci < NC) {  // EPC floats at a multiple of EPC (D % 8 == 0): whole float2 / float4 stores
@@ -766,8 +774,9 @@ template <typename T, int D, int R>
     const int r = idx / D;
     const int d = idx - r * D;
     const int gr = row0 + r;
-    const int h = hkv * group + gr / sq;
-    const int i = gr % sq;
+    const int2 ht = row_head_token(gr, sq);
+    const int h = hkv * group + ht.x;
+    const int i = ht.y;
     float mx = row_max_tg[r];
     float sum = row_sum_tg[r];
     const bool bad = row_bad_tg[r] != 0u;
