@@ -60,7 +60,7 @@ FSDPA_CONSTANT fsdpa_i32 kBwdResidentBytes = 30720;
 // words and D = 96 / 128 take 32-row tiles. D = 192 / 256 in one slice would need 144 / 192 words: Apple GPUs spill
 // rather than lower occupancy, so they keep 2 slices (72 / 96 words), and D = 512 keeps 4.
 constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim, fsdpa_i32 elem) {
-  return head_dim <= (elem == 4 ? 80 : 128) ? 1 : head_dim <= 256 ? 2 : 4;
+  return head_dim <= (elem == 4 ? 80 : 96) ? 1 : head_dim <= 256 ? 2 : 4;
 }
 
 // Rows of a pass-2 / pass-3 tile (keys / queries): 8 per row block.
