@@ -347,7 +347,7 @@ template <typename T, int D>
   threadgroup int row_lo[STAGE];  // visible keys [lo, hi]; hi = -1 for a row with no finite LSE or past the rows
   threadgroup int row_hi[STAGE];
 
-  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, false);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, false, p.tile_offset, p.tile_stride);
   const int b = slot.b, kvh = slot.head;
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
   const BwdAligned aligned = bwd_aligned(p);
@@ -371,9 +371,8 @@ template <typename T, int D>
   device T* dv_seq =
       dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
 
-  // Key tiles of this dispatch's rows [row_begin, row_end) (a long backward is split into command buffers).
-  const int k_end = min(sk, p.row_end);
-  for (int k0 = p.row_begin + slot.first_tile * BK; k0 < k_end; k0 += slot.step * BK) {
+  // This threadgroup's key tiles of this dispatch (a long backward is split into command buffers: row_tile_slot).
+  for (int k0 = slot.first_tile * BK; k0 < sk; k0 += slot.step * BK) {
     const int nk = min(BK, sk - k0);
     // K and V of this simdgroup's rows and columns, through the staging buffer (rows past the keys: 0).
     simdgroup_matrix<T, 8, 8> k_frag[FB], v_frag[FB];
@@ -519,7 +518,7 @@ template <typename T, int D>
   threadgroup int tile_hi[BQ];  // -1: no finite LSE or past the rows
   threadgroup float sink_partial[flash_sdpa::kBwdSimdgroups];
 
-  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true, p.tile_offset, p.tile_stride);
   const int b = slot.b, h = slot.head;
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
   const BwdAligned aligned = bwd_aligned(p);
@@ -547,9 +546,8 @@ template <typename T, int D>
   const device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
   const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
 
-  // Query tiles of this dispatch's rows [row_begin, row_end) (a long backward is split into command buffers).
-  const int q_end = min(sq, p.row_end);
-  for (int q0 = p.row_begin + slot.first_tile * BQ; q0 < q_end; q0 += slot.step * BQ) {
+  // This threadgroup's query tiles of this dispatch (a long backward is split into command buffers: row_tile_slot).
+  for (int q0 = slot.first_tile * BQ; q0 < sq; q0 += slot.step * BQ) {
     const int nq = min(BQ, sq - q0);
     // Q and dO of this simdgroup's rows and columns, through the staging buffer (rows past the queries: 0).
     simdgroup_matrix<T, 8, 8> q_frag[FB], do_frag[FB];
@@ -625,8 +623,8 @@ template <typename T, int D>
   // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
   // threadgroup per head (the one of sequence 0 whose tiles start at row 0: the lightest causal ones, started last), a
   // fixed order (strided per thread, then simd_sum, then simdgroups in order).
-  if (fc_sinks && p.row_begin == 0 && slot.first_tile == 0 && slot.b == 0) {  // in the dispatch of the first rows
-    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;        // as the forward
+  if (fc_sinks && slot.first_tile == 0 && slot.b == 0) {                // the threadgroup of tile 0 (in dispatch 0)
+    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;  // as the forward
     float acc = 0.0f;
     for (int bb = 0; bb < p.batch; ++bb) {
       const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);

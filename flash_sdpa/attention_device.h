@@ -82,20 +82,22 @@ inline int2 visible_keys(int pos, constant OptionParams& opt, int sk) {
 }
 
 // A threadgroup's place in a grid (heads, B, row tiles) (the varlen forward, the backward's dK/dV and dQ): head x,
-// sequence y, and the row tiles first_tile, first_tile + step, ... of the dispatch's rows: first_tile = z, or when
-// `reversed` (causal query tiles, whose work grows with their index) grid.z - 1 - z. GPUs, Apple's too, start
-// threadgroups roughly in grid order, x fastest, z slowest: with the tile axis slowest, the batch's heaviest tiles
-// (every head of every sequence) start first and the light ones fill the end of the dispatch (longest processing time
-// first). With the tiles on x, a varlen batch's last sequence started its heaviest tiles after all the other sequences'
-// work, and their long tail left cores idle at the end of the dispatch (the proxy's forward: 0.85x MLX's per-sequence
-// launches on a 4-sequence batch at D = 128). Slots past a sequence's rows exit at once.
+// sequence y, and the row tiles first_tile, first_tile + step, ... GPUs, Apple's too, start threadgroups roughly in
+// grid order, x fastest, z slowest: with the tile axis slowest and `reversed` (causal query tiles, whose work grows
+// with their index) taking z from the end, the batch's heaviest tiles (every head of every sequence) start first and
+// the light ones fill the end of the dispatch (longest processing time first). With the tiles on x, a varlen batch's
+// last sequence started its heaviest tiles after all the other sequences' work, and their long tail left cores idle
+// at the end of the dispatch (the proxy's forward: 0.85x MLX's per-sequence launches on a 4-sequence batch at
+// D = 128). A long call split into dispatches (planner_common.h: interleaved_dispatches) gives dispatch tile_offset of
+// tile_stride the tiles tile_offset, tile_offset + tile_stride, ...; unsplit: 0 of 1. Slots past a sequence's rows
+// exit at once.
 struct RowTileSlot {
   int head, b, first_tile, step;
 };
 
-inline RowTileSlot row_tile_slot(uint3 tg_pos, uint3 tg_count, bool reversed) {
+inline RowTileSlot row_tile_slot(uint3 tg_pos, uint3 tg_count, bool reversed, int tile_offset, int tile_stride) {
   const int z = reversed ? int(tg_count.z) - 1 - int(tg_pos.z) : int(tg_pos.z);
-  return {int(tg_pos.x), int(tg_pos.y), z, int(tg_count.z)};
+  return {int(tg_pos.x), int(tg_pos.y), tile_offset + z * tile_stride, int(tg_count.z) * tile_stride};
 }
 
 // The ALiBi slope of (sequence b, head h): slopes [H] or [B, H] (opt.alibi_batch_stride).

@@ -63,8 +63,8 @@ inline std::pair<int64_t, int64_t> canonical_window(bool causal, int64_t window_
   return {window_left >= key_rows ? -1 : window_left, right >= key_rows + query_rows ? -1 : right};
 }
 
-// The work estimate of a long call split into command buffers (planner_common.h: split_rows). Keys that query row `row`
-// of a sequence of sq queries and sk keys sees (bottom-right aligned window).
+// The work estimate of a long call split into command buffers (planner_common.h: interleaved_dispatches). Keys that
+// query row `row` of a sequence of sq queries and sk keys sees (bottom-right aligned window).
 inline int64_t keys_seen(int64_t row, int64_t sq, int64_t sk, const AttentionOptions& o) {
   const int64_t pos = row + sk - sq;
   const int64_t hi = o.window_right < 0 ? sk : std::clamp<int64_t>(pos + o.window_right + 1, 0, sk);

@@ -472,7 +472,7 @@ template <typename T, int D>
   // words of the row, which the score strips hold (the rare V path).
   static_assert(!QRES || (NT == 8 * BK && D == 256 && W == 8 && BK * W <= BQ * BK), "the resident-Q staging shape");
 
-  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true, p.tile_offset, p.tile_stride);
   const int b = slot.b;
   const int h = slot.head;
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
@@ -490,12 +490,10 @@ template <typename T, int D>
   threadgroup float* diag = diag_tile + sg * 64;
   const int sub = int(lane) % 4;
 
-  // Query tiles q0, q0 + grid z 32, ... of this dispatch's rows [q_row_begin, q_row_end): every row of every sequence
-  // is computed whatever max_seqlen_q (which only sizes the grid) says, the last dispatch of a split prefill taking
-  // the rows to the end. The loop bounds are uniform across the threadgroup, so every thread meets every barrier.
-  // Longest tiles first across the whole batch (row_tile_slot).
-  const int q_end = min(seq.sq, p.q_row_end);
-  for (int q0 = p.q_row_begin + slot.first_tile * BQ; q0 < q_end; q0 += slot.step * BQ) {
+  // This threadgroup's query tiles of this dispatch, to the sequence's end: every row of every sequence is computed
+  // whatever max_seqlen_q (which only sizes the grid) says. The loop bounds are uniform across the threadgroup, so
+  // every thread meets every barrier. Longest tiles first across the whole batch (row_tile_slot).
+  for (int q0 = slot.first_tile * BQ; q0 < seq.sq; q0 += slot.step * BQ) {
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
@@ -675,7 +673,7 @@ template <typename T, int D>
   threadgroup uint poison[BQ * W];  // as in flash_attn_varlen
   threadgroup uint dropped_sg[NSG];
 
-  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true);
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true, p.tile_offset, p.tile_stride);
   const int b = slot.b;
   const int h = slot.head;
   const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
@@ -687,8 +685,8 @@ template <typename T, int D>
   const int col0 = int(sg) * DS;
   const int sub = int(lane) % 4;
 
-  const int q_end = min(seq.sq, p.q_row_end);  // this dispatch's rows, longest tiles first, as in the kernel above
-  for (int q0 = p.q_row_begin + slot.first_tile * BQ; q0 < q_end; q0 += slot.step * BQ) {
+  // This dispatch's query tiles, longest first, as in the kernel above.
+  for (int q0 = slot.first_tile * BQ; q0 < seq.sq; q0 += slot.step * BQ) {
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 

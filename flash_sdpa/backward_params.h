@@ -56,9 +56,11 @@ FSDPA_CONSTANT fsdpa_i32 kBwdResidentBytes = 30720;
 // of the barriers at 1 than at 2), and one slice needs no cross-simdgroup sum of partial scores (simdgroup barriers
 // around the elementwise step instead of threadgroup barriers). The limit is pass 2's fragments, 4 x DS / 8 per lane
 // (K, V: T; dK, dV: float): float keeps DS <= 80 below D = 96 (80 words), 96 / 128 words at D = 192 / 256 (the
-// forward's D = 256 budget); a half / bfloat fragment is one word, so one slice of D = 128 costs 2 x 16 + 2 x 32 = 96
-// words and D = 96 / 128 take 32-row tiles. D = 192 / 256 in one slice would need 144 / 192 words: Apple GPUs spill
-// rather than lower occupancy, so they keep 2 slices (72 / 96 words), and D = 512 keeps 4.
+// forward's D = 256 budget); a half / bfloat fragment is one word, so one slice of D = 96 costs 2 x 12 + 2 x 24 = 72
+// words and takes 32-row tiles. One slice of D = 128 (96 words) measured worse than two (48): 244 registers for dK/dV
+// against 162 (ptxas, sm_90), a 1.5x slower backward at S = 1024 on the proxy; Apple GPUs spill rather than lower
+// occupancy, which favours the smaller layout there too. D = 192 / 256 in one slice would need 144 / 192 words, so
+// they keep 2 slices (72 / 96 words), and D = 512 keeps 4.
 constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim, fsdpa_i32 elem) {
   return head_dim <= (elem == 4 ? 80 : 96) ? 1 : head_dim <= 256 ? 2 : 4;
 }
@@ -161,8 +163,8 @@ struct BackwardParams {
   fsdpa_i32 seqlen_q;      // dense mode: queries per sequence (varlen: unused)
   fsdpa_i32 seqlen_k;      // dense mode: keys per sequence (varlen: unused)
   fsdpa_i32 head_dim;      // D (pass 1 loops over it; passes 2 and 3 have it as a template constant)
-  fsdpa_i32 row_begin;     // this dispatch's rows [row_begin, row_end) of every sequence: key rows in the dK/dV
-  fsdpa_i32 row_end;       // pass, query rows in the dQ pass (a long backward is split: planner_common.h)
+  fsdpa_i32 tile_offset;   // this dispatch's row tiles tile_offset, tile_offset + tile_stride, ... of every sequence:
+  fsdpa_i32 tile_stride;  // key tiles in the dK/dV pass, query tiles in dQ (a long backward is split: planner_common.h)
   fsdpa_i32 aligned_rows;  // FLASH_SDPA_BWD_ALIGNED_* bits: that input's rows start at multiples of 4 elements
   fsdpa_i32 pad0;
   OptionParams opt;  // scale, softcap, window, ALiBi stride (as the forward's)

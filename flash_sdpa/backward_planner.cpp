@@ -29,17 +29,6 @@ bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
   return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
-namespace {
-
-// Grid z of the dK/dV or dQ pass over `rows` rows in tiles of `tile`: their grids are (heads, B, row tiles), the tile
-// axis slowest (row_tile_slot in attention_device.h: the heaviest tiles of the whole batch start first). Past
-// kMaxGridTiles the kernels loop over the rest.
-uint32_t tiles(int64_t rows, int64_t tile) {
-  return to_u32(std::min<int64_t>((rows + tile - 1) / tile, kMaxGridTiles), "tiles");
-}
-
-}  // namespace
-
 LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
   // Row axis of q/k/v/...: dim 0 in varlen mode, dim 1 (after batch) in dense mode.
@@ -92,8 +81,8 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
                         (rows_aligned4(call.k) ? FLASH_SDPA_BWD_ALIGNED_K : 0) |
                         (rows_aligned4(call.v) ? FLASH_SDPA_BWD_ALIGNED_V : 0) |
                         (rows_aligned4(call.dout) ? FLASH_SDPA_BWD_ALIGNED_DO : 0);
-  params.row_begin = 0;  // set per dispatch of the dK/dV and dQ passes below
-  params.row_end = std::numeric_limits<int32_t>::max();
+  params.tile_offset = 0;  // set per dispatch of the dK/dV and dQ passes below
+  params.tile_stride = 1;
 
   const std::vector<FunctionConstant> constants = option_constants(call.options, varlen);
   // Optional inputs that are off get the float32 delta scratch as a placeholder: the kernels never touch them
@@ -128,37 +117,42 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
       q,    k,    v,    dout, lse, delta, {FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv},
       cu_q, cu_k, alibi};
   dkdv.threads_per_threadgroup = threads;
-  // A long backward is split like the forward (varlen_planner.h: macOS limits a command buffer's GPU time): key row
-  // ranges for dK/dV, query row ranges for dQ, each at most command_buffer_flops() estimated, each committed.
+  // A long backward is split like the forward (planner_common.h: macOS limits a command buffer's GPU time): dK/dV
+  // over interleaved key tiles, dQ over interleaved query tiles, each dispatch at most command_buffer_flops()
+  // estimated, each committed.
   // FLOPs per visible (query, key) pair and query head: dK/dV recompute S and dP and accumulate dV and dK (8 D);
   // dQ recomputes S and dP and accumulates dQ (6 D).
   const double pairs_to_flops = double(batch) * double(heads) * double(head_dim);
-  const auto key_ranges =
-      split_rows(grid_k, tile_rows, command_buffer_flops(call.gpu_cores), [&](int64_t first, int64_t last) {
-        const int64_t queries = std::max(queries_seeing(first, grid_q, grid_k, call.options),
-                                         queries_seeing(last, grid_q, grid_k, call.options));
-        return 8.0 * pairs_to_flops * double(last - first + 1) * double(queries);
-      });
-  const auto query_ranges =
-      split_rows(grid_q, tile_rows, command_buffer_flops(call.gpu_cores), [&](int64_t first, int64_t last) {
+  const int64_t key_tiles = (grid_k + tile_rows - 1) / tile_rows;
+  const int64_t query_tiles = (grid_q + tile_rows - 1) / tile_rows;
+  const int64_t key_splits = interleaved_dispatches(key_tiles, command_buffer_flops(call.gpu_cores), [&](int64_t t) {
+    const int64_t first = t * tile_rows, last = std::min(first + tile_rows, grid_k) - 1;
+    const int64_t queries = std::max(queries_seeing(first, grid_q, grid_k, call.options),
+                                     queries_seeing(last, grid_q, grid_k, call.options));
+    return 8.0 * pairs_to_flops * double(last - first + 1) * double(queries);
+  });
+  const int64_t query_splits =
+      interleaved_dispatches(query_tiles, command_buffer_flops(call.gpu_cores), [&](int64_t t) {
+        const int64_t first = t * tile_rows, last = std::min(first + tile_rows, grid_q) - 1;
         const int64_t keys =
             std::max(keys_seen(first, grid_q, grid_k, call.options), keys_seen(last, grid_q, grid_k, call.options));
         return 6.0 * pairs_to_flops * double(last - first + 1) * double(keys);
       });
-  // One dispatch of `pass` per row range, its grid covering the range's tiles.
-  auto push_ranges = [&](const Dispatch& pass, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t rows,
-                         uint32_t grid_x) {
-    for (const auto& [begin, end] : ranges) {
+  // `splits` interleaved dispatches of `pass` over `row_tiles` tiles. Grids (heads, B, the dispatch's tiles): the tile
+  // axis slowest (row_tile_slot in attention_device.h: the heaviest tiles of the whole batch start first); past
+  // kMaxGridTiles the kernels loop over the rest.
+  auto push_splits = [&](const Dispatch& pass, int64_t splits, int64_t row_tiles, uint32_t grid_x) {
+    params.tile_stride = to_i32(splits, "dispatches");
+    for (int64_t k = 0; k < splits; ++k) {
       Dispatch part = pass;
-      params.row_begin = to_i32(begin, "first row");
-      params.row_end = to_i32(end, "row end");
+      params.tile_offset = to_i32(k, "first tile");
       part.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
-      part.threadgroups = {grid_x, b, tiles(std::min(end, rows) - begin, tile_rows)};
-      part.commit_after = ranges.size() > 1;
+      part.threadgroups = {grid_x, b, to_u32(std::min((row_tiles - k + splits - 1) / splits, kMaxGridTiles), "tiles")};
+      part.commit_after = splits > 1;
       plan.dispatches.push_back(std::move(part));
     }
   };
-  push_ranges(dkdv, key_ranges, grid_k, to_u32(kv_heads, "num_kv_heads"));
+  push_splits(dkdv, key_splits, key_tiles, to_u32(kv_heads, "num_kv_heads"));
 
   // 3. dQ: one threadgroup per (head, sequence, query tile), query tiles reversed in the kernel (causal: the last ones
   // see the most keys); threadgroups (h, 0, grid.z - 1) also reduce d s_aux[h].
@@ -178,7 +172,7 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
                 {FLASH_SDPA_BWD_BUFFER_SINKS, call.options.sinks.value_or(call.delta)},
                 {FLASH_SDPA_BWD_BUFFER_DSINKS, call.options.sinks.has_value() ? call.dsinks : call.delta}};
   dq.threads_per_threadgroup = threads;
-  push_ranges(dq, query_ranges, grid_q, h);
+  push_splits(dq, query_splits, query_tiles, h);
   return plan;
 }
 

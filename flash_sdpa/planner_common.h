@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -68,8 +69,8 @@ inline FunctionConstant bool_constant(uint32_t index, bool value) {
 // A command buffer's GPU time is limited: macOS terminates one that runs longer than the system allows
 // (MTLCommandBufferError.timeout; a single attention dispatch over 65K-128K keys was killed after ~5 s, mlx#3302).
 // The limit counts the command buffer, not the dispatch, so a long prefill or backward is planned as dispatches over
-// ranges of rows, each estimated at most command_buffer_flops(), with the command buffer committed after each one
-// (Dispatch::commit_after). 2.5e11 FLOPs take about 0.25 s at 1 TFLOPS (an M1's attention, 8 GPU cores): a 20x
+// interleaved row tiles, each estimated at most command_buffer_flops(), with the command buffer committed after each
+// one (Dispatch::commit_after). 2.5e11 FLOPs take about 0.25 s at 1 TFLOPS (an M1's attention, 8 GPU cores): a 20x
 // margin. The limit is a time, so the budget grows with the GPU's cores: an M3 Ultra (80 cores, 21.6 TFLOPS in MLX's
 // prefill) gets 10x, 2.5e12 FLOPs, about 0.12 s there, and its command buffers still hold several waves of
 // threadgroups (at the M1's budget a 32K prompt's command buffer held about one wave of an Ultra). Unknown device: the
@@ -91,25 +92,37 @@ inline double command_buffer_flops(int64_t gpu_cores) {
   return kCommandBufferFlops * std::max(1.0, double(cores) / double(kCommandBufferReferenceCores));
 }
 
-// Row ranges [begin, end) of whole tiles of `tile` rows covering [0, rows), each of at most `budget` estimated FLOPs
-// (at least one tile per range); tile_cost(first_row, last_row) estimates a tile. The last range ends at INT32_MAX,
-// so that the kernel computes every row whatever the estimate (an understated max_seqlen) said.
+// How many dispatches a call over `tiles` row tiles takes: dispatch k of n computes the tiles k, k + n, k + 2n, ...
+// (row_tile_slot in attention_device.h), each dispatch estimated at most `budget` FLOPs (tile_cost(t) estimates tile
+// t), or one tile per dispatch at most. Interleaved rather than ranges of consecutive rows: each dispatch then holds
+// tiles of every causal length, starts its longest and ends on short ones, where a range of the last rows ended on a
+// wave of equally long tiles with cores idle (the proxy's 32K-token prefill ran ~3% slower than 16x its 8K-token
+// one; Apple GPUs, with fewer threadgroup slots and smaller budgets, take more dispatches and more such ends).
 template <typename TileCost>
-std::vector<std::pair<int64_t, int64_t>> split_rows(int64_t rows, int64_t tile, double budget, TileCost tile_cost) {
-  std::vector<std::pair<int64_t, int64_t>> ranges;
-  int64_t begin = 0;
-  double work = 0.0;
-  for (int64_t t = 0; t * tile < rows; ++t) {
-    const double cost = tile_cost(t * tile, std::min((t + 1) * tile, rows) - 1);
-    if (work > 0.0 && work + cost > budget) {
-      ranges.emplace_back(begin, t * tile);
-      begin = t * tile;
-      work = 0.0;
-    }
-    work += cost;
+int64_t interleaved_dispatches(int64_t tiles, double budget, TileCost tile_cost) {
+  std::vector<double> cost(static_cast<size_t>(std::max<int64_t>(tiles, 0)));
+  double total = 0.0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    cost[t] = tile_cost(t);
+    total += cost[t];
   }
-  ranges.emplace_back(begin, std::numeric_limits<int32_t>::max());
-  return ranges;
+  int64_t n = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(total / budget)), 1, std::max<int64_t>(tiles, 1));
+  while (n < tiles) {
+    double worst = 0.0;
+    for (int64_t k = 0; k < n; ++k) {
+      double work = 0.0;
+      for (int64_t t = k; t < tiles; t += n) {
+        work += cost[t];
+      }
+      worst = std::max(worst, work);
+    }
+    if (worst <= budget) {
+      break;
+    }
+    // The heaviest dispatch over budget: grow n in proportion (a few rounds), never past one tile per dispatch.
+    n = std::min(tiles, std::max(n + 1, static_cast<int64_t>(std::ceil(double(n) * worst / budget))));
+  }
+  return n;
 }
 
 }  // namespace flash_sdpa

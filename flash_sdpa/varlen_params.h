@@ -162,8 +162,8 @@ struct VarlenParams {
   fsdpa_i32 num_blocks;          // paged: blocks in k / v
   fsdpa_i32 max_blocks;          // paged: block_table columns (capacity = max_blocks * block_size keys)
   fsdpa_i32 min_seqlen_q;        // varlen: sequences with fewer query rows are skipped (0: none; see routing.h)
-  fsdpa_i32 q_row_begin;         // this dispatch computes query rows [q_row_begin, q_row_end) of every sequence
-  fsdpa_i32 q_row_end;           // (a multiple of the query tile; a long prefill is split: planner_common.h)
+  fsdpa_i32 tile_offset;         // this dispatch computes the query tiles tile_offset, tile_offset + tile_stride, ...
+  fsdpa_i32 tile_stride;         // of every sequence (unsplit: 0, 1; a long prefill is split: planner_common.h)
   fsdpa_i32 aligned_rows;        // FLASH_SDPA_ALIGNED_* bits: that tensor's rows start at multiples of 4 elements
   OptionParams opt;              // scale, softcap, window, ALiBi stride
 };

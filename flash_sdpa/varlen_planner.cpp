@@ -94,12 +94,13 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   // 4 D FLOPs per visible score (two matmuls); a tile costs as much as its most expensive row, the first or the
   // last (causal: the last; a left window alone: the first).
   const double flops_per_score = 4.0 * double(head_dim) * double(batch) * double(heads);
-  const auto ranges =
-      split_rows(grid_rows, block_q, command_buffer_flops(call.gpu_cores), [&](int64_t first, int64_t last) {
-        const int64_t keys = std::max(keys_seen(first, grid_rows, seqlen_k, call.options),
-                                      keys_seen(last, grid_rows, seqlen_k, call.options));
-        return flops_per_score * double(last - first + 1) * double(keys);
-      });
+  const int64_t grid_tiles = (grid_rows + block_q - 1) / block_q;
+  const int64_t splits = interleaved_dispatches(grid_tiles, command_buffer_flops(call.gpu_cores), [&](int64_t t) {
+    const int64_t first = t * block_q, last = std::min(first + block_q, grid_rows) - 1;
+    const int64_t keys = std::max(keys_seen(first, grid_rows, seqlen_k, call.options),
+                                  keys_seen(last, grid_rows, seqlen_k, call.options));
+    return flops_per_score * double(last - first + 1) * double(keys);
+  });
 
   Dispatch d;
   d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
@@ -120,17 +121,16 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       {FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE, call.block_table.value_or(call.lse)},
   };
   d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
-  for (const auto& [begin, end] : ranges) {
+  params.tile_stride = to_i32(splits, "dispatches");
+  for (int64_t k = 0; k < splits; ++k) {
     Dispatch part = d;
-    params.q_row_begin = to_i32(begin, "first query row");
-    params.q_row_end = to_i32(end, "query row end");
+    params.tile_offset = to_i32(k, "first query tile");
     part.set_bytes(FLASH_SDPA_VARLEN_BUFFER_PARAMS, params);
-    const int64_t rows = std::min(end, grid_rows) - begin;
-    // Grid (H, B, query tiles): the tile axis slowest, reversed in the kernel (varlen_grid_slot), so the heaviest
-    // causal tiles of the whole batch start first. Past kMaxGridTiles the kernel loops over the rest.
-    const int64_t tiles = std::min<int64_t>((rows + block_q - 1) / block_q, kMaxGridTiles);
+    // Grid (H, B, query tiles): the tile axis slowest, reversed in the kernel (row_tile_slot), so the heaviest causal
+    // tiles of the whole batch start first. Past kMaxGridTiles the kernel loops over the rest.
+    const int64_t tiles = std::min<int64_t>((grid_tiles - k + splits - 1) / splits, kMaxGridTiles);
     part.threadgroups = {to_u32(heads, "num_heads"), to_u32(batch, "batch"), to_u32(tiles, "query tiles")};
-    part.commit_after = ranges.size() > 1;
+    part.commit_after = splits > 1;
     plan.dispatches.push_back(std::move(part));
   }
   return plan;

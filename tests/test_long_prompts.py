@@ -1,9 +1,10 @@
 """Long prompts bounded: a prefill whose work passes one command buffer's budget is planned as several dispatches over
-ranges of query rows, with the command buffer committed after each (flash_sdpa/varlen_planner.h: macOS terminates a
-command buffer that runs longer than the system allows, mlx#3302). Here the budget is scaled down with
-METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS so that small prompts split; a split call must give bit for bit the result of
-the unsplit one (the rows are the same computation, only spread over dispatches), and FlashAttention's rule against
-float64. The 128K-token prompt itself is in the GPU suite (tests/metal_cuda/test_gpu.py::test_prefill_128k).
+interleaved query tiles (dispatch k of n: tiles k, k + n, ...), with the command buffer committed after each
+(flash_sdpa/planner_common.h: macOS terminates a command buffer that runs longer than the system allows, mlx#3302).
+Here the budget is scaled down with METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS so that small prompts split; a split call
+must give bit for bit the result of the unsplit one (the rows are the same computation, only spread over dispatches),
+and FlashAttention's rule against float64. The 128K-token prompt itself is in the GPU suite
+(tests/metal_cuda/test_gpu.py::test_prefill_128k).
 """
 
 from pathlib import Path
@@ -91,22 +92,28 @@ def test_split_prefill_is_the_unsplit_result(kernel, stats_runtime, monkeypatch,
         check_lse(lse_tiny, lse_ref)
 
 
-def test_causal_split_follows_the_work(kernel, stats_runtime, monkeypatch):
-    """Causal rows late in a prompt see more keys: with the same budget, the dispatches hold fewer rows there, so a
-    causal prompt splits into fewer dispatches than the same prompt without the mask."""
-    q, k, v, cu_q, cu_k = _varlen_case([256], [256], seed=1)
+def test_causal_split_interleaves_tiles(kernel, stats_runtime, monkeypatch):
+    """A causal prompt's work is about half the unmasked one's: with the same budget it splits into fewer dispatches.
+    Each dispatch takes every n-th query tile, so each holds as many rows as any other (within one tile), short and
+    long ones, where consecutive row ranges gave the first dispatch most of the rows and the last a few long ones."""
+    S = 512
+    q, k, v, cu_q, cu_k = _varlen_case([S], [S], seed=1)
     counts = {}
     for causal in (True, False):
         def call():
-            return kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 256, 256, causal=causal)
-        counts[causal] = len(_run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * H * 32 * 256, call)[1])
+            return kernel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, S, S, causal=causal)
+        dispatches = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * H * 32 * S, call)[1]
+        counts[causal] = len(dispatches)
+        stored = [sum(d.stored.values()) for d in dispatches]
+        one_tile = 32 * H * (D * q.element_size() + 4)  # a query tile's rows of out and lse
+        assert max(stored) - min(stored) <= one_tile, (causal, stored)
     assert 1 < counts[True] < counts[False], counts
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_split_backward_is_the_unsplit_result(kernel, stats_runtime, monkeypatch, causal):
-    """The backward splits the same way (its dK/dV pass over key-row ranges, its dQ pass over query-row ranges, each
-    committed): bit-identical gradients, d s_aux included (reduced once, in the dispatch of the first rows)."""
+    """The backward splits the same way (its dK/dV pass over interleaved key tiles, its dQ pass over interleaved query
+    tiles, each committed): bit-identical gradients, d s_aux included (reduced once, by the threadgroup of tile 0)."""
     q, k, v, cu_q, cu_k = _varlen_case([150, 70], [170, 90], seed=2)
     s_aux = torch.randn(H, generator=torch.Generator().manual_seed(3))
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).half()
