@@ -28,10 +28,11 @@ SHIM = HERE / "shim" / "metal_stdlib.h"
 SHIM_CORE = frontend.SHIM_CORE  # the part shared with the CPU shim
 # What a PTX build depends on besides the .metal sources (cache keys).
 SHIM_LAYOUT = HERE / "shim" / "simdgroup_layout.h"
-TOOLCHAIN = [SHIM, SHIM_LAYOUT, SHIM_CORE, Path(__file__), Path(frontend.__file__)]
+SHIM_TENSOR_OPS = HERE / "shim" / "metal_tensor_ops.h"
+TOOLCHAIN = [SHIM, SHIM_LAYOUT, SHIM_TENSOR_OPS, SHIM_CORE, Path(__file__), Path(frontend.__file__)]
 ARCH = "sm_90"
 CUDA_FLAGS = ["-x", "cuda", "--cuda-device-only", f"--cuda-gpu-arch={ARCH}", "-nocudainc", "-nocudalib",
-              "-std=c++17", "-O3", "-S", "-Wall", "-Wno-unused-parameter", "-Wno-unused-variable",
+              "-O3", "-S", "-Wall", "-Wno-unused-parameter", "-Wno-unused-variable",
               "-Wno-unused-function", "-Wno-unknown-attributes", "-Wno-unused-but-set-variable",
               "-Wno-unknown-cuda-version", "-Wno-unused-local-typedef", "-Wno-nan-infinity-disabled",
               # GPU compilers unroll constant-trip loops over per-lane arrays (o[ROWS][D / 32]...) so they stay in
@@ -57,6 +58,12 @@ BUILTIN_EXPRS = {
     "thread_index_in_simdgroup": (_LINEAR + " % 32u", "0", "0"),
     "simdgroups_per_threadgroup": ("(n_x * n_y * n_z + 31u) / 32u", "0", "0"),
 }
+
+
+def language_standard(text: str) -> str:
+    """C++20 for sources that use MetalPerformancePrimitives (matmul2d takes its descriptor as a class-type template
+    parameter; shim/metal_tensor_ops.h), C++17 for the rest, so that peers' sources compile as they always did."""
+    return "-std=c++20" if re.search(r"\bmpp\s*::", text) else "-std=c++17"
 
 
 def entry_symbol(host_name: str) -> str:
@@ -180,7 +187,7 @@ def build(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[s
         return out
     out.mkdir(parents=True, exist_ok=True)
 
-    flags = CUDA_FLAGS + ["-include", str(SHIM), f"-DMCU_SIMDGROUP_MMA={mma}"]
+    flags = CUDA_FLAGS + [language_standard(pre.source), "-include", str(SHIM), f"-DMCU_SIMDGROUP_MMA={mma}"]
     flags += ["-ffast-math", "-DMCU_FAST_MATH"] if fast_math else []
     flags += list(extra_flags)
     body = pre.source + "\n#line 1 \"<mcu-generated>\"\n" + _fc_globals(fcs)

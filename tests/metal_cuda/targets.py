@@ -4,7 +4,7 @@ compiler is msl/cuda/compiler.py.
 
     python3 -m tests.metal_cuda.targets [--jobs N] [--precise] [--mma 0|1|2]   # here: PTX into .cache/metal_cuda
     python3 -m tests.metal_cuda.targets --mma 0 --ptxas                        # + ptxas -v registers / spills
-    python3 -m tests.metal_cuda.targets --mma 2 --only simdgroup_mma           # one target (its index holds only it)
+    python3 -m tests.metal_cuda.targets --mma 2 --only simdgroup_mma           # one target (merged into its index)
 
 One index per simdgroup_matrix lowering (compiler.SIMDGROUP_MMA_MODES): index.json for the default tensor-core
 lowering (1), index-mma<N>.json for the others; load_all(N) on the GPU machine.
@@ -62,6 +62,8 @@ TARGETS = {
     "features": (ROOT / "tests" / "msl_cpu" / "kernels" / "features.metal", []),
     # the simdgroup_matrix lowering itself (thread_elements(): the proxy only), test_gpu.py
     "simdgroup_mma": (ROOT / "tests" / "metal_cuda" / "kernels" / "simdgroup_mma.metal", []),
+    # Metal 4 tensors and matmul2d (the emulator's kernels, unchanged), test_tensor_ops_gpu.py
+    "tensor_ops": (ROOT / "tests" / "msl_cpu" / "kernels" / "tensor_ops.metal", []),
 }
 
 
@@ -89,8 +91,11 @@ def build_all(jobs: int = 2, fast_math: bool = True, simdgroup_mma: Optional[int
                          kernel_flags=TARGET_KERNEL_FLAGS.get(name), min_blocks=TARGET_MIN_BLOCKS.get(name),
                          simdgroup_mma=mma)
              for name, (path, inc) in chosen.items()}
-    index = {name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math,
-                    "simdgroup_mma": mma} for name, (path, inc) in chosen.items()}
+    # Merged into the lowering's index: a target built alone (--only) keeps the others' entries, which load_all
+    # checks against their sources anyway.
+    index = json.loads(index_path(mma).read_text()) if names and index_path(mma).exists() else {}
+    index.update({name: {"path": built[name].name, "sources": _sources_hash(path, inc), "fast_math": fast_math,
+                         "simdgroup_mma": mma} for name, (path, inc) in chosen.items()})
     index_path(mma).write_text(json.dumps(index, indent=1))
     return built
 
@@ -118,7 +123,7 @@ def load_all(simdgroup_mma: Optional[int] = None, names: Optional[List[str]] = N
         print(f"WARNING: metal_cuda: prebuilt PTX is STALE for "
               f"{[n for n in wanted if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
         return {name: compiler.cache_dir() / index[name]["path"] for name in wanted}
-    return build_all(simdgroup_mma=mma)
+    return build_all(simdgroup_mma=mma, names=names)
 
 
 def prune() -> List[str]:
@@ -166,7 +171,7 @@ if __name__ == "__main__":
     for name, path in build_all(a.jobs, fast_math=not a.precise, simdgroup_mma=a.mma, names=a.only).items():
         m = json.loads((path / "manifest.json").read_text())
         print(f"{name}: {len(m['kernels'])} kernels -> {path}")
-        if a.ptxas and name in ("attention_varlen", "attention_backward", "paged_decode_attention"):
+        if a.ptxas and name in ("attention_varlen", "attention_backward", "paged_decode_attention", "tensor_ops"):
             for host, info in sorted(m["kernels"].items()):
                 u = ptxas_usage(path / info["ptx"])
                 print(f"  {host}: {u['registers']} registers, {u['stack']} B stack, spill "

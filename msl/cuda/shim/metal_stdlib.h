@@ -685,6 +685,9 @@ MCU_INLINE bool atomic_compare_exchange_weak_explicit(A* obj, T* expected, T des
 
 }  // namespace metal
 
+// Metal 4 tensors and MetalPerformancePrimitives' matmul2d (<metal_tensor>, <MetalPerformancePrimitives/...>).
+#include "metal_tensor_ops.h"
+
 // ---- what generated entry points use ----------------------------------------------------------------------------
 // The kernel argument block: buffer pointers by [[buffer(i)]] (setBytes data is uploaded by the launcher and bound
 // like a buffer), and byte offsets of [[threadgroup(i)]] arguments in the dynamic shared memory.

@@ -1,0 +1,392 @@
+// Metal 4 tensors and MetalPerformancePrimitives' matmul2d on NVPTX: included by metal_stdlib.h (C++20 builds only:
+// matmul2d takes its descriptor as a class-type template parameter; compiler.py picks C++20 for sources that name
+// mpp::). The API subset is the emulator's (msl/cpu/shim/metal_tensor_ops.h, msl/README.md "Tensor operations"); the
+// element ownership and the lowering are the proxy's own:
+//   a destination cooperative tensor of matmul2d<(M, N, K), execution_simdgroups<S>> is a grid of 16 x 8 tiles (the
+//   mma.sync m16n8 accumulator), ceil(M / 16) x ceil(N / 8) in row-major order, dealt to the S warps of the scope in
+//   contiguous runs of ceil(tiles / S); slot 4 j + r of lane (g = lane / 4, t = lane % 4) of warp w holds element
+//   row 16 tm + g + 8 (r / 2), column 8 tn + 2 t + r % 2 of tile w ceil(tiles / S) + j = (tm, tn): the mma.sync D
+//   fragment, so run() accumulates straight into the slots. Slots past M, N or the tile count are invalid.
+//   execution_thread: one thread holds all M x N elements, row-major.
+// run() lowers by MCU_SIMDGROUP_MMA as simdgroup_matrix does: half x half and bfloat x bfloat on mma.sync m16n8k16
+// (fp32 accumulators, exact products); float and mixed pairs on the three-bfloat split (six m16n8k16 per k step,
+// ~fp32; four when relaxed_precision, whose operands are first rounded to 10 mantissa bits as the emulator does) in
+// mode 1, in fp32 FMAs in mode 2; everything in fp32 FMAs in mode 0 (one sum per element in k order, each lane its
+// own slots). Operand elements outside their tensor's extents read 0, destination elements outside are not written.
+#pragma once
+
+#if __cplusplus >= 202002L
+
+namespace metal {
+
+constexpr size_t dynamic_extent = ~size_t(0);
+
+template <typename T, size_t N>
+struct array {
+  T v[N];
+  MCU_INLINE thread T& operator[](size_t i) { return v[i]; }
+  MCU_INLINE const thread T& operator[](size_t i) const { return v[i]; }
+  static constexpr size_t size() { return N; }
+};
+
+// ---- extents (rank 2) -------------------------------------------------------------------------------------------
+template <typename I, size_t E0, size_t E1>
+struct extents {
+  using index_type = I;
+  I e[2];
+  MCU_INLINE constexpr extents() : e{E0 == dynamic_extent ? I(0) : I(E0), E1 == dynamic_extent ? I(0) : I(E1)} {}
+  MCU_INLINE constexpr extents(I e0, I e1) : e{e0, e1} {}
+  static constexpr size_t rank() { return 2; }
+  static constexpr size_t static_extent(size_t r) { return r == 0 ? E0 : E1; }
+  MCU_INLINE constexpr I extent(size_t r) const { return e[r]; }
+};
+template <typename I, size_t R>
+struct mcu_dextents {
+  static_assert(R == 2, "the proxy models rank-2 tensors only");
+  using type = extents<I, dynamic_extent, dynamic_extent>;
+};
+template <typename I, size_t R>
+using dextents = typename mcu_dextents<I, R>::type;
+
+// ---- tensor -----------------------------------------------------------------------------------------------------
+struct tensor_inline {};
+struct tensor_handle {};
+struct tensor_offset {};
+
+template <typename ElementType, typename Extents, typename Kind = tensor_handle>
+struct tensor {
+  static_assert(sizeof(Kind) == 0, "the proxy models tensor_inline tensors only (no MTLTensor bindings)");
+};
+
+template <typename E, typename I, size_t E0, size_t E1>
+struct tensor<E, extents<I, E0, E1>, tensor_inline> {
+  using element_type = E;
+  using value_type = std::remove_cv_t<E>;
+  using extents_type = extents<I, E0, E1>;
+  using index_type = I;
+  E* data_;
+  extents_type ext_;
+  I stride_[2];
+
+  MCU_INLINE tensor(E* data, extents_type ext) : data_(data), ext_(ext), stride_{I(1), ext.extent(0)} {}
+  MCU_INLINE tensor(E* data, extents_type ext, array<I, 2> strides)
+      : data_(data), ext_(ext), stride_{strides[0], strides[1]} {}
+
+  static constexpr size_t get_rank() { return 2; }
+  MCU_INLINE I get_extent(size_t d) const { return ext_.extent(d); }
+  MCU_INLINE I get_stride(size_t d) const { return stride_[d]; }
+  MCU_INLINE E* get_data_pointer() const { return data_; }
+  MCU_INLINE E& operator[](array<I, 2> i) const { return data_[(long)i[0] * stride_[0] + (long)i[1] * stride_[1]]; }
+
+  // A view at (o0, o1): a dynamic extent is what remains of this tensor (0 past its end), a static one as given.
+  template <size_t S0 = dynamic_extent, size_t S1 = dynamic_extent>
+  MCU_INLINE tensor<E, extents<I, S0, S1>, tensor_inline> slice(I o0, I o1) const {
+    const I r0 = ext_.extent(0) > o0 ? I(ext_.extent(0) - o0) : I(0);
+    const I r1 = ext_.extent(1) > o1 ? I(ext_.extent(1) - o1) : I(0);
+    extents<I, S0, S1> ext(S0 == dynamic_extent ? r0 : I(S0), S1 == dynamic_extent ? r1 : I(S1));
+    return tensor<E, extents<I, S0, S1>, tensor_inline>(data_ + (long)o0 * stride_[0] + (long)o1 * stride_[1], ext,
+                                                        array<I, 2>{{stride_[0], stride_[1]}});
+  }
+
+  // What matmul2d and the cooperative tensors read and write: outside the extents reads 0 and writes nothing.
+  MCU_INLINE bool mcu_inside(int i0, int i1) const {
+    return i0 >= 0 && i1 >= 0 && i0 < (int)ext_.extent(0) && i1 < (int)ext_.extent(1);
+  }
+  MCU_INLINE value_type mcu_read(int i0, int i1) const {
+    return mcu_inside(i0, i1) ? value_type(data_[(long)i0 * stride_[0] + (long)i1 * stride_[1]]) : value_type(0);
+  }
+  template <typename T>
+  MCU_INLINE void mcu_write(int i0, int i1, T v) const {
+    if (mcu_inside(i0, i1)) data_[(long)i0 * stride_[0] + (long)i1 * stride_[1]] = value_type(v);
+  }
+};
+
+template <typename P, typename X>
+tensor(P*, X) -> tensor<P, X, tensor_inline>;
+template <typename P, typename X, typename I>
+tensor(P*, X, array<I, 2>) -> tensor<P, X, tensor_inline>;
+
+// ---- execution scopes -------------------------------------------------------------------------------------------
+template <int N>
+struct execution_simdgroups {
+  static_assert(N >= 1, "execution_simdgroups<N>: N >= 1");
+  static constexpr int simdgroups = N;
+  static constexpr int threads = 32 * N;
+};
+using execution_simdgroup = execution_simdgroups<1>;
+template <int N>
+struct execution_threads {
+  static_assert(N == 1, "the proxy models execution_threads<1> (execution_thread) only");
+  static constexpr int simdgroups = 0;
+  static constexpr int threads = 1;
+};
+using execution_thread = execution_threads<1>;
+
+// The warp's index in the threadgroup (linear thread index / 32, x fastest, as the entry points form simdgroups).
+MCU_INLINE uint mcu_warp_in_threadgroup() {
+  const uint tx = __nvvm_read_ptx_sreg_tid_x(), ty = __nvvm_read_ptx_sreg_tid_y(), tz = __nvvm_read_ptx_sreg_tid_z();
+  const uint nx = __nvvm_read_ptx_sreg_ntid_x(), ny = __nvvm_read_ptx_sreg_ntid_y();
+  return (tx + nx * (ty + ny * tz)) / 32u;
+}
+
+// ---- the tile layout of a destination (Simdgroups >= 1): see the header comment -----------------------------------
+template <int M, int N, int Simdgroups>
+struct mcu_tiles {
+  static constexpr int tiles_m = (M + 15) / 16, tiles_n = (N + 7) / 8, tiles = tiles_m * tiles_n;
+  static constexpr int per_warp = (tiles + Simdgroups - 1) / Simdgroups;
+  static constexpr int capacity = 4 * per_warp;
+  // Slot i's row and column (may lie past M / N; the tile may lie past the tile count).
+  MCU_INLINE static int tile(uint warp, int i) { return (int)warp * per_warp + i / 4; }
+  MCU_INLINE static int row(uint warp, int i) {
+    return tile(warp, i) / tiles_n * 16 + (int)(mcu_lane_id() >> 2) + 8 * ((i >> 1) & 1);
+  }
+  MCU_INLINE static int col(uint warp, int i) {
+    return tile(warp, i) % tiles_n * 8 + 2 * (int)(mcu_lane_id() & 3u) + (i & 1);
+  }
+  MCU_INLINE static bool valid(uint warp, int i) {
+    return tile(warp, i) < tiles && row(warp, i) < M && col(warp, i) < N;
+  }
+};
+
+// ---- cooperative tensors (matmul2d destinations) ----------------------------------------------------------------
+// Simdgroups = 0: execution_thread (all M x N elements in one thread, row-major).
+template <typename T, int M, int N, int Simdgroups>
+struct cooperative_tensor {
+  using layout = mcu_tiles<M, N, Simdgroups == 0 ? 1 : Simdgroups>;
+  static constexpr int capacity = Simdgroups == 0 ? M * N : layout::capacity;
+  T v[capacity];
+  uint warp;  // the warp's index in the scope
+
+  MCU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
+  MCU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
+  MCU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
+  MCU_INLINE int mcu_row(int i) const { return Simdgroups == 0 ? i / N : layout::row(warp, i); }
+  MCU_INLINE int mcu_col(int i) const { return Simdgroups == 0 ? i % N : layout::col(warp, i); }
+  MCU_INLINE bool is_valid_element(uint16_t i) const {
+    return i < capacity && (Simdgroups == 0 || layout::valid(warp, i));
+  }
+  // [column, row]: dimension 0 first, as the tensors index.
+  MCU_INLINE array<int, 2> get_multidimensional_index(uint16_t i) const {
+    return array<int, 2>{{mcu_col(i), mcu_row(i)}};
+  }
+
+  // Iterates over the valid slots, in slot order (invalid slots may sit between valid ones: ragged M or N).
+  struct iterator {
+    thread cooperative_tensor* t;
+    uint16_t i;
+    MCU_INLINE thread T& operator*() const { return t->v[i]; }
+    MCU_INLINE iterator& operator++() {
+      do ++i;
+      while (i < capacity && !t->is_valid_element(i));
+      return *this;
+    }
+    MCU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
+    MCU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
+    MCU_INLINE array<int, 2> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
+    MCU_INLINE uint16_t get_index() const { return i; }
+  };
+  MCU_INLINE iterator begin() {
+    uint16_t i = 0;
+    while (i < capacity && !is_valid_element(i)) ++i;
+    return iterator{this, i};
+  }
+  MCU_INLINE iterator end() { return iterator{this, (uint16_t)capacity}; }
+
+  // Each thread moves its own elements; elements outside the tensor's extents load as 0 and are not stored.
+  template <typename Tn>
+  MCU_INLINE void load(const thread Tn& src) {
+    for (int i = 0; i < capacity; ++i)
+      if (is_valid_element(i)) v[i] = T(src.mcu_read(mcu_col(i), mcu_row(i)));
+  }
+  template <typename Tn>
+  MCU_INLINE void store(const thread Tn& dst) const {
+    for (int i = 0; i < capacity; ++i)
+      if (is_valid_element(i)) dst.mcu_write(mcu_col(i), mcu_row(i), v[i]);
+  }
+};
+
+}  // namespace metal
+
+// ---- MetalPerformancePrimitives: matmul2d -------------------------------------------------------------------------
+namespace mpp {
+namespace tensor_ops {
+
+struct matmul2d_descriptor {
+  enum class mode { multiply, multiply_accumulate };
+  int m, n, k;
+  bool transpose_left, transpose_right, relaxed_precision;
+  mode matmul_mode;
+  constexpr matmul2d_descriptor(int m_, int n_, int k_ = (int)metal::dynamic_extent, bool transpose_left_ = false,
+                                bool transpose_right_ = false, bool relaxed_precision_ = false,
+                                mode matmul_mode_ = mode::multiply)
+      : m(m_),
+        n(n_),
+        k(k_),
+        transpose_left(transpose_left_),
+        transpose_right(transpose_right_),
+        relaxed_precision(relaxed_precision_),
+        matmul_mode(matmul_mode_) {}
+};
+
+// relaxed_precision: float operands rounded to 10 explicit mantissa bits, nearest even (the emulator's model).
+MCU_INLINE float mcu_relaxed(float x) {
+  uint32_t u = __builtin_bit_cast(uint32_t, x);
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;
+  u = (u + 0xfffu + ((u >> 13) & 1u)) & ~0x1fffu;
+  return __builtin_bit_cast(float, u);
+}
+
+// d += A x B on one m16n8k16, f16 or bf16 operands (registers in PTX order), fp32 accumulators.
+template <typename T>
+MCU_INLINE void mcu_mma_k16(float (&d)[4], const uint (&a)[4], const uint (&b)[2]) {
+  if constexpr (std::is_same_v<T, half>)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    metal::mcu_mma_bf16_k16(d, a[0], a[1], a[2], a[3], b[0], b[1]);
+}
+
+template <matmul2d_descriptor D, typename Scope>
+struct matmul2d {
+  static_assert(D.m > 0 && D.n > 0, "matmul2d_descriptor: m and n are static");
+  static constexpr int kSimdgroups = Scope::simdgroups;
+  static constexpr bool kAccumulate = D.matmul_mode == matmul2d_descriptor::mode::multiply_accumulate;
+  template <typename T>
+  using destination = metal::cooperative_tensor<T, D.m, D.n, kSimdgroups>;
+
+  template <typename A, typename B, typename T>
+  MCU_INLINE destination<T> get_destination_cooperative_tensor() const {
+    destination<T> c;
+    c.warp = kSimdgroups == 0 ? 0u : metal::mcu_warp_in_threadgroup() % (uint)kSimdgroups;
+    return c;
+  }
+
+  template <typename A>
+  MCU_INLINE static int k_length(const thread A& a) {
+    return D.k != (int)metal::dynamic_extent ? D.k : (int)a.get_extent(D.transpose_left ? 1 : 0);
+  }
+  // A(row, k) and B(k, col) in their element types, 0 outside the tensors.
+  template <typename A>
+  MCU_INLINE static auto left(const thread A& a, int row, int k) {
+    return D.transpose_left ? a.mcu_read(row, k) : a.mcu_read(k, row);
+  }
+  template <typename B>
+  MCU_INLINE static auto right(const thread B& b, int k, int col) {
+    return D.transpose_right ? b.mcu_read(k, col) : b.mcu_read(col, k);
+  }
+  template <typename X>
+  MCU_INLINE static float operand(X x) {
+    return D.relaxed_precision && std::is_same_v<X, float> ? mcu_relaxed((float)x) : (float)x;
+  }
+
+  // A pair of 16-bit operands as one mma register, the first in the low half.
+  template <typename X>
+  MCU_INLINE static uint pack16(X x0, X x1) {
+    return __builtin_bit_cast(uint, metal::vec<X, 2>{x0, x1});
+  }
+
+  // The slots of a warp's tiles on tensor cores: d (capacity floats) holds C on entry, D on exit.
+  template <typename A, typename B, int Capacity>
+  MCU_INLINE static void run_tiles(const thread A& a, const thread B& b, float (&d)[Capacity], uint warp) {
+    using L = metal::mcu_tiles<D.m, D.n, kSimdgroups>;
+    using TA = typename A::value_type;
+    using TB = typename B::value_type;
+    constexpr bool same16 = std::is_same_v<TA, TB> && (std::is_same_v<TA, half> || std::is_same_v<TA, bfloat>);
+    const int k_len = k_length(a), g = (int)(mcu_lane_id() >> 2), t = (int)(mcu_lane_id() & 3u);
+#pragma unroll
+    for (int j = 0; j < L::per_warp; ++j) {
+      const int tile = (int)warp * L::per_warp + j;
+      if (tile >= L::tiles) break;  // warp-uniform: mma.sync sees the whole warp
+      const int r0 = tile / L::tiles_n * 16 + g, c0 = tile % L::tiles_n * 8 + g, k0 = 2 * t;
+      float(&acc)[4] = *reinterpret_cast<float(*)[4]>(&d[4 * j]);
+      for (int k = 0; k < k_len; k += 16) {
+        if constexpr (same16) {
+          const uint ar[4] = {pack16(left(a, r0, k + k0), left(a, r0, k + k0 + 1)),
+                              pack16(left(a, r0 + 8, k + k0), left(a, r0 + 8, k + k0 + 1)),
+                              pack16(left(a, r0, k + k0 + 8), left(a, r0, k + k0 + 9)),
+                              pack16(left(a, r0 + 8, k + k0 + 8), left(a, r0 + 8, k + k0 + 9))};
+          const uint br[2] = {pack16(right(b, k + k0, c0), right(b, k + k0 + 1, c0)),
+                              pack16(right(b, k + k0 + 8, c0), right(b, k + k0 + 9, c0))};
+          mcu_mma_k16<TA>(acc, ar, br);
+        } else {
+          // Three bfloat parts each (exact for normal floats); the six partial products above 2^-26 |a b|, smallest
+          // first. relaxed_precision operands have 11 significant bits: hi + mid, lo = 0 (four products).
+          const mcu_sgm::split3 sa[4] = {
+              mcu_sgm::split_pair(operand(left(a, r0, k + k0)), operand(left(a, r0, k + k0 + 1))),
+              mcu_sgm::split_pair(operand(left(a, r0 + 8, k + k0)), operand(left(a, r0 + 8, k + k0 + 1))),
+              mcu_sgm::split_pair(operand(left(a, r0, k + k0 + 8)), operand(left(a, r0, k + k0 + 9))),
+              mcu_sgm::split_pair(operand(left(a, r0 + 8, k + k0 + 8)), operand(left(a, r0 + 8, k + k0 + 9)))};
+          const mcu_sgm::split3 sb[2] = {
+              mcu_sgm::split_pair(operand(right(b, k + k0, c0)), operand(right(b, k + k0 + 1, c0))),
+              mcu_sgm::split_pair(operand(right(b, k + k0 + 8, c0)), operand(right(b, k + k0 + 9, c0)))};
+          const uint a_hi[4] = {sa[0].hi, sa[1].hi, sa[2].hi, sa[3].hi};
+          const uint a_mid[4] = {sa[0].mid, sa[1].mid, sa[2].mid, sa[3].mid};
+          const uint b_hi[2] = {sb[0].hi, sb[1].hi}, b_mid[2] = {sb[0].mid, sb[1].mid};
+          if constexpr (!D.relaxed_precision) {
+            const uint a_lo[4] = {sa[0].lo, sa[1].lo, sa[2].lo, sa[3].lo};
+            const uint b_lo[2] = {sb[0].lo, sb[1].lo};
+            mcu_mma_k16<bfloat>(acc, a_lo, b_hi);
+            mcu_mma_k16<bfloat>(acc, a_hi, b_lo);
+          }
+          mcu_mma_k16<bfloat>(acc, a_mid, b_mid);
+          mcu_mma_k16<bfloat>(acc, a_mid, b_hi);
+          mcu_mma_k16<bfloat>(acc, a_hi, b_mid);
+          mcu_mma_k16<bfloat>(acc, a_hi, b_hi);
+        }
+      }
+    }
+  }
+
+  // d = A B (+ d) over this thread's slots of a destination laid out as destination<T>.
+  template <typename A, typename B, typename C, int Capacity>
+  MCU_INLINE static void compute(const thread A& a, const thread B& b, const thread C& layout, float (&d)[Capacity]) {
+    using TA = typename A::value_type;
+    using TB = typename B::value_type;
+    constexpr bool same16 = std::is_same_v<TA, TB> && (std::is_same_v<TA, half> || std::is_same_v<TA, bfloat>);
+    constexpr bool on_tensor_cores = kSimdgroups > 0 && MCU_SIMDGROUP_MMA != 0 && (same16 || MCU_SIMDGROUP_MMA == 1);
+    if constexpr (on_tensor_cores) {
+      metal::mcu_require_full_warp();
+      run_tiles(a, b, d, layout.warp);
+    } else {
+      // k outermost (each element still sums k in order): the slots' accumulators stay in registers.
+      const int k_len = k_length(a);
+      for (int k = 0; k < k_len; ++k)
+#pragma unroll
+        for (int i = 0; i < Capacity; ++i)
+          if (layout.is_valid_element(i))
+            d[i] =
+                __builtin_fmaf(operand(left(a, layout.mcu_row(i), k)), operand(right(b, k, layout.mcu_col(i))), d[i]);
+    }
+  }
+
+  // C a cooperative tensor from this operation.
+  template <typename A, typename B, typename T, int S>
+  MCU_INLINE void run(const thread A& a, const thread B& b, thread metal::cooperative_tensor<T, D.m, D.n, S>& c) const {
+    static_assert(S == kSimdgroups, "matmul2d::run: the destination belongs to another execution scope");
+    constexpr int cap = destination<T>::capacity;
+    float d[cap];
+#pragma unroll
+    for (int i = 0; i < cap; ++i) d[i] = kAccumulate ? (float)c.v[i] : 0.0f;
+    compute(a, b, c, d);
+#pragma unroll
+    for (int i = 0; i < cap; ++i) c.v[i] = T(d[i]);
+  }
+
+  // C a tensor in device or threadgroup memory: each thread computes and writes the elements it would own.
+  template <typename A, typename B, typename E, typename X>
+  MCU_INLINE void run(const thread A& a, const thread B& b, metal::tensor<E, X, metal::tensor_inline> c) const {
+    destination<float> slots = get_destination_cooperative_tensor<A, B, float>();
+#pragma unroll
+    for (int i = 0; i < slots.capacity; ++i) slots.v[i] = 0.0f;
+    if constexpr (kAccumulate) slots.load(c);
+    compute(a, b, slots, slots.v);
+    slots.store(c);
+  }
+};
+
+}  // namespace tensor_ops
+}  // namespace mpp
+
+#endif  // __cplusplus >= 202002L
