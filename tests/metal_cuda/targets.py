@@ -120,6 +120,9 @@ def load_all(simdgroup_mma: Optional[int] = None, names: Optional[List[str]] = N
             raise compiler.MetalCompileError(f"no prebuilt PTX in {index_path_}, and {e}") from None
         # Sources edited after the PTX was built (a shared working tree): run it, but say so loudly.
         index = json.loads(index_path_.read_text())
+        missing = [n for n in wanted if n not in index]
+        if missing:
+            raise compiler.MetalCompileError(f"no prebuilt PTX for {missing} in {index_path_}, and {e}") from None
         print(f"WARNING: metal_cuda: prebuilt PTX is STALE for "
               f"{[n for n in wanted if index[n]['sources'] != _sources_hash(*TARGETS[n])]} (no clang-19 to rebuild)")
         return {name: compiler.cache_dir() / index[name]["path"] for name in wanted}
