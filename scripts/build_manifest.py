@@ -25,9 +25,11 @@ from typing import Dict, List, Optional
 BUILDER_PROVIDED = {"registration.h"}
 BUILDER_PROVIDED_MACROS = {"EMBEDDED_METALLIB_HEADER"}
 
-# Sources under the checked trees that are deliberately not part of the build (path -> why). Empty today: every
-# .metal/.h/.cpp/.mm under flash_sdpa/ and torch-ext/ ships.
-EXCLUDED: Dict[str, str] = {}
+# Sources under the checked trees that are deliberately not part of the build (path -> why).
+EXCLUDED: Dict[str, str] = {
+    "flash_sdpa/attention_tensor_ops.h": "the tensor-op (Metal 4 matmul2d) forward of issue 23, not built or routed "
+    "yet: tests/msl_cpu/kernels/attention_tensor_ops.metal instantiates it for the emulator's tests",
+}
 
 CHECKED_TREES = ("flash_sdpa", "torch-ext")
 SOURCE_SUFFIXES = (".metal", ".h", ".cpp", ".mm")
