@@ -64,6 +64,8 @@ TARGETS = {
     "simdgroup_mma": (ROOT / "tests" / "metal_cuda" / "kernels" / "simdgroup_mma.metal", []),
     # Metal 4 tensors and matmul2d (the emulator's kernels, unchanged), test_tensor_ops_gpu.py
     "tensor_ops": (ROOT / "tests" / "msl_cpu" / "kernels" / "tensor_ops.metal", []),
+    # the forward on tensor ops (flash_sdpa/attention_tensor_ops.h, not routed yet), to time beside attention_varlen
+    "attention_tensor_ops": (ROOT / "tests" / "msl_cpu" / "kernels" / "attention_tensor_ops.metal", [FLASH_SDPA]),
 }
 
 
@@ -174,7 +176,8 @@ if __name__ == "__main__":
     for name, path in build_all(a.jobs, fast_math=not a.precise, simdgroup_mma=a.mma, names=a.only).items():
         m = json.loads((path / "manifest.json").read_text())
         print(f"{name}: {len(m['kernels'])} kernels -> {path}")
-        if a.ptxas and name in ("attention_varlen", "attention_backward", "paged_decode_attention", "tensor_ops"):
+        if a.ptxas and name in ("attention_varlen", "attention_backward", "paged_decode_attention", "tensor_ops",
+                                   "attention_tensor_ops"):
             for host, info in sorted(m["kernels"].items()):
                 u = ptxas_usage(path / info["ptx"])
                 print(f"  {host}: {u['registers']} registers, {u['stack']} B stack, spill "
