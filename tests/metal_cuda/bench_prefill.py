@@ -195,10 +195,13 @@ COLUMNS = ("ours", "mlx", "ggml", "torch")
 
 
 def table(results: List[dict]) -> str:
-    """Markdown: per row and lowering, us and TFLOPS of each side, ours / best peer. MLX's column is the faster of its
-    instances where two were timed (D = 256: BK 32 and BK 16)."""
+    """Markdown: per row and lowering, us and TFLOPS of each side, ours / best peer, then the experiments' us. MLX's
+    column is the faster of its instances where two were timed (D = 256: BK 32 and BK 16)."""
+    # Experiments timed beside ours (--variant, --tops): a column each, in us, where any row has them.
+    extra = [c for c in ("variant", "tops") if any(res.get(f"{c}_us") for res in results)]
     lines = ["| shape | mma | ours us (TF) | MLX us (TF) | llama.cpp us (TF) | torch flash us (TF) | x MLX "
-             "| x llama.cpp | x best peer |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| x llama.cpp | x best peer |" + "".join(f" {c} us |" for c in extra),
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
     ratios = {}
     for res in results:
         mlx = [res[k] for k in ("mlx_us", "mlx_bk16_us") if res.get(k)]
@@ -216,6 +219,7 @@ def table(results: List[dict]) -> str:
         for k, v in x.items():
             ratios.setdefault((res["mma"], k), []).append(v)
         xs = [f"{x[k]:.2f}" if k in x else "-" for k in ("mlx", "ggml", "best")]
+        xs += [f"{res[f'{c}_us']:.1f}" if res.get(f"{c}_us") else res.get(f"{c}_error", "-")[:40] for c in extra]
         lines.append(f"| {res['label']} | {res['mma']} | " + " | ".join(cells) + " | " + " | ".join(xs) + " |")
     if ratios:
         lines.append("")
@@ -279,17 +283,21 @@ def check(out, ref, what: str, dtype: str) -> float:
 class Runner:
     """Libraries per lowering (ours from the targets' index, the peers from .peers/ptx) and one row's tensors."""
 
-    def __init__(self, variant: Optional[str] = None):
+    def __init__(self, variant: Optional[str] = None, tops: bool = False):
         self.torch, self.F, self.launch, self.gc, self.targets = _gpu()
         self._ours: Dict[int, dict] = {}
         self._peer: Dict[Tuple[str, int], object] = {}
         # An experiment: another build of our forward (a PTX folder of the proxy cache, e.g. from a branch's headers,
         # same planner), timed as the side "variant" beside the tree's.
         self.variant = variant
+        # Our forward on Metal 4 tensor ops (attention_tensor_ops.h, not routed yet), launched with the varlen plan
+        # under its own kernel names, timed as the side "tops".
+        self.tops = tops
 
     def ours_libs(self, mma: int):
         if mma not in self._ours:
-            libs = self.targets.load_all(mma, names=["attention_varlen"])
+            names = ["attention_varlen"] + (["attention_tensor_ops"] if self.tops else [])
+            libs = self.targets.load_all(mma, names=names)
             self._ours[mma] = {n: self.launch.Library(p) for n, p in libs.items()}
         return self._ours[mma]
 
@@ -347,6 +355,9 @@ class Runner:
             if self.variant:
                 sides += (("variant", lambda: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
                                                                 variant=True))),)
+            if self.tops:
+                sides += (("tops", lambda: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
+                                                             tops=True))),)
             for side, run in sides:
                 try:
                     res[f"{side}_us"] = run()
@@ -369,7 +380,7 @@ class Runner:
         check(fn().transpose(1, 2), ref, "torch flash", r.dtype)
         return fn
 
-    def ours(self, q, k, v, r, scale, ref, mma, variant=False):
+    def ours(self, q, k, v, r, scale, ref, mma, variant=False, tops=False):
         """The whole row in one varlen call (a varlen row's sequences by cu_seqlens); returns the launch."""
         torch = self.torch
         T = r.B * r.S
@@ -388,6 +399,9 @@ class Runner:
             from msl.cuda import compiler
 
             libs = dict(libs, attention_varlen=self.launch.Library(compiler.cache_dir() / self.variant))
+        if tops:  # the same plan, each dispatch on the tensor-ops kernel of its dtype and head dim
+            plan = [dict(d, kernel=d["kernel"].replace("flash_attn_varlen_", "flash_attn_varlen_tops_", 1))
+                    for d in plan]
         prepared = self.launch.prepare_plan(libs, plan)
 
         def fn():
@@ -395,7 +409,8 @@ class Runner:
                 p.launch()
         fn()
         torch.cuda.synchronize()
-        check(out.view(r.B, r.S, r.H, r.D), ref, f"ours{' variant' if variant else ''} mma={mma}", r.dtype)
+        side = " variant" if variant else " tensor ops" if tops else ""
+        check(out.view(r.B, r.S, r.H, r.D), ref, f"ours{side} mma={mma}", r.dtype)
         return fn
 
     def mlx(self, q, k, v, r, scale, ref, mma, bk=None):
@@ -453,6 +468,8 @@ def main(argv=None):
                     "for the shuffle lowering, which takes seconds per call from S = 8192)")
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--variant", help="also time our forward from this PTX folder of the proxy cache (an experiment)")
+    ap.add_argument("--tops", action="store_true", help="also time our forward on Metal 4 tensor ops "
+                    "(attention_tensor_ops.h; targets.py's attention_tensor_ops)")
     a = ap.parse_args(argv)
     all_rows = rows()
     if a.list:
@@ -462,7 +479,7 @@ def main(argv=None):
     sel = [all_rows[int(i)] for i in a.rows.split(",")] if a.rows else all_rows
     if a.seqlens:
         sel = [r for r in sel if r.S in a.seqlens]
-    runner = Runner(a.variant)
+    runner = Runner(a.variant, a.tops)
     torch = runner.torch
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}", flush=True)
