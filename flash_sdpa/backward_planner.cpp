@@ -77,10 +77,10 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   params.seqlen_k = varlen ? 0 : params.k_rows;
   params.head_dim = to_i32(head_dim, "head_dim");
   params.opt = option_params(call.options);
-  params.aligned_rows = (rows_aligned4(call.q) ? FLASH_SDPA_BWD_ALIGNED_Q : 0) |
-                        (rows_aligned4(call.k) ? FLASH_SDPA_BWD_ALIGNED_K : 0) |
-                        (rows_aligned4(call.v) ? FLASH_SDPA_BWD_ALIGNED_V : 0) |
-                        (rows_aligned4(call.dout) ? FLASH_SDPA_BWD_ALIGNED_DO : 0);
+  params.aligned_rows = (rows_aligned(call.q, 4) ? FLASH_SDPA_BWD_ALIGNED_Q : 0) |
+                        (rows_aligned(call.k, 4) ? FLASH_SDPA_BWD_ALIGNED_K : 0) |
+                        (rows_aligned(call.v, 4) ? FLASH_SDPA_BWD_ALIGNED_V : 0) |
+                        (rows_aligned(call.dout, 4) ? FLASH_SDPA_BWD_ALIGNED_DO : 0);
   params.tile_offset = 0;  // set per dispatch of the dK/dV and dQ passes below
   params.tile_stride = 1;
 

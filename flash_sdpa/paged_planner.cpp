@@ -265,15 +265,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   // 16-byte vector loads of K/V rows need every row start 16-byte aligned: strides and view offsets (the buffers
   // themselves are allocation-aligned).
   const int64_t vec_elems = 16 / static_cast<int64_t>(q.element_size());
-  auto rows_aligned = [vec_elems](const at::Tensor& t) {
-    for (int64_t i = 0; i + 1 < t.dim(); ++i) {
-      if (t.stride(i) % vec_elems != 0) {
-        return false;
-      }
-    }
-    return t.storage_offset() % vec_elems == 0;
-  };
-  const bool kv_aligned = rows_aligned(call.k_cache) && rows_aligned(call.v_cache);
+  const bool kv_aligned = rows_aligned(call.k_cache, vec_elems) && rows_aligned(call.v_cache, vec_elems);
 
   Dispatch a;
   a.kernel = paged_decode_kernel_name(dtype, head_dim, rows);

@@ -16,15 +16,16 @@
 
 namespace flash_sdpa {
 
-// Whether every row of t (its last dim contiguous) starts at a multiple of 4 elements: the storage offset and the
-// stride of every dim that has more than one index are multiples of 4. The glue binds t's buffer at its storage
-// offset from an aligned base, so such rows can be read as 4-element vectors (the params' aligned_rows bits).
-inline bool rows_aligned4(const at::Tensor& t) {
-  if (t.storage_offset() % 4 != 0) {
+// Whether every row of t (its last dim contiguous) starts at a multiple of `elems` elements: the storage offset and
+// the stride of every dim that has more than one index are multiples of it. The glue binds t's buffer at its storage
+// offset from an aligned base, so such rows can be read as `elems`-element vectors (the varlen and backward params'
+// aligned_rows bits: 4; the decode's 16-byte K/V loads: 16 bytes of elements).
+inline bool rows_aligned(const at::Tensor& t, int64_t elems) {
+  if (t.storage_offset() % elems != 0) {
     return false;
   }
   for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    if (t.size(d) > 1 && t.stride(d) % 4 != 0) {
+    if (t.size(d) > 1 && t.stride(d) % elems != 0) {
       return false;
     }
   }

@@ -82,9 +82,9 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   params.seqlen_k = varlen ? 0 : params.k_rows;
   params.min_seqlen_q = varlen ? to_i32(std::min<int64_t>(call.min_seqlen_q, rows_q + 1), "min_seqlen_q") : 0;
   params.opt = option_params(call.options);
-  params.aligned_rows = (rows_aligned4(call.q) ? FLASH_SDPA_ALIGNED_Q : 0) |
-                        (rows_aligned4(call.k) ? FLASH_SDPA_ALIGNED_K : 0) |
-                        (rows_aligned4(call.v) ? FLASH_SDPA_ALIGNED_V : 0);
+  params.aligned_rows = (rows_aligned(call.q, 4) ? FLASH_SDPA_ALIGNED_Q : 0) |
+                        (rows_aligned(call.k, 4) ? FLASH_SDPA_ALIGNED_K : 0) |
+                        (rows_aligned(call.v, 4) ? FLASH_SDPA_ALIGNED_V : 0);
 
   const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
   const int64_t seqlen_k = varlen ? (call.max_seqlen_k > 0 ? call.max_seqlen_k
