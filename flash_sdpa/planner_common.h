@@ -107,7 +107,10 @@ int64_t interleaved_dispatches(int64_t tiles, double budget, TileCost tile_cost)
     cost[t] = tile_cost(t);
     total += cost[t];
   }
-  int64_t n = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(total / budget)), 1, std::max<int64_t>(tiles, 1));
+  // Counts computed in double and clamped to [1, tiles] before the conversion (a tiny budget gives huge quotients).
+  const double most = double(std::max<int64_t>(tiles, 1));
+  auto dispatches = [most](double x) { return static_cast<int64_t>(std::clamp(std::ceil(x), 1.0, most)); };
+  int64_t n = dispatches(total / budget);
   while (n < tiles) {
     double worst = 0.0;
     for (int64_t k = 0; k < n; ++k) {
@@ -121,7 +124,7 @@ int64_t interleaved_dispatches(int64_t tiles, double budget, TileCost tile_cost)
       break;
     }
     // The heaviest dispatch over budget: grow n in proportion (a few rounds), never past one tile per dispatch.
-    n = std::min(tiles, std::max(n + 1, static_cast<int64_t>(std::ceil(double(n) * worst / budget))));
+    n = std::max(n + 1, dispatches(double(n) * worst / budget));
   }
   return n;
 }
