@@ -3,7 +3,8 @@ varlen kernel in dense mode), our backward (the planner's three dispatches), the
 backward (SDPA, flash backend; memory-efficient where flash does not take the head dim) and their ratio; our ratio /
 theirs (the figure that carries to Apple: the issue asks for <= 1.25); peak scratch bytes of each backward.
 
-    python3 -m tests.metal_cuda.bench_backward [--quick] [--S 1024,4096] [--D 64,128] [--json PATH]
+    python3 -m tests.metal_cuda.bench_backward [--quick] [--S 1024,4096] [--D 64,128] [--heads 16/4] [--dtype bf16]
+                                               [--json PATH]
 
 Grid: causal and not, S = 1024, 4096, 16384, H/Hkv = 16/4 and 32/32, D = 64, 128, 256 (512 at S <= 4096), fp16 and
 bf16, B = 1. Timing: CUDA events, median of a few calls after a warm-up (fewer calls for slow rows). A correctness
@@ -158,10 +159,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fp16, 16/4 heads, S <= 4096 only")
     ap.add_argument("--S", default="", help="comma-separated sequence lengths to keep")
     ap.add_argument("--D", default="", help="comma-separated head dims to keep")
-    ap.add_argument("--json", default="", help="also write the rows to this file")
+    ap.add_argument("--heads", default="", help="comma-separated H/Hkv to keep, e.g. 16/4,32/32")
+    ap.add_argument("--dtype", default="", help="comma-separated dtypes to keep: fp16, bf16")
+    ap.add_argument("--json", default="", help="also write the rows to this file (rewritten after every row, so a "
+                    "command cut by its time limit keeps what it measured)")
     a = ap.parse_args()
     keep_s = {int(x) for x in a.S.split(",") if x}
     keep_d = {int(x) for x in a.D.split(",") if x}
+    keep_heads = {tuple(int(n) for n in x.split("/")) for x in a.heads.split(",") if x}
+    keep_dtype = {{"fp16": torch.float16, "bf16": torch.bfloat16}[x] for x in a.dtype.split(",") if x}
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}")
@@ -170,7 +176,8 @@ def main():
     print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     rows = []
     for causal, S, H, Hkv, D, dtype in grid(a.quick):
-        if (keep_s and S not in keep_s) or (keep_d and D not in keep_d):
+        if ((keep_s and S not in keep_s) or (keep_d and D not in keep_d) or (keep_heads and (H, Hkv) not in keep_heads)
+                or (keep_dtype and dtype not in keep_dtype)):
             continue
         r = bench_row(causal, S, H, Hkv, D, dtype)
         rows.append(r)
@@ -181,9 +188,9 @@ def main():
               f"{t('ratio_of_ratios', '{:.2f}')} | {r['scratch_bytes']} | {t('torch_scratch_bytes')} | {errs} |",
               flush=True)
         torch.cuda.empty_cache()
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
