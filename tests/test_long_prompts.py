@@ -76,7 +76,7 @@ def test_split_prefill_is_the_unsplit_result(kernel, stats_runtime, monkeypatch,
 
     (out, lse), one = _run(kernel, stats_runtime, monkeypatch, None, call)
     assert len(one) == 1
-    # Below one tile's work: a tile per dispatch, the last one taking every row past the grid (max_seqlen_q only
+    # Below one tile's work: a tile per dispatch, each looping past the grid over its own tiles (max_seqlen_q only
     # sizes the launch). Two tiles' work (batch x heads x 32 rows x keys x 4 D FLOPs): fewer, larger dispatches.
     # (1e-300: the work over the budget overflows any integer count; the planner clamps it to one tile per dispatch.)
     (out_tiny, lse_tiny), per_tile = _run(kernel, stats_runtime, monkeypatch, 1e-300, call)
