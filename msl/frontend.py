@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # the checkout holding msl/: compile caches go to its .cache/
 STANDINS = HERE / "shim" / "standins"
 SHIM_CORE = HERE / "shim" / "msl_types.h"  # included by both targets' metal_stdlib.h
+SHIM_TENSORS = HERE / "shim" / "msl_tensors.h"  # included by both targets' metal_tensor_ops.h
 
 
 class MetalCompileError(Exception):

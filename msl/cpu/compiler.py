@@ -21,8 +21,8 @@ SHIM = HERE / "shim" / "metal_stdlib.h"
 RUNTIME_SOURCES = [HERE / "runtime" / "runtime.cpp", HERE / "runtime" / "fiber.h", HERE / "runtime" / "mcpu_abi.h",
                    HERE / "runtime" / "metal_cpu.h"]
 # What a compiled kernel library depends on besides its preprocessed source (cache keys).
-TOOLCHAIN = [SHIM, HERE / "shim" / "metal_tensor_ops.h", frontend.SHIM_CORE, Path(frontend.__file__), Path(__file__),
-             HERE / "runtime" / "mcpu_abi.h"]
+TOOLCHAIN = [SHIM, HERE / "shim" / "metal_tensor_ops.h", frontend.SHIM_TENSORS, frontend.SHIM_CORE,
+             Path(frontend.__file__), Path(__file__), HERE / "runtime" / "mcpu_abi.h"]
 
 
 def cache_dir() -> Path:

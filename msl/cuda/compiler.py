@@ -29,7 +29,8 @@ SHIM_CORE = frontend.SHIM_CORE  # the part shared with the CPU shim
 # What a PTX build depends on besides the .metal sources (cache keys).
 SHIM_LAYOUT = HERE / "shim" / "simdgroup_layout.h"
 SHIM_TENSOR_OPS = HERE / "shim" / "metal_tensor_ops.h"
-TOOLCHAIN = [SHIM, SHIM_LAYOUT, SHIM_TENSOR_OPS, SHIM_CORE, Path(__file__), Path(frontend.__file__)]
+TOOLCHAIN = [SHIM, SHIM_LAYOUT, SHIM_TENSOR_OPS, frontend.SHIM_TENSORS, SHIM_CORE, Path(__file__),
+             Path(frontend.__file__)]
 ARCH = "sm_90"
 CUDA_FLAGS = ["-x", "cuda", "--cuda-device-only", f"--cuda-gpu-arch={ARCH}", "-nocudainc", "-nocudalib",
               "-O3", "-S", "-Wall", "-Wno-unused-parameter", "-Wno-unused-variable",

@@ -12,116 +12,17 @@
 //   the destination cooperative tensor: each thread of the scope holds get_capacity() slots.
 // Element ownership inside a cooperative tensor is this shim's own: a seeded affine permutation of the row-major
 // element order (it changes with the dispatch seed and never matches a natural layout), so a kernel that assumes
-// which thread holds which element computes wrong results here, as it would on another GPU generation.
+// which thread holds which element computes wrong results here, as it would on another GPU generation. The views,
+// the execution scopes and the descriptor are msl/shim/msl_tensors.h, shared with the proxy; here the cooperative
+// tensors and matmul2d.
 #pragma once
 
+// Elements move through volatile accesses: the optimiser cannot merge a row into one vector load wider than the 16
+// bytes SanitizerCoverage hooks, which would escape the overrun and race checks.
+#define MSL_TENSOR_ELEMENT(p) (*(volatile std::remove_pointer_t<decltype(p)>*)(p))
+#include "../../shim/msl_tensors.h"
+
 namespace metal {
-
-constexpr size_t dynamic_extent = ~size_t(0);
-
-template <typename T, size_t N>
-struct array {
-  T v[N];
-  MCPU_INLINE thread T& operator[](size_t i) { return v[i]; }
-  MCPU_INLINE const thread T& operator[](size_t i) const { return v[i]; }
-  static constexpr size_t size() { return N; }
-};
-
-// ---- extents (rank 2) -------------------------------------------------------------------------------------------
-template <typename I, size_t E0, size_t E1>
-struct extents {
-  using index_type = I;
-  I e[2];
-  MCPU_INLINE constexpr extents() : e{E0 == dynamic_extent ? I(0) : I(E0), E1 == dynamic_extent ? I(0) : I(E1)} {}
-  MCPU_INLINE constexpr extents(I e0, I e1) : e{e0, e1} {}
-  static constexpr size_t rank() { return 2; }
-  static constexpr size_t static_extent(size_t r) { return r == 0 ? E0 : E1; }
-  MCPU_INLINE constexpr I extent(size_t r) const { return e[r]; }
-};
-template <typename I, size_t R>
-struct mcpu_dextents {
-  static_assert(R == 2, "metal_cpu models rank-2 tensors only");
-  using type = extents<I, dynamic_extent, dynamic_extent>;
-};
-template <typename I, size_t R>
-using dextents = typename mcpu_dextents<I, R>::type;
-
-// ---- tensor -----------------------------------------------------------------------------------------------------
-struct tensor_inline {};
-struct tensor_handle {};
-struct tensor_offset {};
-
-template <typename ElementType, typename Extents, typename Kind = tensor_handle>
-struct tensor {
-  static_assert(sizeof(Kind) == 0, "metal_cpu models tensor_inline tensors only (no MTLTensor bindings)");
-};
-
-template <typename E, typename I, size_t E0, size_t E1>
-struct tensor<E, extents<I, E0, E1>, tensor_inline> {
-  using element_type = E;
-  using extents_type = extents<I, E0, E1>;
-  using index_type = I;
-  E* data_;
-  extents_type ext_;
-  I stride_[2];
-
-  MCPU_INLINE tensor(E* data, extents_type ext) : data_(data), ext_(ext), stride_{I(1), ext.extent(0)} {}
-  MCPU_INLINE tensor(E* data, extents_type ext, array<I, 2> strides)
-      : data_(data), ext_(ext), stride_{strides[0], strides[1]} {}
-
-  static constexpr size_t get_rank() { return 2; }
-  MCPU_INLINE I get_extent(size_t d) const { return ext_.extent(d); }
-  MCPU_INLINE I get_stride(size_t d) const { return stride_[d]; }
-  MCPU_INLINE E* get_data_pointer() const { return data_; }
-  // Element access: t[i0, i1] needs C++23's multidimensional subscript, so the shim offers t[array{i0, i1}] too.
-  MCPU_INLINE E& operator[](array<I, 2> i) const { return data_[(long)i[0] * stride_[0] + (long)i[1] * stride_[1]]; }
-
-  // A view starting at (o0, o1): a dynamic extent is what remains of this tensor (0 past its end), a static one is
-  // taken as given.
-  template <size_t S0 = dynamic_extent, size_t S1 = dynamic_extent>
-  MCPU_INLINE tensor<E, extents<I, S0, S1>, tensor_inline> slice(I o0, I o1) const {
-    const I r0 = ext_.extent(0) > o0 ? I(ext_.extent(0) - o0) : I(0);
-    const I r1 = ext_.extent(1) > o1 ? I(ext_.extent(1) - o1) : I(0);
-    extents<I, S0, S1> ext(S0 == dynamic_extent ? r0 : I(S0), S1 == dynamic_extent ? r1 : I(S1));
-    return tensor<E, extents<I, S0, S1>, tensor_inline>(data_ + (long)o0 * stride_[0] + (long)o1 * stride_[1], ext,
-                                                        array<I, 2>{{stride_[0], stride_[1]}});
-  }
-
-  // What matmul2d reads and writes: bounds-checked against the extents (outside reads 0, outside writes nothing).
-  MCPU_INLINE bool mcpu_inside(long i0, long i1) const {
-    return i0 >= 0 && i1 >= 0 && i0 < (long)ext_.extent(0) && i1 < (long)ext_.extent(1);
-  }
-  // Volatile, so the optimiser cannot merge a row into one wide vector load: SanitizerCoverage hooks loads and stores
-  // of 1 to 16 bytes only, and a wider one would escape the overrun and race checks.
-  MCPU_INLINE float mcpu_read(long i0, long i1) const {
-    return mcpu_inside(i0, i1) ? (float)*(const volatile E*)(data_ + i0 * stride_[0] + i1 * stride_[1]) : 0.0f;
-  }
-  template <typename T>
-  MCPU_INLINE void mcpu_write(long i0, long i1, T v) const {
-    if (mcpu_inside(i0, i1)) *(volatile E*)(data_ + i0 * stride_[0] + i1 * stride_[1]) = v;
-  }
-};
-
-template <typename P, typename X>
-tensor(P*, X) -> tensor<P, X, tensor_inline>;
-template <typename P, typename X, typename I>
-tensor(P*, X, array<I, 2>) -> tensor<P, X, tensor_inline>;
-
-// ---- execution scopes -------------------------------------------------------------------------------------------
-template <int N>
-struct execution_simdgroups {
-  static_assert(N >= 1, "execution_simdgroups<N>: N >= 1");
-  static constexpr int simdgroups = N;
-  static constexpr int threads = 32 * N;
-};
-using execution_simdgroup = execution_simdgroups<1>;
-template <int N>
-struct execution_threads {
-  static_assert(N == 1, "metal_cpu models execution_threads<1> (execution_thread) only");
-  static constexpr int simdgroups = 0;
-  static constexpr int threads = 1;
-};
-using execution_thread = execution_threads<1>;
 
 // ---- cooperative tensors (matmul2d destinations) ----------------------------------------------------------------
 // The layout: slot i of scope thread t holds element x = t * capacity + i (if x < M * N) of the permuted order
@@ -225,7 +126,7 @@ struct cooperative_tensor {
     for (uint16_t i = 0; i < capacity; ++i)
       if (is_valid_element(i)) {
         const uint32_t e = mcpu_element(i);
-        v[i] = T(src.mcpu_read(e % N, e / N));
+        v[i] = T(float(src.msl_read(e % N, e / N)));
       }
   }
   template <typename Tn>
@@ -234,7 +135,7 @@ struct cooperative_tensor {
     for (uint16_t i = 0; i < capacity; ++i)
       if (is_valid_element(i)) {
         const uint32_t e = mcpu_element(i);
-        dst.mcpu_write(e % N, e / N, v[i]);
+        dst.msl_write(e % N, e / N, v[i]);
       }
   }
   // Every thread of the scope calls a cooperative operation, in convergent code: each simdgroup of the scope meets
@@ -261,32 +162,6 @@ struct cooperative_tensor {
 namespace mpp {
 namespace tensor_ops {
 
-struct matmul2d_descriptor {
-  enum class mode { multiply, multiply_accumulate };
-  int m, n, k;
-  bool transpose_left, transpose_right, relaxed_precision;
-  mode matmul_mode;
-  constexpr matmul2d_descriptor(int m_, int n_, int k_ = (int)metal::dynamic_extent, bool transpose_left_ = false,
-                                bool transpose_right_ = false, bool relaxed_precision_ = false,
-                                mode matmul_mode_ = mode::multiply)
-      : m(m_),
-        n(n_),
-        k(k_),
-        transpose_left(transpose_left_),
-        transpose_right(transpose_right_),
-        relaxed_precision(relaxed_precision_),
-        matmul_mode(matmul_mode_) {}
-};
-
-// relaxed_precision lets the GPU multiply float operands at lower precision; the shim takes the loosest it assumes
-// (10 explicit mantissa bits, rounded to nearest even), so a kernel that needs fp32 products finds out here.
-MCPU_INLINE float mcpu_relaxed(float x) {
-  uint32_t u = __builtin_bit_cast(uint32_t, x);
-  if ((u & 0x7f800000u) == 0x7f800000u) return x;
-  u = (u + 0xfffu + ((u >> 13) & 1u)) & ~0x1fffu;
-  return __builtin_bit_cast(float, u);
-}
-
 template <matmul2d_descriptor D, typename Scope>
 struct matmul2d {
   static_assert(D.m > 0 && D.n > 0, "matmul2d_descriptor: m and n are static");
@@ -306,9 +181,9 @@ struct matmul2d {
   MCPU_INLINE static float mcpu_dot(const thread A& a, const thread B& b, int row, int col, float acc) {
     const int k_len = D.k != (int)metal::dynamic_extent ? D.k : (int)a.get_extent(D.transpose_left ? 1 : 0);
     for (int k = 0; k < k_len; ++k) {
-      float x = D.transpose_left ? a.mcpu_read(row, k) : a.mcpu_read(k, row);
-      float y = D.transpose_right ? b.mcpu_read(k, col) : b.mcpu_read(col, k);
-      if (D.relaxed_precision) x = mcpu_relaxed(x), y = mcpu_relaxed(y);
+      float x = D.transpose_left ? a.msl_read(row, k) : a.msl_read(k, row);
+      float y = D.transpose_right ? b.msl_read(k, col) : b.msl_read(col, k);
+      if (D.relaxed_precision) x = msl_relaxed(x), y = msl_relaxed(y);
       acc += x * y;
     }
     return acc;
@@ -339,9 +214,9 @@ struct matmul2d {
     for (uint16_t i = 0; i < slots.capacity; ++i)
       if (slots.is_valid_element(i)) {
         const uint32_t e = slots.mcpu_element(i), row = e / D.n, col = e % D.n;
-        if (!c.mcpu_inside(col, row)) continue;
-        const float init = accumulate ? c.mcpu_read(col, row) : 0.0f;
-        c.mcpu_write(col, row, mcpu_dot(a, b, row, col, init));
+        if (!c.msl_inside(col, row)) continue;
+        const float init = accumulate ? c.msl_read(col, row) : 0.0f;
+        c.msl_write(col, row, mcpu_dot(a, b, row, col, init));
       }
   }
 };

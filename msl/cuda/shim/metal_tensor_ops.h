@@ -1,7 +1,8 @@
 // Metal 4 tensors and MetalPerformancePrimitives' matmul2d on NVPTX: included by metal_stdlib.h (C++20 builds only:
 // matmul2d takes its descriptor as a class-type template parameter; compiler.py picks C++20 for sources that name
-// mpp::). The API subset is the emulator's (msl/cpu/shim/metal_tensor_ops.h, msl/README.md "Tensor operations"); the
-// element ownership and the lowering are the proxy's own:
+// mpp::). The API subset is the emulator's (msl/README.md "Tensor operations"; the views, execution scopes and
+// descriptor are msl/shim/msl_tensors.h, shared with the CPU shim); the element ownership and the lowering are the
+// proxy's own:
 //   a destination cooperative tensor of matmul2d<(M, N, K), execution_simdgroups<S>> is a grid of 16 x 8 tiles (the
 //   mma.sync m16n8 accumulator), ceil(M / 16) x ceil(N / 8) in row-major order, dealt to the S warps of the scope in
 //   contiguous runs of ceil(tiles / S); slot 4 j + r of lane (g = lane / 4, t = lane % 4) of warp w holds element
@@ -17,110 +18,10 @@
 
 #if __cplusplus >= 202002L
 
+#define MSL_TENSOR_ELEMENT(p) (*(p))
+#include "../../shim/msl_tensors.h"
+
 namespace metal {
-
-constexpr size_t dynamic_extent = ~size_t(0);
-
-template <typename T, size_t N>
-struct array {
-  T v[N];
-  MCU_INLINE thread T& operator[](size_t i) { return v[i]; }
-  MCU_INLINE const thread T& operator[](size_t i) const { return v[i]; }
-  static constexpr size_t size() { return N; }
-};
-
-// ---- extents (rank 2) -------------------------------------------------------------------------------------------
-template <typename I, size_t E0, size_t E1>
-struct extents {
-  using index_type = I;
-  I e[2];
-  MCU_INLINE constexpr extents() : e{E0 == dynamic_extent ? I(0) : I(E0), E1 == dynamic_extent ? I(0) : I(E1)} {}
-  MCU_INLINE constexpr extents(I e0, I e1) : e{e0, e1} {}
-  static constexpr size_t rank() { return 2; }
-  static constexpr size_t static_extent(size_t r) { return r == 0 ? E0 : E1; }
-  MCU_INLINE constexpr I extent(size_t r) const { return e[r]; }
-};
-template <typename I, size_t R>
-struct mcu_dextents {
-  static_assert(R == 2, "the proxy models rank-2 tensors only");
-  using type = extents<I, dynamic_extent, dynamic_extent>;
-};
-template <typename I, size_t R>
-using dextents = typename mcu_dextents<I, R>::type;
-
-// ---- tensor -----------------------------------------------------------------------------------------------------
-struct tensor_inline {};
-struct tensor_handle {};
-struct tensor_offset {};
-
-template <typename ElementType, typename Extents, typename Kind = tensor_handle>
-struct tensor {
-  static_assert(sizeof(Kind) == 0, "the proxy models tensor_inline tensors only (no MTLTensor bindings)");
-};
-
-template <typename E, typename I, size_t E0, size_t E1>
-struct tensor<E, extents<I, E0, E1>, tensor_inline> {
-  using element_type = E;
-  using value_type = std::remove_cv_t<E>;
-  using extents_type = extents<I, E0, E1>;
-  using index_type = I;
-  E* data_;
-  extents_type ext_;
-  I stride_[2];
-
-  MCU_INLINE tensor(E* data, extents_type ext) : data_(data), ext_(ext), stride_{I(1), ext.extent(0)} {}
-  MCU_INLINE tensor(E* data, extents_type ext, array<I, 2> strides)
-      : data_(data), ext_(ext), stride_{strides[0], strides[1]} {}
-
-  static constexpr size_t get_rank() { return 2; }
-  MCU_INLINE I get_extent(size_t d) const { return ext_.extent(d); }
-  MCU_INLINE I get_stride(size_t d) const { return stride_[d]; }
-  MCU_INLINE E* get_data_pointer() const { return data_; }
-  MCU_INLINE E& operator[](array<I, 2> i) const { return data_[(long)i[0] * stride_[0] + (long)i[1] * stride_[1]]; }
-
-  // A view at (o0, o1): a dynamic extent is what remains of this tensor (0 past its end), a static one as given.
-  template <size_t S0 = dynamic_extent, size_t S1 = dynamic_extent>
-  MCU_INLINE tensor<E, extents<I, S0, S1>, tensor_inline> slice(I o0, I o1) const {
-    const I r0 = ext_.extent(0) > o0 ? I(ext_.extent(0) - o0) : I(0);
-    const I r1 = ext_.extent(1) > o1 ? I(ext_.extent(1) - o1) : I(0);
-    extents<I, S0, S1> ext(S0 == dynamic_extent ? r0 : I(S0), S1 == dynamic_extent ? r1 : I(S1));
-    return tensor<E, extents<I, S0, S1>, tensor_inline>(data_ + (long)o0 * stride_[0] + (long)o1 * stride_[1], ext,
-                                                        array<I, 2>{{stride_[0], stride_[1]}});
-  }
-
-  // What matmul2d and the cooperative tensors read and write: outside the extents reads 0 and writes nothing.
-  MCU_INLINE bool mcu_inside(int i0, int i1) const {
-    return i0 >= 0 && i1 >= 0 && i0 < (int)ext_.extent(0) && i1 < (int)ext_.extent(1);
-  }
-  MCU_INLINE value_type mcu_read(int i0, int i1) const {
-    return mcu_inside(i0, i1) ? value_type(data_[(long)i0 * stride_[0] + (long)i1 * stride_[1]]) : value_type(0);
-  }
-  template <typename T>
-  MCU_INLINE void mcu_write(int i0, int i1, T v) const {
-    if (mcu_inside(i0, i1)) data_[(long)i0 * stride_[0] + (long)i1 * stride_[1]] = value_type(v);
-  }
-};
-
-template <typename P, typename X>
-tensor(P*, X) -> tensor<P, X, tensor_inline>;
-template <typename P, typename X, typename I>
-tensor(P*, X, array<I, 2>) -> tensor<P, X, tensor_inline>;
-
-// ---- execution scopes -------------------------------------------------------------------------------------------
-template <int N>
-struct execution_simdgroups {
-  static_assert(N >= 1, "execution_simdgroups<N>: N >= 1");
-  static constexpr int simdgroups = N;
-  static constexpr int threads = 32 * N;
-};
-using execution_simdgroup = execution_simdgroups<1>;
-template <int N>
-struct execution_threads {
-  static_assert(N == 1, "the proxy models execution_threads<1> (execution_thread) only");
-  static constexpr int simdgroups = 0;
-  static constexpr int threads = 1;
-};
-using execution_thread = execution_threads<1>;
 
 // The warp's index in the threadgroup (linear thread index / 32, x fastest, as the entry points form simdgroups).
 MCU_INLINE uint mcu_warp_in_threadgroup() {
@@ -196,12 +97,12 @@ struct cooperative_tensor {
   template <typename Tn>
   MCU_INLINE void load(const thread Tn& src) {
     for (int i = 0; i < capacity; ++i)
-      if (is_valid_element(i)) v[i] = T(src.mcu_read(mcu_col(i), mcu_row(i)));
+      if (is_valid_element(i)) v[i] = T(src.msl_read(mcu_col(i), mcu_row(i)));
   }
   template <typename Tn>
   MCU_INLINE void store(const thread Tn& dst) const {
     for (int i = 0; i < capacity; ++i)
-      if (is_valid_element(i)) dst.mcu_write(mcu_col(i), mcu_row(i), v[i]);
+      if (is_valid_element(i)) dst.msl_write(mcu_col(i), mcu_row(i), v[i]);
   }
 };
 
@@ -210,31 +111,6 @@ struct cooperative_tensor {
 // ---- MetalPerformancePrimitives: matmul2d -------------------------------------------------------------------------
 namespace mpp {
 namespace tensor_ops {
-
-struct matmul2d_descriptor {
-  enum class mode { multiply, multiply_accumulate };
-  int m, n, k;
-  bool transpose_left, transpose_right, relaxed_precision;
-  mode matmul_mode;
-  constexpr matmul2d_descriptor(int m_, int n_, int k_ = (int)metal::dynamic_extent, bool transpose_left_ = false,
-                                bool transpose_right_ = false, bool relaxed_precision_ = false,
-                                mode matmul_mode_ = mode::multiply)
-      : m(m_),
-        n(n_),
-        k(k_),
-        transpose_left(transpose_left_),
-        transpose_right(transpose_right_),
-        relaxed_precision(relaxed_precision_),
-        matmul_mode(matmul_mode_) {}
-};
-
-// relaxed_precision: float operands rounded to 10 explicit mantissa bits, nearest even (the emulator's model).
-MCU_INLINE float mcu_relaxed(float x) {
-  uint32_t u = __builtin_bit_cast(uint32_t, x);
-  if ((u & 0x7f800000u) == 0x7f800000u) return x;
-  u = (u + 0xfffu + ((u >> 13) & 1u)) & ~0x1fffu;
-  return __builtin_bit_cast(float, u);
-}
 
 // d += A x B on one m16n8k16, f16 or bf16 operands (registers in PTX order), fp32 accumulators.
 template <typename T>
@@ -270,15 +146,15 @@ struct matmul2d {
   // A(row, k) and B(k, col) in their element types, 0 outside the tensors.
   template <typename A>
   MCU_INLINE static auto left(const thread A& a, int row, int k) {
-    return D.transpose_left ? a.mcu_read(row, k) : a.mcu_read(k, row);
+    return D.transpose_left ? a.msl_read(row, k) : a.msl_read(k, row);
   }
   template <typename B>
   MCU_INLINE static auto right(const thread B& b, int k, int col) {
-    return D.transpose_right ? b.mcu_read(k, col) : b.mcu_read(col, k);
+    return D.transpose_right ? b.msl_read(k, col) : b.msl_read(col, k);
   }
   template <typename X>
   MCU_INLINE static float operand(X x) {
-    return D.relaxed_precision && std::is_same_v<X, float> ? mcu_relaxed((float)x) : (float)x;
+    return D.relaxed_precision && std::is_same_v<X, float> ? msl_relaxed((float)x) : (float)x;
   }
 
   // A pair of 16-bit operands as one mma register, the first in the low half.
