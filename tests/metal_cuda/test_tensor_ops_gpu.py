@@ -1,5 +1,5 @@
 """Metal 4 tensors and MetalPerformancePrimitives' matmul2d on the NVIDIA proxy (msl/cuda/shim/metal_tensor_ops.h):
-the emulator's kernels (tests/msl_cpu/kernels/tensor_ops.metal, unchanged) and cases (tests/msl_cpu/test_tensor_ops.py)
+the emulator's kernels (tests/msl_cpu/kernels/tensor_ops.metal, unchanged) and cases (tests/msl_cpu/tensor_ops_cases.py)
 against float64 torch matmuls under FlashAttention's tolerance rule, in every lowering (MCU_SIMDGROUP_MMA: 1 tensor
 cores, float and mixed pairs by the three-bfloat split; 0 fp32 FMAs; 2 tensor cores for half / bfloat only).
 Skipped without CUDA (CI has none).
@@ -13,28 +13,14 @@ import pytest
 import torch
 
 from msl.cuda import compiler
+from tests.msl_cpu.tensor_ops_cases import DEVICE_CASES, DTYPES, THREADGROUP_CASES, check, round10
 
 from . import targets
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (an NVIDIA GPU): CI has none")]
 
-DTYPES = {"half": torch.float16, "bfloat": torch.bfloat16, "float": torch.float32}
 MMA_MODES = list(compiler.SIMDGROUP_MMA_MODES)
-
-# (name, input type, output type, M, N, K, transpose_left, transpose_right, simdgroups, accumulate): the emulator's
-# table (tests/msl_cpu/test_tensor_ops.py, tensor_ops.metal's DEVICE_CASE lines).
-DEVICE_CASES = [
-    ("device_half_float_64x32x16", "half", "float", 64, 32, 16, False, False, 4, False),
-    ("device_half_half_64x32x16", "half", "half", 64, 32, 16, False, False, 4, False),
-    ("device_bfloat_float_64x32x16", "bfloat", "float", 64, 32, 16, False, False, 4, False),
-    ("device_float_float_64x32x16", "float", "float", 64, 32, 16, False, False, 4, False),
-    ("device_half_float_16x32x64_tl", "half", "float", 16, 32, 64, True, False, 1, False),
-    ("device_bfloat_float_32x16x64_tr", "bfloat", "float", 32, 16, 64, False, True, 2, False),
-    ("device_float_float_32x32x8_tltr", "float", "float", 32, 32, 8, True, True, 2, False),
-    ("device_half_float_64x32x16_acc", "half", "float", 64, 32, 16, False, False, 4, True),
-    ("device_bfloat_half_24x40x8_acc", "bfloat", "half", 24, 40, 8, False, True, 1, True),
-]
 
 
 @pytest.fixture(scope="module", params=MMA_MODES, ids=lambda m: f"mma{m}")
@@ -42,16 +28,6 @@ def lib(request):
     from msl.cuda import launch
 
     return launch.Library(targets.load_all(request.param, names=["tensor_ops"])["tensor_ops"])
-
-
-def check(out, ref64, out_dtype, same):
-    """FlashAttention's rule, as the emulator's test: the error is at most 2x that of the same product computed by
-    torch in the output's type (at least the rounding of the exact product to that type) plus a small absolute term."""
-    out, ref64, same = out.cpu().double(), ref64.cpu(), same.cpu().double()
-    base = max((ref64.to(out_dtype).double() - ref64).abs().max().item(), (same - ref64).abs().max().item())
-    err = (out - ref64).abs().max().item()
-    eps = torch.finfo(out_dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + 2 * eps + 1e-6, (err, base, eps)
 
 
 @pytest.mark.parametrize("case", DEVICE_CASES, ids=lambda c: c[0])
@@ -72,10 +48,7 @@ def test_matmul2d_device(lib, case):
     assert torch.equal(c_iter, c), "iteration and store() disagree"
 
 
-@pytest.mark.parametrize("name,tin,tout,m,n,k,sg", [
-    ("threadgroup_half_float_32x16x32", "half", "float", 32, 16, 32, 2),
-    ("threadgroup_bfloat_half_16x64x16", "bfloat", "half", 16, 64, 16, 4),
-])
+@pytest.mark.parametrize("name,tin,tout,m,n,k,sg", THREADGROUP_CASES)
 def test_matmul2d_threadgroup(lib, name, tin, tout, m, n, k, sg):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(m, k, generator=g).to(DTYPES[tin])
@@ -146,11 +119,6 @@ def test_relaxed_precision(lib):
     c = torch.zeros(32, 32, device="cuda")
     lib.dispatch("matmul_relaxed", (1, 1, 1), (32, 1, 1), buffers={0: a.cuda(), 1: b.cuda(), 2: c})
     torch.cuda.synchronize()
-
-    def round10(x):  # float32 -> 10 explicit mantissa bits, round to nearest even
-        u = x.view(torch.int32).to(torch.int64)
-        u = (u + 0xFFF + ((u >> 13) & 1)) & ~0x1FFF
-        return u.to(torch.int32).view(torch.float32)
 
     relaxed = round10(a).double() @ round10(b).double()
     exact = a.double() @ b.double()

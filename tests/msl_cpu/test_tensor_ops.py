@@ -9,39 +9,15 @@ import pytest
 import torch
 
 from msl import cpu as metal_cpu
+from tests.msl_cpu.tensor_ops_cases import DEVICE_CASES, DTYPES, THREADGROUP_CASES, check, round10
 
 KERNELS = Path(__file__).parent / "kernels"
 SCHEDULES = [dict(schedule="forward"), dict(schedule="reverse"), dict(schedule="random", seed=7)]
-DTYPES = {"half": torch.float16, "bfloat": torch.bfloat16, "float": torch.float32}
 
 
 @pytest.fixture(scope="module")
 def lib():
     return metal_cpu.compile(KERNELS / "tensor_ops.metal")
-
-
-def check(out, ref64, inputs_dtype, out_dtype, same):
-    """FlashAttention's rule: the error is at most 2x that of the same product computed by torch in the output's type
-    (`same`; at least the rounding of the exact product to that type) plus a small absolute term."""
-    ref_lowp = ref64.to(out_dtype).double()
-    base = max((ref_lowp - ref64).abs().max().item(), (same.double() - ref64).abs().max().item())
-    err = (out.double() - ref64).abs().max().item()
-    eps = torch.finfo(out_dtype).eps * ref64.abs().max().item()
-    assert err <= 2 * base + 2 * eps + 1e-6, (err, base, eps)
-
-
-# (name, a, b, c types, M, N, K, transpose_left, transpose_right, simdgroups, accumulate): tensor_ops.metal's table.
-DEVICE_CASES = [
-    ("device_half_float_64x32x16", "half", "float", 64, 32, 16, False, False, 4, False),
-    ("device_half_half_64x32x16", "half", "half", 64, 32, 16, False, False, 4, False),
-    ("device_bfloat_float_64x32x16", "bfloat", "float", 64, 32, 16, False, False, 4, False),
-    ("device_float_float_64x32x16", "float", "float", 64, 32, 16, False, False, 4, False),
-    ("device_half_float_16x32x64_tl", "half", "float", 16, 32, 64, True, False, 1, False),
-    ("device_bfloat_float_32x16x64_tr", "bfloat", "float", 32, 16, 64, False, True, 2, False),
-    ("device_float_float_32x32x8_tltr", "float", "float", 32, 32, 8, True, True, 2, False),
-    ("device_half_float_64x32x16_acc", "half", "float", 64, 32, 16, False, False, 4, True),
-    ("device_bfloat_half_24x40x8_acc", "bfloat", "half", 24, 40, 8, False, True, 1, True),
-]
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
@@ -60,22 +36,19 @@ def test_matmul2d_device(lib, case, sched):
     assert stats.loaded[0] == m * n * k * a.element_size() and stats.loaded[1] == m * n * k * b.element_size()
     ref = a.double() @ b.double() + (c0.double() if acc else 0)
     same = a.to(DTYPES[tout]) @ b.to(DTYPES[tout]) + (c0 if acc else 0)
-    check(c, ref, DTYPES[tin], DTYPES[tout], same)
+    check(c, ref, DTYPES[tout], same)
     assert torch.equal(c_iter, c), "iteration and store() disagree"
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
-@pytest.mark.parametrize("name,tin,tout,m,n,k,sg", [
-    ("threadgroup_half_float_32x16x32", "half", "float", 32, 16, 32, 2),
-    ("threadgroup_bfloat_half_16x64x16", "bfloat", "half", 16, 64, 16, 4),
-])
+@pytest.mark.parametrize("name,tin,tout,m,n,k,sg", THREADGROUP_CASES)
 def test_matmul2d_threadgroup(lib, name, tin, tout, m, n, k, sg, sched):
     g = torch.Generator().manual_seed(1)
     a = torch.randn(m, k, generator=g).to(DTYPES[tin])
     b = torch.randn(k, 2 * n, generator=g).to(DTYPES[tin])
     c = torch.zeros(m, n, dtype=DTYPES[tout])
     lib.dispatch(name, (1, 1, 1), (32 * sg, 1, 1), buffers={0: a, 1: b, 2: c}, **sched)
-    check(c, a.double() @ b[:, n:].double(), DTYPES[tin], DTYPES[tout], a.to(DTYPES[tout]) @ b[:, n:].to(DTYPES[tout]))
+    check(c, a.double() @ b[:, n:].double(), DTYPES[tout], a.to(DTYPES[tout]) @ b[:, n:].to(DTYPES[tout]))
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
@@ -87,7 +60,7 @@ def test_matmul2d_ragged_rows(lib, sched):
     c = torch.full((m, n), -7.0)
     lib.dispatch("ragged_half_32x16x48", (1, 1, 1), (32, 1, 1),
                  buffers={0: a, 1: b, 2: c}, bytes={3: torch.tensor([rows], dtype=torch.int32).numpy()}, **sched)
-    check(c[:rows], 2 * (a.double() @ b.double().t()), torch.float16, torch.float32, 2 * (a.float() @ b.float().t()))
+    check(c[:rows], 2 * (a.double() @ b.double().t()), torch.float32, 2 * (a.float() @ b.float().t()))
     assert torch.all(c[rows:] == -7.0), "rows past the tensor's extent were written"
 
 
@@ -127,7 +100,7 @@ def test_matmul2d_execution_thread(lib, sched):
     a, b = torch.randn(8, 8, 8, generator=g), torch.randn(8, 8, 8, generator=g)
     c = torch.zeros(8, 8, 8)
     lib.dispatch("matmul_per_thread", (1, 1, 1), (8, 1, 1), buffers={0: a, 1: b, 2: c}, **sched)
-    check(c, a.double() @ b.double(), torch.float32, torch.float32, a @ b)
+    check(c, a.double() @ b.double(), torch.float32, a @ b)
 
 
 def test_relaxed_precision(lib):
@@ -136,11 +109,6 @@ def test_relaxed_precision(lib):
     a, b = torch.randn(32, 64, generator=g), torch.randn(64, 32, generator=g)
     c = torch.zeros(32, 32)
     lib.dispatch("matmul_relaxed", (1, 1, 1), (32, 1, 1), buffers={0: a, 1: b, 2: c})
-
-    def round10(x):  # float32 -> 10 explicit mantissa bits, round to nearest even
-        u = x.view(torch.int32).to(torch.int64)
-        u = (u + 0xFFF + ((u >> 13) & 1)) & ~0x1FFF
-        return u.to(torch.int32).view(torch.float32)
 
     relaxed = round10(a).double() @ round10(b).double()
     exact = a.double() @ b.double()
