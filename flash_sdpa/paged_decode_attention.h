@@ -840,7 +840,7 @@ template <typename T>
     uint simdgroups [[simdgroups_per_threadgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
-  const int NSG = int(simdgroups);  // 4 or kCombineSimdgroups (the planner's)
+  const int NSG = int(simdgroups);  // kCombineFewSimdgroups or kCombineSimdgroups (the planner's)
   const int NT = NSG * kSimdWidth;
   threadgroup float w_tg[kMaxSplits];  // per split: exp(max_s - max), 0 for a split that saw no key
   threadgroup float red_tg[2 * kCombineSimdgroups];

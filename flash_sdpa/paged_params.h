@@ -55,9 +55,11 @@ enum : fsdpa_i32 {
   // tests/metal_cuda/RESULTS.md.
   kDecodeSimdgroups = 8,
   kDecodeThreads = FLASH_SDPA_PAGED_DECODE_THREADS,
-  // paged_decode_combine: one threadgroup per output row (b, h, i); its threads read the splits in parallel: 4
-  // simdgroups up to kCombineFewPartials partials, 8 above (the planner's choice; the kernel reads it).
+  // paged_decode_combine: one threadgroup per output row (b, h, i); its threads read the splits in parallel:
+  // kCombineFewSimdgroups up to kCombineFewPartials partials, kCombineSimdgroups above (the planner's choice; the
+  // kernel reads it).
   kCombineSimdgroups = 8,
+  kCombineFewSimdgroups = 4,
   kCombineFewPartials = 32,
   kCombineThreads = FLASH_SDPA_PAGED_COMBINE_THREADS,
   // Most split-K partials the combine kernel accepts (its weights live in threadgroup memory: 1 KB).
@@ -217,7 +219,8 @@ struct PagedDecodeParams {
   OptionParams opt;                // scale, softcap, window, ALiBi stride
 };
 
-// paged_decode_combine: grid (B * H * sq), 128 threads (<= kCombineFewPartials partials) or kCombineThreads.
+// paged_decode_combine: grid (B * H * sq), kCombineFewSimdgroups x 32 threads (<= kCombineFewPartials partials) or
+// kCombineThreads.
 struct PagedCombineParams {
   fsdpa_i32 batch;       // B
   fsdpa_i32 seqlen_q;    // sq

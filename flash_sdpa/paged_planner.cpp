@@ -320,7 +320,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
     };
     c.set_bytes(FLASH_SDPA_COMBINE_BUF_PARAMS, cp);
     c.threadgroups = {to_u32(batch * heads * seqlen_q, "combine threadgroups"), 1, 1};
-    const int64_t combine_simdgroups = partials <= kCombineFewPartials ? 4 : kCombineSimdgroups;
+    const int64_t combine_simdgroups = partials <= kCombineFewPartials ? kCombineFewSimdgroups : kCombineSimdgroups;
     c.threads_per_threadgroup = {static_cast<uint32_t>(combine_simdgroups * kSimdWidth), 1, 1};
     plan.dispatches.push_back(std::move(c));
   }
