@@ -10,6 +10,7 @@ caches and occupancy (a dispatch with fewer threadgroups than GPU cores cannot r
 floor for memory-bound decode, not a measurement.
 """
 
+import functools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +24,26 @@ DISPATCH_US = 5.0  # assumed cost of one compute dispatch on an Apple GPU (encod
 CHIPS = {"M2 Max": 400.0, "M3 Max 30c": 300.0, "M4 Max": 546.0, "M2 Ultra": 800.0}  # GB/s
 
 
-def _params_buffer_indices() -> Dict[str, int]:
-    """kernel-name prefix -> the [[buffer(i)]] index of its setBytes parameter struct, read from the params headers."""
+@functools.lru_cache(maxsize=None)
+def _defines() -> Dict[str, int]:
+    """NAME -> value of every integer `#define FLASH_SDPA_NAME` of the params headers (the [[buffer(i)]] indices)."""
     text = "".join((cases.ROOT / "flash_sdpa" / h).read_text() for h in ("paged_params.h", "varlen_params.h"))
-    index = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define FLASH_SDPA_(\w+?)_PARAMS (\d+)", text)}
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"#define FLASH_SDPA_(\w+) (\d+)\b", text)}
+
+
+def _params_buffer_indices() -> Dict[str, int]:
+    """kernel-name prefix -> the [[buffer(i)]] index of its setBytes parameter struct."""
+    index = _defines()
     return {
-        "kv_paged_write_": index["WRITE_BUF"],
-        "paged_decode_combine_": index["COMBINE_BUF"],
-        "paged_decode_": index["DECODE_BUF"],
-        "flash_attn_varlen_": index["VARLEN_BUFFER"],
+        "kv_paged_write_": index["WRITE_BUF_PARAMS"],
+        "paged_decode_combine_": index["COMBINE_BUF_PARAMS"],
+        "paged_decode_": index["DECODE_BUF_PARAMS"],
+        "flash_attn_varlen_": index["VARLEN_BUFFER_PARAMS"],
     }
 
 
 def _kv_buffer_indices() -> Dict[str, tuple]:
-    text = "".join((cases.ROOT / "flash_sdpa" / h).read_text() for h in ("paged_params.h", "varlen_params.h"))
-    index = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define FLASH_SDPA_(\w+) (\d+)\b", text)}
+    index = _defines()
     return {
         "paged_decode_combine_": (),
         "paged_decode_": (index["DECODE_BUF_K_CACHE"], index["DECODE_BUF_V_CACHE"]),
@@ -48,8 +54,7 @@ def _kv_buffer_indices() -> Dict[str, tuple]:
 
 def _partial_buffer_indices() -> tuple:
     """The split-K combine's [[buffer(i)]] indices of the decode's partial outputs and (max, sum) pairs."""
-    text = (cases.ROOT / "flash_sdpa" / "paged_params.h").read_text()
-    index = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define FLASH_SDPA_(\w+) (\d+)\b", text)}
+    index = _defines()
     return index["COMBINE_BUF_O_PARTIAL"], index["COMBINE_BUF_ML_PARTIAL"]
 
 
