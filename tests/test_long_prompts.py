@@ -81,7 +81,7 @@ def test_split_prefill_is_the_unsplit_result(kernel, stats_runtime, monkeypatch,
     # (1e-300: the work over the budget overflows any integer count; the planner clamps it to one tile per dispatch.)
     (out_tiny, lse_tiny), per_tile = _run(kernel, stats_runtime, monkeypatch, 1e-300, call)
     assert len(per_tile) == tiles and torch.equal(out_tiny, out) and torch.equal(lse_tiny, lse)
-    assert _stored(per_tile) == _stored(one), "a row range computed twice (or missed)"
+    assert _stored(per_tile) == _stored(one), "a tile computed twice (or missed)"
     (out_split, lse_split), several = _run(kernel, stats_runtime, monkeypatch, 2 * 4 * D * 2 * H * 32 * keys, call)
     assert 1 <= len(several) < tiles or tiles <= 2, (len(several), tiles)
     assert torch.equal(out_split, out) and torch.equal(lse_split, lse)
@@ -128,6 +128,6 @@ def test_split_backward_is_the_unsplit_result(kernel, stats_runtime, monkeypatch
     whole, bwd_whole = _dispatches(stats_runtime, monkeypatch, 1e30, call, "flash_attn_bwd_")
     split, bwd_split = _dispatches(stats_runtime, monkeypatch, 1, call, "flash_attn_bwd_")  # one tile per dispatch
     assert len(bwd_whole) == 3 and len(bwd_split) > 6, (len(bwd_whole), len(bwd_split))
-    assert _stored(bwd_split) == _stored(bwd_whole), "a row range computed twice (or missed)"
+    assert _stored(bwd_split) == _stored(bwd_whole), "a tile computed twice (or missed)"
     for name, a, b in zip(("dq", "dk", "dv", "ds_aux"), split, whole):
         assert torch.equal(a, b), name
