@@ -17,6 +17,18 @@
 // Threadgroup memory: the scaled q rows (R x D fp32), then the merge slots, <= 9 KB, plus the scattered scores'
 // buffers (<= 8 KB). No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV
 // head.
+//
+// The matrix path (decode_matrix_rows: R = 8, 2-byte types, D = 64, one query token, so the 8 rows
+// are the 8 query heads of a GQA group at one position): both products run on 8x8 simdgroup_matrix tiles, as in the
+// varlen forward. A simdgroup step is 8 keys: each lane loads one 16-byte chunk of K and of V per key it covers (each
+// key's row address from the block table, so a step may straddle pages), the K rows go through the simdgroup's 8-key
+// tile in threadgroup memory into S = Q K^T (D / 8 products), then V replaces K there for O += P V (D / 8 more), O in
+// D / 8 float fragments. Apple GPUs have no asynchronous copy into threadgroup memory and fragments are built only by
+// simdgroup_load (which lane holds which element is undocumented), so the rows pass through the registers either way;
+// a simdgroup_load straight from device memory needs the 8 rows at one stride, which pages of any size break. K and V
+// share a simdgroup's tile (8 x 64 halves; 8 KB for the threadgroup). Several query tokens (sq > 1) keep the
+// lane-local path: their rows see different keys, and a shared P V would carry a non-finite V element to rows that
+// cannot see it.
 #pragma once
 
 #include <metal_stdlib>
@@ -71,7 +83,35 @@ struct DecodeLayout {
   static constexpr int kScatterFloats = kScatter ? NSG * G * 2 * kScoreFloats : 1;  // double-buffered
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
+
+  // The matrix path (decode_matrix_rows, one query token): a simdgroup step is kDecodeMatrixKeys = 8 keys, one 8x8
+  // score tile. Its K rows are read as 16-byte chunks, ML lanes per row (one chunk each), MG rows side by side, MU
+  // per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory (floats, in stage_tg): per
+  // simdgroup an 8-key tile of T [8][D] (K, then V), an 8x8 float strip (scores; O's blocks when rows are scaled),
+  // an 8x8 T tile (probabilities) and 8 key flags; then Q (T [8][D], loaded once into D / 8 fragments).
+  static constexpr bool kMatrix = decode_matrix_rows(D, int(sizeof(T)), R);
+  static constexpr int MK = kDecodeMatrixKeys;
+  static constexpr int ML = kMatrix ? D * int(sizeof(T)) / 16 : 1;
+  static constexpr int MG = 32 / ML;
+  static constexpr int MU = kMatrix ? MK / MG : 1;
+  static constexpr int MEPC = 16 / int(sizeof(T));  // elements per 16-byte chunk
+  static constexpr int kTileFloats = MK * D * int(sizeof(T)) / 4;
+  static constexpr int kStripAt = NSG * kTileFloats;
+  static constexpr int kProbAt = kStripAt + NSG * 64;
+  static constexpr int kKeyOkAt = kProbAt + NSG * 64 * int(sizeof(T)) / 4;
+  static constexpr int kQAt = kKeyOkAt + NSG * MK;
+  static constexpr int kMatrixFloats = kMatrix ? kQAt + 8 * D * int(sizeof(T)) / 4 : 0;
+  // stage_tg: the q rows / merge slots, or the matrix path's tiles; whole float4s (16-byte chunk stores).
+  static constexpr int kStageFloats =
+      (kMergeSlots * R * D > kMatrixFloats ? kMergeSlots * R * D : kMatrixFloats + 3) / 4 * 4;
+  static_assert(!kMatrix || (R == 8 && ML * MG == 32 && MU * MG == MK && kStripAt >= kMergeSlots * R * D),
+                "matrix path: 8 rows, whole lane groups, strips past the merge slots");
 };
+
+// Online-softmax headroom of the matrix path: a row's running max moves only when a step's max passes it by more
+// than this (natural log), so probabilities stay <= e^5.5 ~ 245 (inside half's and bfloat's range) and O's rescale
+// (scale_rows) is skipped on nearly every step (as in the varlen forward, attention_varlen.h).
+constant constexpr float kDecodeRescaleSlack = 5.5f;
 
 typedef vec<uint, 4> chunk16;
 
@@ -134,6 +174,16 @@ inline void load_step(thread vec<uint, 4> (&kr)[U][CPL], thread vec<uint, 4> (&v
   }
 }
 
+// One tensor's chunks (K or V) of a step's U keys for this lane (the matrix path: one chunk per key, CPL = 1).
+template <typename T, int U, int CW, int NC>
+inline void load_rows(thread vec<uint, 4> (&x)[U], thread const int2 (&loc)[U], device const T* cache, long head,
+                      long stride_block, long stride_slot, int li, bool aligned) {
+  for (int u = 0; u < U; ++u) {
+    const long base = long(max(loc[u].x, 0)) * stride_block + long(loc[u].y) * stride_slot + head;
+    x[u] = load_chunk<T, CW, NC>(cache + base, li, loc[u].x >= 0, aligned);
+  }
+}
+
 // This lane's share of q.k for one key row: its chunks li, li + L, ... of the pre-scaled q row (fp32, threadgroup
 // memory) against the key's chunks.
 template <typename T, int D, int L, int CPL, int EPC, int NC>
@@ -180,15 +230,22 @@ inline void pv_update(thread float (&o)[R][EPL], thread const vec<uint, 4> (&vr)
   }
 }
 
-// One row's online-softmax step over its U keys of the step (key t + u * G): a key is visible when its block is valid
-// and it lies in the row's window `keys`; a visible non-finite score sets the row's bit in bad_rows (the row becomes
-// NaN) and is dropped, before the softcap clamp could hide it; then softcap, ALiBi (row position pos, slope) and the
-// clamp to +-kScoreLimit. The scores become probabilities relative to the new running max m (l accumulates their
-// sum); returns the correction of the row's earlier accumulator.
+// The matrix path's row scaling x(r, :) *= a_r of an 8x8 float fragment, through the simdgroup's 8x8 strip (lane
+// (mr, mc), (mr, mc + 1) scales its own row's elements; no product with diag(a), which costs a float x float multiply).
+inline void scale_rows(thread simdgroup_matrix<float, 8, 8>& x, threadgroup float* strip, float a, int mr, int mc) {
+  simdgroup_barrier(mem_flags::mem_threadgroup);  // the strip's last readers are done
+  simdgroup_store(x, strip, 8);
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  strip[mr * 8 + mc] *= a;
+  strip[mr * 8 + mc + 1] *= a;
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  simdgroup_load(x, strip, 8);
+}
+
+// mask_scores: the masking and transform of softmax_step, returning the scores' max (kNoScore when none is visible).
 template <int U, int G>
-inline float softmax_step(thread float (&s)[U], thread float& m, thread float& l, thread uint& bad_rows, int r,
-                          bool row_ok, thread const int2 (&loc)[U], int t, int2 keys, int pos, float slope,
-                          constant OptionParams& opt) {
+inline float mask_scores(thread float (&s)[U], thread uint& bad_rows, int r, bool row_ok, thread const int2 (&loc)[U],
+                         int t, int2 keys, int pos, float slope, constant OptionParams& opt) {
   float mx = kNoScore;
   for (int u = 0; u < U; ++u) {
     const int key = t + u * G;
@@ -208,6 +265,19 @@ inline float softmax_step(thread float (&s)[U], thread float& m, thread float& l
     s[u] = sc;
     mx = max(mx, sc);
   }
+  return mx;
+}
+
+// One row's online-softmax step over its U keys of the step (key t + u * G): a key is visible when its block is valid
+// and it lies in the row's window `keys`; a visible non-finite score sets the row's bit in bad_rows (the row becomes
+// NaN) and is dropped, before the softcap clamp could hide it; then softcap, ALiBi (row position pos, slope) and the
+// clamp to +-kScoreLimit. The scores become probabilities relative to the new running max m (l accumulates their
+// sum); returns the correction of the row's earlier accumulator.
+template <int U, int G>
+inline float softmax_step(thread float (&s)[U], thread float& m, thread float& l, thread uint& bad_rows, int r,
+                          bool row_ok, thread const int2 (&loc)[U], int t, int2 keys, int pos, float slope,
+                          constant OptionParams& opt) {
+  const float mx = mask_scores<U, G>(s, bad_rows, r, row_ok, loc, t, keys, pos, slope, opt);
   const float m_new = max(m, mx);
   const float corr = m > kNoScore ? exp(m - m_new) : 0.0f;
   float sum = 0.0f;
@@ -315,6 +385,88 @@ inline void load_partials(thread float4 (&x)[kCombineLoads], device const float4
   }
 }
 
+// Each row's max, sum and bad flag over the simdgroups' (m_tg, l_tg: [NSG][R], bad_tg: [NSG] bits), once (thread r),
+// for write_rows (visible after the merge's barriers): not once per written element.
+template <int R, int NSG>
+inline void row_stats(threadgroup const float* m_tg, threadgroup const float* l_tg, threadgroup const uint* bad_tg,
+                      threadgroup float* row_max_tg, threadgroup float* row_sum_tg, threadgroup uint* row_bad_tg,
+                      uint tid) {
+  if (int(tid) < R) {
+    const int r = int(tid);
+    float mx = kNoScore;
+    for (int w = 0; w < NSG; ++w) {
+      mx = max(mx, m_tg[w * R + r]);
+    }
+    float sum = 0.0f;
+    uint bad = 0u;
+    for (int w = 0; w < NSG; ++w) {
+      const float mw = m_tg[w * R + r];
+      sum += mw > kNoScore ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
+      bad |= (bad_tg[w] >> r) & 1u;
+    }
+    row_max_tg[r] = mx;
+    row_sum_tg[r] = sum;
+    row_bad_tg[r] = bad;
+  }
+}
+
+// The threadgroup's rows from the merge slots (acc_tg: MS x [R][D] floats, summed) and row_stats: split partials
+// (unnormalised, relative to the row max) or the final rows (sinks, LSE, NaN rows, rows with no visible key).
+template <typename T, int D, int R, int MS>
+inline void write_rows(device T* out, device uint* lse, device float* o_partial, device float* ml_partial,
+                       device const float* sinks, constant PagedDecodeParams& p, threadgroup const float* acc_tg,
+                       threadgroup const float* row_max_tg, threadgroup const float* row_sum_tg,
+                       threadgroup const uint* row_bad_tg, int nrows, int row0, int sq, int hkv, int group, int b,
+                       int q_row, int split, bool split_mode, uint tid) {
+  for (int idx = int(tid); idx < nrows * D; idx += kDecodeThreads) {
+    const int r = idx / D;
+    const int d = idx - r * D;
+    const int gr = row0 + r;
+    const int2 ht = row_head_token(gr, sq);
+    const int h = hkv * group + ht.x;
+    const int i = ht.y;
+    float mx = row_max_tg[r];
+    float sum = row_sum_tg[r];
+    const bool bad = row_bad_tg[r] != 0u;
+    float acc = 0.0f;
+    for (int k = 0; k < MS; ++k) {
+      acc += acc_tg[k * R * D + idx];
+    }
+    const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
+    // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
+    const long out_at =
+        fc_varlen ? (long(q_row) * p.num_heads + h) * D + d : ((long(b) * sq + i) * p.num_heads + h) * D + d;
+    const long lse_at = fc_varlen ? long(h) * p.total_q + q_row : row;
+    if (split_mode) {
+      const long prow = long(split) * p.batch * p.num_heads * sq + row;  // (splits, B, H, sq)
+      o_partial[prow * D + d] = acc;
+      if (d == 0) {
+        ml_partial[prow * 2] = bad ? as_type<float>(kNanBits) : mx;  // the combine tests the bits
+        ml_partial[prow * 2 + 1] = sum;
+      }
+    } else if (bad) {
+      out[out_at] = T(as_type<float>(kNanBits));
+      if (fc_decode_write_lse && d == 0) {
+        lse[lse_at] = kNanBits;
+      }
+    } else {
+      const bool seen = mx > kNoScore;
+      float scale_o = 1.0f;
+      if (fc_sinks && seen) {
+        const float sink = clamp_score(sinks[h]);
+        const float mn = max(mx, sink);
+        scale_o = exp(mx - mn);
+        sum = sum * scale_o + exp(sink - mn);
+        mx = mn;
+      }
+      out[out_at] = seen ? T(acc * scale_o / sum) : T(0.0f);
+      if (fc_decode_write_lse && d == 0) {
+        lse[lse_at] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
+      }
+    }
+  }
+}
+
 }  // namespace paged
 }  // namespace flash_sdpa
 
@@ -356,11 +508,13 @@ template <typename T, int D, int R>
   constexpr int DUP = Layout::DUP;
   constexpr int RPL = Layout::RPL;
   constexpr int SF = Layout::kScoreFloats;
-  static_assert(MS * R * D * 4 + 2 * NSG * R * 4 + NSG * 4 + 3 * R * 4 + Layout::kScatterFloats * 4 <= 32768,
+  static_assert(Layout::kStageFloats * 4 + 2 * NSG * R * 4 + NSG * 4 + 3 * R * 4 + Layout::kScatterFloats * 4 <= 32768,
                 "threadgroup memory over 32 KB");
 
   // The scaled q rows (fp32 [R][D]); after the key loop, the merge slots (MS x [R][D]).
-  threadgroup float stage_tg[MS * R * D];
+  // The matrix path: the staging tiles, strips and flags (DecodeLayout), then the merge slots.
+  threadgroup float4 stage_tg4[Layout::kStageFloats / 4];
+  threadgroup float* stage_tg = reinterpret_cast<threadgroup float*>(stage_tg4);
   threadgroup float* q_tg = stage_tg;
   threadgroup float m_tg[NSG * R];  // per simdgroup running max
   threadgroup float l_tg[NSG * R];  // per simdgroup sum of exp
@@ -382,6 +536,237 @@ template <typename T, int D, int R>
   const int sq = fc_varlen ? 1 : p.seqlen_q;
   const int group = p.num_heads / p.num_kv_heads;
   const int nrows = min(R, group * sq - row0);
+
+  if constexpr (Layout::kMatrix) {
+    if (sq == 1) {  // uniform
+      // The matrix path (one query token: row r is head row0 + r of the KV group; DecodeLayout). Per simdgroup step
+      // of 8 keys: the lanes' 16-byte chunks of the K rows go to the simdgroup's tile, S = Q K^T on 8x8 fragments
+      // (Q in T, unscaled: the scale applies to S in fp32), V replaces K in the tile, the online softmax
+      // of row lane / 4 runs on its 4 lanes (2 scores each), P (T) goes through a small tile, O += P V on D / 8 float
+      // fragments. Only simdgroup barriers in the loop. With one token every loaded key lies in every row's window
+      // (the same position), so no row meets a V row it does not see: a non-finite V reaches exactly the rows
+      // that FlashAttention-2 gives it to, as in the lane-local P.V of the path below at sq = 1.
+      constexpr int MK = Layout::MK;
+      constexpr int MLn = Layout::ML;
+      constexpr int MG = Layout::MG;
+      constexpr int MU = Layout::MU;
+      constexpr int MEPC = Layout::MEPC;
+      constexpr int NCM = D * int(sizeof(T)) / 16;
+      constexpr int DB = D / 8;
+      constexpr int kTgStep = NSG * MK;
+      threadgroup T* tile = reinterpret_cast<threadgroup T*>(stage_tg + int(sg) * Layout::kTileFloats);
+      threadgroup float* strip = stage_tg + Layout::kStripAt + int(sg) * 64;
+      threadgroup T* p_tile = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kProbAt) + int(sg) * 64;
+      threadgroup uint* key_ok = reinterpret_cast<threadgroup uint*>(stage_tg + Layout::kKeyOkAt) + int(sg) * MK;
+
+      const int stride = p.num_splits * kTgStep;
+      const int g = int(lane) / MLn;   // key group of this lane: keys g, g + MG, ... of a step
+      const int li = int(lane) % MLn;  // its 16-byte chunk of the key row
+      const long bt_row = long(b) * p.block_table_stride_b;
+      int2 loc[MU];
+      int2 loc_next[MU];
+      TableCursor cursor;
+      // Keys of request b, as below.
+      int sk = 0;
+      int k_start = 0;
+      int q_row = 0;
+      if (fc_varlen) {
+        const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
+        if (q_rows.y != 1) {
+          return;
+        }
+        q_row = q_rows.x;
+        const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
+        k_start = k_rows.x;
+        sk = k_rows.y;
+      } else {
+        const int capacity = p.max_blocks_per_seq * p.block_size;
+        k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
+        cursor = table_cursor(k_start + split * kTgStep + int(sg) * MK + g, stride, p.block_size);
+        step_entries<MU, MG>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
+        const int seqlen = cache_seqlens[b];
+        sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
+      }
+      const int pos = sk - 1;  // the token's key position
+      const int2 keys = visible_keys(pos, p.opt, sk);
+      const int hi = keys.y + 1;
+      const int first = keys.x + split * kTgStep + int(sg) * MK;
+      if (fc_varlen || keys.x != 0) {  // uniform
+        cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
+        step_locs<MU, MG>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                          p.max_blocks_per_seq, p.num_blocks);
+      } else {
+        mask_past<MU, MG>(loc, first + g, hi, false, k_start);
+      }
+      const long k_head = long(hkv) * p.k_stride_h;
+      const long v_head = long(hkv) * p.v_stride_h;
+      const bool aligned = fc_decode_kv_aligned;
+      chunk16 kr[MU];
+      chunk16 vr[MU];
+      // K and V of a step are loaded together: one memory round trip per step.
+      load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, li, aligned);
+      load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, li, aligned);
+
+      // Q rows (T [8][D], rows past nrows 0), loaded by each simdgroup into DB fragments once.
+      threadgroup T* q_stage = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kQAt);
+      for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
+        const int r = idx / D;
+        const int d = idx - r * D;
+        // q (B, sq, H, D = 1); varlen: q (total_q, H, D = 1)
+        const long qoff = fc_varlen ? long(q_row) * p.q_stride_s : long(b) * p.q_stride_b;
+        q_stage[idx] = r < nrows ? q[qoff + long(hkv * group + row0 + r) * p.q_stride_h + d] : T(0.0f);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      simdgroup_matrix<T, 8, 8> qf[DB];
+      simdgroup_matrix<float, 8, 8> of[DB];
+      for (int db = 0; db < DB; ++db) {
+        simdgroup_load(qf[db], q_stage + db * 8, D);
+        of[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      }
+
+      // Row mr = lane / 4 of the tile, on its 4 lanes: columns mc, mc + 1 of a step's scores; running max mm (the
+      // same on the 4 lanes) and this lane's share ml of the row's sum.
+      const int mr = int(lane) / 4;
+      const int mc = 2 * (int(lane) % 4);
+      const bool row_ok = mr < nrows;
+      const float slope =
+          fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, hkv * group + row0 + min(mr, nrows - 1)) : 0.0f;
+      float mm = kNoScore;
+      float ml = 0.0f;
+      uint bad_rows = 0;
+      for (int t0 = first; t0 < hi; t0 += stride) {
+        if (t0 != first) {  // uniform per simdgroup
+          load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, li, aligned);
+          load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, li, aligned);
+        }
+        step_locs<MU, MG>(loc_next, t0 + stride + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                          p.max_blocks_per_seq, p.num_blocks);
+        // K rows into the tile (key g + u MG: T [8][D]), with whether each key is loaded (block valid, below hi).
+        for (int u = 0; u < MU; ++u) {
+          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * D + li * MEPC) = kr[u];
+          if (li == 0) {
+            key_ok[g + u * MG] = loc[u].x >= 0 ? 1u : 0u;
+          }
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        // S (8 rows x 8 keys) = Q K^T: the tile's 8x8 blocks loaded transposed.
+        simdgroup_matrix<float, 8, 8> sf = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        for (int db = 0; db < DB; ++db) {
+          simdgroup_matrix<T, 8, 8> kt;
+          simdgroup_load(kt, tile + db * 8, D, ulong2(0, 0), true);
+          simdgroup_multiply_accumulate(sf, qf[db], kt, sf);
+        }
+        simdgroup_store(sf, strip, 8);
+        simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has read K
+        for (int u = 0; u < MU; ++u) {
+          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * D + li * MEPC) = vr[u];
+        }
+        // Online softmax of row mr over keys t0 + mc, t0 + mc + 1 (the row's max over its 4 lanes).
+        float sc[2];
+        int2 kl[2];
+        for (int e = 0; e < 2; ++e) {
+          sc[e] = strip[mr * 8 + mc + e] * p.opt.scale;
+          kl[e] = int2(key_ok[mc + e] != 0u ? 0 : -1, 0);
+        }
+        float mx = mask_scores<2, 1>(sc, bad_rows, mr, row_ok, kl, t0 + mc, keys, pos, slope, p.opt);
+        mx = max(mx, simd_shuffle_xor(mx, ushort(1)));
+        mx = max(mx, simd_shuffle_xor(mx, ushort(2)));
+        // A row with nothing accumulated takes the step's max; later the max moves only past kDecodeRescaleSlack.
+        const bool fresh = !(mm > kNoScore);
+        const float m_new = fresh || mx > mm + kDecodeRescaleSlack ? max(mm, mx) : mm;
+        const float alpha = !fresh && m_new != mm ? exp(mm - m_new) : 1.0f;
+        float sum = 0.0f;
+        for (int e = 0; e < 2; ++e) {
+          const float pr = sc[e] > kNoScore ? exp(sc[e] - m_new) : 0.0f;
+          p_tile[mr * 8 + mc + e] = T(pr);
+          sum += pr;
+        }
+        ml = ml * alpha + sum;
+        mm = m_new;
+        if (simd_any(alpha != 1.0f)) {  // uniform: O = diag(alpha) O where a row moved its max (rare)
+          for (int db = 0; db < DB; ++db) {
+            scale_rows(of[db], strip, alpha, mr, mc);
+          }
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);  // V and P are staged
+        simdgroup_matrix<T, 8, 8> pf;
+        simdgroup_load(pf, p_tile, 8);
+        for (int db = 0; db < DB; ++db) {
+          simdgroup_matrix<T, 8, 8> vb;
+          simdgroup_load(vb, tile + db * 8, D);
+          simdgroup_multiply_accumulate(of[db], pf, vb, of[db]);
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are free for the next step
+        for (int u = 0; u < MU; ++u) {
+          loc[u] = loc_next[u];
+        }
+      }
+
+      ml += simd_shuffle_xor(ml, ushort(1));
+      ml += simd_shuffle_xor(ml, ushort(2));
+      for (int r = 0; r < R; ++r) {
+        if (simd_any(((bad_rows >> r) & 1u) != 0)) {
+          bad_rows |= 1u << r;
+        }
+      }
+      const bool row_bad = ((bad_rows >> mr) & 1u) != 0;
+      if (p.simdgroup_partials != 0) {  // uniform (split mode): this simdgroup's partial, through its strip
+        const long part = long(split) * NSG + int(sg);
+        // (partials, B, H, sq = 1): the rows of the tile are consecutive heads
+        const long prow = part * p.batch * p.num_heads + long(b) * p.num_heads + hkv * group + row0 + mr;
+        for (int db = 0; db < DB; ++db) {
+          simdgroup_store(of[db], strip, 8);
+          simdgroup_barrier(mem_flags::mem_threadgroup);
+          if (row_ok) {
+            *reinterpret_cast<device float2*>(o_partial + prow * D + db * 8 + mc) =
+                float2(strip[mr * 8 + mc], strip[mr * 8 + mc + 1]);
+          }
+          simdgroup_barrier(mem_flags::mem_threadgroup);
+        }
+        if (row_ok && mc == 0) {
+          ml_partial[prow * 2] = row_bad ? as_type<float>(kNanBits) : mm;
+          ml_partial[prow * 2 + 1] = ml;
+        }
+        return;
+      }
+      if (mc == 0) {
+        m_tg[sg * R + mr] = mm;
+        l_tg[sg * R + mr] = ml;
+      }
+      if (lane == 0) {
+        bad_tg[sg] = bad_rows;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done with its tile
+      row_stats<R, NSG>(m_tg, l_tg, bad_tg, row_max_tg, row_sum_tg, row_bad_tg, tid);
+      // The simdgroups' O meet in MS slots of [R][D] floats (over the tiles; the strips lie past them), as below:
+      // slot += share x O per row, share = exp(m - the row's max over the simdgroups), each fragment read out through
+      // the strip (no float x float product: the proxy lowers one to two bfloat-split tensor-core products).
+      float row_max = kNoScore;
+      for (int w = 0; w < NSG; ++w) {
+        row_max = max(row_max, m_tg[w * R + mr]);
+      }
+      const float share = mm > kNoScore ? exp(mm - row_max) : 0.0f;
+      threadgroup float* acc_tg = stage_tg;
+      for (int round = 0; round < NSG / MS; ++round) {
+        if (int(sg) / MS == round) {
+          threadgroup float* slot = acc_tg + (int(sg) % MS) * R * D + mr * D + mc;
+          for (int db = 0; db < DB; ++db) {
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+            simdgroup_store(of[db], strip, 8);
+            simdgroup_barrier(mem_flags::mem_threadgroup);
+            for (int e = 0; e < 2; ++e) {
+              const float prev = round == 0 ? 0.0f : slot[db * 8 + e];
+              slot[db * 8 + e] = prev + strip[mr * 8 + mc + e] * share;
+            }
+          }
+        }
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+      write_rows<T, D, R, MS>(out, lse, o_partial, ml_partial, sinks, p, acc_tg, row_max_tg, row_sum_tg, row_bad_tg,
+                              nrows, row0, 1, hkv, group, b, q_row, split, split_mode, tid);
+      return;
+    }
+  }
 
   // Split s takes the threadgroup steps (NSG x KS keys each) s, s + num_splits, s + 2 num_splits, ... of the keys
   // [lo, hi) the rows see. Where a split starts then depends on the key count only through a left window (lo), so in
@@ -717,25 +1102,7 @@ template <typename T, int D, int R>
     bad_tg[sg] = bad_rows;
   }
   threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done reading q_tg
-  // Each row's max, sum and bad flag over the simdgroups, once (thread r), for the write below (visible after the
-  // merge's barriers): not once per written element.
-  if (int(tid) < R) {
-    const int r = int(tid);
-    float mx = kNoScore;
-    for (int w = 0; w < NSG; ++w) {
-      mx = max(mx, m_tg[w * R + r]);
-    }
-    float sum = 0.0f;
-    uint bad = 0u;
-    for (int w = 0; w < NSG; ++w) {
-      const float mw = m_tg[w * R + r];
-      sum += mw > kNoScore ? l_tg[w * R + r] * exp(mw - mx) : 0.0f;
-      bad |= (bad_tg[w] >> r) & 1u;
-    }
-    row_max_tg[r] = mx;
-    row_sum_tg[r] = sum;
-    row_bad_tg[r] = bad;
-  }
+  row_stats<R, NSG>(m_tg, l_tg, bad_tg, row_max_tg, row_sum_tg, row_bad_tg, tid);
   float share[R];
   for (int r = 0; r < R; ++r) {
     float mx = kNoScore;
@@ -769,54 +1136,8 @@ template <typename T, int D, int R>
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
 
-  // Write: split partials (unnormalised, relative to the row max) or the final row.
-  for (int idx = int(tid); idx < nrows * D; idx += kDecodeThreads) {
-    const int r = idx / D;
-    const int d = idx - r * D;
-    const int gr = row0 + r;
-    const int2 ht = row_head_token(gr, sq);
-    const int h = hkv * group + ht.x;
-    const int i = ht.y;
-    float mx = row_max_tg[r];
-    float sum = row_sum_tg[r];
-    const bool bad = row_bad_tg[r] != 0u;
-    float acc = 0.0f;
-    for (int k = 0; k < MS; ++k) {
-      acc += acc_tg[k * R * D + idx];
-    }
-    const long row = (long(b) * p.num_heads + h) * sq + i;  // (B, H, sq)
-    // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
-    const long out_at =
-        fc_varlen ? (long(q_row) * p.num_heads + h) * D + d : ((long(b) * sq + i) * p.num_heads + h) * D + d;
-    const long lse_at = fc_varlen ? long(h) * p.total_q + q_row : row;
-    if (split_mode) {
-      const long prow = long(split) * p.batch * p.num_heads * sq + row;  // (splits, B, H, sq)
-      o_partial[prow * D + d] = acc;
-      if (d == 0) {
-        ml_partial[prow * 2] = bad ? as_type<float>(kNanBits) : mx;  // the combine tests the bits
-        ml_partial[prow * 2 + 1] = sum;
-      }
-    } else if (bad) {
-      out[out_at] = T(as_type<float>(kNanBits));
-      if (fc_decode_write_lse && d == 0) {
-        lse[lse_at] = kNanBits;
-      }
-    } else {
-      const bool seen = mx > kNoScore;
-      float scale_o = 1.0f;
-      if (fc_sinks && seen) {
-        const float sink = clamp_score(sinks[h]);
-        const float mn = max(mx, sink);
-        scale_o = exp(mx - mn);
-        sum = sum * scale_o + exp(sink - mn);
-        mx = mn;
-      }
-      out[out_at] = seen ? T(acc * scale_o / sum) : T(0.0f);
-      if (fc_decode_write_lse && d == 0) {
-        lse[lse_at] = seen ? as_type<uint>(mx + log(sum)) : kNegInfBits;
-      }
-    }
-  }
+  write_rows<T, D, R, MS>(out, lse, o_partial, ml_partial, sinks, p, acc_tg, row_max_tg, row_sum_tg, row_bad_tg, nrows,
+                          row0, sq, hkv, group, b, q_row, split, split_mode, tid);
 }
 
 // Combines split-K partials: one threadgroup per output row (b, h, i). The splits are read in parallel: thread t

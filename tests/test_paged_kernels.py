@@ -291,6 +291,59 @@ def test_features(run, feature, num_splits, sq):
     check_case(run, c, num_splits=num_splits, **FEATURES[feature])
 
 
+# Scores of std ~8 (scale 1 at D = 64): the running max moves past the matrix path's rescale slack mid-sequence.
+MATRIX_FEATURES = dict(FEATURES, wide_scores=dict(scale=1.0, window=(-1, 0)))
+
+
+@pytest.mark.parametrize("feature", list(MATRIX_FEATURES))
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype,group", [(torch.float16, 8), (torch.bfloat16, 8), (torch.float16, 5),
+                                         (torch.bfloat16, 7)])
+def test_features_matrix_rows(run, feature, num_splits, dtype, group):
+    """The matrix path (one token, R = 8 in 2-byte types at D = 64: decode_matrix_rows in paged_params.h) with
+    every option, rows past the group masked, 5-slot pages (a step's 8 keys straddle pages), short splits (simdgroup
+    partials) and unsplit (the threadgroup's merge)."""
+    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=64, dtype=dtype, block_size=5, seed=group + len(feature),
+                  max_len=150)
+    check_case(run, c, num_splits=num_splits, **MATRIX_FEATURES[feature])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_matrix_rows_nan(run, num_splits, dtype):
+    """The matrix path (GQA 8, D = 64, one token) with non-finite values, against a clean run: a NaN query head makes
+    only its own row NaN (LSE NaN); a NaN element of a visible V row makes that column NaN in every row of its KV group
+    and leaves the other columns bit for bit; an inf in a visible K row makes every row of its KV group NaN. The other
+    KV group's rows stay bit for bit (the 8x8 products share nothing across rows of S, or across columns of P V)."""
+    c = make_case(Bsz=1, H=16, Hkv=2, D=64, dtype=dtype, sq=1, sk_new=1, block_size=5, seqlens=[99], seed=4)
+    bs = 5
+
+    def call(**edit):
+        q, kc, vc = c["q"].clone(), c["k_cache"].clone(), c["v_cache"].clone()
+        for name, (t, h, d) in edit.items():
+            if name == "q":
+                q[0, 0, h, d] = float("nan")
+            else:
+                blk = int(c["block_table"][0, t // bs])
+                (kc if name == "k" else vc)[blk, t % bs, h, d] = float("inf" if name == "k" else "nan")
+        out, lse, _ = run_kvcache(run, q, kc, vc, c["block_table"], c["cache_seqlens"], c["k_new"], c["v_new"],
+                                  scale=64 ** -0.5, window=(-1, 0), num_splits=num_splits)
+        return out[0, 0], lse[0, :, 0]
+
+    clean, clean_lse = call()
+    assert torch.isfinite(clean).all()
+    out, lse = call(q=(None, 3, 17))
+    assert torch.isnan(out[3]).all() and torch.isnan(lse[3])
+    others = [h for h in range(16) if h != 3]
+    assert torch.equal(bits(out[others]), bits(clean[others])) and torch.equal(lse[others], clean_lse[others])
+    out, _ = call(v=(10, 1, 7))
+    assert torch.isnan(out[8:, 7]).all()
+    keep = [d for d in range(64) if d != 7]
+    assert torch.equal(bits(out[8:, keep]), bits(clean[8:, keep])) and torch.equal(bits(out[:8]), bits(clean[:8]))
+    out, _ = call(k=(20, 0, 5))
+    assert torch.isnan(out[:8]).all() and torch.equal(bits(out[8:]), bits(clean[8:]))
+
+
 @pytest.mark.parametrize("block_size", [1, 5, 16, 32, 256])
 @pytest.mark.parametrize("layout,sk_new", [("halves", 2), ("separate", 2), ("interleaved", 0),
                                            ("interleaved", 2)])
@@ -370,9 +423,11 @@ def test_fuzz_garbage_tables_never_overrun(run, seed):
         assert torch.isfinite(out).all()
 
 
-def test_traffic_gqa8_s2048(run):
-    """GQA group 8, S = 2048: K/V bytes loaded <= 1.1 x the valid cache bytes; <= 3 dispatches."""
-    D, Hkv, bs, S = 128, 1, 16, 2048
+@pytest.mark.parametrize("D", [64, 128])
+def test_traffic_gqa8_s2048(run, D):
+    """GQA group 8, S = 2048: K/V bytes loaded <= 1.1 x the valid cache bytes; <= 3 dispatches (D = 64: the matrix
+    path, D = 128: the lane-local one)."""
+    Hkv, bs, S = 1, 16, 2048
     c = make_case(Bsz=1, H=8 * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
                   layout="separate", spare=4)
     for splits in (1, 8):
@@ -445,7 +500,7 @@ VARLEN_FEATURES = {
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("feature", list(VARLEN_FEATURES))
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("group", [1, 4, 8])
 def test_varlen_mode(run, feature, num_splits, group):
     """Packed K/V with empty sequences, a sequence without a query, a garbage tail (cu_seqlens past total, negative,
     decreasing): every sequence with a query row matches the reference over its clamped keys; the row no sequence

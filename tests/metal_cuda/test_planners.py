@@ -108,7 +108,8 @@ def test_backward_grid_tiles_slowest(planner):
 DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32), (1, 64, 8, 256, 128, torch.float16, 16),
                  (1, 28, 4, 1000, 128, torch.float16, 16), (1, 32, 8, 1000, 128, torch.float16, 32),
                  (1, 32, 8, 16384, 128, torch.float16, 32), (1, 32, 32, 8192, 128, torch.float16, 32),
-                 (1, 16, 16, 3000, 64, torch.float32, 32), (2, 32, 8, 700, 256, torch.bfloat16, 16)]
+                 (1, 16, 16, 3000, 64, torch.float32, 32), (2, 32, 8, 700, 256, torch.bfloat16, 16),
+                 (1, 64, 8, 256, 64, torch.float16, 64)]
 
 
 def _plan_decode(planner, shape, cores):
