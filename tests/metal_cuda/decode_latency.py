@@ -160,8 +160,9 @@ def sweep():
             print("  " + line, flush=True)
 
 
-def profile():
-    """Three planner calls at B=1 H=32/8 S=256 (fp16, D = 128): run under Nsight Compute, e.g.
+def profile(B=1, H=32, Hkv=8, S=256, head_dim=D):
+    """Three planner calls of one fp16 decode shape (default B=1 H=32/8 S=256 D=128; `profile B H Hkv S [D]`): run
+    under Nsight Compute, e.g.
     ncu -k regex:mcu_paged --launch-skip 4 --launch-count 2 --cache-control none --section WarpStateStats ..."""
     import torch
 
@@ -169,9 +170,9 @@ def profile():
 
     from . import gpu_common as gc
 
-    case = gc.make_paged_case(1, 256, 32, 8, D, torch.float16, 16, sk_new=0, full_length=True, padded_rows=False,
-                              seed=1)
-    plan = gc.plan_paged(case, torch.empty_like(case.q), None, scale=D ** -0.5, with_new=False)
+    case = gc.make_paged_case(B, S, H, Hkv, head_dim, torch.float16, 16, sk_new=0, full_length=True,
+                              padded_rows=False, seed=1)
+    plan = gc.plan_paged(case, torch.empty_like(case.q), None, scale=head_dim ** -0.5, with_new=False)
     prepared = launch.prepare_plan(gc.libraries(), plan)
     for _ in range(3):
         for p in prepared:
@@ -215,7 +216,9 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "build":
         build(sys.argv[2])
-    elif len(sys.argv) > 1 and sys.argv[1] in ("sweep", "profile"):
-        {"sweep": sweep, "profile": profile}[sys.argv[1]]()
+    elif len(sys.argv) > 1 and sys.argv[1] == "sweep":
+        sweep()
+    elif len(sys.argv) > 1 and sys.argv[1] == "profile":
+        profile(*map(int, sys.argv[2:]))
     else:
         main()
