@@ -1,7 +1,7 @@
 // Varlen / dense flash-attention forward on Metal 4 tensor operations (MetalPerformancePrimitives matmul2d): the
 // path Apple's M5 GPUs (family 10) need, since their neural accelerators are reached only through tensor ops. The
-// kernel body; not yet instantiated by the package (tests/msl_cpu/kernels/attention_tensor_ops.metal instantiates it
-// for the tests) nor chosen by the host's routing.
+// kernel body; tensor_ops_library.h instantiates it (a library the Mac glue compiles at run time) and the host's
+// routing moves varlen forward dispatches onto it where the package turned the path on (routing.h, use_tensor_ops).
 //
 // Contract: the varlen kernel's (attention_varlen.h). The same buffers (FLASH_SDPA_VARLEN_BUFFER_*), VarlenParams,
 // function constants and grid (H, B, 32-row query tiles, row_tile_slot with tile_offset / tile_stride), so that the

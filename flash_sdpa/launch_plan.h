@@ -53,6 +53,9 @@ struct Dispatch {
   // End the command buffer after this dispatch (the Mac glue commits it; emulator and proxy run in order anyway):
   // macOS limits the GPU time of one command buffer, so a long op is planned as several (planner_common.h).
   bool commit_after = false;
+  // The kernel lives in the tensor-ops library (tensor_ops_library.h), which the backend builds apart from the
+  // kernels it was shipped with (the Mac glue compiles it at run time): set only by use_tensor_ops (routing.h).
+  bool tensor_ops_library = false;
 
   template <typename Params>
   void set_bytes(uint32_t index, const Params& params) {
@@ -68,5 +71,10 @@ struct LaunchPlan {
 
 // Encodes the plan's dispatches, in order, on the current stream. Implemented once per backend.
 void run_launch_plan(const LaunchPlan& plan);
+
+// Whether this backend's GPU runs the tensor-ops library (Metal 4 tensor ops on Apple family 10: the M5 family's
+// neural accelerators) and the library is built; the Mac glue compiles it on the first call. Implemented once per
+// backend; the emulated build models such a GPU when METAL_FLASH_SDPA_EMULATED_GPU_FAMILY >= 10.
+bool tensor_ops_supported();
 
 }  // namespace flash_sdpa

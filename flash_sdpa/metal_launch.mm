@@ -7,6 +7,11 @@
 // Any thread may call run_launch_plan: the library loads once (call_once), pipelines are built once behind the
 // cache's lock (keyed_cache.h) and are immutable after, everything else is the caller's own stack, and encoding runs
 // inside dispatch_sync on the stream's serial queue, as PyTorch's own MPS ops do.
+//
+// The tensor-ops library (tensor_ops_library.h: the forward on Metal 4 tensor ops, for the M5 family's neural
+// accelerators) is not in the metallib: its source is embedded here and compiled at run time, once, on GPUs of Apple
+// family 10 only, so that a compiler or driver that rejects it costs that path (tensor_ops_supported() is false, one
+// warning says why), never the package.
 #import <Foundation/Foundation.h>
 #import <Metal/Metal.h>
 
@@ -15,6 +20,7 @@
 
 #include <cstring>
 #include <mutex>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -26,6 +32,40 @@
 #include EMBEDDED_METALLIB_HEADER
 #else
 #error "metal_launch.mm loads the metallib kernel-builder embeds (EMBEDDED_METALLIB_HEADER)"
+#endif
+
+// The tensor-ops library's source: tensor_ops_library.h and every header it reaches, in include order (a file after
+// the files it includes), embedded at build time. A compiler without #embed leaves it out: no tensor-ops path.
+// scripts/build_manifest.py (tensor_ops_source) assembles the same text for the emulated build and its tests.
+#if defined(__has_embed)
+#define FLASH_SDPA_TENSOR_OPS_SOURCE 1
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wc23-extensions"
+static const char kTopsParamsTypes[] = {
+#embed "params_types.h"
+    , 0};
+static const char kTopsAttentionOptions[] = {
+#embed "attention_options.h"
+    , 0};
+static const char kTopsAttentionDevice[] = {
+#embed "attention_device.h"
+    , 0};
+static const char kTopsVarlenParams[] = {
+#embed "varlen_params.h"
+    , 0};
+static const char kTopsAttentionVarlen[] = {
+#embed "attention_varlen.h"
+    , 0};
+static const char kTopsAttentionTensorOps[] = {
+#embed "attention_tensor_ops.h"
+    , 0};
+static const char kTopsLibrary[] = {
+#embed "tensor_ops_library.h"
+    , 0};
+#pragma clang diagnostic pop
+static const char* const kTensorOpsSources[] = {kTopsParamsTypes,  kTopsAttentionOptions, kTopsAttentionDevice,
+                                                kTopsVarlenParams, kTopsAttentionVarlen,  kTopsAttentionTensorOps,
+                                                kTopsLibrary};
 #endif
 
 namespace flash_sdpa {
@@ -51,9 +91,66 @@ id<MTLLibrary> library(id<MTLDevice> device) {
   return lib;
 }
 
-// Cache key: the kernel name and every function constant (index, type, bits).
+// The embedded files as one source: their quoted includes and include guards dropped (each file is already there,
+// once, before the files that include it).
+std::string tensor_ops_source() {
+  std::string source;
+#ifdef FLASH_SDPA_TENSOR_OPS_SOURCE
+  for (const char* file : kTensorOpsSources) {
+    std::istringstream lines(file);
+    std::string line;
+    while (std::getline(lines, line)) {
+      const size_t start = line.find_first_not_of(" \t");
+      const bool dropped = start != std::string::npos && (line.compare(start, 10, "#include \"") == 0 ||
+                                                          line.compare(start, 12, "#pragma once") == 0);
+      if (!dropped) {
+        source += line;
+        source += '\n';
+      }
+    }
+  }
+#endif
+  return source;
+}
+
+// The tensor-ops library, compiled once for the process; nil where the GPU is not of Apple family 10 or the
+// compiler rejects the source (one warning with its message).
+id<MTLLibrary> tensor_ops_library(id<MTLDevice> device) {
+  static std::once_flag once;
+  static id<MTLLibrary> lib = nil;
+  std::call_once(once, [device] {
+    std::string warning;
+    @autoreleasepool {
+      // Apple family 10 (the M5 family) by value: SDKs before macOS 26 do not name it.
+      if (![device supportsFamily:static_cast<MTLGPUFamily>(1010)]) {
+        return;
+      }
+      const std::string source = tensor_ops_source();
+      if (source.empty()) {
+        warning = "this build has no tensor-ops source (its compiler has no #embed)";
+      } else {
+        MTLCompileOptions* options = [[MTLCompileOptions alloc] init];
+        options.languageVersion = MTLLanguageVersion4_0;  // Metal 4 tensors and MetalPerformancePrimitives
+        options.mathMode = MTLMathModeFast;               // as the metallib's kernels (Metal's default)
+        NSError* err = nil;
+        lib = [device newLibraryWithSource:[NSString stringWithUTF8String:source.c_str()] options:options error:&err];
+        [options release];
+        if (lib == nil) {
+          warning = std::string("the Metal compiler rejected the tensor-ops source: ") +
+                    (err != nil ? err.localizedDescription.UTF8String : "unknown error");
+        }
+      }
+    }
+    if (!warning.empty()) {
+      TORCH_WARN("metal-flash-sdpa: ", warning, "; the forward keeps the simdgroup_matrix kernels");
+    }
+  });
+  return lib;
+}
+
+// Cache key: the library, the kernel name and every function constant (index, type, bits).
 std::string pipeline_key(const Dispatch& d) {
-  std::string key = d.kernel;
+  std::string key = (d.tensor_ops_library ? "tops|" : "") + d.kernel;
   for (const FunctionConstant& c : d.constants) {
     key += "|" + std::to_string(c.index) + ":" + std::to_string(c.type) + ":" + std::to_string(c.bits);
   }
@@ -62,7 +159,8 @@ std::string pipeline_key(const Dispatch& d) {
 
 id<MTLComputePipelineState> pipeline(id<MTLDevice> device, const Dispatch& d) {
   static KeyedCache<id<MTLComputePipelineState>> cache;  // owns each pipeline for the process
-  id<MTLLibrary> lib = library(device);
+  id<MTLLibrary> lib = d.tensor_ops_library ? tensor_ops_library(device) : library(device);
+  TORCH_CHECK(lib != nil, "metal-flash-sdpa: ", d.kernel, " needs the tensor-ops library, which this GPU lacks");
   std::string error;
   // Built once per key, under the cache's lock; nil (and `error`) on failure.
   id<MTLComputePipelineState> pso = cache.get(pipeline_key(d), [&]() -> id<MTLComputePipelineState> {
@@ -138,6 +236,11 @@ int64_t mps_gpu_core_count() {
 const bool kCoreCountProviderRegistered = (set_gpu_core_count_provider(&mps_gpu_core_count), true);
 
 }  // namespace
+
+bool tensor_ops_supported() {
+  at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
+  return stream != nullptr && tensor_ops_library(stream->device()) != nil;
+}
 
 void run_launch_plan(const LaunchPlan& plan) {
   if (plan.dispatches.empty()) {

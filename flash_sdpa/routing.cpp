@@ -6,7 +6,9 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <string>
 
 #include "paged_params.h"
 #include "paged_planner.h"
@@ -117,6 +119,46 @@ RoutedForward route_kvcache_forward(PagedKVCacheAttention call, const std::optio
     call.lse = lse;
   }
   return {call.out, lse, plan_paged_kvcache(call)};
+}
+
+namespace {
+
+std::atomic<bool> g_tensor_ops{false};
+
+// "flash_attn_varlen_<dtype>_d<D>" -> its tensor-ops kernel's name, or "" where tensor_ops_library.h instantiates
+// none: every dtype at D = 32 / 64 / 96 / 128, half / bfloat at 256.
+std::string tensor_ops_kernel(const std::string& kernel) {
+  static const std::string kPrefix = "flash_attn_varlen_";
+  if (kernel.rfind(kPrefix, 0) != 0) {
+    return "";
+  }
+  const std::string rest = kernel.substr(kPrefix.size());  // <dtype>_d<D>
+  const size_t at = rest.rfind("_d");
+  if (at == std::string::npos) {
+    return "";
+  }
+  const std::string dtype = rest.substr(0, at);
+  const std::string dim = rest.substr(at + 2);
+  const bool two_byte = dtype == "float16" || dtype == "bfloat16";
+  const bool supported = (two_byte || dtype == "float32") &&
+                         (dim == "32" || dim == "64" || dim == "96" || dim == "128" || (two_byte && dim == "256"));
+  return supported ? kPrefix + "tops_" + rest : "";
+}
+
+}  // namespace
+
+void set_tensor_ops_enabled(bool enabled) { g_tensor_ops.store(enabled); }
+
+bool tensor_ops_enabled() { return g_tensor_ops.load(); }
+
+void use_tensor_ops(LaunchPlan& plan) {
+  for (Dispatch& d : plan.dispatches) {
+    const std::string name = tensor_ops_kernel(d.kernel);
+    if (!name.empty()) {
+      d.kernel = name;
+      d.tensor_ops_library = true;
+    }
+  }
 }
 
 }  // namespace flash_sdpa

@@ -57,6 +57,17 @@ RoutedForward route_dense_forward(const at::Tensor& q, const at::Tensor& k, cons
 // K/V as the decode kernel's varlen-mode cache (one query row per sequence; nothing read on the host).
 RoutedForward route_varlen_forward(VarlenAttention call, int64_t max_seqlen_k);
 
+// The forward on Metal 4 tensor ops (attention_tensor_ops.h, the same contract, plan and grid as the varlen kernel) in
+// place of the simdgroup_matrix varlen kernel, process-wide. Off until the Python package turns it on: where
+// tensor_ops_supported() and the package's one-time self-test against the simdgroup path agree (_tensor_ops.py).
+void set_tensor_ops_enabled(bool enabled);
+bool tensor_ops_enabled();
+
+// Moves every varlen forward dispatch of `plan` whose dtype and head dim the tensor-ops library instantiates
+// (tensor_ops_library.h) onto its tensor-ops kernel; the other dispatches (decode, combine, append, backward, head
+// dims it lacks) stay as planned.
+void use_tensor_ops(LaunchPlan& plan);
+
 // flash_attn_with_kvcache, validated: `call` without out / lse. Without a block table (undefined call.block_table), a
 // contiguous cache [B_cache, S, Hkv, D] is the paged case with block_size = S and block_table[b] = {cache_batch_idx[b]}
 // (default b); without cache_seqlens (undefined), every request has the table's capacity of keys. Returns out [B, sq,

@@ -6,6 +6,7 @@ The variant is the Linux CPU build that `kernels` resolves for this torch (e.g. 
   _metal_flash_sdpa_<hash>.so     torch_binding.cpp + planners + msl/cpu/launch_cpu.cpp, ops on kCPU
   libmetal_cpu.so                 the Metal-on-CPU runtime
   metal_cpu_kernels/<name>.so     every listed .metal, compiled by the emulator with fast math (Metal's default)
+  metal_cpu_tensor_ops/tensor_ops_library.so   the source the Mac glue compiles at run time (tensor ops, family 10)
   symbols.json                    the public API, recorded by loading the variant through kernels (describe-api)
   emulated_build.json             the source digest of the checkout it was built from (the tests warn when stale)
 
@@ -175,6 +176,17 @@ def build_kernels(m: build_manifest.Manifest, out: Path, jobs: int) -> None:
         sys.exit(f"every .metal basename must be unique: {sorted(dupes)}")
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, jobs_list))
+    # The tensor-ops library, from the one source the Mac glue compiles at run time (no include directories: the
+    # source must stand alone), as a library of its own (msl/cpu/launch_cpu.cpp).
+    src = CACHE / "tensor_ops_library.metal"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    text = build_manifest.tensor_ops_source(STAGE)
+    if not src.exists() or src.read_text() != text:
+        src.write_text(text)
+    tdir = out / "metal_cpu_tensor_ops"
+    tdir.mkdir(parents=True, exist_ok=True)
+    so = metal_cpu.compiler.compile_cached(src, include_dirs=[], fast_math=True)
+    shutil.copyfile(so, tdir / "tensor_ops_library.so")
 
 
 def write_python(m: build_manifest.Manifest, out: Path, namespace: str) -> None:

@@ -26,15 +26,13 @@ BUILDER_PROVIDED = {"registration.h"}
 BUILDER_PROVIDED_MACROS = {"EMBEDDED_METALLIB_HEADER"}
 
 # Sources under the checked trees that are deliberately not part of the build (path -> why).
-EXCLUDED: Dict[str, str] = {
-    "flash_sdpa/attention_tensor_ops.h": "the tensor-op (Metal 4 matmul2d) forward of issue 23, not built or routed "
-    "yet: tests/msl_cpu/kernels/attention_tensor_ops.metal instantiates it for the emulator's tests",
-}
+EXCLUDED: Dict[str, str] = {}
 
 CHECKED_TREES = ("flash_sdpa", "torch-ext")
 SOURCE_SUFFIXES = (".metal", ".h", ".cpp", ".mm")
 
-_QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+# #embed "file" (the Mac glue embeds the tensor-ops library's source, metal_launch.mm) resolves as a quoted include.
+_QUOTED_INCLUDE = re.compile(r'^\s*#\s*(include|embed)\s+"([^"]+)"', re.M)
 _MACRO_INCLUDE = re.compile(r"^\s*#\s*include\s+([A-Za-z_]\w*)\s*$", re.M)
 
 
@@ -86,8 +84,8 @@ def read(root: Path, toml_text: Optional[str] = None) -> Manifest:
 
 
 def unresolved_includes(m: Manifest) -> List[str]:
-    """Every quoted #include of a listed file that does not resolve to a listed file, as "file: include". A quoted
-    include resolves against the including file's directory, then the include directories of build.toml."""
+    """Every quoted #include (or #embed) of a listed file that does not resolve to a listed file, as "file: include".
+    A quoted include resolves against the including file's directory, then the include directories of build.toml."""
     listed = set(m.listed)
     problems = []
     for rel in m.listed:
@@ -99,7 +97,7 @@ def unresolved_includes(m: Manifest) -> List[str]:
         for macro in _MACRO_INCLUDE.findall(text):
             if macro not in BUILDER_PROVIDED_MACROS:
                 problems.append(f"{rel}: #include {macro} (a macro kernel-builder does not define)")
-        for inc in _QUOTED_INCLUDE.findall(text):
+        for directive, inc in _QUOTED_INCLUDE.findall(text):
             if inc in BUILDER_PROVIDED:
                 continue
             candidates = [(Path(rel).parent / inc).as_posix()] + [(Path(d) / inc).as_posix()
@@ -108,7 +106,7 @@ def unresolved_includes(m: Manifest) -> List[str]:
             if not any(c in listed for c in candidates):
                 found = [c for c in candidates if (m.root / c).is_file()]
                 hint = f" (exists as {found[0]}: add it to build.toml)" if found else ""
-                problems.append(f'{rel}: #include "{inc}" is not a file build.toml lists{hint}')
+                problems.append(f'{rel}: #{directive} "{inc}" is not a file build.toml lists{hint}')
     return problems
 
 
@@ -122,6 +120,29 @@ def unlisted_sources(m: Manifest) -> List[str]:
             if p.suffix in SOURCE_SUFFIXES and p.is_file() and rel not in listed and rel not in EXCLUDED:
                 out.append(rel)
     return out
+
+
+# The Mac glue that embeds the tensor-ops library's source (#embed, in include order) and compiles it at run time.
+TENSOR_OPS_LAUNCHER = "flash_sdpa/metal_launch.mm"
+_EMBED = re.compile(r'^\s*#\s*embed\s+"([^"]+)"', re.M)
+
+
+def tensor_ops_files(root: Path) -> List[str]:
+    """The files metal_launch.mm embeds as the tensor-ops library's source, in its order (paths under root)."""
+    launcher = Path(root) / TENSOR_OPS_LAUNCHER
+    return [(Path(TENSOR_OPS_LAUNCHER).parent / f).as_posix() for f in _EMBED.findall(launcher.read_text())]
+
+
+def tensor_ops_source(root: Path) -> str:
+    """The tensor-ops library's source as the glue assembles it (metal_launch.mm, tensor_ops_source): the embedded
+    files concatenated, without the lines that start (after blanks) with `#include "` or `#pragma once`."""
+    out = []
+    for rel in tensor_ops_files(root):
+        for line in (Path(root) / rel).read_text().split("\n"):
+            code = line.lstrip(" \t")
+            if not (code.startswith('#include "') or code.startswith("#pragma once")):
+                out.append(line + "\n")
+    return "".join(out)
 
 
 def _normalise(rel: str) -> str:

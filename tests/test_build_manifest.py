@@ -34,14 +34,17 @@ def test_every_source_is_listed_or_excluded(manifest):
 
 
 def test_the_check_catches_an_unlisted_header():
-    # build.toml before issue 18 did not list params_types.h, which three listed headers include.
+    # build.toml before issue 18 did not list params_types.h, which three listed headers include (and the glue embeds).
     text = (ROOT / "build.toml").read_text()
     old = re.sub(r'^\s*"flash_sdpa/params_types.h",.*\n', "", text, flags=re.M)
     assert old != text
     m = build_manifest.read(ROOT, old)
     problems = build_manifest.unresolved_includes(m)
     assert {p.split(":")[0] for p in problems} == {"flash_sdpa/attention_options.h", "flash_sdpa/varlen_params.h",
-                                                   "flash_sdpa/paged_params.h"}, problems
+                                                   "flash_sdpa/paged_params.h", "flash_sdpa/metal_launch.mm"}, problems
+    assert [p for p in problems if p.startswith("flash_sdpa/metal_launch.mm")] == [
+        'flash_sdpa/metal_launch.mm: #embed "params_types.h" is not a file build.toml lists (exists as '
+        "flash_sdpa/params_types.h: add it to build.toml)"]
     assert all('"params_types.h"' in p and "add it to build.toml" in p for p in problems)
     assert build_manifest.unlisted_sources(m) == ["flash_sdpa/params_types.h"]
 

@@ -6,12 +6,11 @@ no byte of the cache buffer outside the written slots may change. The kernel-lev
 traffic) are in test_paged_kernels.py; its scenario builder and reference are reused here.
 """
 
-import ctypes
 import inspect
 import itertools
 import random
-from pathlib import Path
 
+import dispatch_stats
 import pytest
 import torch
 from test_paged_kernels import bits, check_fa2, make_case, reference_attention, reference_write
@@ -373,12 +372,6 @@ def test_fuzz_no_overrun(kernel, device, emulator, monkeypatch, seed):
 # ---- dispatches and traffic (emulated build) ----------------------------------------------------------------------
 
 
-class _Stats(ctypes.Structure):
-    _fields_ = [("kernel", ctypes.c_char * 128), ("threadgroups", ctypes.c_uint64), ("threads", ctypes.c_uint64),
-                ("loaded", ctypes.c_uint64 * 31), ("stored", ctypes.c_uint64 * 31),
-                ("threadgroup_loaded", ctypes.c_uint64), ("threadgroup_stored", ctypes.c_uint64)]
-
-
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("num_splits,D,H", [(0, 128, 8), (1, 128, 8), (0, 512, 4)])
 def test_dispatches_and_traffic(kernel, device, num_splits, D, H):
@@ -387,28 +380,13 @@ def test_dispatches_and_traffic(kernel, device, num_splits, D, H):
     at most 4 rows, so GQA 8 reads K/V twice, once per row block)."""
     if device.type != "cpu":
         pytest.skip("traffic counters exist in the emulated build only")
-    # The runtime instance the extension dispatches to: whichever loaded libmetal_cpu*.so counts the call (the tests'
-    # own emulator and the package's share one soname, so the first one loaded serves both).
-    libs = []
-    for path in sorted({line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                        if "libmetal_cpu" in line and line.split()[-1].endswith(".so")}):
-        lib = ctypes.CDLL(path)
-        lib.mcpu_stats_count.restype = ctypes.c_uint64
-        lib.mcpu_stats_get.argtypes = [ctypes.c_uint64, ctypes.POINTER(_Stats)]
-        libs.append(lib)
     S, Hkv = 2048, 1
     c = make_case(Bsz=1, H=H, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=16, seqlens=[S - 1], seed=2, layout="separate")
-    for lib in libs:
-        lib.mcpu_stats_reset()
-    out = kernel.flash_attn_with_kvcache(c["q"], c["k_cache"], c["v_cache"], c["k_new"], c["v_new"],
-                                         cache_seqlens=c["cache_seqlens"], block_table=c["block_table"], causal=True,
-                                         num_splits=num_splits)
-    lib = max(libs, key=lambda lib: lib.mcpu_stats_count())
-    stats = []
-    for i in range(lib.mcpu_stats_count()):
-        s = _Stats()
-        lib.mcpu_stats_get(i, ctypes.byref(s))
-        stats.append(s)
+    result = []
+    stats = dispatch_stats.recorded(lambda: result.append(kernel.flash_attn_with_kvcache(
+        c["q"], c["k_cache"], c["v_cache"], c["k_new"], c["v_new"], cache_seqlens=c["cache_seqlens"],
+        block_table=c["block_table"], causal=True, num_splits=num_splits)))
+    out = result[0]
     names = [s.kernel.decode() for s in stats]
     assert 2 <= len(stats) <= 3 and names[0].startswith("kv_paged_write") and names[1].startswith("paged_decode_")
     attn = stats[1]

@@ -1,9 +1,10 @@
 """The tensor-op forward kernel (flash_sdpa/attention_tensor_ops.h: Metal 4 matmul2d, the M5 path) on the emulator.
 
-The kernel is not yet built into the package nor routed: tests/msl_cpu/kernels/attention_tensor_ops.metal instantiates
-it, and each case runs the launch plan the varlen planner makes for flash_attn_varlen_func (the C++ planner as a CPU
-torch extension, tests/metal_cuda/planner_ext.py) with only the kernel name changed, so the kernel is checked against
-the varlen kernel's contract: same buffers, params, function constants and grid. Results against a float64 reference
+flash_sdpa/tensor_ops_library.h instantiates it (the package compiles that library at run time on Apple family 10 and
+routes forwards to it: tests/test_tensor_ops_route.py); each case here runs the launch plan the varlen planner makes
+for flash_attn_varlen_func (the C++ planner as a CPU torch extension, tests/metal_cuda/planner_ext.py) with only the
+kernel name changed, so the kernel is checked against the varlen kernel's contract: same buffers, params, function
+constants and grid. Results against a float64 reference
 under FlashAttention's rule (max|out - ref| <= 2 * max|torch in the same dtype - ref| + 1e-5), LSE within 1e-3.
 Every case runs under two emulator schedules whose seeds give the cooperative tensors different element ownership.
 """
@@ -19,7 +20,7 @@ from test_paged_varlen import make_paged
 from msl import cpu as metal_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNELS = ROOT / "tests" / "msl_cpu" / "kernels" / "attention_tensor_ops.metal"
+KERNELS = ROOT / "flash_sdpa" / "tensor_ops_library.h"
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 # The seed also moves which thread holds which element of a cooperative tensor (msl/README.md, "Tensor operations").
 SCHEDULES = [dict(schedule="forward", seed=0), dict(schedule="random", seed=7)]

@@ -107,6 +107,14 @@ int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return batch;
 }
 
+// A forward plan, on the tensor-ops kernels where the package turned them on (routing.h, use_tensor_ops).
+void run_forward(flash_sdpa::LaunchPlan plan) {
+  if (flash_sdpa::tensor_ops_enabled()) {
+    flash_sdpa::use_tensor_ops(plan);
+  }
+  flash_sdpa::run_launch_plan(plan);
+}
+
 }  // namespace
 
 void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -136,7 +144,7 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
   call.max_seqlen_k = max_seqlen_k;
-  flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_attention(call));
+  run_forward(flash_sdpa::plan_varlen_attention(call));
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -156,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.block_table = block_table;
   call.max_seqlen_q = max_seqlen_q;
   const flash_sdpa::RoutedForward routed = flash_sdpa::route_varlen_forward(call, max_seqlen_k);
-  flash_sdpa::run_launch_plan(routed.plan);
+  run_forward(routed.plan);
   return {routed.out, routed.lse};
 }
 
@@ -168,11 +176,20 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   const flash_sdpa::AttentionOptions options =
       read_options(option_floats, option_ints, option_tensors, q, q.size(0), q.size(2), k.size(1), q.size(1));
   const flash_sdpa::RoutedForward routed = flash_sdpa::route_dense_forward(q, k, v, options);
-  flash_sdpa::run_launch_plan(routed.plan);
+  run_forward(routed.plan);
   return {routed.out, routed.lse};
 }
 
 std::vector<int64_t> varlen_head_dims() { return flash_sdpa::varlen_head_dims(); }
+
+bool tensor_ops_supported() { return flash_sdpa::tensor_ops_supported(); }
+
+void set_tensor_ops(bool enabled) {
+  TORCH_CHECK_VALUE(
+      !enabled || flash_sdpa::tensor_ops_supported(),
+      "set_tensor_ops(True): this GPU or build has no tensor-ops library (tensor_ops_supported() is False)");
+  flash_sdpa::set_tensor_ops_enabled(enabled);
+}
 
 // flash_attn_with_kvcache.
 namespace {
@@ -315,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   const flash_sdpa::RoutedForward routed = flash_sdpa::route_kvcache_forward(call, cache_batch_idx, return_lse);
-  flash_sdpa::run_launch_plan(routed.plan);
+  run_forward(routed.plan);
   return {routed.out, routed.lse};
 }
 
@@ -331,6 +348,9 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
       "int max_seqlen_k, Tensor? block_table, " FLASH_SDPA_OPTION_GROUP ") -> (Tensor, Tensor)");
   ops.def("fwd(Tensor q, Tensor k, Tensor v, " FLASH_SDPA_OPTION_GROUP ") -> (Tensor, Tensor)");
   ops.def("varlen_head_dims() -> int[]", &varlen_head_dims);
+  // The forward on Metal 4 tensor ops (routing.h): the Python package asks, self-tests and turns it on.
+  ops.def("tensor_ops_supported() -> bool", &tensor_ops_supported);
+  ops.def("set_tensor_ops(bool enabled) -> ()", &set_tensor_ops);
 
 #ifdef METAL_FLASH_SDPA_EMULATED
   constexpr auto kDispatchKey = c10::DispatchKey::CPU;

@@ -42,6 +42,11 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
 // The head dims the varlen/dense kernel supports (one list, flash_sdpa/varlen_params.h).
 std::vector<int64_t> varlen_head_dims();
 
+// The forward on Metal 4 tensor ops (flash_sdpa/routing.h): whether this GPU and build run it, and turning it on or
+// off for the process (on only where supported). The Python package decides (_tensor_ops.py).
+bool tensor_ops_supported();
+void set_tensor_ops(bool enabled);
+
 // FlashAttention-2 backward of varlen_fwd / fwd from the forward's q, k, v, out, lse and dout (shaped like out):
 // returns (dq like q, dk like k, dv like v, ds_aux float [H] (empty without s_aux)). No gradient for alibi_slopes.
 // Deterministic by construction (no atomics): bit-identical on repeat.

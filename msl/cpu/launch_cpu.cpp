@@ -1,13 +1,19 @@
 // run_launch_plan for the emulated build: executes a flash_sdpa::LaunchPlan on the Metal-on-CPU emulator.
 //
 // The variant directory holds libmetal_cpu.so and one compiled kernel library per .metal file under
-// metal_cpu_kernels/ (scripts/build_emulated.py); they are opened once, next to this extension's own .so.
+// metal_cpu_kernels/ (scripts/build_emulated.py); they are opened once, next to this extension's own .so. The
+// tensor-ops library (the source the Mac glue compiles at run time) is metal_cpu_tensor_ops/tensor_ops_library.so,
+// used only by dispatches that name it, on a modelled GPU of Apple family >= 10
+// (METAL_FLASH_SDPA_EMULATED_GPU_FAMILY; default 9, an M3 / M4: no tensor-ops path).
+// METAL_FLASH_SDPA_EMULATED_TENSOR_OPS_LIBRARY replaces that library (the tests load one with a planted layout bug: a
+// GPU whose tensor-ops results are wrong).
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <dirent.h>
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -63,6 +69,32 @@ const std::vector<mcpu_library*>& kernel_libraries() {
   return libs;
 }
 
+std::string tensor_ops_library_path() {
+  const char* path = std::getenv("METAL_FLASH_SDPA_EMULATED_TENSOR_OPS_LIBRARY");
+  return path != nullptr && *path != '\0' ? std::string(path)
+                                          : this_library_dir() + "/metal_cpu_tensor_ops/tensor_ops_library.so";
+}
+
+// The tensor-ops library at `path`, opened once per path (nullptr and `error` when it cannot be opened).
+mcpu_library* tensor_ops_library(const std::string& path, std::string* error) {
+  static std::mutex mutex;
+  static std::vector<std::pair<std::string, mcpu_library*>> opened;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [p, lib] : opened) {
+    if (p == path) {
+      return lib;
+    }
+  }
+  char err[1024] = {0};
+  mcpu_library* lib = mcpu_open(path.c_str(), err, sizeof(err));
+  if (lib == nullptr) {
+    *error = path + ": " + err;
+    return nullptr;
+  }
+  opened.emplace_back(path, lib);
+  return lib;
+}
+
 // The bytes a view can reach: from its first element to its last reachable element, inclusive.
 uint64_t view_byte_extent(const at::Tensor& t) {
   if (t.numel() == 0) {
@@ -83,8 +115,17 @@ void run_launch_plan(const LaunchPlan& plan) {
   }
   const auto& libs = kernel_libraries();
   for (const Dispatch& d : plan.dispatches) {
-    const int which = mcpu_find_kernel(libs.data(), static_cast<int>(libs.size()), d.kernel.c_str());
-    TORCH_CHECK(which >= 0, "metal_cpu: no compiled kernel named ", d.kernel);
+    mcpu_library* lib = nullptr;
+    if (d.tensor_ops_library) {
+      std::string error;
+      lib = tensor_ops_library(tensor_ops_library_path(), &error);
+      TORCH_CHECK(lib != nullptr, "metal_cpu: cannot open the tensor-ops library: ", error);
+      TORCH_CHECK(mcpu_find_kernel(&lib, 1, d.kernel.c_str()) == 0, "metal_cpu: no tensor-ops kernel named ", d.kernel);
+    } else {
+      const int which = mcpu_find_kernel(libs.data(), static_cast<int>(libs.size()), d.kernel.c_str());
+      TORCH_CHECK(which >= 0, "metal_cpu: no compiled kernel named ", d.kernel);
+      lib = libs[which];
+    }
 
     std::vector<mcpu_buffer> buffers;
     for (const BufferArg& b : d.buffers) {
@@ -124,9 +165,18 @@ void run_launch_plan(const LaunchPlan& plan) {
     }
 
     char err[4096] = {0};
-    const int rc = mcpu_dispatch(libs[which], &desc, err, sizeof(err));
+    const int rc = mcpu_dispatch(lib, &desc, err, sizeof(err));
     TORCH_CHECK(rc == 0, "metal_cpu: dispatch of ", d.kernel, " failed: ", err);
   }
+}
+
+bool tensor_ops_supported() {
+  const char* family = std::getenv("METAL_FLASH_SDPA_EMULATED_GPU_FAMILY");
+  if (family == nullptr || std::atoi(family) < 10) {
+    return false;
+  }
+  std::string error;
+  return tensor_ops_library(tensor_ops_library_path(), &error) != nullptr;
 }
 
 }  // namespace flash_sdpa

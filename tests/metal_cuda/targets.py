@@ -65,7 +65,7 @@ TARGETS = {
     # Metal 4 tensors and matmul2d (the emulator's kernels, unchanged), test_tensor_ops_gpu.py
     "tensor_ops": (ROOT / "tests" / "msl_cpu" / "kernels" / "tensor_ops.metal", []),
     # the forward on tensor ops (flash_sdpa/attention_tensor_ops.h, not routed yet), to time beside attention_varlen
-    "attention_tensor_ops": (ROOT / "tests" / "msl_cpu" / "kernels" / "attention_tensor_ops.metal", [FLASH_SDPA]),
+    "attention_tensor_ops": (FLASH_SDPA / "tensor_ops_library.h", [FLASH_SDPA]),
 }
 
 

@@ -99,6 +99,7 @@ def common_flags(gen: Path) -> List[str]:
         "-I", str(gen),
         "-I", str(KERNEL_DIR),
         "-I", str(TORCH_EXT),
+        f"--embed-dir={KERNEL_DIR}",  # #embed resolves beside the including file, as kernel-builder builds it
         *torch_includes(),
         "-isystem", sysconfig.get_paths()["include"],
     ]

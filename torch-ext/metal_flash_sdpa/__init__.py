@@ -17,6 +17,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import _tensor_ops
 from ._ops import add_op_namespace_prefix, ops
 
 __all__ = [
@@ -144,6 +145,7 @@ class _ForwardOnly(torch.autograd.Function):
 
 def _run(name: str, run, *inputs: Optional[torch.Tensor], written: Optional[torch.Tensor] = None):
     """run() -> the op's outputs; through _ForwardOnly when autograd would record them."""
+    _tensor_ops.select(_DEVICE_TYPE)  # the first forward of the process picks its kernels
     grad = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if torch.is_grad_enabled() and grad:
         return _ForwardOnly.apply(name, run, written, *grad)
@@ -179,6 +181,7 @@ class _FlashAttnFunction(torch.autograd.Function):
 def _attention(run, bwd, q, k, v, s_aux, *others: Optional[torch.Tensor]):
     """run() -> (out, lse); through _FlashAttnFunction when autograd would record it. bwd(dout, q, k, v, out, lse,
     s_aux, *others) gets `others` (cu_seqlens, alibi_slopes) back from the saved tensors."""
+    _tensor_ops.select(_DEVICE_TYPE)  # the first forward of the process picks its kernels
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (q, k, v, s_aux)):
         return _FlashAttnFunction.apply(run, bwd, q, k, v, s_aux, *others)
     return run()

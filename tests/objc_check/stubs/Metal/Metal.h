@@ -18,9 +18,42 @@ static inline MTLSize MTLSizeMake(NSUInteger width, NSUInteger height, NSUIntege
 }
 
 // Values as in Apple's MTLDataType (MTLArgument.h); only the scalar types function constants use here.
-typedef NS_ENUM(NSUInteger, MTLDataType){
-    MTLDataTypeNone = 0, MTLDataTypeFloat = 3, MTLDataTypeInt = 29, MTLDataTypeUInt = 33, MTLDataTypeBool = 53,
+typedef NS_ENUM(NSUInteger, MTLDataType) {
+  MTLDataTypeNone = 0,
+  MTLDataTypeFloat = 3,
+  MTLDataTypeInt = 29,
+  MTLDataTypeUInt = 33,
+  MTLDataTypeBool = 53,
 };
+
+// MTLLanguageVersion values are (major << 16) + minor; Metal 4.0: macOS 26.
+typedef NS_ENUM(NSUInteger, MTLLanguageVersion) {
+  MTLLanguageVersion3_0 = (3 << 16) + 0,
+  MTLLanguageVersion3_1 = (3 << 16) + 1,
+  MTLLanguageVersion3_2 = (3 << 16) + 2,
+  MTLLanguageVersion4_0 = (4 << 16) + 0,
+};
+
+typedef NS_ENUM(NSInteger, MTLMathMode) {
+  MTLMathModeSafe = 0,
+  MTLMathModeRelaxed = 1,
+  MTLMathModeFast = 2,
+};
+
+// Apple GPU families (Apple9: A17 / M3 / M4; Apple10: A19 / M5); the SDK names more.
+typedef NS_ENUM(NSInteger, MTLGPUFamily) {
+  MTLGPUFamilyApple7 = 1007,
+  MTLGPUFamilyApple8 = 1008,
+  MTLGPUFamilyApple9 = 1009,
+  MTLGPUFamilyApple10 = 1010,
+  MTLGPUFamilyMetal3 = 5001,
+  MTLGPUFamilyMetal4 = 5002,
+};
+
+@interface MTLCompileOptions : NSObject
+@property(readwrite, nonatomic) MTLLanguageVersion languageVersion;
+@property(readwrite, nonatomic) MTLMathMode mathMode;
+@end
 
 @protocol MTLDevice;
 @protocol MTLCommandBuffer;
@@ -95,6 +128,10 @@ typedef void (^MTLCommandBufferHandler)(id<MTLCommandBuffer>);
 @property(readonly) uint64_t recommendedMaxWorkingSetSize;
 - (nullable id<MTLCommandQueue>)newCommandQueue;
 - (nullable id<MTLLibrary>)newLibraryWithData:(dispatch_data_t)data error:(NSError* _Nullable* _Nullable)error;
+- (nullable id<MTLLibrary>)newLibraryWithSource:(NSString*)source
+                                        options:(nullable MTLCompileOptions*)options
+                                          error:(NSError* _Nullable* _Nullable)error;
+- (BOOL)supportsFamily:(MTLGPUFamily)gpuFamily;
 - (nullable id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction>)computeFunction
                                                                       error:(NSError* _Nullable* _Nullable)error;
 @end

@@ -1,6 +1,9 @@
-// Test-only instantiation of the tensor-op forward kernel (flash_sdpa/attention_tensor_ops.h), until the package builds
-// and routes it: tests/test_tensor_ops_attention.py runs it on the emulator with the varlen planner's launch plans.
-// Kernel names: flash_attn_varlen_tops_<float32|float16|bfloat16>_d<head dim>.
+// The tensor-ops library: the kernels of attention_tensor_ops.h, compiled apart from the metallib. kernel-builder
+// compiles only .metal files, so this header is not built with the package: the Mac glue compiles it at run time from
+// the source it embeds (metal_launch.mm, kTensorOpsSources: this file and the headers it includes, in include order),
+// only on GPUs of Apple family 10, and a compiler or driver that rejects it costs the tensor-ops path, never the
+// package. The emulated build compiles it as a kernel library of its own (scripts/build_emulated.py), the proxy as the
+// target attention_tensor_ops. Kernel names: flash_attn_varlen_tops_<float32|float16|bfloat16>_d<head dim>.
 #include "attention_tensor_ops.h"
 
 #define FLASH_SDPA_STR_(x) #x
@@ -11,7 +14,7 @@
   decltype(flash_attn_varlen_tops<T, D>) flash_attn_varlen_tops<T, D>;
 
 // Every type at head dims 32 to 128 (multiples of 32: the varlen list's); 256 in half / bfloat only (float's Q tile
-// alone would be 32 KB: flash_sdpa::tops_supports).
+// alone would be 32 KB: flash_sdpa::tops_supports). routing.cpp's tensor_ops_kernel names the same set.
 #define FLASH_SDPA_TOPS_HEAD_DIMS(Y, a, b) Y(a, b, 32) Y(a, b, 64) Y(a, b, 96) Y(a, b, 128)
 #define FLASH_SDPA_INSTANTIATE_TOPS_DTYPE(T, TNAME) FLASH_SDPA_TOPS_HEAD_DIMS(FLASH_SDPA_INSTANTIATE_TOPS, T, TNAME)
 
