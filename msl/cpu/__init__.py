@@ -255,7 +255,8 @@ class Library:
 
 
 def compile(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-            fast_math: bool = True) -> Library:
+            fast_math: bool = True, extra_flags: Sequence[str] = ()) -> Library:
     """Compiles (cached by source hash) and loads a .metal file. fast_math=True is Metal's default (fast:: math for the
-    plain names, denormals flushed, division as x * (1 / y)); False is -fno-fast-math (precise:: math, IEEE)."""
-    return Library(compile_cached(metal_path, include_dirs, defines, fast_math))
+    plain names, denormals flushed, division as x * (1 / y)); False is -fno-fast-math (precise:: math, IEEE).
+    extra_flags: compiler flags for the source with the shim (compiler.compile_to)."""
+    return Library(compile_cached(metal_path, include_dirs, defines, fast_math, extra_flags))

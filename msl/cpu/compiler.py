@@ -97,18 +97,19 @@ COMMON_FLAGS = ["-x", "c++", "-std=c++20", "-fno-exceptions", "-fno-rtti", "-Wal
 
 
 def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-               fast_math: bool = True, opt: str = "-O2") -> Path:
+               fast_math: bool = True, opt: str = "-O2", extra_flags: Sequence[str] = ()) -> Path:
     """Compiles one .metal file to a kernel library at `out_path` (uncached). fast_math (Metal's default) selects the
     fast:: math functions for the plain names, runs the threads with denormals flushed and computes divisions as
-    x * (1 / y) (see shim/metal_stdlib.h, README "Fast math")."""
+    x * (1 / y) (see shim/metal_stdlib.h, README "Fast math"). extra_flags go to the compiles of the preprocessed
+    source with the shim (`defines` reach only the source's preprocessing): e.g. -DMSL_NAX_FRAGMENT_LAYOUT=1."""
     metal_path, out_path = Path(metal_path), Path(out_path)
     pre = prepass(preprocess(metal_path, include_dirs, defines or {}), "cpu")
     math = ["-ffast-math", "-DMCPU_FAST_MATH"] if fast_math else []
     with tempfile.TemporaryDirectory() as tmp:
         check = Path(tmp) / "check.cpp"
         check.write_text(pre.source)
-        run([clang(), "-fsyntax-only", *COMMON_FLAGS, *math, "-DMCPU_ADDRESS_SPACES", "-include", str(SHIM),
-              str(check)], f"address-space check of {metal_path}")
+        run([clang(), "-fsyntax-only", *COMMON_FLAGS, *math, *extra_flags, "-DMCPU_ADDRESS_SPACES", "-include",
+             str(SHIM), str(check)], f"address-space check of {metal_path}")
         src = Path(tmp) / (metal_path.stem + ".mcpu.cpp")
         src.write_text(pre.source + entry_points(pre))
         # Front end only (no optimisation yet, so every division is still one), then the division model, then the
@@ -117,8 +118,8 @@ def compile_to(metal_path, out_path, include_dirs: Sequence[str] = (), defines: 
         coverage = "-fsanitize-coverage=func,trace-loads,trace-stores"
         # Every access through a typed pointer checks the address against the type's alignment (a half4 read at an
         # odd element is undefined on an Apple GPU; x86 would read it silently): shim/metal_stdlib.h reports it.
-        run([clang(), *COMMON_FLAGS, *math, opt, "-gline-tables-only", "-fPIC", coverage, "-fsanitize=alignment",
-             "-fvisibility=hidden",
+        run([clang(), *COMMON_FLAGS, *math, *extra_flags, opt, "-gline-tables-only", "-fPIC", coverage,
+             "-fsanitize=alignment", "-fvisibility=hidden",
               f'-DMCPU_SOURCE_PATH="{metal_path.resolve()}"', "-include", str(SHIM), "-S", "-emit-llvm",
               "-Xclang", "-disable-llvm-passes", str(src), "-o", str(ir)], f"compiling {metal_path}")
         ir.write_text(reciprocal_divisions(ir.read_text()))
@@ -159,17 +160,19 @@ def reciprocal_divisions(ir: str) -> str:
 
 
 def compile_cached(metal_path, include_dirs: Sequence[str] = (), defines: Optional[Dict[str, str]] = None,
-                   fast_math: bool = True) -> Path:
+                   fast_math: bool = True, extra_flags: Sequence[str] = ()) -> Path:
     """Compiles (or reuses) a kernel library keyed by the preprocessed source, the flags and the emulator itself."""
     metal_path = Path(metal_path)
     text = preprocess(metal_path, include_dirs, defines or {})
     h = hashlib.sha256()
     h.update(text.encode())
     h.update(repr((fast_math, sorted((defines or {}).items()))).encode())
+    if extra_flags:
+        h.update(repr(list(extra_flags)).encode())
     h.update(frontend.file_hash(TOOLCHAIN).encode())
     out = cache_dir() / f"{metal_path.stem}{'-fastmath' if fast_math else ''}-{h.hexdigest()[:16]}.so"
     if not out.exists():
-        compile_to(metal_path, out, include_dirs, defines, fast_math)
+        compile_to(metal_path, out, include_dirs, defines, fast_math, extra_flags=extra_flags)
     return out
 
 

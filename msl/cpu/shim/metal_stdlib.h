@@ -35,7 +35,73 @@
 #define kernel
 
 #define MSL_INLINE MCPU_INLINE
+#define METAL_FUNC MCPU_INLINE  // Apple's metal_stdlib defines it; peers' headers use it
 #include "../../shim/msl_types.h"
+
+// ---- metal_type_traits: the std traits under MSL's names (as the proxy's shim has them) ---------------------------
+namespace metal {
+using std::bool_constant;
+using std::conditional;
+using std::conditional_t;
+using std::decay_t;
+using std::enable_if;
+using std::enable_if_t;
+using std::false_type;
+using std::integral_constant;
+using std::is_arithmetic_v;
+using std::is_convertible;
+using std::is_convertible_v;
+using std::is_floating_point;
+using std::is_floating_point_v;
+using std::is_integral;
+using std::is_integral_v;
+using std::is_same;
+using std::is_same_v;
+using std::is_signed;
+using std::is_signed_v;
+using std::remove_cv;
+using std::remove_cv_t;
+using std::remove_reference;
+using std::remove_reference_t;
+using std::true_type;
+// The address space of a type, removed (a thread-space type has none).
+template <typename T>
+struct remove_addrspace {
+  using type = T;
+};
+#ifdef MCPU_ADDRESS_SPACES
+template <typename T>
+struct remove_addrspace<device T> {
+  using type = T;
+};
+template <typename T>
+struct remove_addrspace<const __attribute__((address_space(2))) T> {
+  using type = const T;
+};
+template <typename T>
+struct remove_addrspace<threadgroup T> {
+  using type = T;
+};
+#endif
+template <typename T>
+using remove_addrspace_t = typename remove_addrspace<T>::type;
+
+// numeric_limits of the 8-bit integers (msl_types.h has the wider ones; peers' Limits tables ask for all).
+#define MCPU_LIMITS8(T, MAX, MIN)                  \
+  template <>                                      \
+  struct numeric_limits<T> {                       \
+    static constexpr bool is_specialized = true;   \
+    static constexpr T max() { return MAX; }       \
+    static constexpr T min() { return MIN; }       \
+    static constexpr T lowest() { return MIN; }    \
+    static constexpr T infinity() { return (T)0; } \
+    static constexpr T epsilon() { return (T)0; }  \
+  };
+MCPU_LIMITS8(char, (char)127, (char)-128)
+MCPU_LIMITS8(signed char, (signed char)127, (signed char)-128)
+MCPU_LIMITS8(unsigned char, (unsigned char)255, (unsigned char)0)
+#undef MCPU_LIMITS8
+}  // namespace metal
 
 // ---- the runtime that opened this library (see mcpu_runtime_api) -------------------------------------------------
 // Trampolines are not instrumented and not inlined: their return address is the kernel code that called them.
@@ -85,6 +151,14 @@ static MCPU_TRAMPOLINE void mcpu_fatal(const char* message) {
 }
 
 namespace metal {
+
+// uniform<T> marks a value as the same in every thread (a hint to Apple's compiler): here the value itself.
+template <typename T>
+using uniform = T;
+template <typename T>
+MCPU_INLINE constexpr T make_uniform(T x) {
+  return x;
+}
 
 // ---- math -------------------------------------------------------------------------------------------------------
 // Metal has two variants of the single-precision math functions: metal::fast:: and metal::precise::; the plain

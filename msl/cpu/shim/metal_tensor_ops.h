@@ -15,12 +15,27 @@
 // which thread holds which element computes wrong results here, as it would on another GPU generation. The views,
 // the execution scopes and the descriptor are msl/shim/msl_tensors.h, shared with the proxy; here the cooperative
 // tensors and matmul2d.
+//
+// Opt-in MSL_NAX_FRAGMENT_LAYOUT (peer checks only): the execution_simdgroup cooperative tensors of
+// matmul2d<(16, N, 16)> (N a multiple of 16) take the fixed layout of code written for Apple's M5 GPUs (MLX's NAX
+// kernels) instead of the seeded one, and left / right input cooperative tensors exist; the layout is the proxy's
+// opt-in (msl/cuda/shim/metal_tensor_ops.h, header comment): per 16 x 16 block, lane l holds rows r0, r0 + 8 and
+// columns c0 .. c0 + 3 (r0 = 4 l4 + 2 l2 + l1, c0 = 4 (2 l3 + l0)), slot 4 h + j = (r0 + 8 h, c0 + j); blocks along N
+// in slots 8 f ..; the right input over (k, n), or (n, k) when transpose_right.
 #pragma once
 
 // Elements move through volatile accesses: the optimiser cannot merge a row into one vector load wider than the 16
 // bytes SanitizerCoverage hooks, which would escape the overrun and race checks.
 #define MSL_TENSOR_ELEMENT(p) (*(volatile std::remove_pointer_t<decltype(p)>*)(p))
 #include "../../shim/msl_tensors.h"
+
+#ifdef MSL_NAX_FRAGMENT_LAYOUT
+// Apple's compiler builtin for the lane index, which code written for the opt-in layout calls.
+template <typename I>
+MCPU_INLINE I __metal_get_thread_index_in_simdgroup(I) {
+  return I(mcpu_lane_id());
+}
+#endif
 
 namespace metal {
 
@@ -75,8 +90,33 @@ MCPU_INLINE mcpu_coop_layout mcpu_make_layout(uint32_t thread_in_scope, uint32_t
   return {thread_in_scope, a, (uint32_t)(mcpu_mix(h) % (total ? total : 1))};
 }
 
+// ---- the opt-in layout (MSL_NAX_FRAGMENT_LAYOUT) ----------------------------------------------------------------
+#ifdef MSL_NAX_FRAGMENT_LAYOUT
+template <int M, int N, int Threads>
+constexpr bool mcpu_nax_shape = Threads == 32 && M == 16 && N % 16 == 0;
+#else
+template <int M, int N, int Threads>
+constexpr bool mcpu_nax_shape = false;
+#endif
+struct mcpu_nax {
+  MCPU_INLINE static uint32_t row0(uint32_t l) { return (l >> 4 & 1u) << 2 | (l >> 1 & 3u); }
+  MCPU_INLINE static uint32_t quad(uint32_t l) { return (l >> 3 & 1u) << 1 | (l & 1u); }
+  // Slot i of lane l: row and column in the blocks' orientation (16 rows, blocks of 16 columns).
+  MCPU_INLINE static uint32_t row(uint32_t l, uint32_t i) { return row0(l) + 8 * (i >> 2 & 1u); }
+  MCPU_INLINE static uint32_t col(uint32_t l, uint32_t i) { return 16 * (i >> 3) + 4 * quad(l) + (i & 3u); }
+};
+template <typename T, int Blocks>
+struct mcpu_nax_operand {
+  static constexpr int capacity = 8 * Blocks;
+  T v[capacity];
+  MCPU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
+  MCPU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
+  MCPU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
+};
+
 template <typename T, int M, int N, int Threads>
 struct cooperative_tensor {
+  static constexpr bool nax = mcpu_nax_shape<M, N, Threads>;
   static constexpr int capacity = (M * N + Threads - 1) / Threads;
   T v[capacity];
   mcpu_coop_layout layout;
@@ -89,6 +129,7 @@ struct cooperative_tensor {
   }
   // Row-major element number of slot i (valid slots only).
   MCPU_INLINE uint32_t mcpu_element(uint16_t i) const {
+    if constexpr (nax) return mcpu_nax::row(layout.thread_in_scope, i) * N + mcpu_nax::col(layout.thread_in_scope, i);
     const uint64_t x = (uint64_t)layout.thread_in_scope * capacity + i;
     return (uint32_t)(((uint64_t)layout.a * x + layout.b) % (uint32_t)(M * N));
   }
@@ -175,6 +216,62 @@ struct matmul2d {
     __builtin_memset(c.v, 0xff, sizeof c.v);
     return c;
   }
+
+#ifdef MSL_NAX_FRAGMENT_LAYOUT
+  static constexpr bool kNax = metal::mcpu_nax_shape<D.m, D.n, kThreads> && D.k == 16;
+  template <typename A, typename B, typename T>
+  MCPU_INLINE metal::mcpu_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
+    static_assert(kNax && !D.transpose_left,
+                  "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
+    metal::mcpu_nax_operand<A, 1> t;
+    __builtin_memset(t.v, 0xff, sizeof t.v);
+    return t;
+  }
+  template <typename A, typename B, typename T>
+  MCPU_INLINE metal::mcpu_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
+    static_assert(kNax, "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
+    metal::mcpu_nax_operand<B, D.n / 16> t;
+    __builtin_memset(t.v, 0xff, sizeof t.v);
+    return t;
+  }
+
+  // C = A B (+ C) on input cooperative tensors: the simdgroup's slots gathered, each destination element summed over
+  // k in fp32 as mcpu_dot does.
+  template <typename TA, typename TB, typename T, int Threads>
+  MCPU_INLINE void run(const thread metal::mcpu_nax_operand<TA, 1>& a,
+                       const thread metal::mcpu_nax_operand<TB, D.n / 16>& b,
+                       thread metal::cooperative_tensor<T, D.m, D.n, Threads>& c, MCPU_SITE) const {
+    static_assert(kNax && Threads == kThreads && !D.transpose_left, "matmul2d::run on input cooperative tensors");
+    c.mcpu_check_scope(MCPU_SITE_ARGS);
+    using NX = metal::mcpu_nax;
+    float am[16][16], bm[16][D.n];  // A (row, k), B (k, n)
+    for (uint32_t i = 0; i < 8; ++i) {
+      const metal::mcpu_lanes<TA> l = metal::mcpu_exchange(a.v[i], MCPU_SITE_ARGS);
+      for (uint32_t x = 0; x < 32; ++x) am[NX::row(x, i)][NX::col(x, i)] = (float)l.v[x];
+    }
+    for (uint32_t i = 0; i < 8 * (D.n / 16); ++i) {
+      const metal::mcpu_lanes<TB> l = metal::mcpu_exchange(b.v[i], MCPU_SITE_ARGS);
+      for (uint32_t x = 0; x < 32; ++x) {
+        const uint32_t f = i >> 3, r = NX::row(x, i), q = NX::col(x, i) - 16 * f;
+        if (D.transpose_right)
+          bm[q][16 * f + r] = (float)l.v[x];
+        else
+          bm[r][16 * f + q] = (float)l.v[x];
+      }
+    }
+    constexpr bool accumulate = D.matmul_mode == matmul2d_descriptor::mode::multiply_accumulate;
+    for (uint16_t i = 0; i < c.capacity; ++i) {
+      const uint32_t e = c.mcpu_element(i), row = e / D.n, col = e % D.n;
+      float acc = accumulate ? (float)c.v[i] : 0.0f;
+      for (int k = 0; k < 16; ++k) {
+        float x = am[row][k], y = bm[k][col];
+        if (D.relaxed_precision) x = msl_relaxed(x), y = msl_relaxed(y);
+        acc += x * y;
+      }
+      c.v[i] = T(acc);
+    }
+  }
+#endif
 
   // One destination element: sum over k in fp32, rounded once to the destination type.
   template <typename A, typename B>

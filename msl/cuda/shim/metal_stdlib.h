@@ -67,6 +67,13 @@ using std::remove_reference_t;
 using std::true_type;
 template <typename T>
 using remove_addrspace_t = T;  // the proxy erases address spaces
+// uniform<T> marks a value as the same in every thread (a hint to Apple's compiler): here the value itself.
+template <typename T>
+using uniform = T;
+template <typename T>
+MCU_INLINE constexpr T make_uniform(T x) {
+  return x;
+}
 }  // namespace metal
 
 // ---- PTX special registers and instructions -----------------------------------------------------------------------

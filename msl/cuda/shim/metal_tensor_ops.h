@@ -14,6 +14,17 @@
 // ~fp32; four when relaxed_precision, whose operands are first rounded to 10 mantissa bits as the emulator does) in
 // mode 1, in fp32 FMAs in mode 2; everything in fp32 FMAs in mode 0 (one sum per element in k order, each lane its
 // own slots). Operand elements outside their tensor's extents read 0, destination elements outside are not written.
+//
+// Opt-in MSL_NAX_FRAGMENT_LAYOUT (peer builds only, e.g. MLX's NAX attention, which indexes cooperative tensor slots
+// itself): the execution_simdgroup cooperative tensors of matmul2d<(16, N, 16)> (N a multiple of 16) take the
+// element layout below instead of the mma.sync one, and left / right input cooperative tensors exist. Each 16 x 16
+// block is dealt as follows: lane l (bits l4..l0) holds rows r0 and r0 + 8 and columns c0 .. c0 + 3, with
+// r0 = 4 l4 + 2 l2 + l1 and c0 = 4 (2 l3 + l0); its slot 4 h + j is (r0 + 8 h, c0 + j). The destination (16 x N) and
+// the right input are N / 16 such blocks along N, block f in slots 8 f .. 8 f + 7; the left input is one block over
+// (row, k); the right input's blocks are over (k, n), or over (n, k) when transpose_right (the stored orientation).
+// run() on these operands permutes them into mma.sync fragments with warp shuffles (rows kept, the k and n indices
+// renumbered so that a lane's four columns land in one mma lane: no shuffle crosses a row pair for A, C and D) and
+// back. Tensor-core lowering only (MCU_SIMDGROUP_MMA 1 or 2: a float left operand takes the bfloat split).
 #pragma once
 
 #if __cplusplus >= 202002L
@@ -49,22 +60,68 @@ struct mcu_tiles {
   }
 };
 
+// ---- the opt-in 16 x 16 block layout (MSL_NAX_FRAGMENT_LAYOUT): see the header comment ---------------------------
+#ifdef MSL_NAX_FRAGMENT_LAYOUT
+template <int M, int N, int Simdgroups>
+constexpr bool mcu_nax_shape = Simdgroups == 1 && M == 16 && N % 16 == 0;
+#else
+template <int M, int N, int Simdgroups>
+constexpr bool mcu_nax_shape = false;
+#endif
+
+struct mcu_nax {
+  // The block position of a lane: first row (0..7) and column quad (0..3, columns 4 q .. 4 q + 3); and back.
+  MCU_INLINE static int row0(uint l) { return (int)((l >> 4 & 1u) << 2 | (l >> 1 & 3u)); }
+  MCU_INLINE static int quad(uint l) { return (int)((l >> 3 & 1u) << 1 | (l & 1u)); }
+  MCU_INLINE static uint lane(uint r0, uint q) { return (r0 >> 2) << 4 | (q >> 1) << 3 | (r0 & 3u) << 1 | (q & 1u); }
+  // Slot i of a 16 x (16 blocks) operand: row and column in its blocks' orientation.
+  MCU_INLINE static int row(uint l, int i) { return row0(l) + 8 * ((i >> 2) & 1); }
+  MCU_INLINE static int col(uint l, int i) { return 16 * (i >> 3) + 4 * quad(l) + (i & 3); }
+  MCU_INLINE static uint shfl(uint x, uint src) {
+    return (uint)__nvvm_shfl_sync_idx_i32(0xffffffffu, (int)x, (int)src, 0x1f);
+  }
+  MCU_INLINE static float shfl(float x, uint src) { return __nvvm_shfl_sync_idx_f32(0xffffffffu, x, (int)src, 0x1f); }
+};
+
+#ifdef MSL_NAX_FRAGMENT_LAYOUT
+// Apple's compiler builtin for the lane index, which code written for this layout calls.
+template <typename I>
+MCU_INLINE I __metal_get_thread_index_in_simdgroup(I) {
+  return I(mcu_lane_id());
+}
+#endif
+
+// A matmul2d input in the opt-in layout: Blocks 16 x 16 blocks of T (get_left / get_right_input_cooperative_tensor).
+template <typename T, int Blocks>
+struct mcu_nax_operand {
+  static constexpr int capacity = 8 * Blocks;
+  T v[capacity];
+  MCU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
+  MCU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
+  MCU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
+};
+
 // ---- cooperative tensors (matmul2d destinations) ----------------------------------------------------------------
 // Simdgroups = 0: execution_thread (all M x N elements in one thread, row-major).
 template <typename T, int M, int N, int Simdgroups>
 struct cooperative_tensor {
   using layout = mcu_tiles<M, N, Simdgroups == 0 ? 1 : Simdgroups>;
-  static constexpr int capacity = Simdgroups == 0 ? M * N : layout::capacity;
+  static constexpr bool nax = mcu_nax_shape<M, N, Simdgroups>;
+  static constexpr int capacity = Simdgroups == 0 ? M * N : nax ? M * N / 32 : layout::capacity;
   T v[capacity];
   uint warp;  // the warp's index in the scope
 
   MCU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
   MCU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
   MCU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
-  MCU_INLINE int mcu_row(int i) const { return Simdgroups == 0 ? i / N : layout::row(warp, i); }
-  MCU_INLINE int mcu_col(int i) const { return Simdgroups == 0 ? i % N : layout::col(warp, i); }
+  MCU_INLINE int mcu_row(int i) const {
+    return Simdgroups == 0 ? i / N : nax ? mcu_nax::row(mcu_lane_id(), i) : layout::row(warp, i);
+  }
+  MCU_INLINE int mcu_col(int i) const {
+    return Simdgroups == 0 ? i % N : nax ? mcu_nax::col(mcu_lane_id(), i) : layout::col(warp, i);
+  }
   MCU_INLINE bool is_valid_element(uint16_t i) const {
-    return i < capacity && (Simdgroups == 0 || layout::valid(warp, i));
+    return i < capacity && (Simdgroups == 0 || nax || layout::valid(warp, i));
   }
   // [column, row]: dimension 0 first, as the tensors index.
   MCU_INLINE array<int, 2> get_multidimensional_index(uint16_t i) const {
@@ -138,6 +195,129 @@ struct matmul2d {
     c.warp = kSimdgroups == 0 ? 0u : metal::mcu_warp_in_threadgroup() % (uint)kSimdgroups;
     return c;
   }
+
+#ifdef MSL_NAX_FRAGMENT_LAYOUT
+  // The opt-in layout's inputs (header comment): M x K and K x N in 16 x 16 blocks.
+  static constexpr bool kNax = metal::mcu_nax_shape<D.m, D.n, kSimdgroups> && D.k == 16;
+  template <typename A, typename B, typename T>
+  MCU_INLINE metal::mcu_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
+    static_assert(kNax && !D.transpose_left,
+                  "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
+    return {};
+  }
+  template <typename A, typename B, typename T>
+  MCU_INLINE metal::mcu_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
+    static_assert(kNax, "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
+    return {};
+  }
+
+  template <typename X>
+  MCU_INLINE static metal::vec<float, 2> unpack16(uint w) {
+    const metal::vec<X, 2> p = __builtin_bit_cast(metal::vec<X, 2>, w);
+    return metal::vec<float, 2>{(float)p.x, (float)p.y};
+  }
+
+  // D = A B (+ C) on input cooperative tensors: each 16-column block of C is two m16n8 tiles. Physical k index
+  // 8 q + 2 t + e holds logical k 4 t + 2 q + e, physical column 8 s + 2 t + e of a block logical column
+  // 4 t + 2 s + e: lane (g, t) of the mma then holds exactly the block lane (row0 g, quad t)'s slots.
+  template <typename TA, typename TB, typename T, int S>
+  MCU_INLINE void run(const thread metal::mcu_nax_operand<TA, 1>& a,
+                      const thread metal::mcu_nax_operand<TB, D.n / 16>& b,
+                      thread metal::cooperative_tensor<T, D.m, D.n, S>& c) const {
+    static_assert(kNax && S == 1 && !D.transpose_left, "matmul2d::run on input cooperative tensors");
+    static_assert(MCU_SIMDGROUP_MMA != 0, "the opt-in layout lowers on tensor cores only (MCU_SIMDGROUP_MMA 1, 2)");
+    static_assert(!std::is_same_v<TB, float>, "the opt-in layout: a 16-bit right operand");
+    constexpr bool same16 = std::is_same_v<TA, TB>;
+    static_assert(same16 || std::is_same_v<TA, float>, "the opt-in layout: left and right alike, or a float left");
+    metal::mcu_require_full_warp();
+    using NX = metal::mcu_nax;
+    const uint l = mcu_lane_id(), g = l >> 2, t = l & 3u;
+    const uint owner = NX::lane(g, t);  // the block lane whose rows and quad this mma lane holds
+    // A: a[2 q + h] = rows g + 8 h, logical k 4 t + 2 q + {0, 1}: slots 4 h + 2 q + {0, 1} of `owner`.
+    uint ar[4];
+    metal::vec<float, 2> af[4];
+#pragma unroll
+    for (int q = 0; q < 2; ++q)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int s0 = 4 * h + 2 * q;
+        if constexpr (same16)
+          ar[2 * q + h] = NX::shfl(pack16(a.v[s0], a.v[s0 + 1]), owner);
+        else
+          af[2 * q + h] = metal::vec<float, 2>{NX::shfl((float)a.v[s0], owner), NX::shfl((float)a.v[s0 + 1], owner)};
+      }
+#pragma unroll
+    for (int f = 0; f < D.n / 16; ++f) {
+      float acc[2][4];
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          acc[s][r] = kAccumulate ? NX::shfl((float)c.v[8 * f + 4 * (r >> 1) + 2 * s + (r & 1)], owner) : 0.0f;
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        // B: br[q] = logical k 4 t + 2 q + {0, 1}, logical column n = 4 (g >> 1) + 2 s + (g & 1) of block f.
+        uint br[2];
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          if constexpr (D.transpose_right) {
+            // Blocks over (n, k): row n (its row0 n & 7, its half n >> 3 = g >> 2), quad t, slots 4 h + 2 q + {0, 1}.
+            const uint src = NX::lane(4u * ((g >> 1) & 1u) + 2u * s + (g & 1u), t);
+            const int s0 = 8 * f + 2 * q;
+            const uint w0 = NX::shfl(pack16(b.v[s0], b.v[s0 + 1]), src);
+            const uint w1 = NX::shfl(pack16(b.v[s0 + 4], b.v[s0 + 5]), src);
+            br[q] = (g >> 2) ? w1 : w0;
+          } else {
+            // Blocks over (k, n): row k (row0 k & 7, half t >> 1), quad g >> 1, slot 4 h + 2 s + (g & 1).
+            const int s0 = 8 * f + 2 * s;
+            const uint pw0 = pack16(b.v[s0], b.v[s0 + 1]), pw1 = pack16(b.v[s0 + 4], b.v[s0 + 5]);
+            uint half_[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const uint src = NX::lane((4u * t + 2u * q + e) & 7u, g >> 1);
+              const uint w0 = NX::shfl(pw0, src), w1 = NX::shfl(pw1, src);
+              const uint w = (t >> 1) ? w1 : w0;
+              half_[e] = (g & 1u) ? w >> 16 : w & 0xffffu;
+            }
+            br[q] = half_[0] | half_[1] << 16;
+          }
+        }
+        if constexpr (same16) {
+          mcu_mma_k16<TA>(acc[s], ar, br);
+        } else {
+          // A float, B 16-bit: the three-bfloat split as run_tiles does (relaxed_precision: hi and mid only).
+          mcu_sgm::split3 sa[4], sb[2];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) sa[r] = mcu_sgm::split_pair(operand(af[r].x), operand(af[r].y));
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const metal::vec<float, 2> bf = unpack16<TB>(br[q]);
+            sb[q] = mcu_sgm::split_pair(bf.x, bf.y);
+          }
+          const uint a_hi[4] = {sa[0].hi, sa[1].hi, sa[2].hi, sa[3].hi};
+          const uint a_mid[4] = {sa[0].mid, sa[1].mid, sa[2].mid, sa[3].mid};
+          const uint b_hi[2] = {sb[0].hi, sb[1].hi}, b_mid[2] = {sb[0].mid, sb[1].mid};
+          if constexpr (!D.relaxed_precision) {
+            const uint a_lo[4] = {sa[0].lo, sa[1].lo, sa[2].lo, sa[3].lo};
+            const uint b_lo[2] = {sb[0].lo, sb[1].lo};
+            mcu_mma_k16<bfloat>(acc[s], a_lo, b_hi);
+            mcu_mma_k16<bfloat>(acc[s], a_hi, b_lo);
+          }
+          mcu_mma_k16<bfloat>(acc[s], a_mid, b_mid);
+          mcu_mma_k16<bfloat>(acc[s], a_mid, b_hi);
+          mcu_mma_k16<bfloat>(acc[s], a_hi, b_mid);
+          mcu_mma_k16<bfloat>(acc[s], a_hi, b_hi);
+        }
+      }
+      // Back: block lane l's slot 4 h + 2 s + e is mma lane (row0 l, quad l)'s acc[s][2 h + e].
+      const uint from = 4u * (uint)NX::row0(l) + (uint)NX::quad(l);
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) c.v[8 * f + 4 * (r >> 1) + 2 * s + (r & 1)] = T(NX::shfl(acc[s][r], from));
+    }
+  }
+#endif
 
   template <typename A>
   MCU_INLINE static int k_length(const thread A& a) {
@@ -221,7 +401,8 @@ struct matmul2d {
     using TA = typename A::value_type;
     using TB = typename B::value_type;
     constexpr bool same16 = std::is_same_v<TA, TB> && (std::is_same_v<TA, half> || std::is_same_v<TA, bfloat>);
-    constexpr bool on_tensor_cores = kSimdgroups > 0 && MCU_SIMDGROUP_MMA != 0 && (same16 || MCU_SIMDGROUP_MMA == 1);
+    constexpr bool on_tensor_cores = kSimdgroups > 0 && MCU_SIMDGROUP_MMA != 0 && (same16 || MCU_SIMDGROUP_MMA == 1) &&
+                                     !C::nax;  // the opt-in layout: FMAs over its own slots
     if constexpr (on_tensor_cores) {
       metal::mcu_require_full_warp();
       run_tiles(a, b, d, layout.warp);
