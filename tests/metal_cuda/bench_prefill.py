@@ -4,6 +4,7 @@ its own host code would, and torch's flash SDPA (the GPU's ceiling), under each 
 
     python3 -m tests.metal_cuda.bench_prefill --json $OUT/prefill.json [--mma 1 0] [--rows 0,5] [--seqlens 512 2048]
     # GPU machine; carry .cache/metal_cuda and .peers/ptx (built here: targets --mma 1 / --mma 0, peers_prefill build)
+    python3 -m tests.metal_cuda.bench_prefill --nax --mma 1 ...   # also MLX's NAX (M5) kernel: column mlx_nax
 
 Rows (issue 21's grid): causal prefill, B = 1 at S 512, 2048, 8192, 32768, and a varlen batch of four sequences of
 mixed lengths (320 + 1216 + 2944 + 4992 tokens: ours in one varlen call, each peer and torch once per sequence, as
@@ -124,6 +125,33 @@ def mlx_plan(r: Row, q_strides, k_strides, v_strides, o_strides, scale: float, b
     return MLXPlan(kernel, (NQ, r.H, r.B), (32, wm, wn), constants, p)
 
 
+# ---- MLX 0.32.4 NAX attention: MLX's host code on a GPU with NAX (M5), sdpa_full_self_attention_nax ----------------
+MLX_NAX_BQ, MLX_NAX_BK, MLX_NAX_WM = 64, 32, 4
+
+
+def mlx_nax_plan(r: Row, q_strides, k_strides, v_strides, o_strides, scale: float) -> MLXPlan:
+    """Kernel, grid, function constants and AttnParams as MLX's host code builds them where NAX is available
+    (peers_prefill.mlx_nax_instances says what was read): bq 64, bk 32, wm 4; D = 256 on the head-dim split kernel
+    with wn = 2. The kL widening of D = 256 causal launches with kL % 32 != 0 is not modelled (S % 32 == 0 here)."""
+    bq, bk, wm = MLX_NAX_BQ, MLX_NAX_BK, MLX_NAX_WM
+    if r.S % bk and r.D == 256 and r.causal:
+        raise ValueError(f"mlx-nax launcher: D = 256 causal with S = {r.S} % {bk} != 0 (host-side kL widening)")
+    wn = 2 if r.D == 256 else 1
+    t = MLX_TYPE[r.dtype]
+    kernel = f"steel_attention_{'dsplit_' if wn == 2 else ''}{t}_bq{bq}_bk{bk}_bd{r.D}_wm{wm}_wn{wn}_mask{t}"
+    qL = kL = r.S
+    NQ, NK = (qL + bq - 1) // bq, (kL + bk - 1) // bk
+    NQa, NKa = qL // bq, kL // bk
+    p = MLXAttnParams(B=r.B, H=r.H, D=r.D, qL=qL, kL=kL, gqa_factor=r.H // r.Hkv, scale=scale, NQ=NQ, NK=NK,
+                      NQ_aligned=NQa, NK_aligned=NKa, qL_rem=qL - NQa * bq, kL_rem=kL - NKa * bk, qL_off=kL - qL)
+    for name, st in (("Q_strides", q_strides), ("K_strides", k_strides), ("V_strides", v_strides),
+                     ("O_strides", o_strides)):
+        getattr(p, name)[:] = [int(x) for x in st]
+    constants = {MLX_FC["align_Q"]: qL % bq == 0, MLX_FC["align_K"]: kL % bk == 0, MLX_FC["has_mask"]: False,
+                 MLX_FC["do_causal"]: r.causal, MLX_FC["has_sinks"]: False, MLX_FC["save_lse"]: False}
+    return MLXPlan(kernel, (NQ, r.H, r.B), (32, wm, wn), constants, p)
+
+
 # ---- llama.cpp tiled flash attention: ggml-metal-ops.cpp (flash_attn_ext, non-vec path) ---------------------------
 class GGMLFlashAttnArgs(ctypes.Structure):
     """ggml_metal_kargs_flash_attn_ext (ggml-metal-impl.h): ne* counts (int32), nb* byte strides (uint64)."""
@@ -197,8 +225,9 @@ COLUMNS = ("ours", "mlx", "ggml", "torch")
 def table(results: List[dict]) -> str:
     """Markdown: per row and lowering, us and TFLOPS of each side, ours / best peer, then the experiments' us. MLX's
     column is the faster of its instances where two were timed (D = 256: BK 32 and BK 16)."""
-    # Experiments timed beside ours (--variant, --tops): a column each, in us, where any row has them.
-    extra = [c for c in ("variant", "tops") if any(res.get(f"{c}_us") for res in results)]
+    # MLX NAX and the experiments timed beside ours (--nax, --variant, --tops): a column each, in us, where any row has
+    # them.
+    extra = [c for c in ("mlx_nax", "variant", "tops") if any(res.get(f"{c}_us") for res in results)]
     lines = ["| shape | mma | ours us (TF) | MLX us (TF) | llama.cpp us (TF) | torch flash us (TF) | x MLX "
              "| x llama.cpp | x best peer |" + "".join(f" {c} us |" for c in extra),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
@@ -283,7 +312,7 @@ def check(out, ref, what: str, dtype: str) -> float:
 class Runner:
     """Libraries per lowering (ours from the targets' index, the peers from .peers/ptx) and one row's tensors."""
 
-    def __init__(self, variant: Optional[str] = None, tops: bool = False):
+    def __init__(self, variant: Optional[str] = None, tops: bool = False, nax: bool = False):
         self.torch, self.F, self.launch, self.gc, self.targets = _gpu()
         self._ours: Dict[int, dict] = {}
         self._peer: Dict[Tuple[str, int], object] = {}
@@ -293,6 +322,9 @@ class Runner:
         # Our forward on Metal 4 tensor ops (attention_tensor_ops.h, not routed yet), launched with the varlen plan
         # under its own kernel names, timed as the side "tops".
         self.tops = tops
+        # MLX's NAX attention (the M5 tensor-ops kernel; peers_prefill build --peer mlx-nax), timed as the side
+        # "mlx_nax" under the lowerings 1 and 2 (the proxy lowers its tensor ops on tensor cores only).
+        self.nax = nax
 
     def ours_libs(self, mma: int):
         if mma not in self._ours:
@@ -355,6 +387,8 @@ class Runner:
             if self.variant:
                 sides += (("variant", lambda: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
                                                                 variant=True))),)
+            if self.nax and mma != 0:
+                sides += (("mlx_nax", lambda: timed(self.mlx_nax, mma)),)
             if self.tops:
                 sides += (("tops", lambda: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
                                                              tops=True))),)
@@ -429,6 +463,23 @@ class Runner:
         check(out, ref, f"MLX {plan.kernel} mma={mma}", r.dtype)
         return p.launch
 
+    def mlx_nax(self, q, k, v, r, scale, ref, mma):
+        """MLX's NAX kernel as its host code launches it (mlx_nax_plan); output checked against SDPA first."""
+        torch = self.torch
+        out = torch.full_like(q, float("nan"))
+        st = lambda x: (x.stride(0), x.stride(2), x.stride(1))  # noqa: E731
+        plan = mlx_nax_plan(r, st(q), st(k), st(v), st(out), scale)
+        scratch = torch.zeros(64, device="cuda", dtype=torch.float32)
+        lib = self.peer_lib(PEER_PTX / f"mlx-nax-mma{mma}")
+        declared = {fc["index"] for fc in lib.manifest["kernels"][plan.kernel]["function_constants"]}
+        p = lib.prepare(plan.kernel, plan.grid, plan.threads,
+                        buffers={0: q, 1: k, 2: v, 3: out, 5: scratch, 6: scratch, 7: scratch, 8: scratch},
+                        bytes={4: plan.params}, constants={i: c for i, c in plan.constants.items() if i in declared})
+        p.launch()
+        torch.cuda.synchronize()
+        check(out, ref, f"MLX NAX {plan.kernel} mma={mma}", r.dtype)
+        return p.launch
+
     def ggml(self, q, k, v, r, scale, ref, mma):
         torch = self.torch
         plan = ggml_plan(r, scale)
@@ -470,6 +521,8 @@ def main(argv=None):
     ap.add_argument("--variant", help="also time our forward from this PTX folder of the proxy cache (an experiment)")
     ap.add_argument("--tops", action="store_true", help="also time our forward on Metal 4 tensor ops "
                     "(attention_tensor_ops.h; targets.py's attention_tensor_ops)")
+    ap.add_argument("--nax", action="store_true", help="also time MLX's NAX attention (the M5 tensor-ops kernel, "
+                    "PTX from `peers_prefill build --peer mlx-nax --mma 1`; lowerings 1 and 2 only), column mlx_nax")
     a = ap.parse_args(argv)
     all_rows = rows()
     if a.list:
@@ -479,7 +532,7 @@ def main(argv=None):
     sel = [all_rows[int(i)] for i in a.rows.split(",")] if a.rows else all_rows
     if a.seqlens:
         sel = [r for r in sel if r.S in a.seqlens]
-    runner = Runner(a.variant, a.tops)
+    runner = Runner(a.variant, a.tops, a.nax)
     torch = runner.torch
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}", flush=True)

@@ -91,11 +91,39 @@ def test_ggml_plan_needs_whole_key_blocks():
         bp.ggml_plan(bp.Row(1, 16, 4, 1000, 64, "fp16", False), 0.1)
 
 
+@pytest.mark.parametrize("D,wn", [(64, 1), (128, 1), (256, 2)])
+def test_mlx_nax_plan(D, wn):
+    """MLX's NAX host code: bq 64, bk 32, wm 4; D = 256 on the head-dim split kernel (wn 2)."""
+    r = bp.Row(1, 32, 8, 4096 + 32, D, "fp16", True)
+    st = (r.S * 32 * D, D, 32 * D)
+    p = bp.mlx_nax_plan(r, st, st, st, st, D ** -0.5)
+    split = "dsplit_" if wn == 2 else ""
+    assert p.kernel == f"steel_attention_{split}float16_bq64_bk32_bd{D}_wm4_wn{wn}_maskfloat16"
+    assert p.grid == (4096 // 64 + 1, 32, 1) and p.threads == (32, 4, wn)
+    assert (p.params.NQ_aligned, p.params.qL_rem, p.params.NK, p.params.kL_rem) == (64, 32, 129, 0)
+    assert p.constants[bp.MLX_FC["align_Q"]] is False and p.constants[bp.MLX_FC["align_K"]] is True
+    with pytest.raises(ValueError):  # the host's kL widening (D = 256, causal, kL % 32) is not modelled
+        bp.mlx_nax_plan(bp.Row(1, 32, 8, 100, 256, "fp16", True), st, st, st, st, 0.1)
+
+
+def test_mlx_nax_harness_is_generated_only():
+    """The NAX instances: fp16 / bf16 at D 64 / 128 / 256, in a harness under .peers (never the repository)."""
+    names = [i["name"] for i in pp.mlx_nax_instances()]
+    assert len(names) == 6 and len(set(names)) == 6
+    text = pp.mlx_nax_harness()
+    assert all(f'host_name("{n}")' in text for n in names) and "steel_attention_nax.h" in text
+    cpu = pp.mlx_nax_harness(pp.mlx_nax_instances()[:1], cpu=True)
+    assert "constexpr int WM = 4, WN = 1;" in cpu and "-Wnan-infinity-disabled" in cpu
+    assert pp.NAX_FLAGS == ["-DMSL_NAX_FRAGMENT_LAYOUT=1"]
+
+
 def test_every_launch_names_a_built_kernel():
     mlx = {i["name"] for i in pp.mlx_instances()}
+    nax = {i["name"] for i in pp.mlx_nax_instances()}
     variants = {v["tag"]: set(v["kernels"]) for v in pp.ggml_variants()}
     for r in bp.rows():
         assert bp.mlx_plan(r, (0,) * 3, (0,) * 3, (0,) * 3, (0,) * 3, 0.1).kernel in mlx
+        assert bp.mlx_nax_plan(r, (0,) * 3, (0,) * 3, (0,) * 3, (0,) * 3, 0.1).kernel in nax
         if r.D == 256:
             assert bp.mlx_plan(r, (0,) * 3, (0,) * 3, (0,) * 3, (0,) * 3, 0.1, bk=16).kernel in mlx
         g = bp.ggml_plan(r, 0.1)
