@@ -62,9 +62,19 @@ FSDPA_CONSTANT fsdpa_i32 kBwdResidentBytes = 30720;
 // occupancy, which favours the smaller layout there too. D = 192 / 256 in one slice would need 144 / 192 words, so
 // they keep 2 slices (72 / 96 words), and D = 512 keeps 4. Half / bfloat D = 64 takes 2 slices as well: a
 // 16-row tile doubles its dK/dV threadgroups (a KV head's 32-key tile loops over the GQA group, so short sequences
-// left cores idle) at 127 registers instead of 165; 10-28% faster on the proxy (S = 1024 / 4096, 16/4 heads).
+// left cores idle) at 127 registers instead of 165; 10-28% faster on the proxy (S = 1024 / 4096, 16/4 heads). Half /
+// bfloat D = 256 takes 4 slices (8-row tiles): dK/dV 255 -> 168 registers, dQ 167 -> 125 (Apple GPUs spill past
+// their register budget); proxy, 16/4 heads: causal S = 1024 / 4096 / 16384 28% / 11% / 9% faster, non-causal
+// S = 4096 / 16384 5% / 15%, non-causal S = 1024 19% slower (not profiled: each staged row serves half the tile
+// rows, and that short call already filled the GPU with 16-row tiles).
 constexpr fsdpa_i32 bwd_col_slices(fsdpa_i32 head_dim, fsdpa_i32 elem) {
-  return elem != 4 && head_dim == 64 ? 2 : head_dim <= (elem == 4 ? 80 : 96) ? 1 : head_dim <= 256 ? 2 : 4;
+  if (elem != 4 && head_dim == 64) {
+    return 2;
+  }
+  if (elem != 4 && head_dim == 256) {
+    return 4;
+  }
+  return head_dim <= (elem == 4 ? 80 : 96) ? 1 : head_dim <= 256 ? 2 : 4;
 }
 
 // Rows of a pass-2 / pass-3 tile (keys / queries): 8 per row block.
