@@ -119,6 +119,28 @@ struct execution_threads {
 };
 using execution_thread = execution_threads<1>;
 
+// ---- the opt-in cooperative-tensor layout of peer builds (MSL_NAX_FRAGMENT_LAYOUT; each shim's header says which
+// matmul2d shapes take it): in each 16 x 16 block, lane l holds rows row0(l) and row0(l) + 8 and the four columns of
+// its quad; slot 4 h + j of a block is (row0 + 8 h, 4 quad + j), block f in slots 8 f .. 8 f + 7.
+struct msl_nax {
+  MSL_INLINE static uint row0(uint l) { return (l >> 4 & 1u) << 2 | (l >> 1 & 3u); }
+  MSL_INLINE static uint quad(uint l) { return (l >> 3 & 1u) << 1 | (l & 1u); }
+  MSL_INLINE static uint lane(uint r0, uint q) { return (r0 >> 2) << 4 | (q >> 1) << 3 | (r0 & 3u) << 1 | (q & 1u); }
+  // Slot i of lane l: row and column in the blocks' orientation.
+  MSL_INLINE static int row(uint l, int i) { return (int)row0(l) + 8 * ((i >> 2) & 1); }
+  MSL_INLINE static int col(uint l, int i) { return 16 * (i >> 3) + 4 * (int)quad(l) + (i & 3); }
+};
+
+// A matmul2d input cooperative tensor in that layout: Blocks 16 x 16 blocks of T.
+template <typename T, int Blocks>
+struct msl_nax_operand {
+  static constexpr int capacity = 8 * Blocks;
+  T v[capacity];
+  MSL_INLINE static constexpr uint16_t get_capacity() { return capacity; }
+  MSL_INLINE thread T& operator[](uint16_t i) { return v[i]; }
+  MSL_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
+};
+
 }  // namespace metal
 
 // ---- MetalPerformancePrimitives: the matmul2d descriptor ----------------------------------------------------------

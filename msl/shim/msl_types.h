@@ -57,6 +57,32 @@ MSL_VECTORS(bool)
 
 namespace metal {
 
+// ---- metal_type_traits: the std traits under MSL's names (each shim adds remove_addrspace for its target) ---------
+using std::bool_constant;
+using std::conditional;
+using std::conditional_t;
+using std::decay_t;
+using std::enable_if;
+using std::enable_if_t;
+using std::false_type;
+using std::integral_constant;
+using std::is_arithmetic_v;
+using std::is_convertible;
+using std::is_convertible_v;
+using std::is_floating_point;
+using std::is_floating_point_v;
+using std::is_integral;
+using std::is_integral_v;
+using std::is_same;
+using std::is_same_v;
+using std::is_signed;
+using std::is_signed_v;
+using std::remove_cv;
+using std::remove_cv_t;
+using std::remove_reference;
+using std::remove_reference_t;
+using std::true_type;
+
 // ---- type traits over scalars and ext vectors -------------------------------------------------------------------
 template <typename T>
 struct mcpu_vec_traits {

@@ -38,32 +38,8 @@
 #define METAL_FUNC MCPU_INLINE  // Apple's metal_stdlib defines it; peers' headers use it
 #include "../../shim/msl_types.h"
 
-// ---- metal_type_traits: the std traits under MSL's names (as the proxy's shim has them) ---------------------------
+// ---- metal_type_traits: the std traits (msl_types.h), and the address-space ones of this target ------------------
 namespace metal {
-using std::bool_constant;
-using std::conditional;
-using std::conditional_t;
-using std::decay_t;
-using std::enable_if;
-using std::enable_if_t;
-using std::false_type;
-using std::integral_constant;
-using std::is_arithmetic_v;
-using std::is_convertible;
-using std::is_convertible_v;
-using std::is_floating_point;
-using std::is_floating_point_v;
-using std::is_integral;
-using std::is_integral_v;
-using std::is_same;
-using std::is_same_v;
-using std::is_signed;
-using std::is_signed_v;
-using std::remove_cv;
-using std::remove_cv_t;
-using std::remove_reference;
-using std::remove_reference_t;
-using std::true_type;
 // The address space of a type, removed (a thread-space type has none).
 template <typename T>
 struct remove_addrspace {

@@ -98,21 +98,6 @@ constexpr bool mcpu_nax_shape = Threads == 32 && M == 16 && N % 16 == 0;
 template <int M, int N, int Threads>
 constexpr bool mcpu_nax_shape = false;
 #endif
-struct mcpu_nax {
-  MCPU_INLINE static uint32_t row0(uint32_t l) { return (l >> 4 & 1u) << 2 | (l >> 1 & 3u); }
-  MCPU_INLINE static uint32_t quad(uint32_t l) { return (l >> 3 & 1u) << 1 | (l & 1u); }
-  // Slot i of lane l: row and column in the blocks' orientation (16 rows, blocks of 16 columns).
-  MCPU_INLINE static uint32_t row(uint32_t l, uint32_t i) { return row0(l) + 8 * (i >> 2 & 1u); }
-  MCPU_INLINE static uint32_t col(uint32_t l, uint32_t i) { return 16 * (i >> 3) + 4 * quad(l) + (i & 3u); }
-};
-template <typename T, int Blocks>
-struct mcpu_nax_operand {
-  static constexpr int capacity = 8 * Blocks;
-  T v[capacity];
-  MCPU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
-  MCPU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
-  MCPU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
-};
 
 template <typename T, int M, int N, int Threads>
 struct cooperative_tensor {
@@ -129,7 +114,7 @@ struct cooperative_tensor {
   }
   // Row-major element number of slot i (valid slots only).
   MCPU_INLINE uint32_t mcpu_element(uint16_t i) const {
-    if constexpr (nax) return mcpu_nax::row(layout.thread_in_scope, i) * N + mcpu_nax::col(layout.thread_in_scope, i);
+    if constexpr (nax) return msl_nax::row(layout.thread_in_scope, i) * N + msl_nax::col(layout.thread_in_scope, i);
     const uint64_t x = (uint64_t)layout.thread_in_scope * capacity + i;
     return (uint32_t)(((uint64_t)layout.a * x + layout.b) % (uint32_t)(M * N));
   }
@@ -220,17 +205,17 @@ struct matmul2d {
 #ifdef MSL_NAX_FRAGMENT_LAYOUT
   static constexpr bool kNax = metal::mcpu_nax_shape<D.m, D.n, kThreads> && D.k == 16;
   template <typename A, typename B, typename T>
-  MCPU_INLINE metal::mcpu_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
+  MCPU_INLINE metal::msl_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
     static_assert(kNax && !D.transpose_left,
                   "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
-    metal::mcpu_nax_operand<A, 1> t;
+    metal::msl_nax_operand<A, 1> t;
     __builtin_memset(t.v, 0xff, sizeof t.v);
     return t;
   }
   template <typename A, typename B, typename T>
-  MCPU_INLINE metal::mcpu_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
+  MCPU_INLINE metal::msl_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
     static_assert(kNax, "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
-    metal::mcpu_nax_operand<B, D.n / 16> t;
+    metal::msl_nax_operand<B, D.n / 16> t;
     __builtin_memset(t.v, 0xff, sizeof t.v);
     return t;
   }
@@ -238,12 +223,12 @@ struct matmul2d {
   // C = A B (+ C) on input cooperative tensors: the simdgroup's slots gathered, each destination element summed over
   // k in fp32 as mcpu_dot does.
   template <typename TA, typename TB, typename T, int Threads>
-  MCPU_INLINE void run(const thread metal::mcpu_nax_operand<TA, 1>& a,
-                       const thread metal::mcpu_nax_operand<TB, D.n / 16>& b,
+  MCPU_INLINE void run(const thread metal::msl_nax_operand<TA, 1>& a,
+                       const thread metal::msl_nax_operand<TB, D.n / 16>& b,
                        thread metal::cooperative_tensor<T, D.m, D.n, Threads>& c, MCPU_SITE) const {
     static_assert(kNax && Threads == kThreads && !D.transpose_left, "matmul2d::run on input cooperative tensors");
     c.mcpu_check_scope(MCPU_SITE_ARGS);
-    using NX = metal::mcpu_nax;
+    using NX = metal::msl_nax;
     float am[16][16], bm[16][D.n];  // A (row, k), B (k, n)
     for (uint32_t i = 0; i < 8; ++i) {
       const metal::mcpu_lanes<TA> l = metal::mcpu_exchange(a.v[i], MCPU_SITE_ARGS);

@@ -69,14 +69,8 @@ template <int M, int N, int Simdgroups>
 constexpr bool mcu_nax_shape = false;
 #endif
 
-struct mcu_nax {
-  // The block position of a lane: first row (0..7) and column quad (0..3, columns 4 q .. 4 q + 3); and back.
-  MCU_INLINE static int row0(uint l) { return (int)((l >> 4 & 1u) << 2 | (l >> 1 & 3u)); }
-  MCU_INLINE static int quad(uint l) { return (int)((l >> 3 & 1u) << 1 | (l & 1u)); }
-  MCU_INLINE static uint lane(uint r0, uint q) { return (r0 >> 2) << 4 | (q >> 1) << 3 | (r0 & 3u) << 1 | (q & 1u); }
-  // Slot i of a 16 x (16 blocks) operand: row and column in its blocks' orientation.
-  MCU_INLINE static int row(uint l, int i) { return row0(l) + 8 * ((i >> 2) & 1); }
-  MCU_INLINE static int col(uint l, int i) { return 16 * (i >> 3) + 4 * quad(l) + (i & 3); }
+// The lane exchange of the opt-in layout's run() (its index functions: msl_nax, msl_tensors.h).
+struct mcu_nax : msl_nax {
   MCU_INLINE static uint shfl(uint x, uint src) {
     return (uint)__nvvm_shfl_sync_idx_i32(0xffffffffu, (int)x, (int)src, 0x1f);
   }
@@ -90,16 +84,6 @@ MCU_INLINE I __metal_get_thread_index_in_simdgroup(I) {
   return I(mcu_lane_id());
 }
 #endif
-
-// A matmul2d input in the opt-in layout: Blocks 16 x 16 blocks of T (get_left / get_right_input_cooperative_tensor).
-template <typename T, int Blocks>
-struct mcu_nax_operand {
-  static constexpr int capacity = 8 * Blocks;
-  T v[capacity];
-  MCU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
-  MCU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
-  MCU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
-};
 
 // ---- cooperative tensors (matmul2d destinations) ----------------------------------------------------------------
 // Simdgroups = 0: execution_thread (all M x N elements in one thread, row-major).
@@ -200,13 +184,13 @@ struct matmul2d {
   // The opt-in layout's inputs (header comment): M x K and K x N in 16 x 16 blocks.
   static constexpr bool kNax = metal::mcu_nax_shape<D.m, D.n, kSimdgroups> && D.k == 16;
   template <typename A, typename B, typename T>
-  MCU_INLINE metal::mcu_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
+  MCU_INLINE metal::msl_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
     static_assert(kNax && !D.transpose_left,
                   "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
     return {};
   }
   template <typename A, typename B, typename T>
-  MCU_INLINE metal::mcu_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
+  MCU_INLINE metal::msl_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
     static_assert(kNax, "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
     return {};
   }
@@ -221,8 +205,8 @@ struct matmul2d {
   // 8 q + 2 t + e holds logical k 4 t + 2 q + e, physical column 8 s + 2 t + e of a block logical column
   // 4 t + 2 s + e: lane (g, t) of the mma then holds exactly the block lane (row0 g, quad t)'s slots.
   template <typename TA, typename TB, typename T, int S>
-  MCU_INLINE void run(const thread metal::mcu_nax_operand<TA, 1>& a,
-                      const thread metal::mcu_nax_operand<TB, D.n / 16>& b,
+  MCU_INLINE void run(const thread metal::msl_nax_operand<TA, 1>& a,
+                      const thread metal::msl_nax_operand<TB, D.n / 16>& b,
                       thread metal::cooperative_tensor<T, D.m, D.n, S>& c) const {
     static_assert(kNax && S == 1 && !D.transpose_left, "matmul2d::run on input cooperative tensors");
     static_assert(MCU_SIMDGROUP_MMA != 0, "the opt-in layout lowers on tensor cores only (MCU_SIMDGROUP_MMA 1, 2)");
