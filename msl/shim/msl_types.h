@@ -174,6 +174,10 @@ MSL_LIMITS(short, (short)32767, (short)-32768, (short)-32768, (short)0, (short)0
 MSL_LIMITS(ushort, (ushort)65535, (ushort)0, (ushort)0, (ushort)0, (ushort)0)
 MSL_LIMITS(long, 9223372036854775807l, (-9223372036854775807l - 1), (-9223372036854775807l - 1), 0l, 0l)
 MSL_LIMITS(ulong, 18446744073709551615ul, 0ul, 0ul, 0ul, 0ul)
+// The 8-bit integers (peers' limits tables ask for them).
+MSL_LIMITS(char, (char)127, (char)-128, (char)-128, (char)0, (char)0)
+MSL_LIMITS(signed char, (signed char)127, (signed char)-128, (signed char)-128, (signed char)0, (signed char)0)
+MSL_LIMITS(unsigned char, (unsigned char)255, (unsigned char)0, (unsigned char)0, (unsigned char)0, (unsigned char)0)
 #undef MSL_LIMITS
 
 // ---- integer, comparison and vector functions (no target-specific math) -------------------------------

@@ -62,21 +62,6 @@ struct remove_addrspace<threadgroup T> {
 template <typename T>
 using remove_addrspace_t = typename remove_addrspace<T>::type;
 
-// numeric_limits of the 8-bit integers (msl_types.h has the wider ones; peers' Limits tables ask for all).
-#define MCPU_LIMITS8(T, MAX, MIN)                  \
-  template <>                                      \
-  struct numeric_limits<T> {                       \
-    static constexpr bool is_specialized = true;   \
-    static constexpr T max() { return MAX; }       \
-    static constexpr T min() { return MIN; }       \
-    static constexpr T lowest() { return MIN; }    \
-    static constexpr T infinity() { return (T)0; } \
-    static constexpr T epsilon() { return (T)0; }  \
-  };
-MCPU_LIMITS8(char, (char)127, (char)-128)
-MCPU_LIMITS8(signed char, (signed char)127, (signed char)-128)
-MCPU_LIMITS8(unsigned char, (unsigned char)255, (unsigned char)0)
-#undef MCPU_LIMITS8
 }  // namespace metal
 
 // ---- the runtime that opened this library (see mcpu_runtime_api) -------------------------------------------------

@@ -363,22 +363,6 @@ MCU_INLINE T mcu_cast(X... x) {
     return T(x...);
 }
 
-// ---- numeric_limits of the 8-bit integers (msl_types.h has the wider ones; peers' Limits tables ask for all) -------
-#define MCU_LIMITS8(T, MAX, MIN)                   \
-  template <>                                      \
-  struct numeric_limits<T> {                       \
-    static constexpr bool is_specialized = true;   \
-    static constexpr T max() { return MAX; }       \
-    static constexpr T min() { return MIN; }       \
-    static constexpr T lowest() { return MIN; }    \
-    static constexpr T infinity() { return (T)0; } \
-    static constexpr T epsilon() { return (T)0; }  \
-  };
-MCU_LIMITS8(char, (char)127, (char)-128)
-MCU_LIMITS8(signed char, (signed char)127, (signed char)-128)
-MCU_LIMITS8(unsigned char, (unsigned char)255, (unsigned char)0)
-#undef MCU_LIMITS8
-
 // ---- Apple's metal_stdlib macros and packed vectors (element-aligned) ----------------------------------------------
 #define MAXHALF ((half)65504.0f)
 #ifndef MAXFLOAT
