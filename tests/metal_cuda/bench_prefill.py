@@ -112,13 +112,18 @@ def mlx_plan(r: Row, q_strides, k_strides, v_strides, o_strides, scale: float, b
         wn, bk = 1, bk or (32 if r.D < 128 else 16)
     t = MLX_TYPE[r.dtype]
     kernel = f"steel_attention_{t}_bq{bq}_bk{bk}_bd{r.D}_bv{r.D}_wm{wm}_wn{wn}_mask{t}"
+    return _mlx_launch(r, kernel, bq, bk, wm, wn, (q_strides, k_strides, v_strides, o_strides), scale)
+
+
+def _mlx_launch(r: Row, kernel: str, bq: int, bk: int, wm: int, wn: int, strides, scale: float) -> MLXPlan:
+    """The AttnParams, function constants and grid both MLX launchers build for a self-attention row (qL = kL);
+    strides: Q, K, V, O in elements, (B, H, L)."""
     qL = kL = r.S
     NQ, NK = (qL + bq - 1) // bq, (kL + bk - 1) // bk
     NQa, NKa = qL // bq, kL // bk
     p = MLXAttnParams(B=r.B, H=r.H, D=r.D, qL=qL, kL=kL, gqa_factor=r.H // r.Hkv, scale=scale, NQ=NQ, NK=NK,
                       NQ_aligned=NQa, NK_aligned=NKa, qL_rem=qL - NQa * bq, kL_rem=kL - NKa * bk, qL_off=kL - qL)
-    for name, st in (("Q_strides", q_strides), ("K_strides", k_strides), ("V_strides", v_strides),
-                     ("O_strides", o_strides)):
+    for name, st in zip(("Q_strides", "K_strides", "V_strides", "O_strides"), strides):
         getattr(p, name)[:] = [int(x) for x in st]
     constants = {MLX_FC["align_Q"]: qL % bq == 0, MLX_FC["align_K"]: kL % bk == 0, MLX_FC["has_mask"]: False,
                  MLX_FC["do_causal"]: r.causal, MLX_FC["has_sinks"]: False, MLX_FC["save_lse"]: False}
@@ -139,17 +144,7 @@ def mlx_nax_plan(r: Row, q_strides, k_strides, v_strides, o_strides, scale: floa
     wn = 2 if r.D == 256 else 1
     t = MLX_TYPE[r.dtype]
     kernel = f"steel_attention_{'dsplit_' if wn == 2 else ''}{t}_bq{bq}_bk{bk}_bd{r.D}_wm{wm}_wn{wn}_mask{t}"
-    qL = kL = r.S
-    NQ, NK = (qL + bq - 1) // bq, (kL + bk - 1) // bk
-    NQa, NKa = qL // bq, kL // bk
-    p = MLXAttnParams(B=r.B, H=r.H, D=r.D, qL=qL, kL=kL, gqa_factor=r.H // r.Hkv, scale=scale, NQ=NQ, NK=NK,
-                      NQ_aligned=NQa, NK_aligned=NKa, qL_rem=qL - NQa * bq, kL_rem=kL - NKa * bk, qL_off=kL - qL)
-    for name, st in (("Q_strides", q_strides), ("K_strides", k_strides), ("V_strides", v_strides),
-                     ("O_strides", o_strides)):
-        getattr(p, name)[:] = [int(x) for x in st]
-    constants = {MLX_FC["align_Q"]: qL % bq == 0, MLX_FC["align_K"]: kL % bk == 0, MLX_FC["has_mask"]: False,
-                 MLX_FC["do_causal"]: r.causal, MLX_FC["has_sinks"]: False, MLX_FC["save_lse"]: False}
-    return MLXPlan(kernel, (NQ, r.H, r.B), (32, wm, wn), constants, p)
+    return _mlx_launch(r, kernel, bq, bk, wm, wn, (q_strides, k_strides, v_strides, o_strides), scale)
 
 
 # ---- llama.cpp tiled flash attention: ggml-metal-ops.cpp (flash_attn_ext, non-vec path) ---------------------------
