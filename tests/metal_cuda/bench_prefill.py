@@ -102,6 +102,11 @@ class MLXPlan:
     params: MLXAttnParams
 
 
+def mlx_strides(*tensors):
+    """MLX's (B, H, L) element strides of [B, S, H, D] tensors."""
+    return [(x.stride(0), x.stride(2), x.stride(1)) for x in tensors]
+
+
 def mlx_plan(r: Row, q_strides, k_strides, v_strides, o_strides, scale: float, bk: Optional[int] = None) -> MLXPlan:
     """Kernel, grid, function constants and AttnParams as MLX's sdpa_full_self_attention_metal builds them on a GPU
     without NAX (pre-M5). Strides in elements, (B, H, L)."""
@@ -443,36 +448,29 @@ class Runner:
         return fn
 
     def mlx(self, q, k, v, r, scale, ref, mma, bk=None):
-        torch = self.torch
-        out = torch.full_like(q, float("nan"))  # [B, S, H, D]; MLX's (B, H, L) strides over it
-        st = lambda x: (x.stride(0), x.stride(2), x.stride(1))  # noqa: E731
-        plan = mlx_plan(r, st(q), st(k), st(v), st(out), scale, bk=bk)
-        scratch = torch.zeros(64, device="cuda", dtype=torch.float32)  # slots read only under a false constant
-        lib = self.peer_lib(PEER_PTX / f"mlx-mma{mma}")
-        declared = {fc["index"] for fc in lib.manifest["kernels"][plan.kernel]["function_constants"]}
-        p = lib.prepare(plan.kernel, plan.grid, plan.threads,
-                        buffers={0: q, 1: k, 2: v, 3: out, 5: scratch, 6: scratch, 7: scratch, 8: scratch},
-                        bytes={4: plan.params}, constants={i: c for i, c in plan.constants.items() if i in declared})
-        p.launch()
-        torch.cuda.synchronize()
-        check(out, ref, f"MLX {plan.kernel} mma={mma}", r.dtype)
-        return p.launch
+        out = self.torch.full_like(q, float("nan"))  # [B, S, H, D]; MLX's (B, H, L) strides over it
+        plan = mlx_plan(r, *mlx_strides(q, k, v, out), scale, bk=bk)
+        return self.mlx_launch(plan, f"mlx-mma{mma}", q, k, v, out, ref, r, f"MLX {plan.kernel} mma={mma}")
 
     def mlx_nax(self, q, k, v, r, scale, ref, mma):
         """MLX's NAX kernel as its host code launches it (mlx_nax_plan); output checked against SDPA first."""
-        torch = self.torch
-        out = torch.full_like(q, float("nan"))
-        st = lambda x: (x.stride(0), x.stride(2), x.stride(1))  # noqa: E731
-        plan = mlx_nax_plan(r, st(q), st(k), st(v), st(out), scale)
-        scratch = torch.zeros(64, device="cuda", dtype=torch.float32)
-        lib = self.peer_lib(PEER_PTX / f"mlx-nax-mma{mma}")
+        out = self.torch.full_like(q, float("nan"))
+        plan = mlx_nax_plan(r, *mlx_strides(q, k, v, out), scale)
+        return self.mlx_launch(plan, f"mlx-nax-mma{mma}", q, k, v, out, ref, r, f"MLX NAX {plan.kernel} mma={mma}")
+
+    def mlx_launch(self, plan, folder, q, k, v, out, ref, r, label):
+        """One of MLX's launches (its buffer indices; the function constants its kernel declares), run once and
+        checked against SDPA; returns the launch."""
+        # Buffers 5-8 are read only under a constant that is false here.
+        scratch = self.torch.zeros(64, device="cuda", dtype=self.torch.float32)
+        lib = self.peer_lib(PEER_PTX / folder)
         declared = {fc["index"] for fc in lib.manifest["kernels"][plan.kernel]["function_constants"]}
         p = lib.prepare(plan.kernel, plan.grid, plan.threads,
                         buffers={0: q, 1: k, 2: v, 3: out, 5: scratch, 6: scratch, 7: scratch, 8: scratch},
                         bytes={4: plan.params}, constants={i: c for i, c in plan.constants.items() if i in declared})
         p.launch()
-        torch.cuda.synchronize()
-        check(out, ref, f"MLX NAX {plan.kernel} mma={mma}", r.dtype)
+        self.torch.cuda.synchronize()
+        check(out, ref, label, r.dtype)
         return p.launch
 
     def ggml(self, q, k, v, r, scale, ref, mma):

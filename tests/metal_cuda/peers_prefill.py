@@ -254,33 +254,31 @@ def _ptxas_all(out: Path) -> Dict[str, dict]:
 
 
 def build_mlx(mma: int, jobs: int) -> Path:
-    from msl.cuda import compiler
-
-    harness = PEERS / "harness" / "mlx_prefill.metal"
-    harness.parent.mkdir(parents=True, exist_ok=True)
-    harness.write_text(mlx_harness())
-    out = PTX / f"mlx-mma{mma}"
-    if (out / "manifest.json").exists():
-        shutil.rmtree(out)
-    threads = {i["name"]: i["wm"] * i["wn"] * 32 for i in mlx_instances()}  # the attribute's WM * WN * 32
-    return compiler.build(harness, mlx_include_dirs(), simdgroup_mma=mma, out_dir=out, jobs=jobs,
-                          extra_flags=PEER_FLAGS, max_threads=threads.get)
+    return _build_mlx_harness("mlx_prefill", mlx_harness(), mlx_instances(), f"mlx-mma{mma}", mma, jobs, PEER_FLAGS)
 
 
 def build_mlx_nax(mma: int, jobs: int) -> Path:
-    from msl.cuda import compiler
-
     if mma == 0:
         raise SystemExit("mlx-nax: the proxy lowers the opt-in tensor-ops layout on tensor cores only (--mma 1 or 2)")
-    harness = PEERS / "harness" / "mlx_nax_prefill.metal"
+    return _build_mlx_harness("mlx_nax_prefill", mlx_nax_harness(), mlx_nax_instances(), f"mlx-nax-mma{mma}", mma,
+                              jobs, PEER_FLAGS + NAX_FLAGS)
+
+
+def _build_mlx_harness(name: str, text: str, instances: List[dict], folder: str, mma: int, jobs: int,
+                       flags: List[str]) -> Path:
+    """One of MLX's generated harnesses (.peers/harness/<name>.metal) to PTX in .peers/ptx/<folder>, each kernel
+    bounded by its max_total_threads attribute (WM * WN * 32)."""
+    from msl.cuda import compiler
+
+    harness = PEERS / "harness" / f"{name}.metal"
     harness.parent.mkdir(parents=True, exist_ok=True)
-    harness.write_text(mlx_nax_harness())
-    out = PTX / f"mlx-nax-mma{mma}"
+    harness.write_text(text)
+    out = PTX / folder
     if (out / "manifest.json").exists():
         shutil.rmtree(out)
-    threads = {i["name"]: i["wm"] * i["wn"] * 32 for i in mlx_nax_instances()}
-    return compiler.build(harness, mlx_include_dirs(), simdgroup_mma=mma, out_dir=out, jobs=jobs,
-                          extra_flags=PEER_FLAGS + NAX_FLAGS, max_threads=threads.get)
+    threads = {i["name"]: i["wm"] * i["wn"] * 32 for i in instances}
+    return compiler.build(harness, mlx_include_dirs(), simdgroup_mma=mma, out_dir=out, jobs=jobs, extra_flags=flags,
+                          max_threads=threads.get)
 
 
 GGML_KERNELS = PEERS / "llama.cpp" / "ggml" / "src" / "ggml-metal"
@@ -359,7 +357,7 @@ def check_nax_cpu(dtype: str = "float16", d: int = 128, S: int = 128, H: int = 2
 
     from msl import cpu as metal_cpu
 
-    from .bench_prefill import Row, check, mlx_nax_plan
+    from .bench_prefill import Row, check, mlx_nax_plan, mlx_strides
 
     inst = [i for i in mlx_nax_instances() if i["dtype"] == dtype and i["D"] == d]
     harness = PEERS / "harness" / f"mlx_nax_cpu_{dtype}_d{d}.metal"
@@ -371,9 +369,8 @@ def check_nax_cpu(dtype: str = "float16", d: int = 128, S: int = 128, H: int = 2
     g = torch.Generator().manual_seed(S + d)
     q, k, v = (torch.randn(1, S, h, d, generator=g).to(dt) for h in (H, Hkv, Hkv))  # [B, S, H, D]
     out = torch.full_like(q, float("nan"))
-    st = lambda x: (x.stride(0), x.stride(2), x.stride(1))  # noqa: E731  (B, H, L)
     scale = d ** -0.5
-    plan = mlx_nax_plan(r, st(q), st(k), st(v), st(out), scale)
+    plan = mlx_nax_plan(r, *mlx_strides(q, k, v, out), scale)
     scratch = torch.zeros(64, dtype=torch.float32)
     lib.dispatch(plan.kernel, plan.grid, plan.threads, buffers={0: q, 1: k, 2: v, 3: out, 5: scratch, 6: scratch,
                  7: scratch, 8: scratch}, bytes={4: bytes(plan.params)}, constants=plan.constants,
