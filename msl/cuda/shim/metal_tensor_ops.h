@@ -165,6 +165,25 @@ MCU_INLINE void mcu_mma_k16(float (&d)[4], const uint (&a)[4], const uint (&b)[2
     metal::mcu_mma_bf16_k16(d, a[0], a[1], a[2], a[3], b[0], b[1]);
 }
 
+// d += A x B for float operands on m16n8k16, each split in three bfloats (hi + mid + lo ~ fp32): the six products
+// whose terms reach fp32, smallest first; relaxed (operands of 11 significant bits, lo = 0): the four without lo.
+template <bool Relaxed>
+MCU_INLINE void mcu_mma_split3(float (&d)[4], const mcu_sgm::split3 (&sa)[4], const mcu_sgm::split3 (&sb)[2]) {
+  const uint a_hi[4] = {sa[0].hi, sa[1].hi, sa[2].hi, sa[3].hi};
+  const uint a_mid[4] = {sa[0].mid, sa[1].mid, sa[2].mid, sa[3].mid};
+  const uint b_hi[2] = {sb[0].hi, sb[1].hi}, b_mid[2] = {sb[0].mid, sb[1].mid};
+  if constexpr (!Relaxed) {
+    const uint a_lo[4] = {sa[0].lo, sa[1].lo, sa[2].lo, sa[3].lo};
+    const uint b_lo[2] = {sb[0].lo, sb[1].lo};
+    mcu_mma_k16<bfloat>(d, a_lo, b_hi);
+    mcu_mma_k16<bfloat>(d, a_hi, b_lo);
+  }
+  mcu_mma_k16<bfloat>(d, a_mid, b_mid);
+  mcu_mma_k16<bfloat>(d, a_mid, b_hi);
+  mcu_mma_k16<bfloat>(d, a_hi, b_mid);
+  mcu_mma_k16<bfloat>(d, a_hi, b_hi);
+}
+
 template <matmul2d_descriptor D, typename Scope>
 struct matmul2d {
   static_assert(D.m > 0 && D.n > 0, "matmul2d_descriptor: m and n are static");
@@ -278,19 +297,7 @@ struct matmul2d {
             const metal::vec<float, 2> bf = unpack16<TB>(br[q]);
             sb[q] = mcu_sgm::split_pair(bf.x, bf.y);
           }
-          const uint a_hi[4] = {sa[0].hi, sa[1].hi, sa[2].hi, sa[3].hi};
-          const uint a_mid[4] = {sa[0].mid, sa[1].mid, sa[2].mid, sa[3].mid};
-          const uint b_hi[2] = {sb[0].hi, sb[1].hi}, b_mid[2] = {sb[0].mid, sb[1].mid};
-          if constexpr (!D.relaxed_precision) {
-            const uint a_lo[4] = {sa[0].lo, sa[1].lo, sa[2].lo, sa[3].lo};
-            const uint b_lo[2] = {sb[0].lo, sb[1].lo};
-            mcu_mma_k16<bfloat>(acc[s], a_lo, b_hi);
-            mcu_mma_k16<bfloat>(acc[s], a_hi, b_lo);
-          }
-          mcu_mma_k16<bfloat>(acc[s], a_mid, b_mid);
-          mcu_mma_k16<bfloat>(acc[s], a_mid, b_hi);
-          mcu_mma_k16<bfloat>(acc[s], a_hi, b_mid);
-          mcu_mma_k16<bfloat>(acc[s], a_hi, b_hi);
+          mcu_mma_split3<D.relaxed_precision>(acc[s], sa, sb);
         }
       }
       // Back: block lane l's slot 4 h + 2 s + e is mma lane (row0 l, quad l)'s acc[s][2 h + e].
@@ -361,19 +368,7 @@ struct matmul2d {
           const mcu_sgm::split3 sb[2] = {
               mcu_sgm::split_pair(operand(right(b, k + k0, c0)), operand(right(b, k + k0 + 1, c0))),
               mcu_sgm::split_pair(operand(right(b, k + k0 + 8, c0)), operand(right(b, k + k0 + 9, c0)))};
-          const uint a_hi[4] = {sa[0].hi, sa[1].hi, sa[2].hi, sa[3].hi};
-          const uint a_mid[4] = {sa[0].mid, sa[1].mid, sa[2].mid, sa[3].mid};
-          const uint b_hi[2] = {sb[0].hi, sb[1].hi}, b_mid[2] = {sb[0].mid, sb[1].mid};
-          if constexpr (!D.relaxed_precision) {
-            const uint a_lo[4] = {sa[0].lo, sa[1].lo, sa[2].lo, sa[3].lo};
-            const uint b_lo[2] = {sb[0].lo, sb[1].lo};
-            mcu_mma_k16<bfloat>(acc, a_lo, b_hi);
-            mcu_mma_k16<bfloat>(acc, a_hi, b_lo);
-          }
-          mcu_mma_k16<bfloat>(acc, a_mid, b_mid);
-          mcu_mma_k16<bfloat>(acc, a_mid, b_hi);
-          mcu_mma_k16<bfloat>(acc, a_hi, b_mid);
-          mcu_mma_k16<bfloat>(acc, a_hi, b_hi);
+          mcu_mma_split3<D.relaxed_precision>(acc, sa, sb);
         }
       }
     }
