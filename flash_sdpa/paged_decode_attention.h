@@ -84,28 +84,37 @@ struct DecodeLayout {
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
 
-  // The matrix path (decode_matrix_rows, one query token): a simdgroup step is kDecodeMatrixKeys = 8 keys, one 8x8
-  // score tile. Its K rows are read as 16-byte chunks, ML lanes per row (one chunk each), MG rows side by side, MU
-  // per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory (floats, in stage_tg): per
-  // simdgroup an 8-key tile of T [8][D] (K, then V), an 8x8 float strip (scores; O's blocks when rows are scaled),
-  // an 8x8 T tile (probabilities) and 8 key flags; then Q (T [8][D], loaded once into D / 8 fragments).
+  // The matrix path (decode_matrix_rows, one query token): a key step is kDecodeMatrixKeys = 8 keys, one 8x8 score
+  // tile, shared by MC simdgroups (decode_column_simdgroups: 2 at D = 128), each with MD = 64 columns of Q and O (a
+  // key unit). A simdgroup reads its columns of the step's K rows as 16-byte chunks, ML lanes per row (one chunk
+  // each), MG rows side by side, MU per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory
+  // (floats, in stage_tg): per simdgroup an 8-key tile of T [8][MD] (K, then V), MS 8x8 float strips (its scores;
+  // double-buffered by step parity when MC > 1, so that a partner still reading one step's strip is not
+  // overwritten by the next; O's blocks when rows are scaled), an 8x8 T tile (probabilities) and 8 key flags; then Q
+  // (T [8][D], loaded once into MD / 8 fragments per simdgroup).
   static constexpr bool kMatrix = decode_matrix_rows(D, int(sizeof(T)), R);
   static constexpr int MK = kDecodeMatrixKeys;
-  static constexpr int ML = kMatrix ? D * int(sizeof(T)) / 16 : 1;
+  static constexpr int MC = decode_column_simdgroups(D, int(sizeof(T)), R);
+  static constexpr int MD = D / MC;
+  static constexpr int NU = NSG / MC;  // key units
+  static constexpr int ML = kMatrix ? MD * int(sizeof(T)) / 16 : 1;
   static constexpr int MG = 32 / ML;
   static constexpr int MU = kMatrix ? MK / MG : 1;
   static constexpr int MEPC = 16 / int(sizeof(T));  // elements per 16-byte chunk
-  static constexpr int kTileFloats = MK * D * int(sizeof(T)) / 4;
+  static constexpr int MS = MC > 1 ? 2 : 1;         // strips per simdgroup
+  static constexpr int kTileFloats = MK * MD * int(sizeof(T)) / 4;
   static constexpr int kStripAt = NSG * kTileFloats;
-  static constexpr int kProbAt = kStripAt + NSG * 64;
+  static constexpr int kProbAt = kStripAt + NSG * MS * 64;
   static constexpr int kKeyOkAt = kProbAt + NSG * 64 * int(sizeof(T)) / 4;
   static constexpr int kQAt = kKeyOkAt + NSG * MK;
   static constexpr int kMatrixFloats = kMatrix ? kQAt + 8 * D * int(sizeof(T)) / 4 : 0;
   // stage_tg: the q rows / merge slots, or the matrix path's tiles; whole float4s (16-byte chunk stores).
   static constexpr int kStageFloats =
       (kMergeSlots * R * D > kMatrixFloats ? kMergeSlots * R * D : kMatrixFloats + 3) / 4 * 4;
-  static_assert(!kMatrix || (R == 8 && ML * MG == 32 && MU * MG == MK && kStripAt >= kMergeSlots * R * D),
-                "matrix path: 8 rows, whole lane groups, strips past the merge slots");
+  static_assert(
+      !kMatrix || (R == 8 && MD == kDecodeMatrixColumns && ML * MG == 32 && MU * MG == MK && NU * MC == NSG &&
+                   NU % kMergeSlots == 0 && kStripAt >= kMergeSlots * R * D),
+      "matrix path: 8 rows, 64 columns per simdgroup, whole lane groups and units, strips past the merge slots");
 };
 
 // Online-softmax headroom of the matrix path: a row's running max moves only when a step's max passes it by more
@@ -539,29 +548,37 @@ template <typename T, int D, int R>
 
   if constexpr (Layout::kMatrix) {
     if (sq == 1) {  // uniform
-      // The matrix path (one query token: row r is head row0 + r of the KV group; DecodeLayout). Per simdgroup step
-      // of 8 keys: the lanes' 16-byte chunks of the K rows go to the simdgroup's tile, S = Q K^T on 8x8 fragments
-      // (Q in T, unscaled: the scale applies to S in fp32), V replaces K in the tile, the online softmax
-      // of row lane / 4 runs on its 4 lanes (2 scores each), P (T) goes through a small tile, O += P V on D / 8 float
-      // fragments. Only simdgroup barriers in the loop. With one token every loaded key lies in every row's window
-      // (the same position), so no row meets a V row it does not see: a non-finite V reaches exactly the rows
-      // that FlashAttention-2 gives it to, as in the lane-local P.V of the path below at sq = 1.
+      // The matrix path (one query token: row r is head row0 + r of the KV group; DecodeLayout). Per key step of 8
+      // keys: each simdgroup of the step's unit puts its lanes' 16-byte chunks of its MD columns of the K rows into
+      // its tile, S = Q K^T on 8x8 fragments over those columns (Q in T, unscaled: the scale applies to S in fp32);
+      // at MC = 2 the two simdgroups add their halves of S through their strips (one threadgroup barrier), then both
+      // run the same online softmax: row lane / 4 on its 4 lanes (2 scores each); V replaces K in the tile, P (T)
+      // goes through a small tile, O += P V on MD / 8 float fragments. With one token every loaded key lies in every
+      // row's window (the same position), so no row meets a V row it does not see: a non-finite V reaches exactly
+      // the rows that FlashAttention-2 gives it to, as in the lane-local P.V of the path below at sq = 1.
       constexpr int MK = Layout::MK;
+      constexpr int MC = Layout::MC;
+      constexpr int MD = Layout::MD;
+      constexpr int NU = Layout::NU;
       constexpr int MLn = Layout::ML;
       constexpr int MG = Layout::MG;
       constexpr int MU = Layout::MU;
       constexpr int MEPC = Layout::MEPC;
+      constexpr int MSP = Layout::MS;
       constexpr int NCM = D * int(sizeof(T)) / 16;
-      constexpr int DB = D / 8;
-      constexpr int kTgStep = NSG * MK;
+      constexpr int DB = MD / 8;
+      constexpr int kTgStep = NU * MK;
+      const int unit = int(sg) / MC;
+      const int col0 = (int(sg) % MC) * MD;  // this simdgroup's columns col0 .. col0 + MD - 1
       threadgroup T* tile = reinterpret_cast<threadgroup T*>(stage_tg + int(sg) * Layout::kTileFloats);
-      threadgroup float* strip = stage_tg + Layout::kStripAt + int(sg) * 64;
+      threadgroup float* strips = stage_tg + Layout::kStripAt;  // [NSG][MSP][64]
       threadgroup T* p_tile = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kProbAt) + int(sg) * 64;
       threadgroup uint* key_ok = reinterpret_cast<threadgroup uint*>(stage_tg + Layout::kKeyOkAt) + int(sg) * MK;
 
       const int stride = p.num_splits * kTgStep;
-      const int g = int(lane) / MLn;   // key group of this lane: keys g, g + MG, ... of a step
-      const int li = int(lane) % MLn;  // its 16-byte chunk of the key row
+      const int g = int(lane) / MLn;                      // key group of this lane: keys g, g + MG, ... of a step
+      const int li = int(lane) % MLn;                     // its 16-byte chunk of the simdgroup's columns
+      const int chunk = col0 * int(sizeof(T)) / 16 + li;  // ... in the key row
       const long bt_row = long(b) * p.block_table_stride_b;
       int2 loc[MU];
       int2 loc_next[MU];
@@ -582,7 +599,7 @@ template <typename T, int D, int R>
       } else {
         const int capacity = p.max_blocks_per_seq * p.block_size;
         k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
-        cursor = table_cursor(k_start + split * kTgStep + int(sg) * MK + g, stride, p.block_size);
+        cursor = table_cursor(k_start + split * kTgStep + unit * MK + g, stride, p.block_size);
         step_entries<MU, MG>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
         const int seqlen = cache_seqlens[b];
         sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
@@ -590,7 +607,10 @@ template <typename T, int D, int R>
       const int pos = sk - 1;  // the token's key position
       const int2 keys = visible_keys(pos, p.opt, sk);
       const int hi = keys.y + 1;
-      const int first = keys.x + split * kTgStep + int(sg) * MK;
+      const int first = keys.x + split * kTgStep + unit * MK;
+      // The units of a threadgroup meet at a barrier every step when MC > 1, so they all run the first unit's steps
+      // (a unit past hi loads nothing: its keys are masked).
+      const int lead = MC > 1 ? unit * MK : 0;
       if (fc_varlen || keys.x != 0) {  // uniform
         cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
         step_locs<MU, MG>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
@@ -604,10 +624,10 @@ template <typename T, int D, int R>
       chunk16 kr[MU];
       chunk16 vr[MU];
       // K and V of a step are loaded together: one memory round trip per step.
-      load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, li, aligned);
-      load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, li, aligned);
+      load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
+      load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
 
-      // Q rows (T [8][D], rows past nrows 0), loaded by each simdgroup into DB fragments once.
+      // Q rows (T [8][D], rows past nrows 0), loaded by each simdgroup's columns into DB fragments once.
       threadgroup T* q_stage = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kQAt);
       for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
         const int r = idx / D;
@@ -620,12 +640,12 @@ template <typename T, int D, int R>
       simdgroup_matrix<T, 8, 8> qf[DB];
       simdgroup_matrix<float, 8, 8> of[DB];
       for (int db = 0; db < DB; ++db) {
-        simdgroup_load(qf[db], q_stage + db * 8, D);
+        simdgroup_load(qf[db], q_stage + col0 + db * 8, D);
         of[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       }
 
       // Row mr = lane / 4 of the tile, on its 4 lanes: columns mc, mc + 1 of a step's scores; running max mm (the
-      // same on the 4 lanes) and this lane's share ml of the row's sum.
+      // same on the 4 lanes, and on the unit's simdgroups) and this lane's share ml of the row's sum.
       const int mr = int(lane) / 4;
       const int mc = 2 * (int(lane) % 4);
       const bool row_ok = mr < nrows;
@@ -634,38 +654,49 @@ template <typename T, int D, int R>
       float mm = kNoScore;
       float ml = 0.0f;
       uint bad_rows = 0;
-      for (int t0 = first; t0 < hi; t0 += stride) {
-        if (t0 != first) {  // uniform per simdgroup
-          load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, li, aligned);
-          load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, li, aligned);
+      int parity = 0;
+      for (int t0 = first; t0 - lead < hi; t0 += stride) {
+        if (t0 != first) {  // uniform per threadgroup
+          load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
+          load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
         }
         step_locs<MU, MG>(loc_next, t0 + stride + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
                           p.max_blocks_per_seq, p.num_blocks);
-        // K rows into the tile (key g + u MG: T [8][D]), with whether each key is loaded (block valid, below hi).
+        // K rows into the tile (key g + u MG: T [8][MD]), with whether each key is loaded (block valid, below hi).
         for (int u = 0; u < MU; ++u) {
-          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * D + li * MEPC) = kr[u];
+          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = kr[u];
           if (li == 0) {
             key_ok[g + u * MG] = loc[u].x >= 0 ? 1u : 0u;
           }
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);
-        // S (8 rows x 8 keys) = Q K^T: the tile's 8x8 blocks loaded transposed.
+        // S (8 rows x 8 keys) = Q K^T over this simdgroup's columns: the tile's 8x8 blocks loaded transposed.
         simdgroup_matrix<float, 8, 8> sf = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         for (int db = 0; db < DB; ++db) {
           simdgroup_matrix<T, 8, 8> kt;
-          simdgroup_load(kt, tile + db * 8, D, ulong2(0, 0), true);
+          simdgroup_load(kt, tile + db * 8, MD, ulong2(0, 0), true);
           simdgroup_multiply_accumulate(sf, qf[db], kt, sf);
         }
+        threadgroup float* strip = strips + (int(sg) * MSP + parity) * 64;
         simdgroup_store(sf, strip, 8);
-        simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has read K
-        for (int u = 0; u < MU; ++u) {
-          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * D + li * MEPC) = vr[u];
+        if (MC > 1) {
+          threadgroup_barrier(mem_flags::mem_threadgroup);  // the unit's halves of S are stored
+        } else {
+          simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has read K
         }
-        // Online softmax of row mr over keys t0 + mc, t0 + mc + 1 (the row's max over its 4 lanes).
+        for (int u = 0; u < MU; ++u) {
+          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = vr[u];
+        }
+        // Online softmax of row mr over keys t0 + mc, t0 + mc + 1 (the row's max over its 4 lanes). The unit's
+        // simdgroups sum the same strips in the same order, so they hold the same scores and statistics.
         float sc[2];
         int2 kl[2];
         for (int e = 0; e < 2; ++e) {
-          sc[e] = strip[mr * 8 + mc + e] * p.opt.scale;
+          float s = 0.0f;
+          for (int c = 0; c < MC; ++c) {
+            s += strips[((unit * MC + c) * MSP + parity) * 64 + mr * 8 + mc + e];
+          }
+          sc[e] = s * p.opt.scale;
           kl[e] = int2(key_ok[mc + e] != 0u ? 0 : -1, 0);
         }
         float mx = mask_scores<2, 1>(sc, bad_rows, mr, row_ok, kl, t0 + mc, keys, pos, slope, p.opt);
@@ -683,9 +714,11 @@ template <typename T, int D, int R>
         }
         ml = ml * alpha + sum;
         mm = m_new;
+        // The strip the unit does not read this step (the partner read it before this step's barrier).
+        threadgroup float* scratch = strips + (int(sg) * MSP + (MSP - 1 - parity)) * 64;
         if (simd_any(alpha != 1.0f)) {  // uniform: O = diag(alpha) O where a row moved its max (rare)
           for (int db = 0; db < DB; ++db) {
-            scale_rows(of[db], strip, alpha, mr, mc);
+            scale_rows(of[db], scratch, alpha, mr, mc);
           }
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);  // V and P are staged
@@ -693,13 +726,14 @@ template <typename T, int D, int R>
         simdgroup_load(pf, p_tile, 8);
         for (int db = 0; db < DB; ++db) {
           simdgroup_matrix<T, 8, 8> vb;
-          simdgroup_load(vb, tile + db * 8, D);
+          simdgroup_load(vb, tile + db * 8, MD);
           simdgroup_multiply_accumulate(of[db], pf, vb, of[db]);
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are free for the next step
         for (int u = 0; u < MU; ++u) {
           loc[u] = loc_next[u];
         }
+        parity = MSP - 1 - parity;
       }
 
       ml += simd_shuffle_xor(ml, ushort(1));
@@ -710,36 +744,40 @@ template <typename T, int D, int R>
         }
       }
       const bool row_bad = ((bad_rows >> mr) & 1u) != 0;
-      if (p.simdgroup_partials != 0) {  // uniform (split mode): this simdgroup's partial, through its strip
-        const long part = long(split) * NSG + int(sg);
+      // A strip for the fragments' read-out: not the last step's (the partner may still read that one until the
+      // next barrier).
+      threadgroup float* strip = strips + (int(sg) * MSP + parity) * 64;
+      if (p.simdgroup_partials != 0) {  // uniform (split mode): this unit's partial, through the strips
+        const long part = long(split) * NU + unit;
         // (partials, B, H, sq = 1): the rows of the tile are consecutive heads
         const long prow = part * p.batch * p.num_heads + long(b) * p.num_heads + hkv * group + row0 + mr;
         for (int db = 0; db < DB; ++db) {
           simdgroup_store(of[db], strip, 8);
           simdgroup_barrier(mem_flags::mem_threadgroup);
           if (row_ok) {
-            *reinterpret_cast<device float2*>(o_partial + prow * D + db * 8 + mc) =
+            *reinterpret_cast<device float2*>(o_partial + prow * D + col0 + db * 8 + mc) =
                 float2(strip[mr * 8 + mc], strip[mr * 8 + mc + 1]);
           }
           simdgroup_barrier(mem_flags::mem_threadgroup);
         }
-        if (row_ok && mc == 0) {
+        if (row_ok && mc == 0 && col0 == 0) {
           ml_partial[prow * 2] = row_bad ? as_type<float>(kNanBits) : mm;
           ml_partial[prow * 2 + 1] = ml;
         }
         return;
       }
+      // The unit's statistics once (its first simdgroup; the others add nothing to row_stats' max and sum).
       if (mc == 0) {
-        m_tg[sg * R + mr] = mm;
-        l_tg[sg * R + mr] = ml;
+        m_tg[sg * R + mr] = col0 == 0 ? mm : kNoScore;
+        l_tg[sg * R + mr] = col0 == 0 ? ml : 0.0f;
       }
       if (lane == 0) {
         bad_tg[sg] = bad_rows;
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done with its tile
       row_stats<R, NSG>(m_tg, l_tg, bad_tg, row_max_tg, row_sum_tg, row_bad_tg, tid);
-      // The simdgroups' O meet in MS slots of [R][D] floats (over the tiles; the strips lie past them), as below:
-      // slot += share x O per row, share = exp(m - the row's max over the simdgroups), each fragment read out through
+      // The units' O meet in MS slots of [R][D] floats (over the tiles; the strips lie past them), as below:
+      // slot += share x O per row, share = exp(m - the row's max over the units), each fragment read out through
       // the strip (no float x float product: the proxy lowers one to two bfloat-split tensor-core products).
       float row_max = kNoScore;
       for (int w = 0; w < NSG; ++w) {
@@ -747,9 +785,9 @@ template <typename T, int D, int R>
       }
       const float share = mm > kNoScore ? exp(mm - row_max) : 0.0f;
       threadgroup float* acc_tg = stage_tg;
-      for (int round = 0; round < NSG / MS; ++round) {
-        if (int(sg) / MS == round) {
-          threadgroup float* slot = acc_tg + (int(sg) % MS) * R * D + mr * D + mc;
+      for (int round = 0; round < NU / MS; ++round) {
+        if (unit / MS == round) {
+          threadgroup float* slot = acc_tg + (unit % MS) * R * D + mr * D + col0 + mc;
           for (int db = 0; db < DB; ++db) {
             simdgroup_barrier(mem_flags::mem_threadgroup);
             simdgroup_store(of[db], strip, 8);
