@@ -383,6 +383,61 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
   mask_past<U, G>(loc, t, limit, varlen, k_start);
 }
 
+// The keys of request b. Paged: slots [k_start, k_start + sk) of its block-table row, sk = cache_seqlens[b] +
+// seqlen_new clamped to the table's capacity (padding rows, cache_seqlens < 0, have none and output zeros) and
+// k_start its cache_leftpad (contiguous caches: key t is slot leftpad + t). Varlen: rows [k_start, k_start + sk) of
+// k, clamped to total_k; only a sequence with exactly one query row (clamped as every varlen kernel clamps cu_seqlens)
+// is this kernel's: false for the others (the router's varlen dispatch that follows computes those, whatever
+// max_seqlen_q said). In paged mode the block-table entries of this lane's first step (key `first_key`, counted from
+// a window starting at 0) are read while cache_seqlens still is: one dependent memory round trip less before the
+// first K/V byte.
+struct RequestKeys {
+  int sk = 0;
+  int k_start = 0;
+  int q_row = 0;  // varlen: the row of q / out
+};
+
+template <int U, int G>
+inline bool request_keys(thread RequestKeys& rk, thread int2 (&loc)[U], thread TableCursor& cursor, int first_key,
+                         int stride, int b, long bt_row, constant PagedDecodeParams& p, device const int* block_table,
+                         device const int* cache_seqlens, device const int* cu_seqlens_q,
+                         device const int* cu_seqlens_k, device const int* cache_leftpad) {
+  if (fc_varlen) {
+    const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
+    if (q_rows.y != 1) {
+      return false;
+    }
+    rk.q_row = q_rows.x;
+    const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
+    rk.k_start = k_rows.x;
+    rk.sk = k_rows.y;
+  } else {
+    const int capacity = p.max_blocks_per_seq * p.block_size;
+    rk.k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
+    cursor = table_cursor(rk.k_start + first_key, stride, p.block_size);
+    step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
+    const int seqlen = cache_seqlens[b];
+    rk.sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - rk.k_start, 0l, long(capacity - rk.k_start)));
+  }
+  return true;
+}
+
+// Where this lane's first step (keys t = first + g, first + g + G, ...) lives, once the visible keys [lo, hi) are
+// known: read again from the table (varlen: the k rows) where a window moved lo off 0, else request_keys' entries
+// masked past hi.
+template <int U, int G>
+inline void first_step_locs(thread int2 (&loc)[U], thread TableCursor& cursor, int lo, int t, int hi, int stride,
+                            const thread RequestKeys& rk, long bt_row, constant PagedDecodeParams& p,
+                            device const int* block_table) {
+  if (fc_varlen || lo != 0) {  // uniform
+    cursor = table_cursor(rk.k_start + t, stride, fc_varlen ? 1 : p.block_size);
+    step_locs<U, G>(loc, t, hi, fc_varlen, rk.k_start, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq,
+                    p.num_blocks);
+  } else {
+    mask_past<U, G>(loc, t, hi, false, rk.k_start);
+  }
+}
+
 // The combine's loads in flight per thread: splits s0, s0 + NS, ..., s0 + (kCombineLoads - 1) NS of one float4
 // column (zeros past `splits`).
 constant constexpr int kCombineLoads = 8;
@@ -583,27 +638,14 @@ template <typename T, int D, int R>
       int2 loc[MU];
       int2 loc_next[MU];
       TableCursor cursor;
-      // Keys of request b, as below.
-      int sk = 0;
-      int k_start = 0;
-      int q_row = 0;
-      if (fc_varlen) {
-        const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
-        if (q_rows.y != 1) {
-          return;
-        }
-        q_row = q_rows.x;
-        const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
-        k_start = k_rows.x;
-        sk = k_rows.y;
-      } else {
-        const int capacity = p.max_blocks_per_seq * p.block_size;
-        k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
-        cursor = table_cursor(k_start + split * kTgStep + unit * MK + g, stride, p.block_size);
-        step_entries<MU, MG>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
-        const int seqlen = cache_seqlens[b];
-        sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
+      RequestKeys rk;  // the keys of request b (request_keys)
+      if (!request_keys<MU, MG>(rk, loc, cursor, split * kTgStep + unit * MK + g, stride, b, bt_row, p, block_table,
+                                cache_seqlens, cu_seqlens_q, cu_seqlens_k, cache_leftpad)) {
+        return;
       }
+      const int sk = rk.sk;
+      const int k_start = rk.k_start;
+      const int q_row = rk.q_row;
       const int pos = sk - 1;  // the token's key position
       const int2 keys = visible_keys(pos, p.opt, sk);
       const int hi = keys.y + 1;
@@ -611,13 +653,7 @@ template <typename T, int D, int R>
       // The units of a threadgroup meet at a barrier every step when MC > 1, so they all run the first unit's steps
       // (a unit past hi loads nothing: its keys are masked).
       const int lead = MC > 1 ? unit * MK : 0;
-      if (fc_varlen || keys.x != 0) {  // uniform
-        cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
-        step_locs<MU, MG>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                          p.max_blocks_per_seq, p.num_blocks);
-      } else {
-        mask_past<MU, MG>(loc, first + g, hi, false, k_start);
-      }
+      first_step_locs<MU, MG>(loc, cursor, keys.x, first + g, hi, stride, rk, bt_row, p, block_table);
       const long k_head = long(hkv) * p.k_stride_h;
       const long v_head = long(hkv) * p.v_stride_h;
       const bool aligned = fc_decode_kv_aligned;
@@ -823,45 +859,21 @@ template <typename T, int D, int R>
   int2 loc_next[U];
   TableCursor cursor;
 
-  // Keys of request b. Paged: sk = cache_seqlens[b] + seqlen_new, clamped to the block table's capacity; padding rows
-  // (cache_seqlens < 0) have none and output zeros. Varlen: rows [k_start, k_start + sk) of k, clamped to total_k;
-  // only a sequence with exactly one query row (clamped as every varlen kernel clamps cu_seqlens) is computed: the
-  // router's varlen dispatch that follows computes those with several, whatever max_seqlen_q said.
-  int sk = 0;
-  int k_start = 0;
-  int q_row = 0;  // varlen: the row of q / out
-  if (fc_varlen) {
-    const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
-    if (q_rows.y != 1) {
-      return;  // none or several query rows: not this kernel's (uniform per threadgroup)
-    }
-    q_row = q_rows.x;
-    const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
-    k_start = k_rows.x;
-    sk = k_rows.y;
-  } else {
-    // cache_leftpad (contiguous caches): keys are slots [leftpad, cache_seqlens + seqlen_new) of the row, so key t
-    // is slot leftpad + t and sk shrinks by leftpad.
-    const int capacity = p.max_blocks_per_seq * p.block_size;
-    k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
-    cursor = table_cursor(k_start + split * kTgStep + int(sg) * KS + g, stride, p.block_size);
-    step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
-    const int seqlen = cache_seqlens[b];
-    sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
+  RequestKeys rk;  // the keys of request b (request_keys)
+  if (!request_keys<U, G>(rk, loc, cursor, split * kTgStep + int(sg) * KS + g, stride, b, bt_row, p, block_table,
+                          cache_seqlens, cu_seqlens_q, cu_seqlens_k, cache_leftpad)) {
+    return;  // varlen: none or several query rows, not this kernel's (uniform per threadgroup)
   }
+  const int sk = rk.sk;
+  const int k_start = rk.k_start;
+  const int q_row = rk.q_row;
   const int diag = sk - sq;  // query i sits at key position i + diag (bottom-right alignment)
 
   // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
   const int lo = visible_keys(diag, p.opt, sk).x;
   const int hi = visible_keys(sq - 1 + diag, p.opt, sk).y + 1;
   const int first = lo + split * kTgStep + int(sg) * KS;  // this simdgroup's first step
-  if (fc_varlen || lo != 0) {                             // uniform
-    cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
-    step_locs<U, G>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                    p.max_blocks_per_seq, p.num_blocks);
-  } else {
-    mask_past<U, G>(loc, first + g, hi, false, k_start);
-  }
+  first_step_locs<U, G>(loc, cursor, lo, first + g, hi, stride, rk, bt_row, p, block_table);
 
   // The first step's K and V rows (packed: U x CPL chunks of each per lane) are loaded before q is staged, so that
   // their memory round trip overlaps q's and the barrier's instead of following them; the loop loads each later
