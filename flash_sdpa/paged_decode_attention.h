@@ -18,17 +18,18 @@
 // buffers (<= 8 KB). No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV
 // head.
 //
-// The matrix path (decode_matrix_rows: R = 8, 2-byte types, D = 64, one query token, so the 8 rows
-// are the 8 query heads of a GQA group at one position): both products run on 8x8 simdgroup_matrix tiles, as in the
-// varlen forward. A simdgroup step is 8 keys: each lane loads one 16-byte chunk of K and of V per key it covers (each
-// key's row address from the block table, so a step may straddle pages), the K rows go through the simdgroup's 8-key
-// tile in threadgroup memory into S = Q K^T (D / 8 products), then V replaces K there for O += P V (D / 8 more), O in
-// D / 8 float fragments. Apple GPUs have no asynchronous copy into threadgroup memory and fragments are built only by
-// simdgroup_load (which lane holds which element is undocumented), so the rows pass through the registers either way;
-// a simdgroup_load straight from device memory needs the 8 rows at one stride, which pages of any size break. K and V
-// share a simdgroup's tile (8 x 64 halves; 8 KB for the threadgroup). Several query tokens (sq > 1) keep the
-// lane-local path: their rows see different keys, and a shared P V would carry a non-finite V element to rows that
-// cannot see it.
+// The matrix path (decode_matrix_rows: R = 8, 2-byte types, D = 64 or 128, one query token, so the 8 rows are the 8
+// query heads of a GQA group at one position): both products run on 8x8 simdgroup_matrix tiles, as in the varlen
+// forward. A key step is 8 keys: each lane loads one 16-byte chunk of K and of V per key it covers (each key's row
+// address from the block table, so a step may straddle pages), the K rows go through the simdgroup's 8-key tile in
+// threadgroup memory into S = Q K^T, then V replaces K there for O += P V. A simdgroup holds 64 columns of Q and O (8
+// fragments each); at D = 128 two simdgroups share each key step, each with its half of the columns, and add their
+// halves of S through threadgroup memory (one threadgroup barrier per step). Apple GPUs have no asynchronous copy into
+// threadgroup memory and fragments are built only by simdgroup_load (which lane holds which element is undocumented),
+// so the rows pass through the registers either way; a simdgroup_load straight from device memory needs the 8 rows
+// at one stride, which pages of any size break. K and V share a simdgroup's tile (8 x 64 halves; 8 KB for the
+// threadgroup). Several query tokens (sq > 1) keep the lane-local path: their rows see different keys, and a shared
+// P V would carry a non-finite V element to rows that cannot see it.
 #pragma once
 
 #include <metal_stdlib>
