@@ -18,17 +18,18 @@
 // buffers (<= 8 KB). No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV
 // head.
 //
-// The matrix path (decode_matrix_rows: R = 8, 2-byte types, D = 64, one query token, so the 8 rows
-// are the 8 query heads of a GQA group at one position): both products run on 8x8 simdgroup_matrix tiles, as in the
-// varlen forward. A simdgroup step is 8 keys: each lane loads one 16-byte chunk of K and of V per key it covers (each
-// key's row address from the block table, so a step may straddle pages), the K rows go through the simdgroup's 8-key
-// tile in threadgroup memory into S = Q K^T (D / 8 products), then V replaces K there for O += P V (D / 8 more), O in
-// D / 8 float fragments. Apple GPUs have no asynchronous copy into threadgroup memory and fragments are built only by
-// simdgroup_load (which lane holds which element is undocumented), so the rows pass through the registers either way;
-// a simdgroup_load straight from device memory needs the 8 rows at one stride, which pages of any size break. K and V
-// share a simdgroup's tile (8 x 64 halves; 8 KB for the threadgroup). Several query tokens (sq > 1) keep the
-// lane-local path: their rows see different keys, and a shared P V would carry a non-finite V element to rows that
-// cannot see it.
+// The matrix path (decode_matrix_rows: R = 8, 2-byte types, D = 64 or 128, one query token, so the 8 rows are the 8
+// query heads of a GQA group at one position): both products run on 8x8 simdgroup_matrix tiles, as in the varlen
+// forward. A key step is 8 keys: each lane loads one 16-byte chunk of K and of V per key it covers (each key's row
+// address from the block table, so a step may straddle pages), the K rows go through the simdgroup's 8-key tile in
+// threadgroup memory into S = Q K^T, then V replaces K there for O += P V. A simdgroup holds 64 columns of Q and O (8
+// fragments each); at D = 128 two simdgroups share each key step, each with its half of the columns, and add their
+// halves of S through threadgroup memory (one threadgroup barrier per step). Apple GPUs have no asynchronous copy into
+// threadgroup memory and fragments are built only by simdgroup_load (which lane holds which element is undocumented),
+// so the rows pass through the registers either way; a simdgroup_load straight from device memory needs the 8 rows
+// at one stride, which pages of any size break. K and V share a simdgroup's tile (8 x 64 halves; 8 KB for the
+// threadgroup). Several query tokens (sq > 1) keep the lane-local path: their rows see different keys, and a shared
+// P V would carry a non-finite V element to rows that cannot see it.
 #pragma once
 
 #include <metal_stdlib>
@@ -84,28 +85,37 @@ struct DecodeLayout {
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
 
-  // The matrix path (decode_matrix_rows, one query token): a simdgroup step is kDecodeMatrixKeys = 8 keys, one 8x8
-  // score tile. Its K rows are read as 16-byte chunks, ML lanes per row (one chunk each), MG rows side by side, MU
-  // per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory (floats, in stage_tg): per
-  // simdgroup an 8-key tile of T [8][D] (K, then V), an 8x8 float strip (scores; O's blocks when rows are scaled),
-  // an 8x8 T tile (probabilities) and 8 key flags; then Q (T [8][D], loaded once into D / 8 fragments).
+  // The matrix path (decode_matrix_rows, one query token): a key step is kDecodeMatrixKeys = 8 keys, one 8x8 score
+  // tile, shared by MC simdgroups (decode_column_simdgroups: 2 at D = 128), each with MD = 64 columns of Q and O (a
+  // key unit). A simdgroup reads its columns of the step's K rows as 16-byte chunks, ML lanes per row (one chunk
+  // each), MG rows side by side, MU per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory
+  // (floats, in stage_tg): per simdgroup an 8-key tile of T [8][MD] (K, then V), MS 8x8 float strips (its scores;
+  // double-buffered by step parity when MC > 1, so that a partner still reading one step's strip is not
+  // overwritten by the next; O's blocks when rows are scaled), an 8x8 T tile (probabilities) and 8 key flags; then Q
+  // (T [8][D], loaded once into MD / 8 fragments per simdgroup).
   static constexpr bool kMatrix = decode_matrix_rows(D, int(sizeof(T)), R);
   static constexpr int MK = kDecodeMatrixKeys;
-  static constexpr int ML = kMatrix ? D * int(sizeof(T)) / 16 : 1;
+  static constexpr int MC = decode_column_simdgroups(D, int(sizeof(T)), R);
+  static constexpr int MD = D / MC;
+  static constexpr int NU = NSG / MC;  // key units
+  static constexpr int ML = kMatrix ? MD * int(sizeof(T)) / 16 : 1;
   static constexpr int MG = 32 / ML;
   static constexpr int MU = kMatrix ? MK / MG : 1;
   static constexpr int MEPC = 16 / int(sizeof(T));  // elements per 16-byte chunk
-  static constexpr int kTileFloats = MK * D * int(sizeof(T)) / 4;
+  static constexpr int MS = MC > 1 ? 2 : 1;         // strips per simdgroup
+  static constexpr int kTileFloats = MK * MD * int(sizeof(T)) / 4;
   static constexpr int kStripAt = NSG * kTileFloats;
-  static constexpr int kProbAt = kStripAt + NSG * 64;
+  static constexpr int kProbAt = kStripAt + NSG * MS * 64;
   static constexpr int kKeyOkAt = kProbAt + NSG * 64 * int(sizeof(T)) / 4;
   static constexpr int kQAt = kKeyOkAt + NSG * MK;
   static constexpr int kMatrixFloats = kMatrix ? kQAt + 8 * D * int(sizeof(T)) / 4 : 0;
   // stage_tg: the q rows / merge slots, or the matrix path's tiles; whole float4s (16-byte chunk stores).
   static constexpr int kStageFloats =
       (kMergeSlots * R * D > kMatrixFloats ? kMergeSlots * R * D : kMatrixFloats + 3) / 4 * 4;
-  static_assert(!kMatrix || (R == 8 && ML * MG == 32 && MU * MG == MK && kStripAt >= kMergeSlots * R * D),
-                "matrix path: 8 rows, whole lane groups, strips past the merge slots");
+  static_assert(
+      !kMatrix || (R == 8 && MD == kDecodeMatrixColumns && ML * MG == 32 && MU * MG == MK && NU * MC == NSG &&
+                   NU % kMergeSlots == 0 && kStripAt >= kMergeSlots * R * D),
+      "matrix path: 8 rows, 64 columns per simdgroup, whole lane groups and units, strips past the merge slots");
 };
 
 // Online-softmax headroom of the matrix path: a row's running max moves only when a step's max passes it by more
@@ -374,6 +384,61 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
   mask_past<U, G>(loc, t, limit, varlen, k_start);
 }
 
+// The keys of request b. Paged: slots [k_start, k_start + sk) of its block-table row, sk = cache_seqlens[b] +
+// seqlen_new clamped to the table's capacity (padding rows, cache_seqlens < 0, have none and output zeros) and
+// k_start its cache_leftpad (contiguous caches: key t is slot leftpad + t). Varlen: rows [k_start, k_start + sk) of
+// k, clamped to total_k; only a sequence with exactly one query row (clamped as every varlen kernel clamps cu_seqlens)
+// is this kernel's: false for the others (the router's varlen dispatch that follows computes those, whatever
+// max_seqlen_q said). In paged mode the block-table entries of this lane's first step (key `first_key`, counted from
+// a window starting at 0) are read while cache_seqlens still is: one dependent memory round trip less before the
+// first K/V byte.
+struct RequestKeys {
+  int sk = 0;
+  int k_start = 0;
+  int q_row = 0;  // varlen: the row of q / out
+};
+
+template <int U, int G>
+inline bool request_keys(thread RequestKeys& rk, thread int2 (&loc)[U], thread TableCursor& cursor, int first_key,
+                         int stride, int b, long bt_row, constant PagedDecodeParams& p, device const int* block_table,
+                         device const int* cache_seqlens, device const int* cu_seqlens_q,
+                         device const int* cu_seqlens_k, device const int* cache_leftpad) {
+  if (fc_varlen) {
+    const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
+    if (q_rows.y != 1) {
+      return false;
+    }
+    rk.q_row = q_rows.x;
+    const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
+    rk.k_start = k_rows.x;
+    rk.sk = k_rows.y;
+  } else {
+    const int capacity = p.max_blocks_per_seq * p.block_size;
+    rk.k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
+    cursor = table_cursor(rk.k_start + first_key, stride, p.block_size);
+    step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
+    const int seqlen = cache_seqlens[b];
+    rk.sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - rk.k_start, 0l, long(capacity - rk.k_start)));
+  }
+  return true;
+}
+
+// Where this lane's first step (keys t = first + g, first + g + G, ...) lives, once the visible keys [lo, hi) are
+// known: read again from the table (varlen: the k rows) where a window moved lo off 0, else request_keys' entries
+// masked past hi.
+template <int U, int G>
+inline void first_step_locs(thread int2 (&loc)[U], thread TableCursor& cursor, int lo, int t, int hi, int stride,
+                            const thread RequestKeys& rk, long bt_row, constant PagedDecodeParams& p,
+                            device const int* block_table) {
+  if (fc_varlen || lo != 0) {  // uniform
+    cursor = table_cursor(rk.k_start + t, stride, fc_varlen ? 1 : p.block_size);
+    step_locs<U, G>(loc, t, hi, fc_varlen, rk.k_start, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq,
+                    p.num_blocks);
+  } else {
+    mask_past<U, G>(loc, t, hi, false, rk.k_start);
+  }
+}
+
 // The combine's loads in flight per thread: splits s0, s0 + NS, ..., s0 + (kCombineLoads - 1) NS of one float4
 // column (zeros past `splits`).
 constant constexpr int kCombineLoads = 8;
@@ -539,75 +604,67 @@ template <typename T, int D, int R>
 
   if constexpr (Layout::kMatrix) {
     if (sq == 1) {  // uniform
-      // The matrix path (one query token: row r is head row0 + r of the KV group; DecodeLayout). Per simdgroup step
-      // of 8 keys: the lanes' 16-byte chunks of the K rows go to the simdgroup's tile, S = Q K^T on 8x8 fragments
-      // (Q in T, unscaled: the scale applies to S in fp32), V replaces K in the tile, the online softmax
-      // of row lane / 4 runs on its 4 lanes (2 scores each), P (T) goes through a small tile, O += P V on D / 8 float
-      // fragments. Only simdgroup barriers in the loop. With one token every loaded key lies in every row's window
-      // (the same position), so no row meets a V row it does not see: a non-finite V reaches exactly the rows
-      // that FlashAttention-2 gives it to, as in the lane-local P.V of the path below at sq = 1.
+      // The matrix path (one query token: row r is head row0 + r of the KV group; DecodeLayout). Per key step of 8
+      // keys: each simdgroup of the step's unit puts its lanes' 16-byte chunks of its MD columns of the K rows into
+      // its tile, S = Q K^T on 8x8 fragments over those columns (Q in T, unscaled: the scale applies to S in fp32);
+      // at MC = 2 the two simdgroups add their halves of S through their strips (one threadgroup barrier), then both
+      // run the same online softmax: row lane / 4 on its 4 lanes (2 scores each); V replaces K in the tile, P (T)
+      // goes through a small tile, O += P V on MD / 8 float fragments. With one token every loaded key lies in every
+      // row's window (the same position), so no row meets a V row it does not see: a non-finite V reaches exactly
+      // the rows that FlashAttention-2 gives it to, as in the lane-local P.V of the path below at sq = 1.
       constexpr int MK = Layout::MK;
+      constexpr int MC = Layout::MC;
+      constexpr int MD = Layout::MD;
+      constexpr int NU = Layout::NU;
       constexpr int MLn = Layout::ML;
       constexpr int MG = Layout::MG;
       constexpr int MU = Layout::MU;
       constexpr int MEPC = Layout::MEPC;
+      constexpr int MSP = Layout::MS;
       constexpr int NCM = D * int(sizeof(T)) / 16;
-      constexpr int DB = D / 8;
-      constexpr int kTgStep = NSG * MK;
+      constexpr int DB = MD / 8;
+      constexpr int kTgStep = NU * MK;
+      const int unit = int(sg) / MC;
+      const int col0 = (int(sg) % MC) * MD;  // this simdgroup's columns col0 .. col0 + MD - 1
       threadgroup T* tile = reinterpret_cast<threadgroup T*>(stage_tg + int(sg) * Layout::kTileFloats);
-      threadgroup float* strip = stage_tg + Layout::kStripAt + int(sg) * 64;
+      threadgroup float* strips = stage_tg + Layout::kStripAt;  // [NSG][MSP][64]
       threadgroup T* p_tile = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kProbAt) + int(sg) * 64;
       threadgroup uint* key_ok = reinterpret_cast<threadgroup uint*>(stage_tg + Layout::kKeyOkAt) + int(sg) * MK;
 
       const int stride = p.num_splits * kTgStep;
-      const int g = int(lane) / MLn;   // key group of this lane: keys g, g + MG, ... of a step
-      const int li = int(lane) % MLn;  // its 16-byte chunk of the key row
+      const int g = int(lane) / MLn;                      // key group of this lane: keys g, g + MG, ... of a step
+      const int li = int(lane) % MLn;                     // its 16-byte chunk of the simdgroup's columns
+      const int chunk = col0 * int(sizeof(T)) / 16 + li;  // ... in the key row
       const long bt_row = long(b) * p.block_table_stride_b;
       int2 loc[MU];
       int2 loc_next[MU];
       TableCursor cursor;
-      // Keys of request b, as below.
-      int sk = 0;
-      int k_start = 0;
-      int q_row = 0;
-      if (fc_varlen) {
-        const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
-        if (q_rows.y != 1) {
-          return;
-        }
-        q_row = q_rows.x;
-        const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
-        k_start = k_rows.x;
-        sk = k_rows.y;
-      } else {
-        const int capacity = p.max_blocks_per_seq * p.block_size;
-        k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
-        cursor = table_cursor(k_start + split * kTgStep + int(sg) * MK + g, stride, p.block_size);
-        step_entries<MU, MG>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
-        const int seqlen = cache_seqlens[b];
-        sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
+      RequestKeys rk;  // the keys of request b (request_keys)
+      if (!request_keys<MU, MG>(rk, loc, cursor, split * kTgStep + unit * MK + g, stride, b, bt_row, p, block_table,
+                                cache_seqlens, cu_seqlens_q, cu_seqlens_k, cache_leftpad)) {
+        return;
       }
+      const int sk = rk.sk;
+      const int k_start = rk.k_start;
+      const int q_row = rk.q_row;
       const int pos = sk - 1;  // the token's key position
       const int2 keys = visible_keys(pos, p.opt, sk);
       const int hi = keys.y + 1;
-      const int first = keys.x + split * kTgStep + int(sg) * MK;
-      if (fc_varlen || keys.x != 0) {  // uniform
-        cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
-        step_locs<MU, MG>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                          p.max_blocks_per_seq, p.num_blocks);
-      } else {
-        mask_past<MU, MG>(loc, first + g, hi, false, k_start);
-      }
+      const int first = keys.x + split * kTgStep + unit * MK;
+      // The units of a threadgroup meet at a barrier every step when MC > 1, so they all run the first unit's steps
+      // (a unit past hi loads nothing: its keys are masked).
+      const int lead = MC > 1 ? unit * MK : 0;
+      first_step_locs<MU, MG>(loc, cursor, keys.x, first + g, hi, stride, rk, bt_row, p, block_table);
       const long k_head = long(hkv) * p.k_stride_h;
       const long v_head = long(hkv) * p.v_stride_h;
       const bool aligned = fc_decode_kv_aligned;
       chunk16 kr[MU];
       chunk16 vr[MU];
       // K and V of a step are loaded together: one memory round trip per step.
-      load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, li, aligned);
-      load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, li, aligned);
+      load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
+      load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
 
-      // Q rows (T [8][D], rows past nrows 0), loaded by each simdgroup into DB fragments once.
+      // Q rows (T [8][D], rows past nrows 0), loaded by each simdgroup's columns into DB fragments once.
       threadgroup T* q_stage = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kQAt);
       for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
         const int r = idx / D;
@@ -620,12 +677,12 @@ template <typename T, int D, int R>
       simdgroup_matrix<T, 8, 8> qf[DB];
       simdgroup_matrix<float, 8, 8> of[DB];
       for (int db = 0; db < DB; ++db) {
-        simdgroup_load(qf[db], q_stage + db * 8, D);
+        simdgroup_load(qf[db], q_stage + col0 + db * 8, D);
         of[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       }
 
       // Row mr = lane / 4 of the tile, on its 4 lanes: columns mc, mc + 1 of a step's scores; running max mm (the
-      // same on the 4 lanes) and this lane's share ml of the row's sum.
+      // same on the 4 lanes, and on the unit's simdgroups) and this lane's share ml of the row's sum.
       const int mr = int(lane) / 4;
       const int mc = 2 * (int(lane) % 4);
       const bool row_ok = mr < nrows;
@@ -634,38 +691,49 @@ template <typename T, int D, int R>
       float mm = kNoScore;
       float ml = 0.0f;
       uint bad_rows = 0;
-      for (int t0 = first; t0 < hi; t0 += stride) {
-        if (t0 != first) {  // uniform per simdgroup
-          load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, li, aligned);
-          load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, li, aligned);
+      int parity = 0;
+      for (int t0 = first; t0 - lead < hi; t0 += stride) {
+        if (t0 != first) {  // uniform per threadgroup
+          load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
+          load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
         }
         step_locs<MU, MG>(loc_next, t0 + stride + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
                           p.max_blocks_per_seq, p.num_blocks);
-        // K rows into the tile (key g + u MG: T [8][D]), with whether each key is loaded (block valid, below hi).
+        // K rows into the tile (key g + u MG: T [8][MD]), with whether each key is loaded (block valid, below hi).
         for (int u = 0; u < MU; ++u) {
-          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * D + li * MEPC) = kr[u];
+          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = kr[u];
           if (li == 0) {
             key_ok[g + u * MG] = loc[u].x >= 0 ? 1u : 0u;
           }
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);
-        // S (8 rows x 8 keys) = Q K^T: the tile's 8x8 blocks loaded transposed.
+        // S (8 rows x 8 keys) = Q K^T over this simdgroup's columns: the tile's 8x8 blocks loaded transposed.
         simdgroup_matrix<float, 8, 8> sf = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         for (int db = 0; db < DB; ++db) {
           simdgroup_matrix<T, 8, 8> kt;
-          simdgroup_load(kt, tile + db * 8, D, ulong2(0, 0), true);
+          simdgroup_load(kt, tile + db * 8, MD, ulong2(0, 0), true);
           simdgroup_multiply_accumulate(sf, qf[db], kt, sf);
         }
+        threadgroup float* strip = strips + (int(sg) * MSP + parity) * 64;
         simdgroup_store(sf, strip, 8);
-        simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has read K
-        for (int u = 0; u < MU; ++u) {
-          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * D + li * MEPC) = vr[u];
+        if (MC > 1) {
+          threadgroup_barrier(mem_flags::mem_threadgroup);  // the unit's halves of S are stored
+        } else {
+          simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has read K
         }
-        // Online softmax of row mr over keys t0 + mc, t0 + mc + 1 (the row's max over its 4 lanes).
+        for (int u = 0; u < MU; ++u) {
+          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = vr[u];
+        }
+        // Online softmax of row mr over keys t0 + mc, t0 + mc + 1 (the row's max over its 4 lanes). The unit's
+        // simdgroups sum the same strips in the same order, so they hold the same scores and statistics.
         float sc[2];
         int2 kl[2];
         for (int e = 0; e < 2; ++e) {
-          sc[e] = strip[mr * 8 + mc + e] * p.opt.scale;
+          float s = 0.0f;
+          for (int c = 0; c < MC; ++c) {
+            s += strips[((unit * MC + c) * MSP + parity) * 64 + mr * 8 + mc + e];
+          }
+          sc[e] = s * p.opt.scale;
           kl[e] = int2(key_ok[mc + e] != 0u ? 0 : -1, 0);
         }
         float mx = mask_scores<2, 1>(sc, bad_rows, mr, row_ok, kl, t0 + mc, keys, pos, slope, p.opt);
@@ -683,9 +751,11 @@ template <typename T, int D, int R>
         }
         ml = ml * alpha + sum;
         mm = m_new;
+        // The strip the unit does not read this step (the partner read it before this step's barrier).
+        threadgroup float* scratch = strips + (int(sg) * MSP + (MSP - 1 - parity)) * 64;
         if (simd_any(alpha != 1.0f)) {  // uniform: O = diag(alpha) O where a row moved its max (rare)
           for (int db = 0; db < DB; ++db) {
-            scale_rows(of[db], strip, alpha, mr, mc);
+            scale_rows(of[db], scratch, alpha, mr, mc);
           }
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);  // V and P are staged
@@ -693,13 +763,14 @@ template <typename T, int D, int R>
         simdgroup_load(pf, p_tile, 8);
         for (int db = 0; db < DB; ++db) {
           simdgroup_matrix<T, 8, 8> vb;
-          simdgroup_load(vb, tile + db * 8, D);
+          simdgroup_load(vb, tile + db * 8, MD);
           simdgroup_multiply_accumulate(of[db], pf, vb, of[db]);
         }
         simdgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are free for the next step
         for (int u = 0; u < MU; ++u) {
           loc[u] = loc_next[u];
         }
+        parity = MSP - 1 - parity;
       }
 
       ml += simd_shuffle_xor(ml, ushort(1));
@@ -710,36 +781,40 @@ template <typename T, int D, int R>
         }
       }
       const bool row_bad = ((bad_rows >> mr) & 1u) != 0;
-      if (p.simdgroup_partials != 0) {  // uniform (split mode): this simdgroup's partial, through its strip
-        const long part = long(split) * NSG + int(sg);
+      // A strip for the fragments' read-out: not the last step's (the partner may still read that one until the
+      // next barrier).
+      threadgroup float* strip = strips + (int(sg) * MSP + parity) * 64;
+      if (p.simdgroup_partials != 0) {  // uniform (split mode): this unit's partial, through the strips
+        const long part = long(split) * NU + unit;
         // (partials, B, H, sq = 1): the rows of the tile are consecutive heads
         const long prow = part * p.batch * p.num_heads + long(b) * p.num_heads + hkv * group + row0 + mr;
         for (int db = 0; db < DB; ++db) {
           simdgroup_store(of[db], strip, 8);
           simdgroup_barrier(mem_flags::mem_threadgroup);
           if (row_ok) {
-            *reinterpret_cast<device float2*>(o_partial + prow * D + db * 8 + mc) =
+            *reinterpret_cast<device float2*>(o_partial + prow * D + col0 + db * 8 + mc) =
                 float2(strip[mr * 8 + mc], strip[mr * 8 + mc + 1]);
           }
           simdgroup_barrier(mem_flags::mem_threadgroup);
         }
-        if (row_ok && mc == 0) {
+        if (row_ok && mc == 0 && col0 == 0) {
           ml_partial[prow * 2] = row_bad ? as_type<float>(kNanBits) : mm;
           ml_partial[prow * 2 + 1] = ml;
         }
         return;
       }
+      // The unit's statistics once (its first simdgroup; the others add nothing to row_stats' max and sum).
       if (mc == 0) {
-        m_tg[sg * R + mr] = mm;
-        l_tg[sg * R + mr] = ml;
+        m_tg[sg * R + mr] = col0 == 0 ? mm : kNoScore;
+        l_tg[sg * R + mr] = col0 == 0 ? ml : 0.0f;
       }
       if (lane == 0) {
         bad_tg[sg] = bad_rows;
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done with its tile
       row_stats<R, NSG>(m_tg, l_tg, bad_tg, row_max_tg, row_sum_tg, row_bad_tg, tid);
-      // The simdgroups' O meet in MS slots of [R][D] floats (over the tiles; the strips lie past them), as below:
-      // slot += share x O per row, share = exp(m - the row's max over the simdgroups), each fragment read out through
+      // The units' O meet in MS slots of [R][D] floats (over the tiles; the strips lie past them), as below:
+      // slot += share x O per row, share = exp(m - the row's max over the units), each fragment read out through
       // the strip (no float x float product: the proxy lowers one to two bfloat-split tensor-core products).
       float row_max = kNoScore;
       for (int w = 0; w < NSG; ++w) {
@@ -747,9 +822,9 @@ template <typename T, int D, int R>
       }
       const float share = mm > kNoScore ? exp(mm - row_max) : 0.0f;
       threadgroup float* acc_tg = stage_tg;
-      for (int round = 0; round < NSG / MS; ++round) {
-        if (int(sg) / MS == round) {
-          threadgroup float* slot = acc_tg + (int(sg) % MS) * R * D + mr * D + mc;
+      for (int round = 0; round < NU / MS; ++round) {
+        if (unit / MS == round) {
+          threadgroup float* slot = acc_tg + (unit % MS) * R * D + mr * D + col0 + mc;
           for (int db = 0; db < DB; ++db) {
             simdgroup_barrier(mem_flags::mem_threadgroup);
             simdgroup_store(of[db], strip, 8);
@@ -785,45 +860,21 @@ template <typename T, int D, int R>
   int2 loc_next[U];
   TableCursor cursor;
 
-  // Keys of request b. Paged: sk = cache_seqlens[b] + seqlen_new, clamped to the block table's capacity; padding rows
-  // (cache_seqlens < 0) have none and output zeros. Varlen: rows [k_start, k_start + sk) of k, clamped to total_k;
-  // only a sequence with exactly one query row (clamped as every varlen kernel clamps cu_seqlens) is computed: the
-  // router's varlen dispatch that follows computes those with several, whatever max_seqlen_q said.
-  int sk = 0;
-  int k_start = 0;
-  int q_row = 0;  // varlen: the row of q / out
-  if (fc_varlen) {
-    const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
-    if (q_rows.y != 1) {
-      return;  // none or several query rows: not this kernel's (uniform per threadgroup)
-    }
-    q_row = q_rows.x;
-    const int2 k_rows = packed_rows(cu_seqlens_k, b, p.total_k);
-    k_start = k_rows.x;
-    sk = k_rows.y;
-  } else {
-    // cache_leftpad (contiguous caches): keys are slots [leftpad, cache_seqlens + seqlen_new) of the row, so key t
-    // is slot leftpad + t and sk shrinks by leftpad.
-    const int capacity = p.max_blocks_per_seq * p.block_size;
-    k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
-    cursor = table_cursor(k_start + split * kTgStep + int(sg) * KS + g, stride, p.block_size);
-    step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
-    const int seqlen = cache_seqlens[b];
-    sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - k_start, 0l, long(capacity - k_start)));
+  RequestKeys rk;  // the keys of request b (request_keys)
+  if (!request_keys<U, G>(rk, loc, cursor, split * kTgStep + int(sg) * KS + g, stride, b, bt_row, p, block_table,
+                          cache_seqlens, cu_seqlens_q, cu_seqlens_k, cache_leftpad)) {
+    return;  // varlen: none or several query rows, not this kernel's (uniform per threadgroup)
   }
+  const int sk = rk.sk;
+  const int k_start = rk.k_start;
+  const int q_row = rk.q_row;
   const int diag = sk - sq;  // query i sits at key position i + diag (bottom-right alignment)
 
   // Keys any row of this request can see: [lo, hi) spans the first row's window to the last row's.
   const int lo = visible_keys(diag, p.opt, sk).x;
   const int hi = visible_keys(sq - 1 + diag, p.opt, sk).y + 1;
   const int first = lo + split * kTgStep + int(sg) * KS;  // this simdgroup's first step
-  if (fc_varlen || lo != 0) {                             // uniform
-    cursor = table_cursor(k_start + first + g, stride, fc_varlen ? 1 : p.block_size);
-    step_locs<U, G>(loc, first + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                    p.max_blocks_per_seq, p.num_blocks);
-  } else {
-    mask_past<U, G>(loc, first + g, hi, false, k_start);
-  }
+  first_step_locs<U, G>(loc, cursor, lo, first + g, hi, stride, rk, bt_row, p, block_table);
 
   // The first step's K and V rows (packed: U x CPL chunks of each per lane) are loaded before q is staged, so that
   // their memory round trip overlaps q's and the barrier's instead of following them; the loop loads each later

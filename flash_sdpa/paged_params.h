@@ -99,25 +99,39 @@ constexpr fsdpa_i32 decode_group_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, 
   return u < 1 ? 1 : (u > 8 ? 8 : u);
 }
 
-// The matrix path: at R = 8 in 2-byte types at D = 64, a one-token decode (the 8 query heads of a GQA group) runs
-// q.k and P.V as 8x8 simdgroup_matrix products over 8-key steps per simdgroup (K, then V, of the step staged through
+// The matrix path: at R = 8 in 2-byte types at D = 64 and 128, a one-token decode (the 8 query heads of a GQA group)
+// runs q.k and P.V as 8x8 simdgroup_matrix products over 8-key steps (K, then V, of the step staged through
 // threadgroup memory), instead of per-lane dot products, a reduce-scatter and lane-local P.V: 122 instructions per
-// key instead of 308 (PTX), Q in 8 fragments for the whole loop. Proxy (H100, gpt-oss-20b 64/8, fp16): B = 1
-// 12.6 -> 12.0 us at 256 keys, 375.8 -> 297.2 at 131072; B = 8 32768 keys 760.0 -> 549.9. D = 128 measured mixed
-// (16 fragments of Q and 16 of O exceed the registers: Q re-read from threadgroup memory each step, spills on the
-// proxy; B = 1 28/4 32768 keys 107.0 -> 116.3 us, B = 8 64/8 1502 -> 1384) and keeps the lane-local path.
+// key instead of 308 at D = 64 (PTX). Proxy (H100, gpt-oss-20b 64/8, fp16): B = 1 12.6 -> 12.0 us at 256 keys,
+// 375.8 -> 297.2 at 131072; B = 8 32768 keys 760.0 -> 549.9. A simdgroup holds 64 columns of Q and O (8 fragments
+// each): at D = 128 two simdgroups share a key step, each with its half of the columns, and add their halves of the
+// step's scores through threadgroup memory (one threadgroup barrier per step). One simdgroup holding all 128 columns
+// (16 fragments of Q and 16 of O beside the K / V chunks in flight) re-read Q from threadgroup memory every step and
+// spilled on the proxy (B = 1 28/4 32768 keys 107.0 -> 116.3 us, B = 8 64/8 1502 -> 1384).
 constexpr fsdpa_i32 kDecodeMatrixKeys = 8;
+constexpr fsdpa_i32 kDecodeMatrixColumns = 64;  // columns of Q and O per simdgroup
 constexpr bool decode_matrix_rows(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
-  return rows == 8 && elem_bytes == 2 && head_dim == 64;
+  return rows == 8 && elem_bytes == 2 && (head_dim == 64 || head_dim == 128);
 }
 
-// Keys one decode threadgroup covers per step: kDecodeSimdgroups x (32 / L lane groups x U keys each), or x
-// kDecodeMatrixKeys on the matrix path. The planner sizes short splits in whole steps.
+// Simdgroups that share one key step on the matrix path (kDecodeMatrixColumns each), 1 elsewhere.
+constexpr fsdpa_i32 decode_column_simdgroups(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
+  return decode_matrix_rows(head_dim, elem_bytes, rows) ? head_dim / kDecodeMatrixColumns : 1;
+}
+
+// Keys one decode threadgroup covers per step: kDecodeSimdgroups x (32 / L lane groups x U keys each), or
+// kDecodeMatrixKeys per decode_column_simdgroups on the matrix path. The planner sizes short splits in whole steps.
 constexpr fsdpa_i32 decode_step_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
   return decode_matrix_rows(head_dim, elem_bytes, rows)
-             ? kDecodeSimdgroups * kDecodeMatrixKeys
+             ? kDecodeSimdgroups / decode_column_simdgroups(head_dim, elem_bytes, rows) * kDecodeMatrixKeys
              : kDecodeSimdgroups * (32 / decode_row_lanes(head_dim, elem_bytes, rows)) *
                    decode_group_keys(head_dim, elem_bytes, rows);
+}
+
+// Partials a split writes in simdgroup-partials mode: one per simdgroup, or per key step's simdgroups on the matrix
+// path.
+constexpr fsdpa_i32 decode_split_partials(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
+  return kDecodeSimdgroups / decode_column_simdgroups(head_dim, elem_bytes, rows);
 }
 
 }  // namespace paged
@@ -228,8 +242,9 @@ struct PagedDecodeParams {
   fsdpa_i32 num_splits;            // split-K partials per (b, Hkv, row block); 1 = unsplit
   fsdpa_i32 total_q;               // varlen: rows of q / out (LSE is [H, total_q]); else 0
   fsdpa_i32 total_k;               // varlen: rows of k / v; else 0
-  fsdpa_i32 simdgroup_partials;    // split mode: 1 = each simdgroup writes its own partial (split x simdgroups + sg:
-                                   // the combine reads num_splits x simdgroups), 0 = the threadgroup merges them
+  fsdpa_i32 simdgroup_partials;    // split mode: 1 = each simdgroup (each key step's simdgroups on the matrix path)
+                                   // writes its own partial: the combine reads num_splits x decode_split_partials;
+                                   // 0 = the threadgroup merges them
   OptionParams opt;                // scale, softcap, window, ALiBi stride
 };
 

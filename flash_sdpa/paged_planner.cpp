@@ -194,8 +194,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
                              ? call.target_threadgroups
                              : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows, head_dim);
   // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
-  const int64_t tg_step_keys =
-      decode_step_keys(to_i32(head_dim, "head_dim"), to_i32(q.element_size(), "element size"), to_i32(rows, "rows"));
+  const fsdpa_i32 dim32 = to_i32(head_dim, "head_dim");
+  const fsdpa_i32 elem32 = to_i32(q.element_size(), "element size");
+  const fsdpa_i32 rows32 = to_i32(rows, "rows");
+  const int64_t tg_step_keys = decode_step_keys(dim32, elem32, rows32);
   int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
                                        : paged_pick_num_splits(work, max_keys, target,
                                                                call.target_threadgroups > 0 || cores > 0, tg_step_keys);
@@ -209,8 +211,9 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t sg_steps = ceil_div(std::max<int64_t>(max_keys, 1), splits * tg_step_keys);
   bool simdgroup_partials =
       call.simdgroup_partials >= 0 ? call.simdgroup_partials == 1 : sg_steps <= kSimdgroupPartialSteps;
-  simdgroup_partials = simdgroup_partials && split && splits * kDecodeSimdgroups <= kMaxSplits;
-  const int64_t partials = simdgroup_partials ? splits * kDecodeSimdgroups : splits;
+  const int64_t split_partials = decode_split_partials(dim32, elem32, rows32);
+  simdgroup_partials = simdgroup_partials && split && splits * split_partials <= kMaxSplits;
+  const int64_t partials = simdgroup_partials ? splits * split_partials : splits;
 
   PagedDecodeParams ap{};
   if (varlen) {

@@ -297,25 +297,26 @@ MATRIX_FEATURES = dict(FEATURES, wide_scores=dict(scale=1.0, window=(-1, 0)))
 
 @pytest.mark.parametrize("feature", list(MATRIX_FEATURES))
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("dtype,group", [(torch.float16, 8), (torch.bfloat16, 8), (torch.float16, 5),
-                                         (torch.bfloat16, 7)])
-def test_features_matrix_rows(run, feature, num_splits, dtype, group):
-    """The matrix path (one token, R = 8 in 2-byte types at D = 64: decode_matrix_rows in paged_params.h) with
-    every option, rows past the group masked, 5-slot pages (a step's 8 keys straddle pages), short splits (simdgroup
-    partials) and unsplit (the threadgroup's merge)."""
-    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=64, dtype=dtype, block_size=5, seed=group + len(feature),
+@pytest.mark.parametrize("D,dtype,group", [(64, torch.float16, 8), (64, torch.bfloat16, 8), (64, torch.float16, 5),
+                                           (64, torch.bfloat16, 7), (128, torch.float16, 8), (128, torch.bfloat16, 6)])
+def test_features_matrix_rows(run, feature, num_splits, D, dtype, group):
+    """The matrix path (one token, R = 8 in 2-byte types at D = 64 and 128: decode_matrix_rows in paged_params.h; at
+    128 two simdgroups share a key step) with every option, rows past the group masked, 5-slot pages (a step's 8 keys
+    straddle pages), short splits (simdgroup partials) and unsplit (the threadgroup's merge)."""
+    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=D, dtype=dtype, block_size=5, seed=group + len(feature),
                   max_len=150)
     check_case(run, c, num_splits=num_splits, **MATRIX_FEATURES[feature])
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_matrix_rows_nan(run, num_splits, dtype):
-    """The matrix path (GQA 8, D = 64, one token) with non-finite values, against a clean run: a NaN query head makes
+@pytest.mark.parametrize("D", [64, 128])
+def test_matrix_rows_nan(run, num_splits, dtype, D):
+    """The matrix path (GQA 8, one token) with non-finite values, against a clean run: a NaN query head makes
     only its own row NaN (LSE NaN); a NaN element of a visible V row makes that column NaN in every row of its KV group
     and leaves the other columns bit for bit; an inf in a visible K row makes every row of its KV group NaN. The other
     KV group's rows stay bit for bit (the 8x8 products share nothing across rows of S, or across columns of P V)."""
-    c = make_case(Bsz=1, H=16, Hkv=2, D=64, dtype=dtype, sq=1, sk_new=1, block_size=5, seqlens=[99], seed=4)
+    c = make_case(Bsz=1, H=16, Hkv=2, D=D, dtype=dtype, sq=1, sk_new=1, block_size=5, seqlens=[99], seed=4)
     bs = 5
 
     def call(**edit):
@@ -327,7 +328,7 @@ def test_matrix_rows_nan(run, num_splits, dtype):
                 blk = int(c["block_table"][0, t // bs])
                 (kc if name == "k" else vc)[blk, t % bs, h, d] = float("inf" if name == "k" else "nan")
         out, lse, _ = run_kvcache(run, q, kc, vc, c["block_table"], c["cache_seqlens"], c["k_new"], c["v_new"],
-                                  scale=64 ** -0.5, window=(-1, 0), num_splits=num_splits)
+                                  scale=D ** -0.5, window=(-1, 0), num_splits=num_splits)
         return out[0, 0], lse[0, :, 0]
 
     clean, clean_lse = call()
@@ -338,7 +339,7 @@ def test_matrix_rows_nan(run, num_splits, dtype):
     assert torch.equal(bits(out[others]), bits(clean[others])) and torch.equal(lse[others], clean_lse[others])
     out, _ = call(v=(10, 1, 7))
     assert torch.isnan(out[8:, 7]).all()
-    keep = [d for d in range(64) if d != 7]
+    keep = [d for d in range(D) if d != 7]
     assert torch.equal(bits(out[8:, keep]), bits(clean[8:, keep])) and torch.equal(bits(out[:8]), bits(clean[:8]))
     out, _ = call(k=(20, 0, 5))
     assert torch.isnan(out[:8]).all() and torch.equal(bits(out[8:]), bits(clean[8:]))
@@ -403,6 +404,17 @@ def test_schedules_and_races(run, schedule):
     check_case(run, c, window=(-1, 0), num_splits=3, use_sinks=True, schedule=schedule, seed=7, check_races=True)
 
 
+@pytest.mark.parametrize("schedule", ["reverse", "random"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_matrix_rows_schedules_and_races(run, schedule, num_splits):
+    """The matrix path at D = 128 (two simdgroups per key step, their score halves exchanged through double-buffered
+    strips) under other thread orders, with the race checks: a strip read by the partner after it is rewritten, or
+    a unit that skips a step's barrier, fails here."""
+    c = make_case(H=16, Hkv=2, sq=1, sk_new=1, D=128, block_size=5, seed=5, max_len=120)
+    check_case(run, c, window=(-1, 0), num_splits=num_splits, softcap=5.0, schedule=schedule, seed=11,
+               check_races=True)
+
+
 @pytest.mark.parametrize("seed", [pytest.param(s, marks=[pytest.mark.full] if s >= 4 else []) for s in range(12)])
 def test_fuzz_garbage_tables_never_overrun(run, seed):
     """Garbage block ids, negative lengths, lengths beyond the table: every dispatch completes with no overrun."""
@@ -425,8 +437,8 @@ def test_fuzz_garbage_tables_never_overrun(run, seed):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_traffic_gqa8_s2048(run, D):
-    """GQA group 8, S = 2048: K/V bytes loaded <= 1.1 x the valid cache bytes; <= 3 dispatches (D = 64: the matrix
-    path, D = 128: the lane-local one)."""
+    """GQA group 8, S = 2048 (the matrix path; at D = 128 two simdgroups share each key step): K/V bytes loaded <=
+    1.1 x the valid cache bytes; <= 3 dispatches."""
     Hkv, bs, S = 1, 16, 2048
     c = make_case(Bsz=1, H=8 * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
                   layout="separate", spare=4)

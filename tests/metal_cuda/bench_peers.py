@@ -211,6 +211,7 @@ def main():
     ap.add_argument("--zoo", action="store_true", help="the model-zoo table instead of the fixed rows")
     ap.add_argument("--contexts", help="zoo: only these comma-separated contexts S")
     ap.add_argument("--batches", help="zoo: only these comma-separated batches B")
+    ap.add_argument("--models", help="zoo: only these comma-separated model names (zoo.py's ZOO)")
     a = ap.parse_args()
     dev = torch.cuda.get_device_properties(0)
     sms = dev.multi_processor_count
@@ -219,8 +220,10 @@ def main():
         results = []
         contexts = [int(x) for x in a.contexts.split(",")] if a.contexts else None
         batches = [int(x) for x in a.batches.split(",")] if a.batches else None
+        models = a.models.split(",") if a.models else None
         for row in zoo_rows():
-            if (contexts and row[2] not in contexts) or (batches and row[1] not in batches):
+            if (contexts and row[2] not in contexts) or (batches and row[1] not in batches) or \
+                    (models and row[0] not in models):
                 continue
             r = run_zoo_row(*row, sms)
             results.append(r)

@@ -105,16 +105,18 @@ def test_backward_grid_tiles_slowest(planner):
 
 
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
-DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32), (1, 64, 8, 256, 128, torch.float16, 16),
-                 (1, 28, 4, 1000, 128, torch.float16, 16), (1, 32, 8, 1000, 128, torch.float16, 32),
-                 (1, 32, 8, 16384, 128, torch.float16, 32), (1, 32, 32, 8192, 128, torch.float16, 32),
-                 (1, 16, 16, 3000, 64, torch.float32, 32), (2, 32, 8, 700, 256, torch.bfloat16, 16),
-                 (1, 64, 8, 256, 64, torch.float16, 64)]
+# (B, H, Hkv, S, D, dtype, keys per threadgroup step, partials per split in simdgroup-partials mode): paged_params.h's
+# decode_step_keys and decode_split_partials (the matrix path at R = 8, D = 128: two simdgroups per 8-key step).
+DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32, 8), (1, 64, 8, 256, 128, torch.float16, 32, 4),
+                 (1, 28, 4, 1000, 128, torch.float16, 32, 4), (1, 32, 8, 1000, 128, torch.float16, 32, 8),
+                 (1, 32, 8, 16384, 128, torch.float16, 32, 8), (1, 32, 32, 8192, 128, torch.float16, 32, 8),
+                 (1, 16, 16, 3000, 64, torch.float32, 32, 8), (2, 32, 8, 700, 256, torch.bfloat16, 16, 8),
+                 (1, 64, 8, 256, 64, torch.float16, 64, 8)]
 
 
 def _plan_decode(planner, shape, cores):
     """The paged planner's plan for a decode step of `shape` (DECODE_SHAPES) on a GPU of `cores` cores."""
-    B, H, Hkv, S, D, dtype, _ = shape
+    B, H, Hkv, S, D, dtype = shape[:6]
     page = 16
     blocks = (S + page - 1) // page
     q = torch.empty(B, 1, H, D, dtype=dtype)
@@ -140,8 +142,9 @@ def test_decode_splits_whole_steps(planner, shape, cores):
 @pytest.mark.parametrize("cores", [8, 40, 132])
 def test_decode_simdgroup_partials(planner, shape, cores):
     """A split of at most kSimdgroupPartialSteps (2) steps per simdgroup writes one partial per simdgroup (8 per
-    threadgroup), so the combine reads 8x the splits; longer splits merge in the threadgroup (one partial each)."""
-    S, step = shape[3], shape[6]
+    threadgroup; 4 on the matrix path at D = 128, whose simdgroups share steps in pairs), so the combine reads that
+    many times the splits; longer splits merge in the threadgroup (one partial each)."""
+    S, step, per_split = shape[3], shape[6], shape[7]
     plan = _plan_decode(planner, shape, cores)
     splits = plan[0]["threadgroups"][0]
     decode_params = plan[0]["bytes"][0][1]
@@ -150,6 +153,6 @@ def test_decode_simdgroup_partials(planner, shape, cores):
         assert len(plan) == 1 and flag == 0, "no split, no partials"
         return
     steps_per_simdgroup = -(-S // (splits * step))
-    expected = steps_per_simdgroup <= 2 and splits * 8 <= 256
+    expected = steps_per_simdgroup <= 2 and splits * per_split <= 256
     assert flag == int(expected), f"{splits} splits of {steps_per_simdgroup} steps per simdgroup"
-    assert planner_ext.combine_partials(plan) == splits * (8 if expected else 1)
+    assert planner_ext.combine_partials(plan) == splits * (per_split if expected else 1)
