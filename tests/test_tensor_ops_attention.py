@@ -1,12 +1,14 @@
-"""The tensor-op forward kernel (flash_sdpa/attention_tensor_ops.h: Metal 4 matmul2d, the M5 path) on the emulator.
+"""The tensor-op forward kernels (flash_sdpa/attention_tensor_ops.h: Metal 4 matmul2d, the M5 path) on the emulator.
 
-flash_sdpa/tensor_ops_library.h instantiates it (the package compiles that library at run time on Apple family 10 and
-routes forwards to it: tests/test_tensor_ops_route.py); each case here runs the launch plan the varlen planner makes
-for flash_attn_varlen_func (the C++ planner as a CPU torch extension, tests/metal_cuda/planner_ext.py) with only the
-kernel name changed, so the kernel is checked against the varlen kernel's contract: same buffers, params, function
-constants and grid. Results against a float64 reference
-under FlashAttention's rule (max|out - ref| <= 2 * max|torch in the same dtype - ref| + 1e-5), LSE within 1e-3.
-Every case runs under two emulator schedules whose seeds give the cooperative tensors different element ownership.
+flash_sdpa/tensor_ops_library.h instantiates them (the package compiles that library at run time on Apple family 10
+and routes forwards to it: tests/test_tensor_ops_route.py). Each case runs the launch plan the varlen planner makes for
+flash_attn_varlen_func (the C++ planner as a CPU torch extension, tests/metal_cuda/planner_ext.py): for the routed
+kernel (flash_attn_varlen_tops, 64-row query tiles) the planner's tensor-ops plan, for the 32-row kernel kept to
+compare (flash_attn_varlen_tops32) the simdgroup forward's plan with the kernel names changed; so each kernel is
+checked against the varlen kernel's contract: same buffers, params, function constants and grid order. Results
+against a float64 reference under FlashAttention's rule (max|out - ref| <= 2 * max|torch in the same dtype - ref| +
+1e-5), LSE within 1e-3. Every case runs under two emulator schedules whose seeds give the cooperative tensors
+different element ownership, and the row reductions and left inputs different layouts and answers (msl/README.md).
 """
 
 import zlib
@@ -22,9 +24,11 @@ from msl import cpu as metal_cpu
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "flash_sdpa" / "tensor_ops_library.h"
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-# The seed also moves which thread holds which element of a cooperative tensor (msl/README.md, "Tensor operations").
-SCHEDULES = [dict(schedule="forward", seed=0), dict(schedule="random", seed=7)]
-SCHEDULE_IDS = ["forward", "random7"]
+# The seed also moves which thread holds which element of a cooperative tensor, and the row reductions' layouts and
+# the API's answers (msl/README.md, "Tensor operations"): seed 0 takes the 64-row kernel's threadgroup-memory paths
+# at 32-key tiles (no row reduction maps, no left input converts), seed 4 its register paths at every tile size.
+SCHEDULES = [dict(schedule="forward", seed=0), dict(schedule="random", seed=4)]
+SCHEDULE_IDS = ["forward", "random4"]
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +47,23 @@ def cu(lens):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
 
 
-def run_plan(lib, plan, sched):
-    """Runs a varlen plan with the tensor-op kernel of the same dtype and head dim."""
+def plan_for(planner, kernel, *args, **kw):
+    """The plan of `kernel`: "tops" (the tensor-ops plan: the planner names the kernel) or "tops32" (the simdgroup
+    forward's plan, each dispatch renamed to the 32-row tensor-op kernel of its dtype and head dim)."""
+    plan = planner.plan_varlen(*args, **kw, tensor_ops=kernel == "tops")
     assert plan, "empty plan"
     for d in plan:
-        assert d["kernel"].startswith("flash_attn_varlen_")
-        name = d["kernel"].replace("flash_attn_varlen_", "flash_attn_varlen_tops_", 1)
-        lib.dispatch(name, d["threadgroups"], d["threads_per_threadgroup"], buffers=dict(d["buffers"]),
+        if kernel == "tops":
+            assert d["kernel"].startswith("flash_attn_varlen_tops_"), d["kernel"]
+        else:
+            assert d["kernel"].startswith("flash_attn_varlen_") and "tops" not in d["kernel"]
+            d["kernel"] = d["kernel"].replace("flash_attn_varlen_", "flash_attn_varlen_tops32_", 1)
+    return plan
+
+
+def run_plan(lib, plan, sched):
+    for d in plan:
+        lib.dispatch(d["kernel"], d["threadgroups"], d["threads_per_threadgroup"], buffers=dict(d["buffers"]),
                      bytes=dict(d["bytes"]), constants={i: bits != 0 for i, _, bits in d["constants"]}, **sched)
 
 
@@ -62,7 +76,7 @@ def options(H, B, *, softcap=0.0, alibi=False, sinks=False, seed=0):
 
 def varlen_case(lib, planner, sched, lens_q, lens_k, *, H=2, Hkv=1, D=64, dtype=torch.float16, causal=False,
                 window=(-1, -1), softcap=0.0, alibi=False, sinks=False, extra_rows=0, seed=0, strided=False,
-                block_table=None, inputs=None):
+                block_table=None, inputs=None, kernel="tops"):
     """flash_attn_varlen_func's plan (q [total_q + extra_rows, H, D], k/v [total_k, Hkv, D]) on the tensor-op kernel,
     checked against the reference. strided: q/k/v are head slices of one packed qkv tensor (row stride != H * D)."""
     g = torch.Generator().manual_seed(seed)
@@ -84,8 +98,8 @@ def varlen_case(lib, planner, sched, lens_q, lens_k, *, H=2, Hkv=1, D=64, dtype=
     lse = torch.full((H, tq), 7.0)
     scale = D**-0.5
     left, right = (window[0], 0) if causal else window
-    plan = planner.plan_varlen(q, k, v, out, lse, cq, ck, slopes, s_aux, max(lens_q + [1]), scale, softcap, left,
-                               right, block_table, 0)
+    plan = plan_for(planner, kernel, q, k, v, out, lse, cq, ck, slopes, s_aux, max(lens_q + [1]), scale, softcap,
+                    left, right, block_table, 0)
     run_plan(lib, plan, sched)
     kw = dict(scale=scale, causal=causal, window=window, softcap=softcap, alibi_slopes=slopes, sinks=s_aux)
     out_ref, lse_ref = ref.attention_varlen(q.double(), k_ref.double(), v_ref.double(), cq, ck, **kw)
@@ -97,7 +111,8 @@ def varlen_case(lib, planner, sched, lens_q, lens_k, *, H=2, Hkv=1, D=64, dtype=
     return out, lse
 
 
-# Ragged lengths, none a multiple of the 32-row query tile or of the key tiles; a sequence of 1 query and one of 0.
+# Ragged lengths, none a multiple of the 64- or 32-row query tile or of the key tiles; a sequence of 1 query and one
+# of 0.
 LENS_Q = [1, 37, 0, 70]
 LENS_K = [9, 37, 5, 83]
 
@@ -133,8 +148,8 @@ def test_features(lib, planner, feature, sched):
     varlen_case(lib, planner, sched, LENS_Q, LENS_K, D=D, dtype=dtype, seed=zlib.crc32(feature.encode()) % 1000, **kw)
 
 
-# The other instantiated head dims (the key-tile layouts: side by side at 32 or 16 keys, one shared 16-key tile for
-# float at 128 and half / bfloat at 256).
+# The other instantiated head dims (the 64-row kernel's layouts: Q staged with 32- or 16-key tiles, Q read from device
+# memory for float at 96 / 128 and half / bfloat at 256).
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 32), (torch.float16, 96), (torch.float32, 96),
                                      (torch.float16, 256), (torch.bfloat16, 256)], ids=lambda x: DTYPES.get(x, x))
@@ -155,7 +170,7 @@ def test_dense(lib, planner, dtype, sched):
     v = torch.randn(B, Sk, Hkv, D, generator=g).to(dtype)
     out = torch.full_like(q, 7.0)
     lse = torch.full((B, H, Sq), 7.0)
-    plan = planner.plan_varlen(q, k, v, out, lse, None, None, None, None, Sq, D**-0.5, 0.0, -1, 0, None, 0)
+    plan = plan_for(planner, "tops", q, k, v, out, lse, None, None, None, None, Sq, D**-0.5, 0.0, -1, 0, None, 0)
     run_plan(lib, plan, sched)
     out_ref, lse_ref = ref.attention_dense(q.double(), k.double(), v.double(), scale=D**-0.5, causal=True)
     out_same, _ = ref.attention_dense(q, k, v, scale=D**-0.5, causal=True, dtype=dtype)
@@ -166,7 +181,7 @@ def test_dense(lib, planner, dtype, sched):
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
 def test_rows_without_keys(lib, planner, sched):
     """Rows that see no key are 0 with LSE -inf: a sequence with no keys, and a causal one with more queries than keys
-    (its first 30 rows see nothing; the query tiles of rows 0-31 hold both kinds), sinks on."""
+    (its first 30 rows see nothing; the query tile of rows 0-63 holds both kinds), sinks on."""
     out, lse = varlen_case(lib, planner, sched, [3, 40], [0, 10], H=2, causal=True, sinks=True)
     assert (out[:33] == 0).all() and (lse[:, :33] == float("-inf")).all()
 
@@ -187,17 +202,18 @@ def test_split_dispatches(lib, planner, sched, monkeypatch):
     """A call the planner splits into interleaved dispatches (tile_offset / tile_stride): every query tile computed
     once, by the dispatch whose turn it is."""
     monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", "1e5")
-    q = torch.empty(150, 2, 64, dtype=torch.float16)
-    plan = planner.plan_varlen(q, q[:, :1], q[:, :1], q, torch.empty(2, 150), cu([150]), cu([150]), None, None, 150,
-                               0.125, 0.0, -1, 0, None, 0)
+    q = torch.empty(300, 2, 64, dtype=torch.float16)
+    plan = plan_for(planner, "tops", q, q[:, :1], q[:, :1], q, torch.empty(2, 300), cu([300]), cu([300]), None, None,
+                    300, 0.125, 0.0, -1, 0, None, 0)
     assert len(plan) > 1, "the budget splits the call"
-    varlen_case(lib, planner, sched, [150], [150], causal=True, seed=11)
+    assert sum(d["threadgroups"][2] for d in plan) == 5, "64-row query tiles: 5 for 300 rows"
+    varlen_case(lib, planner, sched, [300], [300], causal=True, seed=11)
 
 
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
 def test_rescale(lib, planner, sched):
-    """Key norms that grow along the sequence: each key tile's max passes the running max, so O is rescaled element by
-    element through the cooperative tensor's indices on nearly every tile."""
+    """Key norms that grow along the sequence: each key tile's max passes the running max, so O is rescaled through
+    the row reductions (map_iterator, or threadgroup memory where the layouts do not fit) on nearly every tile."""
     g = torch.Generator().manual_seed(2)
     lens = [100]
     q = torch.randn(100, 2, 64, generator=g).to(torch.float16)
@@ -220,7 +236,7 @@ def test_non_finite(lib, planner):
     v[30, 0, 9] = float("nan")
     out = torch.zeros_like(q)
     lse = torch.zeros(H, S)
-    plan = planner.plan_varlen(q, k, v, out, lse, cu([S]), cu([S]), None, None, S, D**-0.5, 0.0, -1, 0, None, 0)
+    plan = plan_for(planner, "tops", q, k, v, out, lse, cu([S]), cu([S]), None, None, S, D**-0.5, 0.0, -1, 0, None, 0)
     run_plan(lib, plan, SCHEDULES[1])
     rows = torch.arange(S)
     nan_rows = torch.zeros(S, H, dtype=torch.bool)
@@ -243,10 +259,10 @@ def test_non_finite(lib, planner):
 
 
 def test_layout_independent(lib, planner):
-    """The same call under several seeds (so several cooperative-tensor ownerships) gives the same bits: no result
-    depends on which thread holds which element."""
+    """The same call under several seeds (so several cooperative-tensor ownerships, row-reduction layouts and left-input
+    answers: the mapped and the threadgroup paths) gives the same bits: no result depends on which thread holds what."""
     results = []
-    for seed in (1, 2, 3):
+    for seed in (1, 2, 3, 4):
         sched = dict(schedule="random", seed=seed)
         out, lse = varlen_case(lib, planner, sched, LENS_Q, LENS_K, D=128, dtype=torch.bfloat16, causal=True, seed=9)
         results.append((out, lse))
@@ -254,14 +270,17 @@ def test_layout_independent(lib, planner):
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
 
 
+PLANT_RIGHT = "o_acc[i] *= flash_sdpa::tops_row_value(o_acc, i, alpha, o_mapped, stage_x);"
+PLANT_WRONG = "o_acc[i] *= alpha[0];"  # the thread's first row-reduction slot taken for each O element's row
+
+
 def test_planted_layout_assumption(planner, tmp_path):
-    """Planted bug: the O rescale assumes that a thread holds the elements of its own softmax row (slot i of lane l on
-    row tid / 4) instead of asking get_multidimensional_index. The shim's ownership differs, so test_rescale's case
-    fails, under either seed."""
+    """Planted bug: the O rescale assumes that the first slot of a thread's row reduction holds the row of each of its
+    O elements, instead of asking map_iterator or the row index. The implementation's layout differs, so
+    test_rescale's case fails, under either seed."""
     text = (ROOT / "flash_sdpa" / "attention_tensor_ops.h").read_text()
-    right = "o_acc[i] *= alpha_tile[o_acc.get_multidimensional_index(i)[1]];"
-    assert text.count(right) == 1
-    (tmp_path / "attention_tensor_ops.h").write_text(text.replace(right, "o_acc[i] *= alpha_tile[my_row];"))
+    assert text.count(PLANT_RIGHT) == 1
+    (tmp_path / "attention_tensor_ops.h").write_text(text.replace(PLANT_RIGHT, PLANT_WRONG))
     src = tmp_path / "planted_tops.metal"
     src.write_text('#include "attention_tensor_ops.h"\n'
                    'template [[host_name("flash_attn_varlen_tops_float16_d64")]] [[kernel]] '
@@ -270,3 +289,13 @@ def test_planted_layout_assumption(planner, tmp_path):
     for sched in SCHEDULES:
         with pytest.raises(AssertionError, match="max error"):
             test_rescale(planted, planner, sched)
+
+
+# ---- the 32-row kernel kept to compare (flash_attn_varlen_tops32, on the simdgroup forward's plan) -----------------
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("dtype,D,kw", [(torch.float16, 64, dict(causal=True, window=(20, -1), alibi=True)),
+                                        (torch.bfloat16, 256, dict(causal=True, sinks=True)),
+                                        (torch.float32, 128, dict(softcap=5.0))],
+                         ids=["float16_64", "bfloat16_256", "float32_128"])
+def test_tops32(lib, planner, dtype, D, kw, sched):
+    varlen_case(lib, planner, sched, LENS_Q, LENS_K, D=D, dtype=dtype, seed=D, kernel="tops32", **kw)
