@@ -26,6 +26,9 @@
 // query rows instead of 32 (half the staging loads and barriers per row), 16-row operations are the smallest MLX's NAX
 // kernel (Apple's, for these GPUs) uses, and Q (64 x D) still fits 32 KB beside the key tiles up to D = 128 (half /
 // bfloat) and D = 64 (float); beyond, each simdgroup's operation reads its Q rows from device memory (tops_q_staged).
+// At D = 256 in half / bfloat the same tile runs on flash_attn_varlen_tops_dsplit: 8 simdgroups, two per 16 rows, each
+// with half of the head dim of O (its partial S exchanged with its partner through threadgroup memory), so that O is 64
+// floats a thread as at D = 128 rather than 128.
 //
 // flash_attn_varlen_tops32 (kept to compare; the varlen plan's 32-row tiles and grid): one execution_simdgroups<4>
 // scope for both products; S stored to threadgroup memory, the varlen kernel's softmax step there (4 lanes per row),
@@ -230,22 +233,51 @@ template <typename T, int D>
 
 // ---- flash_attn_varlen_tops: 64-row query tiles, S and P in cooperative tensors ----------------------------------
 
-// Loops over a cooperative tensor's slots unroll fully: the slots then stay in registers (Apple's MPP header: "it is
+// Loops over a cooperative tensor's slots unroll fully, and the helpers that take cooperative tensors are always
+// inlined (METAL_FUNC, Apple's metal_stdlib macro): the slots then stay in registers (Apple's MPP header: "it is
 // imperative for performance to include unroll pragma so compiler fully unrolls the loop").
 #define FLASH_SDPA_UNROLL _Pragma("clang loop unroll(full)")
 
 namespace flash_sdpa {
 
-// The Q operand of a simdgroup's 16 rows of the query tile at q0 (rows [q0 + r0, q0 + r0 + 16)): the staged tile
-// (QS), or the rows in device memory, those past the sequence outside the extents (read as 0). The planner keeps q's
-// row stride within int where Q is read from device memory (varlen_planner.cpp).
-template <bool QS, int D, typename T>
-inline auto tops_q_rows(threadgroup T* q_tile, const device T* q_seq, long row_stride, int q0, int r0, int sq) {
+// One simdgroup's 16 rows of a query tile: rows [first, first + rows) of the sequence (rows < 16 at its end, 0 past
+// it), r0 their first index in the tile (row_keys, bad_rows), and the keys its first and last rows see. lo and hi grow
+// with the row (bottom-right aligned windows), so the first row's [lo, hi] and the last one's bound every row's.
+struct TopsRows {
+  int r0, first, rows;
+  int2 keys_first, keys_last;
+};
+
+METAL_FUNC TopsRows tops_rows(int q0, int r0, const VarlenSequence s, constant VarlenParams& p) {
+  TopsRows t;
+  t.r0 = r0;
+  t.first = q0 + r0;
+  t.rows = metal::clamp(s.sq - t.first, 0, kTopsSimdgroupRows);
+  t.keys_first = visible_keys(t.first + s.sk - s.sq, p.opt, s.sk);
+  t.keys_last = visible_keys(t.first + metal::max(t.rows, 1) - 1 + s.sk - s.sq, p.opt, s.sk);
+  return t;
+}
+
+// Whether some row sees a key of [k0, k0 + bk) (else the simdgroup skips the key tile), and whether every row sees
+// every key of it (interior: no mask, no index arithmetic; paged tiles always mask, for their invalid blocks).
+METAL_FUNC bool tops_sees(const TopsRows t, int k0, int bk) {
+  return t.rows > 0 && k0 <= t.keys_last.y && k0 + bk - 1 >= t.keys_first.x;
+}
+METAL_FUNC bool tops_interior(const TopsRows t, int k0, int bk) {
+  return !fc_varlen_paged && k0 >= t.keys_last.x && k0 + bk - 1 <= t.keys_first.y;
+}
+
+// The Q operand of a simdgroup's 16 rows of the query tile at q0 (rows [q0 + r0, q0 + r0 + 16)), columns [c0, c0 + DQ):
+// the staged tile (QS: [64][DQ], c0 = 0), or the rows in device memory, those past the sequence outside the extents
+// (read as 0). The planner keeps q's row stride within int where Q is read from device memory (varlen_planner.cpp).
+template <bool QS, int DQ, typename T>
+METAL_FUNC auto tops_q_rows(threadgroup T* q_tile, const device T* q_seq, long row_stride, int q0, int r0, int c0,
+                            int sq) {
   if constexpr (QS) {
-    return metal::tensor(q_tile + r0 * D, metal::extents<int, D, kTopsSimdgroupRows>());
+    return metal::tensor(q_tile + r0 * DQ, metal::extents<int, DQ, kTopsSimdgroupRows>());
   } else {
     const int rows = metal::clamp(sq - (q0 + r0), 0, kTopsSimdgroupRows);
-    return metal::tensor(q_seq + long(q0 + r0) * row_stride, metal::dextents<int, 2>(D, rows),
+    return metal::tensor(q_seq + long(q0 + r0) * row_stride + c0, metal::dextents<int, 2>(DQ, rows),
                          metal::array<int, 2>{1, int(row_stride)});
   }
 }
@@ -254,27 +286,127 @@ inline auto tops_q_rows(threadgroup T* q_tile, const device T* q_seq, long row_s
 // map_iterator where the layouts fit (`mapped`: is_iterator_compatible for the whole simdgroup), else by row index
 // from `stage`, where tops_stage_rows put it.
 template <typename Dst, typename Rows>
-inline float tops_row_value(thread Dst& dst, ushort i, thread Rows& rows, bool mapped,
-                            threadgroup atomic_float* stage) {
+METAL_FUNC float tops_row_value(thread Dst& dst, ushort i, thread Rows& rows, bool mapped,
+                                threadgroup atomic_float* stage) {
   return mapped ? float(*rows.map_iterator(dst.get_iterator(i)))
-                : atomic_load_explicit(&stage[dst.get_multidimensional_index(i)[1]], memory_order_relaxed);
+                : atomic_load_explicit(&stage[dst.get_multidimensional_index(i)[1]], metal::memory_order_relaxed);
 }
 
 // Stores each row's value into stage[row] from every thread that holds that row's reduction: the same value, hence
 // atomic stores (no two plain writes race). A simdgroup barrier orders them before tops_row_value's loads.
 template <typename Rows>
-inline void tops_stage_rows(threadgroup atomic_float* stage, thread Rows& rows) {
+METAL_FUNC void tops_stage_rows(threadgroup atomic_float* stage, thread Rows& rows) {
+  FLASH_SDPA_UNROLL
   for (ushort k = 0; k < rows.get_capacity(); ++k) {
     if (rows.is_valid_element(k)) {
-      atomic_store_explicit(&stage[rows.get_multidimensional_index(k)[0]], float(rows[k]), memory_order_relaxed);
+      atomic_store_explicit(&stage[rows.get_multidimensional_index(k)[0]], float(rows[k]), metal::memory_order_relaxed);
+    }
+  }
+}
+
+// S (16 x BK, unscaled products) of key tile [k0, k0 + BK) in place into the log2 domain: scaled, softcap, ALiBi,
+// clamped; keys a row does not see get kVarlenMasked. A visible NaN / inf score marks its row bad (bad_rows, atomic:
+// several threads may hold the row) and counts as masked, so nothing non-finite enters the reductions or P V (a bad
+// row's output is NaN anyway). Interior tiles read no index unless ALiBi needs it.
+template <int BQ, typename S>
+METAL_FUNC void tops_scores(thread S& s_acc, const TopsRows t, int k0, bool interior, threadgroup const int* row_keys,
+                            threadgroup const long* key_offsets, threadgroup atomic_uint* bad_rows, float slope,
+                            const VarlenSequence s, constant VarlenParams& p) {
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
+    if (!s_acc.is_valid_element(i)) {
+      continue;
+    }
+    float x = s_acc[i] * p.opt.scale;
+    bool visible = true;
+    int r = 0, j = k0;
+    if (!interior || fc_alibi) {
+      const auto idx = s_acc.get_multidimensional_index(i);
+      r = idx[1];
+      j = k0 + idx[0];
+    }
+    if (!interior) {
+      visible =
+          j >= row_keys[t.r0 + r] && j <= row_keys[BQ + t.r0 + r] && (!fc_varlen_paged || key_offsets[j - k0] >= 0);
+    }
+    if (visible && is_nonfinite(x)) {
+      atomic_store_explicit(&bad_rows[t.r0 + s_acc.get_multidimensional_index(i)[1]], 1u, metal::memory_order_relaxed);
+      visible = false;
+    }
+    if (fc_softcap) {
+      x = apply_softcap(x, p.opt.softcap);
+    }
+    if (fc_alibi) {
+      x -= slope * metal::abs(float(t.first + r + s.sk - s.sq - j));
+    }
+    s_acc[i] = visible ? clamp_score(x) * kVarlenLog2e : kVarlenMasked;
+  }
+}
+
+// One online-softmax step over the tile's scores (log2 domain, in s_acc), P = exp2(S - m) left in s_acc. A row's max
+// moves only when the tile's passes it by more than kVarlenRescaleSlack (probabilities stay <= 2^8), or when nothing
+// was accumulated yet (O is 0: no rescale); alpha gets each row's factor for O. Returns whether some row of the
+// simdgroup moved its max (uniform).
+template <typename S, typename Rows>
+METAL_FUNC bool tops_softmax(thread S& s_acc, thread Rows& row_max, thread Rows& row_sum, thread Rows& tile_max,
+                             thread Rows& tile_sum, thread Rows& alpha, bool s_mapped,
+                             threadgroup atomic_float* stage_m) {
+  using namespace mpp::tensor_ops;
+  reduce_rows(s_acc, tile_max, reduction_operation::max, kVarlenMasked);
+  bool moved = false;
+  FLASH_SDPA_UNROLL
+  for (ushort k = 0; k < row_max.get_capacity(); ++k) {
+    if (!row_max.is_valid_element(k)) {
+      continue;
+    }
+    const float m = row_max[k], tm = tile_max[k];
+    const bool fresh = !(m > kVarlenMasked);
+    const float m_new = fresh || tm > m + kVarlenRescaleSlack ? metal::max(m, tm) : m;
+    alpha[k] = !fresh && m_new != m ? metal::exp2(m - m_new) : 1.0f;
+    moved = moved || alpha[k] != 1.0f;
+    row_max[k] = m_new;
+  }
+  if (!s_mapped) {
+    tops_stage_rows(stage_m, row_max);
+    metal::simdgroup_barrier(metal::mem_flags::mem_threadgroup);
+  }
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
+    if (s_acc.is_valid_element(i)) {
+      const float x = s_acc[i];
+      s_acc[i] = x > kVarlenMasked ? metal::exp2(x - tops_row_value(s_acc, i, row_max, s_mapped, stage_m)) : 0.0f;
+    }
+  }
+  reduce_rows(s_acc, tile_sum, reduction_operation::sum, 0.0f);
+  FLASH_SDPA_UNROLL
+  for (ushort k = 0; k < row_sum.get_capacity(); ++k) {
+    if (row_sum.is_valid_element(k)) {
+      row_sum[k] = row_sum[k] * alpha[k] + tile_sum[k];
+    }
+  }
+  return metal::simd_any(moved);
+}
+
+// O = diag(alpha) O, each element's factor through map_iterator or stage_x.
+template <typename O, typename Rows>
+METAL_FUNC void tops_rescale(thread O& o_acc, thread Rows& alpha, bool o_mapped, threadgroup atomic_float* stage_x) {
+  if (!o_mapped) {
+    tops_stage_rows(stage_x, alpha);
+    metal::simdgroup_barrier(metal::mem_flags::mem_threadgroup);
+  }
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
+    if (o_acc.is_valid_element(i)) {
+      o_acc[i] *= tops_row_value(o_acc, i, alpha, o_mapped, stage_x);
     }
   }
 }
 
 // End of a row (lane r < 16 of its simdgroup): the LSE (natural log; -inf for a row with no visible key, NaN for a bad
-// row) written where the row exists, and the factor of its accumulator (1 / denominator, 0 when empty, NaN bits when
-// bad). Sinks join the denominator only.
-inline float tops_finish_row(float m, float l, bool bad, int i, int sq, float sink_logit, device uint* lse_seq) {
+// row) written where the row exists and write_lse, and the factor of its accumulator (1 / denominator, 0 when
+// empty, NaN bits when bad). Sinks join the denominator only.
+METAL_FUNC float tops_finish_row(float m, float l, bool bad, int i, int sq, float sink_logit, device uint* lse_seq,
+                                 bool write_lse) {
   const bool empty = !(l > 0.0f);
   float m_final = m, factor = 1.0f, denom = l;
   if (fc_sinks && !empty) {
@@ -283,7 +415,7 @@ inline float tops_finish_row(float m, float l, bool bad, int i, int sq, float si
     factor = metal::exp2(m - m_final);
     denom = l * factor + metal::exp2(sink - m_final);
   }
-  if (i < sq) {
+  if (i < sq && write_lse) {
     lse_seq[i] = bad     ? kNanBits
                  : empty ? kNegInfBits
                          : metal::as_type<uint>((m_final + metal::log2(denom)) * kVarlenLn2);
@@ -291,8 +423,45 @@ inline float tops_finish_row(float m, float l, bool bad, int i, int sq, float si
   return bad ? metal::as_type<float>(kNanBits) : empty ? 0.0f : factor / denom;
 }
 
+// The end of a simdgroup's rows of the query tile at q0: each row's factor (tops_finish_row, by lane r through
+// row_scale, the simdgroup's 16 words), then each thread writes the O elements it holds (columns c0 + its index) to
+// out: bad rows and poisoned (row, column) elements NaN, rows past the sequence not written. The LSE is written where
+// write_lse (one simdgroup per row).
+template <typename T, int BQ, int W, typename O, typename Rows>
+METAL_FUNC void tops_finish(thread O& o_acc, thread Rows& row_max, thread Rows& row_sum, const TopsRows t, int q0,
+                            int c0, bool write_lse, uint lane, threadgroup atomic_float* stage_m,
+                            threadgroup atomic_float* stage_x, threadgroup atomic_uint* bad_rows,
+                            threadgroup float* row_scale, threadgroup const uint* poison, const VarlenHead<T> head,
+                            float sink_logit, const VarlenSequence s, constant VarlenParams& p) {
+  tops_stage_rows(stage_m, row_max);
+  tops_stage_rows(stage_x, row_sum);
+  metal::simdgroup_barrier(metal::mem_flags::mem_threadgroup);
+  if (int(lane) < kTopsSimdgroupRows) {
+    row_scale[lane] =
+        tops_finish_row(atomic_load_explicit(&stage_m[lane], metal::memory_order_relaxed),
+                        atomic_load_explicit(&stage_x[lane], metal::memory_order_relaxed),
+                        atomic_load_explicit(&bad_rows[t.r0 + int(lane)], metal::memory_order_relaxed) != 0,
+                        t.first + int(lane), s.sq, sink_logit, head.lse, write_lse);
+  }
+  metal::simdgroup_barrier(metal::mem_flags::mem_threadgroup);
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
+    if (!o_acc.is_valid_element(i)) {
+      continue;
+    }
+    const auto idx = o_acc.get_multidimensional_index(i);
+    const int r = idx[1], d = c0 + idx[0];
+    if (t.first + r < s.sq) {
+      const float scale = row_scale[r];
+      const bool nan = is_nonfinite(scale) || ((poison[(t.r0 + r) * W + d / 32] >> (d % 32)) & 1u) != 0;
+      head.out[long(t.first + r) * p.o_row_stride + d] = T(nan ? metal::as_type<float>(kNanBits) : o_acc[i] * scale);
+    }
+  }
+}
+
 }  // namespace flash_sdpa
 
+// Per simdgroup: 16 query rows, the whole head dim (D <= 128, and float: every tops head dim but 256).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_VARLEN_THREADS)]] kernel void flash_attn_varlen_tops(
     FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
@@ -305,7 +474,8 @@ template <typename T, int D>
   constexpr bool QS = flash_sdpa::tops_q_staged(D, sizeof(T));
   constexpr int NT = flash_sdpa::kVarlenThreads;
   constexpr int W = flash_sdpa::varlen_poison_words(D);
-  static_assert(flash_sdpa::tops_supports(D, sizeof(T)), "head dim: a multiple of 16 whose tiles fit 32 KB");
+  static_assert(flash_sdpa::tops_supports(D, sizeof(T)) && !flash_sdpa::tops_split_d(D, sizeof(T)),
+                "head dim: a multiple of 16 whose tiles fit 32 KB (D-split head dims: flash_attn_varlen_tops_dsplit)");
   static_assert(NT == 32 * BQ / R, "one simdgroup per 16 query rows");
 
   threadgroup T q_tile[QS ? BQ * D : 1];  // [BQ][D], rows past the sequence 0 (QS: Q staged once per query tile)
@@ -344,8 +514,7 @@ template <typename T, int D>
   const int r0 = int(sg) * R;  // this simdgroup's first row in the tile
   threadgroup atomic_float* stage_m = row_stage + r0;
   threadgroup atomic_float* stage_x = row_stage + BQ + r0;
-
-  using QTensor = decltype(flash_sdpa::tops_q_rows<QS, D>(q_tile, head.q, p.q_row_stride, 0, r0, seq.sq));
+  using QTensor = decltype(flash_sdpa::tops_q_rows<QS, D>(q_tile, head.q, p.q_row_stride, 0, r0, 0, seq.sq));
 
   // The API's answers, asked once and made uniform over the simdgroup: whether this simdgroup's row reductions map
   // onto S's and O's elements (else per-row values go through row_stage) and whether S converts into P V's left input
@@ -383,14 +552,8 @@ template <typename T, int D>
     if (QS) {
       varlen_stage_q<T, BQ, D, NT>(q_tile, head.q, p.q_row_stride, q0, 0, seq.sq, aligned_q, tid);
     }
-    // This simdgroup's rows [first, first + rows) and the keys they see: lo and hi grow with the row (bottom-right
-    // aligned windows), so the first row bounds lo from below and hi from below, the last one from above. A key tile
-    // outside [lo_min, hi_max] is skipped; one inside [lo_max, hi_min] needs no mask (interior).
-    const int first = q0 + r0;
-    const int rows = clamp(seq.sq - first, 0, R);
-    const int2 keys_first = flash_sdpa::visible_keys(first + seq.sk - seq.sq, p.opt, seq.sk);
-    const int2 keys_last = flash_sdpa::visible_keys(first + max(rows, 1) - 1 + seq.sk - seq.sq, p.opt, seq.sk);
-    const QTensor tq = flash_sdpa::tops_q_rows<QS, D>(q_tile, head.q, p.q_row_stride, q0, r0, seq.sq);
+    const flash_sdpa::TopsRows rows = flash_sdpa::tops_rows(q0, r0, seq, p);
+    const QTensor tq = flash_sdpa::tops_q_rows<QS, D>(q_tile, head.q, p.q_row_stride, q0, r0, 0, seq.sq);
     FLASH_SDPA_UNROLL
     for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
       o_acc[i] = 0.0f;
@@ -420,91 +583,13 @@ template <typename T, int D>
       }
 
       // This simdgroup's rows see a key of the tile (uniform over the simdgroup: no threadgroup barrier inside).
-      if (rows > 0 && k0 <= keys_last.y && k0 + BK - 1 >= keys_first.x) {
-        const bool interior = !fc_varlen_paged && k0 >= keys_last.x && k0 + BK - 1 <= keys_first.y;
+      if (flash_sdpa::tops_sees(rows, k0, BK)) {
         auto s_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
         qk_op.run(tq, tk, s_acc);
-
-        // Scores in the log2 domain; a visible NaN / inf score marks its row bad and counts as masked, so nothing
-        // non-finite enters the reductions or P V (a bad row's output is NaN anyway).
-        FLASH_SDPA_UNROLL
-        for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
-          if (!s_acc.is_valid_element(i)) {
-            continue;
-          }
-          float s = s_acc[i] * p.opt.scale;
-          bool visible = true;
-          int r = 0, j = k0;
-          if (!interior || fc_alibi) {
-            const auto idx = s_acc.get_multidimensional_index(i);
-            r = idx[1];
-            j = k0 + idx[0];
-          }
-          if (!interior) {
-            visible =
-                j >= row_keys[r0 + r] && j <= row_keys[BQ + r0 + r] && (!fc_varlen_paged || key_offsets[j - k0] >= 0);
-          }
-          if (visible && flash_sdpa::is_nonfinite(s)) {
-            atomic_store_explicit(&bad_rows[r0 + s_acc.get_multidimensional_index(i)[1]], 1u, memory_order_relaxed);
-            visible = false;
-          }
-          if (fc_softcap) {
-            s = flash_sdpa::apply_softcap(s, p.opt.softcap);
-          }
-          if (fc_alibi) {
-            s -= head.slope * abs(float(first + r + seq.sk - seq.sq - j));
-          }
-          s_acc[i] = visible ? flash_sdpa::clamp_score(s) * kVarlenLog2e : kVarlenMasked;
-        }
-
-        // Online softmax over the tile. A row's max moves only when the tile's passes it by more than
-        // kVarlenRescaleSlack (probabilities stay <= 2^8), or when nothing was accumulated yet (O is 0: no rescale).
-        reduce_rows(s_acc, tile_max, reduction_operation::max, kVarlenMasked);
-        bool moved = false;
-        FLASH_SDPA_UNROLL
-        for (ushort k = 0; k < row_max.get_capacity(); ++k) {
-          if (!row_max.is_valid_element(k)) {
-            continue;
-          }
-          const float m = row_max[k], t = tile_max[k];
-          const bool fresh = !(m > kVarlenMasked);
-          const float m_new = fresh || t > m + kVarlenRescaleSlack ? max(m, t) : m;
-          alpha[k] = !fresh && m_new != m ? exp2(m - m_new) : 1.0f;
-          moved = moved || alpha[k] != 1.0f;
-          row_max[k] = m_new;
-        }
-        moved = simd_any(moved);
-        if (!s_mapped) {
-          flash_sdpa::tops_stage_rows(stage_m, row_max);
-          simdgroup_barrier(mem_flags::mem_threadgroup);
-        }
-        FLASH_SDPA_UNROLL
-        for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
-          if (s_acc.is_valid_element(i)) {
-            const float x = s_acc[i];
-            s_acc[i] =
-                x > kVarlenMasked ? exp2(x - flash_sdpa::tops_row_value(s_acc, i, row_max, s_mapped, stage_m)) : 0.0f;
-          }
-        }
-        reduce_rows(s_acc, tile_sum, reduction_operation::sum, 0.0f);
-        FLASH_SDPA_UNROLL
-        for (ushort k = 0; k < row_sum.get_capacity(); ++k) {
-          if (row_sum.is_valid_element(k)) {
-            row_sum[k] = row_sum[k] * alpha[k] + tile_sum[k];
-          }
-        }
-        // O = diag(alpha) O where some row moved its max (uniform over the simdgroup).
-        if (moved) {
-          if (!o_mapped) {
-            flash_sdpa::tops_stage_rows(stage_x, alpha);
-            simdgroup_barrier(mem_flags::mem_threadgroup);
-          }
-          FLASH_SDPA_UNROLL
-          for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
-            if (o_acc.is_valid_element(i)) {
-              o_acc[i] *= flash_sdpa::tops_row_value(o_acc, i, alpha, o_mapped, stage_x);
-            }
-          }
+        flash_sdpa::tops_scores<BQ>(s_acc, rows, k0, flash_sdpa::tops_interior(rows, k0, BK), row_keys, key_offsets,
+                                    bad_rows, head.slope, seq, p);
+        if (flash_sdpa::tops_softmax(s_acc, row_max, row_sum, tile_max, tile_sum, alpha, s_mapped, stage_m)) {
+          flash_sdpa::tops_rescale(o_acc, alpha, o_mapped, stage_x);
         }
         // O += P V: P straight from S's registers where the implementation converts it, else through p_tile.
         if (p_left) {
@@ -521,34 +606,190 @@ template <typename T, int D>
 
     // Every thread's poison bits, bad flags and row keys of this query tile are written (also with no key tile).
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (rows > 0) {
-      flash_sdpa::tops_stage_rows(stage_m, row_max);
-      flash_sdpa::tops_stage_rows(stage_x, row_sum);
-      simdgroup_barrier(mem_flags::mem_threadgroup);
-      if (int(lane) < R) {
-        const int r = r0 + int(lane);
-        row_scale[r] = flash_sdpa::tops_finish_row(atomic_load_explicit(&stage_m[lane], memory_order_relaxed),
-                                                   atomic_load_explicit(&stage_x[lane], memory_order_relaxed),
-                                                   atomic_load_explicit(&bad_rows[r], memory_order_relaxed) != 0,
-                                                   q0 + r, seq.sq, fc_sinks ? sinks[h] : 0.0f, head.lse);
+    if (rows.rows > 0) {
+      flash_sdpa::tops_finish<T, BQ, W>(o_acc, row_max, row_sum, rows, q0, 0, true, lane, stage_m, stage_x, bad_rows,
+                                        row_scale + r0, poison, head, fc_sinks ? sinks[h] : 0.0f, seq, p);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+}
+
+// D-split (half / bfloat at D = 256, tops_split_d): 8 simdgroups (256 threads), simdgroup s owns rows [16 (s / 2),
+// 16 (s / 2) + 16) of the 64-row tile and head-dim columns [c DH, c DH + DH) of Q and O, c = s % 2, DH = D / 2. Its
+// operation's partial S over its columns goes to its partner through threadgroup memory (store, barrier, load: the
+// MPP header's own pattern for adding a destination of the same operation), both add the two in the same order
+// (bit-identical S) and run the same softmax, and each accumulates its half of O. O is then 16 x 128 floats per
+// simdgroup (64 a thread), as at D = 128; 16 x 256 would be 128 a thread, which an Apple GPU would spill (MLX's NAX
+// kernel splits D = 256 the same way, for that reason; the proxy spilled 240 B a thread). Q is read from device memory
+// (64 x 256 does not fit 32 KB beside the key tiles); 16-key K / V tiles; 3 threadgroup barriers per key tile.
+template <typename T, int D>
+[[max_total_threads_per_threadgroup(FLASH_SDPA_TOPS_SPLIT_THREADS)]] kernel void flash_attn_varlen_tops_dsplit(
+    FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
+  using namespace mpp::tensor_ops;
+  constexpr int BQ = flash_sdpa::kTopsBlockQ;
+  constexpr int R = flash_sdpa::kTopsSimdgroupRows;
+  constexpr int DH = D / 2;  // head-dim columns per simdgroup
+  constexpr int BK = flash_sdpa::kTopsSplitBlockK;
+  constexpr int NT = FLASH_SDPA_TOPS_SPLIT_THREADS;
+  constexpr int NSG = NT / 32;
+  constexpr int W = flash_sdpa::varlen_poison_words(D);
+  static_assert(flash_sdpa::tops_split_d(D, sizeof(T)) && NSG == 2 * BQ / R, "two simdgroups per 16 query rows");
+  static_assert(flash_sdpa::tops_split_threadgroup_bytes(D, sizeof(T)) <= flash_sdpa::kVarlenMaxThreadgroupBytes,
+                "32 KB");
+
+  threadgroup T kv_tiles[2 * BK * D];               // K [BK][D], V [BK][D]
+  threadgroup float s_xchg[NSG * R * BK];           // simdgroup s's partial S (or its P: the path without a left input)
+  threadgroup int row_keys[2 * BQ];                 // row r's visible keys [row_keys[r], row_keys[BQ + r]]
+  threadgroup float row_scale[NSG * R];             // simdgroup s's rows' output factors
+  threadgroup atomic_uint bad_rows[BQ];             // row r saw a visible score that is NaN or inf
+  threadgroup atomic_float row_stage[2 * NSG * R];  // per-row values broadcast where map_iterator is not available
+  threadgroup uint poison[BQ * W];                  // (row, column) bits: the row sees a non-finite V element there
+  threadgroup uint sg_flags[NSG];                   // simdgroup s staged a non-finite V element as 0 / its answer
+  threadgroup long key_offsets[2 * BK];
+
+  const int c = int(sg) % 2;  // this simdgroup's column half
+  threadgroup T* k_tile = kv_tiles;
+  threadgroup T* v_tile = kv_tiles + BK * D;
+  auto tk = tensor(k_tile + c * DH, extents<int, DH, BK>(), array<int, 2>{1, D});
+  auto tv = tensor(v_tile + c * DH, extents<int, DH, BK>(), array<int, 2>{1, D});
+  auto t_own = tensor(s_xchg + int(sg) * R * BK, extents<int, BK, R>());
+  auto t_partner = tensor(s_xchg + (int(sg) ^ 1) * R * BK, extents<int, BK, R>());
+  constexpr auto qk_desc = matmul2d_descriptor(R, BK, DH, false, true, false, matmul2d_descriptor::mode::multiply);
+  constexpr auto pv_desc =
+      matmul2d_descriptor(R, DH, BK, false, false, true, matmul2d_descriptor::mode::multiply_accumulate);
+  matmul2d<qk_desc, execution_simdgroup> qk_op;
+  matmul2d<pv_desc, execution_simdgroup> pv_op;
+
+  const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, true, p.tile_offset, p.tile_stride);
+  const int b = slot.b;
+  const int h = slot.head;
+  const VarlenSequence seq = varlen_sequence(b, cu_seqlens_q, cu_seqlens_k, p);
+  const VarlenHead<T> head = varlen_head(q, k, v, out, lse, alibi_slopes, b, h, seq, p);
+  const bool aligned_k = (p.aligned_rows & FLASH_SDPA_ALIGNED_K) != 0;
+  const bool aligned_v = (p.aligned_rows & FLASH_SDPA_ALIGNED_V) != 0;
+  const int r0 = (int(sg) / 2) * R;  // this simdgroup's first row in the tile
+  threadgroup atomic_float* stage_m = row_stage + int(sg) * R;
+  threadgroup atomic_float* stage_x = row_stage + (NSG + int(sg)) * R;
+  using QTensor = decltype(flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, 0, r0, c * DH, seq.sq));
+
+  auto row_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+  auto row_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+  auto tile_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+  auto tile_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+  auto alpha = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+  auto o_acc = pv_op.template get_destination_cooperative_tensor<decltype(t_own), decltype(tv), float>();
+  // The API's answers (as in flash_attn_varlen_tops); the left-input one over the whole threadgroup, since its other
+  // path reuses the exchange tile behind a threadgroup barrier.
+  bool s_mapped, o_mapped, p_left;
+  {
+    auto s_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+    s_mapped = simd_all(is_iterator_compatible(s_probe, row_max));
+    o_mapped = simd_all(is_iterator_compatible(o_acc, row_max));
+    const bool converts = simd_all(pv_op.template is_compatible_as_left_input<float, T, float>(s_probe));
+    if (lane == 0) {
+      sg_flags[sg] = converts ? 1u : 0u;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    p_left = true;
+    for (int s = 0; s < NSG; ++s) {
+      p_left = p_left && sg_flags[s] != 0;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+  }
+
+  for (int q0 = slot.first_tile * BQ; q0 < seq.sq; q0 += slot.step * BQ) {
+    const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);
+    const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
+
+    for (int idx = int(tid); idx < BQ * W; idx += NT) {
+      poison[idx] = 0;
+    }
+    if (int(tid) < BQ) {
+      const int i = q0 + int(tid);
+      const int2 keys = i < seq.sq ? flash_sdpa::visible_keys(i + seq.sk - seq.sq, p.opt, seq.sk) : int2(0, -1);
+      row_keys[tid] = keys.x;
+      row_keys[BQ + tid] = keys.y;
+      atomic_store_explicit(&bad_rows[tid], 0u, memory_order_relaxed);
+    }
+    const flash_sdpa::TopsRows rows = flash_sdpa::tops_rows(q0, r0, seq, p);
+    const QTensor tq = flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, q0, r0, c * DH, seq.sq);
+    FLASH_SDPA_UNROLL
+    for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
+      o_acc[i] = 0.0f;
+    }
+    FLASH_SDPA_UNROLL
+    for (ushort i = 0; i < row_max.get_capacity(); ++i) {
+      row_max[i] = kVarlenMasked;
+      row_sum[i] = 0.0f;
+    }
+
+    for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
+      if (fc_varlen_paged) {
+        varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      simdgroup_barrier(mem_flags::mem_threadgroup);
-      // Each thread writes the O elements it holds: bad rows and poisoned (row, column) elements NaN; rows past the
-      // sequence are not written.
-      FLASH_SDPA_UNROLL
-      for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
-        if (!o_acc.is_valid_element(i)) {
-          continue;
+      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
+      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(
+          v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
+      if (lane == 0) {
+        sg_flags[sg] = dropped ? 1u : 0u;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      uint any_dropped = 0;
+      for (int s = 0; s < NSG; ++s) {
+        any_dropped |= sg_flags[s];
+      }
+      if (any_dropped != 0) {  // uniform; poison is read after the query tile's barriers
+        varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, key_offsets + BK, q0, k0, kv_end, seq, p,
+                                             tid);
+      }
+
+      // The partial S of this simdgroup's columns, to its partner (both members of a pair decide alike: same rows).
+      const bool sees = flash_sdpa::tops_sees(rows, k0, BK);
+      auto s_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+      if (sees) {
+        qk_op.run(tq, tk, s_acc);
+        s_acc.store(t_own);
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      if (sees) {
+        auto s_partner = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+        s_partner.load(t_partner);
+        FLASH_SDPA_UNROLL
+        for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
+          if (s_acc.is_valid_element(i)) {
+            s_acc[i] += s_partner[i];  // a + b == b + a: both members hold the same S
+          }
         }
-        const auto idx = o_acc.get_multidimensional_index(i);
-        const int r = r0 + idx[1], d = idx[0];
-        if (q0 + r < seq.sq) {
-          const float scale = row_scale[r];
-          const bool nan = flash_sdpa::is_nonfinite(scale) || ((poison[r * W + d / 32] >> (d % 32)) & 1u) != 0;
-          head.out[long(q0 + r) * p.o_row_stride + d] =
-              T(nan ? as_type<float>(flash_sdpa::kNanBits) : o_acc[i] * scale);
+        flash_sdpa::tops_scores<BQ>(s_acc, rows, k0, flash_sdpa::tops_interior(rows, k0, BK), row_keys, key_offsets,
+                                    bad_rows, head.slope, seq, p);
+        if (flash_sdpa::tops_softmax(s_acc, row_max, row_sum, tile_max, tile_sum, alpha, s_mapped, stage_m)) {
+          flash_sdpa::tops_rescale(o_acc, alpha, o_mapped, stage_x);
         }
       }
+      if (!p_left) {  // uniform over the threadgroup: the partner has read this simdgroup's partial S
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+      if (sees) {
+        if (p_left) {
+          auto p_in = pv_op.template get_left_input_cooperative_tensor<float, T, float>(s_acc);
+          pv_op.run(p_in, tv, o_acc);
+        } else {
+          s_acc.store(t_own);
+          simdgroup_barrier(mem_flags::mem_threadgroup);
+          pv_op.run(t_own, tv, o_acc);
+        }
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
+
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (rows.rows > 0) {
+      flash_sdpa::tops_finish<T, BQ, W>(o_acc, row_max, row_sum, rows, q0, c * DH, c == 0, lane, stage_m, stage_x,
+                                        bad_rows, row_scale + int(sg) * R, poison, head, fc_sinks ? sinks[h] : 0.0f,
+                                        seq, p);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }

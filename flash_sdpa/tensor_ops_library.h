@@ -22,6 +22,13 @@
 #define FLASH_SDPA_TOPS_HEAD_DIMS(Y, a, b) Y(a, b, 32) Y(a, b, 64) Y(a, b, 96) Y(a, b, 128)
 #define FLASH_SDPA_INSTANTIATE_TOPS_DTYPE(T, TNAME) FLASH_SDPA_TOPS_HEAD_DIMS(FLASH_SDPA_INSTANTIATE_TOPS, T, TNAME)
 
+// D = 256 (half / bfloat): the 64-row tile on the D-split kernel (8 simdgroups, varlen_params.h tops_split_d).
+#define FLASH_SDPA_INSTANTIATE_TOPS_SPLIT(T, TNAME, D)                                       \
+  template [[host_name(FLASH_SDPA_STR(flash_attn_varlen_tops_##TNAME##_d##D))]] [[kernel]]   \
+  decltype(flash_attn_varlen_tops_dsplit<T, D>) flash_attn_varlen_tops_dsplit<T, D>;         \
+  template [[host_name(FLASH_SDPA_STR(flash_attn_varlen_tops32_##TNAME##_d##D))]] [[kernel]] \
+  decltype(flash_attn_varlen_tops32<T, D>) flash_attn_varlen_tops32<T, D>;
+
 FLASH_SDPA_VARLEN_DTYPES(FLASH_SDPA_INSTANTIATE_TOPS_DTYPE)
-FLASH_SDPA_INSTANTIATE_TOPS(half, float16, 256)
-FLASH_SDPA_INSTANTIATE_TOPS(bfloat, bfloat16, 256)
+FLASH_SDPA_INSTANTIATE_TOPS_SPLIT(half, float16, 256)
+FLASH_SDPA_INSTANTIATE_TOPS_SPLIT(bfloat, bfloat16, 256)

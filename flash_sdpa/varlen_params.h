@@ -131,12 +131,34 @@ constexpr fsdpa_i32 tops_block_k(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
              : 16;
 }
 
+// D-split (flash_attn_varlen_tops_dsplit): half / bfloat above D = 128 (256 here) on 8 simdgroups, two per 16 rows,
+// each with half of the head dim of O (16 x 128 floats, as at D = 128: 16 x 256 would be 128 floats a thread), the
+// partial S of each half exchanged through a float tile; 16-key K / V tiles, Q from device memory.
+#define FLASH_SDPA_TOPS_SPLIT_THREADS 256
+FSDPA_CONSTANT fsdpa_i32 kTopsSplitBlockK = 16;
+
+constexpr bool tops_split_d(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) { return elem_bytes == 2 && head_dim > 128; }
+
+constexpr fsdpa_i32 tops_split_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return 2 * kTopsSplitBlockK * head_dim * elem_bytes + 2 * kTopsBlockQ * kTopsSplitBlockK * 4 +
+         4 * (2 * kTopsBlockQ + 2 * kTopsBlockQ + kTopsBlockQ + 4 * kTopsBlockQ +
+              kTopsBlockQ * varlen_poison_words(head_dim) + 2 * kVarlenSimdgroups) +
+         16 * kTopsSplitBlockK;
+}
+
+// Threads per threadgroup of the tensor-ops forward at this head dim (the planner's launch).
+constexpr fsdpa_i32 tops_threads(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return tops_split_d(head_dim, elem_bytes) ? FLASH_SDPA_TOPS_SPLIT_THREADS : kVarlenThreads;
+}
+
 // Head dims of the tensor-ops forward: multiples of 16 from 32 to 256 whose tiles fit 32 KB (Apple documents no
 // matmul2d shape granularity; every product shape here is a multiple of 16).
 constexpr bool tops_supports(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
   return head_dim % 16 == 0 && head_dim >= 32 && head_dim <= 256 &&
-         tops_threadgroup_bytes(head_dim, tops_block_k(head_dim, elem_bytes), elem_bytes,
-                                tops_q_staged(head_dim, elem_bytes)) <= kVarlenMaxThreadgroupBytes;
+         (tops_split_d(head_dim, elem_bytes)
+              ? tops_split_threadgroup_bytes(head_dim, elem_bytes) <= kVarlenMaxThreadgroupBytes
+              : tops_threadgroup_bytes(head_dim, tops_block_k(head_dim, elem_bytes), elem_bytes,
+                                       tops_q_staged(head_dim, elem_bytes)) <= kVarlenMaxThreadgroupBytes);
 }
 
 // The supported configurations: one list drives the MSL instantiations, the host check and the test grid.

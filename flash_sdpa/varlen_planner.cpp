@@ -140,7 +140,9 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.options.sinks.value_or(call.lse)},
       {FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE, call.block_table.value_or(call.lse)},
   };
-  d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
+  const fsdpa_i32 elem_bytes = call.q.scalar_type() == at::kFloat ? 4 : 2;
+  d.threads_per_threadgroup = {
+      static_cast<uint32_t>(tops ? tops_threads(static_cast<fsdpa_i32>(head_dim), elem_bytes) : kVarlenThreads), 1, 1};
   params.tile_stride = to_i32(splits, "dispatches");
   for (int64_t k = 0; k < splits; ++k) {
     Dispatch part = d;

@@ -158,6 +158,21 @@ def test_head_dims(lib, planner, dtype, D, sched):
                 seed=D)
 
 
+# The D-split kernel (half / bfloat at D = 256: 8 simdgroups, two per 16 rows, partial S exchanged) under every option
+# and paged K/V.
+@pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("feature", ["all", "window", "paged"])
+def test_dsplit(lib, planner, feature, sched):
+    if feature == "paged":
+        lens_q, lens_k = [7, 33, 1, 0], [40, 33, 9, 4]
+        c, k_packed, v_packed = make_paged(lens_q, lens_k, 4, 2, 256, 5, torch.bfloat16, "cpu", seed=3)
+        varlen_case(lib, planner, sched, lens_q, lens_k, H=4, Hkv=2, D=256, dtype=torch.bfloat16, causal=True,
+                    sinks=True, inputs=(c["q"], c["k"], c["v"], k_packed, v_packed), block_table=c["block_table"])
+    else:
+        varlen_case(lib, planner, sched, LENS_Q, LENS_K, D=256, dtype=torch.float16, extra_rows=2,
+                    seed=zlib.crc32(feature.encode()) % 1000, **FEATURES[feature])
+
+
 @pytest.mark.parametrize("sched", SCHEDULES, ids=SCHEDULE_IDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["float16", "float32"])
 def test_dense(lib, planner, dtype, sched):
@@ -223,17 +238,19 @@ def test_rescale(lib, planner, sched):
     varlen_case(lib, planner, sched, lens, lens, inputs=(q, k, v, k, v))
 
 
-def test_non_finite(lib, planner):
+@pytest.mark.parametrize("D", [64, 256], ids=["d64", "d256_dsplit"])
+def test_non_finite(lib, planner, D):
     """The varlen kernel's NaN rules: a NaN query row is NaN (LSE NaN); a visible inf key makes NaN exactly the rows
     that see it; a NaN V element makes NaN exactly the (row, column) elements whose rows see it; nothing else moves."""
     g = torch.Generator().manual_seed(4)
-    S, H, D = 70, 2, 64
+    S, H = 70, 2
     q = torch.randn(S, H, D, generator=g).to(torch.float16)
     k = torch.randn(S, 1, D, generator=g).to(torch.float16)
     v = torch.randn(S, 1, D, generator=g).to(torch.float16)
     q[5, 0, 3] = float("nan")
     k[60, 0, 7] = float("inf")
     v[30, 0, 9] = float("nan")
+    v[40, 0, D - 3] = float("inf")  # the second half of the head dim (D = 256: the other simdgroup of the pair)
     out = torch.zeros_like(q)
     lse = torch.zeros(H, S)
     plan = plan_for(planner, "tops", q, k, v, out, lse, cu([S]), cu([S]), None, None, S, D**-0.5, 0.0, -1, 0, None, 0)
@@ -244,12 +261,14 @@ def test_non_finite(lib, planner):
     nan_rows[rows >= 60] = True  # causal: rows from 60 on see the inf key (its score is inf or NaN)
     expect = nan_rows[:, :, None].expand(S, H, D).clone()
     expect[rows >= 30, :, 9] = True
+    expect[rows >= 40, :, D - 3] = True
     assert torch.equal(out.isnan(), expect)
     assert torch.equal(lse.t().isnan(), nan_rows)
     # The finite elements are those of attention over the finite inputs (masks unchanged: the bad rows are excluded).
     clean_k, clean_v = k.clone(), v.clone()
     clean_k[60, 0, 7] = 0
     clean_v[30, 0, 9] = 0
+    clean_v[40, 0, D - 3] = 0
     out_ref, _ = ref.attention_varlen(q.double().nan_to_num(), clean_k.double(), clean_v.double(), [0, S], [0, S],
                                       scale=D**-0.5, causal=True)
     out_same, _ = ref.attention_varlen(q.nan_to_num(), clean_k, clean_v, [0, S], [0, S], scale=D**-0.5, causal=True,
@@ -270,7 +289,7 @@ def test_layout_independent(lib, planner):
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
 
 
-PLANT_RIGHT = "o_acc[i] *= flash_sdpa::tops_row_value(o_acc, i, alpha, o_mapped, stage_x);"
+PLANT_RIGHT = "o_acc[i] *= tops_row_value(o_acc, i, alpha, o_mapped, stage_x);"
 PLANT_WRONG = "o_acc[i] *= alpha[0];"  # the thread's first row-reduction slot taken for each O element's row
 
 

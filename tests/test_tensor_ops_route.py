@@ -155,7 +155,7 @@ def planted_library(tmp_path_factory):
     holds the row of each of its O elements, instead of asking map_iterator or the row index: finite, wrong results
     under the emulator's layouts."""
     text = build_manifest.tensor_ops_source(ROOT)
-    right = "o_acc[i] *= flash_sdpa::tops_row_value(o_acc, i, alpha, o_mapped, stage_x);"
+    right = "o_acc[i] *= tops_row_value(o_acc, i, alpha, o_mapped, stage_x);"
     assert text.count(right) == 1
     src = tmp_path_factory.mktemp("planted") / "tensor_ops_library.metal"
     src.write_text(text.replace(right, "o_acc[i] *= alpha[0];"))
