@@ -17,18 +17,21 @@
 // place (interior key tiles, where every row of the simdgroup sees every key, without index arithmetic), its row max
 // and sum by reduce_rows into row-reduction cooperative tensors (the running max and sum live in two more), P = exp2(S
 // - m) in place with each element's row max through map_iterator, O (16 x D, float) rescaled in registers the same
-// way, then O += P V with S's registers as the left input (get_left_input_cooperative_tensor). S and P never touch
-// threadgroup memory; K and V do (side by side, staged once for the 4 simdgroups: a quarter of the device reads of
-// per-simdgroup loads, and Metal 4 has no asynchronous copy to hide them), and Q does where it fits (read once per
+// way, then O += P V with P rounded to the input's type (as the simdgroup forward and FlashAttention-2 round it) in a
+// T destination of the same operation and converted into the left input (get_left_input_cooperative_tensor): a 16-bit
+// x 16-bit product, the pair Apple's matrix units take natively, and half the registers of a float P. S and P never
+// touch threadgroup memory; K and V do (side by side, staged once for the 4 simdgroups: a quarter of the device reads
+// of per-simdgroup loads, and Metal 4 has no asynchronous copy to hide them), and Q does where it fits (read once per
 // query tile). Two threadgroup barriers per key tile (paged: 3), against 4 (5) for the 32-row kernel. Where the API
-// answers no (is_iterator_compatible, is_compatible_as_left_input: run-time queries in Apple's header), per-row values
-// go through 16 threadgroup words per simdgroup and P through a float tile. Why 64 rows: K/V staged once serve 64
-// query rows instead of 32 (half the staging loads and barriers per row), 16-row operations are the smallest MLX's NAX
-// kernel (Apple's, for these GPUs) uses, and Q (64 x D) still fits 32 KB beside the key tiles up to D = 128 (half /
-// bfloat) and D = 64 (float); beyond, each simdgroup's operation reads its Q rows from device memory (tops_q_staged).
-// At D = 256 in half / bfloat the same tile runs on flash_attn_varlen_tops_dsplit: 8 simdgroups, two per 16 rows, each
-// with half of the head dim of O (its partial S exchanged with its partner through threadgroup memory), so that O is 64
-// floats a thread as at D = 128 rather than 128.
+// answers no (is_iterator_compatible, is_compatible_as_left_input: run-time queries in Apple's header; and whether S's
+// float destination and P's share a layout, which Apple's header says may depend on the data type), per-row values go
+// through 16 threadgroup words per simdgroup and P through a tile of the input's type. Why 64 rows: K/V staged once
+// serve 64 query rows instead of 32 (half the staging loads and barriers per row), 16-row operations are the smallest
+// MLX's NAX kernel (Apple's, for these GPUs) uses, and Q (64 x D) still fits 32 KB beside the key tiles up to D = 128
+// (half / bfloat) and D = 64 (float); beyond, each simdgroup's operation reads its Q rows from device memory
+// (tops_q_staged). At D = 256 in half / bfloat the same tile runs on flash_attn_varlen_tops_dsplit: 8 simdgroups, two
+// per 16 rows, each with half of the head dim of O (its partial S exchanged with its partner through threadgroup
+// memory), so that O is 64 floats a thread as at D = 128 rather than 128.
 //
 // flash_attn_varlen_tops32 (kept to compare; the varlen plan's 32-row tiles and grid): one execution_simdgroups<4>
 // scope for both products; S stored to threadgroup memory, the varlen kernel's softmax step there (4 lanes per row),
@@ -387,6 +390,49 @@ METAL_FUNC bool tops_softmax(thread S& s_acc, thread Rows& row_max, thread Rows&
   return metal::simd_any(moved);
 }
 
+// Whether two destination cooperative tensors hold the same element in every slot (asked of one operation's float S and
+// input-type P destinations: Apple's layouts may depend on the element type).
+template <typename A, typename B>
+METAL_FUNC bool tops_same_layout(thread A& a, thread B& b) {
+  if (a.get_capacity() != b.get_capacity()) {
+    return false;
+  }
+  bool same = true;
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < a.get_capacity(); ++i) {
+    const bool valid = a.is_valid_element(i);
+    if (valid != b.is_valid_element(i)) {
+      same = false;
+    } else if (valid) {
+      const auto ia = a.get_multidimensional_index(i), ib = b.get_multidimensional_index(i);
+      same = same && ia[0] == ib[0] && ia[1] == ib[1];
+    }
+  }
+  return same;
+}
+
+// P in the input's type from S's float probabilities: slot by slot into `p` (a destination of the same operation in
+// T, where tops_same_layout holds), or element by element into the simdgroup's row-major tile (BK columns).
+template <typename T, typename S, typename P>
+METAL_FUNC void tops_p_slots(thread P& p, thread S& s_acc) {
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
+    if (s_acc.is_valid_element(i)) {
+      p[i] = T(s_acc[i]);
+    }
+  }
+}
+template <typename T, int BK, typename S>
+METAL_FUNC void tops_p_tile(threadgroup T* tile, thread S& s_acc) {
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
+    if (s_acc.is_valid_element(i)) {
+      const auto idx = s_acc.get_multidimensional_index(i);
+      tile[idx[1] * BK + idx[0]] = T(s_acc[i]);
+    }
+  }
+}
+
 // O = diag(alpha) O, each element's factor through map_iterator or stage_x.
 template <typename O, typename Rows>
 METAL_FUNC void tops_rescale(thread O& o_acc, thread Rows& alpha, bool o_mapped, threadgroup atomic_float* stage_x) {
@@ -480,7 +526,7 @@ template <typename T, int D>
 
   threadgroup T q_tile[QS ? BQ * D : 1];  // [BQ][D], rows past the sequence 0 (QS: Q staged once per query tile)
   threadgroup T kv_tiles[2 * BK * D];     // K [BK][D], V [BK][D] (keys past the range 0; V: non-finite 0)
-  threadgroup float p_tile[BQ * BK];      // P of simdgroup s at rows [16 s, 16 s + 16): the path without a left input
+  threadgroup T p_tile[BQ * BK];          // P of simdgroup s at rows [16 s, 16 s + 16): the path without a left input
   threadgroup int row_keys[2 * BQ];       // row r's visible keys [row_keys[r], row_keys[BQ + r]] (none: hi < lo)
   threadgroup float row_scale[BQ];        // row r's output factor (NaN bits: a bad row)
   threadgroup atomic_uint bad_rows[BQ];   // row r saw a visible score that is NaN or inf
@@ -494,12 +540,12 @@ template <typename T, int D>
   auto tk = tensor(k_tile, extents<int, D, BK>());
   auto tv = tensor(v_tile, extents<int, D, BK>());
   auto tp = tensor(p_tile + int(sg) * R * BK, extents<int, BK, R>());
-  // S (16 x BK) = Q K^T, K read transposed; O (16 x D) += P V, P the S operation's destination as a float left input.
-  // relaxed_precision on P V for 16-bit inputs (as MLX's NAX attention, Apple's kernel for these GPUs): P may be
-  // multiplied at the input's precision, which the simdgroup forward rounds it to anyway; float inputs keep fp32.
+  // S (16 x BK) = Q K^T, K read transposed; O (16 x D) += P V, P in the input's type (as the simdgroup forward and
+  // FlashAttention-2 round it) as the left input: a 16-bit x 16-bit product, the pair Apple's matrix units take
+  // natively, and half the registers of a float left operand; float inputs keep fp32 throughout.
   constexpr auto qk_desc = matmul2d_descriptor(R, BK, D, false, true, false, matmul2d_descriptor::mode::multiply);
   constexpr auto pv_desc =
-      matmul2d_descriptor(R, D, BK, false, false, sizeof(T) == 2, matmul2d_descriptor::mode::multiply_accumulate);
+      matmul2d_descriptor(R, D, BK, false, false, false, matmul2d_descriptor::mode::multiply_accumulate);
   matmul2d<qk_desc, execution_simdgroup> qk_op;
   matmul2d<pv_desc, execution_simdgroup> pv_op;
 
@@ -517,8 +563,9 @@ template <typename T, int D>
   using QTensor = decltype(flash_sdpa::tops_q_rows<QS, D>(q_tile, head.q, p.q_row_stride, 0, r0, 0, seq.sq));
 
   // The API's answers, asked once and made uniform over the simdgroup: whether this simdgroup's row reductions map
-  // onto S's and O's elements (else per-row values go through row_stage) and whether S converts into P V's left input
-  // (else P goes through p_tile). Apple's implementation decides; the emulator varies them with the seed.
+  // onto S's and O's elements (else per-row values go through row_stage), and whether S's float destination and a T
+  // destination of the same operation share a layout and the latter converts into P V's left input (else P goes
+  // through p_tile). Apple's implementation decides; the emulator varies them with the seed.
   auto row_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
   auto row_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
   auto tile_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
@@ -528,9 +575,11 @@ template <typename T, int D>
   bool s_mapped, o_mapped, p_left;
   {
     auto s_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+    auto p_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
     s_mapped = simd_all(is_iterator_compatible(s_probe, row_max));
     o_mapped = simd_all(is_iterator_compatible(o_acc, row_max));
-    p_left = simd_all(pv_op.template is_compatible_as_left_input<float, T, float>(s_probe));
+    p_left = simd_all(flash_sdpa::tops_same_layout(s_probe, p_probe) &&
+                      pv_op.template is_compatible_as_left_input<T, T, float>(p_probe));
   }
 
   // This threadgroup's query tiles, longest first across the batch; bounds uniform over the threadgroup, so every
@@ -591,12 +640,14 @@ template <typename T, int D>
         if (flash_sdpa::tops_softmax(s_acc, row_max, row_sum, tile_max, tile_sum, alpha, s_mapped, stage_m)) {
           flash_sdpa::tops_rescale(o_acc, alpha, o_mapped, stage_x);
         }
-        // O += P V: P straight from S's registers where the implementation converts it, else through p_tile.
+        // O += P V: P from S's registers where the implementation converts it, else through p_tile.
         if (p_left) {
-          auto p_in = pv_op.template get_left_input_cooperative_tensor<float, T, float>(s_acc);
+          auto p_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
+          flash_sdpa::tops_p_slots<T>(p_acc, s_acc);
+          auto p_in = pv_op.template get_left_input_cooperative_tensor<T, T, float>(p_acc);
           pv_op.run(p_in, tv, o_acc);
         } else {
-          s_acc.store(tp);
+          flash_sdpa::tops_p_tile<T, BK>(p_tile + r0 * BK, s_acc);
           simdgroup_barrier(mem_flags::mem_threadgroup);
           pv_op.run(tp, tv, o_acc);
         }
@@ -656,9 +707,11 @@ template <typename T, int D>
   auto tv = tensor(v_tile + c * DH, extents<int, DH, BK>(), array<int, 2>{1, D});
   auto t_own = tensor(s_xchg + int(sg) * R * BK, extents<int, BK, R>());
   auto t_partner = tensor(s_xchg + (int(sg) ^ 1) * R * BK, extents<int, BK, R>());
+  threadgroup T* p_own = reinterpret_cast<threadgroup T*>(s_xchg + int(sg) * R * BK);  // P over the partial S, in T
+  auto tp = tensor(p_own, extents<int, BK, R>());
   constexpr auto qk_desc = matmul2d_descriptor(R, BK, DH, false, true, false, matmul2d_descriptor::mode::multiply);
   constexpr auto pv_desc =
-      matmul2d_descriptor(R, DH, BK, false, false, true, matmul2d_descriptor::mode::multiply_accumulate);
+      matmul2d_descriptor(R, DH, BK, false, false, false, matmul2d_descriptor::mode::multiply_accumulate);
   matmul2d<qk_desc, execution_simdgroup> qk_op;
   matmul2d<pv_desc, execution_simdgroup> pv_op;
 
@@ -679,15 +732,17 @@ template <typename T, int D>
   auto tile_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
   auto tile_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
   auto alpha = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto o_acc = pv_op.template get_destination_cooperative_tensor<decltype(t_own), decltype(tv), float>();
+  auto o_acc = pv_op.template get_destination_cooperative_tensor<decltype(tp), decltype(tv), float>();
   // The API's answers (as in flash_attn_varlen_tops); the left-input one over the whole threadgroup, since its other
   // path reuses the exchange tile behind a threadgroup barrier.
   bool s_mapped, o_mapped, p_left;
   {
     auto s_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+    auto p_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
     s_mapped = simd_all(is_iterator_compatible(s_probe, row_max));
     o_mapped = simd_all(is_iterator_compatible(o_acc, row_max));
-    const bool converts = simd_all(pv_op.template is_compatible_as_left_input<float, T, float>(s_probe));
+    const bool converts = simd_all(flash_sdpa::tops_same_layout(s_probe, p_probe) &&
+                                   pv_op.template is_compatible_as_left_input<T, T, float>(p_probe));
     if (lane == 0) {
       sg_flags[sg] = converts ? 1u : 0u;
     }
@@ -774,12 +829,14 @@ template <typename T, int D>
       }
       if (sees) {
         if (p_left) {
-          auto p_in = pv_op.template get_left_input_cooperative_tensor<float, T, float>(s_acc);
+          auto p_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
+          flash_sdpa::tops_p_slots<T>(p_acc, s_acc);
+          auto p_in = pv_op.template get_left_input_cooperative_tensor<T, T, float>(p_acc);
           pv_op.run(p_in, tv, o_acc);
         } else {
-          s_acc.store(t_own);
+          flash_sdpa::tops_p_tile<T, BK>(p_own, s_acc);
           simdgroup_barrier(mem_flags::mem_threadgroup);
-          pv_op.run(t_own, tv, o_acc);
+          pv_op.run(tp, tv, o_acc);
         }
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);

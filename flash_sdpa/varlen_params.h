@@ -104,15 +104,15 @@ constexpr fsdpa_i32 varlen_block_q(fsdpa_i32 head_dim) { return head_dim > 256 ?
 // The forward on Metal 4 tensor ops (attention_tensor_ops.h, flash_attn_varlen_tops; the planner uses these for its
 // grid and routing for its choice): 64-row query tiles, one 16-row execution_simdgroup operation per simdgroup (Apple's
 // row reductions and left input cooperative tensors require one SIMD group). Threadgroup memory (32 KB): the Q tile
-// (64 x D, the input's type) where it fits, K and V side by side (BK keys each), a float P tile for a GPU that cannot
-// turn a destination into a left input, and per-row words: visible keys (2), output factor, bad flag, two broadcast
-// slots; the poison bits, a flag per simdgroup and the paged key offsets.
+// (64 x D, the input's type) where it fits, K and V side by side (BK keys each), a P tile (the input's type) for a GPU
+// that cannot turn a destination into a left input, and per-row words: visible keys (2), output factor, bad flag, two
+// broadcast slots; the poison bits, a flag per simdgroup and the paged key offsets.
 FSDPA_CONSTANT fsdpa_i32 kTopsBlockQ = 64;
 FSDPA_CONSTANT fsdpa_i32 kTopsSimdgroupRows = 16;
 static_assert(kTopsBlockQ == kTopsSimdgroupRows * kVarlenSimdgroups, "one 16-row operation per simdgroup");
 
 constexpr fsdpa_i32 tops_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k, fsdpa_i32 elem_bytes, bool q_staged) {
-  return ((q_staged ? kTopsBlockQ : 0) + 2 * block_k) * head_dim * elem_bytes + kTopsBlockQ * block_k * 4 +
+  return ((q_staged ? kTopsBlockQ : 0) + 2 * block_k) * head_dim * elem_bytes + kTopsBlockQ * block_k * elem_bytes +
          4 * (6 * kTopsBlockQ + kTopsBlockQ * varlen_poison_words(head_dim) + kVarlenSimdgroups) + 16 * block_k;
 }
 

@@ -92,7 +92,7 @@ MCPU_INLINE uint64_t mcpu_dispatch_seed() {
   mcpu_thread_info(&sg, &sgs, &seed);
   return seed;
 }
-// salt: 0 for a destination, another value for another kind of cooperative tensor of the same shape (a left input).
+// salt: 0 for a destination (2-5 by its element type under some seeds: mcpu_type_salt), 1 for a left input.
 MCPU_INLINE mcpu_coop_layout mcpu_make_layout(uint32_t thread_in_scope, uint32_t m, uint32_t n, uint32_t threads,
                                               uint64_t salt = 0) {
   const uint64_t seed = mcpu_dispatch_seed();
@@ -104,6 +104,18 @@ MCPU_INLINE mcpu_coop_layout mcpu_make_layout(uint32_t thread_in_scope, uint32_t
     for (a = (uint32_t)(h % total); a <= 1 || a == total - 1 || mcpu_gcd(a, total) != 1;) a = (a + 1) % total;
   }
   return {thread_in_scope, a, (uint32_t)(mcpu_mix(h) % (total ? total : 1))};
+}
+
+// A destination's layout salt by element type: Apple's header says a cooperative tensor's layout depends on the
+// operation, the data type and the threads, so for one seed and shape in three the destinations of one operation with
+// different element types are laid out differently here (a kernel that copies slot i of a float destination into slot
+// i of a half one must compare their indices first); otherwise they share the layout (salt 0).
+template <typename T>
+MCPU_INLINE uint64_t mcpu_type_salt(uint32_t m, uint32_t n, uint32_t threads) {
+  const uint64_t h = mcpu_mix(mcpu_dispatch_seed() * 0x9e3779b97f4a7c15ull ^
+                              ((uint64_t)m << 40 | (uint64_t)n << 20 | threads) ^ 0x7f4a7c15u);
+  if (h % 3 != 0) return 0;
+  return std::is_same_v<T, float> ? 2 : std::is_same_v<T, half> ? 3 : std::is_same_v<T, bfloat> ? 4 : 5;
 }
 
 // ---- the opt-in layout (MSL_NAX_FRAGMENT_LAYOUT) ----------------------------------------------------------------
@@ -302,7 +314,7 @@ MCPU_INLINE void mcpu_make_row_layout(thread mcpu_row_reduction<T, M, N>& r, uin
   const uint32_t b = (uint32_t)(mcpu_mix(h ^ 1) % M), a_inv = mcpu_inverse(a, M);
   // The rows of this lane's slots of the operation's destination (the "own" model).
   bool own[M] = {};
-  const mcpu_coop_layout dl = mcpu_make_layout(lane, M, N, 32);
+  const mcpu_coop_layout dl = mcpu_make_layout(lane, M, N, 32, mcpu_type_salt<T>(M, N, 32));
   constexpr uint32_t cap = (M * N + 31) / 32;
   for (uint32_t i = 0; i < cap; ++i) {
     const uint64_t x = (uint64_t)lane * cap + i;
@@ -332,7 +344,8 @@ struct matmul2d {
   template <typename A, typename B, typename T>
   MCPU_INLINE metal::cooperative_tensor<T, D.m, D.n, kThreads> get_destination_cooperative_tensor() const {
     metal::cooperative_tensor<T, D.m, D.n, kThreads> c;
-    c.layout = metal::mcpu_make_layout(metal::mcpu_thread_in_scope<Scope>(), D.m, D.n, kThreads);
+    c.layout = metal::mcpu_make_layout(metal::mcpu_thread_in_scope<Scope>(), D.m, D.n, kThreads,
+                                       metal::mcpu_type_salt<T>(D.m, D.n, kThreads));
     // Slots start as 0xff bytes (NaN), like uninitialised threadgroup memory: accumulating into them shows.
     __builtin_memset(c.v, 0xff, sizeof c.v);
     return c;
