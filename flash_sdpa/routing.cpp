@@ -8,12 +8,15 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <string>
 
 #include "paged_params.h"
 #include "paged_planner.h"
 
 namespace flash_sdpa {
+
+namespace {
+std::atomic<bool> g_tensor_ops{false};
+}  // namespace
 
 ForwardKernel route_dense(at::ScalarType dtype, int64_t head_dim, int64_t seqlen_q, int64_t seqlen_k) {
   const bool decode = seqlen_q <= paged::kMaxSeqlenQ && seqlen_k >= 1 && paged_supports(dtype, head_dim);
@@ -31,6 +34,7 @@ LaunchPlan plan_varlen_decode(const PagedKVCacheAttention& decode, VarlenAttenti
   LaunchPlan plan = plan_paged_kvcache(decode);
   rest.max_seqlen_q = 1;  // one query tile per (head, sequence) in the grid; the kernel loops over the rest
   rest.min_seqlen_q = 2;
+  rest.tensor_ops = tensor_ops_enabled();
   for (Dispatch& d : plan_varlen_attention(rest).dispatches) {
     plan.dispatches.push_back(std::move(d));
   }
@@ -64,6 +68,7 @@ RoutedForward route_dense_forward(const at::Tensor& q, const at::Tensor& k, cons
   call.out = routed.out;
   call.lse = routed.lse;
   call.options = options;
+  call.tensor_ops = tensor_ops_enabled();
   routed.plan = plan_varlen_attention(call);
   return routed;
 }
@@ -96,6 +101,7 @@ RoutedForward route_varlen_forward(VarlenAttention call, int64_t max_seqlen_k) {
     routed.plan = plan_varlen_decode(decode, call);
     return routed;
   }
+  call.tensor_ops = tensor_ops_enabled();
   routed.plan = plan_varlen_attention(call);
   return routed;
 }
@@ -121,44 +127,8 @@ RoutedForward route_kvcache_forward(PagedKVCacheAttention call, const std::optio
   return {call.out, lse, plan_paged_kvcache(call)};
 }
 
-namespace {
-
-std::atomic<bool> g_tensor_ops{false};
-
-// "flash_attn_varlen_<dtype>_d<D>" -> its tensor-ops kernel's name, or "" where tensor_ops_library.h instantiates
-// none: every dtype at D = 32 / 64 / 96 / 128, half / bfloat at 256.
-std::string tensor_ops_kernel(const std::string& kernel) {
-  static const std::string kPrefix = "flash_attn_varlen_";
-  if (kernel.rfind(kPrefix, 0) != 0) {
-    return "";
-  }
-  const std::string rest = kernel.substr(kPrefix.size());  // <dtype>_d<D>
-  const size_t at = rest.rfind("_d");
-  if (at == std::string::npos) {
-    return "";
-  }
-  const std::string dtype = rest.substr(0, at);
-  const std::string dim = rest.substr(at + 2);
-  const bool two_byte = dtype == "float16" || dtype == "bfloat16";
-  const bool supported = (two_byte || dtype == "float32") &&
-                         (dim == "32" || dim == "64" || dim == "96" || dim == "128" || (two_byte && dim == "256"));
-  return supported ? kPrefix + "tops_" + rest : "";
-}
-
-}  // namespace
-
 void set_tensor_ops_enabled(bool enabled) { g_tensor_ops.store(enabled); }
 
 bool tensor_ops_enabled() { return g_tensor_ops.load(); }
-
-void use_tensor_ops(LaunchPlan& plan) {
-  for (Dispatch& d : plan.dispatches) {
-    const std::string name = tensor_ops_kernel(d.kernel);
-    if (!name.empty()) {
-      d.kernel = name;
-      d.tensor_ops_library = true;
-    }
-  }
-}
 
 }  // namespace flash_sdpa

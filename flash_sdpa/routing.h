@@ -4,7 +4,8 @@
 //
 // Decode-shaped calls (a few query rows over the whole K/V) go to the decode kernel: one pass over a KV head's keys
 // serves the whole GQA group, and long contexts split across threadgroups. Everything else goes to the varlen /
-// dense kernel (32-row query tiles on simdgroup_matrix), which is 50-1000x slower at decode shapes on the proxy.
+// dense kernel (32-row query tiles on simdgroup_matrix, or 64-row tiles on tensor ops where they are turned on), which
+// is 50-1000x slower at decode shapes on the proxy.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -57,16 +58,14 @@ RoutedForward route_dense_forward(const at::Tensor& q, const at::Tensor& k, cons
 // K/V as the decode kernel's varlen-mode cache (one query row per sequence; nothing read on the host).
 RoutedForward route_varlen_forward(VarlenAttention call, int64_t max_seqlen_k);
 
-// The forward on Metal 4 tensor ops (attention_tensor_ops.h, the same contract, plan and grid as the varlen kernel) in
+// The forward on Metal 4 tensor ops (attention_tensor_ops.h: the varlen kernel's contract, 64-row query tiles) in
 // place of the simdgroup_matrix varlen kernel, process-wide. Off until the Python package turns it on: where
 // tensor_ops_supported() and the package's one-time self-test against the simdgroup path agree (_tensor_ops.py).
+// While on, the forward routes below plan their varlen dispatches with VarlenAttention::tensor_ops (the planner takes
+// the tensor-ops kernel where it serves the dtype and head dim: tensor_ops_serves); decode, combine, append and
+// backward dispatches stay as they are.
 void set_tensor_ops_enabled(bool enabled);
 bool tensor_ops_enabled();
-
-// Moves every varlen forward dispatch of `plan` whose dtype and head dim the tensor-ops library instantiates
-// (tensor_ops_library.h) onto its tensor-ops kernel; the other dispatches (decode, combine, append, backward, head
-// dims it lacks) stay as planned.
-void use_tensor_ops(LaunchPlan& plan);
 
 // flash_attn_with_kvcache, validated: `call` without out / lse. Without a block table (undefined call.block_table), a
 // contiguous cache [B_cache, S, Hkv, D] is the paged case with block_size = S and block_table[b] = {cache_batch_idx[b]}

@@ -101,6 +101,66 @@ constexpr fsdpa_i32 varlen_wide_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 
 // Query rows per tile (the grid's z axis counts tiles of this many rows).
 constexpr fsdpa_i32 varlen_block_q(fsdpa_i32 head_dim) { return head_dim > 256 ? kVarlenWideBlockQ : kVarlenBlockQ; }
 
+// The forward on Metal 4 tensor ops (attention_tensor_ops.h, flash_attn_varlen_tops; the planner uses these for its
+// grid and routing for its choice): 64-row query tiles, one 16-row execution_simdgroup operation per simdgroup (Apple's
+// row reductions and left input cooperative tensors require one SIMD group). Threadgroup memory (32 KB): the Q tile
+// (64 x D, the input's type) where it fits, K and V side by side (BK keys each), a P tile (the input's type) for a GPU
+// that cannot turn a destination into a left input, and per-row words: visible keys (2), output factor, bad flag, two
+// broadcast slots; the poison bits, a flag per simdgroup and the paged key offsets.
+FSDPA_CONSTANT fsdpa_i32 kTopsBlockQ = 64;
+FSDPA_CONSTANT fsdpa_i32 kTopsSimdgroupRows = 16;
+static_assert(kTopsBlockQ == kTopsSimdgroupRows * kVarlenSimdgroups, "one 16-row operation per simdgroup");
+
+constexpr fsdpa_i32 tops_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 block_k, fsdpa_i32 elem_bytes, bool q_staged) {
+  return ((q_staged ? kTopsBlockQ : 0) + 2 * block_k) * head_dim * elem_bytes + kTopsBlockQ * block_k * elem_bytes +
+         4 * (6 * kTopsBlockQ + kTopsBlockQ * varlen_poison_words(head_dim) + kVarlenSimdgroups) + 16 * block_k;
+}
+
+// Q in threadgroup memory where the tile fits beside 16-key K / V tiles (read once per query tile); else each
+// simdgroup's operation reads its Q rows from device memory on every key tile (half / bfloat at D = 256, float from
+// D = 96), as MLX's NAX kernel does at every head dim.
+constexpr bool tops_q_staged(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return tops_threadgroup_bytes(head_dim, 16, elem_bytes, true) <= kVarlenMaxThreadgroupBytes;
+}
+
+// Keys per tile: 32 where they fit, else 16 (matmul2d shapes in multiples of 16).
+constexpr fsdpa_i32 tops_block_k(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return tops_threadgroup_bytes(head_dim, 32, elem_bytes, tops_q_staged(head_dim, elem_bytes)) <=
+                 kVarlenMaxThreadgroupBytes
+             ? 32
+             : 16;
+}
+
+// D-split (flash_attn_varlen_tops_dsplit): half / bfloat above D = 128 (256 here) on 8 simdgroups, two per 16 rows,
+// each with half of the head dim of O (16 x 128 floats, as at D = 128: 16 x 256 would be 128 floats a thread), the
+// partial S of each half exchanged through a float tile; 16-key K / V tiles, Q from device memory.
+#define FLASH_SDPA_TOPS_SPLIT_THREADS 256
+FSDPA_CONSTANT fsdpa_i32 kTopsSplitBlockK = 16;
+
+constexpr bool tops_split_d(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) { return elem_bytes == 2 && head_dim > 128; }
+
+constexpr fsdpa_i32 tops_split_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return 2 * kTopsSplitBlockK * head_dim * elem_bytes + 2 * kTopsBlockQ * kTopsSplitBlockK * 4 +
+         4 * (2 * kTopsBlockQ + 2 * kTopsBlockQ + kTopsBlockQ + 4 * kTopsBlockQ +
+              kTopsBlockQ * varlen_poison_words(head_dim) + 2 * kVarlenSimdgroups) +
+         16 * kTopsSplitBlockK;
+}
+
+// Threads per threadgroup of the tensor-ops forward at this head dim (the planner's launch).
+constexpr fsdpa_i32 tops_threads(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return tops_split_d(head_dim, elem_bytes) ? FLASH_SDPA_TOPS_SPLIT_THREADS : kVarlenThreads;
+}
+
+// Head dims of the tensor-ops forward: multiples of 16 from 32 to 256 whose tiles fit 32 KB (Apple documents no
+// matmul2d shape granularity; every product shape here is a multiple of 16).
+constexpr bool tops_supports(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
+  return head_dim % 16 == 0 && head_dim >= 32 && head_dim <= 256 &&
+         (tops_split_d(head_dim, elem_bytes)
+              ? tops_split_threadgroup_bytes(head_dim, elem_bytes) <= kVarlenMaxThreadgroupBytes
+              : tops_threadgroup_bytes(head_dim, tops_block_k(head_dim, elem_bytes), elem_bytes,
+                                       tops_q_staged(head_dim, elem_bytes)) <= kVarlenMaxThreadgroupBytes);
+}
+
 // The supported configurations: one list drives the MSL instantiations, the host check and the test grid.
 //   X(msl type, dtype name): float32 / float16 / bfloat16, the names the kernel names and torch use.
 //   Y(a, b, head dim): head dims are multiples of 8 (simdgroup_matrix tiles); a, b are passed through.

@@ -29,6 +29,22 @@ bool varlen_supports(at::ScalarType dtype, int64_t head_dim) {
   return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
+std::string tensor_ops_kernel_name(at::ScalarType dtype, int64_t head_dim) {
+  const char* name = kernel_dtype_name(dtype);
+  TORCH_CHECK(name != nullptr, "flash_attn_varlen: unsupported dtype ", dtype);
+  return std::string("flash_attn_varlen_tops_") + name + "_d" + std::to_string(head_dim);
+}
+
+bool tensor_ops_serves(at::ScalarType dtype, int64_t head_dim, int64_t q_row_stride) {
+  const bool two_byte = dtype == at::kHalf || dtype == at::kBFloat16;
+  if (!(two_byte || dtype == at::kFloat) ||
+      !(head_dim == 32 || head_dim == 64 || head_dim == 96 || head_dim == 128 || (two_byte && head_dim == 256))) {
+    return false;
+  }
+  const auto d = static_cast<fsdpa_i32>(head_dim), e = static_cast<fsdpa_i32>(two_byte ? 2 : 4);
+  return tops_q_staged(d, e) || q_row_stride <= std::numeric_limits<int32_t>::max();
+}
+
 LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
   const bool paged = call.block_table.has_value();
@@ -86,7 +102,9 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
                         (rows_aligned(call.k, 4) ? FLASH_SDPA_ALIGNED_K : 0) |
                         (rows_aligned(call.v, 4) ? FLASH_SDPA_ALIGNED_V : 0);
 
-  const int64_t block_q = varlen_block_q(static_cast<fsdpa_i32>(head_dim));
+  // The tensor-ops forward plans its own query tiles (kTopsBlockQ rows); the grid's order and splits are the same.
+  const bool tops = call.tensor_ops && tensor_ops_serves(call.q.scalar_type(), head_dim, call.q.stride(row_dim));
+  const int64_t block_q = tops ? kTopsBlockQ : varlen_block_q(static_cast<fsdpa_i32>(head_dim));
   const int64_t seqlen_k = varlen ? (call.max_seqlen_k > 0 ? call.max_seqlen_k
                                      : paged               ? call.block_table->size(1) * call.k.size(1)
                                                            : call.k.size(0))
@@ -103,7 +121,9 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
   });
 
   Dispatch d;
-  d.kernel = varlen_kernel_name(call.q.scalar_type(), head_dim);
+  d.kernel = tops ? tensor_ops_kernel_name(call.q.scalar_type(), head_dim)
+                  : varlen_kernel_name(call.q.scalar_type(), head_dim);
+  d.tensor_ops_library = tops;
   d.constants = option_constants(call.options, varlen);
   d.constants.push_back(bool_constant(FLASH_SDPA_FC_VARLEN_PAGED, paged));
   // Optional inputs that are off get lse as a placeholder: the kernel never reads them (function constants), and
@@ -120,7 +140,9 @@ LaunchPlan plan_varlen_attention(const VarlenAttention& call) {
       {FLASH_SDPA_VARLEN_BUFFER_SINKS, call.options.sinks.value_or(call.lse)},
       {FLASH_SDPA_VARLEN_BUFFER_BLOCK_TABLE, call.block_table.value_or(call.lse)},
   };
-  d.threads_per_threadgroup = {static_cast<uint32_t>(kVarlenThreads), 1, 1};
+  const fsdpa_i32 elem_bytes = call.q.scalar_type() == at::kFloat ? 4 : 2;
+  d.threads_per_threadgroup = {
+      static_cast<uint32_t>(tops ? tops_threads(static_cast<fsdpa_i32>(head_dim), elem_bytes) : kVarlenThreads), 1, 1};
   params.tile_stride = to_i32(splits, "dispatches");
   for (int64_t k = 0; k < splits; ++k) {
     Dispatch part = d;

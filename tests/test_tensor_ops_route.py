@@ -107,7 +107,8 @@ def test_source_stands_alone(tmp_path):
     handles = (ctypes.c_void_p * 1)(lib.handle)
     for dtype in ("float32", "float16", "bfloat16"):
         for D in (32, 64, 96, 128) + ((256,) if dtype != "float32" else ()):
-            assert find(handles, 1, f"flash_attn_varlen_tops_{dtype}_d{D}".encode()) == 0, (dtype, D)
+            for kernel in ("tops", "tops32"):
+                assert find(handles, 1, f"flash_attn_varlen_{kernel}_{dtype}_d{D}".encode()) == 0, (kernel, dtype, D)
 
 
 # ---- the choice ------------------------------------------------------------------------------------------------
@@ -150,13 +151,14 @@ def test_bad_setting_names_the_variable(choose):
 
 @pytest.fixture(scope="module")
 def planted_library(tmp_path_factory):
-    """The tensor-ops library with the O rescale assuming that a thread holds its own softmax row's elements, instead
-    of asking get_multidimensional_index: finite, wrong results under the emulator's element ownership."""
+    """The tensor-ops library with the routed kernel's O rescale assuming that a thread's first row-reduction slot
+    holds the row of each of its O elements, instead of asking map_iterator or the row index: finite, wrong results
+    under the emulator's layouts."""
     text = build_manifest.tensor_ops_source(ROOT)
-    right = "o_acc[i] *= alpha_tile[o_acc.get_multidimensional_index(i)[1]];"
+    right = "o_acc[i] *= tops_row_value(o_acc, i, alpha, o_mapped, stage_x);"
     assert text.count(right) == 1
     src = tmp_path_factory.mktemp("planted") / "tensor_ops_library.metal"
-    src.write_text(text.replace(right, "o_acc[i] *= alpha_tile[my_row];"))
+    src.write_text(text.replace(right, "o_acc[i] *= alpha[0];"))
     return metal_cpu.compile(src, include_dirs=[]).path
 
 

@@ -107,14 +107,6 @@ int64_t check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return batch;
 }
 
-// A forward plan, on the tensor-ops kernels where the package turned them on (routing.h, use_tensor_ops).
-void run_forward(flash_sdpa::LaunchPlan plan) {
-  if (flash_sdpa::tensor_ops_enabled()) {
-    flash_sdpa::use_tensor_ops(plan);
-  }
-  flash_sdpa::run_launch_plan(plan);
-}
-
 }  // namespace
 
 void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
@@ -144,7 +136,8 @@ void flash_attention_varlen(at::Tensor& out, const at::Tensor& query, const at::
   call.cu_seqlens_k = cu_seqlens_k;
   call.max_seqlen_q = max_seqlen_q;
   call.max_seqlen_k = max_seqlen_k;
-  run_forward(flash_sdpa::plan_varlen_attention(call));
+  call.tensor_ops = flash_sdpa::tensor_ops_enabled();  // the tensor-ops kernels where the package turned them on
+  flash_sdpa::run_launch_plan(flash_sdpa::plan_varlen_attention(call));
 }
 
 std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -164,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
   call.block_table = block_table;
   call.max_seqlen_q = max_seqlen_q;
   const flash_sdpa::RoutedForward routed = flash_sdpa::route_varlen_forward(call, max_seqlen_k);
-  run_forward(routed.plan);
+  flash_sdpa::run_launch_plan(routed.plan);
   return {routed.out, routed.lse};
 }
 
@@ -176,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k,
   const flash_sdpa::AttentionOptions options =
       read_options(option_floats, option_ints, option_tensors, q, q.size(0), q.size(2), k.size(1), q.size(1));
   const flash_sdpa::RoutedForward routed = flash_sdpa::route_dense_forward(q, k, v, options);
-  run_forward(routed.plan);
+  flash_sdpa::run_launch_plan(routed.plan);
   return {routed.out, routed.lse};
 }
 
@@ -332,7 +325,7 @@ std::tuple<at::Tensor, at::Tensor> kvcache_fwd(
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
   const flash_sdpa::RoutedForward routed = flash_sdpa::route_kvcache_forward(call, cache_batch_idx, return_lse);
-  run_forward(routed.plan);
+  flash_sdpa::run_launch_plan(routed.plan);
   return {routed.out, routed.lse};
 }
 

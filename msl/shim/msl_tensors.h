@@ -173,5 +173,24 @@ MSL_INLINE float msl_relaxed(float x) {
   return __builtin_bit_cast(float, u);
 }
 
+// ---- row reductions of a destination cooperative tensor (reduce_rows) ---------------------------------------------
+// Apple's MPPTensorOpsMatMul2d.h: the operation, and each one's identity (the value reduce_rows starts from by default:
+// sum, or the one passed).
+enum class reduction_operation { sum, max, min };
+
+template <typename T>
+struct reduction_operation_identity {
+  static constexpr T sum_identity = T(0);
+  static constexpr T max_identity = metal::numeric_limits<T>::lowest();
+  static constexpr T min_identity = metal::numeric_limits<T>::max();
+};
+
+// One step of a reduction, in fp32 (max / min return one of their operands).
+MSL_INLINE float msl_reduce(reduction_operation op, float acc, float x) {
+  return op == reduction_operation::sum   ? acc + x
+         : op == reduction_operation::max ? (x > acc ? x : acc)
+                                          : (x < acc ? x : acc);
+}
+
 }  // namespace tensor_ops
 }  // namespace mpp

@@ -225,9 +225,9 @@ COLUMNS = ("ours", "mlx", "ggml", "torch")
 def table(results: List[dict]) -> str:
     """Markdown: per row and lowering, us and TFLOPS of each side, ours / best peer, then the experiments' us. MLX's
     column is the faster of its instances where two were timed (D = 256: BK 32 and BK 16)."""
-    # MLX NAX and the experiments timed beside ours (--nax, --variant, --tops): a column each, in us, where any row has
-    # them.
-    extra = [c for c in ("mlx_nax", "variant", "tops") if any(res.get(f"{c}_us") for res in results)]
+    # MLX NAX and the experiments timed beside ours (--nax, --variant, --tops: the 64-row tensor-ops kernel and the
+    # 32-row one): a column each, in us, where any row has them.
+    extra = [c for c in ("mlx_nax", "variant", "tops", "tops32") if any(res.get(f"{c}_us") for res in results)]
     lines = ["| shape | mma | ours us (TF) | MLX us (TF) | llama.cpp us (TF) | torch flash us (TF) | x MLX "
              "| x llama.cpp | x best peer |" + "".join(f" {c} us |" for c in extra),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra)]
@@ -319,8 +319,9 @@ class Runner:
         # An experiment: another build of our forward (a PTX folder of the proxy cache, e.g. from a branch's headers,
         # same planner), timed as the side "variant" beside the tree's.
         self.variant = variant
-        # Our forward on Metal 4 tensor ops (attention_tensor_ops.h, not routed yet), launched with the varlen plan
-        # under its own kernel names, timed as the side "tops".
+        # Our forward on Metal 4 tensor ops (attention_tensor_ops.h), timed as two sides: "tops", the kernel the package
+        # routes to (the planner's tensor-ops plan: 64-row query tiles, S and P in cooperative tensors), and "tops32",
+        # the 32-row kernel kept to compare (the simdgroup forward's plan under its own kernel names).
         self.tops = tops
         # MLX's NAX attention (the M5 tensor-ops kernel; peers_prefill build --peer mlx-nax), timed as the side
         # "mlx_nax" under the lowerings 1 and 2 (the proxy lowers its tensor ops on tensor cores only).
@@ -390,8 +391,8 @@ class Runner:
             if self.nax and mma != 0:
                 sides += (("mlx_nax", lambda: timed(self.mlx_nax, mma)),)
             if self.tops:
-                sides += (("tops", lambda: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
-                                                             tops=True))),)
+                sides += tuple((kind, lambda kind=kind: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
+                                                                          tops=kind))) for kind in ("tops", "tops32"))
             for side, run in sides:
                 try:
                     res[f"{side}_us"] = run()
@@ -414,8 +415,9 @@ class Runner:
         check(fn().transpose(1, 2), ref, "torch flash", r.dtype)
         return fn
 
-    def ours(self, q, k, v, r, scale, ref, mma, variant=False, tops=False):
-        """The whole row in one varlen call (a varlen row's sequences by cu_seqlens); returns the launch."""
+    def ours(self, q, k, v, r, scale, ref, mma, variant=False, tops=""):
+        """The whole row in one varlen call (a varlen row's sequences by cu_seqlens); returns the launch. tops: "tops"
+        (the tensor-ops plan and kernel) or "tops32" (the 32-row tensor-ops kernel on the simdgroup forward's plan)."""
         torch = self.torch
         T = r.B * r.S
         qv, kv, vv = q.reshape(T, r.H, r.D), k.reshape(T, r.Hkv, r.D), v.reshape(T, r.Hkv, r.D)
@@ -427,14 +429,16 @@ class Runner:
         # The planner's command-buffer budget for a GPU of this one's SMs (planner_common.h: it grows with the cores).
         sms = torch.cuda.get_device_properties(0).multi_processor_count
         plan = self.gc.planner().plan_varlen(qv, kv, vv, out, lse, cu, cu, None, None, max(lengths), scale, 0.0, -1,
-                                             0 if r.causal else -1, None, sms)
+                                             0 if r.causal else -1, None, sms, tensor_ops=tops == "tops")
+        if tops == "tops":
+            assert all(d["kernel"].startswith("flash_attn_varlen_tops_") for d in plan), [d["kernel"] for d in plan]
         libs = self.ours_libs(mma)
         if variant:
             from msl.cuda import compiler
 
             libs = dict(libs, attention_varlen=self.launch.Library(compiler.cache_dir() / self.variant))
-        if tops:  # the same plan, each dispatch on the tensor-ops kernel of its dtype and head dim
-            plan = [dict(d, kernel=d["kernel"].replace("flash_attn_varlen_", "flash_attn_varlen_tops_", 1))
+        if tops == "tops32":  # the same plan, each dispatch on the 32-row tensor-ops kernel of its dtype and head dim
+            plan = [dict(d, kernel=d["kernel"].replace("flash_attn_varlen_", "flash_attn_varlen_tops32_", 1))
                     for d in plan]
         prepared = self.launch.prepare_plan(libs, plan)
 
@@ -443,7 +447,7 @@ class Runner:
                 p.launch()
         fn()
         torch.cuda.synchronize()
-        side = " variant" if variant else " tensor ops" if tops else ""
+        side = " variant" if variant else f" tensor ops ({tops})" if tops else ""
         check(out.view(r.B, r.S, r.H, r.D), ref, f"ours{side} mma={mma}", r.dtype)
         return fn
 
@@ -513,7 +517,8 @@ def main(argv=None):
     ap.add_argument("--list", action="store_true", help="print the rows and exit")
     ap.add_argument("--variant", help="also time our forward from this PTX folder of the proxy cache (an experiment)")
     ap.add_argument("--tops", action="store_true", help="also time our forward on Metal 4 tensor ops "
-                    "(attention_tensor_ops.h; targets.py's attention_tensor_ops)")
+                    "(attention_tensor_ops.h; targets.py's attention_tensor_ops): columns tops (the routed 64-row "
+                    "kernel, the planner's tensor-ops plan) and tops32 (the 32-row kernel on the simdgroup plan)")
     ap.add_argument("--nax", action="store_true", help="also time MLX's NAX attention (the M5 tensor-ops kernel, "
                     "PTX from `peers_prefill build --peer mlx-nax --mma 1`; lowerings 1 and 2 only), column mlx_nax")
     a = ap.parse_args(argv)

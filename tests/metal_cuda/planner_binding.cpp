@@ -98,9 +98,10 @@ py::list plan_varlen(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out, a
                      std::optional<at::Tensor> cu_seqlens_q, std::optional<at::Tensor> cu_seqlens_k,
                      std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, int64_t max_seqlen_q,
                      double scale, double softcap, int64_t window_left, int64_t window_right,
-                     std::optional<at::Tensor> block_table, int64_t gpu_cores) {
+                     std::optional<at::Tensor> block_table, int64_t gpu_cores, bool tensor_ops) {
   flash_sdpa::VarlenAttention call;
   call.gpu_cores = gpu_cores;
+  call.tensor_ops = tensor_ops;  // the tensor-ops forward's plan (64-row tiles) where it serves the call
   call.block_table = block_table;
   call.q = q;
   call.k = k;
@@ -157,7 +158,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan_varlen", &plan_varlen, "flash_sdpa::plan_varlen_attention -> list of dispatch dicts", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("alibi_slopes"), py::arg("sinks"), py::arg("max_seqlen_q"), py::arg("scale"), py::arg("softcap"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("block_table") = py::none(), py::arg("gpu_cores") = 0);
+        py::arg("window_left"), py::arg("window_right"), py::arg("block_table") = py::none(), py::arg("gpu_cores") = 0,
+        py::arg("tensor_ops") = false);
   m.def("plan_backward", &plan_backward, "flash_sdpa::plan_attention_backward -> list of dispatch dicts",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("delta"),
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dsinks"), py::arg("cu_seqlens_q"),

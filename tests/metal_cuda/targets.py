@@ -64,7 +64,8 @@ TARGETS = {
     "simdgroup_mma": (ROOT / "tests" / "metal_cuda" / "kernels" / "simdgroup_mma.metal", []),
     # Metal 4 tensors and matmul2d (the emulator's kernels, unchanged), test_tensor_ops_gpu.py
     "tensor_ops": (ROOT / "tests" / "msl_cpu" / "kernels" / "tensor_ops.metal", []),
-    # the forward on tensor ops (flash_sdpa/attention_tensor_ops.h, not routed yet), to time beside attention_varlen
+    # the forward on tensor ops (flash_sdpa/attention_tensor_ops.h: the 64-row kernel the package routes to where
+    # tensor ops are on, and the 32-row one kept to compare), to time beside attention_varlen
     "attention_tensor_ops": (FLASH_SDPA / "tensor_ops_library.h", [FLASH_SDPA]),
 }
 

@@ -333,6 +333,35 @@ def test_varlen_prefill_4096(dtype, D):
                  out, lse, q, k, v, cu, scale, causal)
 
 
+@pytest.mark.parametrize("kernel", ["tops", "tops32"])
+@pytest.mark.parametrize("dtype,D", [(torch.float16, 64), (torch.bfloat16, 128), (torch.float16, 256),
+                                     (torch.bfloat16, 96), (torch.float32, 128)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+def test_tensor_ops_prefill_4096(kernel, dtype, D):
+    """The forward on Metal 4 tensor ops (attention_tensor_ops.h) through the proxy's tensor-op lowering: the routed
+    64-row kernel on the planner's tensor-ops plan (D = 256: the D-split kernel) and the 32-row one on the simdgroup
+    plan renamed; 4096 tokens in three sequences, 16 query / 4 KV heads, causal."""
+    libs = gc.libraries()
+    lens = [1000, 2000, 1096]
+    cu = [0, 1000, 3000, 4096]
+    H, Hkv = 16, 4
+    g = torch.Generator(device="cuda").manual_seed(D)
+    q, k, v = (torch.randn(4096, h, D, generator=g, device="cuda").to(dtype) for h in (H, Hkv, Hkv))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((H, 4096), float("nan"), device="cuda")
+    cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    scale = D ** -0.5
+    plan = gc.planner().plan_varlen(q, k, v, out, lse, cu_t, cu_t, None, None, max(lens), scale, 0.0, -1, 0,
+                                    tensor_ops=kernel == "tops")
+    if kernel == "tops32":
+        plan = [dict(d, kernel=d["kernel"].replace("flash_attn_varlen_", "flash_attn_varlen_tops32_", 1)) for d in plan]
+    assert all(d["kernel"].startswith(f"flash_attn_varlen_{kernel}_") for d in plan), [d["kernel"] for d in plan]
+    launch.run_plan(libs, plan)
+    torch.cuda.synchronize()
+    check_varlen(f"{kernel}-4096", f"T=4096 (1000+2000+1096) H={H}/{Hkv} D={D} {str(dtype)[6:]} causal", out, lse, q,
+                 k, v, cu, scale, True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("D", [128, 512])
 def test_paged_varlen_prefill_4096(dtype, D):

@@ -124,3 +124,38 @@ def test_relaxed_precision(lib):
     exact = a.double() @ b.double()
     assert (c.cpu().double() - relaxed).abs().max() < 1e-4
     assert (c.cpu().double() - exact).abs().max() > 1e-3
+
+
+def test_row_reductions(lib):
+    """reduce_rows on the proxy: max, min, a sum from a non-zero identity; lane (g, t) holds rows g and g + 8 (the rows
+    of its destination slots), so every one-simdgroup destination of 16 rows maps onto it."""
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(16, 16, generator=g).half(), torch.randn(16, 32, generator=g).half()
+    out, rows = torch.zeros(48, device="cuda"), torch.full((32 * 2,), -5, dtype=torch.int32, device="cuda")
+    flags = torch.zeros(32, dtype=torch.int32, device="cuda")
+    lib.dispatch("row_reductions", (1, 1, 1), (32, 1, 1), buffers={0: a.cuda(), 1: b.cuda(), 2: out, 3: rows, 4: flags})
+    torch.cuda.synchronize()
+    s = a.double() @ b.double()
+    out = out.cpu().double()
+    torch.testing.assert_close(out[:16], s.max(1).values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[16:32], s.min(1).values, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[32:], 100 + s.sum(1), rtol=0, atol=1e-4)
+    lane = torch.arange(32)
+    assert torch.equal(rows.cpu().view(32, 2), torch.stack([lane // 4, lane // 4 + 8], 1).int())
+    assert (flags.cpu() == 3).all()
+
+
+@pytest.mark.parametrize("dtype", ["half", "bfloat"])
+def test_softmax_pv(lib, dtype):
+    """softmax(A B^T) V with S and P in registers: the mapped path and the converted left input (the proxy always
+    answers yes), within FlashAttention's rule of the float64 reference."""
+    g = torch.Generator().manual_seed(7)
+    t = DTYPES[dtype]
+    q, k, v = (torch.randn(*shape, generator=g).to(t) for shape in ((16, 64), (32, 64), (32, 24)))
+    out, path = torch.zeros(16, 24, device="cuda"), torch.zeros(32, dtype=torch.int32, device="cuda")
+    lib.dispatch(f"softmax_pv_{dtype}", (1, 1, 1), (32, 1, 1),
+                 buffers={0: q.cuda(), 1: k.cuda(), 2: v.cuda(), 3: out, 4: path})
+    torch.cuda.synchronize()
+    assert (path.cpu() == 3).all()
+    ref = torch.softmax(q.double() @ k.double().t(), 1) @ v.double()
+    check(out, ref, t, (torch.softmax(q.float() @ k.float().t(), 1).to(t) @ v).float())

@@ -196,6 +196,59 @@ def test_tensor_simdgroup_skips_run(lib, sched):
     assert f"planted_bugs.metal:{bug_line('tensor_simdgroup_skips_run')}" in msg, msg
 
 
+@pytest.mark.parametrize("sched", SCHEDULES, ids=lambda s: s["schedule"])
+def test_tensor_row_owner_assumed_is_wrong(lib, sched):
+    """A kernel that takes slot 0 of a row reduction for its own row's value (the implementation decides which row
+    each slot holds): wrong for most elements, under every seed's layout."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(16, 16, generator=g).half(), torch.randn(16, 16, generator=g).half()
+    c = torch.zeros(16, 16)
+    lib.dispatch("tensor_row_owner_assumed", (1, 1, 1), (32, 1, 1), buffers={0: a, 1: b, 2: c}, **sched)
+    s = a.double() @ b.double()
+    wrong = (~((c.double() - (s - s.max(1, keepdim=True).values)).abs() <= 1e-3)).float().mean().item()  # NaN too
+    assert wrong > 0.5, f"only {wrong:.0%} of the elements wrong: the row reduction's layout looks natural"
+
+
+# The seeds 0-11 give the emulator's row-reduction and left-input models in several variants (msl/README.md).
+SEEDS = range(12)
+
+
+def _errors(lib, kernel, buffers):
+    """The error messages of `kernel` over SEEDS (None where it ran)."""
+    out = []
+    for seed in SEEDS:
+        try:
+            lib.dispatch(kernel, (1, 1, 1), (32, 1, 1), buffers=buffers, schedule="random", seed=seed)
+            out.append(None)
+        except metal_cpu.MetalCPUError as e:
+            out.append(str(e))
+    return out
+
+
+def test_tensor_unchecked_map(lib):
+    """map_iterator from a destination of another operation, without is_iterator_compatible: an error (at the line)
+    under the seeds whose row-reduction layout does not cover that destination's rows; the others run."""
+    a, b = _tensor_operands(16)
+    errors = _errors(lib, "tensor_unchecked_map", {0: a, 1: b.repeat(1, 2), 2: torch.zeros(16, 32)})
+    failed = [e for e in errors if e]
+    assert failed and len(failed) < len(errors), errors
+    for e in failed:
+        assert re.search(r"map_iterator: this thread holds no reduction .*is_iterator_compatible", e), e
+        assert f"planted_bugs.metal:{bug_line('tensor_unchecked_map')}" in e, e
+
+
+def test_tensor_unchecked_left_input(lib):
+    """A destination converted into a left input without is_compatible_as_left_input: an error under the seeds where
+    the emulator's implementation cannot convert it; the others compute the product."""
+    a, b = _tensor_operands(16)
+    errors = _errors(lib, "tensor_unchecked_left_input", {0: a, 1: b, 2: torch.zeros(16, 16)})
+    failed = [e for e in errors if e]
+    assert failed and len(failed) < len(errors), errors
+    for e in failed:
+        assert "is_compatible_as_left_input(source) is false" in e, e
+        assert f"planted_bugs.metal:{bug_line('tensor_unchecked_left_input')}" in e, e
+
+
 @pytest.mark.xfail(strict=True, reason="known gap: the vectorizers turn this fast-math row sum into one <16 x half> "
                    "load, wider than the 16 bytes SanitizerCoverage hooks (no traffic, no overrun check); "
                    "-mllvm -vectorize-slp=false -vectorize-loops=false closes it but changes the package's fast-math "

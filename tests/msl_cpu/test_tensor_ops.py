@@ -114,3 +114,64 @@ def test_relaxed_precision(lib):
     exact = a.double() @ b.double()
     assert (c.double() - relaxed).abs().max() < 1e-4
     assert (c.double() - exact).abs().max() > 1e-3
+
+
+# ---- row reductions and input cooperative tensors ------------------------------------------------------------------
+# Seeds 0-11 give each of the emulator's row-reduction models (every thread holds every row; a thread holds its own
+# destination slots' rows; one thread holds each row) and both answers of is_compatible_as_left_input.
+SEEDS = range(12)
+
+
+def test_row_reductions():
+    """reduce_rows: max, min and a sum from a non-zero identity, every row held by some lane, and the three layouts
+    is_iterator_compatible tells apart (with the operation's own destination; with another operation's)."""
+    lib = metal_cpu.compile(KERNELS / "tensor_ops.metal")
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randn(16, 16, generator=g).half(), torch.randn(16, 32, generator=g).half()
+    s = a.double() @ b.double()
+    models = set()
+    for seed in SEEDS:
+        out, rows = torch.zeros(48), torch.full((32 * 16,), -5, dtype=torch.int32)
+        flags = torch.zeros(32, dtype=torch.int32)
+        lib.dispatch("row_reductions", (1, 1, 1), (32, 1, 1), buffers={0: a, 1: b, 2: out, 3: rows, 4: flags},
+                     schedule="random", seed=seed)
+        torch.testing.assert_close(out[:16].double(), s.max(1).values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[16:32].double(), s.min(1).values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[32:].double(), 100 + s.sum(1), rtol=0, atol=1e-4)
+        held = rows.view(32, 16)
+        assert set(held[held >= 0].tolist()) == set(range(16)), "a row no lane holds"
+        for lane in held:
+            valid = lane[lane >= 0]
+            assert len(set(valid.tolist())) == len(valid) and (lane[len(valid):] == -1).all()
+        own, other = bool((flags & 1).all()), bool((flags & 2).all())
+        if other:
+            assert own and (held >= 0).all(), "compatible with every destination: every lane holds every row"
+            models.add("replicated")
+        elif own:
+            models.add("own rows")
+        else:
+            models.add("dealt")
+    assert models == {"replicated", "own rows", "dealt"}, models
+
+
+@pytest.mark.parametrize("dtype", ["half", "bfloat"])
+def test_softmax_pv(dtype):
+    """softmax(A B^T) V with S and P in cooperative tensors: row max through map_iterator or threadgroup memory, P as
+    the next operation's left input or through threadgroup memory, as the API's answers say; every path taken over the
+    seeds, every result within FlashAttention's rule of the float64 reference."""
+    lib = metal_cpu.compile(KERNELS / "tensor_ops.metal")
+    g = torch.Generator().manual_seed(7)
+    t = DTYPES[dtype]
+    q, k, v = torch.randn(16, 64, generator=g).to(t), torch.randn(32, 64, generator=g).to(t), \
+        torch.randn(32, 24, generator=g).to(t)
+    ref = torch.softmax(q.double() @ k.double().t(), 1) @ v.double()
+    same = (torch.softmax(q.float() @ k.float().t(), 1).to(t) @ v).float()
+    paths = set()
+    for seed in SEEDS:
+        out, path = torch.zeros(16, 24), torch.zeros(32, dtype=torch.int32)
+        lib.dispatch(f"softmax_pv_{dtype}", (1, 1, 1), (32, 1, 1), buffers={0: q, 1: k, 2: v, 3: out, 4: path},
+                     schedule="random", seed=seed)
+        assert (path == path[0]).all(), "a path decision that is not uniform over the simdgroup"
+        paths.add(int(path[0]))
+        check(out, ref, t, same)
+    assert paths == {0, 1, 2, 3}, paths

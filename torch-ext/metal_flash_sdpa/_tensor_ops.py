@@ -24,8 +24,9 @@ ENV = "METAL_FLASH_SDPA_TENSOR_OPS"
 _lock = threading.Lock()
 _decided = False
 
-# (dtype, head dim, tolerance on max|tensor ops - simdgroup| relative to max|simdgroup|): each key-tile layout of the
-# library (attention_tensor_ops.h: K and V side by side at 32 / 16 keys, one shared 16-key tile at D = 256).
+# (dtype, head dim, tolerance on max|tensor ops - simdgroup| relative to max|simdgroup|): each tile layout of the
+# routed kernel (attention_tensor_ops.h, flash_attn_varlen_tops: Q staged with 16- and 32-key tiles, Q read from
+# device memory at D = 256).
 _SELF_TEST = ((torch.float16, 128, 2e-2), (torch.bfloat16, 64, 3e-2), (torch.float16, 256, 2e-2),
               (torch.float32, 64, 1e-2))
 
@@ -61,9 +62,9 @@ def _choose(device_type: str) -> bool:
 
 
 def _self_test(device_type: str) -> bool:
-    """A causal GQA varlen forward per dtype / head dim on both paths (a partial and several whole query tiles, more
+    """A causal GQA varlen forward per dtype / head dim on both paths (a partial and a whole 64-row query tile, more
     keys than queries, key norms growing along each sequence so that the running max moves and O is rescaled through
-    the cooperative tensor's element indices); True if every pair agrees."""
+    the row reductions); True if every pair agrees."""
     gen = torch.Generator().manual_seed(0)
     lens_q, lens_k = [37, 100], [53, 100]
     cu_q = torch.tensor([0, lens_q[0], sum(lens_q)], dtype=torch.int32, device=device_type)

@@ -61,6 +61,15 @@ MCPU_INLINE uint32_t mcpu_gcd(uint32_t x, uint32_t y) {
   }
   return x;
 }
+// a^-1 mod m (a coprime to m, m >= 1): the inverse permutation of a layout.
+MCPU_INLINE uint32_t mcpu_inverse(uint32_t a, uint32_t m) {
+  int64_t t = 0, nt = 1, r = m, nr = a % m;
+  while (nr != 0) {
+    const int64_t q = r / nr, t2 = t - q * nt, r2 = r - q * nr;
+    t = nt, nt = t2, r = nr, nr = r2;
+  }
+  return (uint32_t)((t % (int64_t)m + (int64_t)m) % (int64_t)m);
+}
 static MCPU_TRAMPOLINE void mcpu_thread_info(uint32_t* simdgroup, uint32_t* simdgroups, uint64_t* seed) {
   mcpu_runtime->thread_info(simdgroup, simdgroups, seed);
 }
@@ -77,17 +86,36 @@ MCPU_INLINE uint32_t mcpu_thread_in_scope() {
     return (sg % Scope::simdgroups) * 32 + mcpu_lane_id();
   }
 }
-MCPU_INLINE mcpu_coop_layout mcpu_make_layout(uint32_t thread_in_scope, uint32_t m, uint32_t n, uint32_t threads) {
+MCPU_INLINE uint64_t mcpu_dispatch_seed() {
   uint32_t sg, sgs;
   uint64_t seed;
   mcpu_thread_info(&sg, &sgs, &seed);
+  return seed;
+}
+// salt: 0 for a destination (2-5 by its element type under some seeds: mcpu_type_salt), 1 for a left input.
+MCPU_INLINE mcpu_coop_layout mcpu_make_layout(uint32_t thread_in_scope, uint32_t m, uint32_t n, uint32_t threads,
+                                              uint64_t salt = 0) {
+  const uint64_t seed = mcpu_dispatch_seed();
   const uint32_t total = m * n;
-  uint64_t h = mcpu_mix(seed * 0x9e3779b97f4a7c15ull ^ ((uint64_t)m << 40 | (uint64_t)n << 20 | threads));
+  uint64_t h = mcpu_mix(seed * 0x9e3779b97f4a7c15ull ^ ((uint64_t)m << 40 | (uint64_t)n << 20 | threads) ^
+                        salt * 0xd6e8feb86659fd93ull);
   uint32_t a = 1;
   if (total > 2) {
     for (a = (uint32_t)(h % total); a <= 1 || a == total - 1 || mcpu_gcd(a, total) != 1;) a = (a + 1) % total;
   }
   return {thread_in_scope, a, (uint32_t)(mcpu_mix(h) % (total ? total : 1))};
+}
+
+// A destination's layout salt by element type: Apple's header says a cooperative tensor's layout depends on the
+// operation, the data type and the threads, so for one seed and shape in three the destinations of one operation with
+// different element types are laid out differently here (a kernel that copies slot i of a float destination into slot
+// i of a half one must compare their indices first); otherwise they share the layout (salt 0).
+template <typename T>
+MCPU_INLINE uint64_t mcpu_type_salt(uint32_t m, uint32_t n, uint32_t threads) {
+  const uint64_t h = mcpu_mix(mcpu_dispatch_seed() * 0x9e3779b97f4a7c15ull ^
+                              ((uint64_t)m << 40 | (uint64_t)n << 20 | threads) ^ 0x7f4a7c15u);
+  if (h % 3 != 0) return 0;
+  return std::is_same_v<T, float> ? 2 : std::is_same_v<T, half> ? 3 : std::is_same_v<T, bfloat> ? 4 : 5;
 }
 
 // ---- the opt-in layout (MSL_NAX_FRAGMENT_LAYOUT) ----------------------------------------------------------------
@@ -99,9 +127,10 @@ template <int M, int N, int Threads>
 constexpr bool mcpu_nax_shape = false;
 #endif
 
-template <typename T, int M, int N, int Threads>
+// Kind 0: a matmul2d destination; 1: a left input (mcpu_left_input), the same seeded model under another salt.
+template <typename T, int M, int N, int Threads, int Kind = 0>
 struct cooperative_tensor {
-  static constexpr bool nax = mcpu_nax_shape<M, N, Threads>;
+  static constexpr bool nax = Kind == 0 && mcpu_nax_shape<M, N, Threads>;
   static constexpr int capacity = (M * N + Threads - 1) / Threads;
   T v[capacity];
   mcpu_coop_layout layout;
@@ -116,12 +145,22 @@ struct cooperative_tensor {
   MCPU_INLINE uint32_t mcpu_element(uint16_t i) const {
     if constexpr (nax) return msl_nax::row(layout.thread_in_scope, i) * N + msl_nax::col(layout.thread_in_scope, i);
     const uint64_t x = (uint64_t)layout.thread_in_scope * capacity + i;
+    return mcpu_element_of(x);
+  }
+  // Row-major element number held at scope-wide slot number x = thread * capacity + slot (any thread's).
+  MCPU_INLINE uint32_t mcpu_element_of(uint64_t x) const {
     return (uint32_t)(((uint64_t)layout.a * x + layout.b) % (uint32_t)(M * N));
   }
   // [column, row]: dimension 0 first, as the tensors index.
   MCPU_INLINE array<int, 2> get_multidimensional_index(uint16_t i) const {
     const uint32_t e = mcpu_element(i);
     return array<int, 2>{{(int)(e % N), (int)(e / N)}};
+  }
+  // Where row-major element e lives: scope thread * capacity + slot (the inverse of mcpu_element; seeded layout).
+  MCPU_INLINE uint32_t mcpu_owner_slot(uint32_t e) const {
+    static_assert(!nax, "the opt-in layout has no inverse here");
+    const uint32_t total = (uint32_t)(M * N);
+    return (uint32_t)((uint64_t)mcpu_inverse(layout.a, total) * ((e + total - layout.b % total) % total) % total);
   }
 
   // Iterates over the valid slots, in slot order.
@@ -144,6 +183,7 @@ struct cooperative_tensor {
     while (n < capacity && is_valid_element(n)) ++n;
     return iterator{this, n};
   }
+  MCPU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
 
   // Each thread moves its own elements; elements outside the tensor's extents load as 0 and are not stored.
   template <typename Tn>
@@ -180,7 +220,115 @@ struct cooperative_tensor {
       if (sgs * 32 == Threads) mcpu_threadgroup_barrier(MCPU_MEM_NONE, MCPU_SITE_ARGS);
     }
   }
+
+  // Every thread's slots, gathered by one collective of the simdgroup (the scope's 32 lanes): all[x] is slot x %
+  // capacity of lane x / capacity.
+  MCPU_INLINE void mcpu_gather(thread float (&all)[32 * capacity], MCPU_SITE) const {
+    static_assert(Threads == 32, "a single simdgroup's cooperative tensor");
+    for (int i = 0; i < capacity; ++i) {
+      const mcpu_lanes<T> l = mcpu_exchange(v[i], MCPU_SITE_ARGS);
+      for (int x = 0; x < 32; ++x) all[x * capacity + i] = (float)l.v[x];
+    }
+  }
 };
+
+// ---- input cooperative tensors (the left operand of matmul2d<(M, N, K), execution_simdgroup>, M x K) -------------
+// The destination's seeded model over M x K under its own salt; TR, TD are the right operand's and the destination's
+// element types the tensor was declared for (run() checks them, as Apple's does).
+template <typename TL, typename TR, typename TD, int M, int K>
+struct mcpu_left_input : cooperative_tensor<TL, M, K, 32, 1> {
+  using right_element_t = TR;
+  using destination_element_t = TD;
+};
+
+// ---- row-reduction cooperative tensors (reduce_rows) --------------------------------------------------------------
+// One value per row of an M x N destination of matmul2d<(M, N, K), execution_simdgroup>. Which thread holds which row
+// is seeded as well, among three models whose differences the API exposes (is_iterator_compatible, map_iterator):
+// every thread holds every row (compatible with any destination of M rows); a thread holds the rows of its own slots
+// of the operation's destination (compatible with that destination only); one thread holds each row (compatible with
+// none). Valid slots come first, in a seeded row order.
+enum mcpu_rows_model : uint32_t { mcpu_rows_replicated = 0, mcpu_rows_own = 1, mcpu_rows_dealt = 2 };
+
+template <typename T, int M, int N>
+struct mcpu_row_reduction {
+  static constexpr int capacity = M;
+  T v[capacity];
+  int16_t row[capacity];  // the row slot i holds; -1: invalid
+  uint32_t model;
+
+  MCPU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
+  MCPU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
+  MCPU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
+  MCPU_INLINE bool is_valid_element(uint16_t i) const { return i < capacity && row[i] >= 0; }
+  // [row]: the rank-1 index.
+  MCPU_INLINE array<int, 1> get_multidimensional_index(uint16_t i) const { return array<int, 1>{{(int)row[i]}}; }
+  MCPU_INLINE int mcpu_slot_of_row(int r) const {
+    for (int i = 0; i < capacity; ++i)
+      if (row[i] == r) return i;
+    return -1;
+  }
+
+  struct iterator {
+    thread mcpu_row_reduction* t;
+    uint16_t i;
+    MCPU_INLINE thread T& operator*() const { return t->v[i]; }
+    MCPU_INLINE iterator& operator++() {
+      ++i;
+      return *this;
+    }
+    MCPU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
+    MCPU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
+    MCPU_INLINE array<int, 1> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
+    MCPU_INLINE uint16_t get_index() const { return i; }
+  };
+  MCPU_INLINE iterator begin() { return iterator{this, 0}; }
+  MCPU_INLINE iterator end() {
+    uint16_t n = 0;
+    while (n < capacity && is_valid_element(n)) ++n;
+    return iterator{this, n};
+  }
+  MCPU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
+  // The slot of this tensor that holds the row of the source element at `src` (an iterator of a destination
+  // cooperative tensor). Defined only where is_iterator_compatible(source, *this): elsewhere an error.
+  template <typename SrcIterator>
+  MCPU_INLINE iterator map_iterator(const SrcIterator& src) {
+    const int slot = mcpu_slot_of_row(src.get_multidimensional_index()[1]);
+    if (slot < 0)
+      mcpu_fatal(
+          "map_iterator: this thread holds no reduction of the source element's row "
+          "(is_iterator_compatible(source, destination) is false)");
+    return iterator{this, (uint16_t)slot};
+  }
+};
+
+// The seeded model of the row reductions of matmul2d<(M, N, K), execution_simdgroup> on lane `lane`.
+template <typename T, int M, int N>
+MCPU_INLINE void mcpu_make_row_layout(thread mcpu_row_reduction<T, M, N>& r, uint32_t lane) {
+  const uint64_t h =
+      mcpu_mix(mcpu_dispatch_seed() * 0x9e3779b97f4a7c15ull ^ ((uint64_t)M << 40 | (uint64_t)N << 20) ^ 0x5bd1e995u);
+  r.model = (uint32_t)(h % 3);
+  uint32_t a = 1;
+  if (M > 2) {
+    for (a = (uint32_t)(mcpu_mix(h) % M); a == 0 || mcpu_gcd(a, M) != 1;) a = (a + 1) % M;
+  }
+  const uint32_t b = (uint32_t)(mcpu_mix(h ^ 1) % M), a_inv = mcpu_inverse(a, M);
+  // The rows of this lane's slots of the operation's destination (the "own" model).
+  bool own[M] = {};
+  const mcpu_coop_layout dl = mcpu_make_layout(lane, M, N, 32, mcpu_type_salt<T>(M, N, 32));
+  constexpr uint32_t cap = (M * N + 31) / 32;
+  for (uint32_t i = 0; i < cap; ++i) {
+    const uint64_t x = (uint64_t)lane * cap + i;
+    if (x < (uint64_t)M * N) own[((uint64_t)dl.a * x + dl.b) % (uint32_t)(M * N) / N] = true;
+  }
+  int n = 0;
+  for (uint32_t k = 0; k < (uint32_t)M; ++k) {  // rows in the seeded order: row(k) = a^-1 (k - b) mod M
+    const int rr = (int)((uint64_t)a_inv * ((k + M - b) % M) % M);
+    const bool held = r.model == mcpu_rows_replicated || (r.model == mcpu_rows_own && own[rr]) ||
+                      (r.model == mcpu_rows_dealt && k % 32 == lane);
+    if (held) r.row[n++] = (int16_t)rr;
+  }
+  for (; n < M; ++n) r.row[n] = -1;
+}
 
 }  // namespace metal
 
@@ -196,21 +344,114 @@ struct matmul2d {
   template <typename A, typename B, typename T>
   MCPU_INLINE metal::cooperative_tensor<T, D.m, D.n, kThreads> get_destination_cooperative_tensor() const {
     metal::cooperative_tensor<T, D.m, D.n, kThreads> c;
-    c.layout = metal::mcpu_make_layout(metal::mcpu_thread_in_scope<Scope>(), D.m, D.n, kThreads);
+    c.layout = metal::mcpu_make_layout(metal::mcpu_thread_in_scope<Scope>(), D.m, D.n, kThreads,
+                                       metal::mcpu_type_salt<T>(D.m, D.n, kThreads));
     // Slots start as 0xff bytes (NaN), like uninitialised threadgroup memory: accumulating into them shows.
     __builtin_memset(c.v, 0xff, sizeof c.v);
     return c;
   }
 
-#ifdef MSL_NAX_FRAGMENT_LAYOUT
-  static constexpr bool kNax = metal::mcpu_nax_shape<D.m, D.n, kThreads> && D.k == 16;
+  // ---- row reductions and input cooperative tensors (execution_simdgroup only, as Apple's header requires) --------
+  static constexpr bool kSimdgroup = Scope::simdgroups == 1;
+
+  // One value per row of this operation's destination (reduce_rows' destination); the seeded model above.
   template <typename A, typename B, typename T>
-  MCPU_INLINE metal::msl_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
-    static_assert(kNax && !D.transpose_left,
-                  "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
-    metal::msl_nax_operand<A, 1> t;
+  MCPU_INLINE metal::mcpu_row_reduction<T, D.m, D.n> get_row_reduction_destination_cooperative_tensor() const {
+    static_assert(kSimdgroup, "row reductions: an execution_simdgroup operation (reduce_rows requires one SIMD group)");
+    metal::mcpu_row_reduction<T, D.m, D.n> r;
+    metal::mcpu_make_row_layout(r, mcpu_lane_id());
+    __builtin_memset(r.v, 0xff, sizeof r.v);
+    return r;
+  }
+
+  // An empty left input (M x K): slots start as NaN bytes.
+  template <typename TL, typename TR, typename TD>
+  MCPU_INLINE metal::mcpu_left_input<TL, TR, TD, D.m, D.k> mcpu_left_input() const {
+    static_assert(kSimdgroup, "Input cooperative tensors require a single SIMD group");
+    static_assert(D.k != (int)metal::dynamic_extent,
+                  "Inner dimension cannot be dynamic with input cooperative tensors");
+    static_assert(!D.transpose_left, "Input cooperative tensor cannot be transposed");
+    metal::mcpu_left_input<TL, TR, TD, D.m, D.k> t;
+    t.layout = metal::mcpu_make_layout(mcpu_lane_id(), D.m, D.k, 32, 1);
     __builtin_memset(t.v, 0xff, sizeof t.v);
     return t;
+  }
+
+  // Whether a destination of another operation (M x K, element type TL) converts into this operation's left input.
+  // Apple's header makes it a run-time query; the emulator answers no for some seeds and shapes (one in three), so that
+  // a kernel keeps a path for it. Uniform over the simdgroup.
+  template <typename TL, typename TR, typename TD, typename TS, int SM, int SN, int ST>
+  MCPU_INLINE bool is_compatible_as_left_input(const thread metal::cooperative_tensor<TS, SM, SN, ST>& src) const {
+    static_assert(kSimdgroup && ST == 32, "Input cooperative tensors require a single SIMD group");
+    static_assert(std::is_same_v<TS, TL>,
+                  "Source cooperative tensor element type must match matmul2d left input element type");
+    static_assert(SM == D.m && SN == D.k && !D.transpose_left,
+                  "the source must be M x K of this operation (not transposed)");
+    (void)src;
+    const uint64_t h = metal::mcpu_mix(metal::mcpu_dispatch_seed() * 0x9e3779b97f4a7c15ull ^
+                                       ((uint64_t)D.m << 40 | (uint64_t)D.k << 20 | (uint64_t)D.n) ^ 0x2545f491u);
+    return h % 3 != 0;
+  }
+
+  // The left input holding the elements of `src` (a destination cooperative tensor of another operation, M x K):
+  // a collective of the simdgroup. Where is_compatible_as_left_input(src) is false, an error.
+  template <typename TL, typename TR, typename TD, typename TS, int SM, int SN, int ST>
+  MCPU_INLINE metal::mcpu_left_input<TL, TR, TD, D.m, D.k> get_left_input_cooperative_tensor(
+      const thread metal::cooperative_tensor<TS, SM, SN, ST>& src, MCPU_SITE) const {
+    const bool compatible = is_compatible_as_left_input<TL, TR, TD>(src);
+    metal::mcpu_left_input<TL, TR, TD, D.m, D.k> t = mcpu_left_input<TL, TR, TD>();
+    src.mcpu_check_scope(MCPU_SITE_ARGS);
+    if (!compatible)
+      mcpu_fatal(
+          "get_left_input_cooperative_tensor(source): this source does not convert into the left input "
+          "(is_compatible_as_left_input(source) is false)");
+    float all[32 * metal::cooperative_tensor<TS, SM, SN, ST>::capacity];
+    src.mcpu_gather(all, MCPU_SITE_ARGS);
+    for (uint16_t i = 0; i < t.capacity; ++i)
+      if (t.is_valid_element(i)) t.v[i] = TL(all[src.mcpu_owner_slot(t.mcpu_element(i))]);
+    return t;
+  }
+
+  // C = A B (+ C), A a left input of this operation: each destination element summed over k in fp32 as mcpu_dot does.
+  template <typename TL, typename TR, typename TD, int LM, int LK, typename B, typename T, int Threads>
+  MCPU_INLINE void run(const thread metal::mcpu_left_input<TL, TR, TD, LM, LK>& a, const thread B& b,
+                       thread metal::cooperative_tensor<T, D.m, D.n, Threads>& c, MCPU_SITE) const {
+    static_assert(kSimdgroup && Threads == 32, "Input cooperative tensors require a single SIMD group");
+    static_assert(LM == D.m && LK == D.k, "matmul2d::run: the left input belongs to another operation");
+    static_assert(std::is_same_v<TR, std::remove_cv_t<metal::remove_addrspace_t<typename B::value_type>>> &&
+                      std::is_same_v<TD, T>,
+                  "Input types must match cooperative tensor types");
+    c.mcpu_check_scope(MCPU_SITE_ARGS);
+    float all[32 * metal::mcpu_left_input<TL, TR, TD, LM, LK>::capacity], am[LM * LK];  // every lane's slots; A
+    a.mcpu_gather(all, MCPU_SITE_ARGS);
+    for (uint32_t x = 0; x < (uint32_t)(LM * LK); ++x) am[a.mcpu_element_of(x)] = all[x];
+    constexpr bool accumulate = D.matmul_mode == matmul2d_descriptor::mode::multiply_accumulate;
+    for (uint16_t i = 0; i < c.capacity; ++i)
+      if (c.is_valid_element(i)) {
+        const uint32_t e = c.mcpu_element(i), row = e / D.n, col = e % D.n;
+        float acc = accumulate ? (float)c.v[i] : 0.0f;
+        for (int k = 0; k < LK; ++k) {
+          float x = am[row * LK + k], y = D.transpose_right ? b.msl_read(k, col) : b.msl_read(col, k);
+          if (D.relaxed_precision) x = msl_relaxed(x), y = msl_relaxed(y);
+          acc += x * y;
+        }
+        c.v[i] = T(acc);
+      }
+  }
+
+#ifdef MSL_NAX_FRAGMENT_LAYOUT
+  static constexpr bool kNax = metal::mcpu_nax_shape<D.m, D.n, kThreads> && D.k == 16;
+  // The opt-in layout's inputs where the shape takes it, else the seeded left input.
+  template <typename A, typename B, typename T>
+  MCPU_INLINE auto get_left_input_cooperative_tensor() const {
+    if constexpr (kNax) {
+      static_assert(!D.transpose_left, "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
+      metal::msl_nax_operand<A, 1> t;
+      __builtin_memset(t.v, 0xff, sizeof t.v);
+      return t;
+    } else {
+      return mcpu_left_input<A, B, T>();
+    }
   }
   template <typename A, typename B, typename T>
   MCPU_INLINE metal::msl_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
@@ -255,6 +496,11 @@ struct matmul2d {
       }
       c.v[i] = T(acc);
     }
+  }
+#else
+  template <typename TL, typename TR, typename TD>
+  MCPU_INLINE metal::mcpu_left_input<TL, TR, TD, D.m, D.k> get_left_input_cooperative_tensor() const {
+    return mcpu_left_input<TL, TR, TD>();
   }
 #endif
 
@@ -302,6 +548,43 @@ struct matmul2d {
       }
   }
 };
+
+// Each valid slot of `destination` (a row reduction of the operation whose destination `source` is) gets the reduction
+// of its row of `source` over the N columns in order, from `identity`, in fp32, rounded to T: a collective of the
+// simdgroup (every lane reads the others' slots), as Apple's, whose header requires one SIMD group.
+template <typename T, int M, int N, int Threads, int RM, int RN>
+MCPU_INLINE void reduce_rows(thread metal::cooperative_tensor<T, M, N, Threads>& source,
+                             thread metal::mcpu_row_reduction<T, RM, RN>& destination,
+                             reduction_operation op = reduction_operation::sum,
+                             T identity = reduction_operation_identity<T>::sum_identity, MCPU_SITE) {
+  static_assert(Threads == 32, "reduce_rows requires a single SIMD group");
+  static_assert(RM == M && RN == N, "Source and destination matmul2d descriptor must match");
+  source.mcpu_check_scope(MCPU_SITE_ARGS);
+  float all[32 * metal::cooperative_tensor<T, M, N, Threads>::capacity];
+  source.mcpu_gather(all, MCPU_SITE_ARGS);
+  for (uint16_t i = 0; i < destination.capacity; ++i)
+    if (destination.is_valid_element(i)) {
+      const uint32_t r = (uint32_t)destination.row[i];
+      float acc = (float)identity;
+      for (uint32_t c = 0; c < (uint32_t)N; ++c) acc = msl_reduce(op, acc, all[source.mcpu_owner_slot(r * N + c)]);
+      destination.v[i] = T(acc);
+    }
+}
+
+// Whether this thread holds, in `destination`, the row of every element it holds of `source` (map_iterator is then
+// defined for each of them). Per thread, as Apple's; a kernel branches on it uniformly (simd_all).
+template <typename TS, typename TD, int M, int N, int Threads, int RM, int RN>
+MCPU_INLINE bool is_iterator_compatible(const thread metal::cooperative_tensor<TS, M, N, Threads>& source,
+                                        const thread metal::mcpu_row_reduction<TD, RM, RN>& destination) {
+  if constexpr (!std::is_same_v<TS, TD> || RM != M || Threads != 32) {
+    return false;
+  } else {
+    for (uint16_t i = 0; i < source.capacity; ++i)
+      if (source.is_valid_element(i) && destination.mcpu_slot_of_row(source.get_multidimensional_index(i)[1]) < 0)
+        return false;
+    return true;
+  }
+}
 
 }  // namespace tensor_ops
 }  // namespace mpp

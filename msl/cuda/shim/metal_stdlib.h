@@ -348,8 +348,9 @@ MCU_INLINE T simd_broadcast_first(T x) {
   const uint mask = mcu_active_mask();
   return mcu_shfl<0>(mask, x, (uint)__builtin_ctz(mask));
 }
-MCU_INLINE bool simd_all(bool x) { return __nvvm_vote_all_sync(mcu_active_mask(), x); }
-MCU_INLINE bool simd_any(bool x) { return __nvvm_vote_any_sync(mcu_active_mask(), x); }
+// A vote on a value known at compile time is that value (LLVM does not fold the vote): a uniform branch on it folds.
+MCU_INLINE bool simd_all(bool x) { return __builtin_constant_p(x) ? x : __nvvm_vote_all_sync(mcu_active_mask(), x); }
+MCU_INLINE bool simd_any(bool x) { return __builtin_constant_p(x) ? x : __nvvm_vote_any_sync(mcu_active_mask(), x); }
 MCU_INLINE bool simd_is_first() { return mcu_lane_id() == (uint)__builtin_ctz(mcu_active_mask()); }
 
 // ---- what peers' C-style casts become on the proxy (frontend._convert_vector_casts): MSL's value conversion --------
@@ -622,9 +623,12 @@ MCU_ATOMIC_RMW(fetch_xor, __atomic_fetch_xor)
 MCU_ATOMIC_RMW(exchange, __atomic_exchange_n)
 #undef MCU_ATOMIC_RMW
 
+// The generic builtins (not the _n forms, which take integers and pointers only): atomic_float too.
 template <typename A>
 MCU_INLINE auto atomic_load_explicit(volatile A* obj, memory_order) {
-  return __atomic_load_n(&const_cast<A*>(obj)->__value, __ATOMIC_RELAXED);
+  decltype(const_cast<A*>(obj)->__value) v;
+  __atomic_load(&const_cast<A*>(obj)->__value, &v, __ATOMIC_RELAXED);
+  return v;
 }
 template <typename A>
 MCU_INLINE auto atomic_load_explicit(A* obj, memory_order o) {
@@ -633,7 +637,8 @@ MCU_INLINE auto atomic_load_explicit(A* obj, memory_order o) {
 template <typename A, typename T>
 MCU_INLINE void atomic_store_explicit(volatile A* obj, T v, memory_order) {
   auto* p = const_cast<A*>(obj);
-  __atomic_store_n(&p->__value, (decltype(p->__value))v, __ATOMIC_RELAXED);
+  decltype(p->__value) x = (decltype(p->__value))v;
+  __atomic_store(&p->__value, &x, __ATOMIC_RELAXED);
 }
 template <typename A, typename T>
 MCU_INLINE void atomic_store_explicit(A* obj, T v, memory_order o) {

@@ -133,6 +133,7 @@ struct cooperative_tensor {
     return iterator{this, i};
   }
   MCU_INLINE iterator end() { return iterator{this, (uint16_t)capacity}; }
+  MCU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
 
   // Each thread moves its own elements; elements outside the tensor's extents load as 0 and are not stored.
   template <typename Tn>
@@ -144,6 +145,80 @@ struct cooperative_tensor {
   MCU_INLINE void store(const thread Tn& dst) const {
     for (int i = 0; i < capacity; ++i)
       if (is_valid_element(i)) dst.msl_write(mcu_col(i), mcu_row(i), v[i]);
+  }
+};
+
+// ---- input cooperative tensors: the left operand (M x K) of matmul2d<(M, N, K), execution_simdgroup> --------------
+// Laid out as a destination of M x K: 16 x 8 tiles, slot 4 j + r of tile j holds row 16 tm + g + 8 (r / 2), column
+// 8 tk + 2 t + r % 2, so tiles (tm, 2 kk) and (tm, 2 kk + 1) are the m16n8k16 A fragment of rows tm, k step kk, and a
+// destination of another operation converts slot by slot (the register reuse of FlashAttention-2's P). TR, TD: the
+// right operand's and the destination's element types the tensor was declared for (run() checks them).
+template <typename TL, typename TR, typename TD, int M, int K>
+struct mcu_left_input {
+  using layout = mcu_tiles<M, K, 1>;
+  static constexpr int capacity = layout::capacity;
+  TL v[capacity];
+
+  MCU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
+  MCU_INLINE thread TL& operator[](uint16_t i) { return v[i]; }
+  MCU_INLINE const thread TL& operator[](uint16_t i) const { return v[i]; }
+  MCU_INLINE bool is_valid_element(uint16_t i) const { return i < capacity && layout::valid(0, i); }
+  MCU_INLINE array<int, 2> get_multidimensional_index(uint16_t i) const {
+    return array<int, 2>{{layout::col(0, i), layout::row(0, i)}};
+  }
+  template <typename Tn>
+  MCU_INLINE void load(const thread Tn& src) {
+    for (int i = 0; i < capacity; ++i)
+      v[i] = is_valid_element(i) ? TL(src.msl_read(layout::col(0, i), layout::row(0, i))) : TL(0);
+  }
+};
+
+// ---- row-reduction cooperative tensors: one value per row of an M x N destination (execution_simdgroup) ----------
+// Lane (g = lane / 4, t = lane % 4) holds rows 16 tm + g and 16 tm + g + 8 of every row tile tm (slot 2 tm + h), the
+// rows of its destination slots whatever N: every destination of M rows of a one-simdgroup operation maps onto it
+// (is_iterator_compatible), the 4 lanes of a quad hold the same rows.
+template <typename T, int M, int N>
+struct mcu_row_reduction {
+  static constexpr int tiles_m = (M + 15) / 16;
+  static constexpr int capacity = 2 * tiles_m;
+  T v[capacity];
+
+  MCU_INLINE static constexpr uint16_t get_capacity() { return capacity; }
+  MCU_INLINE thread T& operator[](uint16_t i) { return v[i]; }
+  MCU_INLINE const thread T& operator[](uint16_t i) const { return v[i]; }
+  MCU_INLINE static int mcu_row(int i) { return 16 * (i >> 1) + (int)(mcu_lane_id() >> 2) + 8 * (i & 1); }
+  MCU_INLINE bool is_valid_element(uint16_t i) const { return i < capacity && mcu_row(i) < M; }
+  MCU_INLINE array<int, 1> get_multidimensional_index(uint16_t i) const { return array<int, 1>{{mcu_row(i)}}; }
+
+  struct iterator {
+    thread mcu_row_reduction* t;
+    uint16_t i;
+    MCU_INLINE thread T& operator*() const { return t->v[i]; }
+    MCU_INLINE iterator& operator++() {
+      do ++i;
+      while (i < capacity && !t->is_valid_element(i));
+      return *this;
+    }
+    MCU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
+    MCU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
+    MCU_INLINE array<int, 1> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
+    MCU_INLINE uint16_t get_index() const { return i; }
+  };
+  MCU_INLINE iterator begin() {
+    uint16_t i = 0;
+    while (i < capacity && !is_valid_element(i)) ++i;
+    return iterator{this, i};
+  }
+  MCU_INLINE iterator end() { return iterator{this, (uint16_t)capacity}; }
+  MCU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
+  // The slot holding the row of a destination element (a one-simdgroup destination of M rows, slot src.i): its tile
+  // row and half, known at compile time where the slot loop is unrolled.
+  template <typename SrcIterator>
+  MCU_INLINE iterator map_iterator(const SrcIterator& src) {
+    using Src = std::remove_reference_t<decltype(*src.t)>;
+    static_assert(!Src::nax, "map_iterator: the opt-in layout has no row reductions here");
+    const int tile = src.i / 4;
+    return iterator{this, (uint16_t)(2 * (tile / Src::layout::tiles_n) + ((src.i >> 1) & 1))};
   }
 };
 
@@ -199,14 +274,58 @@ struct matmul2d {
     return c;
   }
 
+  // ---- row reductions and left input cooperative tensors (execution_simdgroup, as Apple's header requires) --------
+  template <typename A, typename B, typename T>
+  MCU_INLINE metal::mcu_row_reduction<T, D.m, D.n> get_row_reduction_destination_cooperative_tensor() const {
+    static_assert(kSimdgroups == 1, "row reductions: an execution_simdgroup operation (reduce_rows: one SIMD group)");
+    return {};
+  }
+
+  template <typename TL, typename TR, typename TD>
+  using left_input = metal::mcu_left_input<TL, TR, TD, D.m, D.k>;
+
+  template <typename TL, typename TR, typename TD>
+  MCU_INLINE left_input<TL, TR, TD> mcu_left_input() const {
+    static_assert(kSimdgroups == 1, "Input cooperative tensors require a single SIMD group");
+    static_assert(D.k != (int)metal::dynamic_extent,
+                  "Inner dimension cannot be dynamic with input cooperative tensors");
+    static_assert(!D.transpose_left, "Input cooperative tensor cannot be transposed");
+    return {};
+  }
+
+  // A destination of another one-simdgroup operation, M x K, converts slot by slot (the same tile layout): always.
+  template <typename TL, typename TR, typename TD, typename TS, int SM, int SN, int SS>
+  MCU_INLINE bool is_compatible_as_left_input(const thread metal::cooperative_tensor<TS, SM, SN, SS>&) const {
+    static_assert(kSimdgroups == 1 && SS == 1, "Input cooperative tensors require a single SIMD group");
+    static_assert(std::is_same_v<TS, TL>,
+                  "Source cooperative tensor element type must match matmul2d left input element type");
+    static_assert(SM == D.m && SN == D.k && !D.transpose_left,
+                  "the source must be M x K of this operation (not transposed)");
+    return true;
+  }
+
+  template <typename TL, typename TR, typename TD, typename TS, int SM, int SN, int SS>
+  MCU_INLINE left_input<TL, TR, TD> get_left_input_cooperative_tensor(
+      const thread metal::cooperative_tensor<TS, SM, SN, SS>& src) const {
+    static_assert(!metal::cooperative_tensor<TS, SM, SN, SS>::nax, "the opt-in layout converts no left input here");
+    (void)is_compatible_as_left_input<TL, TR, TD>(src);
+    left_input<TL, TR, TD> a = mcu_left_input<TL, TR, TD>();
+#pragma unroll
+    for (int i = 0; i < a.capacity; ++i) a.v[i] = a.is_valid_element(i) ? TL(src.v[i]) : TL(0);
+    return a;
+  }
+
 #ifdef MSL_NAX_FRAGMENT_LAYOUT
   // The opt-in layout's inputs (header comment): M x K and K x N in 16 x 16 blocks.
   static constexpr bool kNax = metal::mcu_nax_shape<D.m, D.n, kSimdgroups> && D.k == 16;
   template <typename A, typename B, typename T>
-  MCU_INLINE metal::msl_nax_operand<A, 1> get_left_input_cooperative_tensor() const {
-    static_assert(kNax && !D.transpose_left,
-                  "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
-    return {};
+  MCU_INLINE auto get_left_input_cooperative_tensor() const {
+    if constexpr (kNax) {
+      static_assert(!D.transpose_left, "input cooperative tensors: matmul2d<(16, 16 n, 16)>, execution_simdgroup");
+      return metal::msl_nax_operand<A, 1>{};
+    } else {
+      return mcu_left_input<A, B, T>();
+    }
   }
   template <typename A, typename B, typename T>
   MCU_INLINE metal::msl_nax_operand<B, D.n / 16> get_right_input_cooperative_tensor() const {
@@ -307,6 +426,11 @@ struct matmul2d {
 #pragma unroll
         for (int r = 0; r < 4; ++r) c.v[8 * f + 4 * (r >> 1) + 2 * s + (r & 1)] = T(NX::shfl(acc[s][r], from));
     }
+  }
+#else
+  template <typename TL, typename TR, typename TD>
+  MCU_INLINE left_input<TL, TR, TD> get_left_input_cooperative_tensor() const {
+    return mcu_left_input<TL, TR, TD>();
   }
 #endif
 
@@ -410,6 +534,86 @@ struct matmul2d {
     for (int i = 0; i < cap; ++i) c.v[i] = T(d[i]);
   }
 
+  // C = A B (+ C), A a left input of this operation (in registers): per destination tile and k step of 16 its A
+  // fragment is 4 slots of two left tiles (mcu_left_input); B read from its tensor as run_tiles does. On tensor cores
+  // (16-bit pairs, or a float left input split in three bfloats) or, in the FMA lowerings, with A's elements shuffled
+  // from the lanes that hold them (k in order).
+  template <typename TL, typename TR, typename TD, int LM, int LK, typename B, typename T, int S>
+  MCU_INLINE void run(const thread metal::mcu_left_input<TL, TR, TD, LM, LK>& a, const thread B& b,
+                      thread metal::cooperative_tensor<T, D.m, D.n, S>& c) const {
+    static_assert(kSimdgroups == 1 && S == 1, "Input cooperative tensors require a single SIMD group");
+    static_assert(LM == D.m && LK == D.k, "matmul2d::run: the left input belongs to another operation");
+    static_assert(std::is_same_v<TR, std::remove_cv_t<metal::remove_addrspace_t<typename B::value_type>>> &&
+                      std::is_same_v<TD, T>,
+                  "Input types must match cooperative tensor types");
+    using L = metal::mcu_tiles<D.m, D.n, 1>;
+    using LA = metal::mcu_tiles<LM, LK, 1>;
+    constexpr bool same16 = std::is_same_v<TL, TR> && (std::is_same_v<TL, half> || std::is_same_v<TL, bfloat>);
+    constexpr bool on_tensor_cores = MCU_SIMDGROUP_MMA != 0 && (same16 || MCU_SIMDGROUP_MMA == 1);
+    constexpr int cap = destination<T>::capacity;
+    float d[cap];
+#pragma unroll
+    for (int i = 0; i < cap; ++i) d[i] = kAccumulate ? (float)c.v[i] : 0.0f;
+    const int g = (int)(mcu_lane_id() >> 2), t = (int)(mcu_lane_id() & 3u);
+    if constexpr (on_tensor_cores) {
+      metal::mcu_require_full_warp();
+#pragma unroll
+      for (int j = 0; j < L::tiles; ++j) {
+        const int tm = j / L::tiles_n, c0 = j % L::tiles_n * 8 + g;
+        float(&acc)[4] = *reinterpret_cast<float(*)[4]>(&d[4 * j]);
+#pragma unroll
+        for (int kk = 0; kk < (LK + 15) / 16; ++kk) {
+          const int k = 16 * kk + 2 * t;
+          const int s0 = 4 * (tm * LA::tiles_n + 2 * kk), s1 = s0 + 4;  // the k step's two left tiles
+          const bool hi = 2 * kk + 1 < LA::tiles_n;                     // K a multiple of 8, not of 16: zeros
+          const TL x[8] = {a.v[s0],
+                           a.v[s0 + 1],
+                           a.v[s0 + 2],
+                           a.v[s0 + 3],
+                           hi ? a.v[s1] : TL(0),
+                           hi ? a.v[s1 + 1] : TL(0),
+                           hi ? a.v[s1 + 2] : TL(0),
+                           hi ? a.v[s1 + 3] : TL(0)};
+          if constexpr (same16) {
+            const uint ar[4] = {pack16(x[0], x[1]), pack16(x[2], x[3]), pack16(x[4], x[5]), pack16(x[6], x[7])};
+            const uint br[2] = {pack16(right(b, k, c0), right(b, k + 1, c0)),
+                                pack16(right(b, k + 8, c0), right(b, k + 9, c0))};
+            mcu_mma_k16<TL>(acc, ar, br);
+          } else {
+            const mcu_sgm::split3 sa[4] = {
+                mcu_sgm::split_pair(operand(x[0]), operand(x[1])), mcu_sgm::split_pair(operand(x[2]), operand(x[3])),
+                mcu_sgm::split_pair(operand(x[4]), operand(x[5])), mcu_sgm::split_pair(operand(x[6]), operand(x[7]))};
+            const mcu_sgm::split3 sb[2] = {
+                mcu_sgm::split_pair(operand(right(b, k, c0)), operand(right(b, k + 1, c0))),
+                mcu_sgm::split_pair(operand(right(b, k + 8, c0)), operand(right(b, k + 9, c0)))};
+            mcu_mma_split3<D.relaxed_precision>(acc, sa, sb);
+          }
+        }
+      }
+    } else {
+      // A(row, k) of this lane's rows 16 tm + g + 8 h: slot 4 (tm * tiles_k + k / 8) + 2 h + k % 2 of lane
+      // 4 g + (k % 8) / 2.
+#pragma unroll
+      for (int k = 0; k < LK; ++k)
+#pragma unroll
+        for (int tm = 0; tm < L::tiles_m; ++tm)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int slot = 4 * (tm * LA::tiles_n + k / 8) + 2 * h + (k & 1);
+            const float x = __nvvm_shfl_sync_idx_f32(0xffffffffu, (float)a.v[slot], 4 * g + ((k & 7) >> 1), 0x1f);
+#pragma unroll
+            for (int tn = 0; tn < L::tiles_n; ++tn)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int i = 4 * (tm * L::tiles_n + tn) + 2 * h + e;
+                if (c.is_valid_element(i)) d[i] = __builtin_fmaf(operand(x), operand(right(b, k, c.mcu_col(i))), d[i]);
+              }
+          }
+    }
+#pragma unroll
+    for (int i = 0; i < cap; ++i) c.v[i] = T(d[i]);
+  }
+
   // C a tensor in device or threadgroup memory: each thread computes and writes the elements it would own.
   template <typename A, typename B, typename E, typename X>
   MCU_INLINE void run(const thread A& a, const thread B& b, metal::tensor<E, X, metal::tensor_inline> c) const {
@@ -421,6 +625,44 @@ struct matmul2d {
     slots.store(c);
   }
 };
+
+// Row reductions of a one-simdgroup destination (mcu_row_reduction's layout): each lane reduces its own elements of
+// its rows, the quad's 4 lanes combine them (two shuffles), and the identity joins once. fp32, rounded to T.
+template <typename T, int M, int N, int S, int RM, int RN>
+MCU_INLINE void reduce_rows(thread metal::cooperative_tensor<T, M, N, S>& source,
+                            thread metal::mcu_row_reduction<T, RM, RN>& destination,
+                            reduction_operation op = reduction_operation::sum,
+                            T identity = reduction_operation_identity<T>::sum_identity) {
+  using Src = metal::cooperative_tensor<T, M, N, S>;
+  using L = typename Src::layout;
+  static_assert(S == 1 && !Src::nax, "reduce_rows requires a single SIMD group");
+  static_assert(RM == M && RN == N, "Source and destination matmul2d descriptor must match");
+  const float neutral = op == reduction_operation::sum   ? 0.0f
+                        : op == reduction_operation::max ? -__FLT_MAX__
+                                                         : __FLT_MAX__;
+#pragma unroll
+  for (int slot = 0; slot < destination.capacity; ++slot) {
+    const int tm = slot >> 1, h = slot & 1;
+    float acc = neutral;
+#pragma unroll
+    for (int tn = 0; tn < L::tiles_n; ++tn)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int i = 4 * (tm * L::tiles_n + tn) + 2 * h + e;
+        if (source.is_valid_element(i)) acc = msl_reduce(op, acc, (float)source.v[i]);
+      }
+    acc = msl_reduce(op, acc, __nvvm_shfl_sync_bfly_f32(0xffffffffu, acc, 1, 0x1f));
+    acc = msl_reduce(op, acc, __nvvm_shfl_sync_bfly_f32(0xffffffffu, acc, 2, 0x1f));
+    destination.v[slot] = T(msl_reduce(op, (float)identity, acc));
+  }
+}
+
+// A one-simdgroup destination of M rows always maps onto a row reduction of M rows (the same rows per lane).
+template <typename TS, typename TD, int M, int N, int S, int RM, int RN>
+MCU_INLINE constexpr bool is_iterator_compatible(const thread metal::cooperative_tensor<TS, M, N, S>&,
+                                                 const thread metal::mcu_row_reduction<TD, RM, RN>&) {
+  return std::is_same_v<TS, TD> && RM == M && S == 1 && !metal::cooperative_tensor<TS, M, N, S>::nax;
+}
 
 }  // namespace tensor_ops
 }  // namespace mpp

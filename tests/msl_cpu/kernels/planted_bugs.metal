@@ -227,6 +227,69 @@ kernel void tensor_simdgroup_skips_run(device const half* a [[buffer(0)]], devic
   acc.store(tensor(c, dextents<int, 2>(16, 32)));
 }
 
+// S (16 x 16) = A B minus each row's max, the max taken from slot 0 of the row reduction as if that slot held the
+// thread's own row (it holds whichever row the implementation put there): wrong for most elements.
+kernel void tensor_row_owner_assumed(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                     device float* c [[buffer(2)]]) {
+  constexpr auto desc = matmul2d_descriptor(16, 16, 16);
+  matmul2d<desc, execution_simdgroup> op;
+  auto ta = tensor(a, dextents<int, 2>(16, 16));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto s = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  op.run(ta, tb, s);
+  auto mx = op.get_row_reduction_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  mpp::tensor_ops::reduce_rows(s, mx, mpp::tensor_ops::reduction_operation::max, -1.0e30f);
+  for (uint16_t i = 0; i < s.get_capacity(); ++i) {
+    if (s.is_valid_element(i)) {
+      const auto idx = s.get_multidimensional_index(i);
+      c[idx[1] * 16 + idx[0]] = s[i] - mx[0];  // BUG: tensor_row_owner_assumed
+    }
+  }
+}
+
+// The same through map_iterator, but from a destination of another operation (16 x 32) without asking
+// is_iterator_compatible: where the row reduction's layout does not cover that destination's rows, an error.
+kernel void tensor_unchecked_map(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                 device float* c [[buffer(2)]]) {
+  constexpr auto desc = matmul2d_descriptor(16, 16, 16);
+  constexpr auto wide_desc = matmul2d_descriptor(16, 32, 16);
+  matmul2d<desc, execution_simdgroup> op;
+  matmul2d<wide_desc, execution_simdgroup> wide;
+  auto ta = tensor(a, dextents<int, 2>(16, 16));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto tw = tensor(b, dextents<int, 2>(32, 16));
+  auto s = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  op.run(ta, tb, s);
+  auto mx = op.get_row_reduction_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  mpp::tensor_ops::reduce_rows(s, mx, mpp::tensor_ops::reduction_operation::max, -1.0e30f);
+  auto o = wide.get_destination_cooperative_tensor<decltype(ta), decltype(tw), float>();
+  wide.run(ta, tw, o);
+  for (uint16_t i = 0; i < o.get_capacity(); ++i) {
+    if (o.is_valid_element(i)) {
+      const auto idx = o.get_multidimensional_index(i);
+      c[idx[1] * 32 + idx[0]] = o[i] - *mx.map_iterator(o.get_iterator(i));  // BUG: tensor_unchecked_map
+    }
+  }
+}
+
+// A destination converted into the left input of the next operation without asking is_compatible_as_left_input:
+// where the implementation cannot convert it, an error.
+kernel void tensor_unchecked_left_input(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                                        device float* c [[buffer(2)]]) {
+  constexpr auto desc = matmul2d_descriptor(16, 16, 16);
+  constexpr auto next_desc = matmul2d_descriptor(16, 16, 16, false, false, true);
+  matmul2d<desc, execution_simdgroup> op;
+  matmul2d<next_desc, execution_simdgroup> next;
+  auto ta = tensor(a, dextents<int, 2>(16, 16));
+  auto tb = tensor(b, dextents<int, 2>(16, 16));
+  auto s = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  op.run(ta, tb, s);
+  auto p = next.get_left_input_cooperative_tensor<float, half, float>(s);  // BUG: tensor_unchecked_left_input
+  auto o = next.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  next.run(p, tb, o);
+  o.store(tensor(c, dextents<int, 2>(16, 16)));
+}
+
 // A fast-math sum over a row of 16 halves, one row past the end: the vectorizers make it one 32-byte load, too wide
 // for the hooks (a known gap, test_row_sum_overrun is xfail).
 kernel void overrun_row_sum(device const half* a [[buffer(0)]], device float* out [[buffer(1)]],

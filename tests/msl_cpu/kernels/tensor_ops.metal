@@ -128,3 +128,114 @@ kernel void matmul_relaxed(device const float* a [[buffer(0)]], device const flo
   auto tb = tensor(b, dextents<int, 2>(32, 64));
   op.run(ta, tb, tensor(c, dextents<int, 2>(32, 32)));
 }
+
+// ---- row reductions and input cooperative tensors (one simdgroup per operation) ----------------------------------
+// S (16 x 32) = A (16 x 16) B (16 x 32), A and B half, S float. Row reductions of S (max, min, sum from identities)
+// written per row by every slot that holds one (the same value: the test reads each row's), the layout of the row
+// reduction (row of each slot, -1 invalid: rows[lane * 16 + slot]) and the API's answers (flags[lane]: bit 0
+// is_iterator_compatible(S, max), bit 1 with a destination of another operation of 16 rows).
+kernel void row_reductions(device const half* a [[buffer(0)]], device const half* b [[buffer(1)]],
+                           device float* out [[buffer(2)]], device int* rows [[buffer(3)]],
+                           device int* flags [[buffer(4)]], uint lane [[thread_index_in_simdgroup]]) {
+  constexpr auto desc = matmul2d_descriptor(16, 32, 16);
+  matmul2d<desc, execution_simdgroup> op;
+  auto ta = tensor(a, dextents<int, 2>(16, 16));
+  auto tb = tensor(b, dextents<int, 2>(32, 16));
+  auto s = op.get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  op.run(ta, tb, s);
+  auto mx = op.get_row_reduction_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  auto mn = op.get_row_reduction_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  auto sum = op.get_row_reduction_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  reduce_rows(s, mx, reduction_operation::max, reduction_operation_identity<float>::max_identity);
+  reduce_rows(s, mn, reduction_operation::min, reduction_operation_identity<float>::min_identity);
+  reduce_rows(s, sum, reduction_operation::sum, 100.0f);  // from 100, not 0: the identity is where a reduction starts
+  for (uint16_t i = 0; i < mx.get_capacity(); ++i) {
+    const int r = mx.is_valid_element(i) ? mx.get_multidimensional_index(i)[0] : -1;
+    rows[lane * mx.get_capacity() + i] = r;
+    if (r >= 0) {
+      out[r] = mx[i];
+      out[16 + r] = mn[i];
+      out[32 + r] = sum[i];
+    }
+  }
+  constexpr auto other_desc = matmul2d_descriptor(16, 48, 16);
+  matmul2d<other_desc, execution_simdgroup> other;
+  auto tb48 = tensor(b, dextents<int, 2>(48, 16));
+  auto o = other.get_destination_cooperative_tensor<decltype(ta), decltype(tb48), float>();
+  flags[lane] = (is_iterator_compatible(s, mx) ? 1 : 0) | (is_iterator_compatible(o, mx) ? 2 : 0);
+}
+
+// Softmax of S = A B^T (16 x 32, A 16 x 64, B 32 x 64), then O = P V (16 x 24, V 32 x 24), all without threadgroup
+// memory where the API allows: each row's max reaches its elements through map_iterator when is_iterator_compatible
+// says so (else through threadgroup memory, indexed by the reductions' rows), P becomes the left input of the second
+// operation when is_compatible_as_left_input says so (else it goes through threadgroup memory). out: O / row sum;
+// path[lane]: bit 0 the mapped path, bit 1 the converted left input.
+template <typename T>
+kernel void softmax_pv(device const T* a [[buffer(0)]], device const T* b [[buffer(1)]],
+                       device const T* v [[buffer(2)]], device float* out [[buffer(3)]], device int* path [[buffer(4)]],
+                       uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float stage[16];  // a row's value, for the unmapped path (every holder writes it, atomically)
+  threadgroup float p_tile[16 * 32];
+  constexpr auto qk = matmul2d_descriptor(16, 32, 64, false, true);
+  constexpr auto pv = matmul2d_descriptor(16, 24, 32, false, false, true);  // relaxed: P is float, V is T
+  matmul2d<qk, execution_simdgroup> qk_op;
+  matmul2d<pv, execution_simdgroup> pv_op;
+  auto ta = tensor(a, dextents<int, 2>(64, 16));
+  auto tb = tensor(b, dextents<int, 2>(64, 32));
+  auto tv = tensor(v, dextents<int, 2>(24, 32));
+  auto s = qk_op.template get_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  qk_op.run(ta, tb, s);
+  auto mx = qk_op.template get_row_reduction_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  auto sum = qk_op.template get_row_reduction_destination_cooperative_tensor<decltype(ta), decltype(tb), float>();
+  reduce_rows(s, mx, reduction_operation::max, reduction_operation_identity<float>::max_identity);
+  const bool mapped = simd_all(is_iterator_compatible(s, mx));
+  if (!mapped) {
+    for (uint16_t i = 0; i < mx.get_capacity(); ++i) {
+      if (mx.is_valid_element(i)) {
+        atomic_store_explicit(reinterpret_cast<threadgroup atomic_float*>(&stage[mx.get_multidimensional_index(i)[0]]),
+                              mx[i], memory_order_relaxed);
+      }
+    }
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+  }
+  for (uint16_t i = 0; i < s.get_capacity(); ++i) {
+    if (!s.is_valid_element(i)) continue;
+    const float m = mapped
+                        ? *mx.map_iterator(s.get_iterator(i))
+                        : atomic_load_explicit(
+                              reinterpret_cast<threadgroup atomic_float*>(&stage[s.get_multidimensional_index(i)[1]]),
+                              memory_order_relaxed);
+    s[i] = exp(s[i] - m);
+  }
+  reduce_rows(s, sum, reduction_operation::sum, 0.0f);
+  auto o = pv_op.template get_destination_cooperative_tensor<decltype(ta), decltype(tv), float>();
+  for (uint16_t i = 0; i < o.get_capacity(); ++i) o[i] = 0.0f;
+  const bool converted = pv_op.template is_compatible_as_left_input<float, T, float>(s);
+  if (converted) {
+    auto p = pv_op.template get_left_input_cooperative_tensor<float, T, float>(s);
+    pv_op.run(p, tv, o);
+  } else {
+    auto tp = tensor(p_tile, extents<int, 32, 16>());
+    s.store(tp);
+    simdgroup_barrier(mem_flags::mem_threadgroup);
+    pv_op.run(tp, tv, o);
+  }
+  // O / the row sums, row by row through threadgroup memory (whatever the layouts).
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint16_t i = 0; i < sum.get_capacity(); ++i) {
+    if (sum.is_valid_element(i)) {
+      atomic_store_explicit(reinterpret_cast<threadgroup atomic_float*>(&stage[sum.get_multidimensional_index(i)[0]]),
+                            sum[i], memory_order_relaxed);
+    }
+  }
+  simdgroup_barrier(mem_flags::mem_threadgroup);
+  for (uint16_t i = 0; i < o.get_capacity(); ++i) {
+    if (!o.is_valid_element(i)) continue;
+    const auto idx = o.get_multidimensional_index(i);
+    out[idx[1] * 24 + idx[0]] =
+        o[i] / atomic_load_explicit(reinterpret_cast<threadgroup atomic_float*>(&stage[idx[1]]), memory_order_relaxed);
+  }
+  path[lane] = (mapped ? 1 : 0) | (converted ? 2 : 0);
+}
+template [[host_name("softmax_pv_half")]] [[kernel]] decltype(softmax_pv<half>) softmax_pv<half>;
+template [[host_name("softmax_pv_bfloat")]] [[kernel]] decltype(softmax_pv<bfloat>) softmax_pv<bfloat>;
