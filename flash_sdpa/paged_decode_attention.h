@@ -89,7 +89,7 @@ struct DecodeLayout {
   // tile, shared by MC simdgroups (decode_column_simdgroups: 2 at D = 128), each with MD = 64 columns of Q and O (a
   // key unit). A simdgroup reads its columns of the step's K rows as 16-byte chunks, ML lanes per row (one chunk
   // each), MG rows side by side, MU per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory
-  // (floats, in stage_tg): per simdgroup an 8-key tile of T [8][MD] (K, then V), MS 8x8 float strips (its scores;
+  // (floats, in stage_tg): per simdgroup an 8-key tile of T [8][MD] (K, then V), kStrips 8x8 float strips (its scores;
   // double-buffered by step parity when MC > 1, so that a partner still reading one step's strip is not
   // overwritten by the next; O's blocks when rows are scaled), an 8x8 T tile (probabilities) and 8 key flags; then Q
   // (T [8][D], loaded once into MD / 8 fragments per simdgroup).
@@ -102,10 +102,10 @@ struct DecodeLayout {
   static constexpr int MG = 32 / ML;
   static constexpr int MU = kMatrix ? MK / MG : 1;
   static constexpr int MEPC = 16 / int(sizeof(T));  // elements per 16-byte chunk
-  static constexpr int MS = MC > 1 ? 2 : 1;         // strips per simdgroup
+  static constexpr int kStrips = MC > 1 ? 2 : 1;    // strips per simdgroup
   static constexpr int kTileFloats = MK * MD * int(sizeof(T)) / 4;
   static constexpr int kStripAt = NSG * kTileFloats;
-  static constexpr int kProbAt = kStripAt + NSG * MS * 64;
+  static constexpr int kProbAt = kStripAt + NSG * kStrips * 64;
   static constexpr int kKeyOkAt = kProbAt + NSG * 64 * int(sizeof(T)) / 4;
   static constexpr int kQAt = kKeyOkAt + NSG * MK;
   static constexpr int kMatrixFloats = kMatrix ? kQAt + 8 * D * int(sizeof(T)) / 4 : 0;
@@ -620,14 +620,14 @@ template <typename T, int D, int R>
       constexpr int MG = Layout::MG;
       constexpr int MU = Layout::MU;
       constexpr int MEPC = Layout::MEPC;
-      constexpr int MSP = Layout::MS;
+      constexpr int NST = Layout::kStrips;
       constexpr int NCM = D * int(sizeof(T)) / 16;
       constexpr int DB = MD / 8;
       constexpr int kTgStep = NU * MK;
       const int unit = int(sg) / MC;
       const int col0 = (int(sg) % MC) * MD;  // this simdgroup's columns col0 .. col0 + MD - 1
       threadgroup T* tile = reinterpret_cast<threadgroup T*>(stage_tg + int(sg) * Layout::kTileFloats);
-      threadgroup float* strips = stage_tg + Layout::kStripAt;  // [NSG][MSP][64]
+      threadgroup float* strips = stage_tg + Layout::kStripAt;  // [NSG][NST][64]
       threadgroup T* p_tile = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kProbAt) + int(sg) * 64;
       threadgroup uint* key_ok = reinterpret_cast<threadgroup uint*>(stage_tg + Layout::kKeyOkAt) + int(sg) * MK;
 
@@ -714,7 +714,7 @@ template <typename T, int D, int R>
           simdgroup_load(kt, tile + db * 8, MD, ulong2(0, 0), true);
           simdgroup_multiply_accumulate(sf, qf[db], kt, sf);
         }
-        threadgroup float* strip = strips + (int(sg) * MSP + parity) * 64;
+        threadgroup float* strip = strips + (int(sg) * NST + parity) * 64;
         simdgroup_store(sf, strip, 8);
         if (MC > 1) {
           threadgroup_barrier(mem_flags::mem_threadgroup);  // the unit's halves of S are stored
@@ -731,7 +731,7 @@ template <typename T, int D, int R>
         for (int e = 0; e < 2; ++e) {
           float s = 0.0f;
           for (int c = 0; c < MC; ++c) {
-            s += strips[((unit * MC + c) * MSP + parity) * 64 + mr * 8 + mc + e];
+            s += strips[((unit * MC + c) * NST + parity) * 64 + mr * 8 + mc + e];
           }
           sc[e] = s * p.opt.scale;
           kl[e] = int2(key_ok[mc + e] != 0u ? 0 : -1, 0);
@@ -752,7 +752,7 @@ template <typename T, int D, int R>
         ml = ml * alpha + sum;
         mm = m_new;
         // The strip the unit does not read this step (the partner read it before this step's barrier).
-        threadgroup float* scratch = strips + (int(sg) * MSP + (MSP - 1 - parity)) * 64;
+        threadgroup float* scratch = strips + (int(sg) * NST + (NST - 1 - parity)) * 64;
         if (simd_any(alpha != 1.0f)) {  // uniform: O = diag(alpha) O where a row moved its max (rare)
           for (int db = 0; db < DB; ++db) {
             scale_rows(of[db], scratch, alpha, mr, mc);
@@ -770,7 +770,7 @@ template <typename T, int D, int R>
         for (int u = 0; u < MU; ++u) {
           loc[u] = loc_next[u];
         }
-        parity = MSP - 1 - parity;
+        parity = NST - 1 - parity;
       }
 
       ml += simd_shuffle_xor(ml, ushort(1));
@@ -783,7 +783,7 @@ template <typename T, int D, int R>
       const bool row_bad = ((bad_rows >> mr) & 1u) != 0;
       // A strip for the fragments' read-out: not the last step's (the partner may still read that one until the
       // next barrier).
-      threadgroup float* strip = strips + (int(sg) * MSP + parity) * 64;
+      threadgroup float* strip = strips + (int(sg) * NST + parity) * 64;
       if (p.simdgroup_partials != 0) {  // uniform (split mode): this unit's partial, through the strips
         const long part = long(split) * NU + unit;
         // (partials, B, H, sq = 1): the rows of the tile are consecutive heads
