@@ -505,6 +505,36 @@ METAL_FUNC void tops_finish(thread O& o_acc, thread Rows& row_max, thread Rows& 
   }
 }
 
+// One key tile [k0, k0 + BK) of both 64-row kernels into threadgroup memory: the paged key offsets, then K and V side
+// by side (their loads in flight together: Metal 4 has no asynchronous copy to overlap them); each of the NSG
+// simdgroups flags in dropped_sg whether it staged a non-finite V element as 0, and where any did, the tile's rows get
+// their poison bits (read after the query tile's barriers). Ends past a threadgroup barrier: the tiles are staged.
+template <typename T, int BQ, int BK, int D, int NT, int NSG>
+METAL_FUNC void tops_stage_keys(threadgroup T* k_tile, threadgroup T* v_tile, threadgroup long* key_offsets,
+                                threadgroup uint* dropped_sg, threadgroup uint* poison, const device int* block_table,
+                                const VarlenHead<T> head, bool aligned_k, bool aligned_v, int b, int q0, int k0,
+                                int kv_end, const VarlenSequence seq, constant VarlenParams& p, uint tid, uint sg,
+                                uint lane) {
+  if (fc_varlen_paged) {
+    varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
+    metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+  }
+  varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
+  const bool dropped = metal::simd_any(varlen_stage_rows<T, BK, D, NT, true>(
+      v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
+  if (lane == 0) {
+    dropped_sg[sg] = dropped ? 1u : 0u;
+  }
+  metal::threadgroup_barrier(metal::mem_flags::mem_threadgroup);
+  uint any_dropped = 0;
+  for (int s = 0; s < NSG; ++s) {
+    any_dropped |= dropped_sg[s];
+  }
+  if (any_dropped != 0) {  // uniform
+    varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, key_offsets + BK, q0, k0, kv_end, seq, p, tid);
+  }
+}
+
 }  // namespace flash_sdpa
 
 // Per simdgroup: 16 query rows, the whole head dim (D <= 128, and float: every tops head dim but 256).
@@ -614,22 +644,9 @@ template <typename T, int D>
     }
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      if (fc_varlen_paged) {
-        varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-      }
-      // K and V side by side: their loads in flight together (Metal 4 has no asynchronous copy to overlap them).
-      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
-      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(
-          v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
-      if (lane == 0) {
-        dropped_sg[sg] = dropped ? 1u : 0u;
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      if (varlen_any_dropped(dropped_sg)) {  // uniform (any flag set); poison is read after the query tile's barriers
-        varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, key_offsets + BK, q0, k0, kv_end, seq, p,
-                                             tid);
-      }
+      flash_sdpa::tops_stage_keys<T, BQ, BK, D, NT, flash_sdpa::kVarlenSimdgroups>(
+          k_tile, v_tile, key_offsets, dropped_sg, poison, block_table, head, aligned_k, aligned_v, b, q0, k0, kv_end,
+          seq, p, tid, sg, lane);
 
       // This simdgroup's rows see a key of the tile (uniform over the simdgroup: no threadgroup barrier inside).
       if (flash_sdpa::tops_sees(rows, k0, BK)) {
@@ -781,25 +798,9 @@ template <typename T, int D>
     }
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      if (fc_varlen_paged) {
-        varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, k0, kv_end, p, tid);
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-      }
-      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, k0, kv_end, aligned_k, tid);
-      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(
-          v_tile, head.v, p.v_row_stride, key_offsets + BK, k0, kv_end, aligned_v, tid));
-      if (lane == 0) {
-        sg_flags[sg] = dropped ? 1u : 0u;
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      uint any_dropped = 0;
-      for (int s = 0; s < NSG; ++s) {
-        any_dropped |= sg_flags[s];
-      }
-      if (any_dropped != 0) {  // uniform; poison is read after the query tile's barriers
-        varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, key_offsets + BK, q0, k0, kv_end, seq, p,
-                                             tid);
-      }
+      flash_sdpa::tops_stage_keys<T, BQ, BK, D, NT, NSG>(k_tile, v_tile, key_offsets, sg_flags, poison, block_table,
+                                                         head, aligned_k, aligned_v, b, q0, k0, kv_end, seq, p, tid, sg,
+                                                         lane);
 
       // The partial S of this simdgroup's columns, to its partner (both members of a pair decide alike: same rows).
       const bool sees = flash_sdpa::tops_sees(rows, k0, BK);
