@@ -198,7 +198,8 @@ def test_varlen_on_tensor_ops(kernel, choose, dtype, D, causal):
 
 def test_dense_and_decode_routes(kernel, choose):
     """flash_attn_func's prefill takes tensor ops, its decode-shaped call keeps the decode kernel; a head dim the
-    library lacks (80) keeps the simdgroup_matrix kernel; the backward is the simdgroup one either way."""
+    library lacks (80) keeps the simdgroup_matrix kernel; the backward's dK/dV and dQ passes take tensor ops too (their
+    values: tests/test_tensor_ops_backward.py)."""
     assert choose(EMULATED_GPU_FAMILY=10)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 20, 4, 64, generator=g).half().requires_grad_()
@@ -212,7 +213,10 @@ def test_dense_and_decode_routes(kernel, choose):
                                       dtype=torch.float16)
     ref.check_close(out, out_ref, out_same)
     names = kernel_names(lambda: out.sum().backward())
-    assert names and not any("tops" in n for n in names), names
+    assert names == ["flash_attn_bwd_delta_float16", "flash_attn_bwd_dkdv_tops_float16_d64",
+                     "flash_attn_bwd_dq_tops_float16_d64"], names
+    for x, name in ((q, "dq"), (k, "dk"), (v, "dv")):
+        assert x.grad is not None and torch.isfinite(x.grad).all(), name
     assert kernel_names(lambda: kernel.flash_attn_func(q[:, :1].detach(), k.detach(), v.detach()))[0].startswith(
         "paged_decode_")
     q80 = torch.randn(1, 20, 4, 80, generator=g).half()
