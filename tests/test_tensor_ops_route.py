@@ -17,6 +17,7 @@ import dispatch_stats
 import pytest
 import reference as ref
 import torch
+from test_backward import check_grad, reference_grads
 
 from msl import cpu as metal_cpu
 from scripts import build_manifest
@@ -215,8 +216,15 @@ def test_dense_and_decode_routes(kernel, choose):
     names = kernel_names(lambda: out.sum().backward())
     assert names == ["flash_attn_bwd_delta_float16", "flash_attn_bwd_dkdv_tops_float16_d64",
                      "flash_attn_bwd_dq_tops_float16_d64"], names
-    for x, name in ((q, "dq"), (k, "dk"), (v, "dv")):
-        assert x.grad is not None and torch.isfinite(x.grad).all(), name
+    dout = torch.ones_like(out)
+
+    def fn(dt):
+        return lambda q_, k_, v_: ref.attention_dense(q_, k_, v_, scale=0.125, causal=True, dtype=dt)[0]
+
+    _, grads_ref = reference_grads(fn(torch.float64), (q, k, v), dout, torch.float64)
+    _, grads_pt = reference_grads(fn(torch.float16), (q, k, v), dout, torch.float16)
+    for name, x, gr, gp in zip(("dq", "dk", "dv"), (q, k, v), grads_ref, grads_pt):
+        check_grad(x.grad, gr, gp, name)
     assert kernel_names(lambda: kernel.flash_attn_func(q[:, :1].detach(), k.detach(), v.detach()))[0].startswith(
         "paged_decode_")
     q80 = torch.randn(1, 20, 4, 80, generator=g).half()
