@@ -172,6 +172,27 @@ def test_self_test_catches_a_wrong_library(kernel, choose, planted_library):
     assert choose(EMULATED_GPU_FAMILY=10, EMULATED_TENSOR_OPS_LIBRARY=planted_library, TENSOR_OPS=1)
 
 
+@pytest.fixture(scope="module")
+def planted_backward_library(tmp_path_factory):
+    """The tensor-ops library with the backward's gradient write assuming that a thread's slots of a destination
+    cooperative tensor all lie in the row of its first slot (attention_backward_tensor_ops.h, bwd_tops_write): the
+    forward right, the backward's dK/dV and dQ finite and wrong under the emulator's layouts."""
+    text = build_manifest.tensor_ops_source(ROOT)
+    right = "const auto idx = acc.get_multidimensional_index(i);"
+    assert text.count(right) == 1
+    src = tmp_path_factory.mktemp("planted_bwd") / "tensor_ops_library.metal"
+    src.write_text(text.replace(right, "auto idx = acc.get_multidimensional_index(i); "
+                                       "idx[1] = acc.get_multidimensional_index(0)[1];"))
+    return metal_cpu.compile(src, include_dirs=[]).path
+
+
+def test_self_test_catches_a_wrong_backward(kernel, choose, planted_backward_library):
+    """A GPU whose tensor-ops forward is right and backward wrong: the self-test compares the backward too, so one
+    warning and the simdgroup_matrix kernels."""
+    with pytest.warns(UserWarning, match="failed its self-test.*d[qkv] differs from the simdgroup_matrix backward"):
+        assert not choose(EMULATED_GPU_FAMILY=10, EMULATED_TENSOR_OPS_LIBRARY=planted_backward_library)
+
+
 # ---- routed calls on tensor ops ----------------------------------------------------------------------------------
 
 
