@@ -31,9 +31,15 @@ def lib():
 
 
 @pytest.fixture(scope="module")
-def metallib():
-    """The metallib's backward (the delta pre-pass the tensor-ops plan keeps)."""
-    return metal_cpu.compile(ROOT / "flash_sdpa" / "attention_backward.metal", include_dirs=[str(ROOT / "flash_sdpa")])
+def metallib(tmp_path_factory):
+    """The delta pre-pass the tensor-ops plan keeps from the metallib: attention_backward.h's flash_attn_bwd_delta under
+    attention_backward.metal's names, alone (its simdgroup passes, tested by test_backward.py, would cost a compile)."""
+    src = tmp_path_factory.mktemp("delta") / "backward_delta.metal"
+    src.write_text('#include "attention_backward.h"\n' + "".join(
+        f'template [[host_name("flash_attn_bwd_delta_{name}")]] [[kernel]] '
+        f"decltype(flash_attn_bwd_delta<{t}>) flash_attn_bwd_delta<{t}>;\n"
+        for t, name in (("float", "float32"), ("half", "float16"), ("bfloat", "bfloat16"))))
+    return metal_cpu.compile(src, include_dirs=[str(ROOT / "flash_sdpa")])
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +82,15 @@ def bwd_case(libs, planner, sched, lens_q, lens_k, *, H=2, Hkv=1, D=64, dtype=to
              check=True):
     """flash_attn_varlen_func's backward (q/dout [total_q + extra_rows, H, D], k/v [total_k, Hkv, D]) on the tensor-ops
     plan; checked against the reference unless check is False. strided: q/k/v are head slices of one packed qkv tensor
-    and dout a head slice of a wider one. Returns (dq, dk, dv, dsinks)."""
+    and dout a head slice of a wider one ("unaligned": every input's rows start at odd elements). Returns (dq, dk, dv,
+    dsinks)."""
     g = torch.Generator().manual_seed(seed)
     tq, tk = sum(lens_q) + extra_rows, sum(lens_k)
     if inputs is not None:
         q, k, v, dout = inputs
+    elif strided == "unaligned":  # rows start off multiples of 4 elements: the one-element staging loops
+        q, k, v, dout = (torch.randn(rows, heads, D + 1, generator=g).to(dtype)[:, :, 1:]
+                         for rows, heads in ((tq, H), (tk, Hkv), (tk, Hkv), (tq, H)))
     elif strided:
         qkv = torch.randn(max(tq, tk), H + 2 * Hkv, D, generator=g).to(dtype)
         q, k, v = qkv[:tq, :H], qkv[:tk, H:H + Hkv], qkv[:tk, H + Hkv:]
@@ -152,6 +162,7 @@ FEATURES = {
     "sinks": dict(sinks=True),
     "gqa4": dict(H=8, Hkv=2, causal=True),
     "strided": dict(strided=True, H=3, Hkv=1, causal=True),
+    "unaligned": dict(strided="unaligned", H=2, Hkv=2, window=(9, 4)),
     "all": dict(H=4, Hkv=2, causal=True, window=(30, -1), softcap=8.0, alibi=True, sinks=True),
 }
 
