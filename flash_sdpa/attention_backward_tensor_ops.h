@@ -33,11 +33,18 @@
 
 #include "attention_backward.h"  // the simdgroup passes' sequence, staging, (P, dS) and d s_aux helpers
 
+// Loops over a cooperative tensor's slots unroll fully (Apple's MPP header: the slots then stay in registers), as in
+// attention_tensor_ops.h.
+#ifndef FLASH_SDPA_UNROLL
+#define FLASH_SDPA_UNROLL _Pragma("clang loop unroll(full)")
+#endif
+
 namespace flash_sdpa {
 
 // A float destination cooperative tensor set to 0 (slots start undefined).
 template <typename C>
 METAL_FUNC void bwd_tops_zero(thread C& c) {
+  FLASH_SDPA_UNROLL
   for (ushort i = 0; i < c.get_capacity(); ++i) {
     c[i] = 0.0f;
   }
@@ -47,6 +54,7 @@ METAL_FUNC void bwd_tops_zero(thread C& c) {
 // [r0, r0 + n) of one head, times scale, each element by the thread that holds it (rows past n are not written).
 template <typename T, typename C>
 METAL_FUNC void bwd_tops_write(device T* dst, long row_stride, thread C& acc, int r0, int n, float scale) {
+  FLASH_SDPA_UNROLL
   for (ushort i = 0; i < acc.get_capacity(); ++i) {
     if (acc.is_valid_element(i)) {
       const auto idx = acc.get_multidimensional_index(i);
