@@ -79,7 +79,7 @@ def grads(fn, tensors, dout, dtype):
 
 def bwd_case(libs, planner, sched, lens_q, lens_k, *, H=2, Hkv=1, D=64, dtype=torch.float16, causal=False,
              window=(-1, -1), softcap=0.0, alibi=False, sinks=False, extra_rows=0, strided=False, seed=0, inputs=None,
-             check=True):
+             check=True, max_seqlen=None):
     """flash_attn_varlen_func's backward (q/dout [total_q + extra_rows, H, D], k/v [total_k, Hkv, D]) on the tensor-ops
     plan; checked against the reference unless check is False. strided: q/k/v are head slices of one packed qkv tensor
     and dout a head slice of a wider one ("unaligned": every input's rows start at odd elements). Returns (dq, dk, dv,
@@ -115,8 +115,8 @@ def bwd_case(libs, planner, sched, lens_q, lens_k, *, H=2, Hkv=1, D=64, dtype=to
     delta = torch.zeros(H, tq)
     left, right = (window[0], 0) if causal else window
     plan = planner.plan_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, dsinks, cq, ck, slopes, s_aux,
-                                 max(lens_q + [1]), max(lens_k + [1]), scale, softcap, left, right, gpu_cores=0,
-                                 tensor_ops=True)
+                                 *(max_seqlen or (max(lens_q + [1]), max(lens_k + [1]))), scale, softcap, left, right,
+                                 gpu_cores=0, tensor_ops=True)
     kernels = [d["kernel"] for d in plan]
     assert kernels[0].startswith("flash_attn_bwd_delta_") and all("_tops_" in name for name in kernels[1:]), kernels
     run_plan(libs, plan, sched)
@@ -233,6 +233,17 @@ def test_split_dispatches(libs, planner, sched, monkeypatch):
     computed once, by the dispatch whose turn it is."""
     monkeypatch.setenv("METAL_FLASH_SDPA_COMMAND_BUFFER_FLOPS", "1e5")
     bwd_case(libs, planner, sched, [150], [150], causal=True, seed=11)
+
+
+def test_max_seqlen_only_sizes_the_grid(libs, planner):
+    """max_seqlen_q / max_seqlen_k below the longest sequence: the kernels loop over the query and key tiles past the
+    grid (row_tile_slot); the same bits as with the exact values."""
+    sched = SCHEDULES[1]
+    exact = bwd_case(libs, planner, sched, [70, 3], [90, 9], H=4, Hkv=2, causal=True, sinks=True, seed=5)
+    small = bwd_case(libs, planner, sched, [70, 3], [90, 9], H=4, Hkv=2, causal=True, sinks=True, seed=5,
+                     max_seqlen=(2, 1), check=False)
+    for a, b in zip(exact, small):
+        assert torch.equal(a, b)
 
 
 def test_non_finite(libs, planner):
