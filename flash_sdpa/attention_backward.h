@@ -473,6 +473,40 @@ template <typename T, int D>
   }
 }
 
+// d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1), by one
+// threadgroup per head (the dQ passes': the one of sequence 0 whose tiles start at row 0, the lightest causal ones,
+// started last), in a fixed order (strided per thread, then simd_sum, then simdgroups in order).
+inline void bwd_sink_gradient(const device uint* lse, const device float* delta, const device int* cu_seqlens_q,
+                              const device int* cu_seqlens_k, const device float* sinks, device float* dsinks,
+                              threadgroup float* sink_partial, int h, constant flash_sdpa::BackwardParams& p, uint tid,
+                              uint sg, uint lane) {
+  const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;  // as the forward
+  float acc = 0.0f;
+  for (int bb = 0; bb < p.batch; ++bb) {
+    const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);
+    const device uint* lse_b = lse + long(bb) * p.lse_batch_stride + long(h) * p.lse_head_stride + s.start_q;
+    const device float* delta_b = delta + long(bb) * p.delta_batch_stride + long(h) * p.delta_head_stride + s.start_q;
+    for (int r = int(tid); r < s.sq; r += flash_sdpa::kBwdThreads) {
+      float row_lse2;
+      if (bwd_row_lse2(lse_b[r], &row_lse2)) {
+        acc += exp2(min(sink2 - row_lse2, 0.0f)) * delta_b[r];
+      }
+    }
+  }
+  acc = simd_sum(acc);
+  if (lane == 0) {
+    sink_partial[sg] = acc;
+  }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (tid == 0) {
+    float total = 0.0f;
+    for (int s = 0; s < flash_sdpa::kBwdSimdgroups; ++s) {
+      total += sink_partial[s];
+    }
+    dsinks[h] = -total;
+  }
+}
+
 // ---- pass 3: dQ (and d s_aux) ---------------------------------------------------------------------------------------
 // Grid (H, B, query tiles); threadgroup z takes the query tiles grid.z - 1 - z, + grid.z, ...: the last query tiles,
 // which see the most causal keys, of every head and sequence start first (row_tile_slot). Simdgroup s holds Q, dO (T)
@@ -620,34 +654,7 @@ template <typename T, int D>
     bwd_write<T, BQ, D, CS, FB, WORDS>(dq_seq, p.dq_row_stride, stage_words, dq_acc, rb, cs, q0, nq, p.opt.scale, tid);
   }
 
-  // d s_aux[h] = -sum over the rows of every sequence of P_sink * delta, P_sink = exp(s_aux[h] - lse) (<= 1): one
-  // threadgroup per head (the one of sequence 0 whose tiles start at row 0: the lightest causal ones, started last), a
-  // fixed order (strided per thread, then simd_sum, then simdgroups in order).
-  if (fc_sinks && slot.first_tile == 0 && slot.b == 0) {                // the threadgroup of tile 0 (in dispatch 0)
-    const float sink2 = flash_sdpa::clamp_score(sinks[h]) * kBwdLog2e;  // as the forward
-    float acc = 0.0f;
-    for (int bb = 0; bb < p.batch; ++bb) {
-      const BwdSequence s = bwd_sequence(cu_seqlens_q, cu_seqlens_k, bb, p);
-      const device uint* lse_b = lse + long(bb) * p.lse_batch_stride + long(h) * p.lse_head_stride + s.start_q;
-      const device float* delta_b = delta + long(bb) * p.delta_batch_stride + long(h) * p.delta_head_stride + s.start_q;
-      for (int r = int(tid); r < s.sq; r += NT) {
-        float row_lse2;
-        if (bwd_row_lse2(lse_b[r], &row_lse2)) {
-          acc += exp2(min(sink2 - row_lse2, 0.0f)) * delta_b[r];
-        }
-      }
-    }
-    acc = simd_sum(acc);
-    if (lane == 0) {
-      sink_partial[sg] = acc;
-    }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
-    if (tid == 0) {
-      float total = 0.0f;
-      for (int s = 0; s < flash_sdpa::kBwdSimdgroups; ++s) {
-        total += sink_partial[s];
-      }
-      dsinks[h] = -total;
-    }
+  if (fc_sinks && slot.first_tile == 0 && slot.b == 0) {  // the threadgroup of tile 0 (in dispatch 0)
+    bwd_sink_gradient(lse, delta, cu_seqlens_q, cu_seqlens_k, sinks, dsinks, sink_partial, h, p, tid, sg, lane);
   }
 }

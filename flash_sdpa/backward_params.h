@@ -127,6 +127,52 @@ FLASH_SDPA_BWD_HEAD_DIMS(FLASH_SDPA_CHECK_BWD_HEAD_DIM, _, _)
 #undef FLASH_SDPA_CHECK_BWD_HEAD_DIM
 #undef FLASH_SDPA_CHECK_BWD_TILES
 
+// The tensor-ops backward (attention_backward_tensor_ops.h: Metal 4 matmul2d, the M5 family's path; the tensor-ops
+// library) on the same 128 threads: a tile of BT rows (dK/dV: keys, dQ: queries) and its two operands (K, V or Q, dO)
+// in threadgroup memory as T for the whole pass, the other two operands (Q, dO or K, V) staged BS rows at a time
+// (NBUF = 2: side by side; 1: in turn), S and dP of a staged block as fp32 [BT][BS] strips, P^T / dS^T (dS) as T tiles
+// (float T: in place of the strips). Metal 4 has no asynchronous copy into threadgroup memory, so every operand a
+// product reads is staged by the threads between barriers; what must fit is Apple's 32 KB per threadgroup.
+// Accumulators stay in cooperative tensors (registers): dK and dV 2 BT D / 128 floats a thread, dQ BT D / 128, at
+// most 64 (the forward's O at D = 128), so the tile rows shrink before the registers grow.
+constexpr fsdpa_i32 bwd_tops_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 elem, fsdpa_i32 tile_rows,
+                                               fsdpa_i32 stage_rows, fsdpa_i32 buffers) {
+  return elem * (2 * tile_rows + buffers * stage_rows) * head_dim +  // tile operands, staged operands
+         2 * 4 * tile_rows * stage_rows +                            // S, dP strips (fp32)
+         (elem == 4 ? 0 : 2 * elem * tile_rows * stage_rows) +       // P^T, dS^T (2-byte T)
+         4 * (4 * (tile_rows > stage_rows ? tile_rows : stage_rows) + kBwdSimdgroups);  // row scalars, sink partials
+}
+
+// (BT, BS, NBUF): the first of (32, 32, 2), (32, 16, 2), (16, 16, 2), (16, 16, 1) that fits 32 KB (taller tiles and
+// staged blocks first: fewer staged loads and barriers per (query, key) pair); every product shape a multiple of 16
+// (Apple documents no granularity for matmul2d). Index 0-3 of that list, 4: none fits.
+constexpr fsdpa_i32 bwd_tops_shape(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return bwd_tops_threadgroup_bytes(head_dim, elem, 32, 32, 2) <= kBwdMaxThreadgroupBytes   ? 0
+         : bwd_tops_threadgroup_bytes(head_dim, elem, 32, 16, 2) <= kBwdMaxThreadgroupBytes ? 1
+         : bwd_tops_threadgroup_bytes(head_dim, elem, 16, 16, 2) <= kBwdMaxThreadgroupBytes ? 2
+         : bwd_tops_threadgroup_bytes(head_dim, elem, 16, 16, 1) <= kBwdMaxThreadgroupBytes ? 3
+                                                                                            : 4;
+}
+constexpr fsdpa_i32 bwd_tops_tile_rows(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return bwd_tops_shape(head_dim, elem) <= 1 ? 32 : 16;
+}
+constexpr fsdpa_i32 bwd_tops_stage_rows(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return bwd_tops_shape(head_dim, elem) == 0 ? 32 : 16;
+}
+constexpr fsdpa_i32 bwd_tops_stage_buffers(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return bwd_tops_shape(head_dim, elem) == 3 ? 1 : 2;
+}
+// Half / bfloat: (32, 32, 2) at D = 32 / 64, (32, 16, 2) at 96 / 128, (16, 16, 1) at 256; float: (32, 32, 2) at 32,
+// (32, 16, 2) at 64, (16, 16, 2) at 96, (16, 16, 1) at 128; float D = 256 does not fit (K and V alone are 32 KB).
+constexpr bool bwd_tops_supports(fsdpa_i32 head_dim, fsdpa_i32 elem) {
+  return head_dim % 16 == 0 && head_dim >= 32 && head_dim <= 256 && bwd_tops_shape(head_dim, elem) < 4;
+}
+
+// The head dims the tensor-ops library instantiates the backward for: the tensor-ops forward's (tensor_ops_library.h),
+// 256 in half / bfloat only. backward_planner.cpp (backward_tops_serves) reads the same list.
+#define FLASH_SDPA_BWD_TOPS_HEAD_DIMS(Y, a, b) Y(a, b, 32) Y(a, b, 64) Y(a, b, 96) Y(a, b, 128)
+#define FLASH_SDPA_BWD_TOPS_WIDE_HEAD_DIMS(Y, a, b) Y(a, b, 256)
+
 // BackwardParams::aligned_rows: inputs whose every row starts at a multiple of 4 elements (storage offset and every
 // stride but the head dim's multiples of 4); the staging loops read their rows 4 elements at a time.
 #define FLASH_SDPA_BWD_ALIGNED_Q 1

@@ -29,6 +29,26 @@ bool backward_supports(at::ScalarType dtype, int64_t head_dim) {
   return kernel_dtype_name(dtype) != nullptr && std::find(dims.begin(), dims.end(), head_dim) != dims.end();
 }
 
+std::string backward_tops_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim) {
+  const char* name = kernel_dtype_name(dtype);
+  TORCH_CHECK(name != nullptr, "flash_attn backward: unsupported dtype ", dtype);
+  return std::string("flash_attn_bwd_") + pass + "_tops_" + name + "_d" + std::to_string(head_dim);
+}
+
+bool backward_tops_serves(at::ScalarType dtype, int64_t head_dim) {
+  const bool two_byte = dtype == at::kHalf || dtype == at::kBFloat16;
+  if (!two_byte && dtype != at::kFloat) {
+    return false;
+  }
+#define FLASH_SDPA_BWD_TOPS_ENTRY(a, b, D) D,
+  static const std::vector<int64_t> dims{FLASH_SDPA_BWD_TOPS_HEAD_DIMS(FLASH_SDPA_BWD_TOPS_ENTRY, _, _)};
+  static const std::vector<int64_t> wide{FLASH_SDPA_BWD_TOPS_WIDE_HEAD_DIMS(FLASH_SDPA_BWD_TOPS_ENTRY, _, _)};
+#undef FLASH_SDPA_BWD_TOPS_ENTRY
+  const bool listed = std::find(dims.begin(), dims.end(), head_dim) != dims.end() ||
+                      (two_byte && std::find(wide.begin(), wide.end(), head_dim) != wide.end());
+  return listed && bwd_tops_supports(static_cast<fsdpa_i32>(head_dim), two_byte ? 2 : 4);
+}
+
 LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   const bool varlen = call.cu_seqlens_q.has_value();
   // Row axis of q/k/v/...: dim 0 in varlen mode, dim 1 (after batch) in dense mode.
@@ -96,6 +116,11 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   const uint32_t h = to_u32(heads, "num_heads"), b = to_u32(batch, "batch");
   const std::array<uint32_t, 3> threads{static_cast<uint32_t>(kBwdThreads), 1, 1};
   const at::ScalarType dtype = call.q.scalar_type();
+  // dK/dV and dQ on tensor ops (their own tile rows; the grids' order and splits are the simdgroup passes').
+  const bool tops = call.tensor_ops && backward_tops_serves(dtype, head_dim);
+  auto pass_name = [&](const char* pass) {
+    return tops ? backward_tops_kernel_name(pass, dtype, head_dim) : backward_kernel_name(pass, dtype, head_dim);
+  };
 
   // 1. delta = rowsum(dO * O).
   Dispatch pre;
@@ -109,9 +134,11 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
 
   // 2. dK, dV: one threadgroup per (KV head, sequence, key tile), looping over the GQA group's query heads; key tiles
   // in order (causal: the first ones see the most queries).
-  const int64_t tile_rows = bwd_tile_rows(static_cast<int32_t>(head_dim), static_cast<int32_t>(call.q.element_size()));
+  const auto d32 = static_cast<int32_t>(head_dim), e32 = static_cast<int32_t>(call.q.element_size());
+  const int64_t tile_rows = tops ? bwd_tops_tile_rows(d32, e32) : bwd_tile_rows(d32, e32);
   Dispatch dkdv;
-  dkdv.kernel = backward_kernel_name("dkdv", dtype, head_dim);
+  dkdv.kernel = pass_name("dkdv");
+  dkdv.tensor_ops_library = tops;
   dkdv.constants = constants;
   dkdv.buffers = {
       q,    k,    v,    dout, lse, delta, {FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv},
@@ -157,7 +184,8 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   // 3. dQ: one threadgroup per (head, sequence, query tile), query tiles reversed in the kernel (causal: the last ones
   // see the most keys); threadgroups (h, 0, grid.z - 1) also reduce d s_aux[h].
   Dispatch dq;
-  dq.kernel = backward_kernel_name("dq", dtype, head_dim);
+  dq.kernel = pass_name("dq");
+  dq.tensor_ops_library = tops;
   dq.constants = constants;
   dq.buffers = {q,
                 k,

@@ -29,6 +29,10 @@ struct AttentionBackward {
   int64_t max_seqlen_q = 0;  // varlen: sizes the grids (the kernels loop over the rest); dense: ignored
   int64_t max_seqlen_k = 0;
   int64_t gpu_cores = 0;  // the command-buffer budget's device (planner_common.h); 0: the device's, if known
+  // Plan dK/dV and dQ on Metal 4 tensor ops (attention_backward_tensor_ops.h, the tensor-ops library) where they serve
+  // this dtype and head dim (backward_tops_serves); else, or when false, the simdgroup_matrix passes. The delta
+  // pre-pass is the metallib's either way. The bindings set it from tensor_ops_enabled() (routing.h), as the forward.
+  bool tensor_ops = false;
 };
 
 // "flash_attn_bwd_delta_<dtype>" (pass = "delta"), "flash_attn_bwd_<dkdv|dq>_<dtype>_d<head_dim>".
@@ -37,6 +41,12 @@ std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t
 // The head dims the backward is instantiated for: every head dim of the forward (FLASH_SDPA_BWD_HEAD_DIMS).
 const std::vector<int64_t>& backward_head_dims();
 bool backward_supports(at::ScalarType dtype, int64_t head_dim);
+
+// "flash_attn_bwd_<dkdv|dq>_tops_<dtype>_d<head_dim>": the tensor-ops passes (tensor_ops_library.h), served for the
+// dtypes and head dims that library instantiates (FLASH_SDPA_BWD_TOPS_HEAD_DIMS: 32, 64, 96, 128; 256 in half /
+// bfloat).
+std::string backward_tops_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim);
+bool backward_tops_serves(at::ScalarType dtype, int64_t head_dim);
 
 // Delta pre-pass, dK/dV, dQ (+ d s_aux): three dispatches; an empty plan when there is nothing to compute. Scratch
 // is the caller's delta (O(total_q * H) floats): no S x S buffer exists.

@@ -54,8 +54,9 @@ struct Dispatch {
   // macOS limits the GPU time of one command buffer, so a long op is planned as several (planner_common.h).
   bool commit_after = false;
   // The kernel lives in the tensor-ops library (tensor_ops_library.h), which the backend builds apart from the
-  // kernels it was shipped with (the Mac glue compiles it at run time): set only by the varlen planner, for a call
-  // planned with VarlenAttention::tensor_ops (varlen_planner.h).
+  // kernels it was shipped with (the Mac glue compiles it at run time): set by the varlen planner for a call planned
+  // with VarlenAttention::tensor_ops (varlen_planner.h), and by the backward planner on the dK/dV and dQ passes of a
+  // call planned with AttentionBackward::tensor_ops (backward_planner.h).
   bool tensor_ops_library = false;
 
   template <typename Params>

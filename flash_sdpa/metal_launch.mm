@@ -59,13 +59,24 @@ static const char kTopsAttentionVarlen[] = {
 static const char kTopsAttentionTensorOps[] = {
 #embed "attention_tensor_ops.h"
     , 0};
+static const char kTopsBackwardParams[] = {
+#embed "backward_params.h"
+    , 0};
+static const char kTopsAttentionBackward[] = {
+#embed "attention_backward.h"
+    , 0};
+static const char kTopsAttentionBackwardTensorOps[] = {
+#embed "attention_backward_tensor_ops.h"
+    , 0};
 static const char kTopsLibrary[] = {
 #embed "tensor_ops_library.h"
     , 0};
 #pragma clang diagnostic pop
-static const char* const kTensorOpsSources[] = {kTopsParamsTypes,  kTopsAttentionOptions, kTopsAttentionDevice,
-                                                kTopsVarlenParams, kTopsAttentionVarlen,  kTopsAttentionTensorOps,
-                                                kTopsLibrary};
+static const char* const kTensorOpsSources[] = {
+    kTopsParamsTypes,    kTopsAttentionOptions,  kTopsAttentionDevice,
+    kTopsVarlenParams,   kTopsAttentionVarlen,   kTopsAttentionTensorOps,
+    kTopsBackwardParams, kTopsAttentionBackward, kTopsAttentionBackwardTensorOps,
+    kTopsLibrary};
 #endif
 
 namespace flash_sdpa {

@@ -62,8 +62,9 @@ RoutedForward route_varlen_forward(VarlenAttention call, int64_t max_seqlen_k);
 // place of the simdgroup_matrix varlen kernel, process-wide. Off until the Python package turns it on: where
 // tensor_ops_supported() and the package's one-time self-test against the simdgroup path agree (_tensor_ops.py).
 // While on, the forward routes below plan their varlen dispatches with VarlenAttention::tensor_ops (the planner takes
-// the tensor-ops kernel where it serves the dtype and head dim: tensor_ops_serves); decode, combine, append and
-// backward dispatches stay as they are.
+// the tensor-ops kernel where it serves the dtype and head dim: tensor_ops_serves), and the backward bindings plan
+// dK/dV and dQ with AttentionBackward::tensor_ops (backward_tops_serves, attention_backward_tensor_ops.h); decode,
+// combine, append and the backward's delta pre-pass stay as they are.
 void set_tensor_ops_enabled(bool enabled);
 bool tensor_ops_enabled();
 

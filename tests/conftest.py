@@ -65,7 +65,7 @@ def full_matrix(config) -> bool:
 ON_MAC = sys.platform == "darwin" or os.environ.get("METAL_FLASH_SDPA_PRETEND_MAC", "0") == "1"
 # What only the Linux toolchain can run (paths relative to tests/).
 TOOLCHAIN_TESTS = ("msl_cpu/", "metal_cuda/test_ptx_build.py", "test_paged_kernels.py", "test_benchmark_report.py",
-                   "test_tensor_ops_attention.py")
+                   "test_tensor_ops_attention.py", "test_tensor_ops_backward.py")
 
 
 def toolchain_missing() -> str:

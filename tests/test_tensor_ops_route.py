@@ -17,6 +17,7 @@ import dispatch_stats
 import pytest
 import reference as ref
 import torch
+from test_backward import check_grad, reference_grads
 
 from msl import cpu as metal_cpu
 from scripts import build_manifest
@@ -171,6 +172,27 @@ def test_self_test_catches_a_wrong_library(kernel, choose, planted_library):
     assert choose(EMULATED_GPU_FAMILY=10, EMULATED_TENSOR_OPS_LIBRARY=planted_library, TENSOR_OPS=1)
 
 
+@pytest.fixture(scope="module")
+def planted_backward_library(tmp_path_factory):
+    """The tensor-ops library with the backward's gradient write assuming that a thread's slots of a destination
+    cooperative tensor all lie in the row of its first slot (attention_backward_tensor_ops.h, bwd_tops_write): the
+    forward right, the backward's dK/dV and dQ finite and wrong under the emulator's layouts."""
+    text = build_manifest.tensor_ops_source(ROOT)
+    right = "const auto idx = acc.get_multidimensional_index(i);"
+    assert text.count(right) == 1
+    src = tmp_path_factory.mktemp("planted_bwd") / "tensor_ops_library.metal"
+    src.write_text(text.replace(right, "auto idx = acc.get_multidimensional_index(i); "
+                                       "idx[1] = acc.get_multidimensional_index(0)[1];"))
+    return metal_cpu.compile(src, include_dirs=[]).path
+
+
+def test_self_test_catches_a_wrong_backward(kernel, choose, planted_backward_library):
+    """A GPU whose tensor-ops forward is right and backward wrong: the self-test compares the backward too, so one
+    warning and the simdgroup_matrix kernels."""
+    with pytest.warns(UserWarning, match="failed its self-test.*d[qkv] differs from the simdgroup_matrix backward"):
+        assert not choose(EMULATED_GPU_FAMILY=10, EMULATED_TENSOR_OPS_LIBRARY=planted_backward_library)
+
+
 # ---- routed calls on tensor ops ----------------------------------------------------------------------------------
 
 
@@ -198,7 +220,8 @@ def test_varlen_on_tensor_ops(kernel, choose, dtype, D, causal):
 
 def test_dense_and_decode_routes(kernel, choose):
     """flash_attn_func's prefill takes tensor ops, its decode-shaped call keeps the decode kernel; a head dim the
-    library lacks (80) keeps the simdgroup_matrix kernel; the backward is the simdgroup one either way."""
+    library lacks (80) keeps the simdgroup_matrix kernel; the backward's dK/dV and dQ passes take tensor ops too (their
+    values: tests/test_tensor_ops_backward.py)."""
     assert choose(EMULATED_GPU_FAMILY=10)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(2, 20, 4, 64, generator=g).half().requires_grad_()
@@ -212,7 +235,17 @@ def test_dense_and_decode_routes(kernel, choose):
                                       dtype=torch.float16)
     ref.check_close(out, out_ref, out_same)
     names = kernel_names(lambda: out.sum().backward())
-    assert names and not any("tops" in n for n in names), names
+    assert names == ["flash_attn_bwd_delta_float16", "flash_attn_bwd_dkdv_tops_float16_d64",
+                     "flash_attn_bwd_dq_tops_float16_d64"], names
+    dout = torch.ones_like(out)
+
+    def fn(dt):
+        return lambda q_, k_, v_: ref.attention_dense(q_, k_, v_, scale=0.125, causal=True, dtype=dt)[0]
+
+    _, grads_ref = reference_grads(fn(torch.float64), (q, k, v), dout, torch.float64)
+    _, grads_pt = reference_grads(fn(torch.float16), (q, k, v), dout, torch.float16)
+    for name, x, gr, gp in zip(("dq", "dk", "dv"), (q, k, v), grads_ref, grads_pt):
+        check_grad(x.grad, gr, gp, name)
     assert kernel_names(lambda: kernel.flash_attn_func(q[:, :1].detach(), k.detach(), v.detach()))[0].startswith(
         "paged_decode_")
     q80 = torch.randn(1, 20, 4, 80, generator=g).half()

@@ -7,6 +7,7 @@
 
 #include "backward_planner.h"
 #include "checks.h"
+#include "routing.h"
 #include "torch_binding.h"
 
 namespace {
@@ -55,6 +56,7 @@ flash_sdpa::AttentionBackward make_call(const at::Tensor& dout, const at::Tensor
   call.dv = at::zeros(v.sizes(), v.options());
   call.dsinks = at::zeros({options.sinks.has_value() ? q.size(-2) : 0}, q.options().dtype(at::kFloat));
   call.options = std::move(options);
+  call.tensor_ops = flash_sdpa::tensor_ops_enabled();  // dK/dV and dQ on tensor ops where the forward's are on
   return call;
 }
 

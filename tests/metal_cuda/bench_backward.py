@@ -4,7 +4,12 @@ backward (SDPA, flash backend; memory-efficient where flash does not take the he
 theirs (the figure that carries to Apple: the issue asks for <= 1.25); peak scratch bytes of each backward.
 
     python3 -m tests.metal_cuda.bench_backward [--quick] [--S 1024,4096] [--D 64,128] [--heads 16/4] [--dtype bf16]
-                                               [--json PATH]
+                                               [--tops] [--json PATH]
+
+--tops also times our backward on the tensor-ops plan (attention_backward_tensor_ops.h, targets.py's
+attention_tensor_ops: the planner's plan with tensor_ops on) beside the simdgroup one: columns "ours bwd tops us" and
+"tops / simdgroup", its gradients checked first against the simdgroup backward's (relative L2 < 2e-2, else the run
+stops) and reported against torch's; head dims the tensor-ops library does not serve (512) print n/a.
 
 Grid: causal and not, S = 1024, 4096, 16384, H/Hkv = 16/4 and 32/32, D = 64, 128, 256 (512 at S <= 4096), fp16 and
 bf16, B = 1. Timing: CUDA events, median of a few calls after a warm-up (fewer calls for slow rows). A correctness
@@ -58,8 +63,9 @@ def median_us(fn, budget_ms: float = 2000.0) -> float:
     return statistics.median(times)
 
 
-def ours(q, k, v, dout, scale, causal):
-    """Prepared forward and backward plans; returns (forward fn, backward fn, (dq, dk, dv), scratch bytes)."""
+def ours(q, k, v, dout, scale, causal, tops=False):
+    """Prepared forward and backward plans; returns (forward fn, backward fn, (dq, dk, dv), scratch bytes). tops: the
+    backward's tensor-ops plan (None when the library does not serve the dtype and head dim)."""
     B, S, H, D = q.shape
     right = 0 if causal else -1
     out = torch.empty_like(q)
@@ -71,9 +77,11 @@ def ours(q, k, v, dout, scale, causal):
         p.launch()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta, dsinks = torch.empty_like(lse), torch.empty(0, device="cuda")
-    bwd = launch.prepare_plan(gc.libraries(), gc.planner().plan_backward(dout, q, k, v, out, lse, delta, dq, dk, dv,
-                                                                         dsinks, None, None, None, None, S, S, scale,
-                                                                         0.0, -1, right, gpu_cores=sms))
+    bwd_plan = gc.planner().plan_backward(dout, q, k, v, out, lse, delta, dq, dk, dv, dsinks, None, None, None, None,
+                                          S, S, scale, 0.0, -1, right, gpu_cores=sms, tensor_ops=tops)
+    if tops and not all("_tops_" in d["kernel"] for d in bwd_plan[1:]):
+        return None
+    bwd = launch.prepare_plan(gc.libraries(), bwd_plan)
 
     def run(plan):
         def fn():
@@ -134,11 +142,16 @@ def bench_row(causal, S, H, Hkv, D, dtype):
     row["fwd_us"], row["bwd_us"] = median_us(fwd), median_us(bwd)
     row["ratio"] = row["bwd_us"] / row["fwd_us"]
     row["scratch_bytes"] = scratch
+    if TOPS:
+        row.update(bench_tops(q, k, v, dout, scale, causal, grads))
     t = theirs(q, k, v, dout, scale, causal)
     if t is not None:
         t_fwd, t_bwd, t_grads, backend = t
         for name, mine, ref in zip(("dq", "dk", "dv"), grads, t_grads()):
             row[f"relL2_{name}"] = rel_l2(mine, ref)
+        if "tops_grads" in row:
+            for name, mine, ref in zip(("dq", "dk", "dv"), row["tops_grads"], t_grads()):
+                row[f"tops_relL2_{name}"] = rel_l2(mine, ref)
         row["torch_backend"] = backend
         row["torch_fwd_us"], row["torch_bwd_us"] = median_us(t_fwd), median_us(t_bwd)
         row["torch_ratio"] = row["torch_bwd_us"] / row["torch_fwd_us"]
@@ -151,6 +164,31 @@ def bench_row(causal, S, H, Hkv, D, dtype):
         returned = sum(x.numel() * x.element_size() for x in out_grads)
         row["torch_scratch_bytes"] = torch.cuda.max_memory_allocated() - before - returned
         del out_grads
+    row.pop("tops_grads", None)
+    if "tops_bwd_us" in row:
+        row["tops_over_simd"] = row["tops_bwd_us"] / row["bwd_us"]
+    return row
+
+
+TOPS = False  # --tops
+
+
+def bench_tops(q, k, v, dout, scale, causal, simd_grads):
+    """Our backward on the tensor-ops plan: its gradients checked first (relative L2 against the simdgroup backward's;
+    against torch's in bench_row), then timed. {} where the library does not serve the shape."""
+    made = ours(q, k, v, dout, scale, causal, tops=True)
+    if made is None:
+        return {}
+    _, bwd, grads, _ = made
+    bwd()
+    torch.cuda.synchronize()
+    row = {}
+    for name, mine, simd in zip(("dq", "dk", "dv"), grads, simd_grads):
+        err = rel_l2(mine, simd)
+        assert err < 2e-2, f"tensor-ops backward: {name} relative L2 {err:.3g} against the simdgroup backward's"
+        row[f"tops_relL2_simd_{name}"] = err
+    row["tops_grads"] = grads
+    row["tops_bwd_us"] = median_us(bwd)
     return row
 
 
@@ -161,6 +199,8 @@ def main():
     ap.add_argument("--D", default="", help="comma-separated head dims to keep")
     ap.add_argument("--heads", default="", help="comma-separated H/Hkv to keep, e.g. 16/4,32/32")
     ap.add_argument("--dtype", default="", help="comma-separated dtypes to keep: fp16, bf16")
+    ap.add_argument("--tops", action="store_true", help="also time our backward on Metal 4 tensor ops (the "
+                    "planner's tensor-ops plan: attention_backward_tensor_ops.h) beside the simdgroup one")
     ap.add_argument("--json", default="", help="also write the rows to this file (rewritten after every row, so a "
                     "command cut by its time limit keeps what it measured)")
     a = ap.parse_args()
@@ -168,12 +208,16 @@ def main():
     keep_d = {int(x) for x in a.D.split(",") if x}
     keep_heads = {tuple(int(n) for n in x.split("/")) for x in a.heads.split(",") if x}
     keep_dtype = {{"fp16": torch.float16, "bf16": torch.bfloat16}[x] for x in a.dtype.split(",") if x}
+    global TOPS
+    TOPS = a.tops
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}")
+    tops_head = " ours bwd tops us | tops / simdgroup | tops relL2 dq/dk/dv |" if a.tops else ""
     print("| causal | S | H/Hkv | D | dtype | ours fwd us | ours bwd us | bwd/fwd | torch fwd us | torch bwd us | "
-          "bwd/fwd | ours / torch ratio | scratch B (ours) | scratch B (torch) | relL2 dq/dk/dv |")
-    print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "bwd/fwd | ours / torch ratio | scratch B (ours) | scratch B (torch) | relL2 dq/dk/dv |" + tops_head)
+    print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" +
+          ("---:|---:|---|" if a.tops else ""))
     rows = []
     for causal, S, H, Hkv, D, dtype in grid(a.quick):
         if ((keep_s and S not in keep_s) or (keep_d and D not in keep_d) or (keep_heads and (H, Hkv) not in keep_heads)
@@ -185,7 +229,9 @@ def main():
         errs = "/".join(t(f"relL2_{n}", "{:.1e}") for n in ("dq", "dk", "dv"))
         print(f"| {causal} | {S} | {H}/{Hkv} | {D} | {r['dtype']} | {t('fwd_us')} | {t('bwd_us')} | "
               f"{t('ratio', '{:.2f}')} | {t('torch_fwd_us')} | {t('torch_bwd_us')} | {t('torch_ratio', '{:.2f}')} | "
-              f"{t('ratio_of_ratios', '{:.2f}')} | {r['scratch_bytes']} | {t('torch_scratch_bytes')} | {errs} |",
+              f"{t('ratio_of_ratios', '{:.2f}')} | {r['scratch_bytes']} | {t('torch_scratch_bytes')} | {errs} |" +
+              (f" {t('tops_bwd_us')} | {t('tops_over_simd', '{:.2f}')} | "
+               + "/".join(t(f"tops_relL2_{n}", "{:.1e}") for n in ("dq", "dk", "dv")) + " |" if a.tops else ""),
               flush=True)
         torch.cuda.empty_cache()
         if a.json:

@@ -33,6 +33,7 @@ py::list to_python(const LaunchPlan& plan) {
     e["threads_per_threadgroup"] =
         py::make_tuple(d.threads_per_threadgroup[0], d.threads_per_threadgroup[1], d.threads_per_threadgroup[2]);
     e["commit_after"] = d.commit_after;  // a command-buffer boundary on a Mac; the proxy runs the plan in order
+    e["tensor_ops_library"] = d.tensor_ops_library;  // the kernel lives in the tensor-ops library
     out.append(e);
   }
   return out;
@@ -120,9 +121,10 @@ py::list plan_backward(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v
                        std::optional<at::Tensor> cu_seqlens_q, std::optional<at::Tensor> cu_seqlens_k,
                        std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, int64_t max_seqlen_q,
                        int64_t max_seqlen_k, double scale, double softcap, int64_t window_left, int64_t window_right,
-                       int64_t gpu_cores) {
+                       int64_t gpu_cores, bool tensor_ops) {
   flash_sdpa::AttentionBackward call;
   call.gpu_cores = gpu_cores;
+  call.tensor_ops = tensor_ops;  // the tensor-ops dK/dV and dQ passes where they serve the call
   call.dout = dout;
   call.q = q;
   call.k = k;
@@ -165,7 +167,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("dsinks"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
-        py::arg("gpu_cores") = 0);
+        py::arg("gpu_cores") = 0, py::arg("tensor_ops") = false);
   m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups"), py::arg("target_known"), py::arg("step_keys"));
 }

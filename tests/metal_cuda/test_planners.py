@@ -104,6 +104,42 @@ def test_backward_grid_tiles_slowest(planner):
     assert grids["dkdv"][2] == grids["dq"][2] in {-(-Sb // rows) for rows in (8, 16, 32)}
 
 
+# The tensor-ops backward (tensor_ops_library.h, FLASH_SDPA_BWD_TOPS_HEAD_DIMS): (dtype, D, tile rows) where it
+# serves (bwd_tops_tile_rows, backward_params.h), None where the simdgroup passes stay.
+BWD_TOPS = [(torch.float16, 64, 32), (torch.bfloat16, 128, 32), (torch.float16, 256, 16), (torch.float32, 32, 32),
+            (torch.float32, 96, 16), (torch.float32, 128, 16), (torch.float32, 256, None), (torch.float16, 80, None),
+            (torch.bfloat16, 512, None)]
+
+
+@pytest.mark.parametrize("dtype,d,rows", BWD_TOPS, ids=lambda x: str(x).replace("torch.", ""))
+def test_backward_tensor_ops_plan(planner, dtype, d, rows):
+    """tensor_ops=True plans dK/dV and dQ on the tensor-ops library (flash_attn_bwd_<pass>_tops_<dtype>_d<D>, the
+    tops tile rows in both grids) where it serves the dtype and head dim, else the simdgroup passes; the delta pre-pass
+    is the metallib's either way, and tensor_ops=False plans exactly as before."""
+    B, Sb = 2, 100
+    q = torch.empty(B, Sb, H, d, dtype=dtype)
+    k = torch.empty(B, Sb, HKV, d, dtype=dtype)
+    lse = torch.empty(B, H, Sb)
+
+    def plan(tensor_ops):
+        return planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, Sb, Sb,
+                                     d ** -0.5, 0.0, -1, 0, gpu_cores=132, tensor_ops=tensor_ops)
+
+    tops, simd = plan(True), plan(False)
+    assert [x["kernel"].split("_")[3] for x in tops] == ["delta", "dkdv", "dq"]
+    assert not any(x["tensor_ops_library"] for x in simd) and not any("tops" in x["kernel"] for x in simd)
+    assert not tops[0]["tensor_ops_library"] and tops[0]["kernel"] == simd[0]["kernel"]
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
+    if rows is None:
+        assert [(x["kernel"], x["threadgroups"]) for x in tops] == [(x["kernel"], x["threadgroups"]) for x in simd]
+        assert not any(x["tensor_ops_library"] for x in tops)
+        return
+    for x, y, pass_ in zip(tops[1:], simd[1:], ("dkdv", "dq")):
+        assert x["kernel"] == f"flash_attn_bwd_{pass_}_tops_{name}_d{d}" and x["tensor_ops_library"]
+        assert x["threadgroups"] == y["threadgroups"][:2] + (-(-Sb // rows),)
+        assert x["buffers"] == y["buffers"] and x["constants"] == y["constants"] and x["bytes"] == y["bytes"]
+
+
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step, partials per split in simdgroup-partials mode): paged_params.h's
 # decode_step_keys and decode_split_partials (the matrix path at R = 8, D = 128: two simdgroups per 8-key step).
