@@ -40,11 +40,10 @@ py::list to_python(const LaunchPlan& plan) {
 
 py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, std::optional<at::Tensor> block_table,
                     std::optional<at::Tensor> cache_seqlens, std::optional<at::Tensor> k_new,
-                    std::optional<at::Tensor> v_new,
-                    at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
-                    std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
-                    int64_t window_right, int64_t num_splits, int64_t max_seqlen_k, int64_t target_threadgroups,
-                    int64_t gpu_cores, int64_t simdgroup_partials, int64_t fixed_seqlen) {
+                    std::optional<at::Tensor> v_new, at::Tensor out, std::optional<at::Tensor> lse,
+                    std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, double scale,
+                    double softcap, int64_t window_left, int64_t window_right, int64_t num_splits, int64_t max_seqlen_k,
+                    int64_t target_threadgroups, int64_t gpu_cores, int64_t simdgroup_partials, int64_t fixed_seqlen) {
   flash_sdpa::PagedKVCacheAttention call;
   call.q = q;
   call.k_cache = k_cache;
