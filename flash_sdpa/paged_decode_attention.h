@@ -334,20 +334,31 @@ inline void advance(thread TableCursor& c, int block_size) {
   }
 }
 
+// A request's row of the block table: where its entries are read, or, for a contiguous cache whose row b is request
+// b's (PagedDecodeParams::cache_row_is_request), that block id itself: no table read before the first K/V load.
+struct TableRow {
+  long offset;    // elements of block_table before the row
+  int own_block;  // >= 0: every entry of the row (one block: block_size covers the cache row); -1: read the table
+};
+
+inline TableRow table_row(int b, constant PagedDecodeParams& p) {
+  return TableRow{long(b) * p.block_table_stride_b, p.cache_row_is_request != 0 ? b : -1};
+}
+
 // Where the keys t, t + G, ..., t + (U - 1) G live, in paged mode: (block id, slot) through the block table (the
 // cursor is at slot k_start + t and moves on to the next step's); block -1 for slots past the table row and invalid
 // block ids. Reads only the table row, whatever the key count: a split's first entries are read while cache_seqlens
 // still is (mask_past applies the count). The L lanes of a key group read the same table entry (one address, served
 // once by the GPU's cache; on the proxy 4-17% faster than one read per key shared by simd_shuffle).
 template <int U, int G>
-inline void step_entries(thread int2 (&loc)[U], thread TableCursor& cursor, device const int* block_table, long bt_row,
-                         int block_size, int max_blocks, int num_blocks) {
+inline void step_entries(thread int2 (&loc)[U], thread TableCursor& cursor, device const int* block_table,
+                         TableRow bt_row, int block_size, int max_blocks, int num_blocks) {
   int bi = cursor.block;
   int slot = cursor.slot;
   for (int u = 0; u < U; ++u) {
     int id = -1;
     if (bi < max_blocks) {
-      const int raw = block_table[bt_row + bi];
+      const int raw = bt_row.own_block >= 0 ? bt_row.own_block : block_table[bt_row.offset + bi];
       id = raw >= 0 && raw < num_blocks ? raw : -1;
     }
     loc[u] = int2(id, slot);
@@ -377,7 +388,7 @@ inline void mask_past(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
 // Both: where the keys of a step live, masked past `limit`.
 template <int U, int G>
 inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int k_start, thread TableCursor& cursor,
-                      device const int* block_table, long bt_row, int block_size, int max_blocks, int num_blocks) {
+                      device const int* block_table, TableRow bt_row, int block_size, int max_blocks, int num_blocks) {
   if (!varlen) {
     step_entries<U, G>(loc, cursor, block_table, bt_row, block_size, max_blocks, num_blocks);
   }
@@ -391,7 +402,9 @@ inline void step_locs(thread int2 (&loc)[U], int t, int limit, bool varlen, int 
 // is this kernel's: false for the others (the router's varlen dispatch that follows computes those, whatever
 // max_seqlen_q said). In paged mode the block-table entries of this lane's first step (key `first_key`, counted from
 // a window starting at 0) are read while cache_seqlens still is: one dependent memory round trip less before the
-// first K/V byte.
+// first K/V byte. A call that gives every request the same length (PagedDecodeParams::fixed_seqlen) on a contiguous
+// cache row per request (cache_row_is_request: flash_attn_func's decode) reads neither: its first K/V loads wait on
+// nothing but the parameters, as a decode of a dense cache does.
 struct RequestKeys {
   int sk = 0;
   int k_start = 0;
@@ -400,8 +413,8 @@ struct RequestKeys {
 
 template <int U, int G>
 inline bool request_keys(thread RequestKeys& rk, thread int2 (&loc)[U], thread TableCursor& cursor, int first_key,
-                         int stride, int b, long bt_row, constant PagedDecodeParams& p, device const int* block_table,
-                         device const int* cache_seqlens, device const int* cu_seqlens_q,
+                         int stride, int b, TableRow bt_row, constant PagedDecodeParams& p,
+                         device const int* block_table, device const int* cache_seqlens, device const int* cu_seqlens_q,
                          device const int* cu_seqlens_k, device const int* cache_leftpad) {
   if (fc_varlen) {
     const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
@@ -417,7 +430,7 @@ inline bool request_keys(thread RequestKeys& rk, thread int2 (&loc)[U], thread T
     rk.k_start = fc_decode_leftpad ? clamp(cache_leftpad[b], 0, capacity) : 0;
     cursor = table_cursor(rk.k_start + first_key, stride, p.block_size);
     step_entries<U, G>(loc, cursor, block_table, bt_row, p.block_size, p.max_blocks_per_seq, p.num_blocks);
-    const int seqlen = cache_seqlens[b];
+    const int seqlen = p.fixed_seqlen >= 0 ? p.fixed_seqlen : cache_seqlens[b];
     rk.sk = seqlen < 0 ? 0 : int(clamp(long(seqlen) + p.seqlen_new - rk.k_start, 0l, long(capacity - rk.k_start)));
   }
   return true;
@@ -428,7 +441,7 @@ inline bool request_keys(thread RequestKeys& rk, thread int2 (&loc)[U], thread T
 // masked past hi.
 template <int U, int G>
 inline void first_step_locs(thread int2 (&loc)[U], thread TableCursor& cursor, int lo, int t, int hi, int stride,
-                            const thread RequestKeys& rk, long bt_row, constant PagedDecodeParams& p,
+                            const thread RequestKeys& rk, TableRow bt_row, constant PagedDecodeParams& p,
                             device const int* block_table) {
   if (fc_varlen || lo != 0) {  // uniform
     cursor = table_cursor(rk.k_start + t, stride, fc_varlen ? 1 : p.block_size);
@@ -635,7 +648,7 @@ template <typename T, int D, int R>
       const int g = int(lane) / MLn;                      // key group of this lane: keys g, g + MG, ... of a step
       const int li = int(lane) % MLn;                     // its 16-byte chunk of the simdgroup's columns
       const int chunk = col0 * int(sizeof(T)) / 16 + li;  // ... in the key row
-      const long bt_row = long(b) * p.block_table_stride_b;
+      const TableRow bt_row = table_row(b, p);
       int2 loc[MU];
       int2 loc_next[MU];
       TableCursor cursor;
@@ -853,7 +866,7 @@ template <typename T, int D, int R>
   const int stride = p.num_splits * kTgStep;
   const int g = int(lane) / L;   // key group of this lane
   const int li = int(lane) % L;  // lane within the key row
-  const long bt_row = long(b) * p.block_table_stride_b;
+  const TableRow bt_row = table_row(b, p);
   // Where the keys of a step live, for this lane's group: loc[u] = (block, slot) (paged) or (k row, 0) (varlen) of
   // key t0 + u * G + g; block -1: past hi or an invalid block id (the key is masked, nothing loaded).
   int2 loc[U];

@@ -245,6 +245,9 @@ struct PagedDecodeParams {
   fsdpa_i32 simdgroup_partials;    // split mode: 1 = each simdgroup (each key step's simdgroups on the matrix path)
                                    // writes its own partial: the combine reads num_splits x decode_split_partials;
                                    // 0 = the threadgroup merges them
+  fsdpa_i32 cache_row_is_request;  // 1: request b's keys are row b of a contiguous cache (one block of block_size
+                                   // slots; block_table is not read, max_blocks_per_seq = 1); 0: block_table
+  fsdpa_i32 fixed_seqlen;          // >= 0: cache_seqlens[b] of every request (cache_seqlens is not read); -1: read
   OptionParams opt;                // scale, softcap, window, ALiBi stride
 };
 
@@ -263,9 +266,9 @@ struct PagedCombineParams {
 static_assert(sizeof(KVPagedWriteParams) == 136, "KVPagedWriteParams layout changed: no padding");
 static_assert(__builtin_offsetof(KVPagedWriteParams, batch) == 104, "int64 strides first, then int32 counts");
 static_assert(__builtin_offsetof(KVPagedWriteParams, max_blocks_per_seq) == 128, "write params: count offsets");
-static_assert(sizeof(PagedDecodeParams) == 80 + 14 * 4 + sizeof(OptionParams), "PagedDecodeParams: no padding");
+static_assert(sizeof(PagedDecodeParams) == 80 + 16 * 4 + sizeof(OptionParams), "PagedDecodeParams: no padding");
 static_assert(__builtin_offsetof(PagedDecodeParams, batch) == 80, "int64 strides first, then int32 counts");
-static_assert(__builtin_offsetof(PagedDecodeParams, opt) == 80 + 14 * 4, "the options last");
+static_assert(__builtin_offsetof(PagedDecodeParams, opt) == 80 + 16 * 4, "the options last");
 static_assert(sizeof(PagedCombineParams) == 24, "PagedCombineParams layout changed: no padding");
 static_assert(kDecodeThreads == kDecodeSimdgroups * kSimdWidth, "decode: whole simdgroups");
 static_assert(kCombineThreads == kCombineSimdgroups * kSimdWidth, "combine: whole simdgroups");

@@ -121,10 +121,17 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t num_blocks = varlen ? total_k : call.k_cache.size(0);
   const int64_t block_size = varlen ? 1 : call.k_cache.size(1);
   const int64_t kv_heads = call.k_cache.size(varlen ? 1 : 2);
-  const int64_t max_blocks = varlen ? 0 : call.block_table.size(1);
+  const int64_t max_blocks = varlen ? 0 : call.cache_row_is_request ? 1 : call.block_table.size(1);
   const bool has_new = !varlen && call.k_new.has_value() && call.k_new->size(1) > 0;
   const int64_t seqlen_new = has_new ? call.k_new->size(1) : 0;
   const at::ScalarType dtype = q.scalar_type();
+
+  // Request b's cache row, fixed lengths: the callers that set them (routing.cpp) append nothing and give a cache of
+  // at least B rows.
+  TORCH_CHECK(!call.cache_row_is_request || (!varlen && !has_new && num_blocks >= batch),
+              "flash_attn_with_kvcache: cache_row_is_request needs a contiguous cache of >= batch rows, no new tokens");
+  TORCH_CHECK(call.fixed_seqlen < 0 || (!varlen && !has_new),
+              "flash_attn_with_kvcache: fixed_seqlen is for a call without new tokens");
 
   LaunchPlan plan;
   if (batch <= 0 || (varlen && total_q <= 0)) {
@@ -237,7 +244,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
     ap.v_stride_block = call.v_cache.stride(0);
     ap.v_stride_slot = call.v_cache.stride(1);
     ap.v_stride_h = call.v_cache.stride(2);
-    ap.block_table_stride_b = call.block_table.stride(0);
+    ap.block_table_stride_b = call.cache_row_is_request ? 0 : call.block_table.stride(0);
   }
   ap.batch = to_i32(batch, "batch");
   ap.seqlen_q = to_i32(seqlen_q, "seqlen_q");
@@ -251,6 +258,8 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   ap.seqlen_new = to_i32(seqlen_new, "seqlen_new");
   ap.num_splits = to_i32(splits, "num_splits");
   ap.simdgroup_partials = simdgroup_partials ? 1 : 0;
+  ap.cache_row_is_request = call.cache_row_is_request ? 1 : 0;
+  ap.fixed_seqlen = call.fixed_seqlen >= 0 ? to_i32(call.fixed_seqlen, "fixed_seqlen") : -1;
   ap.total_q = to_i32(total_q, "total_q");
   ap.total_k = to_i32(total_k, "total_k");
   ap.opt = option_params(call.options);
@@ -263,7 +272,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   }
   // Optional buffers that are off get a placeholder: function constants (or the run-time split count) keep the
   // kernel off them.
-  const at::Tensor& none = varlen ? *call.cu_seqlens_q : call.cache_seqlens;
+  const at::Tensor& none = varlen ? *call.cu_seqlens_q : q;
 
   // 16-byte vector loads of K/V rows need every row start 16-byte aligned: strides and view offsets (the buffers
   // themselves are allocation-aligned).
@@ -282,8 +291,8 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
       {FLASH_SDPA_DECODE_BUF_Q, q},
       {FLASH_SDPA_DECODE_BUF_K_CACHE, call.k_cache},
       {FLASH_SDPA_DECODE_BUF_V_CACHE, call.v_cache},
-      {FLASH_SDPA_DECODE_BUF_BLOCK_TABLE, varlen ? none : call.block_table},
-      {FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS, varlen ? none : call.cache_seqlens},
+      {FLASH_SDPA_DECODE_BUF_BLOCK_TABLE, varlen || call.cache_row_is_request ? none : call.block_table},
+      {FLASH_SDPA_DECODE_BUF_CACHE_SEQLENS, varlen || call.fixed_seqlen >= 0 ? none : call.cache_seqlens},
       {FLASH_SDPA_DECODE_BUF_OUT, split ? none : call.out},
       {FLASH_SDPA_DECODE_BUF_LSE, split || !call.lse.has_value() ? none : *call.lse},
       {FLASH_SDPA_DECODE_BUF_ALIBI, call.options.alibi_slopes.value_or(none)},

@@ -49,6 +49,12 @@ struct PagedKVCacheAttention {
   // Split mode: whether each simdgroup writes its own partial (1) or the threadgroup merges them (0); -1: the planner
   // picks. Benchmarks force it.
   int64_t simdgroup_partials = -1;
+  // A contiguous cache whose row b is request b's (flash_attn_func's decode; flash_attn_with_kvcache without
+  // block_table and cache_batch_idx): block_table may be undefined and is not read (no new tokens, k_cache.size(0) >=
+  // B). With fixed_seqlen >= 0 (every request's cache_seqlens; no new tokens) cache_seqlens may be undefined and is
+  // not read either: the decode's first K/V loads then wait on no memory read, and the caller builds no index tensors.
+  bool cache_row_is_request = false;
+  int64_t fixed_seqlen = -1;
 };
 
 // The device description the split heuristic uses. metal_launch.mm registers a provider that reads the GPU's core

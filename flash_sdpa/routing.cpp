@@ -47,13 +47,14 @@ RoutedForward route_dense_forward(const at::Tensor& q, const at::Tensor& k, cons
   RoutedForward routed{
       at::empty(q.sizes(), q.options()), at::empty({batch, heads, seqlen_q}, q.options().dtype(at::kFloat)), {}};
   if (route_dense(q.scalar_type(), q.size(3), seqlen_q, seqlen_k) == ForwardKernel::kDecode) {
-    // K/V as a contiguous cache: block b is batch row b, all seqlen_k keys valid.
+    // K/V as a contiguous cache: request b's keys are row b, all seqlen_k of them valid; no block table or length
+    // tensor is built (two fewer PyTorch ops a call) or read (the decode's first K/V loads wait on nothing).
     PagedKVCacheAttention call;
     call.q = q;
     call.k_cache = k;
     call.v_cache = v;
-    call.block_table = at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
-    call.cache_seqlens = at::full({batch}, seqlen_k, q.options().dtype(at::kInt));
+    call.cache_row_is_request = true;
+    call.fixed_seqlen = seqlen_k;
     call.out = routed.out;
     call.lse = routed.lse;
     call.options = options;
@@ -110,13 +111,24 @@ RoutedForward route_kvcache_forward(PagedKVCacheAttention call, const std::optio
                                     bool return_lse) {
   const at::Tensor& q = call.q;
   const int64_t batch = q.size(0);
+  // The append kernel reads a block table and the lengths; the decode alone takes row b / the capacity as given.
+  const bool appends = call.k_new.has_value() && call.k_new->size(1) > 0;
   if (!call.block_table.defined()) {  // contiguous cache: one block of S keys per request
-    call.block_table = cache_batch_idx.has_value() ? cache_batch_idx->view({batch, 1})
-                                                   : at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+    if (cache_batch_idx.has_value()) {
+      call.block_table = cache_batch_idx->view({batch, 1});
+    } else if (appends) {
+      call.block_table = at::arange(batch, q.options().dtype(at::kInt)).view({batch, 1});
+    } else {
+      call.cache_row_is_request = true;
+    }
   }
   if (!call.cache_seqlens.defined()) {  // the whole cache: the block table's capacity
-    const int64_t capacity = call.block_table.size(1) * call.k_cache.size(1);
-    call.cache_seqlens = at::full({batch}, capacity, q.options().dtype(at::kInt));
+    const int64_t capacity = (call.cache_row_is_request ? 1 : call.block_table.size(1)) * call.k_cache.size(1);
+    if (appends) {
+      call.cache_seqlens = at::full({batch}, capacity, q.options().dtype(at::kInt));
+    } else {
+      call.fixed_seqlen = capacity;
+    }
   }
   call.out = at::empty(q.sizes(), q.options());
   const at::Tensor lse = at::empty(return_lse ? at::IntArrayRef{batch, q.size(2), q.size(1)} : at::IntArrayRef{0},

@@ -251,6 +251,33 @@ def test_cache_seqlens_int_and_splits(kernel, device, num_splits):
 
 
 @pytest.mark.kernels_ci
+@pytest.mark.parametrize("lengths", ["given", "whole"])
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+def test_contiguous_rows_without_index(kernel, device, lengths, num_splits):
+    """A contiguous cache without block_table, cache_batch_idx or new tokens: request b's keys are row b (the decode
+    reads no block table; with cache_seqlens=None, no length tensor either: every request sees the whole row). Rows
+    past the batch and slots past a request's length hold NaN: read, they would make its output NaN."""
+    B, S, H, Hkv, D = 3, 45, 8, 2, 64
+    g = torch.Generator().manual_seed(11)
+    seqlens = [45, 17, 1] if lengths == "given" else [S] * B
+    k_cache = torch.full((B + 2, S, Hkv, D), float("nan"), dtype=torch.float16)
+    v_cache = torch.full((B + 2, S, Hkv, D), float("nan"), dtype=torch.float16)
+    for b, n in enumerate(seqlens):
+        k_cache[b, :n] = torch.randn(n, Hkv, D, generator=g).half()
+        v_cache[b, :n] = torch.randn(n, Hkv, D, generator=g).half()
+    q = torch.randn(B, 1, H, D, generator=g).half()
+    table = torch.arange(B, dtype=torch.int32).view(B, 1)
+    lens = torch.tensor(seqlens, dtype=torch.int32)
+    rkw = dict(scale=D ** -0.5, window=(-1, 0))
+    ref, _ = reference_attention(q, k_cache, v_cache, table, lens, 0, **rkw)
+    same, _ = reference_attention(q, k_cache, v_cache, table, lens, 0, dtype=torch.float16, **rkw)
+    out = kernel.flash_attn_with_kvcache(q.to(device), k_cache.to(device), v_cache.to(device),
+                                         cache_seqlens=lens.to(device) if lengths == "given" else None, causal=True,
+                                         softmax_scale=D ** -0.5, num_splits=num_splits)
+    check_fa2(out.cpu(), ref, same)
+
+
+@pytest.mark.kernels_ci
 @pytest.mark.parametrize("interleaved", [True, False])
 def test_rotary(kernel, device, interleaved):
     D, rd = 64, 32

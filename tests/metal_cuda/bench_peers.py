@@ -161,6 +161,21 @@ def run_zoo_row(name, B, S, dtype, sms):
     r["ours_us"], r["splits"], r["kernel"], r["regs"] = bench.time_us(fn), attn.grid[0], attn.pipeline.kernel, \
         attn.pipeline.num_regs
     del case, ref, out
+    # The same call on a dense cache [B, S, Hkv, D] as flash_attn_func's decode route plans it (transformers'
+    # generate(); no block table or lengths): the peers' layout.
+    case = gc.make_paged_case(B, S, H, Hkv, D, dtype, S, sk_new=0, full_length=True, padded_rows=False, seed=1)
+    ref = gc.reference_attention(case, case.k_cache, case.v_cache, scale=scale, window=(-1, 0), softcap=softcap,
+                                 sinks=sinks, dtype=torch.float32)[0]
+    rows = case.block_table[:, 0].long()
+    k, v = case.k_cache[rows].contiguous(), case.v_cache[rows].contiguous()
+    out = torch.full_like(case.q, float("nan"))
+    fn, _ = prepared_fn(gc.plan_dense_decode(case.q, k, v, out, scale=scale, softcap=softcap, sinks=sinks,
+                                             gpu_cores=sms))
+    fn()
+    torch.cuda.synchronize()
+    check(out, ref, f"{name} B={B} S={S} dense", dtype)
+    r["ours_dense_us"] = bench.time_us(fn)
+    del case, ref, out, k, v
     dt = SHORT[dtype]
     if D in peer.HEAD_DIMS:
         try:
@@ -175,6 +190,7 @@ def run_zoo_row(name, B, S, dtype, sms):
     peers = [r[k] for k in ("mlx_best_us", "ggml_us") if k in r]
     if peers:
         r["x_best_peer"] = min(peers) / r["ours_us"]
+        r["x_best_peer_dense"] = min(peers) / r["ours_dense_us"]
     torch.cuda.empty_cache()
     return r
 
@@ -182,20 +198,21 @@ def run_zoo_row(name, B, S, dtype, sms):
 def zoo_table(results):
     import math
 
-    print("\n| model | B | S | dtype | ours us (splits) | MLX launch | MLX best | llama.cpp | x MLX best | x llama.cpp "
-          "| x best peer |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    cols = {"x MLX best": [], "x llama.cpp": [], "x best peer": []}
+    print("\n| model | B | S | dtype | ours us (splits) | ours, dense cache | MLX launch | MLX best | llama.cpp | "
+          "x MLX best | x llama.cpp | x best peer | x best peer, dense |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cols = {"x MLX best": [], "x llama.cpp": [], "x best peer": [], "x best peer, dense": []}
     for r in results:
         xm = r["mlx_best_us"] / r["ours_us"] if "mlx_best_us" in r else None
         xg = r["ggml_us"] / r["ours_us"] if "ggml_us" in r else None
-        xb = r.get("x_best_peer")
-        for k, v in (("x MLX best", xm), ("x llama.cpp", xg), ("x best peer", xb)):
+        xb, xc = r.get("x_best_peer"), r.get("x_best_peer_dense")
+        for k, v in (("x MLX best", xm), ("x llama.cpp", xg), ("x best peer", xb), ("x best peer, dense", xc)):
             if v is not None:
                 cols[k].append(v)
         note = (" (peers without " + ", ".join(r["options"]) + ")") if r["options"] else ""
-        x = [f"{v:.2f}" if v is not None else "-" for v in (xm, xg, xb)]
-        us = [f"{r[k]:.1f}" if k in r else "-" for k in ("mlx_launch_us", "mlx_best_us", "ggml_us")]
+        x = [f"{v:.2f}" if v is not None else "-" for v in (xm, xg, xb, xc)]
+        us = [f"{r[k]:.1f}" if k in r else "-"
+              for k in ("ours_dense_us", "mlx_launch_us", "mlx_best_us", "ggml_us")]
         print(f"| {r['model']}{note} | {r['B']} | {r['S']} | {r['dtype']} | {r['ours_us']:.1f} ({r['splits']}) | "
               f"{' | '.join(us)} | {' | '.join(x)} |")
     for k, v in cols.items():

@@ -104,6 +104,16 @@ def plan_paged(case: PagedCase, out, lse=None, *, scale, window=(-1, 0), softcap
                                 target_threadgroups, gpu_cores, simdgroup_partials)
 
 
+def plan_dense_decode(q, k, v, out, *, scale, softcap=0.0, sinks=None, gpu_cores=None):
+    """flash_attn_func's decode as routing.cpp plans it: k / v [B, S, Hkv, D] (row b is request b's, all S keys
+    valid), no block table or length tensor."""
+    if gpu_cores is None:
+        gpu_cores = torch.cuda.get_device_properties(0).multi_processor_count
+    S = k.shape[1]
+    return planner().plan_paged(q, k, v, None, None, None, None, out, None, None, sinks, scale, softcap, -1, 0, 0, S,
+                                0, gpu_cores, -1, S)
+
+
 def reference_write(case: PagedCase) -> torch.Tensor:
     """The storage after kv_paged_write, on a copy."""
     st = case.storage.clone()

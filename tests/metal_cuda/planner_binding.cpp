@@ -39,18 +39,25 @@ py::list to_python(const LaunchPlan& plan) {
   return out;
 }
 
-py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, at::Tensor block_table,
-                    at::Tensor cache_seqlens, std::optional<at::Tensor> k_new, std::optional<at::Tensor> v_new,
-                    at::Tensor out, std::optional<at::Tensor> lse, std::optional<at::Tensor> alibi_slopes,
-                    std::optional<at::Tensor> sinks, double scale, double softcap, int64_t window_left,
-                    int64_t window_right, int64_t num_splits, int64_t max_seqlen_k, int64_t target_threadgroups,
-                    int64_t gpu_cores, int64_t simdgroup_partials) {
+py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, std::optional<at::Tensor> block_table,
+                    std::optional<at::Tensor> cache_seqlens, std::optional<at::Tensor> k_new,
+                    std::optional<at::Tensor> v_new, at::Tensor out, std::optional<at::Tensor> lse,
+                    std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, double scale,
+                    double softcap, int64_t window_left, int64_t window_right, int64_t num_splits, int64_t max_seqlen_k,
+                    int64_t target_threadgroups, int64_t gpu_cores, int64_t simdgroup_partials, int64_t fixed_seqlen) {
   flash_sdpa::PagedKVCacheAttention call;
   call.q = q;
   call.k_cache = k_cache;
   call.v_cache = v_cache;
-  call.block_table = block_table;
-  call.cache_seqlens = cache_seqlens;
+  // No block table: row b of the cache is request b's (cache_row_is_request); no cache_seqlens: fixed_seqlen.
+  call.cache_row_is_request = !block_table.has_value();
+  if (block_table.has_value()) {
+    call.block_table = *block_table;
+  }
+  if (cache_seqlens.has_value()) {
+    call.cache_seqlens = *cache_seqlens;
+  }
+  call.fixed_seqlen = fixed_seqlen;
   call.k_new = k_new;
   call.v_new = v_new;
   call.out = out;
@@ -152,7 +159,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_new"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"),
         py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0, py::arg("gpu_cores") = 0,
-        py::arg("simdgroup_partials") = -1);
+        py::arg("simdgroup_partials") = -1, py::arg("fixed_seqlen") = -1);
   m.def("plan_varlen_decode", &plan_varlen_decode, "flash_sdpa::plan_paged_kvcache, varlen decode mode", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"), py::arg("lse"),
         py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),

@@ -162,6 +162,25 @@ def _plan_decode(planner, shape, cores):
                               None, None, None, D ** -0.5, 0.0, -1, 0, 0, S, 0, cores)
 
 
+def test_dense_decode_binds_no_index_tensors(planner):
+    """flash_attn_func's decode (routing.cpp): row b of the cache is request b's and every request has all S keys, so
+    the plan binds no int32 tensor (no block table, no lengths: none was built) and its params say where the kernel
+    takes them from instead."""
+    B, S, H, Hkv, D = 2, 300, 8, 2, 64
+    q = torch.empty(B, 1, H, D, dtype=torch.float16)
+    k = torch.empty(B, S, Hkv, D, dtype=torch.float16)
+    plan = planner.plan_paged(q, k, k, None, None, None, None, torch.empty_like(q), None, None, None, D ** -0.5, 0.0,
+                              -1, 0, 0, S, 0, 40, -1, S)
+    decode = plan[0]
+    assert decode["kernel"].startswith("paged_decode_")
+    assert not [i for i, t in decode["buffers"] if t.dtype == torch.int32]
+    params = decode["bytes"][0][1]
+    # PagedDecodeParams: block_table_stride_b (int64 at 72), cache_row_is_request and fixed_seqlen after
+    # simdgroup_partials (int32 13 of the counts).
+    assert struct.unpack_from("<q", params, 72)[0] == 0
+    assert struct.unpack_from("<ii", params, 80 + 14 * 4) == (1, S)
+
+
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"B{s[0]}_H{s[1]}-{s[2]}_S{s[3]}_D{s[4]}")
 @pytest.mark.parametrize("cores", [8, 40, 132])
 def test_decode_splits_whole_steps(planner, shape, cores):
