@@ -31,7 +31,7 @@
 // (half / bfloat) and D = 64 (float); beyond, each simdgroup's operation reads its Q rows from device memory
 // (tops_q_staged). At D = 256 in half / bfloat the same tile runs on flash_attn_varlen_tops_dsplit: 8 simdgroups, two
 // per 16 rows, each with half of the head dim of O (its partial S exchanged with its partner through threadgroup
-// memory), so that O is 64 floats a thread as at D = 128 rather than 128.
+// memory), so that O is 64 floats a thread as at D = 128 rather than 128, and its Q half resident in a left input.
 //
 // flash_attn_varlen_tops32 (kept to compare; the varlen plan's 32-row tiles and grid): one execution_simdgroups<4>
 // scope for both products; S stored to threadgroup memory, the varlen kernel's softmax step there (4 lanes per row),
@@ -688,8 +688,10 @@ template <typename T, int D>
 // MPP header's own pattern for adding a destination of the same operation), both add the two in the same order
 // (bit-identical S) and run the same softmax, and each accumulates its half of O. O is then 16 x 128 floats per
 // simdgroup (64 a thread), as at D = 128; 16 x 256 would be 128 a thread, which an Apple GPU would spill (MLX's NAX
-// kernel splits D = 256 the same way, for that reason; the proxy spilled 240 B a thread). Q is read from device memory
-// (64 x 256 does not fit 32 KB beside the key tiles); 16-key K / V tiles; 3 threadgroup barriers per key tile.
+// kernel splits D = 256 the same way, for that reason; the proxy spilled 240 B a thread). Q (64 x 256 does not fit 32
+// KB beside the key tiles) is read from device memory once per query tile into each simdgroup's left input cooperative
+// tensor (16 x 128: 64 halves a thread) and stays there for the key loop, as MLX's NAX kernel keeps its Q fragments;
+// 16-key K / V tiles; 3 threadgroup barriers per key tile.
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_TOPS_SPLIT_THREADS)]] kernel void flash_attn_varlen_tops_dsplit(
     FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
@@ -742,20 +744,23 @@ template <typename T, int D>
   const int r0 = (int(sg) / 2) * R;  // this simdgroup's first row in the tile
   threadgroup atomic_float* stage_m = row_stage + int(sg) * R;
   threadgroup atomic_float* stage_x = row_stage + (NSG + int(sg)) * R;
-  using QTensor = decltype(flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, 0, r0, c * DH, seq.sq));
+  // This simdgroup's Q (16 x DH) stays in a left input cooperative tensor for the whole key loop, loaded once per query
+  // tile: per 16-key tile the operation then reads K alone, not 4x K's bytes of Q again from device memory.
+  auto q_left = qk_op.template get_left_input_cooperative_tensor<T, T, float>();
+  using QLeft = decltype(q_left);
 
-  auto row_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto row_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto tile_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto tile_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto alpha = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+  auto row_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto row_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto tile_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto tile_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto alpha = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
   auto o_acc = pv_op.template get_destination_cooperative_tensor<decltype(tp), decltype(tv), float>();
   // The API's answers (as in flash_attn_varlen_tops); the left-input one over the whole threadgroup, since its other
   // path reuses the exchange tile behind a threadgroup barrier.
   bool s_mapped, o_mapped, p_left;
   {
-    auto s_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-    auto p_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
+    auto s_probe = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+    auto p_probe = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), T>();
     s_mapped = simd_all(is_iterator_compatible(s_probe, row_max));
     o_mapped = simd_all(is_iterator_compatible(o_acc, row_max));
     const bool converts = simd_all(flash_sdpa::tops_same_layout(s_probe, p_probe) &&
@@ -786,7 +791,7 @@ template <typename T, int D>
       atomic_store_explicit(&bad_rows[tid], 0u, memory_order_relaxed);
     }
     const flash_sdpa::TopsRows rows = flash_sdpa::tops_rows(q0, r0, seq, p);
-    const QTensor tq = flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, q0, r0, c * DH, seq.sq);
+    q_left.load(flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, q0, r0, c * DH, seq.sq));
     FLASH_SDPA_UNROLL
     for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
       o_acc[i] = 0.0f;
@@ -804,14 +809,14 @@ template <typename T, int D>
 
       // The partial S of this simdgroup's columns, to its partner (both members of a pair decide alike: same rows).
       const bool sees = flash_sdpa::tops_sees(rows, k0, BK);
-      auto s_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+      auto s_acc = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), float>();
       if (sees) {
-        qk_op.run(tq, tk, s_acc);
+        qk_op.run(q_left, tk, s_acc);
         s_acc.store(t_own);
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
       if (sees) {
-        auto s_partner = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+        auto s_partner = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), float>();
         s_partner.load(t_partner);
         FLASH_SDPA_UNROLL
         for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
@@ -830,7 +835,7 @@ template <typename T, int D>
       }
       if (sees) {
         if (p_left) {
-          auto p_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
+          auto p_acc = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), T>();
           flash_sdpa::tops_p_slots<T>(p_acc, s_acc);
           auto p_in = pv_op.template get_left_input_cooperative_tensor<T, T, float>(p_acc);
           pv_op.run(p_in, tv, o_acc);
