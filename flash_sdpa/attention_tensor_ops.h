@@ -691,7 +691,9 @@ template <typename T, int D>
 // kernel splits D = 256 the same way, for that reason; the proxy spilled 240 B a thread). Q (64 x 256 does not fit 32
 // KB beside the key tiles) is read from device memory once per query tile into each simdgroup's left input cooperative
 // tensor (16 x 128: 64 halves a thread) and stays there for the key loop, as MLX's NAX kernel keeps its Q fragments;
-// 16-key K / V tiles; 3 threadgroup barriers per key tile.
+// 16-key K / V tiles. 2 threadgroup barriers per key tile (paged too): a tile's V is staged after its S, before the
+// exchange barrier, and the next tile's K after that barrier (every S of the tile is done), so the tile's closing
+// barrier serves both (paged offsets of two tiles, by parity, for the same reason).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_TOPS_SPLIT_THREADS)]] kernel void flash_attn_varlen_tops_dsplit(
     FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
@@ -717,7 +719,7 @@ template <typename T, int D>
   threadgroup atomic_float row_stage[2 * NSG * R];  // per-row values broadcast where map_iterator is not available
   threadgroup uint poison[BQ * W];                  // (row, column) bits: the row sees a non-finite V element there
   threadgroup uint sg_flags[NSG];                   // simdgroup s staged a non-finite V element as 0 / its answer
-  threadgroup long key_offsets[2 * BK];
+  threadgroup long key_offsets[2 * 2 * BK];  // paged: two key tiles' offsets (by tile parity), K [r] and V [BK + r]
 
   const int c = int(sg) % 2;  // this simdgroup's column half
   threadgroup T* k_tile = kv_tiles;
@@ -802,10 +804,21 @@ template <typename T, int D>
       row_sum[i] = 0.0f;
     }
 
+    // K of the first key tile; then each key tile stages its own V and the next tile's K between its two barriers.
+    if (kv_begin < kv_end) {
+      if (fc_varlen_paged) {
+        varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, kv_begin, kv_end, p, tid);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, kv_begin, kv_end, aligned_k,
+                                             tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      flash_sdpa::tops_stage_keys<T, BQ, BK, D, NT, NSG>(k_tile, v_tile, key_offsets, sg_flags, poison, block_table,
-                                                         head, aligned_k, aligned_v, b, q0, k0, kv_end, seq, p, tid, sg,
-                                                         lane);
+      const int tile = (k0 - kv_begin) / BK;
+      threadgroup long* offsets = key_offsets + (tile % 2) * 2 * BK;  // this tile's (paged)
+      threadgroup long* next_offsets = key_offsets + (1 - tile % 2) * 2 * BK;
+      const bool next = k0 + BK < kv_end;
 
       // The partial S of this simdgroup's columns, to its partner (both members of a pair decide alike: same rows).
       const bool sees = flash_sdpa::tops_sees(rows, k0, BK);
@@ -814,7 +827,29 @@ template <typename T, int D>
         qk_op.run(q_left, tk, s_acc);
         s_acc.store(t_own);
       }
+      // V of this tile (the last tile's P V ended before its closing barrier), the next tile's paged offsets.
+      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(v_tile, head.v, p.v_row_stride, offsets + BK,
+                                                                          k0, kv_end, aligned_v, tid));
+      if (lane == 0) {
+        sg_flags[sg] = dropped ? 1u : 0u;
+      }
+      if (fc_varlen_paged && next) {
+        varlen_paged_offsets<BK, NT>(next_offsets, block_table, b, k0 + BK, kv_end, p, tid);
+      }
       threadgroup_barrier(mem_flags::mem_threadgroup);
+      // Every S of this tile is done: K of the next tile replaces it. Poison bits where a simdgroup dropped a V
+      // element.
+      if (next) {
+        varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, next_offsets, k0 + BK, kv_end, aligned_k,
+                                               tid);
+      }
+      uint any_dropped = 0;
+      for (int s = 0; s < NSG; ++s) {
+        any_dropped |= sg_flags[s];
+      }
+      if (any_dropped != 0) {  // uniform
+        varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, offsets + BK, q0, k0, kv_end, seq, p, tid);
+      }
       if (sees) {
         auto s_partner = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), float>();
         s_partner.load(t_partner);
@@ -824,7 +859,7 @@ template <typename T, int D>
             s_acc[i] += s_partner[i];  // a + b == b + a: both members hold the same S
           }
         }
-        flash_sdpa::tops_scores<BQ>(s_acc, rows, k0, flash_sdpa::tops_interior(rows, k0, BK), row_keys, key_offsets,
+        flash_sdpa::tops_scores<BQ>(s_acc, rows, k0, flash_sdpa::tops_interior(rows, k0, BK), row_keys, offsets,
                                     bad_rows, head.slope, seq, p);
         if (flash_sdpa::tops_softmax(s_acc, row_max, row_sum, tile_max, tile_sum, alpha, s_mapped, stage_m)) {
           flash_sdpa::tops_rescale(o_acc, alpha, o_mapped, stage_x);

@@ -144,7 +144,7 @@ constexpr fsdpa_i32 tops_split_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 e
   return 2 * kTopsSplitBlockK * head_dim * elem_bytes + 2 * kTopsBlockQ * kTopsSplitBlockK * 4 +
          4 * (2 * kTopsBlockQ + 2 * kTopsBlockQ + kTopsBlockQ + 4 * kTopsBlockQ +
               kTopsBlockQ * varlen_poison_words(head_dim) + 2 * kVarlenSimdgroups) +
-         16 * kTopsSplitBlockK;
+         2 * 16 * kTopsSplitBlockK;  // paged key offsets of two key tiles
 }
 
 // Threads per threadgroup of the tensor-ops forward at this head dim (the planner's launch).
