@@ -31,7 +31,7 @@
 // (half / bfloat) and D = 64 (float); beyond, each simdgroup's operation reads its Q rows from device memory
 // (tops_q_staged). At D = 256 in half / bfloat the same tile runs on flash_attn_varlen_tops_dsplit: 8 simdgroups, two
 // per 16 rows, each with half of the head dim of O (its partial S exchanged with its partner through threadgroup
-// memory), so that O is 64 floats a thread as at D = 128 rather than 128.
+// memory), so that O is 64 floats a thread as at D = 128 rather than 128, and its Q half resident in a left input.
 //
 // flash_attn_varlen_tops32 (kept to compare; the varlen plan's 32-row tiles and grid): one execution_simdgroups<4>
 // scope for both products; S stored to threadgroup memory, the varlen kernel's softmax step there (4 lanes per row),
@@ -688,8 +688,12 @@ template <typename T, int D>
 // MPP header's own pattern for adding a destination of the same operation), both add the two in the same order
 // (bit-identical S) and run the same softmax, and each accumulates its half of O. O is then 16 x 128 floats per
 // simdgroup (64 a thread), as at D = 128; 16 x 256 would be 128 a thread, which an Apple GPU would spill (MLX's NAX
-// kernel splits D = 256 the same way, for that reason; the proxy spilled 240 B a thread). Q is read from device memory
-// (64 x 256 does not fit 32 KB beside the key tiles); 16-key K / V tiles; 3 threadgroup barriers per key tile.
+// kernel splits D = 256 the same way, for that reason; the proxy spilled 240 B a thread). Q (64 x 256 does not fit 32
+// KB beside the key tiles) is read from device memory once per query tile into each simdgroup's left input cooperative
+// tensor (16 x 128: 64 halves a thread) and stays there for the key loop, as MLX's NAX kernel keeps its Q fragments;
+// 16-key K / V tiles. 2 threadgroup barriers per key tile (paged too): a tile's V is staged after its S, before the
+// exchange barrier, and the next tile's K after that barrier (every S of the tile is done), so the tile's closing
+// barrier serves both (paged offsets of two tiles, by parity, for the same reason).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_TOPS_SPLIT_THREADS)]] kernel void flash_attn_varlen_tops_dsplit(
     FLASH_SDPA_VARLEN_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
@@ -715,7 +719,7 @@ template <typename T, int D>
   threadgroup atomic_float row_stage[2 * NSG * R];  // per-row values broadcast where map_iterator is not available
   threadgroup uint poison[BQ * W];                  // (row, column) bits: the row sees a non-finite V element there
   threadgroup uint sg_flags[NSG];                   // simdgroup s staged a non-finite V element as 0 / its answer
-  threadgroup long key_offsets[2 * BK];
+  threadgroup long key_offsets[2 * 2 * BK];  // paged: two key tiles' offsets (by tile parity), K [r] and V [BK + r]
 
   const int c = int(sg) % 2;  // this simdgroup's column half
   threadgroup T* k_tile = kv_tiles;
@@ -742,20 +746,23 @@ template <typename T, int D>
   const int r0 = (int(sg) / 2) * R;  // this simdgroup's first row in the tile
   threadgroup atomic_float* stage_m = row_stage + int(sg) * R;
   threadgroup atomic_float* stage_x = row_stage + (NSG + int(sg)) * R;
-  using QTensor = decltype(flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, 0, r0, c * DH, seq.sq));
+  // This simdgroup's Q (16 x DH) stays in a left input cooperative tensor for the whole key loop, loaded once per query
+  // tile: per 16-key tile the operation then reads K alone, not 4x K's bytes of Q again from device memory.
+  auto q_left = qk_op.template get_left_input_cooperative_tensor<T, T, float>();
+  using QLeft = decltype(q_left);
 
-  auto row_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto row_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto tile_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto tile_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-  auto alpha = qk_op.template get_row_reduction_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+  auto row_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto row_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto tile_max = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto tile_sum = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+  auto alpha = qk_op.template get_row_reduction_destination_cooperative_tensor<QLeft, decltype(tk), float>();
   auto o_acc = pv_op.template get_destination_cooperative_tensor<decltype(tp), decltype(tv), float>();
   // The API's answers (as in flash_attn_varlen_tops); the left-input one over the whole threadgroup, since its other
   // path reuses the exchange tile behind a threadgroup barrier.
   bool s_mapped, o_mapped, p_left;
   {
-    auto s_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
-    auto p_probe = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
+    auto s_probe = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), float>();
+    auto p_probe = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), T>();
     s_mapped = simd_all(is_iterator_compatible(s_probe, row_max));
     o_mapped = simd_all(is_iterator_compatible(o_acc, row_max));
     const bool converts = simd_all(flash_sdpa::tops_same_layout(s_probe, p_probe) &&
@@ -786,7 +793,7 @@ template <typename T, int D>
       atomic_store_explicit(&bad_rows[tid], 0u, memory_order_relaxed);
     }
     const flash_sdpa::TopsRows rows = flash_sdpa::tops_rows(q0, r0, seq, p);
-    const QTensor tq = flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, q0, r0, c * DH, seq.sq);
+    q_left.load(flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, q0, r0, c * DH, seq.sq));
     FLASH_SDPA_UNROLL
     for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
       o_acc[i] = 0.0f;
@@ -797,21 +804,54 @@ template <typename T, int D>
       row_sum[i] = 0.0f;
     }
 
+    // K of the first key tile; then each key tile stages its own V and the next tile's K between its two barriers.
+    if (kv_begin < kv_end) {
+      if (fc_varlen_paged) {
+        varlen_paged_offsets<BK, NT>(key_offsets, block_table, b, kv_begin, kv_end, p, tid);
+        threadgroup_barrier(mem_flags::mem_threadgroup);
+      }
+      varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, key_offsets, kv_begin, kv_end, aligned_k,
+                                             tid);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+    }
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
-      flash_sdpa::tops_stage_keys<T, BQ, BK, D, NT, NSG>(k_tile, v_tile, key_offsets, sg_flags, poison, block_table,
-                                                         head, aligned_k, aligned_v, b, q0, k0, kv_end, seq, p, tid, sg,
-                                                         lane);
+      const int tile = (k0 - kv_begin) / BK;
+      threadgroup long* offsets = key_offsets + (tile % 2) * 2 * BK;  // this tile's (paged)
+      threadgroup long* next_offsets = key_offsets + (1 - tile % 2) * 2 * BK;
+      const bool next = k0 + BK < kv_end;
 
       // The partial S of this simdgroup's columns, to its partner (both members of a pair decide alike: same rows).
       const bool sees = flash_sdpa::tops_sees(rows, k0, BK);
-      auto s_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+      auto s_acc = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), float>();
       if (sees) {
-        qk_op.run(tq, tk, s_acc);
+        qk_op.run(q_left, tk, s_acc);
         s_acc.store(t_own);
       }
+      // V of this tile (the last tile's P V ended before its closing barrier), the next tile's paged offsets.
+      const bool dropped = simd_any(varlen_stage_rows<T, BK, D, NT, true>(v_tile, head.v, p.v_row_stride, offsets + BK,
+                                                                          k0, kv_end, aligned_v, tid));
+      if (lane == 0) {
+        sg_flags[sg] = dropped ? 1u : 0u;
+      }
+      if (fc_varlen_paged && next) {
+        varlen_paged_offsets<BK, NT>(next_offsets, block_table, b, k0 + BK, kv_end, p, tid);
+      }
       threadgroup_barrier(mem_flags::mem_threadgroup);
+      // Every S of this tile is done: K of the next tile replaces it. Poison bits where a simdgroup dropped a V
+      // element.
+      if (next) {
+        varlen_stage_rows<T, BK, D, NT, false>(k_tile, head.k, p.k_row_stride, next_offsets, k0 + BK, kv_end, aligned_k,
+                                               tid);
+      }
+      uint any_dropped = 0;
+      for (int s = 0; s < NSG; ++s) {
+        any_dropped |= sg_flags[s];
+      }
+      if (any_dropped != 0) {  // uniform
+        varlen_poison_rows<T, BQ, BK, D, NT>(poison, head.v, p.v_row_stride, offsets + BK, q0, k0, kv_end, seq, p, tid);
+      }
       if (sees) {
-        auto s_partner = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), float>();
+        auto s_partner = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), float>();
         s_partner.load(t_partner);
         FLASH_SDPA_UNROLL
         for (ushort i = 0; i < s_acc.get_capacity(); ++i) {
@@ -819,7 +859,7 @@ template <typename T, int D>
             s_acc[i] += s_partner[i];  // a + b == b + a: both members hold the same S
           }
         }
-        flash_sdpa::tops_scores<BQ>(s_acc, rows, k0, flash_sdpa::tops_interior(rows, k0, BK), row_keys, key_offsets,
+        flash_sdpa::tops_scores<BQ>(s_acc, rows, k0, flash_sdpa::tops_interior(rows, k0, BK), row_keys, offsets,
                                     bad_rows, head.slope, seq, p);
         if (flash_sdpa::tops_softmax(s_acc, row_max, row_sum, tile_max, tile_sum, alpha, s_mapped, stage_m)) {
           flash_sdpa::tops_rescale(o_acc, alpha, o_mapped, stage_x);
@@ -830,7 +870,7 @@ template <typename T, int D>
       }
       if (sees) {
         if (p_left) {
-          auto p_acc = qk_op.template get_destination_cooperative_tensor<QTensor, decltype(tk), T>();
+          auto p_acc = qk_op.template get_destination_cooperative_tensor<QLeft, decltype(tk), T>();
           flash_sdpa::tops_p_slots<T>(p_acc, s_acc);
           auto p_in = pv_op.template get_left_input_cooperative_tensor<T, T, float>(p_acc);
           pv_op.run(p_in, tv, o_acc);

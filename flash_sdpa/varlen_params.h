@@ -133,7 +133,8 @@ constexpr fsdpa_i32 tops_block_k(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes) {
 
 // D-split (flash_attn_varlen_tops_dsplit): half / bfloat above D = 128 (256 here) on 8 simdgroups, two per 16 rows,
 // each with half of the head dim of O (16 x 128 floats, as at D = 128: 16 x 256 would be 128 floats a thread), the
-// partial S of each half exchanged through a float tile; 16-key K / V tiles, Q from device memory.
+// partial S of each half exchanged through a float tile; 16-key K / V tiles, Q read from device memory once per query
+// tile into each simdgroup's left input.
 #define FLASH_SDPA_TOPS_SPLIT_THREADS 256
 FSDPA_CONSTANT fsdpa_i32 kTopsSplitBlockK = 16;
 
@@ -143,7 +144,7 @@ constexpr fsdpa_i32 tops_split_threadgroup_bytes(fsdpa_i32 head_dim, fsdpa_i32 e
   return 2 * kTopsSplitBlockK * head_dim * elem_bytes + 2 * kTopsBlockQ * kTopsSplitBlockK * 4 +
          4 * (2 * kTopsBlockQ + 2 * kTopsBlockQ + kTopsBlockQ + 4 * kTopsBlockQ +
               kTopsBlockQ * varlen_poison_words(head_dim) + 2 * kVarlenSimdgroups) +
-         16 * kTopsSplitBlockK;
+         2 * 16 * kTopsSplitBlockK;  // paged key offsets of two key tiles
 }
 
 // Threads per threadgroup of the tensor-ops forward at this head dim (the planner's launch).
