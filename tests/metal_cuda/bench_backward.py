@@ -65,14 +65,17 @@ def median_us(fn, budget_ms: float = 2000.0) -> float:
 
 def ours(q, k, v, dout, scale, causal, tops=False):
     """Prepared forward and backward plans; returns (forward fn, backward fn, (dq, dk, dv), scratch bytes). tops: the
-    backward's tensor-ops plan (None when the library does not serve the dtype and head dim)."""
+    forward's and the backward's tensor-ops plans (None when the library does not serve the dtype and head dim)."""
     B, S, H, D = q.shape
     right = 0 if causal else -1
     out = torch.empty_like(q)
     lse = torch.empty(B, H, S, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count  # the command-buffer budget's device
-    fwd = launch.prepare_plan(gc.libraries(), gc.planner().plan_varlen(q, k, v, out, lse, None, None, None, None, S,
-                                                                       scale, 0.0, -1, right, gpu_cores=sms))
+    fwd_plan = gc.planner().plan_varlen(q, k, v, out, lse, None, None, None, None, S, scale, 0.0, -1, right,
+                                        gpu_cores=sms, tensor_ops=tops)
+    if tops and not all("_tops_" in d["kernel"] for d in fwd_plan):
+        return None
+    fwd = launch.prepare_plan(gc.libraries(), fwd_plan)
     for p in fwd:
         p.launch()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -156,6 +159,8 @@ def bench_row(causal, S, H, Hkv, D, dtype):
         row["torch_fwd_us"], row["torch_bwd_us"] = median_us(t_fwd), median_us(t_bwd)
         row["torch_ratio"] = row["torch_bwd_us"] / row["torch_fwd_us"]
         row["ratio_of_ratios"] = row["ratio"] / row["torch_ratio"]
+        if "tops_ratio" in row:
+            row["tops_ratio_of_ratios"] = row["tops_ratio"] / row["torch_ratio"]
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
@@ -179,7 +184,7 @@ def bench_tops(q, k, v, dout, scale, causal, simd_grads):
     made = ours(q, k, v, dout, scale, causal, tops=True)
     if made is None:
         return {}
-    _, bwd, grads, _ = made
+    fwd, bwd, grads, _ = made
     bwd()
     torch.cuda.synchronize()
     row = {}
@@ -188,7 +193,8 @@ def bench_tops(q, k, v, dout, scale, causal, simd_grads):
         assert err < 2e-2, f"tensor-ops backward: {name} relative L2 {err:.3g} against the simdgroup backward's"
         row[f"tops_relL2_simd_{name}"] = err
     row["tops_grads"] = grads
-    row["tops_bwd_us"] = median_us(bwd)
+    row["tops_fwd_us"], row["tops_bwd_us"] = median_us(fwd), median_us(bwd)
+    row["tops_ratio"] = row["tops_bwd_us"] / row["tops_fwd_us"]
     return row
 
 
@@ -213,11 +219,12 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}")
-    tops_head = " ours bwd tops us | tops / simdgroup | tops relL2 dq/dk/dv |" if a.tops else ""
+    tops_head = (" ours fwd tops us | ours bwd tops us | tops bwd/fwd | tops / torch ratio | tops bwd / simdgroup bwd "
+                 "| tops relL2 dq/dk/dv |" if a.tops else "")
     print("| causal | S | H/Hkv | D | dtype | ours fwd us | ours bwd us | bwd/fwd | torch fwd us | torch bwd us | "
           "bwd/fwd | ours / torch ratio | scratch B (ours) | scratch B (torch) | relL2 dq/dk/dv |" + tops_head)
     print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|" +
-          ("---:|---:|---|" if a.tops else ""))
+          ("---:|---:|---:|---:|---:|---|" if a.tops else ""))
     rows = []
     for causal, S, H, Hkv, D, dtype in grid(a.quick):
         if ((keep_s and S not in keep_s) or (keep_d and D not in keep_d) or (keep_heads and (H, Hkv) not in keep_heads)
@@ -230,7 +237,8 @@ def main():
         print(f"| {causal} | {S} | {H}/{Hkv} | {D} | {r['dtype']} | {t('fwd_us')} | {t('bwd_us')} | "
               f"{t('ratio', '{:.2f}')} | {t('torch_fwd_us')} | {t('torch_bwd_us')} | {t('torch_ratio', '{:.2f}')} | "
               f"{t('ratio_of_ratios', '{:.2f}')} | {r['scratch_bytes']} | {t('torch_scratch_bytes')} | {errs} |" +
-              (f" {t('tops_bwd_us')} | {t('tops_over_simd', '{:.2f}')} | "
+              (f" {t('tops_fwd_us')} | {t('tops_bwd_us')} | {t('tops_ratio', '{:.2f}')} | "
+               f"{t('tops_ratio_of_ratios', '{:.2f}')} | {t('tops_over_simd', '{:.2f}')} | "
                + "/".join(t(f"tops_relL2_{n}", "{:.1e}") for n in ("dq", "dk", "dv")) + " |" if a.tops else ""),
               flush=True)
         torch.cuda.empty_cache()
