@@ -96,6 +96,48 @@ inline bool bwd_row_lse2(uint bits, thread float* lse2) {
   return !flash_sdpa::is_nonfinite(as_type<float>(bits));
 }
 
+// The query side of head h of sequence b: q, dO, the forward's LSE (float bits) and delta from the sequence's first
+// row, and the head's ALiBi slope.
+template <typename T>
+struct BwdQueryHead {
+  const device T* q;
+  const device T* dout;
+  const device uint* lse;
+  const device float* delta;
+  float slope;
+};
+
+template <typename T>
+inline BwdQueryHead<T> bwd_query_head(const device T* q, const device T* dout, const device uint* lse,
+                                      const device float* delta, const device float* alibi_slopes, int b, int h,
+                                      BwdSequence seq, constant flash_sdpa::BackwardParams& p) {
+  BwdQueryHead<T> x;
+  x.q = q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
+  x.dout = dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
+  x.lse = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
+  x.delta = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
+  x.slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
+  return x;
+}
+
+// The elementwise step's scalars of query rows [i0, i0 + ROWS) (row r by thread r mod kBwdThreads): LSE in the log2
+// domain and delta (0 past n or without a finite LSE), the visible keys [lo, hi] (hi = -1: the row sees none).
+template <typename T, int ROWS>
+inline void bwd_row_scalars(threadgroup float* lse2, threadgroup float* delta, threadgroup int* lo, threadgroup int* hi,
+                            const thread BwdQueryHead<T>& head, int i0, int n, int offset, int sk,
+                            constant flash_sdpa::BackwardParams& p, uint tid) {
+  for (int r = int(tid); r < ROWS; r += flash_sdpa::kBwdThreads) {
+    const int i = i0 + r;
+    float row_lse2 = 0.0f;
+    const bool active = r < n && bwd_row_lse2(head.lse[i], &row_lse2);
+    const int2 keys = flash_sdpa::visible_keys(i + offset, p.opt, sk);
+    lse2[r] = active ? row_lse2 : 0.0f;
+    delta[r] = active ? head.delta[i] : 0.0f;
+    lo[r] = keys.x;
+    hi[r] = active ? keys.y : -1;
+  }
+}
+
 // ---- pass 1: delta = rowsum(dO * O) ---------------------------------------------------------------------------------
 // Grid (row tiles, H, B); threadgroup x takes tiles x, x + grid.x, ... of 32 rows; each simdgroup 8 rows, lanes
 // over the head dim. Every tile costs the same here, so the grid order of the passes below does not matter.
@@ -386,38 +428,22 @@ template <typename T, int D>
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
-      const int h = kvh * group + g;
-      const device T* q_seq =
-          q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-      const device T* do_seq =
-          dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
-      const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
-      const device float* delta_seq =
-          delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
-      const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
+      const BwdQueryHead<T> head = bwd_query_head(q, dout, lse, delta, alibi_slopes, b, kvh * group + g, seq, p);
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
         const int n = min(STAGE, rows.y + 1 - i0);  // uniform
-        bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned.q, tid);
+        bwd_stage<T, STAGE, D, true>(q_tile, head.q, p.q_row_stride, i0, n, aligned.q, tid);
         if (NBUF == 2) {
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned.dout, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, head.dout, p.do_row_stride, i0, n, aligned.dout, tid);
         }
-        for (int r = int(tid); r < STAGE; r += NT) {
-          float lse2 = 0.0f;
-          const bool active = r < n && bwd_row_lse2(lse_seq[i0 + r], &lse2);
-          const int2 keys = flash_sdpa::visible_keys(i0 + r + offset, p.opt, sk);
-          row_lse2[r] = active ? lse2 : 0.0f;
-          row_delta[r] = active ? delta_seq[i0 + r] : 0.0f;
-          row_lo[r] = keys.x;
-          row_hi[r] = active ? keys.y : -1;
-        }
+        bwd_row_scalars<T, STAGE>(row_lse2, row_delta, row_lo, row_hi, head, i0, n, offset, sk, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
         // Partial K Q^T over this simdgroup's columns (Q blocks loaded transposed); dP^T = V dO^T likewise.
         bwd_strip_products<T, SB, FB, D, STAGE>(s_mine, k_frag, q_tile, cs * DS);
         if (NBUF == 1) {  // dO replaces Q in the buffer
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned.dout, tid);
+          bwd_stage<T, STAGE, D, true>(do_tile, head.dout, p.do_row_stride, i0, n, aligned.dout, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, v_frag, do_tile, cs * DS);
@@ -431,8 +457,8 @@ template <typename T, int D>
           const float2 qk_dp = bwd_sum_partials<CS, BK, STAGE>(s_strip, dp_strip, e);
           const int j = k0 + row;
           const bool vis = j >= row_lo[c] && j <= row_hi[c];
-          const float2 pds =
-              bwd_p_ds(qk_dp, p.opt.scale, p.opt.softcap, slope, i0 + c + offset - j, vis, row_lse2[c], row_delta[c]);
+          const float2 pds = bwd_p_ds(qk_dp, p.opt.scale, p.opt.softcap, head.slope, i0 + c + offset - j, vis,
+                                      row_lse2[c], row_delta[c]);
           pt_strip[e] = T(pds.x);
           dst_strip[e] = T(pds.y);
         }
@@ -453,7 +479,7 @@ template <typename T, int D>
         }
         if (NBUF == 1) {  // Q again, in place of dO
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, STAGE, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned.q, tid);
+          bwd_stage<T, STAGE, D, true>(q_tile, head.q, p.q_row_stride, i0, n, aligned.q, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         for (int f = 0; f < FB; ++f) {
@@ -566,19 +592,13 @@ template <typename T, int D>
   threadgroup float* dp_mine = dp_strip + (cs * BQ + rb * 8) * STAGE;
   threadgroup T* ds_strip = bwd_t_strip<T>(dp_strip, ds_own);
 
-  const device T* q_seq =
-      q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-  const device T* do_seq =
-      dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
+  const BwdQueryHead<T> head = bwd_query_head(q, dout, lse, delta, alibi_slopes, b, h, seq, p);
   device T* dq_seq =
       dq + long(b) * p.dq_batch_stride + long(seq.start_q) * p.dq_row_stride + long(h) * p.dq_head_stride;
   const device T* k_seq =
       k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
   const device T* v_seq =
       v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
-  const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
-  const device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
-  const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
 
   // This threadgroup's query tiles of this dispatch (a long backward is split into command buffers: row_tile_slot).
   for (int q0 = slot.first_tile * BQ; q0 < sq; q0 += slot.step * BQ) {
@@ -586,21 +606,12 @@ template <typename T, int D>
     // Q and dO of this simdgroup's rows and columns, through the staging buffer (rows past the queries: 0).
     simdgroup_matrix<T, 8, 8> q_frag[FB], do_frag[FB];
     simdgroup_matrix<float, 8, 8> dq_acc[FB];
-    for (int r = int(tid); r < BQ; r += NT) {
-      const int i = q0 + r;
-      float lse2 = 0.0f;
-      const bool active = r < nq && bwd_row_lse2(lse_seq[i], &lse2);
-      const int2 keys = flash_sdpa::visible_keys(i + offset, p.opt, sk);
-      tile_lse2[r] = active ? lse2 : 0.0f;
-      tile_delta[r] = active ? delta_seq[i] : 0.0f;
-      tile_lo[r] = keys.x;
-      tile_hi[r] = active ? keys.y : -1;
-    }
+    bwd_row_scalars<T, BQ>(tile_lse2, tile_delta, tile_lo, tile_hi, head, q0, nq, offset, sk, p, tid);
     for (int f = 0; f < FB; ++f) {
       dq_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, q_seq, p.q_row_stride, aligned.q, do_seq, p.do_row_stride,
-                                      aligned.dout, q0, nq, rb, cs * DS, tid);
+    bwd_load_tile<T, BQ, D, FB, BOTH>(q_frag, do_frag, stage, head.q, p.q_row_stride, aligned.q, head.dout,
+                                      p.do_row_stride, aligned.dout, q0, nq, rb, cs * DS, tid);
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
     const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;
@@ -632,8 +643,8 @@ template <typename T, int D>
         const float2 qk_dp = bwd_sum_partials<CS, BQ, STAGE>(s_strip, dp_strip, e);
         const int j = j0 + c;
         const bool vis = j >= tile_lo[row] && j <= tile_hi[row];
-        ds_strip[e] = T(bwd_p_ds(qk_dp, p.opt.scale, p.opt.softcap, slope, q0 + row + offset - j, vis, tile_lse2[row],
-                                 tile_delta[row])
+        ds_strip[e] = T(bwd_p_ds(qk_dp, p.opt.scale, p.opt.softcap, head.slope, q0 + row + offset - j, vis,
+                                 tile_lse2[row], tile_delta[row])
                             .y);
       }
       bwd_strip_barrier<CS>();

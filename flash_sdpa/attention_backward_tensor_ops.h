@@ -160,31 +160,15 @@ template <typename T, int D>
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
-      const int h = kvh * group + g;
-      const device T* q_seq =
-          q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-      const device T* do_seq =
-          dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
-      const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
-      const device float* delta_seq =
-          delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
-      const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
+      const BwdQueryHead<T> head = bwd_query_head(q, dout, lse, delta, alibi_slopes, b, kvh * group + g, seq, p);
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += BS) {
         const int n = min(BS, rows.y + 1 - i0);  // uniform
-        bwd_stage<T, BS, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned.q, tid);
+        bwd_stage<T, BS, D, true>(q_tile, head.q, p.q_row_stride, i0, n, aligned.q, tid);
         if (NBUF == 2) {
-          bwd_stage<T, BS, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned.dout, tid);
+          bwd_stage<T, BS, D, true>(do_tile, head.dout, p.do_row_stride, i0, n, aligned.dout, tid);
         }
-        for (int r = int(tid); r < BS; r += NT) {
-          float lse2 = 0.0f;
-          const bool active = r < n && bwd_row_lse2(lse_seq[i0 + r], &lse2);
-          const int2 keys = flash_sdpa::visible_keys(i0 + r + offset, p.opt, sk);
-          row_lse2[r] = active ? lse2 : 0.0f;
-          row_delta[r] = active ? delta_seq[i0 + r] : 0.0f;
-          row_lo[r] = keys.x;
-          row_hi[r] = active ? keys.y : -1;
-        }
+        bwd_row_scalars<T, BS>(row_lse2, row_delta, row_lo, row_hi, head, i0, n, offset, sk, p, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
 
         {
@@ -194,7 +178,7 @@ template <typename T, int D>
         }
         if (NBUF == 1) {  // dO replaces Q in the buffer
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, BS, D, true>(do_tile, do_seq, p.do_row_stride, i0, n, aligned.dout, tid);
+          bwd_stage<T, BS, D, true>(do_tile, head.dout, p.do_row_stride, i0, n, aligned.dout, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         {
@@ -210,7 +194,7 @@ template <typename T, int D>
           const int row = e / BS, c = e % BS;
           const int j = k0 + row;
           const bool vis = j >= row_lo[c] && j <= row_hi[c];
-          const float2 pds = bwd_p_ds(float2(s_strip[e], dp_strip[e]), p.opt.scale, p.opt.softcap, slope,
+          const float2 pds = bwd_p_ds(float2(s_strip[e], dp_strip[e]), p.opt.scale, p.opt.softcap, head.slope,
                                       i0 + c + offset - j, vis, row_lse2[c], row_delta[c]);
           pt_tile[e] = T(pds.x);
           dst_tile[e] = T(pds.y);
@@ -220,7 +204,7 @@ template <typename T, int D>
         acc_op.run(tpt, tdo, dv_acc);
         if (NBUF == 1) {  // Q again, in place of dO
           threadgroup_barrier(mem_flags::mem_threadgroup);
-          bwd_stage<T, BS, D, true>(q_tile, q_seq, p.q_row_stride, i0, n, aligned.q, tid);
+          bwd_stage<T, BS, D, true>(q_tile, head.q, p.q_row_stride, i0, n, aligned.q, tid);
           threadgroup_barrier(mem_flags::mem_threadgroup);
         }
         acc_op.run(tdst, tq, dk_acc);
@@ -302,19 +286,13 @@ template <typename T, int D>
   const BwdAligned aligned = bwd_aligned(p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int kvh = h / (p.num_heads / p.num_kv_heads);
-  const device T* q_seq =
-      q + long(b) * p.q_batch_stride + long(seq.start_q) * p.q_row_stride + long(h) * p.q_head_stride;
-  const device T* do_seq =
-      dout + long(b) * p.do_batch_stride + long(seq.start_q) * p.do_row_stride + long(h) * p.do_head_stride;
+  const BwdQueryHead<T> head = bwd_query_head(q, dout, lse, delta, alibi_slopes, b, h, seq, p);
   device T* dq_seq =
       dq + long(b) * p.dq_batch_stride + long(seq.start_q) * p.dq_row_stride + long(h) * p.dq_head_stride;
   const device T* k_seq =
       k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
   const device T* v_seq =
       v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
-  const device uint* lse_seq = lse + long(b) * p.lse_batch_stride + long(h) * p.lse_head_stride + seq.start_q;
-  const device float* delta_seq = delta + long(b) * p.delta_batch_stride + long(h) * p.delta_head_stride + seq.start_q;
-  const float slope = fc_alibi ? flash_sdpa::alibi_slope(alibi_slopes, p.opt, b, h) : 0.0f;
 
   // This threadgroup's query tiles of this dispatch (bounds uniform over the threadgroup).
   for (int q0 = slot.first_tile * BT; q0 < sq; q0 += slot.step * BT) {
@@ -324,18 +302,9 @@ template <typename T, int D>
     // Q and dO are read per (query, key) pair only (S, dP): staged as they are, with the tile's row scalars. The
     // first barrier of the key loop orders them before their readers; the last one of the previous tile's loop,
     // after its readers.
-    bwd_stage<T, BT, D, false>(q_tile, q_seq, p.q_row_stride, q0, nq, aligned.q, tid);
-    bwd_stage<T, BT, D, false>(do_tile, do_seq, p.do_row_stride, q0, nq, aligned.dout, tid);
-    for (int r = int(tid); r < BT; r += NT) {
-      const int i = q0 + r;
-      float lse2 = 0.0f;
-      const bool active = r < nq && bwd_row_lse2(lse_seq[i], &lse2);
-      const int2 keys = flash_sdpa::visible_keys(i + offset, p.opt, sk);
-      tile_lse2[r] = active ? lse2 : 0.0f;
-      tile_delta[r] = active ? delta_seq[i] : 0.0f;
-      tile_lo[r] = keys.x;
-      tile_hi[r] = active ? keys.y : -1;
-    }
+    bwd_stage<T, BT, D, false>(q_tile, head.q, p.q_row_stride, q0, nq, aligned.q, tid);
+    bwd_stage<T, BT, D, false>(do_tile, head.dout, p.do_row_stride, q0, nq, aligned.dout, tid);
+    bwd_row_scalars<T, BT>(tile_lse2, tile_delta, tile_lo, tile_hi, head, q0, nq, offset, sk, p, tid);
 
     // Keys any row of the tile sees (uniform bounds: every thread meets every barrier).
     const int kv_begin = flash_sdpa::visible_keys(q0 + offset, p.opt, sk).x;
@@ -371,7 +340,7 @@ template <typename T, int D>
         const int row = e / BS, c = e % BS;
         const int j = j0 + c;
         const bool vis = j >= tile_lo[row] && j <= tile_hi[row];
-        ds_tile[e] = T(bwd_p_ds(float2(s_strip[e], dp_strip[e]), p.opt.scale, p.opt.softcap, slope,
+        ds_tile[e] = T(bwd_p_ds(float2(s_strip[e], dp_strip[e]), p.opt.scale, p.opt.softcap, head.slope,
                                 q0 + row + offset - j, vis, tile_lse2[row], tile_delta[row])
                            .y);
       }
