@@ -297,6 +297,19 @@ def test_deterministic_and_layout_independent(libs, planner):
             assert torch.equal(a, b)
 
 
+def planted_library(tmp_path, right, wrong):
+    """The fp16 D = 64 tensor-ops passes compiled from attention_backward_tensor_ops.h with `right` (found once)
+    replaced by `wrong`."""
+    text = (ROOT / "flash_sdpa" / "attention_backward_tensor_ops.h").read_text()
+    assert text.count(right) == 1
+    (tmp_path / "attention_backward_tensor_ops.h").write_text(text.replace(right, wrong))
+    src = tmp_path / "planted_bwd_tops.metal"
+    src.write_text('#include "attention_backward_tensor_ops.h"\n' + "".join(
+        f'template [[host_name("flash_attn_bwd_{p}_tops_float16_d64")]] [[kernel]] '
+        f"decltype(flash_attn_bwd_{p}_tops<half, 64>) flash_attn_bwd_{p}_tops<half, 64>;\n" for p in ("dkdv", "dq")))
+    return metal_cpu.compile(src, include_dirs=[str(tmp_path), str(ROOT / "flash_sdpa")])
+
+
 PLANT_RIGHT = "const auto idx = acc.get_multidimensional_index(i);"
 # A thread's slots assumed to lie in one row (its first slot's): in bounds, wrong rows.
 PLANT_WRONG = "auto idx = acc.get_multidimensional_index(i); idx[1] = acc.get_multidimensional_index(0)[1];"
@@ -306,14 +319,7 @@ def test_planted_layout_assumption(planner, metallib, tmp_path):
     """Planted bug: the gradient write assumes that a thread's slots of a destination cooperative tensor all lie in
     the row of its first slot, instead of asking each slot's index. The implementation's layout differs (the
     emulator's moves with the seed), so the gradient checks fail under either schedule."""
-    text = (ROOT / "flash_sdpa" / "attention_backward_tensor_ops.h").read_text()
-    assert text.count(PLANT_RIGHT) == 1
-    (tmp_path / "attention_backward_tensor_ops.h").write_text(text.replace(PLANT_RIGHT, PLANT_WRONG))
-    src = tmp_path / "planted_bwd_tops.metal"
-    src.write_text('#include "attention_backward_tensor_ops.h"\n' + "".join(
-        f'template [[host_name("flash_attn_bwd_{p}_tops_float16_d64")]] [[kernel]] '
-        f"decltype(flash_attn_bwd_{p}_tops<half, 64>) flash_attn_bwd_{p}_tops<half, 64>;\n" for p in ("dkdv", "dq")))
-    planted = metal_cpu.compile(src, include_dirs=[str(tmp_path), str(ROOT / "flash_sdpa")])
+    planted = planted_library(tmp_path, PLANT_RIGHT, PLANT_WRONG)
     for sched in SCHEDULES:
         with pytest.raises(AssertionError, match="max error"):
             bwd_case((planted, metallib), planner, sched, LENS_Q, LENS_K, D=64, causal=True, seed=3)
@@ -329,13 +335,6 @@ BARRIER_WRONG = """
 def test_planted_missing_barrier(planner, metallib, tmp_path):
     """Planted bug: the dQ pass reads dS (dQ += dS K) without the barrier after the elementwise step that writes it.
     The emulator reports the race."""
-    text = (ROOT / "flash_sdpa" / "attention_backward_tensor_ops.h").read_text()
-    assert text.count(BARRIER_RIGHT) == 1
-    (tmp_path / "attention_backward_tensor_ops.h").write_text(text.replace(BARRIER_RIGHT, BARRIER_WRONG))
-    src = tmp_path / "planted_bwd_barrier.metal"
-    src.write_text('#include "attention_backward_tensor_ops.h"\n' + "".join(
-        f'template [[host_name("flash_attn_bwd_{p}_tops_float16_d64")]] [[kernel]] '
-        f"decltype(flash_attn_bwd_{p}_tops<half, 64>) flash_attn_bwd_{p}_tops<half, 64>;\n" for p in ("dkdv", "dq")))
-    planted = metal_cpu.compile(src, include_dirs=[str(tmp_path), str(ROOT / "flash_sdpa")])
+    planted = planted_library(tmp_path, BARRIER_RIGHT, BARRIER_WRONG)
     with pytest.raises(metal_cpu.MetalCPUError, match="threadgroup memory race"):
         bwd_case((planted, metallib), planner, SCHEDULES[1], LENS_Q, LENS_K, D=64, causal=True, seed=3)
