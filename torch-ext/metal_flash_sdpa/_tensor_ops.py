@@ -27,9 +27,9 @@ _lock = threading.Lock()
 _decided = False
 
 # (dtype, head dim, tolerance on max|tensor ops - simdgroup| relative to max|simdgroup|): each tile layout of the
-# routed kernel (attention_tensor_ops.h, flash_attn_varlen_tops: Q staged with 16- and 32-key tiles, Q read from
-# device memory at D = 256); the backward's (attention_backward_tensor_ops.h) at (32, 32, 2), (32, 16, 2) and
-# (16, 16, 1) tiles (backward_params.h, bwd_tops_*).
+# routed kernels (attention_tensor_ops.h: flash_attn_varlen_tops, Q staged with 16- and 32-key tiles; at D = 256 the
+# D-split kernel, Q held in left inputs); the backward's (attention_backward_tensor_ops.h) at (32, 32, 2),
+# (32, 16, 2) and (16, 16, 1) tiles (backward_params.h, bwd_tops_*).
 _SELF_TEST = ((torch.float16, 128, 2e-2), (torch.bfloat16, 64, 3e-2), (torch.float16, 256, 2e-2),
               (torch.float32, 64, 1e-2))
 
