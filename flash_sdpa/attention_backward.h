@@ -345,6 +345,35 @@ inline float2 bwd_sum_partials(threadgroup const float* s_strip, threadgroup con
   return qk_dp;
 }
 
+// The buffers of pass 2 (dK, dV) and pass 3 (dQ, d s_aux), shared by the simdgroup kernels below and the tensor-ops
+// ones (attention_backward_tensor_ops.h): one list each, so the two paths keep one binding contract
+// (backward_planner.cpp binds them). Macros, so that the [[buffer(i)]] arguments stay plain literals after
+// preprocessing.
+#define FLASH_SDPA_BWD_DKDV_KERNEL_BUFFERS                                                                      \
+  const device T *q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T *k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]], \
+      const device T *v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]],                                                    \
+      const device T *dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],                                              \
+      const device uint *lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]], /* float bits */                            \
+      const device float *delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],                                        \
+      device T *dk [[buffer(FLASH_SDPA_BWD_BUFFER_DK)]], device T *dv [[buffer(FLASH_SDPA_BWD_BUFFER_DV)]],     \
+      const device int *cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],                            \
+      const device int *cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],                            \
+      const device float *alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],                                 \
+      constant flash_sdpa::BackwardParams &p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]]
+#define FLASH_SDPA_BWD_DQ_KERNEL_BUFFERS                                                                        \
+  const device T *q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T *k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]], \
+      const device T *v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]],                                                    \
+      const device T *dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],                                              \
+      const device uint *lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]], /* float bits */                            \
+      const device float *delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],                                        \
+      device T *dq [[buffer(FLASH_SDPA_BWD_BUFFER_DQ)]],                                                        \
+      const device int *cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],                            \
+      const device int *cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],                            \
+      const device float *alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],                                 \
+      const device float *sinks [[buffer(FLASH_SDPA_BWD_BUFFER_SINKS)]],                                        \
+      device float *dsinks [[buffer(FLASH_SDPA_BWD_BUFFER_DSINKS)]],                                            \
+      constant flash_sdpa::BackwardParams &p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]]
+
 // ---- pass 2: dK, dV -------------------------------------------------------------------------------------------------
 // Grid (Hkv, B, key tiles); threadgroup z takes the key tiles z, z + grid.z, ... (max_seqlen_k only sizes the grid):
 // the first key tiles, which the most causal query rows see, of every head and sequence start first (row_tile_slot).
@@ -354,18 +383,9 @@ inline float2 bwd_sum_partials(threadgroup const float* s_strip, threadgroup con
 // element S^T = scale K Q^T, P^T and dS^T (fp32, stored as T), then dV += P^T dO and dK += dS^T Q (scale at the store).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv(
-    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
-    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]], const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
-    const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
-    const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
-    device T* dk [[buffer(FLASH_SDPA_BWD_BUFFER_DK)]], device T* dv [[buffer(FLASH_SDPA_BWD_BUFFER_DV)]],
-    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
-    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
-    const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
-    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    FLASH_SDPA_BWD_DKDV_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int E = sizeof(T);
   constexpr int CS = flash_sdpa::bwd_col_slices(D, E);
@@ -541,20 +561,9 @@ inline void bwd_sink_gradient(const device uint* lse, const device float* delta,
 // element S = scale Q K^T and dS (fp32, stored as T), then dQ += dS K (scale at the store).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dq(
-    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
-    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]], const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
-    const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
-    const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
-    device T* dq [[buffer(FLASH_SDPA_BWD_BUFFER_DQ)]],
-    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
-    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
-    const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
-    const device float* sinks [[buffer(FLASH_SDPA_BWD_BUFFER_SINKS)]],
-    device float* dsinks [[buffer(FLASH_SDPA_BWD_BUFFER_DSINKS)]],
-    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    FLASH_SDPA_BWD_DQ_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int E = sizeof(T);
   constexpr int CS = flash_sdpa::bwd_col_slices(D, E);

@@ -74,17 +74,8 @@ METAL_FUNC void bwd_tops_write(device T* dst, long row_stride, thread C& acc, in
 // tiles), dV += P^T dO and dK += dS^T Q (scale at the store).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv_tops(
-    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
-    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]], const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
-    const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
-    const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
-    device T* dk [[buffer(FLASH_SDPA_BWD_BUFFER_DK)]], device T* dv [[buffer(FLASH_SDPA_BWD_BUFFER_DV)]],
-    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
-    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
-    const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
-    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]]) {
+    FLASH_SDPA_BWD_DKDV_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]]) {
   using namespace mpp::tensor_ops;
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int NSG = flash_sdpa::kBwdSimdgroups;
@@ -224,20 +215,9 @@ template <typename T, int D>
 // the store). The threadgroups of tile 0 of sequence 0 also reduce d s_aux[h] (bwd_sink_gradient).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dq_tops(
-    const device T* q [[buffer(FLASH_SDPA_BWD_BUFFER_Q)]], const device T* k [[buffer(FLASH_SDPA_BWD_BUFFER_K)]],
-    const device T* v [[buffer(FLASH_SDPA_BWD_BUFFER_V)]], const device T* dout [[buffer(FLASH_SDPA_BWD_BUFFER_DOUT)]],
-    const device uint* lse [[buffer(FLASH_SDPA_BWD_BUFFER_LSE)]],  // float bits
-    const device float* delta [[buffer(FLASH_SDPA_BWD_BUFFER_DELTA)]],
-    device T* dq [[buffer(FLASH_SDPA_BWD_BUFFER_DQ)]],
-    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
-    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
-    const device float* alibi_slopes [[buffer(FLASH_SDPA_BWD_BUFFER_ALIBI)]],
-    const device float* sinks [[buffer(FLASH_SDPA_BWD_BUFFER_SINKS)]],
-    device float* dsinks [[buffer(FLASH_SDPA_BWD_BUFFER_DSINKS)]],
-    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
-    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
-    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
-    uint lane [[thread_index_in_simdgroup]]) {
+    FLASH_SDPA_BWD_DQ_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
+    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
+    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   using namespace mpp::tensor_ops;
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int NSG = flash_sdpa::kBwdSimdgroups;
