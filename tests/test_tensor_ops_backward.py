@@ -11,23 +11,27 @@ ownership (msl/README.md, "Tensor operations").
 """
 
 import zlib
-from pathlib import Path
 
 import pytest
 import reference as ref
 import torch
 
-from msl import cpu as metal_cpu
+# The dtypes, the two schedules (seeds that move cooperative-tensor ownership) and the library are the forward tests'.
+from test_tensor_ops_attention import DTYPES, KERNELS, ROOT, SCHEDULE_IDS, SCHEDULES, cu
 
-ROOT = Path(__file__).resolve().parent.parent
-DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
-SCHEDULES = [dict(schedule="forward", seed=0), dict(schedule="random", seed=157)]
-SCHEDULE_IDS = ["forward", "random157"]
+from msl import cpu as metal_cpu
 
 
 @pytest.fixture(scope="module")
 def lib():
-    return metal_cpu.compile(ROOT / "flash_sdpa" / "tensor_ops_library.h", include_dirs=[str(ROOT / "flash_sdpa")])
+    return metal_cpu.compile(KERNELS, include_dirs=[str(ROOT / "flash_sdpa")])
+
+
+@pytest.fixture(scope="module")
+def planner():
+    from tests.metal_cuda import planner_ext
+
+    return planner_ext.load()
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +44,6 @@ def metallib(tmp_path_factory):
         f"decltype(flash_attn_bwd_delta<{t}>) flash_attn_bwd_delta<{t}>;\n"
         for t, name in (("float", "float32"), ("half", "float16"), ("bfloat", "bfloat16"))))
     return metal_cpu.compile(src, include_dirs=[str(ROOT / "flash_sdpa")])
-
-
-@pytest.fixture(scope="module")
-def planner():
-    from tests.metal_cuda import planner_ext
-
-    return planner_ext.load()
-
-
-def cu(lens):
-    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
 
 
 def run_plan(libs, plan, sched):
