@@ -247,6 +247,8 @@ def table(results: List[dict]) -> str:
             x["best"] = min(x.values())
         for k, v in x.items():
             ratios.setdefault((res["mma"], k), []).append(v)
+        if res.get("tops_us") and res.get("mlx_nax_us"):  # issue 23's bound: ours on tensor ops against NAX
+            ratios.setdefault((res["mma"], "NAX, tops"), []).append(res["mlx_nax_us"] / res["tops_us"])
         xs = [f"{x[k]:.2f}" if k in x else "-" for k in ("mlx", "ggml", "best")]
         xs += [f"{res[f'{c}_us']:.1f}" if res.get(f"{c}_us") else res.get(f"{c}_error", "-")[:40] for c in extra]
         lines.append(f"| {res['label']} | {res['mma']} | " + " | ".join(cells) + " | " + " | ".join(xs) + " |")
@@ -312,8 +314,11 @@ def check(out, ref, what: str, dtype: str) -> float:
 class Runner:
     """Libraries per lowering (ours from the targets' index, the peers from .peers/ptx) and one row's tensors."""
 
-    def __init__(self, variant: Optional[str] = None, tops: bool = False, nax: bool = False):
+    def __init__(self, variant: Optional[str] = None, tops: bool = False, nax: bool = False,
+                 sides: Optional[List[str]] = None):
         self.torch, self.F, self.launch, self.gc, self.targets = _gpu()
+        # Only these sides (--sides; None: every side the flags ask for), to fit a long table in one command.
+        self.sides = sides
         self._ours: Dict[int, dict] = {}
         self._peer: Dict[Tuple[str, int], object] = {}
         # An experiment: another build of our forward (a PTX folder of the proxy cache, e.g. from a branch's headers,
@@ -326,6 +331,9 @@ class Runner:
         # MLX's NAX attention (the M5 tensor-ops kernel; peers_prefill build --peer mlx-nax), timed as the side
         # "mlx_nax" under the lowerings 1 and 2 (the proxy lowers its tensor ops on tensor cores only).
         self.nax = nax
+
+    def wants(self, side: str) -> bool:
+        return self.sides is None or side in self.sides
 
     def ours_libs(self, mma: int):
         if mma not in self._ours:
@@ -372,7 +380,7 @@ class Runner:
             return time_us(lambda: [fn() for fn in fns])
 
         torch_us = None
-        if with_torch:
+        if with_torch and self.wants("torch"):
             try:
                 torch_us = timed(self.torch_flash)
             except Exception as e:  # noqa: BLE001 (a side that cannot run a row says so in the table)
@@ -394,6 +402,8 @@ class Runner:
                 sides += tuple((kind, lambda kind=kind: time_us(self.ours(q, k, v, r, scale, torch.cat(refs, 1), mma,
                                                                           tops=kind))) for kind in ("tops", "tops32"))
             for side, run in sides:
+                if not self.wants(side):
+                    continue
                 try:
                     res[f"{side}_us"] = run()
                 except Exception as e:  # noqa: BLE001
@@ -521,6 +531,8 @@ def main(argv=None):
                     "kernel, the planner's tensor-ops plan) and tops32 (the 32-row kernel on the simdgroup plan)")
     ap.add_argument("--nax", action="store_true", help="also time MLX's NAX attention (the M5 tensor-ops kernel, "
                     "PTX from `peers_prefill build --peer mlx-nax --mma 1`; lowerings 1 and 2 only), column mlx_nax")
+    ap.add_argument("--sides", help="comma-separated sides to time (default: all the flags ask for): ours, mlx, "
+                    "mlx_bk16, ggml, torch, and with their flags mlx_nax, tops, tops32, variant")
     a = ap.parse_args(argv)
     all_rows = rows()
     if a.list:
@@ -530,7 +542,7 @@ def main(argv=None):
     sel = [all_rows[int(i)] for i in a.rows.split(",")] if a.rows else all_rows
     if a.seqlens:
         sel = [r for r in sel if r.S in a.seqlens]
-    runner = Runner(a.variant, a.tops, a.nax)
+    runner = Runner(a.variant, a.tops, a.nax, a.sides.split(",") if a.sides else None)
     torch = runner.torch
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}", flush=True)

@@ -149,3 +149,6 @@ def test_table_renders_ratios():
     # Two MLX instances timed (D = 256): the faster one is MLX's figure.
     t = bp.table([dict(res, mlx_us=20.0, mlx_bk16_us=8.0)])
     assert "| 8.0 (" in t and "| 0.80 | 1.50 | 0.80 |" in t
+    # Ours on tensor ops against MLX's NAX attention (issue 23's bound): a summary line of its own.
+    t = bp.table([dict(res, tops_us=4.0, mlx_nax_us=5.0), dict(res, tops_us=8.0, mlx_nax_us=6.0)])
+    assert "mma=1 x NAX, tops: geometric mean 0.97, minimum 0.75 over 2 rows" in t
