@@ -127,9 +127,37 @@ template <int M, int N, int Threads>
 constexpr bool mcpu_nax_shape = false;
 #endif
 
+// ---- the slots of a cooperative tensor: iterator, begin, end, get_iterator (every cooperative tensor type, CRTP) ---
+// Iterates over the valid slots, in slot order (here the valid slots come first). Tensor has v[], capacity,
+// is_valid_element and get_multidimensional_index (of rank Rank).
+template <typename Tensor, typename T, int Rank>
+struct mcpu_slots {
+  struct iterator {
+    thread Tensor* t;
+    uint16_t i;
+    MCPU_INLINE thread T& operator*() const { return t->v[i]; }
+    MCPU_INLINE iterator& operator++() {
+      ++i;
+      return *this;
+    }
+    MCPU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
+    MCPU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
+    MCPU_INLINE array<int, Rank> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
+    MCPU_INLINE uint16_t get_index() const { return i; }
+  };
+  MCPU_INLINE iterator begin() { return iterator{self(), 0}; }
+  MCPU_INLINE iterator end() {
+    uint16_t n = 0;
+    while (n < Tensor::capacity && self()->is_valid_element(n)) ++n;
+    return iterator{self(), n};
+  }
+  MCPU_INLINE iterator get_iterator(uint16_t i) { return iterator{self(), i}; }
+  MCPU_INLINE thread Tensor* self() { return static_cast<thread Tensor*>(this); }
+};
+
 // Kind 0: a matmul2d destination; 1: a left input (mcpu_left_input), the same seeded model under another salt.
 template <typename T, int M, int N, int Threads, int Kind = 0>
-struct cooperative_tensor {
+struct cooperative_tensor : mcpu_slots<cooperative_tensor<T, M, N, Threads, Kind>, T, 2> {
   static constexpr bool nax = Kind == 0 && mcpu_nax_shape<M, N, Threads>;
   static constexpr int capacity = (M * N + Threads - 1) / Threads;
   T v[capacity];
@@ -162,28 +190,6 @@ struct cooperative_tensor {
     const uint32_t total = (uint32_t)(M * N);
     return (uint32_t)((uint64_t)mcpu_inverse(layout.a, total) * ((e + total - layout.b % total) % total) % total);
   }
-
-  // Iterates over the valid slots, in slot order.
-  struct iterator {
-    thread cooperative_tensor* t;
-    uint16_t i;
-    MCPU_INLINE thread T& operator*() const { return t->v[i]; }
-    MCPU_INLINE iterator& operator++() {
-      ++i;
-      return *this;
-    }
-    MCPU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
-    MCPU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
-    MCPU_INLINE array<int, 2> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
-    MCPU_INLINE uint16_t get_index() const { return i; }
-  };
-  MCPU_INLINE iterator begin() { return iterator{this, 0}; }
-  MCPU_INLINE iterator end() {
-    uint16_t n = 0;
-    while (n < capacity && is_valid_element(n)) ++n;
-    return iterator{this, n};
-  }
-  MCPU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
 
   // Each thread moves its own elements; elements outside the tensor's extents load as 0 and are not stored.
   template <typename Tn>
@@ -250,7 +256,7 @@ struct mcpu_left_input : cooperative_tensor<TL, M, K, 32, 1> {
 enum mcpu_rows_model : uint32_t { mcpu_rows_replicated = 0, mcpu_rows_own = 1, mcpu_rows_dealt = 2 };
 
 template <typename T, int M, int N>
-struct mcpu_row_reduction {
+struct mcpu_row_reduction : mcpu_slots<mcpu_row_reduction<T, M, N>, T, 1> {
   static constexpr int capacity = M;
   T v[capacity];
   int16_t row[capacity];  // the row slot i holds; -1: invalid
@@ -268,26 +274,7 @@ struct mcpu_row_reduction {
     return -1;
   }
 
-  struct iterator {
-    thread mcpu_row_reduction* t;
-    uint16_t i;
-    MCPU_INLINE thread T& operator*() const { return t->v[i]; }
-    MCPU_INLINE iterator& operator++() {
-      ++i;
-      return *this;
-    }
-    MCPU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
-    MCPU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
-    MCPU_INLINE array<int, 1> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
-    MCPU_INLINE uint16_t get_index() const { return i; }
-  };
-  MCPU_INLINE iterator begin() { return iterator{this, 0}; }
-  MCPU_INLINE iterator end() {
-    uint16_t n = 0;
-    while (n < capacity && is_valid_element(n)) ++n;
-    return iterator{this, n};
-  }
-  MCPU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
+  using iterator = typename mcpu_slots<mcpu_row_reduction, T, 1>::iterator;
   // The slot of this tensor that holds the row of the source element at `src` (an iterator of a destination
   // cooperative tensor). Defined only where is_iterator_compatible(source, *this): elsewhere an error.
   template <typename SrcIterator>

@@ -85,10 +85,39 @@ MCU_INLINE I __metal_get_thread_index_in_simdgroup(I) {
 }
 #endif
 
+// ---- the slots of a cooperative tensor: iterator, begin, end, get_iterator (every cooperative tensor type, CRTP) ---
+// Iterates over the valid slots, in slot order (invalid slots may sit between valid ones: ragged M or N). Tensor has
+// v[], capacity, is_valid_element and get_multidimensional_index (of rank Rank).
+template <typename Tensor, typename T, int Rank>
+struct mcu_slots {
+  struct iterator {
+    thread Tensor* t;
+    uint16_t i;
+    MCU_INLINE thread T& operator*() const { return t->v[i]; }
+    MCU_INLINE iterator& operator++() {
+      do ++i;
+      while (i < Tensor::capacity && !t->is_valid_element(i));
+      return *this;
+    }
+    MCU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
+    MCU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
+    MCU_INLINE array<int, Rank> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
+    MCU_INLINE uint16_t get_index() const { return i; }
+  };
+  MCU_INLINE iterator begin() {
+    uint16_t i = 0;
+    while (i < Tensor::capacity && !self()->is_valid_element(i)) ++i;
+    return iterator{self(), i};
+  }
+  MCU_INLINE iterator end() { return iterator{self(), (uint16_t)Tensor::capacity}; }
+  MCU_INLINE iterator get_iterator(uint16_t i) { return iterator{self(), i}; }
+  MCU_INLINE thread Tensor* self() { return static_cast<thread Tensor*>(this); }
+};
+
 // ---- cooperative tensors (matmul2d destinations) ----------------------------------------------------------------
 // Simdgroups = 0: execution_thread (all M x N elements in one thread, row-major).
 template <typename T, int M, int N, int Simdgroups>
-struct cooperative_tensor {
+struct cooperative_tensor : mcu_slots<cooperative_tensor<T, M, N, Simdgroups>, T, 2> {
   using layout = mcu_tiles<M, N, Simdgroups == 0 ? 1 : Simdgroups>;
   static constexpr bool nax = mcu_nax_shape<M, N, Simdgroups>;
   static constexpr int capacity = Simdgroups == 0 ? M * N : nax ? M * N / 32 : layout::capacity;
@@ -111,29 +140,6 @@ struct cooperative_tensor {
   MCU_INLINE array<int, 2> get_multidimensional_index(uint16_t i) const {
     return array<int, 2>{{mcu_col(i), mcu_row(i)}};
   }
-
-  // Iterates over the valid slots, in slot order (invalid slots may sit between valid ones: ragged M or N).
-  struct iterator {
-    thread cooperative_tensor* t;
-    uint16_t i;
-    MCU_INLINE thread T& operator*() const { return t->v[i]; }
-    MCU_INLINE iterator& operator++() {
-      do ++i;
-      while (i < capacity && !t->is_valid_element(i));
-      return *this;
-    }
-    MCU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
-    MCU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
-    MCU_INLINE array<int, 2> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
-    MCU_INLINE uint16_t get_index() const { return i; }
-  };
-  MCU_INLINE iterator begin() {
-    uint16_t i = 0;
-    while (i < capacity && !is_valid_element(i)) ++i;
-    return iterator{this, i};
-  }
-  MCU_INLINE iterator end() { return iterator{this, (uint16_t)capacity}; }
-  MCU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
 
   // Each thread moves its own elements; elements outside the tensor's extents load as 0 and are not stored.
   template <typename Tn>
@@ -178,7 +184,7 @@ struct mcu_left_input {
 // rows of its destination slots whatever N: every destination of M rows of a one-simdgroup operation maps onto it
 // (is_iterator_compatible), the 4 lanes of a quad hold the same rows.
 template <typename T, int M, int N>
-struct mcu_row_reduction {
+struct mcu_row_reduction : mcu_slots<mcu_row_reduction<T, M, N>, T, 1> {
   static constexpr int tiles_m = (M + 15) / 16;
   static constexpr int capacity = 2 * tiles_m;
   T v[capacity];
@@ -190,27 +196,7 @@ struct mcu_row_reduction {
   MCU_INLINE bool is_valid_element(uint16_t i) const { return i < capacity && mcu_row(i) < M; }
   MCU_INLINE array<int, 1> get_multidimensional_index(uint16_t i) const { return array<int, 1>{{mcu_row(i)}}; }
 
-  struct iterator {
-    thread mcu_row_reduction* t;
-    uint16_t i;
-    MCU_INLINE thread T& operator*() const { return t->v[i]; }
-    MCU_INLINE iterator& operator++() {
-      do ++i;
-      while (i < capacity && !t->is_valid_element(i));
-      return *this;
-    }
-    MCU_INLINE bool operator==(const iterator& o) const { return i == o.i; }
-    MCU_INLINE bool operator!=(const iterator& o) const { return i != o.i; }
-    MCU_INLINE array<int, 1> get_multidimensional_index() const { return t->get_multidimensional_index(i); }
-    MCU_INLINE uint16_t get_index() const { return i; }
-  };
-  MCU_INLINE iterator begin() {
-    uint16_t i = 0;
-    while (i < capacity && !is_valid_element(i)) ++i;
-    return iterator{this, i};
-  }
-  MCU_INLINE iterator end() { return iterator{this, (uint16_t)capacity}; }
-  MCU_INLINE iterator get_iterator(uint16_t i) { return iterator{this, i}; }
+  using iterator = typename mcu_slots<mcu_row_reduction, T, 1>::iterator;
   // The slot holding the row of a destination element (a one-simdgroup destination of M rows, slot src.i): its tile
   // row and half, known at compile time where the slot loop is unrolled.
   template <typename SrcIterator>
