@@ -411,6 +411,38 @@ METAL_FUNC bool tops_same_layout(thread A& a, thread B& b) {
   return same;
 }
 
+// The start of a query tile at q0 in both 64-row kernels: no poison bits yet, each row's visible keys [row_keys[r],
+// row_keys[BQ + r]] (none: hi < lo, rows past the sequence), no bad row. Read after the tile's first barrier.
+template <int BQ, int W, int NT>
+METAL_FUNC void tops_begin_query_tile(threadgroup uint* poison, threadgroup int* row_keys,
+                                      threadgroup atomic_uint* bad_rows, int q0, const VarlenSequence s,
+                                      constant VarlenParams& p, uint tid) {
+  for (int idx = int(tid); idx < BQ * W; idx += NT) {
+    poison[idx] = 0;
+  }
+  if (int(tid) < BQ) {
+    const int i = q0 + int(tid);
+    const int2 keys = i < s.sq ? visible_keys(i + s.sk - s.sq, p.opt, s.sk) : int2(0, -1);
+    row_keys[tid] = keys.x;
+    row_keys[BQ + tid] = keys.y;
+    atomic_store_explicit(&bad_rows[tid], 0u, metal::memory_order_relaxed);
+  }
+}
+
+// A simdgroup's accumulators at the start of a query tile: O = 0, nothing seen (the masked max, a zero sum).
+template <typename O, typename Rows>
+METAL_FUNC void tops_reset_rows(thread O& o_acc, thread Rows& row_max, thread Rows& row_sum) {
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
+    o_acc[i] = 0.0f;
+  }
+  FLASH_SDPA_UNROLL
+  for (ushort i = 0; i < row_max.get_capacity(); ++i) {
+    row_max[i] = kVarlenMasked;
+    row_sum[i] = 0.0f;
+  }
+}
+
 // P in the input's type from S's float probabilities: slot by slot into `p` (a destination of the same operation in
 // T, where tops_same_layout holds), or element by element into the simdgroup's row-major tile (BK columns).
 template <typename T, typename S, typename P>
@@ -618,30 +650,13 @@ template <typename T, int D>
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);  // keys any row of this tile sees
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
-    for (int idx = int(tid); idx < BQ * W; idx += NT) {
-      poison[idx] = 0;
-    }
-    if (int(tid) < BQ) {
-      const int i = q0 + int(tid);
-      const int2 keys = i < seq.sq ? flash_sdpa::visible_keys(i + seq.sk - seq.sq, p.opt, seq.sk) : int2(0, -1);
-      row_keys[tid] = keys.x;
-      row_keys[BQ + tid] = keys.y;
-      atomic_store_explicit(&bad_rows[tid], 0u, memory_order_relaxed);
-    }
+    flash_sdpa::tops_begin_query_tile<BQ, W, NT>(poison, row_keys, bad_rows, q0, seq, p, tid);
     if (QS) {
       varlen_stage_q<T, BQ, D, NT>(q_tile, head.q, p.q_row_stride, q0, 0, seq.sq, aligned_q, tid);
     }
     const flash_sdpa::TopsRows rows = flash_sdpa::tops_rows(q0, r0, seq, p);
     const QTensor tq = flash_sdpa::tops_q_rows<QS, D>(q_tile, head.q, p.q_row_stride, q0, r0, 0, seq.sq);
-    FLASH_SDPA_UNROLL
-    for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
-      o_acc[i] = 0.0f;
-    }
-    FLASH_SDPA_UNROLL
-    for (ushort i = 0; i < row_max.get_capacity(); ++i) {
-      row_max[i] = kVarlenMasked;
-      row_sum[i] = 0.0f;
-    }
+    flash_sdpa::tops_reset_rows(o_acc, row_max, row_sum);
 
     for (int k0 = kv_begin; k0 < kv_end; k0 += BK) {
       flash_sdpa::tops_stage_keys<T, BQ, BK, D, NT, flash_sdpa::kVarlenSimdgroups>(
@@ -782,27 +797,10 @@ template <typename T, int D>
     const int2 tile_keys = varlen_tile_keys(q0, BQ, seq, p);
     const int kv_begin = tile_keys.x, kv_end = tile_keys.y;
 
-    for (int idx = int(tid); idx < BQ * W; idx += NT) {
-      poison[idx] = 0;
-    }
-    if (int(tid) < BQ) {
-      const int i = q0 + int(tid);
-      const int2 keys = i < seq.sq ? flash_sdpa::visible_keys(i + seq.sk - seq.sq, p.opt, seq.sk) : int2(0, -1);
-      row_keys[tid] = keys.x;
-      row_keys[BQ + tid] = keys.y;
-      atomic_store_explicit(&bad_rows[tid], 0u, memory_order_relaxed);
-    }
+    flash_sdpa::tops_begin_query_tile<BQ, W, NT>(poison, row_keys, bad_rows, q0, seq, p, tid);
     const flash_sdpa::TopsRows rows = flash_sdpa::tops_rows(q0, r0, seq, p);
     q_left.load(flash_sdpa::tops_q_rows<false, DH>(kv_tiles, head.q, p.q_row_stride, q0, r0, c * DH, seq.sq));
-    FLASH_SDPA_UNROLL
-    for (ushort i = 0; i < o_acc.get_capacity(); ++i) {
-      o_acc[i] = 0.0f;
-    }
-    FLASH_SDPA_UNROLL
-    for (ushort i = 0; i < row_max.get_capacity(); ++i) {
-      row_max[i] = kVarlenMasked;
-      row_sum[i] = 0.0f;
-    }
+    flash_sdpa::tops_reset_rows(o_acc, row_max, row_sum);
 
     // K of the first key tile; then each key tile stages its own V and the next tile's K between its two barriers.
     if (kv_begin < kv_end) {
