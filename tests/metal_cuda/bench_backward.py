@@ -4,7 +4,7 @@ backward (SDPA, flash backend; memory-efficient where flash does not take the he
 theirs (the figure that carries to Apple: the issue asks for <= 1.25); peak scratch bytes of each backward.
 
     python3 -m tests.metal_cuda.bench_backward [--quick] [--S 1024,4096] [--D 64,128] [--heads 16/4] [--dtype bf16]
-                                               [--tops] [--json PATH]
+                                               [--causal false] [--tops] [--json PATH]
 
 --tops also times our backward on the tensor-ops plan (attention_backward_tensor_ops.h, targets.py's
 attention_tensor_ops: the planner's plan with tensor_ops on) beside the simdgroup one: columns "ours bwd tops us" and
@@ -205,6 +205,7 @@ def main():
     ap.add_argument("--D", default="", help="comma-separated head dims to keep")
     ap.add_argument("--heads", default="", help="comma-separated H/Hkv to keep, e.g. 16/4,32/32")
     ap.add_argument("--dtype", default="", help="comma-separated dtypes to keep: fp16, bf16")
+    ap.add_argument("--causal", choices=("true", "false"), help="only the causal rows, or only the others")
     ap.add_argument("--tops", action="store_true", help="also time our backward on Metal 4 tensor ops (the "
                     "planner's tensor-ops plan: attention_backward_tensor_ops.h) beside the simdgroup one")
     ap.add_argument("--json", default="", help="also write the rows to this file (rewritten after every row, so a "
@@ -228,7 +229,7 @@ def main():
     rows = []
     for causal, S, H, Hkv, D, dtype in grid(a.quick):
         if ((keep_s and S not in keep_s) or (keep_d and D not in keep_d) or (keep_heads and (H, Hkv) not in keep_heads)
-                or (keep_dtype and dtype not in keep_dtype)):
+                or (keep_dtype and dtype not in keep_dtype) or (a.causal and causal != (a.causal == "true"))):
             continue
         r = bench_row(causal, S, H, Hkv, D, dtype)
         rows.append(r)
