@@ -5,6 +5,7 @@ its own host code would, and torch's flash SDPA (the GPU's ceiling), under each 
     python3 -m tests.metal_cuda.bench_prefill --json $OUT/prefill.json [--mma 1 0] [--rows 0,5] [--seqlens 512 2048]
     # GPU machine; carry .cache/metal_cuda and .peers/ptx (built here: targets --mma 1 / --mma 0, peers_prefill build)
     python3 -m tests.metal_cuda.bench_prefill --nax --mma 1 ...   # also MLX's NAX (M5) kernel: column mlx_nax
+    python3 -m tests.metal_cuda.bench_prefill --tops --nax --mma 1 --sides ours,tops,mlx_nax,torch  # issue 23's table
 
 Rows (issue 21's grid): causal prefill, B = 1 at S 512, 2048, 8192, 32768, and a varlen batch of four sequences of
 mixed lengths (320 + 1216 + 2944 + 4992 tokens: ours in one varlen call, each peer and torch once per sequence, as
