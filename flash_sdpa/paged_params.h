@@ -119,10 +119,16 @@ constexpr fsdpa_i32 decode_column_simdgroups(fsdpa_i32 head_dim, fsdpa_i32 elem_
   return decode_matrix_rows(head_dim, elem_bytes, rows) ? head_dim / kDecodeMatrixColumns : 1;
 }
 
+// Whether a call runs the matrix path: a matrix-path instance (decode_matrix_rows) at one query token. The same
+// instance runs the lane-local path for sq > 1 (its rows see different keys), with that path's steps and partials.
+constexpr bool decode_runs_matrix(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows, fsdpa_i32 seqlen_q) {
+  return decode_matrix_rows(head_dim, elem_bytes, rows) && seqlen_q == 1;
+}
+
 // Keys one decode threadgroup covers per step: kDecodeSimdgroups x (32 / L lane groups x U keys each), or
 // kDecodeMatrixKeys per decode_column_simdgroups on the matrix path. The planner sizes short splits in whole steps.
-constexpr fsdpa_i32 decode_step_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
-  return decode_matrix_rows(head_dim, elem_bytes, rows)
+constexpr fsdpa_i32 decode_step_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows, fsdpa_i32 seqlen_q) {
+  return decode_runs_matrix(head_dim, elem_bytes, rows, seqlen_q)
              ? kDecodeSimdgroups / decode_column_simdgroups(head_dim, elem_bytes, rows) * kDecodeMatrixKeys
              : kDecodeSimdgroups * (32 / decode_row_lanes(head_dim, elem_bytes, rows)) *
                    decode_group_keys(head_dim, elem_bytes, rows);
@@ -130,8 +136,11 @@ constexpr fsdpa_i32 decode_step_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, f
 
 // Partials a split writes in simdgroup-partials mode: one per simdgroup, or per key step's simdgroups on the matrix
 // path.
-constexpr fsdpa_i32 decode_split_partials(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
-  return kDecodeSimdgroups / decode_column_simdgroups(head_dim, elem_bytes, rows);
+constexpr fsdpa_i32 decode_split_partials(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows,
+                                          fsdpa_i32 seqlen_q) {
+  return decode_runs_matrix(head_dim, elem_bytes, rows, seqlen_q)
+             ? kDecodeSimdgroups / decode_column_simdgroups(head_dim, elem_bytes, rows)
+             : kDecodeSimdgroups;
 }
 
 }  // namespace paged

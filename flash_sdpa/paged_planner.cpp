@@ -204,7 +204,8 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const fsdpa_i32 dim32 = to_i32(head_dim, "head_dim");
   const fsdpa_i32 elem32 = to_i32(q.element_size(), "element size");
   const fsdpa_i32 rows32 = to_i32(rows, "rows");
-  const int64_t tg_step_keys = decode_step_keys(dim32, elem32, rows32);
+  const fsdpa_i32 sq32 = to_i32(seqlen_q, "seqlen_q");
+  const int64_t tg_step_keys = decode_step_keys(dim32, elem32, rows32, sq32);
   int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
                                        : paged_pick_num_splits(work, max_keys, target,
                                                                call.target_threadgroups > 0 || cores > 0, tg_step_keys);
@@ -218,7 +219,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t sg_steps = ceil_div(std::max<int64_t>(max_keys, 1), splits * tg_step_keys);
   bool simdgroup_partials =
       call.simdgroup_partials >= 0 ? call.simdgroup_partials == 1 : sg_steps <= kSimdgroupPartialSteps;
-  const int64_t split_partials = decode_split_partials(dim32, elem32, rows32);
+  const int64_t split_partials = decode_split_partials(dim32, elem32, rows32, sq32);
   simdgroup_partials = simdgroup_partials && split && splits * split_partials <= kMaxSplits;
   const int64_t partials = simdgroup_partials ? splits * split_partials : splits;
 

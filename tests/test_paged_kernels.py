@@ -345,6 +345,17 @@ def test_matrix_rows_nan(run, num_splits, dtype, D):
     assert torch.isnan(out[:8]).all() and torch.equal(bits(out[8:]), bits(clean[8:]))
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_matrix_instance_several_tokens_short_splits(run, dtype, D):
+    """A matrix-path instance (R = 8 in a 2-byte type at D = 64 / 128) called with sq = 2 (group 4) runs the
+    lane-local path, whose short splits write one partial per simdgroup (8, not the matrix path's 4 at D = 128): the
+    planner must size and the combine read that many (decode_runs_matrix in paged_params.h), else the kernel writes
+    past o_partial."""
+    c = make_case(H=8, Hkv=2, sq=2, sk_new=2, D=D, dtype=dtype, seed=D + 21, max_len=20)
+    check_case(run, c, window=(-1, 0), num_splits=3)
+
+
 @pytest.mark.parametrize("block_size", [1, 5, 16, 32, 256])
 @pytest.mark.parametrize("layout,sk_new", [("halves", 2), ("separate", 2), ("interleaved", 0),
                                            ("interleaved", 2)])
