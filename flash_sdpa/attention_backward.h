@@ -120,6 +120,22 @@ inline BwdQueryHead<T> bwd_query_head(const device T* q, const device T* dout, c
   return x;
 }
 
+// The key side of KV head kvh of sequence b: K and V from the sequence's first key row.
+template <typename T>
+struct BwdKeyHead {
+  const device T* k;
+  const device T* v;
+};
+
+template <typename T>
+inline BwdKeyHead<T> bwd_key_head(const device T* k, const device T* v, int b, int kvh, BwdSequence seq,
+                                  constant flash_sdpa::BackwardParams& p) {
+  BwdKeyHead<T> x;
+  x.k = k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
+  x.v = v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  return x;
+}
+
 // The elementwise step's scalars of query rows [i0, i0 + ROWS) (row r by thread r mod kBwdThreads): LSE in the log2
 // domain and delta (0 past n or without a finite LSE), the visible keys [lo, hi] (hi = -1: the row sees none).
 template <typename T, int ROWS>
@@ -424,10 +440,7 @@ template <typename T, int D>
   threadgroup T* pt_strip = bwd_t_strip<T>(s_strip, pds_own);
   threadgroup T* dst_strip = bwd_t_strip<T>(dp_strip, pds_own + BK * STAGE);
 
-  const device T* k_seq =
-      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq =
-      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  const BwdKeyHead<T> kv = bwd_key_head(k, v, b, kvh, seq, p);
   device T* dk_seq =
       dk + long(b) * p.dk_batch_stride + long(seq.start_k) * p.dk_row_stride + long(kvh) * p.dk_head_stride;
   device T* dv_seq =
@@ -443,7 +456,7 @@ template <typename T, int D>
       dk_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       dv_acc[f] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
     }
-    bwd_load_tile<T, BK, D, FB, BOTH>(k_frag, v_frag, stage, k_seq, p.k_row_stride, aligned.k, v_seq, p.v_row_stride,
+    bwd_load_tile<T, BK, D, FB, BOTH>(k_frag, v_frag, stage, kv.k, p.k_row_stride, aligned.k, kv.v, p.v_row_stride,
                                       aligned.v, k0, nk, rb, cs * DS, tid);
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
@@ -604,10 +617,7 @@ template <typename T, int D>
   const BwdQueryHead<T> head = bwd_query_head(q, dout, lse, delta, alibi_slopes, b, h, seq, p);
   device T* dq_seq =
       dq + long(b) * p.dq_batch_stride + long(seq.start_q) * p.dq_row_stride + long(h) * p.dq_head_stride;
-  const device T* k_seq =
-      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq =
-      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  const BwdKeyHead<T> kv = bwd_key_head(k, v, b, kvh, seq, p);
 
   // This threadgroup's query tiles of this dispatch (a long backward is split into command buffers: row_tile_slot).
   for (int q0 = slot.first_tile * BQ; q0 < sq; q0 += slot.step * BQ) {
@@ -628,13 +638,13 @@ template <typename T, int D>
     for (int j0 = kv_begin; j0 < kv_end; j0 += STAGE) {
       const int n = min(STAGE, kv_end - j0);
       // V is only read per (row, key) pair (dP); K is summed over keys by dS K: its non-finite elements are dropped.
-      bwd_stage<T, STAGE, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, aligned.v, tid);
+      bwd_stage<T, STAGE, D, false>(v_tile, kv.v, p.v_row_stride, j0, n, aligned.v, tid);
       if (NBUF == 1) {  // dP first, then K replaces V
         threadgroup_barrier(mem_flags::mem_threadgroup);
         bwd_strip_products<T, SB, FB, D, STAGE>(dp_mine, do_frag, v_tile, cs * DS);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      bwd_stage<T, STAGE, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, aligned.k, tid);
+      bwd_stage<T, STAGE, D, true>(k_tile, kv.k, p.k_row_stride, j0, n, aligned.k, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       // Partial Q K^T and dP = dO V^T over this simdgroup's columns (K, V blocks loaded transposed).

@@ -127,10 +127,7 @@ template <typename T, int D>
   const BwdAligned aligned = bwd_aligned(p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int group = p.num_heads / p.num_kv_heads;
-  const device T* k_seq =
-      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq =
-      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  const BwdKeyHead<T> kv = bwd_key_head(k, v, b, kvh, seq, p);
   device T* dk_seq =
       dk + long(b) * p.dk_batch_stride + long(seq.start_k) * p.dk_row_stride + long(kvh) * p.dk_head_stride;
   device T* dv_seq =
@@ -146,8 +143,8 @@ template <typename T, int D>
     flash_sdpa::bwd_tops_zero(dk_acc);
     // K and V are read per (key, query) pair only (S^T, dP^T): staged as they are. The first barrier of the block
     // loop orders them before the products; the last one of the previous tile's loop, after its readers.
-    bwd_stage<T, BT, D, false>(k_tile, k_seq, p.k_row_stride, k0, nk, aligned.k, tid);
-    bwd_stage<T, BT, D, false>(v_tile, v_seq, p.v_row_stride, k0, nk, aligned.v, tid);
+    bwd_stage<T, BT, D, false>(k_tile, kv.k, p.k_row_stride, k0, nk, aligned.k, tid);
+    bwd_stage<T, BT, D, false>(v_tile, kv.v, p.v_row_stride, k0, nk, aligned.v, tid);
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
     for (int g = 0; g < group; ++g) {
@@ -269,10 +266,7 @@ template <typename T, int D>
   const BwdQueryHead<T> head = bwd_query_head(q, dout, lse, delta, alibi_slopes, b, h, seq, p);
   device T* dq_seq =
       dq + long(b) * p.dq_batch_stride + long(seq.start_q) * p.dq_row_stride + long(h) * p.dq_head_stride;
-  const device T* k_seq =
-      k + long(b) * p.k_batch_stride + long(seq.start_k) * p.k_row_stride + long(kvh) * p.k_head_stride;
-  const device T* v_seq =
-      v + long(b) * p.v_batch_stride + long(seq.start_k) * p.v_row_stride + long(kvh) * p.v_head_stride;
+  const BwdKeyHead<T> kv = bwd_key_head(k, v, b, kvh, seq, p);
 
   // This threadgroup's query tiles of this dispatch (bounds uniform over the threadgroup).
   for (int q0 = slot.first_tile * BT; q0 < sq; q0 += slot.step * BT) {
@@ -292,7 +286,7 @@ template <typename T, int D>
     for (int j0 = kv_begin; j0 < kv_end; j0 += BS) {
       const int n = min(BS, kv_end - j0);
       // V is only read per (row, key) pair (dP); K is summed over keys by dS K: its non-finite elements are dropped.
-      bwd_stage<T, BS, D, false>(v_tile, v_seq, p.v_row_stride, j0, n, aligned.v, tid);
+      bwd_stage<T, BS, D, false>(v_tile, kv.v, p.v_row_stride, j0, n, aligned.v, tid);
       if (NBUF == 1) {  // dP first, then K replaces V
         threadgroup_barrier(mem_flags::mem_threadgroup);
         auto dp = s_op.template get_destination_cooperative_tensor<decltype(tdo), decltype(tv), float>();
@@ -300,7 +294,7 @@ template <typename T, int D>
         dp.store(tdp);
         threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      bwd_stage<T, BS, D, true>(k_tile, k_seq, p.k_row_stride, j0, n, aligned.k, tid);
+      bwd_stage<T, BS, D, true>(k_tile, kv.k, p.k_row_stride, j0, n, aligned.k, tid);
       threadgroup_barrier(mem_flags::mem_threadgroup);
 
       {
