@@ -12,9 +12,9 @@ attention_tensor_ops: the planner's plan with tensor_ops on) beside the simdgrou
 stops) and reported against torch's; head dims the tensor-ops library does not serve (512) print n/a.
 
 Grid: causal and not, S = 1024, 4096, 16384, H/Hkv = 16/4 and 32/32, D = 64, 128, 256 (512 at S <= 4096), fp16 and
-bf16, B = 1. Timing: CUDA events, median of a few calls after a warm-up (fewer calls for slow rows). A correctness
-check per row: ours against torch's backward in the same dtype (relative L2 of dq, dk, dv; the float64 check is
-test_gpu.py's). Our scratch is the delta buffer (B x H x S floats; the planner allocates nothing else); torch's is its
+bf16, B = 1. Timing: CUDA graphs of several calls, the median of a few replays (median_us); torch's backward is its
+forward + backward less its forward (autograd's streams: see theirs). A correctness check per row: ours against
+torch's backward in the same dtype (relative L2 of dq, dk, dv; the float64 check is test_gpu.py's). Our scratch is the delta buffer (B x H x S floats; the planner allocates nothing else); torch's is its
 peak allocation during the backward beyond the gradients it returns.
 """
 
@@ -48,18 +48,49 @@ def grid(quick: bool):
                         yield causal, S, H, Hkv, D, dtype
 
 
-def median_us(fn, budget_ms: float = 2000.0) -> float:
-    """Median microseconds per call: one warm-up, then up to 10 calls within about budget_ms."""
+def median_us(fn, target_ms: float = 50.0) -> float:
+    """Median microseconds per call: a CUDA graph of N calls (N so that a replay takes about target_ms, at most 50),
+    replayed 5 times (3 when a call takes over 100 ms). Graphs, not events around single calls: at 1024 tokens a torch
+    SDPA call is tens of microseconds of GPU work behind more of Python and autograd, which events around one call
+    would time instead. Warm-up on a side stream, as torch asks before capturing autograd. Eager events if capture
+    fails (printed)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
     fn()
+    b.record()
+    b.synchronize()
+    one_ms = a.elapsed_time(b)
+    n = max(1, min(50, int(target_ms / max(one_ms, 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                fn()
+        run = graph.replay
+    except Exception as e:  # noqa: BLE001
+        print(f"  (graph capture failed: {type(e).__name__}: {e}; timing eagerly)", flush=True)
+        torch.cuda.synchronize()
+
+        def run():
+            for _ in range(n):
+                fn()
+    run()
     torch.cuda.synchronize()
     times = []
-    while len(times) < 10 and (len(times) < 3 or sum(times) / 1e3 < budget_ms):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(5 if one_ms < 100.0 else 3):
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
+        times.append(a.elapsed_time(b) * 1000 / n)
+    del graph
     return statistics.median(times)
 
 
@@ -96,7 +127,8 @@ def ours(q, k, v, dout, scale, causal, tops=False):
 
 def theirs(q, k, v, dout, scale, causal):
     """torch SDPA forward and backward on [B, H, S, D] (K/V expanded to H heads when flash lacks GQA); returns
-    (forward fn, backward fn, grads fn, backend name) or None when no fused backend takes the shape."""
+    (forward fn, backward fn, forward + backward fn, grads fn, backend name) or None when no fused backend takes the
+    shape."""
     group = q.shape[2] // k.shape[2]
     qt = q.transpose(1, 2).detach().requires_grad_()
     kt = k.transpose(1, 2).repeat_interleave(group, 1).detach().requires_grad_()
@@ -120,12 +152,17 @@ def theirs(q, k, v, dout, scale, causal):
         def bwd(out=out):
             return torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True)
 
+        # Timed as forward + backward less the forward: autograd runs a backward on its forward's stream, so the
+        # backward alone of an output made outside a graph cannot be captured in one.
+        def fwd_bwd(fwd=fwd):
+            return torch.autograd.grad(fwd(), (qt, kt, vt), dot)
+
         def grads_gqa(bwd=bwd):  # dk, dv summed over each KV head's group, as ours
             gq, gk, gv = bwd()
             B, H, S, D = gk.shape
             sum_group = lambda g: g.view(B, H // group, group, S, D).sum(2).transpose(1, 2)  # noqa: E731
             return gq.transpose(1, 2), sum_group(gk), sum_group(gv)
-        return fwd, bwd, grads_gqa, name.lower()
+        return fwd, bwd, fwd_bwd, grads_gqa, name.lower()
     return None
 
 
@@ -149,14 +186,15 @@ def bench_row(causal, S, H, Hkv, D, dtype):
         row.update(bench_tops(q, k, v, dout, scale, causal, grads))
     t = theirs(q, k, v, dout, scale, causal)
     if t is not None:
-        t_fwd, t_bwd, t_grads, backend = t
+        t_fwd, t_bwd, t_fwd_bwd, t_grads, backend = t
         for name, mine, ref in zip(("dq", "dk", "dv"), grads, t_grads()):
             row[f"relL2_{name}"] = rel_l2(mine, ref)
         if "tops_grads" in row:
             for name, mine, ref in zip(("dq", "dk", "dv"), row["tops_grads"], t_grads()):
                 row[f"tops_relL2_{name}"] = rel_l2(mine, ref)
         row["torch_backend"] = backend
-        row["torch_fwd_us"], row["torch_bwd_us"] = median_us(t_fwd), median_us(t_bwd)
+        row["torch_fwd_us"] = median_us(t_fwd)
+        row["torch_bwd_us"] = median_us(t_fwd_bwd) - row["torch_fwd_us"]
         row["torch_ratio"] = row["torch_bwd_us"] / row["torch_fwd_us"]
         row["ratio_of_ratios"] = row["ratio"] / row["torch_ratio"]
         if "tops_ratio" in row:
