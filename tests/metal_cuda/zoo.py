@@ -3,13 +3,22 @@ batches they run at. Used by bench_peers.py (timing, GPU machine) and apple_plan
 
 import torch
 
-from benchmarks.cases import MODELS
+from benchmarks.cases import MODELS, Model
 
-# name -> (H, Hkv, D, options), from benchmarks/cases.py's MODELS (one list for the Mac report and this table).
-# Gemma-2 runs with its softcap and gpt-oss with its sinks on our side; MLX has no softcap, llama.cpp's kernels here
-# neither softcap nor sinks, so those peers run without them.
+# The GQA factors (query heads per KV head) the Mac report's models leave out, which issue 19 names: 3, 6, 12, 16
+# (MODELS has 1, 2, 4, 5, 7, 8). Proxy table only: the Mac report's grid is its own issue's.
+GQA_MODELS = (
+    Model("Llama-3.2-3B", 24, 8, 128),  # GQA 3
+    Model("Qwen2.5-1.5B", 12, 2, 128),  # GQA 6
+    Model("Mistral-Large-2", 96, 8, 128),  # GQA 12
+    Model("Llama-3.1-405B", 128, 8, 128),  # GQA 16
+)
+
+# name -> (H, Hkv, D, options), from benchmarks/cases.py's MODELS (one list for the Mac report and this table) and
+# GQA_MODELS. Gemma-2 runs with its softcap and gpt-oss with its sinks on our side; MLX has no softcap, llama.cpp's
+# kernels here neither softcap nor sinks, so those peers run without them.
 ZOO = {m.name: (m.H, m.Hkv, m.D, {"softcap": m.softcap} if m.softcap else ({"sinks": True} if m.sinks else {}))
-       for m in MODELS}
+       for m in MODELS + GQA_MODELS}
 ZOO_CONTEXTS = (256, 1000, 4096, 32768, 131072)
 ZOO_BATCHES = (1, 8, 32)
 ZOO_MAX_KV_BYTES = 2 << 30  # skip what does not fit the time of one run (K + V of the whole batch)
