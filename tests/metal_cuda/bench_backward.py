@@ -13,9 +13,10 @@ stops) and reported against torch's; head dims the tensor-ops library does not s
 
 Grid: causal and not, S = 1024, 4096, 16384, H/Hkv = 16/4 and 32/32, D = 64, 128, 256 (512 at S <= 4096), fp16 and
 bf16, B = 1. Timing: CUDA graphs of several calls, the median of a few replays (median_us); torch's backward is its
-forward + backward less its forward (autograd's streams: see theirs). A correctness check per row: ours against
-torch's backward in the same dtype (relative L2 of dq, dk, dv; the float64 check is test_gpu.py's). Our scratch is the delta buffer (B x H x S floats; the planner allocates nothing else); torch's is its
-peak allocation during the backward beyond the gradients it returns.
+forward + backward less its forward (autograd's streams: see theirs); a row whose torch figures were timed eagerly
+(capture failed) says so. A correctness check per row: ours against torch's backward in the same dtype (relative L2
+of dq, dk, dv; the float64 check is test_gpu.py's). Our scratch is the delta buffer (B x H x S floats; the planner
+allocates nothing else); torch's is its peak allocation during the backward beyond the gradients it returns.
 """
 
 import argparse
@@ -48,6 +49,9 @@ def grid(quick: bool):
                         yield causal, S, H, Hkv, D, dtype
 
 
+EAGER_TIMED = []  # the functions median_us timed eagerly (capture failed): bench_row flags their rows
+
+
 def median_us(fn, target_ms: float = 50.0) -> float:
     """Median microseconds per call: a CUDA graph of N calls (N so that a replay takes about target_ms, at most 50),
     replayed 5 times (3 when a call takes over 100 ms). Graphs, not events around single calls: at 1024 tokens a torch
@@ -76,6 +80,7 @@ def median_us(fn, target_ms: float = 50.0) -> float:
         run = graph.replay
     except Exception as e:  # noqa: BLE001
         print(f"  (graph capture failed: {type(e).__name__}: {e}; timing eagerly)", flush=True)
+        EAGER_TIMED.append(fn)
         torch.cuda.synchronize()
 
         def run():
@@ -137,11 +142,14 @@ def theirs(q, k, v, dout, scale, causal):
     for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
         backend = getattr(SDPBackend, name) if SDPBackend is not None else None
 
-        def fwd(backend=backend):
+        def attend(a, b, c, backend=backend):
             if backend is None:
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+                return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
             with sdpa_kernel([backend]):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
+                return F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=scale)
+
+        def fwd(attend=attend):
+            return attend(qt, kt, vt)
         try:
             out = fwd()
             grads = torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True)
@@ -153,9 +161,12 @@ def theirs(q, k, v, dout, scale, causal):
             return torch.autograd.grad(out, (qt, kt, vt), dot, retain_graph=True)
 
         # Timed as forward + backward less the forward: autograd runs a backward on its forward's stream, so the
-        # backward alone of an output made outside a graph cannot be captured in one.
-        def fwd_bwd(fwd=fwd):
-            return torch.autograd.grad(fwd(), (qt, kt, vt), dot)
+        # backward alone of an output made outside a graph cannot be captured in one. Fresh leaves per call: with
+        # the leaves above, whose gradient nodes the eager calls made on another stream, autograd warned of the
+        # stream mismatch and the capture was invalidated (the first row of each run, 2026-12-06).
+        def fwd_bwd(attend=attend):
+            leaves = [x.detach().requires_grad_() for x in (qt, kt, vt)]
+            return torch.autograd.grad(attend(*leaves), leaves, dot)
 
         def grads_gqa(bwd=bwd):  # dk, dv summed over each KV head's group, as ours
             gq, gk, gv = bwd()
@@ -193,8 +204,11 @@ def bench_row(causal, S, H, Hkv, D, dtype):
             for name, mine, ref in zip(("dq", "dk", "dv"), row["tops_grads"], t_grads()):
                 row[f"tops_relL2_{name}"] = rel_l2(mine, ref)
         row["torch_backend"] = backend
+        EAGER_TIMED.clear()
         row["torch_fwd_us"] = median_us(t_fwd)
         row["torch_bwd_us"] = median_us(t_fwd_bwd) - row["torch_fwd_us"]
+        if EAGER_TIMED:  # host time in torch's figures: its ratio is not comparable
+            row["torch_timed_eagerly"] = True
         row["torch_ratio"] = row["torch_bwd_us"] / row["torch_fwd_us"]
         row["ratio_of_ratios"] = row["ratio"] / row["torch_ratio"]
         if "tops_ratio" in row:
@@ -273,9 +287,11 @@ def main():
         rows.append(r)
         t = lambda key, f="{:.0f}": f.format(r[key]) if key in r else "n/a"  # noqa: E731
         errs = "/".join(t(f"relL2_{n}", "{:.1e}") for n in ("dq", "dk", "dv"))
+        eager = " (torch eager)" if r.get("torch_timed_eagerly") else ""
         print(f"| {causal} | {S} | {H}/{Hkv} | {D} | {r['dtype']} | {t('fwd_us')} | {t('bwd_us')} | "
               f"{t('ratio', '{:.2f}')} | {t('torch_fwd_us')} | {t('torch_bwd_us')} | {t('torch_ratio', '{:.2f}')} | "
-              f"{t('ratio_of_ratios', '{:.2f}')} | {r['scratch_bytes']} | {t('torch_scratch_bytes')} | {errs} |" +
+              f"{t('ratio_of_ratios', '{:.2f}')}{eager} | {r['scratch_bytes']} | {t('torch_scratch_bytes')} | "
+              f"{errs} |" +
               (f" {t('tops_fwd_us')} | {t('tops_bwd_us')} | {t('tops_ratio', '{:.2f}')} | "
                f"{t('tops_ratio_of_ratios', '{:.2f}')} | {t('tops_over_simd', '{:.2f}')} | "
                + "/".join(t(f"tops_relL2_{n}", "{:.1e}") for n in ("dq", "dk", "dv")) + " |" if a.tops else ""),
