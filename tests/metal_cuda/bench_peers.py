@@ -23,7 +23,7 @@ from msl.cuda import launch
 
 from . import bench
 from . import gpu_common as gc
-from .zoo import ZOO, zoo_rows
+from .zoo import ZOO, zoo_rows, zoo_table
 
 ROOT = Path(__file__).resolve().parents[2]
 # The peers' launcher lives in .calib/, an optional local copy outside the project: found on its own folder's path.
@@ -195,32 +195,6 @@ def run_zoo_row(name, B, S, dtype, sms):
     return r
 
 
-def zoo_table(results):
-    import math
-
-    print("\n| model | B | S | dtype | ours us (splits) | ours, dense cache | MLX launch | MLX best | llama.cpp | "
-          "x MLX best | x llama.cpp | x best peer | x best peer, dense |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    cols = {"x MLX best": [], "x llama.cpp": [], "x best peer": [], "x best peer, dense": []}
-    for r in results:
-        xm = r["mlx_best_us"] / r["ours_us"] if "mlx_best_us" in r else None
-        xg = r["ggml_us"] / r["ours_us"] if "ggml_us" in r else None
-        xb, xc = r.get("x_best_peer"), r.get("x_best_peer_dense")
-        for k, v in (("x MLX best", xm), ("x llama.cpp", xg), ("x best peer", xb), ("x best peer, dense", xc)):
-            if v is not None:
-                cols[k].append(v)
-        note = (" (peers without " + ", ".join(r["options"]) + ")") if r["options"] else ""
-        x = [f"{v:.2f}" if v is not None else "-" for v in (xm, xg, xb, xc)]
-        us = [f"{r[k]:.1f}" if k in r else "-"
-              for k in ("ours_dense_us", "mlx_launch_us", "mlx_best_us", "ggml_us")]
-        print(f"| {r['model']}{note} | {r['B']} | {r['S']} | {r['dtype']} | {r['ours_us']:.1f} ({r['splits']}) | "
-              f"{' | '.join(us)} | {' | '.join(x)} |")
-    for k, v in cols.items():
-        if v:
-            gm = math.exp(sum(math.log(x) for x in v) / len(v))
-            print(f"{k}: geometric mean {gm:.2f}, minimum {min(v):.2f} over {len(v)} rows")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -247,7 +221,7 @@ def main():
             print(json.dumps(r), flush=True)
             if a.json:
                 Path(a.json).write_text(json.dumps(results, indent=1))
-        zoo_table(results)
+        print("\n" + zoo_table(results))
         return
     rows = ROWS if a.rows == "all" else [ROWS[int(i)] for i in a.rows.split(",")]
     results = []
