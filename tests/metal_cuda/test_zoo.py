@@ -1,6 +1,6 @@
 """CI: the zoo's coverage and its tables (zoo.py), from synthetic bench_peers rows: no GPU."""
 
-from tests.metal_cuda.zoo import ZOO, zoo_compare, zoo_rows, zoo_table
+from .zoo import ZOO, zoo_compare, zoo_rows, zoo_table
 
 
 def _row(model, B, S, ours, mlx=None, ggml=None, splits=4):

@@ -11,6 +11,7 @@ of the same shapes side by side (an A/B of a branch packed by alt_tree.py):
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -53,6 +54,12 @@ def _geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def _ratio_summary(name, ratios) -> str:
+    """One ratio column (x = peer time / ours): geometric mean, minimum and the rows at or above 1.0."""
+    return (f"{name}: geometric mean {_geomean(ratios):.2f}, minimum {min(ratios):.2f}, "
+            f"{sum(x >= 1.0 for x in ratios)} of {len(ratios)} rows >= 1.0")
+
+
 def zoo_table(results) -> str:
     """bench_peers' zoo rows as a markdown table, then each ratio column's geometric mean, minimum and rows >= 1.0
     (x = peer time / ours)."""
@@ -73,10 +80,7 @@ def zoo_table(results) -> str:
         lines.append(f"| {r['model']}{note} | {r['B']} | {r['S']} | {r['dtype']} | {r['ours_us']:.1f} ({r['splits']}) "
                      f"| {' | '.join(us)} | {' | '.join(x)} |")
     lines.append("")
-    for k, v in cols.items():
-        if v:
-            lines.append(f"{k}: geometric mean {_geomean(v):.2f}, minimum {min(v):.2f}, {sum(x >= 1.0 for x in v)} of "
-                         f"{len(v)} rows >= 1.0")
+    lines.extend(_ratio_summary(k, v) for k, v in cols.items() if v)
     return "\n".join(lines)
 
 
@@ -105,10 +109,7 @@ def zoo_compare(base, other) -> str:
     if ratios:
         lines.append(f"time other / base: geometric mean {_geomean(ratios):.3f}, {min(ratios):.3f}-{max(ratios):.3f} "
                      f"over {len(ratios)} rows")
-    for name, v in (("base", xa), ("other", xb)):
-        if v:
-            lines.append(f"x best peer, {name}: geometric mean {_geomean(v):.2f}, minimum {min(v):.2f}, "
-                         f"{sum(x >= 1.0 for x in v)} of {len(v)} rows >= 1.0")
+    lines.extend(_ratio_summary(f"x best peer, {name}", v) for name, v in (("base", xa), ("other", xb)) if v)
     lines.append(f"shapes in one run only: {len(base) + len(other) - 2 * len(ratios)}")
     return "\n".join(lines)
 
@@ -122,7 +123,7 @@ def main():
     c.add_argument("base")
     c.add_argument("other")
     a = ap.parse_args()
-    load = lambda path: json.loads(open(path).read())  # noqa: E731
+    load = lambda path: json.loads(Path(path).read_text())  # noqa: E731
     if a.cmd == "table":
         print(zoo_table([r for path in a.runs for r in load(path)]))
     else:
