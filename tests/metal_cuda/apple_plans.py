@@ -36,7 +36,8 @@ def main():
     names = list(DEVICES)
     print("| model | B | S | R (row tile) | " + " | ".join(f"{n} ({c} cores): splits, threadgroups"
                                                 for n, c in DEVICES.items()) + " |")
-    # A split of <= 2 steps per simdgroup writes one partial per simdgroup: "(8x)" after its split count.
+    # A split of <= 2 steps per simdgroup writes one partial per simdgroup (per key unit on the matrix path): "(Nx)"
+    # after its split count, N partials per split.
     print("|---|---:|---:|---:|" + "---:|" * len(names))
     for name, B, S, dtype in zoo_rows():
         if dtype != torch.float16:
@@ -44,7 +45,7 @@ def main():
         cells = []
         for n in names:
             splits, rows, tgs, partials = plan(name, B, S, dtype, DEVICES[n])
-            cells.append(f"{splits}{' (8x)' if partials > splits else ''}, {tgs}")
+            cells.append(f"{splits}{f' ({partials // splits}x)' if partials > splits else ''}, {tgs}")
         print(f"| {name} | {B} | {S} | {rows} | " + " | ".join(cells) + " |")
 
 
