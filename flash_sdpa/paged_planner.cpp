@@ -82,8 +82,10 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
   return rows;
 }
 
-int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim) {
-  return rows == 1 ? 3 : (rows * head_dim <= 1024 ? 2 : 1);
+int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim, int64_t elem_bytes) {
+  const bool matrix = rows <= 16 && head_dim <= 128 && elem_bytes <= 2 &&
+                      paged::decode_matrix_rows(fsdpa_i32(head_dim), fsdpa_i32(elem_bytes), fsdpa_i32(rows));
+  return rows == 1 ? 3 : (rows * head_dim <= 1024 || matrix ? 2 : 1);
 }
 
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known,
@@ -197,9 +199,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t capacity = varlen ? total_k : max_blocks * block_size;
   const int64_t max_keys = std::min(capacity, call.max_seqlen_k > 0 ? call.max_seqlen_k : capacity);
   const int64_t cores = call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count();  // 0: unknown device
-  const int64_t target = call.target_threadgroups > 0
-                             ? call.target_threadgroups
-                             : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows, head_dim);
+  const int64_t target =
+      call.target_threadgroups > 0
+          ? call.target_threadgroups
+          : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows, head_dim, q.element_size());
   // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
   const fsdpa_i32 dim32 = to_i32(head_dim, "head_dim");
   const fsdpa_i32 elem32 = to_i32(q.element_size(), "element size");
