@@ -25,14 +25,23 @@
 #define FLASH_SDPA_PAGED_ROWS_UPTO_4(X, ...) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(4, __VA_ARGS__)
 #define FLASH_SDPA_PAGED_ROWS_UPTO_8(X, ...) FLASH_SDPA_PAGED_ROWS_UPTO_4(X, __VA_ARGS__) X(8, __VA_ARGS__)
 #define FLASH_SDPA_PAGED_ROWS_UPTO_16(X, ...) FLASH_SDPA_PAGED_ROWS_UPTO_8(X, __VA_ARGS__) X(16, __VA_ARGS__)
+// The matrix path's own instances (decode_matrix_rows below; the one-token calls of those configurations run them):
+// X(R, head_dim, msl_type, dtype_name).
+// clang-format off
+#define FLASH_SDPA_PAGED_MATRIX_INSTANCES(X)                                                   \
+  X(8, 64, half, float16) X(16, 64, half, float16) X(8, 128, half, float16) X(16, 128, half, float16) \
+  X(8, 64, bfloat, bfloat16) X(16, 64, bfloat, bfloat16) X(8, 128, bfloat, bfloat16) X(16, 128, bfloat, bfloat16)
+// clang-format on
 
-// Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
+// Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_matrix_<dtype>_d<D>_r<R>",
+// "paged_decode_combine_<dtype>".
 // The host builds the same strings in paged_planner.cpp (paged_*_kernel_name).
 // Each expands to one string literal (token paste, then stringify).
 #define FLASH_SDPA_PAGED_STR_(x) #x
 #define FLASH_SDPA_PAGED_STR(x) FLASH_SDPA_PAGED_STR_(x)
 #define FLASH_SDPA_PAGED_WRITE_NAME(TN) FLASH_SDPA_PAGED_STR(kv_paged_write_##TN)
 #define FLASH_SDPA_PAGED_DECODE_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_##TN##_d##D##_r##R)
+#define FLASH_SDPA_PAGED_DECODE_MATRIX_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_matrix_##TN##_d##D##_r##R)
 #define FLASH_SDPA_PAGED_COMBINE_NAME(TN) FLASH_SDPA_PAGED_STR(paged_decode_combine_##TN)
 
 // Threads per threadgroup, also used in [[max_total_threads_per_threadgroup(...)]] (macros: literal after cpp).
@@ -126,8 +135,10 @@ constexpr fsdpa_i32 decode_column_simdgroups(fsdpa_i32 head_dim, fsdpa_i32 elem_
   return decode_matrix_rows(head_dim, elem_bytes, rows) ? head_dim / (kDecodeMatrixColumns / (rows / 8)) : 1;
 }
 
-// Whether a call runs the matrix path: a matrix-path instance (decode_matrix_rows) at one query token. The same
-// instance runs the lane-local path for sq > 1 (its rows see different keys), with that path's steps and partials.
+// Whether a call runs the matrix path: a matrix configuration (decode_matrix_rows) at one query token. It has a
+// kernel of its own ("paged_decode_matrix_*", FLASH_SDPA_PAGED_MATRIX_INSTANCES), so that its pipeline's registers
+// are the matrix path's alone, not the larger of both paths'; several query tokens (their rows see different keys)
+// run the lane-local "paged_decode_*" instance of the same configuration, with that path's steps and partials.
 constexpr bool decode_runs_matrix(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows, fsdpa_i32 seqlen_q) {
   return decode_matrix_rows(head_dim, elem_bytes, rows) && seqlen_q == 1;
 }

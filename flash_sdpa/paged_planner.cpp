@@ -38,10 +38,11 @@ std::string paged_write_kernel_name(at::ScalarType dtype) {
   return std::string("kv_paged_write_") + name;
 }
 
-std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows) {
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows, bool matrix) {
   const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
-  return std::string("paged_decode_") + name + "_d" + std::to_string(head_dim) + "_r" + std::to_string(rows);
+  return std::string(matrix ? "paged_decode_matrix_" : "paged_decode_") + name + "_d" + std::to_string(head_dim) +
+         "_r" + std::to_string(rows);
 }
 
 std::string paged_combine_kernel_name(at::ScalarType dtype) {
@@ -82,9 +83,7 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
   return rows;
 }
 
-int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim, int64_t elem_bytes) {
-  const bool matrix = rows <= 16 && head_dim <= 128 && elem_bytes <= 2 &&
-                      paged::decode_matrix_rows(fsdpa_i32(head_dim), fsdpa_i32(elem_bytes), fsdpa_i32(rows));
+int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim, bool matrix) {
   return rows == 1 ? 3 : (rows * head_dim <= 1024 || matrix ? 2 : 1);
 }
 
@@ -198,16 +197,16 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t work = batch * kv_heads * row_blocks;
   const int64_t capacity = varlen ? total_k : max_blocks * block_size;
   const int64_t max_keys = std::min(capacity, call.max_seqlen_k > 0 ? call.max_seqlen_k : capacity);
-  const int64_t cores = call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count();  // 0: unknown device
-  const int64_t target =
-      call.target_threadgroups > 0
-          ? call.target_threadgroups
-          : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows, head_dim, q.element_size());
-  // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
   const fsdpa_i32 dim32 = to_i32(head_dim, "head_dim");
   const fsdpa_i32 elem32 = to_i32(q.element_size(), "element size");
   const fsdpa_i32 rows32 = to_i32(rows, "rows");
   const fsdpa_i32 sq32 = to_i32(seqlen_q, "seqlen_q");
+  const bool matrix = decode_runs_matrix(dim32, elem32, rows32, sq32);           // the matrix path's own kernel
+  const int64_t cores = call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count();  // 0: unknown device
+  const int64_t target = call.target_threadgroups > 0 ? call.target_threadgroups
+                                                      : (cores > 0 ? cores : kDefaultGpuCores) *
+                                                            decode_threadgroups_per_core(rows, head_dim, matrix);
+  // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
   const int64_t tg_step_keys = decode_step_keys(dim32, elem32, rows32, sq32);
   int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
                                        : paged_pick_num_splits(work, max_keys, target,
@@ -284,7 +283,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const bool kv_aligned = rows_aligned(call.k_cache, vec_elems) && rows_aligned(call.v_cache, vec_elems);
 
   Dispatch a;
-  a.kernel = paged_decode_kernel_name(dtype, head_dim, rows);
+  a.kernel = paged_decode_kernel_name(dtype, head_dim, rows, matrix);
   // The options' constants and whether the LSE is written: the same for the decode and the combine.
   std::vector<FunctionConstant> shared_constants = option_constants(call.options, varlen);
   shared_constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));

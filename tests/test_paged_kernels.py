@@ -596,7 +596,7 @@ def test_varlen_mode_traffic(run):
     cu_q, cu_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, S, 2 * S], dtype=torch.int32)
     out, lse, stats = run_varlen_decode(run, q, k, v, cu_q, cu_k, scale=D ** -0.5, window=(-1, 0), max_seqlen_k=S,
                                         check_races=False)
-    assert [st.kernel for st in stats] == ["paged_decode_float16_d128_r8", "paged_decode_combine_float16",
+    assert [st.kernel for st in stats] == ["paged_decode_matrix_float16_d128_r8", "paged_decode_combine_float16",
                                            "flash_attn_varlen_float16_d128"]
     # The varlen kernel's dispatch (sequences with several query rows: none here) reads and writes no tensor data.
     assert not any(stats[2].loaded.get(i, 0) for i in range(3)) and not any(stats[2].stored.values())
