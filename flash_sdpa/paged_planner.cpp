@@ -22,6 +22,31 @@ constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max() - (int64_t{1} <
 
 std::atomic<GpuCoreCountProvider> core_count_provider{nullptr};
 
+// The matrix path's kernels (FLASH_SDPA_PAGED_MATRIX_INSTANCES) are exactly the configurations decode_matrix_rows
+// names, so that every kernel name paged_decode_kernel_name builds for a one-token call exists.
+constexpr int listed_matrix_instances() {
+  int n = 0;
+#define FLASH_SDPA_COUNT_MATRIX_INSTANCE(R, D, T, TN) n += paged::decode_matrix_rows(D, 2, R) ? 1 : 1000;
+  FLASH_SDPA_PAGED_MATRIX_INSTANCES(FLASH_SDPA_COUNT_MATRIX_INSTANCE)
+#undef FLASH_SDPA_COUNT_MATRIX_INSTANCE
+  return n;
+}
+constexpr int matrix_configurations() {
+  int n = 0;
+  const fsdpa_i32 elem_bytes[] = {4, 2, 2};  // FLASH_SDPA_PAGED_DTYPES: float, half, bfloat
+#define FLASH_SDPA_COUNT_MATRIX_CONFIG(D, MAXR, ...)         \
+  for (fsdpa_i32 rows = 1; rows <= MAXR; rows *= 2) {        \
+    for (const fsdpa_i32 elem : elem_bytes) {                \
+      n += paged::decode_matrix_rows(D, elem, rows) ? 1 : 0; \
+    }                                                        \
+  }
+  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_COUNT_MATRIX_CONFIG, _)
+#undef FLASH_SDPA_COUNT_MATRIX_CONFIG
+  return n;
+}
+static_assert(listed_matrix_instances() == matrix_configurations(),
+              "FLASH_SDPA_PAGED_MATRIX_INSTANCES lists every decode_matrix_rows configuration, and only those");
+
 }  // namespace
 
 void set_gpu_core_count_provider(GpuCoreCountProvider provider) { core_count_provider.store(provider); }
