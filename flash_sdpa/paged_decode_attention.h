@@ -18,18 +18,22 @@
 // buffers (<= 8 KB). No K/V staging: each valid K/V byte goes from memory to the registers that use it, once per KV
 // head.
 //
-// The matrix path (decode_matrix_rows: R = 8, 2-byte types, D = 64 or 128, one query token, so the 8 rows are the 8
-// query heads of a GQA group at one position): both products run on 8x8 simdgroup_matrix tiles, as in the varlen
+// The matrix path (decode_matrix_rows: R = 8 or 16, 2-byte types, D = 64 or 128, one query token, so the rows are
+// the query heads of a GQA group at one position): both products run on 8x8 simdgroup_matrix tiles, as in the varlen
 // forward. A key step is 8 keys: each lane loads one 16-byte chunk of K and of V per key it covers (each key's row
 // address from the block table, so a step may straddle pages), the K rows go through the simdgroup's 8-key tile in
-// threadgroup memory into S = Q K^T, then V replaces K there for O += P V. A simdgroup holds 64 columns of Q and O (8
-// fragments each); at D = 128 two simdgroups share each key step, each with its half of the columns, and add their
-// halves of S through threadgroup memory (one threadgroup barrier per step). Apple GPUs have no asynchronous copy into
-// threadgroup memory and fragments are built only by simdgroup_load (which lane holds which element is undocumented),
-// so the rows pass through the registers either way; a simdgroup_load straight from device memory needs the 8 rows
-// at one stride, which pages of any size break. K and V share a simdgroup's tile (8 x 64 halves; 8 KB for the
-// threadgroup). Several query tokens (sq > 1) keep the lane-local path: their rows see different keys, and a shared
-// P V would carry a non-finite V element to rows that cannot see it.
+// threadgroup memory into S = Q K^T, then V replaces K there for O += P V. A simdgroup holds R / 8 row tiles of
+// 64 / (R / 8) columns of Q and O (8 fragments of each at R = 8 and 16: its registers do not grow with R); the
+// simdgroups that split D among them share each key step and add their parts of S through threadgroup memory (one
+// threadgroup barrier per step): 2 at R = 8, D = 128 and at R = 16, D = 64; 4 at R = 16, D = 128. Apple GPUs have no
+// asynchronous copy into threadgroup memory and fragments are built only by simdgroup_load (which lane holds which
+// element is undocumented), so the rows pass through the registers either way; a simdgroup_load straight from device
+// memory needs the 8 rows at one stride, which pages of any size break. K and V share a simdgroup's tile (8 keys x its
+// columns; 8 KB for the threadgroup at R = 8, 4 KB at R = 16). Several query tokens (sq > 1) keep the lane-local path:
+// their rows see different keys, and a shared P V would carry a non-finite V element to rows that cannot see it. The
+// matrix path is its own kernel instance (M = true: "paged_decode_matrix_*"), so that each path's pipeline gets the
+// registers it needs: in one function the lane-local branch's would set both (168 at R = 16, D = 128 on the proxy,
+// against 128 for the matrix path alone), and an Apple core spills or keeps fewer simdgroups resident for them.
 #pragma once
 
 #include <metal_stdlib>
@@ -50,7 +54,7 @@ namespace paged {
 // functions, which the planner reads too). A key row is NC chunks of kChunkBytes; L lanes read one row, lane li
 // chunks li, li + L, ...; G = 32 / L keys are read side by side, U per lane group and step. Lanes past NC (head dims
 // that are not powers of two) idle.
-template <typename T, int D, int R>
+template <typename T, int D, int R, bool M>
 struct DecodeLayout {
   static constexpr int NSG = kDecodeSimdgroups;
   static constexpr int kChunkBytes = decode_chunk_bytes(R);
@@ -81,20 +85,23 @@ struct DecodeLayout {
   static constexpr int RPL = R >= L ? R / L : 1;  // rows per lane
   static constexpr int DUP = R >= L ? 1 : L / R;  // lanes per row
   static constexpr int kScoreFloats = R * U + R;  // per lane group and step: probabilities [R][U], corrections [R]
-  static constexpr int kScatterFloats = kScatter ? NSG * G * 2 * kScoreFloats : 1;  // double-buffered
+  static constexpr int kScatterFloats = kScatter && !M ? NSG * G * 2 * kScoreFloats : 1;  // double-buffered
   static_assert((D * int(sizeof(T))) % kChunkBytes == 0, "rows are whole chunks (D % 8 == 0)");
   static_assert(L * G == 32 && CPL * L >= NC, "lane layout");
 
-  // The matrix path (decode_matrix_rows, one query token): a key step is kDecodeMatrixKeys = 8 keys, one 8x8 score
-  // tile, shared by MC simdgroups (decode_column_simdgroups: 2 at D = 128), each with MD = 64 columns of Q and O (a
-  // key unit). A simdgroup reads its columns of the step's K rows as 16-byte chunks, ML lanes per row (one chunk
-  // each), MG rows side by side, MU per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory
-  // (floats, in stage_tg): per simdgroup an 8-key tile of T [8][MD] (K, then V), kStrips 8x8 float strips (its scores;
-  // double-buffered by step parity when MC > 1, so that a partner still reading one step's strip is not
-  // overwritten by the next; O's blocks when rows are scaled), an 8x8 T tile (probabilities) and 8 key flags; then Q
-  // (T [8][D], loaded once into MD / 8 fragments per simdgroup).
-  static constexpr bool kMatrix = decode_matrix_rows(D, int(sizeof(T)), R);
+  // The matrix path (decode_matrix_rows, one query token): a key step is kDecodeMatrixKeys = 8 keys, RT = R / 8 score
+  // tiles of 8x8, shared by MC simdgroups (decode_column_simdgroups), each with MD = 64 / RT columns of Q and O (a key
+  // unit), so that a simdgroup holds RT x MD / 8 = 8 fragments of Q and 8 of O at R = 8 and 16 alike. A simdgroup
+  // reads its columns of the step's K rows as 16-byte chunks, ML lanes per row (one chunk each), MG rows side by side,
+  // MU per lane: key g + u MG of the step (lane group g, as above). Threadgroup memory (floats, in stage_tg): per
+  // simdgroup an 8-key tile of T [8][MD] (K, then V); past those and the merge slots, per simdgroup kStrips strips of
+  // RT 8x8 floats (its scores; double-buffered by step parity when MC > 1, so that a partner still reading one step's
+  // strip is not overwritten by the next; O's blocks when rows are scaled or read out), an [RT][8][8] T tile
+  // (probabilities) and 8 key flags; then Q (T [R][D], loaded once into RT x MD / 8 fragments per simdgroup).
+  static constexpr bool kMatrix = M;
+  static_assert(!M || decode_matrix_rows(D, int(sizeof(T)), R), "a matrix instance of a matrix configuration");
   static constexpr int MK = kDecodeMatrixKeys;
+  static constexpr int RT = kMatrix ? R / 8 : 1;  // row tiles
   static constexpr int MC = decode_column_simdgroups(D, int(sizeof(T)), R);
   static constexpr int MD = D / MC;
   static constexpr int NU = NSG / MC;  // key units
@@ -103,19 +110,23 @@ struct DecodeLayout {
   static constexpr int MU = kMatrix ? MK / MG : 1;
   static constexpr int MEPC = 16 / int(sizeof(T));  // elements per 16-byte chunk
   static constexpr int kStrips = MC > 1 ? 2 : 1;    // strips per simdgroup
+  static constexpr int kStripFloats = RT * 64;      // one strip: RT 8x8 float blocks
   static constexpr int kTileFloats = MK * MD * int(sizeof(T)) / 4;
-  static constexpr int kStripAt = NSG * kTileFloats;
-  static constexpr int kProbAt = kStripAt + NSG * kStrips * 64;
-  static constexpr int kKeyOkAt = kProbAt + NSG * 64 * int(sizeof(T)) / 4;
+  // The merge (after the key loop) writes its slots over the tiles while reading fragments out through the strips.
+  static constexpr int kStripAt = NSG * kTileFloats > kMergeSlots* R* D ? NSG* kTileFloats
+                                                                        : (kMergeSlots* R* D + 3) / 4 * 4;
+  static constexpr int kProbAt = kStripAt + NSG * kStrips * kStripFloats;
+  static constexpr int kKeyOkAt = kProbAt + NSG * RT * 64 * int(sizeof(T)) / 4;
   static constexpr int kQAt = kKeyOkAt + NSG * MK;
-  static constexpr int kMatrixFloats = kMatrix ? kQAt + 8 * D * int(sizeof(T)) / 4 : 0;
+  static constexpr int kMatrixFloats = kMatrix ? kQAt + R * D * int(sizeof(T)) / 4 : 0;
   // stage_tg: the q rows / merge slots, or the matrix path's tiles; whole float4s (16-byte chunk stores).
   static constexpr int kStageFloats =
       (kMergeSlots * R * D > kMatrixFloats ? kMergeSlots * R * D : kMatrixFloats + 3) / 4 * 4;
-  static_assert(
-      !kMatrix || (R == 8 && MD == kDecodeMatrixColumns && ML * MG == 32 && MU * MG == MK && NU * MC == NSG &&
-                   NU % kMergeSlots == 0 && kStripAt >= kMergeSlots * R * D),
-      "matrix path: 8 rows, 64 columns per simdgroup, whole lane groups and units, strips past the merge slots");
+  static_assert(!kMatrix || (R == 8 * RT && MD * RT == kDecodeMatrixColumns && ML * MG == 32 && MU * MG == MK &&
+                             NU * MC == NSG && NU % kMergeSlots == 0 && kStripAt >= kMergeSlots * R * D &&
+                             kStripAt % 4 == 0 && kProbAt % 4 == 0 && kKeyOkAt % 4 == 0 && kQAt % 4 == 0),
+                "matrix path: 8-row tiles, 64 / RT columns per simdgroup, whole lane groups and units, strips past "
+                "the merge slots, float4-aligned offsets");
 };
 
 // Online-softmax headroom of the matrix path: a row's running max moves only when a step's max passes it by more
@@ -548,7 +559,8 @@ inline void write_rows(device T* out, device uint* lse, device float* o_partial,
 }  // namespace paged
 }  // namespace flash_sdpa
 
-template <typename T, int D, int R>
+// M: the one-token matrix path (FLASH_SDPA_PAGED_MATRIX_INSTANCES) or the lane-local path (any sq).
+template <typename T, int D, int R, bool M>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_PAGED_DECODE_THREADS)]] kernel void paged_decode_attention(
     device const T* q [[buffer(FLASH_SDPA_DECODE_BUF_Q)]],
     device const T* k_cache [[buffer(FLASH_SDPA_DECODE_BUF_K_CACHE)]],
@@ -569,7 +581,7 @@ template <typename T, int D, int R>
     uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
   using namespace flash_sdpa;
   using namespace flash_sdpa::paged;
-  using Layout = DecodeLayout<T, D, R>;
+  using Layout = DecodeLayout<T, D, R, M>;
   constexpr int NSG = Layout::NSG;
   constexpr int L = Layout::L;
   constexpr int G = Layout::G;
@@ -616,244 +628,289 @@ template <typename T, int D, int R>
   const int nrows = min(R, group * sq - row0);
 
   if constexpr (Layout::kMatrix) {
-    if (sq == 1) {  // uniform
-      // The matrix path (one query token: row r is head row0 + r of the KV group; DecodeLayout). Per key step of 8
-      // keys: each simdgroup of the step's unit puts its lanes' 16-byte chunks of its MD columns of the K rows into
-      // its tile, S = Q K^T on 8x8 fragments over those columns (Q in T, unscaled: the scale applies to S in fp32);
-      // at MC = 2 the two simdgroups add their halves of S through their strips (one threadgroup barrier), then both
-      // run the same online softmax: row lane / 4 on its 4 lanes (2 scores each); V replaces K in the tile, P (T)
-      // goes through a small tile, O += P V on MD / 8 float fragments. With one token every loaded key lies in every
-      // row's window (the same position), so no row meets a V row it does not see: a non-finite V reaches exactly
-      // the rows that FlashAttention-2 gives it to, as in the lane-local P.V of the path below at sq = 1.
-      constexpr int MK = Layout::MK;
-      constexpr int MC = Layout::MC;
-      constexpr int MD = Layout::MD;
-      constexpr int NU = Layout::NU;
-      constexpr int MLn = Layout::ML;
-      constexpr int MG = Layout::MG;
-      constexpr int MU = Layout::MU;
-      constexpr int MEPC = Layout::MEPC;
-      constexpr int NST = Layout::kStrips;
-      constexpr int NCM = D * int(sizeof(T)) / 16;
-      constexpr int DB = MD / 8;
-      constexpr int kTgStep = NU * MK;
-      const int unit = int(sg) / MC;
-      const int col0 = (int(sg) % MC) * MD;  // this simdgroup's columns col0 .. col0 + MD - 1
-      threadgroup T* tile = reinterpret_cast<threadgroup T*>(stage_tg + int(sg) * Layout::kTileFloats);
-      threadgroup float* strips = stage_tg + Layout::kStripAt;  // [NSG][NST][64]
-      threadgroup T* p_tile = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kProbAt) + int(sg) * 64;
-      threadgroup uint* key_ok = reinterpret_cast<threadgroup uint*>(stage_tg + Layout::kKeyOkAt) + int(sg) * MK;
+    // The matrix path (a matrix instance: the planner gives it one-token calls only, decode_runs_matrix; every path
+    // through this block returns, so the lane-local code below is not part of its pipeline). Row r is head row0 + r
+    // of the KV group (DecodeLayout). Per key step of 8
+    // keys: each simdgroup of the step's unit puts its lanes' 16-byte chunks of its MD columns of the K rows into
+    // its tile, S_rt = Q_rt K^T for each 8-row tile rt on 8x8 fragments over those columns (Q in T, unscaled: the
+    // scale applies to S in fp32); at MC > 1 the unit's simdgroups add their parts of S through their strips (one
+    // threadgroup barrier), then all run the same online softmax: row rt x 8 + lane / 4 of each row tile on its 4
+    // lanes (2 scores each); V replaces K in the tile, P (T) goes through a small tile, O_rt += P_rt V on RT x MD / 8
+    // float fragments. With one token every loaded key lies in every row's window (the same position), so no row
+    // meets a V row it does not see: a non-finite V reaches exactly the rows that FlashAttention-2 gives it to, as
+    // in the lane-local P.V of the path below at sq = 1.
+    constexpr int MK = Layout::MK;
+    constexpr int RT = Layout::RT;
+    constexpr int MC = Layout::MC;
+    constexpr int MD = Layout::MD;
+    constexpr int NU = Layout::NU;
+    constexpr int MLn = Layout::ML;
+    constexpr int MG = Layout::MG;
+    constexpr int MU = Layout::MU;
+    constexpr int MEPC = Layout::MEPC;
+    constexpr int NST = Layout::kStrips;
+    constexpr int SPF = Layout::kStripFloats;
+    constexpr int NCM = D * int(sizeof(T)) / 16;
+    constexpr int DB = MD / 8;
+    constexpr int kTgStep = NU * MK;
+    const int unit = int(sg) / MC;
+    const int col0 = (int(sg) % MC) * MD;  // this simdgroup's columns col0 .. col0 + MD - 1
+    threadgroup T* tile = reinterpret_cast<threadgroup T*>(stage_tg + int(sg) * Layout::kTileFloats);
+    threadgroup float* strips = stage_tg + Layout::kStripAt;  // [NSG][NST][RT][64]
+    threadgroup T* p_tile = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kProbAt) + int(sg) * RT * 64;
+    threadgroup uint* key_ok = reinterpret_cast<threadgroup uint*>(stage_tg + Layout::kKeyOkAt) + int(sg) * MK;
 
-      const int stride = p.num_splits * kTgStep;
-      const int g = int(lane) / MLn;                      // key group of this lane: keys g, g + MG, ... of a step
-      const int li = int(lane) % MLn;                     // its 16-byte chunk of the simdgroup's columns
-      const int chunk = col0 * int(sizeof(T)) / 16 + li;  // ... in the key row
-      const TableRow bt_row = table_row(b, p);
-      int2 loc[MU];
-      int2 loc_next[MU];
-      TableCursor cursor;
-      RequestKeys rk;  // the keys of request b (request_keys)
-      if (!request_keys<MU, MG>(rk, loc, cursor, split * kTgStep + unit * MK + g, stride, b, bt_row, p, block_table,
-                                cache_seqlens, cu_seqlens_q, cu_seqlens_k, cache_leftpad)) {
-        return;
-      }
-      const int sk = rk.sk;
-      const int k_start = rk.k_start;
-      const int q_row = rk.q_row;
-      const int pos = sk - 1;  // the token's key position
-      const int2 keys = visible_keys(pos, p.opt, sk);
-      const int hi = keys.y + 1;
-      const int first = keys.x + split * kTgStep + unit * MK;
-      // The units of a threadgroup meet at a barrier every step when MC > 1, so they all run the first unit's steps
-      // (a unit past hi loads nothing: its keys are masked).
-      const int lead = MC > 1 ? unit * MK : 0;
-      first_step_locs<MU, MG>(loc, cursor, keys.x, first + g, hi, stride, rk, bt_row, p, block_table);
-      const long k_head = long(hkv) * p.k_stride_h;
-      const long v_head = long(hkv) * p.v_stride_h;
-      const bool aligned = fc_decode_kv_aligned;
-      chunk16 kr[MU];
-      chunk16 vr[MU];
-      // K and V of a step are loaded together: one memory round trip per step.
-      load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
-      load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
+    const int stride = p.num_splits * kTgStep;
+    const int g = int(lane) / MLn;                      // key group of this lane: keys g, g + MG, ... of a step
+    const int li = int(lane) % MLn;                     // its 16-byte chunk of the simdgroup's columns
+    const int chunk = col0 * int(sizeof(T)) / 16 + li;  // ... in the key row
+    const TableRow bt_row = table_row(b, p);
+    int2 loc[MU];
+    int2 loc_next[MU];
+    TableCursor cursor;
+    RequestKeys rk;  // the keys of request b (request_keys)
+    if (!request_keys<MU, MG>(rk, loc, cursor, split * kTgStep + unit * MK + g, stride, b, bt_row, p, block_table,
+                              cache_seqlens, cu_seqlens_q, cu_seqlens_k, cache_leftpad)) {
+      return;
+    }
+    const int sk = rk.sk;
+    const int k_start = rk.k_start;
+    const int q_row = rk.q_row;
+    const int pos = sk - 1;  // the token's key position
+    const int2 keys = visible_keys(pos, p.opt, sk);
+    const int hi = keys.y + 1;
+    const int first = keys.x + split * kTgStep + unit * MK;
+    // The units of a threadgroup meet at a barrier every step when MC > 1, so they all run the first unit's steps
+    // (a unit past hi loads nothing: its keys are masked).
+    const int lead = MC > 1 ? unit * MK : 0;
+    first_step_locs<MU, MG>(loc, cursor, keys.x, first + g, hi, stride, rk, bt_row, p, block_table);
+    const long k_head = long(hkv) * p.k_stride_h;
+    const long v_head = long(hkv) * p.v_stride_h;
+    const bool aligned = fc_decode_kv_aligned;
+    chunk16 kr[MU];
+    chunk16 vr[MU];
+    // K and V of a step are loaded together: one memory round trip per step.
+    load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
+    load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
 
-      // Q rows (T [8][D], rows past nrows 0), loaded by each simdgroup's columns into DB fragments once.
-      threadgroup T* q_stage = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kQAt);
-      for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
-        const int r = idx / D;
-        const int d = idx - r * D;
-        // q (B, sq, H, D = 1); varlen: q (total_q, H, D = 1)
-        const long qoff = fc_varlen ? long(q_row) * p.q_stride_s : long(b) * p.q_stride_b;
-        q_stage[idx] = r < nrows ? q[qoff + long(hkv * group + row0 + r) * p.q_stride_h + d] : T(0.0f);
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      simdgroup_matrix<T, 8, 8> qf[DB];
-      simdgroup_matrix<float, 8, 8> of[DB];
+    // Q rows (T [R][D], rows past nrows 0: no Q read past the group), loaded by each simdgroup's columns into
+    // RT x DB fragments once.
+    threadgroup T* q_stage = reinterpret_cast<threadgroup T*>(stage_tg + Layout::kQAt);
+    for (int idx = int(tid); idx < R * D; idx += kDecodeThreads) {
+      const int r = idx / D;
+      const int d = idx - r * D;
+      // q (B, sq, H, D = 1); varlen: q (total_q, H, D = 1)
+      const long qoff = fc_varlen ? long(q_row) * p.q_stride_s : long(b) * p.q_stride_b;
+      q_stage[idx] = r < nrows ? q[qoff + long(hkv * group + row0 + r) * p.q_stride_h + d] : T(0.0f);
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    simdgroup_matrix<T, 8, 8> qf[RT][DB];
+    simdgroup_matrix<float, 8, 8> of[RT][DB];
+    for (int rt = 0; rt < RT; ++rt) {
       for (int db = 0; db < DB; ++db) {
-        simdgroup_load(qf[db], q_stage + col0 + db * 8, D);
-        of[db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+        simdgroup_load(qf[rt][db], q_stage + rt * 8 * D + col0 + db * 8, D);
+        of[rt][db] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
       }
+    }
 
-      // Row mr = lane / 4 of the tile, on its 4 lanes: columns mc, mc + 1 of a step's scores; running max mm (the
-      // same on the 4 lanes, and on the unit's simdgroups) and this lane's share ml of the row's sum.
-      const int mr = int(lane) / 4;
-      const int mc = 2 * (int(lane) % 4);
-      const bool row_ok = mr < nrows;
-      const float slope =
-          fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, hkv * group + row0 + min(mr, nrows - 1)) : 0.0f;
-      float mm = kNoScore;
-      float ml = 0.0f;
-      uint bad_rows = 0;
-      int parity = 0;
-      for (int t0 = first; t0 - lead < hi; t0 += stride) {
-        if (t0 != first) {  // uniform per threadgroup
-          load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
-          load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
+    // Row mr = lane / 4 of each row tile, on its 4 lanes: columns mc, mc + 1 of a step's scores; per row tile the
+    // running max mm (the same on the 4 lanes, and on the unit's simdgroups) and this lane's share ml of the sum.
+    const int mr = int(lane) / 4;
+    const int mc = 2 * (int(lane) % 4);
+    bool row_ok[RT];
+    float slope[RT];
+    float mm[RT];
+    float ml[RT];
+    for (int rt = 0; rt < RT; ++rt) {
+      row_ok[rt] = rt * 8 + mr < nrows;
+      slope[rt] =
+          fc_alibi ? flash_sdpa::alibi_slope(alibi, p.opt, b, hkv * group + row0 + min(rt * 8 + mr, nrows - 1)) : 0.0f;
+    }
+    for (int rt = 0; rt < RT; ++rt) {
+      mm[rt] = kNoScore;
+      ml[rt] = 0.0f;
+    }
+    uint bad_rows = 0;
+    int parity = 0;
+    for (int t0 = first; t0 - lead < hi; t0 += stride) {
+      if (t0 != first) {  // uniform per threadgroup
+        load_rows<T, MU, 4, NCM>(kr, loc, k_cache, k_head, p.k_stride_block, p.k_stride_slot, chunk, aligned);
+        load_rows<T, MU, 4, NCM>(vr, loc, v_cache, v_head, p.v_stride_block, p.v_stride_slot, chunk, aligned);
+      }
+      step_locs<MU, MG>(loc_next, t0 + stride + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
+                        p.max_blocks_per_seq, p.num_blocks);
+      // K rows into the tile (key g + u MG: T [8][MD]), with whether each key is loaded (block valid, below hi).
+      for (int u = 0; u < MU; ++u) {
+        *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = kr[u];
+        if (li == 0) {
+          key_ok[g + u * MG] = loc[u].x >= 0 ? 1u : 0u;
         }
-        step_locs<MU, MG>(loc_next, t0 + stride + g, hi, fc_varlen, k_start, cursor, block_table, bt_row, p.block_size,
-                          p.max_blocks_per_seq, p.num_blocks);
-        // K rows into the tile (key g + u MG: T [8][MD]), with whether each key is loaded (block valid, below hi).
-        for (int u = 0; u < MU; ++u) {
-          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = kr[u];
-          if (li == 0) {
-            key_ok[g + u * MG] = loc[u].x >= 0 ? 1u : 0u;
-          }
+      }
+      simdgroup_barrier(mem_flags::mem_threadgroup);
+      // S_rt (8 rows x 8 keys) = Q_rt K^T over this simdgroup's columns: the tile's 8x8 blocks loaded transposed,
+      // each once for the RT row tiles.
+      simdgroup_matrix<float, 8, 8> sf[RT];
+      for (int rt = 0; rt < RT; ++rt) {
+        sf[rt] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+      }
+      for (int db = 0; db < DB; ++db) {
+        simdgroup_matrix<T, 8, 8> kt;
+        simdgroup_load(kt, tile + db * 8, MD, ulong2(0, 0), true);
+        for (int rt = 0; rt < RT; ++rt) {
+          simdgroup_multiply_accumulate(sf[rt], qf[rt][db], kt, sf[rt]);
         }
-        simdgroup_barrier(mem_flags::mem_threadgroup);
-        // S (8 rows x 8 keys) = Q K^T over this simdgroup's columns: the tile's 8x8 blocks loaded transposed.
-        simdgroup_matrix<float, 8, 8> sf = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
-        for (int db = 0; db < DB; ++db) {
-          simdgroup_matrix<T, 8, 8> kt;
-          simdgroup_load(kt, tile + db * 8, MD, ulong2(0, 0), true);
-          simdgroup_multiply_accumulate(sf, qf[db], kt, sf);
-        }
-        threadgroup float* strip = strips + (int(sg) * NST + parity) * 64;
-        simdgroup_store(sf, strip, 8);
-        if (MC > 1) {
-          threadgroup_barrier(mem_flags::mem_threadgroup);  // the unit's halves of S are stored
-        } else {
-          simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has read K
-        }
-        for (int u = 0; u < MU; ++u) {
-          *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = vr[u];
-        }
-        // Online softmax of row mr over keys t0 + mc, t0 + mc + 1 (the row's max over its 4 lanes). The unit's
-        // simdgroups sum the same strips in the same order, so they hold the same scores and statistics.
+      }
+      threadgroup float* strip = strips + (int(sg) * NST + parity) * SPF;
+      for (int rt = 0; rt < RT; ++rt) {
+        simdgroup_store(sf[rt], strip + rt * 64, 8);
+      }
+      if (MC > 1) {
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // the unit's parts of S are stored
+      } else {
+        simdgroup_barrier(mem_flags::mem_threadgroup);  // every lane has read K
+      }
+      for (int u = 0; u < MU; ++u) {
+        *reinterpret_cast<threadgroup chunk16*>(tile + (g + u * MG) * MD + li * MEPC) = vr[u];
+      }
+      // Online softmax of row rt x 8 + mr over keys t0 + mc, t0 + mc + 1 (the row's max over its 4 lanes). The
+      // unit's simdgroups sum the same strips in the same order, so they hold the same scores and statistics.
+      float alpha[RT];
+      for (int rt = 0; rt < RT; ++rt) {
         float sc[2];
         int2 kl[2];
         for (int e = 0; e < 2; ++e) {
           float s = 0.0f;
           for (int c = 0; c < MC; ++c) {
-            s += strips[((unit * MC + c) * NST + parity) * 64 + mr * 8 + mc + e];
+            s += strips[((unit * MC + c) * NST + parity) * SPF + rt * 64 + mr * 8 + mc + e];
           }
           sc[e] = s * p.opt.scale;
           kl[e] = int2(key_ok[mc + e] != 0u ? 0 : -1, 0);
         }
-        float mx = mask_scores<2, 1>(sc, bad_rows, mr, row_ok, kl, t0 + mc, keys, pos, slope, p.opt);
+        float mx = mask_scores<2, 1>(sc, bad_rows, rt * 8 + mr, row_ok[rt], kl, t0 + mc, keys, pos, slope[rt], p.opt);
         mx = max(mx, simd_shuffle_xor(mx, ushort(1)));
         mx = max(mx, simd_shuffle_xor(mx, ushort(2)));
         // A row with nothing accumulated takes the step's max; later the max moves only past kDecodeRescaleSlack.
-        const bool fresh = !(mm > kNoScore);
-        const float m_new = fresh || mx > mm + kDecodeRescaleSlack ? max(mm, mx) : mm;
-        const float alpha = !fresh && m_new != mm ? exp(mm - m_new) : 1.0f;
+        const bool fresh = !(mm[rt] > kNoScore);
+        const float m_new = fresh || mx > mm[rt] + kDecodeRescaleSlack ? max(mm[rt], mx) : mm[rt];
+        alpha[rt] = !fresh && m_new != mm[rt] ? exp(mm[rt] - m_new) : 1.0f;
         float sum = 0.0f;
         for (int e = 0; e < 2; ++e) {
           const float pr = sc[e] > kNoScore ? exp(sc[e] - m_new) : 0.0f;
-          p_tile[mr * 8 + mc + e] = T(pr);
+          p_tile[rt * 64 + mr * 8 + mc + e] = T(pr);
           sum += pr;
         }
-        ml = ml * alpha + sum;
-        mm = m_new;
-        // The strip the unit does not read this step (the partner read it before this step's barrier).
-        threadgroup float* scratch = strips + (int(sg) * NST + (NST - 1 - parity)) * 64;
-        if (simd_any(alpha != 1.0f)) {  // uniform: O = diag(alpha) O where a row moved its max (rare)
+        ml[rt] = ml[rt] * alpha[rt] + sum;
+        mm[rt] = m_new;
+      }
+      // The strip the unit does not read this step (the partner read it before this step's barrier).
+      threadgroup float* scratch = strips + (int(sg) * NST + (NST - 1 - parity)) * SPF;
+      for (int rt = 0; rt < RT; ++rt) {
+        if (simd_any(alpha[rt] != 1.0f)) {  // uniform: O_rt = diag(alpha) O_rt where a row moved its max (rare)
           for (int db = 0; db < DB; ++db) {
-            scale_rows(of[db], scratch, alpha, mr, mc);
+            scale_rows(of[rt][db], scratch, alpha[rt], mr, mc);
           }
         }
-        simdgroup_barrier(mem_flags::mem_threadgroup);  // V and P are staged
-        simdgroup_matrix<T, 8, 8> pf;
-        simdgroup_load(pf, p_tile, 8);
-        for (int db = 0; db < DB; ++db) {
-          simdgroup_matrix<T, 8, 8> vb;
-          simdgroup_load(vb, tile + db * 8, MD);
-          simdgroup_multiply_accumulate(of[db], pf, vb, of[db]);
-        }
-        simdgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are free for the next step
-        for (int u = 0; u < MU; ++u) {
-          loc[u] = loc_next[u];
-        }
-        parity = NST - 1 - parity;
       }
+      simdgroup_barrier(mem_flags::mem_threadgroup);  // V and P are staged
+      simdgroup_matrix<T, 8, 8> pf[RT];
+      for (int rt = 0; rt < RT; ++rt) {
+        simdgroup_load(pf[rt], p_tile + rt * 64, 8);
+      }
+      for (int db = 0; db < DB; ++db) {
+        simdgroup_matrix<T, 8, 8> vb;
+        simdgroup_load(vb, tile + db * 8, MD);
+        for (int rt = 0; rt < RT; ++rt) {
+          simdgroup_multiply_accumulate(of[rt][db], pf[rt], vb, of[rt][db]);
+        }
+      }
+      simdgroup_barrier(mem_flags::mem_threadgroup);  // the tiles are free for the next step
+      for (int u = 0; u < MU; ++u) {
+        loc[u] = loc_next[u];
+      }
+      parity = NST - 1 - parity;
+    }
 
-      ml += simd_shuffle_xor(ml, ushort(1));
-      ml += simd_shuffle_xor(ml, ushort(2));
-      for (int r = 0; r < R; ++r) {
-        if (simd_any(((bad_rows >> r) & 1u) != 0)) {
-          bad_rows |= 1u << r;
-        }
+    for (int rt = 0; rt < RT; ++rt) {
+      ml[rt] += simd_shuffle_xor(ml[rt], ushort(1));
+      ml[rt] += simd_shuffle_xor(ml[rt], ushort(2));
+    }
+    for (int r = 0; r < R; ++r) {
+      if (simd_any(((bad_rows >> r) & 1u) != 0)) {
+        bad_rows |= 1u << r;
       }
-      const bool row_bad = ((bad_rows >> mr) & 1u) != 0;
-      // A strip for the fragments' read-out: not the last step's (the partner may still read that one until the
-      // next barrier).
-      threadgroup float* strip = strips + (int(sg) * NST + parity) * 64;
-      if (p.simdgroup_partials != 0) {  // uniform (split mode): this unit's partial, through the strips
-        const long part = long(split) * NU + unit;
+    }
+    bool row_bad[RT];
+    for (int rt = 0; rt < RT; ++rt) {
+      row_bad[rt] = ((bad_rows >> (rt * 8 + mr)) & 1u) != 0;
+    }
+    // A strip for the fragments' read-out: not the last step's (the partner may still read that one until the
+    // next barrier).
+    threadgroup float* strip = strips + (int(sg) * NST + parity) * SPF;
+    if (p.simdgroup_partials != 0) {  // uniform (split mode): this unit's partial, through the strips
+      const long part = long(split) * NU + unit;
+      for (int rt = 0; rt < RT; ++rt) {
         // (partials, B, H, sq = 1): the rows of the tile are consecutive heads
-        const long prow = part * p.batch * p.num_heads + long(b) * p.num_heads + hkv * group + row0 + mr;
+        const long prow = part * p.batch * p.num_heads + long(b) * p.num_heads + hkv * group + row0 + rt * 8 + mr;
         for (int db = 0; db < DB; ++db) {
-          simdgroup_store(of[db], strip, 8);
+          simdgroup_store(of[rt][db], strip, 8);
           simdgroup_barrier(mem_flags::mem_threadgroup);
-          if (row_ok) {
+          if (row_ok[rt]) {
             *reinterpret_cast<device float2*>(o_partial + prow * D + col0 + db * 8 + mc) =
                 float2(strip[mr * 8 + mc], strip[mr * 8 + mc + 1]);
           }
           simdgroup_barrier(mem_flags::mem_threadgroup);
         }
-        if (row_ok && mc == 0 && col0 == 0) {
-          ml_partial[prow * 2] = row_bad ? as_type<float>(kNanBits) : mm;
-          ml_partial[prow * 2 + 1] = ml;
+        if (row_ok[rt] && mc == 0 && col0 == 0) {
+          ml_partial[prow * 2] = row_bad[rt] ? as_type<float>(kNanBits) : mm[rt];
+          ml_partial[prow * 2 + 1] = ml[rt];
         }
-        return;
       }
-      // The unit's statistics once (its first simdgroup; the others add nothing to row_stats' max and sum).
-      if (mc == 0) {
-        m_tg[sg * R + mr] = col0 == 0 ? mm : kNoScore;
-        l_tg[sg * R + mr] = col0 == 0 ? ml : 0.0f;
+      return;
+    }
+    // The unit's statistics once (its first simdgroup; the others add nothing to row_stats' max and sum).
+    if (mc == 0) {
+      for (int rt = 0; rt < RT; ++rt) {
+        m_tg[sg * R + rt * 8 + mr] = col0 == 0 ? mm[rt] : kNoScore;
+        l_tg[sg * R + rt * 8 + mr] = col0 == 0 ? ml[rt] : 0.0f;
       }
-      if (lane == 0) {
-        bad_tg[sg] = bad_rows;
-      }
-      threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done with its tile
-      row_stats<R, NSG>(m_tg, l_tg, bad_tg, row_max_tg, row_sum_tg, row_bad_tg, tid);
-      // The units' O meet in MS slots of [R][D] floats (over the tiles; the strips lie past them), as below:
-      // slot += share x O per row, share = exp(m - the row's max over the units), each fragment read out through
-      // the strip (no float x float product: the proxy lowers one to two bfloat-split tensor-core products).
+    }
+    if (lane == 0) {
+      bad_tg[sg] = bad_rows;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // also: every simdgroup is done with its tile
+    row_stats<R, NSG>(m_tg, l_tg, bad_tg, row_max_tg, row_sum_tg, row_bad_tg, tid);
+    // The units' O meet in MS slots of [R][D] floats (over the tiles; the strips lie past them), as below:
+    // slot += share x O per row, share = exp(m - the row's max over the units), each fragment read out through
+    // the strip (no float x float product: the proxy lowers one to two bfloat-split tensor-core products).
+    float share[RT];
+    for (int rt = 0; rt < RT; ++rt) {
       float row_max = kNoScore;
       for (int w = 0; w < NSG; ++w) {
-        row_max = max(row_max, m_tg[w * R + mr]);
+        row_max = max(row_max, m_tg[w * R + rt * 8 + mr]);
       }
-      const float share = mm > kNoScore ? exp(mm - row_max) : 0.0f;
-      threadgroup float* acc_tg = stage_tg;
-      for (int round = 0; round < NU / MS; ++round) {
-        if (unit / MS == round) {
-          threadgroup float* slot = acc_tg + (unit % MS) * R * D + mr * D + col0 + mc;
+      share[rt] = mm[rt] > kNoScore ? exp(mm[rt] - row_max) : 0.0f;
+    }
+    threadgroup float* acc_tg = stage_tg;
+    for (int round = 0; round < NU / MS; ++round) {
+      if (unit / MS == round) {
+        for (int rt = 0; rt < RT; ++rt) {
+          threadgroup float* slot = acc_tg + (unit % MS) * R * D + (rt * 8 + mr) * D + col0 + mc;
           for (int db = 0; db < DB; ++db) {
             simdgroup_barrier(mem_flags::mem_threadgroup);
-            simdgroup_store(of[db], strip, 8);
+            simdgroup_store(of[rt][db], strip, 8);
             simdgroup_barrier(mem_flags::mem_threadgroup);
             for (int e = 0; e < 2; ++e) {
               const float prev = round == 0 ? 0.0f : slot[db * 8 + e];
-              slot[db * 8 + e] = prev + strip[mr * 8 + mc + e] * share;
+              slot[db * 8 + e] = prev + strip[mr * 8 + mc + e] * share[rt];
             }
           }
         }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
       }
-      write_rows<T, D, R, MS>(out, lse, o_partial, ml_partial, sinks, p, acc_tg, row_max_tg, row_sum_tg, row_bad_tg,
-                              nrows, row0, 1, hkv, group, b, q_row, split, split_mode, tid);
-      return;
+      threadgroup_barrier(mem_flags::mem_threadgroup);
     }
+    write_rows<T, D, R, MS>(out, lse, o_partial, ml_partial, sinks, p, acc_tg, row_max_tg, row_sum_tg, row_bad_tg,
+                            nrows, row0, 1, hkv, group, b, q_row, split, split_mode, tid);
+    return;
   }
 
   // Split s takes the threadgroup steps (NSG x KS keys each) s, s + num_splits, s + 2 num_splits, ... of the keys

@@ -25,14 +25,23 @@
 #define FLASH_SDPA_PAGED_ROWS_UPTO_4(X, ...) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(4, __VA_ARGS__)
 #define FLASH_SDPA_PAGED_ROWS_UPTO_8(X, ...) FLASH_SDPA_PAGED_ROWS_UPTO_4(X, __VA_ARGS__) X(8, __VA_ARGS__)
 #define FLASH_SDPA_PAGED_ROWS_UPTO_16(X, ...) FLASH_SDPA_PAGED_ROWS_UPTO_8(X, __VA_ARGS__) X(16, __VA_ARGS__)
+// The matrix path's own instances (decode_matrix_rows below; the one-token calls of those configurations run them):
+// X(R, head_dim, msl_type, dtype_name).
+// clang-format off
+#define FLASH_SDPA_PAGED_MATRIX_INSTANCES(X)                                                   \
+  X(8, 64, half, float16) X(16, 64, half, float16) X(8, 128, half, float16) X(16, 128, half, float16) \
+  X(8, 64, bfloat, bfloat16) X(16, 64, bfloat, bfloat16) X(8, 128, bfloat, bfloat16) X(16, 128, bfloat, bfloat16)
+// clang-format on
 
-// Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
+// Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_matrix_<dtype>_d<D>_r<R>",
+// "paged_decode_combine_<dtype>".
 // The host builds the same strings in paged_planner.cpp (paged_*_kernel_name).
 // Each expands to one string literal (token paste, then stringify).
 #define FLASH_SDPA_PAGED_STR_(x) #x
 #define FLASH_SDPA_PAGED_STR(x) FLASH_SDPA_PAGED_STR_(x)
 #define FLASH_SDPA_PAGED_WRITE_NAME(TN) FLASH_SDPA_PAGED_STR(kv_paged_write_##TN)
 #define FLASH_SDPA_PAGED_DECODE_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_##TN##_d##D##_r##R)
+#define FLASH_SDPA_PAGED_DECODE_MATRIX_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_matrix_##TN##_d##D##_r##R)
 #define FLASH_SDPA_PAGED_COMBINE_NAME(TN) FLASH_SDPA_PAGED_STR(paged_decode_combine_##TN)
 
 // Threads per threadgroup, also used in [[max_total_threads_per_threadgroup(...)]] (macros: literal after cpp).
@@ -99,28 +108,37 @@ constexpr fsdpa_i32 decode_group_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, 
   return u < 1 ? 1 : (u > 8 ? 8 : u);
 }
 
-// The matrix path: at R = 8 in 2-byte types at D = 64 and 128, a one-token decode (the 8 query heads of a GQA group)
-// runs q.k and P.V as 8x8 simdgroup_matrix products over 8-key steps (K, then V, of the step staged through
-// threadgroup memory), instead of per-lane dot products, a reduce-scatter and lane-local P.V: 122 instructions per
-// key instead of 308 at D = 64 (PTX). Proxy (H100, gpt-oss-20b 64/8, fp16): B = 1 12.6 -> 12.0 us at 256 keys,
-// 375.8 -> 297.2 at 131072; B = 8 32768 keys 760.0 -> 549.9. A simdgroup holds 64 columns of Q and O (8 fragments
-// each): at D = 128 two simdgroups share a key step, each with its half of the columns, and add their halves of the
-// step's scores through threadgroup memory (one threadgroup barrier per step). One simdgroup holding all 128 columns
-// (16 fragments of Q and 16 of O beside the K / V chunks in flight) re-read Q from threadgroup memory every step and
-// spilled on the proxy (B = 1 28/4 32768 keys 107.0 -> 116.3 us, B = 8 64/8 1502 -> 1384).
+// The matrix path: at R = 8 and 16 in 2-byte types at D = 64 and 128, a one-token decode (the 8 or 16 query heads of
+// a GQA group) runs q.k and P.V as 8x8 simdgroup_matrix products over 8-key steps (K, then V, of the step staged
+// through threadgroup memory), instead of per-lane dot products, a reduce-scatter and lane-local P.V: 122 instructions
+// per key instead of 308 at D = 64, R = 8 (PTX). Proxy (H100, gpt-oss-20b 64/8, fp16): B = 1 12.6 -> 12.0 us at 256
+// keys, 375.8 -> 297.2 at 131072; B = 8 32768 keys 760.0 -> 549.9. A simdgroup holds R / 8 row tiles and
+// kDecodeMatrixColumns / (R / 8) columns of Q and O: 8 fragments of each at R = 8 and 16 alike, so its registers do not
+// grow with R (an Apple core spills rather than lowering occupancy) and the tiles stay small in the 32 KB of
+// threadgroup memory. The simdgroups of a key unit (decode_column_simdgroups) share each key step, each with its
+// columns, and add their parts of the step's scores through threadgroup memory (one threadgroup barrier per step;
+// Apple GPUs have no asynchronous copies, so every K/V byte passes through one simdgroup's registers into its tile
+// either way). One simdgroup holding all 128 columns at R = 8 (16 fragments of Q and 16 of O beside the K / V chunks
+// in flight) re-read Q from threadgroup memory every step and spilled on the proxy (B = 1 28/4 32768 keys 107.0 ->
+// 116.3 us, B = 8 64/8 1502 -> 1384). The lane-local path at R = 16 (GQA 12 and 16) moved K/V at half the R = 8
+// matrix path's rate on the proxy (Mistral-Large-2 96/8, B = 1 32768 keys: 416.6 us, 168 registers, one threadgroup
+// per core).
 constexpr fsdpa_i32 kDecodeMatrixKeys = 8;
-constexpr fsdpa_i32 kDecodeMatrixColumns = 64;  // columns of Q and O per simdgroup
+constexpr fsdpa_i32 kDecodeMatrixColumns = 64;  // columns of Q and O per simdgroup at R = 8 (8 fragments)
 constexpr bool decode_matrix_rows(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
-  return rows == 8 && elem_bytes == 2 && (head_dim == 64 || head_dim == 128);
+  return (rows == 8 || rows == 16) && elem_bytes == 2 && (head_dim == 64 || head_dim == 128);
 }
 
-// Simdgroups that share one key step on the matrix path (kDecodeMatrixColumns each), 1 elsewhere.
+// Simdgroups that share one key step on the matrix path (kDecodeMatrixColumns / (R / 8) columns each: 2 at D = 128,
+// R = 8; 2 at D = 64 and 4 at D = 128, R = 16), 1 elsewhere.
 constexpr fsdpa_i32 decode_column_simdgroups(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
-  return decode_matrix_rows(head_dim, elem_bytes, rows) ? head_dim / kDecodeMatrixColumns : 1;
+  return decode_matrix_rows(head_dim, elem_bytes, rows) ? head_dim / (kDecodeMatrixColumns / (rows / 8)) : 1;
 }
 
-// Whether a call runs the matrix path: a matrix-path instance (decode_matrix_rows) at one query token. The same
-// instance runs the lane-local path for sq > 1 (its rows see different keys), with that path's steps and partials.
+// Whether a call runs the matrix path: a matrix configuration (decode_matrix_rows) at one query token. It has a
+// kernel of its own ("paged_decode_matrix_*", FLASH_SDPA_PAGED_MATRIX_INSTANCES), so that its pipeline's registers
+// are the matrix path's alone, not the larger of both paths'; several query tokens (their rows see different keys)
+// run the lane-local "paged_decode_*" instance of the same configuration, with that path's steps and partials.
 constexpr bool decode_runs_matrix(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows, fsdpa_i32 seqlen_q) {
   return decode_matrix_rows(head_dim, elem_bytes, rows) && seqlen_q == 1;
 }

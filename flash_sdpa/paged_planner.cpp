@@ -22,6 +22,31 @@ constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max() - (int64_t{1} <
 
 std::atomic<GpuCoreCountProvider> core_count_provider{nullptr};
 
+// The matrix path's kernels (FLASH_SDPA_PAGED_MATRIX_INSTANCES) are exactly the configurations decode_matrix_rows
+// names, so that every kernel name paged_decode_kernel_name builds for a one-token call exists.
+constexpr int listed_matrix_instances() {
+  int n = 0;
+#define FLASH_SDPA_COUNT_MATRIX_INSTANCE(R, D, T, TN) n += paged::decode_matrix_rows(D, 2, R) ? 1 : 1000;
+  FLASH_SDPA_PAGED_MATRIX_INSTANCES(FLASH_SDPA_COUNT_MATRIX_INSTANCE)
+#undef FLASH_SDPA_COUNT_MATRIX_INSTANCE
+  return n;
+}
+constexpr int matrix_configurations() {
+  int n = 0;
+  const fsdpa_i32 elem_bytes[] = {4, 2, 2};  // FLASH_SDPA_PAGED_DTYPES: float, half, bfloat
+#define FLASH_SDPA_COUNT_MATRIX_CONFIG(D, MAXR, ...)         \
+  for (fsdpa_i32 rows = 1; rows <= MAXR; rows *= 2) {        \
+    for (const fsdpa_i32 elem : elem_bytes) {                \
+      n += paged::decode_matrix_rows(D, elem, rows) ? 1 : 0; \
+    }                                                        \
+  }
+  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_COUNT_MATRIX_CONFIG, _)
+#undef FLASH_SDPA_COUNT_MATRIX_CONFIG
+  return n;
+}
+static_assert(listed_matrix_instances() == matrix_configurations(),
+              "FLASH_SDPA_PAGED_MATRIX_INSTANCES lists every decode_matrix_rows configuration, and only those");
+
 }  // namespace
 
 void set_gpu_core_count_provider(GpuCoreCountProvider provider) { core_count_provider.store(provider); }
@@ -38,10 +63,11 @@ std::string paged_write_kernel_name(at::ScalarType dtype) {
   return std::string("kv_paged_write_") + name;
 }
 
-std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows) {
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows, bool matrix) {
   const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
-  return std::string("paged_decode_") + name + "_d" + std::to_string(head_dim) + "_r" + std::to_string(rows);
+  return std::string(matrix ? "paged_decode_matrix_" : "paged_decode_") + name + "_d" + std::to_string(head_dim) +
+         "_r" + std::to_string(rows);
 }
 
 std::string paged_combine_kernel_name(at::ScalarType dtype) {
@@ -82,8 +108,8 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed) {
   return rows;
 }
 
-int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim) {
-  return rows == 1 ? 3 : (rows * head_dim <= 1024 ? 2 : 1);
+int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim, bool matrix) {
+  return rows == 1 ? 3 : (rows * head_dim <= 1024 || matrix ? 2 : 1);
 }
 
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known,
@@ -196,15 +222,16 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const int64_t work = batch * kv_heads * row_blocks;
   const int64_t capacity = varlen ? total_k : max_blocks * block_size;
   const int64_t max_keys = std::min(capacity, call.max_seqlen_k > 0 ? call.max_seqlen_k : capacity);
-  const int64_t cores = call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count();  // 0: unknown device
-  const int64_t target = call.target_threadgroups > 0
-                             ? call.target_threadgroups
-                             : (cores > 0 ? cores : kDefaultGpuCores) * decode_threadgroups_per_core(rows, head_dim);
-  // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
   const fsdpa_i32 dim32 = to_i32(head_dim, "head_dim");
   const fsdpa_i32 elem32 = to_i32(q.element_size(), "element size");
   const fsdpa_i32 rows32 = to_i32(rows, "rows");
   const fsdpa_i32 sq32 = to_i32(seqlen_q, "seqlen_q");
+  const bool matrix = decode_runs_matrix(dim32, elem32, rows32, sq32);           // the matrix path's own kernel
+  const int64_t cores = call.gpu_cores > 0 ? call.gpu_cores : gpu_core_count();  // 0: unknown device
+  const int64_t target = call.target_threadgroups > 0 ? call.target_threadgroups
+                                                      : (cores > 0 ? cores : kDefaultGpuCores) *
+                                                            decode_threadgroups_per_core(rows, head_dim, matrix);
+  // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
   const int64_t tg_step_keys = decode_step_keys(dim32, elem32, rows32, sq32);
   int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
                                        : paged_pick_num_splits(work, max_keys, target,
@@ -281,7 +308,7 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const bool kv_aligned = rows_aligned(call.k_cache, vec_elems) && rows_aligned(call.v_cache, vec_elems);
 
   Dispatch a;
-  a.kernel = paged_decode_kernel_name(dtype, head_dim, rows);
+  a.kernel = paged_decode_kernel_name(dtype, head_dim, rows, matrix);
   // The options' constants and whether the LSE is written: the same for the decode and the combine.
   std::vector<FunctionConstant> shared_constants = option_constants(call.options, varlen);
   shared_constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));

@@ -41,7 +41,7 @@ struct PagedKVCacheAttention {
   // Upper bound on keys per request, for the split heuristic only (no host sync): the caller passes the exact
   // value when cache_seqlens is a Python int, else the block table's capacity (varlen: max_seqlen_k).
   int64_t max_seqlen_k = 0;
-  // Threadgroups the split heuristic aims at; 0: gpu_cores x decode_threadgroups_per_core(R, D).
+  // Threadgroups the split heuristic aims at; 0: gpu_cores x decode_threadgroups_per_core(R, D, matrix).
   int64_t target_threadgroups = 0;
   // GPU cores (Apple) or SMs (the NVIDIA proxy); 0: the device's, from the provider the Metal backend registers
   // (gpu_core_count), else unknown (kDefaultGpuCores, splits rounded up).
@@ -67,15 +67,17 @@ constexpr int64_t kDefaultGpuCores = 80;  // the largest Apple GPUs (Ultra: 76-8
 // 2% of target / work on every benchmarked shape, tests/metal_cuda/RESULTS.md). How many are resident depends on
 // the registers per thread, on Apple GPUs as on NVIDIA's (an Apple core's resident threads fall from 1,024 as a
 // kernel's registers grow): 3 for the single-row tile (about 80 registers), 2 while a lane holds at most 32
-// accumulators (R x D / 32: GQA <= 8 at D = 128, about 128 registers), 1 above (R = 16 at D = 128: about 175).
-// tests/metal_cuda/targets.py builds the proxy's instances for the same counts (decode_min_blocks). Keep each split
-// long enough that its fixed costs (q staging, merge, one combine read) stay small next to its keys.
-int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim);
-// 32, or one threadgroup step where a step covers fewer keys (decode_step_keys, paged_params.h: 16 at D = 256, 8 at
-// R = 16, D = 128): short single sequences need many splits to fill the GPU, and a split's time is its number of
-// steps (proxy, B=1 S=256, GQA 4 / 8: 8 splits 13.1 / 17.2 us, 4 splits 14.8 / 21.6; S=1000 GQA 8: 32 splits 20.5
-// us, 15 splits 24.0; H200, S=256 GQA 8 / 7: 16 splits of one step 13.6 / 13.3 us, 8 of two 15.8 / 15.5); 128 capped
-// S=1000 at 7 splits (21.6 us).
+// accumulators (R x D / 32: GQA <= 8 at D = 128, about 128 registers) and for the matrix path's instances (`matrix`:
+// R = 16 in 2-byte types at D = 128 too, 8 fragments of Q and 8 of O per simdgroup as at R = 8), 1 above (the
+// lane-local R = 16 at D = 128: about 170). tests/metal_cuda/targets.py builds the proxy's instances for the same
+// counts (decode_min_blocks). Keep each split long enough that its fixed costs (q staging, merge, one combine read)
+// stay small next to its keys.
+int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim, bool matrix);
+// 32, or one threadgroup step where a step covers fewer keys (decode_step_keys, paged_params.h: 16 at D = 256 and
+// on the matrix path at R = 16, D = 128; 8 on the lane-local path at R = 16, D = 128): short single sequences need many
+// splits to fill the GPU, and a split's time is its number of steps (proxy, B=1 S=256, GQA 4 / 8: 8 splits 13.1 / 17.2
+// us, 4 splits 14.8 / 21.6; S=1000 GQA 8: 32 splits 20.5 us, 15 splits 24.0; H200, S=256 GQA 8 / 7: 16 splits of one
+// step 13.6 / 13.3 us, 8 of two 15.8 / 15.5); 128 capped S=1000 at 7 splits (21.6 us).
 constexpr int64_t kMinKeysPerSplit = 32;
 // Splits of at most this many steps per simdgroup write one partial per simdgroup (PagedDecodeParams::
 // simdgroup_partials): proxy (H100, B = 1, fp16 D = 128, the same split count with and without): S = 256 GQA 4 / 8 / 7
@@ -85,9 +87,10 @@ using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
 int64_t gpu_core_count();  // the provider's answer, 0 when there is none or it does not know
 
-// "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
+// "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>" ("paged_decode_matrix_..." for the matrix path's
+// instances: decode_runs_matrix, paged_params.h), "paged_decode_combine_<dtype>".
 std::string paged_write_kernel_name(at::ScalarType dtype);
-std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows);
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows, bool matrix);
 std::string paged_combine_kernel_name(at::ScalarType dtype);
 
 // The head dims the paged kernels are instantiated for (paged_params.h), ascending.

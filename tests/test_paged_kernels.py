@@ -308,15 +308,29 @@ def test_features_matrix_rows(run, feature, num_splits, D, dtype, group):
     check_case(run, c, num_splits=num_splits, **MATRIX_FEATURES[feature])
 
 
+@pytest.mark.parametrize("feature", list(MATRIX_FEATURES))
+@pytest.mark.parametrize("num_splits", [1, 5])
+@pytest.mark.parametrize("D,dtype,group", [(64, torch.float16, 16), (64, torch.bfloat16, 12),
+                                           (128, torch.float16, 12), (128, torch.bfloat16, 16)])
+def test_features_matrix_rows16(run, feature, num_splits, D, dtype, group):
+    """The matrix path at R = 16 (GQA 12 and 16: two 8-row tiles per simdgroup, 32 columns each, so two (D = 64) or
+    four (D = 128) simdgroups share a key step) with every option, rows past the group masked (GQA 12: rows 12-15 of
+    the second tile), 5-slot pages, short splits (5 splits of <= 150 keys: simdgroup partials) and unsplit."""
+    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=D, dtype=dtype, block_size=5, seed=group + len(feature),
+                  max_len=150)
+    check_case(run, c, num_splits=num_splits, **MATRIX_FEATURES[feature])
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
-def test_matrix_rows_nan(run, num_splits, dtype, D):
-    """The matrix path (GQA 8, one token) with non-finite values, against a clean run: a NaN query head makes
+@pytest.mark.parametrize("group", [8, 16])
+def test_matrix_rows_nan(run, num_splits, dtype, D, group):
+    """The matrix path (GQA 8 and 16, one token) with non-finite values, against a clean run: a NaN query head makes
     only its own row NaN (LSE NaN); a NaN element of a visible V row makes that column NaN in every row of its KV group
     and leaves the other columns bit for bit; an inf in a visible K row makes every row of its KV group NaN. The other
     KV group's rows stay bit for bit (the 8x8 products share nothing across rows of S, or across columns of P V)."""
-    c = make_case(Bsz=1, H=16, Hkv=2, D=D, dtype=dtype, sq=1, sk_new=1, block_size=5, seqlens=[99], seed=4)
+    c = make_case(Bsz=1, H=2 * group, Hkv=2, D=D, dtype=dtype, sq=1, sk_new=1, block_size=5, seqlens=[99], seed=4)
     bs = 5
 
     def call(**edit):
@@ -333,16 +347,18 @@ def test_matrix_rows_nan(run, num_splits, dtype, D):
 
     clean, clean_lse = call()
     assert torch.isfinite(clean).all()
-    out, lse = call(q=(None, 3, 17))
-    assert torch.isnan(out[3]).all() and torch.isnan(lse[3])
-    others = [h for h in range(16) if h != 3]
+    bad_head = group - 3  # the second row tile at GQA 16
+    out, lse = call(q=(None, bad_head, 17))
+    assert torch.isnan(out[bad_head]).all() and torch.isnan(lse[bad_head])
+    others = [h for h in range(2 * group) if h != bad_head]
     assert torch.equal(bits(out[others]), bits(clean[others])) and torch.equal(lse[others], clean_lse[others])
     out, _ = call(v=(10, 1, 7))
-    assert torch.isnan(out[8:, 7]).all()
+    assert torch.isnan(out[group:, 7]).all()
     keep = [d for d in range(D) if d != 7]
-    assert torch.equal(bits(out[8:, keep]), bits(clean[8:, keep])) and torch.equal(bits(out[:8]), bits(clean[:8]))
+    assert torch.equal(bits(out[group:, keep]), bits(clean[group:, keep]))
+    assert torch.equal(bits(out[:group]), bits(clean[:group]))
     out, _ = call(k=(20, 0, 5))
-    assert torch.isnan(out[:8]).all() and torch.equal(bits(out[8:]), bits(clean[8:]))
+    assert torch.isnan(out[:group]).all() and torch.equal(bits(out[group:]), bits(clean[group:]))
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -417,11 +433,12 @@ def test_schedules_and_races(run, schedule):
 
 @pytest.mark.parametrize("schedule", ["reverse", "random"])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_matrix_rows_schedules_and_races(run, schedule, num_splits):
-    """The matrix path at D = 128 (two simdgroups per key step, their score halves exchanged through double-buffered
-    strips) under other thread orders, with the race checks: a strip read by the partner after it is rewritten, or
-    a unit that skips a step's barrier, fails here."""
-    c = make_case(H=16, Hkv=2, sq=1, sk_new=1, D=128, block_size=5, seed=5, max_len=120)
+@pytest.mark.parametrize("group", [8, 12])
+def test_matrix_rows_schedules_and_races(run, schedule, num_splits, group):
+    """The matrix path at D = 128 (R = 8: two simdgroups per key step; R = 16: four; their parts of the scores
+    exchanged through double-buffered strips) under other thread orders, with the race checks: a strip read by a
+    partner after it is rewritten, or a unit that skips a step's barrier, fails here."""
+    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=128, block_size=5, seed=5, max_len=120)
     check_case(run, c, window=(-1, 0), num_splits=num_splits, softcap=5.0, schedule=schedule, seed=11,
                check_races=True)
 
@@ -447,15 +464,16 @@ def test_fuzz_garbage_tables_never_overrun(run, seed):
 
 
 @pytest.mark.parametrize("D", [64, 128])
-def test_traffic_gqa8_s2048(run, D):
-    """GQA group 8, S = 2048 (the matrix path; at D = 128 two simdgroups share each key step): K/V bytes loaded <=
+@pytest.mark.parametrize("group", [8, 16])
+def test_traffic_gqa8_s2048(run, D, group):
+    """GQA group 8 and 16, S = 2048 (the matrix path; its key steps shared by 2 or 4 simdgroups): K/V bytes loaded <=
     1.1 x the valid cache bytes; <= 3 dispatches."""
     Hkv, bs, S = 1, 16, 2048
-    c = make_case(Bsz=1, H=8 * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
+    c = make_case(Bsz=1, H=group * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
                   layout="separate", spare=4)
     for splits in (1, 8):
         err, base, stats = check_case(run, c if splits == 1 else make_case(
-            Bsz=1, H=8 * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
+            Bsz=1, H=group * Hkv, Hkv=Hkv, D=D, sq=1, sk_new=1, block_size=bs, seqlens=[S - 1], seed=1,
             layout="separate", spare=4), window=(-1, 0), num_splits=splits)
         assert len(stats) <= 3
         attn = stats[1]
@@ -551,7 +569,8 @@ def test_varlen_mode(run, feature, num_splits, group):
     kw = dict(scale=D ** -0.5, alibi=alibi, sinks=sinks, **f)
     out, lse, stats = run_varlen_decode(run, q, k, v, cu_q_t, cu_k_t, max_seqlen_k=longest, **kw)
     # The decode kernel (and its combine), then the varlen kernel for sequence 6's two rows.
-    decode = ["float16", "combine"] if num_splits > 1 else ["float16"]
+    first = "matrix" if group == 8 else "float16"  # GQA 8 at D = 64 runs the matrix path's kernel
+    decode = [first, "combine"] if num_splits > 1 else [first]
     assert [st.kernel.split("_")[2] for st in stats] == decode + ["varlen"]
     assert stats[0].threadgroups == num_splits * Hkv * (len(cu_q) - 1)
     ref = reference_varlen_decode(q, k, v, cu_q_t, cu_k_t, **kw)
@@ -578,7 +597,7 @@ def test_varlen_mode_traffic(run):
     cu_q, cu_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, S, 2 * S], dtype=torch.int32)
     out, lse, stats = run_varlen_decode(run, q, k, v, cu_q, cu_k, scale=D ** -0.5, window=(-1, 0), max_seqlen_k=S,
                                         check_races=False)
-    assert [st.kernel for st in stats] == ["paged_decode_float16_d128_r8", "paged_decode_combine_float16",
+    assert [st.kernel for st in stats] == ["paged_decode_matrix_float16_d128_r8", "paged_decode_combine_float16",
                                            "flash_attn_varlen_float16_d128"]
     # The varlen kernel's dispatch (sequences with several query rows: none here) reads and writes no tensor data.
     assert not any(stats[2].loaded.get(i, 0) for i in range(3)) and not any(stats[2].stored.values())

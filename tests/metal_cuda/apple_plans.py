@@ -26,7 +26,8 @@ def plan(name, B, S, dtype, cores):
     dispatches = planner_ext.load().plan_paged(q, k_cache, k_cache, bt, seqlens, None, None, torch.empty_like(q), None,
                                                None, sinks, D ** -0.5, opts.get("softcap", 0.0), -1, 0, 0, S, 0, cores)
     attn = next(d for d in dispatches if d["kernel"].startswith("paged_decode_") and "combine" not in d["kernel"])
-    rows = int(attn["kernel"].rsplit("_r", 1)[1])
+    matrix = attn["kernel"].startswith("paged_decode_matrix_")
+    rows = attn["kernel"].rsplit("_r", 1)[1] + (" (matrix)" if matrix else "")
     partials = planner_ext.combine_partials(dispatches)
     tgs = attn["threadgroups"][0] * attn["threadgroups"][1] * attn["threadgroups"][2]
     return attn["threadgroups"][0], rows, tgs, partials

@@ -17,7 +17,8 @@ from msl.cuda import compiler
 from . import targets
 
 KERNELS = ["paged_decode_float16_d128_r1", "paged_decode_float16_d128_r2", "paged_decode_float16_d128_r4",
-           "paged_decode_float16_d128_r8", "paged_decode_float16_d128_r16", "paged_decode_combine_float16"]
+           "paged_decode_float16_d128_r8", "paged_decode_float16_d128_r16", "paged_decode_matrix_float16_d128_r8",
+           "paged_decode_matrix_float16_d128_r16", "paged_decode_combine_float16"]
 # name -> dict(edits=[(file, old, new)], threads=decode threads per threadgroup, min_blocks=per-instance launch
 # bounds). Experiments on a copy (flash_sdpa/ untouched). Earlier ones, with their figures: RESULTS.md.
 _INFLIGHT = ("paged_params.h", "  const fsdpa_i32 in_flight = 32 / (chunks_per_lane * chunk);")

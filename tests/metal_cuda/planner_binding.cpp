@@ -65,7 +65,7 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, std::o
   call.options = {scale, softcap, window_left, window_right, alibi_slopes, sinks};
   call.num_splits = num_splits;
   call.max_seqlen_k = max_seqlen_k;
-  call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x decode_threadgroups_per_core(R, D)
+  call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x decode_threadgroups_per_core(R, D, matrix)
   call.gpu_cores = gpu_cores;                      // 0: unknown device (kDefaultGpuCores, rounded up)
   call.simdgroup_partials = simdgroup_partials;    // -1: the planner's
   return to_python(flash_sdpa::plan_paged_kvcache(call));

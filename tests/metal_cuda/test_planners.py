@@ -142,8 +142,11 @@ def test_backward_tensor_ops_plan(planner, dtype, d, rows):
 
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step, partials per split in simdgroup-partials mode): paged_params.h's
-# decode_step_keys and decode_split_partials (the matrix path at R = 8, D = 128: two simdgroups per 8-key step).
+# decode_step_keys and decode_split_partials (the matrix path: at R = 8, D = 128 two simdgroups per 8-key step; at
+# R = 16 (GQA 12, 16) two at D = 64, four at D = 128).
 DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32, 8), (1, 64, 8, 256, 128, torch.float16, 32, 4),
+                 (1, 96, 8, 32768, 128, torch.float16, 16, 2), (1, 128, 8, 1000, 128, torch.bfloat16, 16, 2),
+                 (1, 64, 4, 700, 64, torch.float16, 32, 4), (1, 48, 4, 300, 64, torch.bfloat16, 32, 4),
                  (1, 28, 4, 1000, 128, torch.float16, 32, 4), (1, 32, 8, 1000, 128, torch.float16, 32, 8),
                  (1, 32, 8, 16384, 128, torch.float16, 32, 8), (1, 32, 32, 8192, 128, torch.float16, 32, 8),
                  (1, 16, 16, 3000, 64, torch.float32, 32, 8), (2, 32, 8, 700, 256, torch.bfloat16, 16, 8),
@@ -197,8 +200,9 @@ def test_decode_splits_whole_steps(planner, shape, cores):
 @pytest.mark.parametrize("cores", [8, 40, 132])
 def test_decode_simdgroup_partials(planner, shape, cores):
     """A split of at most kSimdgroupPartialSteps (2) steps per simdgroup writes one partial per simdgroup (8 per
-    threadgroup; 4 on the matrix path at D = 128, whose simdgroups share steps in pairs), so the combine reads that
-    many times the splits; longer splits merge in the threadgroup (one partial each)."""
+    threadgroup; on the matrix path one per key unit: 4 at R = 8, D = 128 and at R = 16, D = 64, 2 at R = 16,
+    D = 128), so the combine reads that many times the splits; longer splits merge in the threadgroup (one partial
+    each)."""
     S, step, per_split = shape[3], shape[6], shape[7]
     plan = _plan_decode(planner, shape, cores)
     splits = plan[0]["threadgroups"][0]
