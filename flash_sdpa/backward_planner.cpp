@@ -219,9 +219,7 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
     sum.kernel = backward_kernel_name("dkdv_sum", dtype, head_dim);
     sum.constants = constants;
     sum.buffers = {{FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv}, cu_q, cu_k, partial};
-    params.tile_offset = 0;
-    params.tile_stride = 1;
-    sum.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);
+    sum.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);  // its grid covers every key row: no tile offset read
     sum.threadgroups = {to_u32((grid_k + kBwdDeltaRows - 1) / kBwdDeltaRows, "key row tiles"),
                         to_u32(kv_heads, "num_kv_heads"), b};
     sum.threads_per_threadgroup = threads;
