@@ -20,9 +20,12 @@ std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t
   return name_pass == "delta" || name_pass == "dkdv_sum" ? kernel : kernel + "_d" + std::to_string(head_dim);
 }
 
-int64_t bwd_group_splits(int64_t group, int64_t threadgroups, int64_t gpu_cores) {
+int64_t bwd_group_splits(int64_t group, int64_t threadgroups, int64_t gpu_cores, bool uneven_tiles) {
   const char* s = std::getenv("METAL_FLASH_SDPA_BWD_GROUP_SPLITS");
   const int64_t forced = s != nullptr ? std::atoll(s) : 0;
+  if (forced <= 0 && !uneven_tiles) {
+    return 1;
+  }
   const int64_t cores = gpu_cores > 0 ? gpu_cores : gpu_core_count();
   const int64_t target = kBwdResidentThreadgroups * (cores > 0 ? cores : kCommandBufferReferenceCores);
   int64_t splits = 1;
@@ -203,8 +206,12 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
   // A split GQA group (the simdgroup pass; the tensor-ops one keeps a KV head's group in one threadgroup): grid x is
   // KV head x part, each part's dK / dV in fp32 scratch, then one pass sums the parts in order. Counted from the key
   // rows, not the grid (varlen: max_seqlen_k only sizes the grid, and must not change the sums' order).
+  // Only where the key tiles' work is uneven, a window bounded on one side (causal: every query sees key 0, one query
+  // the last key; the canonical window, so not max_seqlen_k): there the heaviest threadgroup sets the pass's time.
+  const bool uneven_tiles = (call.options.window_left < 0) != (call.options.window_right < 0);
   const int64_t busy_tiles = varlen ? (rows_k + tile_rows - 1) / tile_rows : batch * key_tiles;
-  const int64_t group_splits = tops ? 1 : bwd_group_splits(heads / kv_heads, kv_heads * busy_tiles, call.gpu_cores);
+  const int64_t group_splits =
+      tops ? 1 : bwd_group_splits(heads / kv_heads, kv_heads * busy_tiles, call.gpu_cores, uneven_tiles);
   params.group_splits = to_i32(group_splits, "group splits");
   at::Tensor dkdv_partial = call.delta;  // a placeholder when the group is not split: the kernel never touches it
   if (group_splits > 1) {

@@ -146,6 +146,26 @@ def test_backward_group_splits(planner, monkeypatch, h, hkv, s, d, cores, splits
     check(plan(), 2 if (h // hkv) % 2 == 0 else 3 if (h // hkv) % 3 == 0 else 1)
 
 
+@pytest.mark.parametrize("window,splits", [((-1, -1), 1), ((-1, 0), 2), ((128, 0), 1)], ids=str)
+def test_backward_group_splits_uneven_tiles(planner, monkeypatch, window, splits):
+    """Only a grid whose key tiles' work is uneven (a window bounded on one side: causal) splits the group by
+    itself: without a mask or with a sliding window the tiles are equal and keep one part (proxy: 1.13x the time with
+    two at 16/4 heads, S = 1024, D = 128); a forced count applies to any call."""
+    s, h, hkv, d = 1024, 16, 4, 64
+    q = torch.empty(1, s, h, d, dtype=torch.float16)
+    k = torch.empty(1, s, hkv, d, dtype=torch.float16)
+    lse = torch.empty(1, h, s)
+
+    def dkdv_heads():
+        plan = planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, s, s,
+                                     d ** -0.5, 0.0, *window, gpu_cores=132)
+        return {x["threadgroups"][0] for x in plan if x["kernel"].startswith("flash_attn_bwd_dkdv_float16")}
+
+    assert dkdv_heads() == {hkv * splits}
+    monkeypatch.setenv("METAL_FLASH_SDPA_BWD_GROUP_SPLITS", "2")
+    assert dkdv_heads() == {hkv * 2}
+
+
 # The tensor-ops backward (tensor_ops_library.h, FLASH_SDPA_BWD_TOPS_HEAD_DIMS): (dtype, D, tile rows) where it
 # serves (bwd_tops_tile_rows, backward_params.h), None where the simdgroup passes stay.
 BWD_TOPS = [(torch.float16, 64, 32), (torch.bfloat16, 128, 32), (torch.float16, 256, 16), (torch.float32, 32, 32),
