@@ -56,6 +56,27 @@ inline BwdSequence bwd_sequence(const device int* cu_q, const device int* cu_k, 
   return s;
 }
 
+// Where part `part` of a split GQA group (BackwardParams::group_splits) keeps its dK and dV of KV head kvh, sequence
+// b: fp32 [2 (dK, dV)][group_splits][key rows][Hkv][D], key rows as k's (dense: batch x k_rows; varlen: k_rows);
+// dk / dv point at the sequence's key 0, rows row_stride apart, parts part_stride apart.
+struct BwdPartial {
+  device float* dk;
+  device float* dv;
+  long row_stride, part_stride;
+};
+
+inline BwdPartial bwd_partial(device float* partials, int b, int kvh, int part, const BwdSequence seq,
+                              constant flash_sdpa::BackwardParams& p, int D) {
+  const long rows = fc_varlen ? long(p.k_rows) : long(p.batch) * p.k_rows;
+  const long row0 = fc_varlen ? long(seq.start_k) : long(b) * p.k_rows;
+  BwdPartial s;
+  s.row_stride = long(p.num_kv_heads) * D;
+  s.part_stride = rows * s.row_stride;
+  s.dk = partials + (long(part) * rows + row0) * s.row_stride + long(kvh) * D;
+  s.dv = s.dk + p.group_splits * s.part_stride;
+  return s;
+}
+
 // Query rows [x, y] (y < x: none) of a sequence that see at least one key of [k_lo, k_hi] (0 <= k_lo <= k_hi < sk):
 // row i sees [i + sk - sq - left, i + sk - sq + right]. 64-bit intermediates: no overflow whatever the window.
 inline int2 bwd_visible_queries(int k_lo, int k_hi, int window_left, int window_right, int sq, int sk) {
@@ -399,9 +420,10 @@ inline float2 bwd_sum_partials(threadgroup const float* s_strip, threadgroup con
 // element S^T = scale K Q^T, P^T and dS^T (fp32, stored as T), then dV += P^T dO and dK += dS^T Q (scale at the store).
 template <typename T, int D>
 [[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv(
-    FLASH_SDPA_BWD_DKDV_KERNEL_BUFFERS, uint3 tg_pos [[threadgroup_position_in_grid]],
-    uint3 tg_count [[threadgroups_per_grid]], uint tid [[thread_index_in_threadgroup]],
-    uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {
+    FLASH_SDPA_BWD_DKDV_KERNEL_BUFFERS, device float* dkdv_partial [[buffer(FLASH_SDPA_BWD_BUFFER_DKDV_PARTIAL)]],
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
+    uint tid [[thread_index_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],
+    uint lane [[thread_index_in_simdgroup]]) {
   constexpr int NT = flash_sdpa::kBwdThreads;
   constexpr int E = sizeof(T);
   constexpr int CS = flash_sdpa::bwd_col_slices(D, E);
@@ -426,11 +448,15 @@ template <typename T, int D>
   threadgroup int row_hi[STAGE];
 
   const flash_sdpa::RowTileSlot slot = flash_sdpa::row_tile_slot(tg_pos, tg_count, false, p.tile_offset, p.tile_stride);
-  const int b = slot.b, kvh = slot.head;
+  // Grid x: KV head x group_splits parts of its GQA group (GS > 1: each part's dK, dV to dkdv_partial, summed by
+  // flash_attn_bwd_dkdv_sum).
+  const int GS = p.group_splits;
+  const int b = slot.b, kvh = slot.head / GS, part = slot.head % GS;
   const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
   const BwdAligned aligned = bwd_aligned(p);
   const int sq = seq.sq, sk = seq.sk, offset = sk - sq;
   const int group = p.num_heads / p.num_kv_heads;
+  const int part_heads = group / GS;
   const int rb = int(sg) / CS, cs = int(sg) % CS;
   threadgroup T* stage = reinterpret_cast<threadgroup T*>(stage_words);
   threadgroup T* q_tile = stage;
@@ -445,6 +471,7 @@ template <typename T, int D>
       dk + long(b) * p.dk_batch_stride + long(seq.start_k) * p.dk_row_stride + long(kvh) * p.dk_head_stride;
   device T* dv_seq =
       dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
+  const BwdPartial partial = bwd_partial(dkdv_partial, b, kvh, part, seq, p, D);
 
   // This threadgroup's key tiles of this dispatch (a long backward is split into command buffers: row_tile_slot).
   for (int k0 = slot.first_tile * BK; k0 < sk; k0 += slot.step * BK) {
@@ -460,7 +487,7 @@ template <typename T, int D>
                                       aligned.v, k0, nk, rb, cs * DS, tid);
     const int2 rows = bwd_visible_queries(k0, k0 + nk - 1, p.opt.window_left, p.opt.window_right, sq, sk);
 
-    for (int g = 0; g < group; ++g) {
+    for (int g = part * part_heads; g < (part + 1) * part_heads; ++g) {
       const BwdQueryHead<T> head = bwd_query_head(q, dout, lse, delta, alibi_slopes, b, kvh * group + g, seq, p);
 
       for (int i0 = rows.x; i0 <= rows.y; i0 += STAGE) {
@@ -527,8 +554,51 @@ template <typename T, int D>
     }
 
     // dK = scale dS^T Q, then dV, through the staging buffer.
-    bwd_write<T, BK, D, CS, FB, WORDS>(dk_seq, p.dk_row_stride, stage_words, dk_acc, rb, cs, k0, nk, p.opt.scale, tid);
-    bwd_write<T, BK, D, CS, FB, WORDS>(dv_seq, p.dv_row_stride, stage_words, dv_acc, rb, cs, k0, nk, 1.0f, tid);
+    if (GS > 1) {  // uniform
+      bwd_write<float, BK, D, CS, FB, WORDS>(partial.dk, partial.row_stride, stage_words, dk_acc, rb, cs, k0, nk,
+                                             p.opt.scale, tid);
+      bwd_write<float, BK, D, CS, FB, WORDS>(partial.dv, partial.row_stride, stage_words, dv_acc, rb, cs, k0, nk, 1.0f,
+                                             tid);
+    } else {
+      bwd_write<T, BK, D, CS, FB, WORDS>(dk_seq, p.dk_row_stride, stage_words, dk_acc, rb, cs, k0, nk, p.opt.scale,
+                                         tid);
+      bwd_write<T, BK, D, CS, FB, WORDS>(dv_seq, p.dv_row_stride, stage_words, dv_acc, rb, cs, k0, nk, 1.0f, tid);
+    }
+  }
+}
+
+// The sum of a split GQA group's dK / dV parts (group_splits > 1), in part order (deterministic), rounded once to T.
+// Grid (key-row tiles, Hkv, B) as the delta pass's; lanes over the head dim.
+template <typename T>
+[[max_total_threads_per_threadgroup(FLASH_SDPA_BWD_THREADS)]] kernel void flash_attn_bwd_dkdv_sum(
+    device T* dk [[buffer(FLASH_SDPA_BWD_BUFFER_DK)]], device T* dv [[buffer(FLASH_SDPA_BWD_BUFFER_DV)]],
+    const device int* cu_seqlens_q [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_Q)]],
+    const device int* cu_seqlens_k [[buffer(FLASH_SDPA_BWD_BUFFER_CU_SEQLENS_K)]],
+    constant flash_sdpa::BackwardParams& p [[buffer(FLASH_SDPA_BWD_BUFFER_PARAMS)]],
+    device float* dkdv_partial [[buffer(FLASH_SDPA_BWD_BUFFER_DKDV_PARTIAL)]],
+    uint3 tg_pos [[threadgroup_position_in_grid]], uint3 tg_count [[threadgroups_per_grid]],
+    uint tid [[thread_index_in_threadgroup]]) {
+  constexpr int ROWS = flash_sdpa::kBwdDeltaRows;
+  const int b = int(tg_pos.z), kvh = int(tg_pos.y), D = p.head_dim;
+  const BwdSequence seq = bwd_sequence(cu_seqlens_q, cu_seqlens_k, b, p);
+  device T* dk_seq =
+      dk + long(b) * p.dk_batch_stride + long(seq.start_k) * p.dk_row_stride + long(kvh) * p.dk_head_stride;
+  device T* dv_seq =
+      dv + long(b) * p.dv_batch_stride + long(seq.start_k) * p.dv_row_stride + long(kvh) * p.dv_head_stride;
+  const BwdPartial first = bwd_partial(dkdv_partial, b, kvh, 0, seq, p, D);
+  for (int j0 = int(tg_pos.x) * ROWS; j0 < seq.sk; j0 += int(tg_count.x) * ROWS) {
+    for (int idx = int(tid); idx < ROWS * D; idx += flash_sdpa::kBwdThreads) {
+      const int j = j0 + idx / D, d = idx % D;
+      if (j < seq.sk) {
+        float sum_k = 0.0f, sum_v = 0.0f;
+        for (int part = 0; part < p.group_splits; ++part) {
+          sum_k += first.dk[part * first.part_stride + long(j) * first.row_stride + d];
+          sum_v += first.dv[part * first.part_stride + long(j) * first.row_stride + d];
+        }
+        dk_seq[long(j) * p.dk_row_stride + d] = T(sum_k);
+        dv_seq[long(j) * p.dv_row_stride + d] = T(sum_v);
+      }
+    }
   }
 }
 

@@ -30,6 +30,7 @@ namespace flash_sdpa {
 #define FLASH_SDPA_BWD_BUFFER_SINKS 13         // float [heads]
 #define FLASH_SDPA_BWD_BUFFER_DSINKS 14        // float [heads], d s_aux (written by pass 3 when sinks are on)
 #define FLASH_SDPA_BWD_BUFFER_PARAMS 15        // BackwardParams (setBytes)
+#define FLASH_SDPA_BWD_BUFFER_DKDV_PARTIAL 16  // float, dK / dV of each part of a split GQA group (group_splits > 1)
 
 // [[function_constant(i)]] of the backward kernels: the options' (attention_options.h), as in the forward.
 
@@ -214,7 +215,7 @@ struct BackwardParams {
   fsdpa_i64 delta_batch_stride;  // floats
   fsdpa_i64 delta_head_stride;
   fsdpa_i32 batch;         // number of sequences (grid y of the dK/dV and dQ passes, z of the delta pass)
-  fsdpa_i32 num_heads;     // H (grid x of the dQ pass, y of the delta pass; dK/dV: x = Hkv)
+  fsdpa_i32 num_heads;     // H (grid x of the dQ pass, y of the delta pass; dK/dV: x = Hkv x group_splits)
   fsdpa_i32 num_kv_heads;  // Hkv, H % Hkv == 0; query head h reads kv head h / (H / Hkv)
   fsdpa_i32 q_rows;        // rows of q/out/dout/dq along the row axis: row indices are clamped below it
   fsdpa_i32 k_rows;        // rows of k/v/dk/dv along the row axis
@@ -224,8 +225,9 @@ struct BackwardParams {
   fsdpa_i32 tile_offset;   // this dispatch's row tiles tile_offset, tile_offset + tile_stride, ... of every sequence:
   fsdpa_i32 tile_stride;  // key tiles in the dK/dV pass, query tiles in dQ (a long backward is split: planner_common.h)
   fsdpa_i32 aligned_rows;  // FLASH_SDPA_BWD_ALIGNED_* bits: that input's rows start at multiples of 4 elements
-  fsdpa_i32 pad0;
-  OptionParams opt;  // scale, softcap, window, ALiBi stride (as the forward's)
+  fsdpa_i32 group_splits;  // dK/dV: the GQA group's query heads over this many threadgroups (1: one; >1: partials, then
+                           // the sum pass; bwd_group_splits in backward_planner.cpp)
+  OptionParams opt;        // scale, softcap, window, ALiBi stride (as the forward's)
 };
 
 static_assert(sizeof(BackwardParams) == 28 * 8 + 12 * 4 + sizeof(OptionParams), "BackwardParams: no padding");

@@ -1,8 +1,10 @@
 #include "backward_planner.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 #include "backward_params.h"
@@ -14,7 +16,29 @@ std::string backward_kernel_name(const char* pass, at::ScalarType dtype, int64_t
   const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn backward: unsupported dtype ", dtype);
   std::string kernel = std::string("flash_attn_bwd_") + pass + "_" + name;
-  return std::string(pass) == "delta" ? kernel : kernel + "_d" + std::to_string(head_dim);
+  const std::string name_pass(pass);
+  return name_pass == "delta" || name_pass == "dkdv_sum" ? kernel : kernel + "_d" + std::to_string(head_dim);
+}
+
+int64_t bwd_group_splits(int64_t group, int64_t threadgroups, int64_t gpu_cores, bool uneven_tiles) {
+  const char* s = std::getenv("METAL_FLASH_SDPA_BWD_GROUP_SPLITS");
+  const int64_t forced = s != nullptr ? std::atoll(s) : 0;
+  if (forced <= 0 && !uneven_tiles) {
+    return 1;
+  }
+  const int64_t cores = gpu_cores > 0 ? gpu_cores : gpu_core_count();
+  const int64_t target = kBwdResidentThreadgroups * (cores > 0 ? cores : kCommandBufferReferenceCores);
+  int64_t splits = 1;
+  for (int64_t d = 2; d <= std::min(group, kBwdMaxGroupSplits); ++d) {
+    if (group % d != 0) {
+      continue;
+    }
+    if (forced > 0 ? splits >= forced : threadgroups * splits >= target) {
+      break;
+    }
+    splits = d;
+  }
+  return splits;
 }
 
 const std::vector<int64_t>& backward_head_dims() {
@@ -179,7 +203,35 @@ LaunchPlan plan_attention_backward(const AttentionBackward& call) {
       plan.dispatches.push_back(std::move(part));
     }
   };
-  push_splits(dkdv, key_splits, key_tiles, to_u32(kv_heads, "num_kv_heads"));
+  // A split GQA group (the simdgroup pass; the tensor-ops one keeps a KV head's group in one threadgroup): grid x is
+  // KV head x part, each part's dK / dV in fp32 scratch, then one pass sums the parts in order. Counted from the key
+  // rows, not the grid (varlen: max_seqlen_k only sizes the grid, and must not change the sums' order).
+  // Only where the key tiles' work is uneven, a window bounded on one side (causal: every query sees key 0, one query
+  // the last key; the canonical window, so not max_seqlen_k): there the heaviest threadgroup sets the pass's time.
+  const bool uneven_tiles = (call.options.window_left < 0) != (call.options.window_right < 0);
+  const int64_t busy_tiles = varlen ? (rows_k + tile_rows - 1) / tile_rows : batch * key_tiles;
+  const int64_t group_splits =
+      tops ? 1 : bwd_group_splits(heads / kv_heads, kv_heads * busy_tiles, call.gpu_cores, uneven_tiles);
+  params.group_splits = to_i32(group_splits, "group splits");
+  at::Tensor dkdv_partial = call.delta;  // a placeholder when the group is not split: the kernel never touches it
+  if (group_splits > 1) {
+    const int64_t key_rows = varlen ? rows_k : batch * rows_k;
+    dkdv_partial = at::empty({2, group_splits, key_rows, kv_heads, head_dim}, call.q.options().dtype(at::kFloat));
+  }
+  const BufferArg partial{FLASH_SDPA_BWD_BUFFER_DKDV_PARTIAL, dkdv_partial};
+  dkdv.buffers.push_back(partial);
+  push_splits(dkdv, key_splits, key_tiles, to_u32(kv_heads * group_splits, "num_kv_heads x group splits"));
+  if (group_splits > 1) {
+    Dispatch sum;
+    sum.kernel = backward_kernel_name("dkdv_sum", dtype, head_dim);
+    sum.constants = constants;
+    sum.buffers = {{FLASH_SDPA_BWD_BUFFER_DK, call.dk}, {FLASH_SDPA_BWD_BUFFER_DV, call.dv}, cu_q, cu_k, partial};
+    sum.set_bytes(FLASH_SDPA_BWD_BUFFER_PARAMS, params);  // its grid covers every key row: no tile offset read
+    sum.threadgroups = {to_u32((grid_k + kBwdDeltaRows - 1) / kBwdDeltaRows, "key row tiles"),
+                        to_u32(kv_heads, "num_kv_heads"), b};
+    sum.threads_per_threadgroup = threads;
+    plan.dispatches.push_back(std::move(sum));
+  }
 
   // 3. dQ: one threadgroup per (head, sequence, query tile), query tiles reversed in the kernel (causal: the last ones
   // see the most keys); threadgroups (h, 0, grid.z - 1) also reduce d s_aux[h].

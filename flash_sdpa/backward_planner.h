@@ -1,7 +1,7 @@
 // Launch planning of the FlashAttention-2 backward (attention_backward.metal): pure C++, no Metal.
 //
 // Callers validate first (torch-ext/backward_binding.cpp); the planner turns validated tensors into a LaunchPlan of
-// three dispatches (delta pre-pass, dK/dV, dQ + d s_aux) on one stream, in order.
+// three dispatches (delta pre-pass, dK/dV, dQ + d s_aux; four with a split GQA group) on one stream, in order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -48,8 +48,24 @@ bool backward_supports(at::ScalarType dtype, int64_t head_dim);
 std::string backward_tops_kernel_name(const char* pass, at::ScalarType dtype, int64_t head_dim);
 bool backward_tops_serves(at::ScalarType dtype, int64_t head_dim);
 
-// Delta pre-pass, dK/dV, dQ (+ d s_aux): three dispatches; an empty plan when there is nothing to compute. Scratch
-// is the caller's delta (O(total_q * H) floats): no S x S buffer exists.
+// dK/dV threadgroups loop over their KV head's GQA group; with few KV heads and short sequences that grid (Hkv x B x
+// key tiles) leaves cores idle: on the proxy (H100), 16/4 heads at S = 1024 (256 dK/dV threadgroups at D = 64) took
+// the backward time of 32/32 heads (2048), twice the (query, key) pairs. So where the key tiles' work is uneven (a
+// window bounded on one side: causal) the group's query heads are split over `group_splits` threadgroups (a divisor
+// of the group, at most kBwdMaxGroupSplits) until the grid holds kBwdResidentThreadgroups per core
+// (backward_params.h: two resident on an M1/M2-class core; unknown device: an M1's 8 cores), each part's dK / dV in
+// fp32 scratch and one more pass summing the parts in order (deterministic). On the proxy, 16/4 heads at
+// S = 1024 fp16, 2 parts: causal 0.71-0.72x the time at D = 64 / 128; without a mask 0.82x at D = 64 but 1.13x at
+// D = 128 (equal tiles: the grid was near the resident limit and the parts only add the fp32 traffic and a pass), so
+// an even grid keeps one part. METAL_FLASH_SDPA_BWD_GROUP_SPLITS forces a count on any call (tests; a divisor of the
+// group is taken, at most the group).
+constexpr int64_t kBwdResidentThreadgroups = 2;
+constexpr int64_t kBwdMaxGroupSplits = 8;
+int64_t bwd_group_splits(int64_t group, int64_t threadgroups, int64_t gpu_cores, bool uneven_tiles);
+
+// Delta pre-pass, dK/dV, dQ (+ d s_aux): three dispatches, four with a split GQA group (the sum of its dK / dV
+// parts); an empty plan when there is nothing to compute. Scratch is the caller's delta (O(total_q * H) floats) and,
+// with a split group, 2 x group_splits x total_k x Hkv x D floats: no S x S buffer exists.
 LaunchPlan plan_attention_backward(const AttentionBackward& call);
 
 }  // namespace flash_sdpa

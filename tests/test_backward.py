@@ -284,6 +284,20 @@ def test_deterministic(kernel, device, head_dim):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("splits", [ci_if(s == 2, s) for s in (1, 2, 4)])
+def test_split_gqa_group(kernel, device, monkeypatch, splits):
+    # dK/dV of a KV head's 4 query heads over `splits` threadgroups (fp32 parts, then the sum pass in part order;
+    # forced here, chosen by the grid's size otherwise): FlashAttention's rule at every count, varlen and dense, with
+    # every feature, and the same bits on a second call.
+    monkeypatch.setenv("METAL_FLASH_SDPA_BWD_GROUP_SPLITS", str(splits))
+    feature = FEATURES[-1]
+    first = run_varlen_backward(kernel, device, torch.float16, 64, (8, 2), "ragged", **feature)
+    again = run_varlen_backward(kernel, device, torch.float16, 64, (8, 2), "ragged", **feature)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    run_dense_backward(kernel, device, torch.bfloat16, 128, 2, 37, 45, "mqa", causal=True)
+
+
 @pytest.mark.parametrize("schedule,seed", [ci_if(s == "random", s, n) for s, n in (("reverse", 0), ("random", 1))])
 def test_schedules_and_races(kernel, device, emulator, schedule, seed):
     # Race detector on, threadgroups / threads / barrier resumes in reverse or random order: no race, no overrun,

@@ -95,13 +95,75 @@ def test_backward_grid_tiles_slowest(planner):
     q = torch.empty(B, Sb, H, D, dtype=torch.float16)
     k = torch.empty(B, Sb, HKV, D, dtype=torch.float16)
     lse = torch.empty(B, H, Sb)
+    # 8 cores: 240 dK/dV threadgroups fill them without splitting the GQA group (test_backward_group_splits).
     plan = planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, Sb, Sb,
-                                 D ** -0.5, 0.0, -1, 0, gpu_cores=132)
+                                 D ** -0.5, 0.0, -1, 0, gpu_cores=8)
     grids = {d["kernel"].split("_")[3]: d["threadgroups"] for d in plan}
+    assert len(plan) == 3
     assert grids["delta"] == (-(-Sb // 32), H, B)
     assert grids["dkdv"][:2] == (HKV, B) and grids["dq"][:2] == (H, B)
     # Tiles of 8, 16 or 32 rows (bwd_tile_rows, backward_params.h), the same for both passes.
     assert grids["dkdv"][2] == grids["dq"][2] in {-(-Sb // rows) for rows in (8, 16, 32)}
+
+
+# (H, Hkv, S, D, cores, group splits): the GQA group's query heads split over dK/dV threadgroups until the grid
+# (Hkv x B x key tiles) holds two per core (bwd_group_splits, backward_planner.h), a divisor of the group, at most 8.
+GROUP_SPLITS = [(16, 4, 1024, 64, 132, 2), (16, 4, 1024, 128, 132, 2), (16, 4, 4096, 128, 132, 1),
+                (16, 4, 16384, 128, 132, 1), (32, 32, 1024, 64, 132, 1), (16, 4, 1024, 128, 40, 1),
+                (64, 1, 1024, 128, 132, 8), (12, 4, 256, 128, 40, 3)]
+
+
+@pytest.mark.parametrize("h,hkv,s,d,cores,splits", GROUP_SPLITS, ids=str)
+def test_backward_group_splits(planner, monkeypatch, h, hkv, s, d, cores, splits):
+    """dK/dV over (Hkv x group splits, B, key tiles); with a split group a fourth dispatch, flash_attn_bwd_dkdv_sum,
+    over (key-row tiles of 32, Hkv, B) after the dK/dV passes, given the fp32 parts (2 x splits x rows x Hkv x D) that
+    the dK/dV pass writes. METAL_FLASH_SDPA_BWD_GROUP_SPLITS forces a count (a divisor of the group)."""
+    q = torch.empty(1, s, h, d, dtype=torch.float16)
+    k = torch.empty(1, s, hkv, d, dtype=torch.float16)
+    lse = torch.empty(1, h, s)
+
+    def plan():
+        return planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, s, s,
+                                     d ** -0.5, 0.0, -1, 0, gpu_cores=cores)
+
+    def check(plan, splits):
+        kernels = [x["kernel"] for x in plan]
+        dkdv = [x for x in plan if x["kernel"].startswith("flash_attn_bwd_dkdv_float16")]
+        assert dkdv and all(x["threadgroups"][:2] == (hkv * splits, 1) for x in dkdv)
+        if splits == 1:
+            assert not any("dkdv_sum" in name for name in kernels)
+            return
+        assert kernels.count("flash_attn_bwd_dkdv_sum_float16") == 1
+        last_dkdv = max(i for i, name in enumerate(kernels) if name.startswith("flash_attn_bwd_dkdv_float16"))
+        assert kernels[last_dkdv + 1] == "flash_attn_bwd_dkdv_sum_float16"
+        sum_pass = plan[last_dkdv + 1]
+        assert sum_pass["threadgroups"] == (-(-s // 32), hkv, 1)
+        parts = [b for b in sum_pass["buffers"] if b[0] == 16]  # FLASH_SDPA_BWD_BUFFER_DKDV_PARTIAL
+        assert len(parts) == 1 and tuple(parts[0][1].shape) == (2, splits, s, hkv, d)
+
+    check(plan(), splits)
+    monkeypatch.setenv("METAL_FLASH_SDPA_BWD_GROUP_SPLITS", "2")
+    check(plan(), 2 if (h // hkv) % 2 == 0 else 3 if (h // hkv) % 3 == 0 else 1)
+
+
+@pytest.mark.parametrize("window,splits", [((-1, -1), 1), ((-1, 0), 2), ((128, 0), 1)], ids=str)
+def test_backward_group_splits_uneven_tiles(planner, monkeypatch, window, splits):
+    """Only a grid whose key tiles' work is uneven (a window bounded on one side: causal) splits the group by
+    itself: without a mask or with a sliding window the tiles are equal and keep one part (proxy: 1.13x the time with
+    two at 16/4 heads, S = 1024, D = 128); a forced count applies to any call."""
+    s, h, hkv, d = 1024, 16, 4, 64
+    q = torch.empty(1, s, h, d, dtype=torch.float16)
+    k = torch.empty(1, s, hkv, d, dtype=torch.float16)
+    lse = torch.empty(1, h, s)
+
+    def dkdv_heads():
+        plan = planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, s, s,
+                                     d ** -0.5, 0.0, *window, gpu_cores=132)
+        return {x["threadgroups"][0] for x in plan if x["kernel"].startswith("flash_attn_bwd_dkdv_float16")}
+
+    assert dkdv_heads() == {hkv * splits}
+    monkeypatch.setenv("METAL_FLASH_SDPA_BWD_GROUP_SPLITS", "2")
+    assert dkdv_heads() == {hkv * 2}
 
 
 # The tensor-ops backward (tensor_ops_library.h, FLASH_SDPA_BWD_TOPS_HEAD_DIMS): (dtype, D, tile rows) where it
@@ -122,8 +184,9 @@ def test_backward_tensor_ops_plan(planner, dtype, d, rows):
     lse = torch.empty(B, H, Sb)
 
     def plan(tensor_ops):
+        # 8 cores: no split GQA group on the simdgroup path either (the tensor-ops one never splits it).
         return planner.plan_backward(q, q, k, k, q, lse, lse, q, k, k, torch.empty(0), None, None, None, None, Sb, Sb,
-                                     d ** -0.5, 0.0, -1, 0, gpu_cores=132, tensor_ops=tensor_ops)
+                                     d ** -0.5, 0.0, -1, 0, gpu_cores=8, tensor_ops=tensor_ops)
 
     tops, simd = plan(True), plan(False)
     assert [x["kernel"].split("_")[3] for x in tops] == ["delta", "dkdv", "dq"]
