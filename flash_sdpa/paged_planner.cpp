@@ -130,13 +130,16 @@ int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, i
   // S=1000 GQA 4, 32 steps: 16 splits of 2 steps 14.5 us, 31 splits of 1-2 steps 15.9).
   const int64_t steps = std::max<int64_t>(1, (max_seqlen_k + step - 1) / step);
   int64_t per_split = (steps + splits - 1) / splits;
-  // A grid that leaves cores idle takes shorter splits, up to one threadgroup per core and one step per split (a
-  // partial last step counts): an idle core adds nothing, a split's time is its steps. Proxy (H100, 132 SMs), B=1
-  // S=1000 GQA 7 (4 KV heads, 32 steps): 16 splits of 2 steps (64 threadgroups) 15.4 us, 32 of 1 step 12.8; where
-  // the fewest splits already give each core a threadgroup (GQA 4, 8 KV heads: 16 x 8 = 128) the combine's extra
-  // partials cost more than the steps save (32 splits 14.7 us against 14.1). On an Apple GPU: one KV head at B = 1
-  // (multi-query models) takes 16 splits of 2 steps at 1000 keys, 16 threadgroups for 40 cores.
-  if (cores > 0 && work_threadgroups * ((steps + per_split - 1) / per_split) < cores) {
+  // A split call whose grid leaves cores idle takes shorter splits, up to one threadgroup per core and one step per
+  // split (a partial last step counts): an idle core adds nothing, a split's time is its steps. Proxy (H100, 132
+  // SMs), B=1 S=1000 GQA 7 (4 KV heads, 32 steps): 16 splits of 2 steps (64 threadgroups) 15.4 us, 32 of 1 step
+  // 12.8; where the fewest splits already give each core a threadgroup (GQA 4, 8 KV heads: 16 x 8 = 128) the
+  // combine's extra partials cost more than the steps save (32 splits 14.7 us against 14.1). An unsplit call stays
+  // so: a second split adds the combine's dispatch (B=4 H=16/16 S=50: 1 split 6.2 us, 2 splits 8.1). On an Apple
+  // GPU: one KV head at B = 1 (multi-query models) took 16 splits of 2 steps at 1000 keys, 16 threadgroups for 40
+  // cores.
+  const int64_t fewest = (steps + per_split - 1) / per_split;
+  if (cores > 0 && fewest > 1 && work_threadgroups * fewest < cores) {
     const int64_t min_keys = std::min(kMinKeysPerSplit, step);
     const int64_t wider = std::clamp<int64_t>(
         std::min({steps, (max_seqlen_k + min_keys - 1) / min_keys, cores / work_threadgroups}), 1, paged::kMaxSplits);

@@ -266,10 +266,11 @@ def test_decode_splits_whole_steps(planner, shape, cores):
     ((1, 8, 1, 1000, 128, torch.float16, 32, 4), 40, 32),  # one KV head: 32 of 1 step on 40 cores
     ((1, 8, 1, 1000, 128, torch.float16, 32, 4), 8, 16),
     ((1, 12, 2, 256, 128, torch.float16, 32, 4), 132, 8),  # 8 steps: one each already
+    ((4, 16, 16, 50, 128, torch.float16, 32, 8), 132, 1),  # unsplit: a second split would add the combine
 ])
 def test_decode_splits_fill_idle_cores(planner, shape, cores, splits):
-    """Where the fewest splits of the most steps leave cores idle, the splits get shorter, up to one threadgroup per
-    core and one step each (paged_pick_num_splits)."""
+    """Where the fewest splits of the most steps leave cores idle, a split call's splits get shorter, up to one
+    threadgroup per core and one step each (paged_pick_num_splits); an unsplit one stays unsplit."""
     assert _plan_decode(planner, shape, cores)[0]["threadgroups"][0] == splits
 
 
