@@ -615,11 +615,14 @@ template <typename T, int D, int R, bool M>
   // Scattered scores: per (simdgroup, lane group), two buffers of SF floats, used by alternate steps.
   threadgroup float score_tg[Layout::kScatterFloats];
 
+  // A one-token call's row tile covers its KV head's group (row_blocks 1): no division then (an integer division is
+  // a long instruction sequence on Apple's GPUs, and these indices lead to the first K/V address). The guard reads
+  // its three counts together: one branch, not a chain of parameter reads and branches before any other work.
   const int split = int(tgid.x);
-  const int hkv = int(tgid.y) / p.row_blocks;
-  const int row0 = (int(tgid.y) % p.row_blocks) * R;
+  const int hkv = p.row_blocks == 1 ? int(tgid.y) : int(tgid.y) / p.row_blocks;
+  const int row0 = (int(tgid.y) - hkv * p.row_blocks) * R;
   const int b = int(tgid.z);
-  if (b >= p.batch || hkv >= p.num_kv_heads || split >= p.num_splits) {
+  if ((b >= p.batch) | (hkv >= p.num_kv_heads) | (split >= p.num_splits)) {
     return;  // whole threadgroup: grid larger than the problem
   }
   const bool split_mode = p.num_splits > 1;  // a run-time choice: the same pipeline serves every split count
@@ -1294,33 +1297,39 @@ template <typename T>
   if (row >= rows) {
     return;  // whole threadgroup
   }
-  const long b = row / (long(p.num_heads) * p.seqlen_q);
-  const long i = row % p.seqlen_q;
-  const int h = int((row / p.seqlen_q) % p.num_heads);
   const int D = p.head_dim;
-  // out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE (H, total_q)
-  long out_row = (b * p.seqlen_q + i) * p.num_heads + h;
+  const int splits = min(p.num_splits, int(kMaxSplits));
+
+  // 0. This thread's first partial outputs (o_partial (splits, B, H, sq, D), fp32, rows 16-byte aligned: D % 8 == 0),
+  // in flight while the maxima are read: they do not depend on them. The index math before these loads is 32-bit
+  // and unsigned (the grid's ids are 32-bit): on Apple's GPUs, as on NVIDIA's, an integer division is a long
+  // instruction sequence, a 64-bit one several times longer, and every instruction before the first load delays it.
+  const int C = D / 4;                     // float4 columns
+  const int NS = int(uint(NT) / uint(C));  // splits read side by side (D <= 256: >= 2)
+  const int j = int(tid / uint(C));
+  const int c = int(tid) - j * C;
+  device const float4* src = reinterpret_cast<device const float4*>(o_partial) + row * C + c;
+  const long split_stride = rows * C;
+  float4 x[kCombineLoads];
+  load_partials(x, src, split_stride, j, NS, j < NS ? splits : 0);
+
+  // Where the row goes: out (B, sq, H, D = 1) contiguous, LSE (B, H, sq); varlen: out (total_q, H, D = 1), LSE
+  // (H, total_q). A one-token row (sq = 1) is (b, h): one division.
+  const uint sq = uint(p.seqlen_q);
+  const uint head_row = sq == 1 ? tgid : tgid / sq;  // b x H + h
+  const uint i = tgid - head_row * sq;
+  const uint b = head_row / uint(p.num_heads);
+  const int h = int(head_row - b * uint(p.num_heads));
+  long out_row = (long(b) * sq + i) * p.num_heads + h;
   long lse_at = row;
   if (fc_varlen) {
-    const int2 q_rows = packed_rows(cu_seqlens_q, b, p.total_q);
+    const int2 q_rows = packed_rows(cu_seqlens_q, int(b), p.total_q);
     if (q_rows.y != 1) {
       return;  // the decode kernel skipped this sequence too
     }
     out_row = long(q_rows.x) * p.num_heads + h;
     lse_at = long(h) * p.total_q + q_rows.x;
   }
-  const int splits = min(p.num_splits, int(kMaxSplits));
-
-  // 0. This thread's first partial outputs (o_partial (splits, B, H, sq, D), fp32, rows 16-byte aligned: D % 8 == 0),
-  // in flight while the maxima are read: they do not depend on them.
-  const int C = D / 4;    // float4 columns
-  const int NS = NT / C;  // splits read side by side (D <= 256: >= 2)
-  const int c = int(tid) % C;
-  const int j = int(tid) / C;
-  device const float4* src = reinterpret_cast<device const float4*>(o_partial) + row * C + c;
-  const long split_stride = rows * C;
-  float4 x[kCombineLoads];
-  load_partials(x, src, split_stride, j, NS, j < NS ? splits : 0);
 
   // 1. The row max over the splits; a split that saw a non-finite visible score (NaN bits) makes the row NaN.
   float mx = kNoScore;

@@ -113,7 +113,7 @@ int64_t decode_threadgroups_per_core(int64_t rows, int64_t head_dim, bool matrix
 }
 
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known,
-                              int64_t step_keys) {
+                              int64_t step_keys, int64_t cores) {
   if (work_threadgroups <= 0 || work_threadgroups >= target) {
     return 1;  // the grid already fills the GPU
   }
@@ -129,8 +129,23 @@ int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, i
   // the fewest splits with the same most steps per split do the same in fewer threadgroups and partials (H200, B=1
   // S=1000 GQA 4, 32 steps: 16 splits of 2 steps 14.5 us, 31 splits of 1-2 steps 15.9).
   const int64_t steps = std::max<int64_t>(1, (max_seqlen_k + step - 1) / step);
-  const int64_t per_split = (steps + splits - 1) / splits;
-  return std::max<int64_t>(1, std::min(splits, (steps + per_split - 1) / per_split));
+  int64_t per_split = (steps + splits - 1) / splits;
+  // A split call whose grid leaves cores idle takes shorter splits, up to one threadgroup per core and one step per
+  // split (a partial last step counts): an idle core adds nothing, a split's time is its steps. Proxy (H100, 132
+  // SMs), B=1 S=1000 GQA 7 (4 KV heads, 32 steps): 16 splits of 2 steps (64 threadgroups) 15.4 us, 32 of 1 step
+  // 12.8; where the fewest splits already give each core a threadgroup (GQA 4, 8 KV heads: 16 x 8 = 128) the
+  // combine's extra partials cost more than the steps save (32 splits 14.7 us against 14.1). An unsplit call stays
+  // so: a second split adds the combine's dispatch (B=4 H=16/16 S=50: 1 split 6.2 us, 2 splits 8.1). On an Apple
+  // GPU: one KV head at B = 1 (multi-query models) took 16 splits of 2 steps at 1000 keys, 16 threadgroups for 40
+  // cores.
+  const int64_t fewest = (steps + per_split - 1) / per_split;
+  if (cores > 0 && fewest > 1 && work_threadgroups * fewest < cores) {
+    const int64_t min_keys = std::min(kMinKeysPerSplit, step);
+    const int64_t wider = std::clamp<int64_t>(
+        std::min({steps, (max_seqlen_k + min_keys - 1) / min_keys, cores / work_threadgroups}), 1, paged::kMaxSplits);
+    per_split = std::min(per_split, (steps + wider - 1) / wider);
+  }
+  return std::max<int64_t>(1, (steps + per_split - 1) / per_split);
 }
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
@@ -233,9 +248,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
                                                             decode_threadgroups_per_core(rows, head_dim, matrix);
   // Keys one threadgroup covers per step (each of its simdgroups one step): splits take whole steps.
   const int64_t tg_step_keys = decode_step_keys(dim32, elem32, rows32, sq32);
-  int64_t splits = call.num_splits > 0 ? std::min<int64_t>(call.num_splits, kMaxSplits)
-                                       : paged_pick_num_splits(work, max_keys, target,
-                                                               call.target_threadgroups > 0 || cores > 0, tg_step_keys);
+  int64_t splits = call.num_splits > 0
+                       ? std::min<int64_t>(call.num_splits, kMaxSplits)
+                       : paged_pick_num_splits(work, max_keys, target, call.target_threadgroups > 0 || cores > 0,
+                                               tg_step_keys, cores);
   splits = std::max<int64_t>(1, std::min(splits, ceil_div(std::max<int64_t>(max_keys, 1), 16)));
   const bool split = splits > 1;
   // Short splits (at most kSimdgroupPartialSteps steps of each simdgroup): each simdgroup writes its own partial

@@ -105,10 +105,11 @@ int64_t paged_rows_per_threadgroup(int64_t head_dim, int64_t rows_needed);
 // Split count: 1 when batch x kv_heads x row_blocks threadgroups already reach target (cores x
 // decode_threadgroups_per_core), else target / work splits, rounded down when the target comes from a known device
 // and up when it is the kDefaultGpuCores guess, keeping >= kMinKeysPerSplit keys per split (or one step of the
-// kernel, step_keys = decode_step_keys, when smaller), then the fewest splits with the same steps per split. A
+// kernel, step_keys = decode_step_keys, when smaller), then the fewest splits with the same steps per split; where
+// a split grid leaves some of `cores` (0: unknown) idle, fewer steps per split, up to one threadgroup per core. A
 // run-time value of the kernel: no pipeline depends on it.
 int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, int64_t target, bool target_known,
-                              int64_t step_keys);
+                              int64_t step_keys, int64_t cores);
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call);
 

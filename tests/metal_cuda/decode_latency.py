@@ -4,6 +4,7 @@ a one-threadgroup launch of the append kernel as the floor of one dispatch.
 
     python3 -m tests.metal_cuda.decode_latency build REV   # here: the decode PTX of git revision REV, as a baseline
     python3 -m tests.metal_cuda.decode_latency             # GPU machine; carry .cache/metal_cuda and .calib
+    python3 -m tests.metal_cuda.decode_latency ab [REPS]   # GPU machine: planner's calls, tree / baseline alternating
 
 Timing as bench.py (a CUDA graph of 20 calls, median of 15 replays); the whole call is checked against SDPA first.
 """
@@ -180,6 +181,36 @@ def profile(B=1, H=32, Hkv=8, S=256, head_dim=D):
     torch.cuda.synchronize()
 
 
+def ab(reps=3):
+    """The planner's call at every shape, this tree against the baseline, in alternating order `reps` times (an A/B
+    whose small differences are not the order of the runs): each shape's times and the median ratio."""
+    import statistics
+
+    import torch
+
+    from msl.cuda import launch
+
+    from . import gpu_common as gc
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(torch.cuda.get_device_name(0), sms, "SMs")
+    b = json.loads(BASELINE.read_text())
+    base = gc.libraries()
+    variants = {"tree": base,
+                b["rev"]: dict(base, paged_decode_attention=launch.Library(compiler.cache_dir() / b["folder"]))}
+    for B, H, Hkv, S in SHAPES + LONG:
+        times = {name: [] for name in variants}
+        for rep in range(reps):
+            for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1]):
+                gc._LIBS = variants[name]
+                line = ours(B, H, Hkv, S, sms, splits_list=(0,))[0]
+                times[name].append(float(line.split("whole ")[1].split(",")[0]))
+        gc._LIBS = base
+        tree, other = (statistics.median(t) for t in times.values())
+        runs = "; ".join(f"{n} {' '.join(f'{x:.1f}' for x in t)}" for n, t in times.items())
+        print(f"B={B} H={H}/{Hkv} S={S}: {runs}; tree / {b['rev']} {tree / other:.3f}", flush=True)
+
+
 def main():
     import torch
 
@@ -218,6 +249,8 @@ if __name__ == "__main__":
         build(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "sweep":
         sweep()
+    elif len(sys.argv) > 1 and sys.argv[1] == "ab":
+        ab(*map(int, sys.argv[2:]))
     elif len(sys.argv) > 1 and sys.argv[1] == "profile":
         profile(*map(int, sys.argv[2:]))
     else:

@@ -176,5 +176,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_seqlen_k"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"), py::arg("window_right"),
         py::arg("gpu_cores") = 0, py::arg("tensor_ops") = false);
   m.def("paged_pick_num_splits", &flash_sdpa::paged_pick_num_splits, py::arg("work_threadgroups"),
-        py::arg("max_seqlen_k"), py::arg("target_threadgroups"), py::arg("target_known"), py::arg("step_keys"));
+        py::arg("max_seqlen_k"), py::arg("target_threadgroups"), py::arg("target_known"), py::arg("step_keys"),
+        py::arg("cores") = 0);
 }

@@ -259,6 +259,21 @@ def test_decode_splits_whole_steps(planner, shape, cores):
         assert -(-steps // (splits - 1)) > most, f"{splits - 1} splits would take {most} steps each as well"
 
 
+@pytest.mark.parametrize("shape, cores, splits", [
+    ((1, 28, 4, 1000, 128, torch.float16, 32, 4), 132, 32),  # 16 x 4 threadgroups for 132 cores: 32 of 1 step
+    ((1, 28, 4, 1000, 128, torch.float16, 32, 4), 40, 16),  # 64 threadgroups fill 40 cores: 16 of 2 steps
+    ((1, 32, 8, 1000, 128, torch.float16, 32, 8), 132, 16),  # 16 x 8 reaches one per core of 132 (no 2 x 8 more)
+    ((1, 8, 1, 1000, 128, torch.float16, 32, 4), 40, 32),  # one KV head: 32 of 1 step on 40 cores
+    ((1, 8, 1, 1000, 128, torch.float16, 32, 4), 8, 16),
+    ((1, 12, 2, 256, 128, torch.float16, 32, 4), 132, 8),  # 8 steps: one each already
+    ((4, 16, 16, 50, 128, torch.float16, 32, 8), 132, 1),  # unsplit: a second split would add the combine
+])
+def test_decode_splits_fill_idle_cores(planner, shape, cores, splits):
+    """Where the fewest splits of the most steps leave cores idle, a split call's splits get shorter, up to one
+    threadgroup per core and one step each (paged_pick_num_splits); an unsplit one stays unsplit."""
+    assert _plan_decode(planner, shape, cores)[0]["threadgroups"][0] == splits
+
+
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"B{s[0]}_H{s[1]}-{s[2]}_S{s[3]}_D{s[4]}")
 @pytest.mark.parametrize("cores", [8, 40, 132])
 def test_decode_simdgroup_partials(planner, shape, cores):
