@@ -126,6 +126,7 @@ def ours(q, k, v, dout, scale, causal, tops=False):
         def fn():
             for p in plan:
                 p.launch()
+        fn.prepared = plan  # --dispatches
         return fn
     return run(fwd), run(bwd), (dq, dk, dv), delta.numel() * delta.element_size()
 
@@ -192,6 +193,9 @@ def bench_row(causal, S, H, Hkv, D, dtype):
     torch.cuda.synchronize()
     row["fwd_us"], row["bwd_us"] = median_us(fwd), median_us(bwd)
     row["ratio"] = row["bwd_us"] / row["fwd_us"]
+    if DISPATCHES:  # each backward dispatch alone (its inputs are the call's; it rewrites the same outputs)
+        row["dispatches"] = [(p.pipeline.kernel, list(p.grid), round(median_us(p.launch), 1), p.pipeline.num_regs)
+                             for p in bwd.prepared]
     row["scratch_bytes"] = scratch
     if TOPS:
         row.update(bench_tops(q, k, v, dout, scale, causal, grads))
@@ -228,6 +232,7 @@ def bench_row(causal, S, H, Hkv, D, dtype):
 
 
 TOPS = False  # --tops
+DISPATCHES = False  # --dispatches
 
 
 def bench_tops(q, k, v, dout, scale, causal, simd_grads):
@@ -260,6 +265,8 @@ def main():
     ap.add_argument("--causal", choices=("true", "false"), help="only the causal rows, or only the others")
     ap.add_argument("--tops", action="store_true", help="also time our backward on Metal 4 tensor ops (the "
                     "planner's tensor-ops plan: attention_backward_tensor_ops.h) beside the simdgroup one")
+    ap.add_argument("--dispatches", action="store_true", help="also time each dispatch of our backward alone "
+                    "(printed under its row)")
     ap.add_argument("--json", default="", help="also write the rows to this file (rewritten after every row, so a "
                     "command cut by its time limit keeps what it measured)")
     a = ap.parse_args()
@@ -267,8 +274,9 @@ def main():
     keep_d = {int(x) for x in a.D.split(",") if x}
     keep_heads = {tuple(int(n) for n in x.split("/")) for x in a.heads.split(",") if x}
     keep_dtype = {{"fp16": torch.float16, "bf16": torch.bfloat16}[x] for x in a.dtype.split(",") if x}
-    global TOPS
+    global TOPS, DISPATCHES
     TOPS = a.tops
+    DISPATCHES = a.dispatches
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_properties(0)
     print(f"device: {dev.name}, {dev.multi_processor_count} SMs, torch {torch.__version__}")
@@ -296,6 +304,8 @@ def main():
                f"{t('tops_ratio_of_ratios', '{:.2f}')} | {t('tops_over_simd', '{:.2f}')} | "
                + "/".join(t(f"tops_relL2_{n}", "{:.1e}") for n in ("dq", "dk", "dv")) + " |" if a.tops else ""),
               flush=True)
+        for kernel, grid_, us, regs in r.get("dispatches", []):
+            print(f"  {kernel} grid {tuple(grid_)} ({regs} registers): {us} us alone", flush=True)
         torch.cuda.empty_cache()
         if a.json:
             with open(a.json, "w") as f:
