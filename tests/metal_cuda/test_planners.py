@@ -262,7 +262,7 @@ def test_decode_splits_whole_steps(planner, shape, cores):
 @pytest.mark.parametrize("shape, cores, splits", [
     ((1, 28, 4, 1000, 128, torch.float16, 32, 4), 132, 32),  # 16 x 4 threadgroups for 132 cores: 32 of 1 step
     ((1, 28, 4, 1000, 128, torch.float16, 32, 4), 40, 16),  # 64 threadgroups fill 40 cores: 16 of 2 steps
-    ((1, 32, 8, 1000, 128, torch.float16, 32, 8), 132, 16),  # 16 x 8 reaches one per core of 132 (no 2 x 8 more)
+    ((1, 32, 8, 1000, 128, torch.float16, 32, 8), 132, 16),  # 8 KV heads: 132 / 8 = 16 splits give one per core
     ((1, 8, 1, 1000, 128, torch.float16, 32, 4), 40, 32),  # one KV head: 32 of 1 step on 40 cores
     ((1, 8, 1, 1000, 128, torch.float16, 32, 4), 8, 16),
     ((1, 12, 2, 256, 128, torch.float16, 32, 4), 132, 8),  # 8 steps: one each already
