@@ -31,6 +31,8 @@ _KEY_LOOP = ("paged_decode_attention.h",
              "  for (int t0 = first; t0 < hi; t0 += stride) {  // the planner keeps key counts below 2^31 - 2^20: no "
              "overflow")
 _SCATTER = ("paged_decode_attention.h", "  static constexpr int kScatterMinRows = 2;")
+_MATRIX_LOOP = ("paged_decode_attention.h", "    for (int t0 = first; t0 - lead < hi; t0 += stride) {")
+_GROUP_MERGE = ("paged_decode_attention.h", "    if (G > 1 && r < nrows) {")
 _SCORES = ("paged_params.h", "  const fsdpa_i32 max_scores = rows >= 8 ? 16 : 32;  // R x U partial scores per lane")
 THREADS = 256  # as built
 
@@ -59,6 +61,11 @@ VARIANTS = {
     "no merge slots (timing only, output wrong)": _one_edit(_ROUNDS, "  for (int round = 0; round < 0; ++round) {"),
     "no key loop (timing only, output wrong)":
         _one_edit(_KEY_LOOP, "  for (int t0 = first; t0 < first; t0 += stride) {"),
+    "no key loop on either path (timing only, output wrong)":
+        dict(edits=[(*_KEY_LOOP, "  for (int t0 = first; t0 < first; t0 += stride) {"),
+                    (*_MATRIX_LOOP, "    for (int t0 = first; t0 < first; t0 += stride) {")],
+             threads=THREADS, min_blocks=targets.decode_min_blocks),
+    "no key-group merge (timing only, output wrong)": _one_edit(_GROUP_MERGE, "    if (false) {"),
 }
 INDEX = compiler.cache_dir() / "variants.json"
 
