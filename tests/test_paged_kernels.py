@@ -256,8 +256,8 @@ def test_dtypes_head_dims(run, dtype, D, group):
 @pytest.mark.parametrize("use_sinks", [False, True])
 def test_combine_many_partials(run, use_sinks):
     """32 short splits of a one-token GQA 4 decode: each simdgroup writes a partial, 256 in all (the most the combine
-    takes: one per thread for its row statistics, four batches of loads for the outputs), the shorter sequence's last
-    splits without a key (weight 0)."""
+    takes: one per thread for its row statistics, two batches of loads for the outputs at D = 64), the shorter
+    sequence's last splits without a key (weight 0)."""
     c = make_case(Bsz=2, H=8, Hkv=2, D=64, seqlens=[600, 230], seed=5)
     _, _, stats = check_case(run, c, num_splits=32, use_sinks=use_sinks)
     combine = [s for s in stats if "combine" in s.kernel]
