@@ -121,15 +121,15 @@ int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, i
   // S=8192: 16 splits 41.5 us, 17 splits 62.6 us). Unknown device (kDefaultGpuCores): rounded up, since idle cores
   // cost more than a partial wave on a GPU that holds more than the guess (proxy, B=8 S=4096 at the default's 160
   // threadgroups: 2 splits 210 us, 3 splits 166 us).
-  int64_t splits = target_known ? target / work_threadgroups : (target + work_threadgroups - 1) / work_threadgroups;
+  int64_t splits = target_known ? target / work_threadgroups : ceil_div(target, work_threadgroups);
   const int64_t step = std::max<int64_t>(step_keys, 1);
   splits = std::min(splits, std::max<int64_t>(1, max_seqlen_k / std::min(kMinKeysPerSplit, step)));
   splits = std::clamp<int64_t>(splits, 1, paged::kMaxSplits);
   // Splits take whole threadgroup steps in turn (paged_decode_attention.h), so a split's time is its number of steps:
   // the fewest splits with the same most steps per split do the same in fewer threadgroups and partials (H200, B=1
   // S=1000 GQA 4, 32 steps: 16 splits of 2 steps 14.5 us, 31 splits of 1-2 steps 15.9).
-  const int64_t steps = std::max<int64_t>(1, (max_seqlen_k + step - 1) / step);
-  int64_t per_split = (steps + splits - 1) / splits;
+  const int64_t steps = std::max<int64_t>(1, ceil_div(max_seqlen_k, step));
+  int64_t per_split = ceil_div(steps, splits);
   // A split call whose grid leaves cores idle takes shorter splits, up to one threadgroup per core and one step per
   // split (a partial last step counts): an idle core adds nothing, a split's time is its steps. Proxy (H100, 132
   // SMs), B=1 S=1000 GQA 7 (4 KV heads, 32 steps): 16 splits of 2 steps (64 threadgroups) 15.4 us, 32 of 1 step
@@ -138,14 +138,14 @@ int64_t paged_pick_num_splits(int64_t work_threadgroups, int64_t max_seqlen_k, i
   // so: a second split adds the combine's dispatch (B=4 H=16/16 S=50: 1 split 6.2 us, 2 splits 8.1). On an Apple
   // GPU: one KV head at B = 1 (multi-query models) took 16 splits of 2 steps at 1000 keys, 16 threadgroups for 40
   // cores.
-  const int64_t fewest = (steps + per_split - 1) / per_split;
+  const int64_t fewest = ceil_div(steps, per_split);
   if (cores > 0 && fewest > 1 && work_threadgroups * fewest < cores) {
     const int64_t min_keys = std::min(kMinKeysPerSplit, step);
     const int64_t wider = std::clamp<int64_t>(
-        std::min({steps, (max_seqlen_k + min_keys - 1) / min_keys, cores / work_threadgroups}), 1, paged::kMaxSplits);
-    per_split = std::min(per_split, (steps + wider - 1) / wider);
+        std::min({steps, ceil_div(max_seqlen_k, min_keys), cores / work_threadgroups}), 1, paged::kMaxSplits);
+    per_split = std::min(per_split, ceil_div(steps, wider));
   }
-  return std::max<int64_t>(1, (steps + per_split - 1) / per_split);
+  return ceil_div(steps, per_split);  // >= 1: steps and per_split are
 }
 
 LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
