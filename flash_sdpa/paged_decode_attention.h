@@ -1322,6 +1322,9 @@ template <typename T>
   const int h = int(head_row - b * uint(p.num_heads));
   long out_row = (long(b) * sq + i) * p.num_heads + h;
   long lse_at = row;
+  // The head's sink, read now, while the partials are in flight: read at the end, it was one more memory round trip
+  // on the row's path.
+  const float sink = fc_sinks ? clamp_score(sinks[h]) : 0.0f;
   if (fc_varlen) {
     const int2 q_rows = packed_rows(cu_seqlens_q, int(b), p.total_q);
     if (q_rows.y != 1) {
@@ -1407,7 +1410,6 @@ template <typename T>
     float mfinal = mx;
     float denom = sum;
     if (fc_sinks && seen) {
-      const float sink = clamp_score(sinks[h]);
       const float mn = max(mx, sink);
       scale_o = exp(mx - mn);
       denom = sum * scale_o + exp(sink - mn);
