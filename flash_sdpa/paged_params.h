@@ -31,10 +31,16 @@
 #define FLASH_SDPA_PAGED_MATRIX_INSTANCES(X)                                                   \
   X(8, 64, half, float16) X(16, 64, half, float16) X(8, 128, half, float16) X(16, 128, half, float16) \
   X(8, 64, bfloat, bfloat16) X(16, 64, bfloat, bfloat16) X(8, 128, bfloat, bfloat16) X(16, 128, bfloat, bfloat16)
+// The wide path's own instances (decode_runs_wide below): X(R, head_dim, msl_type, dtype_name).
+#define FLASH_SDPA_PAGED_WIDE_INSTANCES_T(X, T, TN)                                                        \
+  X(1, 64, T, TN) X(2, 64, T, TN) X(4, 64, T, TN) X(8, 64, T, TN) X(16, 64, T, TN)                         \
+  X(1, 128, T, TN) X(2, 128, T, TN) X(4, 128, T, TN) X(8, 128, T, TN) X(16, 128, T, TN)
+#define FLASH_SDPA_PAGED_WIDE_INSTANCES(X) \
+  FLASH_SDPA_PAGED_WIDE_INSTANCES_T(X, half, float16) FLASH_SDPA_PAGED_WIDE_INSTANCES_T(X, bfloat, bfloat16)
 // clang-format on
 
 // Kernel names: "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>", "paged_decode_matrix_<dtype>_d<D>_r<R>",
-// "paged_decode_combine_<dtype>".
+// "paged_decode_wide_<dtype>_d<D>_r<R>", "paged_decode_combine_<dtype>".
 // The host builds the same strings in paged_planner.cpp (paged_*_kernel_name).
 // Each expands to one string literal (token paste, then stringify).
 #define FLASH_SDPA_PAGED_STR_(x) #x
@@ -42,6 +48,7 @@
 #define FLASH_SDPA_PAGED_WRITE_NAME(TN) FLASH_SDPA_PAGED_STR(kv_paged_write_##TN)
 #define FLASH_SDPA_PAGED_DECODE_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_##TN##_d##D##_r##R)
 #define FLASH_SDPA_PAGED_DECODE_MATRIX_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_matrix_##TN##_d##D##_r##R)
+#define FLASH_SDPA_PAGED_DECODE_WIDE_NAME(TN, D, R) FLASH_SDPA_PAGED_STR(paged_decode_wide_##TN##_d##D##_r##R)
 #define FLASH_SDPA_PAGED_COMBINE_NAME(TN) FLASH_SDPA_PAGED_STR(paged_decode_combine_##TN)
 
 // Threads per threadgroup, also used in [[max_total_threads_per_threadgroup(...)]] (macros: literal after cpp).
@@ -159,6 +166,23 @@ constexpr fsdpa_i32 decode_split_partials(fsdpa_i32 head_dim, fsdpa_i32 elem_byt
   return decode_runs_matrix(head_dim, elem_bytes, rows, seqlen_q)
              ? kDecodeSimdgroups / decode_column_simdgroups(head_dim, elem_bytes, rows)
              : kDecodeSimdgroups;
+}
+
+// The wide path (paged_decode_wide.h): a one-token call in 2-byte types at D = 64 or 128 whose splits are short
+// enough for simdgroup partials (the planner's choice; any row tile) runs each threadgroup step on the whole
+// threadgroup: every thread loads one piece of one key's K or V row into threadgroup memory, then each simdgroup takes
+// one row over one part of the step's keys (decode_wide_partials parts per split). The other paths spend a one-step
+// split on one chain per simdgroup (table entry, K/V, partial dots, shuffles across lanes, lane-group merge) over a
+// few keys each; here a simdgroup's chain after the barrier is a dot product per key over 1-8 lanes, one softmax
+// step and P.V from threadgroup memory. The keys of a threadgroup step are decode_step_keys' (the splits are the
+// same as the other paths').
+constexpr bool decode_runs_wide(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows, fsdpa_i32 seqlen_q) {
+  return seqlen_q == 1 && elem_bytes == 2 && (head_dim == 64 || head_dim == 128) && rows >= 1 && rows <= 16;
+}
+
+// Partials a wide split writes: one per key part (kDecodeSimdgroups / R below R = kDecodeSimdgroups, else 1).
+constexpr fsdpa_i32 decode_wide_partials(fsdpa_i32 rows) {
+  return rows < kDecodeSimdgroups ? kDecodeSimdgroups / rows : 1;
 }
 
 }  // namespace paged

@@ -47,6 +47,30 @@ constexpr int matrix_configurations() {
 static_assert(listed_matrix_instances() == matrix_configurations(),
               "FLASH_SDPA_PAGED_MATRIX_INSTANCES lists every decode_matrix_rows configuration, and only those");
 
+// The same for the wide path (FLASH_SDPA_PAGED_WIDE_INSTANCES and decode_runs_wide at one query token).
+constexpr int listed_wide_instances() {
+  int n = 0;
+#define FLASH_SDPA_COUNT_WIDE_INSTANCE(R, D, T, TN) n += paged::decode_runs_wide(D, 2, R, 1) ? 1 : 1000;
+  FLASH_SDPA_PAGED_WIDE_INSTANCES(FLASH_SDPA_COUNT_WIDE_INSTANCE)
+#undef FLASH_SDPA_COUNT_WIDE_INSTANCE
+  return n;
+}
+constexpr int wide_configurations() {
+  int n = 0;
+  const fsdpa_i32 elem_bytes[] = {4, 2, 2};
+#define FLASH_SDPA_COUNT_WIDE_CONFIG(D, MAXR, ...)            \
+  for (fsdpa_i32 rows = 1; rows <= MAXR; rows *= 2) {         \
+    for (const fsdpa_i32 elem : elem_bytes) {                 \
+      n += paged::decode_runs_wide(D, elem, rows, 1) ? 1 : 0; \
+    }                                                         \
+  }
+  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_COUNT_WIDE_CONFIG, _)
+#undef FLASH_SDPA_COUNT_WIDE_CONFIG
+  return n;
+}
+static_assert(listed_wide_instances() == wide_configurations(),
+              "FLASH_SDPA_PAGED_WIDE_INSTANCES lists every decode_runs_wide configuration, and only those");
+
 }  // namespace
 
 void set_gpu_core_count_provider(GpuCoreCountProvider provider) { core_count_provider.store(provider); }
@@ -63,11 +87,13 @@ std::string paged_write_kernel_name(at::ScalarType dtype) {
   return std::string("kv_paged_write_") + name;
 }
 
-std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows, bool matrix) {
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows, DecodePath path) {
   const char* name = kernel_dtype_name(dtype);
   TORCH_CHECK(name != nullptr, "flash_attn_with_kvcache: unsupported dtype ", dtype);
-  return std::string(matrix ? "paged_decode_matrix_" : "paged_decode_") + name + "_d" + std::to_string(head_dim) +
-         "_r" + std::to_string(rows);
+  const char* prefix = path == DecodePath::kMatrix ? "paged_decode_matrix_"
+                       : path == DecodePath::kWide ? "paged_decode_wide_"
+                                                   : "paged_decode_";
+  return std::string(prefix) + name + "_d" + std::to_string(head_dim) + "_r" + std::to_string(rows);
 }
 
 std::string paged_combine_kernel_name(at::ScalarType dtype) {
@@ -261,9 +287,13 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   // 8x the partials would cost the combine more.
   const int64_t sg_steps = ceil_div(std::max<int64_t>(max_keys, 1), splits * tg_step_keys);
   bool simdgroup_partials =
-      call.simdgroup_partials >= 0 ? call.simdgroup_partials == 1 : sg_steps <= kSimdgroupPartialSteps;
-  const int64_t split_partials = decode_split_partials(dim32, elem32, rows32, sq32);
-  simdgroup_partials = simdgroup_partials && split && splits * split_partials <= kMaxSplits;
+      split && (call.simdgroup_partials >= 0 ? call.simdgroup_partials == 1 : sg_steps <= kSimdgroupPartialSteps);
+  // Short one-token splits in 2-byte types at D = 64 / 128 run the wide path (decode_runs_wide), with its own
+  // partials per split; the combine takes at most kMaxSplits partials of either path.
+  const bool wide = simdgroup_partials && decode_runs_wide(dim32, elem32, rows32, sq32) && call.decode_wide != 0;
+  const int64_t split_partials =
+      wide ? decode_wide_partials(rows32) : decode_split_partials(dim32, elem32, rows32, sq32);
+  simdgroup_partials = simdgroup_partials && splits * split_partials <= kMaxSplits;
   const int64_t partials = simdgroup_partials ? splits * split_partials : splits;
 
   PagedDecodeParams ap{};
@@ -324,7 +354,10 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   const bool kv_aligned = rows_aligned(call.k_cache, vec_elems) && rows_aligned(call.v_cache, vec_elems);
 
   Dispatch a;
-  a.kernel = paged_decode_kernel_name(dtype, head_dim, rows, matrix);
+  a.kernel = paged_decode_kernel_name(dtype, head_dim, rows,
+                                      wide && simdgroup_partials ? DecodePath::kWide
+                                      : matrix                   ? DecodePath::kMatrix
+                                                                 : DecodePath::kLaneLocal);
   // The options' constants and whether the LSE is written: the same for the decode and the combine.
   std::vector<FunctionConstant> shared_constants = option_constants(call.options, varlen);
   shared_constants.push_back(bool_constant(FLASH_SDPA_FC_DECODE_WRITE_LSE, call.lse.has_value()));

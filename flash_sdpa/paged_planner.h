@@ -49,6 +49,9 @@ struct PagedKVCacheAttention {
   // Split mode: whether each simdgroup writes its own partial (1) or the threadgroup merges them (0); -1: the planner
   // picks. Benchmarks force it.
   int64_t simdgroup_partials = -1;
+  // Short one-token splits (simdgroup partials) in 2-byte types at D = 64 / 128: 0 keeps them on the other paths
+  // (benchmarks compare); anything else lets the planner run the wide path (decode_runs_wide, paged_params.h).
+  int64_t decode_wide = -1;
   // A contiguous cache whose row b is request b's (flash_attn_func's decode; flash_attn_with_kvcache without
   // block_table and cache_batch_idx): block_table may be undefined and is not read (no new tokens, k_cache.size(0) >=
   // B). With fixed_seqlen >= 0 (every request's cache_seqlens; no new tokens) cache_seqlens may be undefined and is
@@ -87,10 +90,12 @@ using GpuCoreCountProvider = int64_t (*)();
 void set_gpu_core_count_provider(GpuCoreCountProvider provider);
 int64_t gpu_core_count();  // the provider's answer, 0 when there is none or it does not know
 
-// "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>" ("paged_decode_matrix_..." for the matrix path's
-// instances: decode_runs_matrix, paged_params.h), "paged_decode_combine_<dtype>".
+// "kv_paged_write_<dtype>", "paged_decode_<dtype>_d<D>_r<R>" ("paged_decode_matrix_..." / "paged_decode_wide_..." for
+// the matrix and wide paths' instances: decode_runs_matrix, decode_runs_wide, paged_params.h),
+// "paged_decode_combine_<dtype>".
+enum class DecodePath { kLaneLocal, kMatrix, kWide };
 std::string paged_write_kernel_name(at::ScalarType dtype);
-std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows, bool matrix);
+std::string paged_decode_kernel_name(at::ScalarType dtype, int64_t head_dim, int64_t rows, DecodePath path);
 std::string paged_combine_kernel_name(at::ScalarType dtype);
 
 // The head dims the paged kernels are instantiated for (paged_params.h), ascending.

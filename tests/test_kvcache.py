@@ -400,11 +400,13 @@ def test_fuzz_no_overrun(kernel, device, emulator, monkeypatch, seed):
 
 
 @pytest.mark.kernels_ci
-@pytest.mark.parametrize("num_splits,D,H", [(0, 128, 8), (1, 128, 8), (0, 512, 4)])
+@pytest.mark.parametrize("num_splits,D,H", [(0, 128, 8), (1, 128, 8), (0, 512, 4), (64, 128, 4), (64, 64, 16)])
 def test_dispatches_and_traffic(kernel, device, num_splits, D, H):
     """S = 2048, one KV head: at most 3 dispatches (write, attention, combine) and K/V bytes loaded <= 1.1 x the
     valid cache bytes: GQA 8 at D = 128 (row tile 8), GQA 4 at D = 512 (row tile 4: at D = 512 a threadgroup holds
-    at most 4 rows, so GQA 8 reads K/V twice, once per row block)."""
+    at most 4 rows, so GQA 8 reads K/V twice, once per row block); splits of one or two steps (the planner's for the
+    emulator's default 80 cores, or 64) run the wide path at D = 128 and 64 (GQA 16), whose threads share each key's
+    rows through threadgroup memory."""
     if device.type != "cpu":
         pytest.skip("traffic counters exist in the emulated build only")
     S, Hkv = 2048, 1
@@ -416,6 +418,7 @@ def test_dispatches_and_traffic(kernel, device, num_splits, D, H):
     out = result[0]
     names = [s.kernel.decode() for s in stats]
     assert 2 <= len(stats) <= 3 and names[0].startswith("kv_paged_write") and names[1].startswith("paged_decode_")
+    assert names[1].startswith("paged_decode_wide_") == (num_splits != 1 and D <= 128), names
     attn = stats[1]
     ratio = (attn.loaded[1] + attn.loaded[2]) / (2 * S * Hkv * D * 2)
     print(f"dispatches {names}, K/V loaded / valid = {ratio:.4f}")

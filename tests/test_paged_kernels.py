@@ -580,7 +580,8 @@ def test_varlen_mode(run, feature, num_splits, group):
     kw = dict(scale=D ** -0.5, alibi=alibi, sinks=sinks, **f)
     out, lse, stats = run_varlen_decode(run, q, k, v, cu_q_t, cu_k_t, max_seqlen_k=longest, **kw)
     # The decode kernel (and its combine), then the varlen kernel for sequence 6's two rows.
-    first = "matrix" if group == 8 else "float16"  # GQA 8 at D = 64 runs the matrix path's kernel
+    # One-step splits run the wide path; unsplit, GQA 8 at D = 64 runs the matrix path's kernel.
+    first = "wide" if num_splits > 1 else ("matrix" if group == 8 else "float16")
     decode = [first, "combine"] if num_splits > 1 else [first]
     assert [st.kernel.split("_")[2] for st in stats] == decode + ["varlen"]
     assert stats[0].threadgroups == num_splits * Hkv * (len(cu_q) - 1)
@@ -600,15 +601,15 @@ def test_varlen_mode(run, feature, num_splits, group):
 
 
 def test_varlen_mode_traffic(run):
-    """Varlen mode, GQA 8, two sequences of 1024 keys (the planner splits them 8 ways): K/V bytes loaded <= 1.1 x the
-    valid bytes."""
+    """Varlen mode, GQA 8, two sequences of 1024 keys (two threadgroups: the planner splits them into one-step splits
+    for the emulator's default 80 cores, which run the wide path): K/V bytes loaded <= 1.1 x the valid bytes."""
     D, Hkv, S = 128, 1, 1024
     q = torch.randn(2, 8 * Hkv, D).half()
     k, v = torch.randn(2 * S, Hkv, D).half(), torch.randn(2 * S, Hkv, D).half()
     cu_q, cu_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, S, 2 * S], dtype=torch.int32)
     out, lse, stats = run_varlen_decode(run, q, k, v, cu_q, cu_k, scale=D ** -0.5, window=(-1, 0), max_seqlen_k=S,
                                         check_races=False)
-    assert [st.kernel for st in stats] == ["paged_decode_matrix_float16_d128_r8", "paged_decode_combine_float16",
+    assert [st.kernel for st in stats] == ["paged_decode_wide_float16_d128_r8", "paged_decode_combine_float16",
                                            "flash_attn_varlen_float16_d128"]
     # The varlen kernel's dispatch (sequences with several query rows: none here) reads and writes no tensor data.
     assert not any(stats[2].loaded.get(i, 0) for i in range(3)) and not any(stats[2].stored.values())

@@ -160,6 +160,22 @@ def run_zoo_row(name, B, S, dtype, sms):
     check(out, ref, f"{name} B={B} S={S}", dtype)
     r["ours_us"], r["splits"], r["kernel"], r["regs"] = bench.time_us(fn), attn.grid[0], attn.pipeline.kernel, \
         attn.pipeline.num_regs
+    if r["kernel"].startswith("paged_decode_wide_"):
+        # The same call on the other paths (PagedKVCacheAttention::decode_wide = 0), timed alternately with it.
+        gc.DECODE_WIDE = 0
+        out_other = torch.full_like(case.q, float("nan"))
+        fn_other, attn_other = prepared_fn(gc.plan_paged(case, out_other, None, scale=scale, window=(-1, 0),
+                                                         softcap=softcap, sinks=sinks, with_new=False, gpu_cores=sms))
+        gc.DECODE_WIDE = -1
+        fn_other()
+        torch.cuda.synchronize()
+        check(out_other, ref, f"{name} B={B} S={S} without the wide path", dtype)
+        times, times_other = [r["ours_us"]], []
+        for _ in range(2):
+            times_other.append(bench.time_us(fn_other))
+            times.append(bench.time_us(fn))
+        r["ours_us"], r["ours_other_us"] = min(times), min(times_other)
+        r["other_kernel"], r["other_regs"] = attn_other.pipeline.kernel, attn_other.pipeline.num_regs
     del case, ref, out
     # The same call on a dense cache [B, S, Hkv, D] as flash_attn_func's decode route plans it (transformers'
     # generate(); no block table or lengths): the peers' layout.

@@ -92,6 +92,11 @@ def make_paged_case(B, S, H, Hkv, D, dtype, block_size, *, sq=1, sk_new=1, layou
                      k_new, v_new, seqlens, S)
 
 
+# The planner's wide path for short one-token splits (PagedKVCacheAttention::decode_wide): -1 its choice, 0 off
+# (bench_peers --no-wide times the other paths on the same tree).
+DECODE_WIDE = -1
+
+
 def plan_paged(case: PagedCase, out, lse=None, *, scale, window=(-1, 0), softcap=0.0, alibi=None, sinks=None,
                num_splits=0, with_new=True, target_threadgroups=0, gpu_cores=None, simdgroup_partials=-1):
     """gpu_cores None: this GPU's SM count (the planner's device description on the proxy); 0: the Apple default.
@@ -101,7 +106,7 @@ def plan_paged(case: PagedCase, out, lse=None, *, scale, window=(-1, 0), softcap
     return planner().plan_paged(case.q, case.k_cache, case.v_cache, case.block_table, case.cache_seqlens,
                                 case.k_new if with_new else None, case.v_new if with_new else None, out, lse, alibi,
                                 sinks, scale, softcap, window[0], window[1], num_splits, case.max_seqlen_k,
-                                target_threadgroups, gpu_cores, simdgroup_partials)
+                                target_threadgroups, gpu_cores, simdgroup_partials, -1, DECODE_WIDE)
 
 
 def plan_dense_decode(q, k, v, out, *, scale, softcap=0.0, sinks=None, gpu_cores=None):
@@ -111,7 +116,7 @@ def plan_dense_decode(q, k, v, out, *, scale, softcap=0.0, sinks=None, gpu_cores
         gpu_cores = torch.cuda.get_device_properties(0).multi_processor_count
     S = k.shape[1]
     return planner().plan_paged(q, k, v, None, None, None, None, out, None, None, sinks, scale, softcap, -1, 0, 0, S,
-                                0, gpu_cores, -1, S)
+                                0, gpu_cores, -1, S, DECODE_WIDE)
 
 
 def reference_write(case: PagedCase) -> torch.Tensor:

@@ -44,7 +44,8 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, std::o
                     std::optional<at::Tensor> v_new, at::Tensor out, std::optional<at::Tensor> lse,
                     std::optional<at::Tensor> alibi_slopes, std::optional<at::Tensor> sinks, double scale,
                     double softcap, int64_t window_left, int64_t window_right, int64_t num_splits, int64_t max_seqlen_k,
-                    int64_t target_threadgroups, int64_t gpu_cores, int64_t simdgroup_partials, int64_t fixed_seqlen) {
+                    int64_t target_threadgroups, int64_t gpu_cores, int64_t simdgroup_partials, int64_t fixed_seqlen,
+                    int64_t decode_wide) {
   flash_sdpa::PagedKVCacheAttention call;
   call.q = q;
   call.k_cache = k_cache;
@@ -68,6 +69,7 @@ py::list plan_paged(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache, std::o
   call.target_threadgroups = target_threadgroups;  // 0: gpu_cores x decode_threadgroups_per_core(R, D, matrix)
   call.gpu_cores = gpu_cores;                      // 0: unknown device (kDefaultGpuCores, rounded up)
   call.simdgroup_partials = simdgroup_partials;    // -1: the planner's
+  call.decode_wide = decode_wide;                  // 0: no wide path (benchmarks); -1: the planner's
   return to_python(flash_sdpa::plan_paged_kvcache(call));
 }
 
@@ -159,7 +161,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_new"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"),
         py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0, py::arg("gpu_cores") = 0,
-        py::arg("simdgroup_partials") = -1, py::arg("fixed_seqlen") = -1);
+        py::arg("simdgroup_partials") = -1, py::arg("fixed_seqlen") = -1,
+        py::arg("decode_wide") = -1);
   m.def("plan_varlen_decode", &plan_varlen_decode, "flash_sdpa::plan_paged_kvcache, varlen decode mode", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"), py::arg("lse"),
         py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),

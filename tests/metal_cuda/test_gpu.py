@@ -208,8 +208,8 @@ def run_paged(name, B, S, H, Hkv, D, dtype, bs, *, sq=1, sk_new=1, layout="inter
                          num_splits=num_splits)
     launch.run_plan(libs, plan)
     torch.cuda.synchronize()
-    splits = next(d["threadgroups"][0] for d in plan if d["kernel"].startswith("paged_decode_") and
-                  "combine" not in d["kernel"])
+    attn = next(d for d in plan if d["kernel"].startswith("paged_decode_") and "combine" not in d["kernel"])
+    splits = attn["threadgroups"][0]
     # The cache: exactly the expected bits, NaN slots included; nothing outside the written slots changed.
     assert torch.equal(gc.bits(case.storage), gc.bits(expect_storage)), "cache contents differ after the write"
     kw = dict(scale=scale, window=window, softcap=softcap, alibi=alibi, sinks=sinks)
@@ -227,7 +227,7 @@ def run_paged(name, B, S, H, Hkv, D, dtype, bs, *, sq=1, sk_new=1, layout="inter
         lse_err = (lse[~inf].double() - ref_lse[~inf]).abs().max().item()
         assert lse_err <= (2e-4 if dtype == torch.float32 else 2e-2), f"{name}: LSE err {lse_err:.3g}"
     RESULTS.append((name, f"B={B} S={S} H={H}/{Hkv} D={D} {str(dtype)[6:]} bs={bs} sq={sq}", err, base, rel, splits))
-    return err, base, rel, splits
+    return err, base, rel, splits, attn["kernel"]
 
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -260,6 +260,20 @@ def test_paged_wide_batch(dtype, bs, group):
 @pytest.mark.parametrize("splits", [0, 64])
 def test_paged_head_dims_and_splits(D, splits):
     run_paged(f"D{D}-splits{splits}", 4, 8192, 16, 2, D, torch.float16, 16, num_splits=splits, seed=D + splits)
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8, 12, 16])
+@pytest.mark.parametrize("D,dtype", [(64, torch.float16), (128, torch.float16), (128, torch.bfloat16)],
+                         ids=["d64-fp16", "d128-fp16", "d128-bf16"])
+def test_paged_wide_path(group, D, dtype):
+    """Short one-token splits (the wide path, paged_decode_wide) at every row tile: single sequences of 256 and 1000
+    keys (the planner's one- and two-step splits) and a batch of 3 with padding rows, with every option."""
+    Hkv = 2
+    for S, B, kw in ((256, 1, {}), (1000, 1, dict(use_sinks=True, use_alibi=True)),
+                     (300, 3, dict(window=(100, 0), softcap=30.0))):
+        kernel = run_paged(f"wide-g{group}-S{S}", B, S, group * Hkv, Hkv, D, dtype, 16, seed=group + S,
+                           full_length=B == 1, **kw)[-1]
+        assert kernel.startswith("paged_decode_wide_") or B > 1, kernel  # B = 3: splits of up to 3 steps at R = 16
 
 
 @pytest.mark.parametrize("feature", ["window", "softcap", "sinks", "alibi", "all"])

@@ -279,9 +279,9 @@ def test_decode_splits_fill_idle_cores(planner, shape, cores, splits):
 def test_decode_simdgroup_partials(planner, shape, cores):
     """A split of at most kSimdgroupPartialSteps (2) steps per simdgroup writes one partial per simdgroup (8 per
     threadgroup; on the matrix path one per key unit: 4 at R = 8, D = 128 and at R = 16, D = 64, 2 at R = 16,
-    D = 128), so the combine reads that many times the splits; longer splits merge in the threadgroup (one partial
-    each)."""
-    S, step, per_split = shape[3], shape[6], shape[7]
+    D = 128), or in 2-byte types at D = 64 / 128 runs the wide path, one partial per key part (8 / R, 1 from R = 8),
+    so the combine reads that many times the splits; longer splits merge in the threadgroup (one partial each)."""
+    B, H, Hkv, S, D, dtype, step, per_split = shape
     plan = _plan_decode(planner, shape, cores)
     splits = plan[0]["threadgroups"][0]
     decode_params = plan[0]["bytes"][0][1]
@@ -289,7 +289,13 @@ def test_decode_simdgroup_partials(planner, shape, cores):
     if splits == 1:
         assert len(plan) == 1 and flag == 0, "no split, no partials"
         return
+    # The wide path (2-byte types, D = 64 / 128, one token): one partial per key part, 8 / R (R = the row tile).
+    eligible = dtype != torch.float32 and D in (64, 128)
+    rows = min(16, 1 << (H // Hkv - 1).bit_length())
+    if eligible:
+        per_split = max(1, 8 // rows)
     steps_per_simdgroup = -(-S // (splits * step))
     expected = steps_per_simdgroup <= 2 and splits * per_split <= 256
     assert flag == int(expected), f"{splits} splits of {steps_per_simdgroup} steps per simdgroup"
     assert planner_ext.combine_partials(plan) == splits * (per_split if expected else 1)
+    assert plan[0]["kernel"].startswith("paged_decode_wide_") == (expected and eligible), plan[0]["kernel"]
