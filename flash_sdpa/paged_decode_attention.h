@@ -34,6 +34,9 @@
 // matrix path is its own kernel instance (M = true: "paged_decode_matrix_*"), so that each path's pipeline gets the
 // registers it needs: in one function the lane-local branch's would set both (168 at R = 16, D = 128 on the proxy,
 // against 128 for the matrix path alone), and an Apple core spills or keeps fewer simdgroups resident for them.
+//
+// Short one-token splits in 2-byte types at D = 64 and 128 (simdgroup partials, decode_runs_wide) run neither path but
+// paged_decode_wide (paged_decode_wide.h), which spreads each threadgroup step over the whole threadgroup.
 #pragma once
 
 #include <metal_stdlib>

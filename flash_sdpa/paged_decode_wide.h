@@ -256,17 +256,14 @@ template <typename T, int D, int R>
           o[i][e] *= corr[i];
         }
       }
-      for (int k4 = 0; k4 < KPP; k4 += 4) {
-        float4 pr[RPS];
-        for (int i = 0; i < RPS; ++i) {
-          pr[i] = *reinterpret_cast<threadgroup const float4*>(p_sg + i * KPP + k4);
-        }
-        for (int u = 0; u < 4; ++u) {
-          float v[OPL];
-          load_row_part<T, OPL>(v, v_tile + (part * KPP + k4 + u) * RW, int(lane));
-          for (int i = 0; i < RPS; ++i) {
+      for (int i = 0; i < RPS; ++i) {  // row by row: both rows' probabilities and V in flight cost registers
+        for (int k4 = 0; k4 < KPP; k4 += 4) {
+          const float4 pr = *reinterpret_cast<threadgroup const float4*>(p_sg + i * KPP + k4);
+          for (int u = 0; u < 4; ++u) {
+            float v[OPL];
+            load_row_part<T, OPL>(v, v_tile + (part * KPP + k4 + u) * RW, int(lane));
             for (int e = 0; e < OPL; ++e) {
-              o[i][e] += pr[i][u] * v[e];
+              o[i][e] += pr[u] * v[e];
             }
           }
         }

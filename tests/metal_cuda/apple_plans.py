@@ -26,28 +26,30 @@ def plan(name, B, S, dtype, cores):
     dispatches = planner_ext.load().plan_paged(q, k_cache, k_cache, bt, seqlens, None, None, torch.empty_like(q), None,
                                                None, sinks, D ** -0.5, opts.get("softcap", 0.0), -1, 0, 0, S, 0, cores)
     attn = next(d for d in dispatches if d["kernel"].startswith("paged_decode_") and "combine" not in d["kernel"])
-    matrix = attn["kernel"].startswith("paged_decode_matrix_")
-    rows = attn["kernel"].rsplit("_r", 1)[1] + (" (matrix)" if matrix else "")
+    path = attn["kernel"].split("_")[2]  # "matrix", "wide" or the dtype (the lane-local path)
+    rows = attn["kernel"].rsplit("_r", 1)[1]
     partials = planner_ext.combine_partials(dispatches)
     tgs = attn["threadgroups"][0] * attn["threadgroups"][1] * attn["threadgroups"][2]
-    return attn["threadgroups"][0], rows, tgs, partials
+    return attn["threadgroups"][0], rows, tgs, partials, path if path in ("matrix", "wide") else ""
 
 
 def main():
     names = list(DEVICES)
     print("| model | B | S | R (row tile) | " + " | ".join(f"{n} ({c} cores): splits, threadgroups"
                                                 for n, c in DEVICES.items()) + " |")
-    # A split of <= 2 steps per simdgroup writes one partial per simdgroup (per key unit on the matrix path): "(Nx)"
-    # after its split count, N partials per split.
+    # A split of <= 2 steps per simdgroup writes one partial per simdgroup (per key unit on the matrix path, per key
+    # part on the wide path): "(Nx)" after its split count, N partials per split; "wide": the wide path's kernel.
     print("|---|---:|---:|---:|" + "---:|" * len(names))
     for name, B, S, dtype in zoo_rows():
         if dtype != torch.float16:
             continue
-        cells = []
+        cells, paths = [], set()
         for n in names:
-            splits, rows, tgs, partials = plan(name, B, S, dtype, DEVICES[n])
-            cells.append(f"{splits}{f' ({partials // splits}x)' if partials > splits else ''}, {tgs}")
-        print(f"| {name} | {B} | {S} | {rows} | " + " | ".join(cells) + " |")
+            splits, rows, tgs, partials, path = plan(name, B, S, dtype, DEVICES[n])
+            paths.add(path)
+            per_split = f" ({partials // splits}x)" if partials > splits else ""
+            cells.append(f"{splits}{per_split}{' wide' if path == 'wide' else ''}, {tgs}")
+        print(f"| {name} | {B} | {S} | {rows}{' (matrix)' if 'matrix' in paths else ''} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

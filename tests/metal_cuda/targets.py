@@ -50,7 +50,9 @@ def decode_min_blocks(host: str) -> int:
         return 0
     d, r = int(m.group(1)), int(m.group(2))
     if host.startswith("paged_decode_wide_"):
-        return 2  # a few accumulators per lane (D / 32 per row): 256-thread threadgroups, two per core
+        # D / 32 accumulators per lane and row: two threadgroups per core, but for R = 16 (two rows per simdgroup,
+        # whose dot products spilled at D = 64 within 128 registers)
+        return 2 if r <= 8 else 0
     matrix = host.startswith("paged_decode_matrix_")
     return 3 if r == 1 else (2 if r * d <= 1024 or matrix else 0)
 
