@@ -161,8 +161,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_new"), py::arg("out"), py::arg("lse"), py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"),
         py::arg("softcap"), py::arg("window_left"), py::arg("window_right"), py::arg("num_splits"),
         py::arg("max_seqlen_k"), py::arg("target_threadgroups") = 0, py::arg("gpu_cores") = 0,
-        py::arg("simdgroup_partials") = -1, py::arg("fixed_seqlen") = -1,
-        py::arg("decode_wide") = -1);
+        py::arg("simdgroup_partials") = -1, py::arg("fixed_seqlen") = -1, py::arg("decode_wide") = -1);
   m.def("plan_varlen_decode", &plan_varlen_decode, "flash_sdpa::plan_paged_kvcache, varlen decode mode", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("out"), py::arg("lse"),
         py::arg("alibi_slopes"), py::arg("sinks"), py::arg("scale"), py::arg("softcap"), py::arg("window_left"),
