@@ -845,34 +845,10 @@ template <typename T, int D, int R, bool M>
         bad_rows |= 1u << r;
       }
     }
-    bool row_bad[RT];
-    for (int rt = 0; rt < RT; ++rt) {
-      row_bad[rt] = ((bad_rows >> (rt * 8 + mr)) & 1u) != 0;
-    }
     // A strip for the fragments' read-out: not the last step's (the partner may still read that one until the
-    // next barrier).
+    // next barrier). A matrix call's splits are long (its short one-token splits run paged_decode_wide), so the units
+    // always merge here.
     threadgroup float* strip = strips + (int(sg) * NST + parity) * SPF;
-    if (p.simdgroup_partials != 0) {  // uniform (split mode): this unit's partial, through the strips
-      const long part = long(split) * NU + unit;
-      for (int rt = 0; rt < RT; ++rt) {
-        // (partials, B, H, sq = 1): the rows of the tile are consecutive heads
-        const long prow = part * p.batch * p.num_heads + long(b) * p.num_heads + hkv * group + row0 + rt * 8 + mr;
-        for (int db = 0; db < DB; ++db) {
-          simdgroup_store(of[rt][db], strip, 8);
-          simdgroup_barrier(mem_flags::mem_threadgroup);
-          if (row_ok[rt]) {
-            *reinterpret_cast<device float2*>(o_partial + prow * D + col0 + db * 8 + mc) =
-                float2(strip[mr * 8 + mc], strip[mr * 8 + mc + 1]);
-          }
-          simdgroup_barrier(mem_flags::mem_threadgroup);
-        }
-        if (row_ok[rt] && mc == 0 && col0 == 0) {
-          ml_partial[prow * 2] = row_bad[rt] ? as_type<float>(kNanBits) : mm[rt];
-          ml_partial[prow * 2 + 1] = ml[rt];
-        }
-      }
-      return;
-    }
     // The unit's statistics once (its first simdgroup; the others add nothing to row_stats' max and sum).
     if (mc == 0) {
       for (int rt = 0; rt < RT; ++rt) {

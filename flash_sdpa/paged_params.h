@@ -159,15 +159,6 @@ constexpr fsdpa_i32 decode_step_keys(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, f
                    decode_group_keys(head_dim, elem_bytes, rows);
 }
 
-// Partials a split writes in simdgroup-partials mode: one per simdgroup, or per key step's simdgroups on the matrix
-// path.
-constexpr fsdpa_i32 decode_split_partials(fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows,
-                                          fsdpa_i32 seqlen_q) {
-  return decode_runs_matrix(head_dim, elem_bytes, rows, seqlen_q)
-             ? kDecodeSimdgroups / decode_column_simdgroups(head_dim, elem_bytes, rows)
-             : kDecodeSimdgroups;
-}
-
 // The wide path (paged_decode_wide.h): a one-token call in 2-byte types at D = 64 or 128 whose splits are short
 // enough for simdgroup partials (the planner's choice; any row tile) runs each threadgroup step on the whole
 // threadgroup: every thread loads one piece of one key's K or V row into threadgroup memory, then each simdgroup takes
@@ -293,9 +284,10 @@ struct PagedDecodeParams {
   fsdpa_i32 num_splits;            // split-K partials per (b, Hkv, row block); 1 = unsplit
   fsdpa_i32 total_q;               // varlen: rows of q / out (LSE is [H, total_q]); else 0
   fsdpa_i32 total_k;               // varlen: rows of k / v; else 0
-  fsdpa_i32 simdgroup_partials;    // split mode: 1 = each simdgroup (each key step's simdgroups on the matrix path)
-                                   // writes its own partial: the combine reads num_splits x decode_split_partials;
-                                   // 0 = the threadgroup merges them
+  fsdpa_i32 simdgroup_partials;    // split mode: 1 = each simdgroup writes its own partial (the lane-local path:
+                                   // num_splits x kDecodeSimdgroups for the combine; the wide kernel, which takes
+                                   // only this mode: num_splits x decode_wide_partials); 0 = the threadgroup merges
+                                   // them (the matrix path always)
   fsdpa_i32 cache_row_is_request;  // 1: request b's keys are row b of a contiguous cache (one block of block_size
                                    // slots; block_table is not read, max_blocks_per_seq = 1); 0: block_table
   fsdpa_i32 fixed_seqlen;          // >= 0: cache_seqlens[b] of every request (cache_seqlens is not read); -1: read

@@ -286,14 +286,15 @@ LaunchPlan plan_paged_kvcache(const PagedKVCacheAttention& call) {
   // split spends most of its instructions on). Long splits keep the merge: it is paid once per many steps there, and
   // 8x the partials would cost the combine more.
   const int64_t sg_steps = ceil_div(std::max<int64_t>(max_keys, 1), splits * tg_step_keys);
-  bool simdgroup_partials =
+  const bool short_splits =
       split && (call.simdgroup_partials >= 0 ? call.simdgroup_partials == 1 : sg_steps <= kSimdgroupPartialSteps);
-  // Short one-token splits in 2-byte types at D = 64 / 128 run the wide path (decode_runs_wide), with its own
-  // partials per split; the combine takes at most kMaxSplits partials of either path.
-  const bool wide = simdgroup_partials && decode_runs_wide(dim32, elem32, rows32, sq32) && call.decode_wide != 0;
-  const int64_t split_partials =
-      wide ? decode_wide_partials(rows32) : decode_split_partials(dim32, elem32, rows32, sq32);
-  simdgroup_partials = simdgroup_partials && splits * split_partials <= kMaxSplits;
+  // Short one-token splits in 2-byte types at D = 64 / 128 run the wide path (decode_runs_wide, one partial per key
+  // part): proxy (H100, the model zoo's 39 rows that take it), 0.65-0.96x the time of the other paths' simdgroup
+  // partials. The matrix path's calls are all of those configurations, so its splits always merge in the threadgroup
+  // (with decode_wide = 0 too).
+  const bool wide = short_splits && decode_runs_wide(dim32, elem32, rows32, sq32) && call.decode_wide != 0;
+  const int64_t split_partials = wide ? decode_wide_partials(rows32) : kDecodeSimdgroups;
+  const bool simdgroup_partials = short_splits && (wide || !matrix) && splits * split_partials <= kMaxSplits;
   const int64_t partials = simdgroup_partials ? splits * split_partials : splits;
 
   PagedDecodeParams ap{};

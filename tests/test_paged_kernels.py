@@ -306,30 +306,39 @@ def test_features(run, feature, num_splits, sq):
 MATRIX_FEATURES = dict(FEATURES, wide_scores=dict(scale=1.0, window=(-1, 0)))
 
 
+# Split counts for a one-token call over a 300-slot table row (the longest of three requests, one a padding row):
+# unsplit and 2 long splits run the matrix path (its threadgroup merge; split, it writes one partial per split), 10
+# short ones (<= 2 steps each) the wide path.
+MATRIX_SPLITS = {1: "matrix", 2: "matrix", 10: "wide"}
+
+
+def check_matrix_or_wide(run, num_splits, feature, **case):
+    c = make_case(sq=1, sk_new=1, block_size=5, seqlens=[290, -1, 130], **case)
+    _, _, stats = check_case(run, c, num_splits=num_splits, **MATRIX_FEATURES[feature])
+    attn = next(st.kernel for st in stats if st.kernel.startswith("paged_decode_") and "combine" not in st.kernel)
+    assert attn.split("_")[2] == MATRIX_SPLITS[num_splits], attn
+
+
 @pytest.mark.parametrize("feature", list(MATRIX_FEATURES))
-@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("num_splits", list(MATRIX_SPLITS))
 @pytest.mark.parametrize("D,dtype,group", [(64, torch.float16, 8), (64, torch.bfloat16, 8), (64, torch.float16, 5),
                                            (64, torch.bfloat16, 7), (128, torch.float16, 8), (128, torch.bfloat16, 6)])
 def test_features_matrix_rows(run, feature, num_splits, D, dtype, group):
     """The matrix path (one token, R = 8 in 2-byte types at D = 64 and 128: decode_matrix_rows in paged_params.h; at
-    128 two simdgroups share a key step) with every option, rows past the group masked, 5-slot pages (a step's 8 keys
-    straddle pages), short splits (simdgroup partials) and unsplit (the threadgroup's merge)."""
-    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=D, dtype=dtype, block_size=5, seed=group + len(feature),
-                  max_len=150)
-    check_case(run, c, num_splits=num_splits, **MATRIX_FEATURES[feature])
+    128 two simdgroups share a key step) and the wide path of its short splits, with every option, rows past the
+    group masked, 5-slot pages (a step's 8 keys straddle pages), unsplit, long splits and short ones."""
+    check_matrix_or_wide(run, num_splits, feature, H=2 * group, Hkv=2, D=D, dtype=dtype, seed=group + len(feature))
 
 
 @pytest.mark.parametrize("feature", list(MATRIX_FEATURES))
-@pytest.mark.parametrize("num_splits", [1, 5])
+@pytest.mark.parametrize("num_splits", list(MATRIX_SPLITS))
 @pytest.mark.parametrize("D,dtype,group", [(64, torch.float16, 16), (64, torch.bfloat16, 12),
                                            (128, torch.float16, 12), (128, torch.bfloat16, 16)])
 def test_features_matrix_rows16(run, feature, num_splits, D, dtype, group):
     """The matrix path at R = 16 (GQA 12 and 16: two 8-row tiles per simdgroup, 32 columns each, so two (D = 64) or
-    four (D = 128) simdgroups share a key step) with every option, rows past the group masked (GQA 12: rows 12-15 of
-    the second tile), 5-slot pages, short splits (5 splits of <= 150 keys: simdgroup partials) and unsplit."""
-    c = make_case(H=2 * group, Hkv=2, sq=1, sk_new=1, D=D, dtype=dtype, block_size=5, seed=group + len(feature),
-                  max_len=150)
-    check_case(run, c, num_splits=num_splits, **MATRIX_FEATURES[feature])
+    four (D = 128) simdgroups share a key step) and the wide path (two rows per simdgroup) with every option, rows
+    past the group masked (GQA 12: rows 12-15 of the second tile), 5-slot pages, unsplit, long and short splits."""
+    check_matrix_or_wide(run, num_splits, feature, H=2 * group, Hkv=2, D=D, dtype=dtype, seed=group + len(feature))
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])

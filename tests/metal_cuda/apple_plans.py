@@ -37,8 +37,8 @@ def main():
     names = list(DEVICES)
     print("| model | B | S | R (row tile) | " + " | ".join(f"{n} ({c} cores): splits, threadgroups"
                                                 for n, c in DEVICES.items()) + " |")
-    # A split of <= 2 steps per simdgroup writes one partial per simdgroup (per key unit on the matrix path, per key
-    # part on the wide path): "(Nx)" after its split count, N partials per split; "wide": the wide path's kernel.
+    # A split of <= 2 steps per simdgroup writes one partial per simdgroup (per key part on the wide path): "(Nx)"
+    # after its split count, N partials per split; "wide": the wide path's kernel.
     print("|---|---:|---:|---:|" + "---:|" * len(names))
     for name, B, S, dtype in zoo_rows():
         if dtype != torch.float16:

@@ -203,17 +203,17 @@ def test_backward_tensor_ops_plan(planner, dtype, d, rows):
         assert x["buffers"] == y["buffers"] and x["constants"] == y["constants"] and x["bytes"] == y["bytes"]
 
 
-# (B, H, Hkv, S, D, dtype, keys per threadgroup step: decode_step_keys in paged_params.h)
 # (B, H, Hkv, S, D, dtype, keys per threadgroup step, partials per split in simdgroup-partials mode): paged_params.h's
-# decode_step_keys and decode_split_partials (the matrix path: at R = 8, D = 128 two simdgroups per 8-key step; at
-# R = 16 (GQA 12, 16) two at D = 64, four at D = 128).
-DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32, 8), (1, 64, 8, 256, 128, torch.float16, 32, 4),
-                 (1, 96, 8, 32768, 128, torch.float16, 16, 2), (1, 128, 8, 1000, 128, torch.bfloat16, 16, 2),
-                 (1, 64, 4, 700, 64, torch.float16, 32, 4), (1, 48, 4, 300, 64, torch.bfloat16, 32, 4),
-                 (1, 28, 4, 1000, 128, torch.float16, 32, 4), (1, 32, 8, 1000, 128, torch.float16, 32, 8),
-                 (1, 32, 8, 16384, 128, torch.float16, 32, 8), (1, 32, 32, 8192, 128, torch.float16, 32, 8),
+# decode_step_keys (the matrix path: at R = 8, D = 128 two simdgroups per 8-key step; at R = 16 (GQA 12, 16) two at
+# D = 64, four at D = 128) and the partials of the path that takes short splits: decode_wide_partials (8 / R, 1 from
+# R = 8) in 2-byte types at D = 64 / 128, else one per simdgroup (8).
+DECODE_SHAPES = [(1, 32, 8, 256, 128, torch.float16, 32, 2), (1, 64, 8, 256, 128, torch.float16, 32, 1),
+                 (1, 96, 8, 32768, 128, torch.float16, 16, 1), (1, 128, 8, 1000, 128, torch.bfloat16, 16, 1),
+                 (1, 64, 4, 700, 64, torch.float16, 32, 1), (1, 48, 4, 300, 64, torch.bfloat16, 32, 1),
+                 (1, 28, 4, 1000, 128, torch.float16, 32, 1), (1, 32, 8, 1000, 128, torch.float16, 32, 2),
+                 (1, 32, 8, 16384, 128, torch.float16, 32, 2), (1, 32, 32, 8192, 128, torch.float16, 32, 8),
                  (1, 16, 16, 3000, 64, torch.float32, 32, 8), (2, 32, 8, 700, 256, torch.bfloat16, 16, 8),
-                 (1, 64, 8, 256, 64, torch.float16, 64, 8)]
+                 (1, 64, 8, 256, 64, torch.float16, 64, 1)]
 
 
 def _plan_decode(planner, shape, cores):
@@ -278,9 +278,9 @@ def test_decode_splits_fill_idle_cores(planner, shape, cores, splits):
 @pytest.mark.parametrize("cores", [8, 40, 132])
 def test_decode_simdgroup_partials(planner, shape, cores):
     """A split of at most kSimdgroupPartialSteps (2) steps per simdgroup writes one partial per simdgroup (8 per
-    threadgroup; on the matrix path one per key unit: 4 at R = 8, D = 128 and at R = 16, D = 64, 2 at R = 16,
-    D = 128), or in 2-byte types at D = 64 / 128 runs the wide path, one partial per key part (8 / R, 1 from R = 8),
-    so the combine reads that many times the splits; longer splits merge in the threadgroup (one partial each)."""
+    threadgroup) or, in 2-byte types at D = 64 / 128 (one token), runs the wide path, one partial per key part (8 / R,
+    1 from R = 8), so the combine reads that many times the splits; longer splits merge in the threadgroup (one
+    partial each), the matrix path's always."""
     B, H, Hkv, S, D, dtype, step, per_split = shape
     plan = _plan_decode(planner, shape, cores)
     splits = plan[0]["threadgroups"][0]
@@ -289,13 +289,9 @@ def test_decode_simdgroup_partials(planner, shape, cores):
     if splits == 1:
         assert len(plan) == 1 and flag == 0, "no split, no partials"
         return
-    # The wide path (2-byte types, D = 64 / 128, one token): one partial per key part, 8 / R (R = the row tile).
-    eligible = dtype != torch.float32 and D in (64, 128)
-    rows = min(16, 1 << (H // Hkv - 1).bit_length())
-    if eligible:
-        per_split = max(1, 8 // rows)
+    wide_config = dtype != torch.float32 and D in (64, 128)
     steps_per_simdgroup = -(-S // (splits * step))
     expected = steps_per_simdgroup <= 2 and splits * per_split <= 256
     assert flag == int(expected), f"{splits} splits of {steps_per_simdgroup} steps per simdgroup"
     assert planner_ext.combine_partials(plan) == splits * (per_split if expected else 1)
-    assert plan[0]["kernel"].startswith("paged_decode_wide_") == (expected and eligible), plan[0]["kernel"]
+    assert plan[0]["kernel"].startswith("paged_decode_wide_") == (expected and wide_config), plan[0]["kernel"]
