@@ -5,6 +5,7 @@ a one-threadgroup launch of the append kernel as the floor of one dispatch.
     python3 -m tests.metal_cuda.decode_latency build REV   # here: the decode PTX of git revision REV, as a baseline
     python3 -m tests.metal_cuda.decode_latency             # GPU machine; carry .cache/metal_cuda and .calib
     python3 -m tests.metal_cuda.decode_latency ab [REPS]   # GPU machine: planner's calls, tree / baseline alternating
+    python3 -m tests.metal_cuda.decode_latency ab REPS 1   # ... the long shapes only
 
 Timing as bench.py (a CUDA graph of 20 calls, median of 15 replays); the whole call is checked against SDPA first.
 """
@@ -25,7 +26,8 @@ BASELINE = compiler.cache_dir() / "latency_baseline.json"
 SHAPES = [(1, 32, 8, 256), (1, 64, 8, 256), (1, 28, 4, 256), (1, 32, 8, 1000), (1, 64, 8, 1000), (1, 28, 4, 1000)]
 SPLITS = (0, 1, 2, 4, 8, 16, 32, 64)  # 1: one dispatch, no combine
 # Long contexts and batches, the planner's split count only: that a change for short ones costs them nothing.
-LONG = [(1, 32, 8, 16384), (4, 64, 8, 8192), (1, 28, 4, 32768), (8, 32, 8, 4096), (64, 32, 8, 512)]
+LONG = [(1, 32, 8, 16384), (4, 64, 8, 8192), (1, 28, 4, 32768), (8, 32, 8, 4096), (64, 32, 8, 512),
+        (1, 64, 8, 131072)]
 D = 128
 
 
@@ -181,9 +183,10 @@ def profile(B=1, H=32, Hkv=8, S=256, head_dim=D):
     torch.cuda.synchronize()
 
 
-def ab(reps=3):
-    """The planner's call at every shape, this tree against the baseline, in alternating order `reps` times (an A/B
-    whose small differences are not the order of the runs): each shape's times and the median ratio."""
+def ab(reps=3, only_long=False):
+    """The planner's call at every shape (only_long: the LONG ones), this tree against the baseline, in alternating
+    order `reps` times (an A/B whose small differences are not the order of the runs): each shape's times and the
+    median ratio."""
     import statistics
 
     import torch
@@ -198,7 +201,7 @@ def ab(reps=3):
     base = gc.libraries()
     variants = {"tree": base,
                 b["rev"]: dict(base, paged_decode_attention=launch.Library(compiler.cache_dir() / b["folder"]))}
-    for B, H, Hkv, S in SHAPES + LONG:
+    for B, H, Hkv, S in (LONG if only_long else SHAPES + LONG):
         times = {name: [] for name in variants}
         for rep in range(reps):
             for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1]):
