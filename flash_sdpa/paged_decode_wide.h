@@ -7,8 +7,8 @@
 // row (the step's K and V rows side by side, every valid byte once per KV head), the threadgroup stages them in
 // threadgroup memory behind one barrier, and then each simdgroup takes one (row, key part) pair of the step: a dot
 // product per key over WL lanes (no reduce-scatter: its row is one row), one online-softmax step on the simdgroup,
-// P.V with the lanes across D. Each simdgroup writes its own partial (KP per split: fewer than the other paths' 8),
-// so nothing merges inside the threadgroup.
+// P.V with the lanes across D. Each simdgroup writes its own partial (KP per split: fewer than the lane-local path's
+// 8), so nothing merges inside the threadgroup.
 //
 // Layout (WideLayout): the step covers KS keys, the planner's decode_step_keys, so that the split count and the keys of
 // each split are the planner's for the other paths. Simdgroup s takes row s % R and key part s / R (KP = 8 / R parts
@@ -158,7 +158,7 @@ template <typename T, int D, int R>
     q_stage[idx] = r < nrows ? float(q[qoff + long(hkv * group + row0 + r) * p.q_stride_h + d]) * p.opt.scale : 0.0f;
   }
 
-  // This simdgroup's rows (row_of(i)) and key part; lane: dot slice wl of key kg (+ j KG) of the part.
+  // This simdgroup's rows (rows[i]) and key part; lane: dot slice wl of key kg (+ j KG) of the part.
   const int part = R < NSG ? int(sg) / R : 0;
   const int wl = int(lane) % WL;
   const int kg = int(lane) / WL;
