@@ -22,53 +22,40 @@ constexpr int64_t kMaxKeys = std::numeric_limits<int32_t>::max() - (int64_t{1} <
 
 std::atomic<GpuCoreCountProvider> core_count_provider{nullptr};
 
-// The matrix path's kernels (FLASH_SDPA_PAGED_MATRIX_INSTANCES) are exactly the configurations decode_matrix_rows
-// names, so that every kernel name paged_decode_kernel_name builds for a one-token call exists.
-constexpr int listed_matrix_instances() {
+// The matrix and wide paths' kernels (FLASH_SDPA_PAGED_MATRIX_INSTANCES, FLASH_SDPA_PAGED_WIDE_INSTANCES) are exactly
+// the configurations decode_matrix_rows and decode_runs_wide name, so that every kernel name paged_decode_kernel_name
+// builds for a one-token call exists.
+constexpr bool has_own_kernel(bool wide, fsdpa_i32 head_dim, fsdpa_i32 elem_bytes, fsdpa_i32 rows) {
+  return wide ? paged::decode_runs_wide(head_dim, elem_bytes, rows, 1)
+              : paged::decode_matrix_rows(head_dim, elem_bytes, rows);
+}
+constexpr int listed_instances(bool wide) {  // an instance of another configuration counts 1000
   int n = 0;
-#define FLASH_SDPA_COUNT_MATRIX_INSTANCE(R, D, T, TN) n += paged::decode_matrix_rows(D, 2, R) ? 1 : 1000;
-  FLASH_SDPA_PAGED_MATRIX_INSTANCES(FLASH_SDPA_COUNT_MATRIX_INSTANCE)
-#undef FLASH_SDPA_COUNT_MATRIX_INSTANCE
+#define FLASH_SDPA_COUNT_INSTANCE(R, D, T, TN) n += has_own_kernel(wide, D, 2, R) ? 1 : 1000;
+  if (wide) {
+    FLASH_SDPA_PAGED_WIDE_INSTANCES(FLASH_SDPA_COUNT_INSTANCE)
+  } else {
+    FLASH_SDPA_PAGED_MATRIX_INSTANCES(FLASH_SDPA_COUNT_INSTANCE)
+  }
+#undef FLASH_SDPA_COUNT_INSTANCE
   return n;
 }
-constexpr int matrix_configurations() {
+constexpr int configurations(bool wide) {
   int n = 0;
   const fsdpa_i32 elem_bytes[] = {4, 2, 2};  // FLASH_SDPA_PAGED_DTYPES: float, half, bfloat
-#define FLASH_SDPA_COUNT_MATRIX_CONFIG(D, MAXR, ...)         \
-  for (fsdpa_i32 rows = 1; rows <= MAXR; rows *= 2) {        \
-    for (const fsdpa_i32 elem : elem_bytes) {                \
-      n += paged::decode_matrix_rows(D, elem, rows) ? 1 : 0; \
-    }                                                        \
+#define FLASH_SDPA_COUNT_CONFIG(D, MAXR, ...)           \
+  for (fsdpa_i32 rows = 1; rows <= MAXR; rows *= 2) {   \
+    for (const fsdpa_i32 elem : elem_bytes) {           \
+      n += has_own_kernel(wide, D, elem, rows) ? 1 : 0; \
+    }                                                   \
   }
-  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_COUNT_MATRIX_CONFIG, _)
-#undef FLASH_SDPA_COUNT_MATRIX_CONFIG
+  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_COUNT_CONFIG, _)
+#undef FLASH_SDPA_COUNT_CONFIG
   return n;
 }
-static_assert(listed_matrix_instances() == matrix_configurations(),
+static_assert(listed_instances(false) == configurations(false),
               "FLASH_SDPA_PAGED_MATRIX_INSTANCES lists every decode_matrix_rows configuration, and only those");
-
-// The same for the wide path (FLASH_SDPA_PAGED_WIDE_INSTANCES and decode_runs_wide at one query token).
-constexpr int listed_wide_instances() {
-  int n = 0;
-#define FLASH_SDPA_COUNT_WIDE_INSTANCE(R, D, T, TN) n += paged::decode_runs_wide(D, 2, R, 1) ? 1 : 1000;
-  FLASH_SDPA_PAGED_WIDE_INSTANCES(FLASH_SDPA_COUNT_WIDE_INSTANCE)
-#undef FLASH_SDPA_COUNT_WIDE_INSTANCE
-  return n;
-}
-constexpr int wide_configurations() {
-  int n = 0;
-  const fsdpa_i32 elem_bytes[] = {4, 2, 2};
-#define FLASH_SDPA_COUNT_WIDE_CONFIG(D, MAXR, ...)            \
-  for (fsdpa_i32 rows = 1; rows <= MAXR; rows *= 2) {         \
-    for (const fsdpa_i32 elem : elem_bytes) {                 \
-      n += paged::decode_runs_wide(D, elem, rows, 1) ? 1 : 0; \
-    }                                                         \
-  }
-  FLASH_SDPA_PAGED_HEAD_DIMS(FLASH_SDPA_COUNT_WIDE_CONFIG, _)
-#undef FLASH_SDPA_COUNT_WIDE_CONFIG
-  return n;
-}
-static_assert(listed_wide_instances() == wide_configurations(),
+static_assert(listed_instances(true) == configurations(true),
               "FLASH_SDPA_PAGED_WIDE_INSTANCES lists every decode_runs_wide configuration, and only those");
 
 }  // namespace
