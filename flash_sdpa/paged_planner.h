@@ -49,8 +49,9 @@ struct PagedKVCacheAttention {
   // Split mode: whether each simdgroup writes its own partial (1) or the threadgroup merges them (0); -1: the planner
   // picks. Benchmarks force it.
   int64_t simdgroup_partials = -1;
-  // Short one-token splits (simdgroup partials) in 2-byte types at D = 64 / 128: 0 keeps them on the other paths
-  // (benchmarks compare); anything else lets the planner run the wide path (decode_runs_wide, paged_params.h).
+  // Short one-token splits (simdgroup partials) in 2-byte types at D = 64 / 128: 0 keeps them on the other paths (the
+  // lane-local one's simdgroup partials; a matrix configuration merges in the threadgroup), for benchmarks to
+  // compare; anything else lets the planner run the wide path (decode_runs_wide, paged_params.h).
   int64_t decode_wide = -1;
   // A contiguous cache whose row b is request b's (flash_attn_func's decode; flash_attn_with_kvcache without
   // block_table and cache_batch_idx): block_table may be undefined and is not read (no new tokens, k_cache.size(0) >=

@@ -93,7 +93,7 @@ def make_paged_case(B, S, H, Hkv, D, dtype, block_size, *, sq=1, sk_new=1, layou
 
 
 # The planner's wide path for short one-token splits (PagedKVCacheAttention::decode_wide): -1 its choice, 0 off
-# (bench_peers --no-wide times the other paths on the same tree).
+# (bench_peers --zoo times each row that takes it a second time with it off).
 DECODE_WIDE = -1
 
 
