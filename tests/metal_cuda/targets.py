@@ -41,9 +41,9 @@ TARGET_KERNEL_FLAGS = {"paged_decode_attention": decode_kernel_flags}
 # occupancy. The decode's instances with at most 32 accumulators per lane (R x D <= 1024: GQA <= 8 at D = 128) are
 # built for 512 threads per SM (256-thread threadgroups: launch_bounds(256, 2), at most 128 registers; R = 1: 768
 # threads, at most 85), as an Apple core would keep them resident, and so are the matrix path's own instances
-# ("paged_decode_matrix_*": 8 fragments of Q and 8 of O per simdgroup at R = 8 and 16) and the wide path's
-# ("paged_decode_wide_*"); larger ones are left unbounded (one threadgroup per SM). The split planner counts the
-# same (decode_threadgroups_per_core).
+# ("paged_decode_matrix_*": 8 fragments of Q and 8 of O per simdgroup at R = 8 and 16) and the wide path's up to
+# R = 8 ("paged_decode_wide_*"); larger ones are left unbounded (one threadgroup per SM). The split planner counts
+# the same (decode_threadgroups_per_core).
 def decode_min_blocks(host: str) -> int:
     m = re.search(r"_d(\d+)_r(\d+)$", host)
     if not m:
