@@ -59,6 +59,16 @@ inline void load_row_part(thread float (&x)[OPL], threadgroup const uint* row, i
   }
 }
 
+// This thread's CPT chunks of its key's K or V row, from chunk `first` (zeros for a masked key: block -1).
+template <typename T, int CPT, int NC>
+inline void load_piece(thread chunk16 (&x)[CPT], int2 loc, device const T* cache, long head, long stride_block,
+                       long stride_slot, int first, bool aligned) {
+  device const T* row = cache + long(max(loc.x, 0)) * stride_block + long(loc.y) * stride_slot + head;
+  for (int c = 0; c < CPT; ++c) {
+    x[c] = load_chunk<T, 4, NC>(row, first + c, loc.x >= 0, aligned);
+  }
+}
+
 }  // namespace paged
 }  // namespace flash_sdpa
 
@@ -142,12 +152,7 @@ template <typename T, int D, int R>
   constexpr int NCR = D * int(sizeof(T)) / 16;  // chunks per row
   const bool aligned = fc_decode_kv_aligned;
   chunk16 x[CPT];
-  for (int c = 0; c < CPT; ++c) {
-    int2 one[1] = {loc[0]};
-    chunk16 xc[1];
-    load_rows<T, 1, 4, NCR>(xc, one, cache, head, stride_block, stride_slot, piece * CPT + c, aligned);
-    x[c] = xc[0];
-  }
+  load_piece<T, CPT, NCR>(x, loc[0], cache, head, stride_block, stride_slot, piece * CPT, aligned);
 
   // q rows (while the first K/V bytes are in flight): row r is head hkv x group + row0 + r.
   threadgroup float* q_stage = reinterpret_cast<threadgroup float*>(q_tg4);
@@ -195,11 +200,7 @@ template <typename T, int D, int R>
     if (t0 + stride < hi) {  // uniform
       step_locs<1, 1>(loc_next, t0 + stride + kk, hi, fc_varlen, rk.k_start, cursor, block_table, bt_row, p.block_size,
                       p.max_blocks_per_seq, p.num_blocks);
-      for (int c = 0; c < CPT; ++c) {
-        chunk16 xc[1];
-        load_rows<T, 1, 4, NCR>(xc, loc_next, cache, head, stride_block, stride_slot, piece * CPT + c, aligned);
-        x[c] = xc[0];
-      }
+      load_piece<T, CPT, NCR>(x, loc_next[0], cache, head, stride_block, stride_slot, piece * CPT, aligned);
     }
 
     if (any_row) {  // uniform per simdgroup
