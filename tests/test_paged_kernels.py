@@ -483,6 +483,29 @@ def test_fuzz_garbage_tables_never_overrun(run, seed):
         assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_garbage_tables_wide_path(run, seed):
+    """The wide path (one token, fp16, D = 64: short splits) under garbage block ids (huge, negative, past the
+    cache), negative lengths and lengths beyond the table, with the race and bounds checks: every dispatch completes
+    with no overrun and finite outputs."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    Bsz, H, Hkv, D, bs = 3, 4 * (seed + 1), 2, 64, [1, 5, 16, 3][seed]
+    num_blocks, max_blocks = 6, 40 // bs + 1
+    k_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).half()
+    v_cache = torch.randn(num_blocks, bs, Hkv, D, generator=g).half()
+    block_table = torch.randint(-5, 12, (Bsz, max_blocks), generator=g, dtype=torch.int32)
+    block_table[0, 0] = 2 ** 31 - 1
+    cache_seqlens = torch.randint(-3, max_blocks * bs + 10, (Bsz,), generator=g, dtype=torch.int32)
+    cache_seqlens[-1] = 2 ** 31 - 2
+    q = torch.randn(Bsz, 1, H, D, generator=g).half()
+    for splits in (3, 8):
+        out, _, stats = run_kvcache(run, q, k_cache, v_cache, block_table, cache_seqlens, None, None, scale=0.2,
+                                    window=(-1, 0), num_splits=splits, check_races=True,
+                                    schedule=["forward", "reverse", "random"][seed % 3], seed=seed)
+        assert any(st.kernel.startswith("paged_decode_wide_") for st in stats), [st.kernel for st in stats]
+        assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("group", [8, 16])
 def test_traffic_gqa8_s2048(run, D, group):
